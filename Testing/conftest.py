@@ -1,0 +1,29 @@
+"""Shared fixtures: real CT from ../shared/data when present (tests that need it skip otherwise)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from VertebralFractureLib.resources import shared_data_dir
+
+# keep torch and BLAS from oversubscribing the 2-core CI machine
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (or $VERTEBRAL_FRACTURE_DATA); skips the test when absent."""
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("real CT data not found at ../shared/data (set VERTEBRAL_FRACTURE_DATA); core suite runs without it")
+    return path
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO

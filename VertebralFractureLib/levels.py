@@ -1,0 +1,46 @@
+"""VerSe label ids and vertebra level names.
+
+VerSe convention: 1..7 = C1..C7, 8..19 = T1..T12, 20..24 = L1..L5, 25 = L6, 28 = T13.
+"""
+
+from __future__ import annotations
+
+LEVEL_NAMES: dict[int, str] = {
+    **{i: f"C{i}" for i in range(1, 8)},
+    **{i + 7: f"T{i}" for i in range(1, 13)},
+    **{i + 19: f"L{i}" for i in range(1, 6)},
+    25: "L6",
+    28: "T13",
+}
+LEVEL_IDS: dict[str, int] = {name: label for label, name in LEVEL_NAMES.items()}
+
+# Craniocaudal order of the ids (T13 sits between T12 and L1).
+CRANIOCAUDAL_ORDER: list[int] = [*range(1, 20), 28, *range(20, 26)]
+
+
+def level_name(label: int) -> str:
+    """Level name of a VerSe id (``20 -> "L1"``); unknown ids give ``"label<id>"``."""
+    return LEVEL_NAMES.get(int(label), f"label{int(label)}")
+
+
+def level_id(name: str) -> int:
+    """VerSe id of a level name (``"L1" -> 20``), case-insensitive.
+
+    Raises:
+        ValueError: for a name that is not a VerSe level.
+    """
+    key = name.strip().upper()
+    if key not in LEVEL_IDS:
+        raise ValueError(f"unknown vertebra level {name!r}; expected one of C1..C7, T1..T13, L1..L6")
+    return LEVEL_IDS[key]
+
+
+def order_index(label: int) -> int:
+    """Position of a VerSe id in craniocaudal order (0 = C1)."""
+    return CRANIOCAUDAL_ORDER.index(int(label))
+
+
+def region(label: int) -> str:
+    """``"cervical"``, ``"thoracic"`` or ``"lumbar"`` for a VerSe id."""
+    name = level_name(label)
+    return {"C": "cervical", "T": "thoracic", "L": "lumbar"}.get(name[0], "unknown")
