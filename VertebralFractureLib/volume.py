@@ -14,6 +14,9 @@ Files are read and written with SimpleITK, which converts NIfTI's RAS to LPS on 
 
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +126,46 @@ class Volume:
         )
 
 
+@contextmanager
+def _native_stderr_silenced():
+    """Silence what ITK/MetaIO print straight to file descriptor 2 (our error line says it all)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stderr (pytest capture, Slicer console)
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    try:
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """ITK silently zero-fills a truncated NIfTI; compare the bytes present with the header's need."""
+    import gzip
+
+    import nibabel
+
+    header = nibabel.load(str(path)).header
+    needed = int(header["vox_offset"]) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    present = 0
+    try:
+        with opener(path, "rb") as fh:
+            while present < needed and (chunk := fh.read(1 << 24)):
+                present += len(chunk)
+    except (OSError, EOFError):
+        pass
+    if present < needed:
+        raise InputError(f"{path}: the voxel data cannot be read: file truncated ({present} of {needed} bytes)")
+
+
 def is_volume_file(path: Path) -> bool:
     """True when ``path`` has one of the image suffixes the library reads."""
     return path.name.lower().endswith(VOLUME_SUFFIXES)
@@ -142,7 +185,8 @@ def read_image_info(path: str | Path) -> tuple[tuple[int, ...], str]:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with _native_stderr_silenced():
+            reader.ReadImageInformation()
     except RuntimeError:
         raise InputError(
             f"{path}: not a readable image (corrupt or truncated file?); "
@@ -173,9 +217,12 @@ def read_volume(path: str | Path, *, check: bool = True) -> Volume:
 
         check_header(size, path)
     try:
-        image = sitk.ReadImage(str(path))
+        with _native_stderr_silenced():
+            image = sitk.ReadImage(str(path))
     except RuntimeError:
         raise InputError(f"{path}: the voxel data cannot be read (truncated or corrupt file?)") from None
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar CT")
     return Volume.from_sitk(image)
