@@ -1,0 +1,77 @@
+"""The pipeline and `run`: contract outputs, geometry kept, atomic output folder, cancellation."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from VertebralFractureLib.cli import main
+from VertebralFractureLib.errors import Cancelled
+from VertebralFractureLib.pipeline import PipelineOptions, run_pipeline
+from VertebralFractureLib.progress import CancelToken
+from VertebralFractureLib.records import CONTRACT_COLUMNS
+from VertebralFractureLib.volume import Volume, read_volume, write_volume
+
+
+def _case(tmp_path):
+    """A small CT with two box 'vertebrae' (L1, L2) and its label map, on an oblique PIR-like grid."""
+    rng = np.random.default_rng(0)
+    shape = (60, 40, 40)
+    ct = np.full(shape, -80, np.int16)
+    ct[:, :4] = -1000
+    labels = np.zeros(shape, np.uint8)
+    for label, z0 in ((20, 8), (21, 34)):
+        labels[z0 : z0 + 20, 12:28, 12:28] = label
+        ct[z0 : z0 + 20, 12:28, 12:28] = 250
+    ct = ct + rng.integers(-20, 20, shape).astype(np.int16)
+    direction = np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+    vol = Volume(ct, (0.9, 0.8, 1.1), (10.0, -20.0, 30.0), direction)
+    ct_path = write_volume(vol, tmp_path / "ct.nii.gz")
+    labels_path = write_volume(vol.with_array(labels), tmp_path / "labels.nii.gz")
+    return vol, ct_path, labels_path
+
+
+def test_run_with_labels_writes_contract_outputs(tmp_path):
+    vol, ct_path, labels_path = _case(tmp_path)
+    out = tmp_path / "out"
+    assert main(["run", str(ct_path), "--labels", str(labels_path), "-o", str(out), "--quiet"]) == 0
+    for name in ("segmentation.nii.gz", "vertebrae.csv", "result.json"):
+        assert (out / name).exists(), name
+    seg = read_volume(out / "segmentation.nii.gz", check=False)
+    assert seg.same_geometry(vol)
+    assert set(np.unique(seg.array)) == {0, 20, 21}
+    with (out / "vertebrae.csv").open() as fh:
+        header = next(csv.reader(fh))
+    assert header[: len(CONTRACT_COLUMNS)] == CONTRACT_COLUMNS
+    result = json.loads((out / "result.json").read_text())
+    for key in ("fracture_probability", "fractured", "vertebrae", "timings_s", "versions", "warnings"):
+        assert key in result
+    assert {"import", "validation", "wiener"} <= set(result["timings_s"])
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_cancel_leaves_no_output(tmp_path):
+    _, ct_path, labels_path = _case(tmp_path)
+    token = CancelToken()
+
+    def progress(fraction, message):
+        if fraction >= 0.1:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        run_pipeline(ct_path, tmp_path / "out", labels_path=labels_path, progress=progress, cancel=token,
+                     options=PipelineOptions())
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_rerun_replaces_previous_output(tmp_path):
+    _, ct_path, labels_path = _case(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    run_pipeline(ct_path, out, labels_path=labels_path, options=PipelineOptions(wiener=False))
+    assert not (out / "stale.txt").exists() and (out / "result.json").exists()
