@@ -1,0 +1,713 @@
+"""3D Slicer module: vertebral compression fracture detection in CT.
+
+A thin layer over ``VertebralFractureLib``: the widget collects options and shows results, the
+logic calls the same pipeline as the command line through the MRML adapter
+(``VertebralFractureLib.mrml``, tested with the ``slicer-core`` wheel). Only the standard library
+and Slicer's own modules are imported at the top, so the module loads before its Python
+dependencies are installed; everything else is imported inside the methods that need it.
+"""
+
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+MODULE_DIR = Path(__file__).resolve().parent
+LEVELS = [f"C{i}" for i in range(1, 8)] + [f"T{i}" for i in range(1, 14)] + [f"L{i}" for i in range(1, 7)]
+
+
+def _ensure_library_on_path() -> None:
+    """Make ``VertebralFractureLib`` importable when running from a source checkout.
+
+    Built extensions install the package beside this file; a checkout added through "Additional
+    module paths" has it one folder up.
+    """
+    for candidate in (MODULE_DIR, MODULE_DIR.parent):
+        if (candidate / "VertebralFractureLib" / "__init__.py").is_file():
+            if str(candidate) not in sys.path:
+                sys.path.insert(0, str(candidate))
+            return
+
+
+def requirementsPath():
+    """``Resources/requirements.txt``: installed beside the module, or at the checkout's top."""
+    for candidate in (MODULE_DIR / "Resources" / "requirements.txt", MODULE_DIR.parent / "Resources" / "requirements.txt"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+#
+# VertebralFracture
+#
+
+
+class VertebralFracture(ScriptedLoadableModule):
+    """Module description shown in Slicer's module panel."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "Vertebral Fracture"
+        self.parent.categories = ["Quantification"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["VertebralFracture contributors"]
+        self.parent.helpText = """
+Finds non-traumatic vertebral compression fractures in a CT volume.<br>
+<b>Method</b>: Wiener filter, U-Net segmentation of the vertebrae with connected-component labelling
+into one segment per level, then per vertebra: anterior/middle/posterior heights and Genant
+semi-quantitative grade (0: &lt;20 %, 1: 20-25 %, 2: 25-40 %, 3: &gt;40 % height loss), trabecular HU,
+radiomics and a 3D CNN giving a fracture probability. Each segment is named by level and grade and
+coloured green (low) to red (high probability).<br>
+<b>Correction</b>: edit segments in the Segment Editor, rename a level (the others are renumbered),
+then <i>Recompute</i> (no new segmentation).<br>
+<b>Limits</b>: research tool, not a medical device. Levels are counted from the field of view and
+can be off by one without the sacrum or C2 in view; vertebrae cut by the field of view are not
+graded; metal, severe scoliosis and post-operative spines are not validated; the probability is
+only as good as the training cohort.
+See the <a href="https://github.com/vertebral-fracture/VertebralFracture">documentation</a>.
+"""
+        self.parent.acknowledgementText = """
+The method reproduces a published study of 197 patients (100 with fractures) that combined Wiener
+filtering, U-Net segmentation with connected-component labelling, LASSO-selected radiomics
+features and a custom 3D CNN. Test data: LIDC-IDRI (TCIA, CC BY 3.0), VerSe (CC BY-SA 4.0),
+TotalSegmentator test files (CC BY 4.0) and TPTBox (Apache-2.0).
+"""
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class VertebralFractureParameterNode:
+    """GUI state saved with the scene; every field is bound to the .ui by ``SlicerParameterName``.
+
+    inputVolume - CT to analyse.
+    wiener, fastMode, device - pipeline options (PipelineOptions.wiener/fast/device).
+    outputSegmentation, outputTable - result nodes (created by Apply when empty).
+    batchInputFolder, batchOutputFolder, batchWorkers - batch section.
+    caseFolder - one result folder (OUT/<case>) to open for review.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    wiener: bool = True
+    fastMode: bool = False
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    outputSegmentation: vtkMRMLSegmentationNode
+    outputTable: vtkMRMLTableNode
+    batchInputFolder: Path
+    batchOutputFolder: Path
+    batchWorkers: Annotated[int, WithinRange(1, 64)] = 1
+    caseFolder: Path
+
+
+#
+# VertebralFractureWidget
+#
+
+
+class VertebralFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The module panel: options, Apply/Cancel with progress, results, correction, batch, review."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._cancelToken = None
+        self._busy = False
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/VertebralFracture.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = VertebralFractureLogic()
+
+        self.ui.newLevelComboBox.addItems(LEVELS)
+        self.ui.cancelButton.enabled = False
+        self.ui.progressBar.setValue(0)
+        self.ui.batchProgressBar.setValue(0)
+        font = self.ui.patientProbabilityLabel.font
+        font.setPointSize(22)
+        font.setBold(True)
+        self.ui.patientProbabilityLabel.setFont(font)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.editSegmentsButton.connect("clicked(bool)", self.onEditSegmentsButton)
+        self.ui.recomputeButton.connect("clicked(bool)", self.onRecomputeButton)
+        self.ui.renameLevelButton.connect("clicked(bool)", self.onRenameLevelButton)
+        self.ui.runBatchButton.connect("clicked(bool)", self.onRunBatchButton)
+        self.ui.openCaseButton.connect("clicked(bool)", self.onOpenCaseButton)
+        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
+        self.ui.outputTableSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onTableChanged)
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._updateButtons()
+
+    def _updateButtons(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        idle = not self._busy
+        hasInput = bool(p and p.inputVolume)
+        hasSegmentation = bool(p and p.outputSegmentation)
+        self.ui.applyButton.enabled = idle and hasInput
+        self.ui.applyButton.toolTip = "Segment and analyse the CT" if hasInput else "Select an input CT volume"
+        self.ui.cancelButton.enabled = self._busy
+        self.ui.editSegmentsButton.enabled = idle and hasSegmentation
+        self.ui.recomputeButton.enabled = idle and hasSegmentation and hasInput
+        self.ui.renameLevelButton.enabled = idle and hasSegmentation
+        self.ui.runBatchButton.enabled = idle and bool(p and str(p.batchInputFolder) not in ("", ".") and str(p.batchOutputFolder) not in ("", "."))
+        self.ui.openCaseButton.enabled = idle and bool(p and str(p.caseFolder) not in ("", "."))
+
+    # --- progress, cancel, errors ---------------------------------------------------------------
+    def _progressCallback(self, progressBar, statusLabel):
+        """A library ``progress(fraction, message)`` that draws into the panel and keeps Qt alive."""
+
+        def progress(fraction: float, message: str) -> None:
+            progressBar.setValue(int(round(100 * min(max(fraction, 0.0), 1.0))))
+            statusLabel.text = message
+            # lets the Cancel button be pressed between pipeline steps
+            slicer.app.processEvents()
+
+        return progress
+
+    def _run(self, work, progressBar, statusLabel):
+        """Run ``work(progress, cancel)`` with the busy state, a wait cursor and error dialogs."""
+        from VertebralFractureLib.errors import Cancelled, InputError
+        from VertebralFractureLib.progress import CancelToken
+
+        self._cancelToken = CancelToken()
+        self._busy = True
+        self._updateButtons()
+        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+        try:
+            return work(self._progressCallback(progressBar, statusLabel), self._cancelToken)
+        except Cancelled:
+            statusLabel.text = "Cancelled"
+        except InputError as exc:
+            statusLabel.text = "Error"
+            slicer.util.errorDisplay(str(exc))
+        except Exception as exc:  # noqa: BLE001 - show any failure to the user, keep the traceback in the log
+            logging.exception("VertebralFracture failed")
+            statusLabel.text = "Error"
+            slicer.util.errorDisplay(f"Failed: {exc}", detailedText=_traceback())
+        finally:
+            qt.QApplication.restoreOverrideCursor()
+            self._busy = False
+            self._cancelToken = None
+            self._updateButtons()
+        return None
+
+    def onCancelButton(self) -> None:
+        if self._cancelToken is not None:
+            self._cancelToken.cancel()
+            self.ui.statusLabel.text = "Cancelling after the current step..."
+
+    # --- analysis -------------------------------------------------------------------------------
+    def onApplyButton(self) -> None:
+        if not self.logic.ensureDependencies(interactive=True):
+            return
+        p = self._parameterNode
+
+        def work(progress, cancel):
+            return self.logic.process(
+                p.inputVolume,
+                wiener=p.wiener,
+                fast=p.fastMode,
+                device=p.device,
+                segmentationNode=p.outputSegmentation,
+                tableNode=p.outputTable,
+                progress=progress,
+                cancel=cancel,
+            )
+
+        result = self._run(work, self.ui.progressBar, self.ui.statusLabel)
+        if result is not None:
+            self._showResult(result)
+
+    def onRecomputeButton(self) -> None:
+        if not self.logic.ensureDependencies(interactive=True):
+            return
+        p = self._parameterNode
+
+        def work(progress, cancel):
+            return self.logic.recompute(
+                p.outputSegmentation,
+                p.inputVolume,
+                wiener=p.wiener,
+                device=p.device,
+                tableNode=p.outputTable,
+                progress=progress,
+                cancel=cancel,
+            )
+
+        result = self._run(work, self.ui.progressBar, self.ui.statusLabel)
+        if result is not None:
+            self._showResult(result)
+
+    def _showResult(self, result) -> None:
+        p = self._parameterNode
+        p.outputSegmentation = result.segmentation_node
+        p.outputTable = result.table_node
+        if result.volume_node is not None:
+            p.inputVolume = result.volume_node
+        self.logic.showResult(result)
+        self.onSegmentationChanged(result.segmentation_node)
+        self.onTableChanged(result.table_node)
+        self._showPatientProbability(result.result)
+        self.ui.statusLabel.text = result.result.summary_line()
+        self.ui.warningsLabel.text = "\n".join(result.result.warnings)
+        self.ui.progressBar.setValue(100)
+
+    def _showPatientProbability(self, pipelineResult) -> None:
+        probability = pipelineResult.fracture_probability
+        if probability is None or math.isnan(probability):
+            self.ui.patientProbabilityLabel.text = "n/a"
+            self.ui.patientProbabilityLabel.styleSheet = ""
+            return
+        self.ui.patientProbabilityLabel.text = f"{probability:.0%}  {'fracture' if pipelineResult.fractured else 'no fracture'}"
+        colour = "#c62828" if pipelineResult.fractured else "#2e7d32"
+        self.ui.patientProbabilityLabel.styleSheet = f"color: {colour}"
+
+    def onSegmentationChanged(self, node=None) -> None:
+        self.ui.segmentsTableView.setSegmentationNode(node)
+
+    def onTableChanged(self, node=None) -> None:
+        self.ui.tableView.setMRMLTableNode(node)
+
+    # --- correction -----------------------------------------------------------------------------
+    def onEditSegmentsButton(self) -> None:
+        p = self._parameterNode
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(p.outputSegmentation)
+        if p.inputVolume:
+            editor.setSourceVolumeNode(p.inputVolume)
+
+    def onRenameLevelButton(self) -> None:
+        p = self._parameterNode
+        selected = self.ui.segmentsTableView.selectedSegmentIDs()
+        if len(selected) != 1:
+            slicer.util.warningDisplay("Select exactly one segment in the list, then choose its level.")
+            return
+        newLevel = self.ui.newLevelComboBox.currentText
+        from VertebralFractureLib.errors import InputError
+
+        try:
+            mapping = self.logic.renameLevel(p.outputSegmentation, selected[0], newLevel, volumeNode=p.inputVolume, tableNode=p.outputTable)
+        except InputError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        changed = sum(1 for old, new in mapping.items() if old != new)
+        self.ui.statusLabel.text = f"{changed} vertebrae renumbered; press Recompute to update the measurements"
+        self.onSegmentationChanged(p.outputSegmentation)
+
+    # --- batch and review -----------------------------------------------------------------------
+    def onRunBatchButton(self) -> None:
+        if not self.logic.ensureDependencies(interactive=True):
+            return
+        p = self._parameterNode
+
+        def work(progress, cancel):
+            def progressWithCancel(fraction, message):
+                progress(fraction, message)
+                cancel.check()  # stops after the current case; a rerun resumes
+
+            return self.logic.runBatch(
+                p.batchInputFolder, p.batchOutputFolder, workers=p.batchWorkers,
+                wiener=p.wiener, fast=p.fastMode, device=p.device, progress=progressWithCancel,
+            )
+
+        summary = self._run(work, self.ui.batchProgressBar, self.ui.batchStatusLabel)
+        if summary is not None:
+            self.ui.batchStatusLabel.text = f"Done: results in {p.batchOutputFolder}"
+            self._parameterNode.caseFolder = Path(p.batchOutputFolder)
+
+    def onOpenCaseButton(self) -> None:
+        if not self.logic.ensureDependencies(interactive=True):
+            return
+        p = self._parameterNode
+
+        def work(progress, cancel):
+            return self.logic.openCase(p.caseFolder, cohortFolder=p.batchInputFolder)
+
+        result = self._run(work, self.ui.progressBar, self.ui.statusLabel)
+        if result is not None:
+            self._showResult(result)
+
+
+def _traceback() -> str:
+    import traceback
+
+    return traceback.format_exc()
+
+
+#
+# VertebralFractureLogic
+#
+
+
+class VertebralFractureLogic(ScriptedLoadableModuleLogic):
+    """Everything the module computes, usable without the widget.
+
+    Headless example (``Slicer --no-main-window --python-script run.py``)::
+
+        import slicer, VertebralFracture
+        ct = slicer.util.loadVolume("ct.nii.gz")
+        logic = VertebralFracture.VertebralFractureLogic()
+        out = logic.process(ct, fast=True)
+        print(out.result.summary_line())
+        slicer.util.saveNode(out.segmentation_node, "segmentation.seg.nrrd")
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        _ensure_library_on_path()
+
+    def getParameterNode(self):
+        return VertebralFractureParameterNode(super().getParameterNode())
+
+    # --- dependencies ---------------------------------------------------------------------------
+    def missingRequirements(self) -> list[str]:
+        """Requirement lines of ``requirements.txt`` whose package cannot be imported/satisfied."""
+        path = requirementsPath()
+        if path is None:
+            return []
+        lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+        lines = [line for line in lines if line]
+        try:
+            from importlib.metadata import PackageNotFoundError, version
+
+            from packaging.requirements import Requirement
+        except ImportError:  # Slicer without `packaging`: check presence only
+            import re
+            from importlib.metadata import PackageNotFoundError, version
+
+            missing = []
+            for line in lines:
+                try:
+                    version(re.split(r"[\[<>=!~; ]", line, maxsplit=1)[0])
+                except PackageNotFoundError:
+                    missing.append(line)
+            return missing
+        missing = []
+        for line in lines:
+            req = Requirement(line)
+            try:
+                if version(req.name) not in req.specifier:
+                    missing.append(line)
+            except PackageNotFoundError:
+                missing.append(line)
+        return missing
+
+    def ensureDependencies(self, interactive: bool = True) -> bool:
+        """Install missing Python packages (with the user's consent when ``interactive``).
+
+        Uses Slicer's ``pydeps``/``packaging`` ``pip_ensure`` when the application has it, else
+        ``slicer.util.pip_install``; torch comes through the PyTorch extension when present.
+        Returns True when everything is importable afterwards.
+        """
+        missing = self.missingRequirements()
+        if missing:
+            if interactive and not slicer.util.confirmOkCancelDisplay(
+                "Vertebral Fracture needs these Python packages, which will be downloaded and installed now:\n\n"
+                + "\n".join(missing),
+                "Install Python packages",
+            ):
+                return False
+            ensure = _pipEnsure()
+            if ensure is not None:
+                from packaging.requirements import Requirement
+
+                requirements = [Requirement(line) for line in missing]
+                try:
+                    ensure(requirements, prompt_install=False, requester="VertebralFracture")
+                except TypeError:  # an older pip_ensure without these keywords
+                    ensure(requirements)
+            else:
+                slicer.util.pip_install(missing)
+        if not self._ensureTorch(interactive):
+            return False
+        _ensure_library_on_path()
+        return True
+
+    def _ensureTorch(self, interactive: bool) -> bool:
+        try:
+            import torch  # noqa: F401
+
+            return True
+        except ImportError:
+            pass
+        try:
+            import PyTorchUtils
+        except ImportError:
+            if interactive and not slicer.util.confirmOkCancelDisplay(
+                "PyTorch is missing. Install the PyTorch extension (recommended, picks the right CUDA build) "
+                "or press OK to install the CPU build with pip.",
+                "Install PyTorch",
+            ):
+                return False
+            slicer.util.pip_install("torch>=2.2")
+            return True
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if not torchLogic.torchInstalled():
+            return torchLogic.installTorch(askConfirmation=interactive, torchVersionRequirement=">=2.2") is not None
+        return True
+
+    # --- analysis -------------------------------------------------------------------------------
+    @staticmethod
+    def _options(wiener: bool = True, fast: bool = False, device: str = "auto"):
+        from VertebralFractureLib.pipeline import PipelineOptions
+
+        return PipelineOptions(fast=fast, device=device, wiener=wiener)
+
+    def process(
+        self,
+        volumeNode,
+        wiener: bool = True,
+        fast: bool = False,
+        device: str = "auto",
+        segmentationNode=None,
+        tableNode=None,
+        progress=None,
+        cancel=None,
+    ):
+        """Segment and analyse ``volumeNode``; returns ``MrmlResult`` (segmentation and table nodes,
+        the pipeline result with patient probability and warnings)."""
+        if volumeNode is None:
+            raise ValueError("no input volume")
+        from VertebralFractureLib import mrml
+        from VertebralFractureLib.progress import no_progress
+
+        return mrml.process_volume_node(
+            slicer.mrmlScene,
+            volumeNode,
+            options=self._options(wiener, fast, device),
+            progress=progress or no_progress,
+            cancel=cancel,
+            segmentation_node=segmentationNode,
+            table_node=tableNode,
+        )
+
+    def recompute(
+        self, segmentationNode, volumeNode, wiener: bool = True, device: str = "auto", tableNode=None, progress=None, cancel=None
+    ):
+        """Re-measure and re-classify from an edited segmentation (no new segmentation)."""
+        from VertebralFractureLib import mrml
+        from VertebralFractureLib.progress import no_progress
+
+        return mrml.recompute_segmentation_node(
+            slicer.mrmlScene,
+            segmentationNode,
+            volumeNode,
+            options=self._options(wiener, False, device),
+            progress=progress or no_progress,
+            cancel=cancel,
+            table_node=tableNode,
+        )
+
+    def renameLevel(self, segmentationNode, segmentId: str, newLevel: str, volumeNode=None, tableNode=None) -> dict:
+        """Rename one segment's level and renumber the others; returns old -> new VerSe ids."""
+        from VertebralFractureLib import mrml
+
+        reference = mrml.volume_from_volume_node(volumeNode) if volumeNode is not None else None
+        records = mrml.records_from_table_node(tableNode) if tableNode is not None else None
+        mapping = mrml.rename_level(segmentationNode, segmentId, newLevel, records=records, reference=reference)
+        if tableNode is not None and records is not None:
+            mrml.table_node_from_records(slicer.mrmlScene, records, node=tableNode, patient_probability=_tablePatientProbability(tableNode))
+        return mapping
+
+    def showResult(self, result) -> None:
+        """Show the CT with the segments in 2D (outline + fill) and 3D, and the table in a table view."""
+        segmentationNode = result.segmentation_node
+        if result.volume_node is not None:
+            slicer.util.setSliceViewerLayers(background=result.volume_node, fit=True)
+        segmentationNode.CreateClosedSurfaceRepresentation()
+        display = segmentationNode.GetDisplayNode()
+        if display is not None:
+            display.SetVisibility(True)
+            display.SetVisibility3D(True)
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is not None:
+            layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+            slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(result.table_node.GetID())
+            slicer.app.applicationLogic().PropagateTableSelection()
+            layoutManager.threeDWidget(0).threeDView().resetFocalPoint()
+
+    # --- batch and review -----------------------------------------------------------------------
+    def runBatch(self, cohortFolder, outputFolder, workers: int = 1, wiener: bool = True, fast: bool = False, device: str = "auto", progress=None):
+        """Run ``VertebralFractureLib.batch.run_batch`` over a cohort folder (resumable); returns cohort.csv.
+
+        One worker runs the cases in Slicer's process (``scheduler="synchronous"``) so the progress
+        bar stays live; more workers start a local Dask cluster of separate processes.
+        """
+        from VertebralFractureLib.batch import run_batch
+        from VertebralFractureLib.progress import no_progress
+
+        return run_batch(
+            Path(cohortFolder),
+            Path(outputFolder),
+            workers=int(workers),
+            scheduler="synchronous" if int(workers) <= 1 else None,
+            options=self._options(wiener, fast, device),
+            progress=progress or no_progress,
+            quiet=True,
+        )
+
+    def openCase(self, caseFolder, ctPath=None, cohortFolder=None):
+        """Load OUT/<case>/ (CT, segmentation, table) for review; returns ``MrmlResult``.
+
+        Without ``ct.nii.gz`` in the folder, the CT is the case of the same name in ``cohortFolder``.
+        """
+        from VertebralFractureLib import mrml
+
+        cohort = Path(cohortFolder) if cohortFolder and str(cohortFolder) not in ("", ".") else None
+        return mrml.open_case(slicer.mrmlScene, Path(caseFolder), ctPath, cohort)
+
+
+def _tablePatientProbability(tableNode):
+    text = tableNode.GetAttribute("VertebralFracture.PatientProbability")
+    return float(text) if text else None
+
+
+def _pipEnsure():
+    """``pip_ensure`` of this Slicer (``slicer.pydeps`` since 5.11, ``slicer.packaging`` in some builds), or None."""
+    for name in ("slicer.pydeps", "slicer.packaging"):
+        try:
+            module = __import__(name, fromlist=["pip_ensure"])
+        except ImportError:
+            continue
+        if hasattr(module, "pip_ensure"):
+            return module.pip_ensure
+    return None
+
+
+#
+# VertebralFractureTest
+#
+
+
+class VertebralFractureTest(ScriptedLoadableModuleTest):
+    """Self-test inside Slicer: runs the logic on the bundled demo CT (Resources/demo/ct.nii.gz).
+
+    Run from the Python console: ``slicer.util.selectModule("VertebralFracture")`` then the module's
+    "Reload and Test" button, or headless with ``Slicer --no-main-window --python-code
+    "import VertebralFracture as m; m.VertebralFractureTest().runTest(); exit()"``.
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_MrmlRoundTrip()
+        self.setUp()
+        self.test_ProcessAndRecompute()
+
+    def _demoVolumeNode(self):
+        _ensure_library_on_path()
+        from VertebralFractureLib import mrml
+        from VertebralFractureLib.resources import demo_ct_path
+        from VertebralFractureLib.volume import read_volume
+
+        return mrml.volume_node_from_volume(slicer.mrmlScene, read_volume(demo_ct_path()), "DemoCT")
+
+    def test_MrmlRoundTrip(self):
+        """Volume node geometry survives the adapter (runs without the networks)."""
+        self.delayDisplay("MRML round trip")
+        from VertebralFractureLib import mrml
+
+        node = self._demoVolumeNode()
+        volume = mrml.volume_from_volume_node(node)
+        again = mrml.volume_from_volume_node(mrml.volume_node_from_volume(slicer.mrmlScene, volume, "copy"))
+        self.assertTrue(volume.same_geometry(again))
+        self.assertTrue((volume.array == again.array).all())
+
+    def test_ProcessAndRecompute(self):
+        """Full pipeline on the demo CT, then erase part of the worst vertebra and recompute."""
+        self.delayDisplay("Process the demo CT")
+        logic = VertebralFractureLogic()
+        if not logic.ensureDependencies(interactive=False):
+            self.skipTest("dependencies not installed")
+        node = self._demoVolumeNode()
+        out = logic.process(node, fast=True)
+        segmentation = out.segmentation_node.GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), len(out.result.records))
+        self.assertEqual(out.table_node.GetNumberOfRows(), len(out.result.records))
+        if not out.result.records:
+            self.delayDisplay("No vertebra found in the demo CT: recompute not exercised")
+            return
+        from VertebralFractureLib import mrml
+
+        ct = mrml.volume_from_volume_node(node)
+        record = out.result.records[0]
+        segmentId = mrml.find_segment_id(out.segmentation_node, record.label)
+        mask = mrml.segment_mask(out.segmentation_node, segmentId, ct)
+        slices = mask.any(axis=(1, 2)).nonzero()[0]
+        mask[slices[: len(slices) // 2]] = False  # erase half of the vertebra's slices: lower volume and height
+        mrml.set_segment_mask(out.segmentation_node, segmentId, ct.with_array(mask.astype("uint8")))
+        again = logic.recompute(out.segmentation_node, node, tableNode=out.table_node)
+        after = {r.label: r for r in again.result.records}[record.label]
+        self.assertLess(after.volume_ml, record.volume_ml)
+        self.delayDisplay("Test passed")
+
+
+if os.environ.get("VERTEBRAL_FRACTURE_DEBUG"):
+    logging.getLogger().setLevel(logging.DEBUG)
