@@ -119,7 +119,7 @@ def _add_simulate_cohort(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fracture-rate", type=float, default=0.5, help="share of cases with a fracture (default 0.5)")
     p.add_argument("--seed", type=int, default=0, help="the same seed writes identical files")
     p.add_argument("--levels", help="fix the phantoms' levels, e.g. T12-L4 (default: 5..7 levels drawn in T7..L5)")
-    p.add_argument("--spacing", type=float, help="fix the voxel size in mm (default: drawn from 1.5..2)")
+    p.add_argument("--spacing", type=float, help="fix the voxel size in mm (default: drawn from 1.25..1.75)")
     p.add_argument("--real-fraction", type=float, default=0.15,
                    help="share of cases on the real CT crop of ../shared/data when present (0 = phantoms only)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -239,6 +239,7 @@ def _add_train_classifier(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: min(2, CPU count))")
+    p.add_argument("--training-data", default="", help="description of the training data for the model card")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--log-json", action="store_true")
 
@@ -249,7 +250,7 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
 
     card = train_classifier(args.cohort, args.output, architecture=args.model, epochs=args.epochs,
                             test_fraction=args.test_fraction, seed=args.seed, device=resolve_device(args.device),
-                            threads=args.threads, progress=_progress_for(args))
+                            threads=args.threads, training_data=args.training_data, progress=_progress_for(args))
     if not args.quiet:
         held = card["metrics_held_out"]["per_vertebra"]
         print(f"held-out vertebrae: ROC-AUC {held['roc_auc']:.3f}, accuracy {held['accuracy']:.3f}")
