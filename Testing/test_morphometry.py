@@ -7,6 +7,7 @@ from the fracture simulation (phantom and the real TPTBox crop) and from the rea
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -395,24 +396,29 @@ GRADES = (1, 2, 3)
 TYPES = ("wedge", "biconcave", "crush")
 
 
-def _recovery(ct, labels, target_labels, seeds):
-    """Simulate every grade x type; rates of grade+type recovered alone and with the baseline scan."""
+def _recovery(ct, labels, target_labels, seeds, types=TYPES):
+    """Simulate every grade x type; grade+type recovered from the fractured scan alone and with the
+    scan before as ``baseline``, per type. Also the largest height difference against the simulation's
+    report, and any grade >= 2 on another vertebra."""
     sim = pytest.importorskip("VertebralFractureLib.simulation")
     before = morph.measure_vertebrae(None, labels)
-    hits = {"single": 0, "baseline": 0}
-    total, height_errors, false_pos = 0, [], []
+    hits = {mode: dict.fromkeys(types, 0) for mode in ("single", "baseline")}
+    counts = dict.fromkeys(types, 0)
+    height_errors, false_pos = [], []
     for label in target_labels:
         for grade in GRADES:
-            for kind in TYPES:
+            for kind in types:
                 for seed in seeds:
                     res = sim.simulate_fracture(ct, labels, label, grade, kind, seed=seed)
-                    total += 1
+                    counts[kind] += 1
+                    measured = morph.measure_vertebrae(None, res.labels)
                     for mode in hits:
-                        records = _by_label(
-                            morph.measure_vertebrae(None, res.labels, baseline=before if mode == "baseline" else None)
-                        )
+                        # the same measurement graded again with the scan before (what baseline= does)
+                        records = _by_label(copy.deepcopy(measured))
+                        if mode == "baseline":
+                            morph.grade_records(list(records.values()), baseline=before)
                         r = records[label]
-                        hits[mode] += int(r.genant_grade == grade and r.genant_type == kind)
+                        hits[mode][kind] += int(r.genant_grade == grade and r.genant_type == kind)
                         false_pos += [
                             (other.level, other.genant_grade) for other in records.values()
                             if other.label != label and other.genant_grade is not None and other.genant_grade >= 2
@@ -420,30 +426,46 @@ def _recovery(ct, labels, target_labels, seeds):
                     got = (r.height_anterior_mm, r.height_middle_mm, r.height_posterior_mm)
                     want = tuple(res.heights_after[k] for k in ("anterior", "middle", "posterior"))
                     height_errors.append(np.max(np.abs(np.subtract(got, want))))
-    return {mode: n / total for mode, n in hits.items()}, np.asarray(height_errors), false_pos
+    rates = {mode: {kind: n / counts[kind] for kind, n in per.items()} for mode, per in hits.items()}
+    return rates, np.asarray(height_errors), false_pos
 
 
-def test_simulated_fractures_phantom():
-    """Phantom at 1 mm: heights within 1 mm of the simulation's, grade and type recovered.
+def _rate(rates: dict[str, float], kinds) -> float:
+    return float(np.mean([rates[k] for k in kinds]))
 
-    Wedge and biconcave need no reference outside the vertebra; a crush alone is judged against the
-    neighbours (whose natural heights differ by a few %), with a baseline against the same vertebra.
+
+def test_simulated_fractures_phantom_single_scan_wedge_biconcave_baseline_crush():
+    """Phantom at 1 mm, L1 and L2, every grade x type: recovered >= 95 %.
+
+    Wedge and biconcave from the fractured scan alone (their reference, Hp, is inside the vertebra);
+    crush with the scan before as ``baseline`` (its reference is the vertebra's own earlier height).
+    A crush from one scan is judged against the neighbours, whose natural heights differ by a few %
+    (T12 is 8 % lower than L1): it must still be found in most cases. Heights are the simulation's
+    (one definition: morphometry's) within 1 mm; no grade >= 2 elsewhere.
     """
     sim = pytest.importorskip("VertebralFractureLib.simulation")
     phantom = sim.make_phantom(levels=("T12", "L3"), spacing=1.0, seed=0, fov_mm=(110, 110))
     rates, errors, false_pos = _recovery(None, phantom.labels, [20, 21], seeds=(0,))
-    assert rates["baseline"] >= 0.95
-    assert rates["single"] >= 0.85
+    assert _rate(rates["single"], ("wedge", "biconcave")) >= 0.95
+    assert rates["baseline"]["crush"] >= 0.95
+    assert _rate(rates["baseline"], TYPES) >= 0.95
+    assert rates["single"]["crush"] >= 0.8
     assert np.max(errors) <= 1.0
     assert not false_pos
 
 
-def test_simulated_fractures_real_crop(shared_data):
-    """Real TPTBox crop at 1.5 mm (only L3 is whole, so crush needs the baseline)."""
+def test_simulated_fractures_real_crop_single_scan_wedge_biconcave_baseline_crush(shared_data):
+    """Real TPTBox crop at 1.5 mm, L3 (the only whole vertebra), every grade x type: recovered >= 95 %.
+
+    Wedge and biconcave from the fractured scan alone; crush with the scan before as ``baseline``: the
+    crop cuts both neighbours, so one scan has no reference height for a crush (not assessed).
+    """
     folder = shared_data / "tptbox-l2-l4"
     labels = read_volume(folder / "sub-ct_seg-vert_label-22_msk.nii.gz", check=False)
     labels = labels.with_array(labels.array.astype(np.uint8))
     rates, errors, false_pos = _recovery(None, labels, [22], seeds=(0,))
-    assert rates["baseline"] >= 0.85
-    assert np.median(errors) <= 1.5  # one voxel
+    assert _rate(rates["single"], ("wedge", "biconcave")) >= 0.95
+    assert rates["baseline"]["crush"] >= 0.95
+    assert _rate(rates["baseline"], TYPES) >= 0.95
+    assert np.max(errors) <= 1.0
     assert not false_pos

@@ -9,12 +9,11 @@ import itertools
 import numpy as np
 import pytest
 
+from VertebralFractureLib import morphometry
 from VertebralFractureLib.simulation import (
     GENANT_BANDS,
     make_phantom,
-    measure_body_heights,
     simulate_fracture,
-    vertebra_frames,
     write_cohort,
 )
 from VertebralFractureLib.simulation_phantom import orientation_direction
@@ -64,9 +63,16 @@ def _check_fracture(ct: Volume | None, labels: Volume, label: int, grade: int, k
         assert np.array_equal(result.ct.array[~result.changed_mask], ct.array[~result.changed_mask])
         fill_hu = result.ct.array[result.fill_mask].astype(float)
         assert -150 < np.median(fill_hu) < 200  # soft tissue, not bone or air
-    # heights measured independently on the output agree with what the result reports
-    again = measure_body_heights(result.labels, label)
-    assert again["posterior"] == pytest.approx(result.heights_after["posterior"], abs=1.5)
+    # one definition of heights: the result reports morphometry's heights of the output label map,
+    # and the loss is morphometry's ratio (crush: against the vertebra's own height before)
+    again = morphometry.measure_heights(result.labels, label)
+    for key in ("anterior", "middle", "posterior"):
+        assert getattr(again, key) == pytest.approx(result.heights_after[key], abs=1e-6)
+    before = morphometry.measure_heights(labels, label)
+    assert before.posterior == pytest.approx(result.heights_before["posterior"], abs=1e-6)
+    ratios = morphometry.genant_ratios(again.anterior, again.middle, again.posterior, before.posterior)
+    assert ratios[kind] == pytest.approx(result.height_loss_ratio, abs=1e-9)
+    assert max(ratios, key=ratios.get) == kind  # the type morphometry reads is the one simulated
     return result
 
 
@@ -94,8 +100,7 @@ def test_phantom_content(phantom):
     z_l3 = np.nonzero((labels.array == 22).any(axis=(1, 2)))[0]
     assert z_rib.size and z_rib.min() > z_l3.max()  # ribs above L3 only (LPS: z up)
     # discs: soft tissue between two bodies along the spine
-    frames = vertebra_frames(labels)
-    mid = (frames[20].origin + frames[21].origin) / 2
+    mid = (morphometry.local_frame(labels, 20).origin + morphometry.local_frame(labels, 21).origin) / 2
     ijk = np.rint(ct.lps_to_index(mid)).astype(int)
     assert 30 < arr[ijk[2], ijk[1], ijk[0]] < 200
 
@@ -143,6 +148,14 @@ def test_phantom_with_fractures_truth(phantom):
     assert 1 - truth[20]["height_anterior_mm"] / truth[20]["height_posterior_mm"] == pytest.approx(
         truth[20]["height_loss_ratio"], abs=2e-3)
     assert truth[22]["genant_grade"] == 1 and 0.20 <= truth[22]["height_loss_ratio"] < 0.25
+    # the truth heights are morphometry's, measured on the phantom's final label map
+    records = {r.label: r for r in morphometry.measure_vertebrae(None, ph.labels)}
+    for t in ph.truth:
+        r = records[t["label"]]
+        got = (r.height_anterior_mm, r.height_middle_mm, r.height_posterior_mm)
+        want = (t["height_anterior_mm"], t["height_middle_mm"], t["height_posterior_mm"])
+        assert got == pytest.approx(want, abs=1e-3)
+    assert (records[20].genant_grade, records[20].genant_type) == (2, "wedge")
     assert truth[21]["genant_grade"] == 0 and truth[21]["genant_type"] == "normal"
 
 
@@ -171,8 +184,9 @@ def test_orientation_keeps_geometry(orientation):
     assert ph.truth == ref.truth
     # heights measured on the re-oriented map, and a fracture on it, match the LPS ones
     for t in ph.truth:
-        h = measure_body_heights(ph.labels, t["label"])
-        assert h["posterior"] == pytest.approx(t["height_posterior_mm"], abs=0.05)
+        h = morphometry.measure_heights(ph.labels, t["label"])
+        assert h.posterior == pytest.approx(t["height_posterior_mm"], abs=0.05)
+        assert h.anterior == pytest.approx(t["height_anterior_mm"], abs=0.05)
     a = simulate_fracture(ref.ct, ref.labels, 21, 2, "wedge", target_loss=0.3)
     b = simulate_fracture(ph.ct, ph.labels, 21, 2, "wedge", target_loss=0.3)
     assert b.ct.same_geometry(ph.ct) and b.labels.same_geometry(ph.labels)
@@ -193,7 +207,8 @@ def test_oblique_orientation():
     assert np.allclose(ph.labels.direction, direction)
     assert set(np.unique(ph.labels.array)) == {0, 20, 21, 22}
     for t in ph.truth:
-        assert measure_body_heights(ph.labels, t["label"])["posterior"] == pytest.approx(t["height_posterior_mm"], abs=1.5)
+        assert morphometry.measure_heights(ph.labels, t["label"]).posterior == pytest.approx(
+            t["height_posterior_mm"], abs=1.5)
     result = simulate_fracture(ph.ct, ph.labels, 21, 2, "biconcave", seed=1)
     assert 0.25 <= result.height_loss_ratio < 0.40 and result.labels.same_geometry(ph.labels)
 

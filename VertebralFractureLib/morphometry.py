@@ -18,8 +18,9 @@ orientation (LPS, RAS, PIR, oblique) or spacing. Per vertebra:
    of the body height, ignoring positions more than 2.5 mm beyond the wall's median position
    (osteophytes); ``D`` is the depth between them.
    Heights are measured on lines parallel to ``si`` in strips at 8-20 % of ``D`` from the anterior
-   wall (Ha), 44-56 % (Hm) and 8-20 % from the posterior wall (Hp), ``|lr| <= 2 mm`` (the strips of
-   :mod:`.simulation`'s convention). A line's height is the length of its run inside the label, the
+   wall (Ha), 44-56 % (Hm) and 8-20 % from the posterior wall (Hp), ``|lr| <= 2 mm``. This is the
+   project's one definition of body heights: :mod:`.simulation` compresses bodies in this frame,
+   aims its fracture losses at these heights and reports them (also as the phantom's truth). A line's height is the length of its run inside the label, the
    ends being the 0.5 crossings of the linearly interpolated mask sampled every 0.25 mm (sub-voxel);
    lines that leave the body through a slanted wall instead of an endplate are dropped; a height is
    the mean of its strip's lines.
@@ -71,7 +72,7 @@ PROBABILITY_SCALE = 0.025
 LOW_DENSITY_HU = 160.0
 OSTEOPOROSIS_HU = 110.0
 # where heights are measured: fractions of the body depth from the wall (anterior/posterior strips)
-# and from the posterior wall (middle strip); the same strips as simulation.py's convention
+# and from the posterior wall (middle strip); simulation.py measures with this module (one definition)
 WALL_STRIP = (0.08, 0.12, 0.16, 0.20)
 MIDDLE_STRIP = (0.44, 0.48, 0.52, 0.56)
 SLAB_HALF_WIDTH_MM = 2.0
@@ -778,6 +779,21 @@ def vertebral_body_mask(labels: Volume, label: int) -> Volume:
         keep[ok] = geom.body_grid[idx[ok, 0], idx[ok, 1], idx[ok, 2]]
         out[tuple(kji[keep].T)] = 1
     return labels.with_array(out)
+
+
+def remeasure(labels: Volume, label: int, si: np.ndarray, box: tuple[slice, slice, slice]) -> VertebraGeometry:
+    """Geometry of vertebra ``label`` with a given superior axis, inside a known bounding box.
+
+    The same measurement as :func:`analyse_vertebrae` (which finds ``si`` from the neighbours) without
+    the neighbour pass: for callers that re-measure one vertebra many times while only that vertebra
+    changes (the fracture simulation's search). ``box`` (numpy slices, z, y, x) must contain the whole
+    label; ``si`` is a unit LPS vector. The result equals :func:`analyse_vertebrae`'s whenever the
+    vertebra's axis does not depend on its own shape (two whole neighbours, or whole-label neighbour
+    centroids).
+    """
+    lab = _label_array(labels)
+    crop = _Crop(labels, lab, int(label), box)
+    return _analyse(crop, int(label), np.asarray(si, dtype=np.float64), _anterior_hint(labels))
 
 
 def _one(labels: Volume, label: int) -> VertebraGeometry:

@@ -1,30 +1,22 @@
-"""Ground truth we control: Genant fracture simulation, body-height measurement and simulated cohorts.
+"""Ground truth we control: Genant fracture simulation and simulated cohorts.
 
 * :func:`simulate_fracture` deforms one vertebral body of a CT (or of a label map alone) to a
   Genant grade (1: 20-25 %, 2: 25-40 %, 3: > 40 % height loss) and type (wedge, biconcave, crush),
   leaves every other vertebra voxel-identical, fills the freed space with disc-like soft tissue and
   updates the label map so that no label voxel of the fractured vertebra lies on fill tissue.
-* :func:`vertebra_frames` and :func:`measure_body_heights` define how heights are measured, the
-  same way for phantom truth and for achieved fractures (see "Height convention" below).
 * :func:`write_cohort` writes a simulated cohort (phantoms, plus real-CT backgrounds when the shared
   data are present) in the layout batch mode and the study read.
 * :func:`make_phantom` (implemented in :mod:`.simulation_phantom`) builds the synthetic spine CT.
 
-Height convention (all in mm, physical space, independent of the voxel grid's orientation):
+Heights: there is ONE definition in the project, :mod:`.morphometry`'s (local frame, body isolation,
+walls robust to osteophytes, sub-voxel heights in strips at 8-20 % / 44-56 % / 80-92 % of the body
+depth; see that module's docstring). The simulation uses it for everything: the frame the body is
+compressed in (morphometry's ``si``/``ap``/``lr`` axes and walls), the loss its search aims at, the
+achieved heights it reports, and the phantom's truth. Loss of a fracture, with morphometry's
+:func:`.morphometry.genant_ratios` (Genant's plain ratios within the vertebra; crush against itself):
 
-* Each vertebra gets a local frame: origin at the centroid of its body, ``s`` (superior) along the
-  chord between the centroids of its cranial and caudal neighbours (the spine curve), ``a``
-  (anterior) the patient's anterior direction (LPS ``-y``) made orthogonal to ``s``, ``l`` = ``s x a``
-  (patient left).
-* The body is the part of the label anterior of the posterior body wall, found as the first gap
-  (the spinal canal) in the mid-sagittal profile of the label going backwards from the front.
-* Heights are the lengths of the body label along lines parallel to ``s`` in the mid-sagittal
-  plane, averaged over strips at 8-20 % of the body depth from the anterior wall (anterior),
-  44-56 % (middle) and 8-20 % from the posterior wall (posterior); lines are sampled every 0.2 mm
-  with nearest-neighbour lookup.
-* Height loss of a fracture: wedge ``1 - Ha'/Hp'``, biconcave ``1 - Hm'/Hp'`` (Genant's ratios
-  within the fractured vertebra), crush ``1 - Hp'/Hp`` against its own height before (a crush
-  lowers the whole body, anterior, middle and posterior alike, so the ratios stay near 1).
+* wedge ``1 - Ha'/Hp'``; biconcave ``1 - Hm'/Hp'``; crush ``1 - Hp'/Hp`` (Hp before the fracture:
+  a crush lowers the whole body, so the ratios within it stay near 1).
 """
 
 from __future__ import annotations
@@ -36,53 +28,42 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from . import morphometry
 from .levels import CRANIOCAUDAL_ORDER, level_name, order_index
+from .morphometry import VertebraGeometry
 from .progress import ProgressCallback
 from .volume import Volume
 
-# Genant semi-quantitative bands of height loss (lower inclusive, upper exclusive).
-GENANT_BANDS: dict[int, tuple[float, float]] = {1: (0.20, 0.25), 2: (0.25, 0.40), 3: (0.40, 1.0)}
-# Where targets are drawn: inside the band, away from its edges, so that a measurement that differs
-# from ours by a fraction of a voxel still finds the same grade.
+# Genant bands of height loss (lower inclusive, upper exclusive): morphometry's thresholds.
+GENANT_BANDS: dict[int, tuple[float, float]] = {
+    g: (lo, hi) for g, (lo, hi) in enumerate(zip(morphometry.GENANT_THRESHOLDS, (*morphometry.GENANT_THRESHOLDS[1:], 1.0),
+                                                 strict=True), start=1)
+}
+# Where targets are drawn: near the band's centre, so that the neighbours' small natural differences
+# (which morphometry uses as the reference when it grades from one scan) rarely move a case out of it.
 TARGET_BANDS: dict[int, tuple[float, float]] = {1: (0.215, 0.235), 2: (0.30, 0.35), 3: (0.47, 0.57)}
 FRACTURE_TYPES = ("wedge", "biconcave", "crush")
 GENANT_TYPES = ("normal", *FRACTURE_TYPES)
-
-# strips (fractions of the body depth) where heights are measured, see the module docstring
-_STRIP_WALL = tuple(np.linspace(0.08, 0.20, 13))
-_STRIP_MIDDLE = tuple(np.linspace(0.44, 0.56, 13))
-_STRIP_LATERAL_MM = (-2.0, 0.0, 2.0)
-_RAY_STEP_MM = 0.2
-_ANTERIOR_LPS = np.array([0.0, -1.0, 0.0])
-_SUPERIOR_LPS = np.array([0.0, 0.0, 1.0])
+HEIGHT_KEYS = ("anterior", "middle", "posterior")
 
 
 def genant_grade(loss: float) -> int:
-    """Genant grade of a fractional height loss (0.0..1.0)."""
-    if loss < 0.20:
-        return 0
-    if loss < 0.25:
-        return 1
-    if loss < 0.40:
-        return 2
-    return 3
+    """Genant grade of a fractional height loss (0.0..1.0); :func:`.morphometry.genant_grade`."""
+    return morphometry.genant_grade(loss)
 
 
-# --- local frames and heights ---------------------------------------------------------------
+# --- the body frame the deformation works in: morphometry's -----------------------------------
 @dataclass
-class VertebraFrame:
-    """Local frame of one vertebra (see the module docstring).
+class _BodyFrame:
+    """Morphometry's frame of one body in the simulation's (a, l, s) order.
 
     Attributes:
-        label: VerSe id.
-        origin: LPS mm of the body centroid (``a = l = s = 0``).
-        axes: 3x3, rows are the LPS unit vectors of ``a`` (anterior), ``l`` (left), ``s`` (superior).
-        a_posterior: ``a`` (mm) of the posterior body wall; body voxels have ``a >= a_posterior``.
-        a_anterior: ``a`` (mm) of the anterior body wall (outer edge of the outermost voxel).
+        origin: LPS mm of the body centre (mid-depth, mid-width, mid-height).
+        axes: 3x3, rows are the LPS unit vectors of ``a`` (morphometry's ``ap``), ``l`` (``lr``), ``s`` (``si``).
+        a_posterior, a_anterior: ``a`` (mm) of morphometry's posterior and anterior walls.
         width: lateral extent of the body (mm).
     """
 
-    label: int
     origin: np.ndarray
     axes: np.ndarray
     a_posterior: float
@@ -103,6 +84,32 @@ class VertebraFrame:
         return np.asarray(local, dtype=np.float64) @ self.axes + self.origin
 
 
+def _frame_of(geom: VertebraGeometry) -> _BodyFrame:
+    f, h = geom.frame, geom.heights
+    return _BodyFrame(origin=np.asarray(f.origin, dtype=np.float64), axes=np.stack([f.ap, f.lr, f.si]),
+                      a_posterior=-0.5 * h.depth, a_anterior=0.5 * h.depth, width=h.width)
+
+
+def _heights_of(geom: VertebraGeometry) -> dict[str, float]:
+    """Morphometry's heights as the simulation reports them: anterior/middle/posterior/depth/width (mm)."""
+    h = geom.heights
+    return {"anterior": float(h.anterior), "middle": float(h.middle), "posterior": float(h.posterior),
+            "depth": float(h.depth), "width": float(h.width)}
+
+
+def _measurable(geom: VertebraGeometry) -> bool:
+    h = geom.heights
+    return bool(np.isfinite([h.anterior, h.middle, h.posterior, h.depth, h.width]).all()) and h.posterior > 0
+
+
+def _type_loss(before: dict[str, float], after: dict[str, float], fracture_type: str) -> float:
+    """Loss of the type's height with morphometry's ratios (module docstring); NaN when not measurable."""
+    if not all(np.isfinite(after[k]) for k in HEIGHT_KEYS) or after["posterior"] <= 0:
+        return float("nan")
+    ratios = morphometry.genant_ratios(after["anterior"], after["middle"], after["posterior"], before["posterior"])
+    return float(ratios[fracture_type])
+
+
 def _voxel_lps(volume: Volume, kji: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
     """LPS mm of voxels given as numpy index arrays (k, j, i); shape (n, 3)."""
     ijk = np.stack([kji[2], kji[1], kji[0]], axis=-1).astype(np.float64)
@@ -113,170 +120,6 @@ def _projected_pitch(volume: Volume, axis_lps: np.ndarray) -> float:
     """Extent (mm) of one voxel projected on a unit LPS direction."""
     return float(np.sum(np.abs(volume.direction.T @ axis_lps) * np.asarray(volume.spacing)))
 
-
-def _label_voxels(labels: Volume, label: int, slices=None) -> tuple[np.ndarray, ...]:
-    arr = labels.array
-    if slices is None:
-        return np.nonzero(arr == label)
-    sub = np.nonzero(arr[slices] == label)
-    return tuple(idx + sl.start for idx, sl in zip(sub, slices, strict=True))
-
-
-def _axes_from_superior(superior: np.ndarray) -> np.ndarray:
-    s = superior / np.linalg.norm(superior)
-    a = _ANTERIOR_LPS - np.dot(_ANTERIOR_LPS, s) * s
-    if np.linalg.norm(a) < 1e-6:  # spine along AP: no sensible frame, fall back to patient axes
-        a = np.array([0.0, 0.0, -1.0])
-    a /= np.linalg.norm(a)
-    return np.stack([a, np.cross(s, a), s])
-
-
-def _body_frame(labels: Volume, label: int, voxels_lps: np.ndarray, superior: np.ndarray) -> VertebraFrame:
-    """Refine a frame from the chord direction: find the posterior body wall, re-centre on the body."""
-    axes = _axes_from_superior(superior)
-    centre = voxels_lps.mean(axis=0)
-    local = (voxels_lps - centre) @ axes.T
-    pitch_a = _projected_pitch(labels, axes[0])
-    pitch_l = _projected_pitch(labels, axes[1])
-    l_mid = float(np.median(local[:, 1]))
-    band = np.abs(local[:, 1] - l_mid) <= max(3.0, 0.6 * pitch_l)
-    a_band = local[band, 0] if band.any() else local[:, 0]
-    # walk backwards from the front through the mid-sagittal profile; the first gap is the canal
-    bin_mm = max(1.0, pitch_a)
-    a_max = float(a_band.max())
-    bins = np.floor((a_max - a_band) / bin_mm).astype(int)
-    occupied = np.zeros(bins.max() + 2, dtype=bool)
-    occupied[bins] = True
-    gap_bins = max(2, int(np.ceil(3.0 / bin_mm)))
-    a_post = float(a_band.min())
-    run_empty = 0
-    for b, occ in enumerate(occupied):
-        if occ:
-            run_empty = 0
-            continue
-        run_empty += 1
-        if run_empty >= gap_bins:
-            a_post = a_max - (b - run_empty + 1) * bin_mm
-            break
-    # body voxels: anterior of the posterior wall (a_post is the back edge of the last occupied bin)
-    body = local[:, 0] >= a_post - 1e-6
-    body_lps = voxels_lps[body]
-    origin = body_lps.mean(axis=0)
-    local = (body_lps - origin) @ axes.T
-    l_mid = float(np.median(local[:, 1]))
-    band = np.abs(local[:, 1] - l_mid) <= max(3.0, 0.6 * pitch_l)
-    a_vals = local[band, 0] if band.any() else local[:, 0]
-    origin = origin + l_mid * axes[1]
-    middle = np.abs(local[:, 2]) <= max(3.0, np.ptp(local[:, 2]) / 4)
-    l_vals = local[middle, 1] if middle.any() else local[:, 1]
-    return VertebraFrame(
-        label=int(label),
-        origin=origin,
-        axes=axes,
-        a_posterior=float(a_vals.min() - pitch_a / 2),
-        a_anterior=float(a_vals.max() + pitch_a / 2),
-        width=float(np.ptp(l_vals) + pitch_l),
-    )
-
-
-def vertebra_frames(labels: Volume, ids: list[int] | None = None) -> dict[int, VertebraFrame]:
-    """Local frame of each labelled vertebra (module docstring), keyed by VerSe id.
-
-    The superior axis is the chord between the centroids of the cranial and caudal neighbours
-    (one-sided at the ends); a lone vertebra uses its smallest principal axis.
-    """
-    arr = labels.array
-    if arr.dtype.kind not in "iu":
-        arr = np.rint(arr).astype(np.int32)  # float label maps (e.g. VerSe masks stored as float64)
-    boxes = ndimage.find_objects(np.clip(arr, 0, 255).astype(np.uint8, copy=False))
-    present = [n + 1 for n, box in enumerate(boxes) if box is not None and n + 1 in CRANIOCAUDAL_ORDER]
-    present.sort(key=order_index)
-    voxels: dict[int, np.ndarray] = {}
-    centroids: dict[int, np.ndarray] = {}
-    for lab in present:
-        pts = _voxel_lps(labels, _label_voxels(labels, lab, boxes[lab - 1]))
-        voxels[lab] = pts
-        centroids[lab] = pts.mean(axis=0)
-    wanted = present if ids is None else [int(i) for i in ids if int(i) in voxels]
-    frames: dict[int, VertebraFrame] = {}
-    for lab in wanted:
-        pos = present.index(lab)
-        cranial = centroids[present[pos - 1]] if pos > 0 else None
-        caudal = centroids[present[pos + 1]] if pos + 1 < len(present) else None
-        here = centroids[lab]
-        # a neighbour more than 80 mm away is not adjacent (gap in the labels): ignore it
-        if cranial is not None and np.linalg.norm(cranial - here) > 80:
-            cranial = None
-        if caudal is not None and np.linalg.norm(caudal - here) > 80:
-            caudal = None
-        if cranial is not None and caudal is not None:
-            superior = cranial - caudal
-        elif cranial is not None:
-            superior = cranial - here
-        elif caudal is not None:
-            superior = here - caudal
-        else:
-            pts = voxels[lab] - here
-            _, vecs = np.linalg.eigh(pts.T @ pts)
-            superior = vecs[:, 0]
-        if np.dot(superior, _SUPERIOR_LPS) < 0:
-            superior = -superior
-        frames[lab] = _body_frame(labels, lab, voxels[lab], superior)
-    return frames
-
-
-def _ray_heights(labels: Volume, label: int, frame: VertebraFrame, a_positions: np.ndarray) -> np.ndarray:
-    """Mean label length (mm) along lines parallel to ``s`` at the given ``a`` (mm), over lateral offsets."""
-    half = 40.0  # bodies are at most about 35 mm tall; lines reach 40 mm either side of the centroid
-    s = np.arange(-half, half + 1e-9, _RAY_STEP_MM)
-    aa, ll, ss = np.meshgrid(a_positions, np.asarray(_STRIP_LATERAL_MM), s, indexing="ij")
-    lps = frame.to_lps(np.stack([aa, ll, ss], axis=-1))
-    ijk = np.rint(labels.lps_to_index(lps)).astype(np.int64)
-    nk, nj, ni = labels.array.shape
-    inside = (
-        (ijk[..., 0] >= 0) & (ijk[..., 0] < ni) & (ijk[..., 1] >= 0) & (ijk[..., 1] < nj)
-        & (ijk[..., 2] >= 0) & (ijk[..., 2] < nk)
-    )
-    values = np.zeros(inside.shape, dtype=bool)
-    idx = ijk[inside]
-    values[inside] = labels.array[idx[:, 2], idx[:, 1], idx[:, 0]] == label
-    return values.sum(axis=-1).mean(axis=-1) * _RAY_STEP_MM
-
-
-def measure_body_heights(labels: Volume, label: int, frame: VertebraFrame | None = None) -> dict[str, float]:
-    """Anterior, middle and posterior body heights (mm) of one vertebra, by the module's convention.
-
-    Returns:
-        dict with ``anterior``, ``middle``, ``posterior`` (mm) and ``depth``, ``width`` (mm).
-    """
-    if frame is None:
-        frame = vertebra_frames(labels, [label])[label]
-    d = frame.depth
-    a_ant = frame.a_anterior - d * np.asarray(_STRIP_WALL)
-    a_mid = frame.a_posterior + d * np.asarray(_STRIP_MIDDLE)
-    a_post = frame.a_posterior + d * np.asarray(_STRIP_WALL)
-    heights = _ray_heights(labels, label, frame, np.concatenate([a_ant, a_mid, a_post]))
-    n = len(_STRIP_WALL)
-    return {
-        "anterior": float(heights[:n].mean()),
-        "middle": float(heights[n : 2 * n].mean()),
-        "posterior": float(heights[2 * n :].mean()),
-        "depth": float(d),
-        "width": float(frame.width),
-    }
-
-
-def height_loss(before: dict[str, float], after: dict[str, float], fracture_type: str) -> float:
-    """Fractional height loss of a fracture (module docstring).
-
-    Wedge ``1 - Ha'/Hp'`` and biconcave ``1 - Hm'/Hp'`` (Genant's ratios within the vertebra);
-    crush ``1 - Hp'/Hp`` (the whole body lower than before).
-    """
-    if fracture_type == "wedge":
-        return 1.0 - after["anterior"] / after["posterior"]
-    if fracture_type == "biconcave":
-        return 1.0 - after["middle"] / after["posterior"]
-    return 1.0 - after["posterior"] / before["posterior"]
 
 
 # --- fracture simulation ----------------------------------------------------------------------
@@ -289,7 +132,8 @@ class FractureResult:
         labels: updated label map (same dtype and geometry as the input).
         label: VerSe id of the fractured vertebra.
         grade, fracture_type: the Genant grade and type requested (and achieved).
-        heights_before, heights_after: ``anterior``/``middle``/``posterior`` body heights in mm.
+        heights_before, heights_after: morphometry's ``anterior``/``middle``/``posterior`` body heights, ``depth``
+            and ``width`` in mm, on the label map before and after (:func:`.morphometry.measure_heights`).
         height_loss_ratio: achieved fractional loss of the type's height (module docstring).
         target_loss_ratio: the loss drawn inside the grade's band.
         fill_mask: bool array (z, y, x), voxels filled with soft tissue (label 0 there).
@@ -342,12 +186,18 @@ def _body_columns(local: np.ndarray, ca: float, cl: float) -> _Columns:
     return _Columns(a0, l0, ca, cl, bottom, top, footprint)
 
 
-def _loss_profile(kind: str, r: float, a: np.ndarray, lat: np.ndarray, frame: VertebraFrame) -> tuple[np.ndarray, float]:
-    """Fraction of each column's height removed, and the share removed at the superior endplate."""
+def _loss_profile(kind: str, r: float, a: np.ndarray, lat: np.ndarray, frame: _BodyFrame,
+                  hinge: float = 0.0) -> tuple[np.ndarray, float]:
+    """Fraction of each column's height removed, and the share removed at the superior endplate.
+
+    ``hinge`` (wedge only, 0..1 of the depth from the posterior wall): where the collapse starts; 0 tilts
+    the whole endplate, larger values fold only its anterior part (keeps the middle height of a body
+    whose middle is already low from reading as biconcave).
+    """
     d = frame.depth
     u = np.clip((a - frame.a_posterior) / d, 0.0, 1.0)  # 0 posterior wall .. 1 anterior wall
     if kind == "wedge":
-        return r * u, 1.0
+        return r * np.clip((u - hinge) / (1.0 - hinge), 0.0, 1.0), 1.0
     if kind == "crush":
         return r * (0.9 + 0.2 * u), 0.6
     # biconcave: a smooth central bowl in both endplates, flat (zero) under the anterior and
@@ -371,7 +221,7 @@ def _estimate_noise(ct: np.ndarray, region: tuple[slice, ...]) -> float:
 class _Deformer:
     """Apply a column-wise compression of one vertebral body for a given strength ``r``."""
 
-    def __init__(self, ct: np.ndarray | None, labels: Volume, label: int, frame: VertebraFrame, kind: str) -> None:
+    def __init__(self, ct: np.ndarray | None, labels: Volume, label: int, frame: _BodyFrame, kind: str) -> None:
         self.ct = ct
         self.labels = labels
         self.label = label
@@ -413,14 +263,16 @@ class _Deformer:
         self.orig_labels = sub_flat[cand]
 
     def apply(self, r: float, *, fill_hu: float, noise_sd: float, rng: np.random.Generator, sclerotic: bool,
-              w_top: float | None = None):
+              w_top: float | None = None, hinge: float = 0.0, labels_only: bool = False):
         """New (ct, labels) arrays and the fill/changed masks for strength ``r``.
 
-        ``w_top`` overrides the type's share of the collapse taken at the superior endplate.
+        ``w_top`` overrides the type's share of the collapse taken at the superior endplate; ``hinge``
+        see :func:`_loss_profile`;
+        ``labels_only`` skips the CT (the search measures the label map only).
         """
         frame = self.frame
         a, lat, s = self.local[:, 0], self.local[:, 1], self.local[:, 2]
-        lam, default_top = _loss_profile(self.kind, r, a, lat, frame)
+        lam, default_top = _loss_profile(self.kind, r, a, lat, frame, hinge)
         w_top = default_top if w_top is None else w_top
         span = self.top - self.bottom
         removed = lam * span
@@ -446,7 +298,7 @@ class _Deformer:
         changed = np.zeros(shape, dtype=bool)
         changed[k, j, i] = True
         new_ct = None
-        if self.ct is not None:
+        if self.ct is not None and not labels_only:
             coords = np.stack([src_ijk[:, 2], src_ijk[:, 1], src_ijk[:, 0]])
             values = ndimage.map_coordinates(self.ct.astype(np.float32, copy=False), coords, order=1, mode="nearest")
             n_fill = int((~kept).sum())
@@ -482,6 +334,94 @@ def _fill_hu(ct: np.ndarray, labels: np.ndarray, box: tuple[slice, ...]) -> floa
     return float(np.clip(value, 20.0, 120.0))
 
 
+def vertebra_geometry(labels: Volume, label: int) -> VertebraGeometry:
+    """Morphometry's geometry (frame, walls, heights) of vertebra ``label`` before a fracture.
+
+    Raises:
+        ValueError: the label is absent or its body cannot be measured.
+    """
+    geoms = morphometry.analyse_vertebrae(labels, only=[int(label)])
+    geom = geoms.get(int(label))
+    if geom is None or not _measurable(geom):
+        raise ValueError(f"{level_name(label)}: the vertebral body cannot be measured in this label map")
+    return geom
+
+
+# deformation variants tried in turn, (share of the collapse at the superior endplate or None for the
+# type's default, wedge hinge): another split moves the voxel steps when a band falls between two of
+# them; a hinged wedge keeps the middle height of a body that would otherwise read as biconcave
+_VARIANTS = {
+    "wedge": ((None, 0.0), (None, 0.35), (None, 0.55), (0.8, 0.0), (0.8, 0.45), (0.9, 0.0), (0.7, 0.0)),
+    "biconcave": ((None, 0.0), (0.35, 0.0), (0.65, 0.0), (0.2, 0.0), (0.8, 0.0)),
+    "crush": ((None, 0.0), (0.5, 0.0), (0.75, 0.0), (0.35, 0.0), (0.9, 0.0)),
+}
+
+
+def _read_type(before: dict[str, float], after: dict[str, float]) -> str:
+    """The type morphometry reads from these heights (largest of its ratios; crush against ``before``)."""
+    ratios = morphometry.genant_ratios(after["anterior"], after["middle"], after["posterior"], before["posterior"])
+    return max(ratios, key=ratios.get)
+
+
+def _first_guess(fracture_type: str, target: float) -> float:
+    """Strength expected to give ``target`` loss on a box-shaped body (strips at 14 %, 50 %, 86 % of the depth)."""
+    if fracture_type == "wedge":  # 1 - (1 - 0.86 r) / (1 - 0.14 r) = target
+        r = target / (0.86 - 0.14 * (1.0 - target))
+    elif fracture_type == "crush":  # the posterior strip loses 0.9 + 0.2 * 0.14 of r
+        r = target / 0.93
+    else:
+        r = target
+    return float(min(r, 0.95))
+
+
+def _search(measure, before: dict[str, float], fracture_type: str, grade: int, target: float,
+            target_band: tuple[float, float], start: float | None = None, budget: int = 12):
+    """Strength ``r`` and variant of the deformation whose measured loss is nearest the target.
+
+    ``measure(r, variant) -> (heights, payload)``. The loss grows with ``r`` (quantised by the voxels):
+    regula falsi inside a bracket, then bisection; it stops at the first loss inside ``target_band`` of
+    the requested type. Preference: loss inside the band, the type morphometry reads is the requested
+    one, inside the target band, nearest the target. Returns the
+    best ``(key, loss, heights, payload, r, variant)``; ``key[0]`` is False when the loss is in the band.
+    """
+    lo, hi = GENANT_BANDS[grade]
+    t_lo, t_hi = target_band
+    loss0 = _type_loss(before, before, fracture_type)
+    best = None
+    for variant in _VARIANTS[fracture_type]:
+        # bracket: r = 0 gives the loss before (an unmeasurable r counts as too strong)
+        r_lo, f_lo = 0.0, (loss0 if np.isfinite(loss0) else 0.0) - target
+        r_hi, f_hi = 0.97, None
+        r = start if start is not None else _first_guess(fracture_type, target)
+        for _ in range(budget):
+            heights, payload = measure(r, variant)
+            loss = _type_loss(before, heights, fracture_type)
+            if np.isfinite(loss):
+                in_band = lo <= loss < hi
+                key = (not in_band, _read_type(before, heights) != fracture_type, not t_lo <= loss <= t_hi,
+                       abs(loss - target))
+                if best is None or key < best[0]:
+                    best = (key, loss, heights, payload, r, variant)
+                if not any(key[:3]):
+                    break
+            f = (loss - target) if np.isfinite(loss) else 1.0
+            if f < 0:
+                r_lo, f_lo = r, f
+            else:
+                r_hi, f_hi = r, f
+            if r_hi - r_lo < 2e-3:
+                break
+            if f_hi is not None and f_hi != f_lo:
+                # regula falsi, kept clear of the bracket's ends (it stalls on one side otherwise)
+                margin = 0.1 * (r_hi - r_lo)
+                r = float(np.clip(r_lo + (r_hi - r_lo) * (-f_lo) / (f_hi - f_lo), r_lo + margin, r_hi - margin))
+            else:
+                r = 0.5 * (r_lo + r_hi)
+        if best is not None and not any(best[0][:3]):
+            break
+    return best
+
+
 def simulate_fracture(
     ct: Volume | None,
     labels: Volume,
@@ -492,27 +432,30 @@ def simulate_fracture(
     seed: int = 0,
     sclerotic_band: bool = False,
     target_loss: float | None = None,
-    frame: VertebraFrame | None = None,
+    geometry: VertebraGeometry | None = None,
     noise_hu: float | None = None,
     fill_hu: float | None = None,
 ) -> FractureResult:
     """Compress the body of vertebra ``label`` to a Genant ``grade`` (1..3) and ``fracture_type``.
 
-    Each column of the body (parallel to the vertebra's superior axis) is squeezed linearly
-    between its endplates; the freed space next to the collapsed endplate(s) is filled with
-    soft tissue (label 0) of disc-like HU plus noise of the image's level. Wedge: the superior
-    endplate drops anteriorly; biconcave: both endplates sink centrally; crush: the whole body
-    loses height. The strength is searched so that the measured loss lands inside the Genant band.
+    Each column of the body (parallel to morphometry's superior axis ``si`` of the vertebra) is
+    squeezed linearly between its endplates; the freed space next to the collapsed endplate(s) is
+    filled with soft tissue (label 0) of disc-like HU plus noise of the image's level. Wedge: the
+    superior endplate drops anteriorly; biconcave: both endplates sink centrally; crush: the whole
+    body loses height. The strength is searched until the loss measured by :mod:`.morphometry` on
+    the deformed label map (module docstring) lands inside the Genant band, near the drawn target;
+    ``heights_before``/``heights_after`` are morphometry's heights of the label map before and after.
 
     Args:
         ct: CT volume (HU) or None to deform the label map only.
         labels: VerSe label map on the same grid as ``ct``.
-        label: VerSe id of the vertebra to fracture (needs a visible body).
+        label: VerSe id of the vertebra to fracture (needs a measurable body).
         grade: 1, 2 or 3. fracture_type: "wedge", "biconcave" or "crush".
         seed: draws the target loss inside the band and the fill noise.
         sclerotic_band: add a dense band (+250 HU) under the collapsed endplate.
         target_loss: explicit target loss (must lie in the grade's band) instead of a random draw.
-        frame: precomputed :class:`VertebraFrame` (else estimated from ``labels``).
+        geometry: morphometry's geometry of the vertebra on ``labels`` (:func:`vertebra_geometry`),
+            to reuse; measured when None.
         noise_hu, fill_hu: fill noise SD and level (HU); estimated from the CT when None.
 
     Raises:
@@ -529,12 +472,16 @@ def simulate_fracture(
     rng = np.random.default_rng(seed)
     lo, hi = GENANT_BANDS[grade]
     if target_loss is None:
-        target_loss = float(rng.uniform(*TARGET_BANDS[grade]))
+        target_band = TARGET_BANDS[grade]
+        target_loss = float(rng.uniform(*target_band))
     elif not lo <= target_loss < hi:
         raise ValueError(f"target_loss {target_loss} is outside the grade {grade} band [{lo}, {hi})")
-    if frame is None:
-        frame = vertebra_frames(labels)[label]
-    before = measure_body_heights(labels, label, frame)
+    else:  # an explicit target: within half a percent of it
+        target_band = (max(lo, target_loss - 0.005), min(hi - 1e-6, target_loss + 0.005))
+    if geometry is None:
+        geometry = vertebra_geometry(labels, label)
+    before = _heights_of(geometry)
+    frame = _frame_of(geometry)
     ct_arr = None if ct is None else ct.array
     deformer = _Deformer(ct_arr, labels, label, frame, fracture_type)
     if ct_arr is not None:
@@ -545,42 +492,36 @@ def simulate_fracture(
     noise_hu = float(noise_hu or 0.0)
     fill_hu = float(80.0 if fill_hu is None else fill_hu)
 
-    def attempt(r: float, w_top: float | None):
-        out = deformer.apply(r, fill_hu=fill_hu, noise_sd=noise_hu, rng=np.random.default_rng(seed + 1),
-                             sclerotic=sclerotic_band, w_top=w_top)
-        after = measure_body_heights(labels.with_array(out[1]), label, frame)
-        return height_loss(before, after, fracture_type), after, out
+    def deform(r: float, variant: tuple[float | None, float], labels_only: bool):
+        return deformer.apply(r, fill_hu=fill_hu, noise_sd=noise_hu, rng=np.random.default_rng(seed + 1),
+                              sclerotic=sclerotic_band, w_top=variant[0], hinge=variant[1], labels_only=labels_only)
 
-    # search the strength r whose measured loss is closest to the target (monotone, but quantised by
-    # the voxels); when a band falls between two voxel steps, another split of the collapse between
-    # the two endplates moves the steps
-    best = None
-    splits = {"wedge": (None, 0.8, 0.9, 0.7), "biconcave": (None, 0.35, 0.65, 0.2, 0.8),
-              "crush": (None, 0.5, 0.75, 0.35, 0.9)}
-    t_lo, t_hi = TARGET_BANDS[grade]
-    for w_top in splits[fracture_type]:
-        r_lo, r_hi = 0.0, 0.97
-        r = min(target_loss / (0.86 if fracture_type == "wedge" else 1.0), 0.95)
-        for _ in range(12):
-            loss, after, out = attempt(r, w_top)
-            in_band = lo <= loss < hi
-            # in the band first, then inside the (narrower) target band, then closest to the target
-            key = (not in_band, not t_lo <= loss <= t_hi, abs(loss - target_loss))
-            if best is None or key < best[0]:
-                best = (key, loss, after, out)
-            if in_band and abs(loss - target_loss) < 0.01:
-                break
-            if loss < target_loss:
-                r_lo = r
-            else:
-                r_hi = r
-            r = 0.5 * (r_lo + r_hi)
-            if r_hi - r_lo < 2e-3:
-                break
-        if not best[0][0] and best[0][2] < 0.01:
-            break
-    _, loss, after, (new_ct, new_labels, fill, changed) = best
-    before_loss = height_loss(before, before, fracture_type)
+    def quick(r: float, variant: tuple[float | None, float]):
+        # morphometry with the axis kept: only this vertebra changes, so its neighbours' axis does not
+        out = deform(r, variant, True)
+        geom = morphometry.remeasure(labels.with_array(out[1]), label, geometry.frame.si, deformer.box)
+        return _heights_of(geom), out
+
+    def full(r: float, variant: tuple[float | None, float]):
+        # morphometry exactly as measure_vertebrae runs it on the deformed map
+        out = deform(r, variant, True)
+        geom = morphometry.analyse_vertebrae(labels.with_array(out[1]), only=[int(label)]).get(int(label))
+        heights = _heights_of(geom) if geom is not None else dict.fromkeys(HEIGHT_KEYS, float("nan"))
+        return heights, out
+
+    best = _search(quick, before, fracture_type, grade, target_loss, target_band)
+    if best is not None:
+        # the answer is what the whole measurement reads; re-search with it when the axis moved
+        heights, _ = full(best[4], best[5])
+        loss = _type_loss(before, heights, fracture_type)
+        flags = (not lo <= loss < hi, _read_type(before, heights) != fracture_type,
+                 not target_band[0] <= loss <= target_band[1])
+        if flags <= best[0][:3]:
+            best = (best[0], loss, heights, None, best[4], best[5])
+        else:
+            best = _search(full, before, fracture_type, grade, target_loss, target_band, start=best[4], budget=6)
+    loss = best[1] if best is not None else float("nan")
+    before_loss = _type_loss(before, before, fracture_type)
     if not lo <= loss < hi and before_loss >= lo:
         raise ValueError(
             f"{level_name(label)}: already deformed (loss {before_loss:.2f} before simulation); "
@@ -591,6 +532,8 @@ def simulate_fracture(
             f"{level_name(label)}: cannot reach a grade {grade} {fracture_type} loss at this resolution "
             f"(closest {loss:.3f}); use a finer grid"
         )
+    _, loss, after, _, r, variant = best
+    new_ct, new_labels, fill, changed = deform(r, variant, False)
     return FractureResult(
         ct=None if new_ct is None else ct.with_array(new_ct),
         labels=labels.with_array(new_labels),
@@ -706,6 +649,11 @@ def _phantom_case(rng: np.random.Generator, fractured: bool, levels, spacing, fo
     raise RuntimeError("could not simulate the drawn fractures; try another seed")
 
 
+def _mm(value: float) -> float | None:
+    """Height rounded to 0.001 mm for truth records; None when not measurable (a cut body)."""
+    return round(float(value), 3) if np.isfinite(value) else None
+
+
 def _real_case(rng: np.random.Generator, fractured: bool, background) -> tuple:
     from .volume import read_volume
 
@@ -714,21 +662,21 @@ def _real_case(rng: np.random.Generator, fractured: bool, background) -> tuple:
     labels = read_volume(lab_path, check=False)
     labels = labels.with_array(labels.array.astype(np.uint8))
     ids = sorted((int(v) for v in np.unique(labels.array) if v), key=order_index)
-    frames = vertebra_frames(labels)
     fractures = _draw_fractures(rng, fracturable) if fractured else {}
     results = {}
     sclerotic = bool(rng.random() < 0.3)
     for lab, (grade, ftype) in fractures.items():
-        res = simulate_fracture(ct, labels, lab, grade, ftype, seed=int(rng.integers(0, 2**31 - 1)), frame=frames[lab],
+        res = simulate_fracture(ct, labels, lab, grade, ftype, seed=int(rng.integers(0, 2**31 - 1)),
                                 sclerotic_band=sclerotic)
         ct, labels, results[lab] = res.ct, res.labels, res
+    final = morphometry.analyse_vertebrae(labels)  # truth heights: morphometry's, on the final map
     truth = []
     for lab in ids:
-        h = results[lab].heights_after if lab in results else measure_body_heights(labels, lab, frames[lab])
+        h = _heights_of(final[lab]) if lab in final else dict.fromkeys(HEIGHT_KEYS, float("nan"))
         grade, ftype = (results[lab].grade, results[lab].fracture_type) if lab in results else (0, "normal")
         truth.append({
-            "label": lab, "level": level_name(lab), "height_anterior_mm": round(h["anterior"], 3),
-            "height_middle_mm": round(h["middle"], 3), "height_posterior_mm": round(h["posterior"], 3),
+            "label": lab, "level": level_name(lab), "height_anterior_mm": _mm(h["anterior"]),
+            "height_middle_mm": _mm(h["middle"]), "height_posterior_mm": _mm(h["posterior"]),
             "genant_grade": grade, "genant_type": ftype,
             "height_loss_ratio": round(results[lab].height_loss_ratio, 4) if lab in results else 0.0,
             "partial": lab not in fracturable,

@@ -21,13 +21,14 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from . import morphometry
 from .levels import level_id, level_name
 from .simulation import (
     FRACTURE_TYPES,
     GENANT_BANDS,
-    measure_body_heights,
+    _heights_of,
+    _type_loss,
     simulate_fracture,
-    vertebra_frames,
 )
 from .volume import Volume
 
@@ -626,7 +627,8 @@ def make_phantom(
 
     Returns:
         :class:`Phantom` with int16 CT, uint8 labels and a truth dict per vertebra (heights measured
-        by :func:`measure_body_heights` on the final label map, grade/type as simulated).
+        by :mod:`.morphometry` on the final label map, grade/type as simulated, loss of the
+        fractured ones from those heights as :mod:`.simulation` defines it).
     """
     rng = np.random.default_rng(seed)
     ids = _level_list(levels)
@@ -666,15 +668,16 @@ def make_phantom(
         _draw_vertebra(canvas, v, {**hu, "trabecular": hu["trabecular"] * rng.uniform(0.92, 1.08)})
     clean = Volume(canvas.hu, tuple(sp), tuple(lo), np.eye(3))
     labels = Volume(canvas.labels, tuple(sp), tuple(lo), np.eye(3))
-    frames = vertebra_frames(labels)
-    fractures = dict(fractures or {})
+    fractures = {lab: gt for lab, gt in (fractures or {}).items() if gt[0] != 0}
+    present = {v.label for v in verts}
+    for lab in fractures:
+        if lab not in present:
+            raise ValueError(f"fracture requested for {level_name(lab)}, which is not in the phantom")
+    # morphometry's geometry before any fracture (the neighbours' axes do not move when one is fractured)
+    before = morphometry.analyse_vertebrae(labels, only=list(fractures)) if fractures else {}
     results = {}
     for k, (lab, (grade, ftype)) in enumerate(sorted(fractures.items())):
-        if lab not in frames:
-            raise ValueError(f"fracture requested for {level_name(lab)}, which is not in the phantom")
-        if grade == 0:
-            continue
-        res = simulate_fracture(clean, labels, lab, grade, ftype, seed=seed * 1000 + k + 1, frame=frames[lab],
+        res = simulate_fracture(clean, labels, lab, grade, ftype, seed=seed * 1000 + k + 1, geometry=before.get(lab),
                                 noise_hu=0.0, fill_hu=_HU["disc"], sclerotic_band=sclerotic_band)
         clean, labels = res.ct, res.labels
         results[lab] = res
@@ -691,15 +694,17 @@ def make_phantom(
     ct_arr = hu_arr.astype(np.int16)
     del hu_arr
     ct = Volume(ct_arr, tuple(sp), tuple(lo), np.eye(3))
+    # truth: morphometry's heights on the final label map (the one definition of heights)
+    final = morphometry.analyse_vertebrae(labels)
     truth = []
     for lab in ids:
-        if lab not in frames:
+        if lab not in final:
             continue
+        h = _heights_of(final[lab])
         if lab in results:
-            h = results[lab].heights_after
-            grade, ftype, loss = results[lab].grade, results[lab].fracture_type, results[lab].height_loss_ratio
+            grade, ftype = results[lab].grade, results[lab].fracture_type
+            loss = _type_loss(results[lab].heights_before, h, ftype)
         else:
-            h = measure_body_heights(labels, lab, frames[lab])
             grade, ftype, loss = 0, "normal", 0.0
         truth.append({
             "label": lab,

@@ -1,7 +1,7 @@
 """Benchmark: morphometry time per vertebra (target < 0.2 s) on the real label maps and a phantom.
 
 Side by side in one process: ``measure_vertebrae`` (full: frame, body, heights, HU, grading) against
-the baseline ``simulation.measure_body_heights`` (heights only, the simulation's convention).
+the baseline ``analyse_vertebrae`` (frame, body and heights only: what the fracture simulation uses).
 Writes ``benchmarks/results/morphometry.json``. Run: ``OMP_NUM_THREADS=1 python benchmarks/morphometry.py``.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from VertebralFractureLib import morphometry, simulation
+from VertebralFractureLib import morphometry, simulation  # simulation: the phantom
 from VertebralFractureLib.resources import shared_data_dir
 from VertebralFractureLib.volume import read_volume
 
@@ -51,10 +51,7 @@ def main() -> None:
         records = morphometry.measure_vertebrae(ct, labels)
         n = len(records)
         ours, ours_cpu = _best_of(lambda ct=ct, labels=labels: morphometry.measure_vertebrae(ct, labels))
-        ids = [r.label for r in records]
-        base, base_cpu = _best_of(
-            lambda labels=labels, ids=ids: [simulation.measure_body_heights(labels, i) for i in ids], 1
-        )
+        base, base_cpu = _best_of(lambda labels=labels: morphometry.analyse_vertebrae(labels), 1)
         results[name] = {
             "vertebrae": n,
             "shape_zyx": list(labels.shape),
@@ -62,8 +59,8 @@ def main() -> None:
             "with_ct": ct is not None,
             "measure_vertebrae_s_per_vertebra": round(ours / n, 4),
             "measure_vertebrae_cpu_s_per_vertebra": round(ours_cpu / n, 4),
-            "baseline_simulation_heights_s_per_vertebra": round(base / n, 4),
-            "baseline_simulation_heights_cpu_s_per_vertebra": round(base_cpu / n, 4),
+            "baseline_geometry_only_s_per_vertebra": round(base / n, 4),
+            "baseline_geometry_only_cpu_s_per_vertebra": round(base_cpu / n, 4),
             "heights": {r.level: [round(r.height_anterior_mm, 1), round(r.height_middle_mm, 1),
                                   round(r.height_posterior_mm, 1), r.genant_grade, r.genant_type, r.partial]
                         for r in records},

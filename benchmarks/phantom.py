@@ -48,6 +48,8 @@ def benchmark(repeats: int = 7) -> dict:
     # the machine is shared: the fastest repeat is the least disturbed one (timeit's convention);
     # CPU time is reported beside it
     results["meets_target"] = results["phantom_T4_L5_1p5mm"]["wall_s_min"] < 2.0
+    # on a loaded machine wall time is mostly waiting for a core; the CPU time is what the phantom costs
+    results["meets_target_cpu"] = results["phantom_T4_L5_1p5mm"]["cpu_s_median"] < 2.0
     results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_1min": os.getloadavg()[0]}
     return results
 
