@@ -199,6 +199,7 @@ def _add_study(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=int, default=5, help="K of the K-fold cross-validations (LASSO selection; --cv)")
     p.add_argument("--cv", action="store_true", help="also run a patient-level K-fold CV of every model (K times slower)")
     p.add_argument("--epochs", type=int, default=8, help="training epochs of every network (same budget for all)")
+    p.add_argument("--batch-size", type=int, default=16, help="training batch size of every network")
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of patients held out for testing")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     p.add_argument("--workers", type=int, help="processes for radiomics extraction (default: CPU count)")
@@ -218,7 +219,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     cohort = args.cohort
     if args.simulated is not None:
         cohort = simulate_study_cohort(args.output / "cohort", args.simulated, seed=args.seed)
-    options = StudyOptions(models=args.models or list(DEFAULT_MODELS), epochs=args.epochs, folds=args.folds, cv=args.cv,
+    options = StudyOptions(models=args.models or list(DEFAULT_MODELS), epochs=args.epochs, batch_size=args.batch_size,
+                           folds=args.folds, cv=args.cv,
                            test_fraction=args.test_fraction, seed=args.seed, n_boot=args.bootstrap, workers=args.workers,
                            cache_dir=str(args.cache_dir) if args.cache_dir else None,
                            device=resolve_device(args.device), threads=args.threads)

@@ -1,0 +1,195 @@
+"""The study's metrics, bootstrap confidence intervals over patients, and plots.
+
+Metrics (:func:`binary_metrics`) at threshold 0.5: binary cross-entropy loss, ROC-AUC, accuracy,
+sensitivity, specificity. Confidence intervals (:func:`bootstrap_ci`): patients are resampled with
+replacement (all vertebrae of a drawn patient come along, so correlated vertebrae of one patient are
+never split), 95 % percentile interval over ``n_boot`` resamples; a resample lacking one class has no
+ROC-AUC/sensitivity/specificity and is skipped for those metrics. When the bootstrap distribution of
+a tiny test set lies entirely on one side of the point estimate (e.g. ROC-AUC 1.0 with a lucky split)
+the interval is extended to contain the estimate, so ``ci_low <= value <= ci_high`` always holds.
+
+Patient probability (:func:`patient_level`): the maximum over the patient's vertebrae; a patient is
+fractured when any vertebra is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ["loss", "roc_auc", "accuracy", "sensitivity", "specificity"]
+_EPS = 1e-7
+
+
+def binary_metrics(y_true: Sequence[int], prob: Sequence[float], threshold: float = 0.5) -> dict[str, float]:
+    """Loss (mean binary cross-entropy, nats), ROC-AUC, accuracy, sensitivity and specificity.
+
+    ROC-AUC is NaN when only one class is present; sensitivity (specificity) NaN without positives
+    (negatives).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.clip(np.asarray(prob, dtype=np.float64), _EPS, 1 - _EPS)
+    if y.size == 0:
+        return {m: math.nan for m in METRICS}
+    pred = p >= threshold
+    pos, neg = y == 1, y == 0
+    out = {
+        "loss": float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))),
+        "roc_auc": float(roc_auc_score(y, p)) if pos.any() and neg.any() else math.nan,
+        "accuracy": float(np.mean(pred == pos)),
+        "sensitivity": float(np.mean(pred[pos])) if pos.any() else math.nan,
+        "specificity": float(np.mean(~pred[neg])) if neg.any() else math.nan,
+    }
+    return out
+
+
+def patient_level(case_ids: Sequence[str], y_vertebra: Sequence[int], p_vertebra: Sequence[float]):
+    """Aggregate vertebrae to patients: label = any fractured vertebra, probability = max.
+
+    Returns:
+        (cases, y_patient, p_patient), cases sorted; NaN vertebra probabilities are ignored (a patient
+        with none gets 0).
+    """
+    cases = sorted(set(case_ids))
+    index = {c: i for i, c in enumerate(cases)}
+    y = np.zeros(len(cases), np.int64)
+    p = np.zeros(len(cases), np.float64)
+    for case, yv, pv in zip(case_ids, y_vertebra, p_vertebra, strict=True):
+        i = index[case]
+        y[i] = max(y[i], int(yv))
+        if not math.isnan(pv):
+            p[i] = max(p[i], float(pv))
+    return cases, y, p
+
+
+def bootstrap_ci(
+    y_true: Sequence[int],
+    prob: Sequence[float],
+    groups: Sequence[str],
+    *,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    threshold: float = 0.5,
+) -> dict[str, tuple[float, float]]:
+    """95 % (``level``) bootstrap CI of every metric, resampling ``groups`` (patients) with replacement.
+
+    For patient-level metrics pass the patient ids as groups (one row each). Returns metric ->
+    (low, high), each containing the point estimate.
+    """
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(prob, dtype=np.float64)
+    groups = np.asarray(groups)
+    unique, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {m: [] for m in METRICS}
+    for _ in range(n_boot):
+        drawn = rng.integers(0, len(unique), len(unique))
+        idx = np.concatenate([members[g] for g in drawn])
+        for metric, value in binary_metrics(y[idx], p[idx], threshold).items():
+            if not math.isnan(value):
+                samples[metric].append(value)
+    point = binary_metrics(y, p, threshold)
+    alpha = (1 - level) / 2
+    out = {}
+    for metric in METRICS:
+        values = samples[metric]
+        if not values or math.isnan(point[metric]):
+            out[metric] = (math.nan, math.nan)
+            continue
+        low, high = np.quantile(values, [alpha, 1 - alpha])
+        out[metric] = (float(min(low, point[metric])), float(max(high, point[metric])))
+    return out
+
+
+# --- plots ---------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: the study runs on servers without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc(curves: dict[str, tuple[Sequence[int], Sequence[float]]], path: str | Path, title: str) -> Path:
+    """ROC curves of several models, ``{model: (y_true, prob)}``, AUC in the legend; PNG at ``path``."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for model, (y, p) in curves.items():
+        y, p = np.asarray(y), np.asarray(p)
+        if len(set(y.tolist())) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y, p)
+        ax.plot(fpr, tpr, label=f"{model} (AUC {roc_auc_score(y, p):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_training_curves(histories: dict[str, list[dict[str, float]]], path: str | Path) -> Path:
+    """Loss and accuracy per epoch (training and test) of each network, two panels; PNG at ``path``."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for model, history in histories.items():
+        if not history:
+            continue
+        epochs = [h["epoch"] for h in history]
+        for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+            line = ax.plot(epochs, [h[f"train_{key}"] for h in history], label=f"{model} train")[0]
+            if "test_" + key in history[0]:
+                ax.plot(epochs, [h[f"test_{key}"] for h in history], "--", color=line.get_color(), label=f"{model} test")
+    axes[0].set(xlabel="epoch", ylabel="binary cross-entropy", title="loss per epoch")
+    axes[1].set(xlabel="epoch", ylabel="accuracy", title="accuracy per epoch", ylim=(0, 1.02))
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_lasso_path(log_lambda: np.ndarray, coefs: np.ndarray, names: list[str], selected_log_lambda: float,
+                    path: str | Path) -> Path:
+    """Coefficient path (study figure 9): each feature's L1-logistic coefficient against log(lambda)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    order = np.argsort(-np.abs(coefs).max(axis=0))
+    for j in order[:60]:  # the 60 features that ever grow largest; the rest stay at 0 and clutter the plot
+        ax.plot(log_lambda, coefs[:, j], lw=0.8)
+    ax.axvline(selected_log_lambda, color="k", ls="--", lw=0.8, label="selected lambda")
+    ax.set(xlabel="log(lambda)", ylabel="coefficient (standardised features)", title="LASSO coefficient path")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_lasso_cv(log_lambda: np.ndarray, auc_mean: np.ndarray, auc_sd: np.ndarray, n_selected: np.ndarray,
+                  selected_log_lambda: float, path: str | Path) -> Path:
+    """Cross-validated ROC-AUC against log(lambda) with +-1 SD and the feature count (study figure 10)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.errorbar(log_lambda, auc_mean, yerr=auc_sd, fmt="o", ms=3, color="tab:red", ecolor="grey", capsize=2)
+    ax.axvline(selected_log_lambda, color="k", ls="--", lw=0.8)
+    top = ax.secondary_xaxis("top")
+    top.set_xticks(log_lambda[:: max(1, len(log_lambda) // 8)])
+    top.set_xticklabels([str(int(n)) for n in n_selected[:: max(1, len(log_lambda) // 8)]])
+    top.set_xlabel("features selected")
+    ax.set(xlabel="log(lambda)", ylabel="CV ROC-AUC (patient-grouped folds)", title="LASSO cross-validation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
