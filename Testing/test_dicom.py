@@ -142,9 +142,11 @@ def _all_output_bytes(folder: Path) -> bytes:
 def _assert_nothing_planted(blob: bytes, uids: list[str]) -> None:
     text = blob.decode("latin-1").lower()
     for key, value in PLANTED.items():
-        for fragment in value.replace("^", " ").split():
-            if len(fragment) >= 4:
-                assert fragment.lower() not in text, f"{key} value {fragment!r} leaked"
+        # the whole value, each person-name component, and the invented words (plain words like
+        # "spine" or "road" legitimately appear in reports)
+        fragments = {value, *value.split("^"), *(w for w in value.split() if "quorvath" in w.lower())}
+        for fragment in fragments:
+            assert fragment.lower() not in text, f"{key} value {fragment!r} leaked"
     for uid in uids:
         assert uid not in text
 
