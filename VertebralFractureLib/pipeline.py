@@ -26,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError
-from .progress import CancelToken, ProgressCallback, no_progress
+from .progress import CancelToken, ProgressCallback, no_progress, sub_progress
 from .records import VertebraRecord, write_csv
 from .volume import Volume, read_volume, write_volume
 
@@ -188,29 +188,22 @@ def analyse(
 
 
 def _segment(ct: Volume, options: PipelineOptions, progress: ProgressCallback, cancel: CancelToken) -> tuple[Volume, list[str]]:
-    try:
-        from .segmentation import segment_vertebrae
-    except ImportError:
-        return ct.with_array(np.zeros(ct.shape, np.uint8)), ["segmentation stage not available in this build"]
+    from .segmentation import segment_vertebrae
+
     result = segment_vertebrae(ct, fast=options.fast, device=options.device, anchors=options.anchors,
-                               progress=progress, cancel=cancel)
+                               progress=sub_progress(progress, 0.2, 0.6), cancel=cancel)
     return result.labels, list(result.warnings)
 
 
 def _measure(ct: Volume, labels: Volume) -> tuple[list[VertebraRecord], list[str]]:
-    try:
-        from .morphometry import measure_vertebrae
-    except ImportError:
-        return [], ["morphometry stage not available in this build"]
+    from .morphometry import measure_vertebrae
+
     return measure_vertebrae(ct, labels), []
 
 
 def _classify(ct: Volume, labels: Volume, records: list[VertebraRecord], options: PipelineOptions) -> tuple[float, list[str]]:
-    try:
-        from .classification import predict_fractures
-    except ImportError:
-        probs = [r.fracture_probability for r in records if not math.isnan(r.fracture_probability)]
-        return (max(probs) if probs else math.nan), ["classifier not available: fracture probability from morphometry alone"]
+    from .classification import predict_fractures
+
     return predict_fractures(ct, labels, records, device=options.device)
 
 
@@ -261,29 +254,38 @@ def run_pipeline(
 
 
 def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import=None) -> None:
-    """Write every output of the contract except ``result.json`` into ``out``."""
-    if dicom_import is not None:
-        from .dicom import write_import
+    """Write every output of the contract except ``result.json`` into ``out``.
 
-        write_import(dicom_import, out / "ct.nii.gz")
+    The compressed volume files are written in background threads (zlib and ITK's writers release
+    the GIL) while the DICOM SEG and the report are made; the report comes last so that it lists
+    every warning, including those of the other writers.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from .outputs import write_dicom_seg, write_seg_nrrd
     from .report import write_report
 
     labels = result.labels if result.labels is not None else ct.with_array(np.zeros(ct.shape, np.uint8))
     labels = labels.with_array(labels.array.astype(np.uint8))
-    write_volume(labels, out / "segmentation.nii.gz")
-    write_seg_nrrd(labels, result.records, out / "segmentation.seg.nrrd")
-    if dicom_import is not None:
-        if labels.array.any():
-            # de-identified per-slice headers (original ones when deidentify is off, for PACS round trips)
-            headers = getattr(dicom_import, "source_datasets", None) or dicom_import.source_headers()
-            write_dicom_seg(labels, result.records, headers, out / "segmentation.dcm")
-        else:
-            result.warnings.append("no vertebra found: segmentation.dcm not written (a DICOM SEG needs a segment)")
-    write_csv(result.records, out / "vertebrae.csv")
-    write_report(out / "report.html", ct, labels, result.records, fracture_probability=result.fracture_probability,
-                 fractured=result.fractured, warnings=result.warnings, case_id=result.case_id,
-                 timings_s=result.timings_s)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        jobs = [pool.submit(write_volume, labels, out / "segmentation.nii.gz"),
+                pool.submit(write_seg_nrrd, labels, result.records, out / "segmentation.seg.nrrd")]
+        if dicom_import is not None:
+            from .dicom import write_import
+
+            jobs.append(pool.submit(write_import, dicom_import, out / "ct.nii.gz"))
+            if labels.array.any():
+                # de-identified per-slice headers (original ones when deidentify is off, for PACS round trips)
+                write_dicom_seg(labels, result.records, dicom_import.source_headers(), out / "segmentation.dcm",
+                                warnings=result.warnings)
+            else:
+                result.warnings.append("no vertebra found: segmentation.dcm not written (a DICOM SEG needs a segment)")
+        write_csv(result.records, out / "vertebrae.csv")
+        write_report(out / "report.html", ct, labels, result.records, fracture_probability=result.fracture_probability,
+                     fractured=result.fractured, warnings=result.warnings, case_id=result.case_id,
+                     timings_s=result.timings_s)
+        for job in jobs:
+            job.result()  # re-raise a writer's error here, inside the atomic output folder
 
 
 @contextmanager
