@@ -199,7 +199,9 @@ def _add_study(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=int, default=5, help="K of the K-fold cross-validations (LASSO selection; --cv)")
     p.add_argument("--cv", action="store_true", help="also run a patient-level K-fold CV of every model (K times slower)")
     p.add_argument("--epochs", type=int, default=8, help="training epochs of every network (same budget for all)")
-    p.add_argument("--batch-size", type=int, default=16, help="training batch size of every network")
+    p.add_argument("--batch-size", type=int, default=8, help="training batch size of every network")
+    p.add_argument("--no-morphometry-fusion", action="store_true",
+                   help="customcnn on the image alone (default: it fuses the vertebra's morphometric ratios)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of patients held out for testing")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     p.add_argument("--workers", type=int, help="processes for radiomics extraction (default: CPU count)")
@@ -223,7 +225,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
                            folds=args.folds, cv=args.cv,
                            test_fraction=args.test_fraction, seed=args.seed, n_boot=args.bootstrap, workers=args.workers,
                            cache_dir=str(args.cache_dir) if args.cache_dir else None,
-                           device=resolve_device(args.device), threads=args.threads)
+                           device=resolve_device(args.device), threads=args.threads,
+                           fuse_morphometry=not args.no_morphometry_fusion)
     result = run_study(cohort, args.output, options, progress=_progress_for(args))
     if not args.quiet:
         for row in result.table1:
