@@ -61,7 +61,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import InputError
-from .levels import CRANIOCAUDAL_ORDER, LEVEL_NAMES, level_name, order_index
+from .levels import CRANIOCAUDAL_ORDER, LEVEL_NAMES, level_name, order_index, region
 from .records import VertebraRecord
 from .volume import Volume
 
@@ -891,9 +891,35 @@ def measure_vertebrae(
                     rec.notes.append(f"trabecular HU {mean:.0f} <= {OSTEOPOROSIS_HU:.0f}: osteoporosis likely (Pickhardt 2013)")
                 if rec.level != "L1":
                     rec.notes.append("bone-density threshold validated at L1 (Pickhardt 2013); applied here as an estimate")
+        problem = plausibility_problem(rec)
+        if problem is not None:
+            rec.implausible = True
+            rec.notes.append(f"implausible segment, not graded: {problem}")
         records.append(rec)
     grade_records(records, baseline=baseline)
     return records
+
+
+#: Below this posterior body height (mm) a thoracic or lumbar segment is not an adult vertebral body
+#: (normal adult posterior heights: about 15-25 mm thoracic, 25-32 mm lumbar).
+MIN_BODY_HEIGHT_MM = 8.0
+#: Above this median (HU) the "trabecular core" is cortical bone: the segment missed the body's inside
+#: (adult trabecular bone is about 50-300 HU).
+MAX_TRABECULAR_MEDIAN_HU = 400.0
+
+
+def plausibility_problem(record: VertebraRecord) -> str | None:
+    """Why a segment cannot be an adult vertebra (so it must not be graded), or None.
+
+    A Genant grade from a wrong segment is worse than none: a missed body wall or a fragment
+    reads as a severe fracture. Checked: thoracic/lumbar posterior height and the core's median HU.
+    """
+    if region(record.label) in ("thoracic", "lumbar") and math.isfinite(record.height_posterior_mm):
+        if record.height_posterior_mm < MIN_BODY_HEIGHT_MM:
+            return f"posterior body height {record.height_posterior_mm:.1f} mm < {MIN_BODY_HEIGHT_MM:.0f} mm"
+    if math.isfinite(record.trabecular_hu_median) and record.trabecular_hu_median > MAX_TRABECULAR_MEDIAN_HU:
+        return f"core median {record.trabecular_hu_median:.0f} HU > {MAX_TRABECULAR_MEDIAN_HU:.0f} HU (cortical bone only)"
+    return None
 
 
 def _heights(r: VertebraRecord) -> tuple[float, float, float]:
@@ -902,7 +928,7 @@ def _heights(r: VertebraRecord) -> tuple[float, float, float]:
 
 def _measurable(r: VertebraRecord) -> bool:
     h = _heights(r)
-    return not r.partial and bool(np.isfinite(h).all()) and min(h) > 0
+    return not r.partial and not r.implausible and bool(np.isfinite(h).all()) and min(h) > 0
 
 
 def grade_records(records: list[VertebraRecord], *, baseline: list[VertebraRecord] | None = None) -> None:

@@ -182,6 +182,12 @@ def analyse(
     warnings += class_warnings
     if not records:
         warnings.append("no vertebrae found in the field of view")
+    implausible = [r.level for r in records if r.implausible]
+    if implausible:
+        warnings.append(
+            f"{len(implausible)} of {len(records)} segments are not plausible vertebral bodies ({', '.join(implausible)}): "
+            "not graded; correct them (Slicer: Edit segments, then Recompute) or give --labels"
+        )
     fractured = bool(not math.isnan(patient_probability) and patient_probability >= 0.5)
     progress(0.9, "analysis done")
     return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels)

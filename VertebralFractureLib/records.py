@@ -31,7 +31,8 @@ CONTRACT_COLUMNS = [
 class VertebraRecord:
     """Everything measured and predicted for one vertebra. Units: mm, ml, HU; LPS mm for points.
 
-    ``genant_grade`` is None for partial vertebrae (cut by the field of view), which are not graded.
+    ``genant_grade`` is None for partial vertebrae (cut by the field of view) and for implausible
+    segments (not shaped like a vertebra: see ``morphometry.plausibility_problem``); neither is graded.
     ``genant_type`` is ``"normal"``, ``"wedge"``, ``"biconcave"`` or ``"crush"`` (empty if ungraded).
     """
 
@@ -50,6 +51,7 @@ class VertebraRecord:
     trabecular_hu_median: float = math.nan
     low_density: bool | None = None
     partial: bool = False
+    implausible: bool = False
     expected_height_mm: float = math.nan
     probability_morphometry: float = math.nan
     probability_classifier: float = math.nan
