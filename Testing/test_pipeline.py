@@ -75,3 +75,25 @@ def test_rerun_replaces_previous_output(tmp_path):
     (out / "stale.txt").write_text("old")
     run_pipeline(ct_path, out, labels_path=labels_path, options=PipelineOptions(wiener=False))
     assert not (out / "stale.txt").exists() and (out / "result.json").exists()
+
+
+def test_implausible_segments_are_not_graded_or_scored():
+    """A segment whose core is cortical bone (a missed body) or that is too flat is flagged, never graded."""
+    from VertebralFractureLib.pipeline import analyse
+    from VertebralFractureLib.simulation import make_phantom
+
+    ph = make_phantom(("T12", "L2"), spacing=1.5, seed=0, fov_mm=(120, 120))
+    ct = ph.ct.array.copy()
+    ct[ph.labels.array == 20] = 900  # L1's "core" is now cortical-bone HU
+    flat = ph.labels.array.copy()
+    l2 = np.argwhere(flat == 21)
+    # keep a 3-voxel (4.5 mm) slab of L2 across the spine (array axis 0 is superior-inferior in LPS)
+    keep = np.abs(l2[:, 0] - np.median(l2[:, 0])) <= 1
+    flat[tuple(l2[~keep].T)] = 0
+    result = analyse(ph.ct.with_array(ct), ph.labels.with_array(flat), options=PipelineOptions(wiener=False))
+    by_level = {r.level: r for r in result.records}
+    for level in ("L1", "L2"):
+        r = by_level[level]
+        assert r.implausible and r.genant_grade is None and np.isnan(r.fracture_probability), level
+    assert not by_level["T12"].implausible
+    assert any("not plausible vertebral bodies (L1, L2)" in w for w in result.warnings)
