@@ -101,6 +101,42 @@ def test_genant_rule_follows_morphometry(study_out):
         assert np.mean(fractured) > np.mean(normal)
 
 
+def test_thresholds_are_chosen_on_training_data_and_used(study_out):
+    info = json.loads((study_out / "study.json").read_text())
+    thr = info["thresholds"]
+    assert set(thr) == {"customcnn", "radiomics-lasso", "genant-rule", "customcnn-radiomics"}
+    assert thr["genant-rule"] == 0.5  # p = 0.5 at 20 % height loss: Genant grade >= 1
+    assert all(0.0 < t <= 1.0 for t in thr.values())
+    # table1's accuracy is the one at the model's own threshold, recomputed from predictions.csv
+    rows = _read(study_out / "predictions.csv")
+    t1 = {r["model"]: r for r in _read(study_out / "table1_vertebra.csv")}
+    for model, t in thr.items():
+        y = np.array([int(r["fractured"]) for r in rows])
+        p = np.array([float(r[f"p_{model}"]) for r in rows])
+        assert float(t1[model]["accuracy"]) == pytest.approx(np.mean((p >= t) == (y == 1)), abs=1e-4)
+
+
+def test_cross_validation_table(cohort, tmp_path):
+    result = run_study(cohort, tmp_path, StudyOptions(models=["genant-rule"], cv=True, folds=2, n_boot=50, workers=1))
+    (row,) = result.cv_table
+    assert row["model"] == "genant-rule" and row["folds"] == 2
+    for key in ("pooled_roc_auc", "pooled_accuracy", "pooled_sensitivity", "pooled_specificity"):
+        assert 0.0 <= row[key] <= 1.0, key
+    assert _read(tmp_path / "cv_table.csv")[0]["model"] == "genant-rule"
+
+
+def test_youden_threshold_separates_shifted_scores():
+    # predictions far below 0.5 (an under-confident model): 0.5 calls nothing, Youden J finds the gap
+    y = np.array([0] * 8 + [1] * 2)
+    p = np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.2, 0.3])
+    t = classification.youden_threshold(y, p)
+    assert 0.08 < t <= 0.2
+    m = evaluation.binary_metrics(y, p, t)
+    assert m["sensitivity"] == 1.0 and m["specificity"] == 1.0
+    assert evaluation.binary_metrics(y, p)["sensitivity"] == 0.0
+    assert classification.youden_threshold(np.zeros(3), np.array([0.1, 0.2, 0.3])) == 0.5  # one class: default
+
+
 def test_study_rejects_bad_input(tmp_path, cohort):
     with pytest.raises(InputError, match="labels.csv"):
         run_study(tmp_path, tmp_path / "out", StudyOptions(models=["genant-rule"]))

@@ -1,7 +1,8 @@
 """The study's metrics, bootstrap confidence intervals over patients, and plots.
 
-Metrics (:func:`binary_metrics`) at threshold 0.5: binary cross-entropy loss, ROC-AUC, accuracy,
-sensitivity, specificity. Confidence intervals (:func:`bootstrap_ci`): patients are resampled with
+Metrics (:func:`binary_metrics`) at a decision threshold (default 0.5; the study passes each model's
+threshold chosen on its training data, see :func:`.classification.youden_threshold`): binary
+cross-entropy loss, ROC-AUC, accuracy, sensitivity, specificity. Confidence intervals (:func:`bootstrap_ci`): patients are resampled with
 replacement (all vertebrae of a drawn patient come along, so correlated vertebrae of one patient are
 never split), 95 % percentile interval over ``n_boot`` resamples; a resample lacking one class has no
 ROC-AUC/sensitivity/specificity and is skipped for those metrics. When the bootstrap distribution of

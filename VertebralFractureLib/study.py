@@ -12,13 +12,18 @@ Protocol:
 2. Split by patient, stratified by patient label: 80 % training, 20 % test (``--test-fraction``); no
    patient is in both (written to ``split.json``). With ``--cv`` every model is also run in a
    patient-level stratified K-fold cross-validation (``--folds``), written to ``cv_table.csv``.
-3. Models, all on the same crops and with the same budget (``TrainConfig``: epochs, batch 16,
-   class-balanced epochs, AdamW + one-cycle learning rate, flips/shifts): ``customcnn``,
-   ``mobilenetv3``, ``efficientnet-b1``, ``vgg16``, ``resnet50v2``; ``customcnn-radiomics`` (custom
-   CNN fusing the LASSO-selected radiomics features; optional); ``radiomics-lasso`` (L1 selection
-   over log(lambda) with patient-grouped CV inside the training set, then logistic regression);
-   ``genant-rule`` (morphometry's probability, continuous in the height loss: 0.5 at 20 %, i.e.
-   Genant grade >= 1 is called fractured; partial vertebrae, which morphometry does not grade, get 0).
+3. Models, all on the same crops and with the same budget (``TrainConfig``: epochs, batch 8,
+   class-balanced epochs, AdamW + one-cycle learning rate, left-right flips, shifts, intensity jitter):
+   ``customcnn`` (by default fusing the vertebra's morphometry, ``MORPHOMETRY_FEATURES``, before its
+   head: ``StudyOptions.fuse_morphometry``), ``mobilenetv3``, ``efficientnet-b1``, ``vgg16``,
+   ``resnet50v2`` (image only); ``customcnn-radiomics`` (custom CNN fusing the LASSO-selected radiomics
+   features; optional); ``radiomics-lasso`` (L1 selection over log(lambda) with patient-grouped CV
+   inside the training set, then logistic regression); ``genant-rule`` (morphometry's probability,
+   continuous in the height loss: 0.5 at 20 %, i.e. Genant grade >= 1 is called fractured; partial
+   vertebrae, which morphometry does not grade, get 0).
+   Decision threshold: per model, maximising Youden's J on its own TRAINING vertebrae' predictions
+   (genant-rule: 0.5, i.e. grade >= 1); applied to vertebra and patient probabilities alike (a
+   patient is called fractured when any vertebra is); written to ``study.json`` (``thresholds``).
 4. Metrics on the test set per patient (``table1.csv``/``table2.csv``; patient probability = max over
    its vertebrae) and per vertebra (``table1_vertebra.csv``/``table2_vertebra.csv``), 95 % bootstrap
    CIs over patients (:mod:`.evaluation`); ROC curves, per-epoch loss/accuracy curves, the LASSO
@@ -49,6 +54,7 @@ from .classification import (
     extract_crop,
     predict_network,
     train_network,
+    youden_threshold,
 )
 from .errors import InputError
 from .evaluation import METRICS, binary_metrics, bootstrap_ci, patient_level
@@ -58,6 +64,28 @@ from .volume import read_volume
 ALL_MODELS = MODELS + ["customcnn-radiomics"]
 DEFAULT_MODELS = list(MODELS)  # the study's six comparisons + genant-rule
 RADIOMICS_MODELS = {"radiomics-lasso", "customcnn-radiomics"}
+#: per-vertebra morphometry fused into customcnn's head (``StudyOptions.fuse_morphometry``)
+MORPHOMETRY_FEATURES = ["height_loss_ratio", "ha_hp", "hm_hp", "probability_morphometry", "partial"]
+
+
+def morphometry_features(record) -> list[float]:
+    """``MORPHOMETRY_FEATURES`` of one :class:`VertebraRecord` (None: absent); NaN where not measured."""
+    if record is None:
+        return [math.nan, math.nan, math.nan, math.nan, 1.0]
+    hp = record.height_posterior_mm
+    ok = hp == hp and hp > 0
+    return [record.height_loss_ratio, record.height_anterior_mm / hp if ok else math.nan,
+            record.height_middle_mm / hp if ok else math.nan, record.probability_morphometry, float(bool(record.partial))]
+
+
+def standardise_train(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Impute NaN with the training median and z-score with training mean/SD; returns [train, *others] float32."""
+    med = np.nanmedian(np.where(np.isfinite(train), train, np.nan), axis=0) if len(train) else np.zeros(train.shape[1])
+    med = np.where(np.isnan(med), 0.0, med)
+    fill = [np.where(np.isfinite(a), a, med) for a in (train, *others)]
+    mean, sd = fill[0].mean(axis=0), fill[0].std(axis=0)
+    sd = np.where(sd > 1e-9, sd, 1.0)
+    return [((a - mean) / sd).astype(np.float32) for a in fill]
 
 
 @dataclass
@@ -66,7 +94,7 @@ class StudyOptions:
 
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
     epochs: int = 8
-    batch_size: int = 16
+    batch_size: int = 8
     folds: int = 5
     cv: bool = False
     test_fraction: float = 0.2
@@ -76,6 +104,7 @@ class StudyOptions:
     cache_dir: str | None = None
     device: str = "cpu"
     threads: int | None = None
+    fuse_morphometry: bool = True  # customcnn fuses MORPHOMETRY_FEATURES before its head
 
 
 @dataclass
@@ -93,6 +122,7 @@ class CohortData:
     radiomics: np.ndarray | None = None  # (n, f)
     radiomics_names: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    morphometry: np.ndarray | None = None  # (n, len(MORPHOMETRY_FEATURES)), NaN where not measured
 
 
 def read_cohort_table(cohort: Path) -> dict[str, list[dict[str, str]]]:
@@ -137,7 +167,8 @@ def _load_case(cohort: Path, case: str, rows: list[dict[str, str]], need_radiomi
         out["rows"].append({"case": case, "label": label, "level": row.get("level") or (record.level if record else str(label)),
                             "grade": grade, "crop": extract_crop(ct, lab, label),
                             "p_morphometry": record.probability_morphometry if record else math.nan,
-                            "partial": bool(record.partial) if record else True})
+                            "partial": bool(record.partial) if record else True,
+                            "morphometry": morphometry_features(record)})
         wanted.append(label)
     if need_radiomics:
         from .radiomics_features import vertebra_rois
@@ -181,7 +212,8 @@ def load_cohort(cohort: str | Path, *, need_radiomics: bool, options: StudyOptio
     data = CohortData([r["case"] for r in rows], [r["label"] for r in rows], [r["level"] for r in rows],
                       np.array([int(r["grade"] >= 1) for r in rows]), np.array([r["grade"] for r in rows]),
                       np.stack([r["crop"] for r in rows]), np.array([r["p_morphometry"] for r in rows], float),
-                      np.array([r["partial"] for r in rows]), warnings=warnings)
+                      np.array([r["partial"] for r in rows]), warnings=warnings,
+                      morphometry=np.array([r["morphometry"] for r in rows], dtype=np.float64))
     if need_radiomics:
         from .radiomics_features import extract_rois, feature_matrix
 
@@ -220,6 +252,7 @@ class ModelRun:
     history: list[dict[str, float]] = field(default_factory=list)
     lasso: RadiomicsLasso | None = None
     seconds: float = 0.0
+    threshold: float = 0.5  # decision threshold, chosen on the training vertebrae only
 
 
 def fit_predict(model: str, data: CohortData, train: np.ndarray, test: np.ndarray, options: StudyOptions,
@@ -230,30 +263,36 @@ def fit_predict(model: str, data: CohortData, train: np.ndarray, test: np.ndarra
     """
     start = time.perf_counter()
     if model == "genant-rule":
+        # p = 0.5 exactly at 20 % height loss, so the fixed threshold 0.5 is the rule "Genant grade >= 1"
         p = np.nan_to_num(data.p_morphometry[test], nan=0.0)
-        return ModelRun(model, p, seconds=time.perf_counter() - start)
+        return ModelRun(model, p, seconds=time.perf_counter() - start, threshold=0.5)
     config = TrainConfig(epochs=options.epochs, batch_size=options.batch_size, seed=options.seed, device=options.device)
     groups = np.asarray(data.cases)
+    y_train = data.y[train]
     if model in RADIOMICS_MODELS:
         if data.radiomics is None:
             raise InputError(f"model {model} needs radiomics features")
         if lasso is None:
             lasso = RadiomicsLasso(folds=options.folds, seed=options.seed).fit(
-                data.radiomics[train], data.y[train], groups[train], data.radiomics_names)
+                data.radiomics[train], y_train, groups[train], data.radiomics_names)
         if model == "radiomics-lasso":
+            thr = youden_threshold(y_train, lasso.predict_proba(data.radiomics[train]))
             return ModelRun(model, lasso.predict_proba(data.radiomics[test]), lasso=lasso,
-                            seconds=time.perf_counter() - start)
+                            seconds=time.perf_counter() - start, threshold=thr)
         r_train, r_test = lasso.selected_matrix(data.radiomics[train]), lasso.selected_matrix(data.radiomics[test])
-        net, history = train_network("customcnn", data.crops[train], data.y[train], config, x_test=data.crops[test],
-                                     y_test=data.y[test], r_train=r_train, r_test=r_test, progress=progress)
-        p = predict_network(net, data.crops[test], r_test, device=options.device)
-        return ModelRun(model, p, history, lasso=lasso, seconds=time.perf_counter() - start)
-    if model not in CNN_MODELS:
+    elif model == "customcnn" and options.fuse_morphometry and data.morphometry is not None:
+        r_train, r_test = standardise_train(data.morphometry[train], data.morphometry[test])
+    elif model in CNN_MODELS:
+        r_train = r_test = None
+    else:
         raise InputError(f"unknown model {model!r}; choose from {', '.join(ALL_MODELS)}")
-    net, history = train_network(model, data.crops[train], data.y[train], config, x_test=data.crops[test],
-                                 y_test=data.y[test], progress=progress)
-    p = predict_network(net, data.crops[test], device=options.device)
-    return ModelRun(model, p, history, seconds=time.perf_counter() - start)
+    arch = "customcnn" if model == "customcnn-radiomics" else model
+    net, history = train_network(arch, data.crops[train], y_train, config, x_test=data.crops[test],
+                                 y_test=data.y[test], r_train=r_train, r_test=r_test, progress=progress)
+    thr = youden_threshold(y_train, predict_network(net, data.crops[train], r_train, device=options.device))
+    p = predict_network(net, data.crops[test], r_test, device=options.device)
+    return ModelRun(model, p, history, lasso=lasso if model in RADIOMICS_MODELS else None,
+                    seconds=time.perf_counter() - start, threshold=thr)
 
 
 # --- the study ------------------------------------------------------------------------------------
@@ -348,6 +387,7 @@ def run_study(cohort: str | Path, out_dir: str | Path, options: StudyOptions | N
                                      "n_fractured_vertebrae": int(data.y.sum()),
                                      "n_fractured_patients": int(y_patient.sum()),
                                      "n_radiomics_features": len(data.radiomics_names),
+                                     "thresholds": {m: round(r.threshold, 4) for m, r in runs.items()},
                                      "timings_s": {k: round(v, 2) for k, v in timings.items()}, "warnings": warnings})
     progress(1.0, "study done")
     return result
@@ -364,6 +404,7 @@ def _cross_validate(data: CohortData, cases: list[str], y_patient: np.ndarray, o
     rows = []
     for m, model in enumerate(options.models):
         oof = np.full(len(data.y), np.nan)
+        called = np.zeros(len(data.y))  # 1 where the vertebra is above its fold's training-chosen threshold
         fold_auc = []
         lasso = None
         for f, (tr_p, te_p) in enumerate(folds):
@@ -373,10 +414,14 @@ def _cross_validate(data: CohortData, cases: list[str], y_patient: np.ndarray, o
             run = fit_predict(model, data, train, test, options, lasso=None if model == "radiomics-lasso" else lasso)
             lasso = run.lasso if model == "customcnn-radiomics" else None
             oof[test] = run.p_test
+            called[test] = run.p_test >= run.threshold
             _, yp, pp = patient_level(case_arr[test].tolist(), data.y[test], run.p_test)
             fold_auc.append(binary_metrics(yp, pp)["roc_auc"])
         _, yp, pp = patient_level(data.cases, data.y, oof)
         pooled = binary_metrics(yp, pp)
+        # accuracy/sensitivity/specificity from each fold's own threshold (a patient is called when any vertebra is)
+        _, _, calls = patient_level(data.cases, data.y, called)
+        pooled.update({k: v for k, v in binary_metrics(yp, calls).items() if k in ("accuracy", "sensitivity", "specificity")})
         finite = [a for a in fold_auc if not math.isnan(a)]
         rows.append({"model": model, "folds": k, "roc_auc_fold_mean": float(np.mean(finite)) if finite else math.nan,
                      "roc_auc_fold_sd": float(np.std(finite)) if finite else math.nan,
@@ -432,8 +477,8 @@ def _metric_tables(runs: dict[str, ModelRun], data: CohortData, test: np.ndarray
             groups, y, p = patient_level(case_test, data.y[test], run.p_test)
         else:
             groups, y, p = case_test, data.y[test], run.p_test
-        values = binary_metrics(y, p)
-        cis = bootstrap_ci(y, p, groups, n_boot=options.n_boot, seed=options.seed)
+        values = binary_metrics(y, p, run.threshold)
+        cis = bootstrap_ci(y, p, groups, n_boot=options.n_boot, seed=options.seed, threshold=run.threshold)
         table1.append({"model": model, **values})
         for metric in METRICS:
             table2.append({"model": model, "metric": metric, "ci_low": cis[metric][0], "ci_high": cis[metric][1],
@@ -536,7 +581,10 @@ def _write_report(path: Path, result: StudyResult, figures: dict[str, Path], dat
         f"<p>{n_p} patients ({len(result.train_cases)} training, {len(result.test_cases)} test, split by patient, "
         f"stratified; seed {options.seed}), {len(data.y)} vertebrae of which {int(data.y.sum())} fractured "
         f"(Genant grade &ge; 1). Crops 32<sup>3</sup> at 2 mm; {options.epochs} epochs per network, same budget for all. "
-        f"Patient probability = maximum over its vertebrae. Metrics at threshold 0.5 on the test set; "
+        f"Patient probability = maximum over its vertebrae. Metrics on the test set at each model's decision "
+        f"threshold, chosen on the training vertebrae (Youden J; genant-rule: grade &ge; 1), applied to vertebra and "
+        f"patient probabilities alike: "
+        + ", ".join(f"{html.escape(m)} {r.threshold:.3f}" for m, r in runs.items()) + "; "
         f"95 % bootstrap CIs over patients ({options.n_boot} resamples).</p>",
         "<h2>Table 1: per patient, test set (value and 95 % CI)</h2>", _html_table(_with_ci(result.table1, result.table2), ["model"] + METRICS),
         "<h2>Per vertebra, test set</h2>", _html_table(_with_ci(result.table1_vertebra, result.table2_vertebra), ["model"] + METRICS),
@@ -634,7 +682,8 @@ def _concat(parts: list[CohortData], names: list[str]) -> CohortData:
         labels=[v for d in parts for v in d.labels], levels=[v for d in parts for v in d.levels],
         y=np.concatenate([d.y for d in parts]), grades=np.concatenate([d.grades for d in parts]),
         crops=np.concatenate([d.crops for d in parts]), p_morphometry=np.concatenate([d.p_morphometry for d in parts]),
-        partial=np.concatenate([d.partial for d in parts]), warnings=[w for d in parts for w in d.warnings])
+        partial=np.concatenate([d.partial for d in parts]), warnings=[w for d in parts for w in d.warnings],
+        morphometry=None if any(d.morphometry is None for d in parts) else np.concatenate([d.morphometry for d in parts]))
 
 
 def train_classifier(cohorts: list[str | Path] | str | Path, out_dir: str | Path, *, architecture: str = "customcnn",
