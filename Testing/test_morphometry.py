@@ -331,7 +331,7 @@ def test_bad_label_map():
 # real label maps
 # --------------------------------------------------------------------------------------------
 # Vertebrae whose deformity is visible on the label map's mid-sagittal section (see
-# docs/readme/morphometry.md): verse004 L1 (flattened), sample001 L1 (depressed superior endplate)
+# README, morphometry section): verse004 L1 (flattened), sample001 L1 (depressed superior endplate)
 # and L2 (uniformly low). Every other vertebra of these spines must not get grade >= 2.
 VISIBLY_DEFORMED = {"masks-verse004": {"L1"}, "masks-sample001": {"L1", "L2"}, "tptbox-l2-l4": set()}
 REAL_MAPS = {

@@ -784,7 +784,7 @@ def model_card_markdown(card: dict[str, Any]) -> str:
                 lines.append(f"| {level.replace('_', ' ')} | {m.get('n')} ({m.get('n_fractured')}) | "
                              + " | ".join("n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in METRICS[1:]) + " |")
     lines += ["", "Retrain with `vertebral-fracture train-classifier COHORT [COHORT...] -o MODEL_DIR`; the recipe of this "
-              "model is in `docs/readme/study.md`.", ""]
+              "model is in the README (section: the classification study).", ""]
     return "\n".join(lines)
 
 
