@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
-from .records import VertebraRecord
+from .records import VertebraRecord, json_safe
 from .volume import Volume
 
 CROP_SIZE = 32
@@ -630,16 +630,7 @@ def save_classifier(net, architecture: str, out_dir: str | Path, card: dict[str,
         "combination": COMBINATION_RULE,
         **card,
     }
-    def clean(o):  # strict JSON: NaN -> null
-        if isinstance(o, float) and math.isnan(o):
-            return None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, list | tuple):
-            return [clean(v) for v in o]
-        return o
-
-    (out_dir / "card.json").write_text(json.dumps(clean(full), indent=2))
+    (out_dir / "card.json").write_text(json.dumps(json_safe(full), indent=2))
     return out_dir
 
 

@@ -99,6 +99,19 @@ class VertebraRecord:
 CSV_COLUMNS = CONTRACT_COLUMNS + [f.name for f in fields(VertebraRecord) if f.name not in CONTRACT_COLUMNS]
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN floats as None, tuples as lists and numpy scalars as Python numbers (strict JSON)."""
+    if hasattr(obj, "item") and not isinstance(obj, list | tuple | dict) and getattr(obj, "ndim", 1) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_csv(records: list[VertebraRecord], path: str | Path) -> Path:
     """Write ``records`` as ``vertebrae.csv`` (header even when empty)."""
     path = Path(path)

@@ -59,6 +59,7 @@ from .classification import (
 from .errors import InputError
 from .evaluation import METRICS, binary_metrics, bootstrap_ci, patient_level
 from .progress import ProgressCallback, no_progress, sub_progress
+from .records import json_safe
 from .volume import read_volume
 
 ALL_MODELS = MODELS + ["customcnn-radiomics"]
@@ -454,18 +455,7 @@ def _markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    def clean(o):
-        if isinstance(o, float) and math.isnan(o):
-            return None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, list | tuple):
-            return [clean(v) for v in o]
-        if isinstance(o, np.generic):
-            return clean(o.item())
-        return o
-
-    path.write_text(json.dumps(clean(obj), indent=2))
+    path.write_text(json.dumps(json_safe(obj), indent=2))
 
 
 def _metric_tables(runs: dict[str, ModelRun], data: CohortData, test: np.ndarray, options: StudyOptions,
