@@ -97,3 +97,12 @@ def test_implausible_segments_are_not_graded_or_scored():
         assert r.implausible and r.genant_grade is None and np.isnan(r.fracture_probability), level
     assert not by_level["T12"].implausible
     assert any("not plausible vertebral bodies (L1, L2)" in w for w in result.warnings)
+
+
+def test_classifier_saturating_on_most_vertebrae_is_not_trusted():
+    from VertebralFractureLib.classification import classifier_out_of_domain
+
+    assert classifier_out_of_domain([0.99, 0.97, 0.95, 0.2, 0.98])
+    assert not classifier_out_of_domain([0.99, 0.97, 0.1, 0.2, 0.3, 0.05])  # two fractures in six: plausible
+    assert not classifier_out_of_domain([0.99, 0.98, 0.97])  # too few vertebrae to judge
+    assert not classifier_out_of_domain([float("nan")] * 6)

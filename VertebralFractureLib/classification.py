@@ -669,6 +669,17 @@ def load_classifier(model_dir: str | Path | None = None, *, device: str = "cpu")
     return net, card
 
 
+#: A scan where more than this share of (at least 4) vertebrae get p > 0.9 is outside the classifier's domain:
+#: even severe osteoporosis rarely fractures most vertebrae of one field of view.
+OUT_OF_DOMAIN_SHARE = 0.5
+
+
+def classifier_out_of_domain(probabilities: list[float]) -> bool:
+    """True when the classifier saturates on most vertebrae of a scan (its output is then not trusted)."""
+    scored = [p for p in probabilities if not math.isnan(p)]
+    return len(scored) >= 4 and sum(p > 0.9 for p in scored) > OUT_OF_DOMAIN_SHARE * len(scored)
+
+
 def combine_probabilities(p_classifier: float, p_morphometry: float, partial: bool) -> float:
     """Final per-vertebra probability: max of classifier and morphometry (NaN for partial vertebrae)."""
     if partial:
@@ -716,6 +727,14 @@ def predict_fractures(
         probs = predict_network(net, np.stack(crops), device=device)
         for record, p in zip(targets, probs, strict=True):
             record.probability_classifier = float(p)
+    if classifier_out_of_domain([r.probability_classifier for r in records]):
+        warnings.append(
+            "the classifier called most vertebrae of this scan fractured (p > 0.9), which real fractures almost never do: "
+            "the scan is outside its (simulated) training data; fracture probability from morphometry alone"
+        )
+        for record in records:
+            record.notes.append(f"classifier probability {record.probability_classifier:.2f} not used (out of domain)")
+            record.probability_classifier = math.nan
     for record in records:
         p_morph = record.probability_morphometry
         if math.isnan(p_morph) and not math.isnan(record.fracture_probability):
