@@ -247,9 +247,9 @@ def style_segment(segment, label: int, record: VertebraRecord | None = None) -> 
     segment.SetTag(TAG_TYPE, record.genant_type if record is not None else "")
     segment.SetTag(TAG_PROBABILITY, "" if math.isnan(probability) else f"{probability:.4f}")
     try:  # SNOMED CT anatomy (e.g. "First lumbar vertebra"), as in the command line's .seg.nrrd and DICOM SEG
-        from .outputs import _terminology_entry
+        from .outputs import terminology_entry
 
-        segment.SetTag(segment.GetTerminologyEntryTagName(), _terminology_entry(label))
+        segment.SetTag(segment.GetTerminologyEntryTagName(), terminology_entry(label))
     except ImportError:  # pydicom missing: Slicer keeps its default terminology
         pass
 

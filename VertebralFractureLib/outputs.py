@@ -109,7 +109,7 @@ def _tag_value(value: Any) -> str:
     return str(value).replace("|", "/").replace(":", "_")
 
 
-def _terminology_entry(label: int) -> str:
+def terminology_entry(label: int) -> str:
     """Slicer terminology string (category and type as SNOMED CT codes) for a VerSe id."""
     category = _category_code()
     code = vertebra_code(label)
@@ -166,7 +166,7 @@ def write_seg_nrrd(labels: Volume, records: Sequence[VertebraRecord], path: str 
         prob = seg["probability"]
         tags = {
             "Segmentation.Status": "completed",
-            "TerminologyEntry": _terminology_entry(seg["label"]),
+            "TerminologyEntry": terminology_entry(seg["label"]),
             "VertebralFracture.LabelValue": seg["label"],
             "VertebralFracture.FractureProbability": "" if math.isnan(prob) else f"{prob:.4f}",
             "VertebralFracture.GenantGrade": "" if seg["grade"] is None else seg["grade"],

@@ -262,5 +262,6 @@ def resample_spacing(volume: Volume, spacing: tuple[float, float, float], *, ord
     centre_old = (np.asarray(volume.size_ijk) - 1) * old / 2.0
     centre_new = (size - 1) * new / 2.0
     origin = np.asarray(volume.origin) + volume.direction @ (centre_old - centre_new)
-    reference = Volume(np.zeros(size[::-1], dtype=np.uint8), tuple(new), tuple(origin), volume.direction)
+    # only the grid of the reference is used: a broadcast zero costs no memory
+    reference = Volume(np.broadcast_to(np.uint8(0), tuple(size[::-1])), tuple(new), tuple(origin), volume.direction)
     return resample_to(volume, reference, order=order, default=default)
