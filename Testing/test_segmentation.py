@@ -303,3 +303,72 @@ def test_train_seg_bad_cohort_exit_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["train-seg", str(tmp_path / "empty"), "-o", str(tmp_path / "m")]) == 2
     assert capsys.readouterr().err.startswith("error:")
+
+
+def _tiny_cohort(root):
+    """Case ``a`` with CT and labels, ``b`` labels only (a 3 mm two-level phantom: fast to resample)."""
+    from VertebralFractureLib.simulation import make_phantom
+    from VertebralFractureLib.volume import write_volume
+
+    ph = make_phantom(("L1", "L2"), 3.0, seed=1, fov_mm=(100, 100))
+    write_volume(ph.ct, root / "a" / "ct.nii.gz")
+    write_volume(ph.labels, root / "a" / "labels.nii.gz")
+    write_volume(ph.labels, root / "b" / "labels.nii.gz")
+    return root
+
+
+def test_prepare_seg_cohort_then_train_with_workers(tmp_path, capsys):
+    from VertebralFractureLib.cli import main
+    from VertebralFractureLib.training_seg import is_prepared_cohort, load_prepared_case
+
+    cohort = _tiny_cohort(tmp_path / "cohort")
+    prepared = tmp_path / "prepared"
+    assert main(["prepare-seg-cohort", str(cohort), "-o", str(prepared), "--quiet"]) == 0
+    assert sorted(p.name for p in prepared.iterdir()) == ["a.npz", "b.npz"]
+    assert is_prepared_cohort(prepared) and not is_prepared_cohort(cohort)
+    with np.load(prepared / "a.npz", allow_pickle=False) as z:
+        assert set(z.files) == {"labels_1.5", "labels_3.0", "hu_1.5", "hu_3.0"}
+        assert z["labels_1.5"].dtype == np.uint8 and z["hu_3.0"].dtype == np.int16
+        assert z["labels_1.5"].shape == z["hu_1.5"].shape and z["labels_1.5"].max() > 0
+    with np.load(prepared / "b.npz", allow_pickle=False) as z:
+        assert set(z.files) == {"labels_1.5", "labels_3.0"}
+    case = load_prepared_case(prepared / "b.npz", (1.5, 3.0))
+    assert case.name == "b" and case.hu[1.5] is None and len(case.fg_index[3.0]) > 0
+
+    out = tmp_path / "model"
+    capsys.readouterr()
+    assert main(["train-seg", str(prepared), "-o", str(out), "--iterations", "3", "--patch", "32", "--batch", "2",
+                 "--save-every", "2", "--workers", "2", "--device", "cpu", "--case-weight", "a=2"]) == 0
+    logged = capsys.readouterr().out
+    assert "(prepared)" in logged and "it/s" in logged
+    card = json.loads((out / "card.json").read_text())
+    assert (out / "model.safetensors").exists()
+    assert card["training"]["iterations"] == 3 and len(card["training"]["history"]) == 2
+    assert card["training"]["workers"] == 2 and card["training"]["case_weights"] == {"a": 2.0}
+
+
+def test_case_weights_scale_draws_within_a_pool():
+    from VertebralFractureLib.training_seg import Case, _pick_case
+
+    def case(name, real):
+        return Case(name, {1.5: np.zeros((2, 2, 2), np.uint8)}, {1.5: np.zeros((2, 2, 2)) if real else None}, {})
+
+    cases = [case("r1", True), case("r2", True), case("s1", False)]
+    rng = np.random.default_rng(0)
+    draws = [_pick_case(cases, 0.0, rng, {"r1": 3.0}).name for _ in range(2000)]
+    assert "s1" not in draws  # synth_share 0: the weight does not move draws between pools
+    assert 0.7 < draws.count("r1") / len(draws) < 0.8
+
+
+def test_train_seg_bad_case_weight_is_one_line_error(tmp_path, capsys):
+    from VertebralFractureLib.cli import main
+
+    cohort = tmp_path / "cohort"
+    lab = cohort / "a" / "labels.nii.gz"
+    lab.parent.mkdir(parents=True)
+    lab.write_bytes(b"")  # never read: the weight's name is checked first
+    for bad in ("nosuchcase=2", "a=-1", "a"):
+        assert main(["train-seg", str(cohort), "-o", str(tmp_path / "m"), "--case-weight", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and err.count("\n") == 1, err
+    assert not (tmp_path / "m").exists()

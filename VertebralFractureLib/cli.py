@@ -171,20 +171,50 @@ def _add_train_seg(p: argparse.ArgumentParser) -> None:
                    help="share of patches from label-only (synthesised) cases when the cohort has both kinds")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint and validate every N iterations")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the model folder")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads of the training process (default 1)")
     p.add_argument("--note", default="", help="free text about the training data, stored in the card")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the network trains (auto: cuda when available)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes generating augmented patches (default 0: in the training process)")
+    p.add_argument("--case-weight", action="append", default=[], metavar="NAME=W",
+                   help="draw case NAME W times as often as the others of its kind (real CT or label-only); "
+                        "repeatable; 0 leaves it out")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop and save after this much training time, even before --iterations (a lent GPU)")
 
 
 def _cmd_train_seg(args: argparse.Namespace) -> int:
-    from .training_seg import train
+    from .training_seg import parse_case_weights, train
 
     card = train(
         args.cohort, args.output, iterations=args.iterations, patch=args.patch, batch=args.batch, lr=args.lr,
         seed=args.seed, val_fraction=args.val_fraction,
         val_cases=[c for c in args.val_cases.split(",") if c], synth_share=args.synth_share, save_every=args.save_every, resume=args.resume,
-        threads=args.threads, data_note=args.note, log=lambda m: print(m, flush=True),
+        threads=args.threads, data_note=args.note, device=args.device, workers=args.workers,
+        case_weights=parse_case_weights(args.case_weight), max_minutes=args.max_minutes,
+        log=lambda m: print(m, flush=True),
     )
     print(f"wrote {args.output / 'model.safetensors'} and card.json ({card.get('training', {}).get('iterations', 0)} iterations)")
+    return 0
+
+
+def _add_prepare_seg_cohort(p: argparse.ArgumentParser) -> None:
+    p.add_argument("cohort", type=Path, help="train-seg cohort: COHORT/<case>/labels.nii.gz (+ optional ct.nii.gz)")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="folder of OUT/<case>.npz (grids at 1.5 and 3 mm) that train-seg takes in place of COHORT")
+    p.add_argument("--crop-margin-mm", type=float, default=None,
+                   help="cut each case in y and x to its labels' bounding box plus this margin (smaller files)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _cmd_prepare_seg_cohort(args: argparse.Namespace) -> int:
+    from .training_seg import prepare_cohort
+
+    paths = prepare_cohort(args.cohort, args.output, crop_margin_mm=args.crop_margin_mm,
+                           log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
+    if not args.quiet:
+        print(f"wrote {len(paths)} prepared cases to {args.output}")
     return 0
 
 
@@ -271,6 +301,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "demo": ("run the pipeline on the bundled CT", _add_demo, _cmd_demo),
     "simulate-cohort": ("write a simulated cohort with known fractures", _add_simulate_cohort, _cmd_simulate_cohort),
     "train-seg": ("train the vertebra segmentation network", _add_train_seg, _cmd_train_seg),
+    "prepare-seg-cohort": ("resample a train-seg cohort once into .npz files (training needs no SimpleITK then)",
+                           _add_prepare_seg_cohort, _cmd_prepare_seg_cohort),
     "study": ("run the classification study", _add_study, _cmd_study),
     "train-classifier": ("train the classifier that run uses", _add_train_classifier, _cmd_train_classifier),
 }
