@@ -73,6 +73,54 @@ def test_split_touching_vertebrae_into_one_instance_each():
         assert body[0, 0, 0] == 4 - k
 
 
+def _bridged_column(n: int, tilt_deg: float = 0.0) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """A column of ``n`` vertebral bodies (marrow 200 HU, 1.5 mm endplates 600 HU) joined by 6 mm discs
+    (90 HU) that the "network" mask covers too, tilted by ``tilt_deg`` in the sagittal plane (z=S, y=P, x=L,
+    1.5 mm voxels). Returns (mask, hu, z of the disc centres in voxels along the column's axis)."""
+    shape = (40 + 18 * n, 110, 40)
+    zz, yy, xx = np.indices(shape).astype(float)
+    t = np.deg2rad(tilt_deg)
+    along = (zz - 10) * np.cos(t) + (yy - 30) * np.sin(t)  # voxels along the column's axis
+    across = np.hypot(-(zz - 10) * np.sin(t) + (yy - 30) * np.cos(t), xx - 20)
+    period = 18.0  # 14 body + 4 disc voxels (21 + 6 mm)
+    phase = np.mod(along, period)
+    inside = (across <= 10) & (along >= 0) & (along < n * period - 4)
+    hu = np.full(shape, 20.0)
+    hu[inside] = 200.0
+    hu[inside & ((phase < 1) | ((phase >= 13) & (phase < 14)))] = 600.0
+    hu[inside & (phase >= 14)] = 90.0
+    rng = np.random.default_rng(0)
+    hu += rng.normal(0, 20, shape)
+    return inside, hu.astype(np.float32), [k * period - 2 for k in range(1, n)]
+
+
+def test_split_at_discs_cuts_a_bridged_column_at_each_disc():
+    from VertebralFractureLib.instances import split_at_discs
+
+    for tilt in (0.0, 30.0):
+        mask, hu, discs = _bridged_column(4, tilt)
+        parts = split_at_discs(mask, hu, 1.5)
+        assert parts is not None and parts.max() == 4, tilt
+        sizes = np.bincount(parts.ravel())[1:]
+        assert sizes.min() > 0.7 * sizes.max(), (tilt, sizes)  # four equal bodies, not fragments
+        zz, yy, _ = np.indices(mask.shape)
+        along = (zz - 10) * np.cos(np.deg2rad(tilt)) + (yy - 30) * np.sin(np.deg2rad(tilt))
+        for d in discs:  # the middle of every disc is left out, and no body is cut
+            mid = mask & (np.abs(along - d) < 0.6)
+            assert (parts[mid] == 0).mean() > 0.9, (tilt, d)
+        for k in range(4):
+            body = mask & (along >= 18 * k + 3) & (along < 18 * k + 11)
+            assert len(np.unique(parts[body])) == 1, (tilt, k)
+
+
+def test_extract_instances_uses_the_discs_when_given_hu():
+    mask, hu, discs = _bridged_column(5)
+    inst = extract_instances(mask.astype(np.float32), hu, spacing_mm=1.5)
+    assert inst.count == 5
+    for d in discs:  # disc voxels stay out (extract_instances must not hand them back as "lost" pieces)
+        assert (inst.labels[int(10 + d)] == 0).mean() > 0.9
+
+
 def test_split_component_keeps_a_single_vertebra_whole():
     prob = _column(1, bridge=False) > 0
     parts = split_component(prob, 1.5)
@@ -345,6 +393,34 @@ def test_prepare_seg_cohort_then_train_with_workers(tmp_path, capsys):
     assert (out / "model.safetensors").exists()
     assert card["training"]["iterations"] == 3 and len(card["training"]["history"]) == 2
     assert card["training"]["workers"] == 2 and card["training"]["case_weights"] == {"a": 2.0}
+
+
+def test_prepare_with_crop_and_fine_tune_from_a_model(tmp_path, capsys):
+    from VertebralFractureLib.cli import main
+    from VertebralFractureLib.segmentation import load_model
+
+    cohort = _tiny_cohort(tmp_path / "cohort")
+    full, cropped = tmp_path / "full", tmp_path / "cropped"
+    assert main(["prepare-seg-cohort", str(cohort), "-o", str(full), "--quiet"]) == 0
+    assert main(["prepare-seg-cohort", str(cohort), "-o", str(cropped), "--crop-margin-mm", "6", "--quiet"]) == 0
+    with np.load(full / "a.npz") as f, np.load(cropped / "a.npz") as c:
+        for s in ("1.5", "3.0"):
+            lab_f, lab_c = f[f"labels_{s}"], c[f"labels_{s}"]
+            assert lab_c.shape[0] == lab_f.shape[0] and lab_c.size < lab_f.size  # cut in y and x only
+            assert np.array_equal(np.bincount(lab_c.ravel())[1:], np.bincount(lab_f.ravel())[1:])  # no label lost
+            assert c[f"hu_{s}"].shape == lab_c.shape
+    first, tuned = tmp_path / "first", tmp_path / "tuned"
+    assert main(["train-seg", str(cropped), "-o", str(first), "--iterations", "2", "--patch", "32",
+                 "--save-every", "2", "--device", "cpu"]) == 0
+    # zero learning rate: the fine-tuned weights must be exactly the ones it started from
+    assert main(["train-seg", str(cropped), "-o", str(tuned), "--init", str(first), "--iterations", "1", "--lr", "0",
+                 "--patch", "32", "--save-every", "1", "--device", "cpu", "--background-share", "0.5"]) == 0
+    card = json.loads((tuned / "card.json").read_text())
+    assert card["training"]["init"] == str(first) and card["training"]["background_share"] == 0.5
+    a, _ = load_model(first)
+    b, _ = load_model(tuned)
+    wa, wb = a.state_dict(), b.state_dict()
+    assert all(np.allclose(wa[k].numpy(), wb[k].numpy()) for k in wa if "running" not in k and "num_batches" not in k)
 
 
 def test_case_weights_scale_draws_within_a_pool():

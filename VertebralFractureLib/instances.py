@@ -5,11 +5,12 @@ Works on the canonical working grid (isotropic, axis-aligned LPS, array axes z=S
 1. threshold and connected-component labelling (cc3d, 6-connectivity so thin bridges do not merge);
 2. removal of small components and of components far from the spine's centre line (rib or pelvis pieces,
    calcifications);
-3. split of components holding several vertebrae (touching through facet joints, osteophytes or a thin disc):
-   seeds are the separate cores of a distance transform (vertebral bodies), checked to lie at least one
-   vertebra apart along the spine, then a watershed on the inverted distance grows each seed through its own
-   pedicles and arch, so the cut falls on the narrow contacts; a long component whose core does not come
-   apart is cut at the minima of its cross-section along the centre line;
+3. split of components holding several vertebrae (touching through facet joints, osteophytes, ribs or a disc
+   the network did not leave out): seeds are the separate cores of a distance transform (vertebral bodies)
+   grown by a watershed through their own pedicles and arches, and a long part is cut at the minima of its
+   cross-section along the centre line; when that still leaves a part of two vertebrae' size or height (the
+   network bridged a disc) and the HU are given, the bodies are cut instead by planes perpendicular to the
+   spine's centre line at the discs' HU minima (:func:`split_at_discs`), disc voxels left out;
 4. instances numbered 1..n craniocaudally; those touching the edge of the field of view are marked partial.
 """
 
@@ -82,14 +83,19 @@ def spine_axis(labels: np.ndarray, spacing_mm: float, min_ml: float = 5.0):
         big = ids
     cents = cents_all[big]
     weights = counts[big].astype(float)
-    deg = 2 if len(big) >= 5 else (1 if len(big) >= 3 else 0)
-    # fit in mm so the polynomial is well-conditioned
-    z = cents[:, 0]
-    if deg == 0:
-        y0, x0 = np.average(cents[:, 1], weights=weights), np.average(cents[:, 2], weights=weights)
-        return lambda zz: (np.full_like(np.asarray(zz, float), y0), np.full_like(np.asarray(zz, float), x0))
-    py = np.polyfit(z, cents[:, 1], deg, w=np.sqrt(weights))
-    px = np.polyfit(z, cents[:, 2], deg, w=np.sqrt(weights))
+    for _ in range(3):  # refit without components far off the line (heart, vessels, ribs, calcifications)
+        deg = 2 if len(cents) >= 5 else (1 if len(cents) >= 3 else 0)
+        z = cents[:, 0]
+        if deg == 0:
+            y0, x0 = np.average(cents[:, 1], weights=weights), np.average(cents[:, 2], weights=weights)
+            return lambda zz: (np.full_like(np.asarray(zz, float), y0), np.full_like(np.asarray(zz, float), x0))
+        py = np.polyfit(z, cents[:, 1], deg, w=np.sqrt(weights))
+        px = np.polyfit(z, cents[:, 2], deg, w=np.sqrt(weights))
+        off = np.hypot(np.polyval(py, z) - cents[:, 1], np.polyval(px, z) - cents[:, 2]) * spacing_mm
+        near = off <= MAX_OFF_AXIS_MM
+        if near.all() or near.sum() < 3:
+            break
+        cents, weights = cents[near], weights[near]
     zmin, zmax = z.min(), z.max()
 
     def f(zz):
@@ -133,6 +139,138 @@ def split_component(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
     for g, members in enumerate(groups, start=1):
         markers[np.isin(cores, members)] = g
     return _watershed(dist, markers, mask)
+
+
+def spine_coordinate(mask: np.ndarray, spacing_mm: float, smooth_mm: float = 6.0):
+    """Arc length along the body column's centre line for every voxel of ``mask`` (z=S, y=P, x=L).
+
+    The centre line runs through the per-slice centroids of the thick part of ``mask`` (distance to the surface
+    >= 3 mm: vertebral bodies, not arches), smoothed along z. Each voxel gets the arc length (mm) of its nearest
+    centre-line point plus its offset along the local tangent, so planes of constant value are perpendicular to
+    the spine even where it curves (kyphosis, scoliosis). Returns ``(coord, radial)``: float32 arrays over
+    ``mask``'s voxels (mm; NaN outside ``mask``) with the distance from the line in ``radial``, or ``None``
+    when the mask has fewer than 3 slices with a thick part.
+    """
+    thick = ndi.distance_transform_edt(mask) * spacing_mm >= 3.0
+    zs = np.nonzero(thick.any(axis=(1, 2)))[0]
+    if len(zs) < 3:
+        return None
+    cy = np.array([np.nonzero(thick[z])[0].mean() for z in zs])
+    cx = np.array([np.nonzero(thick[z])[1].mean() for z in zs])
+    z_all = np.arange(zs.min(), zs.max() + 1)
+    sig = smooth_mm / spacing_mm
+    line = np.stack([z_all, ndi.gaussian_filter1d(np.interp(z_all, zs, cy), sig, mode="nearest"),
+                     ndi.gaussian_filter1d(np.interp(z_all, zs, cx), sig, mode="nearest")], axis=1) * spacing_mm
+    tangent = np.gradient(line, axis=0)
+    tangent /= np.linalg.norm(tangent, axis=1, keepdims=True)
+    arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(line, axis=0), axis=1))])
+    pts = np.argwhere(mask) * spacing_mm
+    # nearest centre-line point by z first (the line is a graph over z), refined over a few neighbours
+    k0 = np.clip(np.rint(pts[:, 0] / spacing_mm - z_all[0]).astype(int), 0, len(z_all) - 1)
+    best_d = np.full(len(pts), np.inf)
+    best_k = k0.copy()
+    reach = int(np.ceil(30.0 / spacing_mm))
+    for off in range(-reach, reach + 1):
+        k = np.clip(k0 + off, 0, len(z_all) - 1)
+        d = np.sum((pts - line[k]) ** 2, axis=1)
+        better = d < best_d
+        best_d[better], best_k[better] = d[better], k[better]
+    rel = pts - line[best_k]
+    along = np.sum(rel * tangent[best_k], axis=1)
+    coord = np.full(mask.shape, np.nan, np.float32)
+    radial = np.full(mask.shape, np.nan, np.float32)
+    coord[mask] = arc[best_k] + along
+    radial[mask] = np.sqrt(np.maximum(np.sum(rel**2, axis=1) - along**2, 0.0))
+    return coord, radial
+
+
+def disc_positions(hu: np.ndarray, mask: np.ndarray, coord: np.ndarray, radial: np.ndarray, spacing_mm: float,
+                   radius_mm: float = 10.0, min_gap_mm: float = 14.0) -> list[float]:
+    """Spine coordinates (mm) of the intervertebral discs inside one component.
+
+    Profiles per 1 mm of spine coordinate, over the component's voxels within ``radius_mm`` of the centre line
+    (the vertebral bodies): their median HU and their count. A disc is a narrow HU minimum with an endplate on
+    each side: at least 40 HU (and a quarter of the local range) below the lower of the two maxima within 7 mm
+    on either side. The marrow in the middle of a body is a minimum too, but a broad one, with no endplate
+    within 7 mm. A dip of the count to below 60 % of both neighbouring maxima (a disc the network left out)
+    also counts. Discs are at least ``min_gap_mm`` apart, the most marked first.
+    """
+    sel = mask & (radial <= radius_mm)
+    if sel.sum() < 50:
+        return []
+    c, h = coord[sel], np.clip(hu[sel], -200, 1500)
+    lo, hi = float(np.floor(c.min())), float(np.ceil(c.max()))
+    edges = np.arange(lo, hi + 1.0, 1.0)
+    if len(edges) < 3:
+        return []
+    idx = np.digitize(c, edges) - 1
+    nbin = len(edges) - 1
+    count = np.bincount(idx, minlength=nbin)[:nbin].astype(float)
+    prof = np.full(nbin, np.nan)
+    for i in np.nonzero(count >= 5)[0]:
+        prof[i] = np.median(h[idx == i])
+    ok = ~np.isnan(prof)
+    if ok.sum() < 3:
+        return []
+    centres = (edges[:-1] + edges[1:]) / 2
+    prof = ndi.gaussian_filter1d(np.interp(centres, centres[ok], prof[ok]), 1.0)
+    count = ndi.gaussian_filter1d(count, 1.0)
+    near, wide = 7, 12
+    scored: list[tuple[float, int]] = []
+    for i in range(wide // 2, nbin - wide // 2):
+        left, right = prof[max(0, i - near):i + 1].max(), prof[i:i + near + 1].max()
+        depth = min(left, right) - prof[i]
+        hu_disc = prof[i] <= prof[i - 1] and prof[i] <= prof[min(nbin - 1, i + 1)] and \
+            depth >= max(40.0, 0.25 * (max(left, right) - prof[i]))
+        cl, cr = count[max(0, i - wide):i + 1].max(), count[i:i + wide + 1].max()
+        gap = count[i] <= count[i - 1] and count[i] <= count[min(nbin - 1, i + 1)] and count[i] < 0.6 * min(cl, cr)
+        if hu_disc or gap:
+            scored.append((depth / max(1.0, max(left, right)) + (1.0 - count[i] / max(1.0, min(cl, cr))), i))
+    discs: list[float] = []
+    for _, i in sorted(scored, reverse=True):
+        if all(abs(centres[i] - d) >= min_gap_mm for d in discs):
+            discs.append(float(centres[i]))
+    return sorted(discs)
+
+
+def split_at_discs(mask: np.ndarray, hu: np.ndarray, spacing_mm: float) -> np.ndarray | None:
+    """Split one component (cropped boolean ``mask`` with its ``hu``) at the intervertebral discs.
+
+    The vertebral bodies (near the centre line) are cut by planes perpendicular to the spine at the HU minima
+    of the discs (:func:`disc_positions`); each body piece seeds a watershed that grows through its own
+    pedicles and arch. Voxels of the disc itself (within 2 mm of a cut plane and darker than the midpoint of
+    disc and body HU) are left out: a network that bridges a thin disc would otherwise hand half of it to each
+    neighbour. Returns int32 parts 1..k, or ``None`` when no disc is found.
+    """
+    sc = spine_coordinate(mask, spacing_mm)
+    if sc is None:
+        return None
+    coord, radial = sc
+    discs = disc_positions(hu, mask, coord, radial, spacing_mm)
+    if not discs:
+        return None
+    bounds = np.array([-np.inf, *discs, np.inf])
+    body = mask & (radial <= 14.0)
+    part = np.digitize(np.nan_to_num(coord, nan=0.0), bounds[1:-1]) + 1
+    near_cut = np.zeros(mask.shape, bool)
+    smooth = ndi.gaussian_filter(hu.astype(np.float32), 1.0)
+    for d in discs:
+        band = mask & (np.abs(coord - d) <= 2.0)
+        if not band.any():
+            continue
+        inner = band & (radial <= 10.0)
+        disc_hu = float(np.median(smooth[inner])) if inner.any() else float(np.median(smooth[band]))
+        ring = mask & (np.abs(coord - d) > 4.0) & (np.abs(coord - d) <= 10.0) & (radial <= 10.0)
+        bone_hu = float(np.median(smooth[ring])) if ring.any() else disc_hu
+        near_cut |= band & (radial <= 25.0) & (smooth < (disc_hu + bone_hu) / 2)  # a lumbar disc is 50 mm wide
+        near_cut |= mask & (np.abs(coord - d) <= 1.0) & (radial <= 14.0)  # the plane itself separates
+    # seeds: the deep inside of each body piece (as the cores of split_component), so that the watershed on the
+    # mask's own distance map, not the seeds' extent, decides where pedicles and arches go
+    dist = ndi.distance_transform_edt(mask) * spacing_mm
+    markers = np.where(body & ~near_cut & (dist >= CORE_MM), part, 0).astype(np.int32)
+    parts = _watershed(dist, markers, mask)
+    parts[near_cut] = 0
+    return parts
 
 
 def _watershed(dist: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -192,7 +330,8 @@ def extract_instances(
 
     Args:
         prob: vertebra-bone probability (z, y, x), 0..1.
-        hu: HU on the same grid (unused for now except to keep the signature stable for callers).
+        hu: HU on the same grid; merged vertebrae are cut at the discs' HU minima along the spine when given
+            (:func:`split_at_discs`), else by distance-transform cores and cross-section minima.
         spacing_mm: isotropic voxel size in mm.
         fov: boolean mask of voxels inside the scanned field of view (None: the whole array); instances
             touching its edge are reported as partial.
@@ -237,9 +376,17 @@ def extract_instances(
         zs = np.nonzero(comp.any(axis=(1, 2)))[0]
         height = (zs.max() - zs.min() + 1) * spacing_mm
         big = counts[i] * vox_ml > 1.6 * typical or height > MAX_HEIGHT_MM or (len(kept) == 1 and height > 40.0)
-        parts = split_component(comp, spacing_mm) if big else comp.astype(np.int32)
+        parts = comp.astype(np.int32)
         if big:
-            parts = _recut(parts, spacing_mm)
+            parts = _recut(split_component(comp, spacing_mm), spacing_mm)
+            # a network that bridges the discs leaves no narrow contact for the cores and cross-sections to find:
+            # then the HU minima of the discs along the spine decide
+            at_discs = None
+            if hu is not None and not _plausible_parts(parts, spacing_mm, typical):
+                at_discs = split_at_discs(comp, hu[pad], spacing_mm)
+            if at_discs is not None:
+                lab[pad][comp & (at_discs == 0)] = 0  # disc voxels left out on purpose: not "lost" below
+                parts = at_discs
         for p in range(1, int(parts.max()) + 1):
             piece = parts == p
             if piece.sum() * vox_ml < min_volume_ml:
@@ -270,6 +417,16 @@ def extract_instances(
     out = remap[out]
     partial = _partial(out, count, fov)
     return Instances(out, count, partial, warnings)
+
+
+def _plausible_parts(parts: np.ndarray, spacing_mm: float, typical_ml: float) -> bool:
+    """Every part at most :data:`MAX_HEIGHT_MM` tall and 1.8 typical volumes (else it still holds two)."""
+    vox_ml = spacing_mm**3 / 1000.0
+    for sl in ndi.find_objects(parts):
+        if sl is not None and (sl[0].stop - sl[0].start) * spacing_mm > MAX_HEIGHT_MM:
+            return False
+    sizes = np.bincount(parts.ravel())[1:] * vox_ml
+    return not (typical_ml > 0 and np.any(sizes > 1.8 * typical_ml))
 
 
 def _recut(parts: np.ndarray, spacing_mm: float) -> np.ndarray:

@@ -393,11 +393,15 @@ def make_intensity_transforms(seed: int):
 
 
 def sample_patch(case: Case, spacing: float, size: int, rng: np.random.Generator, spatial, intensity,
-                 win=WINDOW_HU) -> tuple[np.ndarray, np.ndarray]:
-    """(image (1,S,S,S) float32 windowed, target (1,S,S,S) float32 0/1) from one case."""
+                 win=WINDOW_HU, background_share: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+    """(image (1,S,S,S) float32 windowed, target (1,S,S,S) float32 0/1) from one case.
+
+    ``background_share`` of the patches are centred anywhere in the case (ribs, sternum, pelvis, vessels far
+    from the spine: what the network must learn to leave out), the others near a vertebra.
+    """
     labels = case.labels[spacing]
     fgi = case.fg_index[spacing]
-    if len(fgi) and rng.random() < 0.85:
+    if len(fgi) and rng.random() >= background_share:
         centre = fgi[rng.integers(len(fgi))] + rng.integers(-size // 4, size // 4 + 1, 3)
     else:
         centre = rng.uniform(0, 1, 3) * np.array(labels.shape)
@@ -479,10 +483,11 @@ class PatchStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, cases: list[Case], *, patch: int, synth_share: float, fast_share: float, seed: int,
-                 start: int, weights: dict[str, float] | None = None) -> None:
+                 start: int, weights: dict[str, float] | None = None, background_share: float = 0.15) -> None:
         super().__init__()
         self.cases, self.patch, self.synth_share, self.fast_share = cases, patch, synth_share, fast_share
         self.seed, self.start, self.weights = seed, start, weights
+        self.background_share = background_share
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -490,7 +495,8 @@ class PatchStream(torch.utils.data.IterableDataset):
         while True:
             case = _pick_case(self.cases, self.synth_share, rng, self.weights)
             s = FAST_SPACING_MM if rng.random() < self.fast_share else WORK_SPACING_MM
-            img, tgt = sample_patch(case, s, self.patch, rng, spatial, intensity)
+            img, tgt = sample_patch(case, s, self.patch, rng, spatial, intensity,
+                                    background_share=self.background_share)
             yield torch.from_numpy(img), torch.from_numpy(tgt)
 
 
@@ -555,6 +561,8 @@ def train(
     workers: int = 0,
     case_weights: dict[str, float] | None = None,
     max_minutes: float | None = None,
+    background_share: float = 0.15,
+    init: Path | None = None,
     log=print,
 ) -> dict:
     """Train the U-Net on a cohort and write ``model.safetensors`` + ``card.json`` to ``out_dir``.
@@ -564,6 +572,8 @@ def train(
     ``case_weights``: case name -> how often it is drawn within its pool (default 1, 0 = never).
     ``max_minutes``: stop (saving the model) after that much training time even before ``iterations``; for a
     lent GPU with a fixed lease; the learning rate then decays over whichever of the two ends first.
+    ``background_share``: share of patches centred anywhere rather than near a vertebra.
+    ``init``: a model folder whose weights start the training (fine-tuning; its architecture is used).
     Returns the card (dict). With ``resume`` a checkpoint in ``out_dir`` is continued.
     """
     from monai.losses import DiceCELoss
@@ -599,8 +609,16 @@ def train(
     cases = [load(n) for n in names]
     train_cases = [c for c in cases if c.name in drawn] or cases
     val_cases = [c for c in cases if c.name in val_names] or cases
-    arch = architecture or default_architecture()
-    net = build_network(arch)
+    if init is not None:
+        from .segmentation import load_model
+
+        net, init_card = load_model(init, "cpu")
+        net.train()
+        arch = init_card["architecture"]
+        log(f"starting from the weights in {init}")
+    else:
+        arch = architecture or default_architecture()
+        net = build_network(arch)
     ckpt = out_dir / "checkpoint.safetensors"
     progress_path = out_dir / "checkpoint.json"
     start, history = 0, []
@@ -609,7 +627,7 @@ def train(
         info = json.loads(progress_path.read_text())
         start, history = int(info["iteration"]), info.get("history", [])
     stream = PatchStream(train_cases, patch=patch, synth_share=synth_share, fast_share=fast_share, seed=seed,
-                         start=start, weights=weights or None)
+                         start=start, weights=weights or None, background_share=background_share)
     loader = make_loader(stream, batch=batch, workers=workers, device=device)
     # start the workers before CUDA is initialised in this process (fork after CUDA init is fragile)
     batches = iter(loader)
@@ -687,7 +705,8 @@ def train(
                     "history": history, "val_cases": sorted(val_names),
                     "train_cases": sorted(c.name for c in train_cases),
                     "data_note": data_note, "seed": seed, "patch": patch, "batch": batch, "lr": lr,
-                    "device": device, "workers": workers, "case_weights": weights, "version": __version__,
+                    "device": device, "workers": workers, "case_weights": weights,
+                    "background_share": background_share, "init": str(init) if init is not None else None, "version": __version__,
                 })
                 t_log, it_log = time.time(), done
                 if out_of_time:

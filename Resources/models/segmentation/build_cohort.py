@@ -5,13 +5,16 @@
 Cases (see MODEL_CARD.md for what each contributes):
 
 - ``lidc0314``, ``aortacta``: real chest CT from ``../shared/data`` with *pseudo-labels*: the previous model's
-  vertebra-bone map, kept only inside a spine region of interest, grown into vertebral-body bone it missed
-  (HU > 150 next to the map; holes inside the body filled slice by slice) and, for the contrast CT, with
+  vertebra-bone map, kept only inside a spine region of interest, grown into vertebral-body cortex it missed
+  (smoothed HU > 200 within 4.5 mm of the map; marrow enclosed in sagittal and coronal slices filled; discs,
+  open to front and back, stay out: an earlier per-axial-slice fill put them in and taught a network to
+  merge vertebrae) and, for the contrast CT, with
   the contrast blood pool (smoothed HU > 300, opened with a 4.5 mm ball, dilated 4.5 mm) removed. The region
   of interest is an ellipse around the vertebral body plus a box behind it for the posterior elements,
   placed along a centre line that is fitted to the old map (LIDC) or was read by eye off sagittal and
-  coronal renderings (the CTA, where the old map also covers vessels). Every result was checked by eye on
-  axial, sagittal and coronal renderings before training.
+  coronal renderings (the CTA, where the old map also covers vessels). Merged vertebrae are cut at the discs
+  (``instances.split_at_discs``, disc voxels left out). Every result was checked by eye on axial, sagittal
+  and coronal renderings before training; of the CTA only the lower 105 slices (T5..T12) passed and are kept.
 - ``tptbox``: the real labelled lumbar crop (reference labels, not pseudo-labels).
 - ``phantomNN``: simulated spines (``make_phantom``), normal and osteoporotic/noisy.
 - ``verse004``, ``sample001``: real label maps without CT (the trainer synthesises CT from them).
@@ -29,7 +32,7 @@ from scipy import ndimage as ndi
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 
-from VertebralFractureLib.instances import extract_instances  # noqa: E402
+from VertebralFractureLib.instances import extract_instances, fill_bodies  # noqa: E402
 from VertebralFractureLib.resources import shared_data_dir  # noqa: E402
 from VertebralFractureLib.segmentation import predict_probability  # noqa: E402
 from VertebralFractureLib.simulation import make_phantom  # noqa: E402
@@ -44,7 +47,7 @@ REAL_CASES = {
                      body_semi_axes_mm=(17, 24), vessel_hu=None),
     "aortacta": dict(path="aorta-cta-thorax/ct.nii.gz", box=None,
                      manual=[(0, 81, 44), (40, 87, 45), (80, 90, 48), (120, 89, 50), (163, 88, 46)],
-                     body_semi_axes_mm=(16, 21), vessel_hu=300.0),
+                     body_semi_axes_mm=(16, 21), vessel_hu=300.0, keep_slices=(0, 105)),
 }
 PHANTOMS = [  # (seed, levels, osteoporotic, noise HU)
     (0, ("T4", "L5"), False, 20), (1, ("T1", "T12"), False, 30), (2, ("T10", "L5"), False, 15),
@@ -96,15 +99,22 @@ def pseudo_labels(hu: np.ndarray, prob: np.ndarray, *, box, manual, body_semi_ax
         front, mid = centre_line(old, box)
     body, posterior = spine_zones(hu.shape, front, mid, body_semi_axes_mm)
     smooth = ndi.gaussian_filter(hu.astype(np.float32), 0.6)
-    bone = (old & (body | posterior)) | ((smooth > 150) & ndi.binary_dilation(old, iterations=3) & body)
-    for z in range(bone.shape[0]):  # marrow inside the body's cortex (per slice: discs are not enclosed)
-        bone[z] |= ndi.binary_fill_holes(bone[z] & body[z])
+    # cortex and endplates the old map missed: denser than a disc (about 80-150 HU), so discs stay out
+    bone = (old & (body | posterior)) | ((smooth > 200) & ndi.binary_dilation(old, iterations=3) & body)
+    # marrow enclosed by cortex in both its sagittal and coronal slice (discs are open to front and back)
+    bone |= fill_bodies(bone) & body
     if vessel_hu is not None:
         pool = ndi.gaussian_filter(hu.astype(np.float32), 1.5) > vessel_hu
         pool = ndi.binary_opening(pool, ndi.generate_binary_structure(3, 1), iterations=3)
         bone &= ~ndi.binary_dilation(pool, iterations=3)
     inst = extract_instances(bone.astype(np.float32), hu, spacing_mm=SPACING, fov=np.ones(hu.shape, bool))
     return inst.labels.astype(np.uint8)
+
+
+def _slab(vol: Volume, z0: int, z1: int) -> Volume:
+    """Axial slices ``z0:z1`` of a volume on the canonical grid (identity direction), geometry kept."""
+    origin = np.asarray(vol.origin, float) + np.asarray(vol.direction, float)[:, 2] * vol.spacing[2] * z0
+    return Volume(vol.array[z0:z1].copy(), vol.spacing, tuple(origin), vol.direction)
 
 
 def write_case(out: Path, name: str, ct: Volume | None, labels: Volume) -> None:
@@ -122,9 +132,13 @@ def main() -> None:
     data = shared_data_dir()
     for name, spec in REAL_CASES.items():
         ct = read_volume(data / spec.pop("path"), check=False)
+        keep = spec.pop("keep_slices", None)
         prob, hu, _ = predict_probability(ct, device="cpu", model_dir=args.model)
         lab = pseudo_labels(hu.array, prob.array, **spec)
-        write_case(args.out, name, hu.with_array(np.rint(hu.array).astype(np.int16)), hu.with_array(lab))
+        ct_out, lab_out = hu.with_array(np.rint(hu.array).astype(np.int16)), hu.with_array(lab)
+        if keep is not None:  # only the slices whose pseudo-labels passed the check by eye
+            ct_out, lab_out = _slab(ct_out, *keep), _slab(lab_out, *keep)
+        write_case(args.out, name, ct_out, lab_out)
         print(name, "instances", int(lab.max()), "bone ml", round(float((lab > 0).sum()) * SPACING**3 / 1000, 1))
     tpt = data / "tptbox-l2-l4"
     write_case(args.out, "tptbox", read_volume(tpt / "sub-ct_label-22_ct.nii.gz", check=False),
