@@ -70,9 +70,12 @@ def fill_bodies(fg: np.ndarray) -> np.ndarray:
 
 
 def spine_axis(labels: np.ndarray, spacing_mm: float, min_ml: float = 5.0):
-    """Centre line x(z), y(z) in voxels as a function of z, fitted through big components' centroids.
+    """Centre line x(z), y(z) in voxels as a function of z, fitted through big components' slice centroids.
 
-    Returns a callable ``f(z) -> (y, x)``; a straight vertical line through the centroid when few components.
+    Each component of at least ``min_ml`` contributes the centroid of each of its axial slices, weighted by the
+    slice's area, so one long merged column still gives its own curve (kyphosis). Components whose centroid
+    lies more than :data:`MAX_OFF_AXIS_MM` off the fitted line (sternum, heart, vessels) are dropped and the
+    line refitted. Returns a callable ``f(z) -> (y, x)``.
     """
     counts, cents_all = component_stats(labels)
     ids = np.nonzero(counts)[0]
@@ -81,22 +84,38 @@ def spine_axis(labels: np.ndarray, spacing_mm: float, min_ml: float = 5.0):
     big = ids[counts[ids] * vox_ml >= min_ml]
     if len(big) == 0:
         big = ids
-    cents = cents_all[big]
-    weights = counts[big].astype(float)
-    for _ in range(3):  # refit without components far off the line (heart, vessels, ribs, calcifications)
-        deg = 2 if len(cents) >= 5 else (1 if len(cents) >= 3 else 0)
-        z = cents[:, 0]
-        if deg == 0:
-            y0, x0 = np.average(cents[:, 1], weights=weights), np.average(cents[:, 2], weights=weights)
-            return lambda zz: (np.full_like(np.asarray(zz, float), y0), np.full_like(np.asarray(zz, float), x0))
-        py = np.polyfit(z, cents[:, 1], deg, w=np.sqrt(weights))
-        px = np.polyfit(z, cents[:, 2], deg, w=np.sqrt(weights))
-        off = np.hypot(np.polyval(py, z) - cents[:, 1], np.polyval(px, z) - cents[:, 2]) * spacing_mm
-        near = off <= MAX_OFF_AXIS_MM
-        if near.all() or near.sum() < 3:
+    # per (component, slice): area and centroid, from one pass over the labelled voxels
+    zz, yy, xx = np.nonzero(np.isin(labels, big))
+    comp = labels[zz, yy, xx]
+    key = comp.astype(np.int64) * labels.shape[0] + zz
+    uniq, inv, area = np.unique(key, return_inverse=True, return_counts=True)
+    py_ = np.bincount(inv, weights=yy) / area
+    px_ = np.bincount(inv, weights=xx) / area
+    pz_ = (uniq % labels.shape[0]).astype(float)
+    pc_ = uniq // labels.shape[0]
+    # first a line through the components' centroids (weighted by size), dropping those far off it; then the
+    # slice centroids of the remaining ones give the curve, checked once more against the curve
+    kept = list(big)
+    for _ in range(3):
+        c, w = cents_all[kept], counts[kept].astype(float)
+        deg = 2 if len(kept) >= 5 else (1 if len(kept) >= 3 else 0)
+        py, px = np.polyfit(c[:, 0], c[:, 1], deg, w=np.sqrt(w)), np.polyfit(c[:, 0], c[:, 2], deg, w=np.sqrt(w))
+        off = np.hypot(np.polyval(py, c[:, 0]) - c[:, 1], np.polyval(px, c[:, 0]) - c[:, 2]) * spacing_mm
+        if (off <= MAX_OFF_AXIS_MM).all() or not (off <= MAX_OFF_AXIS_MM).any():
             break
-        cents, weights = cents[near], weights[near]
-    zmin, zmax = z.min(), z.max()
+        kept = [k for k, o in zip(kept, off, strict=True) if o <= MAX_OFF_AXIS_MM]
+    for _ in range(2):
+        keep = np.isin(pc_, kept)
+        z, w = pz_[keep], area[keep].astype(float)
+        deg = min(3, len(np.unique(z)) // 15)
+        py, px = np.polyfit(z, py_[keep], deg, w=np.sqrt(w)), np.polyfit(z, px_[keep], deg, w=np.sqrt(w))
+        c = cents_all[kept]
+        off = np.hypot(np.polyval(py, c[:, 0]) - c[:, 1], np.polyval(px, c[:, 0]) - c[:, 2]) * spacing_mm
+        if (off <= MAX_OFF_AXIS_MM).all() or not (off <= MAX_OFF_AXIS_MM).any():
+            break
+        kept = [k for k, o in zip(kept, off, strict=True) if o <= MAX_OFF_AXIS_MM]
+    keep = np.isin(pc_, kept)
+    zmin, zmax = pz_[keep].min(), pz_[keep].max()
 
     def f(zz):
         zz = np.clip(np.asarray(zz, float), zmin, zmax)  # no extrapolation of the curvature
@@ -141,11 +160,12 @@ def split_component(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
     return _watershed(dist, markers, mask)
 
 
-def spine_coordinate(mask: np.ndarray, spacing_mm: float, smooth_mm: float = 6.0):
+def spine_coordinate(mask: np.ndarray, spacing_mm: float, outlier_mm: float = 6.0):
     """Arc length along the body column's centre line for every voxel of ``mask`` (z=S, y=P, x=L).
 
-    The centre line runs through the per-slice centroids of the thick part of ``mask`` (distance to the surface
-    >= 3 mm: vertebral bodies, not arches), smoothed along z. Each voxel gets the arc length (mm) of its nearest
+    The centre line is a polynomial in z (up to cubic) fitted through the per-slice centroids of the thick part
+    of ``mask`` (distance to the surface >= 3 mm: vertebral bodies); slices more than ``outlier_mm`` off the
+    fit (arches) are dropped and the fit repeated. Each voxel gets the arc length (mm) of its nearest
     centre-line point plus its offset along the local tangent, so planes of constant value are perpendicular to
     the spine even where it curves (kyphosis, scoliosis). Returns ``(coord, radial)``: float32 arrays over
     ``mask``'s voxels (mm; NaN outside ``mask``) with the distance from the line in ``radial``, or ``None``
@@ -158,9 +178,18 @@ def spine_coordinate(mask: np.ndarray, spacing_mm: float, smooth_mm: float = 6.0
     cy = np.array([np.nonzero(thick[z])[0].mean() for z in zs])
     cx = np.array([np.nonzero(thick[z])[1].mean() for z in zs])
     z_all = np.arange(zs.min(), zs.max() + 1)
-    sig = smooth_mm / spacing_mm
-    line = np.stack([z_all, ndi.gaussian_filter1d(np.interp(z_all, zs, cy), sig, mode="nearest"),
-                     ndi.gaussian_filter1d(np.interp(z_all, zs, cx), sig, mode="nearest")], axis=1) * spacing_mm
+    # a smooth curve through the bodies: at a disc the network left out, the slice's thick part is an arch
+    # (pedicles, laminae) and its centroid jumps backwards; those slices are dropped as outliers of the fit
+    deg = int(min(3, (zs.max() - zs.min()) * spacing_mm // 40))
+    keep = np.ones(len(zs), bool)
+    for _ in range(3):
+        py, px = np.polyfit(zs[keep], cy[keep], deg), np.polyfit(zs[keep], cx[keep], deg)
+        resid = np.hypot(np.polyval(py, zs) - cy, np.polyval(px, zs) - cx) * spacing_mm
+        new = resid <= max(outlier_mm, float(np.percentile(resid, 60)))
+        if new.sum() < deg + 2 or np.array_equal(new, keep):
+            break
+        keep = new
+    line = np.stack([z_all, np.polyval(py, z_all), np.polyval(px, z_all)], axis=1).astype(float) * spacing_mm
     tangent = np.gradient(line, axis=0)
     tangent /= np.linalg.norm(tangent, axis=1, keepdims=True)
     arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(line, axis=0), axis=1))])
@@ -230,7 +259,26 @@ def disc_positions(hu: np.ndarray, mask: np.ndarray, coord: np.ndarray, radial: 
     for _, i in sorted(scored, reverse=True):
         if all(abs(centres[i] - d) >= min_gap_mm for d in discs):
             discs.append(float(centres[i]))
-    return sorted(discs)
+    discs.sort()
+    # a gap far longer than the others hides a faint disc (thin upper thoracic discs, contrast-enhanced
+    # marrow): take the deepest HU minimum inside it, however shallow
+    if len(discs) >= 3:
+        step = float(np.median(np.diff(discs)))
+        filled = True
+        while filled:
+            filled = False
+            for a, b in zip(discs[:-1], discs[1:], strict=False):
+                if b - a <= 1.6 * step:
+                    continue
+                # still a narrow minimum (20 HU below both sides within 7 mm), not the marrow of one body
+                inside = [i for i in range(nbin) if a + min_gap_mm <= centres[i] <= b - min_gap_mm
+                          and min(prof[max(0, i - near):i + 1].max(), prof[i:i + near + 1].max()) - prof[i] >= 20.0]
+                if inside:
+                    discs.append(float(centres[min(inside, key=lambda i: prof[i] - prof[max(0, i - near):i + near + 1].max())]))
+                    discs.sort()
+                    filled = True
+                    break
+    return discs
 
 
 def split_at_discs(mask: np.ndarray, hu: np.ndarray, spacing_mm: float) -> np.ndarray | None:
@@ -249,21 +297,54 @@ def split_at_discs(mask: np.ndarray, hu: np.ndarray, spacing_mm: float) -> np.nd
     discs = disc_positions(hu, mask, coord, radial, spacing_mm)
     if not discs:
         return None
-    bounds = np.array([-np.inf, *discs, np.inf])
     body = mask & (radial <= 14.0)
-    part = np.digitize(np.nan_to_num(coord, nan=0.0), bounds[1:-1]) + 1
-    near_cut = np.zeros(mask.shape, bool)
     smooth = ndi.gaussian_filter(hu.astype(np.float32), 1.0)
+    pts = np.argwhere(mask) * spacing_mm  # (N, 3) mm, z y x
+    c_in = coord[mask]
+    r_in = radial[mask]
+    h_in = smooth[mask]
+    # each disc's own plane: fitted to its dark voxels (the disc is not always perpendicular to a centre line
+    # that is only a smooth fit, least of all at the ends of a column); the perpendicular plane otherwise
+    planes: list[tuple[np.ndarray, np.ndarray]] = []
+    dark_all = np.zeros(len(pts), bool)
     for d in discs:
-        band = mask & (np.abs(coord - d) <= 2.0)
+        band = np.abs(c_in - d) <= 2.0
         if not band.any():
             continue
-        inner = band & (radial <= 10.0)
-        disc_hu = float(np.median(smooth[inner])) if inner.any() else float(np.median(smooth[band]))
-        ring = mask & (np.abs(coord - d) > 4.0) & (np.abs(coord - d) <= 10.0) & (radial <= 10.0)
-        bone_hu = float(np.median(smooth[ring])) if ring.any() else disc_hu
-        near_cut |= band & (radial <= 25.0) & (smooth < (disc_hu + bone_hu) / 2)  # a lumbar disc is 50 mm wide
-        near_cut |= mask & (np.abs(coord - d) <= 1.0) & (radial <= 14.0)  # the plane itself separates
+        inner = band & (r_in <= 10.0)
+        disc_hu = float(np.median(h_in[inner if inner.any() else band]))
+        ring = (np.abs(c_in - d) > 4.0) & (np.abs(c_in - d) <= 10.0) & (r_in <= 10.0)
+        bone_hu = float(np.median(h_in[ring])) if ring.any() else disc_hu
+        cut_hu = (disc_hu + bone_hu) / 2
+        dark = (np.abs(c_in - d) <= 4.0) & (r_in <= 14.0) & (h_in < cut_hu)
+        near_pts = pts[band & (r_in <= 14.0)]
+        centre = near_pts.mean(axis=0) if len(near_pts) else pts[band].mean(axis=0)
+        below = pts[(c_in >= d - 12.0) & (c_in <= d - 3.0) & (r_in <= 10.0)]
+        above = pts[(c_in >= d + 3.0) & (c_in <= d + 12.0) & (r_in <= 10.0)]
+        tangent = np.array([1.0, 0.0, 0.0])
+        if len(below) >= 10 and len(above) >= 10:  # from the body below the disc to the one above
+            tangent = above.mean(axis=0) - below.mean(axis=0)
+            tangent /= np.linalg.norm(tangent) + 1e-9
+        normal = tangent
+        if dark.sum() >= 30:
+            dp = pts[dark]
+            _, v = np.linalg.eigh(np.cov((dp - dp.mean(axis=0)).T))
+            n = v[:, 0]  # thinnest direction of the disc = its normal
+            if abs(float(n @ tangent)) >= np.cos(np.deg2rad(35)):
+                normal, centre = n, dp.mean(axis=0)
+        normal = normal if normal @ tangent >= 0 else -normal
+        if normal[0] < 0:  # all planes oriented the same way along the spine (towards larger z)
+            normal = -normal
+        planes.append((centre, normal))
+        signed = (pts - centre) @ normal
+        dark_all |= (np.abs(signed) <= 2.0) & (r_in <= 25.0) & (h_in < cut_hu)  # a lumbar disc is 50 mm wide
+        dark_all |= (np.abs(signed) <= 1.0) & (r_in <= 14.0)  # the plane itself separates
+    planes.sort(key=lambda p: float(p[0][0]))
+    part_in = 1 + sum(((pts - c) @ n > 0).astype(np.int32) for c, n in planes)
+    part = np.zeros(mask.shape, np.int32)
+    part[mask] = part_in
+    near_cut = np.zeros(mask.shape, bool)
+    near_cut[mask] = dark_all
     # seeds: the deep inside of each body piece (as the cores of split_component), so that the watershed on the
     # mask's own distance map, not the seeds' extent, decides where pedicles and arches go
     dist = ndi.distance_transform_edt(mask) * spacing_mm
@@ -382,7 +463,7 @@ def extract_instances(
             # a network that bridges the discs leaves no narrow contact for the cores and cross-sections to find:
             # then the HU minima of the discs along the spine decide
             at_discs = None
-            if hu is not None and not _plausible_parts(parts, spacing_mm, typical):
+            if hu is not None and not _plausible_parts(parts, spacing_mm):
                 at_discs = split_at_discs(comp, hu[pad], spacing_mm)
             if at_discs is not None:
                 lab[pad][comp & (at_discs == 0)] = 0  # disc voxels left out on purpose: not "lost" below
@@ -419,14 +500,38 @@ def extract_instances(
     return Instances(out, count, partial, warnings)
 
 
-def _plausible_parts(parts: np.ndarray, spacing_mm: float, typical_ml: float) -> bool:
-    """Every part at most :data:`MAX_HEIGHT_MM` tall and 1.8 typical volumes (else it still holds two)."""
+def grow_cortex(labels: np.ndarray, hu: np.ndarray, spacing_mm: float, *, hu_min: float = 250.0,
+                reach_mm: float = 3.0) -> np.ndarray:
+    """Instances grown into adjacent cortical bone (smoothed HU > ``hu_min``) by up to ``reach_mm``.
+
+    The network misses stretches of thin cortex, most often at the anterior corners of the bodies; a missing
+    corner shortens the anterior height and reads as a wedge fracture. Growth goes one voxel layer at a time
+    into bright unlabelled voxels; a voxel touching two instances stays out, so no disc is bridged.
+    """
+    out = labels.copy()
+    bright = ndi.gaussian_filter(hu.astype(np.float32), 0.5) > hu_min
+    for _ in range(max(1, int(round(reach_mm / spacing_mm)))):
+        high = ndi.grey_dilation(out, size=(3, 3, 3))
+        low = -ndi.grey_dilation(-np.where(out > 0, out, np.iinfo(np.int32).max), size=(3, 3, 3))
+        take = (out == 0) & bright & (high > 0) & (low == high)
+        if not take.any():
+            break
+        out[take] = high[take]
+    return out
+
+
+def _plausible_parts(parts: np.ndarray, spacing_mm: float) -> bool:
+    """Every part's body (its voxels 3 mm or more inside) at most :data:`MAX_SINGLE_MM` tall, and every part
+    under 1.8 times the median of its siblings' volumes (those above 5 ml: fragments do not count); else a part
+    still holds two vertebrae. Arches do not count for the height: a thoracic spinous process points down."""
     vox_ml = spacing_mm**3 / 1000.0
-    for sl in ndi.find_objects(parts):
-        if sl is not None and (sl[0].stop - sl[0].start) * spacing_mm > MAX_HEIGHT_MM:
+    thick = np.where(ndi.distance_transform_edt(parts > 0) * spacing_mm >= 3.0, parts, 0)
+    for sl in ndi.find_objects(thick):
+        if sl is not None and (sl[0].stop - sl[0].start) * spacing_mm > MAX_SINGLE_MM:
             return False
     sizes = np.bincount(parts.ravel())[1:] * vox_ml
-    return not (typical_ml > 0 and np.any(sizes > 1.8 * typical_ml))
+    sizes = sizes[sizes > 5.0]
+    return len(sizes) < 3 or not np.any(sizes > 1.8 * np.median(sizes))
 
 
 def _recut(parts: np.ndarray, spacing_mm: float) -> np.ndarray:

@@ -38,7 +38,8 @@ class PipelineOptions:
     Attributes:
         fast: segment at about 3 mm instead of 1.5 mm.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` for the networks.
-        wiener: apply the adaptive Wiener filter before segmentation and classification.
+        wiener: apply the adaptive Wiener filter before radiomics and classification (segmentation sees the
+            unfiltered CT its network was trained on).
         series_uid: DICOM series to import when a folder holds several.
         anchors: level overrides ``"L1=5"`` (instance 5, counted craniocaudally, is L1).
         deidentify: de-identify DICOM input (on by default; off only for PACS round trips).
@@ -166,7 +167,9 @@ def analyse(
     if labels is None:
         progress(0.2, "segmentation")
         with timer.stage("segmentation"):
-            labels, seg_warnings = _segment(filtered, options, progress, cancel)
+            # the U-Net was trained on unfiltered CT (with its own noise augmentation): the Wiener filter
+            # smooths the thin discs it needs to see, so it feeds radiomics and the classifier only
+            labels, seg_warnings = _segment(ct, options, progress, cancel)
         warnings += seg_warnings
     cancel.check()
 

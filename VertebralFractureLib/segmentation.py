@@ -6,7 +6,8 @@ Steps of :func:`segment_vertebrae`:
    so the network always sees the same orientation whatever the input's direction (LPS, RAS, PIR, oblique);
 2. window the HU (model card ``window``) and run the U-Net tile by tile, skipping tiles without bone
    (:func:`bone_tiled_inference`), giving a vertebra-bone probability;
-3. connected components, split of touching vertebrae and removal of small pieces (:mod:`.instances`);
+3. connected components, split of touching vertebrae and removal of small pieces, then each vertebra grown
+   by up to 3 mm into cortex the network missed (:mod:`.instances`);
 4. VerSe level names from the order along the spine and anatomical anchors (:mod:`.labelling`);
 5. labels back onto the input grid with the input's geometry.
 
@@ -309,7 +310,7 @@ def segment_vertebrae(
     Returns:
         :class:`SegmentationResult` with uint8 VerSe ids on ``ct``'s grid and geometry.
     """
-    from .instances import extract_instances
+    from .instances import extract_instances, grow_cortex
     from .labelling import assign_levels, parse_anchor
 
     progress = progress or no_progress
@@ -329,6 +330,10 @@ def segment_vertebrae(
     inst = extract_instances(
         prob.array, hu.array, spacing_mm=prob.spacing[0], threshold=float(card.get("threshold", 0.5)), fov=fov
     )
+    if inst.count:
+        grown = grow_cortex(inst.labels, hu.array, prob.spacing[0])
+        prob = prob.with_array(np.where((grown > 0) & (inst.labels == 0), np.float32(1.0), prob.array))
+        inst.labels = grown
     warnings = list(inst.warnings)
     if inst.count == 0:
         empty = ct.with_array(np.zeros(ct.shape, np.uint8))

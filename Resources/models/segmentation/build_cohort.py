@@ -14,7 +14,7 @@ Cases (see MODEL_CARD.md for what each contributes):
   placed along a centre line that is fitted to the old map (LIDC) or was read by eye off sagittal and
   coronal renderings (the CTA, where the old map also covers vessels). Merged vertebrae are cut at the discs
   (``instances.split_at_discs``, disc voxels left out). Every result was checked by eye on axial, sagittal
-  and coronal renderings before training; of the CTA only the lower 105 slices (T5..T12) passed and are kept.
+  and coronal renderings before training; of the CTA only the lower 105 of 164 slices passed and are kept.
 - ``tptbox``: the real labelled lumbar crop (reference labels, not pseudo-labels).
 - ``phantomNN``: simulated spines (``make_phantom``), normal and osteoporotic/noisy.
 - ``verse004``, ``sample001``: real label maps without CT (the trainer synthesises CT from them).
