@@ -414,6 +414,8 @@ def write_card() -> Path:
     card["metrics"] = {
         "tptbox_l2_l4_foreground_dice": tp["foreground_dice"], "tptbox_l2_l4_mean_vertebra_dice": tp["mean_dice_matched"],
         "tptbox_l2_l4_level_accuracy": tp["level_accuracy"],
+        "tptbox_l2_l4_heldout_check_model_dice": ho["mean_dice_matched"],
+        "tptbox_l2_l4_heldout_check_model_gpu_only_dice": ho_gpu["mean_dice_matched"],
         "lidc_idri_0314_instances": len(acc["lidc-idri-0314"]["instances"]),
         "phantom_mean_vertebra_dice": float(np.mean([r["mean_dice_matched"] for r in acc["phantoms_held_out"]])),
         "phantom_level_accuracy": float(np.mean([r["level_accuracy"] for r in acc["phantoms_held_out"]])),
