@@ -95,25 +95,28 @@ def spine_axis(labels: np.ndarray, spacing_mm: float, min_ml: float = 5.0):
     pc_ = uniq // labels.shape[0]
     # first a line through the components' centroids (weighted by size), dropping those far off it; then the
     # slice centroids of the remaining ones give the curve, checked once more against the curve
+    def fit(kept: list[int], per_slice: bool):
+        if per_slice:
+            sel = np.isin(pc_, kept)
+            z, y, x, w = pz_[sel], py_[sel], px_[sel], area[sel].astype(float)
+            deg = min(3, len(np.unique(z)) // 15)
+        else:
+            c = cents_all[kept]
+            z, y, x, w = c[:, 0], c[:, 1], c[:, 2], counts[kept].astype(float)
+            deg = 2 if len(kept) >= 5 else (1 if len(kept) >= 3 else 0)
+        return np.polyfit(z, y, deg, w=np.sqrt(w)), np.polyfit(z, x, deg, w=np.sqrt(w))
+
     kept = list(big)
-    for _ in range(3):
-        c, w = cents_all[kept], counts[kept].astype(float)
-        deg = 2 if len(kept) >= 5 else (1 if len(kept) >= 3 else 0)
-        py, px = np.polyfit(c[:, 0], c[:, 1], deg, w=np.sqrt(w)), np.polyfit(c[:, 0], c[:, 2], deg, w=np.sqrt(w))
-        off = np.hypot(np.polyval(py, c[:, 0]) - c[:, 1], np.polyval(px, c[:, 0]) - c[:, 2]) * spacing_mm
-        if (off <= MAX_OFF_AXIS_MM).all() or not (off <= MAX_OFF_AXIS_MM).any():
-            break
-        kept = [k for k, o in zip(kept, off, strict=True) if o <= MAX_OFF_AXIS_MM]
-    for _ in range(2):
-        keep = np.isin(pc_, kept)
-        z, w = pz_[keep], area[keep].astype(float)
-        deg = min(3, len(np.unique(z)) // 15)
-        py, px = np.polyfit(z, py_[keep], deg, w=np.sqrt(w)), np.polyfit(z, px_[keep], deg, w=np.sqrt(w))
-        c = cents_all[kept]
-        off = np.hypot(np.polyval(py, c[:, 0]) - c[:, 1], np.polyval(px, c[:, 0]) - c[:, 2]) * spacing_mm
-        if (off <= MAX_OFF_AXIS_MM).all() or not (off <= MAX_OFF_AXIS_MM).any():
-            break
-        kept = [k for k, o in zip(kept, off, strict=True) if o <= MAX_OFF_AXIS_MM]
+    for per_slice, rounds in ((False, 3), (True, 2)):
+        for _ in range(rounds):
+            py, px = fit(kept, per_slice)
+            c = cents_all[kept]
+            near = np.hypot(np.polyval(py, c[:, 0]) - c[:, 1], np.polyval(px, c[:, 0]) - c[:, 2]) * spacing_mm \
+                <= MAX_OFF_AXIS_MM
+            if near.all() or not near.any():
+                break
+            kept = [k for k, ok in zip(kept, near, strict=True) if ok]
+    py, px = fit(kept, True)
     keep = np.isin(pc_, kept)
     zmin, zmax = pz_[keep].min(), pz_[keep].max()
 
@@ -160,7 +163,8 @@ def split_component(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
     return _watershed(dist, markers, mask)
 
 
-def spine_coordinate(mask: np.ndarray, spacing_mm: float, outlier_mm: float = 6.0):
+def spine_coordinate(mask: np.ndarray, spacing_mm: float, outlier_mm: float = 6.0,
+                     dist: np.ndarray | None = None):
     """Arc length along the body column's centre line for every voxel of ``mask`` (z=S, y=P, x=L).
 
     The centre line is a polynomial in z (up to cubic) fitted through the per-slice centroids of the thick part
@@ -171,7 +175,9 @@ def spine_coordinate(mask: np.ndarray, spacing_mm: float, outlier_mm: float = 6.
     ``mask``'s voxels (mm; NaN outside ``mask``) with the distance from the line in ``radial``, or ``None``
     when the mask has fewer than 3 slices with a thick part.
     """
-    thick = ndi.distance_transform_edt(mask) * spacing_mm >= 3.0
+    if dist is None:  # distance to the surface in mm; callers that have it pass it in
+        dist = ndi.distance_transform_edt(mask) * spacing_mm
+    thick = dist >= 3.0
     zs = np.nonzero(thick.any(axis=(1, 2)))[0]
     if len(zs) < 3:
         return None
@@ -290,7 +296,8 @@ def split_at_discs(mask: np.ndarray, hu: np.ndarray, spacing_mm: float) -> np.nd
     disc and body HU) are left out: a network that bridges a thin disc would otherwise hand half of it to each
     neighbour. Returns int32 parts 1..k, or ``None`` when no disc is found.
     """
-    sc = spine_coordinate(mask, spacing_mm)
+    dist = ndi.distance_transform_edt(mask) * spacing_mm
+    sc = spine_coordinate(mask, spacing_mm, dist=dist)
     if sc is None:
         return None
     coord, radial = sc
@@ -347,7 +354,6 @@ def split_at_discs(mask: np.ndarray, hu: np.ndarray, spacing_mm: float) -> np.nd
     near_cut[mask] = dark_all
     # seeds: the deep inside of each body piece (as the cores of split_component), so that the watershed on the
     # mask's own distance map, not the seeds' extent, decides where pedicles and arches go
-    dist = ndi.distance_transform_edt(mask) * spacing_mm
     markers = np.where(body & ~near_cut & (dist >= CORE_MM), part, 0).astype(np.int32)
     parts = _watershed(dist, markers, mask)
     parts[near_cut] = 0

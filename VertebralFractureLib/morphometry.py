@@ -677,13 +677,8 @@ def _neighbour_axes(centroids: dict[int, np.ndarray]) -> dict[int, tuple[np.ndar
     """
     present = sorted(centroids, key=order_index)
     out: dict[int, tuple[np.ndarray | None, bool]] = {}
-    for pos, label in enumerate(present):
-        cranial = present[pos - 1] if pos > 0 else None
-        caudal = present[pos + 1] if pos + 1 < len(present) else None
-        if cranial is not None and order_index(label) - order_index(cranial) > NEIGHBOUR_LEVELS + 1:
-            cranial = None
-        if caudal is not None and order_index(caudal) - order_index(label) > NEIGHBOUR_LEVELS + 1:
-            caudal = None
+    for label in present:
+        cranial, caudal, _ = _chord_ends(present, label)
         has = (cranial is not None, caudal is not None)
         top = centroids[cranial] if cranial is not None else centroids[label]
         bottom = centroids[caudal] if caudal is not None else centroids[label]
