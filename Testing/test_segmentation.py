@@ -139,6 +139,28 @@ def test_grow_cortex_takes_back_a_missed_corner_but_bridges_no_disc():
     assert np.array_equal(out[labels > 0], labels[labels > 0])  # nothing relabelled
 
 
+def test_assign_arches_gives_each_arch_to_the_body_its_pedicles_join():
+    from VertebralFractureLib.instances import assign_arches
+
+    labels = np.zeros((56, 60, 60), np.int32)  # z=S, y=P, x=L, 1.5 mm
+    for lab, z0 in ((1, 30), (2, 6)):  # 1 above 2, 24 mm bodies with a 9 mm disc between
+        labels[z0 : z0 + 16, 10:34, 15:45] = lab  # body
+        labels[z0 + 2 : z0 + 14, 34:41, 19:25] = lab  # pedicles
+        labels[z0 + 2 : z0 + 14, 34:41, 35:41] = lab
+        labels[z0 - 4 : z0 + 14, 41:48, 17:43] = lab  # lamina and inferior articular processes, reaching down
+    labels[22:26, 41:48, 28:32] = 2  # facet contact between the two arches
+    labels[50:53, 50:53, 28:31] = 1  # a loose piece no body reaches: keeps its label
+    wrong = labels.copy()
+    wrong[(labels == 1) & (np.indices(labels.shape)[1] >= 34)] = 2  # a watershed gave arch 1 to vertebra 2
+    wrong[50:53, 50:53, 28:31] = 1
+    out = assign_arches(wrong, 1.5)
+    assert np.array_equal(out > 0, labels > 0)  # foreground untouched
+    arch1 = (labels == 1) & (np.indices(labels.shape)[1] >= 34) & (np.indices(labels.shape)[0] >= 30)
+    assert (out[arch1] == 1).mean() > 0.95
+    assert (out[labels == 2] == 2).mean() > 0.95  # the lower vertebra keeps its own arch and body
+    assert (out[50:53, 50:53, 28:31] == 1).all()
+
+
 def test_split_component_keeps_a_single_vertebra_whole():
     prob = _column(1, bridge=False) > 0
     parts = split_component(prob, 1.5)
@@ -218,6 +240,23 @@ def test_last_rib_anchor_names_t12_on_phantom():
     named = {i: res.mapping.get(i) for i in truth}
     assert named == truth
     assert res.confidence >= 0.8
+    # a crop ending inside the bodies (as a cardiac CTA) cuts the ribs off: the lumbar vertebrae show no rib,
+    # but that proves nothing, so there is no last-rib anchor
+    bodies_back = int(np.nonzero(lab == level_id("L1"))[1].mean())
+    fov = np.ones(lab.shape, bool)
+    fov[:, bodies_back:, :] = False
+    cut = assign_levels(np.where(fov, inst.labels, 0), np.where(fov, hu, -1000), spacing_mm=1.5, fov=fov)
+    assert "last_rib" not in cut.anchors_found and cut.confidence < 0.5
+
+
+def test_size_prior_keeps_rib_bearing_vertebrae_thoracic():
+    from VertebralFractureLib.labelling import REFERENCE_VOLUME_ML, _size_prior
+
+    lumbar = {i: REFERENCE_VOLUME_ML[level_id(v)] for i, v in enumerate(("L1", "L2", "L3"), start=1)}
+    assert _size_prior(lumbar, 3)[0] == level_id("L1")  # the volumes alone say L1..L3
+    first, _ = _size_prior(lumbar, 3, [True, True, False])  # ribs on the upper two: T11, T12, L1 at most
+    assert first == level_id("T11")
+    assert _size_prior(lumbar, 3, [False, True, True])[0] == level_id("T10")
 
 
 def test_tiled_inference_covers_the_volume_and_skips_bone_free_tiles():
@@ -321,16 +360,16 @@ def test_tptbox_real_crop_dice_floor(shared_data):
     res = segment_vertebrae(ct, device="cpu")
     assert res.labels.same_geometry(ct)
     pred = res.labels.array
-    # floor on the bone as a whole and on the one vertebra that lies wholly inside the crop (L3),
-    # matched by overlap (the crop holds no anatomical anchor, so the names are a guess)
+    # floor on the bone as a whole and on every vertebra, matched by overlap (the crop holds no anatomical
+    # anchor, so the names are a guess)
     assert _dice(pred > 0, ref > 0) >= FLOOR_TPTBOX_FG
-    l3 = ref == 22
-    best = np.bincount(pred[l3]).argmax() if l3.any() else 0
-    assert best > 0 and _dice(pred == best, l3) >= FLOOR_TPTBOX_L3
+    for v in (21, 22, 23):
+        best = np.bincount(pred[ref == v]).argmax()
+        assert best > 0 and _dice(pred == best, ref == v) >= FLOOR_TPTBOX_VERTEBRA, v
 
 
-FLOOR_TPTBOX_FG = 0.82  # measured 0.891 with the shipped weights (MODEL_CARD.md; the crop is in their training data)
-FLOOR_TPTBOX_L3 = 0.70  # measured 0.771
+FLOOR_TPTBOX_FG = 0.85  # measured 0.909 with the shipped weights (MODEL_CARD.md; the crop is in their training data)
+FLOOR_TPTBOX_VERTEBRA = 0.78  # measured 0.824..0.844 (arches given to the body their pedicles join)
 
 
 @needs_model

@@ -10,8 +10,8 @@ sequence C1..C7, T1..T12, L1..L5 fixed by one anchor:
 * a user anchor ``LEVEL=INDEX`` (``--anchor L1=5``) beats both: instance INDEX is LEVEL, the rest renumbered.
 
 Without any anchor a weak size prior (whole-vertebra volumes grow craniocaudally; reference volumes
-from the real VerSe label maps in ``../shared/data``) picks the most likely offset, and the confidence is
-low with a warning. T13 and L6 (transitional vertebrae) only appear when a user anchor names them.
+from the real VerSe label maps in ``../shared/data``) picks the most likely offset among those that keep
+every rib-bearing vertebra thoracic, and the confidence is low with a warning. T13 and L6 (transitional vertebrae) only appear when a user anchor names them.
 """
 
 from __future__ import annotations
@@ -91,9 +91,13 @@ def rib_bearing(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count:
     """Per instance (1..count): does a rib attach?
 
     Ribs are bone components (HU >= 200, outside the vertebrae) reaching >= 60 mm sideways from the spine.
-    Each is counted for the vertebrae it touches (within 4 mm) with at least 30 % of the contact of its
-    best-touching vertebra, so a rib passing near the next vertebra down (the 12th rib beside L1) does not
-    make that one rib-bearing, while a rib cage merged into one component still marks every thoracic level.
+    Only contact (within 4 mm) at or behind the front of the pedicles counts (no more than 10 mm in front
+    of the whole vertebra's centroid): rib heads and tubercles articulate there, while a contrast-filled
+    aorta or heart, merged with the rib cage into one component at HU >= 200, lies against the front of
+    the bodies. A component is counted for a vertebra touching it with at least 30 % of the contact of
+    the best-touching of that vertebra and its two neighbours, so a rib passing near the next vertebra
+    down (the 12th rib beside L1) does not make that one rib-bearing, while a rib cage merged into one
+    component still marks every thoracic level.
     """
     import cc3d
 
@@ -116,6 +120,8 @@ def rib_bearing(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count:
         sl = (slice(max(0, zz.min() - g), zz.max() + g + 1), slice(max(0, yy.min() - g), yy.max() + g + 1),
               slice(max(0, xx.min() - g), xx.max() + g + 1))
         near = ndi.binary_dilation(m[sl], iterations=grow)
+        front = int(np.ceil(yy.mean() - 10.0 / spacing_mm)) - sl[1].start
+        near[:, : max(0, front), :] = False  # y grows towards posterior
         ids, hits = np.unique(lab[sl][near], return_counts=True)
         for c, h in zip(ids, hits, strict=True):
             if c == 0:
@@ -124,13 +130,33 @@ def rib_bearing(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count:
             reach = max(abs(o[2].start - cx), abs(o[2].stop - 1 - cx)) * spacing_mm
             if reach >= RIB_MIN_LATERAL_MM:
                 contact[(v, int(c))] = int(h)
-    best: dict[int, int] = {}
-    for (_, c), h in contact.items():
-        best[c] = max(best.get(c, 0), h)
     out = [False] * count
     for (v, c), h in contact.items():
-        if h >= 0.3 * best[c] and h * spacing_mm**3 >= 20.0:  # at least 20 mm^3 of contact
+        best = max(contact.get((u, c), 0) for u in (v - 1, v, v + 1))
+        if h >= 0.3 * best and h * spacing_mm**3 >= 20.0:  # at least 20 mm^3 of contact
             out[v - 1] = True
+    return out
+
+
+def rib_visible(instances: np.ndarray, fov: np.ndarray, spacing_mm: float, count: int) -> list[bool]:
+    """Per instance (1..count): would a rib attached to it lie inside the field of view?
+
+    A rib leaves the vertebra backwards and sideways along the transverse process; a crop that ends just
+    behind the bodies (a cardiac or aortic CTA) or a few centimetres to the sides (a lumbar crop) cuts it off,
+    and then "no rib found" says nothing. Visible: at the level of the vertebra's centroid, the field of view
+    reaches 10 mm behind its most posterior voxel and :data:`RIB_MIN_LATERAL_MM` to either side of it.
+    """
+    out = []
+    back = int(round(10.0 / spacing_mm))
+    side = int(round(RIB_MIN_LATERAL_MM / spacing_mm))
+    for sl in ndi.find_objects(instances, max_label=count):
+        if sl is None:
+            out.append(False)
+            continue
+        z, y, x = ((s.start + s.stop) // 2 for s in sl)
+        points = [(z, sl[1].stop - 1 + back, x), (z, y, x - side), (z, y, x + side)]
+        out.append(all(all(0 <= c < n for c, n in zip(pt, fov.shape, strict=True)) and bool(fov[pt])
+                       for pt in points))
     return out
 
 
@@ -148,23 +174,23 @@ def sacrum_below(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, last:
     return ml >= SACRUM_MIN_ML * (zz.min() - z0) / depth
 
 
-def _size_prior(volumes: dict[int, float], n: int) -> tuple[int, float]:
-    """(VerSe id of instance 1, spread) fitting whole-vertebra volumes of complete instances to the reference."""
+def _size_prior(volumes: dict[int, float], n: int, ribs: list[bool] | None = None) -> tuple[int, float]:
+    """(VerSe id of instance 1, margin) fitting whole-vertebra volumes of complete instances to the reference.
+
+    ``ribs`` (per instance 1..n) rules out the offsets that would name a rib-bearing vertebra outside T1..T12
+    (unless every offset does, when rib detection must have been fooled)."""
     seq = STANDARD_SEQUENCE
-    best, scores = None, []
+    scores: dict[int, float] = {}
     for start in range(0, len(seq) - n + 1):
-        err, k = 0.0, 0
-        for i, v in volumes.items():
-            ref = REFERENCE_VOLUME_ML[seq[start + i - 1]]
-            err += (np.log(v) - np.log(ref)) ** 2
-            k += 1
-        score = err / max(k, 1)
-        scores.append(score)
-        if best is None or score < scores[best]:
-            best = start
-    srt = np.sort(scores)
+        if ribs and any(r and not level_id("T1") <= seq[start + i] <= level_id("T12") for i, r in enumerate(ribs)):
+            continue
+        err = sum((np.log(v) - np.log(REFERENCE_VOLUME_ML[seq[start + i - 1]])) ** 2 for i, v in volumes.items())
+        scores[start] = err / max(len(volumes), 1)
+    if not scores:
+        return _size_prior(volumes, n)
+    srt = sorted(scores.values())
     margin = float(srt[1] - srt[0]) if len(srt) > 1 else 1.0
-    return seq[best or 0], margin
+    return seq[min(scores, key=scores.get)], margin
 
 
 def assign_levels(
@@ -174,6 +200,7 @@ def assign_levels(
     spacing_mm: float,
     partial: list[int] | None = None,
     anchors: list[tuple[int, int]] | None = None,
+    fov: np.ndarray | None = None,
 ) -> LevelAssignment:
     """Name instances 1..n (craniocaudal) with VerSe ids.
 
@@ -182,6 +209,9 @@ def assign_levels(
         hu: HU on the same grid (for the rib and sacrum anchors); None skips them.
         partial: instances cut by the field of view (left out of the size prior).
         anchors: user anchors (VerSe id, instance index); the first one wins, later ones must agree.
+        fov: boolean mask of the scanned field of view on the same grid (None: all of it). A vertebra whose
+            ribs would lie outside it (:func:`rib_visible`) cannot be called rib-free, so it confirms no
+            first- or last-rib anchor.
     """
     n = int(instances.max()) if instances.size else 0
     warnings: list[str] = []
@@ -202,14 +232,16 @@ def assign_levels(
         return LevelAssignment(mapping, 1.0, warnings, {"user": vid})
     found: dict[str, int] = {}
     votes: list[int] = []  # position in STANDARD_SEQUENCE of instance 1 implied by each anchor (may be < 0)
+    ribs: list[bool] = []
     if hu is not None:
         ribs = rib_bearing(instances, hu, spacing_mm, n)
+        visible = rib_visible(instances, fov, spacing_mm, n) if fov is not None else [True] * n
         rib_idx = [i + 1 for i, r in enumerate(ribs) if r]
-        if rib_idx and rib_idx[-1] < n:
+        if rib_idx and rib_idx[-1] < n and visible[rib_idx[-1]]:
             last = rib_idx[-1]
             votes.append(STANDARD_SEQUENCE.index(19) - (last - 1))
             found["last_rib"] = last
-        if rib_idx and rib_idx[0] > 1 and not ribs[rib_idx[0] - 2]:
+        if rib_idx and rib_idx[0] > 1 and not ribs[rib_idx[0] - 2] and visible[rib_idx[0] - 2]:
             # the first rib-bearing vertebra below a rib-free one is T1 (C7 above it)
             votes.append(STANDARD_SEQUENCE.index(8) - (rib_idx[0] - 1))
             found["first_rib"] = rib_idx[0]
@@ -243,7 +275,7 @@ def assign_levels(
     if not volumes:
         volumes = {i: counts[i] * vox_ml * 1.5 for i in range(1, n + 1) if counts[i] > 0}
     n_fit = min(n, len(STANDARD_SEQUENCE))
-    first, margin = _size_prior(volumes, n_fit)
+    first, margin = _size_prior(volumes, n_fit, ribs[:n_fit])
     mapping = names_from_anchor(n, 1, first)
     confidence = float(np.clip(0.2 + margin, 0.2, 0.45))
     warnings.append(

@@ -339,7 +339,8 @@ def segment_vertebrae(
         empty = ct.with_array(np.zeros(ct.shape, np.uint8))
         return SegmentationResult(empty, ["no vertebrae found", *warnings], 0.0)
     progress(0.88, "segmentation: levels")
-    levels = assign_levels(inst.labels, hu.array, spacing_mm=prob.spacing[0], partial=inst.partial, anchors=parsed)
+    levels = assign_levels(inst.labels, hu.array, spacing_mm=prob.spacing[0], partial=inst.partial, anchors=parsed,
+                           fov=fov)
     warnings += levels.warnings
     verse = np.zeros(inst.labels.shape, np.uint8)
     for idx, vid in levels.mapping.items():
