@@ -493,7 +493,6 @@ def extract_instances(
     after = np.bincount(out.ravel())[1:]
     after = after[after > 0] * vox_ml
     out = _merge_fragments(out, spacing_mm, float(np.median(after)) if len(after) else 0.0)
-    out = assign_arches(out, spacing_mm)
     count = int(out.max())
     if count == 0:
         return Instances(out, 0, [], warnings)
@@ -505,50 +504,6 @@ def extract_instances(
     out = remap[out]
     partial = _partial(out, count, fov)
     return Instances(out, count, partial, warnings)
-
-
-def assign_arches(labels: np.ndarray, spacing_mm: float, *, body_mm: float = 6.0) -> np.ndarray:
-    """Each posterior element given to the vertebra whose body it joins through the pedicles.
-
-    The split above decides the bodies well but the arches poorly: a watershed on the distance transform
-    floods thin arches in an order that has nothing to do with anatomy, and the lamina and inferior articular
-    processes reach down behind the disc to the next body. Here every instance's body (its voxels that a
-    ball of radius ``body_mm`` fits into, shrunk to 0.6 x the instance's own depth for small cervical
-    bodies) seeds a geodesic flood through the foreground, so the arches go to the body they are attached to
-    and meet their neighbours at the facet joints. An instance without such a body keeps its voxels, and so
-    does a piece no body can reach.
-
-    Args:
-        labels: int32 instances (z, y, x) on an isotropic grid, 0 background.
-        spacing_mm: voxel size in mm.
-    Returns:
-        int32 labels with the same ids.
-    """
-    seeds = np.zeros(labels.shape, np.int32)
-    for i, sl in enumerate(ndi.find_objects(labels), start=1):
-        if sl is None:
-            continue
-        box = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in sl)
-        own = labels[box] == i
-        dist = ndi.distance_transform_edt(own) * spacing_mm
-        r = min(body_mm, 0.6 * float(dist.max()))
-        core = dist >= r
-        body = own & (ndi.distance_transform_edt(~core) * spacing_mm <= r)
-        if r < 2.0 * spacing_mm or not body.any():
-            body = own  # no body to speak of (a fragment or a sliver at the edge): it keeps its voxels
-        else:
-            parts, n = connected_components(body, 6)
-            if n > 1:  # the body is the largest thick part; a thick spinous process is not a second one
-                body = parts == np.argmax(np.bincount(parts.ravel())[1:]) + 1
-        seeds[box][body] = i
-    mask = labels > 0
-    flooded = _watershed(mask.astype(np.float32), seeds, mask)  # flat inside: a geodesic (BFS) flood
-    # pieces without a seed of their own are reached only through the background: they keep their label
-    comps, _ = connected_components(mask, 26)
-    seeded = np.unique(comps[seeds > 0])
-    keep = ~np.isin(comps, seeded)
-    flooded[keep] = labels[keep]
-    return flooded
 
 
 def grow_cortex(labels: np.ndarray, hu: np.ndarray, spacing_mm: float, *, hu_min: float = 250.0,

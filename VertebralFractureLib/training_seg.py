@@ -392,12 +392,40 @@ def make_intensity_transforms(seed: int):
     return t
 
 
+def osteoporotic(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The vertebrae of a real CT patch made osteoporotic: marrow darkened towards soft tissue, cortex thinned.
+
+    The real cases here have dense bone, while the patients this tool is for often have marrow at 0..120 HU
+    (the real lumbar crop: about 100 HU) and thin, faint cortex; a network that never saw that leaves holes
+    in the bodies. Inside the vertebrae (a mask that fades out over their outer 1.5 voxels, so no label edge shows), voxels
+    below 400 HU move to a new marrow mean of 0..150 HU (never brighter) keeping 50..100 % of their texture,
+    and brighter voxels (cortex) lose up to 30 % of their excess over that mean.
+
+    Args:
+        hu: (z, y, x) HU patch. labels: the same grid's vertebra labels (0 background).
+    """
+    inside = ndi.gaussian_filter(ndi.binary_erosion(labels > 0).astype(np.float32), 1.5) * (labels > 0)
+    marrow = (labels > 0) & (hu < 400)
+    if marrow.sum() < 100:
+        return hu
+    mean = float(np.median(hu[marrow]))
+    new_mean = rng.uniform(0.0, min(150.0, mean)) if mean > 0 else mean
+    texture = rng.uniform(0.5, 1.0)
+    soft = np.clip((450.0 - hu) / 100.0, 0.0, 1.0)  # 1 in marrow, 0 in cortex, a ramp between
+    darker = new_mean + texture * (hu - mean)
+    fainter = new_mean + rng.uniform(0.7, 1.0) * (hu - new_mean)
+    out = hu + inside * (soft * (darker - hu) + (1.0 - soft) * (fainter - hu))
+    return out.astype(np.float32)
+
+
 def sample_patch(case: Case, spacing: float, size: int, rng: np.random.Generator, spatial, intensity,
-                 win=WINDOW_HU, background_share: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+                 win=WINDOW_HU, background_share: float = 0.15,
+                 osteoporosis_share: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(image (1,S,S,S) float32 windowed, target (1,S,S,S) float32 0/1) from one case.
 
     ``background_share`` of the patches are centred anywhere in the case (ribs, sternum, pelvis, vessels far
-    from the spine: what the network must learn to leave out), the others near a vertebra.
+    from the spine: what the network must learn to leave out), the others near a vertebra;
+    ``osteoporosis_share`` of the real-CT patches get :func:`osteoporotic` bone.
     """
     labels = case.labels[spacing]
     fgi = case.fg_index[spacing]
@@ -410,7 +438,10 @@ def sample_patch(case: Case, spacing: float, size: int, rng: np.random.Generator
     if hu is None:
         img = window(synthesize_ct(lab, spacing, rng), win)
     else:
-        img = window(_crop(hu, centre, size, -1024.0), win)
+        patch = _crop(hu, centre, size, -1024.0)
+        if osteoporosis_share and rng.random() < osteoporosis_share:
+            patch = osteoporotic(patch, lab, rng)
+        img = window(patch, win)
     d = spatial({"image": img[None], "label": lab[None].astype(np.float32)})
     lab2 = np.asarray(d["label"])[0].round().astype(np.uint8)
     d = intensity({"image": np.asarray(d["image"]), "label": d["label"]})
@@ -483,11 +514,12 @@ class PatchStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, cases: list[Case], *, patch: int, synth_share: float, fast_share: float, seed: int,
-                 start: int, weights: dict[str, float] | None = None, background_share: float = 0.15) -> None:
+                 start: int, weights: dict[str, float] | None = None, background_share: float = 0.15,
+                 osteoporosis_share: float = 0.0) -> None:
         super().__init__()
         self.cases, self.patch, self.synth_share, self.fast_share = cases, patch, synth_share, fast_share
         self.seed, self.start, self.weights = seed, start, weights
-        self.background_share = background_share
+        self.background_share, self.osteoporosis_share = background_share, osteoporosis_share
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -496,7 +528,8 @@ class PatchStream(torch.utils.data.IterableDataset):
             case = _pick_case(self.cases, self.synth_share, rng, self.weights)
             s = FAST_SPACING_MM if rng.random() < self.fast_share else WORK_SPACING_MM
             img, tgt = sample_patch(case, s, self.patch, rng, spatial, intensity,
-                                    background_share=self.background_share)
+                                    background_share=self.background_share,
+                                    osteoporosis_share=self.osteoporosis_share)
             yield torch.from_numpy(img), torch.from_numpy(tgt)
 
 
@@ -562,6 +595,7 @@ def train(
     case_weights: dict[str, float] | None = None,
     max_minutes: float | None = None,
     background_share: float = 0.15,
+    osteoporosis_share: float = 0.3,
     init: Path | None = None,
     log=print,
 ) -> dict:
@@ -572,7 +606,8 @@ def train(
     ``case_weights``: case name -> how often it is drawn within its pool (default 1, 0 = never).
     ``max_minutes``: stop (saving the model) after that much training time even before ``iterations``; for a
     lent GPU with a fixed lease; the learning rate then decays over whichever of the two ends first.
-    ``background_share``: share of patches centred anywhere rather than near a vertebra.
+    ``background_share``: share of patches centred anywhere rather than near a vertebra;
+    ``osteoporosis_share``: share of real-CT patches whose bone is made osteoporotic (:func:`osteoporotic`).
     ``init``: a model folder whose weights start the training (fine-tuning; its architecture is used).
     Returns the card (dict). With ``resume`` a checkpoint in ``out_dir`` is continued.
     """
@@ -627,7 +662,8 @@ def train(
         info = json.loads(progress_path.read_text())
         start, history = int(info["iteration"]), info.get("history", [])
     stream = PatchStream(train_cases, patch=patch, synth_share=synth_share, fast_share=fast_share, seed=seed,
-                         start=start, weights=weights or None, background_share=background_share)
+                         start=start, weights=weights or None, background_share=background_share,
+                         osteoporosis_share=osteoporosis_share)
     loader = make_loader(stream, batch=batch, workers=workers, device=device)
     # start the workers before CUDA is initialised in this process (fork after CUDA init is fragile)
     batches = iter(loader)
@@ -706,7 +742,7 @@ def train(
                     "train_cases": sorted(c.name for c in train_cases),
                     "data_note": data_note, "seed": seed, "patch": patch, "batch": batch, "lr": lr,
                     "device": device, "workers": workers, "case_weights": weights,
-                    "background_share": background_share, "init": str(init) if init is not None else None, "version": __version__,
+                    "background_share": background_share, "osteoporosis_share": osteoporosis_share, "init": str(init) if init is not None else None, "version": __version__,
                 })
                 t_log, it_log = time.time(), done
                 if out_of_time:
