@@ -184,9 +184,9 @@ def _add_train_seg(p: argparse.ArgumentParser) -> None:
                    help="stop and save after this much training time, even before --iterations (a lent GPU)")
     p.add_argument("--background-share", type=float, default=0.15,
                    help="share of patches centred anywhere instead of near a vertebra (default 0.15)")
-    p.add_argument("--osteoporosis-share", type=float, default=0.3,
+    p.add_argument("--osteoporosis-share", type=float, default=0.0,
                    help="share of real-CT patches whose bone is made osteoporotic (dark marrow, faint cortex; "
-                        "default 0.3)")
+                        "default 0: off, as for the shipped weights)")
     p.add_argument("--init", type=Path, default=None,
                    help="model folder whose weights start the training (fine-tune, e.g. the shipped model)")
 

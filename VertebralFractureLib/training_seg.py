@@ -595,7 +595,7 @@ def train(
     case_weights: dict[str, float] | None = None,
     max_minutes: float | None = None,
     background_share: float = 0.15,
-    osteoporosis_share: float = 0.3,
+    osteoporosis_share: float = 0.0,
     init: Path | None = None,
     log=print,
 ) -> dict:
