@@ -181,8 +181,9 @@ def spine_coordinate(mask: np.ndarray, spacing_mm: float, outlier_mm: float = 6.
     zs = np.nonzero(thick.any(axis=(1, 2)))[0]
     if len(zs) < 3:
         return None
-    cy = np.array([np.nonzero(thick[z])[0].mean() for z in zs])
-    cx = np.array([np.nonzero(thick[z])[1].mean() for z in zs])
+    area = thick.sum(axis=(1, 2))[zs].astype(float)
+    cy = (thick.sum(axis=2)[zs] * np.arange(mask.shape[1])).sum(axis=1) / area
+    cx = (thick.sum(axis=1)[zs] * np.arange(mask.shape[2])).sum(axis=1) / area
     z_all = np.arange(zs.min(), zs.max() + 1)
     # a smooth curve through the bodies: at a disc the network left out, the slice's thick part is an arch
     # (pedicles, laminae) and its centroid jumps backwards; those slices are dropped as outliers of the fit
@@ -242,8 +243,11 @@ def disc_positions(hu: np.ndarray, mask: np.ndarray, coord: np.ndarray, radial: 
     nbin = len(edges) - 1
     count = np.bincount(idx, minlength=nbin)[:nbin].astype(float)
     prof = np.full(nbin, np.nan)
+    inside = idx < nbin  # c == the last edge falls past the last bin
+    order = np.argsort(idx[inside], kind="stable")  # one sort, then each bin's HU is a contiguous run
+    runs = np.split(h[inside][order], np.cumsum(count[:-1].astype(int)))
     for i in np.nonzero(count >= 5)[0]:
-        prof[i] = np.median(h[idx == i])
+        prof[i] = np.median(runs[i])
     ok = ~np.isnan(prof)
     if ok.sum() < 3:
         return []

@@ -6,12 +6,14 @@ sequence C1..C7, T1..T12, L1..L5 fixed by one anchor:
 * ``last_rib``: the most caudal vertebra with a rib attached is T12 (when a rib-free vertebra follows it,
   so the field of view does not simply end there);
 * ``first_rib``: the most cranial vertebra with a rib, below a rib-free one, is T1;
+* "rib-free" confirms either only where the field of view would show a rib (:func:`rib_visible`);
 * ``sacrum``: a large bone mass on the spine's axis right below the last vertebra makes that vertebra L5;
 * a user anchor ``LEVEL=INDEX`` (``--anchor L1=5``) beats both: instance INDEX is LEVEL, the rest renumbered.
 
 Without any anchor a weak size prior (whole-vertebra volumes grow craniocaudally; reference volumes
 from the real VerSe label maps in ``../shared/data``) picks the most likely offset among those that keep
-every rib-bearing vertebra thoracic, and the confidence is low with a warning. T13 and L6 (transitional vertebrae) only appear when a user anchor names them.
+every rib-bearing vertebra thoracic, and the confidence is low with a warning. T13 and L6 (transitional
+vertebrae) only appear when a user anchor names them.
 """
 
 from __future__ import annotations

@@ -397,9 +397,9 @@ def osteoporotic(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -
 
     The real cases here have dense bone, while the patients this tool is for often have marrow at 0..120 HU
     (the real lumbar crop: about 100 HU) and thin, faint cortex; a network that never saw that leaves holes
-    in the bodies. Inside the vertebrae (a mask that fades out over their outer 1.5 voxels, so no label edge shows), voxels
-    below 400 HU move to a new marrow mean of 0..150 HU (never brighter) keeping 50..100 % of their texture,
-    and brighter voxels (cortex) lose up to 30 % of their excess over that mean.
+    in the bodies. Inside the vertebrae (a mask that fades out over their outer 1.5 voxels, so no label edge
+    shows), voxels below 400 HU move to a new marrow mean of 0..150 HU (never brighter) keeping 50..100 % of
+    their texture, and brighter voxels (cortex) lose up to 30 % of their excess over that mean.
 
     Args:
         hu: (z, y, x) HU patch. labels: the same grid's vertebra labels (0 background).
@@ -742,7 +742,8 @@ def train(
                     "train_cases": sorted(c.name for c in train_cases),
                     "data_note": data_note, "seed": seed, "patch": patch, "batch": batch, "lr": lr,
                     "device": device, "workers": workers, "case_weights": weights,
-                    "background_share": background_share, "osteoporosis_share": osteoporosis_share, "init": str(init) if init is not None else None, "version": __version__,
+                    "background_share": background_share, "osteoporosis_share": osteoporosis_share,
+                    "init": str(init) if init is not None else None, "version": __version__,
                 })
                 t_log, it_log = time.time(), done
                 if out_of_time:

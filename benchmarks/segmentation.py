@@ -167,11 +167,30 @@ def _sagittal_png(ct, labels, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _tptbox():
+    """(CT Volume, reference VerSe label array) of the real lumbar crop in ``../shared/data``."""
+    from VertebralFractureLib.resources import shared_data_dir
+    from VertebralFractureLib.volume import read_volume
+
+    folder = shared_data_dir() / "tptbox-l2-l4"
+    return (read_volume(folder / "sub-ct_label-22_ct.nii.gz"),
+            read_volume(folder / "sub-ct_seg-vert_label-22_msk.nii.gz").array)
+
+
+def _instances(ct, res) -> list[dict]:
+    """Level, volume (ml) and partial flag of every vertebra of a segmentation result, craniocaudal."""
+    from VertebralFractureLib.levels import level_name
+
+    ids, counts = np.unique(res.labels.array, return_counts=True)
+    vox = float(np.prod(ct.spacing)) / 1000
+    return [{"level": level_name(int(i)), "volume_ml": round(float(c) * vox, 1), "partial": int(i) in res.partial}
+            for i, c in zip(ids, counts, strict=True) if i]
+
+
 def accuracy() -> dict:
     import torch
 
     torch.set_num_threads(2)
-    from VertebralFractureLib.levels import level_name
     from VertebralFractureLib.resources import shared_data_dir
     from VertebralFractureLib.segmentation import segment_vertebrae
     from VertebralFractureLib.simulation import make_phantom
@@ -179,10 +198,8 @@ def accuracy() -> dict:
 
     data = shared_data_dir()
     out: dict = {}
-    # real lumbar crop (held out)
-    folder = data / "tptbox-l2-l4"
-    ct = read_volume(folder / "sub-ct_label-22_ct.nii.gz")
-    ref = read_volume(folder / "sub-ct_seg-vert_label-22_msk.nii.gz").array
+    # real lumbar crop (in the shipped model's training data; tptbox_heldout scores models that never saw it)
+    ct, ref = _tptbox()
     res = segment_vertebrae(ct, device="cpu")
     out["tptbox-l2-l4"] = {**score(res.labels.array, ref), "level_confidence": res.level_confidence,
                            "warnings": res.warnings}
@@ -199,12 +216,8 @@ def accuracy() -> dict:
         ct = read_volume(path)
         t = time.perf_counter()
         res = segment_vertebrae(ct, device="cpu")
-        ids, counts = np.unique(res.labels.array, return_counts=True)
-        vox = float(np.prod(ct.spacing)) / 1000
         out[name] = {
-            "seconds": time.perf_counter() - t,
-            "instances": [{"level": level_name(int(i)), "volume_ml": round(float(c) * vox, 1),
-                           "partial": int(i) in res.partial} for i, c in zip(ids, counts, strict=True) if i],
+            "seconds": time.perf_counter() - t, "instances": _instances(ct, res),
             "level_confidence": res.level_confidence, "anchors": res.anchors_found, "warnings": res.warnings,
         }
         print(name, json.dumps(out[name])[:800], flush=True)
@@ -213,13 +226,7 @@ def accuracy() -> dict:
     # unseen real CT (never used in training or development): 20 JPEG 2000 slices at the thoracolumbar junction
     ct = read_volume(data / "dicom-jpeg2000-20")
     res = segment_vertebrae(ct, device="cpu")
-    ids, counts = np.unique(res.labels.array, return_counts=True)
-    vox = float(np.prod(ct.spacing)) / 1000
-    out["dicom-jpeg2000-20"] = {
-        "instances": [{"level": level_name(int(i)), "volume_ml": round(float(c) * vox, 1),
-                       "partial": int(i) in res.partial} for i, c in zip(ids, counts, strict=True) if i],
-        "warnings": res.warnings,
-    }
+    out["dicom-jpeg2000-20"] = {"instances": _instances(ct, res), "warnings": res.warnings}
     print("dicom-jpeg2000-20", json.dumps(out["dicom-jpeg2000-20"]), flush=True)
     # held-out phantoms
     rows = []
@@ -244,13 +251,9 @@ def tptbox_heldout(model_dir: str, tag: str = "") -> dict:
     import torch
 
     torch.set_num_threads(2)
-    from VertebralFractureLib.resources import shared_data_dir
     from VertebralFractureLib.segmentation import segment_vertebrae
-    from VertebralFractureLib.volume import read_volume
 
-    folder = shared_data_dir() / "tptbox-l2-l4"
-    ct = read_volume(folder / "sub-ct_label-22_ct.nii.gz")
-    ref = read_volume(folder / "sub-ct_seg-vert_label-22_msk.nii.gz").array
+    ct, ref = _tptbox()
     card = json.loads((Path(model_dir) / "card.json").read_text())
     res = segment_vertebrae(ct, device="cpu", model_dir=Path(model_dir))
     out = {"model_training": {k: card["training"].get(k) for k in ("iterations", "train_cases", "case_weights",
@@ -263,7 +266,8 @@ def tptbox_heldout(model_dir: str, tag: str = "") -> dict:
 
 
 def write_card() -> Path:
-    """Write Resources/models/segmentation/MODEL_CARD.md from card.json and the two results files."""
+    """Write Resources/models/segmentation/MODEL_CARD.md from card.json and the results files (accuracy, speed,
+    held-out check models); the card's ``metrics`` are refreshed from them too."""
     from VertebralFractureLib.segmentation import default_model_dir
 
     model_dir = default_model_dir()
