@@ -497,6 +497,27 @@ def test_osteoporotic_augmentation_darkens_marrow_inside_the_vertebrae_only():
     assert max(means) - min(means) > 50  # a different density each time
 
 
+def test_calcified_aorta_is_a_bright_ring_in_front_of_the_spine_that_keeps_clear_of_the_vertebrae():
+    from scipy import ndimage as ndi
+
+    from VertebralFractureLib.training_seg import calcified_aorta
+
+    rng = np.random.default_rng(1)
+    hu = rng.normal(40.0, 10.0, (48, 80, 80)).astype(np.float32)
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[:, 40:60, 30:50] = 19  # a body (y grows posterior, x grows to the left)
+    near = ndi.distance_transform_edt(labels == 0, sampling=1.5) <= 1.0
+    for _ in range(10):
+        out = calcified_aorta(hu, labels, 1.5, rng)
+        assert np.array_equal(out[near], hu[near])  # vertebrae and the 1 mm round them untouched
+        ring = (out > 200) & (hu < 200)
+        assert ring.sum() > 100
+        zz, yy, xx = np.nonzero(ring)
+        assert yy.min() < 40  # reaching in front of the body
+        assert np.median(xx) > 40  # left of the body's midline
+    background = np.zeros(hu.shape, np.uint8)
+    assert np.array_equal(calcified_aorta(hu, background, 1.5, rng), hu)  # no spine in the patch: nothing to place
+
 def test_case_weights_scale_draws_within_a_pool():
     from VertebralFractureLib.training_seg import Case, _pick_case
 

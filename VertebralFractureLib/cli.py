@@ -187,6 +187,9 @@ def _add_train_seg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--osteoporosis-share", type=float, default=0.0,
                    help="share of real-CT patches whose bone is made osteoporotic (dark marrow, faint cortex; "
                         "default 0: off, as for the shipped weights)")
+    p.add_argument("--aorta-share", type=float, default=0.0,
+                   help="share of patches given a calcified aortic wall in front of the spine (a distractor the "
+                        "network must leave out; default 0: off)")
     p.add_argument("--init", type=Path, default=None,
                    help="model folder whose weights start the training (fine-tune, e.g. the shipped model)")
 
@@ -200,7 +203,8 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
         val_cases=[c for c in args.val_cases.split(",") if c], synth_share=args.synth_share, save_every=args.save_every, resume=args.resume,
         threads=args.threads, data_note=args.note, device=args.device, workers=args.workers,
         case_weights=parse_case_weights(args.case_weight), max_minutes=args.max_minutes,
-        background_share=args.background_share, osteoporosis_share=args.osteoporosis_share, init=args.init,
+        background_share=args.background_share, osteoporosis_share=args.osteoporosis_share,
+        aorta_share=args.aorta_share, init=args.init,
         log=lambda m: print(m, flush=True),
     )
     print(f"wrote {args.output / 'model.safetensors'} and card.json ({card.get('training', {}).get('iterations', 0)} iterations)")
