@@ -440,13 +440,15 @@ def test_prepare_seg_cohort_then_train_with_workers(tmp_path, capsys):
     out = tmp_path / "model"
     capsys.readouterr()
     assert main(["train-seg", str(prepared), "-o", str(out), "--iterations", "3", "--patch", "32", "--batch", "2",
-                 "--save-every", "2", "--workers", "2", "--device", "cpu", "--case-weight", "a=2"]) == 0
+                 "--save-every", "2", "--workers", "2", "--device", "cpu", "--case-weight", "a=2",
+                 "--aorta-share", "1", "--osteoporosis-share", "1"]) == 0
     logged = capsys.readouterr().out
     assert "(prepared)" in logged and "it/s" in logged
     card = json.loads((out / "card.json").read_text())
     assert (out / "model.safetensors").exists()
     assert card["training"]["iterations"] == 3 and len(card["training"]["history"]) == 2
     assert card["training"]["workers"] == 2 and card["training"]["case_weights"] == {"a": 2.0}
+    assert card["training"]["aorta_share"] == 1.0 and card["training"]["osteoporosis_share"] == 1.0
 
 
 def test_prepare_with_crop_and_fine_tune_from_a_model(tmp_path, capsys):
@@ -517,6 +519,7 @@ def test_calcified_aorta_is_a_bright_ring_in_front_of_the_spine_that_keeps_clear
         assert np.median(xx) > 40  # left of the body's midline
     background = np.zeros(hu.shape, np.uint8)
     assert np.array_equal(calcified_aorta(hu, background, 1.5, rng), hu)  # no spine in the patch: nothing to place
+
 
 def test_case_weights_scale_draws_within_a_pool():
     from VertebralFractureLib.training_seg import Case, _pick_case

@@ -433,7 +433,7 @@ def calcified_aorta(hu: np.ndarray, labels: np.ndarray, spacing_mm: float, rng: 
     if fg.sum() < 100:
         return hu
     sp = spacing_mm
-    zz, yy, xx = np.nonzero(fg)
+    _, yy, xx = np.nonzero(fg)
     cx = float(np.median(xx))
     front = float(np.percentile(yy[np.abs(xx - cx) < 20 / sp], 2))
     r, t = rng.uniform(8, 14) / sp, rng.uniform(1.5, 3.5) / sp
@@ -443,13 +443,13 @@ def calcified_aorta(hu: np.ndarray, labels: np.ndarray, spacing_mm: float, rng: 
     dy, dx = np.arange(hu.shape[1])[None, :, None] - y0, np.arange(hu.shape[2])[None, None, :] - x0
     d = np.hypot(dy - rng.uniform(-0.2, 0.2) * z, dx - rng.uniform(-0.2, 0.2) * z)
     clear = ndi.distance_transform_edt(~fg, sampling=sp) > 1.0
-    lumen = (d < r - t / 2) & clear
     wall = (np.abs(d - r) <= t / 2) & clear
+    if not wall.any():
+        return hu
+    lumen = (d < r - t / 2) & clear
     out = hu.copy()
     out[lumen] = rng.uniform(25, 60) + 10 * rng.standard_normal(int(lumen.sum()))
     out[wall] = rng.uniform(35, 70)
-    if not wall.any():
-        return hu
     noise = _smooth_noise(hu.shape, 4 / sp, rng)
     calc = wall & (noise > np.quantile(noise[wall], rng.uniform(0.0, 0.7)))
     out[calc] = rng.uniform(250, 1000) * rng.uniform(0.7, 1.0, int(calc.sum()))

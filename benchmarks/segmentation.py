@@ -239,7 +239,7 @@ def accuracy(model_dir: str | None = None, tag: str = "") -> dict:
         }
         print(name, json.dumps(out[name])[:800], flush=True)
         if model_dir is None:
-                _sagittal_png(ct, res.labels, REPO / "docs" / f"segmentation_{name.split('-')[0]}.png",
+            _sagittal_png(ct, res.labels, REPO / "docs" / f"segmentation_{name.split('-')[0]}.png",
                           f"{name}: {len(out[name]['instances'])} vertebrae (shipped model)")
     # unseen real CT (never used in training or development): 20 JPEG 2000 slices at the thoracolumbar junction
     ct = read_volume(data / "dicom-jpeg2000-20")
