@@ -456,19 +456,26 @@ def calcified_aorta(hu: np.ndarray, labels: np.ndarray, spacing_mm: float, rng: 
     return out.astype(np.float32)
 
 
-def sample_patch(case: Case, spacing: float, size: int, rng: np.random.Generator, spatial, intensity,
-                 win=WINDOW_HU, background_share: float = 0.15,
-                 osteoporosis_share: float = 0.0, aorta_share: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """(image (1,S,S,S) float32 windowed, target (1,S,S,S) float32 0/1) from one case.
+@dataclass(frozen=True)
+class PatchMix:
+    """What share of the training patches is drawn or altered which way (each 0..1).
 
-    ``background_share`` of the patches are centred anywhere in the case (ribs, sternum, pelvis, vessels far
-    from the spine: what the network must learn to leave out), the others near a vertebra;
-    ``osteoporosis_share`` of the real-CT patches get :func:`osteoporotic` bone; ``aorta_share`` of all patches
-    a :func:`calcified_aorta`.
+    ``background``: centred anywhere in the case (ribs, sternum, pelvis, vessels far from the spine: what the
+    network must learn to leave out) instead of near a vertebra; ``osteoporosis``: real-CT patches given
+    :func:`osteoporotic` bone; ``aorta``: patches given a :func:`calcified_aorta`.
     """
+
+    background: float = 0.15
+    osteoporosis: float = 0.0
+    aorta: float = 0.0
+
+
+def sample_patch(case: Case, spacing: float, size: int, rng: np.random.Generator, spatial, intensity,
+                 win=WINDOW_HU, mix: PatchMix = PatchMix()) -> tuple[np.ndarray, np.ndarray]:
+    """(image (1,S,S,S) float32 windowed, target (1,S,S,S) float32 0/1) from one case, drawn as ``mix`` says."""
     labels = case.labels[spacing]
     fgi = case.fg_index[spacing]
-    if len(fgi) and rng.random() >= background_share:
+    if len(fgi) and rng.random() >= mix.background:
         centre = fgi[rng.integers(len(fgi))] + rng.integers(-size // 4, size // 4 + 1, 3)
     else:
         centre = rng.uniform(0, 1, 3) * np.array(labels.shape)
@@ -478,9 +485,9 @@ def sample_patch(case: Case, spacing: float, size: int, rng: np.random.Generator
         patch = synthesize_ct(lab, spacing, rng)
     else:
         patch = _crop(hu, centre, size, -1024.0)
-        if osteoporosis_share and rng.random() < osteoporosis_share:
+        if mix.osteoporosis and rng.random() < mix.osteoporosis:
             patch = osteoporotic(patch, lab, rng)
-    if aorta_share and rng.random() < aorta_share:
+    if mix.aorta and rng.random() < mix.aorta:
         patch = calcified_aorta(patch, lab, spacing, rng)
     img = window(patch, win)
     d = spatial({"image": img[None], "label": lab[None].astype(np.float32)})
@@ -555,13 +562,10 @@ class PatchStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, cases: list[Case], *, patch: int, synth_share: float, fast_share: float, seed: int,
-                 start: int, weights: dict[str, float] | None = None, background_share: float = 0.15,
-                 osteoporosis_share: float = 0.0, aorta_share: float = 0.0) -> None:
+                 start: int, weights: dict[str, float] | None = None, mix: PatchMix = PatchMix()) -> None:
         super().__init__()
         self.cases, self.patch, self.synth_share, self.fast_share = cases, patch, synth_share, fast_share
-        self.seed, self.start, self.weights = seed, start, weights
-        self.background_share, self.osteoporosis_share = background_share, osteoporosis_share
-        self.aorta_share = aorta_share
+        self.seed, self.start, self.weights, self.mix = seed, start, weights, mix
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -569,9 +573,7 @@ class PatchStream(torch.utils.data.IterableDataset):
         while True:
             case = _pick_case(self.cases, self.synth_share, rng, self.weights)
             s = FAST_SPACING_MM if rng.random() < self.fast_share else WORK_SPACING_MM
-            img, tgt = sample_patch(case, s, self.patch, rng, spatial, intensity,
-                                    background_share=self.background_share,
-                                    osteoporosis_share=self.osteoporosis_share, aorta_share=self.aorta_share)
+            img, tgt = sample_patch(case, s, self.patch, rng, spatial, intensity, mix=self.mix)
             yield torch.from_numpy(img), torch.from_numpy(tgt)
 
 
@@ -706,8 +708,8 @@ def train(
         info = json.loads(progress_path.read_text())
         start, history = int(info["iteration"]), info.get("history", [])
     stream = PatchStream(train_cases, patch=patch, synth_share=synth_share, fast_share=fast_share, seed=seed,
-                         start=start, weights=weights or None, background_share=background_share,
-                         osteoporosis_share=osteoporosis_share, aorta_share=aorta_share)
+                         start=start, weights=weights or None,
+                         mix=PatchMix(background_share, osteoporosis_share, aorta_share))
     loader = make_loader(stream, batch=batch, workers=workers, device=device)
     # start the workers before CUDA is initialised in this process (fork after CUDA init is fragile)
     batches = iter(loader)
