@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from VertebralFractureLib.resources import shared_data_dir
+from VertebralFractureLib.core.resources import shared_data_dir
 
 # keep torch and BLAS from oversubscribing the 2-core CI machine
 os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -2,7 +2,7 @@
 
 A thin layer over ``VertebralFractureLib``: the widget collects options and shows results, the
 logic calls the same pipeline as the command line through the MRML adapter
-(``VertebralFractureLib.mrml``, tested with the ``slicer-core`` wheel). Only the standard library
+(``VertebralFractureLib.app.slicer_logic``, tested with the ``slicer-core`` wheel). Only the standard library
 and Slicer's own modules are imported at the top, so the module loads before its Python
 dependencies are installed; everything else is imported inside the methods that need it.
 """
@@ -230,8 +230,8 @@ class VertebralFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def _run(self, work, progressBar, statusLabel):
         """Run ``work(progress, cancel)`` with the busy state, a wait cursor and error dialogs."""
-        from VertebralFractureLib.errors import Cancelled, InputError
-        from VertebralFractureLib.progress import CancelToken
+        from VertebralFractureLib.core.errors import Cancelled, InputError
+        from VertebralFractureLib.core.progress import CancelToken
 
         self._cancelToken = CancelToken()
         self._busy = True
@@ -348,7 +348,7 @@ class VertebralFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             slicer.util.warningDisplay("Select exactly one segment in the list, then choose its level.")
             return
         newLevel = self.ui.newLevelComboBox.currentText
-        from VertebralFractureLib.errors import InputError
+        from VertebralFractureLib.core.errors import InputError
 
         try:
             mapping = self.logic.renameLevel(p.outputSegmentation, selected[0], newLevel, volumeNode=p.inputVolume, tableNode=p.outputTable)
@@ -514,7 +514,7 @@ class VertebralFractureLogic(ScriptedLoadableModuleLogic):
     # --- analysis -------------------------------------------------------------------------------
     @staticmethod
     def _options(wiener: bool = True, fast: bool = False, device: str = "auto"):
-        from VertebralFractureLib.pipeline import PipelineOptions
+        from VertebralFractureLib.app.pipeline import PipelineOptions
 
         return PipelineOptions(fast=fast, device=device, wiener=wiener)
 
@@ -533,8 +533,8 @@ class VertebralFractureLogic(ScriptedLoadableModuleLogic):
         the pipeline result with patient probability and warnings)."""
         if volumeNode is None:
             raise ValueError("no input volume")
-        from VertebralFractureLib import mrml
-        from VertebralFractureLib.progress import no_progress
+        from VertebralFractureLib.app import slicer_logic as mrml
+        from VertebralFractureLib.core.progress import no_progress
 
         return mrml.process_volume_node(
             slicer.mrmlScene,
@@ -550,8 +550,8 @@ class VertebralFractureLogic(ScriptedLoadableModuleLogic):
         self, segmentationNode, volumeNode, wiener: bool = True, device: str = "auto", tableNode=None, progress=None, cancel=None
     ):
         """Re-measure and re-classify from an edited segmentation (no new segmentation)."""
-        from VertebralFractureLib import mrml
-        from VertebralFractureLib.progress import no_progress
+        from VertebralFractureLib.app import slicer_logic as mrml
+        from VertebralFractureLib.core.progress import no_progress
 
         return mrml.recompute_segmentation_node(
             slicer.mrmlScene,
@@ -565,7 +565,7 @@ class VertebralFractureLogic(ScriptedLoadableModuleLogic):
 
     def renameLevel(self, segmentationNode, segmentId: str, newLevel: str, volumeNode=None, tableNode=None) -> dict:
         """Rename one segment's level and renumber the others; returns old -> new VerSe ids."""
-        from VertebralFractureLib import mrml
+        from VertebralFractureLib.app import slicer_logic as mrml
 
         reference = mrml.volume_from_volume_node(volumeNode) if volumeNode is not None else None
         records = mrml.records_from_table_node(tableNode) if tableNode is not None else None
@@ -593,13 +593,13 @@ class VertebralFractureLogic(ScriptedLoadableModuleLogic):
 
     # --- batch and review -----------------------------------------------------------------------
     def runBatch(self, cohortFolder, outputFolder, workers: int = 1, wiener: bool = True, fast: bool = False, device: str = "auto", progress=None):
-        """Run ``VertebralFractureLib.batch.run_batch`` over a cohort folder (resumable); returns cohort.csv.
+        """Run ``VertebralFractureLib.app.batch.run_batch`` over a cohort folder (resumable); returns cohort.csv.
 
         One worker runs the cases in Slicer's process (``scheduler="synchronous"``) so the progress
         bar stays live; more workers start a local Dask cluster of separate processes.
         """
-        from VertebralFractureLib.batch import run_batch
-        from VertebralFractureLib.progress import no_progress
+        from VertebralFractureLib.app.batch import run_batch
+        from VertebralFractureLib.core.progress import no_progress
 
         return run_batch(
             Path(cohortFolder),
@@ -616,7 +616,7 @@ class VertebralFractureLogic(ScriptedLoadableModuleLogic):
 
         Without ``ct.nii.gz`` in the folder, the CT is the case of the same name in ``cohortFolder``.
         """
-        from VertebralFractureLib import mrml
+        from VertebralFractureLib.app import slicer_logic as mrml
 
         cohort = Path(cohortFolder) if cohortFolder and str(cohortFolder) not in ("", ".") else None
         return mrml.open_case(slicer.mrmlScene, Path(caseFolder), ctPath, cohort)
@@ -663,16 +663,16 @@ class VertebralFractureTest(ScriptedLoadableModuleTest):
 
     def _demoVolumeNode(self):
         _ensure_library_on_path()
-        from VertebralFractureLib import mrml
-        from VertebralFractureLib.resources import demo_ct_path
-        from VertebralFractureLib.volume import read_volume
+        from VertebralFractureLib.app import slicer_logic as mrml
+        from VertebralFractureLib.core.resources import demo_ct_path
+        from VertebralFractureLib.io.reading import read_volume
 
         return mrml.volume_node_from_volume(slicer.mrmlScene, read_volume(demo_ct_path()), "DemoCT")
 
     def test_MrmlRoundTrip(self):
         """Volume node geometry survives the adapter (runs without the networks)."""
         self.delayDisplay("MRML round trip")
-        from VertebralFractureLib import mrml
+        from VertebralFractureLib.app import slicer_logic as mrml
 
         node = self._demoVolumeNode()
         volume = mrml.volume_from_volume_node(node)
@@ -694,7 +694,7 @@ class VertebralFractureTest(ScriptedLoadableModuleTest):
         if not out.result.records:
             self.delayDisplay("No vertebra found in the demo CT: recompute not exercised")
             return
-        from VertebralFractureLib import mrml
+        from VertebralFractureLib.app import slicer_logic as mrml
 
         ct = mrml.volume_from_volume_node(node)
         record = out.result.records[0]

@@ -1,6 +1,6 @@
 """The ``vertebral-fracture`` command line (contract in DESIGN.md; keep it stable).
 
-Every command turns bad input (:class:`~VertebralFractureLib.errors.InputError`) into one line on
+Every command turns bad input (:class:`~VertebralFractureLib.core.errors.InputError`) into one line on
 stderr starting with ``error:`` and exit status 2, never a traceback.
 Each subcommand has an ``_add_<name>`` function declaring its arguments and a ``_cmd_<name>``
 function running it; heavy modules are imported inside the handlers so ``--help`` stays fast.
@@ -13,8 +13,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import __version__
-from .errors import Cancelled, InputError
+from VertebralFractureLib import __version__
+from VertebralFractureLib.core.errors import Cancelled, InputError
 
 
 # --- run ------------------------------------------------------------------------------------
@@ -33,7 +33,7 @@ def _add_run(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import PipelineOptions, run_pipeline
+    from VertebralFractureLib.app.pipeline import PipelineOptions, run_pipeline
 
     options = PipelineOptions(
         fast=args.fast, device=args.device, wiener=not args.no_wiener, series_uid=args.series, anchors=args.anchor
@@ -53,7 +53,7 @@ def _add_import(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from .dicom import import_dicom, write_import
+    from VertebralFractureLib.io.dicom import import_dicom, write_import
 
     result = import_dicom(args.dicom_dir, series_uid=args.series)
     for warning in result.warnings:
@@ -71,8 +71,8 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .pipeline import PipelineOptions, run_pipeline
-    from .resources import demo_ct_path
+    from VertebralFractureLib.app.pipeline import PipelineOptions, run_pipeline
+    from VertebralFractureLib.core.resources import demo_ct_path
 
     result = run_pipeline(demo_ct_path(), args.output, options=PipelineOptions(), progress=_progress_for(args))
     print(result.summary_line())
@@ -97,8 +97,8 @@ def _add_batch(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from .batch import read_cohort_csv, run_batch, status_counts
-    from .pipeline import PipelineOptions
+    from VertebralFractureLib.app.batch import read_cohort_csv, run_batch, status_counts
+    from VertebralFractureLib.app.pipeline import PipelineOptions
 
     if args.workers < 1:
         raise InputError(f"--workers {args.workers}: give 1 or more worker processes")
@@ -127,7 +127,7 @@ def _add_simulate_cohort(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_simulate_cohort(args: argparse.Namespace) -> int:
-    from .simulation import write_cohort
+    from VertebralFractureLib.research.simulation import write_cohort
 
     if args.cases < 1:
         raise InputError(f"--cases must be at least 1, got {args.cases}")
@@ -138,7 +138,7 @@ def _cmd_simulate_cohort(args: argparse.Namespace) -> int:
     levels = None
     if args.levels:
         parts = args.levels.replace(",", "-").split("-")
-        from .levels import level_id
+        from VertebralFractureLib.core.levels import level_id
 
         try:
             levels = tuple(level_id(part) for part in parts)
@@ -195,7 +195,7 @@ def _add_train_seg(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train_seg(args: argparse.Namespace) -> int:
-    from .training_seg import parse_case_weights, train
+    from VertebralFractureLib.research.training_seg import parse_case_weights, train
 
     card = train(
         args.cohort, args.output, iterations=args.iterations, patch=args.patch, batch=args.batch, lr=args.lr,
@@ -221,7 +221,7 @@ def _add_prepare_seg_cohort(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_prepare_seg_cohort(args: argparse.Namespace) -> int:
-    from .training_seg import prepare_cohort
+    from VertebralFractureLib.research.training_seg import prepare_cohort
 
     paths = prepare_cohort(args.cohort, args.output, crop_margin_mm=args.crop_margin_mm,
                            log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
@@ -255,8 +255,8 @@ def _add_study(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from .classification import resolve_device
-    from .study import DEFAULT_MODELS, StudyOptions, run_study, simulate_study_cohort
+    from VertebralFractureLib.research.study import DEFAULT_MODELS, StudyOptions, run_study, simulate_study_cohort
+    from VertebralFractureLib.stages.classification import resolve_device
 
     if (args.cohort is None) == (args.simulated is None):
         raise InputError("give either a COHORT folder or --simulated N")
@@ -292,8 +292,8 @@ def _add_train_classifier(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train_classifier(args: argparse.Namespace) -> int:
-    from .classification import resolve_device
-    from .study import train_classifier
+    from VertebralFractureLib.research.study import train_classifier
+    from VertebralFractureLib.stages.classification import resolve_device
 
     card = train_classifier(args.cohort, args.output, architecture=args.model, epochs=args.epochs,
                             test_fraction=args.test_fraction, seed=args.seed, device=resolve_device(args.device),
@@ -324,7 +324,7 @@ _open_progress: list = []
 
 
 def _progress_for(args: argparse.Namespace):
-    from .progress import make_cli_progress
+    from VertebralFractureLib.core.progress import make_cli_progress
 
     progress = make_cli_progress(quiet=getattr(args, "quiet", False), log_json=getattr(args, "log_json", False))
     _open_progress.append(progress)

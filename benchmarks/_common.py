@@ -13,7 +13,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from VertebralFractureLib.resources import shared_data_dir  # noqa: E402
+from VertebralFractureLib.core.resources import shared_data_dir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from _common import RESULTS, write_result
 
-from VertebralFractureLib.batch import read_cohort_csv, run_batch, status_counts
-from VertebralFractureLib.simulation import write_cohort
+from VertebralFractureLib.app.batch import read_cohort_csv, run_batch, status_counts
+from VertebralFractureLib.research.simulation import write_cohort
 
 
 def one(cohort: Path, out: Path, workers: int, threads: int | None) -> dict:

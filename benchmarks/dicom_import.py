@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 from _common import measure, require_shared_data, write_result
 
-from VertebralFractureLib.dicom import import_dicom
+from VertebralFractureLib.io.dicom import import_dicom
 
 
 def sitk_read(folder: str):

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from VertebralFractureLib import morphometry, simulation  # simulation: the phantom
-from VertebralFractureLib.resources import shared_data_dir
-from VertebralFractureLib.volume import read_volume
+from VertebralFractureLib.core.resources import shared_data_dir
+from VertebralFractureLib.io.reading import read_volume
+from VertebralFractureLib.research import simulation  # simulation: the phantom
+from VertebralFractureLib.stages import morphometry
 
 OUT = Path(__file__).parent / "results" / "morphometry.json"
 

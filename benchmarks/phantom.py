@@ -22,8 +22,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from VertebralFractureLib.simulation import make_phantom, simulate_fracture  # noqa: E402
-from VertebralFractureLib.volume import Volume, read_volume  # noqa: E402
+from VertebralFractureLib.core.volume import Volume  # noqa: E402
+from VertebralFractureLib.io.reading import read_volume  # noqa: E402
+from VertebralFractureLib.research.simulation import make_phantom, simulate_fracture  # noqa: E402
 
 
 def _time(fn, repeats: int) -> dict:
@@ -74,7 +75,7 @@ def figures(out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from VertebralFractureLib.resources import shared_data_dir
+    from VertebralFractureLib.core.resources import shared_data_dir
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

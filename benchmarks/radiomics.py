@@ -27,10 +27,10 @@ sys.path.insert(0, str(_HERE.parent))  # the repository root, for VertebralFract
 
 import numpy as np  # noqa: E402
 
-from VertebralFractureLib import radiomics_features as rf  # noqa: E402
-from VertebralFractureLib.resources import shared_data_dir  # noqa: E402
-from VertebralFractureLib.simulation import make_phantom  # noqa: E402
-from VertebralFractureLib.volume import read_volume  # noqa: E402
+from VertebralFractureLib.core.resources import shared_data_dir  # noqa: E402
+from VertebralFractureLib.io.reading import read_volume  # noqa: E402
+from VertebralFractureLib.research.simulation import make_phantom  # noqa: E402
+from VertebralFractureLib.stages import radiomics as rf  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

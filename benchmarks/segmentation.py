@@ -38,8 +38,9 @@ CACHE = Path("/tmp/vf_seg_bench_lidc.nii.gz")
 
 
 def _lidc_volume():
-    from VertebralFractureLib.resources import shared_data_dir
-    from VertebralFractureLib.volume import read_volume, write_volume
+    from VertebralFractureLib.core.resources import shared_data_dir
+    from VertebralFractureLib.io.reading import read_volume
+    from VertebralFractureLib.io.volume_files import write_volume
 
     if not CACHE.exists():
         vol = read_volume(shared_data_dir() / "lidc-idri-0314" / "dicom")
@@ -58,7 +59,7 @@ def one(mode: str) -> dict:
     import torch
 
     torch.set_num_threads(2)
-    from VertebralFractureLib import segmentation as seg
+    from VertebralFractureLib.stages.segmentation import inference as seg
 
     ct = _lidc_volume()
     rss_before = _peak_rss_gb()
@@ -121,7 +122,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def score(pred: np.ndarray, ref: np.ndarray) -> dict:
     """Per reference vertebra: Dice of the best-overlapping predicted instance and whether its level is right."""
-    from VertebralFractureLib.levels import level_name
+    from VertebralFractureLib.core.levels import level_name
 
     rows = []
     for v in [int(x) for x in np.unique(ref) if x]:
@@ -147,8 +148,8 @@ def _sagittal_png(ct, labels, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from VertebralFractureLib.levels import level_name
-    from VertebralFractureLib.segmentation import to_canonical
+    from VertebralFractureLib.core.levels import level_name
+    from VertebralFractureLib.stages.segmentation.inference import to_canonical
 
     hu = to_canonical(ct, 1.0).array
     lab = to_canonical(labels, 1.0, labels=True).array
@@ -173,8 +174,8 @@ def _sagittal_png(ct, labels, path: Path, title: str) -> None:
 
 def _tptbox():
     """(CT Volume, reference VerSe label array) of the real lumbar crop in ``../shared/data``."""
-    from VertebralFractureLib.resources import shared_data_dir
-    from VertebralFractureLib.volume import read_volume
+    from VertebralFractureLib.core.resources import shared_data_dir
+    from VertebralFractureLib.io.reading import read_volume
 
     folder = shared_data_dir() / "tptbox-l2-l4"
     return (read_volume(folder / "sub-ct_label-22_ct.nii.gz"),
@@ -183,7 +184,7 @@ def _tptbox():
 
 def _instances(ct, res) -> list[dict]:
     """Level, volume (ml) and partial flag of every vertebra of a segmentation result, craniocaudal."""
-    from VertebralFractureLib.levels import level_name
+    from VertebralFractureLib.core.levels import level_name
 
     ids, counts = np.unique(res.labels.array, return_counts=True)
     vox = float(np.prod(ct.spacing)) / 1000
@@ -207,10 +208,10 @@ def accuracy(model_dir: str | None = None, tag: str = "") -> dict:
     import torch
 
     torch.set_num_threads(2)
-    from VertebralFractureLib.resources import shared_data_dir
-    from VertebralFractureLib.segmentation import segment_vertebrae
-    from VertebralFractureLib.simulation import make_phantom
-    from VertebralFractureLib.volume import read_volume
+    from VertebralFractureLib.core.resources import shared_data_dir
+    from VertebralFractureLib.io.reading import read_volume
+    from VertebralFractureLib.research.simulation import make_phantom
+    from VertebralFractureLib.stages.segmentation.inference import segment_vertebrae
 
     data = shared_data_dir()
     seg = partial(segment_vertebrae, device="cpu", model_dir=Path(model_dir) if model_dir else None)
@@ -220,7 +221,7 @@ def accuracy(model_dir: str | None = None, tag: str = "") -> dict:
     res = seg(ct)
     out["tptbox-l2-l4"] = {**score(res.labels.array, ref), "level_confidence": res.level_confidence,
                            "warnings": res.warnings}
-    from VertebralFractureLib.preprocess import wiener_filter
+    from VertebralFractureLib.stages.preprocess import wiener_filter
 
     res_w = seg(ct.with_array(wiener_filter(ct.array)))
     out["tptbox-l2-l4"]["after_wiener_filter_as_in_the_pipeline"] = score(res_w.labels.array, ref)
@@ -270,7 +271,7 @@ def tptbox_heldout(model_dir: str, tag: str = "") -> dict:
     import torch
 
     torch.set_num_threads(2)
-    from VertebralFractureLib.segmentation import segment_vertebrae
+    from VertebralFractureLib.stages.segmentation.inference import segment_vertebrae
 
     ct, ref = _tptbox()
     res = segment_vertebrae(ct, device="cpu", model_dir=Path(model_dir))
@@ -314,7 +315,7 @@ def _candidate_rows(shipped: dict) -> list[str]:
 def write_card() -> Path:
     """Write Resources/models/segmentation/MODEL_CARD.md from card.json and the results files (accuracy, speed,
     held-out check models); the card's ``metrics`` are refreshed from them too."""
-    from VertebralFractureLib.segmentation import default_model_dir
+    from VertebralFractureLib.stages.segmentation.inference import default_model_dir
 
     model_dir = default_model_dir()
     card = json.loads((model_dir / "card.json").read_text())
@@ -342,7 +343,7 @@ def write_card() -> Path:
         "# Vertebra segmentation model (shipped default)",
         "",
         f"Files: `model.safetensors` (fp16, {(model_dir / 'model.safetensors').stat().st_size / 1e6:.1f} MB), `card.json`.",
-        "Loaded by `VertebralFractureLib.segmentation.load_model` (safetensors + JSON only; nothing is executed).",
+        "Loaded by `VertebralFractureLib.stages.segmentation.inference.load_model` (safetensors + JSON only; nothing is executed).",
         "",
         "## What it is",
         "",

@@ -10,8 +10,8 @@ import numpy as np
 from _common import measure, require_shared_data, write_result
 from scipy import signal
 
-from VertebralFractureLib.dicom import import_dicom
-from VertebralFractureLib.preprocess import wiener_filter
+from VertebralFractureLib.io.dicom import import_dicom
+from VertebralFractureLib.stages.preprocess import wiener_filter
 
 
 def main() -> None:

@@ -32,11 +32,13 @@ from scipy import ndimage as ndi
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 
-from VertebralFractureLib.instances import extract_instances, fill_bodies  # noqa: E402
-from VertebralFractureLib.resources import shared_data_dir  # noqa: E402
-from VertebralFractureLib.segmentation import predict_probability  # noqa: E402
-from VertebralFractureLib.simulation import make_phantom  # noqa: E402
-from VertebralFractureLib.volume import Volume, read_volume, write_volume  # noqa: E402
+from VertebralFractureLib.core.resources import shared_data_dir  # noqa: E402
+from VertebralFractureLib.core.volume import Volume  # noqa: E402
+from VertebralFractureLib.io.reading import read_volume  # noqa: E402
+from VertebralFractureLib.io.volume_files import write_volume  # noqa: E402
+from VertebralFractureLib.research.simulation import make_phantom  # noqa: E402
+from VertebralFractureLib.stages.segmentation.inference import predict_probability  # noqa: E402
+from VertebralFractureLib.stages.segmentation.instances import extract_instances, fill_bodies  # noqa: E402
 
 SPACING = 1.5
 

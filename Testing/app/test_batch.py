@@ -1,0 +1,205 @@
+"""Cohort batch: statuses of broken cases, resume after SIGKILL, a real dask.distributed scheduler."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from VertebralFractureLib.app.batch import COHORT_COLUMNS, discover_cases, read_cohort_csv, run_batch
+from VertebralFractureLib.app.pipeline import PipelineOptions
+from VertebralFractureLib.core.volume import Volume
+from VertebralFractureLib.io.volume_files import write_volume
+
+REPO = Path(__file__).resolve().parents[2]
+OPTIONS = PipelineOptions(wiener=False)
+
+
+def tiny_case(folder: Path, seed: int) -> None:
+    """``folder/ct.nii.gz`` (40^3 HU, two vertebrae) and ``folder/labels.nii.gz`` (L1, L2): segmentation is skipped."""
+    rng = np.random.default_rng(seed)
+    ct = np.full((40, 40, 40), -1000, np.int16)
+    ct[:, 4:36, 4:36] = 30
+    labels = np.zeros(ct.shape, np.uint8)
+    for n, label in enumerate((21, 20)):  # k runs inferior -> superior
+        k0 = 3 + 18 * n
+        height = 14 - (4 if (seed % 3 == 0 and label == 20) else 0)  # every third case has a shorter L1
+        labels[k0:k0 + height, 10:22, 14:26] = label
+        labels[k0 + 2:k0 + 10, 26:32, 17:23] = label
+    ct[labels > 0] = 220
+    ct += rng.normal(0, 8, ct.shape).astype(np.int16)
+    folder.mkdir(parents=True)
+    write_volume(Volume(ct, (1.5, 1.5, 1.5)), folder / "ct.nii.gz")
+    write_volume(Volume(labels, (1.5, 1.5, 1.5)), folder / "labels.nii.gz")
+
+
+def make_cohort(root: Path, n_good: int, broken: bool = True) -> Path:
+    cohort = root / "cohort"
+    for i in range(n_good):
+        tiny_case(cohort / f"case{i:02d}", seed=i)
+    if broken:
+        tiny_case(root / "spare", seed=99)
+        data = (root / "spare" / "ct.nii.gz").read_bytes()
+        (cohort / "truncated.nii.gz").write_bytes(data[: len(data) // 2])
+        write_volume(Volume(np.random.default_rng(0).integers(0, 255, (40, 40, 40)).astype(np.uint8)),
+                     cohort / "not_hu.nii.gz")
+        import SimpleITK as sitk
+
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((64, 64), np.int16)), str(cohort / "flat2d.nii.gz"))
+        (cohort / "empty").mkdir()
+    (cohort / "notes.txt").write_text("not a case")
+    (cohort / ".hidden").mkdir()
+    return cohort
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return env
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "VertebralFractureLib.cli", *args]
+
+
+def _leftovers(out: Path) -> list[str]:
+    return [p.name for p in out.rglob("*") if ".partial-" in p.name or ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_discover_cases(tmp_path):
+    cohort = make_cohort(tmp_path, 2)
+    (cohort / "dicomcase").mkdir()
+    (cohort / "dicomcase" / "sub").mkdir()
+    (cohort / "dicomcase" / "sub" / "IM0001").write_bytes(b"x")
+    cases = {c.name: c for c in discover_cases(cohort)}
+    assert set(cases) == {"case00", "case01", "truncated", "not_hu", "flat2d", "empty", "dicomcase"}
+    assert cases["case00"].input.endswith("ct.nii.gz") and cases["case00"].labels.endswith("labels.nii.gz")
+    assert cases["empty"].problem and "empty folder" in cases["empty"].problem
+    assert cases["dicomcase"].input == str(cohort / "dicomcase") and cases["dicomcase"].labels is None
+
+
+def test_broken_cases_get_their_status_and_the_rest_goes_on(tmp_path):
+    cohort = make_cohort(tmp_path, 3)
+    out = tmp_path / "out"
+    messages = []
+    cohort_csv = run_batch(cohort, out, scheduler="synchronous", options=OPTIONS,
+                           progress=lambda f, m: messages.append((f, m)))
+    rows = {r["case"]: r for r in read_cohort_csv(cohort_csv)}
+    assert list(read_cohort_csv(cohort_csv)[0]) == COHORT_COLUMNS
+    for case in ("case00", "case01", "case02"):
+        assert rows[case]["status"] == "ok", rows[case]
+        assert (out / case / "result.json").is_file() and (out / case / "report.html").is_file()
+        assert rows[case]["worst_level"] in ("L1", "L2") and rows[case]["error"] == ""
+    expected = {"truncated": "truncated", "not_hu": "uint8", "flat2d": "2D", "empty": "empty folder"}
+    for case, reason in expected.items():
+        assert rows[case]["status"] == "bad_input", rows[case]
+        assert reason.lower() in rows[case]["error"].lower(), rows[case]
+        assert not (out / case).exists()  # a refused case leaves no output folder
+    assert len(messages) == 7 and messages[-1][0] == 1.0 and "cases/min" in messages[-1][1] and "ETA" in messages[-1][1]
+
+    # rerun: nothing is redone (complete cases and unchanged refused inputs are skipped)
+    stamp = {c: (out / c / "result.json").stat().st_mtime_ns for c in ("case00", "case01", "case02")}
+    messages.clear()
+    run_batch(cohort, out, scheduler="synchronous", options=OPTIONS, progress=lambda f, m: messages.append((f, m)))
+    assert messages == [(1.0, "all 7 cases already complete")]
+    assert stamp == {c: (out / c / "result.json").stat().st_mtime_ns for c in stamp}
+
+    # a fixed input is picked up again
+    (cohort / "truncated.nii.gz").unlink()
+    tiny_case(cohort / "truncated", seed=5)
+    run_batch(cohort, out, scheduler="synchronous", options=OPTIONS, progress=lambda f, m: None)
+    rows = {r["case"]: r for r in read_cohort_csv(out / "cohort.csv")}
+    assert rows["truncated"]["status"] == "ok"
+
+
+def test_sigkill_halfway_then_rerun_completes_every_case_once(tmp_path):
+    cohort = make_cohort(tmp_path, 8, broken=False)
+    out = tmp_path / "out"
+    cmd = _cli("batch", str(cohort), "-o", str(out), "--workers", "1", "--no-wiener", "--quiet")
+    proc = subprocess.Popen(cmd, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list(out.glob("case*/result.json"))) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"batch ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its Dask workers, mid-case
+    finally:
+        proc.wait(timeout=30)
+    done_before = {p.parent.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("case*/result.json")}
+    assert 3 <= len(done_before) < 8
+    # what the kill left is consistent: cohort.csv parses, one row per case
+    rows = read_cohort_csv(out / "cohort.csv")
+    assert sorted(r["case"] for r in rows) == [f"case{i:02d}" for i in range(8)]
+
+    rerun = subprocess.run(cmd, env=_env(), capture_output=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
+    rows = read_cohort_csv(out / "cohort.csv")
+    assert sorted(r["case"] for r in rows) == [f"case{i:02d}" for i in range(8)]
+    assert all(r["status"] == "ok" for r in rows), rows
+    for i in range(8):
+        assert (out / f"case{i:02d}" / "segmentation.seg.nrrd").is_file()
+    # cases complete before the kill were not run again; the others ran exactly once in the rerun
+    after = {p.parent.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("case*/result.json")}
+    assert all(after[c] == done_before[c] for c in done_before)
+    log = [json.loads(line) for line in (out / ".batch" / "log.jsonl").read_text().splitlines()]
+    for i in range(8):
+        name = f"case{i:02d}"
+        runs = sum(1 for entry in log if entry["case"] == name and entry["status"] == "ok")
+        assert runs == 1 or (runs == 0 and name in done_before), (name, runs)
+    assert _leftovers(out) == []
+
+
+def test_batch_on_a_running_dask_scheduler(tmp_path):
+    pytest.importorskip("distributed")
+    from distributed import Client
+
+    cohort = make_cohort(tmp_path, 3, broken=False)
+    (cohort / "empty").mkdir()
+    dask_cli = str(Path(sys.executable).parent / "dask")
+    scheduler_file = tmp_path / "scheduler.json"
+    procs = []
+    try:
+        procs.append(subprocess.Popen(
+            [dask_cli, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+             "--scheduler-file", str(scheduler_file)],
+            env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        address = json.loads(scheduler_file.read_text())["address"]
+        procs.append(subprocess.Popen(
+            [dask_cli, "worker", "--scheduler-file", str(scheduler_file), "--nworkers", "2", "--nthreads", "1",
+             "--no-dashboard", "--local-directory", str(tmp_path / "dask-worker")],
+            env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=90)
+            workers = client.scheduler_info()["workers"]
+            assert len(workers) == 2
+            worker_pids = {str(pid) for pid in client.run(os.getpid).values()}
+
+        out = tmp_path / "out"
+        run = subprocess.run(_cli("batch", str(cohort), "-o", str(out), "--scheduler", address, "--no-wiener"),
+                             env=_env(), capture_output=True, timeout=300)
+        assert run.returncode == 0, run.stderr.decode()[-2000:]
+        assert "3 ok" in run.stdout.decode() and "1 bad_input" in run.stdout.decode()
+        rows = {r["case"]: r for r in read_cohort_csv(out / "cohort.csv")}
+        assert [rows[f"case{i:02d}"]["status"] for i in range(3)] == ["ok"] * 3
+        assert rows["empty"]["status"] == "bad_input"
+        log = [json.loads(line) for line in (out / ".batch" / "log.jsonl").read_text().splitlines()]
+        # every case ran in one of the two worker processes started above
+        assert {entry["worker"].split(":")[-1] for entry in log} <= worker_pids
+    finally:
+        for proc in reversed(procs):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(proc.pid, signal.SIGKILL)

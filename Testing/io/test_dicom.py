@@ -1,0 +1,230 @@
+"""DICOM import: ordering, HU, geometry checks, compressed syntaxes and de-identification."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from dicom_factory import PLANTED, body_phantom, write_ct_series
+
+from VertebralFractureLib.cli import main
+from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.io.dicom import import_dicom
+
+
+@pytest.fixture(autouse=True)
+def _pseudonym_key(monkeypatch):
+    monkeypatch.setenv("VERTEBRAL_FRACTURE_PSEUDONYM_KEY", "test-key")
+
+
+def test_import_orders_slices_and_applies_rescale(tmp_path):
+    hu = body_phantom()
+    write_ct_series(tmp_path / "s", hu, spacing=(0.8, 0.7, 1.25), origin=(-10, -20, -300))
+    result = import_dicom(tmp_path / "s")
+    vol = result.volume
+    assert vol.shape == hu.shape
+    np.testing.assert_array_equal(vol.array, np.round(hu + 1024) - 1024)
+    np.testing.assert_allclose(vol.spacing, (0.8, 0.7, 1.25), atol=1e-4)
+    np.testing.assert_allclose(vol.origin, (-10, -20, -300), atol=1e-3)
+    np.testing.assert_allclose(vol.direction, np.eye(3), atol=1e-6)
+    assert result.case_id.startswith("case-")
+
+
+def test_oblique_series_geometry(tmp_path):
+    a = np.radians(20)
+    row, col = (np.cos(a), np.sin(a), 0.0), (0.0, 0.0, -1.0)  # a rotated coronal stack
+    hu = body_phantom((12, 30, 32))
+    write_ct_series(tmp_path / "s", hu, row=row, col=col, origin=(5, 6, 7))
+    vol = import_dicom(tmp_path / "s").volume
+    np.testing.assert_allclose(vol.direction[:, 0], row, atol=1e-5)
+    np.testing.assert_allclose(vol.direction[:, 1], col, atol=1e-5)
+    np.testing.assert_allclose(vol.direction[:, 2], np.cross(row, col), atol=1e-5)
+    np.testing.assert_array_equal(vol.array, np.round(hu + 1024) - 1024)
+
+
+def test_several_series_takes_largest_ct_and_says_so(tmp_path):
+    write_ct_series(tmp_path / "d" / "a", body_phantom((14, 32, 32)))
+    write_ct_series(tmp_path / "d" / "b", body_phantom((22, 32, 32)))
+    write_ct_series(tmp_path / "d" / "c", body_phantom((30, 32, 32)), modality="MR")
+    result = import_dicom(tmp_path / "d")
+    assert result.volume.shape[0] == 22
+    assert any("3 series" in w for w in result.warnings)
+
+
+def test_series_uid_option(tmp_path):
+    write_ct_series(tmp_path / "d" / "a", body_phantom((14, 32, 32)), series_uid="1.2.3.4.5.1")
+    write_ct_series(tmp_path / "d" / "b", body_phantom((22, 32, 32)), series_uid="1.2.3.4.5.2")
+    assert import_dicom(tmp_path / "d", series_uid="1.2.3.4.5.1").volume.shape[0] == 14
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("few", "at least 10"),
+        ("missing", "missing slices"),
+        ("mr", "no CT series"),
+        ("empty", "empty folder"),
+        ("junk", "no readable DICOM"),
+        ("mixed", "mixed orientations"),
+        ("truncated", "cannot be decoded"),
+    ],
+)
+def test_bad_series_are_refused_with_one_line(tmp_path, case, message, capsys):
+    folder = tmp_path / case
+    folder.mkdir()
+    hu = body_phantom((16, 32, 32))
+    if case == "few":
+        write_ct_series(folder, hu[:6])
+    elif case == "missing":
+        z = np.arange(16) * 1.25
+        z[9:] += 2.5  # two slices missing after slice 9
+        write_ct_series(folder, hu, positions_z=z)
+    elif case == "mr":
+        write_ct_series(folder, hu, modality="MR")
+    elif case == "junk":
+        (folder / "notes.txt").write_text("not dicom")
+    elif case == "mixed":
+        paths = write_ct_series(folder, hu)
+        ds = pydicom.dcmread(paths[3])
+        ds.ImageOrientationPatient = ["1", "0", "0", "0", "0", "-1"]
+        ds.save_as(paths[3])
+    elif case == "truncated":
+        paths = write_ct_series(folder, hu)
+        data = paths[5].read_bytes()
+        paths[5].write_bytes(data[: len(data) - 900])
+    with pytest.raises(InputError, match=message):
+        import_dicom(folder)
+    assert main(["import", str(folder), "-o", str(tmp_path / "o.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and str(folder) in err[0]
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_irregular_spacing_is_resampled_with_warning(tmp_path):
+    hu = body_phantom((16, 32, 32))
+    z = np.arange(16) * 1.25
+    z[8:] += 0.3  # one irregular gap, not a missing slice
+    write_ct_series(tmp_path / "s", hu, positions_z=z)
+    result = import_dicom(tmp_path / "s")
+    assert any("irregular slice spacing" in w for w in result.warnings)
+    assert result.volume.spacing[2] == pytest.approx((z[-1] - z[0]) / 15, abs=1e-4)
+
+
+def test_gantry_tilt_is_corrected_with_warning(tmp_path):
+    from scipy import ndimage
+
+    hu = body_phantom((16, 40, 40))
+    # a straight object in the patient: each tilted slice sees it shifted by -0.4 mm per slice along the columns
+    hu = np.stack([ndimage.shift(s, (-0.4 * k / 0.8, 0), order=1, mode="nearest") for k, s in enumerate(hu)])
+    write_ct_series(tmp_path / "s", hu, tilt_mm_per_slice=0.4)
+    result = import_dicom(tmp_path / "s")
+    assert any("gantry tilt" in w for w in result.warnings)
+    # the bony disc sits at the same (y, x) in every corrected slice
+    bone = result.volume.array > 400
+    centres = [np.argwhere(s).mean(0) for s in bone]
+    assert np.ptp([c[0] for c in centres]) < 0.6
+
+
+def _all_output_bytes(folder: Path) -> bytes:
+    blob = b""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            blob += gzip.decompress(data) if path.suffix == ".gz" else data
+    return blob
+
+
+def _assert_nothing_planted(blob: bytes, uids: list[str]) -> None:
+    text = blob.decode("latin-1").lower()
+    for key, value in PLANTED.items():
+        # the whole value, each person-name component, and the invented words (plain words like
+        # "spine" or "road" legitimately appear in reports)
+        fragments = {value, *value.split("^"), *(w for w in value.split() if "quorvath" in w.lower())}
+        for fragment in fragments:
+            assert fragment.lower() not in text, f"{key} value {fragment!r} leaked"
+    for uid in uids:
+        assert uid not in text
+
+
+def _plant(src: Path, dst: Path) -> list[str]:
+    """Copy a series, plant identifying values; returns its original UIDs."""
+    dst.mkdir(parents=True)
+    uids: set[str] = set()
+    for path in sorted(src.iterdir()):
+        ds = pydicom.dcmread(path)
+        for key, value in PLANTED.items():
+            setattr(ds, key, value)
+        for tag in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
+            if tag in ds:
+                uids.add(str(getattr(ds, tag)))
+        ds.save_as(dst / f"slice{len(uids):04d}.dcm")
+    return sorted(uids)
+
+
+def _deid_check(series: Path, tmp_path: Path, capsys) -> None:
+    uids = _plant(series, tmp_path / "in")
+    out = tmp_path / "out"
+    assert main(["import", str(tmp_path / "in"), "-o", str(out / "ct.nii.gz")]) == 0
+    assert main(["run", str(tmp_path / "in"), "-o", str(out / "run"), "--no-wiener", "--quiet", "--log-json"]) == 0
+    logs = capsys.readouterr()
+    sidecar = json.loads((out / "ct.json").read_text())
+    assert sidecar["deidentified"] is True and sidecar["case_id"].startswith("case-")
+    assert (out / "run" / "ct.nii.gz").exists()
+    _assert_nothing_planted(_all_output_bytes(out) + (logs.out + logs.err).encode(), uids)
+
+
+def test_deidentification_synthetic_series(tmp_path, capsys):
+    write_ct_series(tmp_path / "src", body_phantom((16, 32, 32)), plant=PLANTED)
+    _deid_check(tmp_path / "src", tmp_path / "case", capsys)
+
+
+def test_deidentification_real_series(shared_data, tmp_path, capsys):
+    src = tmp_path / "real"
+    src.mkdir()
+    files = sorted((shared_data / "lidc-idri-0314" / "dicom").iterdir())
+    z = [float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in files]
+    for index in np.argsort(z)[150:180]:  # 30 contiguous slices through the lower thorax
+        shutil.copy(files[index], src / files[index].name)
+    _deid_check(src, tmp_path / "case", capsys)
+
+
+def test_deidentified_headers_keep_geometry_drop_identity(tmp_path):
+    write_ct_series(tmp_path / "s", body_phantom((12, 32, 32)), plant=PLANTED)
+    result = import_dicom(tmp_path / "s")
+    headers = result.source_headers()
+    assert len(headers) == 12
+    h = headers[0]
+    assert h.PatientID == result.case_id and h.PatientIdentityRemoved == "YES"
+    assert "InstitutionName" not in h and "PatientBirthDate" not in h or h.PatientBirthDate == ""
+    assert h.StudyInstanceUID.startswith("2.25.")
+    assert [float(v) for v in h.ImagePositionPatient] == pytest.approx(list(result.volume.origin), abs=1e-3)
+
+
+def test_real_series_matches_simpleitk(shared_data):
+    import SimpleITK as sitk
+
+    folder = shared_data / "lidc-idri-0314" / "dicom"
+    ours = import_dicom(folder).volume
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    ref = reader.Execute()
+    np.testing.assert_array_equal(ours.array, sitk.GetArrayViewFromImage(ref))
+    np.testing.assert_allclose(ours.spacing, ref.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(ours.origin, ref.GetOrigin(), atol=1e-3)
+
+
+def test_jpeg2000_series_imports(shared_data):
+    import SimpleITK as sitk
+
+    folder = shared_data / "dicom-jpeg2000-20"
+    ours = import_dicom(folder).volume
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    ref = sitk.GetArrayFromImage(reader.Execute())
+    assert ours.shape == (20, 512, 512)
+    np.testing.assert_array_equal(ours.array, ref)

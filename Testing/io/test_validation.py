@@ -1,0 +1,144 @@
+"""Bad input gives exit status 2 and one ``error:`` line naming the file, never a traceback."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from VertebralFractureLib.cli import main
+from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.core.volume import Volume
+from VertebralFractureLib.io.validation import check_ct, check_labels
+from VertebralFractureLib.io.volume_files import write_volume
+
+
+def _ct(shape=(20, 24, 24)) -> Volume:
+    rng = np.random.default_rng(0)
+    a = np.full(shape, -1000, np.int16)
+    a[:, 4:20, 4:20] = 40
+    a[:, 10:14, 10:14] = 800
+    return Volume(a + rng.integers(-10, 10, shape).astype(np.int16), (1.0, 1.0, 1.5))
+
+
+def _write_bad(kind: str, folder):
+    path = folder / f"{kind}.nii.gz"
+    if kind == "2d":
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((32, 32), np.int16)), str(path))
+    elif kind == "single_slice":
+        write_volume(Volume(np.zeros((1, 32, 32), np.int16)), path)
+    elif kind == "4d":
+        frames = [sitk.GetImageFromArray(_ct().array) for _ in range(3)]
+        sitk.WriteImage(sitk.JoinSeries(frames), str(path))
+    elif kind == "constant":
+        write_volume(Volume(np.full((20, 20, 20), -1000, np.int16)), path)
+    elif kind == "uint8":
+        write_volume(Volume(np.random.default_rng(0).integers(0, 255, (20, 20, 20)).astype(np.uint8)), path)
+    elif kind == "normalised":
+        write_volume(Volume(np.random.default_rng(0).random((20, 20, 20)).astype(np.float32)), path)
+    elif kind == "raw_offset":
+        write_volume(_ct().with_array(_ct().array + 1024), path)
+    elif kind == "nan":
+        a = _ct().array.astype(np.float32)
+        a[3, 3, 3] = np.nan
+        path = write_volume(_ct().with_array(a), folder / "nan.nrrd")
+    elif kind == "truncated":
+        write_volume(_ct(), path)
+        data = gzip.decompress(path.read_bytes())
+        path.write_bytes(gzip.compress(data[: len(data) // 2]))
+    elif kind == "truncated_mha":
+        path = write_volume(_ct(), folder / "t.mha", compress=False)
+        path.write_bytes(path.read_bytes()[:-300])
+    elif kind == "empty_file":
+        path.write_bytes(b"")
+    elif kind == "not_an_image":
+        path.write_text("hello")
+    elif kind == "absurd":
+        path = folder / "absurd.nhdr"
+        path.write_text(
+            "NRRD0004\ntype: short\ndimension: 3\nsizes: 512 512 4000\nencoding: raw\nendian: little\ndata file: absurd.raw\n\n"
+        )
+        (folder / "absurd.raw").write_bytes(b"")
+    elif kind == "missing":
+        path = folder / "does_not_exist.nii.gz"
+    return path
+
+
+BAD = {
+    "2d": "2D image",
+    "single_slice": "2D image",
+    "4d": "4D image",
+    "constant": "constant image",
+    "uint8": "cannot hold Hounsfield",
+    "normalised": "no bone or soft tissue",
+    "raw_offset": "no negative values",
+    "nan": "NaN",
+    "truncated": "cannot be read",
+    "truncated_mha": "cannot be read",
+    "empty_file": "not a readable image",
+    "not_an_image": "not a readable image",
+    "absurd": "absurd size",
+    "missing": "not found",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_bad_input_one_line_exit_2(tmp_path, capsys, kind):
+    path = _write_bad(kind, tmp_path)
+    out = tmp_path / "out"
+    assert main(["run", str(path), "-o", str(out), "--quiet"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("error:") and str(path) in lines[0] and BAD[kind] in lines[0]
+    assert "Traceback" not in captured.err
+    assert not out.exists()
+
+
+def test_shared_non_hu_volume_is_refused(shared_data, tmp_path, capsys):
+    path = shared_data / "bad-uint8-not-hu" / "ct_uint8.nii.gz"
+    assert main(["run", str(path), "-o", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Hounsfield" in err[0] and str(path) in err[0]
+
+
+@pytest.mark.parametrize("name", ["lidc-idri-0314/ct_1p5mm.nii.gz", "tptbox-l2-l4/sub-ct_label-22_ct.nii.gz",
+                                  "aorta-cta-thorax/ct.nii.gz"])
+def test_real_ct_passes_validation(shared_data, name):
+    from VertebralFractureLib.io.reading import read_volume
+
+    check_ct(read_volume(shared_data / name), name)
+
+
+def test_labels_that_do_not_fit_are_refused():
+    ct = _ct()
+    far = Volume(np.ones(ct.shape, np.uint8), ct.spacing, (500.0, 500.0, 500.0))
+    with pytest.raises(InputError, match="does not fit"):
+        check_labels(far, ct)
+    with pytest.raises(InputError, match="not VerSe label ids"):
+        check_labels(ct.with_array(np.full(ct.shape, 300, np.int16)), ct)
+
+
+def test_labels_on_other_grid_are_resampled():
+    ct = _ct()
+    labels = np.zeros(ct.shape, np.uint8)
+    labels[5:15, 8:16, 8:16] = 20
+    coarse = Volume(labels[::2, ::2, ::2].copy(), tuple(s * 2 for s in ct.spacing), ct.origin)
+    out = check_labels(coarse, ct)
+    assert out.same_geometry(ct) and set(np.unique(out.array)) == {0, 20}
+
+
+@pytest.mark.parametrize("kind", ["truncated_mha", "4d", "uint8"])
+def test_cli_process_stderr_is_one_line(tmp_path, kind):
+    """In a real process, native ITK messages on file descriptor 2 must not add lines either."""
+    import subprocess
+    import sys
+
+    path = _write_bad(kind, tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "VertebralFractureLib.cli", "run", str(path), "-o", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(path) in lines[0], proc.stderr

@@ -1,0 +1,61 @@
+"""Volume I/O: geometry round-trips for every format and orientation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from VertebralFractureLib.core.volume import Volume, resample_spacing
+from VertebralFractureLib.io.reading import read_volume
+from VertebralFractureLib.io.volume_files import write_volume
+
+
+def _rotation(axis: np.ndarray, degrees: float) -> np.ndarray:
+    axis = axis / np.linalg.norm(axis)
+    a = np.radians(degrees)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+
+
+DIRECTIONS = {
+    "LPS": np.eye(3),
+    "RAS": np.diag([-1.0, -1.0, 1.0]),
+    # PIR: i runs posterior, j inferior, k right (the tptbox crop's orientation)
+    "PIR": np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]),
+    "oblique": _rotation(np.array([1.0, 2.0, 0.5]), 17.0),
+}
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".nrrd", ".mha"])
+@pytest.mark.parametrize("orientation", list(DIRECTIONS))
+def test_geometry_round_trip(tmp_path, suffix, orientation):
+    rng = np.random.default_rng(1)
+    array = rng.integers(-1000, 2000, size=(12, 9, 7)).astype(np.int16)
+    vol = Volume(array, (0.7, 0.9, 1.3), (-12.5, 40.25, -301.75), DIRECTIONS[orientation])
+    path = write_volume(vol, tmp_path / f"v{suffix}")
+    back = read_volume(path, check=False)
+    assert back.array.dtype == np.int16
+    np.testing.assert_array_equal(back.array, array)
+    np.testing.assert_allclose(back.spacing, vol.spacing, atol=1e-5)
+    np.testing.assert_allclose(back.origin, vol.origin, atol=1e-4)
+    np.testing.assert_allclose(back.direction, vol.direction, atol=1e-5)
+    # a voxel maps to the same physical point before and after
+    ijk = np.array([3.0, 5.0, 11.0])
+    np.testing.assert_allclose(back.index_to_lps(ijk), vol.index_to_lps(ijk), atol=1e-4)
+
+
+def test_index_lps_inverse():
+    vol = Volume(np.zeros((5, 6, 7)), (0.5, 0.6, 2.0), (1, 2, 3), DIRECTIONS["oblique"])
+    pts = np.array([[0, 0, 0], [6, 5, 4], [1.5, 2.25, 3.75]])
+    np.testing.assert_allclose(vol.lps_to_index(vol.index_to_lps(pts)), pts, atol=1e-9)
+    # axis_lps gives the LPS direction of array axes in (z, y, x) order
+    np.testing.assert_allclose(vol.axis_lps()[0], vol.direction[:, 2])
+
+
+def test_resample_spacing_keeps_centre():
+    vol = Volume(np.ones((20, 20, 20), np.float32), (1, 1, 1), (0, 0, 0), DIRECTIONS["PIR"])
+    out = resample_spacing(vol, (2.0, 2.0, 2.0))
+    assert out.shape == (10, 10, 10)
+    centre_in = vol.index_to_lps(np.array([9.5, 9.5, 9.5]))
+    centre_out = out.index_to_lps(np.array([4.5, 4.5, 4.5]))
+    np.testing.assert_allclose(centre_in, centre_out, atol=1e-6)

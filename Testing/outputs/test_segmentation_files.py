@@ -1,0 +1,254 @@
+"""Segmentation writers: Slicer .seg.nrrd read back by slicer-core, DICOM SEG read back by highdicom."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from VertebralFractureLib.core.levels import level_name
+from VertebralFractureLib.core.records import VertebraRecord
+from VertebralFractureLib.core.volume import Volume
+from VertebralFractureLib.outputs.segmentation_files import (
+    probability_color,
+    read_seg_nrrd,
+    segment_color,
+    vertebra_code,
+    write_dicom_seg,
+    write_seg_nrrd,
+)
+
+
+def _oblique_direction(angle: float = 0.3) -> np.ndarray:
+    """Columns = LPS unit vectors of i, j, k: rotated about S, j and k flipped (a non-trivial, right-handed grid)."""
+    c, s = math.cos(angle), math.sin(angle)
+    rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    return rot @ np.diag([1.0, -1.0, -1.0])
+
+
+def _boxes(direction: np.ndarray | None = None) -> Volume:
+    """Three vertebra-like boxes L1, L2, L3 (ids 20, 21, 22) on an anisotropic, oblique grid."""
+    a = np.zeros((30, 20, 25), np.uint8)
+    a[2:9, 5:15, 4:20] = 20
+    a[10:18, 5:15, 4:20] = 21
+    a[19:27, 6:14, 5:19] = 22
+    return Volume(a, (0.8, 0.9, 1.5), (10.0, -20.0, 30.0), _oblique_direction() if direction is None else direction)
+
+
+RECORDS = [
+    VertebraRecord(20, "L1", fracture_probability=0.1, genant_grade=0, genant_type="normal"),
+    VertebraRecord(21, "L2", fracture_probability=0.9, genant_grade=2, genant_type="wedge"),
+    # L3 has no record: it must still become a (grey) segment
+]
+
+
+# --- .seg.nrrd --------------------------------------------------------------------------------------------------
+def test_seg_nrrd_read_by_slicer_storage_node(tmp_path):
+    slicer = pytest.importorskip("slicer")
+    import vtk
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    labels = _boxes()
+    path = write_seg_nrrd(labels, RECORDS, tmp_path / "segmentation.seg.nrrd")
+
+    scene = slicer.vtkMRMLScene()
+    node = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(node)
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node) == 1
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 3
+
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    for index, (label, name) in enumerate([(20, "L1"), (21, "L2"), (22, "L3")]):
+        segment = segmentation.GetNthSegment(index)
+        assert segment.GetName() == name
+        assert segment.GetLabelValue() == label
+        record = next((r for r in RECORDS if r.label == label), None)
+        expected_color = segment_color(label, record.fracture_probability if record else math.nan)
+        assert np.allclose(segment.GetColor(), expected_color, atol=1e-3)
+        tag = vtk.reference("")
+        assert segment.GetTag("VertebralFracture.LabelValue", tag)
+        assert str(tag) == str(label)
+        assert segment.GetTag("TerminologyEntry", tag) and vertebra_code(label).value in str(tag)
+
+        # voxels: same count, and the same physical (RAS) centroid as in our label map
+        image = segment.GetRepresentation("Binary labelmap")
+        extent = image.GetExtent()
+        dims = [extent[1] - extent[0] + 1, extent[3] - extent[2] + 1, extent[5] - extent[4] + 1]
+        array = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
+        mask = array == segment.GetLabelValue()
+        assert mask.sum() == (labels.array == label).sum()
+        matrix = vtk.vtkMatrix4x4()
+        image.GetImageToWorldMatrix(matrix)
+        m = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+        k, j, i = np.nonzero(mask)
+        ijk = np.stack([i + extent[0], j + extent[2], k + extent[4], np.ones_like(i)], axis=1).mean(0)
+        ras_slicer = (m @ ijk)[:3]
+        k0, j0, i0 = np.nonzero(labels.array == label)
+        ras_ours = lps_to_ras @ labels.index_to_lps(np.stack([i0, j0, k0], 1).mean(0))
+        assert np.allclose(ras_slicer, ras_ours, atol=1e-3)
+
+
+def test_seg_nrrd_round_trip_and_empty(tmp_path):
+    labels = _boxes()
+    path = write_seg_nrrd(labels, RECORDS, tmp_path / "a.seg.nrrd")
+    back, segments = read_seg_nrrd(path)
+    assert np.array_equal(back.array, labels.array)
+    assert back.same_geometry(labels, tol_mm=1e-6)
+    assert [s["Name"] for s in segments] == ["L1", "L2", "L3"]
+    assert "VertebralFracture.FractureProbability:0.9000" in segments[1]["Tags"]
+    assert "VertebralFracture.GenantType:wedge" in segments[1]["Tags"]
+
+    empty = labels.with_array(np.zeros(labels.shape, np.uint8))
+    back, segments = read_seg_nrrd(write_seg_nrrd(empty, [], tmp_path / "empty.seg.nrrd"))
+    assert segments == [] and not back.array.any()
+
+
+def test_colours_follow_probability():
+    reds = [probability_color(p)[0] for p in (0.0, 0.25, 0.5)]
+    greens = [probability_color(p)[1] for p in (0.5, 0.75, 1.0)]
+    assert reds == sorted(reds) and greens == sorted(greens, reverse=True)
+    assert probability_color(math.nan) == probability_color(float("nan"))
+    # neighbours with equal probability still differ
+    assert segment_color(20, 0.3) != segment_color(21, 0.3)
+
+
+def test_codes_for_every_level():
+    codes = {vertebra_code(label).value for label in [*range(1, 25)]}
+    assert len(codes) == 24  # C1..L5 each have their own SNOMED CT code
+    assert vertebra_code(20).meaning == "L1 vertebra"
+    assert vertebra_code(28).meaning == "Vertebra"  # T13 has none: generic "Vertebra"
+
+
+# --- DICOM SEG --------------------------------------------------------------------------------------------------
+def ct_series(volume: Volume, patient_name: str = "Anonymous^") -> list:
+    """Single-frame CT datasets on ``volume``'s grid (slice k at index_to_lps(0, 0, k)), pixel data from its array."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    nk, nj, ni = volume.shape
+    out = []
+    for k in range(nk):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.Modality = "CT"
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "ID-12345", patient_name, "19500101", "F"
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = "20200101", "", "", "", ""
+        ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
+        ds.ImageOrientationPatient = [float(x) for x in [*volume.direction[:, 0], *volume.direction[:, 1]]]
+        ds.ImagePositionPatient = [float(x) for x in volume.index_to_lps([0, 0, k])]
+        ds.PixelSpacing = [volume.spacing[1], volume.spacing[0]]
+        ds.SliceThickness = volume.spacing[2]
+        ds.Rows, ds.Columns = nj, ni
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = np.ascontiguousarray(volume.array[k].astype(np.int16)).tobytes()
+        out.append(ds)
+    return out
+
+
+def _check_seg(path, labels: Volume, source: list) -> None:
+    import highdicom as hd
+
+    seg = hd.seg.segread(str(path))
+    ids = [20, 21, 22]
+    assert seg.number_of_segments == len(ids)
+    # BINARY with empty frames omitted: one frame per (segment, slice holding it)
+    assert seg.NumberOfFrames == sum(len(np.unique(np.nonzero(labels.array == i)[0])) for i in ids)
+    for number, label in enumerate(ids, start=1):
+        description = seg.get_segment_description(number)
+        assert description.segment_label == level_name(label)
+        assert description.segmented_property_type.value == vertebra_code(label).value
+        assert description.segmented_property_category.meaning == "Anatomical Structure"
+        mask = seg.get_volume(segment_numbers=[number], combine_segments=True).array
+        assert int(mask.astype(bool).sum()) == int((labels.array == label).sum())
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source[0].SeriesInstanceUID
+    referenced = {item.ReferencedSOPInstanceUID for item in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced <= {ds.SOPInstanceUID for ds in source}
+
+
+def test_dicom_seg_round_trip(tmp_path):
+    labels = _boxes()
+    source = ct_series(labels)
+    shuffled = source[:]
+    random.Random(0).shuffle(shuffled)  # the writer orders the slices itself
+    path = write_dicom_seg(labels, RECORDS, shuffled, tmp_path / "segmentation.dcm")
+    _check_seg(path, labels, source)
+
+
+def test_dicom_seg_label_map_on_another_grid(tmp_path):
+    """A label map whose grid is the series' flipped along k (an import that reoriented) still lands on the slices."""
+    labels = _boxes()
+    source = ct_series(labels)
+    nk = labels.shape[0]
+    flipped = Volume(labels.array[::-1].copy(), labels.spacing, tuple(labels.index_to_lps([0, 0, nk - 1])),
+                     labels.direction @ np.diag([1.0, 1.0, -1.0]))
+    path = write_dicom_seg(flipped, RECORDS, source, tmp_path / "segmentation.dcm")
+    _check_seg(path, labels, source)
+
+
+def test_dicom_seg_one_frame_of_reference(tmp_path):
+    """A series whose slices carry different FrameOfReferenceUIDs (as LIDC-IDRI does) still gets a SEG, with a warning."""
+    from pydicom.uid import generate_uid
+
+    labels = _boxes()
+    source = ct_series(labels)
+    for ds in source[::2]:
+        ds.FrameOfReferenceUID = generate_uid()
+    warnings: list[str] = []
+    path = write_dicom_seg(labels, RECORDS, source, tmp_path / "segmentation.dcm", warnings=warnings)
+    _check_seg(path, labels, source)
+    assert len(warnings) == 1 and "FrameOfReferenceUID" in warnings[0]
+    assert source[0].FrameOfReferenceUID != source[1].FrameOfReferenceUID  # the caller's datasets are untouched
+
+
+def test_dicom_seg_needs_a_segment(tmp_path):
+    labels = _boxes()
+    with pytest.raises(ValueError, match="no vertebra"):
+        write_dicom_seg(labels.with_array(np.zeros(labels.shape, np.uint8)), [], ct_series(labels), tmp_path / "x.dcm")
+
+
+def test_run_on_dicom_writes_seg_and_no_identifiers(tmp_path):
+    """``run`` on a DICOM folder with --labels: segmentation.dcm referencing the (de-identified) series, no PHI anywhere."""
+    import json
+
+    import highdicom as hd
+
+    from VertebralFractureLib.app.pipeline import PipelineOptions, run_pipeline
+    from VertebralFractureLib.io.volume_files import write_volume
+
+    labels = _boxes()
+    ct = labels.with_array(np.where(labels.array > 0, 450, 40).astype(np.int16))
+    ct.array[:, :3, :] = -1000  # air in front of the body: a CT in HU has it
+    dicom_dir = tmp_path / "dicom"
+    dicom_dir.mkdir()
+    for index, ds in enumerate(ct_series(ct, patient_name="Doe^Jane")):
+        ds.save_as(dicom_dir / f"slice{index:03d}.dcm", enforce_file_format=True)
+    write_volume(labels, tmp_path / "labels.nii.gz")
+
+    out = tmp_path / "out"
+    result = run_pipeline(dicom_dir, out, labels_path=tmp_path / "labels.nii.gz", options=PipelineOptions(wiener=False))
+    names = {p.name for p in out.iterdir()}
+    assert {"segmentation.nii.gz", "segmentation.seg.nrrd", "segmentation.dcm", "ct.nii.gz", "report.html",
+            "vertebrae.csv", "result.json"} <= names
+    seg = hd.seg.segread(str(out / "segmentation.dcm"))
+    assert [seg.get_segment_description(n).segment_label for n in (1, 2, 3)] == ["L1", "L2", "L3"]
+    assert seg.PatientID == result.case_id != "ID-12345"
+    for path in out.iterdir():
+        data = path.read_bytes()
+        for identifier in (b"Doe", b"Jane", b"ID-12345", b"19500101", b"20200101"):
+            assert identifier not in data, f"{identifier!r} leaked into {path.name}"
+    assert json.loads((out / "result.json").read_text())["case_id"] == result.case_id

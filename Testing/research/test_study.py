@@ -1,0 +1,255 @@
+"""The classification study end to end on a tiny phantom cohort, plus its building blocks.
+
+Small on purpose (8 patients x 4 vertebrae, 1 epoch): the test checks the outputs' contents and the
+no-leak split, not the models' accuracy (that is the benchmark's and the study's job).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+from VertebralFractureLib.cli import main  # noqa: E402
+from VertebralFractureLib.core.errors import InputError  # noqa: E402
+from VertebralFractureLib.core.records import VertebraRecord  # noqa: E402
+from VertebralFractureLib.core.volume import Volume  # noqa: E402
+from VertebralFractureLib.research import evaluation  # noqa: E402
+from VertebralFractureLib.research.study import StudyOptions, run_study, write_phantom_cohort  # noqa: E402
+from VertebralFractureLib.stages import classification
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return write_phantom_cohort(tmp_path_factory.mktemp("cohort"), 8, seed=3, n_levels=4, fracture_rate=0.5, spacing=2.0)
+
+
+@pytest.fixture(scope="module")
+def study_out(cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    code = main(["study", str(cohort), "-o", str(out), "--models", "customcnn", "radiomics-lasso", "genant-rule", "customcnn-radiomics",
+                 "--epochs", "1", "--folds", "2", "--bootstrap", "200", "--cache-dir", str(out / "cache"),
+                 "--threads", "2", "--quiet", "--test-fraction", "0.25"])
+    assert code == 0
+    return out
+
+
+def _read(path):
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_tables_have_the_study_columns_and_sane_values(study_out):
+    t1 = _read(study_out / "table1.csv")
+    assert list(t1[0]) == ["model", "loss", "roc_auc", "accuracy", "sensitivity", "specificity"]
+    assert [r["model"] for r in t1] == ["customcnn", "radiomics-lasso", "genant-rule", "customcnn-radiomics"]
+    for row in t1:
+        assert float(row["loss"]) > 0
+        for metric in ("roc_auc", "accuracy", "sensitivity", "specificity"):
+            assert 0.0 <= float(row[metric]) <= 1.0, (row, metric)
+    t2 = _read(study_out / "table2.csv")
+    assert list(t2[0]) == ["model", "metric", "ci_low", "ci_high"]
+    assert len(t2) == 4 * 5
+    value = {(r["model"], m): float(r[m]) for r in t1 for m in evaluation.METRICS}
+    for row in t2:
+        low, high = float(row["ci_low"]), float(row["ci_high"])
+        assert low <= value[(row["model"], row["metric"])] <= high, row
+        if row["metric"] != "loss":
+            assert 0.0 <= low <= high <= 1.0
+    md = (study_out / "table1.md").read_text()
+    assert md.startswith("| model | loss | roc_auc |") and "radiomics-lasso" in md
+    assert len(_read(study_out / "table1_vertebra.csv")) == 4
+
+
+def test_no_patient_in_both_train_and_test(study_out, cohort):
+    split = json.loads((study_out / "split.json").read_text())
+    assert split["train"] and split["test"]
+    assert not set(split["train"]) & set(split["test"])
+    all_cases = {r["case"] for r in _read(cohort / "labels.csv")}
+    assert set(split["train"]) | set(split["test"]) == all_cases
+    predicted = {r["case"] for r in _read(study_out / "predictions.csv")}
+    assert predicted == set(split["test"])
+
+
+def test_lasso_selection_and_figures(study_out):
+    lasso = json.loads((study_out / "lasso.json").read_text())
+    assert lasso["n_features"] > 500  # the parameter file's 654 (some may be constant but all are listed)
+    assert 1 <= len(lasso["selected"]) <= lasso["n_features"]
+    assert len(lasso["log_lambda"]) == len(lasso["cv_auc_mean"]) == len(lasso["n_selected"])
+    # more regularisation never selects more features at the two ends of the path
+    assert lasso["n_selected"][0] <= lasso["n_selected"][-1]
+    selected = _read(study_out / "selected_features.csv")
+    assert [r["feature"] for r in selected] == lasso["selected"]
+    for name in ("roc_patient.png", "roc_vertebra.png", "training_curves.png", "lasso_path.png", "lasso_cv_auc.png"):
+        assert (study_out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    history = json.loads((study_out / "training_history.json").read_text())
+    assert list(history) == ["customcnn", "customcnn-radiomics"] and history["customcnn"][0]["epoch"] == 1
+    report = (study_out / "report.html").read_text()
+    assert "Table 1" in report and report.count("data:image/png;base64,") == 5 and "customcnn" in report
+
+
+def test_genant_rule_follows_morphometry(study_out):
+    rows = _read(study_out / "predictions.csv")
+    fractured = [float(r["p_genant-rule"]) for r in rows if r["fractured"] == "1" and r["partial"] == "0"]
+    normal = [float(r["p_genant-rule"]) for r in rows if r["fractured"] == "0" and r["partial"] == "0"]
+    if fractured and normal:
+        assert np.mean(fractured) > np.mean(normal)
+
+
+def test_thresholds_are_chosen_on_training_data_and_used(study_out):
+    info = json.loads((study_out / "study.json").read_text())
+    thr = info["thresholds"]
+    assert set(thr) == {"customcnn", "radiomics-lasso", "genant-rule", "customcnn-radiomics"}
+    assert thr["genant-rule"] == 0.5  # p = 0.5 at 20 % height loss: Genant grade >= 1
+    assert all(0.0 < t <= 1.0 for t in thr.values())
+    # table1's accuracy is the one at the model's own threshold, recomputed from predictions.csv
+    rows = _read(study_out / "predictions.csv")
+    t1 = {r["model"]: r for r in _read(study_out / "table1_vertebra.csv")}
+    for model, t in thr.items():
+        y = np.array([int(r["fractured"]) for r in rows])
+        p = np.array([float(r[f"p_{model}"]) for r in rows])
+        assert float(t1[model]["accuracy"]) == pytest.approx(np.mean((p >= t) == (y == 1)), abs=1e-4)
+
+
+def test_cross_validation_table(cohort, tmp_path):
+    result = run_study(cohort, tmp_path, StudyOptions(models=["genant-rule"], cv=True, folds=2, n_boot=50, workers=1))
+    (row,) = result.cv_table
+    assert row["model"] == "genant-rule" and row["folds"] == 2
+    for key in ("pooled_roc_auc", "pooled_accuracy", "pooled_sensitivity", "pooled_specificity"):
+        assert 0.0 <= row[key] <= 1.0, key
+    assert _read(tmp_path / "cv_table.csv")[0]["model"] == "genant-rule"
+
+
+def test_youden_threshold_separates_shifted_scores():
+    # predictions far below 0.5 (an under-confident model): 0.5 calls nothing, Youden J finds the gap
+    y = np.array([0] * 8 + [1] * 2)
+    p = np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.2, 0.3])
+    t = classification.youden_threshold(y, p)
+    assert 0.08 < t <= 0.2
+    m = evaluation.binary_metrics(y, p, t)
+    assert m["sensitivity"] == 1.0 and m["specificity"] == 1.0
+    assert evaluation.binary_metrics(y, p)["sensitivity"] == 0.0
+    assert classification.youden_threshold(np.zeros(3), np.array([0.1, 0.2, 0.3])) == 0.5  # one class: default
+
+
+def test_study_rejects_bad_input(tmp_path, cohort):
+    with pytest.raises(InputError, match="labels.csv"):
+        run_study(tmp_path, tmp_path / "out", StudyOptions(models=["genant-rule"]))
+    with pytest.raises(InputError, match="unknown model"):
+        run_study(cohort, tmp_path / "out", StudyOptions(models=["alexnet"]))
+    assert main(["study", "-o", str(tmp_path / "o")]) == 2
+
+
+def test_metrics_and_bootstrap():
+    y = [0, 0, 1, 1]
+    m = evaluation.binary_metrics(y, [0.1, 0.6, 0.4, 0.9])
+    assert m["roc_auc"] == pytest.approx(0.75)
+    assert m["accuracy"] == 0.5 and m["sensitivity"] == 0.5 and m["specificity"] == 0.5
+    assert m["loss"] == pytest.approx(-np.mean(np.log([0.9, 0.4, 0.4, 0.9])))
+    cases, yp, pp = evaluation.patient_level(["a", "a", "b", "b"], [0, 1, 0, 0], [0.2, 0.7, 0.1, math.nan])
+    assert cases == ["a", "b"] and yp.tolist() == [1, 0] and pp.tolist() == [0.7, 0.1]
+    ci = evaluation.bootstrap_ci([0, 1] * 20, np.linspace(0, 1, 40), [str(i) for i in range(40)], n_boot=200)
+    for metric, (low, high) in ci.items():
+        assert low <= high, metric
+
+
+def test_every_network_maps_a_crop_batch_to_logits():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 32, 32, 32)
+    for name in classification.CNN_MODELS:
+        net = classification.build_network(name).eval()
+        with torch.no_grad():
+            assert net(x).shape == (2,), name
+    fused = classification.build_network("customcnn", n_radiomics=5).eval()
+    with torch.no_grad():
+        assert fused(x, torch.rand(2, 5)).shape == (2,)
+
+
+def _box_case(height_mm: float) -> tuple[Volume, Volume]:
+    """A 'vertebra' box of given height in a 1 mm LPS CT (array z, y, x)."""
+    ct = np.full((80, 80, 80), -100, np.int16)
+    lab = np.zeros((80, 80, 80), np.uint8)
+    h = int(height_mm)
+    sl = (slice(40 - h // 2, 40 - h // 2 + h), slice(25, 55), slice(25, 55))
+    ct[sl] = 250
+    lab[sl] = 20
+    return Volume(ct, (1.0, 1.0, 1.0)), Volume(lab, (1.0, 1.0, 1.0))
+
+
+def test_crop_is_orientation_independent_and_shows_height():
+    ct, lab = _box_case(26)
+    crop = classification.extract_crop(ct, lab, 20)
+    assert crop.shape == (32, 32, 32) and crop.dtype == np.float32
+    rows = np.flatnonzero(crop.max(axis=(1, 2)) > 0)
+    assert 13 <= len(rows) <= 16  # 26 mm / 2 mm + one dilated voxel each side
+    # the same image stored flipped along i (RAS-like x) gives the same crop
+    flipped_dir = np.diag([-1.0, 1.0, 1.0])
+    origin = (79.0, 0.0, 0.0)
+    ct_f = Volume(ct.array[:, :, ::-1].copy(), ct.spacing, origin, flipped_dir)
+    lab_f = Volume(lab.array[:, :, ::-1].copy(), lab.spacing, origin, flipped_dir)
+    assert np.allclose(classification.extract_crop(ct_f, lab_f, 20), crop, atol=1e-4)
+    short = classification.extract_crop(*_box_case(16), 20)
+    assert (short.max(axis=(1, 2)) > 0).sum() < len(rows)
+
+
+def test_predict_fractures_combines_and_aggregates(tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    net = classification.build_network("customcnn")
+    model_dir = classification.save_classifier(net, "customcnn", tmp_path / "m", {"training_data": "none (test)"})
+    ct, lab = _box_case(26)
+    records = [VertebraRecord(label=20, level="L1", probability_morphometry=0.9, fracture_probability=0.9),
+               VertebraRecord(label=21, level="L2", partial=True)]
+    patient, warnings = classification.predict_fractures(ct, lab, records, device="cpu", model_dir=model_dir)
+    p_cls = records[0].probability_classifier
+    assert 0.0 <= p_cls <= 1.0
+    assert records[0].fracture_probability == pytest.approx(max(p_cls, 0.9))
+    assert math.isnan(records[1].fracture_probability)  # partial: not scored
+    assert patient == pytest.approx(records[0].fracture_probability) and warnings == []
+    # a missing model degrades to morphometry alone, with a warning
+    records = [VertebraRecord(label=20, level="L1", probability_morphometry=0.3)]
+    patient, warnings = classification.predict_fractures(ct, lab, records, device="cpu", model_dir=tmp_path / "none")
+    assert patient == pytest.approx(0.3) and warnings and "classifier not available" in warnings[0]
+
+
+def test_model_card_and_safetensors_round_trip(tmp_path):
+    torch = pytest.importorskip("torch")
+    net = classification.build_network("mobilenetv3")
+    classification.save_classifier(net, "mobilenetv3", tmp_path, {"training_data": "test"})
+    card = json.loads((tmp_path / "card.json").read_text())
+    assert card["architecture"] == "mobilenetv3" and card["input"]["crop_size_voxels"] == 32
+    loaded, _ = classification.load_classifier(tmp_path)
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), net.eval()(x))
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    classification._LOADED.clear()
+    with pytest.raises(InputError):
+        classification.load_classifier(tmp_path)
+
+
+def test_lasso_selects_the_informative_features_within_training_data():
+    rng = np.random.default_rng(0)
+    n_patients, per_patient = 40, 5
+    groups = np.repeat([f"p{i}" for i in range(n_patients)], per_patient)
+    x = rng.normal(size=(n_patients * per_patient, 40))
+    logit = 2.5 * x[:, 3] - 2.0 * x[:, 17]
+    y = (logit + rng.normal(scale=0.5, size=len(logit)) > 0).astype(int)
+    x[rng.random(x.shape) < 0.01] = np.nan  # missing values are imputed with the training median
+    names = [f"f{j}" for j in range(40)]
+    lasso = classification.RadiomicsLasso(folds=4).fit(x, y, groups, names)
+    assert {"f3", "f17"} <= set(lasso.selected)
+    assert len(lasso.selected) <= 12
+    assert lasso.n_selected[0] <= lasso.n_selected[-1]  # strongest penalty first
+    assert np.nanmax(lasso.cv_auc_mean) > 0.9
+    p = lasso.predict_proba(x)
+    assert evaluation.binary_metrics(y, p)["roc_auc"] > 0.9
+    coef = dict(lasso.coefficients())
+    assert coef["f3"] > 0 > coef["f17"]

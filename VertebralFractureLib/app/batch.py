@@ -1,0 +1,489 @@
+"""Cohort batch mode: every case of a folder through :func:`pipeline.run_pipeline`, on Dask.
+
+A cohort folder holds one case per entry:
+
+* an image file (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``...): the case is named by the file name
+  without its suffix;
+* a folder with ``ct.nii.gz`` (or ``ct.nrrd``/``ct.mha``/``ct.nii``), optionally with ``labels.nii.gz``
+  (a VerSe label map that skips segmentation, as ``run --labels``);
+* any other folder: a DICOM series (searched recursively).
+
+Hidden entries (``.name``) and other files (notes, spreadsheets) are ignored.
+
+Output: ``OUT/<case>/`` exactly as ``run`` writes it, and ``OUT/cohort.csv`` with
+:data:`COHORT_COLUMNS`. Statuses: ``ok``; ``bad_input`` (the input was refused with a reason,
+e.g. truncated file, non-HU data, 2D image, empty folder); ``error`` (an unexpected failure, such
+as a crashed worker); ``pending`` (not processed yet: the batch was stopped).
+
+Crash safety, so that a SIGKILL at any moment is harmless:
+
+* a case's folder appears in one rename when all its files are written (``run_pipeline``);
+  ``OUT/<case>/result.json`` existing means the case is complete;
+* ``cohort.csv`` and the per-case failure records (``OUT/.batch/failed/<case>.json``) are written
+  to a temporary file, flushed to disk and renamed over the old one (``os.replace``); the table is
+  rewritten at most every 2 s and at the end (it can lag a killed batch by that much; the rerun
+  rebuilds it from the per-case state);
+* leftovers of killed cases (``OUT/.<case>.partial-*``) are removed when a batch starts; a lock
+  file (``OUT/.batch/lock``, ``flock``, released by the kernel when the process dies) stops two
+  batches from writing the same OUT at once.
+
+Rerunning the same command resumes: complete cases and refused inputs that did not change
+since (same size and modification time) are skipped; ``error`` cases are retried.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.core.progress import ProgressCallback
+from VertebralFractureLib.io.volume_files import VOLUME_SUFFIXES, is_volume_file
+
+COHORT_COLUMNS = ["case", "status", "fracture_probability", "fractured", "worst_level", "worst_grade", "error"]
+STATE_DIR = ".batch"
+CSV_INTERVAL_S = 2.0
+CT_NAMES = ("ct.nii.gz", "ct.nii", "ct.nrrd", "ct.mha", "ct.mhd", "ct.nhdr")
+LABEL_NAMES = ("labels.nii.gz", "labels.nii", "labels.nrrd", "labels.mha", "segmentation.nii.gz")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Case:
+    """One case of a cohort: its name (the output folder), input and optional label map."""
+
+    name: str
+    input: str
+    labels: str | None = None
+    problem: str | None = None  # a reason found while listing the cohort (empty folder)
+
+
+def _strip_suffix(name: str) -> str:
+    lower = name.lower()
+    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def discover_cases(cohort_dir: str | Path) -> list[Case]:
+    """List the cases of a cohort folder (see the module docstring), sorted by name.
+
+    Raises:
+        InputError: ``cohort_dir`` is not a folder or holds no case.
+    """
+    cohort = Path(cohort_dir)
+    if not cohort.is_dir():
+        raise InputError(f"{cohort}: not a folder; give a cohort folder with one file or folder per case")
+    cases: dict[str, Case] = {}
+    for entry in sorted(cohort.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file():
+            if not is_volume_file(entry):
+                continue
+            case = Case(_strip_suffix(entry.name), str(entry))
+        elif entry.is_dir():
+            ct = next((entry / n for n in CT_NAMES if (entry / n).is_file()), None)
+            labels = next((entry / n for n in LABEL_NAMES if (entry / n).is_file()), None)
+            if ct is not None:
+                case = Case(entry.name, str(ct), str(labels) if labels else None)
+            elif not any(p.is_file() and not p.name.startswith(".") for p in entry.rglob("*")):
+                case = Case(entry.name, str(entry), problem=f"{entry}: empty folder; expected DICOM files or ct.nii.gz")
+            else:
+                case = Case(entry.name, str(entry))
+        else:
+            continue
+        if case.name in cases:  # "a.nii.gz" and "a.nrrd": keep both, the second under its full name
+            case.name = entry.name
+        cases[case.name] = case
+    if not cases:
+        raise InputError(f"{cohort}: no case found; expected image files, DICOM folders or folders with ct.nii.gz")
+    return list(cases.values())
+
+
+# --- per-case work (runs on a Dask worker) -----------------------------------------------------------------
+def _fingerprint(path: str) -> list[Any]:
+    """Size and modification time of an input (a folder: of its files), to see if it changed."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+    return [[str(q.relative_to(p.parent)), q.stat().st_size, q.stat().st_mtime_ns] for q in files[:5000]]
+
+
+def _summary_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
+    """A ``cohort.csv`` row from a case's ``result.json``."""
+    vertebrae = result.get("vertebrae") or []
+    scored = [v for v in vertebrae if v.get("fracture_probability") is not None]
+    worst = max(scored, key=lambda v: v["fracture_probability"]) if scored else None
+    if worst is None:
+        graded = [v for v in vertebrae if v.get("genant_grade") is not None]
+        worst = max(graded, key=lambda v: v["genant_grade"]) if graded else None
+    prob = result.get("fracture_probability")
+    return {
+        "case": name,
+        "status": "ok",
+        "fracture_probability": "" if prob is None else round(float(prob), 4),
+        "fractured": bool(result.get("fractured")),
+        "worst_level": worst.get("level", "") if worst else "",
+        "worst_grade": "" if worst is None or worst.get("genant_grade") is None else worst["genant_grade"],
+        "error": "",
+    }
+
+
+def _failure_row(name: str, status: str, message: str) -> dict[str, Any]:
+    one_line = " ".join(str(message).split())[:500]
+    return {"case": name, "status": status, "fracture_probability": "", "fractured": "", "worst_level": "",
+            "worst_grade": "", "error": one_line}
+
+
+def run_case(case: dict[str, Any], out_dir: str, options: dict[str, Any], threads: int = 1) -> dict[str, Any]:
+    """Run one case; never raises for a bad case (the row says why). Executed on a worker.
+
+    Args:
+        case: :class:`Case` as a dict.
+        out_dir: the batch output folder; the case goes to ``out_dir/<name>``.
+        options: :class:`~VertebralFractureLib.app.pipeline.PipelineOptions` as a dict.
+        threads: CPU threads this case may use (torch/BLAS), so workers do not oversubscribe cores.
+    Returns:
+        The ``cohort.csv`` row plus ``seconds`` and ``worker`` (process id and host).
+    """
+    from VertebralFractureLib.app.pipeline import PipelineOptions, run_pipeline
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    name = case["name"]
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+    except ImportError:  # torch-free installs still run the morphometry-only path
+        pass
+    import SimpleITK as sitk
+
+    # SimpleITK filters use every core by default; with several workers that oversubscribes the machine
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, threads))
+    try:
+        if case.get("problem"):
+            raise InputError(case["problem"])
+        result = run_pipeline(case["input"], Path(out_dir) / name, labels_path=case.get("labels"),
+                              options=PipelineOptions(**options))
+        row = _summary_row(name, result.to_json())
+    except InputError as exc:
+        row = _failure_row(name, "bad_input", str(exc))
+    except Exception as exc:  # noqa: BLE001 - one case's failure must not stop the cohort
+        log.debug("case %s failed:\n%s", name, traceback.format_exc())
+        row = _failure_row(name, "error", f"{type(exc).__name__}: {exc}")
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    row["cpu_seconds"] = round(time.process_time() - cpu_start, 3)
+    row["worker"] = f"{os.uname().nodename}:{os.getpid()}"
+    return row
+
+
+# --- state on disk -----------------------------------------------------------------------------------------------
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", newline="") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_cohort_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Write ``cohort.csv`` atomically (temporary file + ``os.replace``)."""
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COHORT_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    _atomic_write(path, buffer.getvalue())
+    return path
+
+
+class _Lock:
+    """An exclusive ``flock`` on ``OUT/.batch/lock``; the kernel drops it when the process dies."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fh = None
+
+    def __enter__(self) -> _Lock:
+        import fcntl
+
+        self.fh = self.path.open("a+")
+        try:
+            fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.fh.close()
+            raise InputError(f"{self.path.parent.parent}: another batch is writing this output folder") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        fcntl.flock(self.fh, fcntl.LOCK_UN)
+        self.fh.close()
+
+
+def _clean_leftovers(out: Path) -> int:
+    """Remove temporary folders/files of killed runs (``.<case>.partial-*``, ``.<case>.old-*``, ``*.tmp-*``)."""
+    removed = 0
+    for entry in list(out.iterdir()) + list((out / STATE_DIR / "failed").glob(".*.tmp-*")):
+        name = entry.name
+        if name.startswith(".") and (".partial-" in name or ".old-" in name or ".tmp-" in name):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _existing_row(out: Path, case: Case) -> dict[str, Any] | None:
+    """The row of a case finished by an earlier run, or None when it must (re)run."""
+    result_json = out / case.name / "result.json"
+    if result_json.is_file():
+        try:
+            return _summary_row(case.name, json.loads(result_json.read_text()))
+        except (ValueError, OSError):
+            return None  # unreadable: rerun (cannot happen with atomic writes, but be safe)
+    failed = out / STATE_DIR / "failed" / f"{case.name}.json"
+    if failed.is_file():
+        try:
+            state = json.loads(failed.read_text())
+        except (ValueError, OSError):
+            return None
+        if state.get("row", {}).get("status") == "bad_input" and state.get("fingerprint") == _safe_fingerprint(case):
+            return state["row"]
+    return None
+
+
+def _safe_fingerprint(case: Case) -> list[Any]:
+    try:
+        return _fingerprint(case.input)
+    except OSError:
+        return []
+
+
+def _record(out: Path, case: Case, row: dict[str, Any], log_path: Path) -> None:
+    failed = out / STATE_DIR / "failed" / f"{case.name}.json"
+    if row["status"] == "ok":
+        failed.unlink(missing_ok=True)
+    else:
+        payload = {"row": {k: row.get(k, "") for k in COHORT_COLUMNS}, "fingerprint": _safe_fingerprint(case)}
+        _atomic_write(failed, json.dumps(payload))
+    with log_path.open("a") as fh:  # an audit trail; not needed to resume
+        fh.write(json.dumps({"time": time.time(), **row}) + "\n")
+
+
+# --- progress ---------------------------------------------------------------------------------------------------
+class _CaseProgress:
+    """Counts finished cases and reports throughput and ETA to a callback or a tqdm bar."""
+
+    def __init__(self, total: int, already: int, progress: ProgressCallback | None, quiet: bool) -> None:
+        self.total, self.done, self.start = total, already, time.monotonic()
+        self.done_here = 0
+        self.callback = progress
+        self.bar = None
+        if progress is None and not quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=already, unit="case", file=sys.stderr, smoothing=0.1,
+                            dynamic_ncols=True)
+
+    def message(self, row: dict[str, Any] | None) -> str:
+        elapsed = time.monotonic() - self.start
+        rate = self.done_here / elapsed if elapsed > 0 and self.done_here else 0.0
+        remaining = self.total - self.done
+        eta = f"{remaining / rate:.0f} s" if rate > 0 else "?"
+        last = f"{row['case']}: {row['status']}; " if row else ""
+        return f"{last}{self.done}/{self.total} cases, {rate * 60:.1f} cases/min, ETA {eta}"
+
+    def update(self, row: dict[str, Any]) -> None:
+        self.done += 1
+        self.done_here += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{row['case']}: {row['status']}", refresh=False)
+            self.bar.update(1)
+        elif self.callback is not None:
+            self.callback(self.done / max(self.total, 1), self.message(row))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --- the batch ----------------------------------------------------------------------------------------------------
+def run_batch(
+    cohort_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    workers: int = 1,
+    scheduler: str | None = None,
+    options: Any = None,
+    progress: ProgressCallback | None = None,
+    quiet: bool = False,
+    threads: int | None = None,
+) -> Path:
+    """Run every case of ``cohort_dir`` into ``out_dir`` on Dask and write ``out_dir/cohort.csv``.
+
+    Args:
+        cohort_dir: cohort folder (see the module docstring for what a case is).
+        out_dir: output folder; ``out_dir/<case>/`` as ``run`` writes it, plus ``cohort.csv``.
+        workers: worker processes of the local Dask cluster (one thread each); ignored with
+            ``scheduler``.
+        scheduler: address of a running ``dask.distributed`` scheduler (``tcp://host:8786``), or
+            ``"synchronous"`` to run the cases one after the other in this process (debugging).
+            None starts a ``LocalCluster``.
+        options: :class:`~VertebralFractureLib.app.pipeline.PipelineOptions` for every case.
+        progress: ``progress(fraction, message)`` after each case (message with cases/min and
+            ETA); None draws a tqdm bar over cases on stderr (unless ``quiet``).
+        threads: CPU threads per case (torch, ITK, BLAS); None divides the machine's cores between
+            the local workers (remote workers: 1).
+    Returns:
+        The path of ``cohort.csv``.
+    Raises:
+        InputError: no cohort folder / no case, or another batch holds ``out_dir``.
+    """
+    from VertebralFractureLib.app.pipeline import PipelineOptions
+
+    cases = discover_cases(cohort_dir)
+    out = Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STATE_DIR / "failed").mkdir(parents=True, exist_ok=True)
+    options = options or PipelineOptions()
+    options_dict = dataclasses.asdict(options)
+    cohort_csv = out / "cohort.csv"
+    log_path = out / STATE_DIR / "log.jsonl"
+
+    with _Lock(out / STATE_DIR / "lock"):
+        _clean_leftovers(out)
+        rows: dict[str, dict[str, Any]] = {}
+        todo: list[Case] = []
+        for case in cases:
+            row = _existing_row(out, case)
+            if row is None:
+                todo.append(case)
+                row = _failure_row(case.name, "pending", "")
+            rows[case.name] = row
+        write_cohort_csv([rows[c.name] for c in cases], cohort_csv)
+        if not todo:
+            if progress is not None:
+                progress(1.0, f"all {len(cases)} cases already complete")
+            return cohort_csv
+
+        counter = _CaseProgress(len(cases), len(cases) - len(todo), progress, quiet)
+
+        last_write = [time.monotonic()]
+
+        def finished(case: Case, row: dict[str, Any]) -> None:
+            rows[case.name] = {k: row.get(k, "") for k in COHORT_COLUMNS}
+            _record(out, case, row, log_path)
+            # rewriting the whole table after every case would be quadratic on 10^4 cases: at most
+            # every CSV_INTERVAL_S (the per-case state on disk is what resuming relies on)
+            if time.monotonic() - last_write[0] >= CSV_INTERVAL_S or counter.done + 1 == counter.total:
+                write_cohort_csv([rows[c.name] for c in cases], cohort_csv)
+                last_write[0] = time.monotonic()
+            counter.update(row)
+
+        try:
+            if scheduler == "synchronous":
+                for case in todo:
+                    finished(case, run_case(dataclasses.asdict(case), str(out), options_dict,
+                                            threads=threads or _threads(1)))
+            else:
+                _run_on_dask(todo, out, options_dict, workers, scheduler, finished, threads)
+        finally:
+            write_cohort_csv([rows[c.name] for c in cases], cohort_csv)  # also after Ctrl-C: what is done
+            counter.close()
+    return cohort_csv
+
+
+def _threads(workers: int) -> int:
+    """CPU threads per case so that ``workers`` cases in parallel fill the machine without oversubscription."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def _run_on_dask(
+    todo: list[Case],
+    out: Path,
+    options: dict[str, Any],
+    workers: int,
+    scheduler: str | None,
+    finished: Callable[[Case, dict[str, Any]], None],
+    threads: int | None = None,
+) -> None:
+    import dask
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="20s")
+        except OSError as exc:
+            raise InputError(f"cannot reach the Dask scheduler at {scheduler} ({exc}); is it running?") from None
+        threads = threads or 1  # remote machines' cores are unknown here
+    else:
+        n_workers = max(1, int(workers))
+        threads = threads or _threads(n_workers)
+        # a case that kills its worker (out of memory, crash) is retried once, then recorded as an error
+        with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+            cluster = LocalCluster(
+                n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                silence_logs=logging.ERROR, env={"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                     "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads)},
+            )
+        client = Client(cluster)
+    try:
+        futures = {}
+        for case in todo:
+            future = client.submit(run_case, dataclasses.asdict(case), str(out), options, threads,
+                                   key=f"vertebral-fracture-{case.name}-{time.time_ns()}", pure=False)
+            futures[future] = case
+        for future in as_completed(futures):
+            case = futures[future]
+            try:
+                row = future.result()
+            except Exception as exc:  # noqa: BLE001 - KilledWorker and friends: the case failed, not the batch
+                row = _failure_row(case.name, "error", f"{type(exc).__name__}: {exc}")
+            finished(case, row)
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def read_cohort_csv(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a ``cohort.csv`` as dicts of strings."""
+    with Path(path).open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def status_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """How many cases have each status."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return counts
+
+
+__all__ = ["COHORT_COLUMNS", "Case", "discover_cases", "run_batch", "run_case", "read_cohort_csv", "status_counts",
+           "write_cohort_csv"]

@@ -1,0 +1,323 @@
+"""The one pipeline that the CLI, batch mode and the Slicer module share.
+
+``analyse(ct, labels)`` works in memory (Slicer's Logic.process and Recompute call it);
+``run_pipeline(input, out_dir)`` reads the input, calls ``analyse`` and writes every output into
+a temporary sibling folder that is renamed to ``out_dir`` only when complete.
+
+Stages: import -> validation -> Wiener -> segmentation -> instances/levels -> morphometry ->
+radiomics/classifier -> outputs. ``labels`` given (``--labels`` or an edited segmentation) skips
+segmentation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from VertebralFractureLib import __version__
+from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.core.progress import CancelToken, ProgressCallback, no_progress, sub_progress
+from VertebralFractureLib.core.records import VertebraRecord, write_csv
+from VertebralFractureLib.core.volume import Volume
+from VertebralFractureLib.io.reading import read_volume
+from VertebralFractureLib.io.volume_files import write_volume
+
+
+@dataclass
+class PipelineOptions:
+    """User options of one run.
+
+    Attributes:
+        fast: segment at about 3 mm instead of 1.5 mm.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` for the networks.
+        wiener: apply the adaptive Wiener filter before radiomics and classification (segmentation sees the
+            unfiltered CT its network was trained on).
+        series_uid: DICOM series to import when a folder holds several.
+        anchors: level overrides ``"L1=5"`` (instance 5, counted craniocaudally, is L1).
+        deidentify: de-identify DICOM input (on by default; off only for PACS round trips).
+    """
+
+    fast: bool = False
+    device: str = "auto"
+    wiener: bool = True
+    series_uid: str | None = None
+    anchors: list[str] = field(default_factory=list)
+    deidentify: bool = True
+
+
+@dataclass
+class PipelineResult:
+    """Everything one run produced in memory; ``to_json`` is ``result.json``."""
+
+    records: list[VertebraRecord]
+    fracture_probability: float
+    fractured: bool
+    timings_s: dict[str, float]
+    warnings: list[str]
+    labels: Volume | None = None
+    case_id: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        prob = None if math.isnan(self.fracture_probability) else round(float(self.fracture_probability), 4)
+        return {
+            "case_id": self.case_id,
+            "fracture_probability": prob,
+            "fractured": bool(self.fractured),
+            "vertebrae": [r.to_dict() for r in self.records],
+            "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
+            "versions": versions(),
+            "warnings": list(self.warnings),
+            **self.extra,
+        }
+
+    def worst(self) -> VertebraRecord | None:
+        """The vertebra with the highest fracture probability (None when there are none)."""
+        scored = [r for r in self.records if not math.isnan(r.fracture_probability)]
+        return max(scored, key=lambda r: r.fracture_probability) if scored else None
+
+    def summary_line(self) -> str:
+        if not self.records:
+            return "no vertebrae found"
+        worst = self.worst()
+        prob = "n/a" if math.isnan(self.fracture_probability) else f"{self.fracture_probability:.2f}"
+        text = f"{len(self.records)} vertebrae; patient fracture probability {prob}; fractured: {'yes' if self.fractured else 'no'}"
+        if worst is not None:
+            text += f"; worst {worst.level} (grade {worst.genant_grade}, p={worst.fracture_probability:.2f})"
+        return text
+
+
+def versions() -> dict[str, str]:
+    """Versions of the library and its main dependencies, for ``result.json``."""
+    out = {"VertebralFractureLib": __version__, "python": platform.python_version()}
+    for name in ("numpy", "SimpleITK", "torch", "monai", "radiomics", "pydicom"):
+        try:
+            module = __import__(name)
+            out[name] = str(getattr(module, "__version__", "unknown"))
+        except Exception:  # noqa: BLE001 - a missing optional module is just not listed
+            continue
+    return out
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def analyse(
+    ct: Volume,
+    labels: Volume | None = None,
+    *,
+    options: PipelineOptions | None = None,
+    progress: ProgressCallback = no_progress,
+    cancel: CancelToken | None = None,
+    timer: _Timer | None = None,
+    source: str | Path = "input CT",
+    labels_source: str | Path = "label map",
+) -> PipelineResult:
+    """Run validation, Wiener, segmentation (unless ``labels``), morphometry and classification.
+
+    Args:
+        ct: CT in HU on its own geometry.
+        labels: VerSe label map on the same grid as ``ct``; None segments the CT.
+        source: name of the input in error messages (its path).
+    Returns:
+        A :class:`PipelineResult`; ``labels`` in it is on ``ct``'s grid.
+    Raises:
+        InputError: CT fails validation or ``labels`` does not fit ``ct``.
+    """
+    from VertebralFractureLib.io.validation import check_ct, check_labels
+
+    options = options or PipelineOptions()
+    cancel = cancel or CancelToken()
+    timer = timer or _Timer()
+    warnings: list[str] = []
+
+    with timer.stage("validation"):
+        check_ct(ct, source)
+        if labels is not None:
+            labels = check_labels(labels, ct, labels_source)
+    cancel.check()
+
+    filtered = ct
+    if options.wiener:
+        progress(0.1, "Wiener filter")
+        from VertebralFractureLib.stages.preprocess import wiener_filter
+
+        with timer.stage("wiener"):
+            filtered = ct.with_array(wiener_filter(ct.array))
+    cancel.check()
+
+    if labels is None:
+        progress(0.2, "segmentation")
+        with timer.stage("segmentation"):
+            # the U-Net was trained on unfiltered CT (with its own noise augmentation): the Wiener filter
+            # smooths the thin discs it needs to see, so it feeds radiomics and the classifier only
+            labels, seg_warnings = _segment(ct, options, progress, cancel)
+        warnings += seg_warnings
+    cancel.check()
+
+    progress(0.6, "morphometry")
+    with timer.stage("morphometry"):
+        records, morph_warnings = _measure(ct, labels)
+    warnings += morph_warnings
+    cancel.check()
+
+    progress(0.75, "classification")
+    with timer.stage("classification"):
+        patient_probability, class_warnings = _classify(filtered, labels, records, options)
+    warnings += class_warnings
+    if not records:
+        warnings.append("no vertebrae found in the field of view")
+    implausible = [r.level for r in records if r.implausible]
+    if implausible:
+        warnings.append(
+            f"{len(implausible)} of {len(records)} segments are not plausible vertebral bodies ({', '.join(implausible)}): "
+            "not graded; correct them (Slicer: Edit segments, then Recompute) or give --labels"
+        )
+    fractured = bool(not math.isnan(patient_probability) and patient_probability >= 0.5)
+    progress(0.9, "analysis done")
+    return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels)
+
+
+def _segment(ct: Volume, options: PipelineOptions, progress: ProgressCallback, cancel: CancelToken) -> tuple[Volume, list[str]]:
+    from VertebralFractureLib.stages.segmentation.inference import segment_vertebrae
+
+    result = segment_vertebrae(ct, fast=options.fast, device=options.device, anchors=options.anchors,
+                               progress=sub_progress(progress, 0.2, 0.6), cancel=cancel)
+    return result.labels, list(result.warnings)
+
+
+def _measure(ct: Volume, labels: Volume) -> tuple[list[VertebraRecord], list[str]]:
+    from VertebralFractureLib.stages.morphometry import measure_vertebrae
+
+    return measure_vertebrae(ct, labels), []
+
+
+def _classify(ct: Volume, labels: Volume, records: list[VertebraRecord], options: PipelineOptions) -> tuple[float, list[str]]:
+    from VertebralFractureLib.stages.classification import predict_fractures
+
+    return predict_fractures(ct, labels, records, device=options.device)
+
+
+def run_pipeline(
+    input_path: str | Path,
+    out_dir: str | Path,
+    *,
+    labels_path: str | Path | None = None,
+    options: PipelineOptions | None = None,
+    progress: ProgressCallback = no_progress,
+    cancel: CancelToken | None = None,
+) -> PipelineResult:
+    """Read ``input_path`` (file or DICOM folder), analyse it and write the contract's outputs.
+
+    Outputs appear in ``out_dir`` only once all are written (temporary sibling folder, then rename).
+    """
+    options = options or PipelineOptions()
+    timer = _Timer()
+    input_path, out_dir = Path(input_path), Path(out_dir)
+    progress(0.0, "import")
+    warnings: list[str] = []
+    dicom_import = None
+    with timer.stage("import"):
+        if input_path.is_dir():
+            from VertebralFractureLib.io.dicom import import_dicom
+
+            dicom_import = import_dicom(input_path, series_uid=options.series_uid, deidentify=options.deidentify)
+            ct = dicom_import.volume
+            warnings += dicom_import.warnings
+        else:
+            ct = read_volume(input_path)
+        labels = read_volume(labels_path, check=False) if labels_path is not None else None
+
+    result = analyse(ct, labels, options=options, progress=progress, cancel=cancel, timer=timer,
+                     source=input_path, labels_source=labels_path or "label map")
+    result.warnings[:0] = warnings
+    if dicom_import is not None:
+        result.case_id = dicom_import.case_id
+
+    progress(0.92, "writing outputs")
+    with _atomic_output_dir(out_dir) as tmp:
+        with timer.stage("outputs"):
+            write_outputs(tmp, ct, result, dicom_import=dicom_import)
+        result.timings_s = timer.timings
+        (tmp / "result.json").write_text(json.dumps(result.to_json(), indent=2))
+    progress(1.0, "done")
+    return result
+
+
+def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import=None) -> None:
+    """Write every output of the contract except ``result.json`` into ``out``.
+
+    The compressed volume files are written in background threads (zlib and ITK's writers release
+    the GIL) while the DICOM SEG and the report are made; the report comes last so that it lists
+    every warning, including those of the other writers.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from VertebralFractureLib.outputs.report import write_report
+    from VertebralFractureLib.outputs.segmentation_files import write_dicom_seg, write_seg_nrrd
+
+    labels = result.labels if result.labels is not None else ct.with_array(np.zeros(ct.shape, np.uint8))
+    labels = labels.with_array(labels.array.astype(np.uint8))
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        jobs = [pool.submit(write_volume, labels, out / "segmentation.nii.gz"),
+                pool.submit(write_seg_nrrd, labels, result.records, out / "segmentation.seg.nrrd")]
+        if dicom_import is not None:
+            from VertebralFractureLib.io.dicom import write_import
+
+            jobs.append(pool.submit(write_import, dicom_import, out / "ct.nii.gz"))
+            if labels.array.any():
+                # de-identified per-slice headers (original ones when deidentify is off, for PACS round trips)
+                write_dicom_seg(labels, result.records, dicom_import.source_headers(), out / "segmentation.dcm",
+                                warnings=result.warnings)
+            else:
+                result.warnings.append("no vertebra found: segmentation.dcm not written (a DICOM SEG needs a segment)")
+        write_csv(result.records, out / "vertebrae.csv")
+        write_report(out / "report.html", ct, labels, result.records, fracture_probability=result.fracture_probability,
+                     fractured=result.fractured, warnings=result.warnings, case_id=result.case_id,
+                     timings_s=result.timings_s)
+        for job in jobs:
+            job.result()  # re-raise a writer's error here, inside the atomic output folder
+
+
+@contextmanager
+def _atomic_output_dir(out_dir: Path):
+    """Yield a temporary folder beside ``out_dir``; on success it replaces ``out_dir`` in one rename."""
+    out_dir = out_dir.absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: output path exists and is not a folder")
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

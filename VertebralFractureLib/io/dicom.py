@@ -1,0 +1,426 @@
+"""DICOM series import: grouping, slice ordering, HU, geometry checks and de-identification.
+
+What it does, in order:
+
+1. Reads every file under the folder once with pydicom (non-DICOM files are skipped and counted).
+2. Groups by SeriesInstanceUID; with several series it takes the CT series with the most slices
+   and says so in a warning (or the one given by ``series_uid``).
+3. Orders slices by ImagePositionPatient projected on the slice normal (row x column cosines),
+   applies RescaleSlope/RescaleIntercept per slice to get HU.
+4. Checks the geometry: fewer than 10 slices, mixed orientations, mixed matrix sizes and
+   duplicate positions are errors; a gap of 1.5x the usual spacing or more is an error
+   (missing slices); smaller irregularities in spacing are resampled (linear, along the
+   normal) onto a regular grid with a warning; gantry tilt is resampled (each slice shifted
+   in-plane onto an orthogonal grid) with a warning.
+5. De-identifies by default. The returned volume has no DICOM metadata at all; the sidecar keeps
+   an allowlist of non-identifying acquisition facts (:data:`SIDECAR_FIELDS`) and a pseudonymous
+   case id, a keyed hash (HMAC-SHA256) of the StudyInstanceUID and SeriesInstanceUID with a
+   secret key kept per user, so the same series always gets the same id on one installation but
+   the id cannot be traced back without the key. Per-slice headers kept for DICOM SEG export are
+   rebuilt from an allowlist of geometry and equipment attributes (:data:`KEEP_TAGS`), with every
+   UID replaced by a keyed-hash UID and the patient/study identity set to the pseudonym. Nothing
+   from the DICOM PS3.15 basic profile (names, IDs, dates, times, accession number, institution,
+   physicians, UIDs) reaches the volume, the sidecar, a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.core.volume import Volume
+from VertebralFractureLib.io.validation import MIN_SLICES, check_hounsfield
+from VertebralFractureLib.io.volume_files import write_volume
+
+#: Attributes copied into the de-identified per-slice headers (geometry, pixel module, equipment).
+KEEP_TAGS = (
+    "SOPClassUID", "Modality", "Manufacturer", "ManufacturerModelName", "KVP", "ConvolutionKernel",
+    "SliceThickness", "PixelSpacing", "ImagePositionPatient", "ImageOrientationPatient", "Rows", "Columns",
+    "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
+    "PixelRepresentation", "RescaleIntercept", "RescaleSlope", "RescaleType", "ImageType", "PatientSex",
+    "PatientAge", "BodyPartExamined", "PatientPosition", "SeriesNumber", "InstanceNumber", "SpecificCharacterSet",
+)
+#: UIDs replaced by keyed-hash UIDs in the de-identified headers (consistent across slices).
+UID_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+#: Non-identifying acquisition facts written to the JSON sidecar.
+SIDECAR_FIELDS = {
+    "Manufacturer": "manufacturer",
+    "ManufacturerModelName": "manufacturer_model",
+    "KVP": "kvp",
+    "ConvolutionKernel": "convolution_kernel",
+    "SliceThickness": "slice_thickness_mm",
+    "PatientSex": "patient_sex",
+    "BodyPartExamined": "body_part",
+}
+_UID_LIKE = re.compile(r"\d+(\.\d+){4,}")
+
+
+@dataclass
+class DicomImport:
+    """Result of :func:`import_dicom`.
+
+    Attributes:
+        volume: HU volume (int16 when slope/intercept keep integers, else float32), LPS geometry.
+        case_id: pseudonymous case id (``case-`` + 12 hex digits).
+        metadata: non-identifying acquisition facts for the sidecar.
+        warnings: what was noticed and handled (other series skipped, resampling, ...).
+        deidentify: whether :meth:`source_headers` de-identifies (the default).
+    """
+
+    volume: Volume
+    case_id: str
+    metadata: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    deidentify: bool = True
+    _series: list[Any] = field(default_factory=list, repr=False)
+
+    def source_headers(self) -> list[Any]:
+        """Per-slice headers in volume order, without pixel data, for DICOM SEG export.
+
+        De-identified (allowlist, hashed UIDs, pseudonym as patient) unless the import was made
+        with ``deidentify=False``. Built on demand: most runs never need them.
+        """
+        if not self.deidentify:
+            return [ds.copy() for ds in self._series]
+        key = _pseudonym_key()
+        return [_deidentified_header(ds, key, self.case_id) for ds in self._series]
+
+
+# --- pseudonyms -------------------------------------------------------------------------------
+def _pseudonym_key() -> bytes:
+    """Secret HMAC key: $VERTEBRAL_FRACTURE_PSEUDONYM_KEY, else a random key kept per user."""
+    env = os.environ.get("VERTEBRAL_FRACTURE_PSEUDONYM_KEY")
+    if env:
+        return env.encode()
+    path = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "vertebral-fracture" / "pseudonym.key"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_hex(32).encode()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key)
+        return key
+
+
+def _keyed_hash(key: bytes, *parts: str) -> str:
+    return hmac.new(key, "\x00".join(parts).encode(), hashlib.sha256).hexdigest()
+
+
+def _hashed_uid(key: bytes, uid: str) -> str:
+    """A valid DICOM UID (``2.25.<int>``, at most 64 characters) derived from ``uid`` by keyed hash."""
+    return "2.25." + str(int(_keyed_hash(key, "uid", uid)[:30], 16))
+
+
+def safe_name(path: Path) -> str:
+    """A file's name for messages, withheld when it looks like a DICOM UID (which would identify)."""
+    return "<file named by a UID>" if _UID_LIKE.search(path.name) else path.name
+
+
+# --- reading ----------------------------------------------------------------------------------
+def _read_all(folder: Path) -> tuple[list[Any], int]:
+    import pydicom
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise InputError(f"{folder}: empty folder; expected a DICOM series")
+
+    def read(path: Path):
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception:  # noqa: BLE001 - anything unreadable is "not DICOM"
+            return None
+        if "PixelData" not in ds and "FloatPixelData" not in ds:
+            return None  # DICOMDIR, structured reports, presentation states
+        ds.filename = str(path)
+        return ds
+
+    # sequential: parsing is pure Python under the GIL, threads only add overhead
+    datasets = [read(path) for path in files]
+    good = [ds for ds in datasets if ds is not None]
+    return good, len(files) - len(good)
+
+
+def _series_uid(ds) -> str:
+    return str(getattr(ds, "SeriesInstanceUID", "") or "no-series-uid")
+
+
+def _choose_series(folder: Path, datasets: list[Any], series_uid: str | None) -> tuple[list[Any], list[str]]:
+    groups: dict[str, list[Any]] = defaultdict(list)
+    for ds in datasets:
+        groups[_series_uid(ds)].append(ds)
+    warnings: list[str] = []
+    if series_uid is not None:
+        if series_uid not in groups:
+            raise InputError(f"{folder}: no series with the given SeriesInstanceUID; the folder holds {len(groups)} series")
+        return groups[series_uid], warnings
+    ct_groups = {uid: g for uid, g in groups.items() if str(getattr(g[0], "Modality", "")).upper() == "CT"}
+    if not ct_groups:
+        modalities = sorted({str(getattr(g[0], "Modality", "?")) for g in groups.values()})
+        raise InputError(f"{folder}: no CT series (modality {', '.join(modalities)}); this tool needs CT")
+    chosen = max(ct_groups, key=lambda uid: len(ct_groups[uid]))
+    if len(groups) > 1:
+        warnings.append(
+            f"{len(groups)} series in the folder; took the CT series with the most slices ({len(ct_groups[chosen])}); "
+            "use --series UID to choose another"
+        )
+    return ct_groups[chosen], warnings
+
+
+def _float_list(value, n: int, what: str, folder: Path) -> np.ndarray:
+    try:
+        arr = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = np.array([])
+    if arr.size != n:
+        raise InputError(f"{folder}: a slice lacks a valid {what}; the series cannot be placed in space")
+    return arr
+
+
+def import_dicom(folder: str | Path, *, series_uid: str | None = None, deidentify: bool = True) -> DicomImport:
+    """Import one CT series from a DICOM folder as a de-identified HU volume.
+
+    Args:
+        folder: folder holding the series (searched recursively).
+        series_uid: SeriesInstanceUID to take when the folder holds several series.
+        deidentify: keep de-identified per-slice headers (True, the default). With False the
+            original headers are kept for :meth:`DicomImport.source_headers` (PACS round trip only); the
+            volume and the sidecar are de-identified either way.
+    Raises:
+        InputError: no/corrupt DICOM, non-CT, too few slices, missing slices, mixed orientations...
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder; give a DICOM folder or an image file")
+    datasets, skipped = _read_all(folder)
+    if not datasets:
+        raise InputError(f"{folder}: no readable DICOM image among {skipped} files")
+    series, warnings = _choose_series(folder, datasets, series_uid)
+    if skipped:
+        warnings.append(f"{skipped} non-image or unreadable files skipped")
+    if str(getattr(series[0], "Modality", "")).upper() != "CT":
+        raise InputError(f"{folder}: modality {getattr(series[0], 'Modality', '?')} is not CT; this tool needs CT")
+    if "PerFrameFunctionalGroupsSequence" in series[0]:
+        raise InputError(f"{folder}: enhanced multi-frame CT is not supported yet; export the series as classic CT slices")
+    if len(series) < MIN_SLICES:
+        raise InputError(f"{folder}: the series has {len(series)} slices; at least {MIN_SLICES} are needed")
+
+    # geometry
+    orientations = np.array([_float_list(getattr(ds, "ImageOrientationPatient", None), 6, "ImageOrientationPatient", folder) for ds in series])
+    if np.abs(orientations - orientations[0]).max() > 1e-3:
+        raise InputError(f"{folder}: slices have mixed orientations; it holds more than one stack, split it per orientation")
+    sizes = {(int(ds.Rows), int(ds.Columns)) for ds in series}
+    if len(sizes) > 1:
+        raise InputError(f"{folder}: slices have different matrix sizes {sorted(sizes)}; not one CT series")
+    row, col = orientations[0, :3], orientations[0, 3:]
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    normal = np.cross(row, col)
+    positions = np.array([_float_list(getattr(ds, "ImagePositionPatient", None), 3, "ImagePositionPatient", folder) for ds in series])
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    series = [series[i] for i in order]
+    positions, along = positions[order], along[order]
+    gaps = np.diff(along)
+    if np.any(gaps < 1e-3):
+        raise InputError(f"{folder}: {int(np.sum(gaps < 1e-3)) + 0} duplicate slice positions; the folder mixes acquisitions, give one series")
+    spacing_z = float(np.median(gaps))
+    big = np.flatnonzero(gaps > 1.5 * spacing_z)
+    if big.size:
+        k = int(big[0])
+        raise InputError(
+            f"{folder}: missing slices: a gap of {gaps[k]:.2f} mm after slice {k + 1} of {len(series)} "
+            f"(usual spacing {spacing_z:.2f} mm); re-export the complete series"
+        )
+    spacing_xy = _float_list(getattr(series[0], "PixelSpacing", None), 2, "PixelSpacing", folder)
+
+    volume = _read_pixels(series, folder)
+    # gantry tilt: consecutive positions not along the normal
+    offsets = positions - positions[0]
+    inplane = offsets - np.outer(offsets @ normal, normal)
+    tilt_deg = float(np.degrees(np.arctan2(np.linalg.norm(inplane[-1]), abs(along[-1] - along[0]))))
+    if tilt_deg > 0.05:
+        volume = _untilt(volume, inplane, row, col, spacing_xy)
+        warnings.append(f"gantry tilt of {tilt_deg:.1f} degrees: slices resampled onto an orthogonal grid")
+    if np.abs(gaps - spacing_z).max() > 0.02 * spacing_z:
+        volume, spacing_z = _regularise(volume, along)
+        warnings.append(f"irregular slice spacing ({gaps.min():.2f}..{gaps.max():.2f} mm): resampled to {spacing_z:.2f} mm")
+
+    direction = np.stack([row, col, normal], axis=1)
+    vol = Volume(volume, (float(spacing_xy[1]), float(spacing_xy[0]), spacing_z), tuple(positions[0]), direction)
+    check_hounsfield(vol.array[:: max(1, vol.shape[0] // 20), ::4, ::4], folder, dtype=vol.array.dtype)
+
+    key = _pseudonym_key()
+    first = series[0]
+    case_id = "case-" + _keyed_hash(key, "case", str(getattr(first, "StudyInstanceUID", "")), _series_uid(first))[:12]
+    metadata = _sidecar_metadata(first, spacing_xy, len(series))
+    return DicomImport(vol, case_id, metadata, warnings, deidentify, series)
+
+
+def _read_pixels(series: list[Any], folder: Path) -> np.ndarray:
+    """Stack the slices' pixels in HU; int16 when every slope/intercept keeps integers in range."""
+    slopes = np.array([float(getattr(ds, "RescaleSlope", 1) or 1) for ds in series])
+    intercepts = np.array([float(getattr(ds, "RescaleIntercept", 0) or 0) for ds in series])
+    rows, cols = int(series[0].Rows), int(series[0].Columns)
+    integer = np.all(slopes == np.round(slopes)) and np.all(intercepts == np.round(intercepts))
+    out = np.empty((len(series), rows, cols), dtype=np.int16 if integer else np.float32)
+
+    def decode(index: int) -> None:
+        ds = series[index]
+        try:
+            raw = _uncompressed_pixels(ds, rows, cols)
+            if raw is None:
+                raw = ds.pixel_array
+        except Exception as exc:  # noqa: BLE001 - codec errors come in many types
+            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            if _UID_LIKE.search(reason):
+                reason = type(exc).__name__
+            raise InputError(
+                f"{folder}: slice {index + 1} of {len(series)} ({safe_name(Path(ds.filename))}) cannot be decoded: {reason}; "
+                "the file is truncated or uses an unsupported compression"
+            ) from None
+        if raw.shape != (rows, cols):
+            raise InputError(f"{folder}: slice {index + 1} has pixel shape {raw.shape}, not {(rows, cols)}; not a classic CT slice")
+        hu = raw.astype(np.float32) * np.float32(slopes[index]) + np.float32(intercepts[index])
+        if integer:
+            np.clip(hu, -32768, 32767, out=hu)
+        out[index] = hu
+        del ds.PixelData  # the decoded copy is in `out`; keep only the header
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        list(pool.map(decode, range(len(series))))
+    return out
+
+
+_NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+
+
+def _uncompressed_pixels(ds, rows: int, cols: int) -> np.ndarray | None:
+    """Fast path for uncompressed little-endian 16-bit slices (most CT); None when not applicable."""
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+    if syntax not in _NATIVE_LE or int(getattr(ds, "BitsAllocated", 0)) != 16 or int(getattr(ds, "SamplesPerPixel", 1)) != 1:
+        return None
+    signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
+    stored = int(getattr(ds, "BitsStored", 16))
+    buffer = ds.PixelData
+    if len(buffer) < rows * cols * 2:
+        raise ValueError(f"pixel data holds {len(buffer)} bytes, {rows * cols * 2} expected")
+    raw = np.frombuffer(buffer, dtype="<i2" if signed else "<u2", count=rows * cols).reshape(rows, cols)
+    if stored < 16:  # bits above BitsStored may hold overlays; mask them, sign-extend signed data
+        raw = raw.astype(np.int32) & ((1 << stored) - 1)
+        if signed:
+            raw = np.where(raw >= 1 << (stored - 1), raw - (1 << stored), raw)
+    return raw
+
+
+def _untilt(volume: np.ndarray, inplane: np.ndarray, row: np.ndarray, col: np.ndarray, spacing_xy: np.ndarray) -> np.ndarray:
+    """Shift each slice in-plane so the stack sits on an orthogonal grid anchored at slice 0."""
+    from scipy import ndimage
+
+    out = np.empty(volume.shape, dtype=np.float32)
+    for k in range(volume.shape[0]):
+        # voxel (r, c) of slice k lies at +(inplane . col)/sy rows, +(inplane . row)/sx columns from slice 0's grid
+        shift = (float(inplane[k] @ col) / spacing_xy[0], float(inplane[k] @ row) / spacing_xy[1])
+        out[k] = ndimage.shift(volume[k].astype(np.float32), shift, order=1, mode="nearest")
+    return out.astype(volume.dtype) if volume.dtype == np.int16 else out
+
+
+def _regularise(volume: np.ndarray, along: np.ndarray) -> tuple[np.ndarray, float]:
+    """Linear resampling along axis 0 from positions ``along`` to a regular grid."""
+    n = volume.shape[0]
+    spacing = float((along[-1] - along[0]) / (n - 1))
+    target = along[0] + spacing * np.arange(n)
+    upper = np.clip(np.searchsorted(along, target, side="right"), 1, n - 1)
+    lower = upper - 1
+    w = ((target - along[lower]) / (along[upper] - along[lower])).astype(np.float32)[:, None, None]
+    out = volume[lower].astype(np.float32) * (1 - w) + volume[upper].astype(np.float32) * w
+    return (np.round(out).astype(np.int16) if volume.dtype == np.int16 else out), spacing
+
+
+def _age_years(value: str) -> int | None:
+    match = re.fullmatch(r"(\d{1,3})([DWMY])", str(value or "").strip().upper())
+    if not match:
+        return None
+    number, unit = int(match.group(1)), match.group(2)
+    return {"Y": number, "M": number // 12, "W": number // 52, "D": number // 365}[unit]
+
+
+def _sidecar_metadata(ds, spacing_xy: np.ndarray, n_slices: int) -> dict[str, Any]:
+    meta: dict[str, Any] = {"modality": "CT", "n_slices": n_slices, "pixel_spacing_mm": [float(s) for s in spacing_xy]}
+    for tag, name in SIDECAR_FIELDS.items():
+        value = getattr(ds, tag, None)
+        if value in (None, ""):
+            continue
+        if tag in ("KVP", "SliceThickness"):
+            try:
+                meta[name] = float(value)
+            except (TypeError, ValueError):
+                continue
+        elif tag == "PatientSex":
+            if str(value).upper() in ("M", "F", "O"):
+                meta[name] = str(value).upper()
+        else:
+            meta[name] = str(value)[:64]
+    age = _age_years(getattr(ds, "PatientAge", ""))
+    if age is not None:
+        meta["patient_age_years"] = min(age, 90)  # PS3.15: ages over 89 are identifying
+    return meta
+
+
+def _deidentified_header(ds, key: bytes, case_id: str):
+    """A new header holding only :data:`KEEP_TAGS`, hashed UIDs and the pseudonym as identity."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    out = Dataset()
+    for tag in KEEP_TAGS:
+        if tag in ds:
+            out[tag] = ds[tag]
+    if "PatientAge" in out:
+        age = _age_years(out.PatientAge)
+        if age is None:
+            del out["PatientAge"]
+        else:
+            out.PatientAge = f"{min(age, 90):03d}Y"
+    for tag in UID_TAGS:
+        if tag in ds:
+            setattr(out, tag, _hashed_uid(key, str(getattr(ds, tag))))
+    out.PatientName = case_id
+    out.PatientID = case_id
+    out.PatientBirthDate = ""
+    out.StudyID = ""
+    out.StudyDate = ""
+    out.StudyTime = ""
+    out.AccessionNumber = ""
+    out.ReferringPhysicianName = ""
+    out.PatientIdentityRemoved = "YES"
+    out.DeidentificationMethod = "VertebralFracture allowlist, PS3.15 basic, UIDs hashed"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = out.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.2")
+    meta.MediaStorageSOPInstanceUID = out.get("SOPInstanceUID", "")
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out.file_meta = meta
+    return out
+
+
+def write_import(result: DicomImport, path: str | Path) -> tuple[Path, Path]:
+    """Write the de-identified volume (NIfTI/NRRD/MHA by suffix) and its JSON sidecar beside it."""
+    path = Path(path)
+    write_volume(result.volume, path)
+    stem = path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
+    sidecar = path.with_name(stem + ".json")
+    payload = {"case_id": result.case_id, "deidentified": True, **result.metadata, "warnings": result.warnings}
+    sidecar.write_text(json.dumps(payload, indent=2))
+    return path, sidecar

@@ -1,0 +1,26 @@
+"""Read any supported input (an image file or a DICOM folder) into a Volume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from VertebralFractureLib.core.volume import Volume
+from VertebralFractureLib.io.volume_files import read_image_file
+
+
+def read_volume(path: str | Path, *, check: bool = True) -> Volume:
+    """Read a NIfTI/NRRD/MHA file or a DICOM folder into a :class:`Volume` (LPS geometry).
+
+    DICOM folders go through :func:`VertebralFractureLib.io.dicom.import_dicom` (de-identified).
+    With ``check`` the header is validated before voxels are read (dimension, absurd size).
+
+    Raises:
+        InputError: unreadable file, or a header that fails validation.
+    """
+    path = Path(path)
+    if path.is_dir():
+        # pydicom and its codecs load only when a DICOM folder is read
+        from VertebralFractureLib.io.dicom import import_dicom
+
+        return import_dicom(path).volume
+    return read_image_file(path, check=check)

@@ -1,0 +1,141 @@
+"""Input validation shared by every command: each failure is one :class:`InputError` line.
+
+Checks: dimension (2D and 4D refused), absurd size, empty or constant volume, and data that is
+not in Hounsfield units. The HU test looks at what any CT in HU shows and raw data does not:
+
+* 8-bit data cannot hold HU (air -1000, bone +1000) -> refused;
+* real CT in HU has voxels below -100 HU (fat, lung, air or the -1024 padding); a volume with
+  no negative value at all is raw stored values (rescale intercept not applied) or not CT;
+* a volume with a maximum below 100 holds no bone or soft tissue in HU (normalised 0..1 data).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.core.volume import Volume
+
+MAX_SLICES = 2000
+MAX_VOXELS = 1_000_000_000
+MIN_SLICES = 10
+
+
+def check_header(size: tuple[int, ...], source: str | Path) -> None:
+    """Validate an image's size (ITK order, all dimensions) before its voxels are read."""
+    dims = [int(s) for s in size]
+    while len(dims) > 3 and dims[-1] == 1:
+        dims.pop()
+    if len(dims) == 4:
+        raise InputError(f"{source}: 4D image ({'x'.join(map(str, dims))}); give one 3D CT volume (one time point/phase)")
+    if len(dims) > 4:
+        raise InputError(f"{source}: {len(dims)}D image; expected a 3D CT volume")
+    _check_size(dims, source)
+
+
+def _check_size(dims: list[int], source: str | Path) -> None:
+    if len(dims) < 3 or min(dims) <= 1:
+        shape = "x".join(map(str, dims))
+        raise InputError(f"{source}: 2D image ({shape}); a 3D CT volume (a stack of slices) is needed")
+    if dims[2] < MIN_SLICES:
+        raise InputError(f"{source}: only {dims[2]} slices; at least {MIN_SLICES} are needed to see a vertebra")
+    if max(dims) > MAX_SLICES or int(np.prod(dims, dtype=np.int64)) > MAX_VOXELS:
+        raise InputError(
+            f"{source}: absurd size {'x'.join(map(str, dims))} (limit {MAX_SLICES} voxels per axis, {MAX_VOXELS:.0e} in all); "
+            "crop or resample the CT first"
+        )
+
+
+def check_ct(ct: Volume, source: str | Path = "input") -> None:
+    """Validate a CT volume in memory: 3D, sane size, not empty/constant, in Hounsfield units.
+
+    Raises:
+        InputError: naming ``source`` and the problem.
+    """
+    array = ct.array
+    if array.ndim != 3:
+        raise InputError(f"{source}: {array.ndim}D array; expected a 3D CT volume")
+    _check_size(list(ct.size_ijk), source)
+    if array.size == 0:
+        raise InputError(f"{source}: empty image")
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise InputError(f"{source}: voxel type {array.dtype} is not a real-valued CT")
+    # a strided sample keeps the statistics cheap on 100M-voxel volumes
+    step = max(1, int(round((array.size / 2_000_000) ** (1 / 3))))
+    sample = array[::step, ::step, ::step]
+    if np.issubdtype(sample.dtype, np.floating) and not np.isfinite(sample).all():
+        raise InputError(f"{source}: contains NaN or infinite values; not a CT in Hounsfield units")
+    lo, hi = float(sample.min()), float(sample.max())
+    if lo == hi:
+        raise InputError(f"{source}: constant image (every voxel is {lo:g}); nothing to analyse")
+    check_hounsfield(sample, source, dtype=array.dtype)
+
+
+def check_hounsfield(values: np.ndarray, source: str | Path, dtype: np.dtype | None = None) -> None:
+    """Refuse data that is not in Hounsfield units (see the module docstring for the rules)."""
+    dtype = np.dtype(dtype or values.dtype)
+    if dtype in (np.uint8, np.int8, np.bool_):
+        raise InputError(
+            f"{source}: {dtype} data cannot hold Hounsfield units (8-bit, values {values.min()}..{values.max()}); "
+            "export the CT in HU (int16 with rescale applied)"
+        )
+    lo, hi, median = float(values.min()), float(values.max()), float(np.median(values))
+    if hi < 100:
+        raise InputError(
+            f"{source}: values {lo:g}..{hi:g} contain no bone or soft tissue in HU (normalised data?); "
+            "give the CT in Hounsfield units"
+        )
+    if lo >= 0:
+        raise InputError(
+            f"{source}: no negative values ({lo:g}..{hi:g}, median {median:g}), so no air or fat in HU: raw stored "
+            "values or not CT; apply the DICOM rescale slope/intercept (HU = raw*slope + intercept)"
+        )
+    if lo > -100:
+        raise InputError(
+            f"{source}: lowest value {lo:g} is above -100, so there is no fat, lung or air; "
+            "this does not look like a CT in Hounsfield units"
+        )
+
+
+def check_labels(labels: Volume, ct: Volume, source: str | Path = "label map") -> Volume:
+    """Check a label map against its CT and return it as an integer volume on the CT grid.
+
+    A label map on another grid but the same physical space is resampled (nearest neighbour).
+
+    Raises:
+        InputError: not 3D, non-integer values, ids outside VerSe range, or a label map that
+            does not overlap the CT.
+    """
+    from VertebralFractureLib.core.volume import resample_to
+
+    array = labels.array
+    if array.ndim != 3:
+        raise InputError(f"{source}: {array.ndim}D array; a 3D label map on the CT's space is needed")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.mod(array[:: max(1, array.shape[0] // 16)], 1) == 0):
+            raise InputError(f"{source}: non-integer values; expected VerSe label ids (1..28)")
+    if array.min() < 0 or array.max() > 255:
+        raise InputError(f"{source}: values {array.min()}..{array.max()} are not VerSe label ids (1..28)")
+    if not labels.same_geometry(ct, tol_mm=0.01):
+        if not _overlaps(labels, ct):
+            raise InputError(
+                f"{source}: does not fit the CT (grids do not overlap in physical space); "
+                "give the label map that was made on this CT"
+            )
+        labels = resample_to(labels.with_array(array.astype(np.uint8)), ct, order=0)
+        if not labels.array.any():
+            raise InputError(f"{source}: no labelled voxel falls inside the CT; give the label map made on this CT")
+    return labels.with_array(labels.array.astype(np.uint8))
+
+
+def _overlaps(a: Volume, b: Volume) -> bool:
+    def box(v: Volume) -> tuple[np.ndarray, np.ndarray]:
+        ni, nj, nk = v.size_ijk
+        corners = np.array([[i, j, k] for i in (0, ni - 1) for j in (0, nj - 1) for k in (0, nk - 1)], float)
+        pts = v.index_to_lps(corners)
+        return pts.min(0), pts.max(0)
+
+    (alo, ahi), (blo, bhi) = box(a), box(b)
+    return bool(np.all(alo <= bhi) and np.all(blo <= ahi))

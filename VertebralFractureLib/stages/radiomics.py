@@ -1,0 +1,262 @@
+"""Per-vertebra radiomics with pyradiomics: parallel across vertebrae, cached by content hash.
+
+The parameter file is ``Resources/radiomics/params.yaml`` (654 features: 14 shape + 64 per image on
+Original, LoG sigma 3 mm and 8 wavelet images; see the file for why). Each vertebra is cut out of the
+CT as a small region of interest (mask bounding box plus a margin) in the main process, so the worker
+processes receive a few hundred kB instead of the whole CT. Results are cached as JSON under
+``cache_dir`` keyed by the SHA-256 of the ROI's voxels, geometry, parameter file and pyradiomics
+version, so re-running a study does not extract again.
+
+(This module is not called ``radiomics.py``: that would shadow the ``radiomics`` package.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.core.resources import resource_path
+from VertebralFractureLib.core.volume import Volume
+
+#: margin (mm) kept around the vertebra's bounding box; covers LoG sigma 3 mm and pyradiomics' padding
+ROI_MARGIN_MM = 12.0
+
+
+def default_params_path() -> Path:
+    """The shipped parameter file ``Resources/radiomics/params.yaml``."""
+    return resource_path("radiomics", "params.yaml")
+
+
+def default_cache_dir() -> Path:
+    """``$VERTEBRAL_FRACTURE_CACHE/radiomics`` or ``~/.cache/vertebral-fracture/radiomics``."""
+    root = os.environ.get("VERTEBRAL_FRACTURE_CACHE") or (Path.home() / ".cache" / "vertebral-fracture")
+    return Path(root) / "radiomics"
+
+
+@dataclass
+class VertebraROI:
+    """One vertebra's CT and mask cut to its bounding box (+margin); arrays (z, y, x), geometry as Volume."""
+
+    key: str  # caller's identifier, e.g. "case007:L1"
+    label: int
+    ct: np.ndarray  # HU, the CT's own dtype (pyradiomics resamples in it)
+    mask: np.ndarray  # uint8 0/1
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    def digest(self, params_text: str) -> str:
+        """SHA-256 of voxels, geometry, parameters and pyradiomics version (the cache key)."""
+        import radiomics
+
+        h = hashlib.sha256()
+        for arr in (self.ct, self.mask):
+            h.update(str(arr.shape).encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+        h.update(json.dumps([self.spacing, self.origin, list(self.direction)]).encode())
+        h.update(params_text.encode())
+        h.update(str(radiomics.__version__).encode())
+        return h.hexdigest()
+
+
+def _grid_steps(spacing: tuple[float, float, float], params_path: str | Path | None) -> list[int]:
+    """Per array axis (z, y, x), the smallest voxel count whose length is a whole number of resampled voxels.
+
+    pyradiomics places its resampled grid relative to the image's voxel (0, 0, 0); an ROI starting on a
+    multiple of this step gets exactly the same grid as the whole CT, so the features are identical.
+    Spacings without a common multiple within 256 voxels fall back to 1 (grid phase may then differ by
+    less than one original voxel).
+    """
+    import yaml
+
+    path = Path(params_path) if params_path else default_params_path()
+    try:
+        target = (yaml.safe_load(path.read_text()) or {}).get("setting", {}).get("resampledPixelSpacing")
+    except (OSError, yaml.YAMLError):
+        target = None
+    if not target:
+        return [1, 1, 1]
+    steps = []
+    for s, t in zip(spacing, target, strict=True):
+        ratio = s / float(t)
+        step = next((m for m in range(1, 257) if abs(m * ratio - round(m * ratio)) < 1e-4), 1)
+        steps.append(step)
+    return steps[::-1]
+
+
+def vertebra_rois(ct: Volume, labels: Volume, label_ids: list[int] | None = None, *, key_prefix: str = "",
+                  params_path: str | Path | None = None) -> list[VertebraROI]:
+    """Cut each vertebra of ``labels`` (or only ``label_ids``) out of ``ct`` (same grid required)."""
+    if ct.array.shape != labels.array.shape:
+        raise InputError(f"label map shape {labels.array.shape} differs from CT shape {ct.array.shape}; resample it first")
+    from scipy import ndimage
+
+    step = _grid_steps(ct.spacing, params_path)  # z, y, x
+    present = [int(v) for v in np.unique(labels.array) if v != 0]
+    ids = present if label_ids is None else [i for i in label_ids if i in present]
+    objects = ndimage.find_objects(labels.array.astype(np.int32), max_label=max(ids) if ids else 0)
+    margin = np.ceil(ROI_MARGIN_MM / np.asarray(ct.spacing)[::-1]).astype(int)  # z, y, x voxels
+    rois = []
+    for label in ids:
+        sl = objects[label - 1]
+        # start on a multiple of `step` so pyradiomics' 2 mm resampling grid has the same phase as on the whole CT
+        lo = [max(0, (s.start - m) // k * k) for s, m, k in zip(sl, margin, step, strict=True)]
+        hi = [min(n, s.stop + m) for s, n, m in zip(sl, ct.array.shape, margin, strict=True)]
+        window = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        origin = ct.index_to_lps(np.array(lo[::-1], dtype=np.float64))
+        rois.append(VertebraROI(
+            key=f"{key_prefix}{label}", label=label,
+            ct=np.ascontiguousarray(ct.array[window]),
+            mask=np.ascontiguousarray(labels.array[window] == label, dtype=np.uint8),
+            spacing=tuple(ct.spacing), origin=tuple(float(v) for v in origin),
+            direction=tuple(float(v) for v in ct.direction.ravel()),
+        ))
+    return rois
+
+
+def _roi_images(roi: VertebraROI):
+    import SimpleITK as sitk
+
+    images = []
+    for arr in (roi.ct, roi.mask):
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing(roi.spacing)
+        img.SetOrigin(roi.origin)
+        img.SetDirection(roi.direction)
+        images.append(img)
+    return images
+
+
+_EXTRACTOR = None
+
+
+def _extractor(params_path: str):
+    """One pyradiomics extractor per process (building it parses and validates the YAML)."""
+    global _EXTRACTOR
+    if _EXTRACTOR is None or _EXTRACTOR[0] != params_path:
+        import radiomics
+        import SimpleITK as sitk
+        from radiomics import featureextractor
+
+        radiomics.setVerbosity(logging.ERROR)
+        # worker processes already run in parallel; ITK's own threads would oversubscribe the cores
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        _EXTRACTOR = (params_path, featureextractor.RadiomicsFeatureExtractor(str(params_path)))
+    return _EXTRACTOR[1]
+
+
+def _extract_one(roi: VertebraROI, params_path: str) -> dict[str, float]:
+    """Feature name -> value for one ROI (diagnostics dropped; failures give an empty dict)."""
+    extractor = _extractor(params_path)
+    ct_img, mask_img = _roi_images(roi)
+    if int(roi.mask.sum()) < 8:
+        return {}
+    try:
+        result = extractor.execute(ct_img, mask_img, label=1)
+    except (ValueError, RuntimeError) as exc:  # e.g. a mask too small after resampling
+        logging.getLogger(__name__).warning("radiomics failed for %s: %s", roi.key, exc)
+        return {}
+    return {k: float(v) for k, v in result.items() if not k.startswith("diagnostics_")}
+
+
+def extract_rois(
+    rois: list[VertebraROI],
+    *,
+    params_path: str | Path | None = None,
+    workers: int | None = None,
+    cache_dir: str | Path | None | bool = None,
+) -> list[dict[str, float]]:
+    """Features of each ROI, in order; extraction runs in ``workers`` processes (default: CPU count).
+
+    Args:
+        cache_dir: folder of the JSON cache; None uses :func:`default_cache_dir`, False disables it.
+    Returns:
+        One dict per ROI (feature name -> value; empty when extraction failed, e.g. a tiny mask).
+    """
+    params_path = Path(params_path) if params_path else default_params_path()
+    if not params_path.exists():
+        raise InputError(f"{params_path}: radiomics parameter file not found")
+    params_text = params_path.read_text()
+    cache = None if cache_dir is False else Path(cache_dir) if cache_dir else default_cache_dir()
+    results: list[dict[str, float] | None] = [None] * len(rois)
+    digests = [roi.digest(params_text) for roi in rois]
+    todo = []
+    for i, digest in enumerate(digests):
+        hit = cache / digest[:2] / f"{digest}.json" if cache else None
+        if hit is not None and hit.exists():
+            try:
+                results[i] = json.loads(hit.read_text())
+                continue
+            except (OSError, json.JSONDecodeError):
+                pass  # a damaged cache entry is extracted again
+        todo.append(i)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+    if todo:
+        if workers == 1:
+            computed = [_extract_one(rois[i], str(params_path)) for i in todo]
+        else:
+            # spawn, not fork: the parent may hold torch/ITK thread pools that do not survive fork
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                computed = list(pool.map(_extract_one, [rois[i] for i in todo], [str(params_path)] * len(todo),
+                                         chunksize=max(1, len(todo) // (4 * workers))))
+        for i, features in zip(todo, computed, strict=True):
+            results[i] = features
+            if cache and features:
+                target = cache / digests[i][:2] / f"{digests[i]}.json"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps(features))
+                tmp.replace(target)
+    return [r or {} for r in results]
+
+
+def extract_features(
+    ct: Volume,
+    labels: Volume,
+    label_ids: list[int] | None = None,
+    *,
+    params_path: str | Path | None = None,
+    workers: int | None = None,
+    cache_dir: str | Path | None | bool = None,
+) -> dict[int, dict[str, float]]:
+    """Radiomics of every vertebra of one case: ``{label: {feature: value}}`` (CT in HU, same grid)."""
+    rois = vertebra_rois(ct, labels, label_ids, params_path=params_path)
+    features = extract_rois(rois, params_path=params_path, workers=workers, cache_dir=cache_dir)
+    return {roi.label: f for roi, f in zip(rois, features, strict=True)}
+
+
+def extract_sequential_reference(ct: Volume, labels: Volume, label_ids: list[int], params_path: str | Path | None = None):
+    """Plain pyradiomics on the whole CT, one vertebra after another (the benchmark's baseline)."""
+    import radiomics
+    from radiomics import featureextractor
+
+    radiomics.setVerbosity(logging.ERROR)
+    extractor = featureextractor.RadiomicsFeatureExtractor(str(params_path or default_params_path()))
+    ct_img, lab_img = ct.to_sitk(), labels.to_sitk()
+    out = {}
+    for label in label_ids:
+        result = extractor.execute(ct_img, lab_img, label=int(label))
+        out[label] = {k: float(v) for k, v in result.items() if not k.startswith("diagnostics_")}
+    return out
+
+
+def feature_matrix(features: list[dict[str, float]], names: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Stack feature dicts into ``(n, f)`` float64 (missing or non-finite -> NaN); names sorted if not given."""
+    if names is None:
+        names = sorted({k for f in features for k in f})
+    x = np.full((len(features), len(names)), np.nan)
+    for i, f in enumerate(features):
+        for j, name in enumerate(names):
+            v = f.get(name, math.nan)
+            x[i, j] = v if math.isfinite(v) else math.nan
+    return x, names

@@ -1,0 +1,387 @@
+"""Vertebra segmentation: a MONAI 3D U-Net on a 1.5 mm LPS grid, then instances and levels.
+
+Steps of :func:`segment_vertebrae`:
+
+1. resample the CT onto an axis-aligned LPS grid at the model's working spacing (1.5 mm, ``fast``: 3 mm),
+   so the network always sees the same orientation whatever the input's direction (LPS, RAS, PIR, oblique);
+2. window the HU (model card ``window``) and run the U-Net tile by tile, skipping tiles without bone
+   (:func:`bone_tiled_inference`), giving a vertebra-bone probability;
+3. connected components, split of touching vertebrae and removal of small pieces, then each vertebra grown
+   by up to 3 mm into cortex the network missed (:mod:`.instances`);
+4. VerSe level names from the order along the spine and anatomical anchors (:mod:`.labelling`);
+5. labels back onto the input grid with the input's geometry.
+
+The network predicts one channel, "bone belonging to a vertebra" (not 26 level classes): that generalises
+better from little training data; instances and levels come from geometry.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.core.progress import CancelToken, ProgressCallback, no_progress
+from VertebralFractureLib.core.volume import Volume, resample_to
+
+MODEL_SUBDIR = ("models", "segmentation")
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "card.json"
+
+# defaults, overridden by the model card when one is found
+WORK_SPACING_MM = 1.5
+FAST_SPACING_MM = 3.0
+WINDOW_HU = (-250.0, 1250.0)
+BONE_HU = 150.0  # tiles whose maximum stays below this hold no bone and are not run through the network
+
+
+@dataclass
+class SegmentationResult:
+    """Output of :func:`segment_vertebrae`.
+
+    Attributes:
+        labels: uint8 VerSe ids on the input CT's grid and geometry (0 = background).
+        warnings: human-readable notes (no vertebrae found, low level confidence, partial vertebrae...).
+        level_confidence: 0..1, how sure the level names are (anchors found and agreeing -> high).
+        partial: VerSe ids of vertebrae cut by the edge of the field of view.
+        anchors_found: anchor name -> VerSe id it fixed (e.g. ``{"last_rib": 19}``).
+    """
+
+    labels: Volume
+    warnings: list[str] = field(default_factory=list)
+    level_confidence: float = 0.0
+    partial: list[int] = field(default_factory=list)
+    anchors_found: dict[str, int] = field(default_factory=dict)
+
+
+# --- geometry ---------------------------------------------------------------------------------
+def canonical_grid(volume: Volume, spacing_mm: float) -> Volume:
+    """An empty axis-aligned LPS grid (identity direction) at ``spacing_mm`` covering ``volume``'s extent.
+
+    Array axes of the result are (z=S, y=P, x=L) increasing; the network is trained in this frame.
+    """
+    size = np.asarray(volume.size_ijk, dtype=np.float64)
+    corners = np.array([[a, b, c] for a in (-0.5, size[0] - 0.5) for b in (-0.5, size[1] - 0.5) for c in (-0.5, size[2] - 0.5)])
+    lps = volume.index_to_lps(corners)
+    lo, hi = lps.min(axis=0), lps.max(axis=0)
+    n = np.maximum(1, np.round((hi - lo) / spacing_mm - 1e-6)).astype(int)
+    centre = (lo + hi) / 2.0
+    origin = centre - (n - 1) * spacing_mm / 2.0
+    return Volume(np.zeros(n[::-1], np.uint8), (spacing_mm,) * 3, tuple(origin), np.eye(3))
+
+
+def to_canonical(volume: Volume, spacing_mm: float, *, labels: bool = False, default: float = -1024.0) -> Volume:
+    """Resample ``volume`` onto :func:`canonical_grid` (linear for CT, label-Gaussian for label maps)."""
+    import SimpleITK as sitk
+
+    grid = canonical_grid(volume, spacing_mm)
+    if labels:
+        ref = grid.to_sitk()
+        image = volume.with_array(volume.array.astype(np.uint8)).to_sitk()
+        out = sitk.Resample(image, ref, sitk.Transform(), sitk.sitkLabelGaussian, 0, sitk.sitkUInt8)
+        return Volume.from_sitk(out)
+    array = volume.array if volume.array.dtype in (np.int16, np.float32) else volume.array.astype(np.float32)
+    out = resample_to(volume.with_array(array), grid, order=1, default=default)
+    return out.with_array(out.array.astype(np.float32, copy=False))
+
+
+def window(hu: np.ndarray, window_hu: tuple[float, float] = WINDOW_HU) -> np.ndarray:
+    """HU -> float32 in 0..1 by the model's window (clipped)."""
+    lo, hi = window_hu
+    return np.clip((hu.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+
+
+# --- model ----------------------------------------------------------------------------------
+def default_model_dir() -> Path:
+    """``Resources/models/segmentation`` (weights + card)."""
+    from VertebralFractureLib.core.resources import resource_path
+
+    return resource_path(*MODEL_SUBDIR)
+
+
+def build_network(architecture: dict):
+    """The MONAI network named by a card's ``architecture`` entry (only known classes; nothing is executed)."""
+    from monai.networks.nets import BasicUNet, UNet
+
+    known = {"monai.networks.nets.UNet": UNet, "monai.networks.nets.BasicUNet": BasicUNet}
+    name = architecture.get("name")
+    if name not in known:
+        raise InputError(f"segmentation model card names unknown architecture {name!r}; expected one of {sorted(known)}")
+    kwargs = dict(architecture.get("kwargs", {}))
+    for key in ("channels", "strides", "features"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    return known[name](**kwargs)
+
+
+def default_architecture() -> dict:
+    """The shipped architecture: MONAI UNet, 5 levels (16..256 channels), one residual unit per level, batch norm."""
+    return {
+        "name": "monai.networks.nets.UNet",
+        "kwargs": {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 1,
+            "channels": [16, 32, 64, 128, 256],
+            "strides": [2, 2, 2, 2],
+            "num_res_units": 1,
+            # batch norm (running statistics at inference) rather than MONAI's default instance norm: the
+            # output must not depend on how big the inference tile is or how much air it holds
+            "norm": "batch",
+        },
+    }
+
+
+def read_card(model_dir: Path) -> dict:
+    """The model card JSON of ``model_dir``."""
+    path = Path(model_dir) / CARD_NAME
+    if not path.exists():
+        raise InputError(f"{path}: segmentation model card missing; run `vertebral-fracture train-seg` or reinstall")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc.msg}); reinstall the model") from None
+
+
+def load_model(model_dir: Path | None = None, device: str = "cpu"):
+    """(network in eval mode on ``device``, card) from safetensors weights + JSON card; no pickle involved."""
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+    card = read_card(model_dir)
+    weights = model_dir / card.get("weights", WEIGHTS_NAME)
+    if not weights.exists():
+        raise InputError(f"{weights}: segmentation weights missing; run `vertebral-fracture train-seg` or reinstall")
+    net = build_network(card["architecture"])
+    try:
+        state = load_file(str(weights), device="cpu")
+        net.load_state_dict({k: v.float() for k, v in state.items()})
+    except Exception as exc:  # a corrupt or mismatched file must not leave a traceback for the user
+        raise InputError(f"{weights}: cannot load segmentation weights ({exc}); reinstall the model") from None
+    net.eval().to(device)
+    return net, card
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is bad input."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"unknown device {device!r}; expected auto, cpu or cuda")
+    return device
+
+
+# --- inference --------------------------------------------------------------------------------
+def _tiling(n: int, max_tile: int, overlap: int) -> tuple[int, list[int]]:
+    """(tile size, starts) covering ``n`` voxels with the fewest tiles of at most ``max_tile`` (multiple of 16)."""
+    if n <= max_tile:
+        return max(16, ((n + 15) // 16) * 16), [0]
+    k = int(np.ceil((n - overlap) / (max_tile - overlap)))
+    size = min(max_tile, ((int(np.ceil((n + (k - 1) * overlap) / k)) + 15) // 16) * 16)
+    starts = sorted({min(i * (size - overlap), n - size) for i in range(k)})
+    return size, starts
+
+
+def bone_tiled_inference(
+    net,
+    image: np.ndarray,
+    hu: np.ndarray | None = None,
+    *,
+    tile: int = 160,
+    overlap: int = 16,
+    bone_hu: float = BONE_HU,
+    device: str = "cpu",
+    cancel: CancelToken | None = None,
+    progress: ProgressCallback = no_progress,
+) -> np.ndarray:
+    """Sigmoid probability (float32, same z,y,x shape as ``image``) from few large tiles, skipping tiles without bone.
+
+    Why faster than MONAI ``sliding_window_inference`` at its defaults: per axis the fewest tiles of at most
+    ``tile`` voxels (sized to the volume, not a fixed ROI) with a small overlap and no blending (each tile
+    keeps its centre), and tiles whose HU never reaches ``bone_hu`` (air, lungs, soft tissue only) are
+    skipped (probability 0) since they cannot hold vertebra. The network uses batch norm, so a tile's
+    output does not depend on its size.
+
+    Args:
+        net: network mapping (1, 1, D, H, W) windowed input to (1, 1, D, H, W) logits.
+        image: windowed input (z, y, x), float32.
+        hu: HU array used to skip bone-free tiles (None: run every tile).
+    """
+    import torch
+
+    shape = image.shape
+    plan = [_tiling(int(n), tile, overlap) for n in shape]
+    sizes = [p[0] for p in plan]
+    # pad the volume so that every tile fits (small volumes: up to the next multiple of 16)
+    pad = [(0, max(0, s - n)) for s, n in zip(sizes, shape, strict=True)]
+    fill = float(image.min()) if image.size else 0.0
+    img = np.pad(image, pad, mode="constant", constant_values=fill)
+    bone = None if hu is None else np.pad(hu >= bone_hu, pad, mode="constant", constant_values=False)
+    out = np.zeros(img.shape, np.float32)
+    half = overlap // 2
+    tiles = [(a, b, c) for a in plan[0][1] for b in plan[1][1] for c in plan[2][1]]
+    for done, start in enumerate(tiles):
+        if cancel is not None:
+            cancel.check()
+        sl = tuple(slice(s, s + t) for s, t in zip(start, sizes, strict=True))
+        if bone is not None and not bone[sl].any():
+            continue
+        x = torch.from_numpy(np.ascontiguousarray(img[sl]))[None, None].to(device)
+        with torch.inference_mode():
+            p = torch.sigmoid(net(x))[0, 0].float().cpu().numpy()
+        # keep the centre of each tile (its border lacks context), except at the volume's edges
+        lo = [0 if s == 0 else half for s in start]
+        hi = [t if s + t >= n else t - half for s, t, n in zip(start, sizes, img.shape, strict=True)]
+        core = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        dst = tuple(slice(s + a, s + b) for s, a, b in zip(start, lo, hi, strict=True))
+        out[dst] = p[core]
+        progress((done + 1) / len(tiles), "segmentation network")
+    return out[: shape[0], : shape[1], : shape[2]]
+
+
+def monai_sliding_window(net, image: np.ndarray, *, roi: int = 96, device: str = "cpu") -> np.ndarray:
+    """Baseline: MONAI ``sliding_window_inference`` at its defaults (overlap 0.25, constant blend), roi ``roi``^3."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    x = torch.from_numpy(np.ascontiguousarray(image))[None, None].to(device)
+    with torch.inference_mode():
+        logits = sliding_window_inference(x, (roi, roi, roi), 1, net)
+    return torch.sigmoid(logits)[0, 0].float().cpu().numpy()
+
+
+def predict_probability(
+    ct: Volume,
+    *,
+    fast: bool = False,
+    device: str = "auto",
+    model_dir: Path | None = None,
+    progress: ProgressCallback = no_progress,
+    cancel: CancelToken | None = None,
+) -> tuple[Volume, Volume, dict]:
+    """(vertebra probability, HU) on the canonical working grid, plus the model card.
+
+    Both volumes are on the axis-aligned LPS grid at the card's spacing (``fast``: its fast spacing).
+    """
+    import torch
+
+    device = resolve_device(device)
+    net, card = load_model(model_dir, device)
+    spacing = float(card.get("fast_spacing_mm" if fast else "spacing_mm", FAST_SPACING_MM if fast else WORK_SPACING_MM))
+    win = tuple(card.get("window_hu", WINDOW_HU))
+    hu = to_canonical(ct, spacing)
+    if cancel is not None:
+        cancel.check()
+    threads = torch.get_num_threads()
+    prob = bone_tiled_inference(
+        net, window(hu.array, win), hu.array, device=device, cancel=cancel, progress=progress,
+        tile=int(card.get("tile", 160)),
+    )
+    torch.set_num_threads(threads)
+    return hu.with_array(prob), hu, card
+
+
+def segment_vertebrae(
+    ct: Volume,
+    *,
+    fast: bool = False,
+    device: str = "auto",
+    anchors: list[str] | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+    model_dir: Path | None = None,
+) -> SegmentationResult:
+    """Segment and name the vertebrae of a CT.
+
+    Args:
+        ct: CT in HU, any orientation and field of view.
+        fast: work at about 3 mm instead of 1.5 mm.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        anchors: level overrides ``"L1=5"``: instance 5 (1 = most cranial) is L1, the others renumbered.
+        model_dir: folder with ``model.safetensors`` + ``card.json`` (default: the shipped model).
+
+    Returns:
+        :class:`SegmentationResult` with uint8 VerSe ids on ``ct``'s grid and geometry.
+    """
+    from VertebralFractureLib.stages.segmentation.instances import extract_instances, grow_cortex
+    from VertebralFractureLib.stages.segmentation.labelling import assign_levels, parse_anchor
+
+    progress = progress or no_progress
+    parsed = [parse_anchor(a) for a in (anchors or [])]  # bad anchors fail before minutes of work
+    ct = Volume(np.asarray(ct.array), ct.spacing, ct.origin, ct.direction)
+    if ct.array.ndim != 3:
+        raise InputError(f"segmentation needs a 3D CT; got an array of shape {ct.array.shape}")
+    progress(0.0, "segmentation: resampling")
+    prob, hu, card = predict_probability(
+        ct, fast=fast, device=device, model_dir=model_dir,
+        progress=lambda f, m: progress(0.05 + 0.75 * f, m), cancel=cancel,
+    )
+    if cancel is not None:
+        cancel.check()
+    progress(0.8, "segmentation: instances")
+    fov = resample_to(ct.with_array(np.ones(ct.shape, np.uint8)), prob, order=0).array > 0
+    inst = extract_instances(
+        prob.array, hu.array, spacing_mm=prob.spacing[0], threshold=float(card.get("threshold", 0.5)), fov=fov
+    )
+    if inst.count:
+        grown = grow_cortex(inst.labels, hu.array, prob.spacing[0])
+        prob = prob.with_array(np.where((grown > 0) & (inst.labels == 0), np.float32(1.0), prob.array))
+        inst.labels = grown
+    warnings = list(inst.warnings)
+    if inst.count == 0:
+        empty = ct.with_array(np.zeros(ct.shape, np.uint8))
+        return SegmentationResult(empty, ["no vertebrae found", *warnings], 0.0)
+    progress(0.88, "segmentation: levels")
+    levels = assign_levels(inst.labels, hu.array, spacing_mm=prob.spacing[0], partial=inst.partial, anchors=parsed,
+                           fov=fov)
+    warnings += levels.warnings
+    verse = np.zeros(inst.labels.shape, np.uint8)
+    for idx, vid in levels.mapping.items():
+        verse[inst.labels == idx] = vid
+    progress(0.95, "segmentation: back to the input grid")
+    out = labels_to_input_grid(prob.with_array(verse), prob, ct, threshold=float(card.get("threshold", 0.5)))
+    progress(1.0, "segmentation done")
+    partial = sorted(levels.mapping[i] for i in inst.partial if i in levels.mapping)
+    return SegmentationResult(out, warnings, levels.confidence, partial, levels.anchors_found)
+
+
+def labels_to_input_grid(labels: Volume, prob: Volume, ct: Volume, *, threshold: float = 0.5) -> Volume:
+    """Canonical-grid instance labels -> ``ct``'s grid: the probability is resampled linearly and thresholded
+    (smooth surfaces at the input's resolution), each foreground voxel takes the nearest instance's id.
+
+    Only the input sub-grid around the vertebrae is resampled (a chest CT is mostly not spine).
+    """
+    from scipy import ndimage as ndi
+
+    out = np.zeros(ct.shape, np.uint8)
+    near = labels.array > 0
+    if not near.any():
+        return ct.with_array(out)
+    # every background voxel near a vertebra takes the nearest vertebra's id, so the finer foreground of the
+    # linearly resampled probability never falls outside an instance
+    box = tuple(slice(max(0, s.start - 3), s.stop + 3) for s in ndi.find_objects(near.astype(np.int8))[0])
+    dist, idx = ndi.distance_transform_edt(~near[box], return_indices=True)
+    filled = np.zeros(labels.shape, np.uint8)
+    sub = labels.array[box][tuple(idx)]
+    sub[dist > 3] = 0
+    filled[box] = sub
+    # input-grid index box of the vertebrae (+2 voxels)
+    corners = np.array([[z, y, x] for z in (box[0].start, box[0].stop) for y in (box[1].start, box[1].stop)
+                        for x in (box[2].start, box[2].stop)], float)[:, ::-1]
+    ijk = ct.lps_to_index(labels.index_to_lps(corners))
+    size = np.asarray(ct.size_ijk)
+    lo = np.clip(np.floor(ijk.min(axis=0)).astype(int) - 2, 0, size - 1)
+    hi = np.clip(np.ceil(ijk.max(axis=0)).astype(int) + 3, 1, size)
+    sub_grid = Volume(np.zeros((hi - lo)[::-1], np.uint8), ct.spacing, tuple(ct.index_to_lps(lo)), ct.direction)
+    lab = resample_to(labels.with_array(filled), sub_grid, order=0).array.astype(np.uint8)
+    fg = resample_to(prob.with_array(prob.array.astype(np.float32)), sub_grid, order=1).array >= threshold
+    lab[~fg] = 0
+    out[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = lab
+    return ct.with_array(out)
