@@ -1,8 +1,9 @@
 """3D Slicer module: vertebral compression fracture detection in CT.
 
 A thin layer over ``VertebralFractureLib``: the widget collects options and shows results, the
-logic calls the same pipeline as the command line through the MRML adapter
-(``VertebralFractureLib.app.slicer_logic``, tested with the ``slicer-core`` wheel). Only the standard library
+logic calls the library's Slicer logic (``VertebralFractureLib.app.slicer_logic``: the same pipeline as
+the command line) and its MRML node conversion (``VertebralFractureLib.app.mrml_nodes``), both tested
+with the ``slicer-core`` wheel. Only the standard library
 and Slicer's own modules are imported at the top, so the module loads before its Python
 dependencies are installed; everything else is imported inside the methods that need it.
 """
@@ -68,10 +69,12 @@ class VertebralFracture(ScriptedLoadableModule):
         self.parent.contributors = ["VertebralFracture contributors"]
         self.parent.helpText = """
 Finds non-traumatic vertebral compression fractures in a CT volume.<br>
-<b>Method</b>: Wiener filter, U-Net segmentation of the vertebrae with connected-component labelling
-into one segment per level, then per vertebra: anterior/middle/posterior heights and Genant
-semi-quantitative grade (0: &lt;20 %, 1: 20-25 %, 2: 25-40 %, 3: &gt;40 % height loss), trabecular HU,
-radiomics and a 3D CNN giving a fracture probability. Each segment is named by level and grade and
+<b>Method</b>: U-Net segmentation of the vertebrae with connected-component labelling into one
+segment per level, then per vertebra: anterior/middle/posterior heights, Genant semi-quantitative
+grade (0: &lt;20 %, 1: 20-25 %, 2: 25-40 %, 3: &gt;40 % height loss) and trabecular HU, and a 3D CNN
+on the Wiener-filtered crop of the vertebra. The fracture probability is the higher of the CNN's and
+the height loss's (radiomics are computed only by the command line's <i>study</i>, not here). Each
+segment is named by level and grade and
 coloured green (low) to red (high probability).<br>
 <b>Correction</b>: edit segments in the Segment Editor, rename a level (the others are renumbered),
 then <i>Recompute</i> (no new segmentation).<br>
@@ -533,10 +536,10 @@ class VertebralFractureLogic(ScriptedLoadableModuleLogic):
         the pipeline result with patient probability and warnings)."""
         if volumeNode is None:
             raise ValueError("no input volume")
-        from VertebralFractureLib.app import slicer_logic as mrml
+        from VertebralFractureLib.app import slicer_logic
         from VertebralFractureLib.core.progress import no_progress
 
-        return mrml.process_volume_node(
+        return slicer_logic.process_volume_node(
             slicer.mrmlScene,
             volumeNode,
             options=self._options(wiener, fast, device),
@@ -550,10 +553,10 @@ class VertebralFractureLogic(ScriptedLoadableModuleLogic):
         self, segmentationNode, volumeNode, wiener: bool = True, device: str = "auto", tableNode=None, progress=None, cancel=None
     ):
         """Re-measure and re-classify from an edited segmentation (no new segmentation)."""
-        from VertebralFractureLib.app import slicer_logic as mrml
+        from VertebralFractureLib.app import slicer_logic
         from VertebralFractureLib.core.progress import no_progress
 
-        return mrml.recompute_segmentation_node(
+        return slicer_logic.recompute_segmentation_node(
             slicer.mrmlScene,
             segmentationNode,
             volumeNode,
@@ -565,14 +568,9 @@ class VertebralFractureLogic(ScriptedLoadableModuleLogic):
 
     def renameLevel(self, segmentationNode, segmentId: str, newLevel: str, volumeNode=None, tableNode=None) -> dict:
         """Rename one segment's level and renumber the others; returns old -> new VerSe ids."""
-        from VertebralFractureLib.app import slicer_logic as mrml
+        from VertebralFractureLib.app import slicer_logic
 
-        reference = mrml.volume_from_volume_node(volumeNode) if volumeNode is not None else None
-        records = mrml.records_from_table_node(tableNode) if tableNode is not None else None
-        mapping = mrml.rename_level(segmentationNode, segmentId, newLevel, records=records, reference=reference)
-        if tableNode is not None and records is not None:
-            mrml.table_node_from_records(slicer.mrmlScene, records, node=tableNode, patient_probability=_tablePatientProbability(tableNode))
-        return mapping
+        return slicer_logic.rename_level_in_nodes(segmentationNode, segmentId, newLevel, volume_node=volumeNode, table_node=tableNode)
 
     def showResult(self, result) -> None:
         """Show the CT with the segments in 2D (outline + fill) and 3D, and the table in a table view."""
@@ -593,22 +591,12 @@ class VertebralFractureLogic(ScriptedLoadableModuleLogic):
 
     # --- batch and review -----------------------------------------------------------------------
     def runBatch(self, cohortFolder, outputFolder, workers: int = 1, wiener: bool = True, fast: bool = False, device: str = "auto", progress=None):
-        """Run ``VertebralFractureLib.app.batch.run_batch`` over a cohort folder (resumable); returns cohort.csv.
-
-        One worker runs the cases in Slicer's process (``scheduler="synchronous"``) so the progress
-        bar stays live; more workers start a local Dask cluster of separate processes.
-        """
-        from VertebralFractureLib.app.batch import run_batch
+        """Run a cohort folder in batch (resumable; one worker runs in Slicer's process); returns cohort.csv."""
+        from VertebralFractureLib.app import slicer_logic
         from VertebralFractureLib.core.progress import no_progress
 
-        return run_batch(
-            Path(cohortFolder),
-            Path(outputFolder),
-            workers=int(workers),
-            scheduler="synchronous" if int(workers) <= 1 else None,
-            options=self._options(wiener, fast, device),
-            progress=progress or no_progress,
-            quiet=True,
+        return slicer_logic.run_cohort(
+            Path(cohortFolder), Path(outputFolder), workers=int(workers), options=self._options(wiener, fast, device), progress=progress or no_progress
         )
 
     def openCase(self, caseFolder, ctPath=None, cohortFolder=None):
@@ -616,15 +604,10 @@ class VertebralFractureLogic(ScriptedLoadableModuleLogic):
 
         Without ``ct.nii.gz`` in the folder, the CT is the case of the same name in ``cohortFolder``.
         """
-        from VertebralFractureLib.app import slicer_logic as mrml
+        from VertebralFractureLib.app import slicer_logic
 
         cohort = Path(cohortFolder) if cohortFolder and str(cohortFolder) not in ("", ".") else None
-        return mrml.open_case(slicer.mrmlScene, Path(caseFolder), ctPath, cohort)
-
-
-def _tablePatientProbability(tableNode):
-    text = tableNode.GetAttribute("VertebralFracture.PatientProbability")
-    return float(text) if text else None
+        return slicer_logic.open_case(slicer.mrmlScene, Path(caseFolder), ctPath, cohort)
 
 
 def _pipEnsure():
@@ -663,20 +646,20 @@ class VertebralFractureTest(ScriptedLoadableModuleTest):
 
     def _demoVolumeNode(self):
         _ensure_library_on_path()
-        from VertebralFractureLib.app import slicer_logic as mrml
+        from VertebralFractureLib.app import mrml_nodes
         from VertebralFractureLib.core.resources import demo_ct_path
         from VertebralFractureLib.io.reading import read_volume
 
-        return mrml.volume_node_from_volume(slicer.mrmlScene, read_volume(demo_ct_path()), "DemoCT")
+        return mrml_nodes.volume_node_from_volume(slicer.mrmlScene, read_volume(demo_ct_path()), "DemoCT")
 
     def test_MrmlRoundTrip(self):
-        """Volume node geometry survives the adapter (runs without the networks)."""
+        """Volume node geometry survives the MRML node conversion (runs without the networks)."""
         self.delayDisplay("MRML round trip")
-        from VertebralFractureLib.app import slicer_logic as mrml
+        from VertebralFractureLib.app import mrml_nodes
 
         node = self._demoVolumeNode()
-        volume = mrml.volume_from_volume_node(node)
-        again = mrml.volume_from_volume_node(mrml.volume_node_from_volume(slicer.mrmlScene, volume, "copy"))
+        volume = mrml_nodes.volume_from_volume_node(node)
+        again = mrml_nodes.volume_from_volume_node(mrml_nodes.volume_node_from_volume(slicer.mrmlScene, volume, "copy"))
         self.assertTrue(volume.same_geometry(again))
         self.assertTrue((volume.array == again.array).all())
 
@@ -694,15 +677,15 @@ class VertebralFractureTest(ScriptedLoadableModuleTest):
         if not out.result.records:
             self.delayDisplay("No vertebra found in the demo CT: recompute not exercised")
             return
-        from VertebralFractureLib.app import slicer_logic as mrml
+        from VertebralFractureLib.app import mrml_nodes
 
-        ct = mrml.volume_from_volume_node(node)
+        ct = mrml_nodes.volume_from_volume_node(node)
         record = out.result.records[0]
-        segmentId = mrml.find_segment_id(out.segmentation_node, record.label)
-        mask = mrml.segment_mask(out.segmentation_node, segmentId, ct)
+        segmentId = mrml_nodes.find_segment_id(out.segmentation_node, record.label)
+        mask = mrml_nodes.segment_mask(out.segmentation_node, segmentId, ct)
         slices = mask.any(axis=(1, 2)).nonzero()[0]
         mask[slices[: len(slices) // 2]] = False  # erase half of the vertebra's slices: lower volume and height
-        mrml.set_segment_mask(out.segmentation_node, segmentId, ct.with_array(mask.astype("uint8")))
+        mrml_nodes.set_segment_mask(out.segmentation_node, segmentId, ct.with_array(mask.astype("uint8")))
         again = logic.recompute(out.segmentation_node, node, tableNode=out.table_node)
         after = {r.label: r for r in again.result.records}[record.label]
         self.assertLess(after.volume_ml, record.volume_ml)

@@ -1,14 +1,17 @@
 """Static checks of the Slicer extension: build lists, .ui bindings, lazy imports, requirements.
 
 The Slicer desktop application (Qt widgets, ``slicer.app``, the Segment Editor) cannot run in this
-test environment, so the widget is checked statically here; the MRML logic under it is exercised
-for real in ``test_mrml.py`` and the module's own self-test (``VertebralFractureTest``) runs inside
+test environment, so the widget is checked statically here; the library code under it is exercised
+for real in ``test_slicer_logic.py`` and ``test_mrml_nodes.py`` (on the ``slicer-core`` wheel), and the
+module's own self-test (``VertebralFractureTest``, which covers the Logic, not the widget) runs inside
 Slicer (``Reload and Test``, or ``ctest`` in an extension build).
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
 import re
 import sys
 import xml.etree.ElementTree as ET
@@ -162,17 +165,40 @@ def test_module_defines_the_scripted_module_classes():
     assert {"process", "recompute", "renameLevel", "runBatch", "openCase", "ensureDependencies"} <= methods
 
 
-def test_module_logic_calls_existing_library_functions():
-    """Every ``mrml.<name>`` the module calls exists in the adapter (the module cannot be imported here)."""
-    from VertebralFractureLib.app import slicer_logic as mrml
-
-    called = {
-        node.attr
+def _library_imports() -> list[ast.ImportFrom]:
+    """Every ``from VertebralFractureLib... import ...`` in the module file (they sit inside methods)."""
+    return [
+        node
         for node in ast.walk(_module_tree())
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "mrml"
-    }
-    missing = sorted(name for name in called if not hasattr(mrml, name))
-    assert not missing, f"VertebralFracture.py calls VertebralFractureLib.app.slicer_logic.{missing}, which do not exist"
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "VertebralFractureLib"
+    ]
+
+
+def test_module_logic_calls_existing_library_functions():
+    """Every library name the module imports, and every ``<module>.<name>`` it calls on an imported library
+    module, exists (the module itself cannot be imported here: it needs Slicer's Qt)."""
+    imports = _library_imports()
+    assert {"VertebralFractureLib.app"} <= {node.module for node in imports}, "the module no longer imports the app layer?"
+    modules: dict[str, object] = {}
+    missing = []
+    for node in imports:
+        package = importlib.import_module(node.module)
+        for alias in node.names:
+            value = getattr(package, alias.name, None)
+            if value is None:
+                try:  # a submodule: ``from VertebralFractureLib.app import slicer_logic``
+                    value = importlib.import_module(f"{node.module}.{alias.name}")
+                except ModuleNotFoundError:
+                    missing.append(f"{node.module}.{alias.name}")
+                    continue
+            if inspect.ismodule(value):
+                modules[alias.asname or alias.name] = value
+    assert {"slicer_logic", "mrml_nodes"} <= set(modules), f"library modules used by the module: {sorted(modules)}"
+    for node in ast.walk(_module_tree()):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
+            if not hasattr(modules[node.value.id], node.attr):
+                missing.append(f"{modules[node.value.id].__name__}.{node.attr}")
+    assert not missing, f"VertebralFracture.py uses {sorted(set(missing))}, which do not exist"
 
 
 def test_requirements_match_pyproject_dependencies():
