@@ -195,18 +195,17 @@ def _add_train_seg(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train_seg(args: argparse.Namespace) -> int:
-    from VertebralFractureLib.research.training_seg import parse_case_weights, train
+    from VertebralFractureLib.research.training_seg import PatchMix, SegTrainConfig, parse_case_weights, train
 
-    card = train(
-        args.cohort, args.output, iterations=args.iterations, patch=args.patch, batch=args.batch, lr=args.lr,
-        seed=args.seed, val_fraction=args.val_fraction,
-        val_cases=[c for c in args.val_cases.split(",") if c], synth_share=args.synth_share, save_every=args.save_every, resume=args.resume,
-        threads=args.threads, data_note=args.note, device=args.device, workers=args.workers,
+    config = SegTrainConfig(
+        iterations=args.iterations, patch=args.patch, batch=args.batch, lr=args.lr, seed=args.seed,
+        val_fraction=args.val_fraction, val_cases=tuple(c for c in args.val_cases.split(",") if c),
+        synth_share=args.synth_share, save_every=args.save_every, resume=args.resume, threads=args.threads,
+        data_note=args.note, device=args.device, workers=args.workers,
         case_weights=parse_case_weights(args.case_weight), max_minutes=args.max_minutes,
-        background_share=args.background_share, osteoporosis_share=args.osteoporosis_share,
-        aorta_share=args.aorta_share, init=args.init,
-        log=lambda m: print(m, flush=True),
+        mix=PatchMix(args.background_share, args.osteoporosis_share, args.aorta_share), init=args.init,
     )
+    card = train(args.cohort, args.output, config, log=lambda m: print(m, flush=True))
     print(f"wrote {args.output / 'model.safetensors'} and card.json ({card.get('training', {}).get('iterations', 0)} iterations)")
     return 0
 
@@ -256,7 +255,7 @@ def _add_study(p: argparse.ArgumentParser) -> None:
 
 def _cmd_study(args: argparse.Namespace) -> int:
     from VertebralFractureLib.research.study import DEFAULT_MODELS, StudyOptions, run_study, simulate_study_cohort
-    from VertebralFractureLib.stages.classification import resolve_device
+    from VertebralFractureLib.models.device import resolve_device
 
     if (args.cohort is None) == (args.simulated is None):
         raise InputError("give either a COHORT folder or --simulated N")
@@ -293,13 +292,13 @@ def _add_train_classifier(p: argparse.ArgumentParser) -> None:
 
 def _cmd_train_classifier(args: argparse.Namespace) -> int:
     from VertebralFractureLib.research.study import train_classifier
-    from VertebralFractureLib.stages.classification import resolve_device
+    from VertebralFractureLib.models.device import resolve_device
 
     card = train_classifier(args.cohort, args.output, architecture=args.model, epochs=args.epochs,
                             test_fraction=args.test_fraction, seed=args.seed, device=resolve_device(args.device),
                             threads=args.threads, training_data=args.training_data, progress=_progress_for(args))
     if not args.quiet:
-        held = card["metrics_held_out"]["per_vertebra"]
+        held = card["metrics"]["held_out"]["per_vertebra"]
         print(f"held-out vertebrae: ROC-AUC {held['roc_auc']:.3f}, accuracy {held['accuracy']:.3f}")
         print(f"wrote {args.output / 'model.safetensors'} and {args.output / 'card.json'}")
     return 0

@@ -1,0 +1,206 @@
+"""train-seg and prepare-seg-cohort: end to end through the CLI (tiny phantom cohorts, a few iterations),
+resume, fine-tuning, case weights, the time budget, and the osteoporosis / calcified-aorta augmentations."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+from VertebralFractureLib.stages.segmentation.inference import segment_vertebrae  # noqa: E402
+
+
+def test_train_seg_end_to_end_and_resume(tmp_path):
+    from VertebralFractureLib.cli import main
+    from VertebralFractureLib.io.volume_files import write_volume
+    from VertebralFractureLib.research.simulation import make_phantom
+    from VertebralFractureLib.stages.segmentation.inference import load_model
+
+    cohort = tmp_path / "cohort"
+    ph = make_phantom(("L1", "L2"), 3.0, seed=1, fov_mm=(100, 100))
+    write_volume(ph.ct, cohort / "a" / "ct.nii.gz")
+    write_volume(ph.labels, cohort / "a" / "labels.nii.gz")
+    write_volume(ph.labels, cohort / "b" / "labels.nii.gz")  # label-only: synthesised images
+    out = tmp_path / "model"
+    args = ["train-seg", str(cohort), "-o", str(out), "--iterations", "2", "--patch", "32", "--batch", "1",
+            "--save-every", "1"]
+    assert main(args) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["training"]["iterations"] == 2
+    assert card["architecture"]["name"] == "monai.networks.nets.UNet"
+    assert card["spacing_mm"] == 1.5 and len(card["training"]["history"]) == 2
+    net, _ = load_model(out)
+    assert sum(p.numel() for p in net.parameters()) > 0
+    # resume continues from the checkpoint instead of starting over
+    assert main([*args[:5], "3", *args[6:], "--resume"]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["training"]["iterations"] == 3 and len(card["training"]["history"]) == 3
+    res = segment_vertebrae(ph.ct, fast=True, device="cpu", model_dir=out)
+    assert res.labels.same_geometry(ph.ct)
+
+
+def test_train_seg_bad_cohort_exit_2(tmp_path, capsys):
+    from VertebralFractureLib.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["train-seg", str(tmp_path / "empty"), "-o", str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err.startswith("error:")
+
+
+def _tiny_cohort(root):
+    """Case ``a`` with CT and labels, ``b`` labels only (a 3 mm two-level phantom: fast to resample)."""
+    from VertebralFractureLib.io.volume_files import write_volume
+    from VertebralFractureLib.research.simulation import make_phantom
+
+    ph = make_phantom(("L1", "L2"), 3.0, seed=1, fov_mm=(100, 100))
+    write_volume(ph.ct, root / "a" / "ct.nii.gz")
+    write_volume(ph.labels, root / "a" / "labels.nii.gz")
+    write_volume(ph.labels, root / "b" / "labels.nii.gz")
+    return root
+
+
+def test_prepare_seg_cohort_then_train_with_workers(tmp_path, capsys):
+    from VertebralFractureLib.cli import main
+    from VertebralFractureLib.research.training_seg import is_prepared_cohort, load_prepared_case
+
+    cohort = _tiny_cohort(tmp_path / "cohort")
+    prepared = tmp_path / "prepared"
+    assert main(["prepare-seg-cohort", str(cohort), "-o", str(prepared), "--quiet"]) == 0
+    assert sorted(p.name for p in prepared.iterdir()) == ["a.npz", "b.npz"]
+    assert is_prepared_cohort(prepared) and not is_prepared_cohort(cohort)
+    with np.load(prepared / "a.npz", allow_pickle=False) as z:
+        assert set(z.files) == {"labels_1.5", "labels_3.0", "hu_1.5", "hu_3.0"}
+        assert z["labels_1.5"].dtype == np.uint8 and z["hu_3.0"].dtype == np.int16
+        assert z["labels_1.5"].shape == z["hu_1.5"].shape and z["labels_1.5"].max() > 0
+    with np.load(prepared / "b.npz", allow_pickle=False) as z:
+        assert set(z.files) == {"labels_1.5", "labels_3.0"}
+    case = load_prepared_case(prepared / "b.npz", (1.5, 3.0))
+    assert case.name == "b" and case.hu[1.5] is None and len(case.fg_index[3.0]) > 0
+
+    out = tmp_path / "model"
+    capsys.readouterr()
+    assert main(["train-seg", str(prepared), "-o", str(out), "--iterations", "3", "--patch", "32", "--batch", "2",
+                 "--save-every", "2", "--workers", "2", "--device", "cpu", "--case-weight", "a=2",
+                 "--aorta-share", "1", "--osteoporosis-share", "1"]) == 0
+    logged = capsys.readouterr().out
+    assert "(prepared)" in logged and "it/s" in logged
+    card = json.loads((out / "card.json").read_text())
+    assert (out / "model.safetensors").exists()
+    assert card["training"]["iterations"] == 3 and len(card["training"]["history"]) == 2
+    assert card["training"]["workers"] == 2 and card["training"]["case_weights"] == {"a": 2.0}
+    assert card["training"]["aorta_share"] == 1.0 and card["training"]["osteoporosis_share"] == 1.0
+
+
+def test_prepare_with_crop_and_fine_tune_from_a_model(tmp_path, capsys):
+    from VertebralFractureLib.cli import main
+    from VertebralFractureLib.stages.segmentation.inference import load_model
+
+    cohort = _tiny_cohort(tmp_path / "cohort")
+    full, cropped = tmp_path / "full", tmp_path / "cropped"
+    assert main(["prepare-seg-cohort", str(cohort), "-o", str(full), "--quiet"]) == 0
+    assert main(["prepare-seg-cohort", str(cohort), "-o", str(cropped), "--crop-margin-mm", "6", "--quiet"]) == 0
+    with np.load(full / "a.npz") as f, np.load(cropped / "a.npz") as c:
+        for s in ("1.5", "3.0"):
+            lab_f, lab_c = f[f"labels_{s}"], c[f"labels_{s}"]
+            assert lab_c.shape[0] == lab_f.shape[0] and lab_c.size < lab_f.size  # cut in y and x only
+            assert np.array_equal(np.bincount(lab_c.ravel())[1:], np.bincount(lab_f.ravel())[1:])  # no label lost
+            assert c[f"hu_{s}"].shape == lab_c.shape
+    first, tuned = tmp_path / "first", tmp_path / "tuned"
+    assert main(["train-seg", str(cropped), "-o", str(first), "--iterations", "2", "--patch", "32",
+                 "--save-every", "2", "--device", "cpu"]) == 0
+    # zero learning rate: the fine-tuned weights must be exactly the ones it started from
+    assert main(["train-seg", str(cropped), "-o", str(tuned), "--init", str(first), "--iterations", "1", "--lr", "0",
+                 "--patch", "32", "--save-every", "1", "--device", "cpu", "--background-share", "0.5"]) == 0
+    card = json.loads((tuned / "card.json").read_text())
+    assert card["training"]["init"] == str(first) and card["training"]["background_share"] == 0.5
+    a, _ = load_model(first)
+    b, _ = load_model(tuned)
+    wa, wb = a.state_dict(), b.state_dict()
+    assert all(np.allclose(wa[k].numpy(), wb[k].numpy()) for k in wa if "running" not in k and "num_batches" not in k)
+
+
+def test_osteoporotic_augmentation_darkens_marrow_inside_the_vertebrae_only():
+    from VertebralFractureLib.research.training_seg import osteoporotic
+
+    rng = np.random.default_rng(0)
+    hu = rng.normal(40.0, 20.0, (40, 40, 40)).astype(np.float32)  # soft tissue
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[8:32, 8:32, 8:32] = 20
+    hu[8:32, 8:32, 8:32] = rng.normal(260.0, 40.0, (24, 24, 24))  # dense marrow
+    hu[8:32, 8:32, 8:10] = 700.0  # cortex
+    inner = (slice(12, 28), slice(12, 28), slice(14, 28))
+    means = []
+    for _ in range(20):
+        out = osteoporotic(hu, labels, rng)
+        assert np.array_equal(out[labels == 0], hu[labels == 0])  # soft tissue untouched
+        assert out[inner].mean() < hu[inner].mean() and out[inner].mean() > -20.0
+        assert out[10:30, 10:30, 8].mean() > out[inner].mean() + 300  # the cortex still stands out
+        means.append(float(out[inner].mean()))
+    assert max(means) - min(means) > 50  # a different density each time
+
+
+def test_calcified_aorta_is_a_bright_ring_in_front_of_the_spine_that_keeps_clear_of_the_vertebrae():
+    from scipy import ndimage as ndi
+
+    from VertebralFractureLib.research.training_seg import calcified_aorta
+
+    rng = np.random.default_rng(1)
+    hu = rng.normal(40.0, 10.0, (48, 80, 80)).astype(np.float32)
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[:, 40:60, 30:50] = 19  # a body (y grows posterior, x grows to the left)
+    near = ndi.distance_transform_edt(labels == 0, sampling=1.5) <= 1.0
+    for _ in range(10):
+        out = calcified_aorta(hu, labels, 1.5, rng)
+        assert np.array_equal(out[near], hu[near])  # vertebrae and the 1 mm round them untouched
+        ring = (out > 200) & (hu < 200)
+        assert ring.sum() > 100
+        zz, yy, xx = np.nonzero(ring)
+        assert yy.min() < 40  # reaching in front of the body
+        assert np.median(xx) > 40  # left of the body's midline
+    background = np.zeros(hu.shape, np.uint8)
+    assert np.array_equal(calcified_aorta(hu, background, 1.5, rng), hu)  # no spine in the patch: nothing to place
+
+
+def test_case_weights_scale_draws_within_a_pool():
+    from VertebralFractureLib.research.training_seg.cohort import Case
+    from VertebralFractureLib.research.training_seg.patches import pick_case
+
+    def case(name, real):
+        return Case(name, {1.5: np.zeros((2, 2, 2), np.uint8)}, {1.5: np.zeros((2, 2, 2)) if real else None}, {})
+
+    cases = [case("r1", True), case("r2", True), case("s1", False)]
+    rng = np.random.default_rng(0)
+    draws = [pick_case(cases, 0.0, rng, {"r1": 3.0}).name for _ in range(2000)]
+    assert "s1" not in draws  # synth_share 0: the weight does not move draws between pools
+    assert 0.7 < draws.count("r1") / len(draws) < 0.8
+
+
+def test_train_seg_bad_case_weight_is_one_line_error(tmp_path, capsys):
+    from VertebralFractureLib.cli import main
+
+    cohort = tmp_path / "cohort"
+    lab = cohort / "a" / "labels.nii.gz"
+    lab.parent.mkdir(parents=True)
+    lab.write_bytes(b"")  # never read: the weight's name is checked first
+    for bad in ("nosuchcase=2", "a=-1", "a"):
+        assert main(["train-seg", str(cohort), "-o", str(tmp_path / "m"), "--case-weight", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and err.count("\n") == 1, err
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_stops_at_the_time_budget_and_records_it(tmp_path):
+    from VertebralFractureLib.research.training_seg import SegTrainConfig, train
+
+    cohort = _tiny_cohort(tmp_path / "cohort")
+    logged = []
+    config = SegTrainConfig(iterations=50, patch=32, batch=1, save_every=50, device="cpu", max_minutes=1e-9,
+                            val_cases=("b",), data_note="budget")
+    card = train(cohort, tmp_path / "model", config, log=logged.append)
+    assert card["training"]["iterations"] == 1 and card["training"]["iterations_planned"] == 50
+    assert card["training"]["max_minutes"] == 1e-9 and card["training"]["val_cases"] == ["b"]
+    assert card["training"]["train_cases"] == ["a"] and card["training"]["data_note"] == "budget"
+    assert any("--max-minutes" in m for m in logged)

@@ -1,0 +1,109 @@
+"""Augmentation of training patches: MONAI spatial and intensity transforms, and two anatomical alterations
+of real CT (osteoporotic bone, a calcified aorta as a distractor)."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from VertebralFractureLib.research.training_seg.synthesis import smooth_noise
+
+
+def make_transforms(seed: int):
+    """MONAI augmentation on dict(image=(1,D,H,W) windowed, label=(1,D,H,W) VerSe ids)."""
+    from monai import transforms as T
+
+    t = T.Compose([
+        T.RandAffined(
+            keys=("image", "label"), prob=0.7, rotate_range=(0.26, 0.15, 0.15), scale_range=(0.15, 0.15, 0.15),
+            translate_range=(4, 4, 4), mode=("bilinear", "nearest"), padding_mode="border",
+        ),
+        T.Rand3DElasticd(
+            keys=("image", "label"), prob=0.15, sigma_range=(6, 9), magnitude_range=(30, 80),
+            mode=("bilinear", "nearest"), padding_mode="border",
+        ),
+        T.RandFlipd(keys=("image", "label"), prob=0.5, spatial_axis=2),  # left-right only: orientation is canonical
+    ])
+    t.set_random_state(seed)
+    return t
+
+
+def make_intensity_transforms(seed: int):
+    """MONAI intensity augmentation on the windowed image (0..1)."""
+    from monai import transforms as T
+
+    t = T.Compose([
+        T.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+        T.RandShiftIntensityd(keys="image", offsets=0.04, prob=0.5),
+        T.RandGaussianSmoothd(keys="image", sigma_x=(0.3, 1.0), sigma_y=(0.3, 1.0), sigma_z=(0.3, 1.2), prob=0.4),
+        T.RandSimulateLowResolutiond(keys="image", zoom_range=(0.5, 0.9), prob=0.2),
+        # up to 0.06 of the window = 90 HU: low-dose and thin-slice CT is that noisy (the real lumbar crop: ~75 HU)
+        T.RandGaussianNoised(keys="image", std=0.06, prob=0.7),
+    ])
+    t.set_random_state(seed + 1)
+    return t
+
+
+def osteoporotic(hu: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The vertebrae of a real CT patch made osteoporotic: marrow darkened towards soft tissue, cortex thinned.
+
+    The real cases here have dense bone, while the patients this tool is for often have marrow at 0..120 HU
+    (the real lumbar crop: about 100 HU) and thin, faint cortex; a network that never saw that leaves holes
+    in the bodies. Inside the vertebrae (a mask that fades out over their outer 1.5 voxels, so no label edge
+    shows), voxels below 400 HU move to a new marrow mean of 0..150 HU (never brighter) keeping 50..100 % of
+    their texture, and brighter voxels (cortex) lose up to 30 % of their excess over that mean.
+
+    Args:
+        hu: (z, y, x) HU patch. labels: the same grid's vertebra labels (0 background).
+    """
+    inside = ndi.gaussian_filter(ndi.binary_erosion(labels > 0).astype(np.float32), 1.5) * (labels > 0)
+    marrow = (labels > 0) & (hu < 400)
+    if marrow.sum() < 100:
+        return hu
+    mean = float(np.median(hu[marrow]))
+    new_mean = rng.uniform(0.0, min(150.0, mean)) if mean > 0 else mean
+    texture = rng.uniform(0.5, 1.0)
+    soft = np.clip((450.0 - hu) / 100.0, 0.0, 1.0)  # 1 in marrow, 0 in cortex, a ramp between
+    darker = new_mean + texture * (hu - mean)
+    fainter = new_mean + rng.uniform(0.7, 1.0) * (hu - new_mean)
+    out = hu + inside * (soft * (darker - hu) + (1.0 - soft) * (fainter - hu))
+    return out.astype(np.float32)
+
+
+def calcified_aorta(hu: np.ndarray, labels: np.ndarray, spacing_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """A patch with an atherosclerotic aorta painted in front of the vertebrae, left of the midline.
+
+    In older patients' CT the aortic wall carries patchy calcium (250..1000 HU) round a soft-tissue lumen; on
+    an unseen scan the network took that ring for bone and merged it with the bodies. The ring (radius
+    8..14 mm, wall 1.5..3.5 mm, 30..100 % calcified, slightly tilted) keeps 1 mm clear of the vertebrae, whose
+    labels do not change, so the network learns to leave it out.
+
+    Args:
+        hu: (z, y=P, x=L) HU patch. labels: the same grid's vertebra labels (0 background).
+    """
+    fg = labels > 0
+    if fg.sum() < 100:
+        return hu
+    sp = spacing_mm
+    _, yy, xx = np.nonzero(fg)
+    cx = float(np.median(xx))
+    front = float(np.percentile(yy[np.abs(xx - cx) < 20 / sp], 2))
+    r, t = rng.uniform(8, 14) / sp, rng.uniform(1.5, 3.5) / sp
+    # from just in front of the body (lumbar) to beside its front half (thoracic, where it may touch the body)
+    y0, x0 = front + rng.uniform(-r - 6 / sp, 10 / sp), cx + rng.uniform(5, 40) / sp
+    z = np.arange(hu.shape[0])[:, None, None] - hu.shape[0] / 2
+    dy, dx = np.arange(hu.shape[1])[None, :, None] - y0, np.arange(hu.shape[2])[None, None, :] - x0
+    d = np.hypot(dy - rng.uniform(-0.2, 0.2) * z, dx - rng.uniform(-0.2, 0.2) * z)
+    clear = ndi.distance_transform_edt(~fg, sampling=sp) > 1.0
+    wall = (np.abs(d - r) <= t / 2) & clear
+    if not wall.any():
+        return hu
+    lumen = (d < r - t / 2) & clear
+    out = hu.copy()
+    out[lumen] = rng.uniform(25, 60) + 10 * rng.standard_normal(int(lumen.sum()))
+    out[wall] = rng.uniform(35, 70)
+    noise = smooth_noise(hu.shape, 4 / sp, rng)
+    calc = wall & (noise > np.quantile(noise[wall], rng.uniform(0.0, 0.7)))
+    out[calc] = rng.uniform(250, 1000) * rng.uniform(0.7, 1.0, int(calc.sum()))
+    return out.astype(np.float32)
+

@@ -1,0 +1,180 @@
+"""Training cohorts for train-seg: case folders, prepared ``.npz`` cohorts, and loading either as :class:`Case`.
+
+Cohort layout: one folder per case, ``COHORT/<case>/`` holding a label map (VerSe ids, any orientation)
+named ``labels.nii.gz``, ``segmentation.nii.gz`` or ``seg.nii.gz`` (also .nrrd/.mha), and optionally the CT
+``ct.nii.gz``. A prepared cohort (:func:`prepare_cohort`) holds one ``<case>.npz`` per case with the grids
+already resampled.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.io.reading import read_volume
+from VertebralFractureLib.stages.segmentation.inference import FAST_SPACING_MM, WORK_SPACING_MM, to_canonical
+
+LABEL_NAMES = ("labels", "segmentation", "seg")
+SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+@dataclass
+class Case:
+    """One training case on the canonical grids (z,y,x) per spacing ``s`` in mm: ``labels[s]`` uint8 VerSe ids,
+    ``hu[s]`` HU (float32; int16 from a prepared cohort) or None for a label-only case, ``fg_index[s]`` (N, 3)
+    voxel indices of the label foreground."""
+
+    name: str
+    labels: dict[float, np.ndarray]
+    hu: dict[float, np.ndarray | None]
+    fg_index: dict[float, np.ndarray]
+
+
+def _find(folder: Path, stems: tuple[str, ...]) -> Path | None:
+    for stem in stems:
+        for suffix in SUFFIXES:
+            if (folder / f"{stem}{suffix}").exists():
+                return folder / f"{stem}{suffix}"
+    return None
+
+
+def find_cases(cohort: Path) -> list[tuple[str, Path | None, Path]]:
+    """(name, ct path or None, label path) for each case folder of ``cohort``, sorted by name."""
+    cohort = Path(cohort)
+    if not cohort.is_dir():
+        raise InputError(f"{cohort}: cohort folder not found; expected COHORT/<case>/labels.nii.gz (+ ct.nii.gz)")
+    cases = []
+    for folder in sorted(p for p in cohort.iterdir() if p.is_dir()):
+        lab = _find(folder, LABEL_NAMES)
+        if lab is not None:
+            cases.append((folder.name, _find(folder, ("ct", "image")), lab))
+    if not cases:
+        raise InputError(
+            f"{cohort}: no case folder holds a label map; expected COHORT/<case>/labels.nii.gz "
+            "(VerSe ids) and optionally COHORT/<case>/ct.nii.gz, or a folder of <case>.npz from prepare-seg-cohort"
+        )
+    return cases
+
+
+def load_case(name: str, ct_path: Path | None, label_path: Path, spacings: tuple[float, ...]) -> Case:
+    """Read and resample one case onto the canonical LPS grid at each spacing."""
+    lab = read_volume(label_path, check=False)
+    lab = lab.with_array(np.rint(lab.array).astype(np.int32).clip(0, 255).astype(np.uint8))
+    ct = read_volume(ct_path, check=False) if ct_path is not None else None
+    labels, hus, fgi = {}, {}, {}
+    for s in spacings:
+        lc = to_canonical(lab, s, labels=True)
+        labels[s] = lc.array.astype(np.uint8)
+        if ct is not None:
+            from VertebralFractureLib.core.volume import resample_to
+
+            hus[s] = resample_to(ct.with_array(ct.array.astype(np.float32)), lc, order=1, default=-1024.0).array
+        else:
+            hus[s] = None
+        fgi[s] = np.argwhere(labels[s] > 0)
+    return Case(name, labels, hus, fgi)
+
+
+def _key(kind: str, spacing: float) -> str:
+    """Array name in a prepared ``.npz``: ``labels_1.5``, ``hu_3.0``..."""
+    return f"{kind}_{float(spacing)}"
+
+
+def _crop_to_spine(case: Case, margin_mm: float) -> Case:
+    """``case`` cut in y and x (all of z kept) to the labels' bounding box plus ``margin_mm`` on every side.
+
+    Noise makes CT compress badly; far from the spine there is little to learn, and a smaller prepared cohort
+    is what fits onto a remote training machine.
+    """
+    labels, hus, fgi = {}, {}, {}
+    for s, lab in case.labels.items():
+        pts = case.fg_index[s]
+        if not len(pts):
+            labels[s], hus[s], fgi[s] = lab, case.hu[s], pts
+            continue
+        m = int(np.ceil(margin_mm / s))
+        lo = np.maximum(pts.min(axis=0) - m, 0)
+        hi = np.minimum(pts.max(axis=0) + m + 1, lab.shape)
+        cut = (slice(None), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+        labels[s] = lab[cut]
+        hus[s] = None if case.hu[s] is None else case.hu[s][cut]
+        fgi[s] = np.argwhere(labels[s] > 0)
+    return Case(case.name, labels, hus, fgi)
+
+
+def prepare_cohort(
+    cohort: Path, out: Path, spacings: tuple[float, ...] = (WORK_SPACING_MM, FAST_SPACING_MM), log=print,
+    crop_margin_mm: float | None = None,
+) -> list[Path]:
+    """Resample every case of ``cohort`` once and write ``out/<case>.npz`` (compressed, no pickle).
+
+    Arrays: ``labels_<s>`` uint8 VerSe ids and, for cases with a CT, ``hu_<s>`` int16 HU (rounded, clipped)
+    on the canonical LPS grid at each spacing ``s`` mm. With ``crop_margin_mm`` each case is cut in y and x
+    to its labels' bounding box plus that margin. Returns the written paths, in case order.
+    """
+    found = find_cases(cohort)
+    out = Path(out)
+    if out.resolve() == Path(cohort).resolve():
+        raise InputError(f"{out}: write the prepared cohort to another folder than the cohort itself")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for k, (name, ct_path, label_path) in enumerate(found, 1):
+        case = load_case(name, ct_path, label_path, spacings)
+        if crop_margin_mm is not None:
+            case = _crop_to_spine(case, crop_margin_mm)
+        arrays = {}
+        for s in spacings:
+            arrays[_key("labels", s)] = case.labels[s]
+            if case.hu[s] is not None:
+                # int16 halves the file and the training machine's memory; HU are integers in the source anyway
+                arrays[_key("hu", s)] = np.clip(np.rint(case.hu[s]), -32768, 32767).astype(np.int16)
+        path = out / f"{name}.npz"
+        tmp = out / f".{name}.npz.part"
+        with open(tmp, "wb") as f:  # a file object: numpy would append .npz to a path
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)  # an interrupted run leaves no half-written case behind
+        written.append(path)
+        log(f"prepared {name} ({'CT' if ct_path is not None else 'labels only'}) {k}/{len(found)}")
+    return written
+
+
+def is_prepared_cohort(folder: Path) -> bool:
+    """True when ``folder`` holds ``*.npz`` cases and no case sub-folder (the output of :func:`prepare_cohort`)."""
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.glob("*.npz")):
+        return False
+    return not any(p.is_dir() and _find(p, LABEL_NAMES) is not None for p in folder.iterdir())
+
+
+def load_prepared_case(path: Path, spacings: tuple[float, ...]) -> Case:
+    """A :class:`Case` from a prepared ``<case>.npz`` (HU stay int16: ``sample_patch`` windows them)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            labels, hus, fgi = {}, {}, {}
+            for s in spacings:
+                if _key("labels", s) not in z.files:
+                    raise InputError(
+                        f"{path}: no {_key('labels', s)} array (prepared at other spacings); "
+                        "run vertebral-fracture prepare-seg-cohort again"
+                    )
+                labels[s] = z[_key("labels", s)].astype(np.uint8, copy=False)
+                hus[s] = z[_key("hu", s)] if _key("hu", s) in z.files else None
+                fgi[s] = np.argwhere(labels[s] > 0)
+    except (OSError, ValueError) as exc:  # truncated zip, not an npz, pickled object arrays
+        raise InputError(f"{path}: cannot read the prepared case ({exc}); run prepare-seg-cohort again") from None
+    return Case(path.stem, labels, hus, fgi)
+
+
+def cohort_loaders(cohort: Path, spacings: tuple[float, ...]) -> tuple[list[str], Callable[[str], Case], bool]:
+    """(case names sorted, name -> Case loader, prepared?) for a cohort folder or a prepared folder."""
+    if is_prepared_cohort(cohort):
+        files = {p.stem: p for p in sorted(Path(cohort).glob("*.npz"))}
+        return sorted(files), lambda name: load_prepared_case(files[name], spacings), True
+    found = {c[0]: c for c in find_cases(cohort)}
+    return sorted(found), lambda name: load_case(*found[name], spacings), False
