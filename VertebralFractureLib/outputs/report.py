@@ -419,8 +419,9 @@ posterior (Hp) heights in mm.</div>
 </div>{% endif %}
 </main>
 <footer>Genant semi-quantitative grade: 0 (&lt;20 % height loss), 1 (20-25 %), 2 (25-40 %), 3 (&gt;40 %).
-Probabilities come from morphometry, radiomics and a 3D CNN; a research tool, not a diagnostic device:
-a radiologist must confirm every finding.{% if timings %} Run time: {{ timings }}.{% endif %}</footer>
+A vertebra's fracture probability is the higher of morphometry's (from the height loss) and a 3D CNN's
+(on the vertebra's CT); radiomics are not used. A research tool, not a diagnostic device: a radiologist
+must confirm every finding.{% if timings %} Run time: {{ timings }}.{% endif %}</footer>
 </body></html>
 """
 
@@ -455,46 +456,72 @@ def render_report(
     records = sorted(records, key=lambda r: _sort_key(r.label))
     colors = {int(r.label): segment_color(r.label, r.fracture_probability) for r in records}
     flagged = [r for r in records if is_flagged(r)]
-
-    sagittal = None
-    closeups = []
     try:
         sagittal = sagittal_figure(ct, labels, records)
     except ValueError:
         sagittal = None
-    if flagged:
-        centroids = _centroids(labels, records)
-        ranked = sorted(flagged, key=lambda r: -(0 if math.isnan(r.fracture_probability) else r.fracture_probability))
-        for r in sorted(ranked[:MAX_CLOSEUPS], key=lambda r: _sort_key(r.label)):
-            if int(r.label) not in centroids:
-                continue
-            try:
-                centre = centroids[int(r.label)]
-                image = closeup_figure(ct, labels, r, centre, colors, _superior_axis(centre, centroids, int(r.label)))
-            except ValueError:
-                continue
-            caption = []
-            if not math.isnan(r.fracture_probability):
-                caption.append(f"p = {r.fracture_probability:.2f}")
-            if r.genant_grade is not None:
-                caption.append(f"Genant {r.genant_grade}" + (f" ({r.genant_type})" if r.genant_type else ""))
-            if not math.isnan(r.height_loss_ratio):
-                caption.append(f"height loss {100 * r.height_loss_ratio:.0f} %")
-            closeups.append({"level": r.level, "image": image, "caption": ", ".join(caption)})
+    rows, notes = _table_rows(records, colors)
+    timings = ", ".join(f"{k} {v:.1f} s" for k, v in timings_s.items()) if timings_s else ""
+    return Environment(autoescape=True).from_string(_TEMPLATE).render(
+        case_id=case_id,
+        generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        version=__version__,
+        **_summary(records, fracture_probability, fractured),
+        n_vertebrae=len(records),
+        levels=f"{records[0].level}{DASH}{records[-1].level}" if len(records) > 1 else "",
+        flagged_text=", ".join(r.level for r in flagged) or "none",
+        warnings=list(warnings),
+        sagittal=sagittal,
+        rows=rows,
+        notes=notes,
+        closeups=_closeups(ct, labels, records, flagged, colors),
+        timings=timings,
+    )
 
-    worst = None
-    scored = [r for r in records if not math.isnan(r.fracture_probability)]
-    if scored:
-        worst = max(scored, key=lambda r: r.fracture_probability)
-    graded = [r for r in records if r.genant_grade is not None]
-    worst_text = DASH
-    if worst is not None:
-        worst_text = f"{worst.level}: p = {worst.fracture_probability:.2f}"
-        if worst.genant_grade is not None:
-            worst_text += f", Genant grade {worst.genant_grade}" + (f" ({worst.genant_type})" if worst.genant_type else "")
-    elif graded:
-        g = max(graded, key=lambda r: r.genant_grade or 0)
-        worst_text = f"{g.level}: Genant grade {g.genant_grade}"
+
+def _closeups(
+    ct: Volume,
+    labels: Volume,
+    records: Sequence[VertebraRecord],
+    flagged: Sequence[VertebraRecord],
+    colors: dict[int, tuple[float, float, float]],
+) -> list[dict[str, str]]:
+    """Close-ups of the (at most :data:`MAX_CLOSEUPS` most probable) flagged vertebrae, craniocaudal.
+
+    Returns:
+        ``{"level", "image" (PNG data URI), "caption"}`` per vertebra whose picture could be drawn.
+    """
+    if not flagged:
+        return []
+    centroids = _centroids(labels, records)
+    ranked = sorted(flagged, key=lambda r: -(0 if math.isnan(r.fracture_probability) else r.fracture_probability))
+    closeups = []
+    for r in sorted(ranked[:MAX_CLOSEUPS], key=lambda r: _sort_key(r.label)):
+        if int(r.label) not in centroids:
+            continue
+        try:
+            centre = centroids[int(r.label)]
+            image = closeup_figure(ct, labels, r, centre, colors, _superior_axis(centre, centroids, int(r.label)))
+        except ValueError:
+            continue
+        caption = []
+        if not math.isnan(r.fracture_probability):
+            caption.append(f"p = {r.fracture_probability:.2f}")
+        if r.genant_grade is not None:
+            caption.append(f"Genant {r.genant_grade}" + (f" ({r.genant_type})" if r.genant_type else ""))
+        if not math.isnan(r.height_loss_ratio):
+            caption.append(f"height loss {100 * r.height_loss_ratio:.0f} %")
+        closeups.append({"level": r.level, "image": image, "caption": ", ".join(caption)})
+    return closeups
+
+
+def _summary(records: Sequence[VertebraRecord], fracture_probability: float, fractured: bool) -> dict[str, str]:
+    """The patient summary's texts: probability, verdict (and its CSS class), worst vertebra, low density."""
+    if math.isnan(fracture_probability):
+        probability, verdict, verdict_class = "n/a", "not assessed", "na"
+    else:
+        probability = f"{fracture_probability:.2f}"
+        verdict, verdict_class = ("YES", "yes") if fractured else ("NO", "no")
     low = [r for r in records if r.low_density]
     if low:
         low_text = "yes: " + ", ".join(r.level for r in low) + " (trabecular HU below threshold)"
@@ -502,12 +529,30 @@ def render_report(
         low_text = "no"
     else:
         low_text = "not assessed"
-    if math.isnan(fracture_probability):
-        prob_text, verdict, verdict_class = "n/a", "not assessed", "na"
-    else:
-        prob_text = f"{fracture_probability:.2f}"
-        verdict, verdict_class = ("YES", "yes") if fractured else ("NO", "no")
+    return {"probability": probability, "verdict": verdict, "verdict_class": verdict_class,
+            "worst": _worst_text(records), "low_density": low_text}
 
+
+def _worst_text(records: Sequence[VertebraRecord]) -> str:
+    """The most probable fracture (``"L1: p = 0.86, Genant grade 2 (wedge)"``), else the highest grade, else a dash."""
+    scored = [r for r in records if not math.isnan(r.fracture_probability)]
+    if scored:
+        worst = max(scored, key=lambda r: r.fracture_probability)
+        text = f"{worst.level}: p = {worst.fracture_probability:.2f}"
+        if worst.genant_grade is not None:
+            text += f", Genant grade {worst.genant_grade}" + (f" ({worst.genant_type})" if worst.genant_type else "")
+        return text
+    graded = [r for r in records if r.genant_grade is not None]
+    if graded:
+        g = max(graded, key=lambda r: r.genant_grade or 0)
+        return f"{g.level}: Genant grade {g.genant_grade}"
+    return DASH
+
+
+def _table_rows(
+    records: Sequence[VertebraRecord], colors: dict[int, tuple[float, float, float]]
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """(one row of display texts per vertebra, (level, note) pairs) for the per-vertebra table."""
     rows, notes = [], []
     for r in records:
         notes += [(r.level, note) for note in r.notes]
@@ -520,29 +565,7 @@ def render_report(
             "prob_c": _fmt(r.probability_classifier, 2), "hu": _fmt(r.trabecular_hu, 0),
             "low": {True: "yes", False: "no"}.get(r.low_density, DASH), "partial": "yes" if r.partial else "",
         })
-    env = Environment(autoescape=True)
-    timings = ""
-    if timings_s:
-        timings = ", ".join(f"{k} {v:.1f} s" for k, v in timings_s.items())
-    return env.from_string(_TEMPLATE).render(
-        case_id=case_id,
-        generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        version=__version__,
-        probability=prob_text,
-        verdict=verdict,
-        verdict_class=verdict_class,
-        worst=worst_text,
-        low_density=low_text,
-        n_vertebrae=len(records),
-        levels=f"{records[0].level}{DASH}{records[-1].level}" if len(records) > 1 else "",
-        flagged_text=", ".join(r.level for r in flagged) or "none",
-        warnings=list(warnings),
-        sagittal=sagittal,
-        rows=rows,
-        notes=notes,
-        closeups=closeups,
-        timings=timings,
-    )
+    return rows, notes
 
 
 def write_report(
