@@ -73,9 +73,8 @@ Finds non-traumatic vertebral compression fractures in a CT volume.<br>
 segment per level, then per vertebra: anterior/middle/posterior heights, Genant semi-quantitative
 grade (0: &lt;20 %, 1: 20-25 %, 2: 25-40 %, 3: &gt;40 % height loss) and trabecular HU, and a 3D CNN
 on the Wiener-filtered crop of the vertebra. The fracture probability is the higher of the CNN's and
-the height loss's (radiomics are computed only by the command line's <i>study</i>, not here). Each
-segment is named by level and grade and
-coloured green (low) to red (high probability).<br>
+the height loss's; radiomics do not enter it. Each segment is named by level and grade and coloured
+green (low) to red (high probability).<br>
 <b>Correction</b>: edit segments in the Segment Editor, rename a level (the others are renumbered),
 then <i>Recompute</i> (no new segmentation).<br>
 <b>Limits</b>: research tool, not a medical device. Levels are counted from the field of view and
