@@ -1,4 +1,6 @@
-"""The ``vertebral-fracture`` command line (contract in DESIGN.md; keep it stable).
+"""The ``vertebral-fracture`` command line (the top layer; keep its arguments and outputs stable: scripts depend on them).
+
+Commands, outputs and the layer each one calls into: README.md ("Command line") and docs/ARCHITECTURE.md.
 
 Every command turns bad input (:class:`~VertebralFractureLib.core.errors.InputError`) into one line on
 stderr starting with ``error:`` and exit status 2, never a traceback.
