@@ -160,7 +160,8 @@ def test_metrics_and_bootstrap():
 
 
 def test_every_network_maps_a_crop_batch_to_logits():
-    torch = pytest.importorskip("torch")
+    import torch
+
     torch.manual_seed(0)
     x = torch.rand(2, 1, 32, 32, 32)
     for name in classification.CNN_MODELS:
@@ -200,7 +201,8 @@ def test_crop_is_orientation_independent_and_shows_height():
 
 
 def test_predict_fractures_combines_and_aggregates(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
+
     torch.manual_seed(0)
     net = classification.build_network("customcnn")
     model_dir = classification.save_classifier(net, "customcnn", tmp_path / "m", {"training_data": "none (test)"})
@@ -220,7 +222,8 @@ def test_predict_fractures_combines_and_aggregates(tmp_path):
 
 
 def test_model_card_and_safetensors_round_trip(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
+
     net = classification.build_network("mobilenetv3")
     classification.save_classifier(net, "mobilenetv3", tmp_path, {"training_data": "test"})
     card = json.loads((tmp_path / "card.json").read_text())
