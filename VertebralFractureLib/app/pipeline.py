@@ -4,9 +4,11 @@
 ``run_pipeline(input, out_dir)`` reads the input, calls ``analyse`` and writes every output into
 a temporary sibling folder that is renamed to ``out_dir`` only when complete.
 
-Stages: import -> validation -> Wiener -> segmentation -> instances/levels -> morphometry ->
-radiomics/classifier -> outputs. ``labels`` given (``--labels`` or an edited segmentation) skips
-segmentation.
+Stages: import -> validation -> segmentation (U-Net, instances, levels) on the CT -> morphometry on the
+CT -> quality flags -> 3D CNN classifier on the Wiener-filtered CT -> radiomics on the CT -> review status
+-> outputs. ``labels`` given (``--labels`` or an edited segmentation) skips segmentation. A case whose
+segmentation or classifier cannot be trusted gets ``needs_review`` with plain-sentence ``review_reasons``
+and ``fractured = None``. Layers and data flow: ``docs/ARCHITECTURE.md``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from VertebralFractureLib.core.records import VertebraRecord, write_csv
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.reading import read_volume
 from VertebralFractureLib.io.volume_files import write_volume
+from VertebralFractureLib.stages.quality import assess_quality, review_reasons
 
 
 @dataclass
@@ -40,11 +43,13 @@ class PipelineOptions:
     Attributes:
         fast: segment at about 3 mm instead of 1.5 mm.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` for the networks.
-        wiener: apply the adaptive Wiener filter before radiomics and classification (segmentation sees the
-            unfiltered CT its network was trained on).
+        wiener: apply the adaptive Wiener filter before classification (segmentation and morphometry see the
+            unfiltered CT, which the segmentation network was trained on).
         series_uid: DICOM series to import when a folder holds several.
         anchors: level overrides ``"L1=5"`` (instance 5, counted craniocaudally, is L1).
         deidentify: de-identify DICOM input (on by default; off only for PACS round trips).
+        radiomics: extract pyradiomics features per vertebra (``radiomics.csv``; on in ``--fast`` too).
+        radiomics_workers: processes for radiomics (None: CPU count; see :func:`.radiomics.extract_rois`).
     """
 
     fast: bool = False
@@ -53,27 +58,46 @@ class PipelineOptions:
     series_uid: str | None = None
     anchors: list[str] = field(default_factory=list)
     deidentify: bool = True
+    radiomics: bool = True
+    radiomics_workers: int | None = None
 
 
 @dataclass
 class PipelineResult:
-    """Everything one run produced in memory; ``to_json`` is ``result.json``."""
+    """Everything one run produced in memory; ``to_json`` is ``result.json``.
+
+    ``fractured`` is None when the case needs review (``review_reasons`` say why); ``radiomics`` maps a
+    VerSe id to its pyradiomics features (None when not extracted); ``level_confidence`` is None when the
+    user gave the level names.
+    """
 
     records: list[VertebraRecord]
     fracture_probability: float
-    fractured: bool
+    fractured: bool | None
     timings_s: dict[str, float]
     warnings: list[str]
     labels: Volume | None = None
     case_id: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    review_reasons: list[str] = field(default_factory=list)
+    quality_flags: list[str] = field(default_factory=list)
+    level_confidence: float | None = None
+    radiomics: dict[int, dict[str, float]] | None = None
+
+    @property
+    def needs_review(self) -> bool:
+        return bool(self.review_reasons)
 
     def to_json(self) -> dict[str, Any]:
         prob = None if math.isnan(self.fracture_probability) else round(float(self.fracture_probability), 4)
         return {
             "case_id": self.case_id,
             "fracture_probability": prob,
-            "fractured": bool(self.fractured),
+            "fractured": None if self.fractured is None else bool(self.fractured),
+            "needs_review": self.needs_review,
+            "review_reasons": list(self.review_reasons),
+            "quality_flags": list(self.quality_flags),
+            "level_confidence": None if self.level_confidence is None else round(float(self.level_confidence), 3),
             "vertebrae": [r.to_dict() for r in self.records],
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
             "versions": versions(),
@@ -91,7 +115,8 @@ class PipelineResult:
             return "no vertebrae found"
         worst = self.worst()
         prob = "n/a" if math.isnan(self.fracture_probability) else f"{self.fracture_probability:.2f}"
-        text = f"{len(self.records)} vertebrae; patient fracture probability {prob}; fractured: {'yes' if self.fractured else 'no'}"
+        verdict = "needs review" if self.fractured is None else "yes" if self.fractured else "no"
+        text = f"{len(self.records)} vertebrae; patient fracture probability {prob}; fractured: {verdict}"
         if worst is not None:
             text += f"; worst {worst.level} (grade {worst.genant_grade}, p={worst.fracture_probability:.2f})"
         return text
@@ -133,7 +158,8 @@ def analyse(
     source: str | Path = "input CT",
     labels_source: str | Path = "label map",
 ) -> PipelineResult:
-    """Run validation, Wiener, segmentation (unless ``labels``), morphometry and classification.
+    """Run validation, Wiener, segmentation (unless ``labels``), morphometry, quality flags, classification,
+    radiomics and the review status.
 
     Args:
         ct: CT in HU on its own geometry.
@@ -166,12 +192,13 @@ def analyse(
             filtered = ct.with_array(wiener_filter(ct.array))
     cancel.check()
 
+    level_confidence = None  # the user's label map names its levels
     if labels is None:
         progress(0.2, "segmentation")
         with timer.stage("segmentation"):
             # the U-Net was trained on unfiltered CT (with its own noise augmentation): the Wiener filter
-            # smooths the thin discs it needs to see, so it feeds radiomics and the classifier only
-            labels, seg_warnings = _segment(ct, options, progress, cancel)
+            # smooths the thin discs it needs to see, so it feeds the classifier only
+            labels, seg_warnings, level_confidence = _segment(ct, options, progress, cancel)
         warnings += seg_warnings
     cancel.check()
 
@@ -179,12 +206,25 @@ def analyse(
     with timer.stage("morphometry"):
         records, morph_warnings = _measure(ct, labels)
     warnings += morph_warnings
+    with timer.stage("quality"):
+        quality = assess_quality(records, level_confidence=level_confidence)
     cancel.check()
 
     progress(0.75, "classification")
     with timer.stage("classification"):
         patient_probability, class_warnings = _classify(filtered, labels, records, options)
+        patient_probability = _drop_flagged(records)
     warnings += class_warnings
+    cancel.check()
+
+    features = None
+    if options.radiomics and records:
+        progress(0.8, "radiomics")
+        from VertebralFractureLib.stages.radiomics import extract_features
+
+        with timer.stage("radiomics"):
+            # the unfiltered CT and the whole label, as the study extracts them (its LASSO selection applies)
+            features = extract_features(ct, labels, [r.label for r in records], workers=options.radiomics_workers)
     if not records:
         warnings.append("no vertebrae found in the field of view")
     implausible = [r.level for r in records if r.implausible]
@@ -193,17 +233,36 @@ def analyse(
             f"{len(implausible)} of {len(records)} segments are not plausible vertebral bodies ({', '.join(implausible)}): "
             "not graded; correct them (Slicer: Edit segments, then Recompute) or give --labels"
         )
-    fractured = bool(not math.isnan(patient_probability) and patient_probability >= 0.5)
+    reasons = review_reasons(quality, n_vertebrae=len(records),
+                             n_scored=sum(not math.isnan(r.fracture_probability) for r in records),
+                             classifier_saturated=any(_SATURATION_MARK in w for w in class_warnings))
+    fractured = None if reasons else bool(not math.isnan(patient_probability) and patient_probability >= 0.5)
     progress(0.9, "analysis done")
-    return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels)
+    return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels,
+                          review_reasons=reasons, quality_flags=quality.flags, level_confidence=level_confidence,
+                          radiomics=features)
 
 
-def _segment(ct: Volume, options: PipelineOptions, progress: ProgressCallback, cancel: CancelToken) -> tuple[Volume, list[str]]:
+#: the classifier's out-of-domain warning (stages.classification.predict_fractures) contains this
+_SATURATION_MARK = "outside its (simulated) training data"
+
+
+def _drop_flagged(records: list[VertebraRecord]) -> float:
+    """Take flagged vertebrae (quality flags) out of scoring; the patient probability over the rest."""
+    for r in records:
+        if r.flags:
+            r.fracture_probability = math.nan
+    scored = [r.fracture_probability for r in records if not math.isnan(r.fracture_probability)]
+    return max(scored) if scored else math.nan
+
+
+def _segment(ct: Volume, options: PipelineOptions, progress: ProgressCallback,
+             cancel: CancelToken) -> tuple[Volume, list[str], float]:
     from VertebralFractureLib.stages.segmentation.inference import segment_vertebrae
 
     result = segment_vertebrae(ct, fast=options.fast, device=options.device, anchors=options.anchors,
                                progress=sub_progress(progress, 0.2, 0.6), cancel=cancel)
-    return result.labels, list(result.warnings)
+    return result.labels, list(result.warnings), float(result.level_confidence)
 
 
 def _measure(ct: Volume, labels: Volume) -> tuple[list[VertebraRecord], list[str]]:
@@ -253,6 +312,9 @@ def run_pipeline(
     result.warnings[:0] = warnings
     if dicom_import is not None:
         result.case_id = dicom_import.case_id
+    else:
+        # no ct.nii.gz is written for an image file: `review` finds the CT the case was run on here
+        result.extra["input"] = str(input_path.absolute())
 
     progress(0.92, "writing outputs")
     with _atomic_output_dir(out_dir) as tmp:
@@ -292,6 +354,10 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
             else:
                 result.warnings.append("no vertebra found: segmentation.dcm not written (a DICOM SEG needs a segment)")
         write_csv(result.records, out / "vertebrae.csv")
+        if result.radiomics is not None:
+            from VertebralFractureLib.stages.radiomics import write_radiomics_csv
+
+            write_radiomics_csv(result.radiomics, result.records, out / "radiomics.csv")
         write_report(out / "report.html", ct, labels, result.records, fracture_probability=result.fracture_probability,
                      fractured=result.fractured, warnings=result.warnings, case_id=result.case_id,
                      timings_s=result.timings_s)

@@ -34,6 +34,8 @@ class VertebraRecord:
     ``genant_grade`` is None for partial vertebrae (cut by the field of view) and for implausible
     segments (not shaped like a vertebra: see ``morphometry.plausibility_problem``); neither is graded.
     ``genant_type`` is ``"normal"``, ``"wedge"``, ``"biconcave"`` or ``"crush"`` (empty if ungraded).
+    ``flags`` are the segmentation quality flags of :mod:`VertebralFractureLib.stages.quality` (``"merged"``,
+    ``"cut"``, ``"implausible"``); a flagged vertebra is not graded and has no fracture probability.
     """
 
     label: int
@@ -57,6 +59,7 @@ class VertebraRecord:
     probability_classifier: float = math.nan
     centroid_lps_mm: tuple[float, float, float] | None = None
     notes: list[str] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: NaN becomes None, tuples become lists."""

@@ -1,0 +1,211 @@
+"""Segmentation quality flags per vertebra and per case, from the morphometry records of one label map.
+
+A Genant grade from a broken segment is worse than none (a merged pair reads as a crush, a cut body as
+a wedge), so a flagged vertebra is never graded. Per vertebra (``VertebraRecord.flags``):
+
+* ``merged``: volume or posterior body height far above what its neighbours predict (``MERGED_VOLUME_RATIO``,
+  ``MERGED_HEIGHT_RATIO``; neighbour volumes scaled by the level's reference volume), or a volume no single
+  adult vertebra reaches (``MAX_VERTEBRA_ML``);
+* ``cut``: the field of view cuts its body (morphometry's ``partial``: the body touches the edge of the
+  scan, or is too small to measure; a cut arch or process alone does not count, the body's heights stand);
+* ``implausible``: morphometry's plausibility check (not shaped like a vertebral body).
+
+Per case (:class:`CaseQuality`): the vertebra flags above plus
+
+* ``gap``: a vertebra missing in the sequence: the level names skip one, or two consecutive vertebrae lie
+  ``GAP_RATIO`` times farther apart along the spine than their neighbours do;
+* ``level_uncertain``: the level names rest on no anatomical anchor (naming confidence below
+  ``MIN_LEVEL_CONFIDENCE``).
+
+``CaseQuality.reasons`` says each problem in a plain sentence for the review status; vertebrae cut at the
+two ends of the scan are normal in any CT and are not a reason for review.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from VertebralFractureLib.core.levels import CRANIOCAUDAL_ORDER, level_name, order_index
+from VertebralFractureLib.core.records import VertebraRecord
+
+#: a vertebra this many times the volume its neighbours predict holds more than one vertebra
+MERGED_VOLUME_RATIO = 1.7
+#: ... or this many times their posterior body height (normal neighbours differ by about 10 %)
+MERGED_HEIGHT_RATIO = 1.5
+#: no single adult vertebra (whole, with its arch) is this large; the merged segments seen on real CT were 138-185 ml
+MAX_VERTEBRA_ML = 120.0
+#: consecutive centroids this many times farther apart than the neighbouring pairs leave a vertebra out
+GAP_RATIO = 1.6
+#: naming confidence below this means no anatomical anchor (labelling gives 0.85-0.97 with one, <= 0.5 without)
+MIN_LEVEL_CONFIDENCE = 0.6
+#: vertebrae on each side used as neighbours
+NEIGHBOURS = 2
+
+VERTEBRA_FLAGS = ("merged", "cut", "implausible")
+CASE_FLAGS = (*VERTEBRA_FLAGS, "gap", "level_uncertain")
+
+
+@dataclass
+class CaseQuality:
+    """Quality of one case's segmentation: distinct ``flags`` (see :data:`CASE_FLAGS`) and plain-sentence
+    ``reasons`` for review (empty when nothing needs a human)."""
+
+    flags: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+
+def _reference_volume(label: int) -> float:
+    from VertebralFractureLib.stages.segmentation.labelling import REFERENCE_VOLUME_ML
+
+    return REFERENCE_VOLUME_ML.get(int(label), math.nan)
+
+
+def _neighbours(i: int, ordered: list[VertebraRecord], usable: list[bool]) -> list[VertebraRecord]:
+    """Up to ``NEIGHBOURS`` usable records on each side of ``ordered[i]``, nearest first."""
+    above = [ordered[j] for j in range(i - 1, -1, -1) if usable[j]][:NEIGHBOURS]
+    below = [ordered[j] for j in range(i + 1, len(ordered)) if usable[j]][:NEIGHBOURS]
+    return above + below
+
+
+def merged_problem(record: VertebraRecord, neighbours: list[VertebraRecord]) -> str | None:
+    """Why ``record`` looks like several vertebrae in one segment, or None (volumes in ml, heights in mm)."""
+    if math.isfinite(record.volume_ml) and record.volume_ml > MAX_VERTEBRA_ML:
+        return f"volume {record.volume_ml:.0f} ml, more than any single vertebra ({MAX_VERTEBRA_ML:.0f} ml)"
+    own_ref = _reference_volume(record.label)
+    predicted = []
+    for n in neighbours:
+        scale = own_ref / _reference_volume(n.label)
+        predicted.append(n.volume_ml * (scale if math.isfinite(scale) else 1.0))
+    predicted = [v for v in predicted if math.isfinite(v) and v > 0]
+    if predicted and math.isfinite(record.volume_ml):
+        ratio = record.volume_ml / float(np.median(predicted))
+        if ratio > MERGED_VOLUME_RATIO:
+            return f"volume {record.volume_ml:.1f} ml, {ratio:.1f} times what its neighbours predict"
+    heights = [n.height_posterior_mm for n in neighbours if math.isfinite(n.height_posterior_mm)]
+    if heights and math.isfinite(record.height_posterior_mm):
+        ratio = record.height_posterior_mm / float(np.median(heights))
+        if ratio > MERGED_HEIGHT_RATIO:
+            return f"posterior body height {record.height_posterior_mm:.1f} mm, {ratio:.1f} times its neighbours'"
+    return None
+
+
+def _standard_between(a: int, b: int) -> list[int]:
+    """Standard levels (C1..L5) strictly between VerSe ids ``a`` and ``b`` in craniocaudal order."""
+    lo, hi = sorted((order_index(a), order_index(b)))
+    return [v for v in CRANIOCAUDAL_ORDER[lo + 1:hi] if v <= 24]
+
+
+def sequence_gaps(records: list[VertebraRecord]) -> list[str]:
+    """Plain sentences, one per missing vertebra in the sequence (by level names and along the centre line).
+
+    ``records`` in any order; centroids are LPS mm. Distances next to a ``cut`` vertebra are not used (its
+    centroid is not its body's).
+    """
+    ordered = sorted((r for r in records if r.label in CRANIOCAUDAL_ORDER), key=lambda r: order_index(r.label))
+    gaps = []
+    for a, b in zip(ordered, ordered[1:], strict=False):
+        missing = _standard_between(a.label, b.label)
+        if missing:
+            names = ", ".join(level_name(v) for v in missing)
+            gaps.append(f"no segment for {names} between {a.level} and {b.level}")
+    pairs = []  # (upper record, lower record, distance mm or NaN)
+    for a, b in zip(ordered, ordered[1:], strict=False):
+        ok = a.centroid_lps_mm is not None and b.centroid_lps_mm is not None and "cut" not in a.flags + b.flags
+        d = float(np.linalg.norm(np.subtract(a.centroid_lps_mm, b.centroid_lps_mm))) if ok else math.nan
+        pairs.append((a, b, d))
+    for k, (a, b, d) in enumerate(pairs):
+        if not math.isfinite(d) or _standard_between(a.label, b.label):
+            continue  # a gap by name is already reported
+        local = [p[2] for p in pairs[max(0, k - 2):k] + pairs[k + 1:k + 3] if math.isfinite(p[2])]
+        if len(local) >= 2 and d > GAP_RATIO * float(np.median(local)):
+            gaps.append(f"{a.level} and {b.level} are {d:.0f} mm apart, {d / np.median(local):.1f} times their "
+                        "neighbours' spacing: a vertebra between them is missing from the segmentation")
+    return gaps
+
+
+def _ungrade(record: VertebraRecord) -> None:
+    record.genant_grade, record.genant_type = None, ""
+    record.height_loss_ratio = record.expected_height_mm = math.nan
+    record.fracture_probability = record.probability_morphometry = math.nan
+
+
+def assess_quality(records: list[VertebraRecord], *, level_confidence: float | None = None) -> CaseQuality:
+    """Set each record's ``flags`` (in place), take flagged vertebrae out of grading, and judge the case.
+
+    Args:
+        records: from morphometry of one label map (volumes ml, posterior heights mm, centroids LPS mm,
+            ``partial``, ``implausible``).
+        level_confidence: 0..1 naming confidence of automatic labelling; None when the user gave the names
+            (``--labels``), which are trusted.
+    Returns:
+        The case's :class:`CaseQuality`. Vertebrae newly flagged ``merged`` are ungraded and their
+        neighbours graded again without them (they must not serve as a normal reference).
+    """
+    from VertebralFractureLib.stages.morphometry import grade_records
+
+    ordered = sorted(records, key=lambda r: order_index(r.label) if r.label in CRANIOCAUDAL_ORDER else 99)
+    for r in ordered:
+        r.flags = [f for f in r.flags if f not in VERTEBRA_FLAGS]
+        if r.partial:
+            r.flags.append("cut")
+        if r.implausible:
+            r.flags.append("implausible")
+    usable = [not r.flags for r in ordered]
+    merged: dict[int, str] = {}
+    for i, r in enumerate(ordered):
+        problem = merged_problem(r, _neighbours(i, ordered, usable))
+        if problem is not None:
+            merged[r.label] = problem
+    regrade = False
+    for r in ordered:
+        if r.label in merged:
+            regrade = regrade or not r.flags
+            r.flags.insert(0, "merged")
+            r.notes.append(f"looks like more than one vertebra ({merged[r.label]}): not graded")
+    if regrade:
+        grade_records([r for r in records if not r.flags])
+    for r in records:
+        if r.flags:
+            _ungrade(r)
+
+    quality = CaseQuality()
+    for flag in VERTEBRA_FLAGS:
+        if any(flag in r.flags for r in records):
+            quality.flags.append(flag)
+    for r in ordered:
+        if r.label in merged:
+            quality.reasons.append(f"{r.level} looks like more than one vertebra in one segment ({merged[r.label]}).")
+    implausible = [r.level for r in ordered if r.implausible]
+    if implausible:
+        quality.reasons.append(f"Segments not shaped like a vertebral body: {', '.join(implausible)}.")
+    gaps = sequence_gaps(records)
+    if gaps:
+        quality.flags.append("gap")
+        quality.reasons += [f"A vertebra is missing: {g}." for g in gaps]
+    if level_confidence is not None and level_confidence < MIN_LEVEL_CONFIDENCE:
+        quality.flags.append("level_uncertain")
+        quality.reasons.append(f"The level names are uncertain (confidence {level_confidence:.2f}: no agreeing anatomical "
+                               "anchor such as the last rib or the sacrum).")
+    return quality
+
+
+def review_reasons(quality: CaseQuality, *, n_vertebrae: int, n_scored: int, classifier_saturated: bool) -> list[str]:
+    """Every reason why a case's automatic answer cannot be trusted, as plain sentences (empty: none).
+
+    Args:
+        quality: from :func:`assess_quality`.
+        n_vertebrae: segments found; n_scored: vertebrae with a fracture probability.
+        classifier_saturated: the classifier called most vertebrae fractured (its out-of-domain guard).
+    """
+    if n_vertebrae == 0:
+        return ["No vertebrae were found in the field of view."]
+    reasons = list(quality.reasons)
+    if n_scored == 0:
+        reasons.append("No vertebra could be graded (all are cut by the field of view or flagged).")
+    if classifier_saturated:
+        reasons.append("The fracture classifier called most vertebrae fractured, which real fractures almost never do: "
+                       "this scan is outside its training data.")
+    return reasons
