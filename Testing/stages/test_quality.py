@@ -1,0 +1,120 @@
+"""Segmentation quality flags on synthetic label maps: merged, cut, gap, uncertain levels, and the review reasons."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from VertebralFractureLib.core.levels import level_name
+from VertebralFractureLib.core.records import VertebraRecord
+from VertebralFractureLib.core.volume import Volume
+from VertebralFractureLib.research.phantom import make_phantom
+from VertebralFractureLib.stages.morphometry import measure_vertebrae
+from VertebralFractureLib.stages.quality import CaseQuality, assess_quality, review_reasons, sequence_gaps
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(("T11", "L4"), spacing=1.5, seed=3, fov_mm=(120.0, 120.0))
+
+
+def _relabel(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    out = labels.copy()
+    for old, new in mapping.items():
+        out[labels == old] = new
+    return out
+
+
+def test_a_normal_spine_has_no_flags(phantom):
+    records = measure_vertebrae(phantom.ct, phantom.labels)
+    quality = assess_quality(records, level_confidence=0.97)
+    assert quality == CaseQuality()
+    assert all(r.flags == [] and r.genant_grade == 0 for r in records)
+
+
+def test_merged_double_height_body_is_flagged_and_not_graded(phantom):
+    lab = phantom.labels.array
+    # L1 and L2 one segment with the disc between them (a missed disc); the vertebrae below renamed so the
+    # names stay consecutive, as automatic labelling would name them
+    merged = _relabel(lab, {21: 20, 22: 21, 23: 22})
+    l1 = np.argwhere(merged == 20)
+    lo, hi = l1[:, 0].min(), l1[:, 0].max()  # array axis 0 is superior-inferior in the LPS phantom
+    column = (lab == 20).any(axis=0) & (lab == 21).any(axis=0)
+    disc = np.zeros_like(lab, bool)
+    disc[lo:hi + 1] = column
+    merged[disc & (merged == 0)] = 20
+    records = measure_vertebrae(phantom.ct, phantom.labels.with_array(merged))
+    quality = assess_quality(records, level_confidence=0.97)
+    by_level = {r.level: r for r in records}
+    assert by_level["L1"].flags == ["merged"]
+    assert by_level["L1"].genant_grade is None and math.isnan(by_level["L1"].fracture_probability)
+    assert any("looks like more than one vertebra" in n for n in by_level["L1"].notes)
+    for level in ("T11", "T12", "L2", "L3"):  # its neighbours stay whole and graded
+        assert by_level[level].flags == [] and by_level[level].genant_grade == 0, level
+    assert "merged" in quality.flags
+    assert any(reason.startswith("L1 looks like more than one vertebra") for reason in quality.reasons)
+
+
+def test_body_cut_by_the_field_of_view_is_cut_but_not_a_review_reason(phantom):
+    lab = phantom.labels.array
+    l4 = np.argwhere(lab == 23)[:, 0]
+    start = int((l4.min() + l4.max()) // 2)  # the scan starts half-way through L4's body (axis 0 points S)
+    origin = tuple(phantom.ct.index_to_lps(np.array([0.0, 0.0, start])))
+    ct = Volume(phantom.ct.array[start:].copy(), phantom.ct.spacing, origin, phantom.ct.direction)
+    labels = ct.with_array(lab[start:].copy())
+    records = measure_vertebrae(ct, labels)
+    quality = assess_quality(records, level_confidence=0.97)
+    by_level = {r.level: r for r in records}
+    assert "cut" in by_level["L4"].flags and by_level["L4"].genant_grade is None
+    assert by_level["L3"].flags == [] and by_level["L3"].genant_grade == 0
+    assert quality.flags == ["cut"] and quality.reasons == []
+
+
+def test_missing_level_in_the_sequence_is_a_gap(phantom):
+    lab = phantom.labels.array
+    # by name: the user's label map has no L1 between T12 and L2
+    records = measure_vertebrae(phantom.ct, phantom.labels.with_array(_relabel(lab, {20: 0})))
+    quality = assess_quality(records)
+    assert "gap" in quality.flags
+    assert any("no segment for L1 between T12 and L2" in reason for reason in quality.reasons)
+    # along the centre line: L1 missed and the vertebrae below named consecutively (automatic labelling)
+    renamed = _relabel(lab, {20: 0, 21: 20, 22: 21, 23: 22})
+    records = measure_vertebrae(phantom.ct, phantom.labels.with_array(renamed))
+    quality = assess_quality(records, level_confidence=0.97)
+    assert "gap" in quality.flags
+    assert any("T12 and L1 are" in reason and "missing" in reason for reason in quality.reasons)
+    # a gap says nothing against the vertebrae themselves: they are still graded
+    assert all(r.genant_grade == 0 for r in records)
+
+
+def test_gap_along_the_centre_line_scales_with_the_local_spacing():
+    def records(z_mm):
+        return [VertebraRecord(label=i, level=level_name(i), centroid_lps_mm=(0.0, 0.0, -z)) for i, z in
+                zip(range(8, 8 + len(z_mm)), z_mm, strict=True)]
+
+    # spacing growing craniocaudally (20 -> 30 mm) is normal
+    assert sequence_gaps(records([0, 20, 41, 63, 86, 110, 135, 161])) == []
+    gaps = sequence_gaps(records([0, 20, 41, 63, 112, 136, 161]))
+    assert len(gaps) == 1 and gaps[0].startswith("T4 and T5 are 49 mm apart")
+
+
+def test_uncertain_levels_send_the_case_to_review(phantom):
+    records = measure_vertebrae(phantom.ct, phantom.labels)
+    assert assess_quality(records, level_confidence=0.97).reasons == []
+    assert assess_quality(records, level_confidence=None).reasons == []  # the user named the levels
+    quality = assess_quality(records, level_confidence=0.3)
+    assert quality.flags == ["level_uncertain"] and "level names are uncertain" in quality.reasons[0]
+    assert all(r.genant_grade == 0 for r in records)
+
+
+def test_review_reasons():
+    assert review_reasons(CaseQuality(), n_vertebrae=0, n_scored=0, classifier_saturated=False) == [
+        "No vertebrae were found in the field of view."]
+    assert review_reasons(CaseQuality(), n_vertebrae=5, n_scored=5, classifier_saturated=False) == []
+    saturated = review_reasons(CaseQuality(["gap"], ["A vertebra is missing: x."]), n_vertebrae=5, n_scored=5,
+                               classifier_saturated=True)
+    assert saturated[0] == "A vertebra is missing: x." and "outside its training data" in saturated[1]
+    assert "No vertebra could be graded" in review_reasons(CaseQuality(["cut"]), n_vertebrae=1, n_scored=0,
+                                                           classifier_saturated=False)[0]
