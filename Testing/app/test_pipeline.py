@@ -1,20 +1,15 @@
-"""The pipeline and `run`: contract outputs, geometry kept, atomic output folder, cancellation."""
+"""The pipeline in memory and on files: atomic output folder, cancellation, implausible segments (the `run`
+command's contract is in Testing/test_cli.py)."""
 
 from __future__ import annotations
-
-import csv
-import json
 
 import numpy as np
 import pytest
 
 from VertebralFractureLib.app.pipeline import PipelineOptions, run_pipeline
-from VertebralFractureLib.cli import main
 from VertebralFractureLib.core.errors import Cancelled
 from VertebralFractureLib.core.progress import CancelToken
-from VertebralFractureLib.core.records import CONTRACT_COLUMNS
 from VertebralFractureLib.core.volume import Volume
-from VertebralFractureLib.io.reading import read_volume
 from VertebralFractureLib.io.volume_files import write_volume
 
 
@@ -34,25 +29,6 @@ def _case(tmp_path):
     ct_path = write_volume(vol, tmp_path / "ct.nii.gz")
     labels_path = write_volume(vol.with_array(labels), tmp_path / "labels.nii.gz")
     return vol, ct_path, labels_path
-
-
-def test_run_with_labels_writes_contract_outputs(tmp_path):
-    vol, ct_path, labels_path = _case(tmp_path)
-    out = tmp_path / "out"
-    assert main(["run", str(ct_path), "--labels", str(labels_path), "-o", str(out), "--quiet"]) == 0
-    for name in ("segmentation.nii.gz", "vertebrae.csv", "result.json"):
-        assert (out / name).exists(), name
-    seg = read_volume(out / "segmentation.nii.gz", check=False)
-    assert seg.same_geometry(vol)
-    assert set(np.unique(seg.array)) == {0, 20, 21}
-    with (out / "vertebrae.csv").open() as fh:
-        header = next(csv.reader(fh))
-    assert header[: len(CONTRACT_COLUMNS)] == CONTRACT_COLUMNS
-    result = json.loads((out / "result.json").read_text())
-    for key in ("fracture_probability", "fractured", "vertebrae", "timings_s", "versions", "warnings"):
-        assert key in result
-    assert {"import", "validation", "wiener"} <= set(result["timings_s"])
-    assert not list(tmp_path.glob(".out.partial-*"))
 
 
 def test_cancel_leaves_no_output(tmp_path):
@@ -101,10 +77,82 @@ def test_implausible_segments_are_not_graded_or_scored():
     assert any("not plausible vertebral bodies (L1, L2)" in w for w in result.warnings)
 
 
-def test_classifier_saturating_on_most_vertebrae_is_not_trusted():
-    from VertebralFractureLib.stages.classification import classifier_out_of_domain
+@pytest.fixture()
+def phantom_files(tmp_path, monkeypatch):
+    """CT and label map files of a normal T12..L2 phantom; radiomics cache in tmp_path."""
+    from VertebralFractureLib.research.phantom import make_phantom
 
-    assert classifier_out_of_domain([0.99, 0.97, 0.95, 0.2, 0.98])
-    assert not classifier_out_of_domain([0.99, 0.97, 0.1, 0.2, 0.3, 0.05])  # two fractures in six: plausible
-    assert not classifier_out_of_domain([0.99, 0.98, 0.97])  # too few vertebrae to judge
-    assert not classifier_out_of_domain([float("nan")] * 6)
+    monkeypatch.setenv("VERTEBRAL_FRACTURE_CACHE", str(tmp_path / "cache"))
+    ph = make_phantom(("T12", "L2"), spacing=1.5, seed=1, fov_mm=(120, 120))
+    return ph, write_volume(ph.ct, tmp_path / "ct.nii.gz"), write_volume(ph.labels, tmp_path / "labels.nii.gz")
+
+
+def test_run_writes_radiomics_per_vertebra_cached_by_content(tmp_path, phantom_files):
+    import csv
+    import json
+
+    _, ct_path, labels_path = phantom_files
+    run_pipeline(ct_path, tmp_path / "out", labels_path=labels_path, options=PipelineOptions(wiener=False))
+    with (tmp_path / "out" / "radiomics.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["label"], r["level"]) for r in rows] == [("19", "T12"), ("20", "L1"), ("21", "L2")]
+    header = list(rows[0])
+    assert header[:2] == ["label", "level"] and "original_shape_MeshVolume" in header
+    for row in rows:
+        finite = [float(v) for k, v in row.items() if k not in ("label", "level") and v != ""]
+        assert len(finite) >= 100 and np.isfinite(finite).all()
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["timings_s"]["radiomics"] > 0
+    # a rerun reads the content-hash cache: a tampered entry comes back in radiomics.csv
+    entries = sorted((tmp_path / "cache" / "radiomics").rglob("*.json"))
+    assert len(entries) == 3
+    for entry in entries:
+        data = json.loads(entry.read_text())
+        data["original_firstorder_Mean"] = -12345.0
+        entry.write_text(json.dumps(data))
+    run_pipeline(ct_path, tmp_path / "out", labels_path=labels_path, options=PipelineOptions(wiener=False))
+    with (tmp_path / "out" / "radiomics.csv").open(newline="") as fh:
+        assert {r["original_firstorder_Mean"] for r in csv.DictReader(fh)} == {"-12345.0"}
+    assert len(sorted((tmp_path / "cache" / "radiomics").rglob("*.json"))) == 3
+
+
+def test_review_status_in_result_json(tmp_path, phantom_files):
+    import json
+
+    ph, ct_path, labels_path = phantom_files
+    options = PipelineOptions(wiener=False, radiomics=False)
+    run_pipeline(ct_path, tmp_path / "ok", labels_path=labels_path, options=options)
+    ok = json.loads((tmp_path / "ok" / "result.json").read_text())
+    assert ok["needs_review"] is False and ok["review_reasons"] == [] and ok["fractured"] is False
+    assert not (tmp_path / "ok" / "radiomics.csv").exists()
+    # a vertebra missing from the sequence: the answer cannot be trusted -> review, fractured null
+    gap = write_volume(ph.labels.with_array(np.where(ph.labels.array == 20, 0, ph.labels.array).astype(np.uint8)),
+                       tmp_path / "gap.nii.gz")
+    result = run_pipeline(ct_path, tmp_path / "gap", labels_path=gap, options=options)
+    data = json.loads((tmp_path / "gap" / "result.json").read_text())
+    assert data["needs_review"] is True and data["fractured"] is None and "gap" in data["quality_flags"]
+    assert any("no segment for L1 between T12 and L2" in r for r in data["review_reasons"])
+    assert "fractured: needs review" in result.summary_line()
+    # no vertebrae at all
+    empty = write_volume(ph.labels.with_array(np.zeros(ph.labels.shape, np.uint8)), tmp_path / "empty.nii.gz")
+    run_pipeline(ct_path, tmp_path / "empty", labels_path=empty, options=options)
+    data = json.loads((tmp_path / "empty" / "result.json").read_text())
+    assert data["needs_review"] is True and data["fractured"] is None
+    assert data["review_reasons"] == ["No vertebrae were found in the field of view."]
+
+
+def test_flagged_vertebra_is_not_scored_and_vertebrae_csv_has_flags(tmp_path, phantom_files):
+    """L1 and L2 in one segment: flagged merged, no grade, no probability; the flag is in vertebrae.csv."""
+    from VertebralFractureLib.core.records import read_csv
+
+    ph, ct_path, _ = phantom_files
+    merged = np.where(ph.labels.array == 21, 20, ph.labels.array).astype(np.uint8)
+    merged_path = write_volume(ph.labels.with_array(merged), tmp_path / "merged.nii.gz")
+    result = run_pipeline(ct_path, tmp_path / "out", labels_path=merged_path,
+                          options=PipelineOptions(wiener=False, radiomics=False))
+    l1 = next(r for r in result.records if r.level == "L1")
+    assert l1.flags == ["merged"] and l1.genant_grade is None and np.isnan(l1.fracture_probability)
+    assert result.needs_review and result.fractured is None
+    rows = {r["level"]: r for r in read_csv(tmp_path / "out" / "vertebrae.csv")}
+    assert rows["L1"]["flags"] == "merged" and rows["L1"]["fracture_probability"] == ""
+    assert rows["T12"]["flags"] == ""
