@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet -e '.[test,review]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -27,6 +27,12 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/vertebral-fracture demo -o demo-output
 
 test: $(VENV)/.installed-test
+	# the review app's browser tests drive Debian's chromium (never Playwright's download); as root, install it
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium install failed: the review browser tests will skip"; \
+		else echo "chromium missing and not root: the review browser tests will skip"; fi; \
+	fi
 	$(VENV)/bin/ruff check VertebralFractureLib VertebralFracture Testing benchmarks
 	$(PY) -m pytest -q Testing
 

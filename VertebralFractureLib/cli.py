@@ -306,6 +306,27 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- review ---------------------------------------------------------------------------------
+def _add_review(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output", type=Path, help="a batch output (cohort.csv + case folders) or one run output")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a --host other machines can reach; a random access token is printed and required")
+    p.add_argument("--require-token", action="store_true",
+                   help="require the random access token on 127.0.0.1 too (a machine shared with other users)")
+    p.add_argument("--no-wiener", action="store_true", help="Recompute without the Wiener denoising filter")
+
+
+def _cmd_review(args: argparse.Namespace) -> int:
+    from VertebralFractureLib.app.pipeline import PipelineOptions
+    from VertebralFractureLib.app.review.server import serve
+
+    serve(args.output, port=args.port, host=args.host, allow_remote=args.allow_remote,
+          require_token=args.require_token, options=PipelineOptions(wiener=not args.no_wiener))
+    return 0
+
+
 # --- plumbing -------------------------------------------------------------------------------
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "run": ("run the pipeline on one CT", _add_run, _cmd_run),
@@ -318,6 +339,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
                            _add_prepare_seg_cohort, _cmd_prepare_seg_cohort),
     "study": ("run the classification study", _add_study, _cmd_study),
     "train-classifier": ("train the classifier that run uses", _add_train_classifier, _cmd_train_classifier),
+    "review": ("review a batch or run output in the browser: correct, Recompute, Approve/Reject",
+               _add_review, _cmd_review),
 }
 
 

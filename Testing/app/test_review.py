@@ -1,0 +1,146 @@
+"""Review app, plain Python: worklist order and filter, path safety, bind rules and tokens, atomic sign-off.
+
+That the page needs the token is checked in a real browser (test_review_browser.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from VertebralFractureLib.app.review import safety, signoff
+from VertebralFractureLib.app.review.worklist import CaseEntry, filter_worklist, load_worklist, order_worklist, step
+from VertebralFractureLib.core.errors import InputError
+
+COLUMNS = ["case", "status", "fracture_probability", "fractured", "worst_level", "worst_grade", "error"]
+
+
+def _case(out: Path, name: str, probability: float | None, *, needs_review: bool = False, review: str = "") -> None:
+    folder = out / name
+    folder.mkdir(parents=True)
+    vertebrae = [
+        {"label": 20, "level": "L1", "genant_grade": 2, "fracture_probability": probability},
+        {"label": 21, "level": "L2", "genant_grade": 0, "fracture_probability": 0.1 if probability is not None else None},
+    ]
+    (folder / "result.json").write_text(json.dumps(
+        {"fracture_probability": probability, "needs_review": needs_review, "vertebrae": vertebrae}))
+    if review:
+        (folder / "review.json").write_text(json.dumps({"status": review}))
+
+
+@pytest.fixture
+def batch_out(tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    _case(out, "low", 0.2)
+    _case(out, "high", 0.9, review="approved")
+    _case(out, "doubt", 0.4, needs_review=True)
+    _case(out, "unknown", None)
+    rows = [{"case": n, "status": "ok"} for n in ("low", "high", "doubt", "unknown")]
+    rows.append({"case": "broken", "status": "bad_input", "error": "truncated"})
+    with (out / "cohort.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "outside").mkdir()
+    return out
+
+
+def test_worklist_order_needs_review_first_then_probability(batch_out):
+    entries = order_worklist(load_worklist(batch_out))
+    # failed and doubtful cases first (by probability, unknown last), then the rest by probability
+    assert [e.name for e in entries] == ["doubt", "broken", "high", "low", "unknown"]
+    by_name = {e.name: e for e in entries}
+    assert by_name["high"].review == "approved" and by_name["high"].worst_level == "L1"
+    assert by_name["high"].worst_grade == 2 and by_name["high"].probability == pytest.approx(0.9)
+    assert not by_name["broken"].openable and by_name["broken"].status == "bad_input"
+
+
+def test_worklist_filter_and_keyboard_step(batch_out):
+    entries = order_worklist(load_worklist(batch_out))
+    assert [e.name for e in filter_worklist(entries, "HI")] == ["high"]
+    assert [e.name for e in filter_worklist(entries, "", "approved")] == ["high"]
+    assert "high" not in [e.name for e in filter_worklist(entries, "", "todo")]
+    assert [e.name for e in filter_worklist(entries, "bad_input")] == ["broken"]
+    # next/previous skip cases that cannot be opened and stop at the ends
+    assert step(entries, "doubt", 1) == "high"
+    assert step(entries, "high", -1) == "doubt"
+    assert step(entries, "doubt", -1) is None
+    assert step(entries, None, 1) == "doubt"
+    assert step([], None, 1) is None
+
+
+def test_worklist_of_a_single_run_output(batch_out):
+    entries = load_worklist(batch_out / "low")
+    assert [e.name for e in entries] == ["low"]
+    with pytest.raises(InputError, match="neither a batch output"):
+        load_worklist(batch_out / "outside")
+
+
+@pytest.mark.parametrize("name", ["../low", "..", ".", "low/../high", "/etc", "low\\x", "lo\0w", "", None, 5,
+                                  "outside", "missing"])
+def test_case_folder_refuses_anything_but_listed_names(batch_out, name):
+    known = [e.name for e in load_worklist(batch_out) if e.openable]
+    with pytest.raises(InputError):
+        safety.case_folder(batch_out, name, known + ["missing"])
+
+
+def test_case_folder_refuses_a_link_out_of_the_output(batch_out, tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", batch_out / "linked")
+    with pytest.raises(InputError, match="outside"):
+        safety.case_folder(batch_out, "linked", ["linked"])
+    assert safety.case_folder(batch_out, "low", ["low"]) == (batch_out / "low").resolve()
+
+
+def test_bind_rules_and_token():
+    assert safety.check_bind("127.0.0.1", False) is False
+    assert safety.check_bind("localhost", False) is False
+    assert safety.check_bind("::1", False) is False
+    with pytest.raises(InputError, match="--allow-remote"):
+        safety.check_bind("0.0.0.0", False)
+    with pytest.raises(InputError, match="--allow-remote"):
+        safety.check_bind("192.168.1.5", False)
+    assert safety.check_bind("0.0.0.0", True) is True
+    tokens = {safety.new_token() for _ in range(20)}
+    assert len(tokens) == 20 and all(len(t) >= 32 for t in tokens)
+
+
+def test_sign_off_writes_review_and_cohort_column(batch_out):
+    record = signoff.review_record("rejected", "  L2 is T12 ", {"fracture_probability": 0.3}, corrected_files=[])
+    signoff.write_review(batch_out / "low", record)
+    data = json.loads((batch_out / "low" / "review.json").read_text())
+    assert data["status"] == "rejected" and data["note"] == "L2 is T12" and data["time"].endswith("+00:00")
+    assert data["corrected"] is False and data["results"] == {"fracture_probability": 0.3}
+    signoff.update_cohort_review(batch_out, "low", "rejected")
+    signoff.update_cohort_review(batch_out, "doubt", "approved")
+    with (batch_out / "cohort.csv").open(newline="") as fh:
+        rows = {r["case"]: r for r in csv.DictReader(fh)}
+    assert rows["low"]["review"] == "rejected" and rows["doubt"]["review"] == "approved"
+    assert rows["high"]["review"] == "" and rows["broken"]["error"] == "truncated"  # other cells kept
+    assert [e.review for e in load_worklist(batch_out) if e.name == "low"] == ["rejected"]
+    with pytest.raises(InputError, match="expected one of"):
+        signoff.review_record("maybe", "", None, corrected_files=[])
+    assert signoff.update_cohort_review(batch_out / "low", "low", "approved") is None  # run output: no table
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "review.json"
+    signoff.atomic_write_text(target, '{"status": "approved"}')
+
+    def half_then_fail(tmp: Path) -> None:
+        tmp.write_text('{"status": "rej')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        signoff.atomic_write(target, half_then_fail)
+    assert json.loads(target.read_text()) == {"status": "approved"}
+    assert [p.name for p in tmp_path.iterdir()] == ["review.json"]  # no temporary file left behind
+
+
+def test_entry_row_is_json_ready():
+    row = CaseEntry("a", probability=0.12345, worst_grade=None).as_row()
+    assert row["probability"] == 0.123 and row["worst_grade"] == "" and json.dumps(row)

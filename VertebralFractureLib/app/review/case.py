@@ -1,0 +1,176 @@
+"""One opened case of the review app as MRML nodes, through the same library code as Slicer's module.
+
+Loading is :func:`VertebralFractureLib.app.slicer_logic.open_case`, Recompute is
+:func:`~VertebralFractureLib.app.slicer_logic.recompute_segmentation_node` (``analyse`` on the edited
+labels) and renaming a level is :func:`~VertebralFractureLib.app.slicer_logic.rename_level_in_nodes`
+(``rename_instance``'s renumbering rule). No browser code here: the server calls these methods.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from VertebralFractureLib.app import mrml_nodes, slicer_logic
+from VertebralFractureLib.app.pipeline import PipelineOptions
+from VertebralFractureLib.app.review import signoff
+from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.core.volume import Volume
+
+
+def case_ct_path(folder: Path) -> Path:
+    """The CT a result folder was computed from: ``ct.nii.gz`` & co. in it, else ``input`` of its ``result.json``.
+
+    Raises:
+        InputError: neither exists.
+    """
+    for name in slicer_logic.CT_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    try:
+        recorded = json.loads((folder / "result.json").read_text()).get("input")
+    except (OSError, ValueError):
+        recorded = None
+    if recorded and Path(recorded).is_file():
+        return Path(recorded)
+    raise InputError(f"{folder}: no ct.nii.gz and the input recorded in result.json ({recorded}) is not readable")
+
+
+class OpenCase:
+    """The nodes of one case in ``scene`` and what the reviewer did to them.
+
+    Attributes:
+        name: the case name; ``folder`` its result folder (already checked by :mod:`.safety`).
+        nodes: the :class:`~VertebralFractureLib.app.slicer_logic.MrmlResult` (CT, segmentation, table, result).
+        ct: the CT as a :class:`Volume` (LPS), the grid every label map is read back on.
+        edited: the segmentation changed since the last load or Recompute.
+        corrected: the results differ from the pipeline's (an edit, a rename or a Recompute happened).
+    """
+
+    def __init__(self, scene, out: Path, name: str, folder: Path, options: PipelineOptions | None = None) -> None:
+        self.scene, self.out, self.name, self.folder = scene, out, name, folder
+        self.options = options or PipelineOptions()
+        self.nodes = slicer_logic.open_case(scene, folder, ct_path=case_ct_path(folder))
+        self.ct: Volume = mrml_nodes.volume_from_volume_node(self.nodes.volume_node)
+        self.edited = False
+        self.corrected = False
+        self.timings: dict[str, float] = {}
+
+    # --- what the page shows -----------------------------------------------------------------
+    @property
+    def segmentation_node(self):
+        return self.nodes.segmentation_node
+
+    def labels(self) -> Volume:
+        """The current segmentation as a VerSe label map on the CT grid."""
+        return mrml_nodes.labels_from_segmentation_node(self.segmentation_node, self.ct)
+
+    def voxel_counts(self) -> dict[int, int]:
+        """Voxels per VerSe id in the current segmentation."""
+        counts = np.bincount(self.labels().array.ravel().astype(np.int64))
+        return {int(v): int(n) for v, n in enumerate(counts) if v and n}
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The vertebra table: level, grade, type, probability, heights, voxel count, segment id, colour."""
+        counts = self.voxel_counts()
+        seg = self.segmentation_node.GetSegmentation()
+        ids = {mrml_nodes.segment_label(seg.GetSegment(sid)): sid for sid in mrml_nodes.segment_ids(self.segmentation_node)}
+        out = []
+        for record in self.nodes.result.records:
+            probability = record.fracture_probability
+            sid = ids.get(int(record.label), "")
+            colour = seg.GetSegment(sid).GetColor() if sid else (0.6, 0.6, 0.6)
+            out.append({
+                "label": int(record.label),
+                "level": record.level,
+                "grade": "" if record.genant_grade is None else int(record.genant_grade),
+                "type": record.genant_type or "",
+                "probability": "" if math.isnan(probability) else round(float(probability), 3),
+                "height_loss": "" if math.isnan(record.height_loss_ratio) else round(float(record.height_loss_ratio), 3),
+                "voxels": counts.get(int(record.label), 0),
+                "segment_id": sid,
+                "color": "#" + "".join(f"{int(round(255 * c)):02x}" for c in colour),
+            })
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        result = self.nodes.result
+        probability = result.fracture_probability
+        return {
+            "name": self.name,
+            "probability": "" if math.isnan(probability) else round(float(probability), 3),
+            "fractured": bool(result.fractured),
+            "warnings": list(result.warnings),
+            "edited": self.edited,
+            "corrected": self.corrected,
+        }
+
+    def centre_ras(self, label: int) -> tuple[float, float, float] | None:
+        """RAS centre (mm) of vertebra ``label``: its record's centroid, else the centre of its voxels."""
+        record = next((r for r in self.nodes.result.records if int(r.label) == int(label)), None)
+        if record is not None and record.centroid_lps_mm:
+            x, y, z = record.centroid_lps_mm
+            return (-float(x), -float(y), float(z))
+        labels = self.labels()
+        zyx = np.argwhere(labels.array == label)
+        if zyx.size == 0:
+            return None
+        x, y, z = labels.index_to_lps(zyx.mean(axis=0)[::-1])
+        return (-float(x), -float(y), float(z))
+
+    # --- what the reviewer does --------------------------------------------------------------
+    def mark_edited(self) -> None:
+        self.edited = True
+
+    def recompute(self) -> None:
+        """Re-measure and re-classify the edited segmentation (``analyse`` with the labels), as Slicer's Recompute."""
+        start = time.perf_counter()
+        self.nodes = slicer_logic.recompute_segmentation_node(
+            self.scene, self.segmentation_node, self.nodes.volume_node, options=self.options,
+            table_node=self.nodes.table_node,
+        )
+        self.edited = False
+        self.corrected = True
+        self.timings["recompute"] = time.perf_counter() - start
+
+    def rename(self, segment_id: str, new_level: str) -> dict[int, int]:
+        """Rename a segment's level; the other vertebrae are renumbered to keep their order."""
+        mapping = slicer_logic.rename_level_in_nodes(
+            self.segmentation_node, segment_id, new_level, volume_node=self.nodes.volume_node,
+            table_node=self.nodes.table_node,
+        )
+        records = mrml_nodes.records_from_table_node(self.nodes.table_node)
+        self.nodes.result.records = records
+        self.corrected = True
+        return mapping
+
+    def sign_off(self, status: str, note: str = "") -> dict[str, Any]:
+        """Approve or reject: ``review.json`` (+ the corrected segmentation when there is one) and ``cohort.csv``.
+
+        Edits not recomputed yet are recomputed first, so the saved results match the saved segmentation.
+        """
+        if status not in signoff.STATUSES:
+            raise InputError(f"review status {status!r}: expected one of {', '.join(signoff.STATUSES)}")
+        if self.edited:
+            self.recompute()
+        corrected_files: list[str] = []
+        if self.corrected:
+            from VertebralFractureLib.io.volume_files import write_volume
+
+            signoff.atomic_write(self.folder / signoff.CORRECTED_SEG_NRRD,
+                                 lambda tmp: mrml_nodes.save_segmentation(self.segmentation_node, tmp))
+            signoff.atomic_write(self.folder / signoff.CORRECTED_NIFTI, lambda tmp: write_volume(self.labels(), tmp))
+            corrected_files = [signoff.CORRECTED_SEG_NRRD, signoff.CORRECTED_NIFTI]
+        results = self.nodes.result.to_json() if self.corrected else None
+        if results is not None:
+            results.pop("timings_s", None)
+            results.pop("versions", None)
+        record = signoff.review_record(status, note, results, corrected_files=corrected_files)
+        signoff.write_review(self.folder, record)
+        signoff.update_cohort_review(self.out, self.name, status)
+        return record

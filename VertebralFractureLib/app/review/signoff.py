@@ -1,0 +1,99 @@
+"""Sign-off: ``OUT/<case>/review.json`` and the ``review`` column of ``OUT/cohort.csv``, written atomically.
+
+Every file goes to a temporary file in the same folder, is flushed to disk and renamed over the target
+(``os.replace``), so a reader (or a crash) sees the old or the new file, never half of one. The corrected
+segmentation is written beside the original (``segmentation.corrected.*``), never over it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from VertebralFractureLib.app.review.worklist import REVIEW_FILE
+from VertebralFractureLib.core.errors import InputError
+
+STATUSES = ("approved", "rejected")
+CORRECTED_SEG_NRRD = "segmentation.corrected.seg.nrrd"
+CORRECTED_NIFTI = "segmentation.corrected.nii.gz"
+REVIEW_COLUMN = "review"
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary sibling of ``path`` (same suffixes), then rename it to ``path``.
+
+    The temporary file is removed if ``write`` fails; ``path`` is untouched then.
+    """
+    path = Path(path)
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.tmp-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, newline=""))
+
+
+def review_record(status: str, note: str, results: dict[str, Any] | None, *, corrected_files: list[str]) -> dict:
+    """The content of ``review.json``.
+
+    Raises:
+        InputError: ``status`` is not ``approved``/``rejected``.
+    """
+    if status not in STATUSES:
+        raise InputError(f"review status {status!r}: expected one of {', '.join(STATUSES)}")
+    return {
+        "status": status,
+        "note": str(note or "").strip(),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "corrected": bool(corrected_files),
+        "corrected_files": corrected_files,
+        "results": results,
+    }
+
+
+def write_review(case_dir: str | Path, record: dict[str, Any]) -> Path:
+    """Write ``case_dir/review.json`` atomically."""
+    return atomic_write_text(Path(case_dir) / REVIEW_FILE, json.dumps(record, indent=2) + "\n")
+
+
+def update_cohort_review(out: str | Path, case: str, status: str) -> Path | None:
+    """Set the ``review`` column of ``case`` in ``out/cohort.csv`` (adding the column), atomically.
+
+    Returns:
+        The CSV path, or None when ``out`` has no ``cohort.csv`` (a single ``run`` output).
+    """
+    path = Path(out) / "cohort.csv"
+    if not path.is_file():
+        return None
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = list(reader.fieldnames or [])
+        rows = list(reader)
+    if REVIEW_COLUMN not in columns:
+        columns.append(REVIEW_COLUMN)
+    for row in rows:
+        if row.get("case") == case:
+            row[REVIEW_COLUMN] = status
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buffer.getvalue())
