@@ -1,0 +1,170 @@
+"""Vertebra instances from the network's probability map: connected components, splitting of merged vertebrae
+(cores, cross-sections, discs), clean-up of small and off-axis pieces, cortex growth, partial vertebrae.
+
+Synthetic arrays on the canonical working grid: axes z=S, y=P, x=L, isotropic voxels (1.5 mm unless stated)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from VertebralFractureLib.stages.segmentation.instances import (
+    extract_instances,
+    fill_bodies,
+    grow_cortex,
+    split_at_discs,
+    split_component,
+)
+
+
+def _column(n: int, *, bridge: bool) -> np.ndarray:
+    """``n`` box 'vertebral bodies' (24 mm tall, 40 mm wide at 1.5 mm) along z, each with a thin arch behind;
+    with ``bridge`` the arches of neighbours touch through a thin 'facet joint' (one voxel)."""
+    arr = np.zeros((20 * n + 10, 60, 60), np.float32)
+    for k in range(n):
+        z0 = 5 + 20 * k
+        arr[z0 : z0 + 16, 10:34, 15:45] = 1  # body
+        arr[z0 + 4 : z0 + 12, 34:50, 27:33] = 1  # arch / spinous process
+        if bridge and k < n - 1:
+            arr[z0 + 12 : z0 + 25, 46:48, 29:31] = 1  # articular contact to the next vertebra
+    return arr
+
+
+def test_split_touching_vertebrae_into_one_instance_each():
+    prob = _column(4, bridge=True)
+    inst = extract_instances(prob, spacing_mm=1.5)
+    assert inst.count == 4
+    # each body box belongs to exactly one instance, and instances are numbered from cranial (high z) down
+    for k in range(4):
+        z0 = 5 + 20 * k
+        body = inst.labels[z0 : z0 + 16, 10:34, 15:45]
+        assert len(np.unique(body)) == 1
+        assert body[0, 0, 0] == 4 - k
+
+
+def _bridged_column(n: int, tilt_deg: float = 0.0) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """A column of ``n`` vertebral bodies (marrow 200 HU, 1.5 mm endplates 600 HU) joined by 6 mm discs
+    (90 HU) that the "network" mask covers too, tilted by ``tilt_deg`` in the sagittal plane (z=S, y=P, x=L,
+    1.5 mm voxels). Returns (mask, hu, z of the disc centres in voxels along the column's axis)."""
+    shape = (40 + 18 * n, 110, 40)
+    zz, yy, xx = np.indices(shape).astype(float)
+    t = np.deg2rad(tilt_deg)
+    along = (zz - 10) * np.cos(t) + (yy - 30) * np.sin(t)  # voxels along the column's axis
+    across = np.hypot(-(zz - 10) * np.sin(t) + (yy - 30) * np.cos(t), xx - 20)
+    period = 18.0  # 14 body + 4 disc voxels (21 + 6 mm)
+    phase = np.mod(along, period)
+    inside = (across <= 10) & (along >= 0) & (along < n * period - 4)
+    hu = np.full(shape, 20.0)
+    hu[inside] = 200.0
+    hu[inside & ((phase < 1) | ((phase >= 13) & (phase < 14)))] = 600.0
+    hu[inside & (phase >= 14)] = 90.0
+    rng = np.random.default_rng(0)
+    hu += rng.normal(0, 20, shape)
+    return inside, hu.astype(np.float32), [k * period - 2 for k in range(1, n)]
+
+
+def test_split_at_discs_cuts_a_bridged_column_at_each_disc():
+    for tilt in (0.0, 30.0):
+        mask, hu, discs = _bridged_column(4, tilt)
+        parts = split_at_discs(mask, hu, 1.5)
+        assert parts is not None and parts.max() == 4, tilt
+        sizes = np.bincount(parts.ravel())[1:]
+        assert sizes.min() > 0.7 * sizes.max(), (tilt, sizes)  # four equal bodies, not fragments
+        zz, yy, _ = np.indices(mask.shape)
+        along = (zz - 10) * np.cos(np.deg2rad(tilt)) + (yy - 30) * np.sin(np.deg2rad(tilt))
+        for d in discs:  # the middle of every disc is left out, and no body is cut
+            mid = mask & (np.abs(along - d) < 0.6)
+            assert (parts[mid] == 0).mean() > 0.9, (tilt, d)
+        for k in range(4):
+            body = mask & (along >= 18 * k + 3) & (along < 18 * k + 11)
+            assert len(np.unique(parts[body])) == 1, (tilt, k)
+
+
+def test_extract_instances_uses_the_discs_when_given_hu():
+    mask, hu, discs = _bridged_column(5)
+    inst = extract_instances(mask.astype(np.float32), hu, spacing_mm=1.5)
+    assert inst.count == 5
+    for d in discs:  # disc voxels stay out (extract_instances must not hand them back as "lost" pieces)
+        assert (inst.labels[int(10 + d)] == 0).mean() > 0.9
+
+
+def test_grow_cortex_takes_back_a_missed_corner_but_bridges_no_disc():
+    hu = np.full((40, 30, 30), 30.0, np.float32)
+    hu[5:18, 5:25, 5:25] = 600.0  # two bright bodies, 1.5 mm voxels, with a 3-voxel disc (30 HU) between
+    hu[21:34, 5:25, 5:25] = 600.0
+    hu[18:21, 5:25, 14:16] = 600.0  # a bony bridge through the disc (an osteophyte)
+    labels = np.zeros(hu.shape, np.int32)
+    labels[5:18, 5:25, 5:25] = 1
+    labels[21:34, 5:25, 5:25] = 2
+    labels[5:7, 5:7, 5:25] = 0  # the network missed a 3 mm anterior-inferior corner of body 1
+    out = grow_cortex(labels, hu, 1.5)
+    assert (out[5:7, 5:7, 5:25] == 1).all()  # corner back
+    assert out[19, 15, 15] == 0  # the bridge voxel touches both bodies: not taken
+    assert (out[hu < 250] == 0).all()  # soft tissue never taken
+    assert np.array_equal(out[labels > 0], labels[labels > 0])  # nothing relabelled
+
+
+def test_split_component_keeps_a_single_vertebra_whole():
+    prob = _column(1, bridge=False) > 0
+    parts = split_component(prob, 1.5)
+    assert parts.max() == 1
+
+
+def test_small_and_off_axis_components_are_removed():
+    prob = _column(3, bridge=False)
+    prob[2:4, 2:4, 2:4] = 1  # 8 voxels: noise
+    prob[25:45, 10:30, 52:60] = 1  # big blob 40 mm beside the column (a rib or pelvis piece)
+    inst = extract_instances(prob, spacing_mm=1.5)
+    assert inst.count == 3
+    assert inst.labels[3, 3, 3] == 0
+    assert inst.labels[30, 20, 55] == 0
+
+
+def test_empty_probability_gives_no_instances():
+    inst = extract_instances(np.zeros((20, 20, 20), np.float32), spacing_mm=1.5)
+    assert inst.count == 0 and inst.labels.max() == 0
+
+
+def test_partial_instances_at_the_edge_of_the_field_of_view():
+    prob = _column(3, bridge=False)[8:]  # the caudal body is cut by the array's first slice
+    inst = extract_instances(prob, spacing_mm=1.5)
+    assert inst.partial == [inst.count]
+
+
+# --- behaviour not covered above ------------------------------------------------------------------
+def test_fill_bodies_fills_a_hollow_body_but_not_the_canal_or_a_disc():
+    """The network may find only a body's cortical shell; the canal (open along z) and a disc (open to the front
+    and back) are not enclosed in both sagittal and coronal slices, so they stay empty."""
+    fg = np.zeros((60, 40, 40), bool)
+    fg[2:20, 5:25, 5:25] = True  # a body seen as its 1-voxel shell only
+    fg[3:19, 6:24, 6:24] = False
+    fg[:, 28:38, 15:25] = True  # a ring round a canal running the whole length along z
+    fg[:, 30:36, 17:23] = False
+    fg[24:40, 5:25, 5:25] = True  # two solid bodies with a 4-voxel disc between them
+    fg[44:60, 5:25, 5:25] = True
+    out = fill_bodies(fg)
+    assert out[3:19, 6:24, 6:24].all()  # the shell's inside is bone
+    assert not out[:, 30:36, 17:23].any()  # the canal stays open
+    assert not out[40:44, 5:25, 5:25].any()  # the disc stays out
+    assert np.array_equal(out[fg], fg[fg])  # nothing removed
+
+
+def test_instances_at_the_edge_of_the_scanned_field_of_view_are_partial():
+    """With a field-of-view mask, touching its edge (not only the array's) makes a vertebra partial."""
+    prob = _column(3, bridge=False)
+    assert extract_instances(prob, spacing_mm=1.5).partial == []  # clear of the array's edges
+    fov = np.ones(prob.shape, bool)
+    fov[:12] = False  # the scan starts inside the caudal body (z grows cranially)
+    prob[~fov] = 0
+    inst = extract_instances(prob, spacing_mm=1.5, fov=fov)
+    assert inst.count == 3 and inst.partial == [3]  # the most caudal, numbered last
+    assert extract_instances(prob, spacing_mm=1.5).partial == []  # without the mask nothing shows the cut
+
+
+def test_corner_contact_does_not_merge_two_vertebrae():
+    """6-connectivity: two bodies touching only along an edge (an osteophyte's diagonal contact) stay two."""
+    prob = np.zeros((50, 40, 40), np.float32)
+    prob[5:21, 10:30, 10:30] = 1  # caudal body
+    prob[21:37, 30:40, 10:30] = 1  # cranial body right above it, shifted back: the two share only an edge
+    inst = extract_instances(prob, spacing_mm=1.5)
+    assert inst.count == 2
+    assert inst.labels[30, 34, 20] == 1 and inst.labels[10, 20, 20] == 2
