@@ -59,26 +59,27 @@ def one(mode: str) -> dict:
     import torch
 
     torch.set_num_threads(2)
+    from VertebralFractureLib.models.loading import load_model
     from VertebralFractureLib.stages.segmentation import inference as seg
 
     ct = _lidc_volume()
     rss_before = _peak_rss_gb()
     if mode in ("segment", "segment_fast"):
-        seg.load_model(device="cpu")  # warm the imports; the model is loaded again inside the timing
+        load_model(None, "segmentation")  # warm the imports; the model is loaded again inside the timing
         t = time.perf_counter()
         res = seg.segment_vertebrae(ct, fast=mode == "segment_fast", device="cpu")
         dt = time.perf_counter() - t
         n = len([v for v in np.unique(res.labels.array) if v])
         return {"mode": mode, "seconds": dt, "peak_rss_gb": _peak_rss_gb(), "rss_after_read_gb": rss_before,
                 "vertebrae": n}
-    net, card = seg.load_model(device="cpu")
-    hu = seg.to_canonical(ct, card["spacing_mm"])
-    image = seg.window(hu.array, tuple(card["window_hu"]))
+    net, card = load_model(None, "segmentation")
+    hu = seg.to_canonical(ct, card.spacing_mm)
+    image = seg.window(hu.array, card.window_hu)
     t = time.perf_counter()
     if mode == "net_ours":
-        prob = seg.bone_tiled_inference(net, image, hu.array, tile=int(card.get("tile", 128)))
+        prob = seg.bone_tiled_inference(net, image, hu.array, tile=int(card.extra.get("tile", 128)))
     elif mode == "net_monai_default":
-        prob = seg.monai_sliding_window(net, image, roi=int(card.get("tile", 128)))
+        prob = seg.monai_sliding_window(net, image, roi=int(card.extra.get("tile", 128)))
     else:
         raise ValueError(mode)
     dt = time.perf_counter() - t
@@ -315,9 +316,9 @@ def _candidate_rows(shipped: dict) -> list[str]:
 def write_card() -> Path:
     """Write Resources/models/segmentation/MODEL_CARD.md from card.json and the results files (accuracy, speed,
     held-out check models); the card's ``metrics`` are refreshed from them too."""
-    from VertebralFractureLib.stages.segmentation.inference import default_model_dir
+    from VertebralFractureLib.models.loading import default_model_dir
 
-    model_dir = default_model_dir()
+    model_dir = default_model_dir("segmentation")
     card = json.loads((model_dir / "card.json").read_text())
     acc = json.loads((RESULTS / "segmentation_accuracy.json").read_text())
     spd_path = RESULTS / "segmentation_speed.json"
@@ -343,7 +344,7 @@ def write_card() -> Path:
         "# Vertebra segmentation model (shipped default)",
         "",
         f"Files: `model.safetensors` (fp16, {(model_dir / 'model.safetensors').stat().st_size / 1e6:.1f} MB), `card.json`.",
-        "Loaded by `VertebralFractureLib.stages.segmentation.inference.load_model` (safetensors + JSON only; nothing is executed).",
+        "Loaded by `VertebralFractureLib.models.loading.load_model` (safetensors + JSON only; nothing is executed).",
         "",
         "## What it is",
         "",

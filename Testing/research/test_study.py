@@ -20,7 +20,8 @@ from VertebralFractureLib.cli import main  # noqa: E402
 from VertebralFractureLib.core.errors import InputError  # noqa: E402
 from VertebralFractureLib.core.records import VertebraRecord  # noqa: E402
 from VertebralFractureLib.core.volume import Volume  # noqa: E402
-from VertebralFractureLib.research import evaluation  # noqa: E402
+from VertebralFractureLib.models.networks import build_classifier_network  # noqa: E402
+from VertebralFractureLib.research import classifier_training, evaluation  # noqa: E402
 from VertebralFractureLib.research.study import StudyOptions, run_study, write_phantom_cohort  # noqa: E402
 from VertebralFractureLib.stages import classification
 
@@ -130,12 +131,12 @@ def test_youden_threshold_separates_shifted_scores():
     # predictions far below 0.5 (an under-confident model): 0.5 calls nothing, Youden J finds the gap
     y = np.array([0] * 8 + [1] * 2)
     p = np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.2, 0.3])
-    t = classification.youden_threshold(y, p)
+    t = classifier_training.youden_threshold(y, p)
     assert 0.08 < t <= 0.2
     m = evaluation.binary_metrics(y, p, t)
     assert m["sensitivity"] == 1.0 and m["specificity"] == 1.0
     assert evaluation.binary_metrics(y, p)["sensitivity"] == 0.0
-    assert classification.youden_threshold(np.zeros(3), np.array([0.1, 0.2, 0.3])) == 0.5  # one class: default
+    assert classifier_training.youden_threshold(np.zeros(3), np.array([0.1, 0.2, 0.3])) == 0.5  # one class: default
 
 
 def test_study_rejects_bad_input(tmp_path, cohort):
@@ -157,20 +158,6 @@ def test_metrics_and_bootstrap():
     ci = evaluation.bootstrap_ci([0, 1] * 20, np.linspace(0, 1, 40), [str(i) for i in range(40)], n_boot=200)
     for metric, (low, high) in ci.items():
         assert low <= high, metric
-
-
-def test_every_network_maps_a_crop_batch_to_logits():
-    import torch
-
-    torch.manual_seed(0)
-    x = torch.rand(2, 1, 32, 32, 32)
-    for name in classification.CNN_MODELS:
-        net = classification.build_network(name).eval()
-        with torch.no_grad():
-            assert net(x).shape == (2,), name
-    fused = classification.build_network("customcnn", n_radiomics=5).eval()
-    with torch.no_grad():
-        assert fused(x, torch.rand(2, 5)).shape == (2,)
 
 
 def _box_case(height_mm: float) -> tuple[Volume, Volume]:
@@ -204,8 +191,8 @@ def test_predict_fractures_combines_and_aggregates(tmp_path):
     import torch
 
     torch.manual_seed(0)
-    net = classification.build_network("customcnn")
-    model_dir = classification.save_classifier(net, "customcnn", tmp_path / "m", {"training_data": "none (test)"})
+    net = build_classifier_network("customcnn")
+    model_dir = classifier_training.save_classifier(net, "customcnn", tmp_path / "m", {"training_data": "none (test)"})
     ct, lab = _box_case(26)
     records = [VertebraRecord(label=20, level="L1", probability_morphometry=0.9, fracture_probability=0.9),
                VertebraRecord(label=21, level="L2", partial=True)]
@@ -224,16 +211,16 @@ def test_predict_fractures_combines_and_aggregates(tmp_path):
 def test_model_card_and_safetensors_round_trip(tmp_path):
     import torch
 
-    net = classification.build_network("mobilenetv3")
-    classification.save_classifier(net, "mobilenetv3", tmp_path, {"training_data": "test"})
+    net = build_classifier_network("mobilenetv3")
+    classifier_training.save_classifier(net, "mobilenetv3", tmp_path, {"training_data": "test"})
     card = json.loads((tmp_path / "card.json").read_text())
-    assert card["architecture"] == "mobilenetv3" and card["input"]["crop_size_voxels"] == 32
+    assert card["architecture"]["name"] == "mobilenetv3" and card["input"]["crop_size_voxels"] == 32
     loaded, _ = classification.load_classifier(tmp_path)
     x = torch.rand(1, 1, 32, 32, 32)
     with torch.no_grad():
         assert torch.allclose(loaded(x), net.eval()(x))
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
-    classification._LOADED.clear()
+    # the loader caches per unchanged file: the rewritten weights are read again, and refused
     with pytest.raises(InputError):
         classification.load_classifier(tmp_path)
 
@@ -247,7 +234,7 @@ def test_lasso_selects_the_informative_features_within_training_data():
     y = (logit + rng.normal(scale=0.5, size=len(logit)) > 0).astype(int)
     x[rng.random(x.shape) < 0.01] = np.nan  # missing values are imputed with the training median
     names = [f"f{j}" for j in range(40)]
-    lasso = classification.RadiomicsLasso(folds=4).fit(x, y, groups, names)
+    lasso = classifier_training.RadiomicsLasso(folds=4).fit(x, y, groups, names)
     assert {"f3", "f17"} <= set(lasso.selected)
     assert len(lasso.selected) <= 12
     assert lasso.n_selected[0] <= lasso.n_selected[-1]  # strongest penalty first

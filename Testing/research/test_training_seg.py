@@ -16,8 +16,8 @@ from VertebralFractureLib.stages.segmentation.inference import segment_vertebrae
 def test_train_seg_end_to_end_and_resume(tmp_path):
     from VertebralFractureLib.cli import main
     from VertebralFractureLib.io.volume_files import write_volume
+    from VertebralFractureLib.models.loading import load_model
     from VertebralFractureLib.research.simulation import make_phantom
-    from VertebralFractureLib.stages.segmentation.inference import load_model
 
     cohort = tmp_path / "cohort"
     ph = make_phantom(("L1", "L2"), 3.0, seed=1, fov_mm=(100, 100))
@@ -32,7 +32,7 @@ def test_train_seg_end_to_end_and_resume(tmp_path):
     assert card["training"]["iterations"] == 2
     assert card["architecture"]["name"] == "monai.networks.nets.UNet"
     assert card["spacing_mm"] == 1.5 and len(card["training"]["history"]) == 2
-    net, _ = load_model(out)
+    net, _ = load_model(out, "segmentation")
     assert sum(p.numel() for p in net.parameters()) > 0
     # resume continues from the checkpoint instead of starting over
     assert main([*args[:5], "3", *args[6:], "--resume"]) == 0
@@ -96,7 +96,7 @@ def test_prepare_seg_cohort_then_train_with_workers(tmp_path, capsys):
 
 def test_prepare_with_crop_and_fine_tune_from_a_model(tmp_path, capsys):
     from VertebralFractureLib.cli import main
-    from VertebralFractureLib.stages.segmentation.inference import load_model
+    from VertebralFractureLib.models.loading import load_model
 
     cohort = _tiny_cohort(tmp_path / "cohort")
     full, cropped = tmp_path / "full", tmp_path / "cropped"
@@ -116,8 +116,8 @@ def test_prepare_with_crop_and_fine_tune_from_a_model(tmp_path, capsys):
                  "--patch", "32", "--save-every", "1", "--device", "cpu", "--background-share", "0.5"]) == 0
     card = json.loads((tuned / "card.json").read_text())
     assert card["training"]["init"] == str(first) and card["training"]["background_share"] == 0.5
-    a, _ = load_model(first)
-    b, _ = load_model(tuned)
+    a, _ = load_model(first, "segmentation")
+    b, _ = load_model(tuned, "segmentation")
     wa, wb = a.state_dict(), b.state_dict()
     assert all(np.allclose(wa[k].numpy(), wb[k].numpy()) for k in wa if "running" not in k and "num_batches" not in k)
 

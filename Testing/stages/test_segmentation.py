@@ -103,7 +103,7 @@ def test_bad_anchor_fails_before_work():
 def test_cuda_without_gpu_is_bad_input():
     import torch
 
-    from VertebralFractureLib.stages.segmentation.inference import resolve_device
+    from VertebralFractureLib.models.device import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

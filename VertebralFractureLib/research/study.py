@@ -50,17 +50,16 @@ from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.progress import ProgressCallback, no_progress, sub_progress
 from VertebralFractureLib.core.records import json_safe
 from VertebralFractureLib.io.reading import read_volume
-from VertebralFractureLib.research.evaluation import METRICS, binary_metrics, bootstrap_ci, patient_level
-from VertebralFractureLib.stages.classification import (
-    CNN_MODELS,
-    MODELS,
+from VertebralFractureLib.research.classifier_training import (
     RadiomicsLasso,
     TrainConfig,
-    extract_crop,
-    predict_network,
+    model_card_markdown,
+    save_classifier,
     train_network,
     youden_threshold,
 )
+from VertebralFractureLib.research.evaluation import METRICS, binary_metrics, bootstrap_ci, patient_level
+from VertebralFractureLib.stages.classification import CNN_MODELS, MODELS, extract_crop, predict_network
 
 ALL_MODELS = MODELS + ["customcnn-radiomics"]
 DEFAULT_MODELS = list(MODELS)  # the study's six comparisons + genant-rule
@@ -686,8 +685,6 @@ def train_classifier(cohorts: list[str | Path] | str | Path, out_dir: str | Path
     Returns:
         The card (also written as ``card.json`` beside ``model.safetensors``).
     """
-    from VertebralFractureLib.stages.classification import save_classifier
-
     if architecture not in CNN_MODELS:
         raise InputError(f"train-classifier trains a network; choose from {', '.join(CNN_MODELS)}")
     cohorts = [Path(c) for c in ([cohorts] if isinstance(cohorts, str | Path) else cohorts)]
@@ -726,56 +723,20 @@ def train_classifier(cohorts: list[str | Path] | str | Path, out_dir: str | Path
         "never_seen_real_fracture": True,
         "warning": "Trained ONLY on simulated fractures (synthetic deformation of phantom and real CT vertebrae). "
                    "It has never seen a real fracture; held-out metrics below are on simulated fractures too.",
-        "n_train_patients": len(train_cases), "n_test_patients": len(test_cases),
-        "n_train_vertebrae": int(len(train)), "n_train_fractured_vertebrae": int(data.y[train].sum()),
-        "epochs": epochs, "seed": seed, "threshold": 0.5,
-        "metrics_held_out": metrics,
-        "history": history,
-        "training_seconds": round(time.perf_counter() - start, 1),
-        "test_cases": test_cases,
+        "threshold": 0.5,
+        "training": {
+            "n_train_patients": len(train_cases), "n_test_patients": len(test_cases),
+            "n_train_vertebrae": int(len(train)), "n_train_fractured_vertebrae": int(data.y[train].sum()),
+            "epochs": epochs, "seed": seed, "history": history,
+            "training_seconds": round(time.perf_counter() - start, 1), "test_cases": test_cases,
+        },
+        "metrics": {"held_out": metrics},
     }
     save_classifier(net, architecture, out_dir, card)
     full = json.loads((Path(out_dir) / "card.json").read_text())
     (Path(out_dir) / "MODEL_CARD.md").write_text(model_card_markdown(full))
     progress(1.0, "classifier written")
     return full
-
-
-def model_card_markdown(card: dict[str, Any]) -> str:
-    """Human-readable model card (``MODEL_CARD.md``) from ``card.json``."""
-    lines = [f"# {card.get('name', 'vertebral-fracture classifier')}", "",
-             "**This model has never seen a real fracture.** It was trained only on simulated compression fractures "
-             "(known Genant grade applied by a synthetic deformation) of phantom and real CT vertebrae. Its held-out "
-             "metrics are on simulated fractures as well; performance on real fractures is unknown.", "",
-             f"- architecture: `{card.get('architecture')}`; weights `model.safetensors` (safetensors, no code), card `card.json`",
-             f"- input: {card['input']['crop_size_voxels']}^3 voxels at {card['input']['crop_spacing_mm']} mm, "
-             f"{card['input']['grid']}; channel: {card['input']['channel']}",
-             f"- output: {card.get('output')}",
-             f"- use in `run`: {card.get('combination')}",
-             f"- training data: {card.get('training_data')}",
-             f"- patients: {card.get('n_train_patients')} training, {card.get('n_test_patients')} held out (split by patient); "
-             f"training vertebrae {card.get('n_train_vertebrae')} ({card.get('n_train_fractured_vertebrae')} fractured)",
-             f"- budget: {card.get('epochs')} class-balanced epochs, seed {card.get('seed')}, "
-             f"{card.get('training_seconds')} s on the project's 2-core CPU machine",
-             f"- version {card.get('version')}", "", "## Held-out metrics (threshold 0.5, 95 % bootstrap CI over patients)", "",
-             "| level | n (fractured) | loss | ROC-AUC | accuracy | sensitivity | specificity |", "|---|---|---|---|---|---|---|"]
-    for level, m in card.get("metrics_held_out", {}).items():
-        cells = []
-        for name in METRICS:
-            v, (lo, hi) = m.get(name), m.get("ci95", {}).get(name, (None, None))
-            cells.append("n/a" if v is None else (f"{v:.3f} ({lo:.3f}-{hi:.3f})" if lo is not None else f"{v:.3f}"))
-        lines.append(f"| {level.replace('_', ' ')} | {m.get('n')} ({m.get('n_fractured')}) | " + " | ".join(cells) + " |")
-    for key, value in card.get("metrics_independent", {}).items():
-        lines += ["", f"## Independent simulated cohort: {key}", "", value.get("description", ""), "",
-                  "| level | n (fractured) | ROC-AUC | accuracy | sensitivity | specificity |", "|---|---|---|---|---|---|"]
-        for level in ("per_vertebra", "per_patient"):
-            m = value.get(level)
-            if m:
-                lines.append(f"| {level.replace('_', ' ')} | {m.get('n')} ({m.get('n_fractured')}) | "
-                             + " | ".join("n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in METRICS[1:]) + " |")
-    lines += ["", "Retrain with `vertebral-fracture train-classifier COHORT [COHORT...] -o MODEL_DIR`; the recipe of this "
-              "model is in the README (section: the classification study).", ""]
-    return "\n".join(lines)
 
 
 def write_real_ct_cohort(out_dir: str | Path, n_cases: int, *, seed: int = 0, fracture_rate: float = 0.6,

@@ -18,19 +18,14 @@ import numpy as np
 import torch
 
 from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.models.cards import CARD_NAME, WEIGHTS_NAME, read_card, write_card
+from VertebralFractureLib.models.device import resolve_device
+from VertebralFractureLib.models.loading import load_model, save_weights
+from VertebralFractureLib.models.networks import build_segmentation_network, default_segmentation_architecture
 from VertebralFractureLib.research.training_seg.augmentation import make_intensity_transforms, make_transforms
 from VertebralFractureLib.research.training_seg.cohort import Case, cohort_loaders
 from VertebralFractureLib.research.training_seg.patches import PatchMix, PatchStream, make_loader, sample_patch
-from VertebralFractureLib.stages.segmentation.inference import (
-    CARD_NAME,
-    FAST_SPACING_MM,
-    WEIGHTS_NAME,
-    WINDOW_HU,
-    WORK_SPACING_MM,
-    build_network,
-    default_architecture,
-    resolve_device,
-)
+from VertebralFractureLib.stages.segmentation.inference import FAST_SPACING_MM, WORK_SPACING_MM, segmentation_card
 
 SPACINGS = (WORK_SPACING_MM, FAST_SPACING_MM)
 
@@ -133,14 +128,12 @@ def _split_cases(cohort: Path, names: list[str], cfg: SegTrainConfig) -> tuple[s
 def _start_network(cfg: SegTrainConfig, log: Callable[[str], None]) -> tuple[torch.nn.Module, dict]:
     """(network in training mode on the CPU, its architecture): fresh, or the weights of ``cfg.init``."""
     if cfg.init is None:
-        arch = cfg.architecture or default_architecture()
-        return build_network(arch), arch
-    from VertebralFractureLib.stages.segmentation.inference import load_model
-
-    net, init_card = load_model(cfg.init, "cpu")
+        arch = cfg.architecture or default_segmentation_architecture()
+        return build_segmentation_network(arch), arch
+    net, init_card = load_model(cfg.init, "segmentation", device="cpu")
     net.train()
     log(f"starting from the weights in {cfg.init}")
-    return net, init_card["architecture"]
+    return net, {"name": init_card.architecture, "kwargs": init_card.architecture_kwargs}
 
 
 class _Run:
@@ -315,25 +308,9 @@ def dice(pred: np.ndarray, target: np.ndarray) -> float:
 
 
 def write_model(out_dir: Path, net, arch: dict, training: dict) -> None:
-    """Write weights (safetensors, float16 to halve the size) and the JSON card, keeping existing card extras."""
-    from safetensors.torch import save_file
-
+    """Write weights (safetensors, float16 to halve the size) and the card, keeping the fields of an existing card
+    that training does not set (lineage, metrics)."""
     out_dir = Path(out_dir)
-    state = {k: v.detach().cpu().half().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(out_dir / WEIGHTS_NAME))
-    card_path = out_dir / CARD_NAME
-    card = json.loads(card_path.read_text()) if card_path.exists() else {}
-    card.update({
-        "name": "vertebra-bone U-Net",
-        "weights": WEIGHTS_NAME,
-        "architecture": arch,
-        "spacing_mm": WORK_SPACING_MM,
-        "fast_spacing_mm": FAST_SPACING_MM,
-        "orientation": "axis-aligned LPS grid; array axes z=S, y=P, x=L",
-        "window_hu": list(WINDOW_HU),
-        "output": {"channels": 1, "activation": "sigmoid", "meaning": "bone of any vertebra (contact layer left out)"},
-        "threshold": 0.5,
-        "tile": 128,
-        "training": training,
-    })
-    card_path.write_text(json.dumps(card, indent=2))
+    save_weights(net, out_dir / WEIGHTS_NAME, half=True)
+    previous = read_card(out_dir, "segmentation") if (out_dir / CARD_NAME).exists() else None
+    write_card(segmentation_card(arch, training, previous), out_dir)

@@ -17,19 +17,23 @@ better from little training data; instances and levels come from geometry.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.progress import CancelToken, ProgressCallback, no_progress
 from VertebralFractureLib.core.volume import Volume, resample_to
-
-MODEL_SUBDIR = ("models", "segmentation")
-WEIGHTS_NAME = "model.safetensors"
-CARD_NAME = "card.json"
+from VertebralFractureLib.models.cards import (
+    CARD_VERSION,
+    SEGMENTATION_LABEL_MAP,
+    ModelCard,
+    card_from_dict,
+    segmentation_training_data,
+)
+from VertebralFractureLib.models.device import resolve_device
 
 # defaults, overridden by the model card when one is found
 WORK_SPACING_MM = 1.5
@@ -94,88 +98,31 @@ def window(hu: np.ndarray, window_hu: tuple[float, float] = WINDOW_HU) -> np.nda
     return np.clip((hu.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
 
 
-# --- model ----------------------------------------------------------------------------------
-def default_model_dir() -> Path:
-    """``Resources/models/segmentation`` (weights + card)."""
-    from VertebralFractureLib.core.resources import resource_path
+# --- model card --------------------------------------------------------------------------------
+def segmentation_card(architecture: dict[str, Any], training: dict[str, Any], previous: ModelCard | None = None) -> ModelCard:
+    """The card of a U-Net trained by ``train-seg``: this stage's grid, window, threshold and tile, ``training``
+    as given; fields of a ``previous`` card that this function does not set (lineage, metrics...) are kept."""
+    from VertebralFractureLib import __version__
 
-    return resource_path(*MODEL_SUBDIR)
-
-
-def build_network(architecture: dict):
-    """The MONAI network named by a card's ``architecture`` entry (only known classes; nothing is executed)."""
-    from monai.networks.nets import BasicUNet, UNet
-
-    known = {"monai.networks.nets.UNet": UNet, "monai.networks.nets.BasicUNet": BasicUNet}
-    name = architecture.get("name")
-    if name not in known:
-        raise InputError(f"segmentation model card names unknown architecture {name!r}; expected one of {sorted(known)}")
-    kwargs = dict(architecture.get("kwargs", {}))
-    for key in ("channels", "strides", "features"):
-        if key in kwargs:
-            kwargs[key] = tuple(kwargs[key])
-    return known[name](**kwargs)
-
-
-def default_architecture() -> dict:
-    """The shipped architecture: MONAI UNet, 5 levels (16..256 channels), one residual unit per level, batch norm."""
-    return {
-        "name": "monai.networks.nets.UNet",
-        "kwargs": {
-            "spatial_dims": 3,
-            "in_channels": 1,
-            "out_channels": 1,
-            "channels": [16, 32, 64, 128, 256],
-            "strides": [2, 2, 2, 2],
-            "num_res_units": 1,
-            # batch norm (running statistics at inference) rather than MONAI's default instance norm: the
-            # output must not depend on how big the inference tile is or how much air it holds
-            "norm": "batch",
-        },
-    }
-
-
-def read_card(model_dir: Path) -> dict:
-    """The model card JSON of ``model_dir``."""
-    path = Path(model_dir) / CARD_NAME
-    if not path.exists():
-        raise InputError(f"{path}: segmentation model card missing; run `vertebral-fracture train-seg` or reinstall")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc.msg}); reinstall the model") from None
-
-
-def load_model(model_dir: Path | None = None, device: str = "cpu"):
-    """(network in eval mode on ``device``, card) from safetensors weights + JSON card; no pickle involved."""
-    from safetensors.torch import load_file
-
-    model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
-    card = read_card(model_dir)
-    weights = model_dir / card.get("weights", WEIGHTS_NAME)
-    if not weights.exists():
-        raise InputError(f"{weights}: segmentation weights missing; run `vertebral-fracture train-seg` or reinstall")
-    net = build_network(card["architecture"])
-    try:
-        state = load_file(str(weights), device="cpu")
-        net.load_state_dict({k: v.float() for k, v in state.items()})
-    except Exception as exc:  # a corrupt or mismatched file must not leave a traceback for the user
-        raise InputError(f"{weights}: cannot load segmentation weights ({exc}); reinstall the model") from None
-    net.eval().to(device)
-    return net, card
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is bad input."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"unknown device {device!r}; expected auto, cpu or cuda")
-    return device
+    base = previous.to_dict() if previous is not None else {}
+    base.update({
+        "card_version": CARD_VERSION,
+        "kind": "segmentation",
+        "name": "vertebra-bone U-Net",
+        "version": str(training.get("version", __version__)),
+        "architecture": architecture,
+        "spacing_mm": WORK_SPACING_MM,
+        "fast_spacing_mm": FAST_SPACING_MM,
+        "window_hu": list(WINDOW_HU),
+        "input": {"grid": "axis-aligned LPS grid; array axes z=S, y=P, x=L"},
+        "label_map": SEGMENTATION_LABEL_MAP,
+        "output": {"channels": 1, "activation": "sigmoid", "meaning": "bone of any vertebra (contact layer left out)"},
+        "threshold": 0.5,
+        "tile": 128,
+        "training": training,
+        "training_data": segmentation_training_data(training),
+    })
+    return card_from_dict(base, "segmentation card")
 
 
 # --- inference --------------------------------------------------------------------------------
@@ -265,24 +212,26 @@ def predict_probability(
     model_dir: Path | None = None,
     progress: ProgressCallback = no_progress,
     cancel: CancelToken | None = None,
-) -> tuple[Volume, Volume, dict]:
+) -> tuple[Volume, Volume, ModelCard]:
     """(vertebra probability, HU) on the canonical working grid, plus the model card.
 
     Both volumes are on the axis-aligned LPS grid at the card's spacing (``fast``: its fast spacing).
     """
     import torch
 
+    from VertebralFractureLib.models.loading import load_model
+
     device = resolve_device(device)
-    net, card = load_model(model_dir, device)
-    spacing = float(card.get("fast_spacing_mm" if fast else "spacing_mm", FAST_SPACING_MM if fast else WORK_SPACING_MM))
-    win = tuple(card.get("window_hu", WINDOW_HU))
+    net, card = load_model(model_dir, "segmentation", device=device)
+    spacing = float(card.extra.get("fast_spacing_mm", FAST_SPACING_MM)) if fast else card.spacing_mm
+    win = card.window_hu
     hu = to_canonical(ct, spacing)
     if cancel is not None:
         cancel.check()
     threads = torch.get_num_threads()
     prob = bone_tiled_inference(
         net, window(hu.array, win), hu.array, device=device, cancel=cancel, progress=progress,
-        tile=int(card.get("tile", 160)),
+        tile=int(card.extra.get("tile", 160)),
     )
     torch.set_num_threads(threads)
     return hu.with_array(prob), hu, card
@@ -328,7 +277,7 @@ def segment_vertebrae(
     progress(0.8, "segmentation: instances")
     fov = resample_to(ct.with_array(np.ones(ct.shape, np.uint8)), prob, order=0).array > 0
     inst = extract_instances(
-        prob.array, hu.array, spacing_mm=prob.spacing[0], threshold=float(card.get("threshold", 0.5)), fov=fov
+        prob.array, hu.array, spacing_mm=prob.spacing[0], threshold=float(card.extra.get("threshold", 0.5)), fov=fov
     )
     if inst.count:
         grown = grow_cortex(inst.labels, hu.array, prob.spacing[0])
@@ -346,7 +295,7 @@ def segment_vertebrae(
     for idx, vid in levels.mapping.items():
         verse[inst.labels == idx] = vid
     progress(0.95, "segmentation: back to the input grid")
-    out = labels_to_input_grid(prob.with_array(verse), prob, ct, threshold=float(card.get("threshold", 0.5)))
+    out = labels_to_input_grid(prob.with_array(verse), prob, ct, threshold=float(card.extra.get("threshold", 0.5)))
     progress(1.0, "segmentation done")
     partial = sorted(levels.mapping[i] for i in inst.partial if i in levels.mapping)
     return SegmentationResult(out, warnings, levels.confidence, partial, levels.anchors_found)
