@@ -29,12 +29,13 @@ from VertebralFractureLib.outputs.segmentation_files import read_seg_nrrd
 from VertebralFractureLib.research.phantom import make_phantom
 
 CLI = Path(sys.executable).with_name("vertebral-fracture")
-CONTRACT_COMMANDS = ["run", "import", "batch", "demo"]
+CONTRACT_COMMANDS = ["run", "import", "batch", "demo", "review"]
 RESEARCH_COMMANDS = ["simulate-cohort", "train-seg", "prepare-seg-cohort", "study", "train-classifier"]
 # DESIGN.md, "Command-line contract": the columns every vertebrae.csv starts with, in this order
 CONTRACT_COLUMNS = ["label", "level", "volume_ml", "height_anterior_mm", "height_middle_mm", "height_posterior_mm",
                     "height_loss_ratio", "genant_grade", "genant_type", "fracture_probability", "trabecular_hu"]
-RUN_OUTPUTS = {"segmentation.nii.gz", "segmentation.seg.nrrd", "vertebrae.csv", "result.json", "report.html"}
+RUN_OUTPUTS = {"segmentation.nii.gz", "segmentation.seg.nrrd", "vertebrae.csv", "result.json", "report.html",
+               "radiomics.csv"}
 DICOM_ONLY_OUTPUTS = {"ct.nii.gz", "segmentation.dcm"}
 
 # runs the CLI's main() like the console script, then writes the names of the loaded modules to a file;
@@ -51,6 +52,14 @@ finally:
         json.dump(sorted(sys.modules), fh)
 sys.exit(status)
 """
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_cache(tmp_path_factory):
+    """A radiomics cache of this module's own for the processes it starts (never the user's)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VERTEBRAL_FRACTURE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 def _env() -> dict[str, str]:
@@ -104,6 +113,9 @@ def test_contract_synopsis_parses():
     batch = parser.parse_args(["batch", "cohort", "-o", "out", "--workers", "3", "--scheduler", "tcp://h:8786"])
     assert (batch.cohort, batch.workers, batch.scheduler) == (Path("cohort"), 3, "tcp://h:8786")
     assert parser.parse_args(["demo", "-o", "d"]).output == Path("d")
+    review = parser.parse_args(["review", "out", "--port", "9000", "--host", "127.0.0.1"])
+    assert (review.output, review.port, review.host) == (Path("out"), 9000, "127.0.0.1")
+    assert parser.parse_args(["review", "out"]).host == "127.0.0.1"  # this machine only unless told otherwise
     with pytest.raises(SystemExit):
         parser.parse_args(["run", "in.nii.gz", "-o", "out", "--device", "tpu"])
 
@@ -200,17 +212,28 @@ def test_run_writes_the_contract_files(cli_run, phantom_files):
             assert 0.0 <= float(row["fracture_probability"]) <= 1.0
 
     result = json.loads((out / "result.json").read_text())
-    assert {"fracture_probability", "fractured", "vertebrae", "timings_s", "versions", "warnings"} <= set(result)
+    assert {"fracture_probability", "fractured", "needs_review", "review_reasons", "vertebrae", "timings_s",
+            "versions", "warnings"} <= set(result)
+    assert isinstance(result["needs_review"], bool) and all(isinstance(r, str) for r in result["review_reasons"])
+    assert result["needs_review"] is bool(result["review_reasons"])
     assert [v["label"] for v in result["vertebrae"]] == [int(r["label"]) for r in rows]  # the same rows
     scored = [v["fracture_probability"] for v in result["vertebrae"] if v["fracture_probability"] is not None]
     patient = result["fracture_probability"]
     assert patient == (pytest.approx(max(scored), abs=1e-4) if scored else None)  # patient = worst vertebra
-    assert result["fractured"] is (patient is not None and patient >= 0.5)
+    if result["needs_review"]:  # a case that cannot be trusted is never graded
+        assert result["fractured"] is None
+    else:
+        assert result["fractured"] is (patient is not None and patient >= 0.5)
     assert result["versions"]["VertebralFractureLib"] == __version__
     assert isinstance(result["warnings"], list) and all(isinstance(w, str) for w in result["warnings"])
-    stages = {"import", "validation", "wiener", "morphometry", "classification", "outputs"}
+    stages = {"import", "validation", "wiener", "morphometry", "classification", "radiomics", "outputs"}
     assert stages <= set(result["timings_s"]) and all(t >= 0 for t in result["timings_s"].values())
     assert ("segmentation" in result["timings_s"]) is (mode == "segmentation")  # --labels skips segmentation
+
+    with (out / "radiomics.csv").open(newline="") as fh:
+        radiomics = list(csv.DictReader(fh))
+    assert [(r["label"], r["level"]) for r in radiomics] == [(r["label"], r["level"]) for r in rows]
+    assert len(radiomics[0]) > 100  # label, level and the pyradiomics features
 
     seg_nrrd, segments = read_seg_nrrd(out / "segmentation.seg.nrrd")
     assert np.array_equal(seg_nrrd.array, seg.array)  # both files on the CT's grid, in the same array order
