@@ -100,15 +100,17 @@ def test_bad_anchor_fails_before_work():
         segment_vertebrae(ct, anchors=["L9=1"])
 
 
-def test_cuda_without_gpu_is_bad_input():
+def test_cuda_is_used_on_a_gpu_and_bad_input_without_one():
     import torch
 
     from VertebralFractureLib.models.device import resolve_device
 
     if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
-    with pytest.raises(InputError):
-        resolve_device("cuda")
+        assert resolve_device("cuda") == "cuda" and resolve_device("auto") == "cuda"
+    else:
+        with pytest.raises(InputError, match="no CUDA GPU"):
+            resolve_device("cuda")
+        assert resolve_device("auto") == "cpu"
 
 
 # --- shipped model accuracy ---------------------------------------------------------------------
