@@ -1,4 +1,4 @@
-"""Cohort batch: statuses of broken cases, resume after SIGKILL, a real dask.distributed scheduler."""
+"""Cohort batch: statuses of broken cases, review status, resume after SIGKILL, a real dask.distributed scheduler."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from VertebralFractureLib.app.batch import COHORT_COLUMNS, discover_cases, read_cohort_csv, run_batch
+from VertebralFractureLib.app.batch import COHORT_COLUMNS, discover_cases, read_cohort_csv, review_first, run_batch
 from VertebralFractureLib.app.pipeline import PipelineOptions
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.volume_files import write_volume
@@ -59,6 +59,12 @@ def make_cohort(root: Path, n_good: int, broken: bool = True) -> Path:
     return cohort
 
 
+@pytest.fixture(autouse=True)
+def _radiomics_cache(tmp_path, monkeypatch):
+    """Radiomics cache of this test only (subprocesses inherit it through the environment)."""
+    monkeypatch.setenv("VERTEBRAL_FRACTURE_CACHE", str(tmp_path / "cache"))
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     return env
@@ -96,6 +102,11 @@ def test_broken_cases_get_their_status_and_the_rest_goes_on(tmp_path):
         assert rows[case]["status"] == "ok", rows[case]
         assert (out / case / "result.json").is_file() and (out / case / "report.html").is_file()
         assert rows[case]["worst_level"] in ("L1", "L2") and rows[case]["error"] == ""
+        result = json.loads((out / case / "result.json").read_text())
+        assert rows[case]["needs_review"] == str(result["needs_review"])
+        assert rows[case]["review_reasons"] == " ".join(result["review_reasons"])
+        assert rows[case]["fractured"] == ("" if result["needs_review"] else str(result["fractured"]))
+        assert (out / case / "radiomics.csv").is_file()
     expected = {"truncated": "truncated", "not_hu": "uint8", "flat2d": "2D", "empty": "empty folder"}
     for case, reason in expected.items():
         assert rows[case]["status"] == "bad_input", rows[case]
@@ -203,3 +214,14 @@ def test_batch_on_a_running_dask_scheduler(tmp_path):
                 proc.wait(timeout=20)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_review_first_orders_a_screening_worklist():
+    rows = [
+        {"case": "a", "status": "ok", "fracture_probability": "0.2", "fractured": "False", "needs_review": "False"},
+        {"case": "b", "status": "bad_input", "fracture_probability": "", "fractured": "", "needs_review": ""},
+        {"case": "c", "status": "ok", "fracture_probability": "0.9", "fractured": "True", "needs_review": "False"},
+        {"case": "d", "status": "ok", "fracture_probability": "0.1", "fractured": "", "needs_review": "True"},
+        {"case": "e", "status": "ok", "fracture_probability": "0.4", "fractured": "False", "needs_review": "False"},
+    ]
+    assert [r["case"] for r in review_first(rows)] == ["d", "c", "e", "a", "b"]

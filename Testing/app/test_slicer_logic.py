@@ -206,3 +206,33 @@ def test_mrml_recompute_on_a_synthetic_spine(scene):
     assert after[21].height_posterior_mm < before[21].height_posterior_mm - 3.0
     assert after[20].volume_ml == pytest.approx(before[20].volume_ml)
     assert mrml_nodes.table_rows(out.table_node)[1]["volume_ml"] == pytest.approx(after[21].volume_ml)
+
+
+def test_mrml_radiomics_table_and_review_status(scene, tmp_path, monkeypatch):
+    """Recompute shows the radiomics as a second table (refilled, not duplicated, on the next Recompute) and
+    the review status on the vertebrae table; open_case reads both back from a run's folder."""
+    from VertebralFractureLib.app.pipeline import run_pipeline
+
+    monkeypatch.setenv("VERTEBRAL_FRACTURE_CACHE", str(tmp_path / "cache"))
+    phantom = make_phantom(levels=("L1", "L3"), spacing=2.0)
+    ct_node = mrml_nodes.volume_node_from_volume(scene, phantom.ct, "phantom")
+    seg = mrml_nodes.segmentation_node_from_labels(scene, phantom.labels, None, ct_node)
+    options = PipelineOptions(wiener=False, device="cpu")
+    out = slicer_logic.recompute_segmentation_node(scene, seg, ct_node, options=options)
+    rows = mrml_nodes.table_rows(out.radiomics_table_node)
+    assert [(r["label"], r["level"]) for r in rows] == [(20, "L1"), (21, "L2"), (22, "L3")]
+    assert len(rows[0]) > 100 and rows[0]["original_shape_MeshVolume"] > 0
+    assert out.table_node.GetAttribute("VertebralFracture.NeedsReview") == "false"
+    tables = scene.GetNodesByClass("vtkMRMLTableNode").GetNumberOfItems()
+    again = slicer_logic.recompute_segmentation_node(scene, seg, ct_node, options=options, table_node=out.table_node)
+    assert again.radiomics_table_node is out.radiomics_table_node
+    assert scene.GetNodesByClass("vtkMRMLTableNode").GetNumberOfItems() == tables
+
+    write_volume(phantom.ct, tmp_path / "ct.nii.gz")
+    gap = phantom.labels.with_array(np.where(phantom.labels.array == 21, 0, phantom.labels.array).astype(np.uint8))
+    write_volume(gap, tmp_path / "gap.nii.gz")
+    run_pipeline(tmp_path / "ct.nii.gz", tmp_path / "case", labels_path=tmp_path / "gap.nii.gz", options=options)
+    opened = slicer_logic.open_case(slicer.vtkMRMLScene(), tmp_path / "case", ct_path=tmp_path / "ct.nii.gz")
+    assert opened.result.fractured is None and "needs review" in opened.result.summary_line()
+    assert "no segment for L2" in opened.table_node.GetAttribute("VertebralFracture.ReviewReasons")
+    assert [r["level"] for r in mrml_nodes.table_rows(opened.radiomics_table_node)] == ["L1", "L3"]

@@ -11,7 +11,9 @@ A cohort folder holds one case per entry:
 Hidden entries (``.name``) and other files (notes, spreadsheets) are ignored.
 
 Output: ``OUT/<case>/`` exactly as ``run`` writes it, and ``OUT/cohort.csv`` with
-:data:`COHORT_COLUMNS`. Statuses: ``ok``; ``bad_input`` (the input was refused with a reason,
+:data:`COHORT_COLUMNS`. ``needs_review`` (True/False) and ``review_reasons`` (the case's sentences from
+``result.json``) mark the cases whose automatic answer cannot be trusted; their ``fractured`` is blank.
+:func:`review_first` orders rows for a screening worklist. Statuses: ``ok``; ``bad_input`` (the input was refused with a reason,
 e.g. truncated file, non-HU data, 2D image, empty folder); ``error`` (an unexpected failure, such
 as a crashed worker); ``pending`` (not processed yet: the batch was stopped).
 
@@ -51,7 +53,8 @@ from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.progress import ProgressCallback
 from VertebralFractureLib.io.volume_files import VOLUME_SUFFIXES, is_volume_file
 
-COHORT_COLUMNS = ["case", "status", "fracture_probability", "fractured", "worst_level", "worst_grade", "error"]
+COHORT_COLUMNS = ["case", "status", "fracture_probability", "fractured", "worst_level", "worst_grade", "error",
+                  "needs_review", "review_reasons"]
 STATE_DIR = ".batch"
 CSV_INTERVAL_S = 2.0
 CT_NAMES = ("ct.nii.gz", "ct.nii", "ct.nrrd", "ct.mha", "ct.mhd", "ct.nhdr")
@@ -135,17 +138,20 @@ def _summary_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
         "case": name,
         "status": "ok",
         "fracture_probability": "" if prob is None else round(float(prob), 4),
-        "fractured": bool(result.get("fractured")),
+        "fractured": "" if result.get("fractured") is None else bool(result["fractured"]),
         "worst_level": worst.get("level", "") if worst else "",
         "worst_grade": "" if worst is None or worst.get("genant_grade") is None else worst["genant_grade"],
         "error": "",
+        # result.json written before the review status existed has neither key
+        "needs_review": "" if "needs_review" not in result else bool(result["needs_review"]),
+        "review_reasons": " ".join(result.get("review_reasons") or []),
     }
 
 
 def _failure_row(name: str, status: str, message: str) -> dict[str, Any]:
     one_line = " ".join(str(message).split())[:500]
     return {"case": name, "status": status, "fracture_probability": "", "fractured": "", "worst_level": "",
-            "worst_grade": "", "error": one_line}
+            "worst_grade": "", "error": one_line, "needs_review": "", "review_reasons": ""}
 
 
 def run_case(case: dict[str, Any], out_dir: str, options: dict[str, Any], threads: int = 1) -> dict[str, Any]:
@@ -176,8 +182,12 @@ def run_case(case: dict[str, Any], out_dir: str, options: dict[str, Any], thread
     try:
         if case.get("problem"):
             raise InputError(case["problem"])
+        pipeline_options = PipelineOptions(**options)
+        if pipeline_options.radiomics_workers is None:
+            # the batch already runs cases in parallel: radiomics stays within this case's share of the cores
+            pipeline_options.radiomics_workers = max(1, threads)
         result = run_pipeline(case["input"], Path(out_dir) / name, labels_path=case.get("labels"),
-                              options=PipelineOptions(**options))
+                              options=pipeline_options)
         row = _summary_row(name, result.to_json())
     except InputError as exc:
         row = _failure_row(name, "bad_input", str(exc))
@@ -212,6 +222,18 @@ def write_cohort_csv(rows: list[dict[str, Any]], path: Path) -> Path:
         writer.writerow(row)
     _atomic_write(path, buffer.getvalue())
     return path
+
+
+def review_first(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``cohort.csv`` rows as a screening worklist: cases needing review first, then fractured, then by
+    descending fracture probability; failed cases last. Works on rows of :func:`read_cohort_csv` (text)."""
+
+    def key(row: dict[str, Any]) -> tuple:
+        prob = str(row.get("fracture_probability", ""))
+        return (str(row.get("status")) != "ok", str(row.get("needs_review")) != "True",
+                str(row.get("fractured")) != "True", -float(prob) if prob else 1.0, str(row.get("case")))
+
+    return sorted(rows, key=key)
 
 
 class _Lock:
@@ -485,5 +507,5 @@ def status_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     return counts
 
 
-__all__ = ["COHORT_COLUMNS", "Case", "discover_cases", "run_batch", "run_case", "read_cohort_csv", "status_counts",
+__all__ = ["COHORT_COLUMNS", "Case", "discover_cases", "review_first", "run_batch", "run_case", "read_cohort_csv", "status_counts",
            "write_cohort_csv"]

@@ -578,6 +578,34 @@ def records_from_rows(rows: Iterable[dict[str, Any]]) -> list[VertebraRecord]:
     return out
 
 
+def radiomics_table_node(scene, features: dict[int, dict[str, float]], records: Iterable[VertebraRecord], *,
+                         name: str = "Radiomics", node=None):
+    """A table node laid out as ``radiomics.csv``: ``label``, ``level``, one double column per pyradiomics feature
+    (NaN where a vertebra has none)."""
+    import slicer
+    import vtk
+
+    records = list(records)
+    if node is None:
+        node = slicer.vtkMRMLTableNode()
+        node.SetName(scene.GenerateUniqueName(name))
+        scene.AddNode(node)
+    node.RemoveAllColumns()
+    names = list(dict.fromkeys(k for f in features.values() for k in f))
+    columns = [("label", vtk.vtkIntArray(), [r.label for r in records]),
+               ("level", vtk.vtkStringArray(), [r.level for r in records])]
+    columns += [(n, vtk.vtkDoubleArray(), [float(features.get(r.label, {}).get(n, math.nan)) for r in records])
+                for n in names]
+    for column, array, values in columns:
+        array.SetName(column)
+        array.SetNumberOfValues(len(values))
+        for i, value in enumerate(values):
+            array.SetValue(i, value)
+        node.AddColumn(array)
+    node.Modified()
+    return node
+
+
 # --- files -------------------------------------------------------------------------------------
 def save_segmentation(seg_node, path: str | Path) -> Path:
     """Write a segmentation node to a Slicer ``.seg.nrrd`` (names, colours, tags, VerSe values)."""

@@ -41,12 +41,33 @@ class MrmlResult:
         table_node: the per-vertebra records (columns of ``vertebrae.csv``).
         result: the :class:`~VertebralFractureLib.app.pipeline.PipelineResult` (patient probability, warnings).
         volume_node: the CT node (set by :func:`open_case`).
+        radiomics_table_node: the radiomics features (columns of ``radiomics.csv``), None when there are none.
+
+    The review status is on ``table_node`` too: attributes ``VertebralFracture.NeedsReview`` (``true``/``false``)
+    and ``VertebralFracture.ReviewReasons`` (one sentence per line).
     """
 
     segmentation_node: Any
     table_node: Any
     result: PipelineResult
     volume_node: Any = None
+    radiomics_table_node: Any = None
+
+
+RADIOMICS_REFERENCE = "VertebralFracture.Radiomics"
+
+
+def _publish_review_and_radiomics(scene, table, result: PipelineResult, name: str):
+    """Put the review status on the vertebrae ``table`` and show ``result.radiomics`` in the table node it
+    references (made on first use, refilled on Recompute); returns that node or None."""
+    table.SetAttribute("VertebralFracture.NeedsReview", "true" if result.needs_review else "false")
+    table.SetAttribute("VertebralFracture.ReviewReasons", "\n".join(result.review_reasons))
+    if not result.radiomics:
+        return None
+    node = mrml_nodes.radiomics_table_node(scene, result.radiomics, result.records, name=name,
+                                           node=table.GetNodeReference(RADIOMICS_REFERENCE))
+    table.SetNodeReferenceID(RADIOMICS_REFERENCE, node.GetID())
+    return node
 
 
 def process_volume_node(
@@ -108,7 +129,8 @@ def _publish(scene, ct: Volume, result: PipelineResult, volume_node, segmentatio
         patient_probability=result.fracture_probability,
         node=table_node,
     )
-    return MrmlResult(seg, table, result, volume_node)
+    radiomics = _publish_review_and_radiomics(scene, table, result, f"{volume_node.GetName()} radiomics")
+    return MrmlResult(seg, table, result, volume_node, radiomics)
 
 
 # --- batch and review ----------------------------------------------------------------------------
@@ -173,9 +195,23 @@ def open_case(
     table = mrml_nodes.table_node_from_records(
         scene, records, name=f"{case_dir.name} vertebrae table", patient_probability=patient_probability
     )
-    fractured = bool(not math.isnan(patient_probability) and patient_probability >= 0.5)
-    result = PipelineResult(records, patient_probability, fractured, {}, warnings, case_id=case_dir.name)
-    return MrmlResult(seg, table, result, volume_node)
+    fractured, reasons = _case_review(case_dir, patient_probability)
+    result = PipelineResult(records, patient_probability, fractured, {}, warnings, case_id=case_dir.name,
+                            review_reasons=reasons)
+    if (case_dir / "radiomics.csv").is_file():
+        from VertebralFractureLib.stages.radiomics import read_radiomics_csv
+
+        result.radiomics = read_radiomics_csv(case_dir / "radiomics.csv")
+    radiomics = _publish_review_and_radiomics(scene, table, result, f"{case_dir.name} radiomics")
+    return MrmlResult(seg, table, result, volume_node, radiomics)
+
+
+def _case_review(case_dir: Path, patient_probability: float) -> tuple[bool | None, list[str]]:
+    """(fractured, review reasons) of a result folder; folders from before the review status: by probability."""
+    data = json.loads((case_dir / "result.json").read_text()) if (case_dir / "result.json").is_file() else {}
+    if "needs_review" in data:
+        return data.get("fractured"), list(data.get("review_reasons") or [])
+    return bool(not math.isnan(patient_probability) and patient_probability >= 0.5), []
 
 
 def _case_ct_path(case_dir: Path, cohort_dir: str | Path | None) -> Path:
