@@ -315,7 +315,8 @@ class VertebralFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.onTableChanged(result.table_node)
         self._showPatientProbability(result.result)
         self.ui.statusLabel.text = result.result.summary_line()
-        self.ui.warningsLabel.text = "\n".join(result.result.warnings)
+        review = [f"Needs review: {reason}" for reason in result.result.review_reasons]
+        self.ui.warningsLabel.text = "\n".join(review + result.result.warnings)
         self.ui.progressBar.setValue(100)
 
     def _showPatientProbability(self, pipelineResult) -> None:
@@ -324,8 +325,12 @@ class VertebralFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.patientProbabilityLabel.text = "n/a"
             self.ui.patientProbabilityLabel.styleSheet = ""
             return
-        self.ui.patientProbabilityLabel.text = f"{probability:.0%}  {'fracture' if pipelineResult.fractured else 'no fracture'}"
-        colour = "#c62828" if pipelineResult.fractured else "#2e7d32"
+        if pipelineResult.fractured is None:  # the automatic answer cannot be trusted: see the review reasons
+            verdict, colour = "needs review", "#ef6c00"
+        else:
+            verdict = "fracture" if pipelineResult.fractured else "no fracture"
+            colour = "#c62828" if pipelineResult.fractured else "#2e7d32"
+        self.ui.patientProbabilityLabel.text = f"{probability:.0%}  {verdict}"
         self.ui.patientProbabilityLabel.styleSheet = f"color: {colour}"
 
     def onSegmentationChanged(self, node=None) -> None:
