@@ -28,9 +28,10 @@ def test_parameter_file_gives_the_documented_feature_count(phantom, tmp_path):
     assert sum(n.startswith("log-sigma-3-0-mm-3D_") for n in names) == 64
 
 
-def test_parallel_cached_extraction_matches_plain_pyradiomics(phantom, tmp_path):
+def test_parallel_cached_extraction_matches_plain_pyradiomics(phantom, tmp_path, monkeypatch):
     ct, labels = phantom
     ids = [20, 21, 22]
+    monkeypatch.setattr(rf, "PARALLEL_MIN_VOXELS", 0)  # these small ROIs would otherwise stay in one process
     ours = rf.extract_features(ct, labels, ids, workers=2, cache_dir=tmp_path)
     reference = rf.extract_sequential_reference(ct, labels, [21])
     for key, value in reference[21].items():
@@ -62,3 +63,21 @@ def test_feature_matrix_and_bad_input(phantom):
         rf.vertebra_rois(ct, type(labels)(labels.array[:-1], labels.spacing))
     with pytest.raises(InputError, match="parameter file"):
         rf.extract_rois([], params_path="/nonexistent/params.yaml")
+
+
+def test_radiomics_csv_layout_and_round_trip(phantom, tmp_path):
+    from VertebralFractureLib.core.records import VertebraRecord
+
+    ct, labels = phantom
+    features = rf.extract_features(ct, labels, [20, 21], workers=1, cache_dir=False)
+    features[21]["original_firstorder_Mean"] = float("nan")  # a non-finite value is a blank cell
+    records = [VertebraRecord(label=20, level="L1"), VertebraRecord(label=21, level="L2"),
+               VertebraRecord(label=22, level="L3")]  # L3 without features (e.g. extraction failed)
+    path = rf.write_radiomics_csv({k: features[k] for k in (20, 21)}, records, tmp_path / "radiomics.csv")
+    lines = path.read_text().splitlines()
+    assert lines[0].split(",")[:2] == ["label", "level"]
+    assert lines[0].split(",")[2:] == list(features[20])  # pyradiomics' names, in its order
+    assert lines[3].startswith("22,L3,,")
+    back = rf.read_radiomics_csv(path)
+    assert back[20] == features[20]  # full precision
+    assert "original_firstorder_Mean" not in back[21] and back[22] == {}
