@@ -306,6 +306,28 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- label-assist ---------------------------------------------------------------------------
+def _add_label_assist(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ct", type=Path, help="CT (.nii/.nii.gz/.nrrd/.mha file or a DICOM folder)")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="folder for labels.nii.gz, decisions.json and sagittal/coronal/axial PNGs")
+    p.add_argument("--decisions", type=Path, help="decisions JSON (splits, merges, deletions, anchors, ...)")
+    p.add_argument("--show-proposal", action="store_true", help="also draw the numbered proposal into OUT/proposal/")
+    p.add_argument("--no-views", action="store_true", help="write no PNGs")
+    p.add_argument("--no-cache", action="store_true", help="segment again instead of using the cached proposal")
+
+
+def _cmd_label_assist(args: argparse.Namespace) -> int:
+    from VertebralFractureLib.research.label_assist import label_assist
+
+    result = label_assist(args.ct, args.output, args.decisions, use_cache=not args.no_cache,
+                          render=not args.no_views, show_proposal=args.show_proposal)
+    res = result.record["result"]
+    levels = f"{res['levels'][0]}..{res['levels'][-1]}" if res["levels"] else "none"
+    print(f"{res['count']} vertebrae ({levels}, named by {res['naming']}); wrote {args.output}")
+    return 0
+
+
 # --- review ---------------------------------------------------------------------------------
 def _add_review(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", type=Path, help="a batch output (cohort.csv + case folders) or one run output")
@@ -339,6 +361,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
                            _add_prepare_seg_cohort, _cmd_prepare_seg_cohort),
     "study": ("run the classification study", _add_study, _cmd_study),
     "train-classifier": ("train the classifier that run uses", _add_train_classifier, _cmd_train_classifier),
+    "label-assist": ("propose vertebra labels and apply recorded decisions (reproducible checked labels)",
+                     _add_label_assist, _cmd_label_assist),
     "review": ("review a batch or run output in the browser: correct, Recompute, Approve/Reject",
                _add_review, _cmd_review),
 }

@@ -1,0 +1,368 @@
+"""Human labelling decisions: their JSON form, its validation, and how they edit an instance map.
+
+A decisions JSON (every key optional; points are LPS mm ``[x, y, z]``)::
+
+    {
+      "crop_mm": {"min": [x, y, z], "max": [x, y, z]},      labels outside the box are dropped
+      "delete": [REF, ...],                                 false segments (aorta, ribs, sternum, pelvis)
+      "merge": [[REF, REF, ...], ...],                      pieces of one vertebra
+      "split": [{"at": REF, "planes": [{"point": P, "normal": N}], "points": [P, ...], "hard": false}],
+      "add": [{"seed": P, "box_mm": {"min": P, "max": P}, "hu_min": 150}],   a vertebra the network missed
+      "exclude": [{"box_mm": {...}} | {"slices": [k0, k1]} | {"segment": REF}],  labels nobody vouches for
+      "levels": {"T12": REF, "L5": REF},                    level anchors (all must agree)
+      "uncertain": {"T7": "why", "naming": "why"},          doubts recorded, not guessed away
+      "notes": "free text", "case": "name"
+    }
+
+REF is a point (the segment at it, or the nearest within :data:`SNAP_MM`) or an instance number of the
+proposal (1 = most cranial). ``split`` cuts at disc planes (``planes``) or at cut points (``points``: a
+plane through the point perpendicular to the segment's local axis); the bodies are cut by the planes and
+each arch follows its body through a watershed on the distance map (``hard``: every voxel by its side).
+Order of application: crop, delete, split, merge (so that a split-off piece can join its vertebra), add,
+exclude; then the segments are numbered 1..n from
+cranial to caudal and named from the anchors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.core.levels import level_id
+from VertebralFractureLib.core.volume import Volume
+
+SNAP_MM = 10.0  # a point this close to a segment refers to it
+BODY_RADIUS_MM = 15.0  # a cut plane cuts the body within this distance of its point; arches follow the watershed
+KEYS = {"crop_mm", "delete", "merge", "split", "add", "exclude", "levels", "uncertain", "notes", "case"}
+
+
+def _fail(source: str, where: str, problem: str) -> InputError:
+    return InputError(f"{source}: {where}: {problem}")
+
+
+def _point(value: Any, source: str, where: str) -> np.ndarray:
+    if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, int | float) for v in value)):
+        raise _fail(source, where, f"expected a point [x, y, z] in LPS mm, got {json.dumps(value)}")
+    return np.asarray(value, float)
+
+
+def _ref(value: Any, source: str, where: str) -> int | np.ndarray:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise _fail(source, where, "instance numbers count from 1 (the most cranial)")
+        return value
+    return _point(value, source, where)
+
+
+def _box(value: Any, source: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    if not (isinstance(value, dict) and set(value) == {"min", "max"}):
+        raise _fail(source, where, 'expected {"min": [x, y, z], "max": [x, y, z]} in LPS mm')
+    lo, hi = _point(value["min"], source, where + ".min"), _point(value["max"], source, where + ".max")
+    if np.any(lo >= hi):
+        raise _fail(source, where, "min must be below max on every axis")
+    return lo, hi
+
+
+def _list(value: Any, source: str, where: str) -> list:
+    if not isinstance(value, list):
+        raise _fail(source, where, f"expected a list, got {json.dumps(value)}")
+    return value
+
+
+@dataclass
+class Decisions:
+    """Parsed, validated decisions (see the module docstring); ``raw`` is the JSON object as given."""
+
+    raw: dict = field(default_factory=dict)
+    crop: tuple[np.ndarray, np.ndarray] | None = None
+    delete: list = field(default_factory=list)
+    merge: list[list] = field(default_factory=list)
+    split: list[dict] = field(default_factory=list)
+    add: list[dict] = field(default_factory=list)
+    exclude: list[dict] = field(default_factory=list)
+    levels: list[tuple[int, Any]] = field(default_factory=list)
+    uncertain: dict[str, str] = field(default_factory=dict)
+
+
+def parse_decisions(raw: Any, source: str = "decisions") -> Decisions:
+    """Validate a decisions object; every problem is one :class:`InputError` line naming ``source`` and the key."""
+    if not isinstance(raw, dict):
+        raise _fail(source, "top level", "expected a JSON object")
+    unknown = set(raw) - KEYS
+    if unknown:
+        raise _fail(source, "top level", f"unknown key(s) {sorted(unknown)}; expected some of {sorted(KEYS)}")
+    d = Decisions(raw=raw)
+    if "crop_mm" in raw:
+        d.crop = _box(raw["crop_mm"], source, "crop_mm")
+    d.delete = [_ref(v, source, f"delete[{i}]") for i, v in enumerate(_list(raw.get("delete", []), source, "delete"))]
+    for i, group in enumerate(_list(raw.get("merge", []), source, "merge")):
+        refs = [_ref(v, source, f"merge[{i}][{j}]") for j, v in enumerate(_list(group, source, f"merge[{i}]"))]
+        if len(refs) < 2:
+            raise _fail(source, f"merge[{i}]", "a merge needs at least two segments")
+        d.merge.append(refs)
+    for i, s in enumerate(_list(raw.get("split", []), source, "split")):
+        where = f"split[{i}]"
+        if not isinstance(s, dict) or "at" not in s or not set(s) <= {"at", "planes", "points", "hard"}:
+            raise _fail(source, where, 'expected {"at": REF, "planes": [...], "points": [...], "hard": false}')
+        planes = []
+        for j, p in enumerate(_list(s.get("planes", []), source, where + ".planes")):
+            if not isinstance(p, dict) or set(p) != {"point", "normal"}:
+                raise _fail(source, f"{where}.planes[{j}]", 'expected {"point": [x, y, z], "normal": [x, y, z]}')
+            normal = _point(p["normal"], source, f"{where}.planes[{j}].normal")
+            if np.linalg.norm(normal) < 1e-6:
+                raise _fail(source, f"{where}.planes[{j}].normal", "a plane's normal must not be zero")
+            planes.append((_point(p["point"], source, f"{where}.planes[{j}].point"), normal / np.linalg.norm(normal)))
+        points = [_point(p, source, f"{where}.points[{j}]") for j, p in enumerate(_list(s.get("points", []), source,
+                                                                                         where + ".points"))]
+        if not planes and not points:
+            raise _fail(source, where, "give at least one plane or cut point")
+        d.split.append({"at": _ref(s["at"], source, where + ".at"), "planes": planes, "points": points,
+                        "hard": bool(s.get("hard", False))})
+    for i, a in enumerate(_list(raw.get("add", []), source, "add")):
+        where = f"add[{i}]"
+        if not isinstance(a, dict) or not {"seed", "box_mm"} <= set(a) <= {"seed", "box_mm", "hu_min"}:
+            raise _fail(source, where, 'expected {"seed": [x, y, z], "box_mm": {...}, "hu_min": 150}')
+        hu_min = a.get("hu_min", 150)
+        if not isinstance(hu_min, int | float):
+            raise _fail(source, where + ".hu_min", "expected a number (HU)")
+        d.add.append({"seed": _point(a["seed"], source, where + ".seed"), "box": _box(a["box_mm"], source,
+                                                                                     where + ".box_mm"),
+                      "hu_min": float(hu_min)})
+    for i, e in enumerate(_list(raw.get("exclude", []), source, "exclude")):
+        where = f"exclude[{i}]"
+        keys = set(e) - {"why"} if isinstance(e, dict) else set()
+        if keys == {"box_mm"}:
+            d.exclude.append({"box": _box(e["box_mm"], source, where + ".box_mm")})
+        elif keys == {"slices"}:
+            k = e["slices"]
+            if not (isinstance(k, list) and len(k) == 2 and all(isinstance(v, int) for v in k) and k[0] <= k[1]):
+                raise _fail(source, where + ".slices", "expected [first, last] axial slice indices of the CT array")
+            d.exclude.append({"slices": (int(k[0]), int(k[1]))})
+        elif keys == {"segment"}:
+            d.exclude.append({"segment": _ref(e["segment"], source, where + ".segment")})
+        else:
+            raise _fail(source, where, 'expected one of {"box_mm": ...}, {"slices": [k0, k1]}, {"segment": REF}')
+    levels = raw.get("levels", {})
+    if not isinstance(levels, dict):
+        raise _fail(source, "levels", 'expected {"LEVEL": REF, ...}, e.g. {"T12": [x, y, z]}')
+    for name, ref in levels.items():
+        try:
+            vid = level_id(name)
+        except ValueError as exc:
+            raise _fail(source, f"levels.{name}", str(exc)) from None
+        d.levels.append((vid, _ref(ref, source, f"levels.{name}")))
+    unc = raw.get("uncertain", {})
+    if not isinstance(unc, dict) or not all(isinstance(v, str) for v in unc.values()):
+        raise _fail(source, "uncertain", 'expected {"LEVEL" or "naming": "reason", ...}')
+    for name in unc:
+        if name != "naming":
+            try:
+                level_id(name)
+            except ValueError as exc:
+                raise _fail(source, f"uncertain.{name}", str(exc)) from None
+    d.uncertain = dict(unc)
+    if not isinstance(raw.get("notes", ""), str):
+        raise _fail(source, "notes", "expected a string")
+    return d
+
+
+def read_decisions(path: str | Path) -> Decisions:
+    """Read a decisions JSON (a bare decisions object, or a ``decisions.json`` written by label-assist)."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: decisions file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+    if isinstance(raw, dict) and "decisions" in raw and "tool_version" in raw:
+        return parse_decisions(raw["decisions"], str(path))
+    return parse_decisions(raw, str(path))
+
+
+# --- geometry helpers ---------------------------------------------------------------------------
+def _lps_of(volume: Volume, zyx: np.ndarray) -> np.ndarray:
+    """LPS mm of array indices (N, 3) in (z, y, x) order."""
+    return volume.index_to_lps(np.asarray(zyx, float)[:, ::-1])
+
+
+def _box_mask(volume: Volume, box: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Voxels whose centre lies inside an LPS box."""
+    a = volume.direction @ np.diag(volume.spacing)
+    nk, nj, ni = volume.shape
+    j, i = np.meshgrid(np.arange(nj), np.arange(ni), indexing="ij")
+    out = np.ones(volume.shape, bool)
+    for c in range(3):  # one LPS coordinate at a time, slice by slice: no (N, 3) array of a whole CT
+        plane = volume.origin[c] + a[c, 0] * i + a[c, 1] * j
+        for k in range(nk):
+            v = plane + a[c, 2] * k
+            out[k] &= (v >= box[0][c]) & (v <= box[1][c])
+    return out
+
+
+class Editor:
+    """Applies decisions to an instance map (``labels``: int32 on ``ct``'s grid, 0 = background)."""
+
+    def __init__(self, ct: Volume, instances: np.ndarray, source: str = "decisions") -> None:
+        self.ct = ct
+        self.labels = instances.astype(np.int32).copy()
+        self.alias = {int(v): int(v) for v in np.unique(self.labels) if v > 0}  # proposal number -> current id
+        self.ignore = np.zeros(ct.shape, bool)
+        self.source = source
+
+    def _next_id(self) -> int:
+        return int(self.labels.max()) + 1
+
+    def resolve(self, ref: int | np.ndarray, where: str) -> int:
+        """Current segment id of a reference (proposal instance number or LPS point)."""
+        if isinstance(ref, int):
+            cur = self.alias.get(ref)
+            if cur is None or cur <= 0 or not (self.labels == cur).any():
+                raise _fail(self.source, where, f"instance {ref} is not (or no longer) a segment; refer to it by a "
+                                                f"point [x, y, z]")
+            return cur
+        ijk = self.ct.lps_to_index(ref)
+        zyx = np.rint(ijk[::-1]).astype(int)
+        if all(0 <= c < n for c, n in zip(zyx, self.labels.shape, strict=True)) and self.labels[tuple(zyx)] > 0:
+            return int(self.labels[tuple(zyx)])
+        # nearest labelled voxel within SNAP_MM
+        reach = np.ceil(SNAP_MM / np.asarray(self.ct.spacing)[::-1]).astype(int)
+        lo = np.clip(zyx - reach, 0, np.asarray(self.labels.shape))
+        hi = np.clip(zyx + reach + 1, 0, np.asarray(self.labels.shape))
+        sub = self.labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        pts = np.argwhere(sub > 0)
+        if len(pts):
+            d = np.linalg.norm(_lps_of(self.ct, pts + lo) - ref, axis=1)
+            k = int(np.argmin(d))
+            if d[k] <= SNAP_MM:
+                return int(sub[tuple(pts[k])])
+        raise _fail(self.source, where, f"no segment within {SNAP_MM:g} mm of point {ref.tolist()}")
+
+    def crop(self, box: tuple[np.ndarray, np.ndarray]) -> None:
+        self.labels[~_box_mask(self.ct, box)] = 0
+
+    def delete(self, ref, where: str) -> None:
+        self.labels[self.labels == self.resolve(ref, where)] = 0
+
+    def merge(self, refs: list, where: str) -> None:
+        ids = [self.resolve(r, f"{where}[{j}]") for j, r in enumerate(refs)]
+        target = ids[0]
+        for i in ids[1:]:
+            self.labels[self.labels == i] = target
+        for k, v in self.alias.items():
+            if v in ids:
+                self.alias[k] = target
+
+    def _axis_at(self, seg: np.ndarray, pts: np.ndarray, point: np.ndarray) -> np.ndarray:
+        """Local direction of a segment at ``point``: from the centroid of its voxels 4-20 mm below to those
+        4-20 mm above (within 30 mm sideways); the S axis when either side is empty."""
+        rel = pts - point
+        side = np.hypot(rel[:, 0], rel[:, 1]) <= 30.0
+        above = pts[side & (rel[:, 2] >= 4.0) & (rel[:, 2] <= 20.0)]
+        below = pts[side & (rel[:, 2] <= -4.0) & (rel[:, 2] >= -20.0)]
+        if len(above) < 10 or len(below) < 10:
+            return np.array([0.0, 0.0, 1.0])
+        axis = above.mean(axis=0) - below.mean(axis=0)
+        return axis / np.linalg.norm(axis)
+
+    def split(self, spec: dict, where: str) -> None:
+        import SimpleITK as sitk
+
+        target = self.resolve(spec["at"], where + ".at")
+        seg = self.labels == target
+        box = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in ndi.find_objects(seg.astype(np.int8))[0])
+        mask = seg[box]
+        zyx = np.argwhere(mask) + [s.start for s in box]
+        pts = _lps_of(self.ct, zyx)
+        planes = list(spec["planes"]) + [(p, self._axis_at(mask, pts, p)) for p in spec["points"]]
+        # orient every normal towards superior so that "side" counts planes passed from caudal to cranial
+        planes = [(c, n if n[2] >= 0 else -n) for c, n in planes]
+        side = sum(((pts - c) @ n > 0).astype(np.int32) for c, n in planes) + 1
+        part = np.zeros(mask.shape, np.int32)
+        part[mask] = side
+        if not spec["hard"]:
+            dist_plane = np.min([np.abs((pts - c) @ n) for c, n in planes], axis=0)
+            radial = np.min([np.linalg.norm((pts - c) - np.outer((pts - c) @ n, n), axis=1) for c, n in planes],
+                            axis=0)
+            seed_in = (dist_plane >= 1.5) & (radial <= BODY_RADIUS_MM)
+            markers = np.zeros(mask.shape, np.int32)
+            markers[mask] = np.where(seed_in, side, 0)
+            if len(np.unique(markers[markers > 0])) == len(np.unique(side)):
+                dist = ndi.distance_transform_edt(mask, sampling=np.asarray(self.ct.spacing)[::-1])
+                height = sitk.GetImageFromArray((dist.max() - dist).astype(np.float32))
+                ws = sitk.MorphologicalWatershedFromMarkers(height, sitk.GetImageFromArray(markers.astype(np.uint32)),
+                                                            markWatershedLine=False, fullyConnected=True)
+                part = np.where(mask, sitk.GetArrayFromImage(ws).astype(np.int32), 0)
+        view = self.labels[box]
+        view[mask] = 0
+        first = self._next_id()
+        for k in np.unique(part[mask]):
+            view[mask & (part == k)] = first + int(k) - 1
+        for kk, v in self.alias.items():
+            if v == target:
+                self.alias[kk] = -1  # a split segment can only be referred to by point from now on
+
+    def add(self, spec: dict, where: str) -> None:
+        import cc3d
+
+        region = _box_mask(self.ct, spec["box"]) & (self.ct.array >= spec["hu_min"]) & (self.labels == 0)
+        lab = cc3d.connected_components(region.astype(np.uint8), connectivity=26)
+        zyx = np.rint(self.ct.lps_to_index(spec["seed"])[::-1]).astype(int)
+        if not all(0 <= c < n for c, n in zip(zyx, lab.shape, strict=True)):
+            raise _fail(self.source, where + ".seed", "the seed point lies outside the CT")
+        comp = int(lab[tuple(zyx)])
+        if comp == 0:
+            raise _fail(self.source, where + ".seed", f"no unlabelled voxel of {spec['hu_min']:g} HU or more at the "
+                                                      "seed; move the seed into the bone or lower hu_min")
+        piece = ndi.binary_fill_holes(lab == comp)
+        self.labels[piece & (self.labels == 0)] = self._next_id()
+
+    def exclude(self, spec: dict, where: str) -> None:
+        if "box" in spec:
+            region = _box_mask(self.ct, spec["box"])
+        elif "slices" in spec:
+            region = np.zeros(self.ct.shape, bool)
+            k0, k1 = spec["slices"]
+            if k0 >= self.ct.shape[0] or k1 < 0:
+                raise _fail(self.source, where + ".slices", f"the CT has slices 0..{self.ct.shape[0] - 1}")
+            region[max(0, k0):k1 + 1] = True
+        else:
+            region = self.labels == self.resolve(spec["segment"], where + ".segment")
+        self.ignore |= region
+        self.labels[region] = 0
+
+    def apply(self, d: Decisions) -> np.ndarray:
+        """All decisions in their fixed order; returns int32 instances numbered 1..n from cranial to caudal."""
+        if d.crop is not None:
+            self.crop(d.crop)
+        for i, ref in enumerate(d.delete):
+            self.delete(ref, f"delete[{i}]")
+        for i, spec in enumerate(d.split):
+            self.split(spec, f"split[{i}]")
+        for i, refs in enumerate(d.merge):
+            self.merge(refs, f"merge[{i}]")
+        for i, spec in enumerate(d.add):
+            self.add(spec, f"add[{i}]")
+        for i, spec in enumerate(d.exclude):
+            self.exclude(spec, f"exclude[{i}]")
+        return self.renumber()
+
+    def renumber(self) -> np.ndarray:
+        """Segments renumbered 1..n by their centroid's S coordinate, most superior first (the alias follows)."""
+        ids = [int(v) for v in np.unique(self.labels) if v > 0]
+        if not ids:
+            return self.labels
+        cents = ndi.center_of_mass(np.ones(self.labels.shape), self.labels, ids)
+        s = _lps_of(self.ct, np.asarray(cents))[:, 2]
+        order = [ids[k] for k in np.argsort(-s)]
+        lut = np.zeros(int(self.labels.max()) + 1, np.int32)
+        lut[order] = np.arange(1, len(order) + 1)
+        self.labels = lut[self.labels]
+        self.alias = {k: (int(lut[v]) if v > 0 else -1) for k, v in self.alias.items()}
+        return self.labels
