@@ -8,6 +8,7 @@ labels) and renaming a level is :func:`~VertebralFractureLib.app.slicer_logic.re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -54,7 +55,8 @@ class OpenCase:
 
     def __init__(self, scene, out: Path, name: str, folder: Path, options: PipelineOptions | None = None) -> None:
         self.scene, self.out, self.name, self.folder = scene, out, name, folder
-        self.options = options or PipelineOptions()
+        # radiomics do not change the probabilities; Recompute skips them (seconds per case)
+        self.options = dataclasses.replace(options or PipelineOptions(), radiomics=False)
         self.nodes = slicer_logic.open_case(scene, folder, ct_path=case_ct_path(folder))
         self.ct: Volume = mrml_nodes.volume_from_volume_node(self.nodes.volume_node)
         self.edited = False
@@ -104,7 +106,9 @@ class OpenCase:
         return {
             "name": self.name,
             "probability": "" if math.isnan(probability) else round(float(probability), 3),
-            "fractured": bool(result.fractured),
+            "fractured": None if result.fractured is None else bool(result.fractured),
+            "needs_review": result.needs_review,
+            "review_reasons": list(result.review_reasons),
             "warnings": list(result.warnings),
             "edited": self.edited,
             "corrected": self.corrected,
