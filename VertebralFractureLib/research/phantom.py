@@ -6,8 +6,14 @@ posterior elements (pedicles, laminae, spinous, transverse and articular process
 spinal canal, ribs and sternum on thoracic levels, lungs and mediastinum with the aorta above the
 diaphragm, abdominal organs, psoas and paraspinal muscles, subcutaneous fat and air around the
 body. The image is blurred by a Gaussian PSF and carries correlated noise; trabecular bone gets a
-coarser texture. Everything is drawn on an axial LPS grid, then re-oriented (exactly for axis
-permutations such as RAS/PIR, by resampling for an oblique direction).
+coarser texture (:mod:`.phantom_imaging`). Everything is drawn on an axial LPS grid, then re-oriented
+(exactly for axis permutations such as RAS/PIR, by resampling for an oblique direction).
+
+Truth comes from the construction, never from measuring the result: a body is drawn with flat
+endplates ``height`` mm apart, so its anterior, middle and posterior heights are that height; a
+fracture (:func:`.fracture.simulate_fracture`) reports the height it removed from each column of the
+body, read at the strips where heights are defined (fractions of the drawn depth from the drawn walls,
+``|l| <= 2`` mm); grade and type follow from those heights with Genant's plain ratios.
 
 Coordinates inside this module: world LPS mm (x left, y posterior, z superior); each vertebra has
 local ``a`` (anterior), ``l`` (left), ``s`` (superior) coordinates centred on its body; the spine
@@ -23,13 +29,15 @@ from scipy import ndimage
 
 from VertebralFractureLib.core.levels import level_id, level_name
 from VertebralFractureLib.core.volume import Volume
-from VertebralFractureLib.research.simulation import (
-    FRACTURE_TYPES,
-    GENANT_BANDS,
-    _heights_of,
-    _type_loss,
+from VertebralFractureLib.research.fracture import (
+    HEIGHT_KEYS,
+    FractureResult,
+    genant_grade,
     simulate_fracture,
+    strip_points,
+    type_loss,
 )
+from VertebralFractureLib.research.phantom_imaging import _psf_noise, _reorient, orientation_direction
 from VertebralFractureLib.stages import morphometry
 
 # anatomy anchors by position along the spine (T1 = 0 ... T12 = 11, L1 = 12 ... L5 = 16)
@@ -62,8 +70,9 @@ class Phantom:
     Attributes:
         ct: int16 HU volume.
         labels: uint8 VerSe ids on the same grid.
-        truth: one dict per vertebra: ``label, level, height_anterior_mm, height_middle_mm,
-            height_posterior_mm, genant_grade, genant_type, height_loss_ratio``.
+        truth: one dict per vertebra from the construction (module docstring): ``label, level,
+            height_anterior_mm, height_middle_mm, height_posterior_mm, genant_grade, genant_type,
+            height_loss_ratio``.
     """
 
     ct: Volume
@@ -498,102 +507,6 @@ def _anatomy(rng: np.random.Generator, verts: list[_Vertebra], osteoporotic: boo
     }
 
 
-_ORIENTATIONS = {"LPS": "LPS", "RAS": "RAS", "PIR": "PIR", "LAS": "LAS", "RAI": "RAI", "LPI": "LPI", "PSR": "PSR"}
-_LETTER = {"L": (0, 1.0), "R": (0, -1.0), "P": (1, 1.0), "A": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
-
-
-def orientation_direction(code: str) -> np.ndarray:
-    """Direction matrix (columns = LPS unit vectors of i, j, k) of a 3-letter code where each letter
-    names the direction the axis points to (LPS identity = "LPS", TPTBox's "PIR": i->P, j->I, k->R)."""
-    code = code.upper()
-    if len(code) != 3 or {_LETTER[ch][0] for ch in code if ch in _LETTER} != {0, 1, 2}:
-        raise ValueError(f"orientation {code!r} must name three different axes out of L/R, P/A, S/I")
-    m = np.zeros((3, 3))
-    for col, ch in enumerate(code):
-        row, sign = _LETTER[ch]
-        m[row, col] = sign
-    return m
-
-
-def _reorient(vol: Volume, direction: np.ndarray, *, order: int) -> Volume:
-    """Express an identity-direction volume on a grid with ``direction``: exact for signed permutations."""
-    direction = np.asarray(direction, dtype=np.float64)
-    if np.allclose(direction, np.eye(3)):
-        return vol
-    rounded = np.rint(direction)
-    if np.allclose(direction, rounded) and np.allclose(np.abs(rounded).sum(0), 1) and np.allclose(np.abs(rounded).sum(1), 1):
-        arr = vol.array  # (z, y, x) = (k, j, i) with identity direction
-        ijk_src = [2, 1, 0]  # numpy axis of LPS x, y, z
-        axes = []
-        flips = []
-        for col in range(3):  # new i, j, k
-            row = int(np.argmax(np.abs(rounded[:, col])))
-            axes.append(ijk_src[row])
-            flips.append(rounded[row, col] < 0)
-        # new array (k, j, i): numpy axes order = reversed new index axes
-        new = np.transpose(arr, (axes[2], axes[1], axes[0]))
-        for new_axis, col in zip((2, 1, 0), range(3), strict=True):  # column col of the new index is numpy axis 2-col
-            if flips[col]:
-                new = np.flip(new, axis=new_axis)
-        new = np.ascontiguousarray(new)
-        sp_src = np.asarray(vol.spacing)
-        rows = [int(np.argmax(np.abs(rounded[:, col]))) for col in range(3)]
-        spacing = tuple(sp_src[r] for r in rows)
-        n_src = np.asarray(vol.size_ijk)
-        corner = np.array([n_src[rows[col]] - 1 if flips[col] else 0 for col in range(3)], dtype=float)
-        # the new voxel (0,0,0) is the old voxel at the flipped corner, in old (x,y,z) index terms
-        old_idx = np.zeros(3)
-        for col in range(3):
-            old_idx[rows[col]] = corner[col]
-        origin = vol.index_to_lps(old_idx)
-        return Volume(new, spacing, tuple(origin), rounded)
-    # oblique: resample onto a grid with this direction covering the same box
-    from VertebralFractureLib.core.volume import resample_to
-
-    corners = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=float)
-    corners = vol.index_to_lps(corners * (np.asarray(vol.size_ijk) - 1))
-    local = corners @ direction  # coordinates along the new axes
-    lo, hi = local.min(0), local.max(0)
-    sp = np.asarray(vol.spacing)
-    size = np.ceil((hi - lo) / sp).astype(int) + 1
-    origin = direction @ lo
-    ref = Volume(np.zeros(size[::-1], dtype=np.uint8), tuple(sp), tuple(origin), direction)
-    default = -1000.0 if order == 1 else 0.0
-    out = resample_to(vol, ref, order=order, default=default)
-    return out.with_array(out.array.astype(vol.array.dtype))
-
-
-def _psf_noise(hu: np.ndarray, texture: np.ndarray, spacing: np.ndarray, blur_mm: float, noise_hu: float,
-               rng: np.random.Generator, texture_hu: float = 0.0,
-               texture_box: tuple[slice, ...] | None = None) -> np.ndarray:
-    """Gaussian PSF (sigma ``blur_mm``) applied to the image plus white noise scaled so that the
-    blurred noise has SD ``noise_hu``; trabecular bone gets a mottled texture of SD ``texture_hu``."""
-    sigma = blur_mm / spacing[::-1]  # (z, y, x) voxels
-    gain = 1.0
-    for sg in sigma:
-        if sg > 0:
-            kernel = ndimage.gaussian_filter1d(np.eye(1, 41, 20).ravel(), sg, mode="constant")
-            gain *= float(np.sqrt(np.sum(kernel**2)))
-    amp = noise_hu / max(gain, 1e-6)
-    noise = rng.standard_normal(hu.shape, dtype=np.float32)
-    noise *= np.float32(amp)
-    hu += noise
-    del noise
-    # trabecular bone: a mottled pattern of about 2-3 mm blobs (smoothed noise), only in the
-    # bounding box of the vertebrae to keep it cheap
-    if texture_hu > 0 and texture_box is not None:
-        mask = texture[texture_box]
-        field = ndimage.gaussian_filter(rng.standard_normal(mask.shape, dtype=np.float32), 1.1 / spacing[::-1])
-        field *= np.float32(texture_hu / max(float(field.std()), 1e-6))
-        sub = hu[texture_box]
-        sub[mask] += field[mask]
-    if not np.any(sigma > 0):
-        return hu
-    # in place: the caller's float image is not needed unblurred any more
-    ndimage.gaussian_filter(hu, sigma, mode="nearest", truncate=3.0, output=hu)
-    return hu
-
-
 def make_phantom(
     levels=("T4", "L5"),
     spacing: float | tuple[float, float, float] = 1.5,
@@ -626,9 +539,8 @@ def make_phantom(
         sclerotic_band: sclerotic band under the collapsed endplates of the fractures.
 
     Returns:
-        :class:`Phantom` with int16 CT, uint8 labels and a truth dict per vertebra (heights measured
-        by :mod:`.morphometry` on the final label map, grade/type as simulated, loss of the
-        fractured ones from those heights as :mod:`.simulation` defines it).
+        :class:`Phantom` with int16 CT, uint8 labels and a truth dict per vertebra from the construction
+        (drawn body heights less the height each fracture removed; grade and type from those heights).
     """
     rng = np.random.default_rng(seed)
     ids = _level_list(levels)
@@ -636,21 +548,7 @@ def make_phantom(
     scale = float(size_scale if size_scale is not None else rng.uniform(0.92, 1.08))
     verts = _spine(ids, rng, scale)
     anatomy = _anatomy(rng, verts, osteoporotic)
-    # field of view
-    top = verts[0].centre[2] + verts[0].dims["height"] / 2 + verts[0].dims["disc"] + margin_mm
-    bottom = verts[-1].centre[2] - verts[-1].dims["height"] / 2 - verts[-1].dims["disc"] + -margin_mm
-    ys = np.array([v.centre[1] for v in verts])
-    y_mid = float(ys.mean())
-    if fov_mm is None:
-        half_x = anatomy["half_width"] + 12
-        y_lo = ys.min() + anatomy["back"] - anatomy["ap"] - 12
-        y_hi = ys.max() + anatomy["back"] + 30  # room for the table
-    else:
-        half_x = fov_mm[0] / 2
-        y_lo = y_mid + 25 - fov_mm[1] / 2
-        y_hi = y_mid + 25 + fov_mm[1] / 2
-    lo = np.array([-half_x, y_lo, bottom])
-    hi = np.array([half_x, y_hi, top])
+    lo, hi = _field_of_view(verts, anatomy, fov_mm, margin_mm)
     n = np.floor((hi - lo) / sp).astype(int) + 1
     canvas = _Canvas((int(n[2]), int(n[1]), int(n[0])), sp, lo)
     # bone HU per case
@@ -668,19 +566,7 @@ def make_phantom(
         _draw_vertebra(canvas, v, {**hu, "trabecular": hu["trabecular"] * rng.uniform(0.92, 1.08)})
     clean = Volume(canvas.hu, tuple(sp), tuple(lo), np.eye(3))
     labels = Volume(canvas.labels, tuple(sp), tuple(lo), np.eye(3))
-    fractures = {lab: gt for lab, gt in (fractures or {}).items() if gt[0] != 0}
-    present = {v.label for v in verts}
-    for lab in fractures:
-        if lab not in present:
-            raise ValueError(f"fracture requested for {level_name(lab)}, which is not in the phantom")
-    # morphometry's geometry before any fracture (the neighbours' axes do not move when one is fractured)
-    before = morphometry.analyse_vertebrae(labels, only=list(fractures)) if fractures else {}
-    results = {}
-    for k, (lab, (grade, ftype)) in enumerate(sorted(fractures.items())):
-        res = simulate_fracture(clean, labels, lab, grade, ftype, seed=seed * 1000 + k + 1, geometry=before.get(lab),
-                                noise_hu=0.0, fill_hu=_HU["disc"], sclerotic_band=sclerotic_band)
-        clean, labels = res.ct, res.labels
-        results[lab] = res
+    clean, labels, results = _fracture(clean, labels, verts, fractures, seed, sclerotic_band)
     texture_hu = float(rng.uniform(20, 45)) * (0.6 if osteoporotic else 1.0)
     texture_box = None
     if np.all(canvas.texture_hi > canvas.texture_lo):
@@ -694,32 +580,74 @@ def make_phantom(
     ct_arr = hu_arr.astype(np.int16)
     del hu_arr
     ct = Volume(ct_arr, tuple(sp), tuple(lo), np.eye(3))
-    # truth: morphometry's heights on the final label map (the one definition of heights)
-    final = morphometry.analyse_vertebrae(labels)
-    truth = []
-    for lab in ids:
-        if lab not in final:
-            continue
-        h = _heights_of(final[lab])
-        if lab in results:
-            grade, ftype = results[lab].grade, results[lab].fracture_type
-            loss = _type_loss(results[lab].heights_before, h, ftype)
-        else:
-            grade, ftype, loss = 0, "normal", 0.0
-        truth.append({
-            "label": lab,
-            "level": level_name(lab),
-            "height_anterior_mm": round(h["anterior"], 3),
-            "height_middle_mm": round(h["middle"], 3),
-            "height_posterior_mm": round(h["posterior"], 3),
-            "genant_grade": int(grade),
-            "genant_type": ftype,
-            "height_loss_ratio": round(float(loss), 4),
-        })
+    present = {int(v) for v in np.unique(labels.array) if v}
+    truth = [_truth(v, results.get(v.label)) for v in verts if v.label in present]
     direction = orientation_direction(orientation) if isinstance(orientation, str) else np.asarray(orientation, float)
     ct = _reorient(ct, direction, order=1)
     labels = _reorient(labels, direction, order=0)
     return Phantom(ct=ct, labels=labels, truth=truth)
 
 
-__all__ = ["Phantom", "make_phantom", "orientation_direction", "FRACTURE_TYPES", "GENANT_BANDS"]
+def _field_of_view(verts: list[_Vertebra], anatomy: dict, fov_mm: tuple[float, float] | None,
+                   margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """LPS mm (x, y, z) of the lowest and highest corner of the image: the spine's length plus margins,
+    the whole body (and the table) or ``fov_mm`` (left-right, anterior-posterior) centred on the spine."""
+    top = verts[0].centre[2] + verts[0].dims["height"] / 2 + verts[0].dims["disc"] + margin_mm
+    bottom = verts[-1].centre[2] - verts[-1].dims["height"] / 2 - verts[-1].dims["disc"] + -margin_mm
+    ys = np.array([v.centre[1] for v in verts])
+    y_mid = float(ys.mean())
+    if fov_mm is None:
+        half_x = anatomy["half_width"] + 12
+        y_lo = ys.min() + anatomy["back"] - anatomy["ap"] - 12
+        y_hi = ys.max() + anatomy["back"] + 30  # room for the table
+    else:
+        half_x = fov_mm[0] / 2
+        y_lo = y_mid + 25 - fov_mm[1] / 2
+        y_hi = y_mid + 25 + fov_mm[1] / 2
+    return np.array([-half_x, y_lo, bottom]), np.array([half_x, y_hi, top])
+
+
+def _fracture(clean: Volume, labels: Volume, verts: list[_Vertebra], fractures: dict[int, tuple[int, str]] | None,
+              seed: int, sclerotic_band: bool) -> tuple[Volume, Volume, dict[int, FractureResult]]:
+    """Apply the requested ``{label: (grade, type)}`` fractures (grade 0 skipped) to the clean CT and labels."""
+    fractures = {lab: gt for lab, gt in (fractures or {}).items() if gt[0] != 0}
+    present = {v.label for v in verts}
+    for lab in fractures:
+        if lab not in present:
+            raise ValueError(f"fracture requested for {level_name(lab)}, which is not in the phantom")
+    # the frame each body is compressed in: morphometry's geometry before any fracture (the neighbours'
+    # axes do not move when one is fractured)
+    before = morphometry.analyse_vertebrae(labels, only=list(fractures)) if fractures else {}
+    results = {}
+    for k, (lab, (grade, ftype)) in enumerate(sorted(fractures.items())):
+        res = simulate_fracture(clean, labels, lab, grade, ftype, seed=seed * 1000 + k + 1, geometry=before.get(lab),
+                                noise_hu=0.0, fill_hu=_HU["disc"], sclerotic_band=sclerotic_band)
+        clean, labels = res.ct, res.labels
+        results[lab] = res
+    return clean, labels, results
+
+
+def _truth(v: _Vertebra, fracture: FractureResult | None) -> dict:
+    """Truth record of one drawn vertebra: its drawn height, less what ``fracture`` removed at each strip."""
+    drawn = dict.fromkeys(HEIGHT_KEYS, float(v.dims["height"]))
+    grade, ftype, loss, heights = 0, "normal", 0.0, drawn
+    if fracture is not None:
+        points = strip_points(np.asarray(v.centre, dtype=np.float64), np.array([0.0, *v.ua]), np.array([1.0, 0.0, 0.0]),
+                              float(v.dims["depth"]))
+        heights = {k: drawn[k] - float(np.nanmean(fracture.deformation.removed_mm(points[k]))) for k in HEIGHT_KEYS}
+        loss = type_loss(drawn, heights, fracture.fracture_type)
+        grade = genant_grade(loss)
+        ftype = fracture.fracture_type if grade else "normal"
+    return {
+        "label": v.label,
+        "level": level_name(v.label),
+        "height_anterior_mm": round(heights["anterior"], 3),
+        "height_middle_mm": round(heights["middle"], 3),
+        "height_posterior_mm": round(heights["posterior"], 3),
+        "genant_grade": int(grade),
+        "genant_type": ftype,
+        "height_loss_ratio": round(float(loss), 4),
+    }
+
+
+__all__ = ["Phantom", "make_phantom", "orientation_direction"]
