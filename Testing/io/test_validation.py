@@ -44,6 +44,13 @@ def _write_bad(kind: str, folder):
         a = _ct().array.astype(np.float32)
         a[3, 3, 3] = np.nan
         path = write_volume(_ct().with_array(a), folder / "nan.nrrd")
+    elif kind in ("inf", "neg_inf", "nan_off_sample"):
+        # a CT big enough that the statistics use a strided sample, the bad voxel between its points
+        a = np.full((120, 256, 256), -1000, np.float32)
+        a[:, 60:200, 60:200] = 40
+        a[:, 120:140, 120:140] = 800
+        a[51, 101, 101] = {"inf": np.inf, "neg_inf": -np.inf, "nan_off_sample": np.nan}[kind]
+        path = write_volume(Volume(a), folder / f"{kind}.nrrd")
     elif kind == "truncated":
         write_volume(_ct(), path)
         data = gzip.decompress(path.read_bytes())
@@ -75,6 +82,9 @@ BAD = {
     "normalised": "no bone or soft tissue",
     "raw_offset": "no negative values",
     "nan": "NaN",
+    "inf": "1 infinite",
+    "neg_inf": "1 infinite",
+    "nan_off_sample": "1 NaN",
     "truncated": "cannot be read",
     "truncated_mha": "cannot be read",
     "empty_file": "not a readable image",

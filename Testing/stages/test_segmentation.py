@@ -162,3 +162,25 @@ def test_lidc_chest_ct_one_instance_per_thoracic_vertebra(shared_data):
     assert all(6.0 <= ml[t] <= 35.0 for t in thoracic), ml
     # volumes grow caudally (T1 smallest, T12 largest) apart from a few ml of noise
     assert ml["T12"] > ml["T6"] > ml["T1"]
+
+
+def _no_spine_ct(kind: str) -> Volume:
+    """A water cylinder in air (HU, no bone) or pure noise over the CT range, 1.5 mm voxels."""
+    rng = np.random.default_rng(0)
+    if kind == "noise":
+        return Volume(rng.uniform(-1000, 1500, (60, 120, 120)).astype(np.int16), (1.5, 1.5, 1.5))
+    _, y, x = np.mgrid[0:60, 0:120, 0:120]
+    water = np.where((y - 60) ** 2 + (x - 60) ** 2 <= 50**2, 0.0, -1000.0) + rng.normal(0, 20, (60, 120, 120))
+    return Volume(water.astype(np.int16), (1.5, 1.5, 1.5))
+
+
+@pytest.mark.parametrize("kind", ["water", "noise"])
+def test_ct_without_spine_reports_no_vertebrae(kind):
+    """A water phantom or pure noise passes input validation (it is HU) and yields no segment, with a warning."""
+    from VertebralFractureLib.io.validation import check_ct
+
+    ct = _no_spine_ct(kind)
+    check_ct(ct, kind)
+    res = segment_vertebrae(ct, device="cpu", fast=True)
+    assert not res.labels.array.any()
+    assert "no vertebrae found" in res.warnings
