@@ -6,6 +6,11 @@ the command line) and its MRML node conversion (``VertebralFractureLib.app.mrml_
 with the ``slicer-core`` wheel. Only the standard library
 and Slicer's own modules are imported at the top, so the module loads before its Python
 dependencies are installed; everything else is imported inside the methods that need it.
+
+Long work (analysis, Recompute, batch) runs in a worker thread
+(:class:`VertebralFractureLib.app.background.BackgroundJob`): nodes are read before and written after on
+the main thread, a ``qt.QTimer`` shows progress and Cancel stops the work at its next step, so Slicer
+stays responsive. User-facing text goes through ``slicer.i18n`` (``tr``/``translate``).
 """
 
 import logging
@@ -19,6 +24,8 @@ import qt
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -63,11 +70,11 @@ class VertebralFracture(ScriptedLoadableModule):
 
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "Vertebral Fracture"
-        self.parent.categories = ["Quantification"]
+        self.parent.title = _("Vertebral Fracture")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]
         self.parent.dependencies = []
         self.parent.contributors = ["VertebralFracture contributors"]
-        self.parent.helpText = """
+        self.parent.helpText = _("""
 Finds non-traumatic vertebral compression fractures in a CT volume.<br>
 <b>Method</b>: U-Net segmentation of the vertebrae with connected-component labelling into one
 segment per level, then per vertebra: anterior/middle/posterior heights, Genant semi-quantitative
@@ -82,13 +89,13 @@ can be off by one without the sacrum or C2 in view; vertebrae cut by the field o
 graded; metal, severe scoliosis and post-operative spines are not validated; the probability is
 only as good as the training cohort.
 See the <a href="https://github.com/vertebral-fracture/VertebralFracture">documentation</a>.
-"""
-        self.parent.acknowledgementText = """
+""")
+        self.parent.acknowledgementText = _("""
 The method reproduces a published study of 197 patients (100 with fractures) that combined Wiener
 filtering, U-Net segmentation with connected-component labelling, LASSO-selected radiomics
 features and a custom 3D CNN. Test data: LIDC-IDRI (TCIA, CC BY 3.0), VerSe (CC BY-SA 4.0),
 TotalSegmentator test files (CC BY 4.0) and TPTBox (Apache-2.0).
-"""
+""")
 
 
 #
@@ -133,7 +140,11 @@ class VertebralFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._cancelToken = None
+        self._job = None  # the BackgroundJob running, if any
+        self._applyResult = None  # main-thread step after the job: its value -> what onResult shows
+        self._onResult = None
+        self._jobWidgets = None  # (progress bar, status label) of the running job
+        self._timer = None
         self._busy = False
 
     def setup(self) -> None:
@@ -169,7 +180,21 @@ class VertebralFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+        if self._timer is not None:
+            self._timer.stop()
         self.removeObservers()
+
+    def onReload(self) -> None:
+        """Reload the library as well as this file, so a library edit needs no Slicer restart."""
+        if self._job is not None and self._job.running:
+            slicer.util.warningDisplay(_("Wait for the running analysis to finish (or cancel it) before reloading."))
+            return
+        # drop every VertebralFractureLib module; the methods import them afresh on their next call
+        for name in [n for n in sys.modules if n == "VertebralFractureLib" or n.startswith("VertebralFractureLib.")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -210,7 +235,7 @@ class VertebralFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         hasInput = bool(p and p.inputVolume)
         hasSegmentation = bool(p and p.outputSegmentation)
         self.ui.applyButton.enabled = idle and hasInput
-        self.ui.applyButton.toolTip = "Segment and analyse the CT" if hasInput else "Select an input CT volume"
+        self.ui.applyButton.toolTip = _("Segment and analyse the CT") if hasInput else _("Select an input CT volume")
         self.ui.cancelButton.enabled = self._busy
         self.ui.editSegmentsButton.enabled = idle and hasSegmentation
         self.ui.recomputeButton.enabled = idle and hasSegmentation and hasInput
@@ -218,91 +243,94 @@ class VertebralFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.runBatchButton.enabled = idle and bool(p and str(p.batchInputFolder) not in ("", ".") and str(p.batchOutputFolder) not in ("", "."))
         self.ui.openCaseButton.enabled = idle and bool(p and str(p.caseFolder) not in ("", "."))
 
-    # --- progress, cancel, errors ---------------------------------------------------------------
-    def _progressCallback(self, progressBar, statusLabel):
-        """A library ``progress(fraction, message)`` that draws into the panel and keeps Qt alive."""
-
-        def progress(fraction: float, message: str) -> None:
-            progressBar.setValue(int(round(100 * min(max(fraction, 0.0), 1.0))))
-            statusLabel.text = message
-            # lets the Cancel button be pressed between pipeline steps
-            slicer.app.processEvents()
-
-        return progress
-
-    def _run(self, work, progressBar, statusLabel):
-        """Run ``work(progress, cancel)`` with the busy state, a wait cursor and error dialogs."""
-        from VertebralFractureLib.core.errors import Cancelled, InputError
-        from VertebralFractureLib.core.progress import CancelToken
-
-        self._cancelToken = CancelToken()
+    # --- background work, progress, cancel, errors -------------------------------------------
+    def _startJob(self, job, applyResult, onResult, progressBar, statusLabel) -> None:
+        """Run ``job`` (a BackgroundJob) off the GUI thread; on success ``onResult(applyResult(value))`` on
+        the main thread. A 100 ms timer moves progress into the panel; Cancel asks the job to stop."""
+        self._job, self._applyResult, self._onResult = job, applyResult, onResult
+        self._jobWidgets = (progressBar, statusLabel)
         self._busy = True
         self._updateButtons()
-        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
-        try:
-            return work(self._progressCallback(progressBar, statusLabel), self._cancelToken)
-        except Cancelled:
-            statusLabel.text = "Cancelled"
-        except InputError as exc:
-            statusLabel.text = "Error"
-            slicer.util.errorDisplay(str(exc))
-        except Exception as exc:  # noqa: BLE001 - show any failure to the user, keep the traceback in the log
-            logging.exception("VertebralFracture failed")
-            statusLabel.text = "Error"
-            slicer.util.errorDisplay(f"Failed: {exc}", detailedText=_traceback())
-        finally:
-            qt.QApplication.restoreOverrideCursor()
+        progressBar.setValue(0)
+        statusLabel.text = _("Starting...")
+        if self._timer is None:
+            self._timer = qt.QTimer()
+            self._timer.setInterval(100)
+            self._timer.connect("timeout()", self._pollJob)
+        job.start()
+        self._timer.start()
+
+    def _pollJob(self) -> None:
+        from VertebralFractureLib.core.errors import InputError
+
+        if self._job is None:
+            return
+        progressBar, statusLabel = self._jobWidgets
+        for event in self._job.poll():
+            if event.kind == "progress":
+                fraction, message = event.value
+                progressBar.setValue(int(round(100 * min(max(fraction, 0.0), 1.0))))
+                statusLabel.text = message
+            elif event.kind == "cancelled":
+                statusLabel.text = _("Cancelled")
+            elif event.kind == "error":
+                self._showError(event.value, statusLabel)
+            elif event.kind == "done":
+                try:  # the scene is touched here, on the main thread
+                    self._onResult(self._applyResult(event.value))
+                except (InputError, Exception) as exc:  # noqa: BLE001 - shown to the user
+                    self._showError(exc, statusLabel)
+        if self._job.finished:
+            self._timer.stop()
+            self._job = None
             self._busy = False
-            self._cancelToken = None
             self._updateButtons()
-        return None
+
+    def _showError(self, exc: BaseException, statusLabel) -> None:
+        from VertebralFractureLib.core.errors import InputError
+
+        statusLabel.text = _("Error")
+        if isinstance(exc, InputError):
+            slicer.util.errorDisplay(str(exc))
+            return
+        logging.error("VertebralFracture failed", exc_info=exc)
+        detail = "".join(__import__("traceback").format_exception(exc))
+        slicer.util.errorDisplay(_("Failed: {error}").format(error=exc), detailedText=detail)
+
+    def _runNow(self, work, statusLabel):
+        """Short main-thread work (reading nodes, opening a case) with error dialogs; None on failure."""
+        try:
+            return work()
+        except Exception as exc:  # noqa: BLE001 - InputError and any other failure are shown the same way
+            self._showError(exc, statusLabel)
+            return None
 
     def onCancelButton(self) -> None:
-        if self._cancelToken is not None:
-            self._cancelToken.cancel()
-            self.ui.statusLabel.text = "Cancelling after the current step..."
+        if self._job is not None:
+            self._job.cancel()
+            self.ui.statusLabel.text = _("Cancelling after the current step...")
 
     # --- analysis -------------------------------------------------------------------------------
     def onApplyButton(self) -> None:
         if not self.logic.ensureDependencies(interactive=True):
             return
         p = self._parameterNode
-
-        def work(progress, cancel):
-            return self.logic.process(
-                p.inputVolume,
-                wiener=p.wiener,
-                fast=p.fastMode,
-                device=p.device,
-                segmentationNode=p.outputSegmentation,
-                tableNode=p.outputTable,
-                progress=progress,
-                cancel=cancel,
-            )
-
-        result = self._run(work, self.ui.progressBar, self.ui.statusLabel)
-        if result is not None:
-            self._showResult(result)
+        prepared = self._runNow(lambda: self.logic.processJob(
+            p.inputVolume, wiener=p.wiener, fast=p.fastMode, device=p.device,
+            segmentationNode=p.outputSegmentation, tableNode=p.outputTable,
+        ), self.ui.statusLabel)
+        if prepared is not None:
+            self._startJob(*prepared, self._showResult, self.ui.progressBar, self.ui.statusLabel)
 
     def onRecomputeButton(self) -> None:
         if not self.logic.ensureDependencies(interactive=True):
             return
         p = self._parameterNode
-
-        def work(progress, cancel):
-            return self.logic.recompute(
-                p.outputSegmentation,
-                p.inputVolume,
-                wiener=p.wiener,
-                device=p.device,
-                tableNode=p.outputTable,
-                progress=progress,
-                cancel=cancel,
-            )
-
-        result = self._run(work, self.ui.progressBar, self.ui.statusLabel)
-        if result is not None:
-            self._showResult(result)
+        prepared = self._runNow(lambda: self.logic.recomputeJob(
+            p.outputSegmentation, p.inputVolume, wiener=p.wiener, device=p.device, tableNode=p.outputTable,
+        ), self.ui.statusLabel)
+        if prepared is not None:
+            self._startJob(*prepared, self._showResult, self.ui.progressBar, self.ui.statusLabel)
 
     def _showResult(self, result) -> None:
         p = self._parameterNode
@@ -315,7 +343,7 @@ class VertebralFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.onTableChanged(result.table_node)
         self._showPatientProbability(result.result)
         self.ui.statusLabel.text = result.result.summary_line()
-        review = [f"Needs review: {reason}" for reason in result.result.review_reasons]
+        review = [_("Needs review: {reason}").format(reason=reason) for reason in result.result.review_reasons]
         self.ui.warningsLabel.text = "\n".join(review + result.result.warnings)
         self.ui.progressBar.setValue(100)
 
@@ -326,9 +354,9 @@ class VertebralFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.patientProbabilityLabel.styleSheet = ""
             return
         if pipelineResult.fractured is None:  # the automatic answer cannot be trusted: see the review reasons
-            verdict, colour = "needs review", "#ef6c00"
+            verdict, colour = _("needs review"), "#ef6c00"
         else:
-            verdict = "fracture" if pipelineResult.fractured else "no fracture"
+            verdict = _("fracture") if pipelineResult.fractured else _("no fracture")
             colour = "#c62828" if pipelineResult.fractured else "#2e7d32"
         self.ui.patientProbabilityLabel.text = f"{probability:.0%}  {verdict}"
         self.ui.patientProbabilityLabel.styleSheet = f"color: {colour}"
@@ -352,7 +380,7 @@ class VertebralFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         p = self._parameterNode
         selected = self.ui.segmentsTableView.selectedSegmentIDs()
         if len(selected) != 1:
-            slicer.util.warningDisplay("Select exactly one segment in the list, then choose its level.")
+            slicer.util.warningDisplay(_("Select exactly one segment in the list, then choose its level."))
             return
         newLevel = self.ui.newLevelComboBox.currentText
         from VertebralFractureLib.core.errors import InputError
@@ -363,7 +391,8 @@ class VertebralFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             slicer.util.errorDisplay(str(exc))
             return
         changed = sum(1 for old, new in mapping.items() if old != new)
-        self.ui.statusLabel.text = f"{changed} vertebrae renumbered; press Recompute to update the measurements"
+        self.ui.statusLabel.text = _("{count} vertebrae renumbered; press Recompute to update the measurements").format(
+            count=changed)
         self.onSegmentationChanged(p.outputSegmentation)
 
     # --- batch and review -----------------------------------------------------------------------
@@ -371,39 +400,28 @@ class VertebralFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if not self.logic.ensureDependencies(interactive=True):
             return
         p = self._parameterNode
+        outputFolder = Path(p.batchOutputFolder)
+        job = self.logic.batchJob(p.batchInputFolder, outputFolder, workers=p.batchWorkers, wiener=p.wiener,
+                                  fast=p.fastMode, device=p.device)
 
-        def work(progress, cancel):
-            def progressWithCancel(fraction, message):
-                progress(fraction, message)
-                cancel.check()  # stops after the current case; a rerun resumes
+        def onResult(_cohortCsv) -> None:
+            self.ui.batchStatusLabel.text = _("Done: results in {folder}").format(folder=outputFolder)
+            self._parameterNode.caseFolder = outputFolder
 
-            return self.logic.runBatch(
-                p.batchInputFolder, p.batchOutputFolder, workers=p.batchWorkers,
-                wiener=p.wiener, fast=p.fastMode, device=p.device, progress=progressWithCancel,
-            )
-
-        summary = self._run(work, self.ui.batchProgressBar, self.ui.batchStatusLabel)
-        if summary is not None:
-            self.ui.batchStatusLabel.text = f"Done: results in {p.batchOutputFolder}"
-            self._parameterNode.caseFolder = Path(p.batchOutputFolder)
+        self._startJob(job, lambda value: value, onResult, self.ui.batchProgressBar, self.ui.batchStatusLabel)
 
     def onOpenCaseButton(self) -> None:
         if not self.logic.ensureDependencies(interactive=True):
             return
         p = self._parameterNode
-
-        def work(progress, cancel):
-            return self.logic.openCase(p.caseFolder, cohortFolder=p.batchInputFolder)
-
-        result = self._run(work, self.ui.progressBar, self.ui.statusLabel)
+        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+        try:  # reading two files into nodes: seconds, on the main thread (MRML is not thread-safe)
+            result = self._runNow(lambda: self.logic.openCase(p.caseFolder, cohortFolder=p.batchInputFolder),
+                                  self.ui.statusLabel)
+        finally:
+            qt.QApplication.restoreOverrideCursor()
         if result is not None:
             self._showResult(result)
-
-
-def _traceback() -> str:
-    import traceback
-
-    return traceback.format_exc()
 
 
 #
@@ -465,31 +483,27 @@ class VertebralFractureLogic(ScriptedLoadableModuleLogic):
         return missing
 
     def ensureDependencies(self, interactive: bool = True) -> bool:
-        """Install missing Python packages (with the user's consent when ``interactive``).
+        """Install missing Python packages of ``Resources/requirements.txt`` after the user agrees.
 
-        Uses Slicer's ``pydeps``/``packaging`` ``pip_ensure`` when the application has it, else
-        ``slicer.util.pip_install``; torch comes through the PyTorch extension when present.
+        ``slicer.packaging.pip_ensure(load_requirements(...))`` (Slicer 5.10+; ``slicer.util.pip_install``
+        on older releases); torch comes through the PyTorch extension when present.
         Returns True when everything is importable afterwards.
         """
         missing = self.missingRequirements()
         if missing:
             if interactive and not slicer.util.confirmOkCancelDisplay(
-                "Vertebral Fracture needs these Python packages, which will be downloaded and installed now:\n\n"
-                + "\n".join(missing),
-                "Install Python packages",
+                _("Vertebral Fracture needs these Python packages, which will be downloaded and installed now:")
+                + "\n\n" + "\n".join(missing),
+                _("Install Python packages"),
             ):
                 return False
-            ensure = _pipEnsure()
-            if ensure is not None:
-                from packaging.requirements import Requirement
-
-                requirements = [Requirement(line) for line in missing]
-                try:
-                    ensure(requirements, prompt_install=False, requester="VertebralFracture")
-                except TypeError:  # an older pip_ensure without these keywords
-                    ensure(requirements)
-            else:
+            try:
+                from slicer.packaging import load_requirements, pip_ensure
+            except ImportError:  # Slicer before 5.10
                 slicer.util.pip_install(missing)
+            else:
+                # the user agreed above; the requirements file keeps the version ranges
+                pip_ensure(load_requirements(requirementsPath()), prompt_install=False, requester=_("Vertebral Fracture"))
         if not self._ensureTorch(interactive):
             return False
         _ensure_library_on_path()
@@ -506,9 +520,9 @@ class VertebralFractureLogic(ScriptedLoadableModuleLogic):
             import PyTorchUtils
         except ImportError:
             if interactive and not slicer.util.confirmOkCancelDisplay(
-                "PyTorch is missing. Install the PyTorch extension (recommended, picks the right CUDA build) "
-                "or press OK to install the CPU build with pip.",
-                "Install PyTorch",
+                _("PyTorch is missing. Install the PyTorch extension (recommended, picks the right CUDA build) "
+                  "or press OK to install the CPU build with pip."),
+                _("Install PyTorch"),
             ):
                 return False
             slicer.util.pip_install("torch>=2.2")
@@ -570,6 +584,56 @@ class VertebralFractureLogic(ScriptedLoadableModuleLogic):
             table_node=tableNode,
         )
 
+    def processJob(self, volumeNode, wiener: bool = True, fast: bool = False, device: str = "auto",
+                   segmentationNode=None, tableNode=None):
+        """``(job, apply)`` for the GUI: ``job`` (not started) segments and analyses the CT of ``volumeNode`` in a
+        worker thread; ``apply(result)``, on the main thread, fills the nodes and returns ``MrmlResult``."""
+        from VertebralFractureLib.app import mrml_nodes
+
+        if volumeNode is None:
+            raise ValueError(_("no input volume"))
+        ct = mrml_nodes.volume_from_volume_node(volumeNode)  # MRML is read here, on the main thread
+        return self._analysisJob(ct, None, self._options(wiener, fast, device), volumeNode, segmentationNode, tableNode)
+
+    def recomputeJob(self, segmentationNode, volumeNode, wiener: bool = True, device: str = "auto", tableNode=None):
+        """``(job, apply)`` as :meth:`processJob` for Recompute: the edited segments are read now, analysed in the job."""
+        from VertebralFractureLib.app import mrml_nodes
+        from VertebralFractureLib.core.errors import InputError
+
+        ct = mrml_nodes.volume_from_volume_node(volumeNode)
+        labels = mrml_nodes.labels_from_segmentation_node(segmentationNode, ct)
+        if not labels.array.any():
+            raise InputError(_("segmentation {name!r} is empty; nothing to recompute").format(name=segmentationNode.GetName()))
+        return self._analysisJob(ct, labels, self._options(wiener, False, device), volumeNode, segmentationNode, tableNode)
+
+    @staticmethod
+    def _analysisJob(ct, labels, options, volumeNode, segmentationNode, tableNode):
+        from VertebralFractureLib.app import slicer_logic
+        from VertebralFractureLib.app.background import BackgroundJob
+        from VertebralFractureLib.app.pipeline import analyse
+
+        job = BackgroundJob(lambda progress, cancel: analyse(ct, labels, options=options, progress=progress, cancel=cancel))
+
+        def apply(result):
+            return slicer_logic.publish_result(slicer.mrmlScene, ct, result, volumeNode, segmentationNode, tableNode)
+
+        return job, apply
+
+    def batchJob(self, cohortFolder, outputFolder, workers: int = 1, wiener: bool = True, fast: bool = False,
+                 device: str = "auto"):
+        """A (not started) BackgroundJob running :meth:`runBatch`; Cancel stops after the current case (a rerun resumes)."""
+        from VertebralFractureLib.app.background import BackgroundJob
+
+        def work(progress, cancel):
+            def progressWithCancel(fraction, message):
+                progress(fraction, message)
+                cancel.check()
+
+            return self.runBatch(cohortFolder, outputFolder, workers=workers, wiener=wiener, fast=fast, device=device,
+                                 progress=progressWithCancel)
+
+        return BackgroundJob(work)
+
     def renameLevel(self, segmentationNode, segmentId: str, newLevel: str, volumeNode=None, tableNode=None) -> dict:
         """Rename one segment's level and renumber the others; returns old -> new VerSe ids."""
         from VertebralFractureLib.app import slicer_logic
@@ -612,18 +676,6 @@ class VertebralFractureLogic(ScriptedLoadableModuleLogic):
 
         cohort = Path(cohortFolder) if cohortFolder and str(cohortFolder) not in ("", ".") else None
         return slicer_logic.open_case(slicer.mrmlScene, Path(caseFolder), ctPath, cohort)
-
-
-def _pipEnsure():
-    """``pip_ensure`` of this Slicer (``slicer.pydeps`` since 5.11, ``slicer.packaging`` in some builds), or None."""
-    for name in ("slicer.pydeps", "slicer.packaging"):
-        try:
-            module = __import__(name, fromlist=["pip_ensure"])
-        except ImportError:
-            continue
-        if hasattr(module, "pip_ensure"):
-            return module.pip_ensure
-    return None
 
 
 #

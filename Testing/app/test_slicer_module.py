@@ -222,3 +222,71 @@ def test_requirements_match_pyproject_dependencies():
             continue
         assert name in requirements, f"{name} is a dependency in pyproject.toml but not in Resources/requirements.txt"
         assert requirements[name].specifier == req.specifier, f"{name}: {requirements[name]} vs pyproject {req}"
+
+
+# --- the module does not freeze Slicer, installs with pip_ensure, reloads its library, translates -------------
+def _class_node(name: str) -> ast.ClassDef:
+    return next(n for n in _module_tree().body if isinstance(n, ast.ClassDef) and n.name == name)
+
+
+def _method(class_name: str, method: str) -> ast.FunctionDef:
+    return next(f for f in _class_node(class_name).body if isinstance(f, ast.FunctionDef) and f.name == method)
+
+
+def _calls(tree: ast.AST) -> list[str]:
+    return [ast.unparse(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)]
+
+
+def test_long_work_runs_in_a_background_job_polled_by_a_timer():
+    source = MODULE_FILE.read_text()
+    assert "processEvents" not in source, "pumping Qt events from the pipeline is not a substitute for a worker thread"
+    for handler, job in (("onApplyButton", "processJob"), ("onRecomputeButton", "recomputeJob"),
+                         ("onRunBatchButton", "batchJob")):
+        calls = _calls(_method("VertebralFractureWidget", handler))
+        assert f"self.logic.{job}" in calls and "self._startJob" in calls, handler
+        assert not {"self.logic.process", "self.logic.recompute", "self.logic.runBatch"} & set(calls), handler
+    start = _calls(_method("VertebralFractureWidget", "_startJob"))
+    assert "qt.QTimer" in start and "job.start" in start
+    poll = ast.unparse(_method("VertebralFractureWidget", "_pollJob"))
+    # results reach the scene from the timer's (main) thread: the job returns arrays, apply writes nodes
+    assert "self._job.poll()" in poll and "self._applyResult(event.value)" in poll
+    assert "self._job.cancel" in _calls(_method("VertebralFractureWidget", "onCancelButton"))
+    for job in ("_analysisJob", "batchJob"):
+        assert "BackgroundJob" in _calls(_method("VertebralFractureLogic", job))
+    # MRML is read before the job starts (main thread), never inside the worker's lambda
+    analysis = _method("VertebralFractureLogic", "_analysisJob")
+    worker = next(n for n in ast.walk(analysis) if isinstance(n, ast.Lambda))
+    assert "slicer" not in ast.unparse(worker) and "Node" not in ast.unparse(worker)
+
+
+def test_dependencies_come_from_slicer_packaging_after_the_user_agrees():
+    source = MODULE_FILE.read_text()
+    assert "pydeps" not in source, "Slicer has no slicer.pydeps module"
+    ensure = _method("VertebralFractureLogic", "ensureDependencies")
+    text = ast.unparse(ensure)
+    assert "from slicer.packaging import load_requirements, pip_ensure" in text
+    calls = _calls(ensure)
+    assert "pip_ensure" in calls and "load_requirements" in calls and "requirementsPath" in calls
+    # the confirmation comes first: the install is inside the branch the user's OK opens
+    assert text.index("confirmOkCancelDisplay") < text.rindex("pip_ensure(")
+
+
+def test_reload_also_reloads_the_library():
+    reload = _method("VertebralFractureWidget", "onReload")
+    text = ast.unparse(reload)
+    assert "sys.modules" in text and "VertebralFractureLib" in text and "ScriptedLoadableModuleWidget.onReload" in text
+
+
+def test_user_facing_strings_are_translatable():
+    source = MODULE_FILE.read_text()
+    assert "from slicer.i18n import tr as _" in source and "from slicer.i18n import translate" in source
+    module_init = ast.unparse(_method("VertebralFracture", "__init__"))
+    for field in ("title", "helpText", "acknowledgementText"):
+        assert re.search(rf"self\.parent\.{field} = _\(", module_init), field
+    assert "translate('qSlicerAbstractCoreModule', 'Quantification')" in module_init
+    # every literal shown in a dialog goes through _()
+    dialogs = {"errorDisplay", "warningDisplay", "confirmOkCancelDisplay"}
+    for node in ast.walk(_module_tree()):
+        if isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] in dialogs and node.args:
+            first = node.args[0]
+            assert not isinstance(first, (ast.Constant, ast.JoinedStr)), f"untranslated text: {ast.unparse(node)}"

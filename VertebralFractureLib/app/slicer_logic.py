@@ -86,7 +86,7 @@ def process_volume_node(
     """
     ct = mrml_nodes.volume_from_volume_node(volume_node)
     result = analyse(ct, None, options=options, progress=progress, cancel=cancel)
-    return _publish(scene, ct, result, volume_node, segmentation_node, table_node)
+    return publish_result(scene, ct, result, volume_node, segmentation_node, table_node)
 
 
 def recompute_segmentation_node(
@@ -113,10 +113,10 @@ def recompute_segmentation_node(
     if not labels.array.any():
         raise InputError(f"segmentation {segmentation_node.GetName()!r} is empty; nothing to recompute")
     result = analyse(ct, labels, options=options, progress=progress, cancel=cancel)
-    return _publish(scene, ct, result, volume_node, segmentation_node, table_node)
+    return publish_result(scene, ct, result, volume_node, segmentation_node, table_node)
 
 
-def _publish(scene, ct: Volume, result: PipelineResult, volume_node, segmentation_node, table_node) -> MrmlResult:
+def publish_result(scene, ct: Volume, result: PipelineResult, volume_node, segmentation_node, table_node) -> MrmlResult:
     """Show ``result`` in the (new or given) segmentation and table nodes of ``volume_node``'s CT."""
     labels = result.labels if result.labels is not None else ct.with_array(np.zeros(ct.shape, np.uint8))
     seg = mrml_nodes.segmentation_node_from_labels(
