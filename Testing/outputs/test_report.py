@@ -87,7 +87,15 @@ def test_report_is_self_contained_and_complete(tmp_path):
     assert len(re.findall(r"<tr class=\"flag\">", html)) == 2
     for level in ("T12", "L1", "L2", "L3"):
         assert f"</span>{level}</td>" in html
-    assert re.search(r"<td>yes</td></tr>", html)  # L3 is partial
+    assert re.search(r"<td>cut</td></tr>", html)  # L3 is partial: its quality flag says cut
+
+
+def test_report_shows_the_review_status():
+    ct, labels = spine_phantom()
+    reason = "A vertebra is missing: no segment for L2 between L1 and L3."
+    html = render_report(ct, labels, records(), fracture_probability=0.45, fractured=None, review_reasons=[reason])
+    assert ">NEEDS REVIEW<" in html and ">YES<" not in html and ">NO<" not in html
+    assert f"<li>{reason}</li>" in html
 
 
 def test_report_without_vertebrae(tmp_path):

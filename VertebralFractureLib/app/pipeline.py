@@ -359,8 +359,8 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
 
             write_radiomics_csv(result.radiomics, result.records, out / "radiomics.csv")
         write_report(out / "report.html", ct, labels, result.records, fracture_probability=result.fracture_probability,
-                     fractured=result.fractured, warnings=result.warnings, case_id=result.case_id,
-                     timings_s=result.timings_s)
+                     fractured=result.fractured, warnings=result.warnings, review_reasons=result.review_reasons,
+                     case_id=result.case_id, timings_s=result.timings_s)
         for job in jobs:
             job.result()  # re-raise a writer's error here, inside the atomic output folder
 

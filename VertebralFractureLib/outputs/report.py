@@ -351,7 +351,7 @@ main { padding: 16px 24px; max-width: 1180px; }
 .kv .k { color: #5b6573; }
 .big { font-size: 30px; font-weight: 700; }
 .verdict { display: inline-block; padding: 3px 10px; border-radius: 4px; font-weight: 700; color: white; }
-.yes { background: #c62828; } .no { background: #2e7d32; } .na { background: #757575; }
+.yes { background: #c62828; } .no { background: #2e7d32; } .na { background: #757575; } .review { background: #ef6c00; }
 table { border-collapse: collapse; font-size: 12.5px; width: 100%; }
 th { background: #e8ebf0; text-align: right; padding: 5px 6px; font-weight: 600; white-space: nowrap; }
 td { border-top: 1px solid #e3e6ea; text-align: right; padding: 4px 6px; white-space: nowrap; }
@@ -385,6 +385,8 @@ img.sag { display: block; max-height: 880px; max-width: 100%; border-radius: 4px
 <div class="k">Vertebrae analysed</div><div>{{ n_vertebrae }}{% if levels %} ({{ levels }}){% endif %}</div>
 <div class="k">Flagged</div><div>{{ flagged_text }}</div>
 </div>
+{% if review_reasons %}<h2 style="margin-top:14px">Needs review</h2>
+<ul class="warn">{% for w in review_reasons %}<li>{{ w }}</li>{% endfor %}</ul>{% endif %}
 {% if warnings %}<h2 style="margin-top:14px">Warnings</h2>
 <ul class="warn">{% for w in warnings %}<li>{{ w }}</li>{% endfor %}</ul>{% endif %}
 </div>
@@ -399,16 +401,17 @@ img.sag { display: block; max-height: 880px; max-width: 100%; border-radius: 4px
 <table>
 <tr><th>Level</th><th>Volume (ml)</th><th>H<sub>ant</sub> (mm)</th><th>H<sub>mid</sub> (mm)</th><th>H<sub>post</sub> (mm)</th>
 <th>Height loss</th><th>Genant grade</th><th>Type</th><th>P(fracture)</th><th>P morphometry</th><th>P classifier</th>
-<th>Trabecular HU</th><th>Low density</th><th>Partial</th></tr>
+<th>Trabecular HU</th><th>Low density</th><th>Quality flags</th></tr>
 {% for r in rows %}<tr class="{{ 'flag' if r.flagged else '' }}">
 <td><span class="sw" style="background: {{ r.color }}"></span>{{ r.level }}</td><td>{{ r.volume }}</td><td>{{ r.ha }}</td><td>{{ r.hm }}</td>
 <td>{{ r.hp }}</td><td>{{ r.loss }}</td><td>{{ r.grade }}</td><td>{{ r.type }}</td><td>{{ r.prob }}</td><td>{{ r.prob_m }}</td>
-<td>{{ r.prob_c }}</td><td>{{ r.hu }}</td><td>{{ r.low }}</td><td>{{ r.partial }}</td></tr>
+<td>{{ r.prob_c }}</td><td>{{ r.hu }}</td><td>{{ r.low }}</td><td>{{ r.flags }}</td></tr>
 {% endfor %}</table>
 {% if not rows %}<p>No vertebra was found in the field of view.</p>{% endif %}
 {% if notes %}<details><summary class="legend">Notes per vertebra ({{ notes|length }})</summary>
 <ul class="notes">{% for level, text in notes %}<li><b>{{ level }}</b>: {{ text }}</li>{% endfor %}</ul></details>{% endif %}
-<div class="legend">Partial: cut by the field of view, so not graded.</div>
+<div class="legend">Quality flags: cut (by the field of view), merged (more than one vertebra in the segment),
+implausible (not shaped like a vertebral body); a flagged vertebra is not graded.</div>
 </div>
 {% if closeups %}<div class="card">
 <h2>Flagged vertebrae</h2>
@@ -444,8 +447,9 @@ def render_report(
     records: Sequence[VertebraRecord],
     *,
     fracture_probability: float,
-    fractured: bool,
+    fractured: bool | None,
     warnings: Sequence[str] = (),
+    review_reasons: Sequence[str] = (),
     case_id: str = "",
     timings_s: dict[str, float] | None = None,
 ) -> str:
@@ -471,6 +475,7 @@ def render_report(
         levels=f"{records[0].level}{DASH}{records[-1].level}" if len(records) > 1 else "",
         flagged_text=", ".join(r.level for r in flagged) or "none",
         warnings=list(warnings),
+        review_reasons=list(review_reasons),
         sagittal=sagittal,
         rows=rows,
         notes=notes,
@@ -515,12 +520,16 @@ def _closeups(
     return closeups
 
 
-def _summary(records: Sequence[VertebraRecord], fracture_probability: float, fractured: bool) -> dict[str, str]:
-    """The patient summary's texts: probability, verdict (and its CSS class), worst vertebra, low density."""
-    if math.isnan(fracture_probability):
-        probability, verdict, verdict_class = "n/a", "not assessed", "na"
+def _summary(records: Sequence[VertebraRecord], fracture_probability: float, fractured: bool | None) -> dict[str, str]:
+    """The patient summary's texts: probability, verdict (and its CSS class), worst vertebra, low density.
+
+    ``fractured`` None: the case needs review (the automatic answer cannot be trusted)."""
+    probability = "n/a" if math.isnan(fracture_probability) else f"{fracture_probability:.2f}"
+    if fractured is None:
+        verdict, verdict_class = "NEEDS REVIEW", "review"
+    elif math.isnan(fracture_probability):
+        verdict, verdict_class = "not assessed", "na"
     else:
-        probability = f"{fracture_probability:.2f}"
         verdict, verdict_class = ("YES", "yes") if fractured else ("NO", "no")
     low = [r for r in records if r.low_density]
     if low:
@@ -563,7 +572,8 @@ def _table_rows(
             "grade": _fmt(r.genant_grade), "type": r.genant_type or DASH,
             "prob": _fmt(r.fracture_probability, 2), "prob_m": _fmt(r.probability_morphometry, 2),
             "prob_c": _fmt(r.probability_classifier, 2), "hu": _fmt(r.trabecular_hu, 0),
-            "low": {True: "yes", False: "no"}.get(r.low_density, DASH), "partial": "yes" if r.partial else "",
+            "low": {True: "yes", False: "no"}.get(r.low_density, DASH),
+            "flags": ", ".join(r.flags or (["cut"] if r.partial else [])),
         })
     return rows, notes
 
@@ -575,15 +585,16 @@ def write_report(
     records: Sequence[VertebraRecord],
     *,
     fracture_probability: float,
-    fractured: bool,
+    fractured: bool | None,
     warnings: Sequence[str] = (),
+    review_reasons: Sequence[str] = (),
     case_id: str = "",
     timings_s: dict[str, float] | None = None,
 ) -> Path:
     """Write :func:`render_report` to ``path`` (normally ``report.html``)."""
     path = Path(path)
     html = render_report(ct, labels, records, fracture_probability=fracture_probability, fractured=fractured,
-                         warnings=warnings, case_id=case_id, timings_s=timings_s)
+                         warnings=warnings, review_reasons=review_reasons, case_id=case_id, timings_s=timings_s)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html, encoding="utf-8")
     return path
