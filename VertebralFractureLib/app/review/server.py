@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,15 @@ def _effect_types() -> dict[str, type]:
 
     return {"none": SegmentationEffectNoTool, "paint": SegmentationEffectPaint, "erase": SegmentationEffectErase,
             "scissors": SegmentationEffectScissors, "islands": SegmentationEffectIslands}
+
+
+def _warm_up() -> None:
+    from VertebralFractureLib.stages.classification import load_classifier
+
+    try:
+        load_classifier()
+    except Exception:  # noqa: BLE001 - Recompute reports a broken model itself
+        log.debug("classifier warm-up failed", exc_info=True)
 
 
 def _quad_layout():
@@ -106,6 +116,8 @@ class ReviewApp:
         self._init_state()
         self._build_ui()
         self.timings: dict[str, float] = {"build": time.perf_counter() - start}
+        # torch and the classifier load in the background while the reviewer picks a case, not on the first Recompute
+        threading.Thread(target=_warm_up, name="review-warm-up", daemon=True).start()
 
     # --- state ------------------------------------------------------------------------------------
     @property

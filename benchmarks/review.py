@@ -1,0 +1,147 @@
+"""Review app timings in headless chromium: server start, case switch, Recompute after an edit, server memory.
+
+Targets (issue 17): start <= 10 s, case switch <= 2 s, Recompute after an edit <= 5 s on 2 cores, server
+RSS <= 1.5 GB. The output reviewed is a batch over two real CTs: the bundled demo CT (segmented by the
+network) and the TPTBox lumbar crop of ../shared/data with its label map; it is built once under
+``--work`` and reused. Every time is wall time seen from the browser (click -> page updated).
+
+Run: .venv/bin/python benchmarks/review.py [--work /tmp/review-bench] [--screenshot docs/review_screenshot.png]
+(writes benchmarks/results/review.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import require_shared_data, write_result
+
+from VertebralFractureLib.app.batch import run_batch
+from VertebralFractureLib.app.pipeline import PipelineOptions
+from VertebralFractureLib.core.resources import demo_ct_path
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def build_output(work: Path) -> Path:
+    """A batch output over the demo CT and the TPTBox crop (with its labels); reused when complete."""
+    out = work / "out"
+    if (out / "cohort.csv").is_file():
+        return out
+    data = require_shared_data() / "tptbox-l2-l4"
+    cohort = work / "cohort"
+    (cohort / "tptbox-l2-l4").mkdir(parents=True, exist_ok=True)
+    shutil.copy(data / "sub-ct_label-22_ct.nii.gz", cohort / "tptbox-l2-l4" / "ct.nii.gz")
+    shutil.copy(data / "sub-ct_seg-vert_label-22_msk.nii.gz", cohort / "tptbox-l2-l4" / "labels.nii.gz")
+    shutil.copy(demo_ct_path(), cohort / "demo.nii.gz")
+    run_batch(cohort, out, scheduler="synchronous", options=PipelineOptions(), quiet=True)
+    return out
+
+
+def rss_mb(pid: int) -> float:
+    import psutil
+
+    process = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]) / 2**20
+
+
+def wait_text(page, selector: str, pattern: str, timeout_ms: int = 120_000) -> None:
+    page.wait_for_function(
+        "([sel, pat]) => new RegExp(pat).test((document.querySelector(sel) || {}).innerText || '')",
+        arg=[selector, pattern], timeout=timeout_ms)
+
+
+def open_case(page, name: str) -> float:
+    start = time.perf_counter()
+    page.locator(f".vf-case[data-case='{name}']").click()
+    wait_text(page, "#vf-title", f"^{name}")
+    page.wait_for_selector(".vf-row")
+    return time.perf_counter() - start
+
+
+def paint_stroke(page) -> None:
+    box = page.locator("#vf-views img").nth(0).bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for i in range(1, 16):
+        page.mouse.move(x + i * box["width"] * 0.01, y)
+        time.sleep(0.03)
+    page.mouse.up()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/review-bench"))
+    parser.add_argument("--screenshot", type=Path, help="save a screenshot of the demo case here")
+    args = parser.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    out = build_output(args.work)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    start = time.perf_counter()
+    server = subprocess.Popen([sys.executable, "-m", "VertebralFractureLib.cli", "review", str(out), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    rss = []
+    try:
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            time.sleep(0.05)
+        listen_s = time.perf_counter() - start
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium",
+                                        args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1600, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_selector(".vf-case")
+            start_s = time.perf_counter() - start
+            rss.append(rss_mb(server.pid))
+            names = page.locator(".vf-case").evaluate_all("els => els.map(e => e.dataset.case)")
+            switches = [open_case(page, name) for name in names + names]
+            rss.append(rss_mb(server.pid))
+            demo = next(n for n in names if n.startswith("demo"))
+            open_case(page, demo)
+            levels = page.locator(".vf-row .vf-level").all_inner_texts()
+            middle = levels[len(levels) // 2]
+            page.locator(f".vf-row[data-level='{middle}']").click()
+            wait_text(page, "#vf-message", f"centred on {middle}")
+            page.wait_for_timeout(1500)
+            if args.screenshot:
+                page.screenshot(path=str(args.screenshot))
+            page.locator("#vf-effect-paint").click()
+            paint_stroke(page)
+            wait_text(page, "#vf-summary", "edited")
+            t = time.perf_counter()
+            page.locator("#vf-recompute").click()
+            wait_text(page, "#vf-message", "^recomputed")
+            recompute_s = time.perf_counter() - t
+            rss.append(rss_mb(server.pid))
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(10)
+    write_result("review", {
+        "output": {"cases": names, "demo_levels": levels},
+        "server_start_s": round(start_s, 2), "server_listening_s": round(listen_s, 2),
+        "case_switch_s": {"median": round(statistics.median(switches), 2), "max": round(max(switches), 2),
+                          "all": [round(s, 2) for s in switches]},
+        "recompute_after_edit_s": round(recompute_s, 2),
+        "server_rss_mb_max": round(max(rss), 1),
+        "targets": {"server_start_s": 10, "case_switch_s": 2, "recompute_after_edit_s": 5, "server_rss_mb": 1536},
+        "note": "wall time from the browser (headless chromium on the same machine); demo CT 267x207x183 at 1.5 mm",
+    })
+
+
+if __name__ == "__main__":
+    main()
