@@ -121,6 +121,12 @@ def test_broken_cases_get_their_status_and_the_rest_goes_on(tmp_path):
     assert messages == [(1.0, "all 7 cases already complete")]
     assert stamp == {c: (out / c / "result.json").stat().st_mtime_ns for c in stamp}
 
+    # a sign-off of the review app survives a resumed batch, which rewrites cohort.csv
+    (out / "case01" / "review.json").write_text(json.dumps({"status": "approved"}))
+    run_batch(cohort, out, scheduler="synchronous", options=OPTIONS, progress=lambda f, m: None)
+    rows = {r["case"]: r for r in read_cohort_csv(out / "cohort.csv")}
+    assert rows["case01"]["review"] == "approved" and rows["case00"]["review"] == ""
+
     # a fixed input is picked up again
     (cohort / "truncated.nii.gz").unlink()
     tiny_case(cohort / "truncated", seed=5)

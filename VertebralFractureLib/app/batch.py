@@ -51,10 +51,11 @@ from typing import Any
 
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.progress import ProgressCallback
+from VertebralFractureLib.io.atomic import atomic_write_text
 from VertebralFractureLib.io.volume_files import VOLUME_SUFFIXES, is_volume_file
 
 COHORT_COLUMNS = ["case", "status", "fracture_probability", "fractured", "worst_level", "worst_grade", "error",
-                  "needs_review", "review_reasons"]
+                  "needs_review", "review_reasons", "review"]
 STATE_DIR = ".batch"
 CSV_INTERVAL_S = 2.0
 CT_NAMES = ("ct.nii.gz", "ct.nii", "ct.nrrd", "ct.mha", "ct.mhd", "ct.nhdr")
@@ -201,16 +202,6 @@ def run_case(case: dict[str, Any], out_dir: str, options: dict[str, Any], thread
 
 
 # --- state on disk -----------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new file, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def write_cohort_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     """Write ``cohort.csv`` atomically (temporary file + ``os.replace``)."""
     import io
@@ -220,7 +211,7 @@ def write_cohort_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     writer.writeheader()
     for row in rows:
         writer.writerow(row)
-    _atomic_write(path, buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue())
     return path
 
 
@@ -275,14 +266,24 @@ def _clean_leftovers(out: Path) -> int:
     return removed
 
 
+def _signed_off_status(case_dir: Path) -> str:
+    """The review app's sign-off (``approved``/``rejected``) kept in ``review.json``, or ``""``: a resumed batch
+    rewrites ``cohort.csv`` and must not drop the ``review`` column."""
+    try:
+        return str(json.loads((case_dir / "review.json").read_text()).get("status", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
 def _existing_row(out: Path, case: Case) -> dict[str, Any] | None:
     """The row of a case finished by an earlier run, or None when it must (re)run."""
     result_json = out / case.name / "result.json"
     if result_json.is_file():
         try:
-            return _summary_row(case.name, json.loads(result_json.read_text()))
+            row = _summary_row(case.name, json.loads(result_json.read_text()))
         except (ValueError, OSError):
             return None  # unreadable: rerun (cannot happen with atomic writes, but be safe)
+        return {**row, "review": _signed_off_status(out / case.name)}
     failed = out / STATE_DIR / "failed" / f"{case.name}.json"
     if failed.is_file():
         try:
@@ -307,7 +308,7 @@ def _record(out: Path, case: Case, row: dict[str, Any], log_path: Path) -> None:
         failed.unlink(missing_ok=True)
     else:
         payload = {"row": {k: row.get(k, "") for k in COHORT_COLUMNS}, "fingerprint": _safe_fingerprint(case)}
-        _atomic_write(failed, json.dumps(payload))
+        atomic_write_text(failed, json.dumps(payload))
     with log_path.open("a") as fh:  # an audit trail; not needed to resume
         fh.write(json.dumps({"time": time.time(), **row}) + "\n")
 

@@ -22,6 +22,7 @@ from VertebralFractureLib.app.pipeline import PipelineOptions
 from VertebralFractureLib.app.review import signoff
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.volume import Volume
+from VertebralFractureLib.io.atomic import atomic_write
 
 
 def case_ct_path(folder: Path) -> Path:
@@ -166,9 +167,9 @@ class OpenCase:
         if self.corrected:
             from VertebralFractureLib.io.volume_files import write_volume
 
-            signoff.atomic_write(self.folder / signoff.CORRECTED_SEG_NRRD,
-                                 lambda tmp: mrml_nodes.save_segmentation(self.segmentation_node, tmp))
-            signoff.atomic_write(self.folder / signoff.CORRECTED_NIFTI, lambda tmp: write_volume(self.labels(), tmp))
+            atomic_write(self.folder / signoff.CORRECTED_SEG_NRRD,
+                         lambda tmp: mrml_nodes.save_segmentation(self.segmentation_node, tmp))
+            atomic_write(self.folder / signoff.CORRECTED_NIFTI, lambda tmp: write_volume(self.labels(), tmp))
             corrected_files = [signoff.CORRECTED_SEG_NRRD, signoff.CORRECTED_NIFTI]
         results = self.nodes.result.to_json() if self.corrected else None
         if results is not None:

@@ -10,45 +10,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from VertebralFractureLib.app.review.worklist import REVIEW_FILE
 from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.io.atomic import atomic_write_text
 
 STATUSES = ("approved", "rejected")
 CORRECTED_SEG_NRRD = "segmentation.corrected.seg.nrrd"
 CORRECTED_NIFTI = "segmentation.corrected.nii.gz"
 REVIEW_COLUMN = "review"
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary sibling of ``path`` (same suffixes), then rename it to ``path``.
-
-    The temporary file is removed if ``write`` fails; ``path`` is untouched then.
-    """
-    path = Path(path)
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, newline=""))
 
 
 def review_record(status: str, note: str, results: dict[str, Any] | None, *, corrected_files: list[str]) -> dict:

@@ -1,0 +1,24 @@
+"""Atomic writes (cohort.csv, review.json, corrected segmentations): old or new file, never half of one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from VertebralFractureLib.io.atomic import atomic_write, atomic_write_text
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "review.json"
+    atomic_write_text(target, '{"status": "approved"}')
+
+    def half_then_fail(tmp: Path) -> None:
+        tmp.write_text('{"status": "rej')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, half_then_fail)
+    assert json.loads(target.read_text()) == {"status": "approved"}
+    assert [p.name for p in tmp_path.iterdir()] == ["review.json"]  # no temporary file left behind
