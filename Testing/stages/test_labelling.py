@@ -128,3 +128,117 @@ def test_transitional_t13_named_by_an_anchor_enters_the_sequence():
     # instance 2 named T13: T12 above it, L1 below (T13 only ever appears when a user names it)
     assert names_from_anchor(3, 2, level_id("T13")) == {1: level_id("T12"), 2: level_id("T13"), 3: level_id("L1")}
     assert level_id("T13") not in names_from_anchor(30, 1, level_id("C1")).values()
+
+
+# --- sacrum between the ilia, disagreeing anchors, transitional vertebrae (issue 15) -----------------------------
+def _pelvis(n: int, *, ribs_on: list[int], sacrum_segment: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A wide box spine (z=S, y=P, x=L at 1.5 mm): ``n`` vertebrae 1 (cranial) .. n, 18 mm high, 6 mm apart, with
+    ribs (bars reaching 90 mm sideways, behind the bodies) on the instances ``ribs_on``; with ``sacrum_segment`` the
+    last instance is the sacrum, held between two 150 ml ilia at 3 mm from its sides."""
+    shape = (16 * n + 20, 80, 200)
+    inst = np.zeros(shape, np.int32)
+    hu = np.full(shape, 40.0, np.float32)
+    for k in range(n):
+        z0 = 10 + 16 * (n - 1 - k)
+        inst[z0:z0 + 12, 20:50, 80:120] = k + 1
+    hu[inst > 0] = 400.0
+    for i in ribs_on:
+        z0 = 10 + 16 * (n - i) + 4
+        hu[z0:z0 + 3, 42:46, 20:78] = 400.0  # touches the vertebra at its back half, reaches ~90 mm sideways
+        hu[z0:z0 + 3, 42:46, 122:180] = 400.0
+    if sacrum_segment:
+        z0 = 10
+        for (x0, x1), (w0, w1) in (((40, 78), (30, 60)), ((122, 160), (140, 170))):
+            hu[z0:z0 + 12, 15:60, x0:x1] = 400.0  # 12 x 45 x 38 voxels at the sacroiliac joint (3 mm gap) ...
+            hu[z0 + 12:z0 + 24, 15:60, w0:w1] = 400.0  # ... and the wing rising to the crest, clear of L5
+    return inst, hu
+
+
+def test_sacrum_segment_between_the_ilia_is_left_out_and_names_l5():
+    inst, hu = _pelvis(5, ribs_on=[], sacrum_segment=True)
+    res = assign_levels(inst, hu, spacing_mm=1.5)
+    assert res.sacrum == [5] and 5 not in res.mapping
+    assert res.mapping == {1: level_id("L2"), 2: level_id("L3"), 3: level_id("L4"), 4: level_id("L5")}
+    assert res.anchors_found == {"sacrum": level_id("L5")} and res.method == "anchors"
+    assert res.naming()["anchors"] == {"sacrum": "L5"} and res.naming()["sacrum_segment_removed"]
+    # the same spine without the ilia: no sacrum, a guess from sizes
+    plain, hu2 = _pelvis(5, ribs_on=[], sacrum_segment=False)
+    assert assign_levels(plain, hu2, spacing_mm=1.5).sacrum == []
+
+
+def test_last_rib_and_sacrum_agreeing_give_high_confidence():
+    # instances 1..7: T11, T12 (ribs), L1..L5, then the sacrum segment (8)
+    inst, hu = _pelvis(8, ribs_on=[1, 2], sacrum_segment=True)
+    res = assign_levels(inst, hu, spacing_mm=1.5)
+    assert res.mapping == {i: level_id(v) for i, v in enumerate(("T11", "T12", "L1", "L2", "L3", "L4", "L5"), 1)}
+    assert set(res.anchors_found) == {"last_rib", "sacrum"} and res.confidence > 0.9 and res.review == []
+
+
+def test_six_lumbar_vertebrae_between_last_rib_and_sacrum_name_an_l6_with_a_warning_and_review():
+    inst, hu = _pelvis(9, ribs_on=[1, 2], sacrum_segment=True)  # T11, T12, then six rib-free segments
+    res = assign_levels(inst, hu, spacing_mm=1.5)
+    assert res.mapping[2] == level_id("T12") and res.mapping[8] == level_id("L6") and res.mapping[7] == level_id("L5")
+    assert res.confidence < 0.6
+    assert any("transitional vertebra" in w and "L6" in w for w in res.warnings)
+    assert len(res.review) == 1 and "Transitional vertebra" in res.review[0]
+
+
+def test_sacrum_and_ribs_disagreeing_by_more_than_one_say_so():
+    inst, hu = _pelvis(9, ribs_on=[1], sacrum_segment=True)  # last rib on 1: seven rib-free segments above S1
+    res = assign_levels(inst, hu, spacing_mm=1.5)
+    assert res.confidence < 0.6 and res.mapping[8] == level_id("L5")  # the sacrum wins
+    assert any("anatomical anchors disagree" in w for w in res.warnings)
+    assert len(res.review) == 1 and "disagree" in res.review[0]
+
+
+def test_disagreeing_anchors_reach_the_case_review_reasons():
+    from VertebralFractureLib.core.records import VertebraRecord
+    from VertebralFractureLib.stages.quality import assess_quality
+
+    records = [VertebraRecord(label=v, level="") for v in (22, 23, 24)]
+    for r in records:
+        r.level = {22: "L3", 23: "L4", 24: "L5"}[r.label]
+    q = assess_quality(records, level_confidence=0.5, naming_review=["The anatomical anchors disagree (x)."])
+    assert "level_uncertain" in q.flags and any("anchors disagree" in s for s in q.reasons)
+    assert all("level_uncertain" in r.flags for r in records)
+
+
+def test_thirteen_rib_bearing_vertebrae_name_a_t13():
+    # C7 (rib-free) then 13 rib-bearing segments then L1
+    n = 15
+    inst, hu = _pelvis(n, ribs_on=list(range(2, 15)), sacrum_segment=False)
+    res = assign_levels(inst, hu, spacing_mm=1.5)
+    assert res.mapping[1] == level_id("C7") and res.mapping[2] == level_id("T1")
+    assert res.mapping[14] == level_id("T13") and res.mapping[15] == level_id("L1")
+    assert any("T13" in w for w in res.warnings) and res.confidence < 0.6
+
+
+def _levels_on_label_instances(ct_path, labels_path):
+    """(checked names, automatic names, result) naming the checked label map's segments, on the working grid."""
+    from VertebralFractureLib.core.levels import order_index
+    from VertebralFractureLib.core.volume import resample_to
+    from VertebralFractureLib.io.reading import read_volume
+
+    ct = read_volume(ct_path)
+    hu = to_canonical(ct, 1.5)
+    fov = resample_to(ct.with_array(np.ones(ct.shape, np.uint8)), hu, order=0).array > 0
+    checked = read_volume(labels_path, check=False)
+    lab = resample_to(checked.with_array(checked.array.astype(np.uint8)), hu, order=0).array
+    ids = sorted((int(v) for v in np.unique(lab) if v > 0), key=order_index)
+    inst = np.zeros(lab.shape, np.int32)
+    for i, v in enumerate(ids, 1):
+        inst[lab == v] = i
+    res = assign_levels(inst, hu.array, spacing_mm=1.5, fov=fov)
+    return ids, [res.mapping.get(i) for i in range(1, len(ids) + 1)], res
+
+
+def test_real_ct_ribs_and_sacrum_anchor_the_checked_segments(shared_data, repo_root):
+    """On the segments of real CTs: the rib anchors name lidc-idri-0314 (C7..L2) as its checked labels do; on the
+    PET-CT reaching the pelvis (labels not yet checked) the lowest segment lies between the ilia: the sacrum is found."""
+    labels = repo_root / "benchmarks" / "realct_labels"
+    ids, named, res = _levels_on_label_instances(shared_data / "lidc-idri-0314" / "ct_1p5mm.nii.gz",
+                                                 labels / "lidc-idri-0314" / "labels.nii.gz")
+    assert named == ids and "last_rib" in res.anchors_found and res.confidence >= 0.8
+    case = "acrin-flt-breast-001_petct-b"
+    _, _, res = _levels_on_label_instances(shared_data / "real-ct" / case / "ct.nii.gz", labels / case / "labels.nii.gz")
+    assert "sacrum" in res.anchors_found

@@ -33,7 +33,7 @@ from VertebralFractureLib.core.records import VertebraRecord, write_csv
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.reading import read_volume
 from VertebralFractureLib.io.volume_files import write_volume
-from VertebralFractureLib.stages.quality import assess_quality, review_reasons
+from VertebralFractureLib.stages.quality import VERTEBRA_FLAGS, assess_quality, review_reasons
 
 
 @dataclass
@@ -83,6 +83,7 @@ class PipelineResult:
     quality_flags: list[str] = field(default_factory=list)
     level_confidence: float | None = None
     radiomics: dict[int, dict[str, float]] | None = None
+    naming: dict[str, Any] | None = None
 
     @property
     def needs_review(self) -> bool:
@@ -98,6 +99,7 @@ class PipelineResult:
             "review_reasons": list(self.review_reasons),
             "quality_flags": list(self.quality_flags),
             "level_confidence": None if self.level_confidence is None else round(float(self.level_confidence), 3),
+            "naming": self.naming if self.naming is not None else {"method": "user (label map given)"},
             "vertebrae": [r.to_dict() for r in self.records],
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
             "versions": versions(),
@@ -193,12 +195,13 @@ def analyse(
     cancel.check()
 
     level_confidence = None  # the user's label map names its levels
+    naming = None
     if labels is None:
         progress(0.2, "segmentation")
         with timer.stage("segmentation"):
             # the U-Net was trained on unfiltered CT (with its own noise augmentation): the Wiener filter
             # smooths the thin discs it needs to see, so it feeds the classifier only
-            labels, seg_warnings, level_confidence = _segment(ct, options, progress, cancel)
+            labels, seg_warnings, level_confidence, naming = _segment(ct, options, progress, cancel)
         warnings += seg_warnings
     cancel.check()
 
@@ -207,7 +210,8 @@ def analyse(
         records, morph_warnings = _measure(ct, labels)
     warnings += morph_warnings
     with timer.stage("quality"):
-        quality = assess_quality(records, level_confidence=level_confidence)
+        quality = assess_quality(records, level_confidence=level_confidence,
+                                 naming_review=(naming or {}).get("review", []))
     cancel.check()
 
     progress(0.75, "classification")
@@ -240,7 +244,7 @@ def analyse(
     progress(0.9, "analysis done")
     return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels,
                           review_reasons=reasons, quality_flags=quality.flags, level_confidence=level_confidence,
-                          radiomics=features)
+                          radiomics=features, naming=naming)
 
 
 #: the classifier's out-of-domain warning (stages.classification.predict_fractures) contains this
@@ -250,19 +254,19 @@ _SATURATION_MARK = "outside its (simulated) training data"
 def _drop_flagged(records: list[VertebraRecord]) -> float:
     """Take flagged vertebrae (quality flags) out of scoring; the patient probability over the rest."""
     for r in records:
-        if r.flags:
+        if set(r.flags) & set(VERTEBRA_FLAGS):
             r.fracture_probability = math.nan
     scored = [r.fracture_probability for r in records if not math.isnan(r.fracture_probability)]
     return max(scored) if scored else math.nan
 
 
 def _segment(ct: Volume, options: PipelineOptions, progress: ProgressCallback,
-             cancel: CancelToken) -> tuple[Volume, list[str], float]:
+             cancel: CancelToken) -> tuple[Volume, list[str], float, dict[str, Any]]:
     from VertebralFractureLib.stages.segmentation.inference import segment_vertebrae
 
     result = segment_vertebrae(ct, fast=options.fast, device=options.device, anchors=options.anchors,
                                progress=sub_progress(progress, 0.2, 0.6), cancel=cancel)
-    return result.labels, list(result.warnings), float(result.level_confidence)
+    return result.labels, list(result.warnings), float(result.level_confidence), dict(result.naming)
 
 
 def _measure(ct: Volume, labels: Volume) -> tuple[list[VertebraRecord], list[str]]:

@@ -14,8 +14,9 @@ Per case (:class:`CaseQuality`): the vertebra flags above plus
 
 * ``gap``: a vertebra missing in the sequence: the level names skip one, or two consecutive vertebrae lie
   ``GAP_RATIO`` times farther apart along the spine than their neighbours do;
-* ``level_uncertain``: the level names rest on no anatomical anchor (naming confidence below
-  ``MIN_LEVEL_CONFIDENCE``).
+* ``level_uncertain``: the level names rest on no anatomical anchor, or on anchors that disagree (naming
+  confidence below ``MIN_LEVEL_CONFIDENCE``); it is also set on every vertebra then (a vertebra whose name is
+  uncertain is still graded: its shape does not depend on its name).
 
 ``CaseQuality.reasons`` says each problem in a plain sentence for the review status; vertebrae cut at the
 two ends of the scan are normal in any CT and are not a reason for review.
@@ -132,7 +133,13 @@ def _ungrade(record: VertebraRecord) -> None:
     record.fracture_probability = record.probability_morphometry = math.nan
 
 
-def assess_quality(records: list[VertebraRecord], *, level_confidence: float | None = None) -> CaseQuality:
+def _blocking(record: VertebraRecord) -> bool:
+    """Does a flag of ``record`` keep it from being graded (any but ``level_uncertain``)?"""
+    return any(f in VERTEBRA_FLAGS for f in record.flags)
+
+
+def assess_quality(records: list[VertebraRecord], *, level_confidence: float | None = None,
+                   naming_review: list[str] | None = None) -> CaseQuality:
     """Set each record's ``flags`` (in place), take flagged vertebrae out of grading, and judge the case.
 
     Args:
@@ -140,6 +147,7 @@ def assess_quality(records: list[VertebraRecord], *, level_confidence: float | N
             ``partial``, ``implausible``).
         level_confidence: 0..1 naming confidence of automatic labelling; None when the user gave the names
             (``--labels``), which are trusted.
+        naming_review: sentences from labelling (anchors that disagree, a transitional vertebra): review reasons.
     Returns:
         The case's :class:`CaseQuality`. Vertebrae newly flagged ``merged`` are ungraded and their
         neighbours graded again without them (they must not serve as a normal reference).
@@ -147,13 +155,14 @@ def assess_quality(records: list[VertebraRecord], *, level_confidence: float | N
     from VertebralFractureLib.stages.morphometry import grade_records
 
     ordered = sorted(records, key=lambda r: order_index(r.label) if r.label in CRANIOCAUDAL_ORDER else 99)
+    uncertain = level_confidence is not None and level_confidence < MIN_LEVEL_CONFIDENCE
     for r in ordered:
-        r.flags = [f for f in r.flags if f not in VERTEBRA_FLAGS]
+        r.flags = [f for f in r.flags if f not in (*VERTEBRA_FLAGS, "level_uncertain")]
         if r.partial:
             r.flags.append("cut")
         if r.implausible:
             r.flags.append("implausible")
-    usable = [not r.flags for r in ordered]
+    usable = [not _blocking(r) for r in ordered]
     merged: dict[int, str] = {}
     for i, r in enumerate(ordered):
         problem = merged_problem(r, _neighbours(i, ordered, usable))
@@ -162,14 +171,16 @@ def assess_quality(records: list[VertebraRecord], *, level_confidence: float | N
     regrade = False
     for r in ordered:
         if r.label in merged:
-            regrade = regrade or not r.flags
+            regrade = regrade or not _blocking(r)
             r.flags.insert(0, "merged")
             r.notes.append(f"looks like more than one vertebra ({merged[r.label]}): not graded")
     if regrade:
-        grade_records([r for r in records if not r.flags])
+        grade_records([r for r in records if not _blocking(r)])
     for r in records:
-        if r.flags:
+        if _blocking(r):
             _ungrade(r)
+        if uncertain:
+            r.flags.append("level_uncertain")
 
     quality = CaseQuality()
     for flag in VERTEBRA_FLAGS:
@@ -185,10 +196,15 @@ def assess_quality(records: list[VertebraRecord], *, level_confidence: float | N
     if gaps:
         quality.flags.append("gap")
         quality.reasons += [f"A vertebra is missing: {g}." for g in gaps]
-    if level_confidence is not None and level_confidence < MIN_LEVEL_CONFIDENCE:
+    if uncertain:
         quality.flags.append("level_uncertain")
-        quality.reasons.append(f"The level names are uncertain (confidence {level_confidence:.2f}: no agreeing anatomical "
-                               "anchor such as the last rib or the sacrum).")
+        if naming_review:
+            quality.reasons += [f"{s} (naming confidence {level_confidence:.2f})" for s in naming_review]
+        else:
+            quality.reasons.append(f"The level names are uncertain (confidence {level_confidence:.2f}: no agreeing "
+                                   "anatomical anchor such as the last rib or the sacrum).")
+    elif naming_review:
+        quality.reasons += list(naming_review)
     return quality
 
 

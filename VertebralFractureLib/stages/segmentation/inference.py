@@ -52,6 +52,7 @@ class SegmentationResult:
         level_confidence: 0..1, how sure the level names are (anchors found and agreeing -> high).
         partial: VerSe ids of vertebrae cut by the edge of the field of view.
         anchors_found: anchor name -> VerSe id it fixed (e.g. ``{"last_rib": 19}``).
+        naming: how the levels were named (``LevelAssignment.naming``: method, confidence, anchors, review).
     """
 
     labels: Volume
@@ -59,6 +60,7 @@ class SegmentationResult:
     level_confidence: float = 0.0
     partial: list[int] = field(default_factory=list)
     anchors_found: dict[str, int] = field(default_factory=dict)
+    naming: dict[str, Any] = field(default_factory=dict)
 
 
 # --- geometry ---------------------------------------------------------------------------------
@@ -298,7 +300,7 @@ def segment_vertebrae(
     out = labels_to_input_grid(prob.with_array(verse), prob, ct, threshold=float(card.extra.get("threshold", 0.5)))
     progress(1.0, "segmentation done")
     partial = sorted(levels.mapping[i] for i in inst.partial if i in levels.mapping)
-    return SegmentationResult(out, warnings, levels.confidence, partial, levels.anchors_found)
+    return SegmentationResult(out, warnings, levels.confidence, partial, levels.anchors_found, levels.naming())
 
 
 def labels_to_input_grid(labels: Volume, prob: Volume, ct: Volume, *, threshold: float = 0.5) -> Volume:

@@ -7,13 +7,19 @@ sequence C1..C7, T1..T12, L1..L5 fixed by one anchor:
   so the field of view does not simply end there);
 * ``first_rib``: the most cranial vertebra with a rib, below a rib-free one, is T1;
 * "rib-free" confirms either only where the field of view would show a rib (:func:`rib_visible`);
-* ``sacrum``: a large bone mass on the spine's axis right below the last vertebra makes that vertebra L5;
+* ``sacrum``: the most caudal segment flanked on both sides by the ilia (the sacroiliac joints: large bone
+  reaching no higher than the iliac crests, touching the segment over a long stretch) is the sacrum, not a
+  vertebra: it is left unnamed and the segment above it is L5 (:func:`sacrum_index`); else a large bone mass on
+  the spine's axis right below the last vertebra makes that vertebra L5 (:func:`sacrum_below`);
 * a user anchor ``LEVEL=INDEX`` (``--anchor L1=5``) beats both: instance INDEX is LEVEL, the rest renumbered.
 
-Without any anchor a weak size prior (whole-vertebra volumes grow craniocaudally; reference volumes
+A vertebra cut by the cranial end of the scan cannot confirm that it bears no rib (its rib may be out of view),
+so it confirms no first- or last-rib anchor. Anchors that disagree are said in a warning and a review sentence
+(:attr:`LevelAssignment.review`): six lumbar-type vertebrae between the last rib and the sacrum are named with an
+L6, thirteen rib-bearing ones with a T13 (transitional vertebrae, about 5-10 % of people), and the confidence is
+low. Without any anchor a weak size prior (whole-vertebra volumes grow craniocaudally; reference volumes
 from the real VerSe label maps in ``../shared/data``) picks the most likely offset among those that keep
-every rib-bearing vertebra thoracic, and the confidence is low with a warning. T13 and L6 (transitional
-vertebrae) only appear when a user anchor names them.
+every rib-bearing vertebra thoracic, and the confidence is low with a warning.
 """
 
 from __future__ import annotations
@@ -37,6 +43,13 @@ REFERENCE_VOLUME_ML: dict[int, float] = {
 RIB_MIN_LATERAL_MM = 60.0  # a rib reaches this far sideways from the vertebra; transverse processes do not
 BONE_HU = 200.0
 SACRUM_MIN_ML = 40.0
+#: a rib holds at least this much bone at HU >= 200 (a short 12th rib on 2.5 mm slices: 0.9-3 ml on our real CTs)
+RIB_MIN_ML = 0.5
+#: an ilium is at least this large in view, and its top (the iliac crest) lies at most this far above the sacrum's top
+ILIUM_MIN_ML = 50.0
+ILIUM_MAX_ABOVE_MM = 80.0
+#: the sacroiliac joints: contact on each side along at least this much of the segment's height
+SI_JOINT_MIN_MM = 15.0
 
 
 @dataclass
@@ -47,6 +60,18 @@ class LevelAssignment:
     confidence: float
     warnings: list[str] = field(default_factory=list)
     anchors_found: dict[str, int] = field(default_factory=dict)
+    #: how the names were fixed: ``user``, ``anchors`` or ``size prior``
+    method: str = "size prior"
+    #: plain sentences for the case's review reasons (anchors that disagree, a transitional vertebra)
+    review: list[str] = field(default_factory=list)
+    #: instances found to be the sacrum (left unnamed: not vertebrae)
+    sacrum: list[int] = field(default_factory=list)
+
+    def naming(self) -> dict:
+        """The ``naming`` entry of ``result.json``: method, confidence, anchors used (name -> level), notes."""
+        return {"method": self.method, "confidence": round(float(self.confidence), 3),
+                "anchors": {k: level_name(v) if v else None for k, v in self.anchors_found.items()},
+                "sacrum_segment_removed": bool(self.sacrum), "review": list(self.review)}
 
 
 def parse_anchor(text: str) -> tuple[int, int]:
@@ -89,26 +114,33 @@ def names_from_anchor(n: int, index: int, vid: int, extra: list[int] | None = No
     return out
 
 
-def rib_bearing(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count: int) -> list[bool]:
-    """Per instance (1..count): does a rib attach?
-
-    Ribs are bone components (HU >= 200, outside the vertebrae) reaching >= 60 mm sideways from the spine.
-    Only contact (within 4 mm) at or behind the front of the pedicles counts (no more than 10 mm in front
-    of the whole vertebra's centroid): rib heads and tubercles articulate there, while a contrast-filled
-    aorta or heart, merged with the rib cage into one component at HU >= 200, lies against the front of
-    the bodies. A component is counted for a vertebra touching it with at least 30 % of the contact of
-    the best-touching of that vertebra and its two neighbours, so a rib passing near the next vertebra
-    down (the 12th rib beside L1) does not make that one rib-bearing, while a rib cage merged into one
-    component still marks every thoracic level.
-    """
+def bone_components(instances: np.ndarray, hu: np.ndarray) -> np.ndarray:
+    """Connected components (26-connected, int32) of bone (HU >= 200) outside the vertebrae (dilated by a voxel):
+    ribs, ilia, sternum, and whatever contrast-filled vessel touches them."""
     import cc3d
 
-    verts = instances > 0
-    bone = (hu >= BONE_HU) & ~ndi.binary_dilation(verts, iterations=1)
-    lab = cc3d.connected_components(bone.astype(np.uint8), connectivity=26).astype(np.int32)
+    bone = (hu >= BONE_HU) & ~ndi.binary_dilation(instances > 0, iterations=1)
+    return cc3d.connected_components(bone.astype(np.uint8), connectivity=26).astype(np.int32)
+
+
+def rib_bearing(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count: int,
+                components: np.ndarray | None = None) -> list[bool]:
+    """Per instance (1..count): does a rib attach?
+
+    Ribs are bone components (HU >= 200, outside the vertebrae, at least :data:`RIB_MIN_ML`) reaching >= 60 mm
+    sideways from the spine. Only contact (within 4 mm) at or behind the front of the pedicles counts (no more
+    than 10 mm in front of the whole vertebra's centroid): rib heads and tubercles articulate there, while a
+    contrast-filled aorta or heart, merged with the rib cage into one component at HU >= 200, lies against the
+    front of the bodies. A component is counted for a vertebra touching it with at least 30 % of the contact of
+    the best-touching of that vertebra and its two neighbours, so a rib passing near the next vertebra
+    down (the 12th rib beside L1) does not make that one rib-bearing, while a rib cage merged into one
+    component still marks every thoracic level. ``components``: :func:`bone_components` when already computed.
+    """
+    lab = bone_components(instances, hu) if components is None else components
     if lab.max() == 0 or count == 0:
         return [False] * count
     objs = ndi.find_objects(lab)
+    big = np.bincount(lab.ravel()) * spacing_mm**3 / 1000.0 >= RIB_MIN_ML
     grow = max(1, int(round(4.0 / spacing_mm)))
     # contact[v, c]: voxels of bone component c within 4 mm of vertebra v
     contact: dict[tuple[int, int], int] = {}
@@ -126,7 +158,7 @@ def rib_bearing(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count:
         near[:, : max(0, front), :] = False  # y grows towards posterior
         ids, hits = np.unique(lab[sl][near], return_counts=True)
         for c, h in zip(ids, hits, strict=True):
-            if c == 0:
+            if c == 0 or not big[c]:
                 continue
             o = objs[c - 1]
             reach = max(abs(o[2].start - cx), abs(o[2].stop - 1 - cx)) * spacing_mm
@@ -138,6 +170,63 @@ def rib_bearing(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count:
         if h >= 0.3 * best and h * spacing_mm**3 >= 20.0:  # at least 20 mm^3 of contact
             out[v - 1] = True
     return out
+
+
+def cut_at_top(instances: np.ndarray, fov: np.ndarray | None, count: int) -> list[bool]:
+    """Per instance (1..count): does it reach the cranial end of the scan (the array's top slice, or the slice
+    above it outside ``fov``)? Its upper part, where a rib head articulates, may be out of view, and the
+    contact of the part in view is too small to compare with its neighbours'."""
+    out = []
+    nz = instances.shape[0]
+    for sl in ndi.find_objects(instances, max_label=count):
+        if sl is None:
+            out.append(False)
+            continue
+        top = sl[0].stop - 1
+        y, x = (sl[1].start + sl[1].stop) // 2, (sl[2].start + sl[2].stop) // 2
+        out.append(bool(top == nz - 1 or (fov is not None and not fov[top + 1, y, x])))
+    return out
+
+
+def sacrum_index(instances: np.ndarray, spacing_mm: float, count: int, components: np.ndarray) -> int | None:
+    """The most caudal instance (1..count) that is the sacrum, or None.
+
+    The sacrum is the segment held between the ilia: on each side (beyond 25 mm from its centre) it touches,
+    within 6 mm, a bone component of at least :data:`ILIUM_MIN_ML` whose top lies no more than
+    :data:`ILIUM_MAX_ABOVE_MM` above the segment's top (an ilium ends at the iliac crest; the rib cage, also
+    large and touching the thoracic vertebrae at both sides, reaches far higher), along at least
+    :data:`SI_JOINT_MIN_MM` of its height on both sides (a sacroiliac joint, not the tip of a transverse process
+    near the iliac crest). ``components``: :func:`bone_components`.
+    """
+    if count == 0 or components.max() == 0:
+        return None
+    vols = np.bincount(components.ravel()) * spacing_mm**3 / 1000.0
+    objs = ndi.find_objects(components)
+    grow = max(1, int(round(6.0 / spacing_mm)))
+    lateral = 25.0 / spacing_mm
+    need = SI_JOINT_MIN_MM / spacing_mm
+    for v in range(count, max(0, count - 4), -1):  # the sacrum (and coccyx pieces) can only be at the bottom
+        m = instances == v
+        if not m.any():
+            continue
+        zz, yy, xx = np.nonzero(m)
+        g = grow + 1
+        sl = (slice(max(0, zz.min() - g), zz.max() + g + 1), slice(max(0, yy.min() - g), yy.max() + g + 1),
+              slice(max(0, xx.min() - g), xx.max() + g + 1))
+        near = ndi.binary_dilation(m[sl], iterations=grow) & ~m[sl]
+        near &= components[sl] > 0
+        zn, _, xn = np.nonzero(near)
+        comp = components[sl][near]
+        top = zz.max() + ILIUM_MAX_ABOVE_MM / spacing_mm
+        ilium = np.array([vols[c] >= ILIUM_MIN_ML and objs[c - 1][0].stop - 1 <= top for c in comp], bool)
+        if not ilium.any():
+            continue
+        dx = xn + sl[2].start - xx.mean()
+        zs = zn + sl[0].start
+        left, right = np.unique(zs[ilium & (dx < -lateral)]), np.unique(zs[ilium & (dx > lateral)])
+        if len(left) >= need and len(right) >= need:
+            return v
+    return None
 
 
 def rib_visible(instances: np.ndarray, fov: np.ndarray, spacing_mm: float, count: int) -> list[bool]:
@@ -231,44 +320,25 @@ def assign_levels(
                 warnings.append(
                     f"anchor {level_name(v2)}={i2} disagrees with {level_name(vid)}={idx}; the first anchor was used"
                 )
-        return LevelAssignment(mapping, 1.0, warnings, {"user": vid})
-    found: dict[str, int] = {}
-    votes: list[int] = []  # position in STANDARD_SEQUENCE of instance 1 implied by each anchor (may be < 0)
+        return LevelAssignment(mapping, 1.0, warnings, {"user": vid}, method="user")
     ribs: list[bool] = []
+    sacrum: list[int] = []
     if hu is not None:
-        ribs = rib_bearing(instances, hu, spacing_mm, n)
-        visible = rib_visible(instances, fov, spacing_mm, n) if fov is not None else [True] * n
-        rib_idx = [i + 1 for i, r in enumerate(ribs) if r]
-        if rib_idx and rib_idx[-1] < n and visible[rib_idx[-1]]:
-            last = rib_idx[-1]
-            votes.append(STANDARD_SEQUENCE.index(19) - (last - 1))
-            found["last_rib"] = last
-        if rib_idx and rib_idx[0] > 1 and not ribs[rib_idx[0] - 2] and visible[rib_idx[0] - 2]:
-            # the first rib-bearing vertebra below a rib-free one is T1 (C7 above it)
-            votes.append(STANDARD_SEQUENCE.index(8) - (rib_idx[0] - 1))
-            found["first_rib"] = rib_idx[0]
-        if n >= 1 and sacrum_below(instances, hu, spacing_mm, n):
-            votes.append(STANDARD_SEQUENCE.index(24) - (n - 1))
-            found["sacrum"] = n
-    if votes:
-        first = votes[0]
-        confidence = 0.85
-        if len(votes) > 1:
-            if len(set(votes)) == 1:
-                confidence = 0.97
-            else:
-                # disagreement: a transitional vertebra (T13/L6 or 4 lumbar); trust the rib count from above
-                confidence = 0.5
-                warnings.append(
-                    "the anchors (first/last rib, sacrum) disagree on the levels (transitional vertebra?); named from the "
-                    "first one found; "
-                    "check and use --anchor LEVEL=INDEX if needed"
-                )
-        mapping = {i: STANDARD_SEQUENCE[first + i - 1]
-                   for i in range(1, n + 1) if 0 <= first + i - 1 < len(STANDARD_SEQUENCE)}
-        if first < 0 or first + n > len(STANDARD_SEQUENCE):
-            warnings.append("more vertebrae than C1..L5 fit the anchor; the extra ones were left unnamed")
-        return LevelAssignment(mapping, confidence, warnings, {k: mapping.get(v, 0) for k, v in found.items()})
+        comps = bone_components(instances, hu)
+        sac = sacrum_index(instances, spacing_mm, n, comps)
+        if sac is not None:
+            sacrum = list(range(sac, n + 1))
+            warnings.append(f"the lowest segment{'s' if len(sacrum) > 1 else ''} (between the ilia) "
+                            f"{'are' if len(sacrum) > 1 else 'is'} the sacrum, not a vertebra: left out")
+        if sac == 1:
+            return LevelAssignment({}, 0.0, warnings, {}, method="anchors", sacrum=sacrum)
+        n_v = sac - 1 if sac is not None else n  # vertebrae proper
+        ribs = rib_bearing(instances, hu, spacing_mm, n_v, comps)
+        named = _anchored(instances, hu, spacing_mm, n_v, ribs, fov, sac is not None)
+        if named is not None:  # always when the sacrum was found
+            named.warnings[:0] = warnings
+            named.sacrum = sacrum
+            return named
     # no anchor: size prior on complete vertebrae
     partial = set(partial or [])
     vox_ml = spacing_mm**3 / 1000.0
@@ -284,7 +354,77 @@ def assign_levels(
         "no anatomical anchor (last rib, sacrum) in the field of view: levels guessed from vertebra size and "
         "uncertain; check them or pass --anchor LEVEL=INDEX (e.g. L1=3)"
     )
-    return LevelAssignment(mapping, confidence, warnings, {})
+    return LevelAssignment(mapping, confidence, warnings, {}, method="size prior")
+
+
+def _anchored(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, n: int, ribs: list[bool],
+              fov: np.ndarray | None, sacrum_segment: bool) -> LevelAssignment | None:
+    """Names of instances 1..n from the rib and sacrum anchors (None when none is in view).
+
+    ``sacrum_segment``: instance n + 1 is the sacrum (so instance n is L5).
+    """
+    visible = rib_visible(instances, fov, spacing_mm, n) if fov is not None else [True] * n
+    cut = cut_at_top(instances, fov, n)
+    # a rib-free vertebra confirms an anchor only if its rib would be in view and its top is not cut off
+    rib_free = [not r and vis and not c for r, vis, c in zip(ribs, visible, cut, strict=True)]
+    rib_idx = [i + 1 for i, r in enumerate(ribs) if r]
+    found: dict[str, int] = {}  # anchor -> instance it names; position of instance 1 in the sequence it implies:
+    pos: dict[str, int] = {}
+    if rib_idx and rib_idx[-1] < n and rib_free[rib_idx[-1]]:
+        found["last_rib"], pos["last_rib"] = rib_idx[-1], STANDARD_SEQUENCE.index(19) - (rib_idx[-1] - 1)
+    if rib_idx and rib_idx[0] > 1 and rib_free[rib_idx[0] - 2]:
+        found["first_rib"], pos["first_rib"] = rib_idx[0], STANDARD_SEQUENCE.index(8) - (rib_idx[0] - 1)
+    if sacrum_segment or (n >= 1 and sacrum_below(instances, hu, spacing_mm, n)):
+        found["sacrum"], pos["sacrum"] = n, STANDARD_SEQUENCE.index(24) - (n - 1)
+    if not found:
+        return None
+    warnings: list[str] = []
+    review: list[str] = []
+    names = {"last_rib": "last rib-bearing vertebra = T12", "first_rib": "first rib-bearing vertebra = T1",
+             "sacrum": "vertebra above the sacrum = L5"}
+    levels = {"last_rib": 19, "first_rib": 8, "sacrum": 24}
+    if len(set(pos.values())) == 1:
+        key = next(iter(found))
+        mapping = names_from_anchor(n, found[key], levels[key])
+        confidence = 0.97 if len(found) > 1 else 0.85
+    else:
+        confidence = 0.5
+        said = "; ".join(f"{names[k]} (segment {i})" for k, i in found.items())
+        extra: list[int] = []
+        if "sacrum" in found and "last_rib" in found:
+            lumbar = found["sacrum"] - found["last_rib"]
+            variant = {6: "six lumbar-type vertebrae (an L6, or a T13 without a visible rib)",
+                       4: "four lumbar-type vertebrae (a sacralised L5, or a T12 without a visible rib)"}.get(lumbar)
+            if variant:
+                warnings.append(f"transitional vertebra: {variant} between the last rib and the sacrum; named "
+                                f"from the last rib{' with an L6' if lumbar == 6 else ''}; check the count")
+                review.append(f"Transitional vertebra: {variant} between the last rib and the sacrum; the level "
+                              "names depend on how they are counted.")
+                key, extra = "last_rib", ([level_id("L6")] if lumbar == 6 else [])
+            else:
+                key = "sacrum"  # two or more off: one detection failed; the sacrum between the ilia is the firmer
+        elif "first_rib" in found and "last_rib" in found and found["last_rib"] - found["first_rib"] + 1 in (11, 13):
+            count = found["last_rib"] - found["first_rib"] + 1
+            variant = "thirteen rib-bearing vertebrae (a T13)" if count == 13 else "eleven rib-bearing vertebrae"
+            warnings.append(f"transitional vertebra: {variant}; named from the "
+                            f"{'first rib with a T13' if count == 13 else 'last rib'}; check the count")
+            review.append(f"Transitional vertebra: {variant}; the level names depend on how they are counted.")
+            key, extra = ("first_rib", [level_id("T13")]) if count == 13 else ("last_rib", [])
+        else:
+            key = "sacrum" if "sacrum" in found else "last_rib"
+        if not review:
+            review.append(f"The anatomical anchors disagree on the level names ({said}); named from the "
+                          f"{key.replace('_', ' ')}.")
+        warnings.append(f"the anatomical anchors disagree ({said}); named from the {key.replace('_', ' ')}; check the "
+                        "levels and use --anchor LEVEL=INDEX if needed")
+        mapping = names_from_anchor(n, found[key], levels[key], extra)
+        if extra == [level_id("L6")]:
+            # the extra lumbar vertebra sits right above the sacrum: L6 is the last one
+            mapping = names_from_anchor(n, found["sacrum"], level_id("L6"), extra)
+    if len(mapping) < n:
+        warnings.append("more vertebrae than C1..L5 fit the anchor; the extra ones were left unnamed")
+    return LevelAssignment(mapping, confidence, warnings, {k: mapping.get(i, 0) for k, i in found.items()},
+                           method="anchors", review=review)
 
 
 def rename_instance(labels: np.ndarray, current: int, new_level: str | int) -> np.ndarray:

@@ -1,0 +1,193 @@
+"""`run` on every real CT in ../shared/data, scored against the checked labels in benchmarks/realct_labels.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/realct.py [CASE ...] [--data DIR] [--fast]
+
+Per case: the pipeline (app.pipeline.run_pipeline, CPU, radiomics off: they do not change the segmentation or
+the names) on the CT, then its label map against ``benchmarks/realct_labels/<case>/labels.nii.gz``:
+
+* instances matched by overlap; per checked vertebra its Dice with the best-overlapping segment, and the mean;
+* merge: one segment covering at least 30 % of two or more checked vertebrae; split: a checked vertebra with
+  30 % or more of its voxels in each of two segments; miss: no segment covers 30 % of it; extra: a segment with
+  no checked vertebra under it (voxels of ``ignore.nii.gz`` are left out of both sides when the case has one);
+* level accuracy: matched vertebrae whose name equals the checked one;
+* count, names, naming (method, anchors, confidence), quality flags, needs_review and its reasons, fractured, time.
+
+Only labels whose ``decisions.json`` says ``checked`` (or a reference made by its authors) count in the
+summary; the others are automatic proposals and are listed, unscored. Writes benchmarks/results/realct.json
+and realct.md. The scorer (:func:`score_case`) is a function of two label arrays, so a cross-validation can use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE / "realct_labels"))
+
+from build import CASES, DEFAULT_DATA  # noqa: E402  (benchmarks/realct_labels/build.py)
+
+from VertebralFractureLib.core.levels import level_name, order_index  # noqa: E402
+
+LABELS = HERE / "realct_labels"
+RESULTS = HERE / "results"
+COVER = 0.3  # fraction of a checked vertebra a segment must hold to count as covering it
+
+
+def score_case(pred: np.ndarray, truth: np.ndarray, ignore: np.ndarray | None = None) -> dict:
+    """Instance scores of a predicted VerSe label map against a checked one (same grid, any shape).
+
+    Returns per checked vertebra (by its level) the matched segment's level and Dice, the mean Dice, merges,
+    splits, misses, extra segments and the level accuracy over matched vertebrae.
+    """
+    pred = np.asarray(pred).astype(np.int32)
+    truth = np.asarray(truth).astype(np.int32)
+    if ignore is not None:
+        pred = np.where(ignore, 0, pred)
+        truth = np.where(ignore, 0, truth)
+    t_ids = sorted((int(v) for v in np.unique(truth) if v > 0), key=order_index)
+    p_ids = [int(v) for v in np.unique(pred) if v > 0]
+    t_size = {t: int((truth == t).sum()) for t in t_ids}
+    p_size = {p: int((pred == p).sum()) for p in p_ids}
+    both = (truth > 0) & (pred > 0)
+    pairs, counts = np.unique(np.stack([truth[both], pred[both]]), axis=1, return_counts=True)
+    overlap = {(int(t), int(p)): int(c) for (t, p), c in zip(pairs.T, counts, strict=True)}
+    vertebrae = {}
+    covering: dict[int, list[int]] = {}  # predicted segment -> checked vertebrae it covers
+    for t in t_ids:
+        ov = {p: c for (tt, p), c in overlap.items() if tt == t}
+        covers = [p for p, c in ov.items() if c >= COVER * t_size[t]]
+        for p in covers:
+            covering.setdefault(p, []).append(t)
+        best = max(ov, key=ov.get) if ov else None
+        dice = 2.0 * ov[best] / (t_size[t] + p_size[best]) if best is not None else 0.0
+        vertebrae[level_name(t)] = {"segment": level_name(best) if best else None, "dice": round(dice, 4),
+                                    "split": len(covers) > 1, "missed": not covers}
+    merges = [[level_name(t) for t in ts] for p, ts in covering.items() if len(ts) > 1]
+    for ts in merges:
+        for name in ts:
+            vertebrae[name]["merged"] = True
+    extra = [level_name(p) for p in p_ids if not any(pp == p for (_, pp) in overlap)]
+    matched = [(k, v) for k, v in vertebrae.items() if not v["missed"]]
+    dices = [v["dice"] for v in vertebrae.values()]
+    return {
+        "vertebrae": vertebrae,
+        "mean_dice": round(float(np.mean(dices)), 4) if dices else None,
+        "merges": merges,
+        "splits": [k for k, v in vertebrae.items() if v["split"]],
+        "missed": [k for k, v in vertebrae.items() if v["missed"]],
+        "extra_segments": extra,
+        "each_found_once": not merges and not any(v["split"] or v["missed"] for v in vertebrae.values()),
+        "level_accuracy": round(sum(k == v["segment"] for k, v in matched) / len(matched), 4) if matched else None,
+    }
+
+
+def _status(case: str) -> str:
+    record = json.loads((LABELS / case / "decisions.json").read_text())
+    if "reference" in record:
+        return "reference"
+    return str(record.get("decisions", record).get("status", "checked"))
+
+
+def run_case(case: str, data: Path, fast: bool) -> dict:
+    from VertebralFractureLib.app.pipeline import PipelineOptions, run_pipeline
+    from VertebralFractureLib.io.reading import read_volume
+
+    ct_path = data / CASES[case][0]
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        result = run_pipeline(ct_path, Path(tmp) / "out",
+                              options=PipelineOptions(device="cpu", radiomics=False, fast=fast))
+        seconds = time.perf_counter() - start
+        out = json.loads((Path(tmp) / "out" / "result.json").read_text())
+    pred = result.labels.array
+    truth = read_volume(LABELS / case / "labels.nii.gz", check=False).array
+    ignore_path = LABELS / case / "ignore.nii.gz"
+    ignore = read_volume(ignore_path, check=False).array > 0 if ignore_path.exists() else None
+    names = [level_name(v) for v in sorted((int(v) for v in np.unique(pred) if v > 0), key=order_index)]
+    checked = [level_name(v) for v in sorted((int(v) for v in np.unique(truth) if v > 0), key=order_index)]
+    return {
+        "case": case, "labels_status": _status(case), "time_s": round(seconds, 1),
+        "count": len(names), "checked_count": len(checked), "names": names, "checked_names": checked,
+        "naming": out.get("naming"), "level_confidence": out.get("level_confidence"),
+        "quality_flags": out.get("quality_flags"), "needs_review": out.get("needs_review"),
+        "review_reasons": out.get("review_reasons"), "fractured": out.get("fractured"),
+        "flags": {r["level"]: r.get("flags", []) for r in out.get("vertebrae", []) if r.get("flags")},
+        "warnings": out.get("warnings"),
+        **score_case(pred, truth, ignore),
+    }
+
+
+def summary(rows: list[dict]) -> dict:
+    scored = [r for r in rows if r["labels_status"] in ("checked", "reference") and r["checked_count"]]
+    dices = [v["dice"] for r in scored for v in r["vertebrae"].values()]
+    return {
+        "cases": len(rows), "scored_cases": [r["case"] for r in scored],
+        "mean_per_vertebra_dice": round(float(np.mean(dices)), 4) if dices else None,
+        "each_found_once": sum(r["each_found_once"] for r in scored),
+        "levels_all_right": sum(r["level_accuracy"] == 1.0 for r in scored),
+        "called_fractured": sum(bool(r["fractured"]) for r in rows),
+        "needs_review": sum(bool(r["needs_review"]) for r in rows),
+    }
+
+
+def markdown(rows: list[dict], summ: dict) -> str:
+    lines = ["| case | labels | found / checked | names (found) | mean Dice | merges / splits / missed / extra "
+             "| levels right | naming | review | fractured | time s |", "|---" * 11 + "|"]
+    for r in rows:
+        naming = r["naming"] or {}
+        anchors = ", ".join(f"{k}={v}" for k, v in (naming.get("anchors") or {}).items()) or "-"
+        dice = "-" if r["mean_dice"] is None else f"{r['mean_dice']:.2f}"
+        acc = "-" if r["level_accuracy"] is None else f"{100 * r['level_accuracy']:.0f} %"
+        names = f"{r['names'][0]}..{r['names'][-1]}" if r["names"] else "none"
+        lines.append(
+            f"| {r['case']} | {r['labels_status']} | {r['count']} / {r['checked_count']} | {names} | {dice} | "
+            f"{len(r['merges'])} / {len(r['splits'])} / {len(r['missed'])} / {len(r['extra_segments'])} | {acc} | "
+            f"{naming.get('method', '-')} ({anchors}; {naming.get('confidence', '-')}) | "
+            f"{'yes' if r['needs_review'] else 'no'} | {r['fractured']} | {r['time_s']} |")
+    lines.append("")
+    lines.append(f"Scored on checked labels ({', '.join(summ['scored_cases']) or 'none'}): mean per-vertebra Dice "
+                 f"{summ['mean_per_vertebra_dice']}, every vertebra found once on {summ['each_found_once']} of "
+                 f"{len(summ['scored_cases'])}, levels all right on {summ['levels_all_right']}; "
+                 f"{summ['needs_review']} of {summ['cases']} cases sent to review, {summ['called_fractured']} "
+                 "called fractured.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cases", nargs="*", help="case names (default: every case with checked labels' folder)")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--fast", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS / "realct.json")
+    args = ap.parse_args(argv)
+    if not args.data.exists():
+        print(f"no real CT data at {args.data}", file=sys.stderr)
+        return 2
+    cases = args.cases or [c for c in CASES if (LABELS / c / "labels.nii.gz").exists()]
+    rows = []
+    for case in cases:
+        rows.append(run_case(case, args.data, args.fast))
+        r = rows[-1]
+        print(f"{case}: {r['count']}/{r['checked_count']} {r['names']} dice {r['mean_dice']} levels "
+              f"{r['level_accuracy']} review {r['needs_review']} {r['time_s']} s", flush=True)
+    summ = summary(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model": "Resources/models/segmentation (shipped)", "options": {"fast": args.fast, "device": "cpu",
+               "radiomics": False}, "summary": summ, "cases": rows}
+    args.out.write_text(json.dumps(payload, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(rows, summ))
+    print(markdown(rows, summ))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
