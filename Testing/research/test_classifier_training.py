@@ -1,0 +1,141 @@
+"""Training data of the real-CT classifier (negatives and simulated grades, split by patient), the fusion model's
+round trip and direction, calibration error and the out-of-distribution distance."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.research.classifier_data import Samples, find_real_cases, volume_samples
+from VertebralFractureLib.research.classifier_fusion import (
+    expected_calibration_error,
+    fit_fusion,
+    ood_distances,
+    ood_fit,
+    patient_folds,
+    virtual_patients,
+)
+from VertebralFractureLib.research.classifier_training import RadiomicsLasso
+from VertebralFractureLib.research.phantom import make_phantom
+from VertebralFractureLib.stages.classification import CROP_SIZE, FusionModel
+
+
+@pytest.fixture(scope="module")
+def phantom_rows(tmp_path_factory):
+    import os
+
+    os.environ.setdefault("VERTEBRAL_FRACTURE_CACHE", str(tmp_path_factory.mktemp("radiomics_cache")))
+    ph = make_phantom(("T12", "L2"), 2.0, seed=3)
+    notes: list[str] = []
+    return volume_samples(ph.ct, ph.labels, "phantom-a", "phantom", fractures_per_vertebra=1, seed=5, notes=notes), notes
+
+
+def test_training_data_has_every_whole_vertebra_as_negative_and_graded_simulated_positives(phantom_rows):
+    rows, notes = phantom_rows
+    negatives = [r for r in rows if r["y"] == 0]
+    positives = [r for r in rows if r["y"] == 1]
+    assert [r["level"] for r in negatives] == ["T12", "L1", "L2"]
+    assert all(r["grade"] == 0 and r["fracture_type"] == "normal" for r in negatives)
+    # one simulated fracture per vertebra unless the simulation says why not
+    assert len(positives) + len(notes) == len(negatives) and positives
+    for r in positives:
+        assert r["grade"] in (1, 2, 3) and r["fracture_type"] in ("wedge", "biconcave", "crush")
+        # morphometry ran on the fractured label map: the vertebra has lost height
+        assert r["morph_loss"] > 0.1
+    for r in rows:
+        assert r["crop"].shape == (CROP_SIZE,) * 3 and r["crop"].max() > 0.25
+        assert r["group"] == "phantom-a" and len(r["feats"]) >= 100
+    by_level = {r["level"]: r for r in negatives}
+    for r in positives:  # the fracture changed the crop of its own vertebra
+        assert np.abs(r["crop"] - by_level[r["level"]]["crop"]).max() > 0.1
+
+
+def test_patient_folds_keep_each_patient_in_one_fold():
+    groups = np.array(["a"] * 5 + ["b"] * 3 + ["c"] * 4 + ["d"] * 6 + ["e"] * 2)
+    folds = patient_folds(groups, 3, seed=1)
+    for g in np.unique(groups):
+        assert len(set(folds[groups == g])) == 1
+    assert sorted(set(folds)) == [0, 1, 2]
+
+
+def test_find_real_cases_pairs_labels_with_their_ct(tmp_path):
+    labels, data = tmp_path / "labels", tmp_path / "data"
+    for case, ct_dir in (("case-a", data / "real-ct" / "case-a"), ("case-b", data / "case-b")):
+        (labels / case).mkdir(parents=True)
+        (labels / case / "labels.nii.gz").write_bytes(b"x")
+        ct_dir.mkdir(parents=True)
+        (ct_dir / "ct.nii.gz").write_bytes(b"x")
+    cases = find_real_cases(labels, data)
+    assert [(c.name, c.ct_path.parent.name) for c in cases] == [("case-a", "case-a"), ("case-b", "case-b")]
+    (labels / "case-c").mkdir()
+    (labels / "case-c" / "labels.nii.gz").write_bytes(b"x")
+    with pytest.raises(InputError, match="case-c: no CT"):
+        find_real_cases(labels, data)
+
+
+def _synthetic(n_groups: int = 8, per_group: int = 12, seed: int = 0) -> tuple[Samples, dict[str, np.ndarray]]:
+    """Samples whose radiomics, morphometry and 'CNN' each carry some signal of y."""
+    rng = np.random.default_rng(seed)
+    n = n_groups * per_group
+    y = (np.arange(n) % 3 == 0).astype(np.int64)
+    x = rng.normal(size=(n, 6))
+    x[:, 0] += 1.5 * y
+    loss = 0.05 + 0.25 * y + rng.normal(0, 0.06, n)
+    cnn = 1 / (1 + np.exp(-(2.0 * y - 1 + rng.normal(0, 1.0, n))))
+    s = Samples(crops=np.zeros((n, 1, 1, 1), np.float32), radiomics=x, feature_names=[f"f{i}" for i in range(6)],
+                y=y, grade=np.where(y == 1, 1 + np.arange(n) % 3, 0), fracture_type=np.array(["x"] * n),
+                group=np.repeat([f"p{g}" for g in range(n_groups)], per_group), source=np.array(["real"] * n),
+                level=np.array([f"L{i % per_group}" for i in range(n)]), morph_loss=loss, morph_p=loss,
+                morph_grade=np.zeros(n, int))
+    lasso = RadiomicsLasso(folds=3).fit(x, y, s.group, s.feature_names)
+    score = lasso._model.decision_function(lasso.selected_matrix(x))
+    return s, {"cnn": cnn, "radiomics": score, "lasso": lasso}
+
+
+def test_fusion_model_round_trip_and_direction():
+    s, oof = _synthetic()
+    folds = patient_folds(s.group, 4)
+    fusion, nested_p, nested_d = fit_fusion(s, oof, folds, oof["lasso"])
+    assert np.all((nested_p > 0) & (nested_p < 1)) and np.all(nested_d >= 0)
+    again = FusionModel.from_json(json.loads(json.dumps(fusion.to_json())))
+    feats = {name: 0.0 for name in s.feature_names}
+    assert again.probability(0.3, 0.1, feats) == pytest.approx(fusion.probability(0.3, 0.1, feats))
+    # every input pushes the calibrated probability the way its evidence points
+    assert fusion.probability(0.9, 0.1, feats) > fusion.probability(0.1, 0.1, feats)
+    assert fusion.probability(0.5, 0.35, feats) > fusion.probability(0.5, 0.0, feats)
+    assert fusion.probability(0.5, 0.0, None) < fusion.probability(0.5, 0.4, None)
+    # held-out fused probabilities rank fractures above normal vertebrae
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(s.y, nested_p) > 0.8
+    with pytest.raises(InputError, match="fusion"):
+        FusionModel.from_json({**fusion.to_json(), "stack": {"coef": [1.0], "intercept": 0.0}})
+
+
+def test_virtual_patients_count_each_ct_once_and_each_simulated_fracture_once():
+    s, _ = _synthetic(n_groups=2, per_group=6)
+    p = np.linspace(0.1, 0.9, len(s))
+    y, pp, g = virtual_patients(s, p)
+    assert int((y == 0).sum()) == 2 and int((y == 1).sum()) == int(s.y.sum())
+    assert np.all(pp <= p.max()) and set(g) == {"p0", "p1"}
+
+
+def test_expected_calibration_error_tells_calibrated_from_overconfident():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 1, 20000)
+    y = (rng.uniform(0, 1, p.size) < p).astype(int)
+    assert expected_calibration_error(y, p) < 0.02
+    assert expected_calibration_error(y, np.where(p > 0.5, 0.99, 0.01)) > 0.15
+
+
+def test_ood_distance_grows_away_from_the_training_distribution():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(500, 4))
+    mean, precision = ood_fit(z)
+    d = ood_distances(np.array([[0.0] * 4, [8.0, 0, 0, 0]]), mean, precision)
+    assert d[0] < 1.0 < 6.0 < d[1]
+    assert math.isfinite(float(np.percentile(ood_distances(z, mean, precision), 99)))

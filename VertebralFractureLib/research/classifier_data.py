@@ -1,0 +1,278 @@
+"""Training data of the fracture classifier from real CTs with checked vertebra labels (and a few phantoms).
+
+Every whole vertebra of a real CT (not cut by the field of view, plausible) is a negative; positives are
+fractures simulated on those real backgrounds by :func:`.fracture.simulate_fracture` (every grade 1-3 and type,
+cycled over the vertebrae of a case). Phantoms (:func:`.phantom.make_phantom` with fractures) add a minority of
+cases. One sample holds what ``run`` computes for a vertebra: the classifier crop of the Wiener-filtered CT
+(:func:`.stages.classification.extract_crop`), the radiomics of the unfiltered CT
+(:func:`.stages.radiomics.extract_features`) and morphometry on the whole label map
+(:func:`.stages.morphometry.measure_vertebrae`), so the fusion model learns from the inputs it meets at run time.
+A patient (``group``) is one CT: its negatives and the fractures simulated on it stay in one fold.
+
+Each case is cached in ``cache_dir`` as an ``.npz`` keyed by the SHA-256 of its CT and label files and the
+builder's settings, so a second training run builds nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from VertebralFractureLib.core.errors import InputError
+
+#: bump when what a sample holds changes (invalidates the cache)
+BUILDER_VERSION = 1
+GRADES = (1, 2, 3)
+TYPES = ("wedge", "biconcave", "crush")
+#: (grade, type) cycled over a case's vertebrae: every grade with every type
+COMBINATIONS = [(g, t) for g in GRADES for t in TYPES]
+#: CT file names looked for in a case's data folder, in this order (after decisions.json's ``ct_file``)
+CT_NAMES = ("ct.nii.gz", "ct_1p5mm.nii.gz")
+
+
+@dataclass
+class RealCase:
+    """One real CT with checked labels: ``name`` (the patient), CT and label map paths."""
+
+    name: str
+    ct_path: Path
+    labels_path: Path
+
+
+@dataclass
+class Samples:
+    """Vertebra samples, one row each (arrays of length N; crops (N, S, P, L) float32).
+
+    ``y`` 1 for a simulated fracture; ``grade`` 0 for negatives, else the simulated Genant grade; ``group`` the
+    patient (a CT); ``source`` ``"real"`` or ``"phantom"``; ``morph_loss`` morphometry's height-loss ratio and
+    ``morph_p`` its probability, ``morph_grade`` its Genant grade; ``radiomics`` (N, F) with ``feature_names``.
+    """
+
+    crops: np.ndarray
+    radiomics: np.ndarray
+    feature_names: list[str]
+    y: np.ndarray
+    grade: np.ndarray
+    fracture_type: np.ndarray
+    group: np.ndarray
+    source: np.ndarray
+    level: np.ndarray
+    morph_loss: np.ndarray
+    morph_p: np.ndarray
+    morph_grade: np.ndarray
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, idx: np.ndarray) -> Samples:
+        """The rows ``idx`` (indices or a boolean mask)."""
+        kw = {k: getattr(self, k)[idx] for k in _ARRAYS}
+        return Samples(feature_names=list(self.feature_names), notes=list(self.notes), **kw)
+
+
+_ARRAYS = ("crops", "radiomics", "y", "grade", "fracture_type", "group", "source", "level", "morph_loss", "morph_p",
+           "morph_grade")
+
+
+def find_real_cases(labels_dir: str | Path, data_dir: str | Path) -> list[RealCase]:
+    """The cases of a checked-labels folder (``<labels_dir>/<case>/labels.nii.gz``) with their CT in ``data_dir``.
+
+    A case's CT is ``decisions.json``'s ``ct_file`` (else one of :data:`CT_NAMES`, else ``*_ct.nii.gz``) in ``<data_dir>/<case>/`` or
+    ``<data_dir>/real-ct/<case>/``. Raises InputError when a folder has labels but no CT is found.
+    """
+    labels_dir, data_dir = Path(labels_dir), Path(data_dir)
+    if not labels_dir.is_dir():
+        raise InputError(f"{labels_dir}: not a folder of checked labels (<case>/labels.nii.gz)")
+    cases = []
+    for folder in sorted(p for p in labels_dir.iterdir() if (p / "labels.nii.gz").is_file()):
+        names = list(CT_NAMES)
+        try:
+            ct_file = json.loads((folder / "decisions.json").read_text()).get("ct_file")
+            if ct_file:
+                names.insert(0, str(ct_file))
+        except (OSError, json.JSONDecodeError):
+            pass
+        dirs = (data_dir / folder.name, data_dir / "real-ct" / folder.name)
+        found = [d / n for n in names for d in dirs if (d / n).is_file()]
+        found += sorted(p for d in dirs if d.is_dir() for p in d.glob("*_ct.nii.gz"))  # e.g. TPTBox's sub-ct_..._ct
+        if not found:
+            raise InputError(f"{folder}: no CT for this case under {data_dir} (looked for {', '.join(names)})")
+        cases.append(RealCase(folder.name, found[0], folder / "labels.nii.gz"))
+    if not cases:
+        raise InputError(f"{labels_dir}: no <case>/labels.nii.gz inside")
+    return cases
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """``$VF_CLASSIFIER_CACHE`` or ``/tmp/vf_classifier_cache``."""
+    return Path(os.environ.get("VF_CLASSIFIER_CACHE", "/tmp/vf_classifier_cache"))
+
+
+def _sample_row(crop: np.ndarray, feats: dict[str, float], record, *, y: int, grade: int, fracture_type: str,
+                group: str, source: str) -> dict:
+    return {"crop": crop, "feats": feats, "y": y, "grade": grade, "fracture_type": fracture_type, "group": group,
+            "source": source, "level": record.level, "morph_loss": record.height_loss_ratio,
+            "morph_p": record.probability_morphometry,
+            "morph_grade": -1 if record.genant_grade is None else int(record.genant_grade)}
+
+
+def _whole(record) -> bool:
+    return not (record.partial or record.implausible) and math.isfinite(record.height_loss_ratio)
+
+
+def volume_samples(ct, labels, group: str, source: str, *, fractures_per_vertebra: int = 1, seed: int = 0,
+                   offset: int = 0, notes: list[str] | None = None) -> list[dict]:
+    """Negatives (every whole vertebra) and simulated fractures of one CT (HU) and its label map (same grid).
+
+    Vertebra ``i`` (craniocaudal order of the whole ones) gets ``fractures_per_vertebra`` fractures with the
+    (grade, type) of :data:`COMBINATIONS` at ``offset + i + k * 4``; a fracture the simulation cannot reach on
+    this grid is left out (with a note).
+    """
+    from VertebralFractureLib.research.fracture import simulate_fracture
+    from VertebralFractureLib.stages.classification import extract_crop
+    from VertebralFractureLib.stages.morphometry import measure_vertebrae
+    from VertebralFractureLib.stages.preprocess import wiener_filter
+    from VertebralFractureLib.stages.radiomics import extract_features
+
+    notes = notes if notes is not None else []
+    records = measure_vertebrae(ct, labels)
+    whole = [r for r in records if _whole(r)]
+    if not whole:
+        notes.append(f"{group}: no whole vertebra")
+        return []
+    filtered = ct.with_array(wiener_filter(ct.array))
+    feats = extract_features(ct, labels, [r.label for r in whole], workers=1)
+    rows = [_sample_row(extract_crop(filtered, labels, r.label), feats.get(r.label, {}), r, y=0, grade=0,
+                        fracture_type="normal", group=group, source=source) for r in whole]
+    for i, r in enumerate(whole):
+        for k in range(fractures_per_vertebra):
+            grade, kind = COMBINATIONS[(offset + i + 4 * k) % len(COMBINATIONS)]
+            try:
+                sim = simulate_fracture(ct, labels, r.label, grade, kind, seed=seed + 1000 * i + k)
+            except ValueError as exc:
+                notes.append(f"{group} {r.level} grade {grade} {kind}: not simulated ({exc})")
+                continue
+            after = {x.label: x for x in measure_vertebrae(sim.ct, sim.labels)}.get(r.label)
+            if after is None or not _whole(after):
+                notes.append(f"{group} {r.level} grade {grade} {kind}: not measurable after the simulation")
+                continue
+            sim_filtered = sim.ct.with_array(wiener_filter(sim.ct.array))
+            f = extract_features(sim.ct, sim.labels, [r.label], workers=1).get(r.label, {})
+            rows.append(_sample_row(extract_crop(sim_filtered, sim.labels, r.label), f, after, y=1, grade=grade,
+                                    fracture_type=kind, group=group, source=source))
+    return rows
+
+
+def _rows_to_npz(rows: list[dict], path: Path, notes: list[str]) -> None:
+    names = sorted({k for r in rows for k in r["feats"]})
+    x = np.array([[r["feats"].get(n, np.nan) for n in names] for r in rows], dtype=np.float64).reshape(len(rows), -1)
+    arrays = {"crops": np.stack([r["crop"] for r in rows]).astype(np.float32) if rows else np.zeros((0, 32, 32, 32),
+                                                                                                     np.float32),
+              "radiomics": x, "feature_names": np.array(names, dtype=str), "notes": np.array(notes, dtype=str)}
+    for key in _ARRAYS[2:]:
+        arrays[key] = np.array([r[key] for r in rows])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+
+
+def _load_npz(path: Path) -> Samples:
+    with np.load(path, allow_pickle=False) as data:
+        kw = {k: data[k] for k in _ARRAYS}
+        return Samples(feature_names=[str(n) for n in data["feature_names"]], notes=[str(n) for n in data["notes"]],
+                       **kw)
+
+
+def real_case_samples(case: RealCase, *, fractures_per_vertebra: int = 1, seed: int = 0,
+                      cache_dir: str | Path | None = None) -> Samples:
+    """Samples of one real case (built once, then read from the cache)."""
+    from VertebralFractureLib.io.reading import read_volume
+    from VertebralFractureLib.io.validation import check_labels
+
+    key = hashlib.sha256(json.dumps([BUILDER_VERSION, _sha256(case.ct_path), _sha256(case.labels_path),
+                                     fractures_per_vertebra, seed]).encode()).hexdigest()[:16]
+    path = Path(cache_dir or default_cache_dir()) / f"{case.name}-{key}.npz"
+    if not path.is_file():
+        ct = read_volume(case.ct_path)
+        labels = check_labels(read_volume(case.labels_path, check=False), ct, case.labels_path)
+        notes: list[str] = []
+        offset = int(hashlib.sha256(case.name.encode()).hexdigest(), 16) % len(COMBINATIONS)
+        rows = volume_samples(ct, labels, case.name, "real", fractures_per_vertebra=fractures_per_vertebra,
+                              seed=seed, offset=offset, notes=notes)
+        _rows_to_npz(rows, path, notes)
+    return _load_npz(path)
+
+
+def phantom_samples(index: int, *, seed: int = 0, cache_dir: str | Path | None = None) -> Samples:
+    """Samples of phantom ``index``: T10-L4, normal or osteoporotic, fractures simulated as on real CT."""
+    from VertebralFractureLib.research.phantom import make_phantom
+
+    key = hashlib.sha256(json.dumps([BUILDER_VERSION, "phantom", index, seed]).encode()).hexdigest()[:16]
+    path = Path(cache_dir or default_cache_dir()) / f"phantom{index:02d}-{key}.npz"
+    if not path.is_file():
+        rng = np.random.default_rng(seed + 7919 * index)
+        ph = make_phantom(levels=("T10", "L4"), spacing=float(rng.choice([1.0, 1.5, 2.0])),
+                          seed=int(rng.integers(1 << 30)), osteoporotic=bool(index % 2),
+                          noise_hu=float(rng.uniform(10, 40)))
+        notes: list[str] = []
+        rows = volume_samples(ph.ct, ph.labels, f"phantom{index:02d}", "phantom", seed=seed, offset=index,
+                              notes=notes)
+        _rows_to_npz(rows, path, notes)
+    return _load_npz(path)
+
+
+def concatenate(parts: list[Samples]) -> Samples:
+    """One :class:`Samples` of several; radiomics columns are the union of the parts' names (NaN where absent)."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        raise InputError("no training samples: no whole vertebra in any case")
+    names = sorted({n for p in parts for n in p.feature_names})
+    mats = []
+    for p in parts:
+        m = np.full((len(p), len(names)), np.nan)
+        pos = {n: j for j, n in enumerate(names)}
+        for j, n in enumerate(p.feature_names):
+            m[:, pos[n]] = p.radiomics[:, j]
+        mats.append(m)
+    kw = {k: np.concatenate([getattr(p, k) for p in parts]) for k in _ARRAYS if k != "radiomics"}
+    return Samples(radiomics=np.concatenate(mats), feature_names=names, notes=[n for p in parts for n in p.notes], **kw)
+
+
+def build_training_set(cases: list[RealCase], *, n_phantoms: int = 3, fractures_per_vertebra: int = 1, seed: int = 0,
+                       cache_dir: str | Path | None = None, workers: int = 1, progress=None) -> Samples:
+    """Samples of every real case and ``n_phantoms`` phantoms, built in ``workers`` processes (cached per case)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(real_case_samples, (c,), {"fractures_per_vertebra": fractures_per_vertebra, "seed": seed,
+                                       "cache_dir": cache_dir}) for c in cases]
+    jobs += [(phantom_samples, (i,), {"seed": seed, "cache_dir": cache_dir}) for i in range(n_phantoms)]
+    parts = []
+    if workers <= 1:
+        for k, (fn, args, kw) in enumerate(jobs):
+            parts.append(fn(*args, **kw))
+            if progress:
+                progress((k + 1) / len(jobs), f"training data {k + 1}/{len(jobs)}")
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            futures = [pool.submit(fn, *args, **kw) for fn, args, kw in jobs]
+            for k, fut in enumerate(futures):
+                parts.append(fut.result())
+                if progress:
+                    progress((k + 1) / len(jobs), f"training data {k + 1}/{len(jobs)}")
+    return concatenate(parts)

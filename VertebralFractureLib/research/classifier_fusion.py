@@ -1,0 +1,425 @@
+"""Training of the classifier that ``run`` ships: a CNN, a radiomics LASSO and their calibrated fusion with
+morphometry, on real CTs with checked labels (:mod:`.classifier_data`), evaluated on held-out patients.
+
+Recipe (:func:`train_realct_classifier`):
+
+1. samples of every real case (negatives: its whole vertebrae; positives: fractures simulated on it) and a few
+   phantoms; patients are split into ``folds`` folds (a CT and every fracture simulated on it in one fold);
+2. per fold: the CNN (:func:`.classifier_training.train_network`) and the radiomics LASSO
+   (:class:`.classifier_training.RadiomicsLasso`) trained on the other folds predict the fold: out-of-fold
+   (OOF) CNN probabilities and radiomics scores for every vertebra;
+3. the stacker, a logistic regression of ``[CNN logit, radiomics score, height-loss ratio]``, is fitted on the
+   OOF predictions only (its held-out numbers: refitted without each fold, nested); its threshold maximises
+   Youden's J on them; the out-of-distribution (OOD) threshold is the 99th percentile of OOF Mahalanobis distances;
+4. the shipped CNN and LASSO are retrained on all samples; ``model.safetensors``, ``card.json``, ``fusion.json``,
+   ``MODEL_CARD.md``, ``reliability.png`` and ``training_report.json`` are written.
+
+The model it replaces (``compare_with``, by default the shipped one before this run) is measured on the same
+samples: its rule was max(CNN, morphometry).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from VertebralFractureLib import __version__
+from VertebralFractureLib.research.classifier_data import RealCase, Samples, build_training_set
+from VertebralFractureLib.research.classifier_training import (
+    RadiomicsLasso,
+    TrainConfig,
+    save_classifier,
+    train_network,
+    youden_threshold,
+)
+from VertebralFractureLib.stages.classification import (
+    FUSION_NAME,
+    FUSION_RULE,
+    LOGIT_CLIP,
+    LOSS_RANGE,
+    FusionModel,
+    Logistic,
+    predict_network,
+)
+
+OOD_PERCENTILE = 99.0
+#: customcnn channels of the shipped model: a quarter of the study's compute, so training fits a 2-core CPU
+SMALL_WIDTHS = (8, 16, 32)
+
+
+# --- folds, inputs --------------------------------------------------------------------------------
+def patient_folds(groups: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray:
+    """Fold index (0..n_folds-1) per row; a patient's rows share one fold, folds of about equal size.
+
+    Patients are placed largest first (ties in a seeded random order) into the fold with fewest rows so far.
+    """
+    names, counts = np.unique(groups, return_counts=True)
+    n_folds = max(2, min(n_folds, len(names)))
+    rng = np.random.default_rng(seed)
+    order = sorted(range(len(names)), key=lambda i: (-counts[i], rng.random()))
+    size = np.zeros(n_folds)
+    fold_of = {}
+    for i in order:
+        f = int(np.argmin(size))
+        fold_of[names[i]] = f
+        size[f] += counts[i]
+    return np.array([fold_of[g] for g in groups], dtype=np.int64)
+
+
+def logits(p: np.ndarray) -> np.ndarray:
+    """Clipped logits of probabilities (the CNN input of the stacker)."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return np.clip(np.log(p / (1 - p)), -LOGIT_CLIP, LOGIT_CLIP)
+
+
+def loss_input(loss: np.ndarray, fill: float) -> np.ndarray:
+    """Height-loss ratios as the stacker sees them (NaN -> ``fill``, clipped to :data:`LOSS_RANGE`)."""
+    loss = np.asarray(loss, dtype=np.float64)
+    return np.clip(np.where(np.isfinite(loss), loss, fill), *LOSS_RANGE)
+
+
+def radiomics_score(lasso: RadiomicsLasso, x: np.ndarray) -> np.ndarray:
+    """The LASSO model's logit (decision function) for feature rows x (n, all features)."""
+    return lasso._model.decision_function(lasso.selected_matrix(x))
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, c: float = 1.0) -> Logistic:
+    """Logistic regression (L2, ``C`` = c) of y on the columns of x."""
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=c, max_iter=2000).fit(x, y)
+    return Logistic(coef=[float(v) for v in model.coef_[0]], intercept=float(model.intercept_[0]))
+
+
+def predict_logistic(model: Logistic, x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-(model.intercept + x @ np.asarray(model.coef))))
+
+
+def ood_fit(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and precision (inverse of the Ledoit-Wolf shrunk covariance) of rows z (n, d)."""
+    from sklearn.covariance import LedoitWolf
+
+    lw = LedoitWolf().fit(z)
+    return lw.location_, lw.precision_
+
+
+def ood_distances(z: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Mahalanobis distances (n,) of rows z to ``mean`` under ``precision``."""
+    v = z - mean
+    return np.sqrt(np.maximum(0.0, np.einsum("ij,jk,ik->i", v, precision, v)))
+
+
+# --- calibration -------------------------------------------------------------------------------------
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """ECE: sum over ``bins`` equal-width probability bins of (share of rows) * |fracture rate - mean p|."""
+    y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    return float(sum(np.mean(which == b) * abs(y[which == b].mean() - p[which == b].mean())
+                     for b in range(bins) if np.any(which == b)))
+
+
+def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, bins: int = 10) -> Path:
+    """Reliability diagram: observed fracture rate against mean predicted probability per bin, one line per model."""
+    from VertebralFractureLib.research.evaluation import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    for name, (y, p) in curves.items():
+        which = np.minimum((np.asarray(p) * bins).astype(int), bins - 1)
+        xs = [np.mean(p[which == b]) for b in range(bins) if np.any(which == b)]
+        ys = [np.mean(y[which == b]) for b in range(bins) if np.any(which == b)]
+        ax.plot(xs, ys, marker="o", label=f"{name} (ECE {expected_calibration_error(y, p, bins):.3f})")
+    ax.set_xlabel("predicted fracture probability (bin mean)")
+    ax.set_ylabel("observed fraction fractured")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("Reliability on held-out patients")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --- evaluation ----------------------------------------------------------------------------------------
+def virtual_patients(s: Samples, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Patient-level rows: each CT as it is (all negatives, label 0) and once per simulated fracture (that
+    vertebra fractured, the other levels as they are, label 1); probability = max over its vertebrae.
+
+    Returns (y, p, group) with ``group`` the CT, for a bootstrap over patients.
+    """
+    ys, ps, gs = [], [], []
+    for g in np.unique(s.group):
+        neg = np.flatnonzero((s.group == g) & (s.y == 0))
+        if not len(neg):
+            continue
+        ys.append(0)
+        ps.append(float(np.max(p[neg])))
+        gs.append(g)
+        for i in np.flatnonzero((s.group == g) & (s.y == 1)):
+            others = neg[s.level[neg] != s.level[i]]
+            ys.append(1)
+            ps.append(float(max([p[i], *p[others]])))
+            gs.append(g)
+    return np.array(ys), np.array(ps), np.array(gs)
+
+
+def evaluate(s: Samples, p: np.ndarray, threshold: float, *, n_boot: int = 1000) -> dict[str, Any]:
+    """Held-out metrics of per-vertebra probabilities p: per vertebra and per patient with bootstrap 95 % CIs
+    (patients resampled), sensitivity per simulated grade, ECE, and the real CTs' false alarms."""
+    from VertebralFractureLib.research.evaluation import binary_metrics, bootstrap_ci
+
+    out: dict[str, Any] = {"threshold": threshold}
+    pv = binary_metrics(s.y, p, threshold)
+    pv["ci95"] = bootstrap_ci(s.y, p, s.group, threshold=threshold, n_boot=n_boot)
+    pv.update(n=int(len(s)), n_fractured=int(s.y.sum()))
+    out["per_vertebra"] = pv
+    yp, pp, gp = virtual_patients(s, p)
+    pat = binary_metrics(yp, pp, threshold)
+    pat["ci95"] = bootstrap_ci(yp, pp, gp, threshold=threshold, n_boot=n_boot)
+    pat.update(n=int(len(yp)), n_fractured=int(yp.sum()))
+    out["per_patient"] = pat
+    out["sensitivity_by_grade"] = {str(g): float(np.mean(p[s.grade == g] >= threshold))
+                                   for g in (1, 2, 3) if np.any(s.grade == g)}
+    ge2 = s.grade >= 2
+    out["sensitivity_grade_ge2"] = float(np.mean(p[ge2] >= threshold)) if ge2.any() else math.nan
+    out["ece"] = expected_calibration_error(s.y, p)
+    real_neg = (s.source == "real") & (s.y == 0)
+    out["real_ct"] = {
+        "n_vertebrae": int(real_neg.sum()),
+        "max_probability": float(p[real_neg].max()) if real_neg.any() else math.nan,
+        "vertebrae_ge_0_5": int(np.sum(p[real_neg] >= 0.5)),
+        "patients_called_fractured": int(sum(np.any(p[real_neg & (s.group == g)] >= threshold)
+                                             for g in np.unique(s.group[real_neg]))),
+        "n_patients": int(len(np.unique(s.group[real_neg]))),
+    }
+    return out
+
+
+# --- training ----------------------------------------------------------------------------------------------
+def _fit_lasso(s: Samples, idx: np.ndarray, seed: int) -> RadiomicsLasso:
+    return RadiomicsLasso(seed=seed).fit(s.radiomics[idx], s.y[idx], s.group[idx], s.feature_names)
+
+
+def _stack_inputs(cnn_p: np.ndarray, score: np.ndarray | None, loss: np.ndarray) -> np.ndarray:
+    cols = [logits(cnn_p)] + ([] if score is None else [score]) + [loss]
+    return np.column_stack(cols)
+
+
+def out_of_fold(s: Samples, folds: np.ndarray, config: TrainConfig,
+                progress: Callable[[float, str], None] | None = None) -> dict[str, np.ndarray]:
+    """OOF CNN probabilities and radiomics scores of every sample (each from models that never saw its patient)."""
+    cnn = np.full(len(s), np.nan)
+    score = np.full(len(s), np.nan)
+    n = int(folds.max()) + 1
+    for k in range(n):
+        train, test = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+        net, _ = train_network("customcnn", s.crops[train], s.y[train], config)
+        cnn[test] = predict_network(net, s.crops[test], device=config.device)
+        score[test] = radiomics_score(_fit_lasso(s, train, config.seed), s.radiomics[test])
+        if progress:
+            progress((k + 1) / (n + 1), f"fold {k + 1}/{n}")
+    return {"cnn": cnn, "radiomics": score}
+
+
+def fit_fusion(s: Samples, oof: dict[str, np.ndarray], folds: np.ndarray, lasso: RadiomicsLasso) -> tuple[
+        FusionModel, np.ndarray, np.ndarray]:
+    """The fusion model (stackers on the OOF predictions, OOD statistics on ``lasso``'s standardised features) and
+    the nested held-out fused probabilities and OOD distances (each fold's from a stacker/OOD fit without it)."""
+    fill = float(np.nanmedian(s.morph_loss[s.y == 0]))
+    loss = loss_input(s.morph_loss, fill)
+    x3 = _stack_inputs(oof["cnn"], oof["radiomics"], loss)
+    x2 = _stack_inputs(oof["cnn"], None, loss)
+    stack, stack2 = fit_logistic(x3, s.y), fit_logistic(x2, s.y)
+    z = np.column_stack([lasso.selected_matrix(s.radiomics), loss])
+    nested_p = np.full(len(s), np.nan)
+    nested_d = np.full(len(s), np.nan)
+    for k in np.unique(folds):
+        tr, te = folds != k, folds == k
+        nested_p[te] = predict_logistic(fit_logistic(x3[tr], s.y[tr]), x3[te])
+        mean_k, prec_k = ood_fit(z[tr])
+        nested_d[te] = ood_distances(z[te], mean_k, prec_k)
+    mean, precision = ood_fit(z)
+    chosen = lasso._chosen
+    fusion = FusionModel(
+        radiomics_features=list(lasso.selected),
+        radiomics_median=[float(v) for v in lasso._median[chosen]],
+        radiomics_mean=[float(v) for v in lasso._mean[chosen]],
+        radiomics_scale=[float(v) for v in lasso._scale[chosen]],
+        radiomics=Logistic(coef=[float(c) for c in lasso._model.coef_[0]], intercept=float(lasso._model.intercept_[0])),
+        loss_fill=fill, stack=stack, stack_without_radiomics=stack2,
+        threshold=float(youden_threshold(s.y, nested_p)),
+        ood_mean=[float(v) for v in mean], ood_precision=[[float(v) for v in row] for row in precision],
+        ood_threshold=float(np.percentile(nested_d, OOD_PERCENTILE)), ood_percentile=OOD_PERCENTILE,
+        notes="stack inputs: [CNN logit clipped to +-8, radiomics LASSO logit, height-loss ratio clipped to "
+              f"{list(LOSS_RANGE)}]; OOD inputs: [standardised selected radiomics..., height-loss ratio]",
+    )
+    return fusion, nested_p, nested_d
+
+
+def replaced_model_probabilities(s: Samples, model_dir: str | Path | None, device: str = "cpu") -> np.ndarray | None:
+    """The old rule max(CNN, morphometry) of the classifier in ``model_dir`` on every sample (None: no model)."""
+    from VertebralFractureLib.core.errors import InputError
+    from VertebralFractureLib.models.loading import load_model
+
+    try:
+        net, _ = load_model(model_dir, "classifier", device=device)
+    except InputError:
+        return None
+    cnn = predict_network(net, s.crops, device=device)
+    morph = np.where(np.isfinite(s.morph_p), s.morph_p, 0.0)
+    return np.maximum(cnn, morph)
+
+
+def train_realct_classifier(
+    cases: list[RealCase],
+    out_dir: str | Path,
+    *,
+    folds: int = 5,
+    config: TrainConfig | None = None,
+    n_phantoms: int = 3,
+    fractures_per_vertebra: int = 2,
+    compare_with: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    workers: int = 1,
+    progress: Callable[[float, str], None] | None = None,
+) -> dict[str, Any]:
+    """Train, evaluate and write the classifier folder (see the module docstring); returns the card's JSON."""
+    import torch
+
+    config = config or TrainConfig(epochs=8, widths=SMALL_WIDTHS)
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    s = build_training_set(cases, n_phantoms=n_phantoms, fractures_per_vertebra=fractures_per_vertebra,
+                           seed=config.seed, cache_dir=cache_dir, workers=workers, progress=progress)
+    s.radiomics[~np.isfinite(s.radiomics)] = np.nan
+    old = replaced_model_probabilities(s, compare_with, config.device)  # before out_dir may be overwritten
+    fold = patient_folds(s.group, folds, config.seed)
+    oof = out_of_fold(s, fold, config, progress)
+    lasso = _fit_lasso(s, np.arange(len(s)), config.seed)
+    fusion, nested_p, nested_d = fit_fusion(s, oof, fold, lasso)
+    torch.manual_seed(config.seed)
+    net, history = train_network("customcnn", s.crops, s.y, config)
+    if progress:
+        progress(1.0, "final model trained")
+
+    metrics: dict[str, Any] = {"held_out": evaluate(s, nested_p, fusion.threshold)}
+    metrics["held_out_components"] = {
+        "cnn_alone": evaluate(s, oof["cnn"], 0.5, n_boot=200)["per_vertebra"],
+        "radiomics_alone": evaluate(s, 1 / (1 + np.exp(-oof["radiomics"])), 0.5, n_boot=200)["per_vertebra"],
+    }
+    if old is not None:
+        metrics["replaced_model"] = evaluate(s, old, 0.5)
+    real_neg = (s.source == "real") & (s.y == 0)
+    ood_cases = sorted({str(g) for g in s.group[real_neg & (nested_d > fusion.ood_threshold)]})
+    metrics["ood"] = {"threshold": fusion.ood_threshold, "percentile": OOD_PERCENTILE,
+                      "real_ct_cases_with_an_ood_vertebra": ood_cases,
+                      "n_real_ct_cases": int(len(np.unique(s.group[real_neg])))}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curves = {"fused (this model)": (s.y, nested_p)}
+    if old is not None:
+        curves["max(CNN, morphometry) (replaced model)"] = (s.y, old)
+    plot_reliability(curves, out_dir / "reliability.png")
+    (out_dir / FUSION_NAME).write_text(json.dumps(fusion.to_json(), indent=1) + "\n")
+    n_real = int(len(np.unique(s.group[s.source == "real"])))
+    card = {
+        "name": "vertebral-fracture classifier (customcnn + radiomics + morphometry, calibrated fusion)",
+        "version": __version__,
+        "training_data": (f"{n_real} real CTs with checked vertebra labels (every whole vertebra a negative; "
+                          f"{fractures_per_vertebra} fractures simulated per vertebra by research.fracture."
+                          "simulate_fracture on those real backgrounds, grades 1-3 x wedge/biconcave/crush cycled) "
+                          f"and {n_phantoms} phantoms (research.phantom.make_phantom T10-L4, fractures simulated the "
+                          "same way); split by patient"),
+        "training": {"cases": sorted(str(g) for g in np.unique(s.group)), "folds": int(fold.max() + 1),
+                     "n_vertebrae": int(len(s)), "n_fractured": int(s.y.sum()),
+                     "n_real_negatives": int(real_neg.sum()), "epochs": config.epochs, "seed": config.seed,
+                     "history": history, "training_seconds": round(time.perf_counter() - started, 1),
+                     "not_simulated": list(s.notes)},
+        "metrics": metrics,
+        "combination": FUSION_RULE,
+        "fusion": FUSION_NAME,
+        "threshold": fusion.threshold,
+    }
+    save_classifier(net, "customcnn", out_dir, card, widths=config.widths)
+    full = json.loads((out_dir / "card.json").read_text())
+    (out_dir / "MODEL_CARD.md").write_text(model_card_markdown(full, fusion))
+    report = {"group": s.group.tolist(), "level": s.level.tolist(), "y": s.y.tolist(), "grade": s.grade.tolist(),
+              "source": s.source.tolist(), "fold": fold.tolist(), "p_fused_held_out": nested_p.tolist(),
+              "ood_distance_held_out": nested_d.tolist(), "p_cnn_oof": oof["cnn"].tolist(),
+              "p_replaced_model": None if old is None else old.tolist()}
+    (out_dir / "training_report.json").write_text(json.dumps(report) + "\n")
+    return full
+
+
+# --- model card --------------------------------------------------------------------------------------------
+def _ci(m: dict[str, Any], key: str) -> str:
+    v = m.get(key)
+    lo, hi = (m.get("ci95", {}) or {}).get(key, (None, None))
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.3f} ({lo:.3f}-{hi:.3f})" if lo is not None and not math.isnan(lo) else f"{v:.3f}"
+
+
+def model_card_markdown(card: dict[str, Any], fusion: FusionModel) -> str:
+    """``MODEL_CARD.md`` of a classifier trained by :func:`train_realct_classifier` (from its card JSON)."""
+    m, tr = card["metrics"], card["training"]
+    held = m["held_out"]
+    rows = [("this model (fused, held-out patients)", held)]
+    if "replaced_model" in m:
+        rows.append(("replaced model: max(simulated-only CNN, morphometry)", m["replaced_model"]))
+    lines = [
+        f"# {card['name']}", "",
+        "**No real fracture has been seen by this model.** Its negatives are real vertebrae (real CTs with checked "
+        "labels); its positives are fractures simulated on those real backgrounds. All metrics below are on "
+        "held-out patients of that data (leave-patients-out folds); performance on real fractures is unknown.", "",
+        f"- networks: `customcnn` on a {card['input']['crop_size_voxels']}^3 crop at {card['spacing_mm']} mm "
+        f"(`model.safetensors`), a radiomics LASSO ({len(fusion.radiomics_features)} features) and morphometry's "
+        "height-loss ratio, fused by logistic stacking fitted on out-of-fold predictions only (`fusion.json`, plain "
+        "numbers)",
+        f"- use in `run`: {card['combination']}",
+        f"- **patient rule**: fractured when any whole vertebra's calibrated probability is >= "
+        f"{fusion.threshold:.3f} (Youden's J on the training folds); the case is sent to review (fractured = null) "
+        "when segmentation quality flags are raised or a vertebra is out of distribution (Mahalanobis distance > "
+        f"{fusion.ood_threshold:.2f}, the {fusion.ood_percentile:g}th percentile of training folds)",
+        f"- training data: {card['training_data']}",
+        f"- {tr['n_vertebrae']} vertebrae ({tr['n_fractured']} simulated fractures, {tr['n_real_negatives']} real "
+        f"negatives), {len(tr['cases'])} patients, {tr['folds']} folds; {tr['epochs']} epochs, seed {tr['seed']}; "
+        f"{tr['training_seconds']} s on the project's 2-core CPU machine",
+        f"- radiomics features: {', '.join(f'`{n}`' for n in fusion.radiomics_features)}",
+        f"- version {card.get('version')}", "",
+        "## Held-out patients (95 % bootstrap CI over patients)", "",
+        "Per patient: each CT as it is (no fracture) and once per simulated fracture; probability = max over its "
+        "vertebrae.", "",
+        "| model | level | n (fractured) | ROC-AUC | sensitivity | specificity | threshold |", "|---|---|---|---|---|---|---|"]
+    for name, e in rows:
+        for level in ("per_vertebra", "per_patient"):
+            x = e[level]
+            lines.append(f"| {name} | {level.replace('_', ' ')} | {x['n']} ({x['n_fractured']}) | {_ci(x, 'roc_auc')} "
+                         f"| {_ci(x, 'sensitivity')} | {_ci(x, 'specificity')} | {e['threshold']:.3f} |")
+    lines += ["", "| model | grade 1 sens. | grade 2 sens. | grade 3 sens. | grade >= 2 sens. | ECE | real CTs: "
+              "vertebrae p >= 0.5 | real CTs called fractured |", "|---|---|---|---|---|---|---|---|"]
+    for name, e in rows:
+        g, r = e["sensitivity_by_grade"], e["real_ct"]
+        lines.append(f"| {name} | {g.get('1', math.nan):.3f} | {g.get('2', math.nan):.3f} | {g.get('3', math.nan):.3f} "
+                     f"| {e['sensitivity_grade_ge2']:.3f} | {e['ece']:.3f} | {r['vertebrae_ge_0_5']} of "
+                     f"{r['n_vertebrae']} | {r['patients_called_fractured']} of {r['n_patients']} |")
+    comp = m.get("held_out_components", {})
+    if comp:
+        lines += ["", "Components alone (out-of-fold, per vertebra): " + "; ".join(
+            f"{k.replace('_', ' ')} ROC-AUC {v['roc_auc']:.3f}" for k, v in comp.items())]
+    ood = m.get("ood", {})
+    lines += ["", f"Out of distribution: {len(ood.get('real_ct_cases_with_an_ood_vertebra', []))} of "
+              f"{ood.get('n_real_ct_cases')} real CTs have a held-out vertebra above the threshold "
+              f"({', '.join(ood.get('real_ct_cases_with_an_ood_vertebra', [])) or 'none'}).", "",
+              "![reliability diagram](reliability.png)", "",
+              "Retrain: `vertebral-fracture train-classifier --real-labels benchmarks/realct_labels --data "
+              "../shared/data -o MODEL_DIR` (crops, radiomics and simulations cached in /tmp/vf_classifier_cache).", ""]
+    return "\n".join(lines)
