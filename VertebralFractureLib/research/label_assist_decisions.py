@@ -11,6 +11,7 @@ A decisions JSON (every key optional; points are LPS mm ``[x, y, z]``)::
       "exclude": [{"box_mm": {...}} | {"slices": [k0, k1]} | {"segment": REF}],  labels nobody vouches for
       "levels": {"T12": REF, "L5": REF},                    level anchors (all must agree)
       "uncertain": {"T7": "why", "naming": "why"},          doubts recorded, not guessed away
+      "status": "checked" | "partly checked" | "unchecked",   how far a person has checked the result
       "notes": "free text", "case": "name"
     }
 
@@ -39,7 +40,8 @@ from VertebralFractureLib.core.volume import Volume
 
 SNAP_MM = 10.0  # a point this close to a segment refers to it
 BODY_RADIUS_MM = 15.0  # a cut plane cuts the body within this distance of its point; arches follow the watershed
-KEYS = {"crop_mm", "delete", "merge", "split", "add", "exclude", "levels", "uncertain", "notes", "case"}
+KEYS = {"crop_mm", "delete", "merge", "split", "add", "exclude", "levels", "uncertain", "notes", "case", "status"}
+STATUSES = ("checked", "partly checked", "unchecked")
 
 
 def _fail(source: str, where: str, problem: str) -> InputError:
@@ -167,6 +169,8 @@ def parse_decisions(raw: Any, source: str = "decisions") -> Decisions:
             except ValueError as exc:
                 raise _fail(source, f"uncertain.{name}", str(exc)) from None
     d.uncertain = dict(unc)
+    if raw.get("status", "unchecked") not in STATUSES:
+        raise _fail(source, "status", f"expected one of {', '.join(STATUSES)}")
     if not isinstance(raw.get("notes", ""), str):
         raise _fail(source, "notes", "expected a string")
     return d
@@ -364,5 +368,5 @@ class Editor:
         lut = np.zeros(int(self.labels.max()) + 1, np.int32)
         lut[order] = np.arange(1, len(order) + 1)
         self.labels = lut[self.labels]
-        self.alias = {k: (int(lut[v]) if v > 0 else -1) for k, v in self.alias.items()}
+        self.alias = {k: (int(lut[v]) if 0 < v < len(lut) else -1) for k, v in self.alias.items()}
         return self.labels

@@ -189,18 +189,21 @@ def _axial_grid(hu: np.ndarray, lab: np.ndarray, tags: dict[int, str], path: Pat
     return path
 
 
-def sagittal_thumbnail(ct: Volume, labels: Volume, title: str, height_px: int = 360):
-    """A small curved sagittal (PIL image) with level names, for a contact sheet."""
+def sagittal_thumbnail(ct: Volume, labels: Volume, title: str, box_px: tuple[int, int] = (240, 360)):
+    """A small curved sagittal (PIL image fitting ``box_px`` = (width, height)) with level names and a title."""
     from PIL import Image, ImageDraw
 
     hu, lab, _ = to_display_grid(ct, labels)
     _, cx = _centre_line(lab)
     img2d, lab2d = _curved(hu, lab, cx, 2)
     rgb = _blend(_gray(img2d), lab2d)[::-1]
-    f = height_px / rgb.shape[0]
-    pil = Image.fromarray(rgb).resize((max(1, int(rgb.shape[1] * f)), height_px), Image.BILINEAR)
-    draw = ImageDraw.Draw(pil)
+    f = min(box_px[0] / rgb.shape[1], (box_px[1] - 16) / rgb.shape[0])
+    pil = Image.fromarray(rgb).resize((max(1, int(rgb.shape[1] * f)), max(1, int(rgb.shape[0] * f))), Image.BILINEAR)
+    out = Image.new("RGB", box_px)
+    out.paste(pil, ((box_px[0] - pil.size[0]) // 2, 16))
+    draw = ImageDraw.Draw(out)
+    x0 = (box_px[0] - pil.size[0]) // 2
     for v, (r, c) in _names_at(lab2d[::-1]).items():
-        draw.text((c * f + 8, r * f - 6), level_name(v), fill=colour(v), font=_font(12))
-    draw.text((3, 3), title, fill=(255, 255, 255), font=_font(12))
-    return pil
+        draw.text((x0 + c * f + 6, 16 + r * f - 6), level_name(v), fill=colour(v), font=_font(11))
+    draw.text((2, 1), title, fill=(255, 255, 255), font=_font(11))
+    return out

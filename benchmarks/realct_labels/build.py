@@ -57,7 +57,7 @@ def build_reference(case: str, ct_path: Path, ref_path: Path, out: Path) -> dict
         "ct_file": ct_path.name,
         "ct_sha256": file_sha256(ct_path),
         "reference": {"file": ref_path.name, "sha256": file_sha256(ref_path)},
-        "decisions": old.get("decisions", {"case": case}),
+        "decisions": old.get("decisions", old) if old else {"case": case},
         "result": {"count": len(ids), "levels": [level_name(v) for v in ids], "naming": "reference",
                    "vertebrae": _segment_table(ct, labels.array)},
     }
@@ -101,20 +101,21 @@ def contact_sheet(data: Path, path: Path = SHEET, cols: int = 5) -> Path:
     from VertebralFractureLib.io.reading import read_volume
     from VertebralFractureLib.research.label_assist_render import sagittal_thumbnail
 
+    w, h = 240, 380
     thumbs = []
     for case, (ct_rel, _) in CASES.items():
         ct = read_volume(data / ct_rel)
         labels = read_volume(HERE / case / "labels.nii.gz", check=False)
-        thumbs.append(sagittal_thumbnail(ct, labels, case, height_px=360))
-    w = 240
+        status = json.loads((HERE / case / "decisions.json").read_text())["decisions"].get("status", "unchecked")
+        thumbs.append(sagittal_thumbnail(ct, labels, case[:34], (w, h)))
+        ImageDraw.Draw(thumbs[-1]).text((2, h - 14), status, fill=(120, 255, 120) if status == "checked" else
+                                        (255, 120, 120))
     rows = (len(thumbs) + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * w, rows * 360 + 24))
-    ImageDraw.Draw(sheet).text((4, 4), "Checked vertebra labels of the real CTs (curved sagittal, VerSe levels)",
-                               fill=(255, 255, 255))
+    sheet = Image.new("RGB", (cols * w, rows * h + 20))
+    ImageDraw.Draw(sheet).text((4, 4), "Vertebra labels of the real CTs (curved sagittal, VerSe levels; status of the "
+                               "check below each)", fill=(255, 255, 255))
     for k, t in enumerate(thumbs):
-        if t.size[0] > w:
-            t = t.crop(((t.size[0] - w) // 2, 0, (t.size[0] - w) // 2 + w, t.size[1]))
-        sheet.paste(t, ((k % cols) * w + (w - t.size[0]) // 2, 24 + (k // cols) * 360))
+        sheet.paste(t, ((k % cols) * w, 20 + (k // cols) * h))
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path, optimize=True)
     return path

@@ -1,0 +1,145 @@
+"""label-assist: recorded decisions edit an instance map reproducibly; bad decisions are one-line errors;
+build.py regenerates the committed real-CT labels."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from VertebralFractureLib.cli import main
+from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.core.levels import level_id
+from VertebralFractureLib.core.volume import Volume
+from VertebralFractureLib.io.reading import read_volume
+from VertebralFractureLib.io.volume_files import write_volume
+from VertebralFractureLib.research.label_assist import name_segments
+from VertebralFractureLib.research.label_assist_decisions import Editor, parse_decisions, read_decisions
+
+SPACING = (1.0, 1.0, 2.0)  # anisotropic on purpose: decisions are in mm, not voxels
+
+
+def _column() -> tuple[Volume, np.ndarray]:
+    """A CT (HU) and its instance map: three 24 mm 'vertebrae' along S (z = S, 2 mm slices), the lower two merged
+    into instance 2 (a bridged disc), and a false segment (instance 3, an 'aorta') in front of them.
+
+    Bodies: z slices 5-16 (S 10..32 mm), 19-30 (S 38..60), 33-44 (S 66..88); y 20..40, x 20..40.
+    """
+    hu = np.full((50, 64, 64), -100, np.int16)
+    inst = np.zeros(hu.shape, np.uint8)
+    for k, (z0, z1) in enumerate(((33, 45), (19, 31), (5, 17))):
+        hu[z0:z1, 20:40, 20:40] = 400
+        inst[z0:z1, 20:40, 20:40] = 1 if k == 0 else 2
+    inst[17:19, 20:40, 20:40] = 2  # the disc between the lower two, bridged
+    hu[5:45, 2:10, 28:34] = 300
+    inst[5:45, 2:10, 28:34] = 3
+    return Volume(hu, SPACING), inst
+
+
+# LPS points: x = column index, y = row index (mm), z = 2 * slice index
+UPPER, MIDDLE, LOWER, AORTA = [30, 30, 78], [30, 30, 50], [30, 30, 20], [31, 5, 50]
+DISC_PLANE = {"point": [30, 30, 35], "normal": [0, 0, 1]}
+
+
+def _apply(raw: dict) -> tuple[np.ndarray, dict[int, int]]:
+    ct, inst = _column()
+    editor = Editor(ct, inst)
+    d = parse_decisions(raw)
+    out = editor.apply(d)
+    mapping, _ = name_segments(ct, out, d.levels, editor.resolve)
+    lut = np.zeros(out.max() + 1, np.uint8)
+    for i, v in mapping.items():
+        lut[i] = v
+    return lut[out], mapping
+
+
+def test_split_delete_anchor_give_three_named_vertebrae():
+    raw = {"delete": [AORTA], "split": [{"at": MIDDLE, "planes": [DISC_PLANE]}], "levels": {"L5": LOWER}}
+    labels, mapping = _apply(raw)
+    assert sorted(np.unique(labels)) == [0, level_id("L3"), level_id("L4"), level_id("L5")]
+    # the split follows the recorded plane (S 35 mm = between slices 17 and 18); the aorta is gone
+    assert set(np.unique(labels[5:17, 20:40, 20:40])) == {level_id("L5")}
+    assert set(np.unique(labels[19:31, 20:40, 20:40])) == {level_id("L4")}
+    assert set(np.unique(labels[33:45, 20:40, 20:40])) == {level_id("L3")}
+    assert not labels[:, 2:10, 28:34].any()
+    # the same decisions give the same labels (nothing random, nothing order-dependent)
+    again, _ = _apply(json.loads(json.dumps(raw)))
+    assert np.array_equal(labels, again)
+
+
+def test_anchor_renames_and_instance_numbers_refer_to_the_proposal():
+    # the aorta by its proposal number, a cut point instead of a plane, a different anchor
+    labels, _ = _apply({"delete": [3], "split": [{"at": 2, "points": [[30, 30, 35]]}], "levels": {"T12": UPPER}})
+    assert set(np.unique(labels[33:45, 20:40, 20:40])) == {level_id("T12")}
+    assert set(np.unique(labels[5:17, 20:40, 20:40])) == {level_id("L2")}
+
+
+def test_merge_and_exclude():
+    labels, _ = _apply({"delete": [AORTA], "merge": [[UPPER, MIDDLE]], "levels": {"T10": UPPER}})
+    assert set(np.unique(labels[labels > 0])) == {level_id("T10")}
+    ct, inst = _column()
+    editor = Editor(ct, inst)
+    editor.apply(parse_decisions({"exclude": [{"segment": AORTA}, {"slices": [40, 49]}]}))
+    assert editor.ignore[5:45, 2:10, 28:34].all() and editor.ignore[40:].all() and not editor.ignore[:5].any()
+    assert not editor.labels[40:].any() and not editor.labels[:, 2:10, 28:34].any()
+
+
+def test_anchors_that_disagree_are_refused():
+    with pytest.raises(InputError, match="disagrees"):
+        _apply({"delete": [AORTA], "levels": {"L5": LOWER, "L3": MIDDLE}})
+
+
+@pytest.mark.parametrize("raw, problem", [
+    ([], "expected a JSON object"),
+    ({"splitt": []}, "unknown key"),
+    ({"delete": [[1, 2]]}, "delete[0]"),
+    ({"merge": [[UPPER]]}, "at least two"),
+    ({"split": [{"at": MIDDLE}]}, "plane or cut point"),
+    ({"levels": {"X9": UPPER}}, "levels.X9"),
+    ({"delete": [[500, 500, 500]]}, "no segment within"),
+    ({"delete": [9]}, "instance 9"),
+])
+def test_bad_decisions_are_one_line_errors(raw, problem):
+    with pytest.raises(InputError) as err:
+        _apply(raw)
+    assert problem in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_refuses_malformed_decisions_in_one_line(tmp_path, capsys):
+    ct, _ = _column()
+    ct_path = write_volume(ct.with_array(np.where(ct.array < 0, -1000, ct.array).astype(np.int16)),
+                           tmp_path / "ct.nii.gz")
+    bad = tmp_path / "decisions.json"
+    bad.write_text('{"delete": [1,')
+    assert main(["label-assist", str(ct_path), "-o", str(tmp_path / "out"), "--decisions", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and str(bad) in err[0] and "not valid JSON" in err[0]
+    with pytest.raises(InputError, match="not found"):
+        read_decisions(tmp_path / "missing.json")
+
+
+def _build_module(repo_root):
+    spec = importlib.util.spec_from_file_location("realct_build", repo_root / "benchmarks/realct_labels/build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("case", ["tptbox-l2-l4", "rider-pilot-0117_chest-pe"])
+def test_build_reproduces_committed_labels(shared_data, repo_root, tmp_path, monkeypatch, case):
+    """build.py on a small case writes exactly the committed label map (from the CT plus decisions.json)."""
+    build = _build_module(repo_root)
+    committed = read_volume(repo_root / "benchmarks/realct_labels" / case / "labels.nii.gz", check=False)
+    record = json.loads((repo_root / "benchmarks/realct_labels" / case / "decisions.json").read_text())
+    # build into a copy of the case folder so that the committed files stay as they are
+    monkeypatch.setattr(build, "HERE", tmp_path)
+    (tmp_path / case).mkdir()
+    (tmp_path / case / "decisions.json").write_text(json.dumps(record))
+    build.build_case(case, shared_data, None)
+    rebuilt = read_volume(tmp_path / case / "labels.nii.gz", check=False)
+    assert rebuilt.array.dtype == np.uint8 and rebuilt.same_geometry(committed)
+    assert np.array_equal(rebuilt.array, committed.array)
+    assert json.loads((tmp_path / case / "decisions.json").read_text())["result"]["levels"] == \
+        record["result"]["levels"]
