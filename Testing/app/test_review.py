@@ -76,6 +76,8 @@ def test_worklist_filter_and_keyboard_step(batch_out):
 def test_worklist_of_a_single_run_output(batch_out):
     entries = load_worklist(batch_out / "low")
     assert [e.name for e in entries] == ["low"]
+    # the one case of a run output is the served folder itself
+    assert safety.case_folder(batch_out / "low", "low", ["low"]) == (batch_out / "low").resolve()
     with pytest.raises(InputError, match="neither a batch output"):
         load_worklist(batch_out / "outside")
 

@@ -57,12 +57,13 @@ class MrmlResult:
 RADIOMICS_REFERENCE = "VertebralFracture.Radiomics"
 
 
-def _publish_review_and_radiomics(scene, table, result: PipelineResult, name: str):
+def _publish_review_and_radiomics(scene, table, result: PipelineResult, name: str, *, radiomics_table: bool = True):
     """Put the review status on the vertebrae ``table`` and show ``result.radiomics`` in the table node it
-    references (made on first use, refilled on Recompute); returns that node or None."""
+    references (made on first use, refilled on Recompute; not with ``radiomics_table=False``); returns that
+    node or None."""
     table.SetAttribute("VertebralFracture.NeedsReview", "true" if result.needs_review else "false")
     table.SetAttribute("VertebralFracture.ReviewReasons", "\n".join(result.review_reasons))
-    if not result.radiomics:
+    if not result.radiomics or not radiomics_table:
         return None
     node = mrml_nodes.radiomics_table_node(scene, result.radiomics, result.records, name=name,
                                            node=table.GetNodeReference(RADIOMICS_REFERENCE))
@@ -163,7 +164,8 @@ def run_cohort(
 
 
 def open_case(
-    scene, case_dir: str | Path, ct_path: str | Path | None = None, cohort_dir: str | Path | None = None
+    scene, case_dir: str | Path, ct_path: str | Path | None = None, cohort_dir: str | Path | None = None, *,
+    ct: Volume | None = None, radiomics_table: bool = True,
 ) -> MrmlResult:
     """Load one result folder (``vertebral-fracture run``/``batch`` output) for review.
 
@@ -171,6 +173,8 @@ def open_case(
     name in ``cohort_dir``, the batch input), the segmentation
     (``segmentation.seg.nrrd``, else ``segmentation.nii.gz``) and the records (``result.json``, else
     ``vertebrae.csv``). The returned ``result`` is a ``PipelineResult`` rebuilt from the files.
+    ``ct`` is the CT already read (the review app reads ahead); ``radiomics_table=False`` skips the
+    radiomics table node (``result.radiomics`` is still read).
 
     Raises:
         InputError: missing folder, CT or segmentation, naming what to give.
@@ -178,7 +182,8 @@ def open_case(
     case_dir = Path(case_dir)
     if not case_dir.is_dir():
         raise InputError(f"{case_dir}: result folder not found")
-    ct = read_volume(ct_path if ct_path is not None else _case_ct_path(case_dir, cohort_dir), check=False)
+    if ct is None:
+        ct = read_volume(ct_path if ct_path is not None else _case_ct_path(case_dir, cohort_dir), check=False)
     volume_node = mrml_nodes.volume_node_from_volume(scene, ct, case_dir.name)
     records, patient_probability, warnings = _case_records(case_dir)
 
@@ -202,7 +207,8 @@ def open_case(
         from VertebralFractureLib.stages.radiomics import read_radiomics_csv
 
         result.radiomics = read_radiomics_csv(case_dir / "radiomics.csv")
-    radiomics = _publish_review_and_radiomics(scene, table, result, f"{case_dir.name} radiomics")
+    radiomics = _publish_review_and_radiomics(scene, table, result, f"{case_dir.name} radiomics",
+                                              radiomics_table=radiomics_table)
     return MrmlResult(seg, table, result, volume_node, radiomics)
 
 

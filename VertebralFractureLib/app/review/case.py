@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import threading
 import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,51 @@ def case_ct_path(folder: Path) -> Path:
     raise InputError(f"{folder}: no ct.nii.gz and the input recorded in result.json ({recorded}) is not readable")
 
 
+class CtCache:
+    """The CTs of the open case and of the one the reviewer will probably open next, read in a background thread.
+
+    Reading and decompressing a CT is most of a case switch; a reviewer steps through the worklist in order,
+    so the next case's CT is read while the current one is looked at. At most ``size`` CTs are held
+    (a whole-body CT is a few hundred MB). A file changed on disk since it was read is read again.
+    """
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple, Future] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="review-prefetch")
+
+    @staticmethod
+    def _key(path: Path) -> tuple:
+        stat = path.stat()
+        return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+    def _future(self, path: Path) -> Future:
+        from VertebralFractureLib.io.reading import read_volume
+
+        key = self._key(path)
+        with self._lock:
+            future = self._items.get(key)
+            if future is None or (future.done() and future.exception() is not None):
+                future = self._pool.submit(read_volume, path, check=False)
+                self._items[key] = future
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return future
+
+    def get(self, path: Path) -> Volume:
+        """The CT at ``path`` (raises what reading raises, e.g. InputError)."""
+        return self._future(path).result()
+
+    def prefetch(self, path: Path) -> None:
+        """Start reading ``path`` in the background; errors wait for :meth:`get`."""
+        try:
+            self._future(path)
+        except OSError:
+            pass  # a missing file is reported when the case is opened
+
+
 class OpenCase:
     """The nodes of one case in ``scene`` and what the reviewer did to them.
 
@@ -54,12 +102,18 @@ class OpenCase:
         corrected: the results differ from the pipeline's (an edit, a rename or a Recompute happened).
     """
 
-    def __init__(self, scene, out: Path, name: str, folder: Path, options: PipelineOptions | None = None) -> None:
+    def __init__(self, scene, out: Path, name: str, folder: Path, options: PipelineOptions | None = None,
+                 ct_cache: CtCache | None = None) -> None:
         self.scene, self.out, self.name, self.folder = scene, out, name, folder
-        # radiomics do not change the probabilities; Recompute skips them (seconds per case)
-        self.options = dataclasses.replace(options or PipelineOptions(), radiomics=False)
-        self.nodes = slicer_logic.open_case(scene, folder, ct_path=case_ct_path(folder))
-        self.ct: Volume = mrml_nodes.volume_from_volume_node(self.nodes.volume_node)
+        # Recompute extracts radiomics like the run (the classifier's fusion uses them); untouched vertebrae are
+        # hits of the radiomics cache, so only edited ones are extracted, in this process (no worker start-up)
+        self.options = dataclasses.replace(options or PipelineOptions(), radiomics_workers=1)
+        ct_path = case_ct_path(folder)
+        self.ct: Volume = ct_cache.get(ct_path) if ct_cache is not None else None
+        # the page shows no radiomics table: not built (hundreds of columns)
+        self.nodes = slicer_logic.open_case(scene, folder, ct_path=ct_path, ct=self.ct, radiomics_table=False)
+        if self.ct is None:
+            self.ct = mrml_nodes.volume_from_volume_node(self.nodes.volume_node)
         self.edited = False
         self.corrected = False
         self.timings: dict[str, float] = {}
@@ -74,9 +128,27 @@ class OpenCase:
         return mrml_nodes.labels_from_segmentation_node(self.segmentation_node, self.ct)
 
     def voxel_counts(self) -> dict[int, int]:
-        """Voxels per VerSe id in the current segmentation."""
-        counts = np.bincount(self.labels().array.ravel().astype(np.int64))
-        return {int(v): int(n) for v, n in enumerate(counts) if v and n}
+        """Voxels per VerSe id in the current segmentation, counted on its labelmap layers.
+
+        The Segment Editor keeps the layers on the CT grid (the reference geometry), so this equals counting
+        :meth:`labels` (but for voxels claimed by two segments of different layers, counted for both) without
+        resampling every segment onto the CT (a second per edit on a chest CT).
+        """
+        from vtkmodules.util.numpy_support import vtk_to_numpy
+
+        segmentation = self.segmentation_node.GetSegmentation()
+        counts: dict[int, int] = {}
+        for layer in range(segmentation.GetNumberOfLayers()):
+            scalars = segmentation.GetLayerDataObject(layer).GetPointData().GetScalars()
+            if scalars is None:
+                continue
+            per_value = np.bincount(vtk_to_numpy(scalars).ravel())
+            for sid in segmentation.GetSegmentIDsForLayer(layer):
+                segment = segmentation.GetSegment(sid)
+                label, value = mrml_nodes.segment_label(segment), int(segment.GetLabelValue())
+                if label is not None and 0 < value < per_value.size and per_value[value]:
+                    counts[label] = counts.get(label, 0) + int(per_value[value])
+        return counts
 
     def rows(self) -> list[dict[str, Any]]:
         """The vertebra table: level, grade, type, probability, heights, voxel count, segment id, colour."""

@@ -64,6 +64,8 @@ def case_folder(out: str | Path, name: object, known: Iterable[str]) -> Path:
     if name not in set(known):
         raise InputError(f"case {name!r}: not in the worklist")
     root = Path(out).resolve()
+    if name == root.name and not (root / "cohort.csv").is_file() and (root / "result.json").is_file():
+        return root  # a single ``run`` output is its own (only) case
     folder = (root / name).resolve()
     if root not in folder.parents and folder != root:
         raise InputError(f"case {name!r}: its folder lies outside {root}")
