@@ -3,13 +3,14 @@
 The server runs as the command line starts it, on a free port, over a small batch output (three
 box-phantom cases run with their label maps, so no segmentation network is involved). The tests assert
 states and directions (cases listed, images present, voxel counts up after paint and down after erase,
-files written), never pixel values.
+a Scissors outline and keeping the largest island, files written), never pixel values.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -169,6 +170,20 @@ def _stroke(page, view_index: int = 0) -> None:
     page.mouse.up()
 
 
+def _polygon(page, view_index: int = 0, half: float = 0.06) -> None:
+    """Drag a closed square of ``half`` the view's width on each side of its centre (a Scissors outline)."""
+    box = page.locator("#vf-views img").nth(view_index).bounding_box()
+    x, y, d = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, half * box["width"]
+    corners = [(x - d, y - d), (x + d, y - d), (x + d, y + d), (x - d, y + d), (x - d, y - d)]
+    page.mouse.move(*corners[0])
+    page.mouse.down()
+    for (x0, y0), (x1, y1) in itertools.pairwise(corners):
+        for t in (0.25, 0.5, 0.75, 1.0):
+            page.mouse.move(x0 + t * (x1 - x0), y0 + t * (y1 - y0))
+            time.sleep(0.02)
+    page.mouse.up()
+
+
 def _open(page, url: str, case: str) -> None:
     page.goto(url)
     page.locator(f".vf-case[data-case='{case}']").click()
@@ -208,12 +223,23 @@ def test_correct_recompute_and_approve_a_case(server, batch_out, page):
     erased = _wait_voxels(page, "L2", painted, -1)
     assert erased < painted, "erasing the same stroke must remove voxels from L2"
 
+    # Scissors (erase inside, through every slice) around the centre of L2's body
+    page.locator("#vf-effect-scissors").click()
+    _polygon(page)
+    cut = _wait_voxels(page, "L2", erased, -1)
+    assert cut < erased, "a Scissors outline over L2 must remove voxels from L2"
+    # L2's posterior box is a second island: keeping the largest one removes it
+    page.locator("#vf-effect-islands").click()
+    page.locator("#vf-islands").click()
+    kept = _wait_voxels(page, "L2", cut, -1)
+    assert 0 < kept < cut, "keeping the largest island of L2 must drop its posterior island"
+
     start = time.monotonic()
     page.locator("#vf-recompute").click()
     _wait_message(page, "recomputed")
     assert time.monotonic() - start < 20
     assert "edited" not in page.locator("#vf-summary").inner_text()
-    assert _voxels(page, "L2") == erased
+    assert _voxels(page, "L2") == kept
 
     page.locator("#vf-note").fill("L2 outline corrected")
     page.locator("#vf-approve").click()
