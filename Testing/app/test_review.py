@@ -1,4 +1,5 @@
-"""Review app, plain Python: worklist order and filter, path safety, bind rules and tokens, atomic sign-off.
+"""Review app without a browser: worklist order and filter, path safety, bind rules and tokens, atomic sign-off,
+the CT read-ahead cache and (on slicer-core) the voxel counts of an opened case.
 
 That the page needs the token is checked in a real browser (test_review_browser.py).
 """
@@ -10,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from VertebralFractureLib.app.review import safety, signoff
@@ -132,3 +134,59 @@ def test_sign_off_writes_review_and_cohort_column(batch_out):
 def test_entry_row_is_json_ready():
     row = CaseEntry("a", probability=0.12345, worst_grade=None).as_row()
     assert row["probability"] == 0.123 and row["worst_grade"] == "" and json.dumps(row)
+
+
+def test_ct_cache_reads_ahead_keeps_two_and_rereads_a_changed_file(tmp_path):
+    from VertebralFractureLib.app.review.case import CtCache
+    from VertebralFractureLib.core.volume import Volume
+    from VertebralFractureLib.io.volume_files import write_volume
+
+    paths = []
+    for n in range(3):
+        paths.append(tmp_path / f"ct{n}.nii.gz")
+        write_volume(Volume(np.full((4, 5, 6), n, np.int16), (1.0, 1.0, 2.0)), paths[-1])
+    cache = CtCache(size=2)
+    cache.prefetch(paths[0])
+    first = cache.get(paths[0])
+    assert first.shape == (4, 5, 6) and cache.get(paths[0]) is first  # read once
+    cache.get(paths[1])
+    cache.get(paths[2])
+    assert cache.get(paths[0]) is not first  # pushed out by two newer CTs
+    write_volume(Volume(np.full((4, 5, 6), 7, np.int16), (1.0, 1.0, 2.0)), paths[2])
+    os.utime(paths[2], ns=(1, 1))  # a changed file, whatever the clock's resolution
+    assert int(cache.get(paths[2]).array[0, 0, 0]) == 7
+    with pytest.raises(InputError, match="missing.nii.gz"):
+        cache.get(paths[2].with_name("missing.nii.gz"))
+
+
+def test_open_case_counts_voxels_as_its_label_map_after_an_edit(tmp_path):
+    """The table's voxel counts (read from the labelmap layers) equal those of the label map read back on the CT."""
+    pytest.importorskip("slicer", reason="slicer-core wheel not installed (pip install slicer-core)")
+    import slicer
+    from mrml_cases import box_labels, oblique_direction, records
+
+    from VertebralFractureLib.app import mrml_nodes
+    from VertebralFractureLib.app.review.case import CtCache, OpenCase
+    from VertebralFractureLib.core.records import write_csv
+    from VertebralFractureLib.io.volume_files import write_volume
+
+    labels = box_labels(oblique_direction())
+    folder = tmp_path / "case001"
+    folder.mkdir()
+    write_volume(labels, folder / "segmentation.nii.gz")
+    write_volume(labels.with_array(np.where(labels.array > 0, 250, -900).astype(np.int16)), folder / "ct.nii.gz")
+    write_csv(records(), folder / "vertebrae.csv")
+    case = OpenCase(slicer.vtkMRMLScene(), tmp_path, "case001", folder, ct_cache=CtCache())
+
+    def counted() -> dict[int, int]:
+        counts = np.bincount(case.labels().array.ravel())
+        return {v: int(n) for v, n in enumerate(counts) if v and n}
+
+    assert case.voxel_counts() == counted() == {19: 630, 20: 720, 21: 630}
+    # grow L1 by a slab of background, as a paint stroke would (the segment may move to a layer of its own)
+    grown = case.labels().array == 20
+    grown[19, 3:12, 4:14] = True
+    sid = mrml_nodes.find_segment_id(case.segmentation_node, "L1")
+    mrml_nodes.set_segment_mask(case.segmentation_node, sid, labels.with_array(grown.astype(np.uint8)))
+    assert case.voxel_counts() == counted() == {19: 630, 20: 810, 21: 630}
+    assert [r["voxels"] for r in case.rows()] == [630, 810, 630]

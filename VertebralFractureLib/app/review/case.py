@@ -62,7 +62,10 @@ class CtCache:
 
     @staticmethod
     def _key(path: Path) -> tuple:
-        stat = path.stat()
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise InputError(f"{path}: the CT cannot be read ({exc.strerror})") from None
         return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
     def _future(self, path: Path) -> Future:
@@ -87,7 +90,7 @@ class CtCache:
         """Start reading ``path`` in the background; errors wait for :meth:`get`."""
         try:
             self._future(path)
-        except OSError:
+        except InputError:
             pass  # a missing file is reported when the case is opened
 
 
