@@ -279,8 +279,17 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 
 def _add_train_classifier(p: argparse.ArgumentParser) -> None:
-    p.add_argument("cohort", type=Path, nargs="+", help="cohort folder(s) in the study layout (labels.csv + cases)")
+    p.add_argument("cohort", type=Path, nargs="*", help="cohort folder(s) in the study layout (labels.csv + cases); "
+                   "not with --real-labels")
     p.add_argument("-o", "--output", type=Path, required=True, help="model folder: model.safetensors + card.json")
+    p.add_argument("--real-labels", type=Path, help="folder of checked labels <case>/labels.nii.gz of real CTs: train the "
+                   "shipped kind of model (CNN + radiomics + morphometry, calibrated fusion, split by patient)")
+    p.add_argument("--data", type=Path, help="folder of the real CTs (with --real-labels; default: the shared data folder)")
+    p.add_argument("--folds", type=int, default=4, help="patient folds (with --real-labels)")
+    p.add_argument("--phantoms", type=int, default=3, help="phantom cases added (with --real-labels)")
+    p.add_argument("--fractures-per-vertebra", type=int, default=2, help="simulated fractures per real vertebra")
+    p.add_argument("--compare-with", type=Path, help="model folder measured beside the new one (default: shipped)")
+    p.add_argument("--workers", type=int, default=1, help="processes building the training data")
     p.add_argument("--model", default="customcnn", help="architecture (customcnn, mobilenetv3, efficientnet-b1, vgg16, resnet50v2)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--test-fraction", type=float, default=0.2, help="patients held out for the card's metrics")
@@ -293,8 +302,13 @@ def _add_train_classifier(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train_classifier(args: argparse.Namespace) -> int:
-    from VertebralFractureLib.research.study import train_classifier
     from VertebralFractureLib.models.device import resolve_device
+
+    if args.real_labels is not None:
+        return _train_realct_classifier(args)
+    if not args.cohort:
+        raise InputError("train-classifier needs cohort folder(s) or --real-labels")
+    from VertebralFractureLib.research.study import train_classifier
 
     card = train_classifier(args.cohort, args.output, architecture=args.model, epochs=args.epochs,
                             test_fraction=args.test_fraction, seed=args.seed, device=resolve_device(args.device),
@@ -303,6 +317,35 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
         held = card["metrics"]["held_out"]["per_vertebra"]
         print(f"held-out vertebrae: ROC-AUC {held['roc_auc']:.3f}, accuracy {held['accuracy']:.3f}")
         print(f"wrote {args.output / 'model.safetensors'} and {args.output / 'card.json'}")
+    return 0
+
+
+def _train_realct_classifier(args: argparse.Namespace) -> int:
+    import torch
+
+    from VertebralFractureLib.core.resources import shared_data_dir
+    from VertebralFractureLib.models.device import resolve_device
+    from VertebralFractureLib.research.classifier_data import find_real_cases
+    from VertebralFractureLib.research.classifier_fusion import SMALL_WIDTHS, train_realct_classifier
+    from VertebralFractureLib.research.classifier_training import TrainConfig
+
+    if args.cohort or args.model != "customcnn":
+        raise InputError("--real-labels trains the customcnn from real CTs; give no cohort folder or other --model")
+    data = args.data or shared_data_dir()
+    if data is None:
+        raise InputError("--real-labels needs --data (the folder of the real CTs)")
+    torch.set_num_threads(args.threads or 2)
+    cases = find_real_cases(args.real_labels, data)
+    config = TrainConfig(epochs=args.epochs, seed=args.seed, device=resolve_device(args.device), widths=SMALL_WIDTHS)
+    card = train_realct_classifier(cases, args.output, folds=args.folds, config=config, n_phantoms=args.phantoms,
+                                   fractures_per_vertebra=args.fractures_per_vertebra, compare_with=args.compare_with,
+                                   workers=args.workers, progress=_progress_for(args))
+    if not args.quiet:
+        held = card["metrics"]["held_out"]
+        print(f"held-out patients: vertebra ROC-AUC {held['per_vertebra']['roc_auc']:.3f}, patient ROC-AUC "
+              f"{held['per_patient']['roc_auc']:.3f}, grade >= 2 sensitivity {held['sensitivity_grade_ge2']:.3f}, "
+              f"ECE {held['ece']:.3f}")
+        print(f"wrote {args.output}")
     return 0
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -169,3 +170,78 @@ def test_predict_fractures_without_a_classifier_falls_back_to_morphometry(phanto
     assert all(math.isnan(r.probability_classifier) for r in records)
     assert [r.fracture_probability for r in records if not r.partial] == [0.05, 0.97, 0.6]
     assert patient == 0.97
+
+
+# --- calibrated fusion and the out-of-distribution check ------------------------------------------------------
+FEATURE = "original_firstorder_Mean"
+
+
+def _fusion_dir(tmp_path, repo_root):
+    """A classifier folder: the shipped network (any weights fit) and a hand-made fusion model of one feature."""
+    import shutil
+
+    from VertebralFractureLib.stages.classification import FUSION_NAME, FusionModel, Logistic
+
+    shipped = repo_root / "Resources" / "models" / "classifier"
+    for name in ("card.json", "model.safetensors"):
+        shutil.copy(shipped / name, tmp_path / name)
+    fusion = FusionModel(
+        radiomics_features=[FEATURE], radiomics_median=[200.0], radiomics_mean=[200.0], radiomics_scale=[50.0],
+        radiomics=Logistic([1.0], 0.0), loss_fill=0.05, stack=Logistic([0.5, 1.0, 8.0], -3.0),
+        stack_without_radiomics=Logistic([0.5, 8.0], -3.0), threshold=0.4, ood_mean=[0.0, 0.05],
+        ood_precision=[[1.0, 0.0], [0.0, 100.0]], ood_threshold=4.0)
+    (tmp_path / FUSION_NAME).write_text(json.dumps(fusion.to_json()))
+    return tmp_path, fusion
+
+
+def test_fusion_model_is_applied_at_run_time(phantoms, tmp_path, repo_root):
+    from VertebralFractureLib.stages.classification import classify_vertebrae
+
+    model_dir, fusion = _fusion_dir(tmp_path, repo_root)
+    ph = phantoms["LPS"]
+    records = _records(ph.labels)
+    for r, loss in zip(records, (0.02, 0.35, 0.1, 0.0), strict=True):
+        r.height_loss_ratio = loss
+    feats = {r.label: {FEATURE: 210.0} for r in records}
+    out = classify_vertebrae(ph.ct, ph.labels, records, radiomics=feats, device="cpu", model_dir=model_dir)
+    whole = records[:2]
+    for r in whole:
+        assert r.fracture_probability == pytest.approx(
+            fusion.probability(r.probability_classifier, r.height_loss_ratio, feats[r.label]))
+    # the vertebra with the height loss is the likelier fracture; the partial one is not scored
+    assert whole[1].fracture_probability > whole[0].fracture_probability
+    assert math.isnan(records[2].fracture_probability)
+    assert out.threshold == 0.4 and out.review_reasons == []
+    assert out.patient_probability == max(r.fracture_probability for r in records if not math.isnan(r.fracture_probability))
+    # without radiomics: the second fusion model, and a warning that says so
+    again = _records(ph.labels)
+    out = classify_vertebrae(ph.ct, ph.labels, again, radiomics=None, device="cpu", model_dir=model_dir)
+    assert any("radiomics not available" in w for w in out.warnings)
+    assert all(0.0 < r.fracture_probability < 1.0 for r in again[:2])
+
+
+def test_out_of_distribution_vertebra_is_a_review_reason(phantoms, tmp_path, repo_root):
+    from VertebralFractureLib.stages.classification import classify_vertebrae
+
+    model_dir, _ = _fusion_dir(tmp_path, repo_root)
+    ph = phantoms["LPS"]
+    records = _records(ph.labels)
+    for r in records:
+        r.height_loss_ratio = 0.05
+    odd = records[1]
+    feats = {r.label: {FEATURE: 200.0} for r in records}
+    feats[odd.label] = {FEATURE: 200.0 + 50.0 * 12}  # 12 SD from the training vertebrae
+    out = classify_vertebrae(ph.ct, ph.labels, records, radiomics=feats, device="cpu", model_dir=model_dir)
+    assert len(out.review_reasons) == 1 and odd.level in out.review_reasons[0]
+    assert records[0].level not in out.review_reasons[0]
+    assert out.ood_distance[odd.label] > 4.0 > out.ood_distance[records[0].label]
+    assert any("out of the training distribution" in n for n in odd.notes)
+
+
+def test_a_broken_fusion_file_is_a_clear_error(tmp_path, repo_root):
+    from VertebralFractureLib.stages.classification import FUSION_NAME, load_fusion
+
+    model_dir, _ = _fusion_dir(tmp_path, repo_root)
+    (model_dir / FUSION_NAME).write_text(json.dumps({"fusion_version": 1, "stack": {}}))
+    with pytest.raises(InputError, match="fusion.json: not a valid fusion model"):
+        load_fusion(model_dir)

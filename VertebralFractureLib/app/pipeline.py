@@ -5,10 +5,10 @@
 a temporary sibling folder that is renamed to ``out_dir`` only when complete.
 
 Stages: import -> validation -> segmentation (U-Net, instances, levels) on the CT -> morphometry on the
-CT -> quality flags -> 3D CNN classifier on the Wiener-filtered CT -> radiomics on the CT -> review status
--> outputs. ``labels`` given (``--labels`` or an edited segmentation) skips segmentation. A case whose
-segmentation or classifier cannot be trusted gets ``needs_review`` with plain-sentence ``review_reasons``
-and ``fractured = None``. Layers and data flow: ``docs/ARCHITECTURE.md``.
+CT -> quality flags -> radiomics on the CT -> 3D CNN on the Wiener-filtered CT fused with radiomics and
+morphometry -> review status -> outputs. ``labels`` given (``--labels`` or an edited segmentation) skips
+segmentation. A case whose segmentation or classifier cannot be trusted gets ``needs_review`` with
+plain-sentence ``review_reasons`` and ``fractured = None``. Layers and data flow: ``docs/ARCHITECTURE.md``.
 """
 
 from __future__ import annotations
@@ -214,21 +214,23 @@ def analyse(
                                  naming_review=(naming or {}).get("review", []))
     cancel.check()
 
-    progress(0.75, "classification")
-    with timer.stage("classification"):
-        patient_probability, class_warnings = _classify(filtered, labels, records, options)
-        patient_probability = _drop_flagged(records)
-    warnings += class_warnings
-    cancel.check()
-
     features = None
     if options.radiomics and records:
-        progress(0.8, "radiomics")
+        progress(0.7, "radiomics")
         from VertebralFractureLib.stages.radiomics import extract_features
 
         with timer.stage("radiomics"):
-            # the unfiltered CT and the whole label, as the study extracts them (its LASSO selection applies)
+            # the unfiltered CT and the whole label, as the study extracts them; the classifier's fusion uses them
             features = extract_features(ct, labels, [r.label for r in records], workers=options.radiomics_workers)
+    cancel.check()
+
+    progress(0.8, "classification")
+    with timer.stage("classification"):
+        classification = _classify(filtered, labels, records, options, features)
+        patient_probability = _drop_flagged(records)
+    warnings += classification.warnings
+    cancel.check()
+
     if not records:
         warnings.append("no vertebrae found in the field of view")
     implausible = [r.level for r in records if r.implausible]
@@ -239,16 +241,13 @@ def analyse(
         )
     reasons = review_reasons(quality, n_vertebrae=len(records),
                              n_scored=sum(not math.isnan(r.fracture_probability) for r in records),
-                             classifier_saturated=any(_SATURATION_MARK in w for w in class_warnings))
-    fractured = None if reasons else bool(not math.isnan(patient_probability) and patient_probability >= 0.5)
+                             classifier_saturated=classification.saturated) + classification.review_reasons
+    fractured = None if reasons else bool(not math.isnan(patient_probability)
+                                          and patient_probability >= classification.threshold)
     progress(0.9, "analysis done")
     return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels,
                           review_reasons=reasons, quality_flags=quality.flags, level_confidence=level_confidence,
                           radiomics=features, naming=naming)
-
-
-#: the classifier's out-of-domain warning (stages.classification.predict_fractures) contains this
-_SATURATION_MARK = "outside its (simulated) training data"
 
 
 def _drop_flagged(records: list[VertebraRecord]) -> float:
@@ -275,10 +274,11 @@ def _measure(ct: Volume, labels: Volume) -> tuple[list[VertebraRecord], list[str
     return measure_vertebrae(ct, labels), []
 
 
-def _classify(ct: Volume, labels: Volume, records: list[VertebraRecord], options: PipelineOptions) -> tuple[float, list[str]]:
-    from VertebralFractureLib.stages.classification import predict_fractures
+def _classify(ct: Volume, labels: Volume, records: list[VertebraRecord], options: PipelineOptions,
+              features: dict[int, dict[str, float]] | None):
+    from VertebralFractureLib.stages.classification import classify_vertebrae
 
-    return predict_fractures(ct, labels, records, device=options.device)
+    return classify_vertebrae(ct, labels, records, radiomics=features, device=options.device)
 
 
 def run_pipeline(

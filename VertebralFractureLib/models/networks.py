@@ -225,16 +225,16 @@ def efficientnet_b1_3d() -> SqueezeLogits:
                                         num_classes=1))
 
 
-def build_classifier_network(name: str, *, n_radiomics: int = 0) -> nn.Module:
+def build_classifier_network(name: str, *, n_radiomics: int = 0, widths: tuple[int, int, int] | None = None) -> nn.Module:
     """A fresh classifier network taking ``(N, 1, S, S, S)`` crops, returning ``(N,)`` logits.
 
     ``n_radiomics`` > 0 (customcnn only) adds a second input ``(N, n_radiomics)`` of standardised
-    radiomics features fused before the head.
+    radiomics features fused before the head; ``widths`` (customcnn only) its three stages' channels.
     Raises:
         InputError: unknown ``name``.
     """
     builders = {
-        "customcnn": lambda: CustomCNN(n_radiomics=n_radiomics),
+        "customcnn": lambda: CustomCNN(n_radiomics=n_radiomics, **({"widths": tuple(widths)} if widths else {})),
         "mobilenetv3": MobileNetV3Small3D,
         "efficientnet-b1": efficientnet_b1_3d,
         "vgg16": VGG16Compact3D,
@@ -288,10 +288,14 @@ def build_network(kind: str, architecture: str, kwargs: dict[str, Any] | None = 
     """The network a model card describes: ``kind`` (classifier/segmentation), architecture name and kwargs."""
     kwargs = dict(kwargs or {})
     if kind == "classifier":
-        unknown = set(kwargs) - {"n_radiomics"}
+        unknown = set(kwargs) - {"n_radiomics", "widths"}
         if unknown:
             raise InputError(f"classifier {architecture!r}: unknown architecture arguments {sorted(unknown)}")
-        return build_classifier_network(architecture, n_radiomics=int(kwargs.get("n_radiomics", 0)))
+        widths = kwargs.get("widths")
+        if widths is not None and (architecture != "customcnn" or len(widths) != 3
+                                   or not all(isinstance(w, int) and 0 < w <= 256 for w in widths)):
+            raise InputError(f"classifier {architecture!r}: widths must be three channel counts (customcnn only)")
+        return build_classifier_network(architecture, n_radiomics=int(kwargs.get("n_radiomics", 0)), widths=widths)
     if kind == "segmentation":
         return build_segmentation_network({"name": architecture, "kwargs": kwargs})
     raise InputError(f"unknown model kind {kind!r}; expected classifier or segmentation")

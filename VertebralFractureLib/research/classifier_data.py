@@ -180,12 +180,13 @@ def volume_samples(ct, labels, group: str, source: str, *, fractures_per_vertebr
 
 def _rows_to_npz(rows: list[dict], path: Path, notes: list[str]) -> None:
     names = sorted({k for r in rows for k in r["feats"]})
-    x = np.array([[r["feats"].get(n, np.nan) for n in names] for r in rows], dtype=np.float64).reshape(len(rows), -1)
+    x = np.array([[r["feats"].get(n, np.nan) for n in names] for r in rows], dtype=np.float64).reshape(len(rows),
+                                                                                                       len(names))
     arrays = {"crops": np.stack([r["crop"] for r in rows]).astype(np.float32) if rows else np.zeros((0, 32, 32, 32),
                                                                                                      np.float32),
               "radiomics": x, "feature_names": np.array(names, dtype=str), "notes": np.array(notes, dtype=str)}
     for key in _ARRAYS[2:]:
-        arrays[key] = np.array([r[key] for r in rows])
+        arrays[key] = np.array([r[key] for r in rows], dtype=None if rows else np.float64)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial.npz")
     np.savez_compressed(tmp, **arrays)

@@ -283,7 +283,7 @@ def train_realct_classifier(
     cases: list[RealCase],
     out_dir: str | Path,
     *,
-    folds: int = 5,
+    folds: int = 4,
     config: TrainConfig | None = None,
     n_phantoms: int = 3,
     fractures_per_vertebra: int = 2,

@@ -44,6 +44,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     augment: bool = True
+    #: customcnn channels per stage (None: the network's default 16, 32, 64)
+    widths: tuple[int, int, int] | None = None
 
 
 def _augment(x, rng: np.random.Generator):
@@ -82,7 +84,7 @@ def train_network(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     n_radiomics = 0 if r_train is None else r_train.shape[1]
-    net = build_classifier_network(name, n_radiomics=n_radiomics).to(config.device)
+    net = build_classifier_network(name, n_radiomics=n_radiomics, widths=config.widths).to(config.device)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     y_train = np.asarray(y_train, dtype=np.float32)
     pos, neg = np.flatnonzero(y_train == 1), np.flatnonzero(y_train == 0)
@@ -269,11 +271,13 @@ class RadiomicsLasso:
 
 
 # --- the classifier that `run` uses: weights + card ------------------------------------------------
-def save_classifier(net, architecture: str, out_dir: str | Path, card: dict[str, Any]) -> Path:
+def save_classifier(net, architecture: str, out_dir: str | Path, card: dict[str, Any], *,
+                    widths: tuple[int, int, int] | None = None) -> Path:
     """Write ``model.safetensors`` (weights only; loading never runs code) and ``card.json`` into ``out_dir``.
 
     ``card``: the card's remaining fields in the :mod:`.models.cards` layout (name, version, training_data,
-    training, metrics, and extras such as ``warning``); the architecture, input and window come from here.
+    training, metrics, and extras such as ``warning``); the architecture, input and window come from here;
+    ``widths``: the customcnn's channels when not its default.
     Raises:
         InputError: the resulting card would be invalid (e.g. an unknown architecture).
     """
@@ -282,7 +286,8 @@ def save_classifier(net, architecture: str, out_dir: str | Path, card: dict[str,
         "card_version": 2,
         "kind": "classifier",
         "name": f"vertebral-fracture classifier ({architecture})",
-        "architecture": {"name": architecture, "kwargs": {"n_radiomics": int(getattr(net, "n_radiomics", 0) or 0)}},
+        "architecture": {"name": architecture, "kwargs": {"n_radiomics": int(getattr(net, "n_radiomics", 0) or 0),
+                                                          **({"widths": list(widths)} if widths else {})}},
         "spacing_mm": CROP_SPACING_MM,
         "window_hu": [HU_LOW, HU_HIGH],
         "input": {"crop_size_voxels": CROP_SIZE,

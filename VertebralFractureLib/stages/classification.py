@@ -14,21 +14,29 @@ non-network ``genant-rule`` and ``radiomics-lasso`` (``MODELS``); training is
 :mod:`VertebralFractureLib.research.classifier_training`. ``run`` loads the shipped classifier
 (``Resources/models/classifier``) through :mod:`VertebralFractureLib.models.loading`.
 
-How ``predict_fractures`` combines: for a whole (non-partial) vertebra the final
-``fracture_probability`` is the maximum of ``probability_classifier`` and ``probability_morphometry``
-(either one alone when the other is missing): a vertebra is called fractured when either the
-morphometric Genant criterion (the clinical standard) or the image classifier calls it. The
-classifier catches what morphometry cannot measure, e.g. a crush fracture without a normal
-neighbour as height reference (on the real TPTBox CT, simulated grade 1-3 crush fractures of L3 got
-morphometry 0.03-0.30 and classifier 0.94-0.99; a mean would have missed the grade 1 crush).
-A partial vertebra (cut by the field of view) keeps its classifier probability for reference but
-its final probability is NaN and it does not count for the patient. Patient probability = maximum
-over the counted vertebrae (a patient is fractured when any vertebra is).
+How the final per-vertebra probability is formed (:func:`classify_vertebrae`):
+
+* with a fusion model (``fusion.json`` beside the network, :class:`FusionModel`; the shipped classifier has one):
+  a logistic model of three inputs, the CNN's logit, the radiomics score (a logistic model of the
+  LASSO-selected radiomics features) and morphometry's height-loss ratio, fitted on out-of-fold predictions
+  of patients the network and the LASSO had not seen, so its output is a calibrated probability. Without
+  radiomics (``run`` with radiomics off, or extraction failed) a second logistic model of the CNN and
+  morphometry alone is used. Each vertebra also gets an out-of-distribution distance (Mahalanobis distance
+  of its standardised radiomics and morphometry inputs to the training vertebrae); above the 99th
+  percentile of training it is a review reason. Patient rule: fractured when any counted vertebra's
+  probability reaches the model's ``threshold`` (chosen on the training folds).
+* without one (an older model folder): the maximum of ``probability_classifier`` and
+  ``probability_morphometry``, with the saturation guard :func:`classifier_out_of_domain`; patient threshold 0.5.
+
+A partial vertebra (cut by the field of view) or an implausible one keeps its classifier probability for
+reference but its final probability is NaN and it does not count for the patient. Patient probability = maximum
+over the counted vertebrae.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +53,15 @@ CROP_SPACING_MM = 2.0
 HU_LOW, HU_HIGH = -200.0, 1300.0
 CNN_MODELS = list(CLASSIFIER_ARCHITECTURES)
 MODELS = CNN_MODELS + ["genant-rule", "radiomics-lasso"]
-#: how the final per-vertebra probability is formed (see the module docstring)
+#: how the final per-vertebra probability is formed without a fusion model (see the module docstring)
 COMBINATION_RULE = "final = max(classifier, morphometry); partial vertebrae: NaN (not scored); patient = max over vertebrae"
+#: ... and with one
+FUSION_RULE = ("final = calibrated logistic fusion of the CNN logit, the radiomics LASSO score and morphometry's "
+               "height-loss ratio (fusion.json); partial or implausible vertebrae: NaN (not scored); patient fractured "
+               "when any counted vertebra's probability >= the fusion threshold; a vertebra whose features lie beyond "
+               "the 99th percentile of the training distribution (Mahalanobis) sends the case to review")
+FUSION_NAME = "fusion.json"
+FUSION_VERSION = 1
 
 
 # --- crops ------------------------------------------------------------------------------------
@@ -138,7 +153,7 @@ def load_classifier(model_dir: str | Path | None = None, *, device: str = "cpu")
 
 
 #: A scan where more than this share of (at least 4) vertebrae get p > 0.9 is outside the classifier's domain:
-#: even severe osteoporosis rarely fractures most vertebrae of one field of view.
+#: even severe osteoporosis rarely fractures most vertebrae of one field of view. Used only without a fusion model.
 OUT_OF_DOMAIN_SHARE = 0.5
 
 
@@ -149,7 +164,7 @@ def classifier_out_of_domain(probabilities: list[float]) -> bool:
 
 
 def combine_probabilities(p_classifier: float, p_morphometry: float, partial: bool) -> float:
-    """Final per-vertebra probability: max of classifier and morphometry (NaN for partial vertebrae)."""
+    """Final per-vertebra probability without a fusion model: max of classifier and morphometry (NaN if partial)."""
     if partial:
         return math.nan
     if math.isnan(p_morphometry):
@@ -159,6 +174,259 @@ def combine_probabilities(p_classifier: float, p_morphometry: float, partial: bo
     return max(p_classifier, p_morphometry)
 
 
+# --- calibrated fusion --------------------------------------------------------------------------------
+#: logits of the CNN are clipped here (a saturated sigmoid says nothing more beyond it)
+LOGIT_CLIP = 8.0
+#: morphometry's height-loss ratio is clipped to this range before fusion
+LOSS_RANGE = (-0.3, 0.8)
+
+
+def _logit(p: float) -> float:
+    p = min(max(float(p), 1e-6), 1 - 1e-6)
+    return float(np.clip(math.log(p / (1 - p)), -LOGIT_CLIP, LOGIT_CLIP))
+
+
+def _sigmoid(z: float) -> float:
+    return float(1.0 / (1.0 + math.exp(-float(np.clip(z, -40.0, 40.0)))))
+
+
+@dataclass
+class Logistic:
+    """``p = sigmoid(intercept + coef . x)``."""
+
+    coef: list[float]
+    intercept: float
+
+    def logit(self, x: np.ndarray) -> float:
+        return float(self.intercept + np.dot(self.coef, x))
+
+
+@dataclass
+class FusionModel:
+    """The learned combination of CNN, radiomics and morphometry (``fusion.json``; plain numbers, no code).
+
+    Attributes:
+        radiomics_features: the LASSO-selected pyradiomics feature names; ``radiomics_median``/``_mean``/``_scale``
+            impute (median) and standardise them; ``radiomics``: logistic model of the standardised features.
+        loss_fill: height-loss ratio used when morphometry could not measure one.
+        stack: logistic model of ``[cnn logit, radiomics logit, height-loss ratio]``; ``stack_without_radiomics``
+            of ``[cnn logit, height-loss ratio]``.
+        threshold: patient rule, fractured when any vertebra's probability >= it.
+        ood_mean, ood_precision: mean and inverse covariance (shrunk) of the OOD inputs
+            ``[standardised selected radiomics..., height-loss ratio]`` over the training vertebrae; ``ood_threshold``
+            the distance's 99th percentile on training folds.
+    """
+
+    radiomics_features: list[str]
+    radiomics_median: list[float]
+    radiomics_mean: list[float]
+    radiomics_scale: list[float]
+    radiomics: Logistic
+    loss_fill: float
+    stack: Logistic
+    stack_without_radiomics: Logistic
+    threshold: float
+    ood_mean: list[float]
+    ood_precision: list[list[float]]
+    ood_threshold: float
+    ood_percentile: float = 99.0
+    notes: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {"fusion_version": FUSION_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = FUSION_NAME) -> FusionModel:
+        """Validate the JSON of ``fusion.json``. Raises InputError naming ``source`` when it does not fit."""
+        try:
+            if data.get("fusion_version") != FUSION_VERSION:
+                raise ValueError(f"fusion_version {data.get('fusion_version')!r}, expected {FUSION_VERSION}")
+            kw = {k: v for k, v in data.items() if k != "fusion_version"}
+            for key in ("radiomics", "stack", "stack_without_radiomics"):
+                kw[key] = Logistic(coef=[float(c) for c in kw[key]["coef"]], intercept=float(kw[key]["intercept"]))
+            model = cls(**kw)
+            n = len(model.radiomics_features)
+            sizes = [len(model.radiomics_median), len(model.radiomics_mean), len(model.radiomics_scale),
+                     len(model.radiomics.coef)]
+            if any(k != n for k in sizes) or len(model.stack.coef) != 3 or len(model.stack_without_radiomics.coef) != 2:
+                raise ValueError("coefficient counts do not match the features")
+            if np.asarray(model.ood_precision, dtype=float).shape != (n + 1, n + 1) or len(model.ood_mean) != n + 1:
+                raise ValueError("OOD mean/precision do not match the features")
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{source}: not a valid fusion model ({exc})") from None
+        return model
+
+    def _standardised(self, features: dict[str, float]) -> np.ndarray:
+        x = np.array([features.get(n, math.nan) for n in self.radiomics_features], dtype=np.float64)
+        x = np.where(np.isfinite(x), x, np.asarray(self.radiomics_median))
+        return (x - np.asarray(self.radiomics_mean)) / np.asarray(self.radiomics_scale)
+
+    def _loss(self, loss: float) -> float:
+        return float(np.clip(loss if math.isfinite(loss) else self.loss_fill, *LOSS_RANGE))
+
+    def probability(self, p_cnn: float, height_loss_ratio: float, features: dict[str, float] | None) -> float:
+        """Calibrated fracture probability of one vertebra (``features`` None: the model without radiomics)."""
+        loss = self._loss(height_loss_ratio)
+        if features is None:
+            return _sigmoid(self.stack_without_radiomics.logit(np.array([_logit(p_cnn), loss])))
+        score = self.radiomics.logit(self._standardised(features))
+        return _sigmoid(self.stack.logit(np.array([_logit(p_cnn), score, loss])))
+
+    def ood_distance(self, height_loss_ratio: float, features: dict[str, float]) -> float:
+        """Mahalanobis distance of a vertebra's OOD inputs to the training vertebrae (dimensionless)."""
+        v = np.append(self._standardised(features), self._loss(height_loss_ratio)) - np.asarray(self.ood_mean)
+        return float(math.sqrt(max(0.0, float(v @ np.asarray(self.ood_precision) @ v))))
+
+
+def load_fusion(model_dir: str | Path | None = None) -> FusionModel | None:
+    """The fusion model of a classifier folder (default: the shipped one); None when it has none.
+
+    Raises:
+        InputError: ``fusion.json`` exists but is not valid JSON or not a valid fusion model.
+    """
+    import json
+
+    from VertebralFractureLib.models.loading import default_model_dir
+
+    path = Path(model_dir if model_dir is not None else default_model_dir("classifier")) / FUSION_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: fusion model is not readable JSON ({exc})") from None
+    return FusionModel.from_json(data, str(path))
+
+
+@dataclass
+class Classification:
+    """What :func:`classify_vertebrae` adds to a case besides the records it fills.
+
+    ``patient_probability``: max final probability over counted vertebrae (NaN if none); ``threshold``: the
+    patient rule's threshold; ``review_reasons``: plain sentences (out-of-distribution vertebrae);
+    ``ood_distance``: VerSe id -> Mahalanobis distance (fusion models only); ``saturated``: the saturation guard
+    fired (models without fusion only; the pipeline turns it into a review reason).
+    """
+
+    patient_probability: float
+    threshold: float = 0.5
+    warnings: list[str] = field(default_factory=list)
+    review_reasons: list[str] = field(default_factory=list)
+    ood_distance: dict[int, float] = field(default_factory=dict)
+    saturated: bool = False
+
+    @property
+    def fractured(self) -> bool:
+        p = self.patient_probability
+        return bool(not math.isnan(p) and p >= self.threshold)
+
+
+def classify_vertebrae(
+    ct: Volume,
+    labels: Volume,
+    records: list[VertebraRecord],
+    *,
+    radiomics: dict[int, dict[str, float]] | None = None,
+    device: str = "auto",
+    model_dir: str | Path | None = None,
+) -> Classification:
+    """Set ``probability_classifier`` and the final ``fracture_probability`` of each record, in place.
+
+    Args:
+        ct: CT in HU (the pipeline passes the Wiener-filtered CT); labels: VerSe ids on the same grid.
+        records: from morphometry (``probability_morphometry``, ``height_loss_ratio``, ``partial``, ``implausible``
+            and quality ``flags`` are read; flagged vertebrae are not scored).
+        radiomics: VerSe id -> pyradiomics features of the unfiltered CT (``stages.radiomics.extract_features``);
+            None fuses without them and skips the out-of-distribution check.
+    """
+    result = Classification(math.nan)
+    device = resolve_device(device)
+    try:
+        net, card = load_classifier(model_dir, device=device)
+        fusion = load_fusion(model_dir)
+    except InputError as exc:
+        net, fusion = None, None
+        result.warnings.append(f"classifier not available ({exc}); fracture probability from morphometry alone")
+    if net is not None and card.architecture_kwargs.get("n_radiomics"):
+        result.warnings.append("the classifier expects radiomics features; pipeline runs the image-only path")
+        net, fusion = None, None
+    present = set(int(v) for v in np.unique(labels.array)) - {0}
+    targets = [r for r in records if net is not None and r.label in present]
+    if targets:
+        probs = predict_network(net, np.stack([extract_crop(ct, labels, r.label) for r in targets]), device=device)
+        for record, p in zip(targets, probs, strict=True):
+            record.probability_classifier = float(p)
+    for record in records:
+        if math.isnan(record.probability_morphometry) and not math.isnan(record.fracture_probability):
+            record.probability_morphometry = record.fracture_probability  # morphometry may have set only the final
+    if fusion is not None:
+        _fuse(fusion, records, radiomics, result)
+    else:
+        _combine_max(records, result)
+    for record in records:
+        if record.partial:
+            record.notes.append("partial vertebra: not scored")
+        elif record.implausible:
+            record.notes.append("implausible segment: not scored")
+    scored = [r.fracture_probability for r in records if not math.isnan(r.fracture_probability)]
+    result.patient_probability = max(scored) if scored else math.nan
+    return result
+
+
+def _not_scored(record: VertebraRecord) -> bool:
+    return record.partial or record.implausible or bool(record.flags)
+
+
+def _fuse(fusion: FusionModel, records: list[VertebraRecord], radiomics: dict[int, dict[str, float]] | None,
+          result: Classification) -> None:
+    result.threshold = fusion.threshold
+    if radiomics is None:
+        result.warnings.append("radiomics not available: fracture probability fused from the CNN and morphometry only, "
+                               "without the out-of-distribution check")
+    far = []
+    for record in records:
+        if _not_scored(record):
+            record.fracture_probability = math.nan
+            continue
+        feats = None if radiomics is None else radiomics.get(record.label)
+        if radiomics is not None and not feats:
+            result.warnings.append(f"{record.level}: no radiomics features; fused without them")
+        p_cnn = record.probability_classifier
+        if math.isnan(p_cnn):  # no network: morphometry alone
+            record.fracture_probability = record.probability_morphometry
+            continue
+        record.fracture_probability = fusion.probability(p_cnn, record.height_loss_ratio, feats)
+        if feats:
+            d = fusion.ood_distance(record.height_loss_ratio, feats)
+            result.ood_distance[record.label] = d
+            if d > fusion.ood_threshold:
+                far.append(f"{record.level} ({d:.1f})")
+                record.notes.append(f"features out of the training distribution (distance {d:.1f} > "
+                                    f"{fusion.ood_threshold:.1f})")
+    if far:
+        result.review_reasons.append(
+            f"The image features of {', '.join(far)} lie outside what the fracture classifier was trained on "
+            f"(distance above {fusion.ood_threshold:.1f}, the {fusion.ood_percentile:g}th percentile of its training "
+            "vertebrae): check these vertebrae by eye.")
+
+
+def _combine_max(records: list[VertebraRecord], result: Classification) -> None:
+    if classifier_out_of_domain([r.probability_classifier for r in records]):
+        result.saturated = True
+        result.warnings.append(
+            "the classifier called most vertebrae of this scan fractured (p > 0.9), which real fractures almost never "
+            "do: the scan is outside its (simulated) training data; fracture probability from morphometry alone")
+        for record in records:
+            record.notes.append(f"classifier probability {record.probability_classifier:.2f} not used (out of domain)")
+            record.probability_classifier = math.nan
+    for record in records:
+        record.fracture_probability = combine_probabilities(record.probability_classifier,
+                                                            record.probability_morphometry,
+                                                            record.partial or record.implausible)
+
+
 def predict_fractures(
     ct: Volume,
     labels: Volume,
@@ -166,53 +434,8 @@ def predict_fractures(
     *,
     device: str = "auto",
     model_dir: str | Path | None = None,
+    radiomics: dict[int, dict[str, float]] | None = None,
 ) -> tuple[float, list[str]]:
-    """Set ``probability_classifier`` and the final ``fracture_probability`` of each record, in place.
-
-    Args:
-        ct: CT in HU (the pipeline passes the Wiener-filtered CT); labels: VerSe ids on the same grid.
-        records: from morphometry (``probability_morphometry`` and ``partial`` are read).
-    Returns:
-        (patient probability = max final probability over non-partial vertebrae, NaN if none; warnings).
-    """
-    warnings: list[str] = []
-    device = resolve_device(device)
-    try:
-        net, card = load_classifier(model_dir, device=device)
-    except InputError as exc:
-        net = None
-        warnings.append(f"classifier not available ({exc}); fracture probability from morphometry alone")
-    if net is not None and card.architecture_kwargs.get("n_radiomics"):
-        warnings.append("the classifier expects radiomics features; pipeline runs the image-only path")
-        net = None
-    present = set(int(v) for v in np.unique(labels.array)) - {0}
-    crops, targets = [], []
-    for record in records:
-        if net is not None and record.label in present:
-            crops.append(extract_crop(ct, labels, record.label))
-            targets.append(record)
-    if crops:
-        probs = predict_network(net, np.stack(crops), device=device)
-        for record, p in zip(targets, probs, strict=True):
-            record.probability_classifier = float(p)
-    if classifier_out_of_domain([r.probability_classifier for r in records]):
-        warnings.append(
-            "the classifier called most vertebrae of this scan fractured (p > 0.9), which real fractures almost never do: "
-            "the scan is outside its (simulated) training data; fracture probability from morphometry alone"
-        )
-        for record in records:
-            record.notes.append(f"classifier probability {record.probability_classifier:.2f} not used (out of domain)")
-            record.probability_classifier = math.nan
-    for record in records:
-        p_morph = record.probability_morphometry
-        if math.isnan(p_morph) and not math.isnan(record.fracture_probability):
-            p_morph = record.fracture_probability  # morphometry may have set only the final field
-            record.probability_morphometry = p_morph
-        record.fracture_probability = combine_probabilities(record.probability_classifier, p_morph,
-                                                            record.partial or record.implausible)
-        if record.partial:
-            record.notes.append("partial vertebra: not scored")
-        elif record.implausible:
-            record.notes.append("implausible segment: not scored")
-    scored = [r.fracture_probability for r in records if not math.isnan(r.fracture_probability)]
-    return (max(scored) if scored else math.nan), warnings
+    """:func:`classify_vertebrae`, returning (patient probability, warnings) only."""
+    out = classify_vertebrae(ct, labels, records, radiomics=radiomics, device=device, model_dir=model_dir)
+    return out.patient_probability, out.warnings + out.review_reasons

@@ -1,0 +1,140 @@
+"""The fracture classifier on the real CTs (no known fractures): `run --labels` with the checked labels and `run`
+with the automatic segmentation, plus the demo CT's end-to-end time.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/classifier_realct.py [CASE ...] [--data DIR] [--no-auto] [--no-demo]
+
+Targets (issue 16): with the checked labels every vertebra's probability < 0.5, no patient fractured and at most
+1 in 10 sent to review; with the automatic segmentation none called fractured; the demo CT in <= 60 s.
+
+These CTs are also the classifier's training negatives, so `run` on them is in-sample. The honest estimate for
+an unseen patient is the held-out one: each case's vertebrae as predicted by the fold models that never saw it
+(``training_report.json`` of the model folder), listed beside it as ``held_out``.
+Writes benchmarks/results/classifier_realct.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE / "realct_labels"))
+
+from build import CASES, DEFAULT_DATA  # noqa: E402  (benchmarks/realct_labels/build.py)
+
+LABELS = HERE / "realct_labels"
+RESULTS = HERE / "results"
+MODEL_DIR = REPO / "Resources" / "models" / "classifier"
+
+
+def _summary(result) -> dict:
+    rows = [{"level": r.level, "p": None if math.isnan(r.fracture_probability) else round(r.fracture_probability, 4),
+             "p_cnn": None if math.isnan(r.probability_classifier) else round(r.probability_classifier, 4),
+             "genant_grade": r.genant_grade} for r in result.records]
+    scored = [r["p"] for r in rows if r["p"] is not None]
+    return {"fractured": result.fractured, "needs_review": result.needs_review,
+            "review_reasons": result.review_reasons, "max_p": max(scored) if scored else None,
+            "vertebrae_ge_0_5": sum(p >= 0.5 for p in scored), "n_scored": len(scored), "vertebrae": rows}
+
+
+def run_case(ct: Path, out: Path, labels: Path | None) -> dict:
+    from VertebralFractureLib.app.pipeline import PipelineOptions, run_pipeline
+
+    start = time.perf_counter()
+    result = run_pipeline(ct, out, labels_path=labels, options=PipelineOptions(device="cpu"))
+    return {**_summary(result), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def held_out(report_path: Path) -> dict:
+    """Per real case, the held-out fused probabilities of its (unfractured) vertebrae from the training report."""
+    rep = json.loads(report_path.read_text())
+    out: dict[str, dict] = {}
+    for g, y, src, p in zip(rep["group"], rep["y"], rep["source"], rep["p_fused_held_out"], strict=True):
+        if src == "real" and y == 0:
+            out.setdefault(g, {"max_p": 0.0, "vertebrae_ge_0_5": 0, "n": 0})
+            c = out[g]
+            c["max_p"], c["n"] = max(c["max_p"], round(p, 4)), c["n"] + 1
+            c["vertebrae_ge_0_5"] += int(p >= 0.5)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("cases", nargs="*", help="cases (default: every case with checked labels)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--no-auto", action="store_true", help="skip `run` with the automatic segmentation")
+    parser.add_argument("--no-demo", action="store_true", help="skip the demo CT's end-to-end time")
+    args = parser.parse_args()
+    cases = args.cases or [c for c in CASES if (LABELS / c / "labels.nii.gz").is_file()]
+    card = json.loads((MODEL_DIR / "card.json").read_text())
+    payload: dict = {"model": card.get("name"), "model_version": card.get("version"), "cases": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases:
+            ct = args.data / CASES[case][0]
+            entry = {"labels": run_case(ct, Path(tmp) / f"{case}-labels", LABELS / case / "labels.nii.gz")}
+            if not args.no_auto:
+                entry["auto"] = run_case(ct, Path(tmp) / f"{case}-auto", None)
+            payload["cases"][case] = entry
+            print(case, {k: {kk: v[kk] for kk in ("fractured", "needs_review", "max_p")} for k, v in entry.items()},
+                  flush=True)
+        if not args.no_demo:
+            from VertebralFractureLib.core.resources import demo_ct_path
+
+            payload["demo"] = run_case(demo_ct_path(), Path(tmp) / "demo", None)
+    if (MODEL_DIR / "training_report.json").is_file():
+        payload["held_out"] = held_out(MODEL_DIR / "training_report.json")
+    payload["summary"] = summarise(payload)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "classifier_realct.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (RESULTS / "classifier_realct.md").write_text(markdown(payload))
+    print(json.dumps(payload["summary"], indent=1))
+
+
+def summarise(payload: dict) -> dict:
+    out = {}
+    for mode in ("labels", "auto"):
+        runs = [c[mode] for c in payload["cases"].values() if mode in c]
+        if runs:
+            out[mode] = {"cases": len(runs), "fractured": sum(r["fractured"] is True for r in runs),
+                         "needs_review": sum(r["needs_review"] for r in runs),
+                         "vertebrae_ge_0_5": sum(r["vertebrae_ge_0_5"] for r in runs),
+                         "vertebrae": sum(r["n_scored"] for r in runs),
+                         "max_p": max((r["max_p"] or 0.0) for r in runs)}
+    if "held_out" in payload:
+        h = payload["held_out"].values()
+        out["held_out"] = {"cases": len(h), "vertebrae_ge_0_5": sum(c["vertebrae_ge_0_5"] for c in h),
+                           "vertebrae": sum(c["n"] for c in h), "max_p": max(c["max_p"] for c in h)}
+    if "demo" in payload:
+        d = payload["demo"]
+        out["demo"] = {"seconds": d["seconds"], "fractured": d["fractured"], "needs_review": d["needs_review"],
+                       "max_p": d["max_p"]}
+    return out
+
+
+def markdown(payload: dict) -> str:
+    lines = [f"# Classifier on the real CTs ({payload['model']})", "",
+             "| case | --labels: max p | p >= 0.5 | fractured | review | auto: max p | fractured | review | "
+             "held-out max p |", "|---|---|---|---|---|---|---|---|---|"]
+    held = payload.get("held_out", {})
+    for case, c in payload["cases"].items():
+        lab, auto = c["labels"], c.get("auto")
+        a = ("n/a", "n/a", "n/a") if auto is None else (auto["max_p"], auto["fractured"], auto["needs_review"])
+        lines.append(f"| {case} | {lab['max_p']} | {lab['vertebrae_ge_0_5']} of {lab['n_scored']} | {lab['fractured']} | "
+                     f"{lab['needs_review']} | {a[0]} | {a[1]} | {a[2]} | {held.get(case, {}).get('max_p', 'n/a')} |")
+    lines += ["", "Summary: `" + json.dumps(payload["summary"]) + "`", ""]
+    for case, c in payload["cases"].items():
+        for mode, r in c.items():
+            for reason in r["review_reasons"]:
+                lines.append(f"- {case} ({mode}): {reason}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
