@@ -145,6 +145,7 @@ class ReviewApp:
         self._init_state()
         self._build_ui()
         self.timings: dict[str, float] = {"build": time.perf_counter() - start}
+        self._read_ahead(next((e.name for e in self.entries if e.openable), None))  # the top of the worklist
         # torch and the classifier load in the background while the reviewer picks a case, not on the first Recompute
         threading.Thread(target=_warm_up, name="review-warm-up", daemon=True).start()
 
@@ -214,16 +215,16 @@ class ReviewApp:
         self.state.vf_message = f"opened {name}"
         self._publish_case()
         self.timings["open"] = time.perf_counter() - start
-        self._read_ahead(name)
-
-    def _read_ahead(self, name: str) -> None:
-        """Start reading the CT of the case after ``name`` in the shown worklist (the usual next click)."""
+        # the usual next click: the following case of the shown worklist
         shown = filter_worklist(self.entries, self.state.vf_filter or "", self.state.vf_review_filter or "all")
-        following = step(shown, name, 1)
-        if following is None:
+        self._read_ahead(step(shown, name, 1))
+
+    def _read_ahead(self, name: str | None) -> None:
+        """Start reading the CT of case ``name`` (a worklist name) in the background."""
+        if name is None:
             return
         try:
-            self.ct_cache.prefetch(case_ct_path(safety.case_folder(self.out, following, [following])))
+            self.ct_cache.prefetch(case_ct_path(safety.case_folder(self.out, name, [name])))
         except InputError:
             pass  # reported when that case is opened
 
