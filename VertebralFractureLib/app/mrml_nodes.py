@@ -370,21 +370,35 @@ def labels_from_segmentation_node(seg_node, reference: Volume) -> Volume:
     out = np.zeros(reference.shape, np.uint8)
     reference_image = _geometry_image(reference)
     segmentation = seg_node.GetSegmentation()
+    layers: dict[int, np.ndarray | None] = {}  # segments share labelmap layers: each layer is resampled once
     for sid in segment_ids(seg_node):
-        binary = _segment_labelmap(seg_node, sid)
-        if binary is None:
-            continue
         segment = segmentation.GetSegment(sid)
+        layer = segmentation.GetLayerIndex(sid)
+        if layer not in layers:
+            image = segmentation.GetLayerDataObject(layer)
+            layers[layer] = None if image is None else _resampled_labels(image, reference_image, reference.shape)
+        resampled = layers[layer]
+        mask = None if resampled is None else resampled == segment.GetLabelValue()
+        if mask is None or not mask.any():
+            continue
         label = segment_label(segment)
         if label is None:
             raise InputError(
                 f"segment {segment.GetName()!r} is not named by a vertebra level; rename it (e.g. 'L1') or delete it, "
                 "then Recompute"
             )
-        mask = _resampled_mask(binary, reference_image, reference.shape)
-        if mask is not None:
-            out[mask] = label
+        out[mask] = label
     return reference.with_array(out)
+
+
+def _resampled_labels(image, reference_image, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Voxel values (z, y, x) of a labelmap layer on the reference grid (nearest neighbour); None without overlap."""
+    import slicer
+
+    resampled = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(image, reference_image, resampled)
+    values = _array_from_image_data(resampled)
+    return values if values.shape == tuple(shape) else None  # no overlap gives an empty image
 
 
 def _segment_labelmap(seg_node, segment_id: str):
@@ -401,14 +415,8 @@ def _segment_labelmap(seg_node, segment_id: str):
 
 def _resampled_mask(binary, reference_image, shape: tuple[int, ...]) -> np.ndarray | None:
     """Boolean (z, y, x) mask of a binary labelmap on the reference grid; None when they do not overlap."""
-    import slicer
-
-    resampled = slicer.vtkOrientedImageData()
-    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-        binary, reference_image, resampled
-    )
-    mask = _array_from_image_data(resampled)
-    return mask > 0 if mask.shape == tuple(shape) else None  # no overlap gives an empty image
+    values = _resampled_labels(binary, reference_image, shape)
+    return None if values is None else values > 0
 
 
 def segment_mask(seg_node, segment_id: str, reference: Volume) -> np.ndarray:

@@ -73,6 +73,11 @@ def _warm_up() -> None:
         import radiomics  # noqa: F401 - Recompute extracts the edited vertebrae's features
         import SimpleITK  # noqa: F401
 
+        # the stages Recompute's analyse imports on first use (morphometry pulls in scipy.ndimage: 0.2 s)
+        from VertebralFractureLib.io import validation  # noqa: F401
+        from VertebralFractureLib.stages import morphometry, preprocess  # noqa: F401
+        from VertebralFractureLib.stages import radiomics as vf_radiomics  # noqa: F401
+
         terminology_entry(20)  # L1
         load_classifier()
     except Exception:  # noqa: BLE001 - opening a case or Recompute reports a broken install itself
