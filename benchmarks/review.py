@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -92,9 +93,12 @@ def open_case(page, name: str, pid: int) -> Span:
     return span
 
 
-def paint_stroke(page) -> None:
+def paint_stroke(page, rng: random.Random) -> None:
+    """A stroke from near the centre of the axial view, shifted at random: each run's edit is new to the
+    radiomics cache (a repeated stroke would find the edited vertebra's features cached from the last run)."""
     box = page.locator("#vf-views img").nth(0).bounding_box()
-    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    x = box["x"] + box["width"] * (0.5 + rng.uniform(-0.03, 0.03))
+    y = box["y"] + box["height"] * (0.5 + rng.uniform(-0.03, 0.03))
     page.mouse.move(x, y)
     page.mouse.down()
     for i in range(1, 16):
@@ -146,7 +150,7 @@ def main() -> None:
             if args.screenshot:
                 page.screenshot(path=str(args.screenshot))
             page.locator("#vf-effect-paint").click()
-            paint_stroke(page)
+            paint_stroke(page, random.Random())
             wait_text(page, "#vf-summary", "edited")
             with Span(server.pid) as recompute:
                 page.locator("#vf-recompute").click()
