@@ -256,8 +256,8 @@ def _add_study(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from VertebralFractureLib.research.study import DEFAULT_MODELS, StudyOptions, run_study, simulate_study_cohort
     from VertebralFractureLib.models.device import resolve_device
+    from VertebralFractureLib.research.study import DEFAULT_MODELS, StudyOptions, run_study, simulate_study_cohort
 
     if (args.cohort is None) == (args.simulated is None):
         raise InputError("give either a COHORT folder or --simulated N")
