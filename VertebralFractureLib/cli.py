@@ -288,7 +288,10 @@ def _add_train_classifier(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=int, default=4, help="patient folds (with --real-labels)")
     p.add_argument("--phantoms", type=int, default=3, help="phantom cases added (with --real-labels)")
     p.add_argument("--fractures-per-vertebra", type=int, default=2, help="simulated fractures per real vertebra")
-    p.add_argument("--compare-with", type=Path, help="model folder measured beside the new one (default: shipped)")
+    p.add_argument("--compare-with", type=Path, help="model folder measured beside the new one (default: --init, else "
+                   "the shipped one)")
+    p.add_argument("--init", type=Path, help="classifier folder to fine-tune from (with --real-labels)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3; 5e-4 suits fine-tuning)")
     p.add_argument("--workers", type=int, default=1, help="processes building the training data")
     p.add_argument("--model", default="customcnn", help="architecture (customcnn, mobilenetv3, efficientnet-b1, vgg16, resnet50v2)")
     p.add_argument("--epochs", type=int, default=12)
@@ -336,10 +339,11 @@ def _train_realct_classifier(args: argparse.Namespace) -> int:
         raise InputError("--real-labels needs --data (the folder of the real CTs)")
     torch.set_num_threads(args.threads or 2)
     cases = find_real_cases(args.real_labels, data)
-    config = TrainConfig(epochs=args.epochs, seed=args.seed, device=resolve_device(args.device), widths=SMALL_WIDTHS)
+    config = TrainConfig(epochs=args.epochs, seed=args.seed, device=resolve_device(args.device), widths=SMALL_WIDTHS,
+                         **({"lr": args.lr} if args.lr else {}))
     card = train_realct_classifier(cases, args.output, folds=args.folds, config=config, n_phantoms=args.phantoms,
                                    fractures_per_vertebra=args.fractures_per_vertebra, compare_with=args.compare_with,
-                                   workers=args.workers, progress=_progress_for(args))
+                                   init_from=args.init, workers=args.workers, progress=_progress_for(args))
     if not args.quiet:
         held = card["metrics"]["held_out"]
         print(f"held-out patients: vertebra ROC-AUC {held['per_vertebra']['roc_auc']:.3f}, patient ROC-AUC "

@@ -9,8 +9,8 @@ Recipe (:func:`train_realct_classifier`):
    (:class:`.classifier_training.RadiomicsLasso`) trained on the other folds predict the fold: out-of-fold
    (OOF) CNN probabilities and radiomics scores for every vertebra;
 3. the stacker, a logistic regression of ``[CNN logit, radiomics score, height-loss ratio]``, is fitted on the
-   OOF predictions only (its held-out numbers: refitted without each fold, nested); its threshold maximises
-   Youden's J on them; the out-of-distribution (OOD) threshold is the 99th percentile of OOF Mahalanobis distances;
+   OOF predictions only (its held-out numbers: refitted without each fold, nested); the patient threshold
+   maximises Youden's J on the held-out patients (max over a CT's vertebrae); the out-of-distribution (OOD) threshold is the 99th percentile of OOF Mahalanobis distances;
 4. the shipped CNN and LASSO are retrained on all samples; ``model.safetensors``, ``card.json``, ``fusion.json``,
    ``MODEL_CARD.md``, ``reliability.png`` and ``training_report.json`` are written.
 
@@ -49,6 +49,9 @@ from VertebralFractureLib.stages.classification import (
 )
 
 OOD_PERCENTILE = 99.0
+#: the OOD distance uses this many of the LASSO-selected features (largest coefficients) and the height loss: a
+#: covariance of more dimensions is not estimable from a few hundred vertebrae
+OOD_FEATURES = 10
 #: customcnn channels of the shipped model: a quarter of the study's compute, so training fits a 2-core CPU
 SMALL_WIDTHS = (8, 16, 32)
 
@@ -215,14 +218,15 @@ def _stack_inputs(cnn_p: np.ndarray, score: np.ndarray | None, loss: np.ndarray)
 
 
 def out_of_fold(s: Samples, folds: np.ndarray, config: TrainConfig,
-                progress: Callable[[float, str], None] | None = None) -> dict[str, np.ndarray]:
+                progress: Callable[[float, str], None] | None = None,
+                init_state: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """OOF CNN probabilities and radiomics scores of every sample (each from models that never saw its patient)."""
     cnn = np.full(len(s), np.nan)
     score = np.full(len(s), np.nan)
     n = int(folds.max()) + 1
     for k in range(n):
         train, test = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-        net, _ = train_network("customcnn", s.crops[train], s.y[train], config)
+        net, _ = train_network("customcnn", s.crops[train], s.y[train], config, init_state=init_state)
         cnn[test] = predict_network(net, s.crops[test], device=config.device)
         score[test] = radiomics_score(_fit_lasso(s, train, config.seed), s.radiomics[test])
         if progress:
@@ -239,7 +243,8 @@ def fit_fusion(s: Samples, oof: dict[str, np.ndarray], folds: np.ndarray, lasso:
     x3 = _stack_inputs(oof["cnn"], oof["radiomics"], loss)
     x2 = _stack_inputs(oof["cnn"], None, loss)
     stack, stack2 = fit_logistic(x3, s.y), fit_logistic(x2, s.y)
-    z = np.column_stack([lasso.selected_matrix(s.radiomics), loss])
+    strongest = np.argsort(-np.abs(lasso._model.coef_[0]))[:OOD_FEATURES]
+    z = np.column_stack([lasso.selected_matrix(s.radiomics)[:, strongest], loss])
     nested_p = np.full(len(s), np.nan)
     nested_d = np.full(len(s), np.nan)
     for k in np.unique(folds):
@@ -256,13 +261,22 @@ def fit_fusion(s: Samples, oof: dict[str, np.ndarray], folds: np.ndarray, lasso:
         radiomics_scale=[float(v) for v in lasso._scale[chosen]],
         radiomics=Logistic(coef=[float(c) for c in lasso._model.coef_[0]], intercept=float(lasso._model.intercept_[0])),
         loss_fill=fill, stack=stack, stack_without_radiomics=stack2,
-        threshold=float(youden_threshold(s.y, nested_p)),
+        threshold=patient_threshold(s, nested_p),
         ood_mean=[float(v) for v in mean], ood_precision=[[float(v) for v in row] for row in precision],
         ood_threshold=float(np.percentile(nested_d, OOD_PERCENTILE)), ood_percentile=OOD_PERCENTILE,
+        ood_features=[int(i) for i in strongest],
         notes="stack inputs: [CNN logit clipped to +-8, radiomics LASSO logit, height-loss ratio clipped to "
-              f"{list(LOSS_RANGE)}]; OOD inputs: [standardised selected radiomics..., height-loss ratio]",
+              f"{list(LOSS_RANGE)}]; OOD inputs: [the {OOD_FEATURES} selected radiomics features of largest |coefficient| "
+              "(ood_features), standardised; height-loss ratio]",
     )
     return fusion, nested_p, nested_d
+
+
+def patient_threshold(s: Samples, p: np.ndarray) -> float:
+    """The patient rule's threshold: Youden's J on the held-out virtual patients (:func:`virtual_patients`), so the
+    maximum over a CT's vertebrae is what the threshold is chosen for."""
+    y, pp, _ = virtual_patients(s, p)
+    return float(youden_threshold(y, pp))
 
 
 def replaced_model_probabilities(s: Samples, model_dir: str | Path | None, device: str = "cpu") -> np.ndarray | None:
@@ -288,14 +302,34 @@ def train_realct_classifier(
     n_phantoms: int = 3,
     fractures_per_vertebra: int = 2,
     compare_with: str | Path | None = None,
+    init_from: str | Path | None = None,
     cache_dir: str | Path | None = None,
     workers: int = 1,
     progress: Callable[[float, str], None] | None = None,
 ) -> dict[str, Any]:
-    """Train, evaluate and write the classifier folder (see the module docstring); returns the card's JSON."""
+    """Train, evaluate and write the classifier folder (see the module docstring); returns the card's JSON.
+
+    ``init_from``: a classifier folder (customcnn) whose weights every network starts from (fine-tuning; its
+    widths are used); ``compare_with``: the model measured beside the new one (default: ``init_from``, else the
+    shipped one).
+    """
+    import dataclasses
+
     import torch
 
+    from VertebralFractureLib.models.loading import load_model
+    from VertebralFractureLib.research.classifier_data import _sha256
+
     config = config or TrainConfig(epochs=8, widths=SMALL_WIDTHS)
+    init_state, lineage = None, None
+    if init_from is not None:
+        init_net, init_card = load_model(init_from, "classifier")
+        init_state = {k: v.detach().clone() for k, v in init_net.state_dict().items()}
+        widths = init_card.architecture_kwargs.get("widths")
+        config = dataclasses.replace(config, widths=tuple(widths) if widths else None)
+        lineage = {"fine_tuned_from": str(Path(init_from).name), "name": init_card.name,
+                   "weights_sha256": _sha256(Path(init_from) / init_card.weights)}
+        compare_with = init_from if compare_with is None else compare_with
     started = time.perf_counter()
     out_dir = Path(out_dir)
     s = build_training_set(cases, n_phantoms=n_phantoms, fractures_per_vertebra=fractures_per_vertebra,
@@ -303,11 +337,11 @@ def train_realct_classifier(
     s.radiomics[~np.isfinite(s.radiomics)] = np.nan
     old = replaced_model_probabilities(s, compare_with, config.device)  # before out_dir may be overwritten
     fold = patient_folds(s.group, folds, config.seed)
-    oof = out_of_fold(s, fold, config, progress)
+    oof = out_of_fold(s, fold, config, progress, init_state)
     lasso = _fit_lasso(s, np.arange(len(s)), config.seed)
     fusion, nested_p, nested_d = fit_fusion(s, oof, fold, lasso)
     torch.manual_seed(config.seed)
-    net, history = train_network("customcnn", s.crops, s.y, config)
+    net, history = train_network("customcnn", s.crops, s.y, config, init_state=init_state)
     if progress:
         progress(1.0, "final model trained")
 
@@ -341,12 +375,14 @@ def train_realct_classifier(
         "training": {"cases": sorted(str(g) for g in np.unique(s.group)), "folds": int(fold.max() + 1),
                      "n_vertebrae": int(len(s)), "n_fractured": int(s.y.sum()),
                      "n_real_negatives": int(real_neg.sum()), "epochs": config.epochs, "seed": config.seed,
+                     "lr": config.lr,
                      "history": history, "training_seconds": round(time.perf_counter() - started, 1),
                      "not_simulated": list(s.notes)},
         "metrics": metrics,
         "combination": FUSION_RULE,
         "fusion": FUSION_NAME,
         "threshold": fusion.threshold,
+        **({"lineage": lineage} if lineage else {}),
     }
     save_classifier(net, "customcnn", out_dir, card, widths=config.widths)
     full = json.loads((out_dir / "card.json").read_text())

@@ -70,11 +70,13 @@ def train_network(
     r_train: np.ndarray | None = None,
     r_test: np.ndarray | None = None,
     progress: Callable[[float, str], None] | None = None,
+    init_state: dict[str, Any] | None = None,
 ):
     """Train network ``name`` on crops ``x_train`` (N, S, S, S) with labels ``y_train`` (N,) in {0, 1}.
 
     ``x_test``/``y_test`` are only evaluated per epoch for the loss/accuracy curves (never used to pick
     an epoch: the last epoch is the model). ``r_*`` are standardised radiomics features for fusion.
+    ``init_state``: weights to start from (fine-tuning; the network must have their shapes).
     Returns:
         (network in eval mode, history: list of dicts epoch/train_loss/train_accuracy[/test_loss/test_accuracy]).
     """
@@ -84,7 +86,10 @@ def train_network(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     n_radiomics = 0 if r_train is None else r_train.shape[1]
-    net = build_classifier_network(name, n_radiomics=n_radiomics, widths=config.widths).to(config.device)
+    net = build_classifier_network(name, n_radiomics=n_radiomics, widths=config.widths)
+    if init_state is not None:
+        net.load_state_dict(init_state, strict=True)
+    net = net.to(config.device)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     y_train = np.asarray(y_train, dtype=np.float32)
     pos, neg = np.flatnonzero(y_train == 1), np.flatnonzero(y_train == 0)

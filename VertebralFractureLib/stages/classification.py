@@ -213,8 +213,8 @@ class FusionModel:
             of ``[cnn logit, height-loss ratio]``.
         threshold: patient rule, fractured when any vertebra's probability >= it.
         ood_mean, ood_precision: mean and inverse covariance (shrunk) of the OOD inputs
-            ``[standardised selected radiomics..., height-loss ratio]`` over the training vertebrae; ``ood_threshold``
-            the distance's 99th percentile on training folds.
+            ``[standardised selected radiomics (those indexed by ood_features, all when None)..., height-loss ratio]``
+            over the training vertebrae; ``ood_threshold`` the distance's 99th percentile on training folds.
     """
 
     radiomics_features: list[str]
@@ -230,6 +230,7 @@ class FusionModel:
     ood_precision: list[list[float]]
     ood_threshold: float
     ood_percentile: float = 99.0
+    ood_features: list[int] | None = None
     notes: str = ""
 
     def to_json(self) -> dict[str, Any]:
@@ -252,7 +253,10 @@ class FusionModel:
                      len(model.radiomics.coef)]
             if any(k != n for k in sizes) or len(model.stack.coef) != 3 or len(model.stack_without_radiomics.coef) != 2:
                 raise ValueError("coefficient counts do not match the features")
-            if np.asarray(model.ood_precision, dtype=float).shape != (n + 1, n + 1) or len(model.ood_mean) != n + 1:
+            k = n if model.ood_features is None else len(model.ood_features)
+            if model.ood_features is not None and not all(0 <= int(i) < n for i in model.ood_features):
+                raise ValueError("OOD feature indices out of range")
+            if np.asarray(model.ood_precision, dtype=float).shape != (k + 1, k + 1) or len(model.ood_mean) != k + 1:
                 raise ValueError("OOD mean/precision do not match the features")
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{source}: not a valid fusion model ({exc})") from None
@@ -276,7 +280,10 @@ class FusionModel:
 
     def ood_distance(self, height_loss_ratio: float, features: dict[str, float]) -> float:
         """Mahalanobis distance of a vertebra's OOD inputs to the training vertebrae (dimensionless)."""
-        v = np.append(self._standardised(features), self._loss(height_loss_ratio)) - np.asarray(self.ood_mean)
+        z = self._standardised(features)
+        if self.ood_features is not None:
+            z = z[[int(i) for i in self.ood_features]]
+        v = np.append(z, self._loss(height_loss_ratio)) - np.asarray(self.ood_mean)
         return float(math.sqrt(max(0.0, float(v @ np.asarray(self.ood_precision) @ v))))
 
 
