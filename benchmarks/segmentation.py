@@ -330,6 +330,8 @@ def render_card(model_dir: Path, card: dict, acc: dict, speed: dict | None, held
         chest=[(name, acc[name]) for name in ("lidc-idri-0314", "aorta-cta-thorax")],
         j2k=acc.get("dicom-jpeg2000-20"), phantoms=acc["phantoms_held_out"], candidates=_candidates(acc),
         speed={"by": {r["mode"]: r for r in speed["rows"]}, "all": speed} if speed else None,
+        realct=_optional_json(RESULTS / "realct.json"),
+        realct_md=(RESULTS / "realct.md").read_text() if (RESULTS / "realct.md").exists() else None,
     )
 
 
