@@ -187,8 +187,8 @@ def _fusion_dir(tmp_path, repo_root):
         shutil.copy(shipped / name, tmp_path / name)
     fusion = FusionModel(
         radiomics_features=[FEATURE], radiomics_median=[200.0], radiomics_mean=[200.0], radiomics_scale=[50.0],
-        radiomics=Logistic([1.0], 0.0), loss_fill=0.05, stack=Logistic([0.5, 1.0, 8.0], -3.0),
-        stack_without_radiomics=Logistic([0.5, 8.0], -3.0), threshold=0.4, ood_mean=[0.0, 0.05],
+        radiomics=Logistic([1.0], 0.0), loss_fill=0.05, morph_fill=-3.0, stack=Logistic([0.5, 1.0, 1.0], -1.0),
+        stack_without_radiomics=Logistic([0.5, 1.0], -1.0), threshold=0.4, ood_mean=[0.0, 0.05],
         ood_precision=[[1.0, 0.0], [0.0, 100.0]], ood_threshold=4.0)
     (tmp_path / FUSION_NAME).write_text(json.dumps(fusion.to_json()))
     return tmp_path, fusion
@@ -207,8 +207,8 @@ def test_fusion_model_is_applied_at_run_time(phantoms, tmp_path, repo_root):
     whole = records[:2]
     for r in whole:
         assert r.fracture_probability == pytest.approx(
-            fusion.probability(r.probability_classifier, r.height_loss_ratio, feats[r.label]))
-    # the vertebra with the height loss is the likelier fracture; the partial one is not scored
+            fusion.probability(r.probability_classifier, r.probability_morphometry, feats[r.label]))
+    # the vertebra morphometry grades is the likelier fracture; the partial one is not scored
     assert whole[1].fracture_probability > whole[0].fracture_probability
     assert math.isnan(records[2].fracture_probability)
     assert out.threshold == 0.4 and out.review_reasons == []

@@ -8,7 +8,7 @@ Recipe (:func:`train_realct_classifier`):
 2. per fold: the CNN (:func:`.classifier_training.train_network`) and the radiomics LASSO
    (:class:`.classifier_training.RadiomicsLasso`) trained on the other folds predict the fold: out-of-fold
    (OOF) CNN probabilities and radiomics scores for every vertebra;
-3. the stacker, a logistic regression of ``[CNN logit, radiomics score, height-loss ratio]``, is fitted on the
+3. the stacker, a logistic regression of ``[CNN logit, radiomics score, morphometry logit]``, is fitted on the
    OOF predictions only (its held-out numbers: refitted without each fold, nested); the patient threshold
    maximises Youden's J on the held-out patients (max over a CT's vertebrae); the out-of-distribution (OOD) threshold is the 99th percentile of OOF Mahalanobis distances;
 4. the shipped CNN and LASSO are retrained on all samples; ``model.safetensors``, ``card.json``, ``fusion.json``,
@@ -82,7 +82,7 @@ def logits(p: np.ndarray) -> np.ndarray:
 
 
 def loss_input(loss: np.ndarray, fill: float) -> np.ndarray:
-    """Height-loss ratios as the stacker sees them (NaN -> ``fill``, clipped to :data:`LOSS_RANGE`)."""
+    """Height-loss ratios as the OOD distance sees them (NaN -> ``fill``, clipped to :data:`LOSS_RANGE`)."""
     loss = np.asarray(loss, dtype=np.float64)
     return np.clip(np.where(np.isfinite(loss), loss, fill), *LOSS_RANGE)
 
@@ -92,7 +92,11 @@ def radiomics_score(lasso: RadiomicsLasso, x: np.ndarray) -> np.ndarray:
     return lasso._model.decision_function(lasso.selected_matrix(x))
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, c: float = 1.0) -> Logistic:
+#: inverse L2 strength of the stacker (a few inputs fitted on a few hundred out-of-fold rows)
+STACK_C = 0.1
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, c: float = STACK_C) -> Logistic:
     """Logistic regression (L2, ``C`` = c) of y on the columns of x."""
     from sklearn.linear_model import LogisticRegression
 
@@ -212,8 +216,8 @@ def _fit_lasso(s: Samples, idx: np.ndarray, seed: int) -> RadiomicsLasso:
     return RadiomicsLasso(seed=seed).fit(s.radiomics[idx], s.y[idx], s.group[idx], s.feature_names)
 
 
-def _stack_inputs(cnn_p: np.ndarray, score: np.ndarray | None, loss: np.ndarray) -> np.ndarray:
-    cols = [logits(cnn_p)] + ([] if score is None else [score]) + [loss]
+def _stack_inputs(cnn_p: np.ndarray, score: np.ndarray | None, morph: np.ndarray) -> np.ndarray:
+    cols = [logits(cnn_p)] + ([] if score is None else [score]) + [morph]
     return np.column_stack(cols)
 
 
@@ -240,8 +244,10 @@ def fit_fusion(s: Samples, oof: dict[str, np.ndarray], folds: np.ndarray, lasso:
     the nested held-out fused probabilities and OOD distances (each fold's from a stacker/OOD fit without it)."""
     fill = float(np.nanmedian(s.morph_loss[s.y == 0]))
     loss = loss_input(s.morph_loss, fill)
-    x3 = _stack_inputs(oof["cnn"], oof["radiomics"], loss)
-    x2 = _stack_inputs(oof["cnn"], None, loss)
+    morph_fill = float(np.median(logits(s.morph_p[(s.y == 0) & np.isfinite(s.morph_p)])))
+    morph = np.where(np.isfinite(s.morph_p), logits(np.nan_to_num(s.morph_p, nan=0.5)), morph_fill)
+    x3 = _stack_inputs(oof["cnn"], oof["radiomics"], morph)
+    x2 = _stack_inputs(oof["cnn"], None, morph)
     stack, stack2 = fit_logistic(x3, s.y), fit_logistic(x2, s.y)
     strongest = np.argsort(-np.abs(lasso._model.coef_[0]))[:OOD_FEATURES]
     z = np.column_stack([lasso.selected_matrix(s.radiomics)[:, strongest], loss])
@@ -260,14 +266,14 @@ def fit_fusion(s: Samples, oof: dict[str, np.ndarray], folds: np.ndarray, lasso:
         radiomics_mean=[float(v) for v in lasso._mean[chosen]],
         radiomics_scale=[float(v) for v in lasso._scale[chosen]],
         radiomics=Logistic(coef=[float(c) for c in lasso._model.coef_[0]], intercept=float(lasso._model.intercept_[0])),
-        loss_fill=fill, stack=stack, stack_without_radiomics=stack2,
+        loss_fill=fill, morph_fill=morph_fill, stack=stack, stack_without_radiomics=stack2,
         threshold=patient_threshold(s, nested_p),
         ood_mean=[float(v) for v in mean], ood_precision=[[float(v) for v in row] for row in precision],
         ood_threshold=float(np.percentile(nested_d, OOD_PERCENTILE)), ood_percentile=OOD_PERCENTILE,
         ood_features=[int(i) for i in strongest],
-        notes="stack inputs: [CNN logit clipped to +-8, radiomics LASSO logit, height-loss ratio clipped to "
-              f"{list(LOSS_RANGE)}]; OOD inputs: [the {OOD_FEATURES} selected radiomics features of largest |coefficient| "
-              "(ood_features), standardised; height-loss ratio]",
+        notes="stack inputs: [CNN logit clipped to +-8, radiomics LASSO logit, morphometry probability's logit clipped "
+              f"to +-8]; OOD inputs: [the {OOD_FEATURES} selected radiomics features of largest |coefficient| "
+              f"(ood_features), standardised; height-loss ratio clipped to {list(LOSS_RANGE)}]",
     )
     return fusion, nested_p, nested_d
 
@@ -390,7 +396,8 @@ def train_realct_classifier(
     report = {"group": s.group.tolist(), "level": s.level.tolist(), "y": s.y.tolist(), "grade": s.grade.tolist(),
               "source": s.source.tolist(), "fold": fold.tolist(), "p_fused_held_out": nested_p.tolist(),
               "ood_distance_held_out": nested_d.tolist(), "p_cnn_oof": oof["cnn"].tolist(),
-              "p_replaced_model": None if old is None else old.tolist()}
+              "p_replaced_model": None if old is None else old.tolist(), "morph_p": s.morph_p.tolist(),
+              "morph_loss": s.morph_loss.tolist(), "p_radiomics_oof_logit": oof["radiomics"].tolist()}
     (out_dir / "training_report.json").write_text(json.dumps(report) + "\n")
     return full
 
@@ -418,7 +425,7 @@ def model_card_markdown(card: dict[str, Any], fusion: FusionModel) -> str:
         "held-out patients of that data (leave-patients-out folds); performance on real fractures is unknown.", "",
         f"- networks: `customcnn` on a {card['input']['crop_size_voxels']}^3 crop at {card['spacing_mm']} mm "
         f"(`model.safetensors`), a radiomics LASSO ({len(fusion.radiomics_features)} features) and morphometry's "
-        "height-loss ratio, fused by logistic stacking fitted on out-of-fold predictions only (`fusion.json`, plain "
+        "probability, fused by logistic stacking fitted on out-of-fold predictions only (`fusion.json`, plain "
         "numbers)",
         f"- use in `run`: {card['combination']}",
         f"- **patient rule**: fractured when any whole vertebra's calibrated probability is >= "

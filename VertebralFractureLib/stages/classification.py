@@ -18,7 +18,7 @@ How the final per-vertebra probability is formed (:func:`classify_vertebrae`):
 
 * with a fusion model (``fusion.json`` beside the network, :class:`FusionModel`; the shipped classifier has one):
   a logistic model of three inputs, the CNN's logit, the radiomics score (a logistic model of the
-  LASSO-selected radiomics features) and morphometry's height-loss ratio, fitted on out-of-fold predictions
+  LASSO-selected radiomics features) and the logit of morphometry's probability, fitted on out-of-fold predictions
   of patients the network and the LASSO had not seen, so its output is a calibrated probability. Without
   radiomics (``run`` with radiomics off, or extraction failed) a second logistic model of the CNN and
   morphometry alone is used. Each vertebra also gets an out-of-distribution distance (Mahalanobis distance
@@ -56,8 +56,8 @@ MODELS = CNN_MODELS + ["genant-rule", "radiomics-lasso"]
 #: how the final per-vertebra probability is formed without a fusion model (see the module docstring)
 COMBINATION_RULE = "final = max(classifier, morphometry); partial vertebrae: NaN (not scored); patient = max over vertebrae"
 #: ... and with one
-FUSION_RULE = ("final = calibrated logistic fusion of the CNN logit, the radiomics LASSO score and morphometry's "
-               "height-loss ratio (fusion.json); partial or implausible vertebrae: NaN (not scored); patient fractured "
+FUSION_RULE = ("final = calibrated logistic fusion of the CNN logit, the radiomics LASSO score and the logit of "
+               "morphometry's probability (fusion.json); partial or implausible vertebrae: NaN (not scored); patient fractured "
                "when any counted vertebra's probability >= the fusion threshold; a vertebra whose features lie beyond "
                "the 99th percentile of the training distribution (Mahalanobis) sends the case to review")
 FUSION_NAME = "fusion.json"
@@ -208,9 +208,11 @@ class FusionModel:
     Attributes:
         radiomics_features: the LASSO-selected pyradiomics feature names; ``radiomics_median``/``_mean``/``_scale``
             impute (median) and standardise them; ``radiomics``: logistic model of the standardised features.
-        loss_fill: height-loss ratio used when morphometry could not measure one.
-        stack: logistic model of ``[cnn logit, radiomics logit, height-loss ratio]``; ``stack_without_radiomics``
-            of ``[cnn logit, height-loss ratio]``.
+        loss_fill: height-loss ratio used (OOD input) when morphometry could not measure one; ``morph_fill`` the
+            morphometry logit used then.
+        stack: logistic model of ``[cnn logit, radiomics logit, morphometry logit]`` (the morphometry logit is that of
+            ``probability_morphometry``, Genant's grade as a probability); ``stack_without_radiomics`` of
+            ``[cnn logit, morphometry logit]``.
         threshold: patient rule, fractured when any vertebra's probability >= it.
         ood_mean, ood_precision: mean and inverse covariance (shrunk) of the OOD inputs
             ``[standardised selected radiomics (those indexed by ood_features, all when None)..., height-loss ratio]``
@@ -223,6 +225,7 @@ class FusionModel:
     radiomics_scale: list[float]
     radiomics: Logistic
     loss_fill: float
+    morph_fill: float
     stack: Logistic
     stack_without_radiomics: Logistic
     threshold: float
@@ -270,13 +273,14 @@ class FusionModel:
     def _loss(self, loss: float) -> float:
         return float(np.clip(loss if math.isfinite(loss) else self.loss_fill, *LOSS_RANGE))
 
-    def probability(self, p_cnn: float, height_loss_ratio: float, features: dict[str, float] | None) -> float:
-        """Calibrated fracture probability of one vertebra (``features`` None: the model without radiomics)."""
-        loss = self._loss(height_loss_ratio)
+    def probability(self, p_cnn: float, p_morphometry: float, features: dict[str, float] | None) -> float:
+        """Calibrated fracture probability of one vertebra from its CNN and morphometry probabilities and radiomics
+        (``features`` None: the model without radiomics)."""
+        morph = _logit(p_morphometry) if math.isfinite(p_morphometry) else self.morph_fill
         if features is None:
-            return _sigmoid(self.stack_without_radiomics.logit(np.array([_logit(p_cnn), loss])))
+            return _sigmoid(self.stack_without_radiomics.logit(np.array([_logit(p_cnn), morph])))
         score = self.radiomics.logit(self._standardised(features))
-        return _sigmoid(self.stack.logit(np.array([_logit(p_cnn), score, loss])))
+        return _sigmoid(self.stack.logit(np.array([_logit(p_cnn), score, morph])))
 
     def ood_distance(self, height_loss_ratio: float, features: dict[str, float]) -> float:
         """Mahalanobis distance of a vertebra's OOD inputs to the training vertebrae (dimensionless)."""
@@ -404,7 +408,7 @@ def _fuse(fusion: FusionModel, records: list[VertebraRecord], radiomics: dict[in
         if math.isnan(p_cnn):  # no network: morphometry alone
             record.fracture_probability = record.probability_morphometry
             continue
-        record.fracture_probability = fusion.probability(p_cnn, record.height_loss_ratio, feats)
+        record.fracture_probability = fusion.probability(p_cnn, record.probability_morphometry, feats)
         if feats:
             d = fusion.ood_distance(record.height_loss_ratio, feats)
             result.ood_distance[record.label] = d
