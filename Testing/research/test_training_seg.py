@@ -204,3 +204,51 @@ def test_train_stops_at_the_time_budget_and_records_it(tmp_path):
     assert card["training"]["max_minutes"] == 1e-9 and card["training"]["val_cases"] == ["b"]
     assert card["training"]["train_cases"] == ["a"] and card["training"]["data_note"] == "budget"
     assert any("--max-minutes" in m for m in logged)
+
+
+def test_ignore_mask_is_neither_vertebra_nor_background_in_training(tmp_path):
+    """ignore.nii.gz beside a case's labels: carried as IGNORE_LABEL through prepare, target -1 in the patch,
+    and no loss or gradient there."""
+    import torch
+    from monai.losses import DiceCELoss
+
+    from VertebralFractureLib.io.volume_files import write_volume
+    from VertebralFractureLib.research.simulation import make_phantom
+    from VertebralFractureLib.research.training_seg import load_prepared_case, prepare_cohort
+    from VertebralFractureLib.research.training_seg.augmentation import make_intensity_transforms, make_transforms
+    from VertebralFractureLib.research.training_seg.cohort import IGNORE_LABEL
+    from VertebralFractureLib.research.training_seg.loop import masked
+    from VertebralFractureLib.research.training_seg.patches import PatchMix, sample_patch
+
+    ph = make_phantom(("L1", "L2"), 3.0, seed=1, fov_mm=(100, 100))
+    from scipy import ndimage as ndi
+
+    # L2 and a shell of background round it nobody vouches for
+    ignore = ndi.binary_dilation(ph.labels.array == 21, iterations=2).astype(np.uint8)
+    write_volume(ph.ct, tmp_path / "cohort" / "a" / "ct.nii.gz")
+    write_volume(ph.labels, tmp_path / "cohort" / "a" / "labels.nii.gz")
+    write_volume(ph.labels.with_array(ignore), tmp_path / "cohort" / "a" / "ignore.nii.gz")
+    prepare_cohort(tmp_path / "cohort", tmp_path / "prepared", spacings=(3.0,), log=lambda _: None)
+    case = load_prepared_case(tmp_path / "prepared" / "a.npz", (3.0,))
+    lab = case.labels[3.0]
+    assert (lab == IGNORE_LABEL).sum() > 0 and 21 not in np.unique(lab) and 20 in np.unique(lab)
+    assert np.all(lab[tuple(case.fg_index[3.0].T)] == 20)  # patches are centred on vertebrae, not ignored voxels
+
+    rng = np.random.default_rng(0)
+    img, tgt = sample_patch(case, 3.0, 32, rng, make_transforms(0), make_intensity_transforms(0),
+                            mix=PatchMix(background=0.0))
+    assert set(np.unique(tgt)) == {-1.0, 0.0, 1.0} and img.shape == tgt.shape
+
+    y = torch.from_numpy(tgt)[None]
+    logits = torch.randn(y.shape, requires_grad=True)
+    loss_fn = DiceCELoss(sigmoid=True)
+    loss = loss_fn(*masked(logits, y))
+    loss.backward()
+    ignored = y < 0
+    assert torch.all(logits.grad[ignored] == 0) and torch.any(logits.grad[~ignored] != 0)
+    # whatever the network says on ignored voxels, the loss is the same
+    other = torch.where(ignored, torch.full_like(logits, 30.0), logits.detach())
+    assert torch.isclose(loss_fn(*masked(other, y)), loss.detach())
+    # without ignored voxels the loss is the unmasked one
+    y0 = y.clamp(min=0)
+    assert torch.isclose(loss_fn(*masked(logits.detach(), y0)), loss_fn(logits.detach(), y0))

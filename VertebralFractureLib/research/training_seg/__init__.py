@@ -2,7 +2,8 @@
 
 Cohort layout: one folder per case, ``COHORT/<case>/`` holding a label map (VerSe ids, any orientation)
 named ``labels.nii.gz``, ``segmentation.nii.gz`` or ``seg.nii.gz`` (also .nrrd/.mha), and optionally the CT
-``ct.nii.gz``. Cases with a CT train on the real image; cases with only a label map train on SynthSeg-style
+``ct.nii.gz`` and ``ignore.nii.gz`` (voxels nobody vouches for: a loss mask, neither vertebra nor background).
+Cases with a CT train on the real image; cases with only a label map train on SynthSeg-style
 CT images synthesised from the labels on the fly (:func:`synthesize_ct`: random but CT-like HU for cortical
 and trabecular bone, soft tissue, fat, lung, contrast vessels, plus distractor ribs and bones labelled as
 background).

@@ -2,8 +2,11 @@
 
 Cohort layout: one folder per case, ``COHORT/<case>/`` holding a label map (VerSe ids, any orientation)
 named ``labels.nii.gz``, ``segmentation.nii.gz`` or ``seg.nii.gz`` (also .nrrd/.mha), and optionally the CT
-``ct.nii.gz``. A prepared cohort (:func:`prepare_cohort`) holds one ``<case>.npz`` per case with the grids
-already resampled.
+``ct.nii.gz``, and optionally ``ignore.nii.gz`` (nonzero = voxels whose label nobody vouches for: neither
+vertebra nor background in training). Ignored voxels are carried inside the label map as :data:`IGNORE_LABEL`
+(so every resampling, crop and augmentation moves them with the labels) and become a loss mask in the patch
+target. A prepared cohort (:func:`prepare_cohort`) holds one ``<case>.npz`` per case with the grids already
+resampled.
 """
 
 from __future__ import annotations
@@ -21,18 +24,25 @@ from VertebralFractureLib.stages.segmentation.inference import FAST_SPACING_MM, 
 
 LABEL_NAMES = ("labels", "segmentation", "seg")
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+# label value of ignored voxels (no VerSe id comes near it); sample_patch turns it into target -1 (no loss)
+IGNORE_LABEL = 255
 
 
 @dataclass
 class Case:
-    """One training case on the canonical grids (z,y,x) per spacing ``s`` in mm: ``labels[s]`` uint8 VerSe ids,
-    ``hu[s]`` HU (float32; int16 from a prepared cohort) or None for a label-only case, ``fg_index[s]`` (N, 3)
+    """One training case on the canonical grids (z,y,x) per spacing ``s`` in mm: ``labels[s]`` uint8 VerSe ids
+    (:data:`IGNORE_LABEL` where the case's ignore mask says so), ``hu[s]`` HU (float32; int16 from a prepared cohort) or None for a label-only case, ``fg_index[s]`` (N, 3)
     voxel indices of the label foreground."""
 
     name: str
     labels: dict[float, np.ndarray]
     hu: dict[float, np.ndarray | None]
     fg_index: dict[float, np.ndarray]
+
+
+def foreground_index(labels: np.ndarray) -> np.ndarray:
+    """(N, 3) voxel indices of vertebra labels (ignored voxels are not where patches are centred)."""
+    return np.argwhere((labels > 0) & (labels != IGNORE_LABEL))
 
 
 def _find(folder: Path, stems: tuple[str, ...]) -> Path | None:
@@ -62,9 +72,20 @@ def find_cases(cohort: Path) -> list[tuple[str, Path | None, Path]]:
 
 
 def load_case(name: str, ct_path: Path | None, label_path: Path, spacings: tuple[float, ...]) -> Case:
-    """Read and resample one case onto the canonical LPS grid at each spacing."""
+    """Read and resample one case onto the canonical LPS grid at each spacing (``ignore.nii.gz`` beside the
+    label map, when there is one, marks voxels :data:`IGNORE_LABEL`)."""
     lab = read_volume(label_path, check=False)
-    lab = lab.with_array(np.rint(lab.array).astype(np.int32).clip(0, 255).astype(np.uint8))
+    ids = np.rint(lab.array).astype(np.int32).clip(0, IGNORE_LABEL - 1).astype(np.uint8)
+    ignore_path = _find(Path(label_path).parent, ("ignore",))
+    if ignore_path is not None:
+        from VertebralFractureLib.core.volume import resample_to
+
+        ign = read_volume(ignore_path, check=False)
+        ign = ign.with_array((ign.array != 0).astype(np.uint8))
+        if not ign.same_geometry(lab):
+            ign = resample_to(ign, lab, order=0, default=0)
+        ids[ign.array > 0] = IGNORE_LABEL
+    lab = lab.with_array(ids)
     ct = read_volume(ct_path, check=False) if ct_path is not None else None
     labels, hus, fgi = {}, {}, {}
     for s in spacings:
@@ -76,7 +97,7 @@ def load_case(name: str, ct_path: Path | None, label_path: Path, spacings: tuple
             hus[s] = resample_to(ct.with_array(ct.array.astype(np.float32)), lc, order=1, default=-1024.0).array
         else:
             hus[s] = None
-        fgi[s] = np.argwhere(labels[s] > 0)
+        fgi[s] = foreground_index(labels[s])
     return Case(name, labels, hus, fgi)
 
 
@@ -103,7 +124,7 @@ def _crop_to_spine(case: Case, margin_mm: float) -> Case:
         cut = (slice(None), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
         labels[s] = lab[cut]
         hus[s] = None if case.hu[s] is None else case.hu[s][cut]
-        fgi[s] = np.argwhere(labels[s] > 0)
+        fgi[s] = foreground_index(labels[s])
     return Case(case.name, labels, hus, fgi)
 
 
@@ -165,7 +186,7 @@ def load_prepared_case(path: Path, spacings: tuple[float, ...]) -> Case:
                     )
                 labels[s] = z[_key("labels", s)].astype(np.uint8, copy=False)
                 hus[s] = z[_key("hu", s)] if _key("hu", s) in z.files else None
-                fgi[s] = np.argwhere(labels[s] > 0)
+                fgi[s] = foreground_index(labels[s])
     except (OSError, ValueError) as exc:  # truncated zip, not an npz, pickled object arrays
         raise InputError(f"{path}: cannot read the prepared case ({exc}); run prepare-seg-cohort again") from None
     return Case(path.stem, labels, hus, fgi)

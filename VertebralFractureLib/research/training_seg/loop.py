@@ -182,7 +182,7 @@ class _Run:
             for img, tgt in self.val_set:
                 logits = self.net(torch.from_numpy(img)[None].to(self.device))
                 p = (torch.sigmoid(logits.float())[0, 0] > 0.5).cpu().numpy()
-                scores.append(dice(p, tgt[0] > 0.5))
+                scores.append(dice(p & (tgt[0] >= 0), tgt[0] > 0.5))  # ignored voxels (-1) count for nothing
         self.net.train()
         return float(np.mean(scores))
 
@@ -222,7 +222,7 @@ class _Run:
         y = y.to(self.device, non_blocking=True)
         with self.autocast():
             # the loss on float32 logits: Dice sums over ~10^6 voxels would lose precision in bfloat16
-            loss = self.loss_fn(self.net(x).float(), y)
+            loss = self.loss_fn(*masked(self.net(x).float(), y))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -299,6 +299,18 @@ def parse_case_weights(items: list[str]) -> dict[str, float]:
             raise InputError(f"--case-weight {item!r}: expected NAME=W with a case name and a weight >= 0, e.g. case01=2")
         weights[name] = w
     return weights
+
+
+def masked(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, target) with the ignored voxels (target -1) set to a sure background on both sides.
+
+    There the sigmoid is exactly 0 and the target 0, so they add nothing to the Dice terms, a zero to the
+    cross-entropy, and no gradient (``torch.where`` passes none to the replaced logits): a loss mask that
+    works with MONAI's DiceCELoss as it is; batches without ignored voxels keep their values (no test for
+    that here: it would wait for the GPU every step).
+    """
+    known = target >= 0
+    return torch.where(known, logits, torch.full_like(logits, -1e4)), target.clamp(min=0)
 
 
 def dice(pred: np.ndarray, target: np.ndarray) -> float:

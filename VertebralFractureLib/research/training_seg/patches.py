@@ -15,7 +15,7 @@ from VertebralFractureLib.research.training_seg.augmentation import (
     make_transforms,
     osteoporotic,
 )
-from VertebralFractureLib.research.training_seg.cohort import Case
+from VertebralFractureLib.research.training_seg.cohort import IGNORE_LABEL, Case
 from VertebralFractureLib.research.training_seg.synthesis import contact_layer, synthesize_ct
 from VertebralFractureLib.stages.segmentation.inference import FAST_SPACING_MM, WINDOW_HU, WORK_SPACING_MM, window
 
@@ -52,7 +52,10 @@ class PatchMix:
 
 def sample_patch(case: Case, spacing: float, size: int, rng: np.random.Generator, spatial, intensity,
                  win=WINDOW_HU, mix: PatchMix = PatchMix()) -> tuple[np.ndarray, np.ndarray]:
-    """(image (1,S,S,S) float32 windowed, target (1,S,S,S) float32 0/1) from one case, drawn as ``mix`` says."""
+    """(image (1,S,S,S) float32 windowed, target (1,S,S,S) float32) from one case, drawn as ``mix`` says.
+
+    Target: 1 vertebra bone, 0 background, -1 ignored (the case's :data:`IGNORE_LABEL` voxels: no loss there).
+    """
     labels = case.labels[spacing]
     fgi = case.fg_index[spacing]
     if len(fgi) and rng.random() >= mix.background:
@@ -60,20 +63,25 @@ def sample_patch(case: Case, spacing: float, size: int, rng: np.random.Generator
     else:
         centre = rng.uniform(0, 1, 3) * np.array(labels.shape)
     lab = _crop(labels, centre, size, 0)
+    ids = np.where(lab == IGNORE_LABEL, 0, lab)  # vertebrae only, for what is painted from the labels
     hu = case.hu[spacing]
     if hu is None:
-        patch = synthesize_ct(lab, spacing, rng)
+        patch = synthesize_ct(ids, spacing, rng)
     else:
         patch = _crop(hu, centre, size, -1024.0)
         if mix.osteoporosis and rng.random() < mix.osteoporosis:
-            patch = osteoporotic(patch, lab, rng)
+            patch = osteoporotic(patch, ids, rng)
     if mix.aorta and rng.random() < mix.aorta:
-        patch = calcified_aorta(patch, lab, spacing, rng)
+        patch = calcified_aorta(patch, ids, spacing, rng)
     img = window(patch, win)
+    # the label map (ignored voxels included) goes through the same nearest-neighbour warp as the vertebra ids
     d = spatial({"image": img[None], "label": lab[None].astype(np.float32)})
     lab2 = np.asarray(d["label"])[0].round().astype(np.uint8)
     d = intensity({"image": np.asarray(d["image"]), "label": d["label"]})
+    ignored = lab2 == IGNORE_LABEL
+    lab2[ignored] = 0  # a vertebra's edge against an ignored region is no contact layer
     target = ((lab2 > 0) & ~contact_layer(lab2)).astype(np.float32)
+    target[ignored] = -1.0
     return np.asarray(d["image"], dtype=np.float32), target[None]
 
 
