@@ -223,7 +223,7 @@ def test_run_writes_the_contract_files(cli_run, phantom_files):
     if result["needs_review"]:  # a case that cannot be trusted is never graded
         assert result["fractured"] is None
     else:
-        assert result["fractured"] is (patient is not None and patient >= 0.5)
+        assert result["fractured"] is (patient is not None and patient >= result["fracture_threshold"])
     assert result["versions"]["VertebralFractureLib"] == __version__
     assert isinstance(result["warnings"], list) and all(isinstance(w, str) for w in result["warnings"])
     stages = {"import", "validation", "wiener", "morphometry", "classification", "radiomics", "outputs"}

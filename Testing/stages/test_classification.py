@@ -1,5 +1,6 @@
-"""Classification at inference: the crop a vertebra becomes, the combination rule, the out-of-domain guard and
-``predict_fractures`` with the shipped classifier on a phantom. (Training: Testing/research/.)"""
+"""Classification at inference: the crop a vertebra becomes, the combination rule and the saturation guard of models
+without fusion, the calibrated fusion and the out-of-distribution review reason, and ``predict_fractures`` with the
+shipped classifier on a phantom. (Training: Testing/research/.)"""
 
 from __future__ import annotations
 
@@ -135,15 +136,21 @@ def phantoms():
 
 
 def test_predict_fractures_scores_each_vertebra_with_the_shipped_classifier(phantoms):
+    from VertebralFractureLib.stages.classification import load_fusion
+
+    fusion = load_fusion()  # the shipped classifier fuses CNN, radiomics and morphometry
+    assert fusion is not None
     ph = phantoms["LPS"]
     records = _records(ph.labels)
     patient, warnings = predict_fractures(ph.ct, ph.labels, records, device="cpu")
-    assert warnings == []
+    assert warnings == ["radiomics not available: fracture probability fused from the CNN and morphometry only, "
+                        "without the out-of-distribution check"]
     whole, partial, absent = records[:2], records[2], records[3]
     for r in [*whole, partial]:  # one classifier probability per vertebra in the label map
         assert 0.0 <= r.probability_classifier <= 1.0, r.level
     for r in whole:
-        assert r.fracture_probability == max(r.probability_classifier, r.probability_morphometry)
+        assert r.fracture_probability == pytest.approx(
+            fusion.probability(r.probability_classifier, r.probability_morphometry, None))
     assert math.isnan(partial.fracture_probability) and "partial vertebra: not scored" in partial.notes
     assert math.isnan(absent.probability_classifier) and absent.fracture_probability == 0.6  # nothing to crop
     assert patient == max(r.fracture_probability for r in [*whole, absent])

@@ -247,7 +247,7 @@ def analyse(
     progress(0.9, "analysis done")
     return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels,
                           review_reasons=reasons, quality_flags=quality.flags, level_confidence=level_confidence,
-                          radiomics=features, naming=naming)
+                          radiomics=features, naming=naming, extra={"fracture_threshold": classification.threshold})
 
 
 def _drop_flagged(records: list[VertebraRecord]) -> float:

@@ -462,7 +462,18 @@ def model_card_markdown(card: dict[str, Any], fusion: FusionModel) -> str:
     lines += ["", f"Out of distribution: {len(ood.get('real_ct_cases_with_an_ood_vertebra', []))} of "
               f"{ood.get('n_real_ct_cases')} real CTs have a held-out vertebra above the threshold "
               f"({', '.join(ood.get('real_ct_cases_with_an_ood_vertebra', [])) or 'none'}).", "",
-              "![reliability diagram](reliability.png)", "",
-              "Retrain: `vertebral-fracture train-classifier --real-labels benchmarks/realct_labels --data "
-              "../shared/data -o MODEL_DIR` (crops, radiomics and simulations cached in /tmp/vf_classifier_cache).", ""]
+              "![reliability diagram](reliability.png)", ""]
+    targets = [("per-vertebra ROC-AUC >= 0.95", held["per_vertebra"]["roc_auc"] >= 0.95),
+               ("grade >= 2 sensitivity >= 0.95 at the operating point", held["sensitivity_grade_ge2"] >= 0.95),
+               ("ECE <= 0.05", held["ece"] <= 0.05),
+               ("no held-out real CT called fractured", held["real_ct"]["patients_called_fractured"] == 0)]
+    lines += ["Issue 16's targets on held-out patients: " + "; ".join(
+        f"{name}: {'met' if ok else 'NOT met'}" for name, ok in targets) + ".", ""]
+    init = card.get("lineage", {}).get("fine_tuned_from")
+    lines += ["Retrain (crops, radiomics and simulations cached in /tmp/vf_classifier_cache): `vertebral-fracture "
+              "train-classifier --real-labels benchmarks/realct_labels --data ../shared/data"
+              + (f" --init Resources/models/{init}" if init else "")
+              + f" --lr {tr.get('lr', 2e-3):g} --epochs {tr['epochs']} --folds {tr['folds']} --seed {tr['seed']} "
+              "-o MODEL_DIR`" + (f" (fine-tuned from `{init}`, weights sha256 "
+                                 f"`{card['lineage']['weights_sha256'][:16]}...`)" if init else "") + ".", ""]
     return "\n".join(lines)
