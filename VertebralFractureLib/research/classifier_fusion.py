@@ -373,7 +373,8 @@ def train_realct_classifier(
     card = {
         "name": "vertebral-fracture classifier (customcnn + radiomics + morphometry, calibrated fusion)",
         "version": __version__,
-        "training_data": (f"{n_real} real CTs with checked vertebra labels (every whole vertebra a negative; "
+        "training_data": (f"{n_real} real CTs with the project's vertebra labels (benchmarks/realct_labels: checked "
+                          "by eye or, until checked, the automatic proposal; every whole vertebra a negative; "
                           f"{fractures_per_vertebra} fractures simulated per vertebra by research.fracture."
                           "simulate_fracture on those real backgrounds, grades 1-3 x wedge/biconcave/crush cycled) "
                           f"and {n_phantoms} phantoms (research.phantom.make_phantom T10-L4, fractures simulated the "
@@ -420,8 +421,8 @@ def model_card_markdown(card: dict[str, Any], fusion: FusionModel) -> str:
         rows.append(("replaced model: max(simulated-only CNN, morphometry)", m["replaced_model"]))
     lines = [
         f"# {card['name']}", "",
-        "**No real fracture has been seen by this model.** Its negatives are real vertebrae (real CTs with checked "
-        "labels); its positives are fractures simulated on those real backgrounds. All metrics below are on "
+        "**No real fracture has been seen by this model.** Its negatives are real vertebrae (real CTs with the "
+        "project's labels, some checked by eye, the rest automatic proposals); its positives are fractures simulated on those real backgrounds. All metrics below are on "
         "held-out patients of that data (leave-patients-out folds); performance on real fractures is unknown.", "",
         f"- networks: `customcnn` on a {card['input']['crop_size_voxels']}^3 crop at {card['spacing_mm']} mm "
         f"(`model.safetensors`), a radiomics LASSO ({len(fusion.radiomics_features)} features) and morphometry's "
