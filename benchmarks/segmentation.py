@@ -306,6 +306,14 @@ def _candidates(shipped: dict) -> list[dict]:
     return rows
 
 
+def _realct_heldout() -> list[dict]:
+    """``segmentation_realct_heldout_TAG.json`` files (benchmarks/segmentation_realct.py), the shipped model's first,
+    each with its ``tag``."""
+    files = sorted(RESULTS.glob("segmentation_realct_heldout_*.json"),
+                   key=lambda f: (f.stem != "segmentation_realct_heldout_shipped", f.stem))
+    return [{"tag": f.stem.removeprefix("segmentation_realct_heldout_"), **json.loads(f.read_text())} for f in files]
+
+
 def _optional_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -332,6 +340,7 @@ def render_card(model_dir: Path, card: dict, acc: dict, speed: dict | None, held
         speed={"by": {r["mode"]: r for r in speed["rows"]}, "all": speed} if speed else None,
         realct=_optional_json(RESULTS / "realct.json"),
         realct_md=(RESULTS / "realct.md").read_text() if (RESULTS / "realct.md").exists() else None,
+        realct_heldout=_realct_heldout(),
     )
 
 

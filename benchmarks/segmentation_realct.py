@@ -1,0 +1,111 @@
+"""Score a segmentation model on real CTs held out of its training cohort, against the checked labels.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/segmentation_realct.py TAG [--model MODEL_DIR] [CASE ...]
+
+Per case (default: the cases ``benchmarks/realct_labels/build_seg_cohort.py`` holds out): ``segment_vertebrae``
+(CPU, what ``run`` does before morphometry) with the model in ``--model`` (default: the shipped one) on the CT,
+scored by ``benchmarks/realct.py``'s :func:`score_case` against ``benchmarks/realct_labels/<case>/labels.nii.gz``
+(``ignore.nii.gz`` left out of both sides); plus the automatic segmentation of the demo CT (count, names,
+volumes) as a sanity check. Writes ``benchmarks/results/segmentation_realct_heldout_TAG.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE / "realct_labels"))
+
+from build import CASES, DEFAULT_DATA  # noqa: E402  (benchmarks/realct_labels/build.py)
+from build_seg_cohort import HOLD_OUT  # noqa: E402
+from realct import LABELS, RESULTS, score_case  # noqa: E402
+
+DEMO = REPO / "Resources" / "demo" / "ct.nii.gz"
+
+
+def _instances(ct, res) -> list[dict]:
+    """[{level, volume_ml, partial}] of a SegmentationResult, craniocaudal."""
+    from VertebralFractureLib.core.levels import level_name, order_index
+
+    ids, counts = np.unique(res.labels.array, return_counts=True)
+    vox = float(np.prod(ct.spacing)) / 1000
+    rows = [(int(i), int(c)) for i, c in zip(ids, counts, strict=True) if i]
+    return [{"level": level_name(i), "volume_ml": round(c * vox, 1), "partial": i in res.partial}
+            for i, c in sorted(rows, key=lambda r: order_index(r[0]))]
+
+
+def score_model(model_dir: Path | None, cases: list[str], data: Path) -> dict:
+    """{"cases": {case: scores}, "summary": {...}, "demo": {...}} for one model (None: the shipped one)."""
+    from VertebralFractureLib.io.reading import read_volume
+    from VertebralFractureLib.stages.segmentation.inference import segment_vertebrae
+
+    out: dict = {"cases": {}}
+    for case in cases:
+        ct = read_volume(data / CASES[case][0])
+        t = time.perf_counter()
+        res = segment_vertebrae(ct, device="cpu", model_dir=model_dir)
+        seconds = time.perf_counter() - t
+        truth = read_volume(LABELS / case / "labels.nii.gz", check=False).array
+        ignore_path = LABELS / case / "ignore.nii.gz"
+        ignore = read_volume(ignore_path, check=False).array > 0 if ignore_path.exists() else None
+        s = score_case(res.labels.array, truth, ignore)
+        out["cases"][case] = {**s, "instances": _instances(ct, res), "level_confidence": res.level_confidence,
+                              "seconds": round(seconds, 1)}
+        print(f"{case}: mean Dice {s['mean_dice']} once {s['each_found_once']} merges {s['merges']} splits "
+              f"{s['splits']} missed {s['missed']} levels {s['level_accuracy']} ({seconds:.0f} s)", flush=True)
+    dices = [v["dice"] for c in out["cases"].values() for v in c["vertebrae"].values()]
+    out["summary"] = {
+        "mean_per_vertebra_dice": round(float(np.mean(dices)), 4) if dices else None,
+        "vertebrae": len(dices),
+        "each_found_once": sum(c["each_found_once"] for c in out["cases"].values()),
+        "merges_splits_misses": sum(len(c["merges"]) + len(c["splits"]) + len(c["missed"])
+                                    for c in out["cases"].values()),
+        "levels_all_right": sum(c["level_accuracy"] == 1.0 for c in out["cases"].values()),
+    }
+    ct = read_volume(DEMO)
+    res = segment_vertebrae(ct, device="cpu", model_dir=model_dir)
+    out["demo"] = {"instances": _instances(ct, res), "level_confidence": res.level_confidence}
+    print("demo:", " ".join(f"{i['level']} {i['volume_ml']}" for i in out["demo"]["instances"]), flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("tag", help="results file suffix (segmentation_realct_heldout_TAG.json)")
+    ap.add_argument("cases", nargs="*", default=list(HOLD_OUT), help=f"cases (default: {' '.join(HOLD_OUT)})")
+    ap.add_argument("--model", type=Path, default=None, help="model folder (default: the shipped model)")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--training-note", default="", help="how the model was trained (kept in the results file)")
+    args = ap.parse_args(argv)
+    if not args.data.is_dir():
+        print(f"error: {args.data}: data folder not found", file=sys.stderr)
+        return 2
+    import torch
+
+    torch.set_num_threads(2)
+    result = score_model(args.model, args.cases, args.data)
+    payload = {"model": str(args.model) if args.model else "Resources/models/segmentation (shipped)",
+               "training_note": args.training_note, **result}
+    if args.model is not None:
+        card = json.loads((args.model / "card.json").read_text())["training"]
+        payload["model_training"] = {k: card.get(k) for k in (
+            "iterations", "patch", "batch", "lr", "train_cases", "val_cases", "case_weights", "background_share",
+            "init", "data_note", "device")}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"segmentation_realct_heldout_{args.tag}.json"
+    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    print(f"{path}: {json.dumps(payload['summary'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
