@@ -476,6 +476,18 @@ _INT_COLUMNS = {"label"}
 _UNITS = {"_mm": "mm", "_ml": "ml", "_hu": "HU"}
 
 
+def _empty_table_node(scene, name: str, node=None):
+    """``node`` emptied of its columns, or a new table node named ``name`` (made unique) added to ``scene``."""
+    import slicer
+
+    if node is None:
+        node = slicer.vtkMRMLTableNode()
+        node.SetName(scene.GenerateUniqueName(name))
+        scene.AddNode(node)
+    node.RemoveAllColumns()
+    return node
+
+
 def table_node_from_records(
     scene,
     records: Iterable[VertebraRecord],
@@ -490,15 +502,10 @@ def table_node_from_records(
     column, the rest hold the CSV's text. The patient probability goes in the node attribute
     ``VertebralFracture.PatientProbability``.
     """
-    import slicer
     import vtk
 
     records = list(records)
-    if node is None:
-        node = slicer.vtkMRMLTableNode()
-        node.SetName(scene.GenerateUniqueName(name))
-        scene.AddNode(node)
-    node.RemoveAllColumns()
+    node = _empty_table_node(scene, name, node)
     rows = [r.csv_row() for r in records]
     for column in CSV_COLUMNS:
         if column in _FLOAT_COLUMNS:
@@ -590,15 +597,10 @@ def radiomics_table_node(scene, features: dict[int, dict[str, float]], records: 
                          name: str = "Radiomics", node=None):
     """A table node laid out as ``radiomics.csv``: ``label``, ``level``, one double column per pyradiomics feature
     (NaN where a vertebra has none)."""
-    import slicer
     import vtk
 
     records = list(records)
-    if node is None:
-        node = slicer.vtkMRMLTableNode()
-        node.SetName(scene.GenerateUniqueName(name))
-        scene.AddNode(node)
-    node.RemoveAllColumns()
+    node = _empty_table_node(scene, name, node)
     names = list(dict.fromkeys(k for f in features.values() for k in f))
     columns = [("label", vtk.vtkIntArray(), [r.label for r in records]),
                ("level", vtk.vtkStringArray(), [r.level for r in records])]
