@@ -227,6 +227,27 @@ def test_fusion_model_is_applied_at_run_time(phantoms, tmp_path, repo_root):
     assert all(0.0 < r.fracture_probability < 1.0 for r in again[:2])
 
 
+def test_uncertain_level_names_still_score_and_merged_segments_do_not(phantoms, tmp_path, repo_root):
+    """``level_uncertain`` marks every vertebra of a case whose names are guessed: they are still graded and scored;
+    a ``merged`` segment is not scored, with the fusion model and with max()."""
+    from VertebralFractureLib.stages.classification import classify_vertebrae
+
+    model_dir, _ = _fusion_dir(tmp_path, repo_root)
+    ph = phantoms["LPS"]
+    without_fusion = repo_root / "Resources" / "models" / "classifier_simulated"  # no fusion.json: max()
+    assert not (without_fusion / "fusion.json").exists()
+    for model in (model_dir, without_fusion):
+        records = _records(ph.labels)
+        for r in records:
+            r.height_loss_ratio = 0.05
+            r.flags = ["level_uncertain"]
+        records[1].flags = ["level_uncertain", "merged"]
+        feats = {r.label: {FEATURE: 200.0} for r in records}
+        classify_vertebrae(ph.ct, ph.labels, records, radiomics=feats, device="cpu", model_dir=model)
+        assert 0.0 <= records[0].fracture_probability <= 1.0
+        assert math.isnan(records[1].fracture_probability)
+
+
 def test_out_of_distribution_vertebra_is_a_review_reason(phantoms, tmp_path, repo_root):
     from VertebralFractureLib.stages.classification import classify_vertebrae
 

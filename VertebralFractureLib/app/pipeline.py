@@ -33,7 +33,7 @@ from VertebralFractureLib.core.records import VertebraRecord, write_csv
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.reading import read_volume
 from VertebralFractureLib.io.volume_files import write_volume
-from VertebralFractureLib.stages.quality import VERTEBRA_FLAGS, assess_quality, review_reasons
+from VertebralFractureLib.stages.quality import assess_quality, review_reasons
 
 
 @dataclass
@@ -227,7 +227,7 @@ def analyse(
     progress(0.8, "classification")
     with timer.stage("classification"):
         classification = _classify(filtered, labels, records, options, features)
-        patient_probability = _drop_flagged(records)
+        patient_probability = classification.patient_probability
     warnings += classification.warnings
     cancel.check()
 
@@ -248,15 +248,6 @@ def analyse(
     return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels,
                           review_reasons=reasons, quality_flags=quality.flags, level_confidence=level_confidence,
                           radiomics=features, naming=naming, extra={"fracture_threshold": classification.threshold})
-
-
-def _drop_flagged(records: list[VertebraRecord]) -> float:
-    """Take flagged vertebrae (quality flags) out of scoring; the patient probability over the rest."""
-    for r in records:
-        if set(r.flags) & set(VERTEBRA_FLAGS):
-            r.fracture_probability = math.nan
-    scored = [r.fracture_probability for r in records if not math.isnan(r.fracture_probability)]
-    return max(scored) if scored else math.nan
 
 
 def _segment(ct: Volume, options: PipelineOptions, progress: ProgressCallback,

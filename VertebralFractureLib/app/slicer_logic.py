@@ -183,7 +183,7 @@ def open_case(
     if not case_dir.is_dir():
         raise InputError(f"{case_dir}: result folder not found")
     if ct is None:
-        ct = read_volume(ct_path if ct_path is not None else _case_ct_path(case_dir, cohort_dir), check=False)
+        ct = read_volume(ct_path if ct_path is not None else case_ct_path(case_dir, cohort_dir), check=False)
     volume_node = mrml_nodes.volume_node_from_volume(scene, ct, case_dir.name)
     records, patient_probability, warnings = _case_records(case_dir)
 
@@ -220,16 +220,28 @@ def _case_review(case_dir: Path, patient_probability: float) -> tuple[bool | Non
     return bool(not math.isnan(patient_probability) and patient_probability >= 0.5), []
 
 
-def _case_ct_path(case_dir: Path, cohort_dir: str | Path | None) -> Path:
-    """The CT of a result folder: ``ct.nii.gz`` & co. in it, else the case of the same name in ``cohort_dir``."""
+def case_ct_path(case_dir: Path, cohort_dir: str | Path | None = None) -> Path:
+    """The CT a result folder was computed from: ``ct.nii.gz`` & co. in it, else the ``input`` its ``result.json``
+    records, else the case of the same name in ``cohort_dir``.
+
+    Raises:
+        InputError: none of these exists.
+    """
+    case_dir = Path(case_dir)
     ct_path = next((case_dir / n for n in CT_NAMES if (case_dir / n).is_file()), None)
+    if ct_path is None and (case_dir / "result.json").is_file():
+        try:
+            recorded = json.loads((case_dir / "result.json").read_text()).get("input")
+        except (OSError, ValueError):
+            recorded = None
+        ct_path = Path(recorded) if recorded and Path(recorded).is_file() else None
     if ct_path is None and cohort_dir is not None and Path(cohort_dir).is_dir():
         from VertebralFractureLib.app.batch import discover_cases
 
         ct_path = next((Path(c.input) for c in discover_cases(cohort_dir) if c.name == case_dir.name), None)
     if ct_path is None:
         raise InputError(
-            f"{case_dir}: no ct.nii.gz in the result folder (the run started from an image file); "
+            f"{case_dir}: no ct.nii.gz in the result folder and the input recorded in result.json is not readable; "
             "give the CT the case was run on (or the cohort folder of the batch)"
         )
     return ct_path

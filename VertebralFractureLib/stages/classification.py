@@ -47,6 +47,7 @@ from VertebralFractureLib.core.records import VertebraRecord
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.models.cards import CLASSIFIER_ARCHITECTURES, ModelCard
 from VertebralFractureLib.models.device import resolve_device
+from VertebralFractureLib.stages.quality import is_blocked
 
 CROP_SIZE = 32
 CROP_SPACING_MM = 2.0
@@ -387,7 +388,8 @@ def classify_vertebrae(
 
 
 def _not_scored(record: VertebraRecord) -> bool:
-    return record.partial or record.implausible or bool(record.flags)
+    """Cut by the field of view, implausible or flagged by quality (``level_uncertain`` alone still scores)."""
+    return record.partial or record.implausible or is_blocked(record)
 
 
 def _fuse(fusion: FusionModel, records: list[VertebraRecord], radiomics: dict[int, dict[str, float]] | None,
@@ -435,7 +437,7 @@ def _combine_max(records: list[VertebraRecord], result: Classification) -> None:
     for record in records:
         record.fracture_probability = combine_probabilities(record.probability_classifier,
                                                             record.probability_morphometry,
-                                                            record.partial or record.implausible)
+                                                            _not_scored(record))
 
 
 def predict_fractures(

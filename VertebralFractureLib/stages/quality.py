@@ -133,7 +133,7 @@ def _ungrade(record: VertebraRecord) -> None:
     record.fracture_probability = record.probability_morphometry = math.nan
 
 
-def _blocking(record: VertebraRecord) -> bool:
+def is_blocked(record: VertebraRecord) -> bool:
     """Does a flag of ``record`` keep it from being graded (any but ``level_uncertain``)?"""
     return any(f in VERTEBRA_FLAGS for f in record.flags)
 
@@ -162,7 +162,7 @@ def assess_quality(records: list[VertebraRecord], *, level_confidence: float | N
             r.flags.append("cut")
         if r.implausible:
             r.flags.append("implausible")
-    usable = [not _blocking(r) for r in ordered]
+    usable = [not is_blocked(r) for r in ordered]
     merged: dict[int, str] = {}
     for i, r in enumerate(ordered):
         problem = merged_problem(r, _neighbours(i, ordered, usable))
@@ -171,13 +171,13 @@ def assess_quality(records: list[VertebraRecord], *, level_confidence: float | N
     regrade = False
     for r in ordered:
         if r.label in merged:
-            regrade = regrade or not _blocking(r)
+            regrade = regrade or not is_blocked(r)
             r.flags.insert(0, "merged")
             r.notes.append(f"looks like more than one vertebra ({merged[r.label]}): not graded")
     if regrade:
-        grade_records([r for r in records if not _blocking(r)])
+        grade_records([r for r in records if not is_blocked(r)])
     for r in records:
-        if _blocking(r):
+        if is_blocked(r):
             _ungrade(r)
         if uncertain:
             r.flags.append("level_uncertain")

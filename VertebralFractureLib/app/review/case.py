@@ -9,7 +9,6 @@ labels) and renaming a level is :func:`~VertebralFractureLib.app.slicer_logic.re
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import threading
 import time
@@ -26,24 +25,6 @@ from VertebralFractureLib.app.review import signoff
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.atomic import atomic_write
-
-
-def case_ct_path(folder: Path) -> Path:
-    """The CT a result folder was computed from: ``ct.nii.gz`` & co. in it, else ``input`` of its ``result.json``.
-
-    Raises:
-        InputError: neither exists.
-    """
-    for name in slicer_logic.CT_NAMES:
-        if (folder / name).is_file():
-            return folder / name
-    try:
-        recorded = json.loads((folder / "result.json").read_text()).get("input")
-    except (OSError, ValueError):
-        recorded = None
-    if recorded and Path(recorded).is_file():
-        return Path(recorded)
-    raise InputError(f"{folder}: no ct.nii.gz and the input recorded in result.json ({recorded}) is not readable")
 
 
 class CtCache:
@@ -111,7 +92,7 @@ class OpenCase:
         # Recompute extracts radiomics like the run (the classifier's fusion uses them); untouched vertebrae are
         # hits of the radiomics cache, so only edited ones are extracted, in this process (no worker start-up)
         self.options = dataclasses.replace(options or PipelineOptions(), radiomics_workers=1)
-        ct_path = case_ct_path(folder)
+        ct_path = slicer_logic.case_ct_path(folder)
         self.ct: Volume = ct_cache.get(ct_path) if ct_cache is not None else None
         # the page shows no radiomics table: not built (hundreds of columns)
         self.nodes = slicer_logic.open_case(scene, folder, ct_path=ct_path, ct=self.ct, radiomics_table=False)

@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from VertebralFractureLib.app import slicer_logic
 from VertebralFractureLib.app.pipeline import PipelineOptions
 from VertebralFractureLib.app.review import safety
-from VertebralFractureLib.app.review.case import CtCache, OpenCase, case_ct_path
+from VertebralFractureLib.app.review.case import CtCache, OpenCase
 from VertebralFractureLib.app.review.worklist import filter_worklist, load_worklist, order_worklist, step
 from VertebralFractureLib.core.errors import InputError
 
@@ -229,7 +230,7 @@ class ReviewApp:
         if name is None:
             return
         try:
-            self.ct_cache.prefetch(case_ct_path(safety.case_folder(self.out, name, [name])))
+            self.ct_cache.prefetch(slicer_logic.case_ct_path(safety.case_folder(self.out, name, [name])))
         except InputError:
             pass  # reported when that case is opened
 
