@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.research.label_assist import file_sha256
 
 #: bump when what a sample holds changes (invalidates the cache)
 BUILDER_VERSION = 1
@@ -108,14 +109,6 @@ def find_real_cases(labels_dir: str | Path, data_dir: str | Path) -> list[RealCa
     if not cases:
         raise InputError(f"{labels_dir}: no <case>/labels.nii.gz inside")
     return cases
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_cache_dir() -> Path:
@@ -206,7 +199,7 @@ def real_case_samples(case: RealCase, *, fractures_per_vertebra: int = 1, seed: 
     from VertebralFractureLib.io.reading import read_volume
     from VertebralFractureLib.io.validation import check_labels
 
-    key = hashlib.sha256(json.dumps([BUILDER_VERSION, _sha256(case.ct_path), _sha256(case.labels_path),
+    key = hashlib.sha256(json.dumps([BUILDER_VERSION, file_sha256(case.ct_path), file_sha256(case.labels_path),
                                      fractures_per_vertebra, seed]).encode()).hexdigest()[:16]
     path = Path(cache_dir or default_cache_dir()) / f"{case.name}-{key}.npz"
     if not path.is_file():

@@ -324,7 +324,7 @@ def train_realct_classifier(
     import torch
 
     from VertebralFractureLib.models.loading import load_model
-    from VertebralFractureLib.research.classifier_data import _sha256
+    from VertebralFractureLib.research.label_assist import file_sha256
 
     config = config or TrainConfig(epochs=8, widths=SMALL_WIDTHS)
     init_state, lineage = None, None
@@ -334,7 +334,7 @@ def train_realct_classifier(
         widths = init_card.architecture_kwargs.get("widths")
         config = dataclasses.replace(config, widths=tuple(widths) if widths else None)
         lineage = {"fine_tuned_from": str(Path(init_from).name), "name": init_card.name,
-                   "weights_sha256": _sha256(Path(init_from) / init_card.weights)}
+                   "weights_sha256": file_sha256(Path(init_from) / init_card.weights)}
         compare_with = init_from if compare_with is None else compare_with
     started = time.perf_counter()
     out_dir = Path(out_dir)

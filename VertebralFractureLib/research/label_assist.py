@@ -76,7 +76,8 @@ class Proposal:
     warnings: list[str] = field(default_factory=list)
 
 
-def propose(ct: Volume, ct_sha: str, *, model_dir: Path | None = None, use_cache: bool = True) -> Proposal:
+def propose(ct: Volume, ct_sha: str, *, model_dir: Path | None = None, use_cache: bool = True,
+            model_sha: str | None = None) -> Proposal:
     """Instances and automatic levels of ``ct`` (cached under :func:`cache_dir` by CT and model checksum).
 
     The segmentation runs once with the anchor ``C1=1``, which makes each VerSe id equal to the instance's
@@ -86,7 +87,8 @@ def propose(ct: Volume, ct_sha: str, *, model_dir: Path | None = None, use_cache
     from VertebralFractureLib.io.volume_files import read_image_file, write_volume
     from VertebralFractureLib.stages.segmentation.inference import segment_vertebrae
 
-    key = f"{ct_sha[:16]}-{model_sha256(model_dir)[:16]}-v{TOOL_VERSION}"
+    model_sha = model_sha or model_sha256(model_dir)  # hashing the weights costs ~0.1 s: callers pass it
+    key = f"{ct_sha[:16]}-{model_sha[:16]}-v{TOOL_VERSION}"
     img, meta = cache_dir() / f"{key}.nii.gz", cache_dir() / f"{key}.json"
     if use_cache and img.exists() and meta.exists():
         info = json.loads(meta.read_text())
@@ -220,7 +222,8 @@ def label_assist(
         if recorded and recorded != ct_sha:
             raise InputError(f"{decisions_path}: was made for another CT (checksum {recorded[:12]}..., "
                              f"{ct_path} has {ct_sha[:12]}...)")
-    prop = propose(ct, ct_sha, model_dir=model_dir, use_cache=use_cache)
+    model_sha = model_sha256(model_dir)
+    prop = propose(ct, ct_sha, model_dir=model_dir, use_cache=use_cache, model_sha=model_sha)
     editor = Editor(ct, prop.instances.array, str(decisions_path or "decisions"))
     instances = editor.apply(decisions)
     mapping, how = name_segments(ct, instances, decisions.levels, editor.resolve)
@@ -246,7 +249,7 @@ def label_assist(
         "package_version": __version__,
         "ct_file": ct_path.name,
         "ct_sha256": ct_sha,
-        "model_sha256": model_sha256(model_dir),
+        "model_sha256": model_sha,
         "decisions": decisions.raw,
         "result": {
             "count": len(mapping),

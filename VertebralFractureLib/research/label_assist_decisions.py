@@ -37,6 +37,7 @@ from scipy import ndimage as ndi
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.levels import level_id
 from VertebralFractureLib.core.volume import Volume
+from VertebralFractureLib.stages.segmentation.instances import seeded_watershed
 
 SNAP_MM = 10.0  # a point this close to a segment refers to it
 BODY_RADIUS_MM = 15.0  # a cut plane cuts the body within this distance of its point; arches follow the watershed
@@ -276,8 +277,6 @@ class Editor:
         return axis / np.linalg.norm(axis)
 
     def split(self, spec: dict, where: str) -> None:
-        import SimpleITK as sitk
-
         target = self.resolve(spec["at"], where + ".at")
         seg = self.labels == target
         box = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in ndi.find_objects(seg.astype(np.int8))[0])
@@ -299,10 +298,7 @@ class Editor:
             markers[mask] = np.where(seed_in, side, 0)
             if len(np.unique(markers[markers > 0])) == len(np.unique(side)):
                 dist = ndi.distance_transform_edt(mask, sampling=np.asarray(self.ct.spacing)[::-1])
-                height = sitk.GetImageFromArray((dist.max() - dist).astype(np.float32))
-                ws = sitk.MorphologicalWatershedFromMarkers(height, sitk.GetImageFromArray(markers.astype(np.uint32)),
-                                                            markWatershedLine=False, fullyConnected=True)
-                part = np.where(mask, sitk.GetArrayFromImage(ws).astype(np.int32), 0)
+                part = seeded_watershed(dist, markers, mask)
         view = self.labels[box]
         view[mask] = 0
         first = self._next_id()

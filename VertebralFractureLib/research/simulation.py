@@ -25,21 +25,15 @@ from VertebralFractureLib.core.progress import ProgressCallback
 from VertebralFractureLib.research.fracture import (
     FRACTURE_TYPES,
     GENANT_BANDS,
-    GENANT_TYPES,
     HEIGHT_KEYS,
-    FractureResult,
     genant_grade,
     heights_of,
     simulate_fracture,
-    vertebra_geometry,
 )
-from VertebralFractureLib.research.phantom import Phantom, make_phantom
+from VertebralFractureLib.research.phantom import make_phantom
 from VertebralFractureLib.stages import morphometry
 
-__all__ = [
-    "FRACTURE_TYPES", "GENANT_BANDS", "GENANT_TYPES", "FractureResult", "Phantom", "genant_grade", "make_phantom",
-    "simulate_fracture", "vertebra_geometry", "write_cohort",
-]
+__all__ = ["FRACTURE_TYPES", "GENANT_BANDS", "genant_grade", "make_phantom", "simulate_fracture", "write_cohort"]
 
 # --- simulated cohorts ------------------------------------------------------------------------
 _GRADE_P = {1: 0.35, 2: 0.40, 3: 0.25}

@@ -160,7 +160,7 @@ def split_component(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
     markers = np.zeros(mask.shape, np.int32)
     for g, members in enumerate(groups, start=1):
         markers[np.isin(cores, members)] = g
-    return _watershed(dist, markers, mask)
+    return seeded_watershed(dist, markers, mask)
 
 
 def spine_coordinate(mask: np.ndarray, spacing_mm: float, outlier_mm: float = 6.0,
@@ -359,12 +359,12 @@ def split_at_discs(mask: np.ndarray, hu: np.ndarray, spacing_mm: float) -> np.nd
     # seeds: the deep inside of each body piece (as the cores of split_component), so that the watershed on the
     # mask's own distance map, not the seeds' extent, decides where pedicles and arches go
     markers = np.where(body & ~near_cut & (dist >= CORE_MM), part, 0).astype(np.int32)
-    parts = _watershed(dist, markers, mask)
+    parts = seeded_watershed(dist, markers, mask)
     parts[near_cut] = 0
     return parts
 
 
-def _watershed(dist: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def seeded_watershed(dist: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Seeded watershed on ``-dist`` inside ``mask`` (SimpleITK morphological watershed from markers)."""
     import SimpleITK as sitk
 
