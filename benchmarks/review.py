@@ -125,7 +125,13 @@ def main() -> None:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     rss = []
     try:
-        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+        deadline = time.monotonic() + 120
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if server.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"error: the review server did not start listening on port {port}")
             time.sleep(0.05)
         listen_s = time.perf_counter() - start
         with sync_playwright() as p:

@@ -20,7 +20,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO))
+from VertebralFractureLib.core.resources import shared_data_dir  # noqa: E402
+
+# $VERTEBRAL_FRACTURE_DATA or ../shared/data, as the tests and the other benchmarks find it
+DEFAULT_DATA = shared_data_dir() or REPO.parent / "shared" / "data"
 SHEET = REPO / "docs" / "realct_labels_contact_sheet.png"
 
 # case -> (CT, reference label map or None), relative to the data folder
