@@ -66,15 +66,17 @@ FUSION_VERSION = 1
 
 
 # --- crops ------------------------------------------------------------------------------------
-def crop_centre_lps(labels: Volume, label: int) -> np.ndarray | None:
+def crop_centre_lps(labels: Volume, label: int, box: tuple[slice, ...] | None = None) -> np.ndarray | None:
     """LPS mm centre of a vertebra's crop: approximately its body centre (None when the label is absent).
 
     The centroid of the anterior half of the label's voxels (LPS P at or below the median): the body
     lies anterior to the posterior elements in patient coordinates whatever the scan orientation. On
     the TPTBox L2-L4 masks this is within 1.5-3.5 mm of the body centroid that morphometry isolates,
-    while the whole-vertebra centroid lies 13-17 mm posterior to it.
+    while the whole-vertebra centroid lies 13-17 mm posterior to it. ``box`` (the label's bounding slices, z/y/x,
+    e.g. from ``scipy.ndimage.find_objects``) spares a scan of the whole label map per vertebra.
     """
-    idx = np.argwhere(labels.array == label)
+    box = box or (slice(None),) * 3
+    idx = np.argwhere(labels.array[box] == label) + [s.start or 0 for s in box]
     if idx.size == 0:
         return None
     pts = labels.index_to_lps(idx[:, ::-1].astype(np.float64))
@@ -83,7 +85,8 @@ def crop_centre_lps(labels: Volume, label: int) -> np.ndarray | None:
 
 
 def extract_crop(
-    ct: Volume, labels: Volume, label: int, *, size: int = CROP_SIZE, spacing_mm: float = CROP_SPACING_MM
+    ct: Volume, labels: Volume, label: int, *, size: int = CROP_SIZE, spacing_mm: float = CROP_SPACING_MM,
+    box: tuple[slice, ...] | None = None,
 ) -> np.ndarray:
     """The network input for one vertebra, float32 of shape ``(size, size, size)`` in (S, P, L) order.
 
@@ -96,7 +99,7 @@ def extract_crop(
     """
     import SimpleITK as sitk
 
-    centre = crop_centre_lps(labels, label)
+    centre = crop_centre_lps(labels, label, box)
     if centre is None:
         raise InputError(f"label {label} not present in the label map")
     half = (size - 1) / 2.0 * spacing_mm
@@ -364,10 +367,15 @@ def classify_vertebrae(
     if net is not None and card.architecture_kwargs.get("n_radiomics"):
         result.warnings.append("the classifier expects radiomics features; pipeline runs the image-only path")
         net, fusion = None, None
-    present = set(int(v) for v in np.unique(labels.array)) - {0}
+    from scipy import ndimage
+
+    # one pass over the label map for every vertebra's bounding box (index = VerSe id - 1)
+    boxes = ndimage.find_objects(labels.array.astype(np.int32, copy=False))
+    present = {i + 1: b for i, b in enumerate(boxes) if b is not None}
     targets = [r for r in records if net is not None and r.label in present]
     if targets:
-        probs = predict_network(net, np.stack([extract_crop(ct, labels, r.label) for r in targets]), device=device)
+        crops = [extract_crop(ct, labels, r.label, box=present[r.label]) for r in targets]
+        probs = predict_network(net, np.stack(crops), device=device)
         for record, p in zip(targets, probs, strict=True):
             record.probability_classifier = float(p)
     for record in records:
