@@ -126,14 +126,18 @@ def _fingerprint(path: str) -> list[Any]:
     return [[str(q.relative_to(p.parent)), q.stat().st_size, q.stat().st_mtime_ns] for q in files[:5000]]
 
 
+def worst_vertebra(vertebrae: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The most suspicious of ``result.json``'s vertebrae: highest fracture probability, else highest Genant grade."""
+    scored = [v for v in vertebrae if v.get("fracture_probability") is not None]
+    if scored:
+        return max(scored, key=lambda v: float(v["fracture_probability"]))
+    graded = [v for v in vertebrae if v.get("genant_grade") is not None]
+    return max(graded, key=lambda v: v["genant_grade"]) if graded else None
+
+
 def _summary_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
     """A ``cohort.csv`` row from a case's ``result.json``."""
-    vertebrae = result.get("vertebrae") or []
-    scored = [v for v in vertebrae if v.get("fracture_probability") is not None]
-    worst = max(scored, key=lambda v: v["fracture_probability"]) if scored else None
-    if worst is None:
-        graded = [v for v in vertebrae if v.get("genant_grade") is not None]
-        worst = max(graded, key=lambda v: v["genant_grade"]) if graded else None
+    worst = worst_vertebra(result.get("vertebrae") or [])
     prob = result.get("fracture_probability")
     return {
         "case": name,
@@ -508,5 +512,5 @@ def status_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     return counts
 
 
-__all__ = ["COHORT_COLUMNS", "Case", "discover_cases", "review_first", "run_batch", "run_case", "read_cohort_csv", "status_counts",
+__all__ = ["COHORT_COLUMNS", "Case", "worst_vertebra", "discover_cases", "review_first", "run_batch", "run_case", "read_cohort_csv", "status_counts",
            "write_cohort_csv"]

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from VertebralFractureLib.app.batch import worst_vertebra
 from VertebralFractureLib.core.errors import InputError
 
 REVIEW_FILE = "review.json"
@@ -74,12 +75,7 @@ def _read_json(path: Path) -> dict:
 def _entry_from_result(name: str, folder: Path, status: str = "ok") -> CaseEntry:
     """An entry from ``folder/result.json`` (worst vertebra by probability, else by grade)."""
     result = _read_json(folder / "result.json")
-    vertebrae = result.get("vertebrae") or []
-    scored = [v for v in vertebrae if _number(v.get("fracture_probability")) is not None]
-    worst = max(scored, key=lambda v: float(v["fracture_probability"])) if scored else None
-    if worst is None:
-        graded = [v for v in vertebrae if v.get("genant_grade") is not None]
-        worst = max(graded, key=lambda v: v["genant_grade"]) if graded else None
+    worst = worst_vertebra(result.get("vertebrae") or [])
     review = _read_json(folder / REVIEW_FILE).get("status", "")
     return CaseEntry(
         name=name,
