@@ -41,10 +41,12 @@ from VertebralFractureLib.research.classifier_training import (
 from VertebralFractureLib.stages.classification import (
     FUSION_NAME,
     FUSION_RULE,
-    LOGIT_CLIP,
     LOSS_RANGE,
     FusionModel,
     Logistic,
+    clip_loss,
+    logit,
+    mahalanobis,
     predict_network,
 )
 
@@ -75,18 +77,6 @@ def patient_folds(groups: np.ndarray, n_folds: int, seed: int = 0) -> np.ndarray
     return np.array([fold_of[g] for g in groups], dtype=np.int64)
 
 
-def logits(p: np.ndarray) -> np.ndarray:
-    """Clipped logits of probabilities (the CNN input of the stacker)."""
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
-    return np.clip(np.log(p / (1 - p)), -LOGIT_CLIP, LOGIT_CLIP)
-
-
-def loss_input(loss: np.ndarray, fill: float) -> np.ndarray:
-    """Height-loss ratios as the OOD distance sees them (NaN -> ``fill``, clipped to :data:`LOSS_RANGE`)."""
-    loss = np.asarray(loss, dtype=np.float64)
-    return np.clip(np.where(np.isfinite(loss), loss, fill), *LOSS_RANGE)
-
-
 def radiomics_score(lasso: RadiomicsLasso, x: np.ndarray) -> np.ndarray:
     """The LASSO model's logit (decision function) for feature rows x (n, all features)."""
     return lasso._model.decision_function(lasso.selected_matrix(x))
@@ -104,10 +94,6 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, c: float = STACK_C) -> Logistic:
     return Logistic(coef=[float(v) for v in model.coef_[0]], intercept=float(model.intercept_[0]))
 
 
-def predict_logistic(model: Logistic, x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-(model.intercept + x @ np.asarray(model.coef))))
-
-
 def ood_fit(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and precision (inverse of the Ledoit-Wolf shrunk covariance) of rows z (n, d)."""
     from sklearn.covariance import LedoitWolf
@@ -118,8 +104,7 @@ def ood_fit(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def ood_distances(z: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
     """Mahalanobis distances (n,) of rows z to ``mean`` under ``precision``."""
-    v = z - mean
-    return np.sqrt(np.maximum(0.0, np.einsum("ij,jk,ik->i", v, precision, v)))
+    return mahalanobis(z - mean, precision)
 
 
 # --- calibration -------------------------------------------------------------------------------------
@@ -217,7 +202,7 @@ def _fit_lasso(s: Samples, idx: np.ndarray, seed: int) -> RadiomicsLasso:
 
 
 def _stack_inputs(cnn_p: np.ndarray, score: np.ndarray | None, morph: np.ndarray) -> np.ndarray:
-    cols = [logits(cnn_p)] + ([] if score is None else [score]) + [morph]
+    cols = [logit(cnn_p)] + ([] if score is None else [score]) + [morph]
     return np.column_stack(cols)
 
 
@@ -243,9 +228,9 @@ def fit_fusion(s: Samples, oof: dict[str, np.ndarray], folds: np.ndarray, lasso:
     """The fusion model (stackers on the OOF predictions, OOD statistics on ``lasso``'s standardised features) and
     the nested held-out fused probabilities and OOD distances (each fold's from a stacker/OOD fit without it)."""
     fill = float(np.nanmedian(s.morph_loss[s.y == 0]))
-    loss = loss_input(s.morph_loss, fill)
-    morph_fill = float(np.median(logits(s.morph_p[(s.y == 0) & np.isfinite(s.morph_p)])))
-    morph = np.where(np.isfinite(s.morph_p), logits(np.nan_to_num(s.morph_p, nan=0.5)), morph_fill)
+    loss = clip_loss(s.morph_loss, fill)
+    morph_fill = float(np.median(logit(s.morph_p[(s.y == 0) & np.isfinite(s.morph_p)])))
+    morph = np.where(np.isfinite(s.morph_p), logit(np.nan_to_num(s.morph_p, nan=0.5)), morph_fill)
     x3 = _stack_inputs(oof["cnn"], oof["radiomics"], morph)
     x2 = _stack_inputs(oof["cnn"], None, morph)
     stack, stack2 = fit_logistic(x3, s.y), fit_logistic(x2, s.y)
@@ -255,7 +240,7 @@ def fit_fusion(s: Samples, oof: dict[str, np.ndarray], folds: np.ndarray, lasso:
     nested_d = np.full(len(s), np.nan)
     for k in np.unique(folds):
         tr, te = folds != k, folds == k
-        nested_p[te] = predict_logistic(fit_logistic(x3[tr], s.y[tr]), x3[te])
+        nested_p[te] = fit_logistic(x3[tr], s.y[tr]).predict(x3[te])
         mean_k, prec_k = ood_fit(z[tr])
         nested_d[te] = ood_distances(z[te], mean_k, prec_k)
     mean, precision = ood_fit(z)

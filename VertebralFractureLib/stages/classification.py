@@ -185,13 +185,28 @@ LOGIT_CLIP = 8.0
 LOSS_RANGE = (-0.3, 0.8)
 
 
-def _logit(p: float) -> float:
-    p = min(max(float(p), 1e-6), 1 - 1e-6)
-    return float(np.clip(math.log(p / (1 - p)), -LOGIT_CLIP, LOGIT_CLIP))
+# The fusion's maths, shared by run time (FusionModel) and training (research.classifier_fusion), so the two
+# cannot drift apart: scalars or arrays in, the same shape out.
+def logit(p):
+    """Logit of probabilities, clipped to +-:data:`LOGIT_CLIP`."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return np.clip(np.log(p / (1 - p)), -LOGIT_CLIP, LOGIT_CLIP)
 
 
-def _sigmoid(z: float) -> float:
-    return float(1.0 / (1.0 + math.exp(-float(np.clip(z, -40.0, 40.0)))))
+def sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-np.clip(np.asarray(z, dtype=np.float64), -40.0, 40.0)))
+
+
+def clip_loss(loss, fill: float):
+    """Height-loss ratios as fusion and OOD distance see them: NaN -> ``fill``, clipped to :data:`LOSS_RANGE`."""
+    loss = np.asarray(loss, dtype=np.float64)
+    return np.clip(np.where(np.isfinite(loss), loss, fill), *LOSS_RANGE)
+
+
+def mahalanobis(v: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Mahalanobis lengths (n,) of difference rows ``v`` (n, d) under ``precision`` (d, d)."""
+    v = np.atleast_2d(v)
+    return np.sqrt(np.maximum(0.0, np.einsum("ij,jk,ik->i", v, np.asarray(precision), v)))
 
 
 @dataclass
@@ -203,6 +218,10 @@ class Logistic:
 
     def logit(self, x: np.ndarray) -> float:
         return float(self.intercept + np.dot(self.coef, x))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Probabilities of feature rows ``x`` (n, len(coef))."""
+        return sigmoid(self.intercept + np.asarray(x) @ np.asarray(self.coef))
 
 
 @dataclass
@@ -274,25 +293,22 @@ class FusionModel:
         x = np.where(np.isfinite(x), x, np.asarray(self.radiomics_median))
         return (x - np.asarray(self.radiomics_mean)) / np.asarray(self.radiomics_scale)
 
-    def _loss(self, loss: float) -> float:
-        return float(np.clip(loss if math.isfinite(loss) else self.loss_fill, *LOSS_RANGE))
-
     def probability(self, p_cnn: float, p_morphometry: float, features: dict[str, float] | None) -> float:
         """Calibrated fracture probability of one vertebra from its CNN and morphometry probabilities and radiomics
         (``features`` None: the model without radiomics)."""
-        morph = _logit(p_morphometry) if math.isfinite(p_morphometry) else self.morph_fill
+        morph = float(logit(p_morphometry)) if math.isfinite(p_morphometry) else self.morph_fill
         if features is None:
-            return _sigmoid(self.stack_without_radiomics.logit(np.array([_logit(p_cnn), morph])))
+            return float(sigmoid(self.stack_without_radiomics.logit(np.array([logit(p_cnn), morph]))))
         score = self.radiomics.logit(self._standardised(features))
-        return _sigmoid(self.stack.logit(np.array([_logit(p_cnn), score, morph])))
+        return float(sigmoid(self.stack.logit(np.array([logit(p_cnn), score, morph]))))
 
     def ood_distance(self, height_loss_ratio: float, features: dict[str, float]) -> float:
         """Mahalanobis distance of a vertebra's OOD inputs to the training vertebrae (dimensionless)."""
         z = self._standardised(features)
         if self.ood_features is not None:
             z = z[[int(i) for i in self.ood_features]]
-        v = np.append(z, self._loss(height_loss_ratio)) - np.asarray(self.ood_mean)
-        return float(math.sqrt(max(0.0, float(v @ np.asarray(self.ood_precision) @ v))))
+        v = np.append(z, clip_loss(height_loss_ratio, self.loss_fill)) - np.asarray(self.ood_mean)
+        return float(mahalanobis(v, self.ood_precision)[0])
 
 
 def load_fusion(model_dir: str | Path | None = None) -> FusionModel | None:
