@@ -310,6 +310,28 @@ def test_trabecular_hu_from_eroded_core():
     assert not any(r.low_density for r in morph.measure_vertebrae(labels.with_array(ct), labels))
 
 
+def _cylinder_stack(hole: bool) -> Volume:
+    """T12, L1, L2 as elliptic cylinders (24 mm tall, 30 mm deep along y, 40 mm wide along x, 8 mm discs; 1 mm
+    voxels, array (z, y, x), LPS); ``hole``: L1 (20) has a 7 mm unlabelled pocket inside its anterior upper half,
+    as where a segmentation misses trabecular bone (the basivertebral vein)."""
+    arr = np.zeros((110, 80, 80), np.uint8)
+    yy, xx = np.mgrid[0:80, 0:80]
+    disc = ((yy - 40) / 15.0) ** 2 + ((xx - 40) / 20.0) ** 2 <= 1.0
+    for label, z0 in ((21, 5), (20, 37), (19, 69)):  # LPS z up: L2 lowest
+        arr[z0 : z0 + 24][:, disc] = label
+    if hole:
+        arr[37 + 14 : 37 + 21, 27:42, 36:45] = 0
+    return Volume(arr, spacing=(1.0, 1.0, 1.0))
+
+
+def test_internal_label_hole_does_not_shorten_heights():
+    # issue 16: a height line's run used to stop at such a hole, not at the endplate (Ha 14.0 against 24.0)
+    full = morph.measure_heights(_cylinder_stack(False), 20)
+    holed = morph.measure_heights(_cylinder_stack(True), 20)
+    for key in ("anterior", "middle", "posterior"):
+        assert getattr(holed, key) == pytest.approx(getattr(full, key), abs=0.5), key
+
+
 def test_partial_vertebra_is_flagged_not_graded():
     grid = grid_for((1.0, 1.0, 1.0))
     labels = make_spine(grid)

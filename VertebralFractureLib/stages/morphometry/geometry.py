@@ -32,6 +32,8 @@ WALL_EXIT_STEP_MM = 1.5
 CENTRE_GRID_MM = 2.0
 HEIGHT_STAT = "mean"
 DROP_WALL_EXITS = True
+# gaps in the label along a height line up to this long are holes in the body, bridged (heights.py)
+MAX_HOLE_MM = 10.0
 
 
 @dataclass

@@ -10,6 +10,7 @@ from VertebralFractureLib.stages.morphometry.geometry import (
     DROP_WALL_EXITS,
     HEIGHT_STAT,
     LINE_STEP_MM,
+    MAX_HOLE_MM,
     MIDDLE_STRIP,
     SLAB_HALF_WIDTH_MM,
     WALL_EXIT_STEP_MM,
@@ -23,15 +24,30 @@ from VertebralFractureLib.stages.morphometry.geometry import (
 )
 
 
-def _runs_ends(values: np.ndarray, positions: np.ndarray, target: float) -> np.ndarray:
+def _bridge_gaps(values: np.ndarray, step_mm: float, max_gap_mm: float) -> np.ndarray:
+    """``values`` (n_lines, n_samples) with gaps (values < 0.5) of at most ``max_gap_mm`` between two inside
+    samples set to 1: holes of the label inside the body (unlabelled trabecular bone, the basivertebral
+    vein) must not cut a line's run short of the endplate."""
+    inside = values >= 0.5
+    n = values.shape[1]
+    index = np.arange(n)
+    last_in = np.maximum.accumulate(np.where(inside, index, -1), axis=1)
+    next_in = np.minimum.accumulate(np.where(inside, index, n)[:, ::-1], axis=1)[:, ::-1]
+    gap = ~inside & (last_in >= 0) & (next_in < n) & ((next_in - last_in - 1) * step_mm <= max_gap_mm)
+    return np.where(gap, 1.0, values)
+
+
+def _runs_ends(values: np.ndarray, positions: np.ndarray, target: float, max_gap_mm: float = 0.0) -> np.ndarray:
     """Sub-voxel ends of the run (values >= 0.5) nearest to ``target`` along sampled lines.
 
     ``values`` (n_lines, n_samples) are interpolated mask values at ``positions`` (mm, increasing,
-    equally spaced). Returns (n_lines, 2) ``(lower, upper)`` in mm; NaN where a line has no run or
-    its run touches the line's end.
+    equally spaced). Gaps of at most ``max_gap_mm`` inside a run are bridged first. Returns (n_lines, 2)
+    ``(lower, upper)`` in mm; NaN where a line has no run or its run touches the line's end.
     """
     values = np.atleast_2d(values)
     n_lines, n = values.shape
+    if max_gap_mm > 0 and n > 1:
+        values = _bridge_gaps(values, float(positions[1] - positions[0]), max_gap_mm)
     inside = values >= 0.5
     out = np.full((n_lines, 2), np.nan)
     rows = np.flatnonzero(inside.any(axis=1))
@@ -64,7 +80,8 @@ def _runs_ends(values: np.ndarray, positions: np.ndarray, target: float) -> np.n
 
 
 def _line_runs(
-    crop: _Crop, frame: LocalFrame, starts: np.ndarray, axis: int, extent: tuple[float, float], target: float
+    crop: _Crop, frame: LocalFrame, starts: np.ndarray, axis: int, extent: tuple[float, float], target: float,
+    max_gap_mm: float = 0.0,
 ) -> np.ndarray:
     """Runs along local ``axis`` (0 si, 1 ap, 2 lr) of lines through local points ``starts`` (n, 3).
 
@@ -75,7 +92,7 @@ def _line_runs(
     local = np.repeat(starts[:, None, :], len(positions), axis=1)
     local[:, :, axis] = positions[None, :]
     values = crop.sample(frame.to_lps(local))
-    return _runs_ends(values.reshape(len(starts), -1), positions, target)
+    return _runs_ends(values.reshape(len(starts), -1), positions, target, max_gap_mm)
 
 
 def _drop_wall_exits(
@@ -161,7 +178,7 @@ def _strip_heights(crop: _Crop, frame: LocalFrame, heights: Heights, reach: floa
         sign = -1.0 if name == "anterior" else 1.0
         base = 0.5 * depth if name == "anterior" else -0.5 * depth
         starts = np.array([[0.0, base + sign * fr * depth, x] for fr in fractions for x in lr_offsets])
-        runs = _line_runs(crop, frame, starts, 0, (-reach, reach), 0.0)
+        runs = _line_runs(crop, frame, starts, 0, (-reach, reach), 0.0, MAX_HOLE_MM)
         if name != "middle" and DROP_WALL_EXITS:
             runs = _drop_wall_exits(crop, frame, starts, runs, inward=sign)
         setattr(heights, name, _strip_height(runs))
