@@ -252,3 +252,63 @@ def test_ignore_mask_is_neither_vertebra_nor_background_in_training(tmp_path):
     # without ignored voxels the loss is the unmasked one
     y0 = y.clamp(min=0)
     assert torch.isclose(loss_fn(*masked(logits.detach(), y0)), loss_fn(logits.detach(), y0))
+
+
+def _bn_state(net) -> dict:
+    """name -> running statistic (float32 numpy) of every batch-norm layer of ``net``."""
+    return {k: v.float().numpy().copy() for k, v in net.state_dict().items()
+            if k.endswith(("running_mean", "running_var"))}
+
+
+def test_freeze_bn_fine_tune_keeps_the_running_statistics_and_still_trains(tmp_path):
+    """--freeze-bn: the running means and variances of the --init model come out bit-identical while the
+    convolutions and the batch-norm scale/shift move; without it the same fine-tune re-estimates them."""
+    from VertebralFractureLib.cli import main
+    from VertebralFractureLib.models.loading import load_model
+
+    cohort = _tiny_cohort(tmp_path / "cohort")
+    first = tmp_path / "first"
+    assert main(["train-seg", str(cohort), "-o", str(first), "--iterations", "2", "--patch", "32",
+                 "--save-every", "2", "--device", "cpu"]) == 0
+    runs = {}
+    for tag, extra in (("frozen", ["--freeze-bn"]), ("free", [])):
+        out = tmp_path / tag
+        assert main(["train-seg", str(cohort), "-o", str(out), "--init", str(first), "--iterations", "3",
+                     "--lr", "1e-2", "--patch", "32", "--save-every", "3", "--device", "cpu", *extra]) == 0
+        runs[tag] = load_model(out, "segmentation")[0]
+    start, _ = load_model(first, "segmentation")
+    before, frozen, free = _bn_state(start), _bn_state(runs["frozen"]), _bn_state(runs["free"])
+    assert before and all(np.array_equal(before[k], frozen[k]) for k in before)
+    assert any(not np.allclose(before[k], free[k]) for k in before)
+    w0, w1 = start.state_dict(), runs["frozen"].state_dict()
+    conv = [k for k in w0 if k.endswith("conv.weight")]
+    bn_affine = [k.replace("running_mean", "weight") for k in before if k.endswith("running_mean")]
+    assert conv and any(not np.allclose(w0[k].numpy(), w1[k].numpy()) for k in conv)
+    assert any(not np.allclose(w0[k].numpy(), w1[k].numpy()) for k in bn_affine)
+    card = json.loads((tmp_path / "frozen" / "card.json").read_text())
+    assert card["training"]["freeze_bn"] is True
+
+
+def test_model_written_keeps_running_variances_beyond_float16(tmp_path):
+    """Weights are written as float16 but batch-norm running statistics stay float32: a variance above 65504
+    (the deepest U-Net layers reach that) must not turn into inf, which zeroes the channel at inference."""
+    import torch
+
+    from VertebralFractureLib.models.loading import load_model
+    from VertebralFractureLib.models.networks import build_segmentation_network, default_segmentation_architecture
+    from VertebralFractureLib.research.training_seg import write_model
+
+    arch = default_segmentation_architecture()
+    net = build_segmentation_network(arch)
+    bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm3d))
+    bn.running_var.fill_(2.0e5)
+    bn.running_mean.fill_(300.25)
+    write_model(tmp_path, net, arch, {"iterations": 0})
+    back, _ = load_model(tmp_path, "segmentation")
+    state = _bn_state(back)
+    assert all(np.isfinite(v).all() for v in state.values())
+    key = next(k for k, v in state.items() if k.endswith("running_var") and v.max() > 1e5)
+    assert np.allclose(state[key], 2.0e5) and np.allclose(state[key.replace("var", "mean")], 300.25)
+    conv = next(k for k in back.state_dict() if k.endswith("conv.weight"))
+    assert np.array_equal(back.state_dict()[conv].numpy(),
+                          net.state_dict()[conv].half().float().numpy())  # the rest is float16 as before

@@ -92,13 +92,15 @@ def load_model(model_dir: str | Path | None, kind: str, *, device: str = "cpu", 
 
 
 def save_weights(net: Any, path: str | Path, *, half: bool = False, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``net``'s state dict as safetensors (``half``: floating tensors as float16)."""
+    """Write ``net``'s state dict as safetensors (``half``: floating tensors as float16, except batch-norm running
+    statistics, which stay float32: a running variance above 65504 would become inf and silence its channel)."""
     from safetensors.torch import save_file
 
     state = {}
     for k, v in net.state_dict().items():
         v = v.detach().cpu()
-        state[k] = (v.half() if half and v.is_floating_point() else v).contiguous()
+        halve = half and v.is_floating_point() and not k.endswith(("running_mean", "running_var"))
+        state[k] = (v.half() if halve else v).contiguous()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=metadata)

@@ -41,6 +41,8 @@ class SegTrainConfig:
     time even before ``iterations`` (a lent GPU with a fixed lease); the learning rate then decays over
     whichever of the two ends first. ``mix``: background / osteoporosis / aorta shares of the patches.
     ``init``: a model folder whose weights start the training (fine-tuning; its architecture is used).
+    ``freeze_bn``: batch-norm layers stay in inference mode (running statistics neither used nor updated from
+    the batches; their scale and shift still train), so a fine-tune trains the network that inference runs.
     ``device``: auto/cpu/cuda; ``workers``: patch-generating processes (0: inline).
     """
 
@@ -64,6 +66,7 @@ class SegTrainConfig:
     max_minutes: float | None = None
     mix: PatchMix = PatchMix()
     init: Path | None = None
+    freeze_bn: bool = False
 
 
 def train(cohort: Path, out_dir: Path, config: SegTrainConfig = SegTrainConfig(), log=print) -> dict:
@@ -183,7 +186,7 @@ class _Run:
                 logits = self.net(torch.from_numpy(img)[None].to(self.device))
                 p = (torch.sigmoid(logits.float())[0, 0] > 0.5).cpu().numpy()
                 scores.append(dice(p & (tgt[0] >= 0), tgt[0] > 0.5))  # ignored voxels (-1) count for nothing
-        self.net.train()
+        set_train_mode(self.net, self.cfg.freeze_bn)
         return float(np.mean(scores))
 
     def fit(self, batches: Iterator) -> None:
@@ -200,7 +203,7 @@ class _Run:
             return max(0.05, 1 - progress)
 
         sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor)
-        self.net.train()
+        set_train_mode(self.net, cfg.freeze_bn)
         it_log = self.start
         losses = []
         for it in range(self.start, cfg.iterations):
@@ -252,8 +255,25 @@ class _Run:
             "device": self.device, "workers": cfg.workers, "case_weights": dict(cfg.case_weights),
             "background_share": cfg.mix.background, "osteoporosis_share": cfg.mix.osteoporosis,
             "aorta_share": cfg.mix.aorta, "init": str(cfg.init) if cfg.init is not None else None,
+            "freeze_bn": cfg.freeze_bn,
             "version": __version__,
         }
+
+
+def set_train_mode(net: torch.nn.Module, freeze_bn: bool = False) -> torch.nn.Module:
+    """``net`` in training mode; with ``freeze_bn`` its batch-norm layers stay in inference mode.
+
+    Why freeze: a fine-tune on batches of two 80^3 patches re-estimates every running mean and variance from
+    that patch mix (momentum 0.1: after some 50 iterations the shipped statistics are gone), and the network
+    trains on per-batch statistics it never sees at inference. Frozen layers normalise with the running
+    statistics they came with, in training exactly as in inference; their affine scale and shift still learn.
+    """
+    net.train()
+    if freeze_bn:
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    return net
 
 
 def _save_state(path: Path, net, opt) -> None:
