@@ -16,6 +16,7 @@ from VertebralFractureLib.research.classifier_fusion import (
     fit_fusion,
     ood_distances,
     ood_fit,
+    operating_threshold,
     patient_folds,
     virtual_patients,
 )
@@ -69,8 +70,10 @@ def test_find_real_cases_pairs_labels_with_their_ct(tmp_path):
         (labels / case / "labels.nii.gz").write_bytes(b"x")
         ct_dir.mkdir(parents=True)
         (ct_dir / "ct.nii.gz").write_bytes(b"x")
+    (labels / "case-b" / "decisions.json").write_text(json.dumps({"decisions": {"status": "checked (T8-L2)"}}))
     cases = find_real_cases(labels, data)
     assert [(c.name, c.ct_path.parent.name) for c in cases] == [("case-a", "case-a"), ("case-b", "case-b")]
+    assert [c.checked for c in cases] == [False, True]  # no decisions.json: the automatic proposal
     (labels / "case-c").mkdir()
     (labels / "case-c" / "labels.nii.gz").write_bytes(b"x")
     with pytest.raises(InputError, match="case-c: no CT"):
@@ -139,3 +142,19 @@ def test_ood_distance_grows_away_from_the_training_distribution():
     d = ood_distances(np.array([[0.0] * 4, [8.0, 0, 0, 0]]), mean, precision)
     assert d[0] < 1.0 < 6.0 < d[1]
     assert math.isfinite(float(np.percentile(ood_distances(z, mean, precision), 99)))
+
+
+def test_operating_threshold_is_the_lowest_within_the_false_positive_budget():
+    s, _ = _synthetic(n_groups=4, per_group=10)
+    rng = np.random.default_rng(2)
+    p = np.clip(0.3 * s.y + rng.uniform(0, 0.7, len(s)), 0, 1)
+    neg = p[s.y == 0]
+    for budget in (0.0, 0.05, 0.2):
+        t = operating_threshold(s, p, budget)
+        assert np.mean(neg >= t) <= budget
+        # any lower threshold that changes a call lets one more negative through (lowest within the budget)
+        lower = p[p < t].max()
+        assert np.mean(neg >= lower) > budget
+    # phantom negatives do not count against the budget
+    s.source[:] = "phantom"
+    assert operating_threshold(s, p, 0.05) == 0.5

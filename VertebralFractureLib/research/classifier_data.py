@@ -6,7 +6,9 @@ cycled over the vertebrae of a case). Phantoms (:func:`.phantom.make_phantom` wi
 cases. One sample holds what ``run`` computes for a vertebra: the classifier crop of the Wiener-filtered CT
 (:func:`.stages.classification.extract_crop`), the radiomics of the unfiltered CT
 (:func:`.stages.radiomics.extract_features`) and morphometry on the whole label map
-(:func:`.stages.morphometry.measure_vertebrae`), so the fusion model learns from the inputs it meets at run time.
+(:func:`.stages.morphometry.measure_vertebrae`) after the quality check that ``run`` applies
+(:func:`.stages.quality.assess_quality`, as with ``--labels``: a vertebra it flags is not scored at run time, so it is
+no sample, and its neighbours are graded without it), so the fusion model learns from the inputs it meets at run time.
 A patient (``group``) is one CT: its negatives and the fractures simulated on it stay in one fold.
 
 Each case is cached in ``cache_dir`` as an ``.npz`` keyed by the SHA-256 of its CT and label files and the
@@ -27,8 +29,9 @@ import numpy as np
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.research.label_assist import file_sha256
 
-#: bump when what a sample holds changes (invalidates the cache)
-BUILDER_VERSION = 1
+#: bump when what a sample holds changes (invalidates the cache; 2: morphometry bridges label holes on height lines,
+#: quality flags as in ``run``)
+BUILDER_VERSION = 2
 GRADES = (1, 2, 3)
 TYPES = ("wedge", "biconcave", "crush")
 #: (grade, type) cycled over a case's vertebrae: every grade with every type
@@ -39,11 +42,13 @@ CT_NAMES = ("ct.nii.gz", "ct_1p5mm.nii.gz")
 
 @dataclass
 class RealCase:
-    """One real CT with checked labels: ``name`` (the patient), CT and label map paths."""
+    """One real CT with its labels: ``name`` (the patient), CT and label map paths; ``checked``: a person checked
+    the labels (``decisions.json`` status "checked..."), else they are the automatic proposal."""
 
     name: str
     ct_path: Path
     labels_path: Path
+    checked: bool = False
 
 
 @dataclass
@@ -93,19 +98,20 @@ def find_real_cases(labels_dir: str | Path, data_dir: str | Path) -> list[RealCa
         raise InputError(f"{labels_dir}: not a folder of checked labels (<case>/labels.nii.gz)")
     cases = []
     for folder in sorted(p for p in labels_dir.iterdir() if (p / "labels.nii.gz").is_file()):
-        names = list(CT_NAMES)
+        names, status = list(CT_NAMES), "unchecked"
         try:
-            ct_file = json.loads((folder / "decisions.json").read_text()).get("ct_file")
-            if ct_file:
-                names.insert(0, str(ct_file))
-        except (OSError, json.JSONDecodeError):
+            meta = json.loads((folder / "decisions.json").read_text())
+            if meta.get("ct_file"):
+                names.insert(0, str(meta["ct_file"]))
+            status = str((meta.get("decisions") or {}).get("status", status))
+        except (OSError, json.JSONDecodeError, AttributeError):
             pass
         dirs = (data_dir / folder.name, data_dir / "real-ct" / folder.name)
         found = [d / n for n in names for d in dirs if (d / n).is_file()]
         found += sorted(p for d in dirs if d.is_dir() for p in d.glob("*_ct.nii.gz"))  # e.g. TPTBox's sub-ct_..._ct
         if not found:
             raise InputError(f"{folder}: no CT for this case under {data_dir} (looked for {', '.join(names)})")
-        cases.append(RealCase(folder.name, found[0], folder / "labels.nii.gz"))
+        cases.append(RealCase(folder.name, found[0], folder / "labels.nii.gz", status.startswith("checked")))
     if not cases:
         raise InputError(f"{labels_dir}: no <case>/labels.nii.gz inside")
     return cases
@@ -125,7 +131,19 @@ def _sample_row(crop: np.ndarray, feats: dict[str, float], record, *, y: int, gr
 
 
 def _whole(record) -> bool:
-    return not (record.partial or record.implausible) and math.isfinite(record.height_loss_ratio)
+    from VertebralFractureLib.stages.quality import is_blocked
+
+    return not (record.partial or record.implausible or is_blocked(record)) and math.isfinite(record.height_loss_ratio)
+
+
+def _measured(ct, labels) -> list:
+    """Morphometry records of a label map after ``run``'s quality check (names trusted, as with ``--labels``)."""
+    from VertebralFractureLib.stages.morphometry import measure_vertebrae
+    from VertebralFractureLib.stages.quality import assess_quality
+
+    records = measure_vertebrae(ct, labels)
+    assess_quality(records)
+    return records
 
 
 def volume_samples(ct, labels, group: str, source: str, *, fractures_per_vertebra: int = 1, seed: int = 0,
@@ -138,12 +156,11 @@ def volume_samples(ct, labels, group: str, source: str, *, fractures_per_vertebr
     """
     from VertebralFractureLib.research.fracture import simulate_fracture
     from VertebralFractureLib.stages.classification import extract_crop
-    from VertebralFractureLib.stages.morphometry import measure_vertebrae
     from VertebralFractureLib.stages.preprocess import wiener_filter
     from VertebralFractureLib.stages.radiomics import extract_features
 
     notes = notes if notes is not None else []
-    records = measure_vertebrae(ct, labels)
+    records = _measured(ct, labels)
     whole = [r for r in records if _whole(r)]
     if not whole:
         notes.append(f"{group}: no whole vertebra")
@@ -160,7 +177,7 @@ def volume_samples(ct, labels, group: str, source: str, *, fractures_per_vertebr
             except ValueError as exc:
                 notes.append(f"{group} {r.level} grade {grade} {kind}: not simulated ({exc})")
                 continue
-            after = {x.label: x for x in measure_vertebrae(sim.ct, sim.labels)}.get(r.label)
+            after = {x.label: x for x in _measured(sim.ct, sim.labels)}.get(r.label)
             if after is None or not _whole(after):
                 notes.append(f"{group} {r.level} grade {grade} {kind}: not measurable after the simulation")
                 continue

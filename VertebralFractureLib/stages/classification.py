@@ -23,8 +23,9 @@ How the final per-vertebra probability is formed (:func:`classify_vertebrae`):
   radiomics (``run`` with radiomics off, or extraction failed) a second logistic model of the CNN and
   morphometry alone is used. Each vertebra also gets an out-of-distribution distance (Mahalanobis distance
   of its standardised radiomics and morphometry inputs to the training vertebrae); above the 99th
-  percentile of training it is a review reason. Patient rule: fractured when any counted vertebra's
-  probability reaches the model's ``threshold`` (chosen on the training folds).
+  percentile of training it is a review reason. Patient rule: fractured when some counted (graded, unflagged)
+  vertebra's probability reaches the model's ``threshold``, a specificity-first operating point chosen on held-out
+  training folds (at most a stated share of real vertebrae without fracture above it; see the model card).
 * without one (an older model folder): the maximum of ``probability_classifier`` and
   ``probability_morphometry``, with the saturation guard :func:`classifier_out_of_domain`; patient threshold 0.5.
 
