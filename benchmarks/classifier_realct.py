@@ -46,6 +46,15 @@ def _summary(result) -> dict:
             "vertebrae_ge_0_5": sum(p >= 0.5 for p in scored), "n_scored": len(scored), "vertebrae": rows}
 
 
+def label_status(case: str) -> str:
+    """``checked``/``unchecked`` status of a case's labels (its decisions.json), ``unchecked`` when unknown."""
+    try:
+        status = json.loads((LABELS / case / "decisions.json").read_text())["decisions"].get("status", "unchecked")
+    except (OSError, KeyError, ValueError):
+        return "unchecked"
+    return "checked" if str(status).startswith("checked") else "unchecked"
+
+
 def run_case(ct: Path, out: Path, labels: Path | None) -> dict:
     from VertebralFractureLib.app.pipeline import PipelineOptions, run_pipeline
 
@@ -54,16 +63,18 @@ def run_case(ct: Path, out: Path, labels: Path | None) -> dict:
     return {**_summary(result), "seconds": round(time.perf_counter() - start, 1)}
 
 
-def held_out(report_path: Path) -> dict:
-    """Per real case, the held-out fused probabilities of its (unfractured) vertebrae from the training report."""
+def held_out(report_path: Path, threshold: float) -> dict:
+    """Per real case, the held-out fused probabilities of its (unfractured) vertebrae from the training report:
+    maximum, how many reach 0.5 and the patient ``threshold``."""
     rep = json.loads(report_path.read_text())
     out: dict[str, dict] = {}
     for g, y, src, p in zip(rep["group"], rep["y"], rep["source"], rep["p_fused_held_out"], strict=True):
         if src == "real" and y == 0:
-            out.setdefault(g, {"max_p": 0.0, "vertebrae_ge_0_5": 0, "n": 0})
+            out.setdefault(g, {"max_p": 0.0, "vertebrae_ge_0_5": 0, "vertebrae_ge_threshold": 0, "n": 0})
             c = out[g]
             c["max_p"], c["n"] = max(c["max_p"], round(p, 4)), c["n"] + 1
             c["vertebrae_ge_0_5"] += int(p >= 0.5)
+            c["vertebrae_ge_threshold"] += int(p >= threshold)
     return out
 
 
@@ -76,22 +87,24 @@ def main() -> None:
     args = parser.parse_args()
     cases = args.cases or [c for c in CASES if (LABELS / c / "labels.nii.gz").is_file()]
     card = json.loads((MODEL_DIR / "card.json").read_text())
-    payload: dict = {"model": card.get("name"), "model_version": card.get("version"), "cases": {}}
+    payload: dict = {"model": card.get("name"), "model_version": card.get("version"),
+                     "threshold": card.get("threshold"), "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
             ct = args.data / CASES[case][0]
-            entry = {"labels": run_case(ct, Path(tmp) / f"{case}-labels", LABELS / case / "labels.nii.gz")}
+            entry = {"label_status": label_status(case),
+                     "labels": run_case(ct, Path(tmp) / f"{case}-labels", LABELS / case / "labels.nii.gz")}
             if not args.no_auto:
                 entry["auto"] = run_case(ct, Path(tmp) / f"{case}-auto", None)
             payload["cases"][case] = entry
-            print(case, {k: {kk: v[kk] for kk in ("fractured", "needs_review", "max_p")} for k, v in entry.items()},
-                  flush=True)
+            print(case, entry["label_status"], {k: {kk: v[kk] for kk in ("fractured", "needs_review", "max_p")}
+                                                 for k, v in entry.items() if isinstance(v, dict)}, flush=True)
         if not args.no_demo:
             from VertebralFractureLib.core.resources import demo_ct_path
 
             payload["demo"] = run_case(demo_ct_path(), Path(tmp) / "demo", None)
     if (MODEL_DIR / "training_report.json").is_file():
-        payload["held_out"] = held_out(MODEL_DIR / "training_report.json")
+        payload["held_out"] = held_out(MODEL_DIR / "training_report.json", float(card.get("threshold", 0.5)))
     payload["summary"] = summarise(payload)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "classifier_realct.json").write_text(json.dumps(payload, indent=1) + "\n")
@@ -101,8 +114,10 @@ def main() -> None:
 
 def summarise(payload: dict) -> dict:
     out = {}
-    for mode in ("labels", "auto"):
-        runs = [c[mode] for c in payload["cases"].values() if mode in c]
+    checked = {k: {"labels_checked": c["labels"]} for k, c in payload["cases"].items()
+               if c.get("label_status") == "checked"}
+    for mode in ("labels", "labels_checked", "auto"):
+        runs = [c[mode] for c in [*payload["cases"].values(), *checked.values()] if mode in c]
         if runs:
             out[mode] = {"cases": len(runs), "fractured": sum(r["fractured"] is True for r in runs),
                          "needs_review": sum(r["needs_review"] for r in runs),
@@ -112,6 +127,8 @@ def summarise(payload: dict) -> dict:
     if "held_out" in payload:
         h = payload["held_out"].values()
         out["held_out"] = {"cases": len(h), "vertebrae_ge_0_5": sum(c["vertebrae_ge_0_5"] for c in h),
+                           "vertebrae_ge_threshold": sum(c.get("vertebrae_ge_threshold", 0) for c in h),
+                           "called_fractured": sum(c.get("vertebrae_ge_threshold", 0) > 0 for c in h),
                            "vertebrae": sum(c["n"] for c in h), "max_p": max(c["max_p"] for c in h)}
     if "demo" in payload:
         d = payload["demo"]
@@ -122,18 +139,20 @@ def summarise(payload: dict) -> dict:
 
 def markdown(payload: dict) -> str:
     lines = [f"# Classifier on the real CTs ({payload['model']})", "",
-             "| case | --labels: max p | p >= 0.5 | fractured | review | auto: max p | fractured | review | "
-             "held-out max p |", "|---|---|---|---|---|---|---|---|---|"]
+             f"Patient threshold {payload.get('threshold')}; fractured None = sent to review. Label status from "
+             "benchmarks/realct_labels (checked by eye, or the unchecked automatic proposal).", "",
+             "| case | labels | --labels: max p | p >= 0.5 | fractured | review | auto: max p | fractured | review | "
+             "held-out max p |", "|---|---|---|---|---|---|---|---|---|---|"]
     held = payload.get("held_out", {})
     for case, c in payload["cases"].items():
         lab, auto = c["labels"], c.get("auto")
         a = ("n/a", "n/a", "n/a") if auto is None else (auto["max_p"], auto["fractured"], auto["needs_review"])
-        lines.append(f"| {case} | {lab['max_p']} | {lab['vertebrae_ge_0_5']} of {lab['n_scored']} | {lab['fractured']} | "
+        lines.append(f"| {case} | {c.get('label_status', 'n/a')} | {lab['max_p']} | {lab['vertebrae_ge_0_5']} of {lab['n_scored']} | {lab['fractured']} | "
                      f"{lab['needs_review']} | {a[0]} | {a[1]} | {a[2]} | {held.get(case, {}).get('max_p', 'n/a')} |")
     lines += ["", "Summary: `" + json.dumps(payload["summary"]) + "`", ""]
     for case, c in payload["cases"].items():
         for mode, r in c.items():
-            for reason in r["review_reasons"]:
+            for reason in r["review_reasons"] if isinstance(r, dict) else []:
                 lines.append(f"- {case} ({mode}): {reason}")
     return "\n".join(lines) + "\n"
 
