@@ -76,6 +76,16 @@ def test_anchor_renames_and_instance_numbers_refer_to_the_proposal():
     assert set(np.unique(labels[5:17, 20:40, 20:40])) == {level_id("L2")}
 
 
+def test_split_with_redraws_boundaries_across_segments():
+    # the upper vertebra's segment joined to the merged pair, then all three cut at both discs (S 35 and S 63)
+    labels, _ = _apply({"delete": [AORTA], "split": [{"at": UPPER, "with": [2], "planes": [
+        DISC_PLANE, {"point": [30, 30, 63], "normal": [0, 0, 1]}]}], "levels": {"L5": LOWER}})
+    for (z0, z1), name in (((5, 17), "L5"), ((19, 31), "L4"), ((33, 45), "L3")):
+        assert set(np.unique(labels[z0:z1, 20:40, 20:40])) == {level_id(name)}
+    with pytest.raises(InputError, match=r"split\[0\]\.with\[0\]"):
+        _apply({"split": [{"at": UPPER, "with": [[500, 500, 500]], "planes": [DISC_PLANE]}]})
+
+
 def test_merge_and_exclude():
     labels, _ = _apply({"delete": [AORTA], "merge": [[UPPER, MIDDLE]], "levels": {"T10": UPPER}})
     assert set(np.unique(labels[labels > 0])) == {level_id("T10")}

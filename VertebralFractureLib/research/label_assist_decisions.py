@@ -6,7 +6,8 @@ A decisions JSON (every key optional; points are LPS mm ``[x, y, z]``)::
       "crop_mm": {"min": [x, y, z], "max": [x, y, z]},      labels outside the box are dropped
       "delete": [REF, ...],                                 false segments (aorta, ribs, sternum, pelvis)
       "merge": [[REF, REF, ...], ...],                      pieces of one vertebra
-      "split": [{"at": REF, "planes": [{"point": P, "normal": N}], "points": [P, ...], "hard": false}],
+      "split": [{"at": REF, "with": [REF, ...], "planes": [{"point": P, "normal": N}], "points": [P, ...],
+                 "hard": false}],
       "add": [{"seed": P, "box_mm": {"min": P, "max": P}, "hu_min": 150}],   a vertebra the network missed
       "exclude": [{"box_mm": {...}} | {"slices": [k0, k1]} | {"segment": REF}],  labels nobody vouches for
       "levels": {"T12": REF, "L5": REF},                    level anchors (all must agree)
@@ -18,7 +19,8 @@ A decisions JSON (every key optional; points are LPS mm ``[x, y, z]``)::
 REF is a point (the segment at it, or the nearest within :data:`SNAP_MM`) or an instance number of the
 proposal (1 = most cranial). ``split`` cuts at disc planes (``planes``) or at cut points (``points``: a
 plane through the point perpendicular to the segment's local axis); the bodies are cut by the planes and
-each arch follows its body through a watershed on the distance map (``hard``: every voxel by its side).
+each arch follows its body through a watershed on the distance map (``hard``: every voxel by its side);
+``with`` joins more segments to ``at`` before the cut (boundaries redrawn across several wrong segments).
 Order of application: crop, delete, split, merge (so that a split-off piece can join its vertebra), add,
 exclude; then the segments are numbered 1..n from
 cranial to caudal and named from the anchors.
@@ -111,8 +113,9 @@ def parse_decisions(raw: Any, source: str = "decisions") -> Decisions:
         d.merge.append(refs)
     for i, s in enumerate(_list(raw.get("split", []), source, "split")):
         where = f"split[{i}]"
-        if not isinstance(s, dict) or "at" not in s or not set(s) <= {"at", "planes", "points", "hard"}:
-            raise _fail(source, where, 'expected {"at": REF, "planes": [...], "points": [...], "hard": false}')
+        if not isinstance(s, dict) or "at" not in s or not set(s) <= {"at", "with", "planes", "points", "hard"}:
+            raise _fail(source, where, 'expected {"at": REF, "with": [REF, ...], "planes": [...], "points": [...], '
+                                       '"hard": false}')
         planes = []
         for j, p in enumerate(_list(s.get("planes", []), source, where + ".planes")):
             if not isinstance(p, dict) or set(p) != {"point", "normal"}:
@@ -125,8 +128,10 @@ def parse_decisions(raw: Any, source: str = "decisions") -> Decisions:
                                                                                          where + ".points"))]
         if not planes and not points:
             raise _fail(source, where, "give at least one plane or cut point")
-        d.split.append({"at": _ref(s["at"], source, where + ".at"), "planes": planes, "points": points,
-                        "hard": bool(s.get("hard", False))})
+        joined = [_ref(v, source, f"{where}.with[{j}]") for j, v in enumerate(_list(s.get("with", []), source,
+                                                                                      where + ".with"))]
+        d.split.append({"at": _ref(s["at"], source, where + ".at"), "with": joined, "planes": planes,
+                        "points": points, "hard": bool(s.get("hard", False))})
     for i, a in enumerate(_list(raw.get("add", []), source, "add")):
         where = f"add[{i}]"
         if not isinstance(a, dict) or not {"seed", "box_mm"} <= set(a) <= {"seed", "box_mm", "hu_min"}:
@@ -256,7 +261,10 @@ class Editor:
         self.labels[self.labels == self.resolve(ref, where)] = 0
 
     def merge(self, refs: list, where: str) -> None:
-        ids = [self.resolve(r, f"{where}[{j}]") for j, r in enumerate(refs)]
+        self._join([self.resolve(r, f"{where}[{j}]") for j, r in enumerate(refs)])
+
+    def _join(self, ids: list[int]) -> None:
+        """Segments ``ids`` (current ids) become the first one."""
         target = ids[0]
         for i in ids[1:]:
             self.labels[self.labels == i] = target
@@ -278,6 +286,7 @@ class Editor:
 
     def split(self, spec: dict, where: str) -> None:
         target = self.resolve(spec["at"], where + ".at")
+        self._join([target, *(self.resolve(r, f"{where}.with[{j}]") for j, r in enumerate(spec.get("with", [])))])
         seg = self.labels == target
         box = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in ndi.find_objects(seg.astype(np.int8))[0])
         mask = seg[box]
