@@ -96,6 +96,28 @@ def test_merge_and_exclude():
     assert not editor.labels[40:].any() and not editor.labels[:, 2:10, 28:34].any()
 
 
+def test_add_with_axial_fill_keeps_a_thick_slice_body_out_of_a_touching_vessel():
+    # a body as on 5 mm slices: cortex ring 400 HU, trabecular bone 150 HU, a 150 HU vessel touching it in front
+    hu = np.full((6, 64, 64), -100, np.int16)
+    hu[1:5, 20:44, 20:44] = 400
+    hu[1:5, 22:42, 22:42] = 150
+    hu[0:6, 8:20, 26:38] = 150
+    ct = Volume(hu, (1.0, 1.0, 5.0))
+    box = {"min": [10, 5, 0], "max": [50, 50, 25]}
+
+    def added(spec: dict) -> np.ndarray:
+        editor = Editor(ct, np.zeros(hu.shape, np.uint8))
+        editor.apply(parse_decisions({"add": [spec]}))
+        return editor.labels > 0
+
+    body = added({"seed": [32, 21, 10], "box_mm": box, "hu_min": 300, "fill": "axial"})
+    assert body[1:5, 20:44, 20:44].all() and body.sum() == 4 * 24 * 24  # ring and inside, not the vessel
+    leak = added({"seed": [32, 21, 10], "box_mm": box, "hu_min": 100})  # the 3D default takes the vessel too
+    assert leak[1:5, 8:20, 26:38].all()
+    with pytest.raises(InputError, match=r"add\[0\]\.fill"):
+        parse_decisions({"add": [{"seed": [1, 1, 1], "box_mm": box, "fill": "2d"}]})
+
+
 def test_anchors_that_disagree_are_refused():
     with pytest.raises(InputError, match="disagrees"):
         _apply({"delete": [AORTA], "levels": {"L5": LOWER, "L3": MIDDLE}})

@@ -8,7 +8,7 @@ A decisions JSON (every key optional; points are LPS mm ``[x, y, z]``)::
       "merge": [[REF, REF, ...], ...],                      pieces of one vertebra
       "split": [{"at": REF, "with": [REF, ...], "planes": [{"point": P, "normal": N}], "points": [P, ...],
                  "hard": false}],
-      "add": [{"seed": P, "box_mm": {"min": P, "max": P}, "hu_min": 150}],   a vertebra the network missed
+      "add": [{"seed": P, "box_mm": {"min": P, "max": P}, "hu_min": 150, "fill": "3d"}],   a vertebra the network missed
       "exclude": [{"box_mm": {...}} | {"slices": [k0, k1]} | {"segment": REF}],  labels nobody vouches for
       "levels": {"T12": REF, "L5": REF},                    level anchors (all must agree)
       "uncertain": {"T7": "why", "naming": "why"},          doubts recorded, not guessed away
@@ -21,6 +21,9 @@ proposal (1 = most cranial). ``split`` cuts at disc planes (``planes``) or at cu
 plane through the point perpendicular to the segment's local axis); the bodies are cut by the planes and
 each arch follows its body through a watershed on the distance map (``hard``: every voxel by its side);
 ``with`` joins more segments to ``at`` before the cut (boundaries redrawn across several wrong segments).
+``add`` takes the unlabelled voxels of ``hu_min`` HU or more in the box connected to the seed, holes filled in 3D;
+``"fill": "axial"`` closes 2 mm gaps and fills holes slice by slice instead (a body on thick slices is its
+cortex ring: trabecular bone, discs and contrast-filled vessels share HU there, so a low ``hu_min`` would leak).
 Order of application: crop, delete, split, merge (so that a split-off piece can join its vertebra), add,
 exclude; then the segments are numbered 1..n from
 cranial to caudal and named from the anchors.
@@ -45,6 +48,8 @@ SNAP_MM = 10.0  # a point this close to a segment refers to it
 BODY_RADIUS_MM = 15.0  # a cut plane cuts the body within this distance of its point; arches follow the watershed
 KEYS = {"crop_mm", "delete", "merge", "split", "add", "exclude", "levels", "uncertain", "notes", "case", "status"}
 STATUSES = ("checked", "partly checked", "unchecked")
+ADD_FILLS = ("3d", "axial")
+CLOSE_MM = 2.0  # gaps in a cortex ring this wide are closed before an axial fill
 
 
 def _fail(source: str, where: str, problem: str) -> InputError:
@@ -134,14 +139,16 @@ def parse_decisions(raw: Any, source: str = "decisions") -> Decisions:
                         "points": points, "hard": bool(s.get("hard", False))})
     for i, a in enumerate(_list(raw.get("add", []), source, "add")):
         where = f"add[{i}]"
-        if not isinstance(a, dict) or not {"seed", "box_mm"} <= set(a) <= {"seed", "box_mm", "hu_min"}:
-            raise _fail(source, where, 'expected {"seed": [x, y, z], "box_mm": {...}, "hu_min": 150}')
+        if not isinstance(a, dict) or not {"seed", "box_mm"} <= set(a) <= {"seed", "box_mm", "hu_min", "fill"}:
+            raise _fail(source, where, 'expected {"seed": [x, y, z], "box_mm": {...}, "hu_min": 150, "fill": "3d"}')
         hu_min = a.get("hu_min", 150)
         if not isinstance(hu_min, int | float):
             raise _fail(source, where + ".hu_min", "expected a number (HU)")
+        if a.get("fill", "3d") not in ADD_FILLS:
+            raise _fail(source, where + ".fill", f"expected one of {', '.join(ADD_FILLS)}")
         d.add.append({"seed": _point(a["seed"], source, where + ".seed"), "box": _box(a["box_mm"], source,
                                                                                      where + ".box_mm"),
-                      "hu_min": float(hu_min)})
+                      "hu_min": float(hu_min), "fill": a.get("fill", "3d")})
     for i, e in enumerate(_list(raw.get("exclude", []), source, "exclude")):
         where = f"exclude[{i}]"
         keys = set(e) - {"why"} if isinstance(e, dict) else set()
@@ -213,6 +220,18 @@ def _box_mask(volume: Volume, box: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         for k in range(nk):
             v = plane + a[c, 2] * k
             out[k] &= (v >= box[0][c]) & (v <= box[1][c])
+    return out
+
+
+def _fill_slices(mask: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """``mask`` (z, y, x) closed by :data:`CLOSE_MM` and hole-filled slice by slice along z: a vertebral body on
+    thick slices, where trabecular bone, discs and contrast-filled vessels share HU, is its cortex ring filled."""
+    out = mask.copy()
+    r = np.ceil(CLOSE_MM / np.asarray(spacing[:2], float)).astype(int)  # (x, y) voxels
+    yy, xx = np.mgrid[-r[1]:r[1] + 1, -r[0]:r[0] + 1]
+    disk = (xx * spacing[0]) ** 2 + (yy * spacing[1]) ** 2 <= CLOSE_MM ** 2
+    for k in np.nonzero(mask.any(axis=(1, 2)))[0]:
+        out[k] |= ndi.binary_fill_holes(ndi.binary_closing(mask[k], disk, border_value=0))
     return out
 
 
@@ -321,6 +340,8 @@ class Editor:
         import cc3d
 
         region = _box_mask(self.ct, spec["box"]) & (self.ct.array >= spec["hu_min"]) & (self.labels == 0)
+        if spec["fill"] == "axial":
+            region = _fill_slices(region, self.ct.spacing) & (self.labels == 0)
         lab = cc3d.connected_components(region.astype(np.uint8), connectivity=26)
         zyx = np.rint(self.ct.lps_to_index(spec["seed"])[::-1]).astype(int)
         if not all(0 <= c < n for c, n in zip(zyx, lab.shape, strict=True)):
@@ -329,7 +350,7 @@ class Editor:
         if comp == 0:
             raise _fail(self.source, where + ".seed", f"no unlabelled voxel of {spec['hu_min']:g} HU or more at the "
                                                       "seed; move the seed into the bone or lower hu_min")
-        piece = ndi.binary_fill_holes(lab == comp)
+        piece = (lab == comp) if spec["fill"] == "axial" else ndi.binary_fill_holes(lab == comp)
         self.labels[piece & (self.labels == 0)] = self._next_id()
 
     def exclude(self, spec: dict, where: str) -> None:
