@@ -96,6 +96,20 @@ def test_merge_and_exclude():
     assert not editor.labels[40:].any() and not editor.labels[:, 2:10, 28:34].any()
 
 
+def test_exclude_beyond_an_oblique_plane_within_a_box():
+    # behind the plane 2y + z = 100.5 (normal towards +y, tilted towards S; no voxel centre on it), below S 60
+    ct, inst = _column()
+    editor = Editor(ct, inst)
+    editor.apply(parse_decisions({"exclude": [{"box_mm": {"min": [-1, -1, -1], "max": [99, 99, 60]},
+                                               "beyond": {"point": [0, 50.25, 0], "normal": [0, 2, 1]}}]}))
+    k, j = np.indices(ct.shape[:2])
+    y, z = j * SPACING[1], k * SPACING[2]
+    assert np.array_equal(editor.ignore[..., 0], (2 * y + z > 100.5) & (z <= 60))
+    assert not (editor.labels[editor.ignore] > 0).any() and (editor.labels > 0).any()
+    with pytest.raises(InputError, match=r"exclude\[0\]\.beyond\.normal"):
+        parse_decisions({"exclude": [{"beyond": {"point": [0, 0, 0], "normal": [0, 0, 0]}}]})
+
+
 def test_add_with_axial_fill_keeps_a_thick_slice_body_out_of_a_touching_vessel():
     # a body as on 5 mm slices: cortex ring 400 HU, trabecular bone 150 HU, a 150 HU vessel touching it in front
     hu = np.full((6, 64, 64), -100, np.int16)

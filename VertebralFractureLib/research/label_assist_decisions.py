@@ -9,7 +9,10 @@ A decisions JSON (every key optional; points are LPS mm ``[x, y, z]``)::
       "split": [{"at": REF, "with": [REF, ...], "planes": [{"point": P, "normal": N}], "points": [P, ...],
                  "hard": false}],
       "add": [{"seed": P, "box_mm": {"min": P, "max": P}, "hu_min": 150, "fill": "3d"}],   a vertebra the network missed
-      "exclude": [{"box_mm": {...}} | {"slices": [k0, k1]} | {"segment": REF}],  labels nobody vouches for
+      "exclude": [{"box_mm": {...}, "beyond": {"point": P, "normal": N}} | {"slices": [k0, k1]} | {"segment": REF}],
+                                                            labels nobody vouches for (``beyond``: only on the
+                                                            side the normal points to, e.g. arches of an oblique
+                                                            column behind a plane along it)
       "levels": {"T12": REF, "L5": REF},                    level anchors (all must agree)
       "uncertain": {"T7": "why", "naming": "why"},          doubts recorded, not guessed away
       "status": "checked" | "partly checked" | "unchecked",   how far a person has checked the result
@@ -79,6 +82,16 @@ def _box(value: Any, source: str, where: str) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
+def _plane(value: Any, source: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(point, unit normal) of ``{"point": [x, y, z], "normal": [x, y, z]}`` in LPS mm."""
+    if not isinstance(value, dict) or set(value) != {"point", "normal"}:
+        raise _fail(source, where, 'expected {"point": [x, y, z], "normal": [x, y, z]}')
+    normal = _point(value["normal"], source, where + ".normal")
+    if np.linalg.norm(normal) < 1e-6:
+        raise _fail(source, where + ".normal", "a plane's normal must not be zero")
+    return _point(value["point"], source, where + ".point"), normal / np.linalg.norm(normal)
+
+
 def _list(value: Any, source: str, where: str) -> list:
     if not isinstance(value, list):
         raise _fail(source, where, f"expected a list, got {json.dumps(value)}")
@@ -121,14 +134,8 @@ def parse_decisions(raw: Any, source: str = "decisions") -> Decisions:
         if not isinstance(s, dict) or "at" not in s or not set(s) <= {"at", "with", "planes", "points", "hard"}:
             raise _fail(source, where, 'expected {"at": REF, "with": [REF, ...], "planes": [...], "points": [...], '
                                        '"hard": false}')
-        planes = []
-        for j, p in enumerate(_list(s.get("planes", []), source, where + ".planes")):
-            if not isinstance(p, dict) or set(p) != {"point", "normal"}:
-                raise _fail(source, f"{where}.planes[{j}]", 'expected {"point": [x, y, z], "normal": [x, y, z]}')
-            normal = _point(p["normal"], source, f"{where}.planes[{j}].normal")
-            if np.linalg.norm(normal) < 1e-6:
-                raise _fail(source, f"{where}.planes[{j}].normal", "a plane's normal must not be zero")
-            planes.append((_point(p["point"], source, f"{where}.planes[{j}].point"), normal / np.linalg.norm(normal)))
+        planes = [_plane(p, source, f"{where}.planes[{j}]")
+                  for j, p in enumerate(_list(s.get("planes", []), source, where + ".planes"))]
         points = [_point(p, source, f"{where}.points[{j}]") for j, p in enumerate(_list(s.get("points", []), source,
                                                                                          where + ".points"))]
         if not planes and not points:
@@ -152,8 +159,9 @@ def parse_decisions(raw: Any, source: str = "decisions") -> Decisions:
     for i, e in enumerate(_list(raw.get("exclude", []), source, "exclude")):
         where = f"exclude[{i}]"
         keys = set(e) - {"why"} if isinstance(e, dict) else set()
-        if keys == {"box_mm"}:
-            d.exclude.append({"box": _box(e["box_mm"], source, where + ".box_mm")})
+        if keys and keys <= {"box_mm", "beyond"}:
+            d.exclude.append({"box": _box(e["box_mm"], source, where + ".box_mm") if "box_mm" in e else None,
+                              "beyond": _plane(e["beyond"], source, where + ".beyond") if "beyond" in e else None})
         elif keys == {"slices"}:
             k = e["slices"]
             if not (isinstance(k, list) and len(k) == 2 and all(isinstance(v, int) for v in k) and k[0] <= k[1]):
@@ -162,7 +170,8 @@ def parse_decisions(raw: Any, source: str = "decisions") -> Decisions:
         elif keys == {"segment"}:
             d.exclude.append({"segment": _ref(e["segment"], source, where + ".segment")})
         else:
-            raise _fail(source, where, 'expected one of {"box_mm": ...}, {"slices": [k0, k1]}, {"segment": REF}')
+            raise _fail(source, where, 'expected one of {"box_mm": ..., "beyond": ...}, {"slices": [k0, k1]}, '
+                                       '{"segment": REF}')
     levels = raw.get("levels", {})
     if not isinstance(levels, dict):
         raise _fail(source, "levels", 'expected {"LEVEL": REF, ...}, e.g. {"T12": [x, y, z]}')
@@ -211,15 +220,24 @@ def _lps_of(volume: Volume, zyx: np.ndarray) -> np.ndarray:
 
 def _box_mask(volume: Volume, box: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """Voxels whose centre lies inside an LPS box."""
-    a = volume.direction @ np.diag(volume.spacing)
-    nk, nj, ni = volume.shape
-    j, i = np.meshgrid(np.arange(nj), np.arange(ni), indexing="ij")
     out = np.ones(volume.shape, bool)
     for c in range(3):  # one LPS coordinate at a time, slice by slice: no (N, 3) array of a whole CT
-        plane = volume.origin[c] + a[c, 0] * i + a[c, 1] * j
-        for k in range(nk):
-            v = plane + a[c, 2] * k
-            out[k] &= (v >= box[0][c]) & (v <= box[1][c])
+        basis = np.zeros(3)
+        basis[c] = 1.0
+        out &= _coordinate_between(volume, basis, box[0][c], box[1][c])
+    return out
+
+
+def _coordinate_between(volume: Volume, axis: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Voxels whose centre's LPS coordinate along ``axis`` (a unit vector) lies in [lo, hi], slice by slice."""
+    a = axis @ volume.direction @ np.diag(volume.spacing)
+    nk, nj, ni = volume.shape
+    j, i = np.meshgrid(np.arange(nj), np.arange(ni), indexing="ij")
+    plane = axis @ volume.origin + a[0] * i + a[1] * j
+    out = np.empty(volume.shape, bool)
+    for k in range(nk):
+        v = plane + a[2] * k
+        out[k] = (v >= lo) & (v <= hi)
     return out
 
 
@@ -354,8 +372,11 @@ class Editor:
         self.labels[piece & (self.labels == 0)] = self._next_id()
 
     def exclude(self, spec: dict, where: str) -> None:
-        if "box" in spec:
-            region = _box_mask(self.ct, spec["box"])
+        if "beyond" in spec:
+            region = np.ones(self.ct.shape, bool) if spec["box"] is None else _box_mask(self.ct, spec["box"])
+            if spec["beyond"] is not None:
+                point, normal = spec["beyond"]
+                region &= _coordinate_between(self.ct, normal, float(normal @ point), np.inf)
         elif "slices" in spec:
             region = np.zeros(self.ct.shape, bool)
             k0, k1 = spec["slices"]
