@@ -132,6 +132,19 @@ def test_add_with_axial_fill_keeps_a_thick_slice_body_out_of_a_touching_vessel()
         parse_decisions({"add": [{"seed": [1, 1, 1], "box_mm": box, "fill": "2d"}]})
 
 
+def test_add_to_completes_a_half_labelled_body_on_one_side_of_a_plane():
+    ct, inst = _column()
+    inst[33:45, 20:30, 20:40] = 0  # the upper body labelled only behind y 30
+    editor = Editor(ct, inst)
+    box = {"min": [0, 0, 0], "max": [63, 63, 99]}
+    editor.apply(parse_decisions({"add": [{"seed": UPPER, "box_mm": box, "hu_min": 300, "to": 1,
+                                           "beyond": [{"point": [0, 0, 69], "normal": [0, 0, 1]}]}]}))
+    upper = editor.labels[33:45, 20:40, 20:40]
+    assert len(np.unique(editor.labels)) == 4  # background, three segments: nothing new
+    assert (upper[2:] == upper[2, 15, 10]).all() and upper[2, 15, 10] > 0  # filled above S 69 (slice 35 on)
+    assert not upper[:2, :10].any() and (upper[:2, 10:] > 0).all()  # below the plane as it was
+
+
 def test_anchors_that_disagree_are_refused():
     with pytest.raises(InputError, match="disagrees"):
         _apply({"delete": [AORTA], "levels": {"L5": LOWER, "L3": MIDDLE}})

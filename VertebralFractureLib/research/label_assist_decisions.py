@@ -9,6 +9,8 @@ A decisions JSON (every key optional; points are LPS mm ``[x, y, z]``)::
       "split": [{"at": REF, "with": [REF, ...], "planes": [{"point": P, "normal": N}], "points": [P, ...],
                  "hard": false}],
       "add": [{"seed": P, "box_mm": {"min": P, "max": P}, "hu_min": 150, "fill": "3d"}],   a vertebra the network missed
+              (optional "to": REF: the bone joins that segment, e.g. a body the network labelled only in part;
+               "beyond": [{"point": P, "normal": N}, ...]: only on the side each normal points to)
       "exclude": [{"box_mm": {...}, "beyond": {"point": P, "normal": N}} | {"slices": [k0, k1]} | {"segment": REF}],
                                                             labels nobody vouches for (``beyond``: only on the
                                                             side the normal points to, e.g. arches of an oblique
@@ -146,7 +148,8 @@ def parse_decisions(raw: Any, source: str = "decisions") -> Decisions:
                         "points": points, "hard": bool(s.get("hard", False))})
     for i, a in enumerate(_list(raw.get("add", []), source, "add")):
         where = f"add[{i}]"
-        if not isinstance(a, dict) or not {"seed", "box_mm"} <= set(a) <= {"seed", "box_mm", "hu_min", "fill"}:
+        if not isinstance(a, dict) or not {"seed", "box_mm"} <= set(a) <= {"seed", "box_mm", "hu_min", "fill", "to",
+                                                                            "beyond"}:
             raise _fail(source, where, 'expected {"seed": [x, y, z], "box_mm": {...}, "hu_min": 150, "fill": "3d"}')
         hu_min = a.get("hu_min", 150)
         if not isinstance(hu_min, int | float):
@@ -155,7 +158,10 @@ def parse_decisions(raw: Any, source: str = "decisions") -> Decisions:
             raise _fail(source, where + ".fill", f"expected one of {', '.join(ADD_FILLS)}")
         d.add.append({"seed": _point(a["seed"], source, where + ".seed"), "box": _box(a["box_mm"], source,
                                                                                      where + ".box_mm"),
-                      "hu_min": float(hu_min), "fill": a.get("fill", "3d")})
+                      "hu_min": float(hu_min), "fill": a.get("fill", "3d"),
+                      "to": _ref(a["to"], source, where + ".to") if "to" in a else None,
+                      "beyond": [_plane(p, source, f"{where}.beyond[{j}]")
+                                 for j, p in enumerate(_list(a.get("beyond", []), source, where + ".beyond"))]})
     for i, e in enumerate(_list(raw.get("exclude", []), source, "exclude")):
         where = f"exclude[{i}]"
         keys = set(e) - {"why"} if isinstance(e, dict) else set()
@@ -357,9 +363,17 @@ class Editor:
     def add(self, spec: dict, where: str) -> None:
         import cc3d
 
-        region = _box_mask(self.ct, spec["box"]) & (self.ct.array >= spec["hu_min"]) & (self.labels == 0)
+        allowed = _box_mask(self.ct, spec["box"])
+        for point, normal in spec.get("beyond", []):
+            allowed &= _coordinate_between(self.ct, normal, float(normal @ point), np.inf)
+        target = None if spec.get("to") is None else self.resolve(spec["to"], where + ".to")
+        free = (self.labels == 0) if target is None else (self.labels == 0) | (self.labels == target)
+        bone = self.ct.array >= spec["hu_min"]
+        if target is not None:  # its own voxels join the bone so that holes and pieces connect through them
+            bone |= self.labels == target
+        region = allowed & free & bone
         if spec["fill"] == "axial":
-            region = _fill_slices(region, self.ct.spacing) & (self.labels == 0)
+            region = _fill_slices(region, self.ct.spacing) & free
         lab = cc3d.connected_components(region.astype(np.uint8), connectivity=26)
         zyx = np.rint(self.ct.lps_to_index(spec["seed"])[::-1]).astype(int)
         if not all(0 <= c < n for c, n in zip(zyx, lab.shape, strict=True)):
@@ -369,7 +383,7 @@ class Editor:
             raise _fail(self.source, where + ".seed", f"no unlabelled voxel of {spec['hu_min']:g} HU or more at the "
                                                       "seed; move the seed into the bone or lower hu_min")
         piece = (lab == comp) if spec["fill"] == "axial" else ndi.binary_fill_holes(lab == comp)
-        self.labels[piece & (self.labels == 0)] = self._next_id()
+        self.labels[piece & allowed & free] = self._next_id() if target is None else target
 
     def exclude(self, spec: dict, where: str) -> None:
         if "beyond" in spec:
