@@ -18,13 +18,16 @@ from pathlib import Path
 from VertebralFractureLib import __version__
 from VertebralFractureLib.core.errors import Cancelled, InputError
 
-
 # --- run ------------------------------------------------------------------------------------
+FAST_HELP = ("segment at about 3 mm instead of 1.5 mm; radiomics.csv holds only the features the fused classifier "
+             "uses (Resources/models/classifier/fusion.json); Wiener noise power estimated from every 4th slab")
+
+
 def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help=".nii/.nii.gz/.nrrd/.mha file or a DICOM folder")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("--labels", type=Path, help="VerSe label map in the same physical space; skips segmentation")
-    p.add_argument("--fast", action="store_true", help="segment at about 3 mm instead of 1.5 mm")
+    p.add_argument("--fast", action="store_true", help=FAST_HELP)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-wiener", action="store_true", help="skip the Wiener denoising filter")
     p.add_argument("--series", help="DICOM SeriesInstanceUID to import when a folder holds several")
@@ -91,7 +94,7 @@ def _add_batch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="worker processes of the local Dask cluster (default 1)")
     p.add_argument("--scheduler", help="address of a running dask.distributed scheduler, e.g. tcp://host:8786 "
                                        "(then --workers is ignored); 'synchronous' runs in this process")
-    p.add_argument("--fast", action="store_true", help="segment at about 3 mm instead of 1.5 mm")
+    p.add_argument("--fast", action="store_true", help=FAST_HELP)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-wiener", action="store_true", help="skip the Wiener denoising filter")
     p.add_argument("--quiet", action="store_true", help="no progress output")

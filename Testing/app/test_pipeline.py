@@ -156,3 +156,67 @@ def test_flagged_vertebra_is_not_scored_and_vertebrae_csv_has_flags(tmp_path, ph
     rows = {r["level"]: r for r in read_csv(tmp_path / "out" / "vertebrae.csv")}
     assert rows["L1"]["flags"] == "merged" and rows["L1"]["fracture_probability"] == ""
     assert rows["T12"]["flags"] == ""
+
+
+def test_fast_extracts_only_the_classifier_radiomics_with_the_full_values(tmp_path, phantom_files):
+    """``--fast`` (labels given, so the segmentation is the same): radiomics.csv holds exactly the fused classifier's
+    features, each equal to the default run's value; the vertebrae and their grades do not change."""
+    import json
+
+    from VertebralFractureLib.stages.classification import load_fusion
+    from VertebralFractureLib.stages.radiomics import read_radiomics_csv
+
+    fusion = load_fusion()
+    if fusion is None:
+        pytest.skip("the shipped classifier has no fusion model (fusion.json), so --fast extracts every feature")
+    _, ct_path, labels_path = phantom_files
+    full = run_pipeline(ct_path, tmp_path / "full", labels_path=labels_path, options=PipelineOptions())
+    fast = run_pipeline(ct_path, tmp_path / "fast", labels_path=labels_path, options=PipelineOptions(fast=True))
+    full_csv, fast_csv = read_radiomics_csv(tmp_path / "full" / "radiomics.csv"), read_radiomics_csv(
+        tmp_path / "fast" / "radiomics.csv")
+    assert len(full_csv[20]) > 600 and sorted(fast_csv) == sorted(full_csv) == [19, 20, 21]
+    for label, features in fast_csv.items():
+        assert sorted(features) == sorted(fusion.radiomics_features)
+        assert features == {name: full_csv[label][name] for name in fusion.radiomics_features}
+    assert [(r.level, r.genant_grade) for r in fast.records] == [(r.level, r.genant_grade) for r in full.records]
+    # only the Wiener noise estimate (every 4th slab) differs, which moves the CNN's input a little
+    for a, b in zip(fast.records, full.records, strict=True):
+        assert a.fracture_probability == pytest.approx(b.fracture_probability, abs=0.02)
+    assert json.loads((tmp_path / "fast" / "result.json").read_text())["timings_s"]["radiomics"] > 0
+
+
+def test_wiener_box_holds_every_classifier_crop():
+    """The pipeline filters only classifier_region: each vertebra's CNN input must equal that of the whole filtered
+    CT, on an oblique grid with anisotropic voxels where the box is smaller than the CT."""
+    from scipy.spatial.transform import Rotation
+
+    from VertebralFractureLib.app.pipeline import classifier_region
+    from VertebralFractureLib.stages.classification import CROP_SIZE, CROP_SPACING_MM, extract_crop
+    from VertebralFractureLib.stages.preprocess import wiener_filter
+
+    rng = np.random.default_rng(3)
+    shape = (80, 260, 300)
+    array = rng.normal(40, 60, shape).astype(np.int16)
+    labels = np.zeros(shape, np.uint8)
+    for label, z0 in ((20, 24), (21, 40)):
+        labels[z0 : z0 + 16, 120:145, 130:160] = label
+        array[z0 + 2 : z0 + 14, 122:143, 132:158] += 300
+    direction = Rotation.from_euler("xyz", [25, -10, 40], degrees=True).as_matrix()
+    ct = Volume(array, (0.7, 0.8, 1.6), (5.0, -30.0, 12.0), direction)
+    lab = ct.with_array(labels)
+    region = classifier_region(ct, lab)
+    assert region is not None and np.prod([s.stop - s.start for s in region]) < 0.6 * array.size
+    whole, boxed = ct.with_array(wiener_filter(array)), ct.with_array(wiener_filter(array, region=region))
+    for label in (20, 21):
+        np.testing.assert_array_equal(extract_crop(boxed, lab, label), extract_crop(whole, lab, label))
+    # today's crops read only inside their vertebra's mask; the box holds the whole cube wherever in the spine's
+    # bounding box it is centred (extract_crop's index window: cube corners + one crop voxel, then 2-3 voxels)
+    half = (CROP_SIZE - 1) / 2 * CROP_SPACING_MM + CROP_SPACING_MM
+    corners = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], dtype=np.float64) * half
+    z, y, x = np.nonzero(labels)
+    for ijk in ((x.min(), y.min(), z.min()), (x.max(), y.max(), z.max()), (x.min(), y.max(), z.min())):
+        window = ct.lps_to_index(ct.index_to_lps(np.array(ijk, dtype=np.float64)) + corners)
+        lo, hi = np.floor(window.min(axis=0)) - 2, np.ceil(window.max(axis=0)) + 3
+        for axis, sl in zip((2, 1, 0), region, strict=True):
+            assert sl.start <= max(lo[axis], 0) and min(hi[axis], shape[2 - axis]) <= sl.stop
+    assert classifier_region(ct, lab.with_array(np.zeros(shape, np.uint8))) is None

@@ -87,3 +87,30 @@ def test_whole_volume_matches_reflect_reference(window, monkeypatch):
     ref = np.where(var < noise, mean, mean + (1 - noise / np.maximum(var, 1e-30)) * (x - mean))
     ours = wiener_filter(v, window, noise)
     assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("window", [3, (5, 3, 7)])
+@pytest.mark.parametrize("region", [(slice(3, 20), slice(0, 10), slice(5, 60)),
+                                    (slice(0, 40), slice(49, 50), slice(0, 1)),
+                                    (slice(9, 17), slice(1, 49), slice(30, 33))])
+def test_region_is_bit_identical_to_whole_volume_inside_and_input_outside(window, region, monkeypatch):
+    """The pipeline filters only the classifier's box: there the values must not change at all."""
+    monkeypatch.setattr(preprocess, "_SLAB", 7)  # boxes that start and end inside slabs
+    v = _ct_like()
+    whole = wiener_filter(v, window)
+    boxed = wiener_filter(v, window, region=region)
+    np.testing.assert_array_equal(boxed[region], whole[region])
+    outside = np.ones(v.shape, bool)
+    outside[region] = False
+    np.testing.assert_array_equal(boxed[outside], v[outside].astype(np.float32))
+
+
+def test_noise_from_every_kth_slab():
+    v = _ct_like((48, 50, 60), seed=2)
+    x = v.astype(np.float64)
+    mean = ndimage.uniform_filter(x, 3, mode="reflect")
+    var = ndimage.uniform_filter(x * x, 3, mode="reflect") - mean**2
+    slabs = np.arange(v.shape[0]) // preprocess._SLAB % 2 == 0  # slabs 0, 2, 4, ...: the sampled ones
+    sampled = float(var[slabs].mean())
+    assert sampled != pytest.approx(float(var.mean()), rel=1e-3)  # a different estimate, and the one used
+    np.testing.assert_allclose(wiener_filter(v, noise_every=2), wiener_filter(v, 3, sampled), rtol=1e-5, atol=1e-3)

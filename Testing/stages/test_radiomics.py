@@ -81,3 +81,24 @@ def test_radiomics_csv_layout_and_round_trip(phantom, tmp_path):
     back = rf.read_radiomics_csv(path)
     assert back[20] == features[20]  # full precision
     assert "original_firstorder_Mean" not in back[21] and back[22] == {}
+
+
+def test_selected_features_equal_the_full_extraction(phantom, tmp_path, monkeypatch):
+    """``run --fast`` extracts only the classifier's features; each must be the full extraction's value."""
+    ct, labels = phantom
+    names = ["original_shape_Sphericity", "original_glszm_GrayLevelNonUniformity", "log-sigma-3-0-mm-3D_firstorder_Maximum",
+             "wavelet-HHL_firstorder_Skewness", "wavelet-LLL_gldm_GrayLevelVariance", "wavelet-LLL_glrlm_GrayLevelVariance"]
+    full = rf.extract_features(ct, labels, [20, 21], workers=1, cache_dir=False)
+    monkeypatch.setattr(rf, "PARALLEL_MIN_VOXELS", 0)  # the selection must reach worker processes too
+    for workers, cache in ((1, False), (2, tmp_path)):
+        some = rf.extract_features(ct, labels, [20, 21], workers=workers, cache_dir=cache, feature_names=names)
+        for label in (20, 21):
+            assert sorted(some[label]) == sorted(names)
+            assert {n: some[label][n] for n in names} == {n: full[label][n] for n in names}
+    # a selection has its own cache entries (a full extraction is not answered with 6 features)
+    assert len(list(tmp_path.rglob("*.json"))) == 2
+    assert len(rf.extract_features(ct, labels, [21], workers=1, cache_dir=tmp_path)[21]) == 654
+    with pytest.raises(InputError, match="not a pyradiomics feature name"):
+        rf.extract_features(ct, labels, [21], workers=1, cache_dir=False, feature_names=["Sphericity"])
+    with pytest.raises(InputError, match="not enabled"):
+        rf.extract_features(ct, labels, [21], workers=1, cache_dir=False, feature_names=["square_firstorder_Mean"])

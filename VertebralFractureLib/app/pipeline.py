@@ -4,9 +4,9 @@
 ``run_pipeline(input, out_dir)`` reads the input, calls ``analyse`` and writes every output into
 a temporary sibling folder that is renamed to ``out_dir`` only when complete.
 
-Stages: import -> validation -> segmentation (U-Net, instances, levels) on the CT -> morphometry on the
-CT -> quality flags -> radiomics on the CT -> 3D CNN on the Wiener-filtered CT fused with radiomics and
-morphometry -> review status -> outputs. ``labels`` given (``--labels`` or an edited segmentation) skips
+Stages: import -> validation -> segmentation (U-Net, instances, levels) on the CT -> Wiener filter of the
+box the classifier's crops lie in -> morphometry on the CT -> quality flags -> radiomics on the CT -> 3D CNN on the
+Wiener-filtered CT fused with radiomics and morphometry -> review status -> outputs. ``labels`` given (``--labels`` or an edited segmentation) skips
 segmentation. A case whose segmentation or classifier cannot be trusted gets ``needs_review`` with
 plain-sentence ``review_reasons`` and ``fractured = None``. Layers and data flow: ``docs/ARCHITECTURE.md``.
 """
@@ -41,14 +41,17 @@ class PipelineOptions:
     """User options of one run.
 
     Attributes:
-        fast: segment at about 3 mm instead of 1.5 mm.
+        fast: segment at about 3 mm instead of 1.5 mm; radiomics only the features the fused classifier uses
+            (``radiomics.csv`` then has only those columns, with the values the full extraction gives); the Wiener
+            filter's noise power estimated from every :data:`FAST_NOISE_EVERY`-th slab instead of all of them.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` for the networks.
         wiener: apply the adaptive Wiener filter before classification (segmentation and morphometry see the
             unfiltered CT, which the segmentation network was trained on).
         series_uid: DICOM series to import when a folder holds several.
         anchors: level overrides ``"L1=5"`` (instance 5, counted craniocaudally, is L1).
         deidentify: de-identify DICOM input (on by default; off only for PACS round trips).
-        radiomics: extract pyradiomics features per vertebra (``radiomics.csv``; on in ``--fast`` too).
+        radiomics: extract pyradiomics features per vertebra (``radiomics.csv``; on in ``--fast`` too, there only
+            the classifier's).
         radiomics_workers: processes for radiomics (None: CPU count; see :func:`.radiomics.extract_rois`).
     """
 
@@ -60,6 +63,10 @@ class PipelineOptions:
     deidentify: bool = True
     radiomics: bool = True
     radiomics_workers: int | None = None
+
+
+#: ``--fast`` estimates the Wiener filter's noise power from every this-many-th slab of 8 slices
+FAST_NOISE_EVERY = 4
 
 
 @dataclass
@@ -126,14 +133,27 @@ class PipelineResult:
 
 def versions() -> dict[str, str]:
     """Versions of the library and its main dependencies, for ``result.json``."""
+    import sys
+    from importlib import metadata
+
     out = {"VertebralFractureLib": __version__, "python": platform.python_version()}
     for name in ("numpy", "SimpleITK", "torch", "monai", "radiomics", "pydicom"):
-        try:
-            module = __import__(name)
+        module = sys.modules.get(name)
+        if module is not None:
             out[name] = str(getattr(module, "__version__", "unknown"))
-        except Exception:  # noqa: BLE001 - a missing optional module is just not listed
             continue
+        # not imported by this run (e.g. no segmentation: no monai): its installed version, without the import
+        for dist in _DISTRIBUTIONS.get(name, (name,)):
+            try:
+                out[name] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue  # a missing optional module is just not listed
     return out
+
+
+#: distributions that install a module under another name (first found wins)
+_DISTRIBUTIONS = {"radiomics": ("pyradiomics-bhklab", "pyradiomics")}
 
 
 class _Timer:
@@ -185,15 +205,6 @@ def analyse(
             labels = check_labels(labels, ct, labels_source)
     cancel.check()
 
-    filtered = ct
-    if options.wiener:
-        progress(0.1, "Wiener filter")
-        from VertebralFractureLib.stages.preprocess import wiener_filter
-
-        with timer.stage("wiener"):
-            filtered = ct.with_array(wiener_filter(ct.array))
-    cancel.check()
-
     level_confidence = None  # the user's label map names its levels
     naming = None
     if labels is None:
@@ -205,7 +216,20 @@ def analyse(
         warnings += seg_warnings
     cancel.check()
 
-    progress(0.6, "morphometry")
+    filtered = ct
+    if options.wiener:
+        progress(0.6, "Wiener filter")
+        from VertebralFractureLib.stages.preprocess import wiener_filter
+
+        with timer.stage("wiener"):
+            # the filtered CT feeds the classifier's crops only: filter the box they lie in (same values there)
+            region = classifier_region(ct, labels)
+            if region is not None:
+                filtered = ct.with_array(wiener_filter(ct.array, region=region,
+                                                       noise_every=FAST_NOISE_EVERY if options.fast else 1))
+    cancel.check()
+
+    progress(0.65, "morphometry")
     with timer.stage("morphometry"):
         records, morph_warnings = _measure(ct, labels)
     warnings += morph_warnings
@@ -221,7 +245,11 @@ def analyse(
 
         with timer.stage("radiomics"):
             # the unfiltered CT and the whole label, as the study extracts them; the classifier's fusion uses them
-            features = extract_features(ct, labels, [r.label for r in records], workers=options.radiomics_workers)
+            # --fast: the classifier's ~50 features in this process; starting worker processes would cost more CPU
+            # time than they save on 2 cores (chest CT, 15 vertebrae: 3.4 s CPU in one process, 5 s with 2 workers)
+            workers = options.radiomics_workers or (1 if options.fast else None)
+            features = extract_features(ct, labels, [r.label for r in records], workers=workers,
+                                        feature_names=_classifier_features() if options.fast else None)
     cancel.check()
 
     progress(0.8, "classification")
@@ -248,6 +276,39 @@ def analyse(
     return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels,
                           review_reasons=reasons, quality_flags=quality.flags, level_confidence=level_confidence,
                           radiomics=features, naming=naming, extra={"fracture_threshold": classification.threshold})
+
+
+def classifier_region(ct: Volume, labels: Volume) -> tuple[slice, slice, slice] | None:
+    """(z, y, x) index box of ``ct`` holding every voxel the classifier's crops read (None: no vertebra).
+
+    A crop is a cube of ``CROP_SIZE`` voxels of ``CROP_SPACING_MM`` around a point inside its vertebra, read
+    with linear interpolation from an index window padded by 2-3 voxels (``classification.extract_crop``): the
+    labels' bounding box grown by the cube's half-diagonal extent along each index axis (any orientation) and 4
+    voxels covers it.
+    """
+    from VertebralFractureLib.stages.classification import CROP_SIZE, CROP_SPACING_MM
+
+    shape = labels.array.shape
+    spine = [np.flatnonzero(labels.array.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    if any(idx.size == 0 for idx in spine):
+        return None
+    half_mm = (CROP_SIZE / 2 + 1) * CROP_SPACING_MM
+    # index-space extent of an LPS cube of half side half_mm: |inverse(direction * spacing)| times the half side
+    extent_ijk = np.abs(np.linalg.inv(ct.direction @ np.diag(ct.spacing))) @ np.full(3, half_mm)
+    margin = np.ceil(extent_ijk[::-1]).astype(int) + 4  # z, y, x
+    return tuple(slice(max(0, int(idx[0] - m)), min(n, int(idx[-1] + 1 + m)))
+                 for idx, m, n in zip(spine, margin, shape, strict=True))  # type: ignore[return-value]
+
+
+def _classifier_features() -> list[str] | None:
+    """The radiomics features the shipped fusion model uses (None: no fusion model, extract them all)."""
+    from VertebralFractureLib.stages.classification import load_fusion
+
+    try:
+        fusion = load_fusion()
+    except InputError:
+        return None  # classification reports the broken model; radiomics.csv keeps every feature
+    return None if fusion is None else list(fusion.radiomics_features)
 
 
 def _segment(ct: Volume, options: PipelineOptions, progress: ProgressCallback,
@@ -341,7 +402,8 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
         if dicom_import is not None:
             from VertebralFractureLib.io.dicom import write_import
 
-            jobs.append(pool.submit(write_import, dicom_import, out / "ct.nii.gz"))
+            # gzip level 1: the CT is the largest file and compresses poorly at any level (3.5 -> 2.6 s CPU)
+            jobs.append(pool.submit(write_import, dicom_import, out / "ct.nii.gz", gzip_level=1))
             if labels.array.any():
                 # de-identified per-slice headers (original ones when deidentify is off, for PACS round trips)
                 write_dicom_seg(labels, result.records, dicom_import.source_headers(), out / "segmentation.dcm",

@@ -88,14 +88,31 @@ def read_image_info(path: str | Path) -> tuple[tuple[int, ...], str]:
     return tuple(reader.GetSize()), sitk.GetPixelIDValueAsString(reader.GetPixelID())
 
 
-def write_volume(volume: Volume, path: str | Path, *, compress: bool = True) -> Path:
-    """Write ``volume`` to ``path`` (format from the suffix); parent folders are created."""
+def write_volume(volume: Volume, path: str | Path, *, compress: bool = True, gzip_level: int | None = None) -> Path:
+    """Write ``volume`` to ``path`` (format from the suffix); parent folders are created.
+
+    ``gzip_level`` (1-9, ``.nii.gz`` only): gzip at this level instead of ITK's fixed one; 1 writes a CT about
+    1.5x faster and about 5 % larger (int16 CT compresses poorly at any level).
+    """
     import SimpleITK as sitk
 
     path = Path(path)
     if not is_volume_file(path):
         raise ValueError(f"{path}: unsupported suffix; use one of {', '.join(VOLUME_SUFFIXES)}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    if gzip_level is not None and compress and path.name.lower().endswith(".nii.gz"):
+        import gzip
+        import shutil
+
+        raw = path.with_name(f".{path.name[:-3]}.{os.getpid()}.nii")  # ITK writes the header and voxels
+        try:
+            sitk.WriteImage(volume.to_sitk(), str(raw), useCompression=False)
+            with raw.open("rb") as src, path.open("wb") as fh, \
+                    gzip.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=gzip_level, mtime=0) as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+        finally:
+            raw.unlink(missing_ok=True)
+        return path
     sitk.WriteImage(volume.to_sitk(), str(path), useCompression=compress)
     return path
 

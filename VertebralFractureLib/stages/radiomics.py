@@ -10,6 +10,10 @@ CT as a small region of interest (mask bounding box plus a margin) in the main p
 processes receive a few hundred kB instead of the whole CT. Results are cached as JSON under
 ``cache_dir`` keyed by the SHA-256 of the ROI's voxels, geometry, parameter file and pyradiomics
 version, so re-running a study or a ``run`` does not extract again.
+
+``feature_names`` (``run --fast`` passes the fused classifier's LASSO-selected features) computes only those:
+pyradiomics still builds every filtered image that one of them needs, but only the named features of each image
+type, and their values equal those of the full extraction (same images, same matrices).
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ class VertebraROI:
     direction: tuple[float, ...]
 
     def digest(self, params_text: str) -> str:
-        """SHA-256 of voxels, geometry, parameters and pyradiomics version (the cache key)."""
+        """SHA-256 of voxels, geometry, parameters (and feature selection) and pyradiomics version (the cache key)."""
         import radiomics
 
         h = hashlib.sha256()
@@ -148,10 +152,61 @@ def _roi_images(roi: VertebraROI):
 _EXTRACTOR = None
 
 
-def _extractor(params_path: str):
-    """One pyradiomics extractor per process (building it parses and validates the YAML)."""
+def feature_selection(names: list[str] | tuple[str, ...]) -> dict[str, dict[str, list[str]]]:
+    """Group pyradiomics feature names ``<image type>_<class>_<feature>`` by image type, then class.
+
+    E.g. ``"wavelet-HHH_glszm_ZoneEntropy"`` -> ``{"wavelet-HHH": {"glszm": ["ZoneEntropy"]}}``.
+    Raises:
+        InputError: a name without the three parts.
+    """
+    out: dict[str, dict[str, list[str]]] = {}
+    for name in names:
+        parts = name.split("_", 2)
+        if len(parts) != 3 or not all(parts):
+            raise InputError(f"{name!r}: not a pyradiomics feature name (<image type>_<class>_<feature>)")
+        image, cls, feature = parts
+        out.setdefault(image, {}).setdefault(cls, []).append(feature)
+    return out
+
+
+def _selected_extractor(params_path: str, names: tuple[str, ...]):
+    """A pyradiomics extractor that computes only ``names`` (each image type only its own named features).
+
+    pyradiomics enables features per class for all image types at once; the subclass swaps in each image type's
+    own selection while that image's features are computed. Image types none of the names needs are not built.
+    """
+    from radiomics import featureextractor
+
+    selection = feature_selection(names)
+
+    class SelectedExtractor(featureextractor.RadiomicsFeatureExtractor):
+        def computeFeatures(self, image, mask, imageTypeName, **kwargs):  # noqa: N802, N803 - pyradiomics' names
+            every_image = self.enabledFeatures
+            self.enabledFeatures = selection.get(imageTypeName, {})
+            try:
+                return super().computeFeatures(image, mask, imageTypeName, **kwargs)
+            finally:
+                self.enabledFeatures = every_image
+
+    extractor = SelectedExtractor(str(params_path))
+    types = {t.lower(): t for t in extractor.enabledImagetypes}
+    needed = {}
+    for image in selection:
+        kind = image.split("-", 1)[0].lower()  # "log-sigma-3-0-mm-3D" -> "log", "wavelet-HHH" -> "wavelet"
+        if kind not in types:
+            raise InputError(f"{params_path}: image type of feature {image}_... is not enabled in the parameter file")
+        needed[types[kind]] = extractor.enabledImagetypes[types[kind]]
+    extractor.enabledImagetypes = needed
+    # shape features come from computeShape, which reads enabledFeatures itself (original image only)
+    shape = selection.get("original", {})
+    extractor.enabledFeatures = {cls: shape[cls] for cls in ("shape", "shape2D") if cls in shape}
+    return extractor
+
+
+def _extractor(params_path: str, names: tuple[str, ...] | None = None):
+    """One pyradiomics extractor per process and selection (building it parses and validates the YAML)."""
     global _EXTRACTOR
-    if _EXTRACTOR is None or _EXTRACTOR[0] != params_path:
+    if _EXTRACTOR is None or _EXTRACTOR[0] != (params_path, names):
         import radiomics
         import SimpleITK as sitk
         from radiomics import featureextractor
@@ -159,13 +214,15 @@ def _extractor(params_path: str):
         radiomics.setVerbosity(logging.ERROR)
         # worker processes already run in parallel; ITK's own threads would oversubscribe the cores
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-        _EXTRACTOR = (params_path, featureextractor.RadiomicsFeatureExtractor(str(params_path)))
+        extractor = (featureextractor.RadiomicsFeatureExtractor(str(params_path)) if names is None
+                     else _selected_extractor(params_path, names))
+        _EXTRACTOR = ((params_path, names), extractor)
     return _EXTRACTOR[1]
 
 
-def _extract_one(roi: VertebraROI, params_path: str) -> dict[str, float]:
+def _extract_one(roi: VertebraROI, params_path: str, names: tuple[str, ...] | None = None) -> dict[str, float]:
     """Feature name -> value for one ROI (diagnostics dropped; failures give an empty dict)."""
-    extractor = _extractor(params_path)
+    extractor = _extractor(params_path, names)
     ct_img, mask_img = _roi_images(roi)
     if int(roi.mask.sum()) < 8:
         return {}
@@ -183,18 +240,24 @@ def extract_rois(
     params_path: str | Path | None = None,
     workers: int | None = None,
     cache_dir: str | Path | None | bool = None,
+    feature_names: list[str] | tuple[str, ...] | None = None,
 ) -> list[dict[str, float]]:
     """Features of each ROI, in order; extraction runs in ``workers`` processes (default: CPU count).
 
     Args:
         cache_dir: folder of the JSON cache; None uses :func:`default_cache_dir`, False disables it.
+        feature_names: compute only these pyradiomics features (None: every feature of the parameter file).
     Returns:
         One dict per ROI (feature name -> value; empty when extraction failed, e.g. a tiny mask).
     """
     params_path = Path(params_path) if params_path else default_params_path()
     if not params_path.exists():
         raise InputError(f"{params_path}: radiomics parameter file not found")
+    names = None if feature_names is None else tuple(sorted(set(feature_names)))
     params_text = params_path.read_text()
+    if names is not None:
+        feature_selection(names)  # a malformed name is an error here, not an empty result in a worker
+        params_text += "\n# features: " + ",".join(names)  # a selection has its own cache entries
     cache = None if cache_dir is False else Path(cache_dir) if cache_dir else default_cache_dir()
     results: list[dict[str, float] | None] = [None] * len(rois)
     digests = [roi.digest(params_text) for roi in rois]
@@ -212,7 +275,7 @@ def extract_rois(
     if sum(rois[i].ct.size for i in todo) < PARALLEL_MIN_VOXELS:
         workers = 1
     if todo:
-        computed = _extract_many([rois[i] for i in todo], str(params_path), workers)
+        computed = _extract_many([rois[i] for i in todo], str(params_path), workers, names)
         for i, features in zip(todo, computed, strict=True):
             results[i] = features
             if cache and features:
@@ -236,7 +299,8 @@ def _spawn_context():
     return ctx
 
 
-def _extract_many(rois: list[VertebraROI], params_path: str, workers: int) -> list[dict[str, float]]:
+def _extract_many(rois: list[VertebraROI], params_path: str, workers: int,
+                  names: tuple[str, ...] | None = None) -> list[dict[str, float]]:
     """Features of each ROI in ``workers`` processes (in this one when 1 or when workers cannot start)."""
     ctx = _spawn_context() if workers > 1 else None
     if ctx is not None:
@@ -244,11 +308,11 @@ def _extract_many(rois: list[VertebraROI], params_path: str, workers: int) -> li
 
         try:
             with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                return list(pool.map(_extract_one, rois, [params_path] * len(rois),
+                return list(pool.map(_extract_one, rois, [params_path] * len(rois), [names] * len(rois),
                                      chunksize=max(1, len(rois) // (4 * workers))))
         except BrokenProcessPool as exc:  # e.g. an interactive __main__ that spawned workers cannot import
             logging.getLogger(__name__).warning("radiomics worker processes failed (%s); extracting in this process", exc)
-    return [_extract_one(roi, params_path) for roi in rois]
+    return [_extract_one(roi, params_path, names) for roi in rois]
 
 
 def _cache_write(target: Path, features: dict[str, float]) -> None:
@@ -270,10 +334,15 @@ def extract_features(
     params_path: str | Path | None = None,
     workers: int | None = None,
     cache_dir: str | Path | None | bool = None,
+    feature_names: list[str] | tuple[str, ...] | None = None,
 ) -> dict[int, dict[str, float]]:
-    """Radiomics of every vertebra of one case: ``{label: {feature: value}}`` (CT in HU, same grid)."""
+    """Radiomics of every vertebra of one case: ``{label: {feature: value}}`` (CT in HU, same grid).
+
+    ``feature_names``: only these features (see :func:`extract_rois`); None: all of the parameter file.
+    """
     rois = vertebra_rois(ct, labels, label_ids, params_path=params_path)
-    features = extract_rois(rois, params_path=params_path, workers=workers, cache_dir=cache_dir)
+    features = extract_rois(rois, params_path=params_path, workers=workers, cache_dir=cache_dir,
+                            feature_names=feature_names)
     return {roi.label: f for roi, f in zip(rois, features, strict=True)}
 
 
