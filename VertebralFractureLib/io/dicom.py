@@ -415,11 +415,11 @@ def _deidentified_header(ds, key: bytes, case_id: str):
     return out
 
 
-def write_import(result: DicomImport, path: str | Path, *, gzip_level: int | None = None) -> tuple[Path, Path]:
-    """Write the de-identified volume (NIfTI/NRRD/MHA by suffix; ``gzip_level``: see ``write_volume``) and its
+def write_import(result: DicomImport, path: str | Path, *, fast_gzip: bool = False) -> tuple[Path, Path]:
+    """Write the de-identified volume (NIfTI/NRRD/MHA by suffix; ``fast_gzip``: see ``write_volume``) and its
     JSON sidecar beside it."""
     path = Path(path)
-    write_volume(result.volume, path, gzip_level=gzip_level)
+    write_volume(result.volume, path, fast_gzip=fast_gzip)
     stem = path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
     sidecar = path.with_name(stem + ".json")
     payload = {"case_id": result.case_id, "deidentified": True, **result.metadata, "warnings": result.warnings}

@@ -88,11 +88,11 @@ def read_image_info(path: str | Path) -> tuple[tuple[int, ...], str]:
     return tuple(reader.GetSize()), sitk.GetPixelIDValueAsString(reader.GetPixelID())
 
 
-def write_volume(volume: Volume, path: str | Path, *, compress: bool = True, gzip_level: int | None = None) -> Path:
+def write_volume(volume: Volume, path: str | Path, *, compress: bool = True, fast_gzip: bool = False) -> Path:
     """Write ``volume`` to ``path`` (format from the suffix); parent folders are created.
 
-    ``gzip_level`` (1-9, ``.nii.gz`` only): gzip at this level instead of ITK's fixed one; 1 writes a CT about
-    1.5x faster and about 5 % larger (int16 CT compresses poorly at any level).
+    ``fast_gzip`` (``.nii.gz`` only): deflate with zlib's run-length strategy instead of ITK's default; the same
+    NIfTI inside, about 2.5x less CPU time and about 10 % larger for a CT (int16 CT compresses poorly anyway).
     """
     import SimpleITK as sitk
 
@@ -100,16 +100,18 @@ def write_volume(volume: Volume, path: str | Path, *, compress: bool = True, gzi
     if not is_volume_file(path):
         raise ValueError(f"{path}: unsupported suffix; use one of {', '.join(VOLUME_SUFFIXES)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if gzip_level is not None and compress and path.name.lower().endswith(".nii.gz"):
-        import gzip
-        import shutil
+    if fast_gzip and compress and path.name.lower().endswith(".nii.gz"):
+        import zlib
 
         raw = path.with_name(f".{path.name[:-3]}.{os.getpid()}.nii")  # ITK writes the header and voxels
         try:
             sitk.WriteImage(volume.to_sitk(), str(raw), useCompression=False)
-            with raw.open("rb") as src, path.open("wb") as fh, \
-                    gzip.GzipFile(filename="", mode="wb", fileobj=fh, compresslevel=gzip_level, mtime=0) as dst:
-                shutil.copyfileobj(src, dst, 1 << 22)
+            # wbits 31: a gzip stream (no file name, time 0, so the same volume gives the same bytes)
+            deflate = zlib.compressobj(1, zlib.DEFLATED, 31, 9, zlib.Z_RLE)
+            with raw.open("rb") as src, path.open("wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(deflate.compress(chunk))
+                dst.write(deflate.flush())
         finally:
             raw.unlink(missing_ok=True)
         return path

@@ -364,6 +364,7 @@ def write_dicom_seg(
             datasets from several series or of several matrix sizes.
     """
     import highdicom as hd
+    from pydicom import config
     from pydicom.sr.codedict import codes
 
     path = Path(path)
@@ -403,12 +404,14 @@ def write_dicom_seg(
             )
         )
     seg_array = lut[array]
-    with _warnings.catch_warnings():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # pydicom re-validates every value it sets or writes (a quarter of the SEG's time on a 275-slice CT); the
+    # values come from highdicom and from headers already read, so the checks add nothing here
+    with _warnings.catch_warnings(), config.disable_value_validation():
         # pseudonymised identities ("case-1a2b...") are single-component person names on purpose
         _warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
         seg = _segmentation(hd, ordered, seg_array, descriptions)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    seg.save_as(str(path))
+        seg.save_as(str(path))
     return path
 
 
