@@ -4,10 +4,10 @@
 ``run_pipeline(input, out_dir)`` reads the input, calls ``analyse`` and writes every output into
 a temporary sibling folder that is renamed to ``out_dir`` only when complete.
 
-Stages: import -> validation -> segmentation (U-Net, instances, levels) on the CT -> Wiener filter of the
-box the classifier's crops lie in -> morphometry on the CT -> quality flags -> radiomics on the CT -> 3D CNN on the
-Wiener-filtered CT fused with radiomics and morphometry -> review status -> outputs. ``labels`` given (``--labels`` or an edited segmentation) skips
-segmentation. A case whose segmentation or classifier cannot be trusted gets ``needs_review`` with
+Stages: import -> validation -> segmentation (U-Net, instances, levels) on the CT -> Wiener filter of the box
+the classifier's crops lie in -> morphometry on the CT -> quality flags -> radiomics on the CT -> 3D CNN on the
+Wiener-filtered CT fused with radiomics and morphometry -> review status -> outputs. ``labels`` given (``--labels``
+or an edited segmentation) skips segmentation. A case whose segmentation or classifier cannot be trusted gets ``needs_review`` with
 plain-sentence ``review_reasons`` and ``fractured = None``. Layers and data flow: ``docs/ARCHITECTURE.md``.
 """
 
@@ -180,8 +180,8 @@ def analyse(
     source: str | Path = "input CT",
     labels_source: str | Path = "label map",
 ) -> PipelineResult:
-    """Run validation, Wiener, segmentation (unless ``labels``), morphometry, quality flags, classification,
-    radiomics and the review status.
+    """Run validation, segmentation (unless ``labels``), the Wiener filter (of the classifier's box only),
+    morphometry, quality flags, radiomics, classification and the review status.
 
     Args:
         ct: CT in HU on its own geometry.
