@@ -312,3 +312,27 @@ def test_model_written_keeps_running_variances_beyond_float16(tmp_path):
     conv = next(k for k in back.state_dict() if k.endswith("conv.weight"))
     assert np.array_equal(back.state_dict()[conv].numpy(),
                           net.state_dict()[conv].half().float().numpy())  # the rest is float16 as before
+
+
+def test_separation_band_widens_the_gap_between_neighbouring_vertebrae_only():
+    from VertebralFractureLib.research.training_seg.cohort import Case, foreground_index
+    from VertebralFractureLib.research.training_seg.patches import PatchMix, sample_patch
+    from VertebralFractureLib.research.training_seg.synthesis import separation_band
+
+    lab = np.zeros((20, 12, 12), np.uint8)
+    lab[2:9, 3:9, 3:9] = 20   # L1, slices 2..8
+    lab[10:17, 3:9, 3:9] = 21  # L2, slices 10..16: one background slice (9) between them
+    assert not separation_band(lab, 0).any() and not separation_band(lab, 1).any()  # 2 voxels apart
+    band = separation_band(lab, 2)
+    assert set(np.unique(np.nonzero(band)[0])) == {8, 10}  # the facing layer of each vertebra, nothing else
+    assert band[8, 3:9, 3:9].all() and band[10, 3:9, 3:9].all()
+    wide = separation_band(lab, 3)
+    assert set(np.unique(np.nonzero(wide)[0])) == {7, 8, 10, 11}
+    # in a training target the band is background: a patch of these two vertebrae, no augmentation
+    hu = np.where(lab > 0, 700.0, 0.0).astype(np.float32)
+    case = Case("two", {3.0: lab}, {3.0: hu}, {3.0: foreground_index(lab)})
+    keep = lambda d: d  # noqa: E731  (identity transforms: the target is compared voxel by voxel)
+    _, tgt = sample_patch(case, 3.0, 20, np.random.default_rng(0), keep, keep,
+                          mix=PatchMix(background=1.0, separation_mm=6.0))
+    _, plain = sample_patch(case, 3.0, 20, np.random.default_rng(0), keep, keep, mix=PatchMix(background=1.0))
+    assert plain.sum() - tgt.sum() == 2 * 36 and np.all(tgt <= plain)

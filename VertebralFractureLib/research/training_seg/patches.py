@@ -16,7 +16,7 @@ from VertebralFractureLib.research.training_seg.augmentation import (
     osteoporotic,
 )
 from VertebralFractureLib.research.training_seg.cohort import IGNORE_LABEL, Case
-from VertebralFractureLib.research.training_seg.synthesis import contact_layer, synthesize_ct
+from VertebralFractureLib.research.training_seg.synthesis import contact_layer, separation_band, synthesize_ct
 from VertebralFractureLib.stages.segmentation.inference import FAST_SPACING_MM, WINDOW_HU, WORK_SPACING_MM, window
 
 
@@ -42,12 +42,15 @@ class PatchMix:
 
     ``background``: centred anywhere in the case (ribs, sternum, pelvis, vessels far from the spine: what the
     network must learn to leave out) instead of near a vertebra; ``osteoporosis``: real-CT patches given
-    :func:`osteoporotic` bone; ``aorta``: patches given a :func:`calcified_aorta`.
+    :func:`osteoporotic` bone; ``aorta``: patches given a :func:`calcified_aorta`. ``separation_mm`` (not a
+    share): vertebra voxels within that distance of another vertebra are background in the target
+    (:func:`separation_band`; 0: only the one-voxel contact layer).
     """
 
     background: float = 0.15
     osteoporosis: float = 0.0
     aorta: float = 0.0
+    separation_mm: float = 0.0
 
 
 def sample_patch(case: Case, spacing: float, size: int, rng: np.random.Generator, spatial, intensity,
@@ -80,7 +83,8 @@ def sample_patch(case: Case, spacing: float, size: int, rng: np.random.Generator
     d = intensity({"image": np.asarray(d["image"]), "label": d["label"]})
     ignored = lab2 == IGNORE_LABEL
     lab2[ignored] = 0  # a vertebra's edge against an ignored region is no contact layer
-    target = ((lab2 > 0) & ~contact_layer(lab2)).astype(np.float32)
+    apart = contact_layer(lab2) | separation_band(lab2, int(round(mix.separation_mm / spacing)))
+    target = ((lab2 > 0) & ~apart).astype(np.float32)
     target[ignored] = -1.0
     return np.asarray(d["image"], dtype=np.float32), target[None]
 

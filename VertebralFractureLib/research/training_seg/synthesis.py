@@ -32,6 +32,23 @@ def contact_layer(labels: np.ndarray) -> np.ndarray:
     return out
 
 
+def separation_band(labels: np.ndarray, radius_vox: int) -> np.ndarray:
+    """Voxels of a vertebra with a *different* vertebra within ``radius_vox`` voxels (a ball), on both sides.
+
+    Made background in the target, it keeps a gap of about ``2 * radius_vox`` voxels between neighbouring
+    vertebrae (discs, facet joints) that the instance step can cut along; 0 gives an empty band.
+    """
+    lab = labels.astype(np.int16)
+    if radius_vox <= 0:
+        return np.zeros(lab.shape, bool)
+    r = int(radius_vox)
+    zz, yy, xx = np.ogrid[-r:r + 1, -r:r + 1, -r:r + 1]
+    ball = zz**2 + yy**2 + xx**2 <= r * r
+    higher = ndi.maximum_filter(lab, footprint=ball, mode="constant", cval=0)
+    lower = ndi.minimum_filter(np.where(lab > 0, lab, np.int16(32767)), footprint=ball, mode="constant", cval=32767)
+    return (lab > 0) & ((higher > lab) | (lower < lab))
+
+
 def _tube(shape, points: np.ndarray, radius: float) -> np.ndarray:
     """Boolean tube of ``radius`` voxels along a polyline ``points`` (N, 3) in voxel z,y,x."""
     mask = np.zeros(shape, bool)
