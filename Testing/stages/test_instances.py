@@ -8,9 +8,11 @@ from __future__ import annotations
 import numpy as np
 
 from VertebralFractureLib.stages.segmentation.instances import (
+    drop_detached_ends,
     extract_instances,
     fill_bodies,
     grow_cortex,
+    reassign_stray_pieces,
     split_at_discs,
     split_component,
 )
@@ -168,3 +170,88 @@ def test_corner_contact_does_not_merge_two_vertebrae():
     inst = extract_instances(prob, spacing_mm=1.5)
     assert inst.count == 2
     assert inst.labels[30, 34, 20] == 1 and inst.labels[10, 20, 20] == 2
+
+
+# --- pieces of other levels inside an oversized segment --------------------------------------------------
+def _bodies(n: int, shape_y: int = 64) -> tuple[np.ndarray, list[int]]:
+    """Labels 1..n (1 cranial, at the largest z): box bodies 24 mm tall, 36 mm deep, 45 mm wide, every 30 mm
+    (1.5 mm voxels, z=S, y=P, x=L). Returns (labels, z of each body's lowest slice)."""
+    lab = np.zeros((20 * n + 40, shape_y, 60), np.int32)
+    lows = []
+    for k in range(1, n + 1):
+        z0 = 25 + 20 * (n - k)
+        lab[z0:z0 + 16, 10:34, 15:45] = k
+        lows.append(z0)
+    return lab, lows
+
+
+def test_an_arch_chain_joined_to_one_body_goes_back_to_the_bodies_it_lies_behind():
+    """Real CT (a chest-abdomen-pelvis scan): the network missed the pedicles of four levels, so their laminae
+    and spinous processes formed one chain joined to the top body only (a segment 3.7 times its neighbours).
+    The chain's pieces at the level of the other bodies go to them; the top vertebra keeps its own arch."""
+    lab, lows = _bodies(5)
+    top = lows[0]
+    lab[lows[-1]:top + 16, 38:60, 28:32] = 1  # laminae and spinous processes (6 mm thin) behind all five bodies
+    lab[top + 2:top + 14, 34:38, 28:32] = 1  # the top vertebra's pedicles: the only contact
+    before = np.bincount(lab.ravel())[1:]
+    assert before[0] > 1.5 * np.median(before[1:3])
+    out = reassign_stray_pieces(lab, 1.5)
+    assert (out[top:top + 16, 38:60, 28:32] == 1).all()  # its own arch stays
+    for k in (4, 5):  # the arch pieces right behind the lower bodies belong to them
+        assert (out[lows[k - 1] + 4:lows[k - 1] + 12, 38:60, 28:32] == k).all(), k
+    after = np.bincount(out.ravel())[1:]
+    assert after[0] < 1.5 * np.median(after[1:3])
+    assert np.array_equal(out > 0, lab > 0)  # nothing added or removed
+
+
+def test_sacral_alae_joined_to_l5_go_to_the_sacrum():
+    """Real CT (a PET-CT down to the pelvis): the L5 segment held the top of the sacrum (its alae, beside and
+    below L5's body) while the rest of the sacrum was a thin separate segment under it. The alae join the
+    sacrum; L5's body stays whole."""
+    lab, lows = _bodies(3)
+    l5 = lows[-1]
+    lab[l5 - 18:l5 - 2, 10:34, 2:15] = 3  # alae: below L5 and to both sides of its body, as deep as the bodies
+    lab[l5 - 18:l5 - 2, 10:34, 45:58] = 3
+    lab[2:l5 - 18, 10:34, 2:58] = 0
+    lab[2:l5 - 18, 20:24, 2:58] = 4  # the rest of the sacrum: a thin plate (no thick core), touching the alae
+    out = reassign_stray_pieces(lab, 1.5)
+    assert (out[l5:l5 + 16, 10:34, 15:45] == 3).all()  # L5's body
+    assert (out[l5 - 16:l5 - 6, 10:34, 2:15] == 4).all() and (out[l5 - 16:l5 - 6, 10:34, 45:58] == 4).all()
+    assert np.array_equal(out > 0, lab > 0)
+
+
+def test_a_big_but_whole_vertebra_is_left_as_it_is():
+    """A vertebra far bigger than its neighbours (wider, not taller: the first lumbar below small thoracic
+    ones) holds nothing beyond its own body's levels: nothing moves."""
+    lab, lows = _bodies(4)
+    lab[lows[-1]:lows[-1] + 16, 4:34, 5:55] = 4  # 1.8 times the others' volume, same height
+    for k, z0 in enumerate(lows, start=1):
+        lab[z0 + 2:z0 + 18, 34:50, 25:35] = k  # each one's arch, reaching 3 mm below its body
+    assert np.array_equal(reassign_stray_pieces(lab, 1.5), lab)
+
+
+def test_extract_instances_gives_an_arch_chain_back_to_its_bodies():
+    """End to end from a probability map: the chain of laminae does not stay with the one body it touches."""
+    lab, lows = _bodies(5)
+    top = lows[0]
+    lab[lows[-1]:top + 16, 38:60, 28:32] = 1
+    lab[top + 2:top + 14, 34:38, 28:32] = 1
+    inst = extract_instances((lab > 0).astype(np.float32), spacing_mm=1.5)
+    assert inst.count == 5
+    sizes = np.bincount(inst.labels.ravel())[1:]
+    assert sizes.max() < 1.5 * np.median(sizes)
+
+
+def test_bone_detached_beyond_the_end_of_the_column_is_not_a_vertebra():
+    """Real CT (a head-and-neck PET-CT): the network found a piece of the skull's vault 85 mm above the
+    highest cervical vertebra it found; named T1, it shifted every name. A piece that far beyond the column's
+    end, with nothing between, is dropped; a column with one vertebra missing (a 36 mm gap) stays whole."""
+    lab, lows = _bodies(4)
+    prob = np.zeros((lab.shape[0] + 80, *lab.shape[1:]), np.float32)
+    prob[:lab.shape[0]] = lab > 0
+    prob[lab.shape[0] + 60:lab.shape[0] + 72, 10:30, 20:40] = 1  # the vault: 90 mm above the top body
+    assert extract_instances(prob, spacing_mm=1.5).count == 4
+    assert drop_detached_ends(lab, 1.5).max() == 4
+    gap = lab.copy()
+    gap[gap == 3] = 0  # one vertebra missed: 36 mm empty between its neighbours
+    assert np.array_equal(drop_detached_ends(gap, 1.5), gap)

@@ -72,6 +72,26 @@ def test_body_cut_by_the_field_of_view_is_cut_but_not_a_review_reason(phantom):
     assert quality.flags == ["cut"] and quality.reasons == []
 
 
+def test_a_sliver_cut_by_the_scan_end_is_not_a_review_reason(phantom):
+    """Real CT (lidc-idri-0314, checked labels): the scan ends 8 mm into L2, whose sliver is flagged cut and
+    implausible; that is the scan's end, not a segmentation to review. An implausible segment inside the
+    field of view still is."""
+    lab = phantom.labels.array
+    l4 = np.argwhere(lab == 23)[:, 0]
+    start = int(l4.max()) - 4  # 6 mm of L4's body left in view (axis 0 points S)
+    origin = tuple(phantom.ct.index_to_lps(np.array([0.0, 0.0, start])))
+    ct = Volume(phantom.ct.array[start:].copy(), phantom.ct.spacing, origin, phantom.ct.direction)
+    records = measure_vertebrae(ct, ct.with_array(lab[start:].copy()))
+    by_level = {r.level: r for r in records}
+    by_level["L4"].implausible = True  # whether or not morphometry calls a 6 mm sliver implausible
+    quality = assess_quality(records, level_confidence=0.97)
+    assert {"cut", "implausible"} <= set(by_level["L4"].flags) and by_level["L4"].genant_grade is None
+    assert quality.reasons == []
+    by_level["L2"].implausible = True  # inside the field of view: a reason
+    quality = assess_quality(records, level_confidence=0.97)
+    assert quality.reasons == ["Segments not shaped like a vertebral body: L2."]
+
+
 def test_missing_level_in_the_sequence_is_a_gap(phantom):
     lab = phantom.labels.array
     # by name: the user's label map has no L1 between T12 and L2

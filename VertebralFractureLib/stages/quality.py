@@ -19,7 +19,8 @@ Per case (:class:`CaseQuality`): the vertebra flags above plus
   uncertain is still graded: its shape does not depend on its name).
 
 ``CaseQuality.reasons`` says each problem in a plain sentence for the review status; vertebrae cut at the
-two ends of the scan are normal in any CT and are not a reason for review.
+two ends of the scan are normal in any CT and are not a reason for review, nor is the odd shape of one (a
+sliver of a body at the scan's end is flagged ``implausible`` too, and stays ungraded).
 """
 
 from __future__ import annotations
@@ -189,7 +190,8 @@ def assess_quality(records: list[VertebraRecord], *, level_confidence: float | N
     for r in ordered:
         if r.label in merged:
             quality.reasons.append(f"{r.level} looks like more than one vertebra in one segment ({merged[r.label]}).")
-    implausible = [r.level for r in ordered if r.implausible]
+    # a body cut by the scan's end is not expected to look whole: its cut flag already keeps it ungraded
+    implausible = [r.level for r in ordered if r.implausible and not r.partial]
     if implausible:
         quality.reasons.append(f"Segments not shaped like a vertebral body: {', '.join(implausible)}.")
     gaps = sequence_gaps(records)

@@ -23,10 +23,23 @@ from scipy import ndimage as ndi
 
 MIN_VOLUME_ML = 1.5  # smaller pieces are noise (a whole C3 is about 5 ml)
 MAX_OFF_AXIS_MM = 35.0  # a vertebra's centroid lies on the spine's centre line; ribs and pelvis do not
+#: bone this far along z beyond the end of the column, with nothing between, is not spine (the skull's vault
+#: above a neck the network missed): more than two missed thoracic vertebrae
+MAX_DETACHED_GAP_MM = 60.0
 CORE_MM = 4.5  # distance from the surface that only vertebral bodies (and not arches) reach
 MIN_SEED_GAP_MM = 13.0  # two seeds closer than this along the spine belong to the same vertebra
 MAX_HEIGHT_MM = 48.0  # a component longer than this along the spine (and not a sacrum) holds two vertebrae
 MAX_SINGLE_MM = 40.0  # a watershed part taller than this is checked for disc minima
+#: a segment this many times the median volume of its neighbours (two on each side) is checked for arches
+#: of other levels (:func:`reassign_stray_pieces`)
+STRAY_VOLUME_RATIO = 1.5
+#: a vertebra's superior articular processes reach this far above the top of its body (mm along the spine)
+ARCH_ABOVE_MM = 15.0
+#: its laminae and spinous process (a thoracic spinous process points down) reach at most this many body periods
+#: below its body; its articular and transverse processes (beyond :data:`MIDLINE_MM` from the midline) this many
+ARCH_BELOW_PERIODS = 1.5
+LATERAL_BELOW_PERIODS = 0.75
+MIDLINE_MM = 12.0
 
 
 @dataclass
@@ -127,6 +140,33 @@ def spine_axis(labels: np.ndarray, spacing_mm: float, min_ml: float = 5.0):
     return f
 
 
+def drop_detached_ends(labels: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Remove the bone at either end of the column that is cut off from it by an empty stretch along z.
+
+    The slices holding foreground form runs separated by empty stretches; the run with the most foreground
+    is the column, and a run beyond an empty stretch longer than :data:`MAX_DETACHED_GAP_MM` at either end,
+    holding less than a quarter of the column's foreground, is dropped (a piece of the skull's vault on a
+    head-and-neck scan whose cervical spine the network missed: named T1, it would shift every name).
+    ``labels``: int (z=S, y=P, x=L), 0 background; returns a copy.
+    """
+    per_slice = np.bincount(np.nonzero(labels)[0], minlength=labels.shape[0])
+    zs = np.nonzero(per_slice)[0]
+    if len(zs) == 0:
+        return labels.copy()
+    breaks = np.nonzero(np.diff(zs) * spacing_mm > MAX_DETACHED_GAP_MM)[0]
+    runs = np.split(zs, breaks + 1)
+    sizes = [int(per_slice[r].sum()) for r in runs]
+    main = int(np.argmax(sizes))
+    out = labels.copy()
+    for side in (range(main - 1, -1, -1), range(main + 1, len(runs))):
+        outer = list(side)
+        # from the far end inwards: small detached runs go, the first big one (and all inside it) stays
+        while outer and sizes[outer[-1]] < 0.25 * sizes[main]:
+            run = runs[outer.pop()]
+            out[run[0]:run[-1] + 1] = 0
+    return out
+
+
 def split_component(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
     """Split one component (boolean array, cropped to it, z=S axis 0) into vertebrae.
 
@@ -164,7 +204,7 @@ def split_component(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
 
 
 def spine_coordinate(mask: np.ndarray, spacing_mm: float, outlier_mm: float = 6.0,
-                     dist: np.ndarray | None = None):
+                     dist: np.ndarray | None = None, line: np.ndarray | None = None):
     """Arc length along the body column's centre line for every voxel of ``mask`` (z=S, y=P, x=L).
 
     The centre line is a polynomial in z (up to cubic) fitted through the per-slice centroids of the thick part
@@ -173,11 +213,15 @@ def spine_coordinate(mask: np.ndarray, spacing_mm: float, outlier_mm: float = 6.
     centre-line point plus its offset along the local tangent, so planes of constant value are perpendicular to
     the spine even where it curves (kyphosis, scoliosis). Returns ``(coord, radial)``: float32 arrays over
     ``mask``'s voxels (mm; NaN outside ``mask``) with the distance from the line in ``radial``, or ``None``
-    when the mask has fewer than 3 slices with a thick part.
+    when the mask has fewer than 3 slices with a thick part. ``line``: the voxels to fit the centre line through
+    instead of the thick part (the bodies, when big arches would pull the line backwards).
     """
-    if dist is None:  # distance to the surface in mm; callers that have it pass it in
-        dist = ndi.distance_transform_edt(mask) * spacing_mm
-    thick = dist >= 3.0
+    if line is not None:
+        thick = line
+    else:
+        if dist is None:  # distance to the surface in mm; callers that have it pass it in
+            dist = ndi.distance_transform_edt(mask) * spacing_mm
+        thick = dist >= 3.0
     zs = np.nonzero(thick.any(axis=(1, 2)))[0]
     if len(zs) < 3:
         return None
@@ -452,6 +496,7 @@ def extract_instances(
     far = np.arange(1, n + 1)[off > MAX_OFF_AXIS_MM]
     if len(far):
         lab[np.isin(lab, far)] = 0
+    lab = drop_detached_ends(lab, spacing_mm)
     # split components holding several vertebrae: only those clearly bigger than a typical one
     counts = np.bincount(lab.ravel())
     kept = counts[1:][counts[1:] > 0] * vox_ml
@@ -497,6 +542,7 @@ def extract_instances(
     after = np.bincount(out.ravel())[1:]
     after = after[after > 0] * vox_ml
     out = _merge_fragments(out, spacing_mm, float(np.median(after)) if len(after) else 0.0)
+    out = reassign_stray_pieces(out, spacing_mm)
     count = int(out.max())
     if count == 0:
         return Instances(out, 0, [], warnings)
@@ -559,6 +605,113 @@ def _recut(parts: np.ndarray, spacing_mm: float) -> np.ndarray:
                 k += 1
                 out[sel] = k
     return out
+
+
+def reassign_stray_pieces(labels: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Give the pieces of other levels inside an oversized segment to the vertebrae they belong to.
+
+    Where the network misses pedicles, a chain of laminae and spinous processes of several levels stays joined
+    to one body through the facet joints while the bodies of those levels come out without arches; and the
+    top of the sacrum (its alae) can stay joined to L5. The segment is then far bigger than its neighbours.
+    For each segment above :data:`STRAY_VOLUME_RATIO` times the median volume of its neighbours (up to two on
+    each side along z), each vertebra around it gets its body extent along the spine (:func:`spine_coordinate`
+    through the bodies): its biggest piece at least :data:`CORE_MM` inside, extended by :data:`CORE_MM`.
+    Voxels of the segment that cannot be its own go to the vertebra whose body lies at their level (an arch
+    to the body a quarter period above it), or where no body is (the sacrum under L5) to the nearest other
+    segment. Not its own: in front of the back of the bodies (the column of bodies and the sacral alae) those beyond a disc
+    from its body (6 mm past its endplates); behind it (arches) those more than :data:`ARCH_ABOVE_MM` above
+    its body or :data:`ARCH_BELOW_PERIODS` body periods below it. A segment with two bodies of about the same
+    size is left alone (a merge for the disc cut, not stray pieces).
+    ``labels``: int32 (z=S, y=P, x=L), 0 background, any ids; returns a relabelled copy with the same ids.
+    """
+    out = labels.copy()
+    counts, cents = component_stats(out)
+    ids = [i for i in range(1, len(counts)) if counts[i] > 0]
+    if len(ids) < 3:
+        return out
+    ids.sort(key=lambda i: -cents[i][0])  # craniocaudal: z grows towards superior
+    typical = float(np.median(counts[ids]))
+    objects = ndi.find_objects(out)
+    for k, i in enumerate(ids):
+        # neighbours cut by the scan's end or fragments do not set the scale
+        neighbours = [j for j in ids[max(0, k - 2):k + 3] if j != i and counts[j] >= 0.5 * typical]
+        if not neighbours or counts[i] <= STRAY_VOLUME_RATIO * float(np.median(counts[neighbours])):
+            continue
+        # the segment, its neighbours and every vertebra whose centre lies within its extent along z
+        zlo, zhi = objects[i - 1][0].start, objects[i - 1][0].stop
+        group = [j for j in ids if j in ids[max(0, k - 2):k + 3] or zlo <= cents[j][0] < zhi]
+        box = tuple(slice(max(0, min(objects[j - 1][a].start for j in group) - 1),
+                          max(objects[j - 1][a].stop for j in group) + 1) for a in range(3))
+        sub = out[box]
+        cores, two_bodies = _body_cores(sub, group, spacing_mm, i)
+        if two_bodies:
+            continue
+        sc = spine_coordinate(np.isin(sub, group), spacing_mm, line=cores > 0)
+        if sc is None:
+            continue
+        coord = sc[0]
+        # per body: along-spine extent (mm), its back wall (y) and its midline (x), in voxels
+        bodies: dict[int, tuple[float, float, float, float]] = {}
+        for j in np.unique(cores[cores > 0]):
+            sel = cores == int(j)
+            c = coord[sel]
+            back = float(np.nonzero(sel.any(axis=(0, 2)))[0].max()) + CORE_MM / spacing_mm
+            bodies[int(j)] = (float(c.min()) - CORE_MM, float(c.max()) + CORE_MM, back, float(np.nonzero(sel)[2].mean()))
+        others = [j for j in bodies if j != i]
+        if i not in bodies or len(others) < 2:
+            continue
+        lo, hi = bodies[i][:2]
+        ext = np.array(list(bodies.values()))
+        period = float(np.median(np.diff(np.sort((ext[:, 0] + ext[:, 1]) / 2))))
+        own = sub == i
+        c_own = coord[own]
+        _, y_own, x_own = np.nonzero(own)
+        # front of the back wall of the body nearest along the spine: bodies (and sacral alae); behind it, on
+        # the midline: laminae and spinous processes; behind and to the side: articular and transverse processes
+        nearest = ext[np.argmin(np.abs(c_own[:, None] - ((ext[:, 0] + ext[:, 1]) / 2)[None, :]), axis=1)]
+        front = y_own <= nearest[:, 2]
+        midline = np.abs(x_own - nearest[:, 3]) * spacing_mm <= MIDLINE_MM
+        below = np.where(front, 6.0, np.where(midline, ARCH_BELOW_PERIODS, LATERAL_BELOW_PERIODS) * period)
+        stray_in = (c_own > hi + np.where(front, 6.0, ARCH_ABOVE_MM)) | (c_own < lo - below)
+        if not stray_in.any():
+            continue
+        # a stray voxel joins the vertebra whose body lies at its level (an arch a quarter period higher: it
+        # hangs below its body), or, with no body there (the sacrum under L5), the nearest other segment
+        c_str = c_own[stray_in] + np.where(front[stray_in], 0.0, 0.25 * period)
+        centres = np.array([(bodies[j][0] + bodies[j][1]) / 2 for j in others])
+        pick = np.argmin(np.abs(c_str[:, None] - centres[None, :]), axis=1)
+        at_level = np.abs(c_str - centres[pick]) <= 0.75 * period
+        _, near = ndi.distance_transform_edt(~np.isin(sub, [j for j in group if j != i]), return_indices=True)
+        new_in = np.full(len(c_own), i, np.int32)
+        new_in[stray_in] = np.where(at_level, np.asarray(others)[pick], sub[tuple(near)][own][stray_in])
+        sub[own] = new_in
+        counts = np.bincount(out.ravel(), minlength=len(counts))
+        objects = ndi.find_objects(out)
+    return out
+
+
+def _body_cores(sub: np.ndarray, group: list[int], spacing_mm: float, check: int) -> tuple[np.ndarray, bool]:
+    """Each label's body in ``sub`` (labels ``group``): the biggest piece of its voxels at least
+    :data:`CORE_MM` inside (laminae and spinous processes are thinner), 0.3 ml or more. Also: does label
+    ``check`` hold a second piece at least half as big (two bodies)?"""
+    vox_ml = spacing_mm**3 / 1000.0
+    cores = np.zeros(sub.shape, np.int32)
+    two = False
+    for j in group:
+        sl = ndi.find_objects((sub == j).astype(np.int8))
+        if not sl:
+            continue
+        pad = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in sl[0])
+        core, n = connected_components(ndi.distance_transform_edt(sub[pad] == j) * spacing_mm >= CORE_MM, 6)
+        if not n:
+            continue
+        sizes = np.bincount(core.ravel())[1:]
+        big = int(np.argmax(sizes)) + 1
+        if sizes[big - 1] * vox_ml >= 0.3:
+            cores[pad][core == big] = j
+        if j == check and n > 1 and np.sort(sizes)[-2] >= 0.5 * sizes.max():
+            two = True
+    return cores, two
 
 
 def _merge_fragments(out: np.ndarray, spacing_mm: float, typical_ml: float) -> np.ndarray:
