@@ -3,15 +3,17 @@
 Works on the canonical working grid (isotropic, axis-aligned LPS, array axes z=S, y=P, x=L):
 
 1. threshold and connected-component labelling (cc3d, 6-connectivity so thin bridges do not merge);
-2. removal of small components and of components far from the spine's centre line (rib or pelvis pieces,
-   calcifications);
+2. removal of small components, of components far from the spine's centre line (rib or pelvis pieces,
+   calcifications) and of bone cut off beyond the column's end by a long empty stretch (a piece of the skull);
 3. split of components holding several vertebrae (touching through facet joints, osteophytes, ribs or a disc
    the network did not leave out): seeds are the separate cores of a distance transform (vertebral bodies)
    grown by a watershed through their own pedicles and arches, and a long part is cut at the minima of its
    cross-section along the centre line; when that still leaves a part of two vertebrae' size or height (the
    network bridged a disc) and the HU are given, the bodies are cut instead by planes perpendicular to the
    spine's centre line at the discs' HU minima (:func:`split_at_discs`), disc voxels left out;
-4. instances numbered 1..n craniocaudally; those touching the edge of the field of view are marked partial.
+4. a segment far bigger than its neighbours gives back the pieces of other levels it holds (an arch chain
+   joined to one body, the sacral alae joined to L5: :func:`reassign_stray_pieces`);
+5. instances numbered 1..n craniocaudally; those touching the edge of the field of view are marked partial.
 """
 
 from __future__ import annotations
