@@ -618,12 +618,13 @@ def reassign_stray_pieces(labels: np.ndarray, spacing_mm: float) -> np.ndarray:
     For each segment above :data:`STRAY_VOLUME_RATIO` times the median volume of its neighbours (up to two on
     each side along z), each vertebra around it gets its body extent along the spine (:func:`spine_coordinate`
     through the bodies): its biggest piece at least :data:`CORE_MM` inside, extended by :data:`CORE_MM`.
-    Voxels of the segment that cannot be its own go to the vertebra whose body lies at their level (an arch
-    to the body a quarter period above it), or where no body is (the sacrum under L5) to the nearest other
-    segment. Not its own: in front of the back of the bodies (the column of bodies and the sacral alae) those beyond a disc
-    from its body (6 mm past its endplates); behind it (arches) those more than :data:`ARCH_ABOVE_MM` above
-    its body or :data:`ARCH_BELOW_PERIODS` body periods below it. A segment with two bodies of about the same
-    size is left alone (a merge for the disc cut, not stray pieces).
+    The segment's voxels that cannot be its own: in front of the back wall of the bodies (bodies, sacral alae)
+    those more than 6 mm (a disc) beyond its body; behind it, those more than :data:`ARCH_ABOVE_MM` above its
+    body, or below it by more than :data:`ARCH_BELOW_PERIODS` body periods on the midline (laminae, spinous
+    processes) or :data:`LATERAL_BELOW_PERIODS` beside it (articular and transverse processes). Each goes to the
+    vertebra whose body lies at its level (for an arch, a quarter period higher: arches hang below their
+    bodies), or where no body is (the sacrum under L5) to the nearest other segment. A segment with a second
+    body at least half as big is left alone (a merge for the disc cut, not stray pieces).
     ``labels``: int32 (z=S, y=P, x=L), 0 background, any ids; returns a relabelled copy with the same ids.
     """
     out = labels.copy()
