@@ -112,7 +112,7 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
-def markdown(summary: dict[str, dict], shape: list[int]) -> str:
+def markdown(summary: dict[str, dict], shape: list[int], note: str = "") -> str:
     names = list(summary)
     stages = list(dict.fromkeys(s for res in summary.values() for s in res["stage_wall_s"]))
     head = "| stage: wall / CPU s | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
@@ -126,7 +126,8 @@ def markdown(summary: dict[str, dict], shape: list[int]) -> str:
     return (f"# `run` on the LIDC-IDRI-0314 chest CT ({'x'.join(map(str, shape))} DICOM), {os.cpu_count()} CPUs\n\n"
             "Medians over the runs; wall time of each stage (`result.json` `timings_s`) / CPU time of the process and "
             "its worker processes in that stage; end to end includes interpreter start-up, imports and model loading. "
-            "Targets: <= 30 s end to end, `--fast` <= 8 s, <= 6 GB peak RSS, on 2 cores.\n\n" + head + rows)
+            "Targets: <= 30 s end to end, `--fast` <= 8 s, <= 6 GB peak RSS, on 2 cores.\n\n" + head + rows
+            + (f"\n{note}\n" if note else ""))
 
 
 def main() -> None:
@@ -134,6 +135,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration (medians are reported)")
     parser.add_argument("--baseline", type=Path, help="another checkout to run alternately on the same CT")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--note", default="", help="conditions to record with the results (e.g. what the baseline is)")
     args = parser.parse_args()
     dicom = require_shared_data() / "lidc-idri-0314" / "dicom"
     trees = {"": REPO} if args.baseline is None else {"baseline ": args.baseline.resolve(), "": REPO}
@@ -156,8 +158,9 @@ def main() -> None:
         "baseline": None if args.baseline is None else str(args.baseline),
         "targets": {"end_to_end_s": 30, "fast_end_to_end_s": 8, "peak_rss_gb": 6},
         "note": "each run a fresh process running the CLI (imports, model loading, all outputs), empty radiomics cache",
+        "conditions": args.note,
     })
-    (RESULTS / "pipeline.md").write_text(markdown(summary, shape))
+    (RESULTS / "pipeline.md").write_text(markdown(summary, shape, args.note))
 
 
 if __name__ == "__main__":
