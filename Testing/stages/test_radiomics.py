@@ -88,7 +88,11 @@ def test_selected_features_equal_the_full_extraction(phantom, tmp_path, monkeypa
     ct, labels = phantom
     names = ["original_shape_Sphericity", "original_glszm_GrayLevelNonUniformity", "log-sigma-3-0-mm-3D_firstorder_Maximum",
              "wavelet-HHL_firstorder_Skewness", "wavelet-LLL_gldm_GrayLevelVariance", "wavelet-LLL_glrlm_GrayLevelVariance"]
+    import SimpleITK as sitk
+
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     full = rf.extract_features(ct, labels, [20, 21], workers=1, cache_dir=False)
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == threads  # in-process extraction leaves ITK as it was
     monkeypatch.setattr(rf, "PARALLEL_MIN_VOXELS", 0)  # the selection must reach worker processes too
     for workers, cache in ((1, False), (2, tmp_path)):
         some = rf.extract_features(ct, labels, [20, 21], workers=workers, cache_dir=cache, feature_names=names)

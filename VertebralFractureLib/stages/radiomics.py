@@ -312,7 +312,16 @@ def _extract_many(rois: list[VertebraROI], params_path: str, workers: int,
                                      chunksize=max(1, len(rois) // (4 * workers))))
         except BrokenProcessPool as exc:  # e.g. an interactive __main__ that spawned workers cannot import
             logging.getLogger(__name__).warning("radiomics worker processes failed (%s); extracting in this process", exc)
-    return [_extract_one(roi, params_path, names) for roi in rois]
+    import SimpleITK as sitk
+
+    # single-threaded ITK as in the worker processes (the same numbers either way), and the caller's thread count
+    # back afterwards: the pipeline resamples and writes with ITK after radiomics
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        return [_extract_one(roi, params_path, names) for roi in rois]
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
 
 def _cache_write(target: Path, features: dict[str, float]) -> None:
