@@ -14,7 +14,8 @@ sequence C1..C7, T1..T12, L1..L5 fixed by one anchor:
 * a user anchor ``LEVEL=INDEX`` (``--anchor L1=5``) beats both: instance INDEX is LEVEL, the rest renumbered.
 
 A vertebra cut by the cranial end of the scan cannot confirm that it bears no rib (its rib may be out of view),
-so it confirms no first- or last-rib anchor. Anchors that disagree are said in a warning and a review sentence
+nor can one whose body the caudal end cuts (the sliver of a body shows no rib though it may bear one), so it
+confirms no first- or last-rib anchor. Anchors that disagree are said in a warning and a review sentence
 (:attr:`LevelAssignment.review`): six lumbar-type vertebrae between the last rib and the sacrum are named with an
 L6, thirteen rib-bearing ones with a T13 (transitional vertebrae, about 5-10 % of people), and the confidence is
 low. Without any anchor a weak size prior (whole-vertebra volumes grow craniocaudally; reference volumes
@@ -185,6 +186,24 @@ def cut_at_top(instances: np.ndarray, fov: np.ndarray | None, count: int) -> lis
         top = sl[0].stop - 1
         y, x = (sl[1].start + sl[1].stop) // 2, (sl[2].start + sl[2].stop) // 2
         out.append(bool(top == nz - 1 or (fov is not None and not fov[top + 1, y, x])))
+    return out
+
+
+def body_cut_at_bottom(instances: np.ndarray, fov: np.ndarray | None, count: int) -> list[bool]:
+    """Per instance (1..count): does the caudal end of the scan cut its body? Its front half (voxels in front of
+    its centroid: the body, not a spinous process hanging down) reaches the array's first slice, or a voxel
+    below it lies outside ``fov``."""
+    out = []
+    for i, sl in enumerate(ndi.find_objects(instances, max_label=count), start=1):
+        if sl is None:
+            out.append(False)
+            continue
+        zz, yy, xx = np.nonzero(instances[sl] == i)
+        front = yy <= yy.mean()
+        z0 = int(zz[front].min()) + sl[0].start
+        low = front & (zz + sl[0].start == z0)
+        below = [(z0 - 1, y + sl[1].start, x + sl[2].start) for y, x in zip(yy[low], xx[low], strict=True)]
+        out.append(bool(z0 == 0 or (fov is not None and not all(fov[p] for p in below))))
     return out
 
 
@@ -365,8 +384,10 @@ def _anchored(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, n: int, 
     """
     visible = rib_visible(instances, fov, spacing_mm, n) if fov is not None else [True] * n
     cut = cut_at_top(instances, fov, n)
-    # a rib-free vertebra confirms an anchor only if its rib would be in view and its top is not cut off
-    rib_free = [not r and vis and not c for r, vis, c in zip(ribs, visible, cut, strict=True)]
+    body_cut = body_cut_at_bottom(instances, fov, n)
+    # a rib-free vertebra confirms an anchor only if its rib would be in view and neither its top nor its body
+    # is cut off (at the scan's caudal end a sliver of a T11 body showed no rib and named T12 two levels high)
+    rib_free = [not r and vis and not c and not b for r, vis, c, b in zip(ribs, visible, cut, body_cut, strict=True)]
     rib_idx = [i + 1 for i, r in enumerate(ribs) if r]
     found: dict[str, int] = {}  # anchor -> instance it names; position of instance 1 in the sequence it implies:
     pos: dict[str, int] = {}
