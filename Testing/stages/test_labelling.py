@@ -16,10 +16,10 @@ from VertebralFractureLib.stages.segmentation.labelling import (
     REFERENCE_VOLUME_ML,
     _size_prior,
     assign_levels,
-    body_cut_at_bottom,
     names_from_anchor,
     parse_anchor,
     rename_instance,
+    sliver_at_bottom,
 )
 
 
@@ -95,22 +95,27 @@ def test_last_rib_anchor_names_t12_on_phantom():
     assert "last_rib" not in cut.anchors_found and cut.confidence < 0.5
 
 
-def test_a_vertebra_cut_by_the_scan_end_does_not_confirm_the_last_rib():
+def test_a_sliver_cut_by_the_scan_end_does_not_confirm_the_last_rib():
     """Real CT (a chest-abdomen scan ending in a T11 body, checked labels): the 9 ml sliver of T11 in view
     showed no rib, so T10 passed for the last rib-bearing vertebra and every name was two levels high. A
-    vertebra cut by the field of view confirms no rib anchor: here the scan ends inside L1, so T12 is not
-    confirmed as the last rib-bearing one (though it is), and the names are no anchor's."""
+    sliver of a body at the scan's caudal end confirms no rib anchor: with 9 mm of L1 in view, T12 is not
+    confirmed as the last rib-bearing one (though it is) and the names are no anchor's; with all but the
+    lowest 9 mm of L1 in view, it is."""
     ph = make_phantom(("T10", "L3"), 1.5, seed=7)
-    lab = to_canonical(ph.labels, 1.5, labels=True).array
-    hu = to_canonical(ph.ct, 1.5).array
-    l1 = np.nonzero((lab == level_id("L1")).any(axis=(1, 2)))[0]
-    start = int(l1.max()) - 6  # 9 mm of L1's body in view (z grows cranially)
-    lab, hu = lab[start:], hu[start:]
-    fg = (lab > 0) & ~contact_layer(lab)
-    inst = extract_instances(fg.astype(np.float32), hu, spacing_mm=1.5)
-    assert body_cut_at_bottom(inst.labels, None, inst.count) == [False] * (inst.count - 1) + [True]  # only L1's
-    res = assign_levels(inst.labels, hu, spacing_mm=1.5, partial=inst.partial)
+    lab0 = to_canonical(ph.labels, 1.5, labels=True).array
+    hu0 = to_canonical(ph.ct, 1.5).array
+    l1 = np.nonzero((lab0 == level_id("L1")).any(axis=(1, 2)))[0]
+
+    def scan_from(start: int):  # the scan begins at slice ``start`` (z grows cranially)
+        lab, hu = lab0[start:], hu0[start:]
+        inst = extract_instances(((lab > 0) & ~contact_layer(lab)).astype(np.float32), hu, spacing_mm=1.5)
+        return inst, assign_levels(inst.labels, hu, spacing_mm=1.5, partial=inst.partial)
+
+    inst, res = scan_from(int(l1.max()) - 6)
+    assert sliver_at_bottom(inst.labels, None, inst.count) == [False] * (inst.count - 1) + [True]  # only L1
     assert "last_rib" not in res.anchors_found and res.confidence < 0.5
+    inst, res = scan_from(int(l1.min()) + 6)
+    assert inst.partial[-1] == inst.count and res.anchors_found.get("last_rib") == level_id("T12")
 
 
 def test_size_prior_keeps_rib_bearing_vertebrae_thoracic():

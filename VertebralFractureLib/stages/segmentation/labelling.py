@@ -14,8 +14,8 @@ sequence C1..C7, T1..T12, L1..L5 fixed by one anchor:
 * a user anchor ``LEVEL=INDEX`` (``--anchor L1=5``) beats both: instance INDEX is LEVEL, the rest renumbered.
 
 A vertebra cut by the cranial end of the scan cannot confirm that it bears no rib (its rib may be out of view),
-nor can one whose body the caudal end cuts (the sliver of a body shows no rib though it may bear one), so it
-confirms no first- or last-rib anchor. Anchors that disagree are said in a warning and a review sentence
+nor can a sliver of a body left by the caudal end (:func:`sliver_at_bottom`: it shows no rib though it may bear
+one), so it confirms no first- or last-rib anchor. Anchors that disagree are said in a warning and a review sentence
 (:attr:`LevelAssignment.review`): six lumbar-type vertebrae between the last rib and the sacrum are named with an
 L6, thirteen rib-bearing ones with a T13 (transitional vertebrae, about 5-10 % of people), and the confidence is
 low. Without any anchor a weak size prior (whole-vertebra volumes grow craniocaudally; reference volumes
@@ -189,13 +189,15 @@ def cut_at_top(instances: np.ndarray, fov: np.ndarray | None, count: int) -> lis
     return out
 
 
-def body_cut_at_bottom(instances: np.ndarray, fov: np.ndarray | None, count: int) -> list[bool]:
-    """Per instance (1..count): does the caudal end of the scan cut its body? Its front half (voxels in front of
-    its centroid: the body, not a spinous process hanging down) reaches the array's first slice, or a voxel
-    below it lies outside ``fov``."""
+def sliver_at_bottom(instances: np.ndarray, fov: np.ndarray | None, count: int) -> list[bool]:
+    """Per instance (1..count): is it only a sliver of a vertebra, cut by the scan's caudal end? Its front half
+    (voxels in front of its centroid: the body, not a spinous process hanging down) reaches the array's first
+    slice or a voxel below it lies outside ``fov``, and it holds less than half the voxels of the instance
+    above it. A sliver's rib, if it bears one, may lie out of view or be too small to find."""
+    counts = np.bincount(instances.ravel(), minlength=count + 1)
     out = []
     for i, sl in enumerate(ndi.find_objects(instances, max_label=count), start=1):
-        if sl is None:
+        if sl is None or i == 1 or counts[i] >= 0.5 * counts[i - 1]:
             out.append(False)
             continue
         zz, yy, xx = np.nonzero(instances[sl] == i)
@@ -384,10 +386,10 @@ def _anchored(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, n: int, 
     """
     visible = rib_visible(instances, fov, spacing_mm, n) if fov is not None else [True] * n
     cut = cut_at_top(instances, fov, n)
-    body_cut = body_cut_at_bottom(instances, fov, n)
-    # a rib-free vertebra confirms an anchor only if its rib would be in view and neither its top nor its body
-    # is cut off (at the scan's caudal end a sliver of a T11 body showed no rib and named T12 two levels high)
-    rib_free = [not r and vis and not c and not b for r, vis, c, b in zip(ribs, visible, cut, body_cut, strict=True)]
+    sliver = sliver_at_bottom(instances, fov, n)
+    # a rib-free vertebra confirms an anchor only if its rib would be in view, its top is not cut off and it is
+    # not a sliver at the scan's caudal end (a 9 ml sliver of a T11 body showed no rib and named T12 two high)
+    rib_free = [not r and vis and not c and not s for r, vis, c, s in zip(ribs, visible, cut, sliver, strict=True)]
     rib_idx = [i + 1 for i, r in enumerate(ribs) if r]
     found: dict[str, int] = {}  # anchor -> instance it names; position of instance 1 in the sequence it implies:
     pos: dict[str, int] = {}
