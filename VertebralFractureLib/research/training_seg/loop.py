@@ -265,8 +265,10 @@ def set_train_mode(net: torch.nn.Module, freeze_bn: bool = False) -> torch.nn.Mo
 
     Why freeze: a fine-tune on batches of two 80^3 patches re-estimates every running mean and variance from
     that patch mix (momentum 0.1: after some 50 iterations the shipped statistics are gone), and the network
-    trains on per-batch statistics it never sees at inference. Frozen layers normalise with the running
-    statistics they came with, in training exactly as in inference; their affine scale and shift still learn.
+    trains on per-batch statistics it never sees at inference (with the shipped weights, whose two deepest
+    layers hold inf running variances, train and inference mode differ by about 10 % of the voxels). Frozen
+    layers normalise with the running statistics they came with, in training exactly as in inference; their
+    affine scale and shift still learn. (It did not stop the fine-tunes' merges: see the model card.)
     """
     net.train()
     if freeze_bn:
