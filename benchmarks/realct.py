@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -126,6 +127,19 @@ def run_case(case: str, data: Path, fast: bool) -> dict:
     }
 
 
+#: kinds of review reason, by a phrase of their sentence (stages.quality, classification)
+REASON_KINDS = (("merged", "more than one vertebra"), ("implausible", "not shaped like a vertebral body"),
+                ("gap", "vertebra is missing"), ("levels", "naming confidence"), ("levels", "level names"),
+                ("classifier", "classifier"), ("ungraded", "could be graded"))
+
+
+def reason_kind(sentence: str) -> str:
+    """The kind of one review reason (``merged``, ``implausible``, ``gap``, ``levels``, ``classifier``,
+    ``ungraded``; ``other`` for the rest)."""
+    low = sentence.lower()
+    return next((kind for kind, phrase in REASON_KINDS if phrase in low), "other")
+
+
 def summary(rows: list[dict]) -> dict:
     scored = [r for r in rows if r["labels_status"] in ("checked", "reference") and r["checked_count"]]
     dices = [v["dice"] for r in scored for v in r["vertebrae"].values()]
@@ -136,10 +150,20 @@ def summary(rows: list[dict]) -> dict:
         "levels_all_right": sum(r["level_accuracy"] == 1.0 for r in scored),
         "called_fractured": sum(bool(r["fractured"]) for r in rows),
         "needs_review": sum(bool(r["needs_review"]) for r in rows),
+        # per kind of reason, the cases it sends to review (a case can have several)
+        "review_reasons": {kind: sorted(r["case"] for r in rows if any(reason_kind(x) == kind
+                                                                       for x in r["review_reasons"] or []))
+                           for kind in dict.fromkeys(k for k, _ in REASON_KINDS + (("other", ""),))},
+        "merged_flags": sum(len([v for v, f in r["flags"].items() if "merged" in f]) for r in rows),
     }
 
 
-def markdown(rows: list[dict], summ: dict) -> str:
+def host_load() -> dict:
+    """CPU cores and the 1-minute load average: times per case mean little on a machine shared with other jobs."""
+    return {"cpus": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 1)}
+
+
+def markdown(rows: list[dict], summ: dict, host: dict | None = None) -> str:
     lines = ["| case | labels | found / checked | names (found) | mean Dice | merges / splits / missed / extra "
              "| levels right | naming | review | fractured | time s |", "|---" * 11 + "|"]
     for r in rows:
@@ -158,7 +182,16 @@ def markdown(rows: list[dict], summ: dict) -> str:
                  f"{summ['mean_per_vertebra_dice']}, every vertebra found once on {summ['each_found_once']} of "
                  f"{len(summ['scored_cases'])}, levels all right on {summ['levels_all_right']}; "
                  f"{summ['needs_review']} of {summ['cases']} cases sent to review, {summ['called_fractured']} "
-                 "called fractured.")
+                 f"called fractured; {summ['merged_flags']} segments flagged merged.")
+    if host and host["load_1min"] > host["cpus"]:
+        lines.append(f"Times were measured with a load average of {host['load_1min']} on {host['cpus']} cores (other "
+                     "jobs running): they are not comparable with runs on an idle machine.")
+    lines += ["", "Cases sent to review, by kind of reason (a case can have several): " + "; ".join(
+        f"{kind} {len(cases)}" for kind, cases in summ["review_reasons"].items() if cases) + ".", "",
+        "| case | review reasons |", "|---|---|"]
+    for r in rows:
+        if r["review_reasons"]:
+            lines.append(f"| {r['case']} | " + " ".join(x.replace("|", "/") for x in r["review_reasons"]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -182,10 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     summ = summary(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": "Resources/models/segmentation (shipped)", "options": {"fast": args.fast, "device": "cpu",
-               "radiomics": False}, "summary": summ, "cases": rows}
+               "radiomics": False}, "host": host_load(), "summary": summ, "cases": rows}
     args.out.write_text(json.dumps(payload, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(rows, summ))
-    print(markdown(rows, summ))
+    args.out.with_suffix(".md").write_text(markdown(rows, summ, payload["host"]))
+    print(markdown(rows, summ, payload["host"]))
     return 0
 
 
