@@ -200,6 +200,9 @@ def _add_train_seg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--separation-mm", type=float, default=0.0,
                    help="vertebra voxels within this distance of another vertebra are background in the target, "
                         "so neighbours come apart (default 0: only the one-voxel contact layer)")
+    p.add_argument("--ignore-edge", action="store_true",
+                   help="no loss on the outermost voxel layer of each vertebra (labels a voxel fuller than the "
+                        "network's output, e.g. label-assist labels with grown cortex)")
     p.add_argument("--freeze-bn", action="store_true",
                    help="keep batch-norm layers in inference mode (running statistics frozen, scale and shift "
                         "still trained): for fine-tunes, so training and inference normalise the same way")
@@ -214,7 +217,8 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
         synth_share=args.synth_share, save_every=args.save_every, resume=args.resume, threads=args.threads,
         data_note=args.note, device=args.device, workers=args.workers,
         case_weights=parse_case_weights(args.case_weight), max_minutes=args.max_minutes,
-        mix=PatchMix(args.background_share, args.osteoporosis_share, args.aorta_share, args.separation_mm),
+        mix=PatchMix(args.background_share, args.osteoporosis_share, args.aorta_share, args.separation_mm,
+                     args.ignore_edge),
         init=args.init,
         freeze_bn=args.freeze_bn,
     )

@@ -336,3 +336,20 @@ def test_separation_band_widens_the_gap_between_neighbouring_vertebrae_only():
                           mix=PatchMix(background=1.0, separation_mm=6.0))
     _, plain = sample_patch(case, 3.0, 20, np.random.default_rng(0), keep, keep, mix=PatchMix(background=1.0))
     assert plain.sum() - tgt.sum() == 2 * 36 and np.all(tgt <= plain)
+
+
+def test_ignore_edge_takes_the_outer_voxel_layer_out_of_the_loss():
+    from VertebralFractureLib.research.training_seg.cohort import Case, foreground_index
+    from VertebralFractureLib.research.training_seg.patches import PatchMix, sample_patch
+
+    lab = np.zeros((16, 16, 16), np.uint8)
+    lab[4:12, 4:12, 4:12] = 20  # an 8^3 cube: its 6^3 core keeps the target 1, the outer layer is ignored
+    hu = np.where(lab > 0, 700.0, 0.0).astype(np.float32)
+    case = Case("cube", {3.0: lab}, {3.0: hu}, {3.0: foreground_index(lab)})
+    keep = lambda d: d  # noqa: E731  (identity transforms: the target is compared voxel by voxel)
+    # a 32^3 patch round a voxel of the cube always holds all of it
+    _, tgt = sample_patch(case, 3.0, 32, np.random.default_rng(0), keep, keep,
+                          mix=PatchMix(background=0.0, ignore_edge=True))
+    _, plain = sample_patch(case, 3.0, 32, np.random.default_rng(0), keep, keep, mix=PatchMix(background=0.0))
+    assert (plain == 1).sum() == 8**3 and (tgt == 1).sum() == 6**3 and (tgt == -1).sum() == 8**3 - 6**3
+    assert np.array_equal(tgt == 0, plain == 0)  # background stays background

@@ -255,7 +255,7 @@ class _Run:
             "device": self.device, "workers": cfg.workers, "case_weights": dict(cfg.case_weights),
             "background_share": cfg.mix.background, "osteoporosis_share": cfg.mix.osteoporosis,
             "aorta_share": cfg.mix.aorta, "init": str(cfg.init) if cfg.init is not None else None,
-            "freeze_bn": cfg.freeze_bn, "separation_mm": cfg.mix.separation_mm,
+            "freeze_bn": cfg.freeze_bn, "separation_mm": cfg.mix.separation_mm, "ignore_edge": cfg.mix.ignore_edge,
             "version": __version__,
         }
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 
 from VertebralFractureLib.research.training_seg.augmentation import (
     calcified_aorta,
@@ -44,13 +45,16 @@ class PatchMix:
     network must learn to leave out) instead of near a vertebra; ``osteoporosis``: real-CT patches given
     :func:`osteoporotic` bone; ``aorta``: patches given a :func:`calcified_aorta`. ``separation_mm`` (not a
     share): vertebra voxels within that distance of another vertebra are background in the target
-    (:func:`separation_band`; 0: only the one-voxel contact layer).
+    (:func:`separation_band`; 0: only the one-voxel contact layer). ``ignore_edge``: the outermost voxel layer
+    of every vertebra gets no loss (labels made from a post-processed output, grown cortex included, are a
+    voxel fuller than what the network outputs; learning that shell fills the gaps the instance step cuts).
     """
 
     background: float = 0.15
     osteoporosis: float = 0.0
     aorta: float = 0.0
     separation_mm: float = 0.0
+    ignore_edge: bool = False
 
 
 def sample_patch(case: Case, spacing: float, size: int, rng: np.random.Generator, spatial, intensity,
@@ -85,6 +89,9 @@ def sample_patch(case: Case, spacing: float, size: int, rng: np.random.Generator
     lab2[ignored] = 0  # a vertebra's edge against an ignored region is no contact layer
     apart = contact_layer(lab2) | separation_band(lab2, int(round(mix.separation_mm / spacing)))
     target = ((lab2 > 0) & ~apart).astype(np.float32)
+    if mix.ignore_edge:
+        fg = target > 0
+        ignored |= fg & ~ndi.binary_erosion(fg)
     target[ignored] = -1.0
     return np.asarray(d["image"], dtype=np.float32), target[None]
 
