@@ -158,3 +158,19 @@ def test_operating_threshold_is_the_lowest_within_the_false_positive_budget():
     # phantom negatives do not count against the budget
     s.source[:] = "phantom"
     assert operating_threshold(s, p, 0.05) == 0.5
+
+
+def test_previous_model_summary_recomputes_its_operating_points(tmp_path):
+    from VertebralFractureLib.research.classifier_fusion import previous_model_summary
+
+    assert previous_model_summary(tmp_path) is None  # no card, no report
+    y = [0, 0, 0, 0, 1, 1]
+    report = {"y": y, "grade": [0, 0, 0, 0, 2, 1], "group": ["a", "a", "b", "b", "a", "b"], "source": ["real"] * 6,
+              "p_fused_held_out": [0.1, 0.2, 0.3, 0.9, 0.95, 0.5]}
+    (tmp_path / "card.json").write_text(json.dumps({"metrics": {"held_out": {"threshold": 0.5}}}))
+    (tmp_path / "training_report.json").write_text(json.dumps(report))
+    out = previous_model_summary(tmp_path)
+    assert out["held_out"] == {"threshold": 0.5}
+    by_budget = {o["max_false_positive_rate"]: o for o in out["operating_points"]}
+    assert by_budget[0.02]["threshold"] > 0.9 and by_budget[0.02]["sensitivity_grade_ge2"] == 1.0
+    assert by_budget[0.2]["false_positive_rate"] == 0.0  # 4 negatives: a 20 % budget allows none

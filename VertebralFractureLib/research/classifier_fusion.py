@@ -318,6 +318,26 @@ def operating_threshold(s: Samples, p: np.ndarray, max_fpr: float = MAX_FALSE_PO
     return float((below + above.min()) / 2) if above.size else float(np.nextafter(below, 1.0))
 
 
+def previous_model_summary(model_dir: str | Path) -> dict[str, Any] | None:
+    """The held-out numbers of a fused classifier folder trained before (its ``card.json``) and its operating points
+    recomputed from its ``training_report.json`` (:func:`operating_points`), so a new model can be compared at the
+    same false-positive budgets. None when the folder has no such report."""
+    from types import SimpleNamespace
+
+    model_dir = Path(model_dir)
+    try:
+        card = json.loads((model_dir / "card.json").read_text())
+        rep = json.loads((model_dir / "training_report.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    h = card.get("metrics", {}).get("held_out")
+    if not h:
+        return None
+    rows = SimpleNamespace(**{k: np.asarray(rep[k]) for k in ("y", "grade", "group", "source")})
+    return {"held_out": h, "weights_sha256": card.get("weights_sha256"),
+            "operating_points": operating_points(rows, np.asarray(rep["p_fused_held_out"], dtype=np.float64))}
+
+
 def replaced_model_probabilities(s: Samples, model_dir: str | Path | None, device: str = "cpu") -> np.ndarray | None:
     """The old rule max(CNN, morphometry) of the classifier in ``model_dir`` on every sample (None: no model)."""
     from VertebralFractureLib.core.errors import InputError
@@ -375,6 +395,9 @@ def train_realct_classifier(
                            seed=config.seed, cache_dir=cache_dir, workers=workers, progress=progress)
     s.radiomics[~np.isfinite(s.radiomics)] = np.nan
     old = replaced_model_probabilities(s, compare_with, config.device)  # before out_dir may be overwritten
+    from VertebralFractureLib.models.loading import default_model_dir
+
+    previous = previous_model_summary(default_model_dir("classifier"))
     fold = patient_folds(s.group, folds, config.seed)
     oof = out_of_fold(s, fold, config, progress, init_state)
     lasso = _fit_lasso(s, np.arange(len(s)), config.seed)
@@ -393,6 +416,8 @@ def train_realct_classifier(
     }
     if old is not None:
         metrics["replaced_model"] = evaluate(s, old, 0.5, checked=checked)
+    if previous is not None:
+        metrics["previous_shipped"] = previous
     real_neg = (s.source == "real") & (s.y == 0)
     ood_cases = sorted({str(g) for g in s.group[real_neg & (nested_d > fusion.ood_threshold)]})
     metrics["ood"] = {"threshold": fusion.ood_threshold, "percentile": OOD_PERCENTILE,
@@ -463,8 +488,9 @@ def model_card_markdown(card: dict[str, Any], fusion: FusionModel) -> str:
     lines = [
         f"# {card['name']}", "",
         "**No real fracture has been seen by this model.** Its negatives are real vertebrae (real CTs with the "
-        "project's labels, some checked by eye, the rest automatic proposals); its positives are fractures simulated on those real backgrounds. All metrics below are on "
-        "held-out patients of that data (leave-patients-out folds); performance on real fractures is unknown.", "",
+        f"project's labels: {len(tr.get('checked_cases', []))} checked by eye, {len(tr.get('unchecked_cases', []))} "
+        "automatic proposals); its positives are fractures simulated on those real backgrounds. All metrics below are "
+        "on held-out patients of that data (leave-patients-out folds); performance on real fractures is unknown.", "",
         f"- networks: `customcnn` on a {card['input']['crop_size_voxels']}^3 crop at {card['spacing_mm']} mm "
         f"(`model.safetensors`), a radiomics LASSO ({len(fusion.radiomics_features)} features) and morphometry's "
         "probability, fused by logistic stacking fitted on out-of-fold predictions only (`fusion.json`, plain "
@@ -503,7 +529,8 @@ def model_card_markdown(card: dict[str, Any], fusion: FusionModel) -> str:
         f"{name}: {r['vertebrae_ge_threshold']} of {r['n_vertebrae']} vertebrae >= threshold, "
         f"{r['patients_called_fractured']} of {r['n_patients']} CTs called fractured "
         f"({', '.join(r.get('cases_called_fractured', [])) or 'none'})"
-        for name, r in (("all", held["real_ct"]), ("checked labels only", held.get("real_ct_checked"))) if r) + "."]
+        for name, r in (("all", held["real_ct"]), ("checked labels only", held.get("real_ct_checked")))
+        if r and (name == "all" or tr.get("unchecked_cases"))) + "."]
     ops = m.get("operating_points", [])
     if ops:
         lines += ["", "Operating points on the held-out probabilities (the chosen budget in bold):", "",
@@ -522,6 +549,27 @@ def model_card_markdown(card: dict[str, Any], fusion: FusionModel) -> str:
                   "kept: held-out ROC-AUC 0.902-0.906 against 0.907 without it, no fewer real false positives at a "
                   "grade >= 2 sensitivity of 0.95. The real false alarms were mostly on 1.5 mm CTs (segmentation "
                   "errors), not on thick slices."]
+    prev = m.get("previous_shipped")
+    if prev:
+        ph, pops = prev["held_out"], {o["max_false_positive_rate"]: o for o in prev["operating_points"]}
+        lines += ["", "Against the fused classifier shipped before this one (its own card's held-out numbers: other "
+                  "label versions and morphometry, same patients; its operating points recomputed from its "
+                  "training_report.json):", "",
+                  "| model | vertebra ROC-AUC | patient ROC-AUC | threshold | specificity (vertebrae) | grade >= 2 sens. "
+                  "| grade 1 sens. | ECE | real CTs called fractured |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, e in (("this model", held), ("previous", ph)):
+            lines.append(f"| {name} | {_ci(e['per_vertebra'], 'roc_auc')} | {_ci(e['per_patient'], 'roc_auc')} "
+                         f"| {e['threshold']:.3f} | {e['per_vertebra']['specificity']:.3f} "
+                         f"| {e['sensitivity_grade_ge2']:.3f} | {e['sensitivity_by_grade'].get('1', math.nan):.3f} "
+                         f"| {e['ece']:.3f} | {e['real_ct']['patients_called_fractured']} of "
+                         f"{e['real_ct']['n_patients']} |")
+        for o in ops:
+            q = pops.get(o["max_false_positive_rate"])
+            if q:
+                lines.append(f"| previous at this model's {o['max_false_positive_rate']:.0%} budget | | | "
+                             f"{q['threshold']:.3f} | | {q['sensitivity_grade_ge2']:.3f} "
+                             f"| {q['sensitivity_by_grade'].get('1', math.nan):.3f} | | "
+                             f"{q['real_cts_called_fractured']} of {e['real_ct']['n_patients']} |")
     comp = m.get("held_out_components", {})
     if comp:
         lines += ["", "Components alone (out-of-fold, per vertebra): " + "; ".join(
