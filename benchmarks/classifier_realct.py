@@ -139,7 +139,7 @@ def summarise(payload: dict) -> dict:
 
 def markdown(payload: dict) -> str:
     lines = [f"# Classifier on the real CTs ({payload['model']})", "",
-             f"Patient threshold {payload.get('threshold')}; fractured None = sent to review. Label status from "
+             f"Patient threshold {payload.get('threshold') or 0.5:.3f}; fractured None = sent to review. Label status from "
              "benchmarks/realct_labels (checked by eye, or the unchecked automatic proposal).", "",
              "| case | labels | --labels: max p | p >= 0.5 | fractured | review | auto: max p | fractured | review | "
              "held-out max p |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -192,6 +192,9 @@ def test_segmentation_network_keeps_the_input_shape():
 # networks lived inside classification._nets() and segmentation.load_model): moving the classes must not
 # change a state-dict key or a number.
 CLASSIFIER_LOGITS_BEFORE = [27.09556770324707, 25.853303909301758]
+# the shipped real-CT classifier's logits on the same input, recorded when it was trained (issue 16 retrain with
+# bridged morphometry and the specificity-first threshold; the fused model before it gave 10.660, 9.586)
+REALCT_CLASSIFIER_LOGITS = [10.162246704101562, 9.141971588134766]
 SEGMENTATION_BEFORE = {"mean": -7.970414638519287, (10, 20, 30): -6.287518501281738, (40, 5, 60): -6.695549011230469}
 
 
@@ -204,6 +207,7 @@ def test_shipped_classifier_loads_strictly_with_unchanged_outputs():
     x = torch.from_numpy(np.random.default_rng(0).random((2, 1, 32, 32, 32), dtype=np.float32))
     with torch.no_grad():
         assert np.allclose(old(x).numpy(), CLASSIFIER_LOGITS_BEFORE, atol=1e-4)
+        assert np.allclose(net(x).numpy(), REALCT_CLASSIFIER_LOGITS, atol=1e-4)
 
 
 @pytest.mark.skipif(not (SHIPPED["segmentation"] / "model.safetensors").exists(), reason="shipped U-Net missing")
