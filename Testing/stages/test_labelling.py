@@ -74,13 +74,16 @@ def test_user_anchor_overrides_automatic_levels():
         assign_levels(inst, None, spacing_mm=1.5, anchors=[(level_id("L3"), 7)])
 
 
-def test_last_rib_anchor_names_t12_on_phantom():
+@pytest.mark.parametrize("spacing", [1.5, 3.0])
+def test_last_rib_anchor_names_t12_on_phantom(spacing: float):
+    """At 1.5 mm (default) and 3 mm (``--fast``, where a 4 mm contact band once rounded to the one voxel that
+    :func:`bone_components` clears around the vertebrae: no rib touched any, the names were guessed from sizes)."""
     ph = make_phantom(("T10", "L3"), 1.5, seed=7)
-    lab = to_canonical(ph.labels, 1.5, labels=True).array
-    hu = to_canonical(ph.ct, 1.5).array
+    lab = to_canonical(ph.labels, spacing, labels=True).array
+    hu = to_canonical(ph.ct, spacing).array
     fg = (lab > 0) & ~contact_layer(lab)
-    inst = extract_instances(fg.astype(np.float32), hu, spacing_mm=1.5)
-    res = assign_levels(inst.labels, hu, spacing_mm=1.5, partial=inst.partial)
+    inst = extract_instances(fg.astype(np.float32), hu, spacing_mm=spacing)
+    res = assign_levels(inst.labels, hu, spacing_mm=spacing, partial=inst.partial)
     assert "last_rib" in res.anchors_found
     truth = {i: int(np.bincount(lab[inst.labels == i]).argmax()) for i in range(1, inst.count + 1)}
     named = {i: res.mapping.get(i) for i in truth}
@@ -91,7 +94,7 @@ def test_last_rib_anchor_names_t12_on_phantom():
     bodies_back = int(np.nonzero(lab == level_id("L1"))[1].mean())
     fov = np.ones(lab.shape, bool)
     fov[:, bodies_back:, :] = False
-    cut = assign_levels(np.where(fov, inst.labels, 0), np.where(fov, hu, -1000), spacing_mm=1.5, fov=fov)
+    cut = assign_levels(np.where(fov, inst.labels, 0), np.where(fov, hu, -1000), spacing_mm=spacing, fov=fov)
     assert "last_rib" not in cut.anchors_found and cut.confidence < 0.5
 
 
@@ -237,14 +240,15 @@ def test_thirteen_rib_bearing_vertebrae_name_a_t13():
     assert any("T13" in w for w in res.warnings) and res.confidence < 0.6
 
 
-def _levels_on_label_instances(ct_path, labels_path):
-    """(checked names, automatic names, result) naming the checked label map's segments, on the working grid."""
+def _levels_on_label_instances(ct_path, labels_path, spacing: float = 1.5):
+    """(checked names, automatic names, result) naming the checked label map's segments, on the working grid
+    (``spacing`` mm: 1.5 default, 3 ``--fast``)."""
     from VertebralFractureLib.core.levels import order_index
     from VertebralFractureLib.core.volume import resample_to
     from VertebralFractureLib.io.reading import read_volume
 
     ct = read_volume(ct_path)
-    hu = to_canonical(ct, 1.5)
+    hu = to_canonical(ct, spacing)
     fov = resample_to(ct.with_array(np.ones(ct.shape, np.uint8)), hu, order=0).array > 0
     checked = read_volume(labels_path, check=False)
     lab = resample_to(checked.with_array(checked.array.astype(np.uint8)), hu, order=0).array
@@ -252,7 +256,7 @@ def _levels_on_label_instances(ct_path, labels_path):
     inst = np.zeros(lab.shape, np.int32)
     for i, v in enumerate(ids, 1):
         inst[lab == v] = i
-    res = assign_levels(inst, hu.array, spacing_mm=1.5, fov=fov)
+    res = assign_levels(inst, hu.array, spacing_mm=spacing, fov=fov)
     return ids, [res.mapping.get(i) for i in range(1, len(ids) + 1)], res
 
 
@@ -266,3 +270,11 @@ def test_real_ct_ribs_and_sacrum_anchor_the_checked_segments(shared_data, repo_r
     case = "acrin-flt-breast-001_petct-b"
     _, _, res = _levels_on_label_instances(shared_data / "real-ct" / case / "ct.nii.gz", labels / case / "labels.nii.gz")
     assert "sacrum" in res.anchors_found
+
+
+def test_real_ct_rib_anchor_names_the_checked_segments_on_the_fast_grid(shared_data, repo_root):
+    """lidc-idri-0314's checked segments on the 3 mm grid of ``--fast``: the last rib still names them C7..L2 (it
+    found no rib there and the size prior named them C5..T12)."""
+    labels = repo_root / "benchmarks" / "realct_labels" / "lidc-idri-0314" / "labels.nii.gz"
+    ids, named, res = _levels_on_label_instances(shared_data / "lidc-idri-0314" / "ct_1p5mm.nii.gz", labels, 3.0)
+    assert named == ids and res.anchors_found.get("last_rib") == level_id("T12") and res.confidence >= 0.8

@@ -129,7 +129,7 @@ def rib_bearing(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count:
     """Per instance (1..count): does a rib attach?
 
     Ribs are bone components (HU >= 200, outside the vertebrae, at least :data:`RIB_MIN_ML`) reaching >= 60 mm
-    sideways from the spine. Only contact (within 4 mm) at or behind the front of the pedicles counts (no more
+    sideways from the spine. Only contact (within 4 mm, and at least two voxels) at or behind the front of the pedicles counts (no more
     than 10 mm in front of the whole vertebra's centroid): rib heads and tubercles articulate there, while a
     contrast-filled aorta or heart, merged with the rib cage into one component at HU >= 200, lies against the
     front of the bodies. A component is counted for a vertebra touching it with at least 30 % of the contact of
@@ -142,7 +142,9 @@ def rib_bearing(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count:
         return [False] * count
     objs = ndi.find_objects(lab)
     big = np.bincount(lab.ravel()) * spacing_mm**3 / 1000.0 >= RIB_MIN_ML
-    grow = max(1, int(round(4.0 / spacing_mm)))
+    # bone within a voxel of a vertebra is not in ``lab`` (:func:`bone_components`), so the contact band must reach
+    # at least one voxel beyond that: at 3 mm, 4 mm rounds to that one voxel and no rib would ever touch
+    grow = max(2, int(round(4.0 / spacing_mm)))
     # contact[v, c]: voxels of bone component c within 4 mm of vertebra v
     contact: dict[tuple[int, int], int] = {}
     for v in range(1, count + 1):
@@ -276,11 +278,13 @@ def sacrum_below(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, last:
     """Is there a big bone mass on the spine axis just caudal to instance ``last`` (the sacrum)?"""
     m = instances == last
     zz, yy, xx = np.nonzero(m)
-    if len(zz) == 0 or zz.min() < 3:
+    if len(zz) == 0 or zz.min() * spacing_mm < 4.5:  # no room below it for a look
         return False
     depth = int(round(25.0 / spacing_mm))
+    pad = int(round(7.5 / spacing_mm))  # the box reaches 7.5 mm beyond the vertebra front, back and sides
     z0 = max(0, zz.min() - depth)
-    box = (slice(z0, zz.min()), slice(max(0, yy.min() - 5), yy.max() + 6), slice(max(0, xx.min() - 5), xx.max() + 6))
+    box = (slice(z0, zz.min()), slice(max(0, yy.min() - pad), yy.max() + pad + 1),
+           slice(max(0, xx.min() - pad), xx.max() + pad + 1))
     bone = (hu[box] >= BONE_HU) & (instances[box] == 0)
     ml = bone.sum() * spacing_mm**3 / 1000.0
     return ml >= SACRUM_MIN_ML * (zz.min() - z0) / depth
