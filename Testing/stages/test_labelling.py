@@ -278,3 +278,22 @@ def test_real_ct_rib_anchor_names_the_checked_segments_on_the_fast_grid(shared_d
     labels = repo_root / "benchmarks" / "realct_labels" / "lidc-idri-0314" / "labels.nii.gz"
     ids, named, res = _levels_on_label_instances(shared_data / "lidc-idri-0314" / "ct_1p5mm.nii.gz", labels, 3.0)
     assert named == ids and res.anchors_found.get("last_rib") == level_id("T12") and res.confidence >= 0.8
+
+
+def test_fast_and_default_name_the_bundled_ct_alike():
+    """The bundled demo CT segmented at 1.5 mm and at 3 mm (``--fast``): both named from the last rib (T12), and
+    each default vertebra lies mostly in the fast segment of the same name (--fast once found no rib and named
+    them C5..T12 against C7..L1)."""
+    from VertebralFractureLib.core.resources import demo_ct_path
+    from VertebralFractureLib.io.reading import read_volume
+    from VertebralFractureLib.stages.segmentation.inference import segment_vertebrae
+
+    ct = read_volume(demo_ct_path())
+    default, fast = (segment_vertebrae(ct, fast=f, device="cpu") for f in (False, True))
+    assert default.naming["anchors"] == fast.naming["anchors"] == {"last_rib": "T12"}
+    a, b = default.labels.array, fast.labels.array
+    most = {}
+    for v in (int(v) for v in np.unique(a) if v > 0):
+        ids, hits = np.unique(b[(a == v) & (b > 0)], return_counts=True)
+        most[v] = int(ids[hits.argmax()])
+    assert most == {v: v for v in most} and min(most) == level_id("C7")
