@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from VertebralFractureLib.stages.segmentation.discs import split_at_discs
 from VertebralFractureLib.stages.segmentation.instances import (
     drop_detached_ends,
     extract_instances,
     fill_bodies,
     grow_cortex,
     reassign_stray_pieces,
-    split_at_discs,
     split_component,
 )
 

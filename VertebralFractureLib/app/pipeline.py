@@ -219,14 +219,8 @@ def analyse(
     filtered = ct
     if options.wiener:
         progress(0.6, "Wiener filter")
-        from VertebralFractureLib.stages.preprocess import wiener_filter
-
         with timer.stage("wiener"):
-            # the filtered CT feeds the classifier's crops only: filter the box they lie in (same values there)
-            region = classifier_region(ct, labels)
-            if region is not None:
-                filtered = ct.with_array(wiener_filter(ct.array, region=region,
-                                                       noise_every=FAST_NOISE_EVERY if options.fast else 1))
+            filtered = _wiener(ct, labels, options)
     cancel.check()
 
     progress(0.65, "morphometry")
@@ -241,15 +235,8 @@ def analyse(
     features = None
     if options.radiomics and records:
         progress(0.7, "radiomics")
-        from VertebralFractureLib.stages.radiomics import extract_features
-
         with timer.stage("radiomics"):
-            # the unfiltered CT and the whole label, as the study extracts them; the classifier's fusion uses them
-            # --fast: the classifier's ~50 features in this process; starting worker processes would cost more CPU
-            # time than they save on 2 cores (chest CT, 15 vertebrae: 3.4 s CPU in one process, 5 s with 2 workers)
-            workers = options.radiomics_workers or (1 if options.fast else None)
-            features = extract_features(ct, labels, [r.label for r in records], workers=workers,
-                                        feature_names=_classifier_features() if options.fast else None)
+            features = _radiomics(ct, labels, records, options)
     cancel.check()
 
     progress(0.8, "classification")
@@ -298,6 +285,30 @@ def classifier_region(ct: Volume, labels: Volume) -> tuple[slice, slice, slice] 
     margin = np.ceil(extent_ijk[::-1]).astype(int) + 4  # z, y, x
     return tuple(slice(max(0, int(idx[0] - m)), min(n, int(idx[-1] + 1 + m)))
                  for idx, m, n in zip(spine, margin, shape, strict=True))  # type: ignore[return-value]
+
+
+def _wiener(ct: Volume, labels: Volume, options: PipelineOptions) -> Volume:
+    """``ct`` Wiener-filtered inside :func:`classifier_region` (unchanged outside; ``ct`` itself when no vertebra)."""
+    from VertebralFractureLib.stages.preprocess import wiener_filter
+
+    # the filtered CT feeds the classifier's crops only: filter the box they lie in (same values there)
+    region = classifier_region(ct, labels)
+    if region is None:
+        return ct
+    return ct.with_array(wiener_filter(ct.array, region=region, noise_every=FAST_NOISE_EVERY if options.fast else 1))
+
+
+def _radiomics(ct: Volume, labels: Volume, records: list[VertebraRecord],
+               options: PipelineOptions) -> dict[int, dict[str, float]]:
+    """Radiomics features of ``records``' vertebrae (``extract_features``'s table; --fast: the classifier's only)."""
+    from VertebralFractureLib.stages.radiomics import extract_features
+
+    # the unfiltered CT and the whole label, as the study extracts them; the classifier's fusion uses them
+    # --fast: the classifier's ~50 features in this process; starting worker processes would cost more CPU
+    # time than they save on 2 cores (chest CT, 15 vertebrae: 3.4 s CPU in one process, 5 s with 2 workers)
+    workers = options.radiomics_workers or (1 if options.fast else None)
+    return extract_features(ct, labels, [r.label for r in records], workers=workers,
+                            feature_names=_classifier_features() if options.fast else None)
 
 
 def _classifier_features() -> list[str] | None:

@@ -372,22 +372,12 @@ def train_realct_classifier(
     widths are used); ``compare_with``: the model measured beside the new one (default: ``init_from``, else the
     shipped one).
     """
-    import dataclasses
-
     import torch
-
-    from VertebralFractureLib.models.loading import load_model
-    from VertebralFractureLib.research.label_assist import file_sha256
 
     config = config or TrainConfig(epochs=8, widths=SMALL_WIDTHS)
     init_state, lineage = None, None
     if init_from is not None:
-        init_net, init_card = load_model(init_from, "classifier")
-        init_state = {k: v.detach().clone() for k, v in init_net.state_dict().items()}
-        widths = init_card.architecture_kwargs.get("widths")
-        config = dataclasses.replace(config, widths=tuple(widths) if widths else None)
-        lineage = {"fine_tuned_from": str(Path(init_from).name), "name": init_card.name,
-                   "weights_sha256": file_sha256(Path(init_from) / init_card.weights)}
+        config, init_state, lineage = _fine_tuning_start(init_from, config)
         compare_with = init_from if compare_with is None else compare_with
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -408,21 +398,8 @@ def train_realct_classifier(
         progress(1.0, "final model trained")
 
     checked = {c.name for c in cases if c.checked}
-    metrics: dict[str, Any] = {"held_out": evaluate(s, nested_p, fusion.threshold, checked=checked),
-                               "operating_points": operating_points(s, nested_p)}
-    metrics["held_out_components"] = {
-        "cnn_alone": evaluate(s, oof["cnn"], 0.5, n_boot=200)["per_vertebra"],
-        "radiomics_alone": evaluate(s, 1 / (1 + np.exp(-oof["radiomics"])), 0.5, n_boot=200)["per_vertebra"],
-    }
-    if old is not None:
-        metrics["replaced_model"] = evaluate(s, old, 0.5, checked=checked)
-    if previous is not None:
-        metrics["previous_shipped"] = previous
+    metrics = _held_out_metrics(s, oof, nested_p, nested_d, fusion, old, previous, checked)
     real_neg = (s.source == "real") & (s.y == 0)
-    ood_cases = sorted({str(g) for g in s.group[real_neg & (nested_d > fusion.ood_threshold)]})
-    metrics["ood"] = {"threshold": fusion.ood_threshold, "percentile": OOD_PERCENTILE,
-                      "real_ct_cases_with_an_ood_vertebra": ood_cases,
-                      "n_real_ct_cases": int(len(np.unique(s.group[real_neg])))}
     out_dir.mkdir(parents=True, exist_ok=True)
     curves = {"fused (this model)": (s.y, nested_p)}
     if old is not None:
@@ -469,6 +446,47 @@ def train_realct_classifier(
     return full
 
 
+def _fine_tuning_start(init_from: str | Path, config: TrainConfig) -> tuple[TrainConfig, dict[str, Any], dict[str, str]]:
+    """For fine-tuning from the classifier folder ``init_from``: ``config`` with its widths, its weights (a
+    state dict every network starts from) and the lineage entry of the new card."""
+    import dataclasses
+
+    from VertebralFractureLib.models.loading import load_model
+    from VertebralFractureLib.research.label_assist import file_sha256
+
+    init_net, init_card = load_model(init_from, "classifier")
+    init_state = {k: v.detach().clone() for k, v in init_net.state_dict().items()}
+    widths = init_card.architecture_kwargs.get("widths")
+    config = dataclasses.replace(config, widths=tuple(widths) if widths else None)
+    lineage = {"fine_tuned_from": str(Path(init_from).name), "name": init_card.name,
+               "weights_sha256": file_sha256(Path(init_from) / init_card.weights)}
+    return config, init_state, lineage
+
+
+def _held_out_metrics(s: Samples, oof: dict[str, np.ndarray], nested_p: np.ndarray, nested_d: np.ndarray,
+                      fusion: FusionModel, old: np.ndarray | None, previous: dict[str, Any] | None,
+                      checked: set[str]) -> dict[str, Any]:
+    """The card's ``metrics``: the fused model on held-out patients (``nested_p``: nested out-of-fold
+    probabilities, ``nested_d``: their OOD distances), its operating points, the components alone (``oof``), the
+    replaced model (``old``) and the previous shipped one when given, and the real CTs out of distribution."""
+    metrics: dict[str, Any] = {"held_out": evaluate(s, nested_p, fusion.threshold, checked=checked),
+                               "operating_points": operating_points(s, nested_p)}
+    metrics["held_out_components"] = {
+        "cnn_alone": evaluate(s, oof["cnn"], 0.5, n_boot=200)["per_vertebra"],
+        "radiomics_alone": evaluate(s, 1 / (1 + np.exp(-oof["radiomics"])), 0.5, n_boot=200)["per_vertebra"],
+    }
+    if old is not None:
+        metrics["replaced_model"] = evaluate(s, old, 0.5, checked=checked)
+    if previous is not None:
+        metrics["previous_shipped"] = previous
+    real_neg = (s.source == "real") & (s.y == 0)
+    ood_cases = sorted({str(g) for g in s.group[real_neg & (nested_d > fusion.ood_threshold)]})
+    metrics["ood"] = {"threshold": fusion.ood_threshold, "percentile": OOD_PERCENTILE,
+                      "real_ct_cases_with_an_ood_vertebra": ood_cases,
+                      "n_real_ct_cases": int(len(np.unique(s.group[real_neg])))}
+    return metrics
+
+
 # --- model card --------------------------------------------------------------------------------------------
 def _ci(m: dict[str, Any], key: str) -> str:
     v = m.get(key)
@@ -485,7 +503,18 @@ def model_card_markdown(card: dict[str, Any], fusion: FusionModel) -> str:
     rows = [("this model (fused, held-out patients)", held)]
     if "replaced_model" in m:
         rows.append(("replaced model: max(simulated-only CNN, morphometry)", m["replaced_model"]))
-    lines = [
+    ops = m.get("operating_points", [])
+    lines = _card_intro(card, fusion) + _card_held_out_tables(rows, held, tr) + _card_operating_points(ops, held)
+    if m.get("previous_shipped"):
+        lines += _card_previous(m["previous_shipped"], held, ops)
+    lines += _card_closing(card, held)
+    return "\n".join(lines)
+
+
+def _card_intro(card: dict[str, Any], fusion: FusionModel) -> list[str]:
+    """The model card's title, warning and bullet list (networks, rules, training data), as lines."""
+    tr = card["training"]
+    return [
         f"# {card['name']}", "",
         "**No real fracture has been seen by this model.** Its negatives are real vertebrae (real CTs with the "
         f"project's labels: {len(tr.get('checked_cases', []))} checked by eye, {len(tr.get('unchecked_cases', []))} "
@@ -513,6 +542,11 @@ def model_card_markdown(card: dict[str, Any], fusion: FusionModel) -> str:
         "Per patient: each CT as it is (no fracture) and once per simulated fracture; probability = max over its "
         "vertebrae.", "",
         "| model | level | n (fractured) | ROC-AUC | sensitivity | specificity | threshold |", "|---|---|---|---|---|---|---|"]
+
+
+def _card_held_out_tables(rows: list[tuple[str, dict[str, Any]]], held: dict[str, Any], tr: dict[str, Any]) -> list[str]:
+    """The held-out tables of ``rows`` (name, evaluation): per vertebra and patient, by grade, on real CTs."""
+    lines: list[str] = []
     for name, e in rows:
         for level in ("per_vertebra", "per_patient"):
             x = e[level]
@@ -531,7 +565,12 @@ def model_card_markdown(card: dict[str, Any], fusion: FusionModel) -> str:
         f"({', '.join(r.get('cases_called_fractured', [])) or 'none'})"
         for name, r in (("all", held["real_ct"]), ("checked labels only", held.get("real_ct_checked")))
         if r and (name == "all" or tr.get("unchecked_cases"))) + "."]
-    ops = m.get("operating_points", [])
+    return lines
+
+
+def _card_operating_points(ops: list[dict[str, Any]], held: dict[str, Any]) -> list[str]:
+    """The operating-points table (the chosen false-positive budget in bold) and the reliability note."""
+    lines: list[str] = []
     if ops:
         lines += ["", "Operating points on the held-out probabilities (the chosen budget in bold):", "",
                   "| false-positive budget (real vertebrae) | threshold | real vertebrae >= threshold | grade 1 sens. "
@@ -549,27 +588,39 @@ def model_card_markdown(card: dict[str, Any], fusion: FusionModel) -> str:
                   "kept: held-out ROC-AUC 0.902-0.906 against 0.907 without it, no fewer real false positives at a "
                   "grade >= 2 sensitivity of 0.95. The real false alarms were mostly on 1.5 mm CTs (segmentation "
                   "errors), not on thick slices."]
-    prev = m.get("previous_shipped")
-    if prev:
-        ph, pops = prev["held_out"], {o["max_false_positive_rate"]: o for o in prev["operating_points"]}
-        lines += ["", "Against the fused classifier shipped before this one (its own card's held-out numbers: other "
-                  "label versions and morphometry, same patients; its operating points recomputed from its "
-                  "training_report.json):", "",
-                  "| model | vertebra ROC-AUC | patient ROC-AUC | threshold | specificity (vertebrae) | grade >= 2 sens. "
-                  "| grade 1 sens. | ECE | real CTs called fractured |", "|---|---|---|---|---|---|---|---|---|"]
-        for name, e in (("this model", held), ("previous", ph)):
-            lines.append(f"| {name} | {_ci(e['per_vertebra'], 'roc_auc')} | {_ci(e['per_patient'], 'roc_auc')} "
-                         f"| {e['threshold']:.3f} | {e['per_vertebra']['specificity']:.3f} "
-                         f"| {e['sensitivity_grade_ge2']:.3f} | {e['sensitivity_by_grade'].get('1', math.nan):.3f} "
-                         f"| {e['ece']:.3f} | {e['real_ct']['patients_called_fractured']} of "
-                         f"{e['real_ct']['n_patients']} |")
-        for o in ops:
-            q = pops.get(o["max_false_positive_rate"])
-            if q:
-                lines.append(f"| previous at this model's {o['max_false_positive_rate']:.0%} budget | | | "
-                             f"{q['threshold']:.3f} | | {q['sensitivity_grade_ge2']:.3f} "
-                             f"| {q['sensitivity_by_grade'].get('1', math.nan):.3f} | | "
-                             f"{q['real_cts_called_fractured']} of {e['real_ct']['n_patients']} |")
+    return lines
+
+
+def _card_previous(prev: dict[str, Any], held: dict[str, Any], ops: list[dict[str, Any]]) -> list[str]:
+    """The comparison with the previously shipped fused classifier (its card's ``previous_shipped``)."""
+    lines: list[str] = []
+    ph, pops = prev["held_out"], {o["max_false_positive_rate"]: o for o in prev["operating_points"]}
+    lines += ["", "Against the fused classifier shipped before this one (its own card's held-out numbers: other "
+              "label versions and morphometry, same patients; its operating points recomputed from its "
+              "training_report.json):", "",
+              "| model | vertebra ROC-AUC | patient ROC-AUC | threshold | specificity (vertebrae) | grade >= 2 sens. "
+              "| grade 1 sens. | ECE | real CTs called fractured |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, e in (("this model", held), ("previous", ph)):
+        lines.append(f"| {name} | {_ci(e['per_vertebra'], 'roc_auc')} | {_ci(e['per_patient'], 'roc_auc')} "
+                     f"| {e['threshold']:.3f} | {e['per_vertebra']['specificity']:.3f} "
+                     f"| {e['sensitivity_grade_ge2']:.3f} | {e['sensitivity_by_grade'].get('1', math.nan):.3f} "
+                     f"| {e['ece']:.3f} | {e['real_ct']['patients_called_fractured']} of "
+                     f"{e['real_ct']['n_patients']} |")
+    for o in ops:
+        q = pops.get(o["max_false_positive_rate"])
+        if q:
+            lines.append(f"| previous at this model's {o['max_false_positive_rate']:.0%} budget | | | "
+                         f"{q['threshold']:.3f} | | {q['sensitivity_grade_ge2']:.3f} "
+                         f"| {q['sensitivity_by_grade'].get('1', math.nan):.3f} | | "
+                         f"{q['real_cts_called_fractured']} of {e['real_ct']['n_patients']} |")
+    return lines
+
+
+def _card_closing(card: dict[str, Any], held: dict[str, Any]) -> list[str]:
+    """Components alone, out of distribution, the reliability diagram, issue 16's targets and the retrain
+    command."""
+    m, tr = card["metrics"], card["training"]
+    lines: list[str] = []
     comp = m.get("held_out_components", {})
     if comp:
         lines += ["", "Components alone (out-of-fold, per vertebra): " + "; ".join(
@@ -592,4 +643,4 @@ def model_card_markdown(card: dict[str, Any], fusion: FusionModel) -> str:
               + f" --lr {tr.get('lr', 2e-3):g} --epochs {tr['epochs']} --folds {tr['folds']} --seed {tr['seed']} "
               "-o MODEL_DIR`" + (f" (fine-tuned from `{init}`, weights sha256 "
                                  f"`{card['lineage']['weights_sha256'][:16]}...`)" if init else "") + ".", ""]
-    return "\n".join(lines)
+    return lines

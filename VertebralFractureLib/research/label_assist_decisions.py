@@ -47,7 +47,7 @@ from scipy import ndimage as ndi
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.levels import level_id
 from VertebralFractureLib.core.volume import Volume
-from VertebralFractureLib.stages.segmentation.instances import seeded_watershed
+from VertebralFractureLib.stages.segmentation.discs import seeded_watershed
 
 SNAP_MM = 10.0  # a point this close to a segment refers to it
 BODY_RADIUS_MM = 15.0  # a cut plane cuts the body within this distance of its point; arches follow the watershed

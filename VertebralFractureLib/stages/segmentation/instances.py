@@ -10,7 +10,7 @@ Works on the canonical working grid (isotropic, axis-aligned LPS, array axes z=S
    grown by a watershed through their own pedicles and arches, and a long part is cut at the minima of its
    cross-section along the centre line; when that still leaves a part of two vertebrae' size or height (the
    network bridged a disc) and the HU are given, the bodies are cut instead by planes perpendicular to the
-   spine's centre line at the discs' HU minima (:func:`split_at_discs`), disc voxels left out;
+   spine's centre line at the discs' HU minima (:func:`.discs.split_at_discs`), disc voxels left out;
 4. a segment far bigger than its neighbours gives back the pieces of other levels it holds (an arch chain
    joined to one body, the sacral alae joined to L5: :func:`reassign_stray_pieces`);
 5. instances numbered 1..n craniocaudally; those touching the edge of the field of view are marked partial.
@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
+from VertebralFractureLib.stages.segmentation.discs import CORE_MM, seeded_watershed, spine_coordinate, split_at_discs
+
 MIN_VOLUME_ML = 1.5  # smaller pieces are noise (a whole C3 is about 5 ml)
 MAX_OFF_AXIS_MM = 35.0  # a vertebra's centroid lies on the spine's centre line; ribs and pelvis do not
 #: bone this far along z beyond the end of the column, with nothing between, is not spine (the skull's vault
 #: above a neck the network missed): more than two missed thoracic vertebrae
 MAX_DETACHED_GAP_MM = 60.0
-CORE_MM = 4.5  # distance from the surface that only vertebral bodies (and not arches) reach
 MIN_SEED_GAP_MM = 13.0  # two seeds closer than this along the spine belong to the same vertebra
 MAX_HEIGHT_MM = 48.0  # a component longer than this along the spine (and not a sacrum) holds two vertebrae
 MAX_SINGLE_MM = 40.0  # a watershed part taller than this is checked for disc minima
@@ -205,223 +206,6 @@ def split_component(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
     return seeded_watershed(dist, markers, mask)
 
 
-def spine_coordinate(mask: np.ndarray, spacing_mm: float, outlier_mm: float = 6.0,
-                     dist: np.ndarray | None = None, line: np.ndarray | None = None):
-    """Arc length along the body column's centre line for every voxel of ``mask`` (z=S, y=P, x=L).
-
-    The centre line is a polynomial in z (up to cubic) fitted through the per-slice centroids of the thick part
-    of ``mask`` (distance to the surface >= 3 mm: vertebral bodies); slices more than ``outlier_mm`` off the
-    fit (arches) are dropped and the fit repeated. Each voxel gets the arc length (mm) of its nearest
-    centre-line point plus its offset along the local tangent, so planes of constant value are perpendicular to
-    the spine even where it curves (kyphosis, scoliosis). Returns ``(coord, radial)``: float32 arrays over
-    ``mask``'s voxels (mm; NaN outside ``mask``) with the distance from the line in ``radial``, or ``None``
-    when the mask has fewer than 3 slices with a thick part. ``line``: the voxels to fit the centre line through
-    instead of the thick part (the bodies, when big arches would pull the line backwards).
-    """
-    if line is not None:
-        thick = line
-    else:
-        if dist is None:  # distance to the surface in mm; callers that have it pass it in
-            dist = ndi.distance_transform_edt(mask) * spacing_mm
-        thick = dist >= 3.0
-    zs = np.nonzero(thick.any(axis=(1, 2)))[0]
-    if len(zs) < 3:
-        return None
-    area = thick.sum(axis=(1, 2))[zs].astype(float)
-    cy = (thick.sum(axis=2)[zs] * np.arange(mask.shape[1])).sum(axis=1) / area
-    cx = (thick.sum(axis=1)[zs] * np.arange(mask.shape[2])).sum(axis=1) / area
-    z_all = np.arange(zs.min(), zs.max() + 1)
-    # a smooth curve through the bodies: at a disc the network left out, the slice's thick part is an arch
-    # (pedicles, laminae) and its centroid jumps backwards; those slices are dropped as outliers of the fit
-    deg = int(min(3, (zs.max() - zs.min()) * spacing_mm // 40))
-    keep = np.ones(len(zs), bool)
-    for _ in range(3):
-        py, px = np.polyfit(zs[keep], cy[keep], deg), np.polyfit(zs[keep], cx[keep], deg)
-        resid = np.hypot(np.polyval(py, zs) - cy, np.polyval(px, zs) - cx) * spacing_mm
-        new = resid <= max(outlier_mm, float(np.percentile(resid, 60)))
-        if new.sum() < deg + 2 or np.array_equal(new, keep):
-            break
-        keep = new
-    line = np.stack([z_all, np.polyval(py, z_all), np.polyval(px, z_all)], axis=1).astype(float) * spacing_mm
-    tangent = np.gradient(line, axis=0)
-    tangent /= np.linalg.norm(tangent, axis=1, keepdims=True)
-    arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(line, axis=0), axis=1))])
-    pts = np.argwhere(mask) * spacing_mm
-    # nearest centre-line point by z first (the line is a graph over z), refined over a few neighbours
-    k0 = np.clip(np.rint(pts[:, 0] / spacing_mm - z_all[0]).astype(int), 0, len(z_all) - 1)
-    best_d = np.full(len(pts), np.inf)
-    best_k = k0.copy()
-    reach = int(np.ceil(30.0 / spacing_mm))
-    for off in range(-reach, reach + 1):
-        k = np.clip(k0 + off, 0, len(z_all) - 1)
-        d = np.sum((pts - line[k]) ** 2, axis=1)
-        better = d < best_d
-        best_d[better], best_k[better] = d[better], k[better]
-    rel = pts - line[best_k]
-    along = np.sum(rel * tangent[best_k], axis=1)
-    coord = np.full(mask.shape, np.nan, np.float32)
-    radial = np.full(mask.shape, np.nan, np.float32)
-    coord[mask] = arc[best_k] + along
-    radial[mask] = np.sqrt(np.maximum(np.sum(rel**2, axis=1) - along**2, 0.0))
-    return coord, radial
-
-
-def disc_positions(hu: np.ndarray, mask: np.ndarray, coord: np.ndarray, radial: np.ndarray, spacing_mm: float,
-                   radius_mm: float = 10.0, min_gap_mm: float = 14.0) -> list[float]:
-    """Spine coordinates (mm) of the intervertebral discs inside one component.
-
-    Profiles per 1 mm of spine coordinate, over the component's voxels within ``radius_mm`` of the centre line
-    (the vertebral bodies): their median HU and their count. A disc is a narrow HU minimum with an endplate on
-    each side: at least 40 HU (and a quarter of the local range) below the lower of the two maxima within 7 mm
-    on either side. The marrow in the middle of a body is a minimum too, but a broad one, with no endplate
-    within 7 mm. A dip of the count to below 60 % of both neighbouring maxima (a disc the network left out)
-    also counts. Discs are at least ``min_gap_mm`` apart, the most marked first.
-    """
-    sel = mask & (radial <= radius_mm)
-    if sel.sum() < 50:
-        return []
-    c, h = coord[sel], np.clip(hu[sel], -200, 1500)
-    lo, hi = float(np.floor(c.min())), float(np.ceil(c.max()))
-    edges = np.arange(lo, hi + 1.0, 1.0)
-    if len(edges) < 3:
-        return []
-    idx = np.digitize(c, edges) - 1
-    nbin = len(edges) - 1
-    count = np.bincount(idx, minlength=nbin)[:nbin].astype(float)
-    prof = np.full(nbin, np.nan)
-    inside = idx < nbin  # c == the last edge falls past the last bin
-    order = np.argsort(idx[inside], kind="stable")  # one sort, then each bin's HU is a contiguous run
-    runs = np.split(h[inside][order], np.cumsum(count[:-1].astype(int)))
-    for i in np.nonzero(count >= 5)[0]:
-        prof[i] = np.median(runs[i])
-    ok = ~np.isnan(prof)
-    if ok.sum() < 3:
-        return []
-    centres = (edges[:-1] + edges[1:]) / 2
-    prof = ndi.gaussian_filter1d(np.interp(centres, centres[ok], prof[ok]), 1.0)
-    count = ndi.gaussian_filter1d(count, 1.0)
-    near, wide = 7, 12
-    scored: list[tuple[float, int]] = []
-    for i in range(wide // 2, nbin - wide // 2):
-        left, right = prof[max(0, i - near):i + 1].max(), prof[i:i + near + 1].max()
-        depth = min(left, right) - prof[i]
-        hu_disc = prof[i] <= prof[i - 1] and prof[i] <= prof[min(nbin - 1, i + 1)] and \
-            depth >= max(40.0, 0.25 * (max(left, right) - prof[i]))
-        cl, cr = count[max(0, i - wide):i + 1].max(), count[i:i + wide + 1].max()
-        gap = count[i] <= count[i - 1] and count[i] <= count[min(nbin - 1, i + 1)] and count[i] < 0.6 * min(cl, cr)
-        if hu_disc or gap:
-            scored.append((depth / max(1.0, max(left, right)) + (1.0 - count[i] / max(1.0, min(cl, cr))), i))
-    discs: list[float] = []
-    for _, i in sorted(scored, reverse=True):
-        if all(abs(centres[i] - d) >= min_gap_mm for d in discs):
-            discs.append(float(centres[i]))
-    discs.sort()
-    # a gap far longer than the others hides a faint disc (thin upper thoracic discs, contrast-enhanced
-    # marrow): take the deepest HU minimum inside it, however shallow
-    if len(discs) >= 3:
-        step = float(np.median(np.diff(discs)))
-        filled = True
-        while filled:
-            filled = False
-            for a, b in zip(discs[:-1], discs[1:], strict=False):
-                if b - a <= 1.6 * step:
-                    continue
-                # still a narrow minimum (20 HU below both sides within 7 mm), not the marrow of one body
-                inside = [i for i in range(nbin) if a + min_gap_mm <= centres[i] <= b - min_gap_mm
-                          and min(prof[max(0, i - near):i + 1].max(), prof[i:i + near + 1].max()) - prof[i] >= 20.0]
-                if inside:
-                    discs.append(float(centres[min(inside, key=lambda i: prof[i] - prof[max(0, i - near):i + near + 1].max())]))
-                    discs.sort()
-                    filled = True
-                    break
-    return discs
-
-
-def split_at_discs(mask: np.ndarray, hu: np.ndarray, spacing_mm: float) -> np.ndarray | None:
-    """Split one component (cropped boolean ``mask`` with its ``hu``) at the intervertebral discs.
-
-    The vertebral bodies (near the centre line) are cut by planes perpendicular to the spine at the HU minima
-    of the discs (:func:`disc_positions`); each body piece seeds a watershed that grows through its own
-    pedicles and arch. Voxels of the disc itself (within 2 mm of a cut plane and darker than the midpoint of
-    disc and body HU) are left out: a network that bridges a thin disc would otherwise hand half of it to each
-    neighbour. Returns int32 parts 1..k, or ``None`` when no disc is found.
-    """
-    dist = ndi.distance_transform_edt(mask) * spacing_mm
-    sc = spine_coordinate(mask, spacing_mm, dist=dist)
-    if sc is None:
-        return None
-    coord, radial = sc
-    discs = disc_positions(hu, mask, coord, radial, spacing_mm)
-    if not discs:
-        return None
-    body = mask & (radial <= 14.0)
-    smooth = ndi.gaussian_filter(hu.astype(np.float32), 1.0)
-    pts = np.argwhere(mask) * spacing_mm  # (N, 3) mm, z y x
-    c_in = coord[mask]
-    r_in = radial[mask]
-    h_in = smooth[mask]
-    # each disc's own plane: fitted to its dark voxels (the disc is not always perpendicular to a centre line
-    # that is only a smooth fit, least of all at the ends of a column); the perpendicular plane otherwise
-    planes: list[tuple[np.ndarray, np.ndarray]] = []
-    dark_all = np.zeros(len(pts), bool)
-    for d in discs:
-        band = np.abs(c_in - d) <= 2.0
-        if not band.any():
-            continue
-        inner = band & (r_in <= 10.0)
-        disc_hu = float(np.median(h_in[inner if inner.any() else band]))
-        ring = (np.abs(c_in - d) > 4.0) & (np.abs(c_in - d) <= 10.0) & (r_in <= 10.0)
-        bone_hu = float(np.median(h_in[ring])) if ring.any() else disc_hu
-        cut_hu = (disc_hu + bone_hu) / 2
-        dark = (np.abs(c_in - d) <= 4.0) & (r_in <= 14.0) & (h_in < cut_hu)
-        near_pts = pts[band & (r_in <= 14.0)]
-        centre = near_pts.mean(axis=0) if len(near_pts) else pts[band].mean(axis=0)
-        below = pts[(c_in >= d - 12.0) & (c_in <= d - 3.0) & (r_in <= 10.0)]
-        above = pts[(c_in >= d + 3.0) & (c_in <= d + 12.0) & (r_in <= 10.0)]
-        tangent = np.array([1.0, 0.0, 0.0])
-        if len(below) >= 10 and len(above) >= 10:  # from the body below the disc to the one above
-            tangent = above.mean(axis=0) - below.mean(axis=0)
-            tangent /= np.linalg.norm(tangent) + 1e-9
-        normal = tangent
-        if dark.sum() >= 30:
-            dp = pts[dark]
-            _, v = np.linalg.eigh(np.cov((dp - dp.mean(axis=0)).T))
-            n = v[:, 0]  # thinnest direction of the disc = its normal
-            if abs(float(n @ tangent)) >= np.cos(np.deg2rad(35)):
-                normal, centre = n, dp.mean(axis=0)
-        normal = normal if normal @ tangent >= 0 else -normal
-        if normal[0] < 0:  # all planes oriented the same way along the spine (towards larger z)
-            normal = -normal
-        planes.append((centre, normal))
-        signed = (pts - centre) @ normal
-        dark_all |= (np.abs(signed) <= 2.0) & (r_in <= 25.0) & (h_in < cut_hu)  # a lumbar disc is 50 mm wide
-        dark_all |= (np.abs(signed) <= 1.0) & (r_in <= 14.0)  # the plane itself separates
-    planes.sort(key=lambda p: float(p[0][0]))
-    part_in = 1 + sum(((pts - c) @ n > 0).astype(np.int32) for c, n in planes)
-    part = np.zeros(mask.shape, np.int32)
-    part[mask] = part_in
-    near_cut = np.zeros(mask.shape, bool)
-    near_cut[mask] = dark_all
-    # seeds: the deep inside of each body piece (as the cores of split_component), so that the watershed on the
-    # mask's own distance map, not the seeds' extent, decides where pedicles and arches go
-    markers = np.where(body & ~near_cut & (dist >= CORE_MM), part, 0).astype(np.int32)
-    parts = seeded_watershed(dist, markers, mask)
-    parts[near_cut] = 0
-    return parts
-
-
-def seeded_watershed(dist: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Seeded watershed on ``-dist`` inside ``mask`` (SimpleITK morphological watershed from markers)."""
-    import SimpleITK as sitk
-
-    height = sitk.GetImageFromArray((dist.max() - dist).astype(np.float32))
-    mk = sitk.GetImageFromArray(markers.astype(np.uint32))
-    ws = sitk.MorphologicalWatershedFromMarkers(height, mk, markWatershedLine=False, fullyConnected=True)
-    out = sitk.GetArrayFromImage(ws).astype(np.int32)
-    out[~mask] = 0
-    return out
-
-
 def _cut_long(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
     """Cut a component taller than :data:`MAX_SINGLE_MM` at the discs: minima along z of the area of its thick
     part (distance to the surface >= 3 mm: vertebral bodies, not arches), at least 14 mm apart, each at
@@ -468,7 +252,7 @@ def extract_instances(
     Args:
         prob: vertebra-bone probability (z, y, x), 0..1.
         hu: HU on the same grid; merged vertebrae are cut at the discs' HU minima along the spine when given
-            (:func:`split_at_discs`), else by distance-transform cores and cross-section minima.
+            (:func:`.discs.split_at_discs`), else by distance-transform cores and cross-section minima.
         spacing_mm: isotropic voxel size in mm.
         fov: boolean mask of voxels inside the scanned field of view (None: the whole array); instances
             touching its edge are reported as partial.
@@ -489,17 +273,46 @@ def extract_instances(
     lab, n = connected_components(lab > 0, 6)
     if n == 0:
         return Instances(np.zeros(prob.shape, np.int32), 0, [], warnings)
-    # drop components off the spine's centre line (pieces of ribs, pelvis, sternum)
+    lab = drop_detached_ends(_drop_off_axis(lab, n, spacing_mm), spacing_mm)
+    out = _split_merged(lab, hu, spacing_mm, min_volume_ml)
+    # "typical" again after the split: a single merged column would otherwise make every vertebra a fragment
+    after = np.bincount(out.ravel())[1:]
+    after = after[after > 0] * vox_ml
+    out = _merge_fragments(out, spacing_mm, float(np.median(after)) if len(after) else 0.0)
+    out = reassign_stray_pieces(out, spacing_mm)
+    count = int(out.max())
+    if count == 0:
+        return Instances(out, 0, [], warnings)
+    # number craniocaudally: canonical z increases towards superior, so the most cranial has the largest z
+    cents = component_stats(out)[1][1 : count + 1]
+    order = np.argsort(-cents[:, 0])
+    remap = np.zeros(count + 1, np.int32)
+    remap[order + 1] = np.arange(1, count + 1)
+    out = remap[out]
+    partial = _partial(out, count, fov)
+    return Instances(out, count, partial, warnings)
+
+
+def _drop_off_axis(lab: np.ndarray, n: int, spacing_mm: float) -> np.ndarray:
+    """Components 1..``n`` of ``lab`` whose centroid lies more than :data:`MAX_OFF_AXIS_MM` off the spine's
+    centre line (:func:`spine_axis`: pieces of ribs, pelvis, sternum) set to 0, in place; returns ``lab``."""
     axis = spine_axis(lab, spacing_mm)
-    counts, cents = component_stats(lab)
-    cents = cents[1 : n + 1]
+    cents = component_stats(lab)[1][1 : n + 1]
     ya, xa = axis(cents[:, 0])
     off = np.hypot(cents[:, 1] - ya, cents[:, 2] - xa) * spacing_mm
     far = np.arange(1, n + 1)[off > MAX_OFF_AXIS_MM]
     if len(far):
         lab[np.isin(lab, far)] = 0
-    lab = drop_detached_ends(lab, spacing_mm)
-    # split components holding several vertebrae: only those clearly bigger than a typical one
+    return lab
+
+
+def _split_merged(lab: np.ndarray, hu: np.ndarray | None, spacing_mm: float, min_volume_ml: float) -> np.ndarray:
+    """Split the components of ``lab`` (int, z=S, y=P, x=L) that hold several vertebrae: only those clearly
+    bigger or taller than a typical one, by cores and cross-sections (:func:`split_component`, :func:`_recut`),
+    else at the discs' HU minima when ``hu`` is given (:func:`.discs.split_at_discs`). Parts under
+    ``min_volume_ml`` go to the touching instance. Disc voxels the disc cut leaves out are set to 0 in ``lab``
+    (in place). Returns int32 instances 1..k in no particular order."""
+    vox_ml = spacing_mm**3 / 1000.0
     counts = np.bincount(lab.ravel())
     kept = counts[1:][counts[1:] > 0] * vox_ml
     typical = float(np.median(kept)) if len(kept) else 0.0
@@ -540,22 +353,7 @@ def extract_instances(
         view = out[box]
         nearest = view[tuple(idx)]
         view[lost[box]] = nearest[lost[box]]
-    # "typical" again after the split: a single merged column would otherwise make every vertebra a fragment
-    after = np.bincount(out.ravel())[1:]
-    after = after[after > 0] * vox_ml
-    out = _merge_fragments(out, spacing_mm, float(np.median(after)) if len(after) else 0.0)
-    out = reassign_stray_pieces(out, spacing_mm)
-    count = int(out.max())
-    if count == 0:
-        return Instances(out, 0, [], warnings)
-    # number craniocaudally: canonical z increases towards superior, so the most cranial has the largest z
-    cents = component_stats(out)[1][1 : count + 1]
-    order = np.argsort(-cents[:, 0])
-    remap = np.zeros(count + 1, np.int32)
-    remap[order + 1] = np.arange(1, count + 1)
-    out = remap[out]
-    partial = _partial(out, count, fov)
-    return Instances(out, count, partial, warnings)
+    return out
 
 
 def grow_cortex(labels: np.ndarray, hu: np.ndarray, spacing_mm: float, *, hu_min: float = 250.0,
