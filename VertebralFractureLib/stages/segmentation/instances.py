@@ -498,11 +498,12 @@ def _body_cores(sub: np.ndarray, group: list[int], spacing_mm: float, check: int
     vox_ml = spacing_mm**3 / 1000.0
     cores = np.zeros(sub.shape, np.int32)
     two = False
+    objects = ndi.find_objects(sub)  # one pass for every label's box
     for j in group:
-        sl = ndi.find_objects((sub == j).astype(np.int8))
-        if not sl:
+        sl = objects[j - 1] if j <= len(objects) else None
+        if sl is None:
             continue
-        pad = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in sl[0])
+        pad = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in sl)
         core, n = connected_components(ndi.distance_transform_edt(sub[pad] == j) * spacing_mm >= CORE_MM, 6)
         if not n:
             continue
