@@ -7,7 +7,8 @@
                                                            # -> benchmarks/results/segmentation_accuracy_TAG.json
     .venv/bin/python benchmarks/segmentation.py tptbox-heldout MODEL_DIR [TAG]  # a model trained without the crop
     .venv/bin/python benchmarks/segmentation.py card       # -> Resources/models/segmentation/MODEL_CARD.md
-                                                           #    (benchmarks/templates/segmentation_model_card.md.j2)
+                                                           #    (benchmarks/templates/segmentation_model_card.md.j2,
+                                                           #    notes: segmentation_card_notes.json beside it)
 
 Speed: the 512x512x275 LIDC-IDRI-0314 chest CT (read from its DICOM folder once, outside the timing), each
 configuration in its own subprocess so the peak RSS is its own:
@@ -306,20 +307,74 @@ def _candidates(shipped: dict) -> list[dict]:
     return rows
 
 
-def _realct_heldout() -> list[dict]:
-    """``segmentation_realct_heldout_TAG.json`` files (benchmarks/segmentation_realct.py), the shipped model's first,
-    each with its ``tag``."""
-    files = sorted(RESULTS.glob("segmentation_realct_heldout_*.json"),
-                   key=lambda f: (f.stem != "segmentation_realct_heldout_shipped", f.stem))
-    return [{"tag": f.stem.removeprefix("segmentation_realct_heldout_"), **json.loads(f.read_text())} for f in files]
+def _recipe(training: dict) -> str:
+    """A training summary without its iteration count: equal for a run and its checkpoints."""
+    return json.dumps({k: v for k, v in training.items() if k != "iterations"}, sort_keys=True)
+
+
+def _train_flags(data_note: str) -> str:
+    """The train-seg flags a data note ends with (``...; --freeze-bn --separation-mm 3`` -> the flags), or ''."""
+    last = data_note.rsplit("; ", 1)[-1]
+    return last if last.startswith("--") else ""
+
+
+def _realct_heldout(notes: dict) -> list[dict]:
+    """Rows of the card's held-out real-CT table from the ``segmentation_realct_heldout_TAG.json`` files
+    (benchmarks/segmentation_realct.py), each with its ``tag``, ``note`` (``notes['rows'][tag]`` or {}),
+    ``flags`` (:func:`_train_flags` of its data note) and ``checkpoint`` (whether it is shown as a checkpoint).
+
+    ``notes``: the ``realct_heldout`` part of ``segmentation_card_notes.json``. Rows follow ``notes['order']``,
+    unlisted tags after, sorted; results in ``notes['in_text']`` are left out (the card's prose describes them).
+    A result whose training summary equals another's but for fewer iterations is a checkpoint of that run
+    (``--save-every``): it comes right under the run, iterations ascending."""
+    runs = {f.stem.removeprefix("segmentation_realct_heldout_"): json.loads(f.read_text())
+            for f in RESULTS.glob("segmentation_realct_heldout_*.json")}
+    named = set(notes["order"]) | set(notes["in_text"]) | set(notes["rows"])
+    if named - set(runs):
+        raise ValueError(f"{TEMPLATES / 'segmentation_card_notes.json'}: no results file for "
+                         f"{', '.join(sorted(named - set(runs)))}")
+    shown = {tag: r for tag, r in runs.items() if tag not in notes["in_text"]}
+    groups: dict[str, list[str]] = {}
+    for tag, r in shown.items():
+        if r.get("model_training"):
+            groups.setdefault(_recipe(r["model_training"]), []).append(tag)
+    order = notes["order"]
+
+    def place(t: str) -> tuple:
+        return order.index(t) if t in order else len(order), t
+
+    checkpoints: dict[str, list[str]] = {}
+    for tags in groups.values():
+        its = {t: shown[t]["model_training"]["iterations"] for t in tags}
+        # a rerun of the same recipe to the same count is a row of its own; the first such row takes the checkpoints
+        full = min((t for t in tags if its[t] == max(its.values())), key=place)
+        checkpoints[full] = sorted((t for t in tags if its[t] < its[full]), key=lambda t: (its[t], t))
+    inside = {t for tags in checkpoints.values() for t in tags}
+    top = sorted((t for t in shown if t not in inside), key=place)
+    rows = []
+    for tag in top:
+        for t in [tag, *checkpoints.get(tag, [])]:
+            r = shown[t]
+            rows.append({"tag": t, **r, "note": notes["rows"].get(t, {}), "checkpoint": t != tag,
+                         "flags": _train_flags(r["model_training"]["data_note"]) if r.get("model_training") else ""})
+    return rows
 
 
 def _optional_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _inf_running_variances(model_dir: Path) -> list[str]:
+    """Names of the batch-norm running variances in ``model.safetensors`` that hold inf (float16 overflow)."""
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "np") as f:
+        return [k for k in f.keys() if k.endswith("running_var") and not np.isfinite(f.get_tensor(k)).all()]
+
+
 def render_card(model_dir: Path, card: dict, acc: dict, speed: dict | None, heldout: dict[str, dict | None]) -> str:
-    """MODEL_CARD.md text from ``benchmarks/templates/segmentation_model_card.md.j2``.
+    """MODEL_CARD.md text from ``benchmarks/templates/segmentation_model_card.md.j2`` (and the hand-written notes
+    on the held-out real-CT candidates in ``segmentation_card_notes.json`` beside it).
 
     ``card``: the model's card.json; ``acc``: segmentation_accuracy.json; ``speed``: segmentation_speed.json
     or None; ``heldout``: the check models' tptbox-heldout results (``gpu_only``, ``cpu``, and, None when not
@@ -332,37 +387,40 @@ def render_card(model_dir: Path, card: dict, acc: dict, speed: dict | None, held
     env.filters["f"] = format
     env.filters["instances"] = lambda items: ", ".join(
         f"{i['level']}{'*' if i['partial'] else ''} {i['volume_ml']}" for i in items)
+    notes = json.loads((TEMPLATES / "segmentation_card_notes.json").read_text())
     return env.get_template("segmentation_model_card.md.j2").render(
         weights_mb=(model_dir / "model.safetensors").stat().st_size / 1e6, lineage=card.get("lineage", []),
+        inf_running_variances=_inf_running_variances(model_dir),
         tr=card["training"], tp=acc["tptbox-l2-l4"], heldout=heldout,
         chest=[(name, acc[name]) for name in ("lidc-idri-0314", "aorta-cta-thorax")],
         j2k=acc.get("dicom-jpeg2000-20"), phantoms=acc["phantoms_held_out"], candidates=_candidates(acc),
         speed={"by": {r["mode"]: r for r in speed["rows"]}, "all": speed} if speed else None,
         realct=_optional_json(RESULTS / "realct.json"),
         realct_md=(RESULTS / "realct.md").read_text() if (RESULTS / "realct.md").exists() else None,
-        realct_heldout=_realct_heldout(),
+        realct_heldout=_realct_heldout(notes["realct_heldout"]),
     )
 
 
-def write_card(model_dir: Path | None = None) -> Path:
-    """Write MODEL_CARD.md of the segmentation model (default: the shipped one in Resources/models/segmentation)
-    from its card.json and the results files (accuracy, speed, held-out check models); the card's ``metrics``
-    are refreshed from them too."""
-    from VertebralFractureLib.models.loading import default_model_dir
-
-    model_dir = Path(model_dir) if model_dir is not None else default_model_dir("segmentation")
-    card = json.loads((model_dir / "card.json").read_text())
-    acc = json.loads((RESULTS / "segmentation_accuracy.json").read_text())
-    heldout = {
-        "gpu_only": json.loads((RESULTS / "segmentation_tptbox_heldout_gpu_only.json").read_text()),
-        "cpu": json.loads((RESULTS / "segmentation_tptbox_heldout.json").read_text()),
-        "osteo": _optional_json(RESULTS / "segmentation_tptbox_heldout_osteo_check.json"),
-        "gpu_finetune_osteo": _optional_json(RESULTS / "segmentation_tptbox_heldout_gpu_finetune_osteo.json"),
+def card_inputs(model_dir: Path) -> dict:
+    """:func:`render_card`'s arguments for the model in ``model_dir``, read from its card.json and the results
+    files (accuracy, speed, held-out check models)."""
+    return {
+        "model_dir": model_dir, "card": json.loads((model_dir / "card.json").read_text()),
+        "acc": json.loads((RESULTS / "segmentation_accuracy.json").read_text()),
+        "speed": _optional_json(RESULTS / "segmentation_speed.json"),
+        "heldout": {
+            "gpu_only": json.loads((RESULTS / "segmentation_tptbox_heldout_gpu_only.json").read_text()),
+            "cpu": json.loads((RESULTS / "segmentation_tptbox_heldout.json").read_text()),
+            "osteo": _optional_json(RESULTS / "segmentation_tptbox_heldout_osteo_check.json"),
+            "gpu_finetune_osteo": _optional_json(RESULTS / "segmentation_tptbox_heldout_gpu_finetune_osteo.json"),
+        },
     }
-    path = model_dir / "MODEL_CARD.md"
-    path.write_text(render_card(model_dir, card, acc, _optional_json(RESULTS / "segmentation_speed.json"), heldout))
+
+
+def card_metrics(acc: dict, heldout: dict[str, dict | None]) -> dict:
+    """The ``metrics`` of the segmentation card.json, from the accuracy and held-out check-model results."""
     tp = acc["tptbox-l2-l4"]
-    card["metrics"] = {
+    return {
         "tptbox_l2_l4_foreground_dice": tp["foreground_dice"], "tptbox_l2_l4_mean_vertebra_dice": tp["mean_dice_matched"],
         "tptbox_l2_l4_level_accuracy": tp["level_accuracy"],
         "tptbox_l2_l4_heldout_check_model_dice": heldout["cpu"]["mean_dice_matched"],
@@ -371,6 +429,20 @@ def write_card(model_dir: Path | None = None) -> Path:
         "phantom_mean_vertebra_dice": float(np.mean([r["mean_dice_matched"] for r in acc["phantoms_held_out"]])),
         "phantom_level_accuracy": float(np.mean([r["level_accuracy"] for r in acc["phantoms_held_out"]])),
     }
+
+
+def write_card(model_dir: Path | None = None) -> Path:
+    """Write MODEL_CARD.md of the segmentation model (default: the shipped one in Resources/models/segmentation)
+    from its card.json and the results files (:func:`card_inputs`); the card's ``metrics`` are refreshed from
+    them too (:func:`card_metrics`)."""
+    from VertebralFractureLib.models.loading import default_model_dir
+
+    model_dir = Path(model_dir) if model_dir is not None else default_model_dir("segmentation")
+    inputs = card_inputs(model_dir)
+    path = model_dir / "MODEL_CARD.md"
+    path.write_text(render_card(**inputs))
+    card = inputs["card"]
+    card["metrics"] = card_metrics(inputs["acc"], inputs["heldout"])
     (model_dir / "card.json").write_text(json.dumps(card, indent=2))
     return path
 
