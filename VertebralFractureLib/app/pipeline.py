@@ -34,6 +34,7 @@ from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.reading import read_volume
 from VertebralFractureLib.io.volume_files import write_volume
 from VertebralFractureLib.stages.quality import assess_quality, review_reasons
+from VertebralFractureLib.stages.quality_discs import discs_inside
 
 
 @dataclass
@@ -229,7 +230,7 @@ def analyse(
     warnings += morph_warnings
     with timer.stage("quality"):
         quality = assess_quality(records, level_confidence=level_confidence,
-                                 naming_review=(naming or {}).get("review", []))
+                                 naming_review=(naming or {}).get("review", []), disc_inside=discs_inside(ct, labels))
     cancel.check()
 
     features = None

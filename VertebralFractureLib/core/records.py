@@ -35,7 +35,7 @@ class VertebraRecord:
     segments (not shaped like a vertebra: see ``morphometry.plausibility_problem``); neither is graded.
     ``genant_type`` is ``"normal"``, ``"wedge"``, ``"biconcave"`` or ``"crush"`` (empty if ungraded).
     ``flags`` are the segmentation quality flags of :mod:`VertebralFractureLib.stages.quality` (``"merged"``,
-    ``"cut"``, ``"implausible"``); a flagged vertebra is not graded and has no fracture probability.
+    ``"disc_inside"``, ``"cut"``, ``"implausible"``); a flagged vertebra is not graded and has no fracture probability.
     """
 
     label: int

@@ -411,7 +411,8 @@ img.sag { display: block; max-height: 880px; max-width: 100%; border-radius: 4px
 {% if notes %}<details><summary class="legend">Notes per vertebra ({{ notes|length }})</summary>
 <ul class="notes">{% for level, text in notes %}<li><b>{{ level }}</b>: {{ text }}</li>{% endfor %}</ul></details>{% endif %}
 <div class="legend">Quality flags: cut (by the field of view), merged (more than one vertebra in the segment),
-implausible (not shaped like a vertebral body); a flagged vertebra is not graded.</div>
+disc_inside (a disc crosses the segment's body: its boundaries are shifted), implausible (not shaped like a
+vertebral body); a flagged vertebra is not graded.</div>
 </div>
 {% if closeups %}<div class="card">
 <h2>Flagged vertebrae</h2>

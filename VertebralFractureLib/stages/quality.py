@@ -8,7 +8,10 @@ a wedge), so a flagged vertebra is never graded. Per vertebra (``VertebraRecord.
   adult vertebra reaches (``MAX_VERTEBRA_ML``);
 * ``cut``: the field of view cuts its body (morphometry's ``partial``: the body touches the edge of the
   scan, or is too small to measure; a cut arch or process alone does not count, the body's heights stand);
-* ``implausible``: morphometry's plausibility check (not shaped like a vertebral body).
+* ``implausible``: morphometry's plausibility check (not shaped like a vertebral body);
+* ``disc_inside``: an intervertebral disc found on the CT crosses the segment's body (the segment is shifted
+  along the spine; :mod:`.quality_discs`). Not folded into ``merged``: the segment has one vertebra's volume and
+  height, only its boundaries are wrong, and the review sentence says so.
 
 Per case (:class:`CaseQuality`): the vertebra flags above plus
 
@@ -46,7 +49,7 @@ MIN_LEVEL_CONFIDENCE = 0.6
 #: vertebrae on each side used as neighbours
 NEIGHBOURS = 2
 
-VERTEBRA_FLAGS = ("merged", "cut", "implausible")
+VERTEBRA_FLAGS = ("merged", "disc_inside", "cut", "implausible")
 CASE_FLAGS = (*VERTEBRA_FLAGS, "gap", "level_uncertain")
 
 
@@ -140,7 +143,7 @@ def is_blocked(record: VertebraRecord) -> bool:
 
 
 def assess_quality(records: list[VertebraRecord], *, level_confidence: float | None = None,
-                   naming_review: list[str] | None = None) -> CaseQuality:
+                   naming_review: list[str] | None = None, disc_inside: dict[int, str] | None = None) -> CaseQuality:
     """Set each record's ``flags`` (in place), take flagged vertebrae out of grading, and judge the case.
 
     Args:
@@ -149,9 +152,10 @@ def assess_quality(records: list[VertebraRecord], *, level_confidence: float | N
         level_confidence: 0..1 naming confidence of automatic labelling; None when the user gave the names
             (``--labels``), which are trusted.
         naming_review: sentences from labelling (anchors that disagree, a transitional vertebra): review reasons.
+        disc_inside: VerSe id -> problem, from :func:`.quality_discs.discs_inside` (segments crossing a disc).
     Returns:
-        The case's :class:`CaseQuality`. Vertebrae newly flagged ``merged`` are ungraded and their
-        neighbours graded again without them (they must not serve as a normal reference).
+        The case's :class:`CaseQuality`. Vertebrae newly flagged ``merged`` or ``disc_inside`` are ungraded and
+        their neighbours graded again without them (they must not serve as a normal reference).
     """
     from VertebralFractureLib.stages.morphometry import grade_records
 
@@ -169,12 +173,17 @@ def assess_quality(records: list[VertebraRecord], *, level_confidence: float | N
         problem = merged_problem(r, _neighbours(i, ordered, usable))
         if problem is not None:
             merged[r.label] = problem
+    crossing = {k: v for k, v in (disc_inside or {}).items() if k not in merged}
     regrade = False
     for r in ordered:
         if r.label in merged:
             regrade = regrade or not is_blocked(r)
             r.flags.insert(0, "merged")
             r.notes.append(f"looks like more than one vertebra ({merged[r.label]}): not graded")
+        elif r.label in crossing:
+            regrade = regrade or not is_blocked(r)
+            r.flags.insert(0, "disc_inside")
+            r.notes.append(f"segment shifted along the spine ({crossing[r.label]}): not graded")
     if regrade:
         grade_records([r for r in records if not is_blocked(r)])
     for r in records:
@@ -190,6 +199,10 @@ def assess_quality(records: list[VertebraRecord], *, level_confidence: float | N
     for r in ordered:
         if r.label in merged:
             quality.reasons.append(f"{r.level} looks like more than one vertebra in one segment ({merged[r.label]}).")
+    shifted = [r.level for r in ordered if r.label in crossing]
+    if shifted:
+        quality.reasons.append(f"Segments cut through the middle of vertebral bodies, an intervertebral disc inside them: "
+                               f"{', '.join(shifted)} (boundaries shifted along the spine; the levels may be off too).")
     # a body cut by the scan's end is not expected to look whole: its cut flag already keeps it ungraded
     implausible = [r.level for r in ordered if r.implausible and not r.partial]
     if implausible:
