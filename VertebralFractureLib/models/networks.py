@@ -5,7 +5,8 @@ radiomics-fusing ``customcnn``, features ``(N, n_radiomics)``) and returning ``(
 :class:`CustomCNN`, :class:`MobileNetV3Small3D`, MONAI's EfficientNet-B1 (:class:`SqueezeLogits` around it),
 :class:`VGG16Compact3D` and :class:`ResNet50V2_3D`.
 
-Segmentation family (:func:`build_segmentation_network`): the MONAI U-Net named by a model card, mapping
+Segmentation family (:func:`build_segmentation_network`): the U-Net named by a model card (MONAI's residual
+``UNet``, built as the plain-torch :class:`ResidualUNet` so that inference does not import MONAI), mapping
 ``(N, 1, D, H, W)`` windowed CT to ``(N, 1, D, H, W)`` logits.
 
 Attribute names are part of the weight files' state-dict keys: renaming one breaks the shipped weights.
@@ -246,6 +247,141 @@ def build_classifier_network(name: str, *, n_radiomics: int = 0, widths: tuple[i
 
 
 # --- segmentation ----------------------------------------------------------------------------------
+# A plain-torch copy of MONAI's residual ``UNet`` (monai.networks.nets.UNet, MONAI 1.x), module for module, so that
+# ``run`` does not import MONAI (``import monai`` loads every subpackage: about 1.8 s CPU for one network). Every
+# attribute name below is the MONAI one (``model.1.submodule.0.conv.unit0.adn.N.weight``...): the shipped weights
+# load unchanged. Modules are created in MONAI's order (bottom block first), so a seeded fresh network starts from
+# the same random weights as MONAI's. Testing/models/test_unet_plain.py compares the two.
+class UNetADN(nn.Sequential):
+    """MONAI's ``ADN`` in its default "NDA" order: norm ``N`` (batch or instance), dropout ``D`` (when a rate is
+    given), PReLU ``A``."""
+
+    def __init__(self, channels: int, norm: str, dropout: float | None):
+        super().__init__()
+        self.add_module("N", nn.BatchNorm3d(channels) if norm == "batch" else nn.InstanceNorm3d(channels))
+        if dropout is not None:
+            self.add_module("D", nn.Dropout(dropout))  # MONAI's dropout_dim 1: element-wise, not channel-wise
+        self.add_module("A", nn.PReLU())
+
+
+class UNetConvolution(nn.Sequential):
+    """MONAI's ``Convolution``: a (transposed) 3D convolution ``conv`` with "same" padding, then ``adn`` unless
+    ``conv_only``; stride ``s`` divides (transposed: multiplies) the size by ``s``."""
+
+    def __init__(self, cin: int, cout: int, stride: int, kernel: int, *, norm: str, dropout: float | None, bias: bool,
+                 conv_only: bool = False, transposed: bool = False):
+        super().__init__()
+        pad = (kernel - 1) // 2
+        if transposed:
+            self.add_module("conv", nn.ConvTranspose3d(cin, cout, kernel, stride, pad, output_padding=stride - 1,
+                                                       bias=bias))
+        else:
+            self.add_module("conv", nn.Conv3d(cin, cout, kernel, stride, pad, bias=bias))
+        if not conv_only:
+            self.add_module("adn", UNetADN(cout, norm, dropout))
+
+
+class UNetResidualUnit(nn.Module):
+    """MONAI's ``ResidualUnit``: ``subunits`` convolutions (the first with the stride) plus a residual path (identity,
+    a 1x1x1 convolution when only the channels change, or a strided ``kernel`` convolution)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, kernel: int, subunits: int, *, norm: str,
+                 dropout: float | None, bias: bool, last_conv_only: bool = False):
+        super().__init__()
+        self.conv = nn.Sequential()
+        self.residual: nn.Module = nn.Identity()
+        subunits = max(1, subunits)
+        c, s = cin, stride
+        for i in range(subunits):
+            self.conv.add_module(f"unit{i}", UNetConvolution(
+                c, cout, s, kernel, norm=norm, dropout=dropout, bias=bias, conv_only=last_conv_only and i == subunits - 1))
+            c, s = cout, 1
+        if stride != 1 or cin != cout:
+            k, pad = (kernel, (kernel - 1) // 2) if stride != 1 else (1, 0)
+            self.residual = nn.Conv3d(cin, cout, k, stride, pad, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        res = self.residual(x)
+        return self.conv(x) + res
+
+
+class SkipConnection(nn.Module):
+    """``cat([x, submodule(x)], channels)``: the U-Net's skip around the block below."""
+
+    def __init__(self, submodule: nn.Module):
+        super().__init__()
+        self.submodule = submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.submodule(x)], dim=1)
+
+
+class ResidualUNet(nn.Module):
+    """MONAI's 3D ``UNet`` in plain torch: ``(N, in_channels, D, H, W)`` -> ``(N, out_channels, D, H, W)``.
+
+    Each level is ``Sequential(down, SkipConnection(level below), up)``; ``down`` is a strided residual unit (plain
+    convolution when ``num_res_units`` is 0), ``up`` a transposed convolution followed by one residual unit.
+    D, H, W must be multiples of the product of ``strides``. Arguments as MONAI's (PReLU activations, "NDA" order).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, channels: tuple[int, ...], strides: tuple[int, ...], *,
+                 kernel_size: int = 3, up_kernel_size: int = 3, num_res_units: int = 0, norm: str = "instance",
+                 dropout: float | None = 0.0, bias: bool = True):
+        super().__init__()
+        if len(channels) < 2 or len(strides) < len(channels) - 1:
+            raise InputError(f"U-Net needs >= 2 channel counts and one stride per level; got {channels}, {strides}")
+        opts = {"norm": norm, "dropout": dropout, "bias": bias}
+
+        def down(cin: int, cout: int, stride: int) -> nn.Module:
+            if num_res_units > 0:
+                return UNetResidualUnit(cin, cout, stride, kernel_size, num_res_units, **opts)
+            return UNetConvolution(cin, cout, stride, kernel_size, **opts)
+
+        def up(cin: int, cout: int, stride: int, top: bool) -> nn.Module:
+            conv = UNetConvolution(cin, cout, stride, up_kernel_size, conv_only=top and num_res_units == 0,
+                                   transposed=True, **opts)
+            if num_res_units == 0:
+                return conv
+            return nn.Sequential(conv, UNetResidualUnit(cout, cout, 1, kernel_size, 1, last_conv_only=top, **opts))
+
+        def block(cin: int, cout: int, chans: tuple[int, ...], strs: tuple[int, ...], top: bool) -> nn.Module:
+            # the level below first, as MONAI builds it (same order of random initialisation)
+            if len(chans) > 2:
+                sub, upc = block(chans[0], chans[0], chans[1:], strs[1:], False), 2 * chans[0]
+            else:
+                sub, upc = down(chans[0], chans[1], 1), chans[0] + chans[1]
+            return nn.Sequential(down(cin, chans[0], strs[0]), SkipConnection(sub), up(upc, cout, strs[0], top))
+
+        self.model = block(in_channels, out_channels, tuple(channels), tuple(strides), True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+#: ``monai.networks.nets.UNet`` keyword arguments :class:`ResidualUNet` reproduces, with the values it accepts
+_PLAIN_UNET_FIXED = {"spatial_dims": (3,), "act": ("prelu", "PRELU"), "adn_ordering": ("NDA", "nda")}
+
+
+def plain_unet(kwargs: dict[str, Any]) -> ResidualUNet | None:
+    """:class:`ResidualUNet` for MONAI ``UNet`` keyword arguments, or None when they ask for something it does not
+    reproduce (another activation, norm given with arguments, 2D, per-axis kernel sizes...)."""
+    kw = dict(kwargs)
+    for key, allowed in _PLAIN_UNET_FIXED.items():
+        if key in kw and kw.pop(key) not in allowed:
+            return None
+    norm = kw.pop("norm", "instance")
+    if not isinstance(norm, str) or norm.lower() not in ("batch", "instance"):
+        return None
+    own = {"in_channels", "out_channels", "channels", "strides", "kernel_size", "up_kernel_size", "num_res_units",
+           "dropout", "bias"}
+    if set(kw) - own or not all(isinstance(kw.get(k, 3), int) and kw.get(k, 3) % 2 for k in ("kernel_size",
+                                                                                              "up_kernel_size")):
+        return None
+    if not isinstance(kw.get("dropout", 0.0), (int, float)):
+        return None
+    return ResidualUNet(norm=norm.lower(), **kw)
+
+
 def default_segmentation_architecture() -> dict[str, Any]:
     """The shipped architecture: MONAI UNet, 5 levels (16..256 channels), one residual unit per level, batch norm."""
     return {
@@ -265,23 +401,28 @@ def default_segmentation_architecture() -> dict[str, Any]:
 
 
 def build_segmentation_network(architecture: dict[str, Any]) -> nn.Module:
-    """The MONAI network named by ``{"name": ..., "kwargs": {...}}`` (only known classes; nothing is executed).
+    """The network named by ``{"name": ..., "kwargs": {...}}`` (only known classes; nothing is executed).
 
+    ``monai.networks.nets.UNet`` is built as :class:`ResidualUNet` (same modules and state-dict keys, no MONAI
+    import) whenever its arguments allow; otherwise, and for ``BasicUNet``, MONAI's own class.
     Raises:
         InputError: an architecture name outside :data:`.cards.SEGMENTATION_ARCHITECTURES`.
     """
-    from monai.networks.nets import BasicUNet, UNet
-
-    classes = {"UNet": UNet, "BasicUNet": BasicUNet}
-    known = {name: classes[name.rsplit(".", 1)[1]] for name in SEGMENTATION_ARCHITECTURES}
     name = architecture.get("name")
-    if name not in known:
-        raise InputError(f"segmentation model card names unknown architecture {name!r}; expected one of {sorted(known)}")
+    if name not in SEGMENTATION_ARCHITECTURES:
+        raise InputError(f"segmentation model card names unknown architecture {name!r}; expected one of "
+                         f"{sorted(SEGMENTATION_ARCHITECTURES)}")
     kwargs = dict(architecture.get("kwargs", {}))
     for key in ("channels", "strides", "features"):
         if key in kwargs:
             kwargs[key] = tuple(kwargs[key])
-    return known[name](**kwargs)
+    if name.endswith(".UNet"):
+        net = plain_unet(kwargs)
+        if net is not None:
+            return net
+    from monai.networks.nets import BasicUNet, UNet
+
+    return {"UNet": UNet, "BasicUNet": BasicUNet}[name.rsplit(".", 1)[1]](**kwargs)
 
 
 def build_network(kind: str, architecture: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
