@@ -9,7 +9,10 @@ radiomics cache. Measured per run:
   CPU time is the steadier number, since wall time grows with the load average;
 * per stage, wall time (``result.json`` ``timings_s``) and CPU time (the child wraps the pipeline's stage timer);
 * peak RSS of the run's process and of its largest child process;
-* the load average (1 min) before each run.
+* the load average (1 min) before each run;
+* what the run found, to check that a speed change changed no output: a SHA-256 of the label map's voxels
+  (``segmentation.nii.gz``), the levels and each vertebra's fracture probability; with ``--baseline`` the table says
+  whether they equal the baseline's.
 
 ``--baseline DIR`` also runs another checkout (e.g. ``git archive <commit> | tar -x -C DIR``) on the same CT,
 alternating with this one run by run, so both see the same machine load; ``--repeat N`` runs each configuration N
@@ -22,6 +25,7 @@ Run: .venv/bin/python benchmarks/pipeline.py [--repeat 3] [--baseline DIR] [--co
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -74,6 +78,7 @@ def run_one(tree: Path, dicom: Path, out: Path, extra: list[str]) -> dict:
                           env=env, cwd=tree, capture_output=True, text=True)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
     line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")), None)
     if proc.returncode != 0 or line is None:
         sys.exit(f"error: run failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -81,15 +86,27 @@ def run_one(tree: Path, dicom: Path, out: Path, extra: list[str]) -> dict:
     result = json.loads((out / "result.json").read_text())
     return {
         "wall_s": round(wall, 2),
-        "cpu_s": round((after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime), 2),
+        "cpu_s": round(user + system, 2),
+        "cpu_system_s": round(system, 2),
         "load_1min": round(load, 2),
         "peak_rss_mb": round(max(child["peak_rss_mb"], child["peak_rss_children_mb"]), 1),
         "timings_s": result["timings_s"],
         "stage_cpu_s": {k: round(v, 3) for k, v in child["stage_cpu_s"].items()},
         "vertebrae": [v["level"] for v in result["vertebrae"]],
         "fracture_probability": result["fracture_probability"],
+        "vertebra_probabilities": [v["fracture_probability"] for v in result["vertebrae"]],
+        "labels_sha256": labels_digest(out / "segmentation.nii.gz"),
         "outputs": sorted(p.name for p in out.iterdir()),
     }
+
+
+def labels_digest(path: Path) -> str:
+    """SHA-256 of a label map's voxels, shape and dtype (not of the gzip stream, which holds no time but may change
+    with the writer's settings)."""
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))
+    return hashlib.sha256(f"{array.shape}{array.dtype}".encode() + array.tobytes()).hexdigest()
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -102,12 +119,16 @@ def summarise(runs: list[dict]) -> dict:
         "wall_s_range": [min(r["wall_s"] for r in runs), max(r["wall_s"] for r in runs)],
         "cpu_s": round(med(r["cpu_s"] for r in runs), 2),
         "cpu_s_range": [min(r["cpu_s"] for r in runs), max(r["cpu_s"] for r in runs)],
+        "cpu_system_s": round(med(r.get("cpu_system_s", 0.0) for r in runs), 2),
         "load_1min": [r["load_1min"] for r in runs],
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
         "stage_wall_s": {s: round(med(r["timings_s"].get(s, 0.0) for r in runs), 2) for s in stages},
         "stage_cpu_s": {s: round(med(r["stage_cpu_s"].get(s, 0.0) for r in runs), 2) for s in stages},
         "vertebrae": runs[-1]["vertebrae"],
         "fracture_probability": runs[-1]["fracture_probability"],
+        "vertebra_probabilities": runs[-1].get("vertebra_probabilities"),
+        # one value when every repeat found the same label map
+        "labels_sha256": sorted({r.get("labels_sha256") for r in runs}, key=str),
         "outputs": runs[-1]["outputs"],
     }
 
@@ -120,7 +141,11 @@ def markdown(summary: dict[str, dict], shape: list[int], note: str = "") -> str:
                                              for r in summary.values()) + " |\n" for s in stages)
     rows += ("| **end to end, incl. start-up** | "
              + " | ".join(f"**{r['wall_s']:.1f} / {r['cpu_s']:.1f}**" for r in summary.values()) + " |\n")
+    rows += "| of it: system CPU s | " + " | ".join(f"{r.get('cpu_system_s', 0):.1f}" for r in summary.values()) + " |\n"
     rows += "| peak RSS (GB) | " + " | ".join(f"{r['peak_rss_mb'] / 1024:.2f}" for r in summary.values()) + " |\n"
+    if any(name.startswith("baseline ") for name in names):
+        rows += "| label map, levels, probabilities = baseline's | " + " | ".join(
+            "" if name.startswith("baseline ") else _same_as_baseline(summary, name) for name in names) + " |\n"
     rows += "| runs; load average (1 min) before each | " + " | ".join(
         f"{r['runs']}; {', '.join(f'{x:.1f}' for x in r['load_1min'])}" for r in summary.values()) + " |\n"
     return (f"# `run` on the LIDC-IDRI-0314 chest CT ({'x'.join(map(str, shape))} DICOM), {os.cpu_count()} CPUs\n\n"
@@ -128,6 +153,14 @@ def markdown(summary: dict[str, dict], shape: list[int], note: str = "") -> str:
             "its worker processes in that stage; end to end includes interpreter start-up, imports and model loading. "
             "Targets: <= 30 s end to end, `--fast` <= 8 s, <= 6 GB peak RSS, on 2 cores.\n\n" + head + rows
             + (f"\n{note}\n" if note else ""))
+
+
+def _same_as_baseline(summary: dict[str, dict], name: str) -> str:
+    base = summary.get(f"baseline {name}")
+    if base is None:
+        return ""
+    keys = ("labels_sha256", "vertebrae", "vertebra_probabilities", "fracture_probability")
+    return "yes" if all(summary[name].get(k) == base.get(k) for k in keys) else "**no**"
 
 
 def main() -> None:
