@@ -39,7 +39,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from VertebralFractureLib.app.pipeline import PipelineOptions, run_pipeline
+    from VertebralFractureLib.models.device import keep_freed_memory
 
+    keep_freed_memory()  # one short process: reuse the U-Net's freed tensors instead of faulting pages in again
     options = PipelineOptions(
         fast=args.fast, device=args.device, wiener=not args.no_wiener, series_uid=args.series, anchors=args.anchor
     )
@@ -78,7 +80,9 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from VertebralFractureLib.app.pipeline import PipelineOptions, run_pipeline
     from VertebralFractureLib.core.resources import demo_ct_path
+    from VertebralFractureLib.models.device import keep_freed_memory
 
+    keep_freed_memory()
     result = run_pipeline(demo_ct_path(), args.output, options=PipelineOptions(), progress=_progress_for(args))
     print(result.summary_line())
     print(f"report: {(args.output / 'report.html').resolve()}")
