@@ -1,4 +1,4 @@
-"""Vertebra segmentation: a MONAI 3D U-Net on a 1.5 mm LPS grid, then instances and levels.
+"""Vertebra segmentation: a 3D U-Net (MONAI's residual UNet, built in plain torch) on a 1.5 mm LPS grid, then instances and levels.
 
 Steps of :func:`segment_vertebrae`:
 
