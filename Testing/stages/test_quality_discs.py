@@ -72,3 +72,9 @@ def test_real_chest_ct_checked_labels_pass_and_shifted_copy_is_flagged(shared_da
     # 2.5 mm slices, bodies 19-29 mm tall: 5 slices (12.5 mm) down puts the boundaries mid-body
     shifted = discs_inside(ct, _shifted(labels, -5))
     assert len(shifted) >= 3
+
+
+def test_a_lone_vertebra_is_not_checked(phantom):
+    # no column, no disc sequence: a single body's own texture must not read as a disc
+    alone = np.where(phantom.labels.array == level_id("L1"), level_id("L1"), 0).astype(phantom.labels.array.dtype)
+    assert discs_inside(phantom.ct, phantom.labels.with_array(alone)) == {}

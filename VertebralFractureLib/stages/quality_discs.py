@@ -16,44 +16,53 @@ segments end:
 3. the discs are the energy peaks chosen as a quasi-periodic sequence (dynamic programming: strong peaks,
    spacing near the column's period from the energy's autocorrelation), so that a texture bump in the middle
    of a body, between two stronger endplate zones, is not taken for a disc;
-4. a segment crosses a disc when at least ``MIN_SIDE_FRACTION`` of its body voxels (near the centre line) lie
+4. a segment (not at either end of the column: :func:`_inner_labels`) crosses a disc when at least
+   ``MIN_SIDE_FRACTION`` of its body voxels (near the centre line) lie
    on each side of it *and* the disc's energy is at least ``MIN_ENERGY_RATIO`` times the energy at the
    segment's own two ends: a well-cut body ends at its endplates (high energy) and holds marrow (low), a
    shifted one ends in marrow and holds the disc zone.
 
-Not checked: C1 and C2 (the dens's base is a disc-like band inside C2), and scans with slices thicker than
-``MAX_SLICE_MM`` (discs are not resolved: a false alarm is likelier than a find).
+Not checked: C1 and C2 (the dens's base is a disc-like band inside C2), scans with slices thicker than
+``MAX_SLICE_MM`` (discs are not resolved: a false alarm is likelier than a find), and label maps with fewer
+than ``MIN_VERTEBRAE`` segments (no column whose period and disc sequence could be read: a lone body's own
+texture was taken for a disc).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from VertebralFractureLib.core.volume import Volume, resample_to
 
-GRID_MM = 1.5  #: working grid (the segmentation network's; the erosion below assumes it)
+GRID_MM = 1.5  #: working grid (the segmentation network's)
 CLOSE_MM = 13.5  #: the column is closed along z over gaps this long (discs the network left out)
+EXTEND_MM = 15.0  #: the profile runs this far past the labelled column's ends
 PROFILE_RADIUS_MM = 8.0  #: profile voxels: this close to the centre line (inside the bodies)
 BODY_RADIUS_MM = 10.0  #: a segment's body voxels: this close to the centre line
 MIN_SIDE_FRACTION = 0.25  #: a disc inside: at least this share of the body on each side (a shift of a quarter)
 MIN_ENERGY_RATIO = 1.0  #: ... and a disc zone at least as marked as the segment's own ends
 MAX_SLICE_MM = 3.0  #: thicker slices do not resolve the discs: no check
 MIN_BODY_VOXELS = 200  #: fewer body voxels (0.7 ml): a sliver, nothing to judge
+MIN_VERTEBRAE = 3  #: the disc sequence is read from a column: with fewer segments there is none
 SKIPPED_LABELS = (1, 2)  #: C1 (no body) and C2 (the dens's base)
 BASELINE_MM = 25  #: running median window of the marrow level (mm = profile bins)
 ZONE_SMOOTH_MM = 3.0  #: smoothing of the zone energy (Gaussian sigma, mm)
 
 
 def _canonical(ct: Volume, labels: Volume) -> tuple[np.ndarray, np.ndarray] | None:
-    """(HU float32, labels uint8) of the labels' box (3 voxels margin) on an axis-aligned ``GRID_MM`` grid."""
+    """(HU float32, labels uint8) of the labels' box (``EXTEND_MM`` + 3 mm margin) on an axis-aligned ``GRID_MM``
+    grid."""
     from VertebralFractureLib.stages.segmentation.inference import canonical_grid
 
     idx = np.argwhere(labels.array > 0)
     if idx.size == 0:
         return None
-    lo = np.maximum(idx.min(axis=0) - 3, 0)
-    hi = np.minimum(idx.max(axis=0) + 4, labels.array.shape)
+    margin = np.ceil((EXTEND_MM + 3.0) / np.asarray(labels.spacing[::-1])).astype(int)  # (k, j, i) voxels
+    lo = np.maximum(idx.min(axis=0) - margin, 0)
+    hi = np.minimum(idx.max(axis=0) + margin + 1, labels.array.shape)
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
     origin = tuple(labels.index_to_lps(lo[::-1].astype(float)))
 
@@ -102,9 +111,9 @@ def column_period(energy: np.ndarray, lo_mm: int = 14, hi_mm: int = 45) -> float
     ac = np.correlate(e, e, "full")[len(e) - 1:]
     peaks, _ = find_peaks(ac[:hi_mm + 1])
     peaks = [int(p) for p in peaks if p >= lo_mm]
-    if not peaks:
+    top = max((float(ac[p]) for p in peaks), default=0.0)
+    if top <= 0.0:  # no repeat in the profile (a short column)
         return 25.0  # a mid-thoracic spacing
-    top = max(ac[p] for p in peaks)
     return float(min(p for p in peaks if ac[p] >= 0.6 * top))
 
 
@@ -138,6 +147,35 @@ def energy_discs(x: np.ndarray, energy: np.ndarray) -> list[float]:
     return sorted(chosen)
 
 
+def _inner_labels(body_lab: np.ndarray, body_coord: np.ndarray) -> list[int]:
+    """Labels to check: between the first and the last whole body along the spine (exclusive), C1/C2 left out.
+
+    ``body_lab``/``body_coord``: label and spine coordinate (mm) of each body voxel. A whole body has at least
+    half the median body voxel count; the end ones and the slivers beyond them are not checked: there the centre
+    line is extrapolated (it bends towards an arch hanging past the last body) and the profile runs on into
+    whatever lies beyond, and such a segment is most often cut by the field of view anyway.
+    """
+    labels, counts = np.unique(body_lab, return_counts=True)
+    keep = counts >= MIN_BODY_VOXELS
+    labels, counts = labels[keep], counts[keep]
+    if len(labels) < MIN_VERTEBRAE:
+        return []
+    centre = {int(v): float(np.median(body_coord[body_lab == v])) for v in labels}
+    whole = [int(v) for v, n in zip(labels, counts, strict=True) if n >= 0.5 * np.median(counts)]
+    lo, hi = min(centre[v] for v in whole), max(centre[v] for v in whole)
+    return [v for v in centre if lo < centre[v] < hi and v not in SKIPPED_LABELS]
+
+
+@dataclass
+class DiscCrossing:
+    """The most marked disc inside one segment's body: the share of the body below and above it (0..1, along
+    the spine) and its zone energy over the higher of the segment's two ends' (``energy_ratio``)."""
+
+    below: float
+    above: float
+    energy_ratio: float
+
+
 def discs_inside(ct: Volume, labels: Volume) -> dict[int, str]:
     """Segments whose vertebral body crosses an intervertebral disc found on the CT (see the module docstring).
 
@@ -147,6 +185,14 @@ def discs_inside(ct: Volume, labels: Volume) -> dict[int, str]:
         VerSe id -> plain description of the problem (share of the body on each side of the disc), for the
         flagged segments only; empty when nothing is flagged or the scan cannot be checked.
     """
+    return {label: (f"a disc crosses its body ({c.below:.0%} of the body below it, {c.above:.0%} above): the "
+                    "segment's boundaries miss the discs")
+            for label, c in disc_crossings(ct, labels).items() if c.energy_ratio >= MIN_ENERGY_RATIO}
+
+
+def disc_crossings(ct: Volume, labels: Volume) -> dict[int, DiscCrossing]:
+    """Per checked segment (VerSe id) its most marked disc with at least ``MIN_SIDE_FRACTION`` of the body on
+    each side; segments without one are left out, and so is everything when the scan cannot be checked."""
     from VertebralFractureLib.stages.segmentation.discs import spine_coordinate
 
     if max(ct.spacing) > MAX_SLICE_MM or not labels.same_geometry(ct):
@@ -155,17 +201,22 @@ def discs_inside(ct: Volume, labels: Volume) -> dict[int, str]:
     if canon is None:
         return {}
     hu, lab = canon
+    if np.count_nonzero(np.bincount(lab.ravel())[1:] >= MIN_BODY_VOXELS) < MIN_VERTEBRAE:
+        return {}
     fg = lab > 0
     # the network often leaves the discs out: close the column over them so that the profile crosses them
     column = ndi.binary_closing(fg, structure=np.ones((round(CLOSE_MM / GRID_MM), 1, 1), bool)) | fg
     # the centre line runs through the bodies, the voxels >= 3 mm inside the column (spine_coordinate's own rule):
     # on the 1.5 mm grid exactly those whose 26 neighbours are all inside, an erosion 25 times faster than its EDT
     thick = ndi.binary_erosion(column, np.ones((3, 3, 3), bool), border_value=1)
-    sc = spine_coordinate(column, GRID_MM, line=thick)
+    # the profile reaches EXTEND_MM past both ends of the labelled column (into the unlabelled neighbours, where
+    # the scan has them): an end vertebra's outer endplate zone is then measured as the others are
+    extended = column | ndi.binary_dilation(fg, structure=np.ones((2 * round(EXTEND_MM / GRID_MM) + 1, 1, 1), bool))
+    sc = spine_coordinate(extended, GRID_MM, line=thick)
     if sc is None:
         return {}
     coord, radial = sc
-    sel = column & (radial <= PROFILE_RADIUS_MM)
+    sel = extended & (radial <= PROFILE_RADIUS_MM)
     if sel.sum() < 100:
         return {}
     x, prof = _profile(hu, coord, sel)
@@ -175,22 +226,17 @@ def discs_inside(ct: Volume, labels: Volume) -> dict[int, str]:
     discs = energy_discs(x, energy)
     body = fg & (radial <= BODY_RADIUS_MM)
     body_lab, body_coord = lab[body], coord[body]
-    problems: dict[int, str] = {}
-    for label in np.unique(body_lab):
-        if label in SKIPPED_LABELS:
-            continue
+    crossings: dict[int, DiscCrossing] = {}
+    for label in _inner_labels(body_lab, body_coord):
         c = body_coord[body_lab == label]
-        if c.size < MIN_BODY_VOXELS:
-            continue
         a, b = np.percentile(c, [5, 95])
         ends = max(float(energy[np.abs(x - a) <= 3.0].max(initial=0.0)),
                    float(energy[np.abs(x - b) <= 3.0].max(initial=0.0)))
         for d in discs:
             below, above = float((c < d - 2.0).mean()), float((c > d + 2.0).mean())
-            marked = float(energy[int(np.argmin(np.abs(x - d)))]) >= MIN_ENERGY_RATIO * max(ends, 1e-6)
-            if min(below, above) >= MIN_SIDE_FRACTION and marked:
-                problems[int(label)] = (f"a disc crosses its body ({below:.0%} of the body below it, {above:.0%} "
-                                        "above): the segment's boundaries miss the discs")
-                break
-    return problems
+            ratio = float(energy[int(np.argmin(np.abs(x - d)))]) / max(ends, 1e-6)
+            best = crossings.get(int(label))
+            if min(below, above) >= MIN_SIDE_FRACTION and (best is None or ratio > best.energy_ratio):
+                crossings[int(label)] = DiscCrossing(below, above, ratio)
+    return crossings
 
