@@ -4,9 +4,12 @@ Everything is measured in physical LPS millimetres, so the result does not depen
 orientation (LPS, RAS, PIR, oblique) or spacing. Per vertebra:
 
 1. **Local frame** (:func:`local_frame`). The superior axis ``si`` follows the spine: the direction
-   from the caudal to the cranial neighbour's centroid (one neighbour: from it to this vertebra);
-   a vertebra without neighbours uses the smallest principal axis of its body. The vertebra is
-   resampled on a 1 mm grid aligned with ``si`` and projected along it: the body is the thickest
+   from the caudal to the cranial neighbour's body centre (one neighbour: from it to this vertebra).
+   The centres come from a first pass along the chord between whole-label centroids; a neighbour cut
+   by the field of view gives the centroid of its body remnant, found along the chord that skips the
+   vertebra being measured (so that centre does not follow that vertebra's shape). A vertebra without
+   neighbours uses the smallest principal axis of its body. The vertebra is resampled on a 1 mm grid
+   aligned with ``si`` and projected along it: the body is the thickest
    part of that footprint (maximum of its 2D distance transform); the spinal canal is the largest
    hole of the footprint. The anterior axis ``ap`` points from the canal to the body centre (without
    a canal, from the posterior elements' centroid; without either, patient anterior). ``lr = si x ap``.
