@@ -53,14 +53,16 @@ ZONE_SMOOTH_MM = 3.0  #: smoothing of the zone energy (Gaussian sigma, mm)
 
 
 def _canonical(ct: Volume, labels: Volume) -> tuple[np.ndarray, np.ndarray] | None:
-    """(HU float32, labels uint8) of the labels' box (``EXTEND_MM`` + 3 mm margin) on an axis-aligned ``GRID_MM``
-    grid."""
+    """(HU float32, labels uint8) of the labels' box (3 voxels margin, ``EXTEND_MM`` more along S) on an
+    axis-aligned ``GRID_MM`` grid."""
     from VertebralFractureLib.stages.segmentation.inference import canonical_grid
 
     idx = np.argwhere(labels.array > 0)
     if idx.size == 0:
         return None
-    margin = np.ceil((EXTEND_MM + 3.0) / np.asarray(labels.spacing[::-1])).astype(int)  # (k, j, i) voxels
+    # (k, j, i) voxels: 3 everywhere, and room for the profile's extension along the patient's axis (S)
+    reach = 3.0 * np.asarray(labels.spacing[::-1]) + EXTEND_MM * np.abs(labels.axis_lps()[:, 2])
+    margin = np.ceil(reach / np.asarray(labels.spacing[::-1])).astype(int)
     lo = np.maximum(idx.min(axis=0) - margin, 0)
     hi = np.minimum(idx.max(axis=0) + margin + 1, labels.array.shape)
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
@@ -210,8 +212,9 @@ def disc_crossings(ct: Volume, labels: Volume) -> dict[int, DiscCrossing]:
     # on the 1.5 mm grid exactly those whose 26 neighbours are all inside, an erosion 25 times faster than its EDT
     thick = ndi.binary_erosion(column, np.ones((3, 3, 3), bool), border_value=1)
     # the profile reaches EXTEND_MM past both ends of the labelled column (into the unlabelled neighbours, where
-    # the scan has them): an end vertebra's outer endplate zone is then measured as the others are
-    extended = column | ndi.binary_dilation(fg, structure=np.ones((2 * round(EXTEND_MM / GRID_MM) + 1, 1, 1), bool))
+    # the scan has them) through the bodies' cores: the outer endplate zones of the end vertebrae are then
+    # measured as the others are
+    extended = column | ndi.binary_dilation(thick, structure=np.ones((2 * round(EXTEND_MM / GRID_MM) + 1, 1, 1), bool))
     sc = spine_coordinate(extended, GRID_MM, line=thick)
     if sc is None:
         return {}
