@@ -1,5 +1,5 @@
 """The classifier's ``MODEL_CARD.md`` is rendered from its ``card.json`` and ``fusion.json``
-(:func:`research.classifier_fusion.model_card_markdown`): the shipped card must come out byte for byte."""
+(:func:`research.classifier_card.model_card_markdown`): the shipped card must come out byte for byte."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import copy
 import json
 
 from VertebralFractureLib.core.resources import resource_path
-from VertebralFractureLib.research.classifier_fusion import model_card_markdown
+from VertebralFractureLib.research.classifier_card import model_card_markdown
 from VertebralFractureLib.stages.classification import load_fusion
 
 

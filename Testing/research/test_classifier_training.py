@@ -14,6 +14,7 @@ from VertebralFractureLib.research.classifier_data import Samples, find_real_cas
 from VertebralFractureLib.research.classifier_fusion import (
     expected_calibration_error,
     fit_fusion,
+    operating_points,
     ood_distances,
     ood_fit,
     operating_threshold,
@@ -22,7 +23,7 @@ from VertebralFractureLib.research.classifier_fusion import (
 )
 from VertebralFractureLib.research.classifier_training import RadiomicsLasso
 from VertebralFractureLib.research.phantom import make_phantom
-from VertebralFractureLib.stages.classification import CROP_SIZE, FusionModel
+from VertebralFractureLib.stages.classification import CROP_SIZE, FusionModel, logit, shift_prior
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +118,40 @@ def test_fusion_model_round_trip_and_direction():
     assert roc_auc_score(s.y, nested_p) > 0.8
     with pytest.raises(InputError, match="fusion"):
         FusionModel.from_json({**fusion.to_json(), "stack": {"coef": [1.0], "intercept": 0.0}})
+
+
+def test_fusion_prior_shift_puts_the_operating_point_at_one_half_without_reordering():
+    s, oof = _synthetic()
+    folds = patient_folds(s.group, 4)
+    fusion, nested_p, _ = fit_fusion(s, oof, folds, oof["lasso"])
+    assert fusion.threshold == 0.5 and fusion.prior_logit_shift != 0.0
+    # on the shifted held-out probabilities, 0.5 splits the rows exactly as the specificity-first threshold does
+    t = operating_points(s, nested_p, (0.05,))[0]["threshold"]
+    assert np.array_equal(nested_p >= 0.5, nested_p >= t) and 0.0 < np.mean(nested_p >= 0.5) < 1.0
+    # prevalence is the training share moved by the same shift
+    assert logit(fusion.prevalence) == pytest.approx(logit(s.y.mean()) + fusion.prior_logit_shift)
+    # run time applies the shift: the unshifted model's logit plus the shift
+    feats = {name: 0.0 for name in s.feature_names}
+    raw = FusionModel.from_json({**fusion.to_json(), "prior_logit_shift": 0.0, "prevalence": None})
+    for p_cnn, p_morph, f in ((0.3, 0.1, feats), (0.9, 0.4, feats), (0.6, 0.0, None)):
+        assert fusion.probability(p_cnn, p_morph, f) == pytest.approx(
+            float(shift_prior(raw.probability(p_cnn, p_morph, f), fusion.prior_logit_shift)))
+    # a fusion.json written before the prior shift existed still loads, unshifted
+    old = {k: v for k, v in fusion.to_json().items() if k not in ("prior_logit_shift", "prevalence")}
+    assert FusionModel.from_json(old).prior_logit_shift == 0.0
+
+
+def test_prior_shifted_probabilities_are_calibrated_at_the_new_prevalence_only_after_reweighting():
+    rng = np.random.default_rng(2)
+    y = (rng.uniform(size=40000) < 0.6).astype(int)  # a training-like mix: 60 % fractured
+    score = rng.normal(loc=np.where(y == 1, 1.5, -0.5))
+    # exact posterior at 60 % prevalence for unit-variance normals at +1.5 / -0.5
+    p = 1 / (1 + np.exp(-(2.0 * score - 1.0 + np.log(0.6 / 0.4))))
+    assert expected_calibration_error(y, p) < 0.02
+    shift = float(logit(0.1) - logit(0.6))
+    shifted = shift_prior(p, shift)
+    assert expected_calibration_error(y, shifted) > 0.15  # rows as sampled: far off
+    assert expected_calibration_error(y, shifted, prevalence=0.1) < 0.02
 
 
 def test_virtual_patients_count_each_ct_once_and_each_simulated_fracture_once():

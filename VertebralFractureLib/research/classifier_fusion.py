@@ -12,7 +12,9 @@ Recipe (:func:`train_realct_classifier`):
    OOF predictions only (its held-out numbers: refitted without each fold, nested); the operating point is
    specificity-first (:func:`operating_threshold`): the lowest threshold at which at most
    :data:`MAX_FALSE_POSITIVE_RATE` of the real (unfractured) vertebrae's held-out probabilities reach it; the
-   out-of-distribution (OOD) threshold is the 99th percentile of OOF Mahalanobis distances;
+   out-of-distribution (OOD) threshold is the 99th percentile of OOF Mahalanobis distances; a prior shift
+   (:func:`fit_fusion`) then moves the probabilities so that the operating point is p = 0.5, and the calibration
+   (ECE, reliability diagram) is measured on held-out rows reweighted to the share of fractures this implies;
 4. the shipped CNN and LASSO are retrained on all samples; ``model.safetensors``, ``card.json``, ``fusion.json``,
    ``MODEL_CARD.md``, ``reliability.png`` and ``training_report.json`` are written.
 
@@ -49,6 +51,8 @@ from VertebralFractureLib.stages.classification import (
     logit,
     mahalanobis,
     predict_network,
+    shift_prior,
+    sigmoid,
 )
 
 OOD_PERCENTILE = 99.0
@@ -115,26 +119,43 @@ def ood_distances(z: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.
 
 
 # --- calibration -------------------------------------------------------------------------------------
-def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
-    """ECE: sum over ``bins`` equal-width probability bins of (share of rows) * |fracture rate - mean p|."""
-    y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
+def prevalence_weights(y: np.ndarray, prevalence: float | None) -> np.ndarray:
+    """Row weights (n,) that make the fractured rows (``y`` = 1) a share ``prevalence`` of the weight (None: 1s)."""
+    y = np.asarray(y, dtype=np.float64)
+    if prevalence is None or not 0 < y.mean() < 1:
+        return np.ones_like(y)
+    return np.where(y == 1, prevalence / y.mean(), (1 - prevalence) / (1 - y.mean()))
+
+
+def _reliability_bins(y: np.ndarray, p: np.ndarray, w: np.ndarray, bins: int) -> list[tuple[float, float, float]]:
+    """(share of weight, weighted mean p, weighted fracture rate) of each non-empty equal-width bin."""
     which = np.minimum((p * bins).astype(int), bins - 1)
-    return float(sum(np.mean(which == b) * abs(y[which == b].mean() - p[which == b].mean())
-                     for b in range(bins) if np.any(which == b)))
+    return [(w[which == b].sum() / w.sum(), np.average(p[which == b], weights=w[which == b]),
+             np.average(y[which == b], weights=w[which == b])) for b in range(bins) if np.any(which == b)]
 
 
-def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, bins: int = 10) -> Path:
-    """Reliability diagram: observed fracture rate against mean predicted probability per bin, one line per model."""
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10, prevalence: float | None = None) -> float:
+    """ECE: sum over ``bins`` equal-width probability bins of (share of rows) * |fracture rate - mean p|, with the
+    rows reweighted to a share ``prevalence`` of fractures (None: as they are)."""
+    y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    return float(sum(share * abs(rate - mean) for share, mean, rate
+                     in _reliability_bins(y, p, prevalence_weights(y, prevalence), bins)))
+
+
+def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray, float | None]], path: str | Path,
+                     bins: int = 10) -> Path:
+    """Reliability diagram: observed fracture rate against mean predicted probability per bin, one line per model
+    (``curves``: name -> (y, p, share of fractures the rows are reweighted to, None: as they are))."""
     from VertebralFractureLib.research.evaluation import _pyplot
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
-    for name, (y, p) in curves.items():
-        which = np.minimum((np.asarray(p) * bins).astype(int), bins - 1)
-        xs = [np.mean(p[which == b]) for b in range(bins) if np.any(which == b)]
-        ys = [np.mean(y[which == b]) for b in range(bins) if np.any(which == b)]
-        ax.plot(xs, ys, marker="o", label=f"{name} (ECE {expected_calibration_error(y, p, bins):.3f})")
+    for name, (y, p, prevalence) in curves.items():
+        y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
+        points = _reliability_bins(y, p, prevalence_weights(y, prevalence), bins)
+        ece = expected_calibration_error(y, p, bins, prevalence)
+        ax.plot([m for _, m, _ in points], [r for _, _, r in points], marker="o", label=f"{name} (ECE {ece:.3f})")
     ax.set_xlabel("predicted fracture probability (bin mean)")
     ax.set_ylabel("observed fraction fractured")
     ax.set_xlim(0, 1)
@@ -186,10 +207,11 @@ def _real_ct_alarms(s: Samples, p: np.ndarray, threshold: float, mask: np.ndarra
 
 
 def evaluate(s: Samples, p: np.ndarray, threshold: float, *, n_boot: int = 1000,
-             checked: set[str] | None = None) -> dict[str, Any]:
+             checked: set[str] | None = None, prevalence: float | None = None) -> dict[str, Any]:
     """Held-out metrics of per-vertebra probabilities p: per vertebra and per patient with bootstrap 95 % CIs
-    (patients resampled), sensitivity per simulated grade, ECE, and the real CTs' false alarms (all, and those of
-    the ``checked`` label sets alone when given)."""
+    (patients resampled), sensitivity per simulated grade, ECE (rows reweighted to a share ``prevalence`` of
+    fractures when given: the share p is calibrated to), and the real CTs' false alarms (all, and those of the
+    ``checked`` label sets alone when given)."""
     from VertebralFractureLib.research.evaluation import binary_metrics, bootstrap_ci
 
     out: dict[str, Any] = {"threshold": threshold}
@@ -206,7 +228,8 @@ def evaluate(s: Samples, p: np.ndarray, threshold: float, *, n_boot: int = 1000,
                                    for g in (1, 2, 3) if np.any(s.grade == g)}
     ge2 = s.grade >= 2
     out["sensitivity_grade_ge2"] = float(np.mean(p[ge2] >= threshold)) if ge2.any() else math.nan
-    out["ece"] = expected_calibration_error(s.y, p)
+    out["ece"] = expected_calibration_error(s.y, p, prevalence=prevalence)
+    out["ece_prevalence"] = float(s.y.mean()) if prevalence is None else prevalence
     real_neg = (s.source == "real") & (s.y == 0)
     out["real_ct"] = _real_ct_alarms(s, p, threshold, real_neg)
     if checked is not None:
@@ -278,6 +301,11 @@ def fit_fusion(s: Samples, oof: dict[str, np.ndarray], folds: np.ndarray, lasso:
         nested_p[te] = fit_logistic(x3[tr], s.y[tr]).predict(x3[te])
         mean_k, prec_k = ood_fit(z[tr])
         nested_d[te] = ood_distances(z[te], mean_k, prec_k)
+    # the stackers are calibrated to the training mix (mostly simulated fractures): shift the prior so that the
+    # specificity-first operating point reads p = 0.5, i.e. calibrate to the share of fractured vertebrae at which
+    # it is the equal-cost Bayes decision; the ranking, and so every sensitivity and specificity, is unchanged
+    shift = -float(logit(operating_threshold(s, nested_p)))
+    nested_p = shift_prior(nested_p, shift)
     mean, precision = ood_fit(z)
     chosen = lasso._chosen
     fusion = FusionModel(
@@ -287,7 +315,7 @@ def fit_fusion(s: Samples, oof: dict[str, np.ndarray], folds: np.ndarray, lasso:
         radiomics_scale=[float(v) for v in lasso._scale[chosen]],
         radiomics=Logistic(coef=[float(c) for c in lasso._model.coef_[0]], intercept=float(lasso._model.intercept_[0])),
         loss_fill=fill, morph_fill=morph_fill, stack=stack, stack_without_radiomics=stack2,
-        threshold=operating_threshold(s, nested_p),
+        threshold=0.5, prior_logit_shift=shift, prevalence=float(sigmoid(logit(s.y.mean()) + shift)),
         ood_mean=[float(v) for v in mean], ood_precision=[[float(v) for v in row] for row in precision],
         ood_threshold=float(np.percentile(nested_d, OOD_PERCENTILE)), ood_percentile=OOD_PERCENTILE,
         ood_features=[int(i) for i in strongest],
@@ -295,7 +323,8 @@ def fit_fusion(s: Samples, oof: dict[str, np.ndarray], folds: np.ndarray, lasso:
               f"to +-8]; OOD inputs: [the {OOD_FEATURES} selected radiomics features of largest |coefficient| "
               f"(ood_features), standardised; height-loss ratio clipped to {list(LOSS_RANGE)}]; threshold: the "
               f"lowest at which at most {MAX_FALSE_POSITIVE_RATE:g} of the real vertebrae without fracture reach it "
-              "(held-out fused probabilities)",
+              "(held-out fused probabilities), moved to 0.5 by prior_logit_shift (added to the stackers' logits; "
+              "prevalence: the share of fractured vertebrae the shifted probabilities are calibrated to)",
     )
     return fusion, nested_p, nested_d
 
@@ -401,9 +430,9 @@ def train_realct_classifier(
     metrics = _held_out_metrics(s, oof, nested_p, nested_d, fusion, old, previous, checked)
     real_neg = (s.source == "real") & (s.y == 0)
     out_dir.mkdir(parents=True, exist_ok=True)
-    curves = {"fused (this model)": (s.y, nested_p)}
+    curves = {f"fused (this model), reweighted to {fusion.prevalence:.0%} fractured": (s.y, nested_p, fusion.prevalence)}
     if old is not None:
-        curves["max(CNN, morphometry) (replaced model)"] = (s.y, old)
+        curves["max(CNN, morphometry) (replaced model), as sampled"] = (s.y, old, None)
     plot_reliability(curves, out_dir / "reliability.png")
     (out_dir / FUSION_NAME).write_text(json.dumps(fusion.to_json(), indent=1) + "\n")
     real_cases = sorted(str(g) for g in np.unique(s.group[s.source == "real"]))
@@ -434,6 +463,8 @@ def train_realct_classifier(
         "threshold": fusion.threshold,
         **({"lineage": lineage} if lineage else {}),
     }
+    from VertebralFractureLib.research.classifier_card import model_card_markdown
+
     save_classifier(net, "customcnn", out_dir, card, widths=config.widths)
     full = json.loads((out_dir / "card.json").read_text())
     (out_dir / "MODEL_CARD.md").write_text(model_card_markdown(full, fusion))
@@ -469,7 +500,8 @@ def _held_out_metrics(s: Samples, oof: dict[str, np.ndarray], nested_p: np.ndarr
     """The card's ``metrics``: the fused model on held-out patients (``nested_p``: nested out-of-fold
     probabilities, ``nested_d``: their OOD distances), its operating points, the components alone (``oof``), the
     replaced model (``old``) and the previous shipped one when given, and the real CTs out of distribution."""
-    metrics: dict[str, Any] = {"held_out": evaluate(s, nested_p, fusion.threshold, checked=checked),
+    metrics: dict[str, Any] = {"held_out": evaluate(s, nested_p, fusion.threshold, checked=checked,
+                                                    prevalence=fusion.prevalence),
                                "operating_points": operating_points(s, nested_p)}
     metrics["held_out_components"] = {
         "cnn_alone": evaluate(s, oof["cnn"], 0.5, n_boot=200)["per_vertebra"],
@@ -485,162 +517,3 @@ def _held_out_metrics(s: Samples, oof: dict[str, np.ndarray], nested_p: np.ndarr
                       "real_ct_cases_with_an_ood_vertebra": ood_cases,
                       "n_real_ct_cases": int(len(np.unique(s.group[real_neg])))}
     return metrics
-
-
-# --- model card --------------------------------------------------------------------------------------------
-def _ci(m: dict[str, Any], key: str) -> str:
-    v = m.get(key)
-    lo, hi = (m.get("ci95", {}) or {}).get(key, (None, None))
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    return f"{v:.3f} ({lo:.3f}-{hi:.3f})" if lo is not None and not math.isnan(lo) else f"{v:.3f}"
-
-
-def model_card_markdown(card: dict[str, Any], fusion: FusionModel) -> str:
-    """``MODEL_CARD.md`` of a classifier trained by :func:`train_realct_classifier` (from its card JSON)."""
-    m, tr = card["metrics"], card["training"]
-    held = m["held_out"]
-    rows = [("this model (fused, held-out patients)", held)]
-    if "replaced_model" in m:
-        rows.append(("replaced model: max(simulated-only CNN, morphometry)", m["replaced_model"]))
-    ops = m.get("operating_points", [])
-    lines = _card_intro(card, fusion) + _card_held_out_tables(rows, held, tr) + _card_operating_points(ops, held)
-    if m.get("previous_shipped"):
-        lines += _card_previous(m["previous_shipped"], held, ops)
-    lines += _card_closing(card, held)
-    return "\n".join(lines)
-
-
-def _card_intro(card: dict[str, Any], fusion: FusionModel) -> list[str]:
-    """The model card's title, warning and bullet list (networks, rules, training data), as lines."""
-    tr = card["training"]
-    return [
-        f"# {card['name']}", "",
-        "**No real fracture has been seen by this model.** Its negatives are real vertebrae (real CTs with the "
-        f"project's labels: {len(tr.get('checked_cases', []))} checked by eye, {len(tr.get('unchecked_cases', []))} "
-        "automatic proposals); its positives are fractures simulated on those real backgrounds. All metrics below are "
-        "on held-out patients of that data (leave-patients-out folds); performance on real fractures is unknown.", "",
-        f"- networks: `customcnn` on a {card['input']['crop_size_voxels']}^3 crop at {card['spacing_mm']} mm "
-        f"(`model.safetensors`), a radiomics LASSO ({len(fusion.radiomics_features)} features) and morphometry's "
-        "probability, fused by logistic stacking fitted on out-of-fold predictions only (`fusion.json`, plain "
-        "numbers)",
-        f"- use in `run`: {card['combination']}",
-        f"- **patient rule**: fractured when some graded, unflagged vertebra (not cut by the field of view, "
-        f"implausible or flagged by the quality check) has a calibrated probability >= {fusion.threshold:.3f}. "
-        "**Operating point, specificity first**: the lowest threshold at which at most "
-        f"{MAX_FALSE_POSITIVE_RATE:.0%} of the real vertebrae without fracture reach it, on held-out (nested "
-        "out-of-fold) probabilities only; the case is sent to review (fractured = null) "
-        "when segmentation quality flags are raised or a vertebra is out of distribution (Mahalanobis distance > "
-        f"{fusion.ood_threshold:.2f}, the {fusion.ood_percentile:g}th percentile of training folds)",
-        f"- training data: {card['training_data']}",
-        f"- {tr['n_vertebrae']} vertebrae ({tr['n_fractured']} simulated fractures, {tr['n_real_negatives']} real "
-        f"negatives), {len(tr['cases'])} patients, {tr['folds']} folds; {tr['epochs']} epochs, seed {tr['seed']}; "
-        f"{tr['training_seconds']} s on the project's 2-core CPU machine",
-        f"- radiomics features: {', '.join(f'`{n}`' for n in fusion.radiomics_features)}",
-        f"- version {card.get('version')}", "",
-        "## Held-out patients (95 % bootstrap CI over patients)", "",
-        "Per patient: each CT as it is (no fracture) and once per simulated fracture; probability = max over its "
-        "vertebrae.", "",
-        "| model | level | n (fractured) | ROC-AUC | sensitivity | specificity | threshold |", "|---|---|---|---|---|---|---|"]
-
-
-def _card_held_out_tables(rows: list[tuple[str, dict[str, Any]]], held: dict[str, Any], tr: dict[str, Any]) -> list[str]:
-    """The held-out tables of ``rows`` (name, evaluation): per vertebra and patient, by grade, on real CTs."""
-    lines: list[str] = []
-    for name, e in rows:
-        for level in ("per_vertebra", "per_patient"):
-            x = e[level]
-            lines.append(f"| {name} | {level.replace('_', ' ')} | {x['n']} ({x['n_fractured']}) | {_ci(x, 'roc_auc')} "
-                         f"| {_ci(x, 'sensitivity')} | {_ci(x, 'specificity')} | {e['threshold']:.3f} |")
-    lines += ["", "| model | grade 1 sens. | grade 2 sens. | grade 3 sens. | grade >= 2 sens. | ECE | real CTs: "
-              "vertebrae p >= 0.5 | real CTs called fractured |", "|---|---|---|---|---|---|---|---|"]
-    for name, e in rows:
-        g, r = e["sensitivity_by_grade"], e["real_ct"]
-        lines.append(f"| {name} | {g.get('1', math.nan):.3f} | {g.get('2', math.nan):.3f} | {g.get('3', math.nan):.3f} "
-                     f"| {e['sensitivity_grade_ge2']:.3f} | {e['ece']:.3f} | {r['vertebrae_ge_0_5']} of "
-                     f"{r['n_vertebrae']} | {r['patients_called_fractured']} of {r['n_patients']} |")
-    lines += ["", "Real CTs by label status (held out, at the operating point): " + "; ".join(
-        f"{name}: {r['vertebrae_ge_threshold']} of {r['n_vertebrae']} vertebrae >= threshold, "
-        f"{r['patients_called_fractured']} of {r['n_patients']} CTs called fractured "
-        f"({', '.join(r.get('cases_called_fractured', [])) or 'none'})"
-        for name, r in (("all", held["real_ct"]), ("checked labels only", held.get("real_ct_checked")))
-        if r and (name == "all" or tr.get("unchecked_cases"))) + "."]
-    return lines
-
-
-def _card_operating_points(ops: list[dict[str, Any]], held: dict[str, Any]) -> list[str]:
-    """The operating-points table (the chosen false-positive budget in bold) and the reliability note."""
-    lines: list[str] = []
-    if ops:
-        lines += ["", "Operating points on the held-out probabilities (the chosen budget in bold):", "",
-                  "| false-positive budget (real vertebrae) | threshold | real vertebrae >= threshold | grade 1 sens. "
-                  "| grade 2 sens. | grade 3 sens. | grade >= 2 sens. | real CTs called fractured |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for o in ops:
-            g = o["sensitivity_by_grade"]
-            b = f"{o['max_false_positive_rate']:.0%}"
-            lines.append(f"| {f'**{b}**' if o['max_false_positive_rate'] == MAX_FALSE_POSITIVE_RATE else b} "
-                         f"| {o['threshold']:.3f} | {o['false_positive_rate']:.3f} | {g.get('1', math.nan):.3f} "
-                         f"| {g.get('2', math.nan):.3f} | {g.get('3', math.nan):.3f} | {o['sensitivity_grade_ge2']:.3f} "
-                         f"| {o['real_cts_called_fractured']} of {held['real_ct']['n_patients']} |")
-        lines += ["", "Measurement reliability: a slice-thickness term in the stacker (slice, or slice x morphometry "
-                  "logit) was tried on the out-of-fold predictions of the first run with bridged morphometry and not "
-                  "kept: held-out ROC-AUC 0.902-0.906 against 0.907 without it, no fewer real false positives at a "
-                  "grade >= 2 sensitivity of 0.95. The real false alarms were mostly on 1.5 mm CTs (segmentation "
-                  "errors), not on thick slices."]
-    return lines
-
-
-def _card_previous(prev: dict[str, Any], held: dict[str, Any], ops: list[dict[str, Any]]) -> list[str]:
-    """The comparison with the previously shipped fused classifier (its card's ``previous_shipped``)."""
-    lines: list[str] = []
-    ph, pops = prev["held_out"], {o["max_false_positive_rate"]: o for o in prev["operating_points"]}
-    lines += ["", "Against the fused classifier shipped before this one (its own card's held-out numbers: other "
-              "label versions and morphometry, same patients; its operating points recomputed from its "
-              "training_report.json):", "",
-              "| model | vertebra ROC-AUC | patient ROC-AUC | threshold | specificity (vertebrae) | grade >= 2 sens. "
-              "| grade 1 sens. | ECE | real CTs called fractured |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, e in (("this model", held), ("previous", ph)):
-        lines.append(f"| {name} | {_ci(e['per_vertebra'], 'roc_auc')} | {_ci(e['per_patient'], 'roc_auc')} "
-                     f"| {e['threshold']:.3f} | {e['per_vertebra']['specificity']:.3f} "
-                     f"| {e['sensitivity_grade_ge2']:.3f} | {e['sensitivity_by_grade'].get('1', math.nan):.3f} "
-                     f"| {e['ece']:.3f} | {e['real_ct']['patients_called_fractured']} of "
-                     f"{e['real_ct']['n_patients']} |")
-    for o in ops:
-        q = pops.get(o["max_false_positive_rate"])
-        if q:
-            lines.append(f"| previous at this model's {o['max_false_positive_rate']:.0%} budget | | | "
-                         f"{q['threshold']:.3f} | | {q['sensitivity_grade_ge2']:.3f} "
-                         f"| {q['sensitivity_by_grade'].get('1', math.nan):.3f} | | "
-                         f"{q['real_cts_called_fractured']} of {e['real_ct']['n_patients']} |")
-    return lines
-
-
-def _card_closing(card: dict[str, Any], held: dict[str, Any]) -> list[str]:
-    """Components alone, out of distribution, the reliability diagram, issue 16's targets and the retrain
-    command."""
-    m, tr = card["metrics"], card["training"]
-    lines: list[str] = []
-    comp = m.get("held_out_components", {})
-    if comp:
-        lines += ["", "Components alone (out-of-fold, per vertebra): " + "; ".join(
-            f"{k.replace('_', ' ')} ROC-AUC {v['roc_auc']:.3f}" for k, v in comp.items())]
-    ood = m.get("ood", {})
-    lines += ["", f"Out of distribution: {len(ood.get('real_ct_cases_with_an_ood_vertebra', []))} of "
-              f"{ood.get('n_real_ct_cases')} real CTs have a held-out vertebra above the threshold "
-              f"({', '.join(ood.get('real_ct_cases_with_an_ood_vertebra', [])) or 'none'}).", "",
-              "![reliability diagram](reliability.png)", ""]
-    targets = [("per-vertebra ROC-AUC >= 0.95", held["per_vertebra"]["roc_auc"] >= 0.95),
-               ("grade >= 2 sensitivity >= 0.95 at the operating point", held["sensitivity_grade_ge2"] >= 0.95),
-               ("ECE <= 0.05", held["ece"] <= 0.05),
-               ("no held-out real CT called fractured", held["real_ct"]["patients_called_fractured"] == 0)]
-    lines += ["Issue 16's targets on held-out patients: " + "; ".join(
-        f"{name}: {'met' if ok else 'NOT met'}" for name, ok in targets) + ".", ""]
-    init = card.get("lineage", {}).get("fine_tuned_from")
-    lines += ["Retrain (crops, radiomics and simulations cached in /tmp/vf_classifier_cache): `vertebral-fracture "
-              "train-classifier --real-labels benchmarks/realct_labels --data ../shared/data"
-              + (f" --init Resources/models/{init}" if init else "")
-              + f" --lr {tr.get('lr', 2e-3):g} --epochs {tr['epochs']} --folds {tr['folds']} --seed {tr['seed']} "
-              "-o MODEL_DIR`" + (f" (fine-tuned from `{init}`, weights sha256 "
-                                 f"`{card['lineage']['weights_sha256'][:16]}...`)" if init else "") + ".", ""]
-    return lines

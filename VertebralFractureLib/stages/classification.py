@@ -19,7 +19,9 @@ How the final per-vertebra probability is formed (:func:`classify_vertebrae`):
 * with a fusion model (``fusion.json`` beside the network, :class:`FusionModel`; the shipped classifier has one):
   a logistic model of three inputs, the CNN's logit, the radiomics score (a logistic model of the
   LASSO-selected radiomics features) and the logit of morphometry's probability, fitted on out-of-fold predictions
-  of patients the network and the LASSO had not seen, so its output is a calibrated probability. Without
+  of patients the network and the LASSO had not seen, so its output is a calibrated probability; a prior shift
+  (``prior_logit_shift``) moves that calibration from the training mix (6 in 10 vertebrae fractured, by simulation)
+  to the share of fractured vertebrae (``prevalence``) at which the operating point is p = 0.5. Without
   radiomics (``run`` with radiomics off, or extraction failed) a second logistic model of the CNN and
   morphometry alone is used. Each vertebra also gets an out-of-distribution distance (Mahalanobis distance
   of its standardised radiomics and morphometry inputs to the training vertebrae); above the 99th
@@ -198,6 +200,12 @@ def sigmoid(z):
     return 1.0 / (1.0 + np.exp(-np.clip(np.asarray(z, dtype=np.float64), -40.0, 40.0)))
 
 
+def shift_prior(p, shift: float):
+    """Probabilities ``p`` with ``shift`` added to their logits: Bayes' rule for another share of positives when
+    the class-conditional inputs stay the same (``shift`` = logit(new share) - logit(share the model was fitted on))."""
+    return sigmoid(logit(p) + shift)
+
+
 def clip_loss(loss, fill: float):
     """Height-loss ratios as fusion and OOD distance see them: NaN -> ``fill``, clipped to :data:`LOSS_RANGE`."""
     loss = np.asarray(loss, dtype=np.float64)
@@ -241,6 +249,9 @@ class FusionModel:
         ood_mean, ood_precision: mean and inverse covariance (shrunk) of the OOD inputs
             ``[standardised selected radiomics (those indexed by ood_features, all when None)..., height-loss ratio]``
             over the training vertebrae; ``ood_threshold`` the distance's 99th percentile on training folds.
+        prior_logit_shift: added to both stackers' logits (prior-shift correction): the stackers are calibrated to
+            the training mix (about 6 in 10 vertebrae fractured, by simulation); shifted, the probabilities are
+            calibrated to a share ``prevalence`` of fractured vertebrae (None: the training mix, no shift).
     """
 
     radiomics_features: list[str]
@@ -259,6 +270,8 @@ class FusionModel:
     ood_percentile: float = 99.0
     ood_features: list[int] | None = None
     notes: str = ""
+    prior_logit_shift: float = 0.0
+    prevalence: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -299,9 +312,10 @@ class FusionModel:
         (``features`` None: the model without radiomics)."""
         morph = float(logit(p_morphometry)) if math.isfinite(p_morphometry) else self.morph_fill
         if features is None:
-            return float(sigmoid(self.stack_without_radiomics.logit(np.array([logit(p_cnn), morph]))))
-        score = self.radiomics.logit(self._standardised(features))
-        return float(sigmoid(self.stack.logit(np.array([logit(p_cnn), score, morph]))))
+            z = self.stack_without_radiomics.logit(np.array([logit(p_cnn), morph]))
+        else:
+            z = self.stack.logit(np.array([logit(p_cnn), self.radiomics.logit(self._standardised(features)), morph]))
+        return float(sigmoid(z + self.prior_logit_shift))
 
     def ood_distance(self, height_loss_ratio: float, features: dict[str, float]) -> float:
         """Mahalanobis distance of a vertebra's OOD inputs to the training vertebrae (dimensionless)."""
