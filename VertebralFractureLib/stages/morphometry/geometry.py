@@ -27,7 +27,9 @@ GRID_MM = 1.0
 LINE_STEP_MM = 0.25
 MIN_VOLUME_ML = 1.0
 NEIGHBOUR_LEVELS = 2
-FOV_BAND_MM = 1.5
+#: a body this close to a face of the image is cut by it: a segmentation made on a 3 mm grid (`run --fast`) and
+#: resampled to the input grid may stop up to one 3 mm voxel short of the edge that cuts the body
+FOV_BAND_MM = 3.0
 WALL_EXIT_STEP_MM = 1.5
 CENTRE_GRID_MM = 2.0
 HEIGHT_STAT = "mean"
