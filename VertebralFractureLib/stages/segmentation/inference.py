@@ -235,7 +235,8 @@ def predict_probability(
     from VertebralFractureLib.models.loading import load_model
 
     device = resolve_device(device)
-    net, card = load_model(model_dir, "segmentation", device=device)
+    # cached: batch mode, the Slicer logic and Recompute segment many CTs in one process (same files: same network)
+    net, card = load_model(model_dir, "segmentation", device=device, cached=True)
     spacing = float(card.extra.get("fast_spacing_mm", FAST_SPACING_MM)) if fast else card.spacing_mm
     win = card.window_hu
     hu = to_canonical(ct, spacing)
