@@ -374,10 +374,9 @@ def plain_unet(kwargs: dict[str, Any]) -> ResidualUNet | None:
         return None
     own = {"in_channels", "out_channels", "channels", "strides", "kernel_size", "up_kernel_size", "num_res_units",
            "dropout", "bias"}
-    if set(kw) - own or not all(isinstance(kw.get(k, 3), int) and kw.get(k, 3) % 2 for k in ("kernel_size",
-                                                                                              "up_kernel_size")):
-        return None
-    if not isinstance(kw.get("dropout", 0.0), (int, float)):
+    kernels = [kw.get("kernel_size", 3), kw.get("up_kernel_size", 3)]
+    odd_kernels = all(isinstance(k, int) and k % 2 == 1 for k in kernels)  # one size for all axes
+    if set(kw) - own or not odd_kernels or not isinstance(kw.get("dropout", 0.0), (int, float)):
         return None
     return ResidualUNet(norm=norm.lower(), **kw)
 
