@@ -14,13 +14,13 @@ from VertebralFractureLib.research.classifier_data import Samples, find_real_cas
 from VertebralFractureLib.research.classifier_fusion import (
     expected_calibration_error,
     fit_fusion,
-    operating_points,
     ood_distances,
     ood_fit,
-    operating_threshold,
+    operating_points,
     patient_folds,
     virtual_patients,
 )
+from VertebralFractureLib.research.classifier_operating import operating_threshold
 from VertebralFractureLib.research.classifier_training import RadiomicsLasso
 from VertebralFractureLib.research.phantom import make_phantom
 from VertebralFractureLib.stages.classification import CROP_SIZE, FusionModel, logit, shift_prior

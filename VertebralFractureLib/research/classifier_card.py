@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from VertebralFractureLib.research.classifier_fusion import MAX_FALSE_POSITIVE_RATE
+from VertebralFractureLib.research.classifier_operating import MAX_FALSE_POSITIVE_RATE
 from VertebralFractureLib.stages.classification import FusionModel
 
 

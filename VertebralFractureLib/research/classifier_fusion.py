@@ -35,6 +35,7 @@ import numpy as np
 
 from VertebralFractureLib import __version__
 from VertebralFractureLib.research.classifier_data import RealCase, Samples, build_training_set
+from VertebralFractureLib.research.classifier_operating import FPR_BUDGETS, MAX_FALSE_POSITIVE_RATE, operating_threshold
 from VertebralFractureLib.research.classifier_training import (
     RadiomicsLasso,
     TrainConfig,
@@ -56,12 +57,6 @@ from VertebralFractureLib.stages.classification import (
 )
 
 OOD_PERCENTILE = 99.0
-#: the operating point's budget: at most this share of real vertebrae (no fracture, held out) at or above the
-#: threshold. Specificity first: Youden's J (0.21 on the first run with bridged morphometry) called 47 % of them
-#: fractured, and every real CT has about 6 vertebrae, so a patient's false alarms add up over its vertebrae
-MAX_FALSE_POSITIVE_RATE = 0.05
-#: the budgets listed in the card beside the chosen one (what each would cost in sensitivity)
-FPR_BUDGETS = (0.02, 0.05, 0.10, 0.20)
 #: the OOD distance uses this many of the LASSO-selected features (largest coefficients) and the height loss: a
 #: covariance of more dimensions is not estimable from a few hundred vertebrae
 OOD_FEATURES = 10
@@ -327,24 +322,6 @@ def fit_fusion(s: Samples, oof: dict[str, np.ndarray], folds: np.ndarray, lasso:
               "prevalence: the share of fractured vertebrae the shifted probabilities are calibrated to)",
     )
     return fusion, nested_p, nested_d
-
-
-def operating_threshold(s: Samples, p: np.ndarray, max_fpr: float = MAX_FALSE_POSITIVE_RATE) -> float:
-    """Specificity-first operating point: the lowest threshold at which at most ``max_fpr`` of the real vertebrae
-    without fracture have p >= it (p: held-out probabilities; phantoms do not count).
-
-    The threshold lies midway between the highest negative allowed below it and the next higher probability of any
-    row, so it separates the held-out predictions exactly as that count does. 0.5 when there is no real negative.
-    """
-    neg = np.sort(p[(s.source == "real") & (s.y == 0)])[::-1]
-    if not neg.size:
-        return 0.5
-    allowed = int(math.floor(max_fpr * neg.size + 1e-9))
-    if allowed >= neg.size:
-        return float(neg[-1])
-    below = float(neg[allowed])  # the highest negative that must fall below the threshold
-    above = p[p > below]
-    return float((below + above.min()) / 2) if above.size else float(np.nextafter(below, 1.0))
 
 
 def previous_model_summary(model_dir: str | Path) -> dict[str, Any] | None:
