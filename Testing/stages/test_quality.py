@@ -73,9 +73,10 @@ def test_body_cut_by_the_field_of_view_is_cut_but_not_a_review_reason(phantom):
 
 
 def test_a_sliver_cut_by_the_scan_end_is_not_a_review_reason(phantom):
-    """Real CT (lidc-idri-0314, checked labels): the scan ends 8 mm into L2, whose sliver is flagged cut and
-    implausible; that is the scan's end, not a segmentation to review. An implausible segment inside the
-    field of view still is."""
+    """A scan that ends a few mm into a vertebral body leaves a remnant flagged cut and perhaps implausible; that is
+    the scan's end, not a segmentation to review. An implausible segment inside the field of view still is. (On
+    the real CTs lidc-idri-0314 and midrc-ricord-1a-419639-001012_chest the "L2 slivers" at the scan's end were
+    the lower part of L1's body; their checked labels end with L1, flagged cut.)"""
     lab = phantom.labels.array
     l4 = np.argwhere(lab == 23)[:, 0]
     start = int(l4.max()) - 4  # 6 mm of L4's body left in view (axis 0 points S)
@@ -120,13 +121,27 @@ def test_gap_along_the_centre_line_scales_with_the_local_spacing():
     assert len(gaps) == 1 and gaps[0].startswith("T4 and T5 are 49 mm apart")
 
 
-def test_uncertain_levels_send_the_case_to_review(phantom):
+def test_uncertain_levels_send_the_case_to_review_only_with_a_fracture_called(phantom):
     records = measure_vertebrae(phantom.ct, phantom.labels)
-    assert assess_quality(records, level_confidence=0.97).reasons == []
-    assert assess_quality(records, level_confidence=None).reasons == []  # the user named the levels
+    for confidence in (0.97, None):  # an anchor, or the user named the levels
+        quality = assess_quality(records, level_confidence=confidence)
+        assert quality.reasons == [] and quality.naming_reasons == []
     quality = assess_quality(records, level_confidence=0.3)
-    assert quality.flags == ["level_uncertain"] and "level names are uncertain" in quality.reasons[0]
+    assert quality.flags == ["level_uncertain"] and quality.reasons == []
+    assert "level names are uncertain" in quality.naming_reasons[0]
     assert all(r.genant_grade == 0 for r in records)
+    # "no fracture" does not depend on the names; a fracture's level goes into the report
+    assert review_reasons(quality, n_vertebrae=5, n_scored=5, classifier_saturated=False,
+                          called_fractured=False) == []
+    assert review_reasons(quality, n_vertebrae=5, n_scored=5, classifier_saturated=False,
+                          called_fractured=True) == quality.naming_reasons
+    # beside another reason the guessed names are said too
+    assert review_reasons(quality, n_vertebrae=5, n_scored=5, classifier_saturated=True,
+                          called_fractured=False)[1:] == quality.naming_reasons
+    # anchors that disagree (a vertebra missed or counted twice?) are a reason whatever the answer
+    disagree = assess_quality(records, level_confidence=0.3, naming_review=["The anatomical anchors disagree (x)."])
+    assert disagree.reasons and review_reasons(disagree, n_vertebrae=5, n_scored=5, classifier_saturated=False,
+                                               called_fractured=False)
 
 
 def test_review_reasons():

@@ -255,11 +255,13 @@ def analyse(
             f"{len(implausible)} of {len(records)} segments are not plausible vertebral bodies ({', '.join(implausible)}): "
             "not graded; correct them (Slicer: Edit segments, then Recompute) or give --labels"
         )
+    called = bool(not math.isnan(patient_probability) and patient_probability >= classification.threshold)
     reasons = review_reasons(quality, n_vertebrae=len(records),
                              n_scored=sum(not math.isnan(r.fracture_probability) for r in records),
-                             classifier_saturated=classification.saturated) + classification.review_reasons
-    fractured = None if reasons else bool(not math.isnan(patient_probability)
-                                          and patient_probability >= classification.threshold)
+                             classifier_saturated=classification.saturated,
+                             called_fractured=called or bool(classification.review_reasons))
+    reasons += classification.review_reasons
+    fractured = None if reasons else called
     progress(0.9, "analysis done")
     return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels,
                           review_reasons=reasons, quality_flags=quality.flags, level_confidence=level_confidence,

@@ -23,7 +23,11 @@ Per case (:class:`CaseQuality`): the vertebra flags above plus
 
 ``CaseQuality.reasons`` says each problem in a plain sentence for the review status; vertebrae cut at the
 two ends of the scan are normal in any CT and are not a reason for review, nor is the odd shape of one (a
-sliver of a body at the scan's end is flagged ``implausible`` too, and stays ungraded).
+sliver of a body at the scan's end is flagged ``implausible`` too, and stays ungraded). Level names guessed for
+want of an anchor (``CaseQuality.naming_reasons``) send a case to review only when a vertebra is called fractured
+(:func:`review_reasons`): the answer "no fracture" does not depend on the names (neither grading nor the classifier
+uses them), while a fracture's level goes into the report. Anchors that disagree stay a reason in any case: they
+can mean a vertebra missed or counted twice.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class CaseQuality:
 
     flags: list[str] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
+    #: the level names are guessed (no anchor): a review reason only with a vertebra called fractured
+    naming_reasons: list[str] = field(default_factory=list)
 
 
 def _reference_volume(label: int) -> float:
@@ -216,20 +222,23 @@ def assess_quality(records: list[VertebraRecord], *, level_confidence: float | N
         if naming_review:
             quality.reasons += [f"{s} (naming confidence {level_confidence:.2f})" for s in naming_review]
         else:
-            quality.reasons.append(f"The level names are uncertain (confidence {level_confidence:.2f}: no agreeing "
-                                   "anatomical anchor such as the last rib or the sacrum).")
+            quality.naming_reasons.append(f"The level names are uncertain (confidence {level_confidence:.2f}: no "
+                                          "agreeing anatomical anchor such as the last rib or the sacrum).")
     elif naming_review:
         quality.reasons += list(naming_review)
     return quality
 
 
-def review_reasons(quality: CaseQuality, *, n_vertebrae: int, n_scored: int, classifier_saturated: bool) -> list[str]:
+def review_reasons(quality: CaseQuality, *, n_vertebrae: int, n_scored: int, classifier_saturated: bool,
+                   called_fractured: bool = True) -> list[str]:
     """Every reason why a case's automatic answer cannot be trusted, as plain sentences (empty: none).
 
     Args:
         quality: from :func:`assess_quality`.
         n_vertebrae: segments found; n_scored: vertebrae with a fracture probability.
         classifier_saturated: the classifier called most vertebrae fractured (its out-of-domain guard).
+        called_fractured: some vertebra reaches the fracture threshold: its level name matters, so guessed names
+            (``quality.naming_reasons``) are a reason too; they are listed as well beside any other reason.
     """
     if n_vertebrae == 0:
         return ["No vertebrae were found in the field of view."]
@@ -239,4 +248,6 @@ def review_reasons(quality: CaseQuality, *, n_vertebrae: int, n_scored: int, cla
     if classifier_saturated:
         reasons.append("The fracture classifier called most vertebrae fractured, which real fractures almost never do: "
                        "this scan is outside its training data.")
+    if called_fractured or reasons:
+        reasons += quality.naming_reasons
     return reasons
