@@ -261,7 +261,7 @@ def _levels_on_label_instances(ct_path, labels_path, spacing: float = 1.5):
 
 
 def test_real_ct_ribs_and_sacrum_anchor_the_checked_segments(shared_data, repo_root):
-    """On the segments of real CTs: the rib anchors name lidc-idri-0314 (C7..L2) as its checked labels do; on the
+    """On the segments of real CTs: the rib anchors name lidc-idri-0314 (C7..L1) as its checked labels do; on the
     PET-CT reaching the pelvis (labels not yet checked) the lowest segment lies between the ilia: the sacrum is found."""
     labels = repo_root / "benchmarks" / "realct_labels"
     ids, named, res = _levels_on_label_instances(shared_data / "lidc-idri-0314" / "ct_1p5mm.nii.gz",
@@ -273,8 +273,8 @@ def test_real_ct_ribs_and_sacrum_anchor_the_checked_segments(shared_data, repo_r
 
 
 def test_real_ct_rib_anchor_names_the_checked_segments_on_the_fast_grid(shared_data, repo_root):
-    """lidc-idri-0314's checked segments on the 3 mm grid of ``--fast``: the last rib still names them C7..L2 (it
-    found no rib there and the size prior named them C5..T12)."""
+    """lidc-idri-0314's checked segments on the 3 mm grid of ``--fast``: the last rib still names them C7..L1 (it
+    once found no rib there and the size prior named them C5..T12)."""
     labels = repo_root / "benchmarks" / "realct_labels" / "lidc-idri-0314" / "labels.nii.gz"
     ids, named, res = _levels_on_label_instances(shared_data / "lidc-idri-0314" / "ct_1p5mm.nii.gz", labels, 3.0)
     assert named == ids and res.anchors_found.get("last_rib") == level_id("T12") and res.confidence >= 0.8
