@@ -53,6 +53,9 @@ def test_merged_double_height_body_is_flagged_and_not_graded(phantom):
     assert any("looks like more than one vertebra" in n for n in by_level["L1"].notes)
     for level in ("T11", "T12", "L2", "L3"):  # its neighbours stay whole and graded
         assert by_level[level].flags == [] and by_level[level].genant_grade == 0, level
+    # ... and the two next to it carry a note that their boundary with it may be wrong
+    for level, noted in (("T11", False), ("T12", True), ("L2", True), ("L3", False)):
+        assert any("next to L1, whose segment is flagged" in n for n in by_level[level].notes) == noted, level
     assert "merged" in quality.flags
     assert any(reason.startswith("L1 looks like more than one vertebra") for reason in quality.reasons)
 

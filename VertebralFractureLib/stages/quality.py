@@ -143,6 +143,19 @@ def _ungrade(record: VertebraRecord) -> None:
     record.fracture_probability = record.probability_morphometry = math.nan
 
 
+def _note_neighbours_of_bad_segments(ordered: list[VertebraRecord], bad: set[int]) -> None:
+    """A note on each graded vertebra next to a merged or shifted segment: that segment may hold part of it (a
+    merged T10 that took T11's upper body leaves T11 looking crushed), so its grade needs a look."""
+    for i, r in enumerate(ordered):
+        if r.label in bad or is_blocked(r):
+            continue
+        near = [n.level for n in (ordered[i - 1] if i else None, ordered[i + 1] if i + 1 < len(ordered) else None)
+                if n is not None and n.label in bad]
+        if near:
+            r.notes.append(f"next to {' and '.join(near)}, whose segment is flagged: their shared boundary may be "
+                           "wrong, check this grade")
+
+
 def is_blocked(record: VertebraRecord) -> bool:
     """Does a flag of ``record`` keep it from being graded (any but ``level_uncertain``)?"""
     return any(f in VERTEBRA_FLAGS for f in record.flags)
@@ -192,6 +205,7 @@ def assess_quality(records: list[VertebraRecord], *, level_confidence: float | N
             r.notes.append(f"segment shifted along the spine ({crossing[r.label]}): not graded")
     if regrade:
         grade_records([r for r in records if not is_blocked(r)])
+    _note_neighbours_of_bad_segments(ordered, set(merged) | set(crossing))
     for r in records:
         if is_blocked(r):
             _ungrade(r)
