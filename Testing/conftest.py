@@ -27,3 +27,19 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """Loader of a script of the repository that is not a package module (``benchmarks/realct.py``): call it with
+    the path relative to the repository root; returns the module."""
+    import importlib.util
+
+    def load(relative: str):
+        path = REPO / relative
+        spec = importlib.util.spec_from_file_location(path.stem + "_script", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def realct():
-    spec = importlib.util.spec_from_file_location("realct_benchmark", REPO / "benchmarks" / "realct.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def realct(load_script):
+    return load_script("benchmarks/realct.py")
 
 
 def test_score_case_counts_a_merge_and_a_split(realct):

@@ -3,7 +3,6 @@ build.py regenerates the committed real-CT labels."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -179,17 +178,10 @@ def test_cli_refuses_malformed_decisions_in_one_line(tmp_path, capsys):
         read_decisions(tmp_path / "missing.json")
 
 
-def _build_module(repo_root):
-    spec = importlib.util.spec_from_file_location("realct_build", repo_root / "benchmarks/realct_labels/build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("case", ["tptbox-l2-l4", "rider-pilot-0117_chest-pe"])
-def test_build_reproduces_committed_labels(shared_data, repo_root, tmp_path, monkeypatch, case):
+def test_build_reproduces_committed_labels(shared_data, repo_root, load_script, tmp_path, monkeypatch, case):
     """build.py on a small case writes exactly the committed label map (from the CT plus decisions.json)."""
-    build = _build_module(repo_root)
+    build = load_script("benchmarks/realct_labels/build.py")
     committed = read_volume(repo_root / "benchmarks/realct_labels" / case / "labels.nii.gz", check=False)
     record = json.loads((repo_root / "benchmarks/realct_labels" / case / "decisions.json").read_text())
     # build into a copy of the case folder so that the committed files stay as they are

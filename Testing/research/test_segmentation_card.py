@@ -5,7 +5,6 @@ card must come out byte for byte, and the held-out real-CT table must follow its
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,11 +15,8 @@ MODEL_DIR = REPO / "Resources" / "models" / "segmentation"
 
 
 @pytest.fixture(scope="module")
-def seg():
-    spec = importlib.util.spec_from_file_location("segmentation_benchmark", REPO / "benchmarks" / "segmentation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def seg(load_script):
+    return load_script("benchmarks/segmentation.py")
 
 
 @pytest.fixture(scope="module")
