@@ -129,13 +129,14 @@ def run_case(case: str, data: Path, fast: bool) -> dict:
 
 #: kinds of review reason, by a phrase of their sentence (stages.quality, classification)
 REASON_KINDS = (("merged", "more than one vertebra"), ("implausible", "not shaped like a vertebral body"),
-                ("gap", "vertebra is missing"), ("levels", "naming confidence"), ("levels", "level names"),
+                ("disc_inside", "disc inside them"), ("gap", "vertebra is missing"), ("levels", "naming confidence"),
+                ("levels", "level names"),
                 ("classifier", "classifier"), ("ungraded", "could be graded"))
 
 
 def reason_kind(sentence: str) -> str:
-    """The kind of one review reason (``merged``, ``implausible``, ``gap``, ``levels``, ``classifier``,
-    ``ungraded``; ``other`` for the rest)."""
+    """The kind of one review reason (``merged``, ``implausible``, ``disc_inside``, ``gap``, ``levels``,
+    ``classifier``, ``ungraded``; ``other`` for the rest)."""
     low = sentence.lower()
     return next((kind for kind, phrase in REASON_KINDS if phrase in low), "other")
 
