@@ -231,3 +231,51 @@ def seeded_watershed(dist: np.ndarray, markers: np.ndarray, mask: np.ndarray) ->
     out = sitk.GetArrayFromImage(ws).astype(np.int32)
     out[~mask] = 0
     return out
+
+
+#: a disc on an HU profile along the spine: a minimum with an endplate (a maximum this many HU higher) within
+#: :data:`ENDPLATE_MM` on each side
+DISC_DEPTH_HU = 60.0
+ENDPLATE_MM = 6.0
+
+
+def disc_in_profiles(prof: np.ndarray, near: np.ndarray, step_mm: float) -> np.ndarray:
+    """Position of the disc on each HU profile along the spine (rows of ``prof``, samples ``step_mm`` apart).
+
+    A disc is a minimum of the profile with an endplate (a maximum at least :data:`DISC_DEPTH_HU` higher) within
+    :data:`ENDPLATE_MM` on both sides; the marrow of a body is a minimum too, but a broad one (its endplates are
+    further apart), and in osteopenic bone as dark as the disc, so the bright endplates decide, not the HU of
+    the minimum. Only samples where ``near`` (bool, same shape) is true are searched; of several, the one whose
+    darker endplate is brightest. A profile with no such minimum but a bright crest (a maximum as far above the
+    minima within :data:`ENDPLATE_MM` on both sides) gets the crest: a thin thoracic disc and its two endplates
+    blur into one bright band at the working grid's 1.5 mm. Returns float sample indices (NaN: no disc found).
+    """
+    reach = max(1, int(round(ENDPLATE_MM / step_mm)))
+    p = ndi.gaussian_filter1d(prof.astype(np.float32), 1.0 / step_mm, axis=1)
+    # maxima of the ``reach`` samples before / after each one (the sample itself excluded)
+    left = ndi.maximum_filter1d(p, reach, axis=1, origin=(reach - 1) // 2, mode="nearest")
+    left = np.concatenate([np.full((len(p), 1), -np.inf, np.float32), left[:, :-1]], axis=1)
+    right = ndi.maximum_filter1d(p, reach, axis=1, origin=-(reach // 2), mode="nearest")
+    right = np.concatenate([right[:, 1:], np.full((len(p), 1), -np.inf, np.float32)], axis=1)
+    depth = np.minimum(left, right) - p
+    local_min = np.ones(p.shape, bool)
+    local_min[:, 1:] &= p[:, 1:] <= p[:, :-1]
+    local_min[:, :-1] &= p[:, :-1] <= p[:, 1:]
+    # of several minima, the one between the brightest pair of endplates: a minimum in the marrow next to one
+    # endplate has only trabecular bone on its other side
+    score = np.where(local_min & near & (depth >= DISC_DEPTH_HU), np.minimum(left, right), -np.inf)
+    best = np.argmax(score, axis=1).astype(float)
+    best[~np.isfinite(score.max(axis=1))] = np.nan
+    # a thin disc between two endplates, blurred at the working grid's voxel size into one bright band: its crest
+    # (a maximum at least DISC_DEPTH_HU above the lower of the minima within ENDPLATE_MM on either side)
+    low_left = -ndi.maximum_filter1d(-p, reach, axis=1, origin=(reach - 1) // 2, mode="nearest")
+    low_left = np.concatenate([np.full((len(p), 1), np.inf, np.float32), low_left[:, :-1]], axis=1)
+    low_right = -ndi.maximum_filter1d(-p, reach, axis=1, origin=-(reach // 2), mode="nearest")
+    low_right = np.concatenate([low_right[:, 1:], np.full((len(p), 1), np.inf, np.float32)], axis=1)
+    local_max = np.ones(p.shape, bool)
+    local_max[:, 1:] &= p[:, 1:] >= p[:, :-1]
+    local_max[:, :-1] &= p[:, :-1] >= p[:, 1:]
+    crest = np.where(local_max & near & (p - np.maximum(low_left, low_right) >= DISC_DEPTH_HU), p, -np.inf)
+    use = np.isnan(best) & np.isfinite(crest.max(axis=1))
+    best[use] = np.argmax(crest[use], axis=1)
+    return best
