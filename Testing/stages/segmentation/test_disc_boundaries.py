@@ -1,4 +1,4 @@
-"""Boundary refinement between consecutive vertebral bodies (instances.refine_disc_boundaries): a boundary off
+"""Boundary refinement between consecutive vertebral bodies (disc_boundaries.refine_disc_boundaries): a boundary off
 the disc moves onto it at the front of the bodies, one on the disc stays, and a column with no visible disc is left
 alone."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from VertebralFractureLib.stages.segmentation.disc_boundaries import refine_disc_boundaries
 from VertebralFractureLib.stages.segmentation.discs import disc_in_profiles
-from VertebralFractureLib.stages.segmentation.instances import refine_disc_boundaries
 
 
 def _column(tilt_deg: float, *, disc_hu: float = 90.0, endplate_hu: float = 600.0):

@@ -5,7 +5,9 @@ x=L): a coordinate along the column's (curved) centre line for every voxel (:fun
 discs as narrow HU minima (or gaps of the mask) along it (:func:`disc_positions`), and the cut at planes fitted
 to each disc, disc voxels left out, with the body pieces grown through their arches by a watershed
 (:func:`split_at_discs`). :mod:`.instances` calls this when its cores and cross-sections leave a part of two
-vertebrae's size or height (a network that bridged a disc).
+vertebrae's size or height (a network that bridged a disc). Also the component helpers both use
+(:func:`connected_components`, :func:`component_stats`, :func:`body_cores`) and the disc finder on HU profiles
+(:func:`disc_in_profiles`) of :mod:`.disc_boundaries`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,55 @@ import numpy as np
 from scipy import ndimage as ndi
 
 CORE_MM = 4.5  # distance from the surface that only vertebral bodies (and not arches) reach
+
+
+def connected_components(mask: np.ndarray, connectivity: int = 6) -> tuple[np.ndarray, int]:
+    """cc3d labelling of a boolean array: (int32 labels, count)."""
+    import cc3d
+
+    lab, n = cc3d.connected_components(mask.astype(np.uint8), connectivity=connectivity, return_N=True)
+    return lab.astype(np.int32), int(n)
+
+
+def component_stats(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(voxel counts, centroids (z, y, x) voxels) indexed by label id 0..max, via cc3d (one pass, fast)."""
+    import cc3d
+
+    stats = cc3d.statistics(np.ascontiguousarray(labels.astype(np.uint32)))
+    return np.asarray(stats["voxel_counts"]), np.asarray(stats["centroids"]).reshape(-1, 3)
+
+
+def labels_craniocaudal(labels: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """(voxel counts by id, the ids present sorted cranial first) of a label map (z=S, y=P, x=L)."""
+    counts, cents = component_stats(labels)
+    ids = [i for i in range(1, len(counts)) if counts[i] > 0]
+    ids.sort(key=lambda i: -cents[i][0])  # z grows towards superior
+    return counts, ids
+
+
+def body_cores(sub: np.ndarray, group: list[int], spacing_mm: float, check: int) -> tuple[np.ndarray, bool]:
+    """Each label's body in ``sub`` (labels ``group``): the biggest piece of its voxels at least
+    :data:`CORE_MM` inside (laminae and spinous processes are thinner), 0.3 ml or more. Also: does label
+    ``check`` hold a second piece at least half as big (two bodies)?"""
+    vox_ml = spacing_mm**3 / 1000.0
+    cores = np.zeros(sub.shape, np.int32)
+    two = False
+    objects = ndi.find_objects(sub)  # one pass for every label's box
+    for j in group:
+        sl = objects[j - 1] if j <= len(objects) else None
+        if sl is None:
+            continue
+        pad = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in sl)
+        core, n = connected_components(ndi.distance_transform_edt(sub[pad] == j) * spacing_mm >= CORE_MM, 6)
+        if not n:
+            continue
+        sizes = np.bincount(core.ravel())[1:]
+        big = int(np.argmax(sizes)) + 1
+        if sizes[big - 1] * vox_ml >= 0.3:
+            cores[pad][core == big] = j
+        if j == check and n > 1 and np.sort(sizes)[-2] >= 0.5 * sizes.max():
+            two = True
+    return cores, two
 
 
 def spine_coordinate(mask: np.ndarray, spacing_mm: float, outlier_mm: float = 6.0,

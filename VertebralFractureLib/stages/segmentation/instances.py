@@ -23,7 +23,16 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from VertebralFractureLib.stages.segmentation.discs import CORE_MM, seeded_watershed, spine_coordinate, split_at_discs
+from VertebralFractureLib.stages.segmentation.disc_boundaries import refine_disc_boundaries
+from VertebralFractureLib.stages.segmentation.discs import (
+    CORE_MM,
+    body_cores,
+    component_stats,
+    connected_components,
+    seeded_watershed,
+    spine_coordinate,
+    split_at_discs,
+)
 
 MIN_VOLUME_ML = 1.5  # smaller pieces are noise (a whole C3 is about 5 ml)
 MAX_OFF_AXIS_MM = 35.0  # a vertebra's centroid lies on the spine's centre line; ribs and pelvis do not
@@ -55,22 +64,6 @@ class Instances:
     count: int
     partial: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
-
-def connected_components(mask: np.ndarray, connectivity: int = 6) -> tuple[np.ndarray, int]:
-    """cc3d labelling of a boolean array: (int32 labels, count)."""
-    import cc3d
-
-    lab, n = cc3d.connected_components(mask.astype(np.uint8), connectivity=connectivity, return_N=True)
-    return lab.astype(np.int32), int(n)
-
-
-def component_stats(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(voxel counts, centroids (z, y, x) voxels) indexed by label id 0..max, via cc3d (one pass, fast)."""
-    import cc3d
-
-    stats = cc3d.statistics(np.ascontiguousarray(labels.astype(np.uint32)))
-    return np.asarray(stats["voxel_counts"]), np.asarray(stats["centroids"]).reshape(-1, 3)
 
 
 def fill_bodies(fg: np.ndarray) -> np.ndarray:
@@ -446,7 +439,7 @@ def reassign_stray_pieces(labels: np.ndarray, spacing_mm: float) -> np.ndarray:
         box = tuple(slice(max(0, min(objects[j - 1][a].start for j in group) - 1),
                           max(objects[j - 1][a].stop for j in group) + 1) for a in range(3))
         sub = out[box]
-        cores, two_bodies = _body_cores(sub, group, spacing_mm, i)
+        cores, two_bodies = body_cores(sub, group, spacing_mm, i)
         if two_bodies:
             continue
         sc = spine_coordinate(np.isin(sub, group), spacing_mm, line=cores > 0)
@@ -493,31 +486,6 @@ def reassign_stray_pieces(labels: np.ndarray, spacing_mm: float) -> np.ndarray:
     return out
 
 
-def _body_cores(sub: np.ndarray, group: list[int], spacing_mm: float, check: int) -> tuple[np.ndarray, bool]:
-    """Each label's body in ``sub`` (labels ``group``): the biggest piece of its voxels at least
-    :data:`CORE_MM` inside (laminae and spinous processes are thinner), 0.3 ml or more. Also: does label
-    ``check`` hold a second piece at least half as big (two bodies)?"""
-    vox_ml = spacing_mm**3 / 1000.0
-    cores = np.zeros(sub.shape, np.int32)
-    two = False
-    objects = ndi.find_objects(sub)  # one pass for every label's box
-    for j in group:
-        sl = objects[j - 1] if j <= len(objects) else None
-        if sl is None:
-            continue
-        pad = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in sl)
-        core, n = connected_components(ndi.distance_transform_edt(sub[pad] == j) * spacing_mm >= CORE_MM, 6)
-        if not n:
-            continue
-        sizes = np.bincount(core.ravel())[1:]
-        big = int(np.argmax(sizes)) + 1
-        if sizes[big - 1] * vox_ml >= 0.3:
-            cores[pad][core == big] = j
-        if j == check and n > 1 and np.sort(sizes)[-2] >= 0.5 * sizes.max():
-            two = True
-    return cores, two
-
-
 def _merge_fragments(out: np.ndarray, spacing_mm: float, typical_ml: float) -> np.ndarray:
     """Pieces much smaller than a typical vertebra, inside the field of view and touching (within 3 mm)
     another instance, join it (a process cut off by a joint line); returns labels renumbered 1..k."""
@@ -558,151 +526,3 @@ def _partial(labels: np.ndarray, count: int, fov: np.ndarray | None) -> list[int
         edge = fov & ~inside
     touched = np.unique(labels[edge & (labels > 0)])
     return [int(t) for t in touched if 0 < t <= count]
-
-
-#: a boundary between two bodies moves onto the disc (:func:`refine_disc_boundaries`) only where the disc is found
-#: (:func:`.discs.disc_in_profiles`) on this many of the profiles through the bodies (and at least
-#: :data:`MIN_DISC_PROFILES`), on one plane
-DISC_FOUND_FRACTION = 0.3
-MIN_DISC_PROFILES = 12
-DISC_PLANE_TOL_MM = 2.0  # profiles whose disc lies further off the fitted plane are outliers
-DISC_AGREE_FRACTION = 0.5  # of the discs found, at least this many on the plane
-#: tilt of the disc against the line between the two bodies' centres: sagittal (a wedge-shaped disc in kyphosis or
-#: lordosis), lateral (only scoliosis; a plane tilted sideways is more often pulled by a rib's head)
-MAX_DISC_TILT_DEG = 30.0
-MAX_LATERAL_TILT_DEG = 10.0
-SEARCH_MM = 7.0  # the disc is looked for this far (along the spine) from the current boundary
-BOUNDARY_TOL_MM = 1.5  # voxels this close to the disc plane keep their label (the disc is 3-10 mm thick)
-MOVE_MM = 2.0  # a boundary whose plane runs this close to the disc's everywhere stays
-REACH_MM = 12.0  # voxels further from the disc plane than this keep their label (the rest of the bodies)
-
-
-def refine_disc_boundaries(labels: np.ndarray, hu: np.ndarray, spacing_mm: float) -> np.ndarray:
-    """Move the boundary between each two consecutive vertebral bodies onto the disc between them.
-
-    A cut perpendicular to a smooth centre line, a watershed on the mask's shape or the cortex grown afterwards
-    (:func:`grow_cortex`) can miss a disc that is tilted against them (kyphosis): one segment then holds the
-    anterior corner of the next body and both read as wedges. For each pair of touching segments, HU profiles are
-    sampled along the line between their bodies' centres (:func:`_body_cores`) on a grid of points 1 voxel apart
-    across it; those through both bodies (a core on them, bone on both sides of the boundary, not behind the
-    bodies' back wall) give the disc's position on each (:func:`.discs.disc_in_profiles`, within
-    :data:`SEARCH_MM` of the current boundary). The plane most of them lie on (sagittal tilt up to
-    :data:`MAX_DISC_TILT_DEG`, lateral up to :data:`MAX_LATERAL_TILT_DEG`) is the disc when enough profiles
-    agree (:data:`MIN_DISC_PROFILES`, :data:`DISC_FOUND_FRACTION`, :data:`DISC_AGREE_FRACTION`); where the current
-    boundary's own plane runs within :data:`MOVE_MM` of it across the bodies, nothing moves. Otherwise the pair's
-    voxels within :data:`REACH_MM` of the disc plane, under the bodies' cross-section grown to the front and the
-    sides (not backwards: pedicles and articular processes reach past the disc's level), go to the body on their
-    side of it; those within :data:`BOUNDARY_TOL_MM` keep their label. ``labels``: int32 (z=S, y=P, x=L),
-    0 background, any ids; ``hu`` on the same isotropic grid (mm ``spacing_mm``); returns a relabelled copy.
-    """
-    from VertebralFractureLib.stages.segmentation.discs import disc_in_profiles
-
-    out = labels.copy()
-    counts, cents = component_stats(out)
-    ids = [i for i in range(1, len(counts)) if counts[i] > 0]
-    if len(ids) < 2:
-        return out
-    ids.sort(key=lambda i: -cents[i][0])  # craniocaudal: z grows towards superior
-    cores = _body_cores(out, ids, spacing_mm, -1)[0]
-    core_counts, core_cents = component_stats(cores)
-    objects = ndi.find_objects(out)
-    half = int(np.ceil(30.0 / spacing_mm))  # half width of the grid of profiles across the spine (voxels)
-    reach = 25.0 / spacing_mm  # half length of each profile (voxels)
-    step = 0.5  # along the profile (voxels)
-    grid = np.arange(-half, half + 1, dtype=float)
-    s_axis = np.arange(-reach, reach + step / 2, step)
-    grow = max(1, int(round(8.0 / spacing_mm)))  # the cores lie CORE_MM inside the bodies' surface, arches beyond
-    for a, b in zip(ids[:-1], ids[1:], strict=True):  # a above b
-        if len(core_counts) <= max(a, b) or not core_counts[a] or not core_counts[b]:
-            continue
-        box = tuple(slice(max(0, min(objects[a - 1][k].start, objects[b - 1][k].start) - 1),
-                          max(objects[a - 1][k].stop, objects[b - 1][k].stop) + 1) for k in range(3))
-        sub = out[box]
-        if not (ndi.binary_dilation(sub == a) & (sub == b)).any():
-            continue  # not touching: the disc is already left out between them
-        origin = np.array([s.start for s in box], float)
-        ca, cb = core_cents[a] - origin, core_cents[b] - origin
-        t = (ca - cb) / (np.linalg.norm(ca - cb) + 1e-9)
-        e1 = np.cross(t, [0.0, 0.0, 1.0] if abs(t[2]) < 0.9 else [0.0, 1.0, 0.0])
-        e1 /= np.linalg.norm(e1)
-        e2 = np.cross(t, e1)
-        mid = (ca + cb) / 2
-        uu, vv = np.meshgrid(grid, grid, indexing="ij")
-        pts = (mid[:, None, None, None] + uu[None, :, :, None] * e1[:, None, None, None]
-               + vv[None, :, :, None] * e2[:, None, None, None] + s_axis[None, None, None, :] * t[:, None, None, None])
-        flat = pts.reshape(3, -1)
-        prof = ndi.map_coordinates(hu[box].astype(np.float32), flat, order=1, mode="nearest").reshape(pts.shape[1:])
-        lab = ndi.map_coordinates(sub, flat, order=0, mode="constant", cval=0).reshape(pts.shape[1:])
-        core = ndi.map_coordinates(cores[box], flat, order=0, mode="constant", cval=0).reshape(pts.shape[1:])
-        # where the current boundary crosses each profile: between the last sample of b and the first of a
-        idx = np.arange(len(s_axis))
-        top_b = np.where(lab == b, idx, -1).max(axis=2)
-        bot_a = np.where(lab == a, idx, len(idx)).min(axis=2)
-        crossed = (top_b >= 0) & (bot_a < len(idx)) & (top_b < bot_a)
-        s_cur = (top_b + bot_a) / 2.0
-        near = np.abs(idx[None, None, :] - s_cur[:, :, None]) * step * spacing_mm <= SEARCH_MM
-        # profiles through the bodies (not the arches), in bone on both sides of the boundary (not grazing the
-        # front or side wall, where soft tissue between cortices looks like a disc)
-        in_bone = ((lab == a) | (lab == b)) & near
-        inner = crossed & np.isin(core, [a, b]).any(axis=2) & (in_bone.sum(axis=2) >= 0.6 * near.sum(axis=2))
-        # the body's back wall lies about as far behind the centre line as its front lies ahead: behind it are
-        # the pedicles and articular processes, which reach past the disc's level
-        front = -np.sign(e1[1]) * grid  # along u towards anterior (-y), voxels
-        if inner.any():
-            inner[front < -front[np.nonzero(inner)[0]].max()] = False
-        if inner.sum() < MIN_DISC_PROFILES:
-            continue
-        # neighbouring profiles averaged (noise of low-dose CT); a tilted disc moves less than a voxel between them
-        prof = ndi.gaussian_filter(prof, (1.0, 1.0, 0.0))
-        found = disc_in_profiles(prof[inner], near[inner], step * spacing_mm)
-        ok = ~np.isnan(found)
-        if ok.sum() < max(MIN_DISC_PROFILES, DISC_FOUND_FRACTION * inner.sum()):
-            continue
-        iu, iv = np.nonzero(inner)
-        x = np.stack([np.ones(ok.sum()), grid[iu[ok]], grid[iv[ok]]], axis=1)
-        y = s_axis[found[ok].astype(int)]
-        # the plane that most disc points lie on: tilts up to MAX_DISC_TILT_DEG tried on a grid (least squares
-        # alone would be pulled by the outliers: a vessel's groove, the front wall), then refined on its inliers
-        tilts = np.tan(np.deg2rad(np.linspace(-MAX_DISC_TILT_DEG, MAX_DISC_TILT_DEG, 13)))
-        tu, tv = (g.ravel() for g in np.meshgrid(tilts, tilts[np.abs(tilts) <= np.tan(np.deg2rad(MAX_LATERAL_TILT_DEG))],
-                                                 indexing="ij"))
-        res = y[None, :] - tu[:, None] * x[None, :, 1] - tv[:, None] * x[None, :, 2]  # (candidates, points)
-        c0 = np.median(res, axis=1)
-        hits = (np.abs(res - c0[:, None]) * spacing_mm <= DISC_PLANE_TOL_MM).sum(axis=1)
-        best = int(np.argmax(hits))
-        keep = np.abs(res[best] - c0[best]) * spacing_mm <= DISC_PLANE_TOL_MM
-        coef = np.linalg.lstsq(x[keep], y[keep], rcond=None)[0]
-        agree = np.abs(x @ coef - y) * spacing_mm <= DISC_PLANE_TOL_MM
-        if agree.sum() < max(MIN_DISC_PROFILES, DISC_FOUND_FRACTION * inner.sum(), DISC_AGREE_FRACTION * ok.sum()) \
-                or np.hypot(coef[1], coef[2]) > np.tan(np.deg2rad(MAX_DISC_TILT_DEG)) \
-                or abs(coef[2]) > np.tan(np.deg2rad(MAX_LATERAL_TILT_DEG)):
-            continue
-        # the bodies' cross-section: the profiles through them grown to the front and the sides (the corners),
-        # not backwards
-        footprint = ndi.binary_dilation(inner, iterations=grow)
-        footprint[front < front[iu].min()] = False
-        # the current boundary's own plane (fitted where it crosses the bodies, outliers dropped): where it already
-        # runs within MOVE_MM of the disc's across the whole cross-section, nothing to move
-        y_cur = s_axis[0] + s_cur[inner] * step
-        x_cur = np.stack([np.ones(inner.sum()), grid[iu], grid[iv]], axis=1)
-        cur = np.linalg.lstsq(x_cur, y_cur, rcond=None)[0]
-        for _ in range(3):
-            near_fit = np.abs(x_cur @ cur - y_cur) * spacing_mm <= DISC_PLANE_TOL_MM
-            if near_fit.sum() < MIN_DISC_PROFILES:
-                break
-            cur = np.linalg.lstsq(x_cur[near_fit], y_cur[near_fit], rcond=None)[0]
-        fu, fv = np.nonzero(footprint)
-        if np.abs((coef - cur) @ np.stack([np.ones(len(fu)), grid[fu], grid[fv]])).max() * spacing_mm <= MOVE_MM:
-            continue
-        # every voxel of the pair: its place along the profiles and across them
-        vox = np.argwhere((sub == a) | (sub == b)).astype(float)
-        rel = vox - mid
-        s, u, v = rel @ t, rel @ e1, rel @ e2
-        ku, kv = np.rint(u + half).astype(int), np.rint(v + half).astype(int)
-        inside = (ku >= 0) & (ku < len(grid)) & (kv >= 0) & (kv < len(grid))
-        inside[inside] = footprint[ku[inside], kv[inside]]
-        off = (s - (coef[0] + coef[1] * u + coef[2] * v)) * spacing_mm
-        move = inside & (np.abs(off) <= REACH_MM) & (np.abs(off) > BOUNDARY_TOL_MM)
-        pv = vox[move].astype(int)
-        sub[pv[:, 0], pv[:, 1], pv[:, 2]] = np.where(off[move] > 0, a, b)
-    return out
