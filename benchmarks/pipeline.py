@@ -103,9 +103,10 @@ def run_one(tree: Path, dicom: Path, out: Path, extra: list[str]) -> dict:
 def labels_digest(path: Path) -> str:
     """SHA-256 of a label map's voxels, shape and dtype (not of the gzip stream, which holds no time but may change
     with the writer's settings)."""
-    import SimpleITK as sitk
+    from VertebralFractureLib.io.reading import read_volume
 
-    array = sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))
+    # (a SimpleITK array view of a temporary image read freed memory: every map hashed alike)
+    array = read_volume(path, check=False).array
     return hashlib.sha256(f"{array.shape}{array.dtype}".encode() + array.tobytes()).hexdigest()
 
 

@@ -143,7 +143,7 @@ def versions() -> dict[str, str]:
         if module is not None:
             out[name] = str(getattr(module, "__version__", "unknown"))
             continue
-        # not imported by this run (e.g. no segmentation: no monai): its installed version, without the import
+        # not imported by this run (monai never is): its installed version, without the import
         for dist in _DISTRIBUTIONS.get(name, (name,)):
             try:
                 out[name] = metadata.version(dist)
@@ -258,9 +258,8 @@ def analyse(
     called = bool(not math.isnan(patient_probability) and patient_probability >= classification.threshold)
     reasons = review_reasons(quality, n_vertebrae=len(records),
                              n_scored=sum(not math.isnan(r.fracture_probability) for r in records),
-                             classifier_saturated=classification.saturated,
-                             called_fractured=called or bool(classification.review_reasons))
-    reasons += classification.review_reasons
+                             classifier_saturated=classification.saturated, called_fractured=called,
+                             classifier_reasons=classification.review_reasons)
     fractured = None if reasons else called
     progress(0.9, "analysis done")
     return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels,

@@ -69,16 +69,13 @@ def _boxes(array: np.ndarray) -> dict[int, tuple[slice, ...] | None]:
             for index, box in enumerate(find_objects(crop))}
 
 
-def _segments(
-    labels: Volume, records: Sequence[VertebraRecord], boxes: dict[int, Any] | None = None
-) -> list[dict[str, Any]]:
-    """Segment descriptions for every non-zero id in ``labels``, craniocaudal order.
+def _segments(boxes: dict[int, Any], records: Sequence[VertebraRecord]) -> list[dict[str, Any]]:
+    """Segment descriptions for every id with voxels (``boxes``: :func:`_boxes` of the label map), craniocaudal order.
 
-    Ids present in ``labels`` without a record still get a segment (grey); records whose id is
-    absent from ``labels`` are ignored (a segment must have voxels to be useful in a viewer).
+    Ids present in the label map without a record still get a segment (grey); records whose id is
+    absent from it are ignored (a segment must have voxels to be useful in a viewer).
     """
     by_label = {int(r.label): r for r in records}
-    boxes = _boxes(labels.array) if boxes is None else boxes
     ids = [label for label, box in boxes.items() if box is not None]
 
     def sort_key(label: int) -> tuple[int, int]:
@@ -164,7 +161,7 @@ def write_seg_nrrd(labels: Volume, records: Sequence[VertebraRecord], path: str 
         "space origin: " + _nrrd_vector(labels.origin),
     ]
     boxes = _boxes(data)
-    segments = _segments(labels.with_array(data), records, boxes)
+    segments = _segments(boxes, records)
     for index, seg in enumerate(segments):
         bk, bj, bi = boxes[seg["label"]]
         extent = (bi.start, bi.stop - 1, bj.start, bj.stop - 1, bk.start, bk.stop - 1)
@@ -380,7 +377,7 @@ def write_dicom_seg(
         array = array.astype(np.uint8)
 
     boxes = _boxes(array)
-    segments = _segments(on_grid.with_array(array), records, boxes)
+    segments = _segments(boxes, records)
     if not segments:
         raise ValueError("the label map holds no vertebra; a DICOM SEG needs at least one segment")
     # highdicom's label-map input wants segment numbers 1..N

@@ -244,7 +244,7 @@ def assess_quality(records: list[VertebraRecord], *, level_confidence: float | N
 
 
 def review_reasons(quality: CaseQuality, *, n_vertebrae: int, n_scored: int, classifier_saturated: bool,
-                   called_fractured: bool = True) -> list[str]:
+                   called_fractured: bool = True, classifier_reasons: list[str] | None = None) -> list[str]:
     """Every reason why a case's automatic answer cannot be trusted, as plain sentences (empty: none).
 
     Args:
@@ -253,6 +253,7 @@ def review_reasons(quality: CaseQuality, *, n_vertebrae: int, n_scored: int, cla
         classifier_saturated: the classifier called most vertebrae fractured (its out-of-domain guard).
         called_fractured: some vertebra reaches the fracture threshold: its level name matters, so guessed names
             (``quality.naming_reasons``) are a reason too; they are listed as well beside any other reason.
+        classifier_reasons: the classifier's own sentences (out-of-distribution vertebrae), listed last.
     """
     if n_vertebrae == 0:
         return ["No vertebrae were found in the field of view."]
@@ -262,6 +263,6 @@ def review_reasons(quality: CaseQuality, *, n_vertebrae: int, n_scored: int, cla
     if classifier_saturated:
         reasons.append("The fracture classifier called most vertebrae fractured, which real fractures almost never do: "
                        "this scan is outside its training data.")
-    if called_fractured or reasons:
+    if called_fractured or reasons or classifier_reasons:
         reasons += quality.naming_reasons
-    return reasons
+    return reasons + list(classifier_reasons or [])

@@ -1,9 +1,10 @@
 """Boundaries between consecutive vertebral bodies moved onto the disc between them (:func:`refine_disc_boundaries`).
 
 A cut perpendicular to a smooth centre line, a watershed on the mask's shape or the cortex grown afterwards
-(:func:`.instances.grow_cortex`, which calls this last) can miss a disc that is tilted against them (kyphosis):
-one segment then holds the anterior corner of the next body and both read as wedges. Works on the canonical
-working grid (isotropic, axis-aligned LPS, array axes z=S, y=P, x=L).
+(:func:`.instances.grow_cortex`; :func:`.inference.segment_vertebrae` calls this right after it) can miss a
+disc that is tilted against them (kyphosis): one segment then holds the anterior corner of the next body and
+both read as wedges. Works on the canonical working grid (isotropic, axis-aligned LPS, array axes z=S, y=P,
+x=L).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ Steps of :func:`segment_vertebrae`:
 2. window the HU (model card ``window``) and run the U-Net tile by tile, skipping tiles without bone
    (:func:`bone_tiled_inference`), giving a vertebra-bone probability;
 3. connected components, split of touching vertebrae and removal of small pieces, then each vertebra grown
-   by up to 3 mm into cortex the network missed (:mod:`.instances`);
+   by up to 3 mm into cortex the network missed (:mod:`.instances`), and the boundary between each two touching
+   bodies moved onto the disc between them (:mod:`.disc_boundaries`);
 4. VerSe level names from the order along the spine and anatomical anchors (:mod:`.labelling`);
 5. labels back onto the input grid with the input's geometry.
 
@@ -273,6 +274,7 @@ def segment_vertebrae(
     Returns:
         :class:`SegmentationResult` with uint8 VerSe ids on ``ct``'s grid and geometry.
     """
+    from VertebralFractureLib.stages.segmentation.disc_boundaries import refine_disc_boundaries
     from VertebralFractureLib.stages.segmentation.instances import extract_instances, grow_cortex
     from VertebralFractureLib.stages.segmentation.labelling import assign_levels, parse_anchor
 
@@ -294,7 +296,8 @@ def segment_vertebrae(
         prob.array, hu.array, spacing_mm=prob.spacing[0], threshold=float(card.extra.get("threshold", 0.5)), fov=fov
     )
     if inst.count:
-        grown = grow_cortex(inst.labels, hu.array, prob.spacing[0])
+        s = prob.spacing[0]
+        grown = refine_disc_boundaries(grow_cortex(inst.labels, hu.array, s), hu.array, s)
         prob = prob.with_array(np.where((grown > 0) & (inst.labels == 0), np.float32(1.0), prob.array))
         inst.labels = grown
     warnings = list(inst.warnings)

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from VertebralFractureLib.stages.segmentation.disc_boundaries import refine_disc_boundaries
 from VertebralFractureLib.stages.segmentation.discs import (
     CORE_MM,
     body_cores,
@@ -368,7 +367,7 @@ def grow_cortex(labels: np.ndarray, hu: np.ndarray, spacing_mm: float, *, hu_min
         if not take.any():
             break
         out[take] = high[take]
-    return refine_disc_boundaries(out, hu, spacing_mm)
+    return out
 
 
 def _plausible_parts(parts: np.ndarray, spacing_mm: float) -> bool:
