@@ -12,6 +12,7 @@ import pytest
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.research.classifier_data import Samples, find_real_cases, volume_samples
 from VertebralFractureLib.research.classifier_fusion import (
+    STACK_INPUTS,
     expected_calibration_error,
     fit_fusion,
     ood_distances,
@@ -108,8 +109,10 @@ def test_fusion_model_round_trip_and_direction():
     again = FusionModel.from_json(json.loads(json.dumps(fusion.to_json())))
     feats = {name: 0.0 for name in s.feature_names}
     assert again.probability(0.3, 0.1, feats) == pytest.approx(fusion.probability(0.3, 0.1, feats))
-    # every input pushes the calibrated probability the way its evidence points
-    assert fusion.probability(0.9, 0.1, feats) > fusion.probability(0.1, 0.1, feats)
+    # every input pushes the calibrated probability the way its evidence points (or not at all, when the
+    # stacker was chosen without it)
+    assert fusion.stack_inputs in STACK_INPUTS and "morphometry" in fusion.stack_inputs
+    assert fusion.probability(0.9, 0.1, feats) >= fusion.probability(0.1, 0.1, feats)
     assert fusion.probability(0.5, 0.35, feats) > fusion.probability(0.5, 0.0, feats)
     assert fusion.probability(0.5, 0.0, None) < fusion.probability(0.5, 0.4, None)
     # held-out fused probabilities rank fractures above normal vertebrae
@@ -118,6 +121,41 @@ def test_fusion_model_round_trip_and_direction():
     assert roc_auc_score(s.y, nested_p) > 0.8
     with pytest.raises(InputError, match="fusion"):
         FusionModel.from_json({**fusion.to_json(), "stack": {"coef": [1.0], "intercept": 0.0}})
+
+
+@pytest.mark.parametrize("cnn_fools_on_real", [False, True])
+def test_stacker_inputs_chosen_by_held_out_sensitivity(cnn_fools_on_real):
+    """A CNN that adds signal is kept; one that calls some real normal vertebrae fractured with confidence (as
+    ours did on real backgrounds) costs sensitivity at the specificity-first operating point and is dropped."""
+    s, oof = _synthetic(n_groups=10, per_group=15, seed=3)
+    s.grade[s.y == 1] = 2 + np.arange(int(s.y.sum())) % 2
+    rng = np.random.default_rng(5)
+    if cnn_fools_on_real:
+        # morphometry separates; the CNN knows little and is confidently wrong on one normal vertebra in six
+        s.morph_loss[:] = 0.05 + 0.25 * s.y + rng.normal(0, 0.06, len(s))
+        cnn = np.clip(0.5 + 0.1 * (s.y - 0.5) + rng.normal(0, 0.1, len(s)), 0.01, 0.99)
+        cnn[np.flatnonzero(s.y == 0)[::6]] = 0.99
+    else:
+        # morphometry misses half of the fractures; a good CNN sees them
+        weak = (s.y == 1) & (np.arange(len(s)) % 2 == 0)
+        s.morph_loss[weak] = 0.12
+        cnn = np.where(s.y == 1, 0.85, 0.15)
+    s.morph_p[:] = s.morph_loss
+    oof = {**oof, "cnn": cnn}
+    folds = patient_folds(s.group, 5)
+    fusion, nested_p, _ = fit_fusion(s, oof, folds, oof["lasso"])
+    sel = fusion.stack_selection
+    assert set(sel) == set(STACK_INPUTS)
+    chosen = sel[fusion.stack_inputs]
+    best = max(v["grade_ge2_sensitivity"] for v in sel.values())
+    assert chosen["grade_ge2_sensitivity"] == best
+    assert chosen["roc_auc"] == max(v["roc_auc"] for v in sel.values() if v["grade_ge2_sensitivity"] == best)
+    uses_cnn = "cnn" in fusion.stack_inputs
+    assert uses_cnn != cnn_fools_on_real
+    assert (fusion.stack.coef[0] != 0.0) == uses_cnn and (fusion.stack_without_radiomics.coef[0] != 0.0) == uses_cnn
+    if not uses_cnn:  # its probability ignores the CNN altogether
+        feats = {name: 0.0 for name in s.feature_names}
+        assert fusion.probability(0.99, 0.1, feats) == pytest.approx(fusion.probability(0.01, 0.1, feats))
 
 
 def test_fusion_prior_shift_puts_the_operating_point_at_one_half_without_reordering():
@@ -133,7 +171,7 @@ def test_fusion_prior_shift_puts_the_operating_point_at_one_half_without_reorder
     # run time applies the shift: the unshifted model's logit plus the shift
     feats = {name: 0.0 for name in s.feature_names}
     raw = FusionModel.from_json({**fusion.to_json(), "prior_logit_shift": 0.0, "prevalence": None})
-    for p_cnn, p_morph, f in ((0.3, 0.1, feats), (0.9, 0.4, feats), (0.6, 0.0, None)):
+    for p_cnn, p_morph, f in ((0.3, 0.1, feats), (0.9, 0.4, feats), (0.6, 0.15, None)):
         assert fusion.probability(p_cnn, p_morph, f) == pytest.approx(
             float(shift_prior(raw.probability(p_cnn, p_morph, f), fusion.prior_logit_shift)))
     # a fusion.json written before the prior shift existed still loads, unshifted

@@ -12,7 +12,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from VertebralFractureLib.core.errors import InputError
-from VertebralFractureLib.core.levels import level_name
+from VertebralFractureLib.core.levels import LEVEL_IDS, level_name
 from VertebralFractureLib.core.records import VertebraRecord
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.research.phantom import make_phantom
@@ -246,6 +246,25 @@ def test_uncertain_level_names_still_score_and_merged_segments_do_not(phantoms, 
         classify_vertebrae(ph.ct, ph.labels, records, radiomics=feats, device="cpu", model_dir=model)
         assert 0.0 <= records[0].fracture_probability <= 1.0
         assert math.isnan(records[1].fracture_probability)
+
+
+def test_cervical_vertebrae_are_not_scored(phantoms, tmp_path, repo_root):
+    """Genant grading covers the thoracic and lumbar spine: a vertebra labelled cervical keeps its CNN probability
+    for reference but gets no final probability, with the fusion model and with max()."""
+    from VertebralFractureLib.stages.classification import classify_vertebrae
+
+    model_dir, _ = _fusion_dir(tmp_path, repo_root)
+    ph = phantoms["LPS"]
+    top = int(np.unique(ph.labels.array)[1])
+    labels = ph.labels.with_array(np.where(ph.labels.array == top, LEVEL_IDS["C7"], ph.labels.array))
+    for model in (model_dir, repo_root / "Resources" / "models" / "classifier_simulated"):
+        records = _records(labels)
+        cervical = next(r for r in records if r.level == "C7")
+        feats = {r.label: {FEATURE: 200.0} for r in records}
+        classify_vertebrae(ph.ct, labels, records, radiomics=feats, device="cpu", model_dir=model)
+        assert math.isnan(cervical.fracture_probability) and 0.0 < cervical.probability_classifier < 1.0
+        assert all(0.0 <= r.fracture_probability <= 1.0 for r in records
+                   if r.level != "C7" and not r.partial and int(r.label) in np.unique(labels.array))
 
 
 def test_out_of_distribution_vertebra_is_a_review_reason(phantoms, tmp_path, repo_root):

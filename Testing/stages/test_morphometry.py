@@ -16,6 +16,8 @@ import pytest
 from scipy import ndimage
 
 from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.core.levels import LEVEL_IDS
+from VertebralFractureLib.core.records import VertebraRecord
 from VertebralFractureLib.core.volume import Volume, resample_spacing, resample_to
 from VertebralFractureLib.io.reading import read_volume
 from VertebralFractureLib.research import simulation as sim
@@ -330,6 +332,26 @@ def test_internal_label_hole_does_not_shorten_heights():
     holed = morph.measure_heights(_cylinder_stack(True), 20)
     for key in ("anterior", "middle", "posterior"):
         assert getattr(holed, key) == pytest.approx(getattr(full, key), abs=0.5), key
+
+
+def test_cervical_vertebrae_measured_not_graded_nor_a_reference():
+    """A cervical body with a 40 % anterior wedge gets no grade (and no probability), and does not serve as a
+    normal neighbour for T1; a thoracic one of the same shape is graded 3."""
+    def rec(level: str, ha: float) -> VertebraRecord:
+        return VertebraRecord(label=LEVEL_IDS[level], level=level, height_anterior_mm=ha, height_middle_mm=14.0,
+                              height_posterior_mm=15.0)
+
+    records = [rec("C6", 9.0), rec("C7", 9.0), rec("T1", 15.0), rec("T2", 15.0), rec("T3", 9.0)]
+    morph.grade_records(records)
+    by_level = {r.level: r for r in records}
+    for level in ("C6", "C7"):
+        r = by_level[level]
+        assert r.genant_grade is None and math.isnan(r.probability_morphometry) and math.isnan(r.height_loss_ratio)
+        assert any("not graded" in n for n in r.notes)
+    assert by_level["T1"].genant_grade == 0 and by_level["T2"].genant_grade == 0
+    assert by_level["T3"].genant_grade == 3 and by_level["T3"].genant_type == "wedge"
+    # T1's normal shape comes from T2 (and T3 once found fractured drops out), not from the wedged C7
+    assert by_level["T1"].height_loss_ratio == pytest.approx(0.0, abs=1e-9)
 
 
 def test_partial_vertebra_is_flagged_not_graded():

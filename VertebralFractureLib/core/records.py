@@ -31,8 +31,9 @@ CONTRACT_COLUMNS = [
 class VertebraRecord:
     """Everything measured and predicted for one vertebra. Units: mm, ml, HU; LPS mm for points.
 
-    ``genant_grade`` is None for partial vertebrae (cut by the field of view) and for implausible
-    segments (not shaped like a vertebra: see ``morphometry.plausibility_problem``); neither is graded.
+    ``genant_grade`` is None for partial vertebrae (cut by the field of view), for implausible
+    segments (not shaped like a vertebra: see ``morphometry.plausibility_problem``) and for cervical
+    vertebrae (Genant grading covers the thoracic and lumbar spine); none of them is graded.
     ``genant_type`` is ``"normal"``, ``"wedge"``, ``"biconcave"`` or ``"crush"`` (empty if ungraded).
     ``flags`` are the segmentation quality flags of :mod:`VertebralFractureLib.stages.quality` (``"merged"``,
     ``"disc_inside"``, ``"cut"``, ``"implausible"``); a flagged vertebra is not graded and has no fracture probability.

@@ -46,7 +46,7 @@ def _card_intro(card: dict[str, Any], fusion: FusionModel) -> list[str]:
         f"- networks: `customcnn` on a {card['input']['crop_size_voxels']}^3 crop at {card['spacing_mm']} mm "
         f"(`model.safetensors`), a radiomics LASSO ({len(fusion.radiomics_features)} features) and morphometry's "
         "probability, fused by logistic stacking fitted on out-of-fold predictions only (`fusion.json`, plain "
-        "numbers)",
+        f"numbers); the stacker uses **{fusion.stack_inputs}** (chosen on held-out folds: see *Stacker inputs*)",
         f"- use in `run`: {card['combination']}",
         f"- **patient rule**: fractured when some graded, unflagged vertebra (not cut by the field of view, "
         f"implausible or flagged by the quality check) has a calibrated probability >= {fusion.threshold:.3f}. "
@@ -167,6 +167,7 @@ def _card_closing(card: dict[str, Any], held: dict[str, Any]) -> list[str]:
     if comp:
         lines += ["", "Components alone (out-of-fold, per vertebra): " + "; ".join(
             f"{k.replace('_', ' ')} ROC-AUC {v['roc_auc']:.3f}" for k, v in comp.items())]
+    lines += _card_stack_selection(m.get("stack_selection"))
     ood = m.get("ood", {})
     lines += ["", f"Out of distribution: {len(ood.get('real_ct_cases_with_an_ood_vertebra', []))} of "
               f"{ood.get('n_real_ct_cases')} real CTs have a held-out vertebra above the threshold "
@@ -185,4 +186,19 @@ def _card_closing(card: dict[str, Any], held: dict[str, Any]) -> list[str]:
               + f" --lr {tr.get('lr', 2e-3):g} --epochs {tr['epochs']} --folds {tr['folds']} --seed {tr['seed']} "
               "-o MODEL_DIR`" + (f" (fine-tuned from `{init}`, weights sha256 "
                                  f"`{card['lineage']['weights_sha256'][:16]}...`)" if init else "") + ".", ""]
+    return lines
+
+
+def _card_stack_selection(selection: dict[str, Any] | None) -> list[str]:
+    """The stacker input sets tried and the one chosen (:func:`.classifier_fusion.select_stack_inputs`)."""
+    if not selection:
+        return []
+    lines = ["", "### Stacker inputs", "",
+             "Each candidate set of inputs was fitted and scored on nested held-out folds at its own "
+             "specificity-first operating point; the shipped stacker uses the one with the best grade >= 2 "
+             "sensitivity there (then ROC-AUC, then fewer inputs):", "",
+             "| inputs | grade >= 2 sens. | ROC-AUC | real vertebrae >= threshold | chosen |", "|---|---|---|---|---|"]
+    for name, sc in selection["candidates"].items():
+        lines.append(f"| {name} | {sc['grade_ge2_sensitivity']:.3f} | {sc['roc_auc']:.3f} | "
+                     f"{sc['real_vertebrae_at_threshold']} | {'yes' if name == selection['chosen'] else ''} |")
     return lines

@@ -9,7 +9,9 @@ Recipe (:func:`train_realct_classifier`):
    (:class:`.classifier_training.RadiomicsLasso`) trained on the other folds predict the fold: out-of-fold
    (OOF) CNN probabilities and radiomics scores for every vertebra;
 3. the stacker, a logistic regression of ``[CNN logit, radiomics score, morphometry logit]``, is fitted on the
-   OOF predictions only (its held-out numbers: refitted without each fold, nested); the operating point is
+   OOF predictions only (its held-out numbers: refitted without each fold, nested); which of those inputs it
+   uses is chosen the same way (:func:`select_stack_inputs`: the set of :data:`STACK_INPUTS` with the best held-out
+   grade >= 2 sensitivity at the operating point; the others get coefficient 0); the operating point is
    specificity-first (:func:`operating_threshold`): the lowest threshold at which at most
    :data:`MAX_FALSE_POSITIVE_RATE` of the real (unfractured) vertebrae's held-out probabilities reach it; the
    out-of-distribution (OOD) threshold is the 99th percentile of OOF Mahalanobis distances; a prior shift
@@ -259,6 +261,56 @@ def _stack_inputs(cnn_p: np.ndarray, score: np.ndarray | None, morph: np.ndarray
     return np.column_stack(cols)
 
 
+#: the stacker's candidate inputs, as columns of ``[CNN logit, radiomics score, morphometry logit]``. Morphometry
+#: (Genant's height loss) is in every set; a CNN or radiomics score that ranks some real normal vertebrae above
+#: simulated fractures costs sensitivity at a specificity-first operating point even when it raises the ROC-AUC
+STACK_INPUTS: dict[str, tuple[int, ...]] = {
+    "cnn+radiomics+morphometry": (0, 1, 2),
+    "radiomics+morphometry": (1, 2),
+    "cnn+morphometry": (0, 2),
+    "morphometry": (2,),
+}
+
+
+def _nested_stack(x: np.ndarray, y: np.ndarray, folds: np.ndarray, cols: tuple[int, ...]) -> np.ndarray:
+    """Held-out probabilities (n,) of a stacker on columns ``cols`` of x, refitted without each fold."""
+    p = np.full(len(y), np.nan)
+    for k in np.unique(folds):
+        tr, te = folds != k, folds == k
+        p[te] = fit_logistic(x[tr][:, cols], y[tr]).predict(x[te][:, cols])
+    return p
+
+
+def select_stack_inputs(s: Samples, x3: np.ndarray, folds: np.ndarray) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The stacker inputs (a key of :data:`STACK_INPUTS`) to ship, chosen on nested held-out probabilities: the
+    highest grade >= 2 sensitivity at the specificity-first operating point (:func:`operating_threshold`), then
+    the highest ROC-AUC, then the fewest inputs. Returns (name, per candidate: its sensitivity, ROC-AUC, real
+    vertebrae at or above the threshold and held-out probabilities ``p``)."""
+    from sklearn.metrics import roc_auc_score
+
+    severe = (s.y == 1) & (s.grade >= 2)
+    severe = severe if severe.any() else s.y == 1  # no grade >= 2 fracture: every fracture
+    real_neg = (s.source == "real") & (s.y == 0)
+    scores: dict[str, dict[str, Any]] = {}
+    for name, cols in STACK_INPUTS.items():
+        p = _nested_stack(x3, s.y, folds, cols)
+        t = operating_threshold(s, p)
+        scores[name] = {"grade_ge2_sensitivity": float(np.mean(p[severe] >= t)) if severe.any() else 0.0,
+                        "roc_auc": float(roc_auc_score(s.y, p)) if 0 < s.y.mean() < 1 else math.nan,
+                        "real_vertebrae_at_threshold": int(np.sum(p[real_neg] >= t)), "p": p}
+    best = max(STACK_INPUTS, key=lambda n: (round(scores[n]["grade_ge2_sensitivity"], 6),
+                                            round(scores[n]["roc_auc"], 6), -len(STACK_INPUTS[n])))
+    return best, scores
+
+
+def _embedded(model: Logistic, cols: tuple[int, ...], n: int) -> Logistic:
+    """``model`` (fitted on columns ``cols``) as a logistic model of all ``n`` columns, 0 for the others."""
+    coef = [0.0] * n
+    for c, v in zip(cols, model.coef, strict=True):
+        coef[c] = v
+    return Logistic(coef=coef, intercept=model.intercept)
+
+
 def out_of_fold(s: Samples, folds: np.ndarray, config: TrainConfig,
                 progress: Callable[[float, str], None] | None = None,
                 init_state: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
@@ -285,15 +337,17 @@ def fit_fusion(s: Samples, oof: dict[str, np.ndarray], folds: np.ndarray, lasso:
     morph_fill = float(np.median(logit(s.morph_p[(s.y == 0) & np.isfinite(s.morph_p)])))
     morph = np.where(np.isfinite(s.morph_p), logit(np.nan_to_num(s.morph_p, nan=0.5)), morph_fill)
     x3 = _stack_inputs(oof["cnn"], oof["radiomics"], morph)
-    x2 = _stack_inputs(oof["cnn"], None, morph)
-    stack, stack2 = fit_logistic(x3, s.y), fit_logistic(x2, s.y)
+    inputs, selection = select_stack_inputs(s, x3, folds)
+    cols = STACK_INPUTS[inputs]
+    cols2 = tuple({0: 0, 2: 1}[c] for c in cols if c != 1)  # the same inputs but radiomics, in [cnn, morphometry]
+    stack = _embedded(fit_logistic(x3[:, cols], s.y), cols, 3)
+    stack2 = _embedded(fit_logistic(x3[:, [c for c in cols if c != 1]], s.y), cols2, 2)
     strongest = np.argsort(-np.abs(lasso._model.coef_[0]))[:OOD_FEATURES]
     z = np.column_stack([lasso.selected_matrix(s.radiomics)[:, strongest], loss])
-    nested_p = np.full(len(s), np.nan)
+    nested_p = selection[inputs]["p"].copy()
     nested_d = np.full(len(s), np.nan)
     for k in np.unique(folds):
         tr, te = folds != k, folds == k
-        nested_p[te] = fit_logistic(x3[tr], s.y[tr]).predict(x3[te])
         mean_k, prec_k = ood_fit(z[tr])
         nested_d[te] = ood_distances(z[te], mean_k, prec_k)
     # the stackers are calibrated to the training mix (mostly simulated fractures): shift the prior so that the
@@ -313,9 +367,10 @@ def fit_fusion(s: Samples, oof: dict[str, np.ndarray], folds: np.ndarray, lasso:
         threshold=0.5, prior_logit_shift=shift, prevalence=float(sigmoid(logit(s.y.mean()) + shift)),
         ood_mean=[float(v) for v in mean], ood_precision=[[float(v) for v in row] for row in precision],
         ood_threshold=float(np.percentile(nested_d, OOD_PERCENTILE)), ood_percentile=OOD_PERCENTILE,
-        ood_features=[int(i) for i in strongest],
+        ood_features=[int(i) for i in strongest], stack_inputs=inputs,
+        stack_selection={n: {k: v for k, v in sc.items() if k != "p"} for n, sc in selection.items()},
         notes="stack inputs: [CNN logit clipped to +-8, radiomics LASSO logit, morphometry probability's logit clipped "
-              f"to +-8]; OOD inputs: [the {OOD_FEATURES} selected radiomics features of largest |coefficient| "
+              f"to +-8], those of stack_inputs used (the others' coefficients 0); OOD inputs: [the {OOD_FEATURES} selected radiomics features of largest |coefficient| "
               f"(ood_features), standardised; height-loss ratio clipped to {list(LOSS_RANGE)}]; threshold: the "
               f"lowest at which at most {MAX_FALSE_POSITIVE_RATE:g} of the real vertebrae without fracture reach it "
               "(held-out fused probabilities), moved to 0.5 by prior_logit_shift (added to the stackers' logits; "
@@ -483,7 +538,9 @@ def _held_out_metrics(s: Samples, oof: dict[str, np.ndarray], nested_p: np.ndarr
     metrics["held_out_components"] = {
         "cnn_alone": evaluate(s, oof["cnn"], 0.5, n_boot=200)["per_vertebra"],
         "radiomics_alone": evaluate(s, 1 / (1 + np.exp(-oof["radiomics"])), 0.5, n_boot=200)["per_vertebra"],
+        "morphometry_alone": evaluate(s, np.nan_to_num(s.morph_p, nan=0.0), 0.5, n_boot=200)["per_vertebra"],
     }
+    metrics["stack_selection"] = {"chosen": fusion.stack_inputs, "candidates": fusion.stack_selection}
     if old is not None:
         metrics["replaced_model"] = evaluate(s, old, 0.5, checked=checked)
     if previous is not None:

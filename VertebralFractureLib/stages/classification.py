@@ -19,7 +19,8 @@ How the final per-vertebra probability is formed (:func:`classify_vertebrae`):
 * with a fusion model (``fusion.json`` beside the network, :class:`FusionModel`; the shipped classifier has one):
   a logistic model of three inputs, the CNN's logit, the radiomics score (a logistic model of the
   LASSO-selected radiomics features) and the logit of morphometry's probability, fitted on out-of-fold predictions
-  of patients the network and the LASSO had not seen, so its output is a calibrated probability; a prior shift
+  of patients the network and the LASSO had not seen, so its output is a calibrated probability (training may
+  give an input coefficient 0: ``stack_inputs`` says which it chose on held-out folds); a prior shift
   (``prior_logit_shift``) moves that calibration from the training mix (6 in 10 vertebrae fractured, by simulation)
   to the share of fractured vertebrae (``prevalence``) at which the operating point is p = 0.5. Without
   radiomics (``run`` with radiomics off, or extraction failed) a second logistic model of the CNN and
@@ -31,8 +32,8 @@ How the final per-vertebra probability is formed (:func:`classify_vertebrae`):
 * without one (an older model folder): the maximum of ``probability_classifier`` and
   ``probability_morphometry``, with the saturation guard :func:`classifier_out_of_domain`; patient threshold 0.5.
 
-A partial vertebra (cut by the field of view) or an implausible one keeps its classifier probability for
-reference but its final probability is NaN and it does not count for the patient. Patient probability = maximum
+A partial vertebra (cut by the field of view), an implausible or a cervical one (not graded by morphometry) keeps
+its classifier probability for reference but its final probability is NaN and it does not count for the patient. Patient probability = maximum
 over the counted vertebrae.
 """
 
@@ -50,6 +51,7 @@ from VertebralFractureLib.core.records import VertebraRecord
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.models.cards import CLASSIFIER_ARCHITECTURES, ModelCard
 from VertebralFractureLib.models.device import resolve_device
+from VertebralFractureLib.stages.morphometry.grading import graded_level
 from VertebralFractureLib.stages.quality import is_blocked
 
 CROP_SIZE = 32
@@ -61,7 +63,8 @@ MODELS = CNN_MODELS + ["genant-rule", "radiomics-lasso"]
 COMBINATION_RULE = "final = max(classifier, morphometry); partial vertebrae: NaN (not scored); patient = max over vertebrae"
 #: ... and with one
 FUSION_RULE = ("final = calibrated logistic fusion of the CNN logit, the radiomics LASSO score and the logit of "
-               "morphometry's probability (fusion.json); partial or implausible vertebrae: NaN (not scored); patient fractured "
+               "morphometry's probability, those of them training chose (fusion.json stack_inputs); partial, "
+               "implausible or cervical vertebrae: NaN (not scored); patient fractured "
                "when any counted vertebra's probability >= the fusion threshold; a vertebra whose features lie beyond "
                "the 99th percentile of the training distribution (Mahalanobis) sends the case to review")
 FUSION_NAME = "fusion.json"
@@ -249,6 +252,8 @@ class FusionModel:
         ood_mean, ood_precision: mean and inverse covariance (shrunk) of the OOD inputs
             ``[standardised selected radiomics (those indexed by ood_features, all when None)..., height-loss ratio]``
             over the training vertebrae; ``ood_threshold`` the distance's 99th percentile on training folds.
+        stack_inputs: which of the stack's inputs the training chose (the others have coefficient 0);
+            ``stack_selection`` the held-out numbers of every candidate it chose from.
         prior_logit_shift: added to both stackers' logits (prior-shift correction): the stackers are calibrated to
             the training mix (about 6 in 10 vertebrae fractured, by simulation); shifted, the probabilities are
             calibrated to a share ``prevalence`` of fractured vertebrae (None: the training mix, no shift).
@@ -272,6 +277,8 @@ class FusionModel:
     notes: str = ""
     prior_logit_shift: float = 0.0
     prevalence: float | None = None
+    stack_inputs: str = "cnn+radiomics+morphometry"
+    stack_selection: dict[str, dict[str, float]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -427,8 +434,9 @@ def classify_vertebrae(
 
 
 def _not_scored(record: VertebraRecord) -> bool:
-    """Cut by the field of view, implausible or flagged by quality (``level_uncertain`` alone still scores)."""
-    return record.partial or record.implausible or is_blocked(record)
+    """Cut by the field of view, implausible, flagged by quality (``level_uncertain`` alone still scores) or at a
+    level Genant grading does not cover (cervical)."""
+    return record.partial or record.implausible or is_blocked(record) or not graded_level(record.label)
 
 
 def _fuse(fusion: FusionModel, records: list[VertebraRecord], radiomics: dict[int, dict[str, float]] | None,

@@ -259,7 +259,8 @@ def review_reasons(quality: CaseQuality, *, n_vertebrae: int, n_scored: int, cla
         return ["No vertebrae were found in the field of view."]
     reasons = list(quality.reasons)
     if n_scored == 0:
-        reasons.append("No vertebra could be graded (all are cut by the field of view or flagged).")
+        reasons.append("No vertebra could be graded (all are cut by the field of view, flagged, or cervical: Genant "
+                       "grading covers the thoracic and lumbar spine).")
     if classifier_saturated:
         reasons.append("The fracture classifier called most vertebrae fractured, which real fractures almost never do: "
                        "this scan is outside its training data.")

@@ -80,6 +80,7 @@ from VertebralFractureLib.stages.morphometry.grading import (
     genant_ratios,
     genant_type,
     grade_records,
+    graded_level,
     morphometry_probability,
     plausibility_problem,
 )
@@ -112,6 +113,7 @@ __all__ = [
     "genant_ratios",
     "genant_type",
     "grade_records",
+    "graded_level",
     "local_frame",
     "measure_heights",
     "measure_vertebrae",

@@ -19,6 +19,17 @@ GENANT_THRESHOLDS = (0.20, 0.25, 0.40)
 GENANT_TYPES = ("normal", "wedge", "biconcave", "crush")
 PROBABILITY_CENTRE = 0.20
 PROBABILITY_SCALE = 0.025
+#: Genant's semi-quantitative method is defined for the thoracic and lumbar spine (T4-L4 on radiographs; on CT
+#: commonly T1-L5). Normal cervical bodies read as 20-26 % "loss" against their neighbours on our real CTs (a
+#: different shape: uncinate processes, the anterior lip of the lower endplate), and osteoporotic compression
+#: fractures of the cervical spine are rare: cervical vertebrae are measured but not graded.
+GRADED_REGIONS = ("thoracic", "lumbar")
+NOT_GRADED_NOTE = "cervical vertebra: measured, not graded (Genant grading covers the thoracic and lumbar spine)"
+
+
+def graded_level(label: int) -> bool:
+    """Whether vertebrae of this level (VerSe id) get a Genant grade (:data:`GRADED_REGIONS`)."""
+    return region(label) in GRADED_REGIONS
 
 
 def genant_grade(loss: float) -> int:
@@ -101,7 +112,8 @@ def _heights(r: VertebraRecord) -> tuple[float, float, float]:
 
 def _measurable(r: VertebraRecord) -> bool:
     h = _heights(r)
-    return not r.partial and not r.implausible and bool(np.isfinite(h).all()) and min(h) > 0
+    return (graded_level(r.label) and not r.partial and not r.implausible and bool(np.isfinite(h).all())
+            and min(h) > 0)
 
 
 def grade_records(records: list[VertebraRecord], *, baseline: list[VertebraRecord] | None = None) -> None:
@@ -143,6 +155,8 @@ def grade_records(records: list[VertebraRecord], *, baseline: list[VertebraRecor
             r.genant_grade, r.genant_type = None, ""
             r.height_loss_ratio = r.expected_height_mm = math.nan
             r.fracture_probability = r.probability_morphometry = math.nan
+            if not graded_level(r.label) and NOT_GRADED_NOTE not in r.notes:
+                r.notes.append(NOT_GRADED_NOTE)
             continue
         kind, loss, exp_h, n_refs = results[r.label]
         r.height_loss_ratio = float(loss)
