@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,9 @@ class PipelineOptions:
         radiomics: extract pyradiomics features per vertebra (``radiomics.csv``; on in ``--fast`` too, there only
             the classifier's).
         radiomics_workers: processes for radiomics (None: CPU count; see :func:`.radiomics.extract_rois`).
+        overlap: let :func:`run_pipeline` run radiomics, and the writing of ``ct.nii.gz`` and the DICOM SEG, in
+            forked child processes beside the rest (same outputs). Only where forking is safe (:func:`_can_fork`):
+            never inside Slicer, in batch mode's worker processes (daemonic) or beside other threads.
     """
 
     fast: bool = False
@@ -64,6 +68,7 @@ class PipelineOptions:
     deidentify: bool = True
     radiomics: bool = True
     radiomics_workers: int | None = None
+    overlap: bool = True
 
 
 #: ``--fast`` estimates the Wiener filter's noise power from every this-many-th slab of 8 slices
@@ -138,10 +143,13 @@ def versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {"VertebralFractureLib": __version__, "python": platform.python_version()}
-    for name in ("numpy", "SimpleITK", "torch", "monai", "radiomics", "pydicom"):
+    for name in _VERSIONED:
         module = sys.modules.get(name)
         if module is not None:
             out[name] = str(getattr(module, "__version__", "unknown"))
+            continue
+        if name in _CHILD_VERSIONS:  # imported by a child process of this run only (e.g. radiomics)
+            out[name] = _CHILD_VERSIONS[name]
             continue
         # not imported by this run (monai never is): its installed version, without the import
         for dist in _DISTRIBUTIONS.get(name, (name,)):
@@ -153,8 +161,13 @@ def versions() -> dict[str, str]:
     return out
 
 
+#: modules whose versions ``result.json`` lists
+_VERSIONED = ("numpy", "SimpleITK", "torch", "monai", "radiomics", "pydicom")
 #: distributions that install a module under another name (first found wins)
 _DISTRIBUTIONS = {"radiomics": ("pyradiomics-bhklab", "pyradiomics")}
+#: ``__version__`` of the modules a :class:`_Child` imported (a module's own version string can differ from its
+#: distribution's: pyradiomics says "v3.1.4")
+_CHILD_VERSIONS: dict[str, str] = {}
 
 
 class _Timer:
@@ -180,6 +193,7 @@ def analyse(
     timer: _Timer | None = None,
     source: str | Path = "input CT",
     labels_source: str | Path = "label map",
+    overlap: bool = False,
 ) -> PipelineResult:
     """Run validation, segmentation (unless ``labels``), the Wiener filter (of the classifier's box only),
     morphometry, quality flags, radiomics, classification and the review status.
@@ -188,6 +202,8 @@ def analyse(
         ct: CT in HU on its own geometry.
         labels: VerSe label map on the same grid as ``ct``; None segments the CT.
         source: name of the input in error messages (its path).
+        overlap: extract radiomics in a forked child process while this one runs the Wiener filter and the quality
+            flags (where :func:`_can_fork`; the command line's :func:`run_pipeline` only, never inside Slicer).
     Returns:
         A :class:`PipelineResult`; ``labels`` in it is on ``ct``'s grid.
     Raises:
@@ -217,28 +233,42 @@ def analyse(
         warnings += seg_warnings
     cancel.check()
 
-    filtered = ct
-    if options.wiener:
-        progress(0.6, "Wiener filter")
-        with timer.stage("wiener"):
-            filtered = _wiener(ct, labels, options)
-    cancel.check()
-
-    progress(0.65, "morphometry")
+    progress(0.6, "morphometry")
     with timer.stage("morphometry"):
         records, morph_warnings = _measure(ct, labels)
     warnings += morph_warnings
-    with timer.stage("quality"):
-        quality = assess_quality(records, level_confidence=level_confidence,
-                                 naming_review=(naming or {}).get("review", []), disc_inside=discs_inside(ct, labels))
     cancel.check()
 
-    features = None
-    if options.radiomics and records:
-        progress(0.7, "radiomics")
-        with timer.stage("radiomics"):
-            features = _radiomics(ct, labels, records, options)
-    cancel.check()
+    # radiomics needs only the CT, the labels and the records' ids: with overlap it runs in a child process from
+    # here on, beside the Wiener filter and the quality flags (radiomics, in one process, as --fast always does)
+    extract = options.radiomics and bool(records)
+    pending = (_Child(_radiomics, ct, labels, records, options, workers=options.radiomics_workers or 1)
+               if extract and overlap and _can_fork() else None)
+    try:
+        filtered = ct
+        if options.wiener:
+            progress(0.65, "Wiener filter")
+            with timer.stage("wiener"):
+                filtered = _wiener(ct, labels, options)
+        cancel.check()
+
+        with timer.stage("quality"):
+            quality = assess_quality(records, level_confidence=level_confidence, naming_review=(naming or {}).get(
+                "review", []), disc_inside=discs_inside(ct, labels))
+        cancel.check()
+
+        features = None
+        if extract:
+            progress(0.7, "radiomics")
+            with timer.stage("radiomics"):
+                if pending is not None:
+                    # the report's matplotlib import (0.3 s) done here, where this process waits for the child anyway
+                    from matplotlib.figure import Figure  # noqa: F401
+                features = pending.result() if pending is not None else _radiomics(ct, labels, records, options)
+        cancel.check()
+    finally:
+        if pending is not None:
+            pending.close()
 
     progress(0.8, "classification")
     with timer.stage("classification"):
@@ -300,15 +330,19 @@ def _wiener(ct: Volume, labels: Volume, options: PipelineOptions) -> Volume:
     return ct.with_array(wiener_filter(ct.array, region=region, noise_every=FAST_NOISE_EVERY if options.fast else 1))
 
 
-def _radiomics(ct: Volume, labels: Volume, records: list[VertebraRecord],
-               options: PipelineOptions) -> dict[int, dict[str, float]]:
-    """Radiomics features of ``records``' vertebrae (``extract_features``'s table; --fast: the classifier's only)."""
+def _radiomics(ct: Volume, labels: Volume, records: list[VertebraRecord], options: PipelineOptions,
+               workers: int | None = None) -> dict[int, dict[str, float]]:
+    """Radiomics features of ``records``' vertebrae (``extract_features``'s table; --fast: the classifier's only).
+
+    ``workers``: processes (None: ``options.radiomics_workers``, else 1 with --fast, else the CPU count); the
+    features are the same for any number.
+    """
     from VertebralFractureLib.stages.radiomics import extract_features
 
     # the unfiltered CT and the whole label, as the study extracts them; the classifier's fusion uses them
     # --fast: the classifier's ~50 features in this process; starting worker processes would cost more CPU
     # time than they save on 2 cores (chest CT, 15 vertebrae: 3.4 s CPU in one process, 5 s with 2 workers)
-    workers = options.radiomics_workers or (1 if options.fast else None)
+    workers = workers or options.radiomics_workers or (1 if options.fast else None)
     return extract_features(ct, labels, [r.label for r in records], workers=workers,
                             feature_names=_classifier_features() if options.fast else None)
 
@@ -376,63 +410,212 @@ def run_pipeline(
             ct = read_volume(input_path)
         labels = read_volume(labels_path, check=False) if labels_path is not None else None
 
-    result = analyse(ct, labels, options=options, progress=progress, cancel=cancel, timer=timer,
-                     source=input_path, labels_source=labels_path or "label map")
-    result.warnings[:0] = warnings
-    if dicom_import is not None:
-        result.case_id = dicom_import.case_id
-    else:
-        # no ct.nii.gz is written for an image file: `review` finds the CT the case was run on here
-        result.extra["input"] = str(input_path.absolute())
-
-    progress(0.92, "writing outputs")
     with _atomic_output_dir(out_dir) as tmp:
-        with timer.stage("outputs"):
-            write_outputs(tmp, ct, result, dicom_import=dicom_import)
+        helper = None
+        if dicom_import is not None and options.overlap and _can_fork():
+            # ct.nii.gz needs nothing but the import: a child writes it (zlib, 1.5 s CPU on a 512x512x275 CT) while
+            # segmentation runs, which leaves a core idle much of its time, then prepares and later writes the
+            # DICOM SEG (see write_outputs)
+            helper = _Child(_prepare_outputs, dicom_import, tmp)
+        try:
+            result = analyse(ct, labels, options=options, progress=progress, cancel=cancel, timer=timer,
+                             source=input_path, labels_source=labels_path or "label map", overlap=options.overlap)
+            result.warnings[:0] = warnings
+            if dicom_import is not None:
+                result.case_id = dicom_import.case_id
+            else:
+                # no ct.nii.gz is written for an image file: `review` finds the CT the case was run on here
+                result.extra["input"] = str(input_path.absolute())
+
+            progress(0.92, "writing outputs")
+            with timer.stage("outputs"):
+                write_outputs(tmp, ct, result, dicom_import=dicom_import, helper=helper)
+        finally:
+            if helper is not None:
+                helper.close()
         result.timings_s = timer.timings
         (tmp / "result.json").write_text(json.dumps(result.to_json(), indent=2))
     progress(1.0, "done")
     return result
 
 
-def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import=None) -> None:
+def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import=None,
+                  helper: _Child | None = None) -> None:
     """Write every output of the contract except ``result.json`` into ``out``.
 
-    The compressed volume files are written in background threads (zlib and ITK's writers release
-    the GIL) while the DICOM SEG and the report are made; the report comes last so that it lists
-    every warning, including those of the other writers.
+    The compressed volume files are written in background threads (zlib and ITK's writers release the GIL). The
+    DICOM SEG, Python in pydicom and highdicom that holds the GIL, is written by ``helper`` when given: the child
+    process :func:`run_pipeline` started on :func:`_prepare_outputs`, which has written ``ct.nii.gz`` meanwhile. This
+    process draws the report's pictures in the meantime, then waits for the DICOM SEG: the report lists every
+    warning, including those of the other writers.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from VertebralFractureLib.outputs.report import write_report
-    from VertebralFractureLib.outputs.segmentation_files import write_dicom_seg, write_seg_nrrd
+    from VertebralFractureLib.outputs.report import report_images, write_report
+    from VertebralFractureLib.outputs.segmentation_files import write_seg_nrrd
 
     labels = result.labels if result.labels is not None else ct.with_array(np.zeros(ct.shape, np.uint8))
     labels = labels.with_array(labels.array.astype(np.uint8))
+    dicom_seg = dicom_import is not None and bool(labels.array.any())
+    if dicom_seg and helper is not None:
+        helper.call(_write_dicom_seg, labels, result.records, None, out / "segmentation.dcm")
     with ThreadPoolExecutor(max_workers=3) as pool:
         jobs = [pool.submit(write_volume, labels, out / "segmentation.nii.gz"),
                 pool.submit(write_seg_nrrd, labels, result.records, out / "segmentation.seg.nrrd")]
-        if dicom_import is not None:
-            from VertebralFractureLib.io.dicom import write_import
-
-            # the largest file, which compresses poorly at any level: run-length deflate (3.5 -> 1.4 s CPU on the chest CT)
-            jobs.append(pool.submit(write_import, dicom_import, out / "ct.nii.gz", fast_gzip=True))
-            if labels.array.any():
-                # de-identified per-slice headers (original ones when deidentify is off, for PACS round trips)
-                write_dicom_seg(labels, result.records, dicom_import.source_headers(), out / "segmentation.dcm",
-                                warnings=result.warnings)
-            else:
-                result.warnings.append("no vertebra found: segmentation.dcm not written (a DICOM SEG needs a segment)")
+        if dicom_import is not None and helper is None:
+            jobs.append(pool.submit(write_import_file, dicom_import, out))
         write_csv(result.records, out / "vertebrae.csv")
         if result.radiomics is not None:
             from VertebralFractureLib.stages.radiomics import write_radiomics_csv
 
             write_radiomics_csv(result.radiomics, result.records, out / "radiomics.csv")
+        if dicom_seg and helper is None:
+            result.warnings += _write_dicom_seg(labels, result.records, dicom_import, out / "segmentation.dcm")
+        images = report_images(ct, labels, result.records)
+        if helper is not None:
+            helper.result()  # ct.nii.gz written
+            if dicom_seg:
+                result.warnings += helper.result()
+        if dicom_import is not None and not dicom_seg:
+            result.warnings.append("no vertebra found: segmentation.dcm not written (a DICOM SEG needs a segment)")
         write_report(out / "report.html", ct, labels, result.records, fracture_probability=result.fracture_probability,
                      fractured=result.fractured, warnings=result.warnings, review_reasons=result.review_reasons,
-                     case_id=result.case_id, timings_s=result.timings_s)
+                     case_id=result.case_id, timings_s=result.timings_s, images=images)
         for job in jobs:
             job.result()  # re-raise a writer's error here, inside the atomic output folder
+
+
+def write_import_file(dicom_import, out: Path) -> None:
+    """``out/ct.nii.gz``, the de-identified CT of a DICOM import, and its JSON sidecar."""
+    from VertebralFractureLib.io.dicom import write_import
+
+    # the largest file, which compresses poorly at any level: run-length deflate (3.5 -> 1.4 s CPU on the chest CT)
+    write_import(dicom_import, out / "ct.nii.gz", fast_gzip=True)
+
+
+#: the DICOM SEG's source headers, made ahead by :func:`_prepare_outputs` in the helper child process
+_SEG_HEADERS: list[Any] | None = None
+
+
+def _prepare_outputs(dicom_import, out: Path) -> None:
+    """The output helper's first task: ``ct.nii.gz``, then what the DICOM SEG will need (the per-slice headers,
+    highdicom imported), while the parent is still analysing the CT."""
+    global _SEG_HEADERS
+
+    write_import_file(dicom_import, out)
+    _SEG_HEADERS = dicom_import.source_headers()
+    import highdicom  # noqa: F401
+    from pydicom.sr.codedict import codes  # noqa: F401
+
+
+def _write_dicom_seg(labels: Volume, records: list[VertebraRecord], dicom_import, path: Path) -> list[str]:
+    """``segmentation.dcm`` on the import's de-identified per-slice headers (original ones when deidentify is off,
+    for PACS round trips; ``dicom_import`` None: those :func:`_prepare_outputs` made); returns the warnings it adds."""
+    from VertebralFractureLib.outputs.segmentation_files import write_dicom_seg
+
+    warnings: list[str] = []
+    headers = _SEG_HEADERS if dicom_import is None else dicom_import.source_headers()
+    if headers is None:  # called here after the helper process died before it made them
+        raise RuntimeError("the output helper process ended before it wrote segmentation.dcm")
+    write_dicom_seg(labels, records, headers, path, warnings=warnings)
+    return warnings
+
+
+def _can_fork() -> bool:
+    """Whether this process may fork workers that inherit its memory: Linux, not inside 3D Slicer's application (Qt
+    and VTK do not survive a fork), not a daemonic process (e.g. a Dask worker; those may not have children), and
+    no other Python thread (the child would inherit its locks mid-work). The children run no torch or OpenMP code."""
+    import multiprocessing
+    import sys
+    import threading
+
+    return (sys.platform.startswith("linux") and "slicer" not in sys.modules
+            and not Path(sys.executable).name.lower().startswith("slicer")
+            and not multiprocessing.current_process().daemon and threading.active_count() == 1)
+
+
+class _Child:
+    """A forked child process that runs ``fn(*args, **kwargs)`` at once on what it inherits (nothing large is copied or
+    pickled), then the later calls sent by :meth:`call` (their arguments pickled), one after another.
+
+    :meth:`result` returns the next result, in call order, or re-raises the child's exception (only return values,
+    exceptions and later calls' arguments are pickled). A child that dies without an answer (killed, crashed) leaves
+    its remaining calls to this process. :meth:`close` ends the child (at once if it is still busy: an error or cancel
+    in this process).
+    """
+
+    def __init__(self, fn, *args, **kwargs) -> None:
+        import multiprocessing
+
+        self._calls = deque([(fn, args, kwargs)])
+        ctx = multiprocessing.get_context("fork")
+        self._conn, child_end = ctx.Pipe()
+        self._proc = ctx.Process(target=_child_main, args=(child_end, fn, args, kwargs))
+        self._proc.start()
+        child_end.close()
+
+    def call(self, fn, *args, **kwargs) -> None:
+        """Queue ``fn(*args, **kwargs)`` after the calls before it; :meth:`result` returns its value in turn."""
+        self._calls.append((fn, args, kwargs))
+        if self._proc is not None:
+            try:
+                self._conn.send((fn, args, kwargs))
+            except OSError:  # the child is gone: the call runs here
+                self._end()
+
+    def result(self):
+        fn, args, kwargs = self._calls.popleft()
+        answer = None
+        if self._proc is not None:
+            try:
+                answer = self._conn.recv()
+            except (EOFError, OSError):  # the child died without an answer: this call and the rest run here
+                self._end()
+        if answer is None:
+            return fn(*args, **kwargs)
+        ok, value, versions_seen = answer
+        _CHILD_VERSIONS.update(versions_seen)
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        if self._proc is None:
+            return
+        if not self._calls:
+            try:
+                self._conn.send(None)  # done: the child returns
+            except OSError:
+                pass
+        self._end()
+
+    def _end(self) -> None:
+        if self._calls and self._proc.is_alive():
+            self._proc.terminate()
+        self._proc.join()
+        self._conn.close()
+        self._proc = None
+
+
+def _child_main(conn, fn, args, kwargs) -> None:
+    """Body of a :class:`_Child`: answer each call with ``(ok, value or exception, versions)`` until told to stop."""
+    import sys
+
+    while True:
+        try:
+            ok, value = True, fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - the parent re-raises it
+            ok, value = False, exc
+        seen = {name: str(getattr(sys.modules[name], "__version__", "unknown"))
+                for name in _VERSIONED if name in sys.modules}
+        conn.send((ok, value, seen))
+        try:
+            message = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if message is None:
+            return
+        fn, args, kwargs = message
 
 
 @contextmanager

@@ -183,12 +183,18 @@ def _overlay(plane: _Plane, colors: dict[int, tuple[float, float, float]], alpha
     return rgb
 
 
+def _figure(figsize: tuple[float, float], dpi: int):
+    """A matplotlib figure and its axes, without pyplot: nothing to close, and no pyplot import (0.3 s), which a
+    PNG does not need (``savefig`` draws with Agg)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots()
+
+
 def _png(fig) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=fig.dpi, bbox_inches="tight", facecolor=fig.get_facecolor())
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -206,11 +212,6 @@ def _record_text(record: VertebraRecord | None, label: int) -> str:
 
 def sagittal_figure(ct: Volume, labels: Volume, records: Sequence[VertebraRecord]) -> str:
     """The overview: curved sagittal reformat with coloured segments and level names (PNG data URI)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     by_label = {int(r.label): r for r in records}
     centroids = _centroids(labels, records)
     plane = sample_sagittal(ct, labels, centroids, spacing=max(0.7, min(ct.spacing)), curved=True)
@@ -221,7 +222,7 @@ def sagittal_figure(ct: Volume, labels: Volume, records: Sequence[VertebraRecord
     height_mm, width_mm = plane.s[0] - plane.s[-1], plane.p[-1] - plane.p[0]
     fig_h = 8.0
     fig_w = max(3.5, min(9.0, fig_h * width_mm / max(height_mm, 1.0) + 1.6))
-    fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=110)
+    fig, ax = _figure((fig_w, fig_h), 110)
     fig.patch.set_facecolor("black")
     ax.imshow(image, extent=extent, interpolation="bilinear", aspect="equal")
     ax.set_facecolor("black")
@@ -283,16 +284,11 @@ def closeup_figure(ct: Volume, labels: Volume, record: VertebraRecord, centre: n
     The heights are drawn along ``superior`` (unit (P, S) vector, the spine's local axis) at 12 %,
     50 % and 88 % of the body's depth, centred on the body there, each as long as measured.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     spacing = max(0.4, min(ct.spacing))
     plane = sample_sagittal(ct, labels, {}, spacing=spacing, curved=False, around=(centre, 32.0, 42.0))
     image = _overlay(plane, colors, alpha=0.18)
     extent = (plane.p[0], plane.p[-1], plane.s[-1], plane.s[0])
-    fig, ax = plt.subplots(figsize=(3.6, 3.0), dpi=120)
+    fig, ax = _figure((3.6, 3.0), 120)
     fig.patch.set_facecolor("black")
     ax.imshow(image, extent=extent, interpolation="bilinear", aspect="equal")
     ax.set_xticks([])
@@ -442,6 +438,28 @@ def _rgb_css(rgb: tuple[float, float, float]) -> str:
     return "rgb({},{},{})".format(*(int(round(255 * c)) for c in rgb))
 
 
+@dataclass
+class ReportImages:
+    """The report's pictures (PNG data URIs): the sagittal overview (None when it cannot be drawn) and the
+    close-ups (``{"level", "image", "caption"}`` each, see :func:`_closeups`)."""
+
+    sagittal: str | None
+    closeups: list[dict[str, str]]
+
+
+def report_images(ct: Volume, labels: Volume | None, records: Sequence[VertebraRecord]) -> ReportImages:
+    """Draw the report's pictures (most of its time): apart from the HTML, so that a caller can draw them while
+    other outputs, whose warnings the report lists, are still being written."""
+    labels = labels if labels is not None else ct.with_array(np.zeros(ct.shape, np.uint8))
+    records = sorted(records, key=lambda r: _sort_key(r.label))
+    colors = {int(r.label): segment_color(r.label, r.fracture_probability) for r in records}
+    try:
+        sagittal = sagittal_figure(ct, labels, records)
+    except ValueError:
+        sagittal = None
+    return ReportImages(sagittal, _closeups(ct, labels, records, [r for r in records if is_flagged(r)], colors))
+
+
 def render_report(
     ct: Volume,
     labels: Volume | None,
@@ -453,18 +471,16 @@ def render_report(
     review_reasons: Sequence[str] = (),
     case_id: str = "",
     timings_s: dict[str, float] | None = None,
+    images: ReportImages | None = None,
 ) -> str:
-    """The report as one HTML string (see the module docstring for its content)."""
+    """The report as one HTML string (see the module docstring for its content); ``images`` from
+    :func:`report_images` for these ``ct``, ``labels`` and ``records`` (None: drawn here)."""
     from jinja2 import Environment
 
-    labels = labels if labels is not None else ct.with_array(np.zeros(ct.shape, np.uint8))
+    images = images if images is not None else report_images(ct, labels, records)
     records = sorted(records, key=lambda r: _sort_key(r.label))
     colors = {int(r.label): segment_color(r.label, r.fracture_probability) for r in records}
     flagged = [r for r in records if is_flagged(r)]
-    try:
-        sagittal = sagittal_figure(ct, labels, records)
-    except ValueError:
-        sagittal = None
     rows, notes = _table_rows(records, colors)
     timings = ", ".join(f"{k} {v:.1f} s" for k, v in timings_s.items()) if timings_s else ""
     return Environment(autoescape=True).from_string(_TEMPLATE).render(
@@ -477,10 +493,10 @@ def render_report(
         flagged_text=", ".join(r.level for r in flagged) or "none",
         warnings=list(warnings),
         review_reasons=list(review_reasons),
-        sagittal=sagittal,
+        sagittal=images.sagittal,
         rows=rows,
         notes=notes,
-        closeups=_closeups(ct, labels, records, flagged, colors),
+        closeups=images.closeups,
         timings=timings,
     )
 
@@ -591,11 +607,13 @@ def write_report(
     review_reasons: Sequence[str] = (),
     case_id: str = "",
     timings_s: dict[str, float] | None = None,
+    images: ReportImages | None = None,
 ) -> Path:
     """Write :func:`render_report` to ``path`` (normally ``report.html``)."""
     path = Path(path)
     html = render_report(ct, labels, records, fracture_probability=fracture_probability, fractured=fractured,
-                         warnings=warnings, review_reasons=review_reasons, case_id=case_id, timings_s=timings_s)
+                         warnings=warnings, review_reasons=review_reasons, case_id=case_id, timings_s=timings_s,
+                         images=images)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html, encoding="utf-8")
     return path
