@@ -277,6 +277,7 @@ def segment_vertebrae(
     from VertebralFractureLib.stages.segmentation.disc_boundaries import refine_disc_boundaries
     from VertebralFractureLib.stages.segmentation.instances import extract_instances, grow_cortex
     from VertebralFractureLib.stages.segmentation.labelling import assign_levels, parse_anchor
+    from VertebralFractureLib.stages.segmentation.recut import recut_instances
 
     progress = progress or no_progress
     parsed = [parse_anchor(a) for a in (anchors or [])]  # bad anchors fail before minutes of work
@@ -300,6 +301,7 @@ def segment_vertebrae(
         grown = refine_disc_boundaries(grow_cortex(inst.labels, hu.array, s), hu.array, s)
         prob = prob.with_array(np.where((grown > 0) & (inst.labels == 0), np.float32(1.0), prob.array))
         inst.labels = grown
+        inst = recut_instances(inst, hu.array, s, slice_mm=max(ct.spacing), fov=fov)  # boundaries that miss the discs
     warnings = list(inst.warnings)
     if inst.count == 0:
         empty = ct.with_array(np.zeros(ct.shape, np.uint8))

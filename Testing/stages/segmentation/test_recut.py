@@ -1,0 +1,109 @@
+"""Re-cut of segments whose boundaries miss the discs (segmentation.recut): a phantom column whose labels are
+shifted by half a body is cut back at its discs, a correctly cut column is left alone, and on a real chest CT
+(lidc-idri-0001) the checked labels shifted by half a body come back at the discs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from VertebralFractureLib.research.phantom import make_phantom
+from VertebralFractureLib.stages.segmentation.disc_energy import MIN_ENERGY_RATIO, column_discs, segment_crossings
+from VertebralFractureLib.stages.segmentation.instances import Instances
+from VertebralFractureLib.stages.segmentation.recut import recut_at_discs, recut_instances
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    """A T11-L4 phantom on the working grid (1.5 mm, identity direction: array axes z=S, y=P, x=L) with its
+    instances numbered 1..6 from cranial (VerSe T11 = 18)."""
+    ph = make_phantom(("T11", "L4"), spacing=1.5, seed=3, fov_mm=(120.0, 120.0))
+    assert np.allclose(ph.ct.direction, np.eye(3)) and ph.ct.spacing == (1.5, 1.5, 1.5)
+    instances = np.where(ph.labels.array > 0, ph.labels.array.astype(np.int32) - 17, 0).astype(np.int32)
+    return ph.ct.array.astype(np.float32), instances
+
+
+def _shift_boundaries(labels: np.ndarray, voxels: int) -> np.ndarray:
+    """The same foreground, each voxel labelled as the nearest labelled voxel ``voxels`` slices away along z: the
+    boundaries moved along the spine."""
+    rolled = np.roll(labels, voxels, axis=0)
+    idx = ndi.distance_transform_edt(rolled == 0, return_distances=False, return_indices=True)
+    return np.where(labels > 0, rolled[tuple(idx)], 0).astype(np.int32)
+
+
+def _best_dice(truth: np.ndarray, labels: np.ndarray) -> dict[int, float]:
+    """Per label of ``truth``, its Dice with the label of ``labels`` that overlaps it most."""
+    out = {}
+    for t in (int(v) for v in np.unique(truth) if v):
+        hit = labels[truth == t]
+        p = int(np.bincount(hit[hit > 0]).argmax()) if (hit > 0).any() else 0
+        out[t] = 2.0 * np.count_nonzero((truth == t) & (labels == p)) / (np.count_nonzero(truth == t)
+                                                                          + np.count_nonzero(labels == p))
+    return out
+
+
+def _crossed(hu: np.ndarray, labels: np.ndarray, spacing_mm: float) -> set[int]:
+    col = column_discs(hu, labels, spacing_mm)
+    return {v for v, c in segment_crossings(labels, col, spacing_mm).items() if c.energy_ratio >= MIN_ENERGY_RATIO}
+
+
+def test_a_column_shifted_by_half_a_body_is_cut_back_at_its_discs(phantom):
+    hu, truth = phantom
+    # phantom bodies are about 25 mm apart: 10 voxels of 1.5 mm put each boundary in the middle of a body
+    shifted = _shift_boundaries(truth, 10)
+    assert _crossed(hu, shifted, 1.5)
+    before = _best_dice(truth, shifted)
+    out = recut_at_discs(shifted, hu, 1.5)
+    assert out is not shifted
+    after = _best_dice(truth, out)
+    inner = [2, 3, 4, 5]  # T12..L3: whole bodies on both sides of every shifted boundary
+    assert all(after[v] >= 0.85 for v in inner), after
+    assert np.mean([after[v] for v in inner]) > np.mean([before[v] for v in inner]) + 0.2
+    assert not _crossed(hu, out, 1.5)
+    # numbered 1..m from cranial to caudal, only voxels of the segments relabelled
+    assert np.array_equal(out > 0, shifted > 0)
+    cents = [np.nonzero(out == v)[0].mean() for v in range(1, int(out.max()) + 1)]
+    assert all(np.diff(cents) < 0)
+
+
+def test_a_correctly_cut_column_is_left_as_it_is(phantom):
+    hu, truth = phantom
+    assert recut_at_discs(truth, hu, 1.5) is truth
+    inst = Instances(truth, int(truth.max()), [1], [])
+    assert recut_instances(inst, hu, 1.5, slice_mm=1.5) is inst
+
+
+def test_thick_slices_and_coarse_grids_are_not_recut(phantom):
+    hu, truth = phantom
+    shifted = _shift_boundaries(truth, 10)
+    inst = Instances(shifted, int(shifted.max()), [], [])
+    assert recut_instances(inst, hu, 1.5, slice_mm=5.0) is inst  # discs not resolved by the scan
+    coarse = np.ascontiguousarray(shifted[::2, ::2, ::2])  # the --fast working grid (3 mm)
+    assert recut_at_discs(coarse, np.ascontiguousarray(hu[::2, ::2, ::2]), 3.0) is coarse
+
+
+def test_real_chest_ct_shifted_labels_come_back_at_the_discs(shared_data, repo_root):
+    from VertebralFractureLib.core.volume import resample_to
+    from VertebralFractureLib.io.reading import read_volume
+    from VertebralFractureLib.stages.segmentation.inference import to_canonical
+
+    ct_path = shared_data / "real-ct" / "lidc-idri-0001_chest" / "ct.nii.gz"
+    if not ct_path.is_file():
+        pytest.skip(f"{ct_path} not found")
+    labels = read_volume(repo_root / "benchmarks" / "realct_labels" / "lidc-idri-0001_chest" / "labels.nii.gz",
+                         check=False)
+    hu = to_canonical(read_volume(ct_path), 1.5)
+    truth = resample_to(labels, hu, order=0).array.astype(np.int32)
+    # as instances: 1..n from cranial (VerSe ids grow caudally)
+    ids = np.unique(truth)[1:]
+    remap = np.zeros(int(truth.max()) + 1, np.int32)
+    remap[ids] = np.arange(1, len(ids) + 1)
+    truth = remap[truth]
+    assert recut_at_discs(truth, hu.array, 1.5) is truth
+    # 8 voxels (12 mm) caudally: the boundaries in the middle of the 19-29 mm bodies
+    shifted = _shift_boundaries(truth, -8)
+    assert len(_crossed(hu.array, shifted, 1.5)) >= 3
+    before, after = _best_dice(truth, shifted), _best_dice(truth, recut_at_discs(shifted, hu.array, 1.5))
+    assert np.mean(list(after.values())) > np.mean(list(before.values())) + 0.1
+    assert sum(d >= 0.8 for d in after.values()) >= sum(d >= 0.8 for d in before.values()) + 4

@@ -1,0 +1,227 @@
+"""Segments whose boundaries miss the discs cut again at the discs found on the CT (:func:`recut_at_discs`).
+
+On some CTs (osteopenic thoracic spines, where the network's bone probability has no dip at the thin discs) the
+instances' boundaries fall in the middle of the vertebral bodies: each segment holds the lower half of one body
+and the upper half of the next, keeps a normal volume, and reads as a wedge or a crush. The discs found on the CT
+by their zone energy (:mod:`.disc_energy`, the quality flag ``disc_inside`` uses the same) tell where the
+boundaries belong. Where they show segments crossed by a disc, the run of segments that share those bodies is cut
+again: the bodies by planes perpendicular to the centre line at the discs, each arch grown from its body piece by
+a watershed on the mask's distance map (as :func:`.discs.split_at_discs` does), so that each piece spans disc to
+disc. Segments no disc crosses and that share no body with a crossed one are left as they are.
+
+Conservative: nothing moves unless at least two segments of the column are crossed, the discs of a run are evenly
+spaced and every re-cut body is about as big as its neighbours. Works on the canonical working grid (isotropic,
+axis-aligned LPS, array axes z=S, y=P, x=L) after :func:`.disc_boundaries.refine_disc_boundaries`, before the
+levels are named.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from VertebralFractureLib.stages.segmentation.disc_energy import (
+    BODY_RADIUS_MM,
+    EXTEND_MM,
+    MIN_ENERGY_RATIO,
+    MIN_VERTEBRAE,
+    ColumnDiscs,
+    column_discs,
+    min_body_voxels,
+    segment_crossings,
+)
+from VertebralFractureLib.stages.segmentation.discs import component_stats, seeded_watershed
+from VertebralFractureLib.stages.segmentation.instances import Instances, _partial
+
+log = logging.getLogger(__name__)
+
+MAX_GRID_MM = 2.0  #: coarser working grids (``--fast``, 3 mm) do not resolve the discs: no re-cut
+MAX_SLICE_MM = 3.0  #: nor do CTs with thicker slices (as the quality flag)
+SHARE = 0.15  #: two segments share a body when each has at least this share of its body between the same discs
+DISC_TOL_MM = 2.0  #: body voxels this close to a disc count on neither side when shares are measured
+SPACING_RANGE = (0.65, 1.45)  #: the discs of a re-cut run: consecutive ones this many column periods apart
+MIN_PIECE_FRACTION = 0.5  #: every re-cut body at least this share of the run's median body
+MIN_CROSSED = 2  #: the column is cut again only when this many of its segments are crossed by a disc: a network
+#: that misses the discs misses several, while a lone crossing is as often a mid-body band read as a disc (the
+#: basivertebral veins' channel: lidc-idri-0314's T3, whose checked boundaries are the network's)
+CUT_RADIUS_MM = 20.0  #: voxels this close to the centre line (bodies, pedicles) are cut by the disc planes; the
+#: rest (laminae, spinous processes, reaching down past the next disc) goes by watershed
+
+
+def recut_instances(inst: Instances, hu: np.ndarray, spacing_mm: float, *, slice_mm: float,
+                    fov: np.ndarray | None = None) -> Instances:
+    """:func:`recut_at_discs` on an instance map (numbered 1..n craniocaudally again, partial instances
+    recomputed); ``slice_mm``: the CT's largest voxel size (thicker slices: nothing is done); ``fov`` as for
+    :func:`.instances.extract_instances`. Returns ``inst`` itself when nothing changed."""
+    if slice_mm > MAX_SLICE_MM:
+        return inst
+    labels = recut_at_discs(inst.labels, hu, spacing_mm)
+    if labels is inst.labels:
+        return inst
+    count = int(labels.max())
+    return Instances(labels, count, _partial(labels, count, fov), list(inst.warnings))
+
+
+def recut_at_discs(labels: np.ndarray, hu: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Cut the segments whose body a disc crosses (and those sharing their bodies) again at the discs.
+
+    ``labels``: int32 instances (z=S, y=P, x=L), 0 background; ``hu`` on the same isotropic grid (mm
+    ``spacing_mm``). Returns ``labels`` itself when nothing is re-cut, else a new map numbered 1..m from cranial to
+    caudal (by centroid) in which segments outside the re-cut runs keep their voxels.
+    """
+    if spacing_mm > MAX_GRID_MM or not labels.any():
+        return labels
+    # the column's box, with room along z for the profile's extension past its ends
+    reach = int(np.ceil(EXTEND_MM / spacing_mm)) + 3
+    sl = ndi.find_objects((labels > 0).astype(np.int8))[0]
+    box = tuple(slice(max(0, s.start - (reach if k == 0 else 3)), s.stop + (reach if k == 0 else 3))
+                for k, s in enumerate(sl))
+    lab = labels[box]
+    if np.count_nonzero(np.bincount(lab.ravel())[1:] >= min_body_voxels(spacing_mm)) < MIN_VERTEBRAE:
+        return labels
+    col = column_discs(hu[box].astype(np.float32), lab, spacing_mm)
+    if col is None:
+        return labels
+    crossed = {v for v, c in segment_crossings(lab, col, spacing_mm).items() if c.energy_ratio >= MIN_ENERGY_RATIO}
+    if len(crossed) < MIN_CROSSED:
+        return labels
+    new = _recut(lab, col, crossed, spacing_mm)
+    if new is None:
+        return labels
+    out = labels.copy()
+    out[box] = new
+    return _craniocaudal(out)
+
+
+def _recut(lab: np.ndarray, col: ColumnDiscs, crossed: set[int], spacing_mm: float) -> np.ndarray | None:
+    """``lab`` (the column's box) with the runs of segments sharing bodies with the ``crossed`` ones cut again at
+    the discs of ``col``; None when no run passes the checks (:func:`_inconsistent`).
+
+    Interval k of the column lies below disc k (and above disc k - 1). Every voxel of a re-cut run goes to the
+    piece of its interval when some segment of a run holds that interval's body (:data:`SHARE`); a run's
+    leftover in another interval (its body reaching a little past a disc) goes to the segment left as it is that
+    holds that body, else to the run's piece next to it.
+    """
+    discs = np.asarray(col.discs)
+    body = (lab > 0) & (col.radial <= BODY_RADIUS_MM)
+    body_lab, body_coord = lab[body], col.coord[body]
+    # share of each segment's body in each interval, the voxels right at a disc left out (a well-cut body
+    # reaches a little past its disc where the disc is tilted against the perpendicular plane)
+    interval = np.searchsorted(discs, body_coord)
+    near_disc = np.abs(body_coord[:, None] - discs[None, :]).min(axis=1, initial=np.inf) <= DISC_TOL_MM
+    n_int = len(discs) + 1
+    size = np.bincount(body_lab)
+    share = {int(v): np.bincount(interval[(body_lab == v) & ~near_disc], minlength=n_int) / size[v]
+             for v in np.unique(body_lab)}
+    # runs that fail the checks (:func:`_inconsistent`) lose the segments holding the failing bodies (all of them when the volumes
+    # fail), and the runs are formed again without them
+    excluded: set[int] = set()
+    while True:
+        runs = _runs(crossed - excluded, share, excluded)
+        bad = set().union(*(_inconsistent(run, share, size, interval, body_coord, col) for run in runs))
+        if not bad:
+            break
+        excluded |= bad
+    involved = set().union(*runs)
+    if not involved:
+        return None
+    holds = np.array([share[v] >= SHARE for v in sorted(involved)]).any(axis=0)  # intervals with a run's body
+    mask = np.isin(lab, list(involved))
+    k = np.searchsorted(discs, col.coord[mask])
+    top = int(lab.max())
+    target = np.zeros(n_int, np.int64)  # the id each interval's voxels of the runs go to
+    for i in range(n_int):
+        if holds[i]:
+            target[i] = top + 1 + i
+            continue
+        keepers = {v: s[i] for v, s in share.items() if v not in involved and s[i] >= SHARE}
+        if keepers:
+            target[i] = max(keepers, key=keepers.get)
+        else:  # past the column's last disc found: the nearest piece's
+            held = np.nonzero(holds)[0]
+            target[i] = top + 1 + int(held[np.argmin(np.abs(held - i))])
+    piece = np.zeros(lab.shape, np.int32)
+    piece[mask] = target[k]
+    # the bodies by the planes, everything else of the runs (arches, the bodies' rims) by watershed from them
+    cut = mask & (col.radial <= CUT_RADIUS_MM)
+    parts = seeded_watershed(ndi.distance_transform_edt(mask), np.where(cut, piece, 0), mask)
+    lost = mask & (parts == 0)  # pieces of arch no seed's flood reached (detached): the nearest piece's
+    if lost.any():
+        idx = ndi.distance_transform_edt(parts == 0, return_distances=False, return_indices=True)
+        parts[lost] = parts[tuple(i[lost] for i in idx)]
+    out = lab.copy()
+    out[mask] = parts[mask]
+    log.debug("re-cut segments %s at the discs %s mm", sorted(involved),
+              np.round(discs[max(0, np.argmax(holds) - 1):n_int - np.argmax(holds[::-1])], 1))
+    return out
+
+
+def _runs(crossed: set[int], share: dict[int, np.ndarray], excluded: set[int]) -> list[set[int]]:
+    """Groups of segments that share bodies (:data:`SHARE` each between the same two discs), from the
+    ``crossed`` ones outwards, the ``excluded`` ones left out."""
+    runs: list[set[int]] = []
+    for start in sorted(crossed):
+        if any(start in r for r in runs):
+            continue
+        run, todo = {start}, [start]
+        while todo:
+            v = todo.pop()
+            for k in np.nonzero(share[v] >= SHARE)[0]:
+                for w, s in share.items():
+                    if w not in run and w not in excluded and s[k] >= SHARE:
+                        run.add(w)
+                        todo.append(w)
+        runs.append(run)
+    return runs
+
+
+def _inconsistent(run: set[int], share: dict[int, np.ndarray], size: np.ndarray, interval: np.ndarray,
+                  body_coord: np.ndarray, col: ColumnDiscs) -> set[int]:
+    """The segments of a run that may not be cut at the discs (empty: the whole run may).
+
+    Each interval holding the run's bodies must be bounded by discs spaced :data:`SPACING_RANGE` times the local
+    disc spacing (the median of the two steps on each side; past the column's first or last disc, the body in
+    it no longer than that: a missed outer disc would leave two bodies in one piece); the segments holding one
+    that is not are left out. Each re-cut body (every body voxel between its two discs) must hold at least :data:`MIN_PIECE_FRACTION`
+    of the median body of the run and its neighbours, else the whole run is left out.
+    """
+    steps = np.diff(np.asarray(col.discs))
+    held = np.nonzero(np.array([share[v] >= SHARE for v in sorted(run)]).any(axis=0))[0]
+    bad: set[int] = set()
+    for k in held:
+        near = np.concatenate([steps[max(0, k - 3):max(0, k - 1)], steps[k:k + 2]])
+        local = float(np.median(near)) if len(near) else col.period
+        if 1 <= k <= len(steps):
+            ok = SPACING_RANGE[0] * local <= steps[k - 1] <= SPACING_RANGE[1] * local
+            length = float(steps[k - 1])
+        else:
+            length = float(np.ptp(np.percentile(body_coord[interval == k], [5, 95])))
+            ok = length <= SPACING_RANGE[1] * local
+        if not ok:
+            log.debug("no re-cut of %s: interval %d is %.1f mm, the local disc spacing %.1f mm",
+                      sorted(v for v in run if share[v][k] >= SHARE), k, length, local)
+            bad |= {v for v in run if share[v][k] >= SHARE}
+    if bad:
+        return bad
+    # the re-cut bodies: all the body voxels between two discs (the neighbours' leftovers join them); the
+    # neighbours' bodies count too: one or two re-cut bodies have no median of their own
+    volumes = [int(np.count_nonzero(interval == k)) for k in held]
+    others = [int(size[v]) for v in share if v not in run and share[v][max(0, held[0] - 1):held[-1] + 2].max()
+              >= SHARE]
+    typical = float(np.median(volumes + others))
+    if min(volumes) < MIN_PIECE_FRACTION * typical:
+        log.debug("no re-cut of %s: body volumes %s voxels, typical %.0f", sorted(run), volumes, typical)
+        return set(run)
+    return set()
+
+
+def _craniocaudal(labels: np.ndarray) -> np.ndarray:
+    """``labels`` renumbered 1..m by centroid, most cranial (largest z) first; empty ids dropped."""
+    counts, cents = component_stats(labels)
+    ids = [i for i in range(1, len(counts)) if counts[i] > 0]
+    ids.sort(key=lambda i: -cents[i][0])
+    remap = np.zeros(len(counts), np.int32)
+    remap[ids] = np.arange(1, len(ids) + 1)
+    return remap[labels]
