@@ -20,6 +20,7 @@ import platform
 import shutil
 import time
 from collections import deque
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,7 +265,11 @@ def analyse(
                 if pending is not None:
                     # the report's matplotlib import (0.3 s) done here, where this process waits for the child anyway
                     from matplotlib.figure import Figure  # noqa: F401
-                features = pending.result() if pending is not None else _radiomics(ct, labels, records, options)
+
+                    features = pending.result()
+                    pending.close()  # ended within the stage, whose CPU time then includes the child's
+                else:
+                    features = _radiomics(ct, labels, records, options)
         cancel.check()
     finally:
         if pending is not None:
@@ -411,12 +416,12 @@ def run_pipeline(
         labels = read_volume(labels_path, check=False) if labels_path is not None else None
 
     with _atomic_output_dir(out_dir) as tmp:
-        helper = None
+        helpers = []
         if dicom_import is not None and options.overlap and _can_fork():
-            # ct.nii.gz needs nothing but the import: a child writes it (zlib, 1.5 s CPU on a 512x512x275 CT) while
-            # segmentation runs, which leaves a core idle much of its time, then prepares and later writes the
-            # DICOM SEG (see write_outputs)
-            helper = _Child(_prepare_outputs, dicom_import, tmp)
+            # ct.nii.gz needs nothing but the import: a child at a low priority writes it (zlib, 1.5 s CPU on a
+            # 512x512x275 CT) on the cycles the analysis leaves idle (segmentation much of its time); another child
+            # prepares the DICOM SEG meanwhile and writes it later (see write_outputs)
+            helpers = [_Child(_write_import_file_idle, dicom_import, tmp), _Child(_prepare_dicom_seg, dicom_import)]
         try:
             result = analyse(ct, labels, options=options, progress=progress, cancel=cancel, timer=timer,
                              source=input_path, labels_source=labels_path or "label map", overlap=options.overlap)
@@ -429,9 +434,11 @@ def run_pipeline(
 
             progress(0.92, "writing outputs")
             with timer.stage("outputs"):
-                write_outputs(tmp, ct, result, dicom_import=dicom_import, helper=helper)
+                write_outputs(tmp, ct, result, dicom_import=dicom_import, helpers=helpers)
+                for helper in helpers:
+                    helper.close()  # ended within the stage, whose CPU time then includes the helpers'
         finally:
-            if helper is not None:
+            for helper in helpers:
                 helper.close()
         result.timings_s = timer.timings
         (tmp / "result.json").write_text(json.dumps(result.to_json(), indent=2))
@@ -440,14 +447,15 @@ def run_pipeline(
 
 
 def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import=None,
-                  helper: _Child | None = None) -> None:
+                  helpers: Sequence[_Child] = ()) -> None:
     """Write every output of the contract except ``result.json`` into ``out``.
 
     The compressed volume files are written in background threads (zlib and ITK's writers release the GIL). The
-    DICOM SEG, Python in pydicom and highdicom that holds the GIL, is written by ``helper`` when given: the child
-    process :func:`run_pipeline` started on :func:`_prepare_outputs`, which has written ``ct.nii.gz`` meanwhile. This
-    process draws the report's pictures in the meantime, then waits for the DICOM SEG: the report lists every
-    warning, including those of the other writers.
+    DICOM SEG, Python in pydicom and highdicom that holds the GIL, is written by the child processes ``helpers`` when
+    given, which :func:`run_pipeline` started after the import: the first has written ``ct.nii.gz`` meanwhile
+    (:func:`_write_import_file_idle`), the second has prepared the DICOM SEG (:func:`_prepare_dicom_seg`) and writes it
+    now. This process draws the report's pictures in the meantime, then waits for the DICOM SEG: the report lists
+    every warning, including those of the other writers.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -457,25 +465,26 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
     labels = result.labels if result.labels is not None else ct.with_array(np.zeros(ct.shape, np.uint8))
     labels = labels.with_array(labels.array.astype(np.uint8))
     dicom_seg = dicom_import is not None and bool(labels.array.any())
-    if dicom_seg and helper is not None:
-        helper.call(_write_dicom_seg, labels, result.records, None, out / "segmentation.dcm")
+    ct_writer, seg_writer = helpers if helpers else (None, None)
+    if dicom_seg and seg_writer is not None:
+        seg_writer.call(_write_dicom_seg, labels, result.records, None, out / "segmentation.dcm")
     with ThreadPoolExecutor(max_workers=3) as pool:
         jobs = [pool.submit(write_volume, labels, out / "segmentation.nii.gz"),
                 pool.submit(write_seg_nrrd, labels, result.records, out / "segmentation.seg.nrrd")]
-        if dicom_import is not None and helper is None:
+        if dicom_import is not None and ct_writer is None:
             jobs.append(pool.submit(write_import_file, dicom_import, out))
         write_csv(result.records, out / "vertebrae.csv")
         if result.radiomics is not None:
             from VertebralFractureLib.stages.radiomics import write_radiomics_csv
 
             write_radiomics_csv(result.radiomics, result.records, out / "radiomics.csv")
-        if dicom_seg and helper is None:
+        if dicom_seg and seg_writer is None:
             result.warnings += _write_dicom_seg(labels, result.records, dicom_import, out / "segmentation.dcm")
         images = report_images(ct, labels, result.records)
-        if helper is not None:
-            helper.result()  # ct.nii.gz written
+        if seg_writer is not None:
+            seg_writer.result()  # prepared
             if dicom_seg:
-                result.warnings += helper.result()
+                result.warnings += seg_writer.result()
         if dicom_import is not None and not dicom_seg:
             result.warnings.append("no vertebra found: segmentation.dcm not written (a DICOM SEG needs a segment)")
         write_report(out / "report.html", ct, labels, result.records, fracture_probability=result.fracture_probability,
@@ -483,6 +492,8 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
                      case_id=result.case_id, timings_s=result.timings_s, images=images)
         for job in jobs:
             job.result()  # re-raise a writer's error here, inside the atomic output folder
+        if ct_writer is not None:
+            ct_writer.result()
 
 
 def write_import_file(dicom_import, out: Path) -> None:
@@ -493,19 +504,29 @@ def write_import_file(dicom_import, out: Path) -> None:
     write_import(dicom_import, out / "ct.nii.gz", fast_gzip=True)
 
 
-#: the DICOM SEG's source headers, made ahead by :func:`_prepare_outputs` in the helper child process
+def _write_import_file_idle(dicom_import, out: Path) -> None:
+    """:func:`write_import_file` at a low CPU priority, a child process's task: it has time until the outputs are due,
+    and the U-Net's threads should not wait for it (each of its parallel steps waits for its slowest thread).
+
+    Nice 8 (weight 134 against 1024): on the 275-slice chest CT, --fast, it finishes about when segmentation does
+    (at nice 0 segmentation took 0.5-0.8 s longer; at nice 19 the file was last of all the outputs).
+    """
+    os.nice(8)
+    write_import_file(dicom_import, out)
+
+
+#: the DICOM SEG's source headers, made ahead by :func:`_prepare_dicom_seg` in a child process
 _SEG_HEADERS: list[Any] | None = None
 
 
-def _prepare_outputs(dicom_import, out: Path) -> None:
-    """The output helper's first task: ``ct.nii.gz``, then what the DICOM SEG will need (the per-slice headers,
-    highdicom imported), while the parent is still analysing the CT."""
+def _prepare_dicom_seg(dicom_import) -> None:
+    """What the DICOM SEG will need (the de-identified per-slice headers, highdicom loaded), made in a child process
+    while the parent is still analysing the CT."""
     global _SEG_HEADERS
+    from VertebralFractureLib.outputs.segmentation_files import prepare_dicom_seg
 
-    write_import_file(dicom_import, out)
     _SEG_HEADERS = dicom_import.source_headers()
-    import highdicom  # noqa: F401
-    from pydicom.sr.codedict import codes  # noqa: F401
+    prepare_dicom_seg()
 
 
 def _write_dicom_seg(labels: Volume, records: list[VertebraRecord], dicom_import, path: Path) -> list[str]:

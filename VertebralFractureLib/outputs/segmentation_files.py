@@ -331,6 +331,20 @@ def _one_frame_of_reference(datasets: list[Any], warnings: list[str] | None) -> 
     return repaired
 
 
+def prepare_dicom_seg() -> None:
+    """Import and load what :func:`write_dicom_seg` needs the first time (about 0.5 s: highdicom, pydicom's code
+    dictionaries, highdicom's tables of the DICOM standard, scipy.ndimage), so that a process can do it ahead."""
+    import highdicom._standard_utils as standard
+    from pydicom.sr.codedict import codes  # noqa: F401
+    from scipy.ndimage import find_objects  # noqa: F401
+
+    # highdicom reads these tables (JSON) once per process, on first use; loaded here if this version has them
+    for table in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
+        loader = getattr(standard, table, None)
+        if loader is not None:
+            loader()
+
+
 def write_dicom_seg(
     labels: Volume,
     records: Sequence[VertebraRecord],
