@@ -115,3 +115,25 @@ def test_overlap_changes_no_output(tmp_path, monkeypatch):
     assert segs[0].PatientID == segs[1].PatientID == results[0]["case_id"]
     assert [s.SegmentLabel for s in segs[0].SegmentSequence] == [s.SegmentLabel for s in segs[1].SegmentSequence]
     np.testing.assert_array_equal(segs[0].pixel_array, segs[1].pixel_array)
+
+
+@needs_fork
+def test_no_fork_beside_another_thread_but_tqdms_monitor():
+    import threading
+
+    from tqdm import tqdm
+
+    if not _can_fork():  # an earlier test left a thread running: nothing to compare against
+        assert [t for t in threading.enumerate() if t is not threading.current_thread()]
+        return
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    try:
+        assert not _can_fork()  # the child would inherit the thread's locks mid-work
+    finally:
+        stop.set()
+        worker.join()
+    with tqdm(total=2, mininterval=0, disable=False) as bar:  # the command line's progress bar starts tqdm's monitor
+        bar.update()
+        assert _can_fork()

@@ -545,14 +545,17 @@ def _write_dicom_seg(labels: Volume, records: list[VertebraRecord], dicom_import
 def _can_fork() -> bool:
     """Whether this process may fork workers that inherit its memory: Linux, not inside 3D Slicer's application (Qt
     and VTK do not survive a fork), not a daemonic process (e.g. a Dask worker; those may not have children), and
-    no other Python thread (the child would inherit its locks mid-work). The children run no torch or OpenMP code."""
+    no other Python thread (the child would inherit its locks mid-work) but tqdm's monitor, which the command line's
+    progress bar starts: it only sleeps between looks at the bar's refresh rate, and the children draw no progress.
+    The children run no torch or OpenMP code."""
     import multiprocessing
     import sys
     import threading
 
+    others = [t for t in threading.enumerate() if t is not threading.current_thread() and t.name != "tqdm_monitor"]
     return (sys.platform.startswith("linux") and "slicer" not in sys.modules
             and not Path(sys.executable).name.lower().startswith("slicer")
-            and not multiprocessing.current_process().daemon and threading.active_count() == 1)
+            and not multiprocessing.current_process().daemon and not others)
 
 
 class _Child:
