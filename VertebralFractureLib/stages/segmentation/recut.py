@@ -189,6 +189,8 @@ def _inconsistent(run: set[int], share: dict[int, np.ndarray], size: np.ndarray,
     """
     steps = np.diff(np.asarray(col.discs))
     held = np.nonzero(np.array([share[v] >= SHARE for v in sorted(run)]).any(axis=0))[0]
+    if not len(held):  # bodies only at the discs: nothing to cut between them
+        return set(run)
     bad: set[int] = set()
     for k in held:
         near = np.concatenate([steps[max(0, k - 3):max(0, k - 1)], steps[k:k + 2]])
