@@ -370,7 +370,8 @@ def fit_fusion(s: Samples, oof: dict[str, np.ndarray], folds: np.ndarray, lasso:
         ood_features=[int(i) for i in strongest], stack_inputs=inputs,
         stack_selection={n: {k: v for k, v in sc.items() if k != "p"} for n, sc in selection.items()},
         notes="stack inputs: [CNN logit clipped to +-8, radiomics LASSO logit, morphometry probability's logit clipped "
-              f"to +-8], those of stack_inputs used (the others' coefficients 0); OOD inputs: [the {OOD_FEATURES} selected radiomics features of largest |coefficient| "
+              f"to +-8], those of stack_inputs used (the others' coefficients 0); OOD inputs: [the {OOD_FEATURES} "
+              "selected radiomics features of largest |coefficient| "
               f"(ood_features), standardised; height-loss ratio clipped to {list(LOSS_RANGE)}]; threshold: the "
               f"lowest at which at most {MAX_FALSE_POSITIVE_RATE:g} of the real vertebrae without fracture reach it "
               "(held-out fused probabilities), moved to 0.5 by prior_logit_shift (added to the stackers' logits; "
