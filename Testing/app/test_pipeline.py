@@ -220,3 +220,26 @@ def test_wiener_box_holds_every_classifier_crop():
         for axis, sl in zip((2, 1, 0), region, strict=True):
             assert sl.start <= max(lo[axis], 0) and min(hi[axis], shape[2 - axis]) <= sl.stop
     assert classifier_region(ct, lab.with_array(np.zeros(shape, np.uint8))) is None
+
+
+def test_fast_is_a_triage_redone_at_full_resolution_when_not_normal():
+    """``--fast`` without labels: a case whose 3 mm pass is not normal (called fractured or sent to review) is
+    analysed again at full resolution and that result returned, with a warning; a normal one keeps the 3 mm result.
+    On the bundled demo CT (normal; 14 vertebrae C7..L1 in the default run)."""
+    from VertebralFractureLib.app.pipeline import FAST_TRIAGE_WARNING, _analyse_pass, analyse
+    from VertebralFractureLib.core.resources import demo_ct_path
+    from VertebralFractureLib.io.reading import read_volume
+
+    ct = read_volume(demo_ct_path())
+    options = PipelineOptions(fast=True, radiomics=False)
+    triage = _analyse_pass(ct, options=options)
+    result = analyse(ct, options=options)
+    redone = triage.fractured is not False
+    assert any(w.startswith(FAST_TRIAGE_WARNING.split("{")[0]) for w in result.warnings) == redone
+    assert result.fractured is False
+    if redone:  # the full-resolution analysis: the default run's vertebrae
+        full = analyse(ct, options=PipelineOptions(radiomics=False))
+        assert [r.level for r in result.records] == [r.level for r in full.records]
+        assert np.array_equal(result.labels.array, full.labels.array)
+    else:
+        assert np.array_equal(result.labels.array, triage.labels.array)

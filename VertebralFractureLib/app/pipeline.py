@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,11 @@ class _Timer:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
 
+#: said when a ``--fast`` triage pass is redone at full resolution (:func:`analyse`)
+FAST_TRIAGE_WARNING = ("the 3 mm pass of --fast did not find this case normal ({what}); it was analysed again at "
+                       "full resolution, and these results are that analysis's")
+
+
 def analyse(
     ct: Volume,
     labels: Volume | None = None,
@@ -197,7 +202,38 @@ def analyse(
     overlap: bool = False,
 ) -> PipelineResult:
     """Run validation, segmentation (unless ``labels``), the Wiener filter (of the classifier's box only),
-    morphometry, quality flags, radiomics, classification and the review status.
+    morphometry, quality flags, radiomics, classification and the review status (:func:`_analyse_pass`).
+
+    With ``options.fast`` and no ``labels`` the 3 mm pass is a triage: segment boundaries on the 3 mm grid are
+    too coarse to grade heights by (on the demo CT it graded six normal vertebrae 1-2), so a case it does not
+    find normal (called fractured, or sent to review) is analysed again at full resolution and that result is
+    returned, with :data:`FAST_TRIAGE_WARNING`. Arguments as :func:`_analyse_pass`.
+    """
+    options = options or PipelineOptions()
+    timer = timer or _Timer()
+    kw: dict[str, Any] = {"progress": progress, "cancel": cancel, "timer": timer, "source": source,
+                          "labels_source": labels_source, "overlap": overlap}
+    result = _analyse_pass(ct, labels, options=options, **kw)
+    if options.fast and labels is None and result.fractured is not False:
+        what = "called fractured" if result.fractured else "sent to review"
+        result = _analyse_pass(ct, None, options=replace(options, fast=False), **kw)
+        result.warnings.insert(0, FAST_TRIAGE_WARNING.format(what=what))
+    return result
+
+
+def _analyse_pass(
+    ct: Volume,
+    labels: Volume | None = None,
+    *,
+    options: PipelineOptions,
+    progress: ProgressCallback = no_progress,
+    cancel: CancelToken | None = None,
+    timer: _Timer | None = None,
+    source: str | Path = "input CT",
+    labels_source: str | Path = "label map",
+    overlap: bool = False,
+) -> PipelineResult:
+    """One analysis of ``ct`` at ``options``' resolution (see :func:`analyse`).
 
     Args:
         ct: CT in HU on its own geometry.
@@ -212,7 +248,6 @@ def analyse(
     """
     from VertebralFractureLib.io.validation import check_ct, check_labels
 
-    options = options or PipelineOptions()
     cancel = cancel or CancelToken()
     timer = timer or _Timer()
     warnings: list[str] = []
