@@ -6,9 +6,10 @@ Steps of :func:`segment_vertebrae`:
    so the network always sees the same orientation whatever the input's direction (LPS, RAS, PIR, oblique);
 2. window the HU (model card ``window``) and run the U-Net tile by tile, skipping tiles without bone
    (:func:`bone_tiled_inference`), giving a vertebra-bone probability;
-3. connected components, split of touching vertebrae and removal of small pieces, then each vertebra grown
-   by up to 3 mm into cortex the network missed (:mod:`.instances`), and the boundary between each two touching
-   bodies moved onto the disc between them (:mod:`.disc_boundaries`);
+3. connected components, split of touching vertebrae and removal of small pieces; an instance that is an arch
+   without its body gets the bone in front of it (:mod:`.bodies`: the network missed the body), then each
+   vertebra is grown by up to 3 mm into cortex the network missed (:mod:`.instances`), and the boundary between
+   each two touching bodies moved onto the disc between them (:mod:`.disc_boundaries`);
 4. VerSe level names from the order along the spine and anatomical anchors (:mod:`.labelling`);
 5. labels back onto the input grid with the input's geometry.
 
@@ -274,6 +275,7 @@ def segment_vertebrae(
     Returns:
         :class:`SegmentationResult` with uint8 VerSe ids on ``ct``'s grid and geometry.
     """
+    from VertebralFractureLib.stages.segmentation.bodies import complete_bodies
     from VertebralFractureLib.stages.segmentation.disc_boundaries import refine_disc_boundaries
     from VertebralFractureLib.stages.segmentation.instances import extract_instances, grow_cortex
     from VertebralFractureLib.stages.segmentation.labelling import assign_levels, parse_anchor
@@ -298,7 +300,9 @@ def segment_vertebrae(
     )
     if inst.count:
         s = prob.spacing[0]
-        grown = refine_disc_boundaries(grow_cortex(inst.labels, hu.array, s), hu.array, s)
+        # bodies the network missed in front of their arches, then the cortex it missed, then boundaries onto the discs
+        grown = complete_bodies(inst.labels, hu.array, s)
+        grown = refine_disc_boundaries(grow_cortex(grown, hu.array, s), hu.array, s)
         prob = prob.with_array(np.where((grown > 0) & (inst.labels == 0), np.float32(1.0), prob.array))
         inst.labels = grown
         inst = recut_instances(inst, hu.array, s, slice_mm=max(ct.spacing), fov=fov)  # boundaries that miss the discs

@@ -358,12 +358,24 @@ def grow_cortex(labels: np.ndarray, hu: np.ndarray, spacing_mm: float, *, hu_min
     corner shortens the anterior height and reads as a wedge fracture. Growth goes one voxel layer at a time
     into bright unlabelled voxels; a voxel touching two instances stays out, so no disc is bridged.
     """
-    out = labels.copy()
     bright = ndi.gaussian_filter(hu.astype(np.float32), 0.5) > hu_min
-    for _ in range(max(1, int(round(reach_mm / spacing_mm)))):
+    return grow_labels(labels, bright, max(1, int(round(reach_mm / spacing_mm))))
+
+
+def grow_labels(labels: np.ndarray, allowed: np.ndarray, steps: int, boxes: np.ndarray | None = None) -> np.ndarray:
+    """``labels`` (int, 3D) grown by up to ``steps`` voxel layers (26-neighbourhood) into unlabelled ``allowed``
+    voxels, all instances at once; a voxel touching two instances stays out (no bridge between them).
+    ``boxes``: each label's own limits, int (max label + 1, 3, 2) first and last index along each axis (None: no
+    limits). Returns a grown copy."""
+    out = labels.copy()
+    grid = np.indices(labels.shape, sparse=True) if boxes is not None else None
+    for _ in range(steps):
         high = ndi.grey_dilation(out, size=(3, 3, 3))
         low = -ndi.grey_dilation(-np.where(out > 0, out, np.iinfo(np.int32).max), size=(3, 3, 3))
-        take = (out == 0) & bright & (high > 0) & (low == high)
+        take = (out == 0) & allowed & (high > 0) & (low == high)
+        if grid is not None:
+            for axis, idx in enumerate(grid):
+                take &= (idx >= boxes[high, axis, 0]) & (idx <= boxes[high, axis, 1])
         if not take.any():
             break
         out[take] = high[take]
