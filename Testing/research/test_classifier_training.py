@@ -147,9 +147,13 @@ def test_stacker_inputs_chosen_by_held_out_sensitivity(cnn_fools_on_real):
     sel = fusion.stack_selection
     assert set(sel) == set(STACK_INPUTS)
     chosen = sel[fusion.stack_inputs]
+    # one-standard-error rule: within a binomial SE of the best sensitivity, and no candidate there has fewer inputs
     best = max(v["grade_ge2_sensitivity"] for v in sel.values())
-    assert chosen["grade_ge2_sensitivity"] == best
-    assert chosen["roc_auc"] == max(v["roc_auc"] for v in sel.values() if v["grade_ge2_sensitivity"] == best)
+    n = int(((s.y == 1) & (s.grade >= 2)).sum())
+    se = max(math.sqrt(best * (1 - best) / n), 1 / n)
+    assert chosen["grade_ge2_sensitivity"] >= best - se - 1e-12
+    assert all(len(STACK_INPUTS[k]) >= len(STACK_INPUTS[fusion.stack_inputs]) for k, v in sel.items()
+               if v["grade_ge2_sensitivity"] >= best - se - 1e-12)
     uses_cnn = "cnn" in fusion.stack_inputs
     assert uses_cnn != cnn_fools_on_real
     assert (fusion.stack.coef[0] != 0.0) == uses_cnn and (fusion.stack_without_radiomics.coef[0] != 0.0) == uses_cnn

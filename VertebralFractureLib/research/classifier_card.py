@@ -195,9 +195,10 @@ def _card_stack_selection(selection: dict[str, Any] | None) -> list[str]:
         return []
     lines = ["", "### Stacker inputs", "",
              "Each candidate set of inputs was fitted and scored on nested held-out folds at its own "
-             "specificity-first operating point; the shipped stacker uses the one with the best grade >= 2 "
-             "sensitivity there (then ROC-AUC, then fewer inputs). The held-out numbers above are the chosen "
-             "candidate's on the same folds, so they carry a small optimistic bias (the best of four):", "",
+             "specificity-first operating point; the shipped stacker uses, of those within one binomial standard "
+             "error of the best grade >= 2 sensitivity there, the one with the fewest inputs (then the highest "
+             "ROC-AUC). The held-out numbers above are the chosen candidate's on the same folds, so they carry a "
+             "small optimistic bias (chosen among four):", "",
              "| inputs | grade >= 2 sens. | ROC-AUC | real vertebrae >= threshold | chosen |", "|---|---|---|---|---|"]
     for name, sc in selection["candidates"].items():
         lines.append(f"| {name} | {sc['grade_ge2_sensitivity']:.3f} | {sc['roc_auc']:.3f} | "

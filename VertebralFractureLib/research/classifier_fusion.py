@@ -282,10 +282,13 @@ def _nested_stack(x: np.ndarray, y: np.ndarray, folds: np.ndarray, cols: tuple[i
 
 
 def select_stack_inputs(s: Samples, x3: np.ndarray, folds: np.ndarray) -> tuple[str, dict[str, dict[str, Any]]]:
-    """The stacker inputs (a key of :data:`STACK_INPUTS`) to ship, chosen on nested held-out probabilities: the
-    highest grade >= 2 sensitivity at the specificity-first operating point (:func:`operating_threshold`), then
-    the highest ROC-AUC, then the fewest inputs. Returns (name, per candidate: its sensitivity, ROC-AUC, real
-    vertebrae at or above the threshold and held-out probabilities ``p``)."""
+    """The stacker inputs (a key of :data:`STACK_INPUTS`) to ship, chosen on nested held-out probabilities by their
+    grade >= 2 sensitivity at the specificity-first operating point (:func:`operating_threshold`) with the
+    one-standard-error rule (Breiman et al., *Classification and Regression Trees*, 1984): of the candidates within
+    one binomial standard error of the best sensitivity, the one with the fewest inputs, then the highest ROC-AUC
+    (an input that wins by a vertebra or two on a few hundred held-out rows has not earned its place). Returns
+    (name, per candidate: its sensitivity, ROC-AUC, real vertebrae at or above the threshold and held-out
+    probabilities ``p``)."""
     from sklearn.metrics import roc_auc_score
 
     severe = (s.y == 1) & (s.grade >= 2)
@@ -298,8 +301,11 @@ def select_stack_inputs(s: Samples, x3: np.ndarray, folds: np.ndarray) -> tuple[
         scores[name] = {"grade_ge2_sensitivity": float(np.mean(p[severe] >= t)) if severe.any() else 0.0,
                         "roc_auc": float(roc_auc_score(s.y, p)) if 0 < s.y.mean() < 1 else math.nan,
                         "real_vertebrae_at_threshold": int(np.sum(p[real_neg] >= t)), "p": p}
-    best = max(STACK_INPUTS, key=lambda n: (round(scores[n]["grade_ge2_sensitivity"], 6),
-                                            round(scores[n]["roc_auc"], 6), -len(STACK_INPUTS[n])))
+    top = max(sc["grade_ge2_sensitivity"] for sc in scores.values())
+    n = max(int(severe.sum()), 1)
+    se = max(math.sqrt(top * (1.0 - top) / n), 1.0 / n)
+    near = [name for name, sc in scores.items() if sc["grade_ge2_sensitivity"] >= top - se - 1e-12]
+    best = min(near, key=lambda name: (len(STACK_INPUTS[name]), -scores[name]["roc_auc"]))
     return best, scores
 
 
