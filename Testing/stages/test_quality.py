@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from VertebralFractureLib.core.levels import level_name
+from VertebralFractureLib.core.levels import LEVEL_IDS, level_name
 from VertebralFractureLib.core.records import VertebraRecord
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.research.phantom import make_phantom
@@ -156,3 +156,23 @@ def test_review_reasons():
     assert saturated[0] == "A vertebra is missing: x." and "outside its training data" in saturated[1]
     assert "No vertebra could be graded" in review_reasons(CaseQuality(["cut"]), n_vertebrae=1, n_scored=0,
                                                            classifier_saturated=False)[0]
+
+
+def test_a_fracture_call_the_slices_do_not_resolve_goes_to_review():
+    """A 25 % loss on a 24 mm body is resolved on 1.5 mm slices (+-3 %) but not on 4.25 mm ones (+-9 %); one resolved
+    call among unresolved ones keeps the case called; vertebrae below the threshold do not count."""
+    from VertebralFractureLib.stages.quality import unresolved_calls
+
+    def rec(level: str, loss: float, p: float) -> VertebraRecord:
+        return VertebraRecord(label=LEVEL_IDS[level], level=level, height_posterior_mm=24.0, expected_height_mm=24.0,
+                              height_loss_ratio=loss, fracture_probability=p)
+
+    l5 = rec("L5", 0.25, 0.6)
+    assert unresolved_calls([l5, rec("L4", 0.05, 0.01)], 1.5, 0.5) == []
+    reason = unresolved_calls([l5, rec("L4", 0.05, 0.01)], 4.25, 0.5)
+    assert len(reason) == 1 and "L5 (25% height loss, +-9% on 4.2 mm slices)" in reason[0] and "L4" not in reason[0]
+    assert unresolved_calls([l5, rec("L2", 0.45, 0.99)], 4.25, 0.5) == []  # L2's grade 3 stands on any slices
+    # a call without a measured loss (the CNN alone) is not resolved by morphometry
+    cnn_only = rec("T2", math.nan, 0.7)
+    assert "T2 (no measured height loss)" in unresolved_calls([cnn_only], 1.0, 0.5)[0]
+    assert unresolved_calls([rec("T8", 0.3, 0.4)], 4.25, 0.5) == []  # not called at all

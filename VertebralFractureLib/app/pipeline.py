@@ -35,7 +35,7 @@ from VertebralFractureLib.core.records import VertebraRecord, write_csv
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.reading import read_volume
 from VertebralFractureLib.io.volume_files import write_volume
-from VertebralFractureLib.stages.quality import assess_quality, review_reasons
+from VertebralFractureLib.stages.quality import assess_quality, review_reasons, unresolved_calls
 from VertebralFractureLib.stages.quality_discs import discs_inside
 
 
@@ -184,6 +184,13 @@ class _Timer:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
 
+def slice_along_s(ct: Volume) -> float:
+    """The CT's voxel spacing (mm) along its array axis nearest to the patient's superior axis (the slice
+    spacing of an axial scan)."""
+    axis = int(np.argmax(np.abs(ct.axis_lps()[:, 2])))  # array axes z, y, x
+    return float(ct.spacing[::-1][axis])
+
+
 #: said when a ``--fast`` triage pass is redone at full resolution (:func:`analyse`)
 FAST_TRIAGE_WARNING = ("the 3 mm pass of --fast did not find this case normal ({what}); it was analysed again at "
                        "full resolution, and these results are that analysis's")
@@ -329,7 +336,8 @@ def _analyse_pass(
     reasons = review_reasons(quality, n_vertebrae=len(records),
                              n_scored=sum(not math.isnan(r.fracture_probability) for r in records),
                              classifier_saturated=classification.saturated, called_fractured=called,
-                             classifier_reasons=classification.review_reasons)
+                             classifier_reasons=classification.review_reasons
+                             + unresolved_calls(records, slice_along_s(ct), classification.threshold))
     fractured = None if reasons else called
     progress(0.9, "analysis done")
     return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels,

@@ -39,6 +39,7 @@ import numpy as np
 
 from VertebralFractureLib.core.levels import CRANIOCAUDAL_ORDER, level_name, order_index
 from VertebralFractureLib.core.records import VertebraRecord
+from VertebralFractureLib.stages.morphometry.grading import GENANT_THRESHOLDS
 
 #: a vertebra this many times the volume its neighbours predict holds more than one vertebra
 MERGED_VOLUME_RATIO = 1.7
@@ -267,3 +268,35 @@ def review_reasons(quality: CaseQuality, *, n_vertebrae: int, n_scored: int, cla
     if called_fractured or reasons or classifier_reasons:
         reasons += quality.naming_reasons
     return reasons + list(classifier_reasons or [])
+
+
+#: Genant grade 1 starts at this height loss
+MILD_LOSS = GENANT_THRESHOLDS[0]
+
+
+def unresolved_calls(records: list[VertebraRecord], slice_mm: float, threshold: float) -> list[str]:
+    """Review sentence (or none) for a fracture call that rests on height differences the slices do not resolve.
+
+    Each endplate's position is known to about half a slice along the spine, so a measured height loss is
+    uncertain by about ``0.5 * slice_mm / height`` (4.25 mm slices, a 24 mm body: 0.09). A vertebra called fractured
+    (probability >= ``threshold``) whose loss minus that uncertainty stays below Genant's grade-1 threshold
+    (:data:`MILD_LOSS`), or that has no measured loss, is not a resolved call; when no called vertebra is resolved
+    the case goes to review instead of being called fractured. ``slice_mm``: the CT's spacing along its axis
+    nearest to the patient's S axis.
+    """
+    called = [r for r in records if math.isfinite(r.fracture_probability) and r.fracture_probability >= threshold]
+    unresolved = []
+    for r in called:
+        height = r.expected_height_mm if math.isfinite(r.expected_height_mm) else r.height_posterior_mm
+        loss = r.height_loss_ratio
+        if not (math.isfinite(loss) and math.isfinite(height) and height > 0):
+            unresolved.append(f"{r.level} (no measured height loss)")
+            continue
+        margin = 0.5 * slice_mm / height
+        if loss - margin >= MILD_LOSS:
+            return []
+        unresolved.append(f"{r.level} ({loss:.0%} height loss, +-{margin:.0%} on {slice_mm:.1f} mm slices)")
+    if not unresolved:
+        return []
+    return [f"The fracture call rests on height differences the slices do not resolve: {', '.join(unresolved)}; "
+            "check these vertebrae by eye (thin-slice reconstructions if available)."]
