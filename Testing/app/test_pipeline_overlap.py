@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from VertebralFractureLib.app import pipeline
-from VertebralFractureLib.app.pipeline import PipelineOptions, _can_fork, _Child, run_pipeline
+from VertebralFractureLib.app.child_process import ChildProcess, can_fork
+from VertebralFractureLib.app.pipeline import PipelineOptions, run_pipeline
 from VertebralFractureLib.io.reading import read_volume
 from VertebralFractureLib.io.volume_files import write_volume
 
@@ -35,7 +36,7 @@ def _die_unless(pid: int, value: int) -> int:
 @needs_fork
 def test_child_answers_its_calls_in_order_and_reraises_their_errors():
     big = np.arange(1_000_000)  # inherited by the child, not pickled
-    child = _Child(np.sum, big)
+    child = ChildProcess(np.sum, big)
     child.call(_square, 7)
     child.call(_fail, "broken header")
     child.call(_square, 3)
@@ -49,7 +50,7 @@ def test_child_answers_its_calls_in_order_and_reraises_their_errors():
 
 @needs_fork
 def test_calls_of_a_child_that_died_run_in_the_parent():
-    child = _Child(_die_unless, os.getpid(), 5)
+    child = ChildProcess(_die_unless, os.getpid(), 5)
     child.call(_square, 4)
     assert child.result() == 5  # the child exited without an answer: computed here
     assert child.result() == 16
@@ -60,7 +61,7 @@ def test_calls_of_a_child_that_died_run_in_the_parent():
 def test_close_ends_a_busy_child():
     import time
 
-    child = _Child(time.sleep, 60)
+    child = ChildProcess(time.sleep, 60)
     start = time.perf_counter()
     child.close()
     assert time.perf_counter() - start < 10
@@ -81,13 +82,13 @@ def test_overlap_changes_no_output(tmp_path, monkeypatch):
     labels_path = write_volume(ph.labels, tmp_path / "labels.nii.gz")
     started = []
 
-    class Counted(_Child):
+    class Counted(ChildProcess):
         def __init__(self, fn, *args, **kwargs):
             started.append(fn.__name__)
             super().__init__(fn, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "_Child", Counted)
-    may_fork = _can_fork()
+    monkeypatch.setattr(pipeline, "ChildProcess", Counted)
+    may_fork = can_fork()
     outputs = {}
     for overlap in (False, True):
         monkeypatch.setenv("VERTEBRAL_FRACTURE_CACHE", str(tmp_path / f"cache-{overlap}"))  # radiomics computed
@@ -123,15 +124,15 @@ def test_no_fork_beside_another_thread_but_tqdms_monitor():
 
     from tqdm import tqdm
 
-    alone = _can_fork()  # False too where e.g. an earlier test imported the slicer package
+    alone = can_fork()  # False too where e.g. an earlier test imported the slicer package
     stop = threading.Event()
     worker = threading.Thread(target=stop.wait)
     worker.start()
     try:
-        assert not _can_fork()  # the child would inherit the thread's locks mid-work
+        assert not can_fork()  # the child would inherit the thread's locks mid-work
     finally:
         stop.set()
         worker.join()
     with tqdm(total=2, mininterval=0, disable=False) as bar:  # the command line's progress bar starts tqdm's monitor
         bar.update()
-        assert _can_fork() == alone
+        assert can_fork() == alone

@@ -19,7 +19,6 @@ import os
 import platform
 import shutil
 import time
-from collections import deque
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -29,13 +28,14 @@ from typing import Any
 import numpy as np
 
 from VertebralFractureLib import __version__
+from VertebralFractureLib.app.child_process import CHILD_VERSIONS, VERSIONED, ChildProcess, can_fork
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.progress import CancelToken, ProgressCallback, no_progress, sub_progress
 from VertebralFractureLib.core.records import VertebraRecord, write_csv
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.reading import read_volume
 from VertebralFractureLib.io.volume_files import write_volume
-from VertebralFractureLib.stages.quality import assess_quality, review_reasons, unresolved_calls
+from VertebralFractureLib.stages.quality import CaseQuality, assess_quality, review_reasons, unresolved_calls
 from VertebralFractureLib.stages.quality_discs import discs_inside
 
 
@@ -57,7 +57,7 @@ class PipelineOptions:
             the classifier's).
         radiomics_workers: processes for radiomics (None: CPU count; see :func:`.radiomics.extract_rois`).
         overlap: let :func:`run_pipeline` run radiomics, and the writing of ``ct.nii.gz`` and the DICOM SEG, in
-            forked child processes beside the rest (same outputs). Only where forking is safe (:func:`_can_fork`):
+            forked child processes beside the rest (same outputs). Only where forking is safe (:func:`can_fork`):
             never inside Slicer, in batch mode's worker processes (daemonic) or beside other threads.
     """
 
@@ -144,13 +144,13 @@ def versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {"VertebralFractureLib": __version__, "python": platform.python_version()}
-    for name in _VERSIONED:
+    for name in VERSIONED:
         module = sys.modules.get(name)
         if module is not None:
             out[name] = str(getattr(module, "__version__", "unknown"))
             continue
-        if name in _CHILD_VERSIONS:  # imported by a child process of this run only (e.g. radiomics)
-            out[name] = _CHILD_VERSIONS[name]
+        if name in CHILD_VERSIONS:  # imported by a child process of this run only (e.g. radiomics)
+            out[name] = CHILD_VERSIONS[name]
             continue
         # not imported by this run (monai never is): its installed version, without the import
         for dist in _DISTRIBUTIONS.get(name, (name,)):
@@ -162,13 +162,8 @@ def versions() -> dict[str, str]:
     return out
 
 
-#: modules whose versions ``result.json`` lists
-_VERSIONED = ("numpy", "SimpleITK", "torch", "monai", "radiomics", "pydicom")
 #: distributions that install a module under another name (first found wins)
 _DISTRIBUTIONS = {"radiomics": ("pyradiomics-bhklab", "pyradiomics")}
-#: ``__version__`` of the modules a :class:`_Child` imported (a module's own version string can differ from its
-#: distribution's: pyradiomics says "v3.1.4")
-_CHILD_VERSIONS: dict[str, str] = {}
 
 
 class _Timer:
@@ -247,7 +242,7 @@ def _analyse_pass(
         labels: VerSe label map on the same grid as ``ct``; None segments the CT.
         source: name of the input in error messages (its path).
         overlap: extract radiomics in a forked child process while this one runs the Wiener filter and the quality
-            flags (where :func:`_can_fork`; the command line's :func:`run_pipeline` only, never inside Slicer).
+            flags (where :func:`can_fork`; the command line's :func:`run_pipeline` only, never inside Slicer).
     Returns:
         A :class:`PipelineResult`; ``labels`` in it is on ``ct``'s grid.
     Raises:
@@ -282,11 +277,50 @@ def _analyse_pass(
     warnings += morph_warnings
     cancel.check()
 
+    filtered, quality, features = _filter_quality_radiomics(
+        ct, labels, records, options, level_confidence=level_confidence, naming=naming, overlap=overlap,
+        progress=progress, cancel=cancel, timer=timer)
+
+    progress(0.8, "classification")
+    with timer.stage("classification"):
+        classification = _classify(filtered, labels, records, options, features)
+        patient_probability = classification.patient_probability
+    warnings += classification.warnings
+    cancel.check()
+
+    if not records:
+        warnings.append("no vertebrae found in the field of view")
+    implausible = [r.level for r in records if r.implausible]
+    if implausible:
+        warnings.append(
+            f"{len(implausible)} of {len(records)} segments are not plausible vertebral bodies ({', '.join(implausible)}): "
+            "not graded; correct them (Slicer: Edit segments, then Recompute) or give --labels"
+        )
+    called = bool(not math.isnan(patient_probability) and patient_probability >= classification.threshold)
+    reasons = review_reasons(quality, n_vertebrae=len(records),
+                             n_scored=sum(not math.isnan(r.fracture_probability) for r in records),
+                             classifier_saturated=classification.saturated, called_fractured=called,
+                             classifier_reasons=classification.review_reasons
+                             + unresolved_calls(records, slice_along_s(ct), classification.threshold))
+    fractured = None if reasons else called
+    progress(0.9, "analysis done")
+    return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels,
+                          review_reasons=reasons, quality_flags=quality.flags, level_confidence=level_confidence,
+                          radiomics=features, naming=naming, extra={"fracture_threshold": classification.threshold})
+
+
+def _filter_quality_radiomics(ct: Volume, labels: Volume, records: list[VertebraRecord], options: PipelineOptions,
+                              *, level_confidence: float | None, naming: dict | None, overlap: bool,
+                              progress: ProgressCallback, cancel: CancelToken, timer: _Timer,
+                              ) -> tuple[Volume, CaseQuality, dict[int, dict[str, float]] | None]:
+    """The Wiener-filtered CT (of the classifier's box), the case's quality (flags, review sentences) and the
+    radiomics features (None when not extracted), radiomics in a forked child beside the other two when
+    ``overlap`` (see :func:`_analyse_pass`)."""
     # radiomics needs only the CT, the labels and the records' ids: with overlap it runs in a child process from
     # here on, beside the Wiener filter and the quality flags (radiomics, in one process, as --fast always does)
     extract = options.radiomics and bool(records)
-    pending = (_Child(_radiomics, ct, labels, records, options, workers=options.radiomics_workers or 1)
-               if extract and overlap and _can_fork() else None)
+    pending = (ChildProcess(_radiomics, ct, labels, records, options, workers=options.radiomics_workers or 1)
+               if extract and overlap and can_fork() else None)
     try:
         filtered = ct
         if options.wiener:
@@ -316,33 +350,7 @@ def _analyse_pass(
     finally:
         if pending is not None:
             pending.close()
-
-    progress(0.8, "classification")
-    with timer.stage("classification"):
-        classification = _classify(filtered, labels, records, options, features)
-        patient_probability = classification.patient_probability
-    warnings += classification.warnings
-    cancel.check()
-
-    if not records:
-        warnings.append("no vertebrae found in the field of view")
-    implausible = [r.level for r in records if r.implausible]
-    if implausible:
-        warnings.append(
-            f"{len(implausible)} of {len(records)} segments are not plausible vertebral bodies ({', '.join(implausible)}): "
-            "not graded; correct them (Slicer: Edit segments, then Recompute) or give --labels"
-        )
-    called = bool(not math.isnan(patient_probability) and patient_probability >= classification.threshold)
-    reasons = review_reasons(quality, n_vertebrae=len(records),
-                             n_scored=sum(not math.isnan(r.fracture_probability) for r in records),
-                             classifier_saturated=classification.saturated, called_fractured=called,
-                             classifier_reasons=classification.review_reasons
-                             + unresolved_calls(records, slice_along_s(ct), classification.threshold))
-    fractured = None if reasons else called
-    progress(0.9, "analysis done")
-    return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels,
-                          review_reasons=reasons, quality_flags=quality.flags, level_confidence=level_confidence,
-                          radiomics=features, naming=naming, extra={"fracture_threshold": classification.threshold})
+    return filtered, quality, features
 
 
 def classifier_region(ct: Volume, labels: Volume) -> tuple[slice, slice, slice] | None:
@@ -460,11 +468,11 @@ def run_pipeline(
 
     with _atomic_output_dir(out_dir) as tmp:
         helpers = []
-        if dicom_import is not None and options.overlap and _can_fork():
+        if dicom_import is not None and options.overlap and can_fork():
             # ct.nii.gz needs nothing but the import: a child at a low priority writes it (zlib, 1.5 s CPU on a
             # 512x512x275 CT) on the cycles the analysis leaves idle (segmentation much of its time); another child
             # prepares the DICOM SEG meanwhile and writes it later (see write_outputs)
-            helpers = [_Child(_write_import_file_idle, dicom_import, tmp), _Child(_prepare_dicom_seg, dicom_import)]
+            helpers = [ChildProcess(_write_import_file_idle, dicom_import, tmp), ChildProcess(_prepare_dicom_seg, dicom_import)]
         try:
             result = analyse(ct, labels, options=options, progress=progress, cancel=cancel, timer=timer,
                              source=input_path, labels_source=labels_path or "label map", overlap=options.overlap)
@@ -490,7 +498,7 @@ def run_pipeline(
 
 
 def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import=None,
-                  helpers: Sequence[_Child] = ()) -> None:
+                  helpers: Sequence[ChildProcess] = ()) -> None:
     """Write every output of the contract except ``result.json`` into ``out``.
 
     The compressed volume files are written in background threads (zlib and ITK's writers release the GIL). The
@@ -583,106 +591,6 @@ def _write_dicom_seg(labels: Volume, records: list[VertebraRecord], dicom_import
         raise RuntimeError("the output helper process ended before it wrote segmentation.dcm")
     write_dicom_seg(labels, records, headers, path, warnings=warnings)
     return warnings
-
-
-def _can_fork() -> bool:
-    """Whether this process may fork workers that inherit its memory: Linux, not inside 3D Slicer's application (Qt
-    and VTK do not survive a fork), not a daemonic process (e.g. a Dask worker; those may not have children), and
-    no other Python thread (the child would inherit its locks mid-work) but tqdm's monitor, which the command line's
-    progress bar starts: it only sleeps between looks at the bar's refresh rate, and the children draw no progress.
-    The children run no torch or OpenMP code."""
-    import multiprocessing
-    import sys
-    import threading
-
-    others = [t for t in threading.enumerate() if t is not threading.current_thread() and t.name != "tqdm_monitor"]
-    return (sys.platform.startswith("linux") and "slicer" not in sys.modules
-            and not Path(sys.executable).name.lower().startswith("slicer")
-            and not multiprocessing.current_process().daemon and not others)
-
-
-class _Child:
-    """A forked child process that runs ``fn(*args, **kwargs)`` at once on what it inherits (nothing large is copied or
-    pickled), then the later calls sent by :meth:`call` (their arguments pickled), one after another.
-
-    :meth:`result` returns the next result, in call order, or re-raises the child's exception (only return values,
-    exceptions and later calls' arguments are pickled). A child that dies without an answer (killed, crashed) leaves
-    its remaining calls to this process. :meth:`close` ends the child (at once if it is still busy: an error or cancel
-    in this process).
-    """
-
-    def __init__(self, fn, *args, **kwargs) -> None:
-        import multiprocessing
-
-        self._calls = deque([(fn, args, kwargs)])
-        ctx = multiprocessing.get_context("fork")
-        self._conn, child_end = ctx.Pipe()
-        self._proc = ctx.Process(target=_child_main, args=(child_end, fn, args, kwargs))
-        self._proc.start()
-        child_end.close()
-
-    def call(self, fn, *args, **kwargs) -> None:
-        """Queue ``fn(*args, **kwargs)`` after the calls before it; :meth:`result` returns its value in turn."""
-        self._calls.append((fn, args, kwargs))
-        if self._proc is not None:
-            try:
-                self._conn.send((fn, args, kwargs))
-            except OSError:  # the child is gone: the call runs here
-                self._end()
-
-    def result(self):
-        fn, args, kwargs = self._calls.popleft()
-        answer = None
-        if self._proc is not None:
-            try:
-                answer = self._conn.recv()
-            except (EOFError, OSError):  # the child died without an answer: this call and the rest run here
-                self._end()
-        if answer is None:
-            return fn(*args, **kwargs)
-        ok, value, versions_seen = answer
-        _CHILD_VERSIONS.update(versions_seen)
-        if not ok:
-            raise value
-        return value
-
-    def close(self) -> None:
-        if self._proc is None:
-            return
-        if not self._calls:
-            try:
-                self._conn.send(None)  # done: the child returns
-            except OSError:
-                pass
-        self._end()
-
-    def _end(self) -> None:
-        if self._calls and self._proc.is_alive():
-            self._proc.terminate()
-        self._proc.join()
-        self._conn.close()
-        self._proc = None
-
-
-def _child_main(conn, fn, args, kwargs) -> None:
-    """Body of a :class:`_Child`: answer each call with ``(ok, value or exception, versions)`` until told to stop."""
-    import sys
-
-    while True:
-        try:
-            ok, value = True, fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - the parent re-raises it
-            ok, value = False, exc
-        seen = {name: str(getattr(sys.modules[name], "__version__", "unknown"))
-                for name in _VERSIONED if name in sys.modules}
-        conn.send((ok, value, seen))
-        try:
-            message = conn.recv()
-        except EOFError:  # the parent is gone
-            return
-        if message is None:
-            return
-        fn, args, kwargs = message
 
 
 @contextmanager
