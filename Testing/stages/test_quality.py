@@ -158,8 +158,8 @@ def test_review_reasons():
                                                            classifier_saturated=False)[0]
 
 
-def test_a_fracture_call_the_slices_do_not_resolve_goes_to_review():
-    """A 25 % loss on a 24 mm body is resolved on 1.5 mm slices (+-3 %) but not on 4.25 mm ones (+-9 %); one resolved
+def test_a_fracture_call_the_voxels_do_not_resolve_goes_to_review():
+    """A 30 % loss on a 24 mm body is resolved at 1.5 mm (+-6 %) but not on 4.25 mm slices (+-18 %); one resolved
     call among unresolved ones keeps the case called; vertebrae below the threshold do not count."""
     from VertebralFractureLib.stages.quality import unresolved_calls
 
@@ -167,10 +167,11 @@ def test_a_fracture_call_the_slices_do_not_resolve_goes_to_review():
         return VertebraRecord(label=LEVEL_IDS[level], level=level, height_posterior_mm=24.0, expected_height_mm=24.0,
                               height_loss_ratio=loss, fracture_probability=p)
 
-    l5 = rec("L5", 0.25, 0.6)
+    l5 = rec("L5", 0.30, 0.9)
     assert unresolved_calls([l5, rec("L4", 0.05, 0.01)], 1.5, 0.5) == []
     reason = unresolved_calls([l5, rec("L4", 0.05, 0.01)], 4.25, 0.5)
-    assert len(reason) == 1 and "L5 (25% height loss, +-9% on 4.2 mm slices)" in reason[0] and "L4" not in reason[0]
+    assert len(reason) == 1 and "L5 (30% height loss, +-18% at 4.2 mm)" in reason[0] and "L4" not in reason[0]
+    assert unresolved_calls([rec("T12", 0.24, 0.7)], 1.5, 0.5)  # a mild grade 2 at 1.5 mm: within a voxel
     assert unresolved_calls([l5, rec("L2", 0.45, 0.99)], 4.25, 0.5) == []  # L2's grade 3 stands on any slices
     # a call without a measured loss (the CNN alone) is not resolved by morphometry
     cnn_only = rec("T2", math.nan, 0.7)

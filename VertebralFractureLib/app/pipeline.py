@@ -186,6 +186,13 @@ def slice_along_s(ct: Volume) -> float:
     return float(ct.spacing[::-1][axis])
 
 
+def segmentation_grid_mm(options: PipelineOptions) -> float:
+    """The working grid spacing (mm) the automatic segmentation draws its boundaries on."""
+    from VertebralFractureLib.stages.segmentation.inference import FAST_SPACING_MM, WORK_SPACING_MM
+
+    return FAST_SPACING_MM if options.fast else WORK_SPACING_MM
+
+
 #: said when a ``--fast`` triage pass is redone at full resolution (:func:`analyse`)
 FAST_TRIAGE_WARNING = ("the 3 mm pass of --fast did not find this case normal ({what}); it was analysed again at "
                        "full resolution, and these results are that analysis's")
@@ -262,7 +269,8 @@ def _analyse_pass(
 
     level_confidence = None  # the user's label map names its levels
     naming = None
-    if labels is None:
+    automatic = labels is None
+    if automatic:
         progress(0.2, "segmentation")
         with timer.stage("segmentation"):
             # the U-Net was trained on unfiltered CT (with its own noise augmentation): the Wiener filter
@@ -297,11 +305,13 @@ def _analyse_pass(
             "not graded; correct them (Slicer: Edit segments, then Recompute) or give --labels"
         )
     called = bool(not math.isnan(patient_probability) and patient_probability >= classification.threshold)
+    # heights are measured on the label map: the user's at the CT's slices, ours from the segmentation's grid
+    resolution = max(slice_along_s(ct), segmentation_grid_mm(options)) if automatic else slice_along_s(ct)
     reasons = review_reasons(quality, n_vertebrae=len(records),
                              n_scored=sum(not math.isnan(r.fracture_probability) for r in records),
                              classifier_saturated=classification.saturated, called_fractured=called,
                              classifier_reasons=classification.review_reasons
-                             + unresolved_calls(records, slice_along_s(ct), classification.threshold))
+                             + unresolved_calls(records, resolution, classification.threshold))
     fractured = None if reasons else called
     progress(0.9, "analysis done")
     return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels,

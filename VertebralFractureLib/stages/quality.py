@@ -274,15 +274,16 @@ def review_reasons(quality: CaseQuality, *, n_vertebrae: int, n_scored: int, cla
 MILD_LOSS = GENANT_THRESHOLDS[0]
 
 
-def unresolved_calls(records: list[VertebraRecord], slice_mm: float, threshold: float) -> list[str]:
-    """Review sentence (or none) for a fracture call that rests on height differences the slices do not resolve.
+def unresolved_calls(records: list[VertebraRecord], resolution_mm: float, threshold: float) -> list[str]:
+    """Review sentence (or none) for a fracture call that rests on height differences the voxels do not resolve.
 
-    Each endplate's position is known to about half a slice along the spine, so a measured height loss is
-    uncertain by about ``0.5 * slice_mm / height`` (4.25 mm slices, a 24 mm body: 0.09). A vertebra called fractured
-    (probability >= ``threshold``) whose loss minus that uncertainty stays below Genant's grade-1 threshold
-    (:data:`MILD_LOSS`), or that has no measured loss, is not a resolved call; when no called vertebra is resolved
-    the case goes to review instead of being called fractured. ``slice_mm``: the CT's spacing along its axis
-    nearest to the patient's S axis.
+    Each endplate's position is known to about half a voxel along the spine, so a measured height may be off by up
+    to one voxel and a height loss by about ``resolution_mm / height`` (1.5 mm over a 20 mm body: 0.075; 4.25 mm
+    slices over 24 mm: 0.18). A vertebra called fractured (probability >= ``threshold``) whose loss minus that stays
+    below Genant's grade-1 threshold (:data:`MILD_LOSS`), or that has no measured loss, is not a resolved call;
+    when no called vertebra is resolved the case goes to review instead of being called fractured (grade 1, and
+    grade 2 near its lower bound, is where readers agree least too). ``resolution_mm``: the slice spacing along
+    the spine, or the segmentation's working grid where that is coarser (automatic segmentation).
     """
     called = [r for r in records if math.isfinite(r.fracture_probability) and r.fracture_probability >= threshold]
     unresolved = []
@@ -292,11 +293,11 @@ def unresolved_calls(records: list[VertebraRecord], slice_mm: float, threshold: 
         if not (math.isfinite(loss) and math.isfinite(height) and height > 0):
             unresolved.append(f"{r.level} (no measured height loss)")
             continue
-        margin = 0.5 * slice_mm / height
+        margin = resolution_mm / height
         if loss - margin >= MILD_LOSS:
             return []
-        unresolved.append(f"{r.level} ({loss:.0%} height loss, +-{margin:.0%} on {slice_mm:.1f} mm slices)")
+        unresolved.append(f"{r.level} ({loss:.0%} height loss, +-{margin:.0%} at {resolution_mm:.1f} mm)")
     if not unresolved:
         return []
-    return [f"The fracture call rests on height differences the slices do not resolve: {', '.join(unresolved)}; "
+    return [f"The fracture call rests on height differences the voxels do not resolve: {', '.join(unresolved)}; "
             "check these vertebrae by eye (thin-slice reconstructions if available)."]
