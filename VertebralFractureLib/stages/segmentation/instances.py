@@ -283,7 +283,7 @@ def extract_instances(
     remap = np.zeros(count + 1, np.int32)
     remap[order + 1] = np.arange(1, count + 1)
     out = remap[out]
-    partial = _partial(out, count, fov)
+    partial = partial_instances(out, count, fov)
     return Instances(out, count, partial, warnings)
 
 
@@ -525,7 +525,7 @@ def _merge_fragments(out: np.ndarray, spacing_mm: float, typical_ml: float) -> n
     return lut[out]
 
 
-def _partial(labels: np.ndarray, count: int, fov: np.ndarray | None) -> list[int]:
+def partial_instances(labels: np.ndarray, count: int, fov: np.ndarray | None) -> list[int]:
     """Instances touching the edge of the field of view (or of the array)."""
     if fov is None:
         edge = np.zeros(labels.shape, bool)

@@ -33,7 +33,7 @@ from VertebralFractureLib.stages.segmentation.disc_energy import (
     segment_crossings,
 )
 from VertebralFractureLib.stages.segmentation.discs import component_stats, seeded_watershed
-from VertebralFractureLib.stages.segmentation.instances import Instances, _partial
+from VertebralFractureLib.stages.segmentation.instances import Instances, partial_instances
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def recut_instances(inst: Instances, hu: np.ndarray, spacing_mm: float, *, slice
     if labels is inst.labels:
         return inst
     count = int(labels.max())
-    return Instances(labels, count, _partial(labels, count, fov), list(inst.warnings))
+    return Instances(labels, count, partial_instances(labels, count, fov), list(inst.warnings))
 
 
 def recut_at_discs(labels: np.ndarray, hu: np.ndarray, spacing_mm: float) -> np.ndarray:
