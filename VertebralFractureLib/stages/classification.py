@@ -442,9 +442,10 @@ def _not_scored(record: VertebraRecord) -> bool:
 def _fuse(fusion: FusionModel, records: list[VertebraRecord], radiomics: dict[int, dict[str, float]] | None,
           result: Classification) -> None:
     result.threshold = fusion.threshold
-    if radiomics is None:
-        result.warnings.append("radiomics not available: fracture probability fused from the CNN and morphometry only, "
-                               "without the out-of-distribution check")
+    if radiomics is None and any(not _not_scored(r) for r in records):
+        uses = fusion.stack.coef[1] != 0.0  # the stacker weighs the radiomics score
+        result.warnings.append("radiomics not available: " + ("fracture probability fused without them and " if uses
+                                                              else "") + "no out-of-distribution check")
     far = []
     for record in records:
         if _not_scored(record):
