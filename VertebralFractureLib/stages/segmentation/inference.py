@@ -8,8 +8,9 @@ Steps of :func:`segment_vertebrae`:
    (:func:`bone_tiled_inference`), giving a vertebra-bone probability;
 3. connected components, split of touching vertebrae and removal of small pieces; an instance that is an arch
    without its body gets the bone in front of it (:mod:`.bodies`: the network missed the body), then each
-   vertebra is grown by up to 3 mm into cortex the network missed (:mod:`.instances`), and the boundary between
-   each two touching bodies moved onto the disc between them (:mod:`.disc_boundaries`);
+   vertebra is grown by up to 3 mm into cortex the network missed (:mod:`.instances`), the boundary between
+   each two touching bodies moved onto the disc between them (:mod:`.disc_boundaries`), and a run of segments
+   whose boundaries fall mid-body cut again at the discs found on the CT (:mod:`.recut`);
 4. VerSe level names from the order along the spine and anatomical anchors (:mod:`.labelling`);
 5. labels back onto the input grid with the input's geometry.
 
