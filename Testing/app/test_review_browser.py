@@ -158,6 +158,14 @@ def _wait_voxels(page, level: str, before: int, direction: int) -> int:
     return _voxels(page, level)
 
 
+def _use_effect(page, name: str) -> None:
+    """Click an editor effect's button and wait until the server runs it (a stroke before that would use the
+    previous effect)."""
+    page.locator(f"#vf-effect-{name}").click()
+    page.wait_for_function(f"() => document.querySelector('#vf-effect-active').textContent.trim() === '{name}'",
+                           timeout=30_000)
+
+
 def _stroke(page, view_index: int = 0) -> None:
     """Drag the mouse from the centre of a view (0: axial) towards its right side."""
     box = page.locator("#vf-views img").nth(view_index).bounding_box()
@@ -212,24 +220,24 @@ def test_correct_recompute_and_approve_a_case(server, batch_out, page):
     page.locator(".vf-row[data-level='L2']").click()
     _wait_message(page, "centred on L2")
     before = _voxels(page, "L2")
-    page.locator("#vf-effect-paint").click()
+    _use_effect(page, "paint")
     _stroke(page)
     painted = _wait_voxels(page, "L2", before, +1)
     assert painted > before, "painting beside L2 must add voxels to L2"
     assert "edited" in page.locator("#vf-summary").inner_text()
 
-    page.locator("#vf-effect-erase").click()
+    _use_effect(page, "erase")
     _stroke(page)
     erased = _wait_voxels(page, "L2", painted, -1)
     assert erased < painted, "erasing the same stroke must remove voxels from L2"
 
     # Scissors (erase inside, through every slice) around the centre of L2's body
-    page.locator("#vf-effect-scissors").click()
+    _use_effect(page, "scissors")
     _polygon(page)
     cut = _wait_voxels(page, "L2", erased, -1)
     assert cut < erased, "a Scissors outline over L2 must remove voxels from L2"
     # L2's posterior box is a second island: keeping the largest one removes it
-    page.locator("#vf-effect-islands").click()
+    _use_effect(page, "islands")
     page.locator("#vf-islands").click()
     kept = _wait_voxels(page, "L2", cut, -1)
     assert 0 < kept < cut, "keeping the largest island of L2 must drop its posterior island"

@@ -165,6 +165,7 @@ class ReviewApp:
         s.trame__title = "Vertebral fracture review"
         s.vf_filter, s.vf_review_filter, s.vf_case, s.vf_note, s.vf_message, s.vf_error = "", "all", "", "", "", ""
         s.vf_summary, s.vf_rows, s.vf_effect, s.vf_brush, s.vf_busy = {}, [], "none", 8.0, False
+        s.vf_effect_active = "none"  # the effect the editor runs (vf_effect is the button, ahead of the server)
         s.vf_active_segment, s.vf_rename_level, s.vf_review = "", "", ""
         self._publish_worklist()
         s.change("vf_filter", "vf_review_filter")(lambda **_: self._publish_worklist())
@@ -351,6 +352,7 @@ class ReviewApp:
         effect = self.editor.set_active_effect_type(_effect_types()[name])
         if name in ("paint", "erase") and effect is not None:
             self._set_brush(self.state.vf_brush)
+        self.state.vf_effect_active = name
 
     def _set_brush(self, percent: float) -> None:
         from trame_slicer.segmentation import AbstractSegmentationEffectBrush, BrushDiameterMode
@@ -444,6 +446,7 @@ class ReviewApp:
             with v.VBtnToggle(v_model=("vf_effect",), mandatory=True, density="compact", id="vf-effects"):
                 for name in EFFECTS:
                     v.VBtn(name.capitalize(), value=name, id=f"vf-effect-{name}", size="small")
+            html.Span("{{ vf_effect_active }}", id="vf-effect-active", style="display: none")
             v.VSlider(v_model=("vf_brush",), min=1, max=30, step=1, label="Brush %", density="compact",
                       hide_details=True, v_if=("vf_effect === 'paint' || vf_effect === 'erase'",))
             v.VBtn("Keep largest island", click="trigger('vf_islands')", size="small", id="vf-islands",
