@@ -226,13 +226,13 @@ def test_fast_is_a_triage_redone_at_full_resolution_when_not_normal():
     """``--fast`` without labels: a case whose 3 mm pass is not normal (called fractured or sent to review) is
     analysed again at full resolution and that result returned, with a warning; a normal one keeps the 3 mm result.
     On the bundled demo CT (normal; 14 vertebrae C7..L1 in the default run)."""
-    from VertebralFractureLib.app.pipeline import FAST_TRIAGE_WARNING, _analyse_pass, analyse
+    from VertebralFractureLib.app.pipeline import FAST_TRIAGE_WARNING, _analyse_pass, _Timer, analyse
     from VertebralFractureLib.core.resources import demo_ct_path
     from VertebralFractureLib.io.reading import read_volume
 
     ct = read_volume(demo_ct_path())
     options = PipelineOptions(fast=True, radiomics=False)
-    triage = _analyse_pass(ct, options=options)
+    triage = _analyse_pass(ct, None, options, lambda *_: None, CancelToken(), _Timer(), "demo CT", "label map", False)
     result = analyse(ct, options=options)
     redone = triage.fractured is not False
     assert any(w.startswith(FAST_TRIAGE_WARNING.split("{")[0]) for w in result.warnings) == redone

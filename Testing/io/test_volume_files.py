@@ -72,3 +72,13 @@ def test_fast_gzip_writes_the_same_nifti(tmp_path):
     assert gzip.decompress(fast.read_bytes()) == gzip.decompress(itk.read_bytes())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fast.nii.gz", "itk.nii.gz"]
     np.testing.assert_array_equal(read_volume(fast, check=False).array, vol.array)
+
+
+def test_spacing_along_s_follows_the_axis_nearest_to_superior():
+    """Axial (k along S): the third spacing; a sagittal stack whose i axis runs along S: the first."""
+    axial = Volume(np.zeros((4, 5, 6), np.int16), (0.7, 0.8, 2.5))
+    assert axial.spacing_along_s() == 2.5
+    # i along S, j along P, k along L
+    sagittal = Volume(np.zeros((4, 5, 6), np.int16), (1.2, 0.9, 0.6), direction=np.array([[0, 0, 1], [0, 1, 0],
+                                                                                          [1, 0, 0]], float))
+    assert sagittal.spacing_along_s() == 1.2

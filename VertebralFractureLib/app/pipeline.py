@@ -179,13 +179,6 @@ class _Timer:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
 
-def slice_along_s(ct: Volume) -> float:
-    """The CT's voxel spacing (mm) along its array axis nearest to the patient's superior axis (the slice
-    spacing of an axial scan)."""
-    axis = int(np.argmax(np.abs(ct.axis_lps()[:, 2])))  # array axes z, y, x
-    return float(ct.spacing[::-1][axis])
-
-
 def segmentation_grid_mm(options: PipelineOptions) -> float:
     """The working grid spacing (mm) the automatic segmentation draws its boundaries on."""
     from VertebralFractureLib.stages.segmentation.inference import FAST_SPACING_MM, WORK_SPACING_MM
@@ -216,33 +209,7 @@ def analyse(
     With ``options.fast`` and no ``labels`` the 3 mm pass is a triage: segment boundaries on the 3 mm grid are
     too coarse to grade heights by (on the demo CT it graded six normal vertebrae 1-2), so a case it does not
     find normal (called fractured, or sent to review) is analysed again at full resolution and that result is
-    returned, with :data:`FAST_TRIAGE_WARNING`. Arguments as :func:`_analyse_pass`.
-    """
-    options = options or PipelineOptions()
-    timer = timer or _Timer()
-    kw: dict[str, Any] = {"progress": progress, "cancel": cancel, "timer": timer, "source": source,
-                          "labels_source": labels_source, "overlap": overlap}
-    result = _analyse_pass(ct, labels, options=options, **kw)
-    if options.fast and labels is None and result.fractured is not False:
-        what = "called fractured" if result.fractured else "sent to review"
-        result = _analyse_pass(ct, None, options=replace(options, fast=False), **kw)
-        result.warnings.insert(0, FAST_TRIAGE_WARNING.format(what=what))
-    return result
-
-
-def _analyse_pass(
-    ct: Volume,
-    labels: Volume | None = None,
-    *,
-    options: PipelineOptions,
-    progress: ProgressCallback = no_progress,
-    cancel: CancelToken | None = None,
-    timer: _Timer | None = None,
-    source: str | Path = "input CT",
-    labels_source: str | Path = "label map",
-    overlap: bool = False,
-) -> PipelineResult:
-    """One analysis of ``ct`` at ``options``' resolution (see :func:`analyse`).
+    returned, with :data:`FAST_TRIAGE_WARNING`.
 
     Args:
         ct: CT in HU on its own geometry.
@@ -255,10 +222,22 @@ def _analyse_pass(
     Raises:
         InputError: CT fails validation or ``labels`` does not fit ``ct``.
     """
+    options = options or PipelineOptions()
+    context = (progress, cancel or CancelToken(), timer or _Timer(), source, labels_source, overlap)
+    result = _analyse_pass(ct, labels, options, *context)
+    if options.fast and labels is None and result.fractured is not False:
+        what = "called fractured" if result.fractured else "sent to review"
+        result = _analyse_pass(ct, None, replace(options, fast=False), *context)
+        result.warnings.insert(0, FAST_TRIAGE_WARNING.format(what=what))
+    return result
+
+
+def _analyse_pass(ct: Volume, labels: Volume | None, options: PipelineOptions, progress: ProgressCallback,
+                  cancel: CancelToken, timer: _Timer, source: str | Path, labels_source: str | Path,
+                  overlap: bool) -> PipelineResult:
+    """One analysis of ``ct`` at ``options``' resolution (arguments as :func:`analyse`, all given)."""
     from VertebralFractureLib.io.validation import check_ct, check_labels
 
-    cancel = cancel or CancelToken()
-    timer = timer or _Timer()
     warnings: list[str] = []
 
     with timer.stage("validation"):
@@ -306,7 +285,7 @@ def _analyse_pass(
         )
     called = bool(not math.isnan(patient_probability) and patient_probability >= classification.threshold)
     # heights are measured on the label map: the user's at the CT's slices, ours from the segmentation's grid
-    resolution = max(slice_along_s(ct), segmentation_grid_mm(options)) if automatic else slice_along_s(ct)
+    resolution = max(ct.spacing_along_s(), segmentation_grid_mm(options)) if automatic else ct.spacing_along_s()
     reasons = review_reasons(quality, n_vertebrae=len(records),
                              n_scored=sum(not math.isnan(r.fracture_probability) for r in records),
                              classifier_saturated=classification.saturated, called_fractured=called,
@@ -592,7 +571,7 @@ def _prepare_dicom_seg(dicom_import) -> None:
 
 def _write_dicom_seg(labels: Volume, records: list[VertebraRecord], dicom_import, path: Path) -> list[str]:
     """``segmentation.dcm`` on the import's de-identified per-slice headers (original ones when deidentify is off,
-    for PACS round trips; ``dicom_import`` None: those :func:`_prepare_outputs` made); returns the warnings it adds."""
+    for PACS round trips; ``dicom_import`` None: those :func:`_prepare_dicom_seg` made); returns the warnings it adds."""
     from VertebralFractureLib.outputs.segmentation_files import write_dicom_seg
 
     warnings: list[str] = []

@@ -79,6 +79,11 @@ class Volume:
         """For each array axis (z, y, x order) the LPS unit vector it runs along, shape (3, 3)."""
         return self.direction.T[::-1]
 
+    def spacing_along_s(self) -> float:
+        """The voxel spacing (mm) along the array axis nearest to the patient's superior axis (an axial scan's
+        slice spacing)."""
+        return float(self.spacing[::-1][int(np.argmax(np.abs(self.axis_lps()[:, 2])))])
+
     def with_array(self, array: np.ndarray) -> Volume:
         """A new volume with another array of the same shape on this geometry."""
         if array.shape[-3:] != self.array.shape[-3:]:

@@ -21,10 +21,12 @@ texture was taken for a disc).
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from VertebralFractureLib.core.volume import Volume, resample_to
 from VertebralFractureLib.stages.segmentation.disc_energy import (
     EXTEND_MM,
+    MAX_SLICE_MM,
     MIN_ENERGY_RATIO,
     MIN_VERTEBRAE,
     DiscCrossing,
@@ -32,25 +34,23 @@ from VertebralFractureLib.stages.segmentation.disc_energy import (
     min_body_voxels,
     segment_crossings,
 )
+from VertebralFractureLib.stages.segmentation.inference import WORK_SPACING_MM, canonical_grid
 
-GRID_MM = 1.5  #: working grid (the segmentation network's)
-MAX_SLICE_MM = 3.0  #: thicker slices do not resolve the discs: no check
+GRID_MM = WORK_SPACING_MM  #: the segmentation network's working grid
 SKIPPED_LABELS = (1, 2)  #: C1 (no body) and C2 (the dens's base)
 
 
 def _canonical(ct: Volume, labels: Volume) -> tuple[np.ndarray, np.ndarray] | None:
     """(HU float32, labels uint8) of the labels' box (3 voxels margin, ``EXTEND_MM`` more along S) on an
     axis-aligned ``GRID_MM`` grid."""
-    from VertebralFractureLib.stages.segmentation.inference import canonical_grid
-
-    idx = np.argwhere(labels.array > 0)
-    if idx.size == 0:
+    found = ndi.find_objects((labels.array > 0).view(np.uint8))  # the box, without listing every voxel
+    if not found:
         return None
     # (k, j, i) voxels: 3 everywhere, and room for the profile's extension along the patient's axis (S)
     reach = 3.0 * np.asarray(labels.spacing[::-1]) + EXTEND_MM * np.abs(labels.axis_lps()[:, 2])
     margin = np.ceil(reach / np.asarray(labels.spacing[::-1])).astype(int)
-    lo = np.maximum(idx.min(axis=0) - margin, 0)
-    hi = np.minimum(idx.max(axis=0) + margin + 1, labels.array.shape)
+    lo = np.maximum(np.array([sl.start for sl in found[0]]) - margin, 0)
+    hi = np.minimum(np.array([sl.stop for sl in found[0]]) + margin, labels.array.shape)
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
     origin = tuple(labels.index_to_lps(lo[::-1].astype(float)))
 

@@ -42,6 +42,14 @@ def labels_craniocaudal(labels: np.ndarray) -> tuple[np.ndarray, list[int]]:
     return counts, ids
 
 
+def renumber_craniocaudal(labels: np.ndarray) -> np.ndarray:
+    """``labels`` renumbered 1..m by centroid, most cranial (largest z) first; absent ids dropped."""
+    counts, ids = labels_craniocaudal(labels)
+    remap = np.zeros(len(counts), np.int32)
+    remap[ids] = np.arange(1, len(ids) + 1)
+    return remap[labels]
+
+
 def body_cores(sub: np.ndarray, group: list[int], spacing_mm: float, check: int) -> tuple[np.ndarray, bool]:
     """Each label's body in ``sub`` (labels ``group``): the biggest piece of its voxels at least
     :data:`CORE_MM` inside (laminae and spinous processes are thinner), 0.3 ml or more. Also: does label

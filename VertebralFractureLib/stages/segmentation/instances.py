@@ -28,6 +28,7 @@ from VertebralFractureLib.stages.segmentation.discs import (
     body_cores,
     component_stats,
     connected_components,
+    renumber_craniocaudal,
     seeded_watershed,
     spine_coordinate,
     split_at_discs,
@@ -277,12 +278,7 @@ def extract_instances(
     count = int(out.max())
     if count == 0:
         return Instances(out, 0, [], warnings)
-    # number craniocaudally: canonical z increases towards superior, so the most cranial has the largest z
-    cents = component_stats(out)[1][1 : count + 1]
-    order = np.argsort(-cents[:, 0])
-    remap = np.zeros(count + 1, np.int32)
-    remap[order + 1] = np.arange(1, count + 1)
-    out = remap[out]
+    out = renumber_craniocaudal(out)  # canonical z increases towards superior: the most cranial has the largest z
     partial = partial_instances(out, count, fov)
     return Instances(out, count, partial, warnings)
 

@@ -25,6 +25,7 @@ from scipy import ndimage as ndi
 from VertebralFractureLib.stages.segmentation.disc_energy import (
     BODY_RADIUS_MM,
     EXTEND_MM,
+    MAX_SLICE_MM,
     MIN_ENERGY_RATIO,
     MIN_VERTEBRAE,
     ColumnDiscs,
@@ -32,13 +33,12 @@ from VertebralFractureLib.stages.segmentation.disc_energy import (
     min_body_voxels,
     segment_crossings,
 )
-from VertebralFractureLib.stages.segmentation.discs import component_stats, seeded_watershed
+from VertebralFractureLib.stages.segmentation.discs import renumber_craniocaudal, seeded_watershed
 from VertebralFractureLib.stages.segmentation.instances import Instances, partial_instances
 
 log = logging.getLogger(__name__)
 
 MAX_GRID_MM = 2.0  #: coarser working grids (``--fast``, 3 mm) do not resolve the discs: no re-cut
-MAX_SLICE_MM = 3.0  #: nor do CTs with thicker slices (as the quality flag)
 SHARE = 0.15  #: two segments share a body when each has at least this share of its body between the same discs
 DISC_TOL_MM = 2.0  #: body voxels this close to a disc count on neither side when shares are measured
 SPACING_RANGE = (0.65, 1.45)  #: the discs of a re-cut run: consecutive ones this many column periods apart
@@ -92,7 +92,7 @@ def recut_at_discs(labels: np.ndarray, hu: np.ndarray, spacing_mm: float) -> np.
         return labels
     out = labels.copy()
     out[box] = new
-    return _craniocaudal(out)
+    return renumber_craniocaudal(out)
 
 
 def _recut(lab: np.ndarray, col: ColumnDiscs, crossed: set[int], spacing_mm: float) -> np.ndarray | None:
@@ -218,12 +218,3 @@ def _inconsistent(run: set[int], share: dict[int, np.ndarray], size: np.ndarray,
         return set(run)
     return set()
 
-
-def _craniocaudal(labels: np.ndarray) -> np.ndarray:
-    """``labels`` renumbered 1..m by centroid, most cranial (largest z) first; empty ids dropped."""
-    counts, cents = component_stats(labels)
-    ids = [i for i in range(1, len(counts)) if counts[i] > 0]
-    ids.sort(key=lambda i: -cents[i][0])
-    remap = np.zeros(len(counts), np.int32)
-    remap[ids] = np.arange(1, len(ids) + 1)
-    return remap[labels]
