@@ -312,6 +312,8 @@ def _add_train_classifier(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", type=Path, help="classifier folder to fine-tune from (with --real-labels)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3; 5e-4 suits fine-tuning)")
     p.add_argument("--workers", type=int, default=1, help="processes building the training data")
+    p.add_argument("--auto-negatives", action="store_true", help="also the automatic segmentation's segments of the "
+                   "real CTs as negatives (with --real-labels; the held-out numbers stay on the checked labels)")
     p.add_argument("--model", default="customcnn", help="architecture (customcnn, mobilenetv3, efficientnet-b1, vgg16, resnet50v2)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--test-fraction", type=float, default=0.2, help="patients held out for the card's metrics")
@@ -362,7 +364,8 @@ def _train_realct_classifier(args: argparse.Namespace) -> int:
                          **({"lr": args.lr} if args.lr else {}))
     card = train_realct_classifier(cases, args.output, folds=args.folds, config=config, n_phantoms=args.phantoms,
                                    fractures_per_vertebra=args.fractures_per_vertebra, compare_with=args.compare_with,
-                                   init_from=args.init, workers=args.workers, progress=_progress_for(args))
+                                   init_from=args.init, workers=args.workers, progress=_progress_for(args),
+                                   auto_negatives=args.auto_negatives)
     if not args.quiet:
         held = card["metrics"]["held_out"]
         print(f"held-out patients: vertebra ROC-AUC {held['per_vertebra']['roc_auc']:.3f}, patient ROC-AUC "

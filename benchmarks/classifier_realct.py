@@ -8,7 +8,9 @@ Targets (issue 16): with the checked labels every vertebra's probability < 0.5, 
 
 These CTs are also the classifier's training negatives, so `run` on them is in-sample. The honest estimate for
 an unseen patient is the held-out one: each case's vertebrae as predicted by the fold models that never saw it
-(``training_report.json`` of the model folder), listed beside it as ``held_out``.
+(``training_report.json`` of the model folder), listed beside it as ``held_out``. A model trained with
+``--auto-negatives`` has also seen these CTs' automatic segments, so `run` without labels is in-sample as well; their
+held-out probabilities are listed as ``held_out_auto``.
 Writes benchmarks/results/classifier_realct.json and .md.
 """
 
@@ -63,13 +65,14 @@ def run_case(ct: Path, out: Path, labels: Path | None) -> dict:
     return {**_summary(result), "seconds": round(time.perf_counter() - start, 1)}
 
 
-def held_out(report_path: Path, threshold: float) -> dict:
+def held_out(report_path: Path, threshold: float, source: str = "real") -> dict:
     """Per real case, the held-out fused probabilities of its (unfractured) vertebrae from the training report:
-    maximum, how many reach 0.5 and the patient ``threshold``."""
+    maximum, how many reach 0.5 and the patient ``threshold``; ``source`` ``"real"``: the checked labels'
+    vertebrae, ``"auto"``: the automatic segmentation's segments (a model trained with --auto-negatives)."""
     rep = json.loads(report_path.read_text())
     out: dict[str, dict] = {}
     for g, y, src, p in zip(rep["group"], rep["y"], rep["source"], rep["p_fused_held_out"], strict=True):
-        if src == "real" and y == 0:
+        if src == source and y == 0:
             out.setdefault(g, {"max_p": 0.0, "vertebrae_ge_0_5": 0, "vertebrae_ge_threshold": 0, "n": 0})
             c = out[g]
             c["max_p"], c["n"] = max(c["max_p"], round(p, 4)), c["n"] + 1
@@ -105,6 +108,9 @@ def main() -> None:
             payload["demo"] = run_case(demo_ct_path(), Path(tmp) / "demo", None)
     if (MODEL_DIR / "training_report.json").is_file():
         payload["held_out"] = held_out(MODEL_DIR / "training_report.json", float(card.get("threshold", 0.5)))
+        auto = held_out(MODEL_DIR / "training_report.json", float(card.get("threshold", 0.5)), "auto")
+        if auto:
+            payload["held_out_auto"] = auto
     payload["summary"] = summarise(payload)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "classifier_realct.json").write_text(json.dumps(payload, indent=1) + "\n")
@@ -124,12 +130,13 @@ def summarise(payload: dict) -> dict:
                          "vertebrae_ge_0_5": sum(r["vertebrae_ge_0_5"] for r in runs),
                          "vertebrae": sum(r["n_scored"] for r in runs),
                          "max_p": max((r["max_p"] or 0.0) for r in runs)}
-    if "held_out" in payload:
-        h = payload["held_out"].values()
-        out["held_out"] = {"cases": len(h), "vertebrae_ge_0_5": sum(c["vertebrae_ge_0_5"] for c in h),
-                           "vertebrae_ge_threshold": sum(c.get("vertebrae_ge_threshold", 0) for c in h),
-                           "called_fractured": sum(c.get("vertebrae_ge_threshold", 0) > 0 for c in h),
-                           "vertebrae": sum(c["n"] for c in h), "max_p": max(c["max_p"] for c in h)}
+    for key in ("held_out", "held_out_auto"):
+        if key in payload:
+            h = payload[key].values()
+            out[key] = {"cases": len(h), "vertebrae_ge_0_5": sum(c["vertebrae_ge_0_5"] for c in h),
+                        "vertebrae_ge_threshold": sum(c.get("vertebrae_ge_threshold", 0) for c in h),
+                        "called_fractured": sum(c.get("vertebrae_ge_threshold", 0) > 0 for c in h),
+                        "vertebrae": sum(c["n"] for c in h), "max_p": max(c["max_p"] for c in h)}
     if "demo" in payload:
         d = payload["demo"]
         out["demo"] = {"seconds": d["seconds"], "fractured": d["fractured"], "needs_review": d["needs_review"],
@@ -142,13 +149,14 @@ def markdown(payload: dict) -> str:
              f"Patient threshold {payload.get('threshold') or 0.5:.3f}; fractured None = sent to review. Label status from "
              "benchmarks/realct_labels (checked by eye, or the unchecked automatic proposal).", "",
              "| case | labels | --labels: max p | p >= 0.5 | fractured | review | auto: max p | fractured | review | "
-             "held-out max p |", "|---|---|---|---|---|---|---|---|---|---|"]
-    held = payload.get("held_out", {})
+             "held-out max p | held-out auto max p |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    held, held_auto = payload.get("held_out", {}), payload.get("held_out_auto", {})
     for case, c in payload["cases"].items():
         lab, auto = c["labels"], c.get("auto")
         a = ("n/a", "n/a", "n/a") if auto is None else (auto["max_p"], auto["fractured"], auto["needs_review"])
         lines.append(f"| {case} | {c.get('label_status', 'n/a')} | {lab['max_p']} | {lab['vertebrae_ge_0_5']} of {lab['n_scored']} | {lab['fractured']} | "
-                     f"{lab['needs_review']} | {a[0]} | {a[1]} | {a[2]} | {held.get(case, {}).get('max_p', 'n/a')} |")
+                     f"{lab['needs_review']} | {a[0]} | {a[1]} | {a[2]} | {held.get(case, {}).get('max_p', 'n/a')} | "
+                     f"{held_auto.get(case, {}).get('max_p', 'n/a')} |")
     lines += ["", "Summary: `" + json.dumps(payload["summary"]) + "`", ""]
     for case, c in payload["cases"].items():
         for mode, r in c.items():

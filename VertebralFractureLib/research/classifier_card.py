@@ -51,14 +51,17 @@ def _card_intro(card: dict[str, Any], fusion: FusionModel) -> list[str]:
         f"- **patient rule**: fractured when some graded, unflagged vertebra (not cut by the field of view, "
         f"implausible or flagged by the quality check) has a calibrated probability >= {fusion.threshold:.3f}. "
         "**Operating point, specificity first**: the lowest threshold at which at most "
-        f"{MAX_FALSE_POSITIVE_RATE:.0%} of the real vertebrae without fracture reach it, on held-out (nested "
+        f"{MAX_FALSE_POSITIVE_RATE:.0%} of the real vertebrae without fracture "
+        + ("(checked labels and the automatic segmentation's segments together) " if tr.get("auto_negatives") else "")
+        + "reach it, on held-out (nested "
         "out-of-fold) probabilities only; the case is sent to review (fractured = null) "
         "when segmentation quality flags are raised or a vertebra is out of distribution (Mahalanobis distance > "
         f"{fusion.ood_threshold:.2f}, the {fusion.ood_percentile:g}th percentile of training folds)",
         *_card_calibration(card, fusion),
         f"- training data: {card['training_data']}",
         f"- {tr['n_vertebrae']} vertebrae ({tr['n_fractured']} simulated fractures, {tr['n_real_negatives']} real "
-        f"negatives), {len(tr['cases'])} patients, {tr['folds']} folds; {tr['epochs']} epochs, seed {tr['seed']}; "
+        "negatives" + (f", {tr['n_auto_negatives']} automatic segments" if tr.get("auto_negatives") else "")
+        + f"), {len(tr['cases'])} patients, {tr['folds']} folds; {tr['epochs']} epochs, seed {tr['seed']}; "
         f"{tr['training_seconds']} s on the project's 2-core CPU machine",
         f"- radiomics features: {', '.join(f'`{n}`' for n in fusion.radiomics_features)}",
         f"- version {card.get('version')}", "",
@@ -104,6 +107,12 @@ def _card_held_out_tables(rows: list[tuple[str, dict[str, Any]]], held: dict[str
         f"({', '.join(r.get('cases_called_fractured', [])) or 'none'})"
         for name, r in (("all", held["real_ct"]), ("checked labels only", held.get("real_ct_checked")))
         if r and (name == "all" or tr.get("unchecked_cases"))) + "."]
+    auto = held.get("auto_segments")
+    if auto:
+        lines += ["", "The automatic segmentation's segments of the same CTs (held out, at the operating point; not in "
+                  f"the numbers above): {auto['vertebrae_ge_threshold']} of {auto['n_vertebrae']} segments >= "
+                  f"threshold (false-positive rate {auto['false_positive_rate']:.3f}), {auto['patients_called_fractured']} of "
+                  f"{auto['n_patients']} CTs with one ({', '.join(auto.get('cases_called_fractured', [])) or 'none'})."]
     return lines
 
 
@@ -111,17 +120,20 @@ def _card_operating_points(ops: list[dict[str, Any]], held: dict[str, Any]) -> l
     """The operating-points table (the chosen false-positive budget in bold) and the reliability note."""
     lines: list[str] = []
     if ops:
+        auto = "auto_false_positive_rate" in ops[0]
         lines += ["", "Operating points on the held-out probabilities (the chosen budget in bold):", "",
-                  "| false-positive budget (real vertebrae) | threshold | real vertebrae >= threshold | grade 1 sens. "
-                  "| grade 2 sens. | grade 3 sens. | grade >= 2 sens. | real CTs called fractured |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"| false-positive budget (real vertebrae{' and automatic segments' if auto else ''}) | threshold "
+                  "| real vertebrae >= threshold | grade 1 sens. | grade 2 sens. | grade 3 sens. | grade >= 2 sens. "
+                  f"| real CTs called fractured |{' automatic segments >= threshold |' if auto else ''}",
+                  "|---|---|---|---|---|---|---|---|" + ("---|" if auto else "")]
         for o in ops:
             g = o["sensitivity_by_grade"]
             b = f"{o['max_false_positive_rate']:.0%}"
             lines.append(f"| {f'**{b}**' if o['max_false_positive_rate'] == MAX_FALSE_POSITIVE_RATE else b} "
                          f"| {o['threshold']:.3f} | {o['false_positive_rate']:.3f} | {g.get('1', math.nan):.3f} "
                          f"| {g.get('2', math.nan):.3f} | {g.get('3', math.nan):.3f} | {o['sensitivity_grade_ge2']:.3f} "
-                         f"| {o['real_cts_called_fractured']} of {held['real_ct']['n_patients']} |")
+                         f"| {o['real_cts_called_fractured']} of {held['real_ct']['n_patients']} |"
+                         + (f" {o['auto_false_positive_rate']:.3f} |" if auto else ""))
         lines += ["", "Measurement reliability: a slice-thickness term in the stacker (slice, or slice x morphometry "
                   "logit) was tried on the out-of-fold predictions of the first run with bridged morphometry and not "
                   "kept: held-out ROC-AUC 0.902-0.906 against 0.907 without it, no fewer real false positives at a "
@@ -177,6 +189,9 @@ def _card_closing(card: dict[str, Any], held: dict[str, Any]) -> list[str]:
                ("grade >= 2 sensitivity >= 0.95 at the operating point", held["sensitivity_grade_ge2"] >= 0.95),
                ("ECE <= 0.05", held["ece"] <= 0.05),
                ("no held-out real CT called fractured", held["real_ct"]["patients_called_fractured"] == 0)]
+    if held.get("auto_segments"):
+        targets.append(("no held-out real CT's automatic segment at or above the threshold",
+                        held["auto_segments"]["vertebrae_ge_threshold"] == 0))
     lines += ["Issue 16's targets on held-out patients: " + "; ".join(
         f"{name}: {'met' if ok else 'NOT met'}" for name, ok in targets) + ".", ""]
     init = card.get("lineage", {}).get("fine_tuned_from")
@@ -184,7 +199,8 @@ def _card_closing(card: dict[str, Any], held: dict[str, Any]) -> list[str]:
               "train-classifier --real-labels benchmarks/realct_labels --data ../shared/data"
               + (f" --init Resources/models/{init}" if init else "")
               + f" --lr {tr.get('lr', 2e-3):g} --epochs {tr['epochs']} --folds {tr['folds']} --seed {tr['seed']} "
-              "-o MODEL_DIR`" + (f" (fine-tuned from `{init}`, weights sha256 "
+              + ("--auto-negatives " if tr.get("auto_negatives") else "")
+              + "-o MODEL_DIR`" + (f" (fine-tuned from `{init}`, weights sha256 "
                                  f"`{card['lineage']['weights_sha256'][:16]}...`)" if init else "") + ".", ""]
     return lines
 
@@ -193,14 +209,19 @@ def _card_stack_selection(selection: dict[str, Any] | None) -> list[str]:
     """The stacker input sets tried and the one chosen (:func:`.classifier_fusion.select_stack_inputs`)."""
     if not selection:
         return []
+    auto = all("auto_segments_at_threshold" in sc for sc in selection["candidates"].values())
     lines = ["", "### Stacker inputs", "",
              "Each candidate set of inputs was fitted and scored on nested held-out folds at its own "
              "specificity-first operating point; the shipped stacker uses, of those within one binomial standard "
              "error of the best grade >= 2 sensitivity there, the one with the fewest inputs (then the highest "
              "ROC-AUC). The held-out numbers above are the chosen candidate's on the same folds, so they carry a "
              "small optimistic bias (chosen among four):", "",
-             "| inputs | grade >= 2 sens. | ROC-AUC | real vertebrae >= threshold | chosen |", "|---|---|---|---|---|"]
+             "| inputs | grade >= 2 sens. | ROC-AUC | real vertebrae >= threshold | "
+             + ("automatic segments >= threshold | " if auto else "") + "chosen |",
+             "|---|---|---|---|---|" + ("---|" if auto else "")]
     for name, sc in selection["candidates"].items():
         lines.append(f"| {name} | {sc['grade_ge2_sensitivity']:.3f} | {sc['roc_auc']:.3f} | "
-                     f"{sc['real_vertebrae_at_threshold']} | {'yes' if name == selection['chosen'] else ''} |")
+                     f"{sc['real_vertebrae_at_threshold']} | "
+                     + (f"{sc['auto_segments_at_threshold']} | " if auto else "")
+                     + f"{'yes' if name == selection['chosen'] else ''} |")
     return lines

@@ -9,7 +9,9 @@ cases. One sample holds what ``run`` computes for a vertebra: the classifier cro
 (:func:`.stages.morphometry.measure_vertebrae`) after the quality check that ``run`` applies
 (:func:`.stages.quality.assess_quality`, as with ``--labels``: a vertebra it flags is not scored at run time, so it is
 no sample, and its neighbours are graded without it), so the fusion model learns from the inputs it meets at run time.
-A patient (``group``) is one CT: its negatives and the fractures simulated on it stay in one fold.
+A patient (``group``) is one CT: its negatives and the fractures simulated on it stay in one fold. Optionally
+(:func:`auto_case_samples`) the automatic segmentation's graded segments of each real CT are negatives too, in the
+same patient's group: what ``run`` without ``--labels`` scores on CTs without fracture, mis-cut segments included.
 
 Each case is cached in ``cache_dir`` as an ``.npz`` keyed by the SHA-256 of its CT and label files and the
 builder's settings, so a second training run builds nothing.
@@ -57,7 +59,8 @@ class Samples:
     """Vertebra samples, one row each (arrays of length N; crops (N, S, P, L) float32).
 
     ``y`` 1 for a simulated fracture; ``grade`` 0 for negatives, else the simulated Genant grade; ``group`` the
-    patient (a CT); ``source`` ``"real"`` or ``"phantom"``; ``morph_loss`` morphometry's height-loss ratio and
+    patient (a CT); ``source`` ``"real"`` (checked labels), ``"auto"`` (the automatic segmentation's segments of a
+    real CT, negatives) or ``"phantom"``; ``morph_loss`` morphometry's height-loss ratio and
     ``morph_p`` its probability, ``morph_grade`` its Genant grade; ``radiomics`` (N, F) with ``feature_names``.
     """
 
@@ -231,6 +234,56 @@ def real_case_samples(case: RealCase, *, fractures_per_vertebra: int = 1, seed: 
     return _load_npz(path)
 
 
+def auto_segment_rows(ct, group: str, *, device: str = "cpu", notes: list[str] | None = None) -> list[dict]:
+    """Negatives of one CT (HU) without fracture as ``run`` without ``--labels`` meets them: the automatic
+    segmentation, morphometry and ``run``'s quality check of automatic labels (level confidence, the naming's
+    review, segments crossing a disc); every segment that check leaves graded is a sample (y = 0, source
+    ``"auto"``), mis-cut ones included, since those are the false alarms the classifier must learn to doubt."""
+    from VertebralFractureLib.stages.classification import extract_crop
+    from VertebralFractureLib.stages.morphometry import measure_vertebrae
+    from VertebralFractureLib.stages.preprocess import wiener_filter
+    from VertebralFractureLib.stages.quality import assess_quality
+    from VertebralFractureLib.stages.quality_discs import discs_inside
+    from VertebralFractureLib.stages.radiomics import extract_features
+    from VertebralFractureLib.stages.segmentation.inference import segment_vertebrae
+
+    notes = notes if notes is not None else []
+    seg = segment_vertebrae(ct, device=device)
+    labels = seg.labels
+    records = measure_vertebrae(ct, labels)
+    assess_quality(records, level_confidence=seg.level_confidence, naming_review=seg.naming.get("review", []),
+                   disc_inside=discs_inside(ct, labels))
+    whole = [r for r in records if _whole(r)]
+    if not whole:
+        notes.append(f"{group} (automatic segmentation): no graded vertebra")
+        return []
+    filtered = ct.with_array(wiener_filter(ct.array))
+    feats = extract_features(ct, labels, [r.label for r in whole], workers=1)
+    return [_sample_row(extract_crop(filtered, labels, r.label), feats.get(r.label, {}), r, y=0, grade=0,
+                        fracture_type="normal", group=group, source="auto") for r in whole]
+
+
+def auto_case_samples(case: RealCase, *, cache_dir: str | Path | None = None, device: str = "cpu") -> Samples:
+    """The automatic segmentation's negatives of one real case (:func:`auto_segment_rows`; ``group`` the case, so
+    they share its fold), built once per CT and segmentation model, then read from the cache.
+
+    As for the checked labels' samples, the code is not in the key (it changes under a long build when others work
+    on the segmentation): bump :data:`BUILDER_VERSION` or clear the cache when the segmentation's output changes.
+    """
+    from VertebralFractureLib.io.reading import read_volume
+    from VertebralFractureLib.models.loading import default_model_dir
+
+    weights = default_model_dir("segmentation") / "model.safetensors"
+    key = hashlib.sha256(json.dumps([BUILDER_VERSION, "auto", file_sha256(case.ct_path),
+                                     file_sha256(weights)]).encode()).hexdigest()[:16]
+    path = Path(cache_dir or default_cache_dir()) / f"{case.name}-auto-{key}.npz"
+    if not path.is_file():
+        notes: list[str] = []
+        rows = auto_segment_rows(read_volume(case.ct_path), case.name, device=device, notes=notes)
+        _rows_to_npz(rows, path, notes)
+    return _load_npz(path)
+
+
 def phantom_samples(index: int, *, seed: int = 0, cache_dir: str | Path | None = None) -> Samples:
     """Samples of phantom ``index``: T10-L4, normal or osteoporotic, fractures simulated as on real CT."""
     from VertebralFractureLib.research.phantom import make_phantom
@@ -267,13 +320,17 @@ def concatenate(parts: list[Samples]) -> Samples:
 
 
 def build_training_set(cases: list[RealCase], *, n_phantoms: int = 3, fractures_per_vertebra: int = 1, seed: int = 0,
-                       cache_dir: str | Path | None = None, workers: int = 1, progress=None) -> Samples:
-    """Samples of every real case and ``n_phantoms`` phantoms, built in ``workers`` processes (cached per case)."""
+                       cache_dir: str | Path | None = None, workers: int = 1, progress=None,
+                       auto_negatives: bool = False) -> Samples:
+    """Samples of every real case and ``n_phantoms`` phantoms, built in ``workers`` processes (cached per case);
+    ``auto_negatives``: also every real case's automatic segmentation's negatives (:func:`auto_case_samples`)."""
     from concurrent.futures import ProcessPoolExecutor
 
     jobs = [(real_case_samples, (c,), {"fractures_per_vertebra": fractures_per_vertebra, "seed": seed,
                                        "cache_dir": cache_dir}) for c in cases]
     jobs += [(phantom_samples, (i,), {"seed": seed, "cache_dir": cache_dir}) for i in range(n_phantoms)]
+    if auto_negatives:
+        jobs += [(auto_case_samples, (c,), {"cache_dir": cache_dir}) for c in cases]
     parts = []
     if workers <= 1:
         for k, (fn, args, kw) in enumerate(jobs):

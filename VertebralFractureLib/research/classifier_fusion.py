@@ -13,7 +13,8 @@ Recipe (:func:`train_realct_classifier`):
    uses is chosen the same way (:func:`select_stack_inputs`: the set of :data:`STACK_INPUTS` with the best held-out
    grade >= 2 sensitivity at the operating point; the others get coefficient 0); the operating point is
    specificity-first (:func:`operating_threshold`): the lowest threshold at which at most
-   :data:`MAX_FALSE_POSITIVE_RATE` of the real (unfractured) vertebrae's held-out probabilities reach it; the
+   :data:`MAX_FALSE_POSITIVE_RATE` of the real (unfractured) vertebrae's held-out probabilities reach it (with
+   ``auto_negatives``, the automatic segmentation's segments of the same CTs count too); the
    out-of-distribution (OOD) threshold is the 99th percentile of OOF Mahalanobis distances; a prior shift
    (:func:`fit_fusion`) then moves the probabilities so that the operating point is p = 0.5, and the calibration
    (ECE, reliability diagram) is measured on held-out rows reweighted to the share of fractures this implies;
@@ -236,9 +237,11 @@ def evaluate(s: Samples, p: np.ndarray, threshold: float, *, n_boot: int = 1000,
 
 def operating_points(s: Samples, p: np.ndarray, budgets: tuple[float, ...] = FPR_BUDGETS) -> list[dict[str, Any]]:
     """Per false-positive budget: its threshold (:func:`operating_threshold`), sensitivity per simulated grade and
-    the real CTs called fractured, on held-out probabilities p."""
+    the real CTs called fractured, on held-out probabilities p; the false-positive rate of the checked labels'
+    vertebrae and, where there are such rows, of the automatic segments."""
     rows = []
     real_neg = (s.source == "real") & (s.y == 0)
+    auto_neg = (s.source == "auto") & (s.y == 0)
     for b in budgets:
         t = operating_threshold(s, p, b)
         rows.append({"max_false_positive_rate": b, "threshold": t,
@@ -247,7 +250,8 @@ def operating_points(s: Samples, p: np.ndarray, budgets: tuple[float, ...] = FPR
                                               for g in (1, 2, 3) if np.any(s.grade == g)},
                      "sensitivity_grade_ge2": float(np.mean(p[s.grade >= 2] >= t)) if np.any(s.grade >= 2)
                      else math.nan,
-                     "real_cts_called_fractured": _real_ct_alarms(s, p, t, real_neg)["patients_called_fractured"]})
+                     "real_cts_called_fractured": _real_ct_alarms(s, p, t, real_neg)["patients_called_fractured"],
+                     **({"auto_false_positive_rate": float(np.mean(p[auto_neg] >= t))} if auto_neg.any() else {})})
     return rows
 
 
@@ -287,20 +291,22 @@ def select_stack_inputs(s: Samples, x3: np.ndarray, folds: np.ndarray) -> tuple[
     one-standard-error rule (Breiman et al., *Classification and Regression Trees*, 1984): of the candidates within
     one binomial standard error of the best sensitivity, the one with the fewest inputs, then the highest ROC-AUC
     (an input that wins by a vertebra or two on a few hundred held-out rows has not earned its place). Returns
-    (name, per candidate: its sensitivity, ROC-AUC, real vertebrae at or above the threshold and held-out
-    probabilities ``p``)."""
+    (name, per candidate: its sensitivity, ROC-AUC, real vertebrae (checked labels) and automatic segments at or
+    above the threshold and held-out probabilities ``p``)."""
     from sklearn.metrics import roc_auc_score
 
     severe = (s.y == 1) & (s.grade >= 2)
     severe = severe if severe.any() else s.y == 1  # no grade >= 2 fracture: every fracture
     real_neg = (s.source == "real") & (s.y == 0)
+    auto_neg = (s.source == "auto") & (s.y == 0)
     scores: dict[str, dict[str, Any]] = {}
     for name, cols in STACK_INPUTS.items():
         p = _nested_stack(x3, s.y, folds, cols)
         t = operating_threshold(s, p)
         scores[name] = {"grade_ge2_sensitivity": float(np.mean(p[severe] >= t)) if severe.any() else 0.0,
                         "roc_auc": float(roc_auc_score(s.y, p)) if 0 < s.y.mean() < 1 else math.nan,
-                        "real_vertebrae_at_threshold": int(np.sum(p[real_neg] >= t)), "p": p}
+                        "real_vertebrae_at_threshold": int(np.sum(p[real_neg] >= t)), "p": p,
+                        **({"auto_segments_at_threshold": int(np.sum(p[auto_neg] >= t))} if auto_neg.any() else {})}
     top = max(sc["grade_ge2_sensitivity"] for sc in scores.values())
     n = max(int(severe.sum()), 1)
     se = max(math.sqrt(top * (1.0 - top) / n), 1.0 / n)
@@ -433,12 +439,15 @@ def train_realct_classifier(
     cache_dir: str | Path | None = None,
     workers: int = 1,
     progress: Callable[[float, str], None] | None = None,
+    auto_negatives: bool = False,
 ) -> dict[str, Any]:
     """Train, evaluate and write the classifier folder (see the module docstring); returns the card's JSON.
 
     ``init_from``: a classifier folder (customcnn) whose weights every network starts from (fine-tuning; its
     widths are used); ``compare_with``: the model measured beside the new one (default: ``init_from``, else the
-    shipped one).
+    shipped one); ``auto_negatives``: the automatic segmentation's segments of the real CTs are negatives too
+    (:func:`.classifier_data.auto_case_samples`), in the CNN's and LASSO's training, the stacker's fit and input
+    choice and the operating point's budget; the held-out numbers stay on the checked labels' vertebrae.
     """
     import torch
 
@@ -450,7 +459,8 @@ def train_realct_classifier(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     s = build_training_set(cases, n_phantoms=n_phantoms, fractures_per_vertebra=fractures_per_vertebra,
-                           seed=config.seed, cache_dir=cache_dir, workers=workers, progress=progress)
+                           seed=config.seed, cache_dir=cache_dir, workers=workers, progress=progress,
+                           auto_negatives=auto_negatives)
     s.radiomics[~np.isfinite(s.radiomics)] = np.nan
     old = replaced_model_probabilities(s, compare_with, config.device)  # before out_dir may be overwritten
     from VertebralFractureLib.models.loading import default_model_dir
@@ -465,43 +475,19 @@ def train_realct_classifier(
     if progress:
         progress(1.0, "final model trained")
 
-    checked = {c.name for c in cases if c.checked}
-    metrics = _held_out_metrics(s, oof, nested_p, nested_d, fusion, old, previous, checked)
-    real_neg = (s.source == "real") & (s.y == 0)
+    metrics = _held_out_metrics(s, oof, nested_p, nested_d, fusion, old, previous,
+                                {c.name for c in cases if c.checked})
     out_dir.mkdir(parents=True, exist_ok=True)
-    curves = {f"fused (this model), reweighted to {fusion.prevalence:.0%} fractured": (s.y, nested_p, fusion.prevalence)}
+    lab = s.source != "auto"  # the card's calibration is on the checked labels' rows (_held_out_metrics)
+    curves = {f"fused (this model), reweighted to {fusion.prevalence:.0%} fractured": (s.y[lab], nested_p[lab],
+                                                                                       fusion.prevalence)}
     if old is not None:
-        curves["max(CNN, morphometry) (replaced model), as sampled"] = (s.y, old, None)
+        curves["max(CNN, morphometry) (replaced model), as sampled"] = (s.y[lab], old[lab], None)
     plot_reliability(curves, out_dir / "reliability.png")
     (out_dir / FUSION_NAME).write_text(json.dumps(fusion.to_json(), indent=1) + "\n")
-    real_cases = sorted(str(g) for g in np.unique(s.group[s.source == "real"]))
-    checked_cases = [g for g in real_cases if g in checked]
-    unchecked_cases = [g for g in real_cases if g not in checked]
-    card = {
-        "name": "vertebral-fracture classifier (customcnn + radiomics + morphometry, calibrated fusion)",
-        "version": __version__,
-        "training_data": (f"{len(real_cases)} real CTs with the project's vertebra labels (benchmarks/realct_labels: "
-                          f"{len(checked_cases)} checked by eye ({', '.join(checked_cases) or 'none'}), "
-                          f"{len(unchecked_cases)} the automatic proposal, unchecked "
-                          f"({', '.join(unchecked_cases) or 'none'}); every whole vertebra that run's quality check "
-                          "does not flag a negative; "
-                          f"{fractures_per_vertebra} fractures simulated per vertebra by research.fracture."
-                          "simulate_fracture on those real backgrounds, grades 1-3 x wedge/biconcave/crush cycled) "
-                          f"and {n_phantoms} phantoms (research.phantom.make_phantom T10-L4, fractures simulated the "
-                          "same way); split by patient"),
-        "training": {"cases": sorted(str(g) for g in np.unique(s.group)), "folds": int(fold.max() + 1),
-                     "n_vertebrae": int(len(s)), "n_fractured": int(s.y.sum()),
-                     "n_real_negatives": int(real_neg.sum()), "checked_cases": checked_cases,
-                     "unchecked_cases": unchecked_cases, "epochs": config.epochs, "seed": config.seed,
-                     "lr": config.lr,
-                     "history": history, "training_seconds": round(time.perf_counter() - started, 1),
-                     "not_simulated": list(s.notes)},
-        "metrics": metrics,
-        "combination": FUSION_RULE,
-        "fusion": FUSION_NAME,
-        "threshold": fusion.threshold,
-        **({"lineage": lineage} if lineage else {}),
-    }
+    card = _card_json(s, fold, cases, config, history=history, fusion=fusion, metrics=metrics, lineage=lineage,
+                      seconds=time.perf_counter() - started, n_phantoms=n_phantoms,
+                      fractures_per_vertebra=fractures_per_vertebra, auto_negatives=auto_negatives)
     from VertebralFractureLib.research.classifier_card import model_card_markdown
 
     save_classifier(net, "customcnn", out_dir, card, widths=config.widths)
@@ -514,6 +500,46 @@ def train_realct_classifier(
               "morph_loss": s.morph_loss.tolist(), "p_radiomics_oof_logit": oof["radiomics"].tolist()}
     (out_dir / "training_report.json").write_text(json.dumps(report) + "\n")
     return full
+
+
+def _card_json(s: Samples, fold: np.ndarray, cases: list[RealCase], config: TrainConfig, *, history: list[dict],
+               fusion: FusionModel, metrics: dict[str, Any], lineage: dict[str, str] | None, seconds: float,
+               n_phantoms: int, fractures_per_vertebra: int, auto_negatives: bool) -> dict[str, Any]:
+    """The card's fields written by :func:`train_realct_classifier` (the training data, its recipe, metrics)."""
+    checked = {c.name for c in cases if c.checked}
+    real_neg = (s.source == "real") & (s.y == 0)
+    n_auto = int(np.sum(s.source == "auto"))
+    real_cases = sorted(str(g) for g in np.unique(s.group[s.source == "real"]))
+    checked_cases = [g for g in real_cases if g in checked]
+    unchecked_cases = [g for g in real_cases if g not in checked]
+    auto_text = (f"; and the automatic segmentation's {n_auto} graded segments of those real CTs (run without "
+                 "--labels: its segmentation, morphometry and quality check; mis-cut segments included) as negatives "
+                 "too, in the same patient's fold" if auto_negatives else "")
+    return {
+        "name": "vertebral-fracture classifier (customcnn + radiomics + morphometry, calibrated fusion)",
+        "version": __version__,
+        "training_data": (f"{len(real_cases)} real CTs with the project's vertebra labels (benchmarks/realct_labels: "
+                          f"{len(checked_cases)} checked by eye ({', '.join(checked_cases) or 'none'}), "
+                          f"{len(unchecked_cases)} the automatic proposal, unchecked "
+                          f"({', '.join(unchecked_cases) or 'none'}); every whole vertebra that run's quality check "
+                          "does not flag a negative; "
+                          f"{fractures_per_vertebra} fractures simulated per vertebra by research.fracture."
+                          "simulate_fracture on those real backgrounds, grades 1-3 x wedge/biconcave/crush cycled) "
+                          f"and {n_phantoms} phantoms (research.phantom.make_phantom T10-L4, fractures simulated the "
+                          f"same way){auto_text}; split by patient"),
+        "training": {"cases": sorted(str(g) for g in np.unique(s.group)), "folds": int(fold.max() + 1),
+                     "n_vertebrae": int(len(s)), "n_fractured": int(s.y.sum()),
+                     "n_real_negatives": int(real_neg.sum()), "checked_cases": checked_cases,
+                     "unchecked_cases": unchecked_cases, "epochs": config.epochs, "seed": config.seed,
+                     "lr": config.lr, "auto_negatives": bool(auto_negatives), "n_auto_negatives": n_auto,
+                     "history": history, "training_seconds": round(seconds, 1),
+                     "not_simulated": list(s.notes)},
+        "metrics": metrics,
+        "combination": FUSION_RULE,
+        "fusion": FUSION_NAME,
+        "threshold": fusion.threshold,
+        **({"lineage": lineage} if lineage else {}),
+    }
 
 
 def _fine_tuning_start(init_from: str | Path, config: TrainConfig) -> tuple[TrainConfig, dict[str, Any], dict[str, str]]:
@@ -539,17 +565,26 @@ def _held_out_metrics(s: Samples, oof: dict[str, np.ndarray], nested_p: np.ndarr
     """The card's ``metrics``: the fused model on held-out patients (``nested_p``: nested out-of-fold
     probabilities, ``nested_d``: their OOD distances), its operating points, the components alone (``oof``), the
     replaced model (``old``) and the previous shipped one when given, and the real CTs out of distribution."""
-    metrics: dict[str, Any] = {"held_out": evaluate(s, nested_p, fusion.threshold, checked=checked,
+    # the automatic segments (when trained with them) count in the operating point's budget, but every number below
+    # is on the checked labels' vertebrae and the fractures simulated on them, comparable with models without them
+    lab = s.source != "auto"
+    sl = s.subset(lab)
+    metrics: dict[str, Any] = {"held_out": evaluate(sl, nested_p[lab], fusion.threshold, checked=checked,
                                                     prevalence=fusion.prevalence),
                                "operating_points": operating_points(s, nested_p)}
+    auto_neg = (s.source == "auto") & (s.y == 0)
+    if auto_neg.any():
+        alarms = _real_ct_alarms(s, nested_p, fusion.threshold, auto_neg)
+        metrics["held_out"]["auto_segments"] = {
+            **alarms, "false_positive_rate": alarms["vertebrae_ge_threshold"] / alarms["n_vertebrae"]}
     metrics["held_out_components"] = {
-        "cnn_alone": evaluate(s, oof["cnn"], 0.5, n_boot=200)["per_vertebra"],
-        "radiomics_alone": evaluate(s, 1 / (1 + np.exp(-oof["radiomics"])), 0.5, n_boot=200)["per_vertebra"],
-        "morphometry_alone": evaluate(s, np.nan_to_num(s.morph_p, nan=0.0), 0.5, n_boot=200)["per_vertebra"],
+        "cnn_alone": evaluate(sl, oof["cnn"][lab], 0.5, n_boot=200)["per_vertebra"],
+        "radiomics_alone": evaluate(sl, 1 / (1 + np.exp(-oof["radiomics"][lab])), 0.5, n_boot=200)["per_vertebra"],
+        "morphometry_alone": evaluate(sl, np.nan_to_num(sl.morph_p, nan=0.0), 0.5, n_boot=200)["per_vertebra"],
     }
     metrics["stack_selection"] = {"chosen": fusion.stack_inputs, "candidates": fusion.stack_selection}
     if old is not None:
-        metrics["replaced_model"] = evaluate(s, old, 0.5, checked=checked)
+        metrics["replaced_model"] = evaluate(sl, old[lab], 0.5, checked=checked)
     if previous is not None:
         metrics["previous_shipped"] = previous
     real_neg = (s.source == "real") & (s.y == 0)

@@ -17,14 +17,25 @@ MAX_FALSE_POSITIVE_RATE = 0.05
 FPR_BUDGETS = (0.02, 0.05, 0.10, 0.20)
 
 
+#: sources whose unfractured rows make up the false-positive budget: the real CTs' vertebrae with checked labels and,
+#: when trained with them, the automatic segmentation's segments of those CTs (``run`` without ``--labels``)
+BUDGET_SOURCES = ("real", "auto")
+
+
+def budget_negatives(s: Samples) -> np.ndarray:
+    """Mask (n,) of the rows the false-positive budget counts: unfractured rows of :data:`BUDGET_SOURCES`."""
+    return np.isin(s.source, BUDGET_SOURCES) & (s.y == 0)
+
+
 def operating_threshold(s: Samples, p: np.ndarray, max_fpr: float = MAX_FALSE_POSITIVE_RATE) -> float:
     """Specificity-first operating point: the lowest threshold at which at most ``max_fpr`` of the real vertebrae
-    without fracture have p >= it (p: held-out probabilities; phantoms do not count).
+    without fracture (:func:`budget_negatives`: checked labels and automatic segments) have p >= it (p: held-out
+    probabilities; phantoms do not count).
 
     The threshold lies midway between the highest negative allowed below it and the next higher probability of any
     row, so it separates the held-out predictions exactly as that count does. 0.5 when there is no real negative.
     """
-    neg = np.sort(p[(s.source == "real") & (s.y == 0)])[::-1]
+    neg = np.sort(p[budget_negatives(s)])[::-1]
     if not neg.size:
         return 0.5
     allowed = int(math.floor(max_fpr * neg.size + 1e-9))
