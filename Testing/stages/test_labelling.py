@@ -16,6 +16,7 @@ from VertebralFractureLib.stages.segmentation.labelling import (
     REFERENCE_VOLUME_ML,
     _size_prior,
     assign_levels,
+    body_order,
     names_from_anchor,
     parse_anchor,
     rename_instance,
@@ -240,6 +241,44 @@ def test_thirteen_rib_bearing_vertebrae_name_a_t13():
     assert any("T13" in w for w in res.warnings) and res.confidence < 0.6
 
 
+def test_the_skull_on_the_atlas_is_no_rib_and_the_first_rib_names_t1():
+    """A neck to upper chest scan (as a PET-CT from the skull base down): the skull rests on the top segment and
+    reaches far sideways, as a rib does; it made the top segment rib-bearing, so the first rib-bearing segment was
+    the top one and no first-rib anchor could be confirmed. Bone lying mostly above the spine's top is no rib."""
+    n = 5  # 1: atlas under the skull, 2: C7 (rib-free), 3..5: T1..T3 with ribs
+    inst, hu = _pelvis(n, ribs_on=[3, 4, 5], sacrum_segment=False)
+    head = 60  # room above the spine for the skull
+    inst = np.pad(inst, ((0, head), (0, 0), (0, 0)))
+    hu = np.pad(hu, ((0, head), (0, 0), (0, 0)), constant_values=40.0)
+    top = int(np.nonzero((inst == 1).any(axis=(1, 2)))[0].max())
+    hu[top + 2:, 5:75, 30:170] = 400.0  # 1.9 l of bone from a voxel above the atlas, 105 mm to each side
+    res = assign_levels(inst, hu, spacing_mm=1.5)
+    assert res.anchors_found == {"first_rib": level_id("T1")} and res.method == "anchors"
+    assert res.mapping[2] == level_id("C7") and res.mapping[3] == level_id("T1") and res.mapping[1] == level_id("C6")
+
+
+def test_levels_follow_the_bodies_not_a_segment_dragged_down_by_its_arches():
+    """A segment holding a body and a chain of arches reaching three levels down behind the next bodies (a neck on
+    a 4 mm PET-CT: C2's lower body with the arches of C2-C6) has its centroid below the next body's, so it came
+    after that body in the craniocaudal numbering, and the names from the first rib were swapped. Named in the
+    order of the bodies (each segment's front), every segment gets its own level."""
+    n = 5  # C5, C6 (body + arches down to T2's level), C7, T1 and T2 with ribs
+    inst, hu = _pelvis(n, ribs_on=[4, 5], sacrum_segment=False)
+    z0 = {k: 10 + 16 * (n - k) for k in range(1, n + 1)}
+    inst[z0[5]:z0[2] + 12, 52:78, 85:115] = 2  # the arches, behind the bodies, clear of the ribs
+    hu[inst > 0] = 400.0
+    centroid = {k: np.nonzero(inst == k)[0].mean() for k in range(1, n + 1)}
+    numbered = sorted(centroid, key=lambda k: -centroid[k])  # as the instances come, by centroid: C6 after C7
+    assert numbered == [1, 3, 2, 4, 5]
+    lut = np.zeros(n + 1, np.int32)
+    lut[numbered] = np.arange(1, n + 1)
+    res = assign_levels(lut[inst], hu, spacing_mm=1.5)
+    assert body_order(lut[inst], n) == [1, 3, 2, 4, 5]
+    names = {numbered[i - 1]: v for i, v in res.mapping.items()}  # body -> level
+    assert names == {k: level_id(v) for k, v in enumerate(("C5", "C6", "C7", "T1", "T2"), 1)}
+    assert res.anchors_found == {"first_rib": level_id("T1")}
+
+
 def _levels_on_label_instances(ct_path, labels_path, spacing: float = 1.5):
     """(checked names, automatic names, result) naming the checked label map's segments, on the working grid
     (``spacing`` mm: 1.5 default, 3 ``--fast``)."""
@@ -297,3 +336,21 @@ def test_fast_and_default_name_the_bundled_ct_alike():
         ids, hits = np.unique(b[(a == v) & (b > 0)], return_counts=True)
         most[v] = int(ids[hits.argmax()])
     assert most == {v: v for v in most} and min(most) == level_id("C7")
+
+
+def test_real_ct_neck_vertebrae_bear_no_rib_under_the_skull(shared_data, repo_root):
+    """acrin-flt-breast-001_petct-a (skull base to about T5): on its checked C2..C7 segments no vertebra bears a
+    rib. The skull, with the mandible and hyoid reaching down beside the neck, touched C2 and C4-C7 behind their
+    fronts and reaches far sideways: it made them all rib-bearing, and the first rib (T1) could not anchor."""
+    from VertebralFractureLib.core.volume import resample_to
+    from VertebralFractureLib.io.reading import read_volume
+    from VertebralFractureLib.stages.segmentation.labelling import rib_bearing
+
+    case = "acrin-flt-breast-001_petct-a"
+    hu = to_canonical(read_volume(shared_data / "real-ct" / case / "ct.nii.gz"), 1.5)
+    checked = read_volume(repo_root / "benchmarks" / "realct_labels" / case / "labels.nii.gz", check=False)
+    lab = resample_to(checked.with_array(checked.array.astype(np.uint8)), hu, order=0).array
+    inst = np.zeros(lab.shape, np.int32)
+    for i, v in enumerate(range(level_id("C2"), level_id("C7") + 1), 1):
+        inst[lab == v] = i
+    assert rib_bearing(inst, hu.array, 1.5, 6) == [False] * 6

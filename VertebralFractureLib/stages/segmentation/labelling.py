@@ -129,8 +129,9 @@ def rib_bearing(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count:
     """Per instance (1..count): does a rib attach?
 
     Ribs are bone components (HU >= 200, outside the vertebrae, at least :data:`RIB_MIN_ML`) reaching >= 60 mm
-    sideways from the spine. Only contact (within 4 mm, and at least two voxels) at or behind the front of the pedicles counts (no more
-    than 10 mm in front of the whole vertebra's centroid): rib heads and tubercles articulate there, while a
+    sideways from the spine and not lying mostly above the most cranial vertebra (the skull, with the mandible
+    and hyoid reaching down beside the neck). Only contact (within 4 mm, and at least two voxels) at or behind
+    the front of the pedicles counts (no more than 10 mm in front of the whole vertebra's centroid): rib heads and tubercles articulate there, while a
     contrast-filled aorta or heart, merged with the rib cage into one component at HU >= 200, lies against the
     front of the bodies. A component is counted for a vertebra touching it with at least 30 % of the contact of
     the best-touching of that vertebra and its two neighbours, so a rib passing near the next vertebra
@@ -141,7 +142,12 @@ def rib_bearing(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count:
     if lab.max() == 0 or count == 0:
         return [False] * count
     objs = ndi.find_objects(lab)
-    big = np.bincount(lab.ravel()) * spacing_mm**3 / 1000.0 >= RIB_MIN_ML
+    sizes = np.bincount(lab.ravel())
+    big = sizes * spacing_mm**3 / 1000.0 >= RIB_MIN_ML
+    # bone lying mostly above the spine's top is no rib though it reaches sideways: the skull resting on the atlas
+    # (it made the atlas and the neck's arches rib-bearing on a PET-CT from the skull base to T5)
+    top = int(np.nonzero(instances.any(axis=(1, 2)))[0].max())
+    big &= np.bincount(lab[top + 1:].ravel(), minlength=len(sizes)) <= 0.5 * sizes
     # bone within a voxel of a vertebra is not in ``lab`` (:func:`bone_components`), so the contact band must reach
     # at least one voxel beyond that: at 3 mm, 4 mm rounds to that one voxel and no rib would ever touch
     grow = max(2, int(round(4.0 / spacing_mm)))
@@ -290,6 +296,23 @@ def sacrum_below(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, last:
     return ml >= SACRUM_MIN_ML * (zz.min() - z0) / depth
 
 
+def body_order(instances: np.ndarray, count: int) -> list[int]:
+    """Instances 1..count in craniocaudal order of their fronts: the mean height (z) of each instance's anterior
+    quarter (its voxels up to the 25th percentile of y, y growing posteriorly), cranial first.
+
+    A level is its body, and the body is a vertebra's front. A segment's whole centroid can fall below the next
+    one's: a chain of arches from C2 to C6 holding C2's lower body (a PET-CT at 4 mm) came after C3's body in
+    :mod:`.instances`' numbering, and every name from the first rib up was swapped or shifted by one."""
+    fronts = []
+    for i, sl in enumerate(ndi.find_objects(instances, max_label=count), start=1):
+        if sl is None:
+            fronts.append(-np.inf)  # an absent instance keeps its place at the end (it has no voxels to name)
+            continue
+        zz, yy, _ = np.nonzero(instances[sl] == i)
+        fronts.append(float(zz[yy <= np.percentile(yy, 25)].mean()) + sl[0].start)
+    return [int(i) + 1 for i in np.argsort(-np.asarray(fronts), kind="stable")]
+
+
 def _size_prior(volumes: dict[int, float], n: int, ribs: list[bool] | None = None) -> tuple[int, float]:
     """(VerSe id of instance 1, margin) fitting whole-vertebra volumes of complete instances to the reference.
 
@@ -346,6 +369,15 @@ def assign_levels(
                     f"anchor {level_name(v2)}={i2} disagrees with {level_name(vid)}={idx}; the first anchor was used"
                 )
         return LevelAssignment(mapping, 1.0, warnings, {"user": vid}, method="user")
+    order = body_order(instances, n)
+    if order != list(range(1, n + 1)):  # name in the order of the bodies, then map back to the instance numbers
+        rank = np.zeros(n + 1, instances.dtype)
+        rank[order] = np.arange(1, n + 1)
+        res = assign_levels(rank[instances], hu, spacing_mm=spacing_mm, partial=[int(rank[p]) for p in partial or []],
+                            fov=fov)
+        res.mapping = {order[i - 1]: v for i, v in res.mapping.items()}
+        res.sacrum = [order[i - 1] for i in res.sacrum]
+        return res
     ribs: list[bool] = []
     sacrum: list[int] = []
     if hu is not None:
