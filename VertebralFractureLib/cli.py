@@ -108,9 +108,11 @@ def _add_batch(p: argparse.ArgumentParser) -> None:
 def _cmd_batch(args: argparse.Namespace) -> int:
     from VertebralFractureLib.app.batch import read_cohort_csv, run_batch, status_counts
     from VertebralFractureLib.app.pipeline import PipelineOptions
+    from VertebralFractureLib.models.device import keep_freed_memory
 
     if args.workers < 1:
         raise InputError(f"--workers {args.workers}: give 1 or more worker processes")
+    keep_freed_memory()  # the cases of --workers 1 run in this process, which ends with the batch
     options = PipelineOptions(fast=args.fast, device=args.device, wiener=not args.no_wiener)
     # a tqdm bar over cases by default; JSON lines with --log-json; nothing with --quiet
     progress = _progress_for(args) if args.log_json else None

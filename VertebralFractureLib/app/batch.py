@@ -457,6 +457,8 @@ def _run_on_dask(
     import dask
     from distributed import Client, LocalCluster, as_completed
 
+    from VertebralFractureLib.models.device import keep_freed_memory
+
     cluster = None
     if scheduler:
         try:
@@ -475,6 +477,8 @@ def _run_on_dask(
                      "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads)},
             )
         client = Client(cluster)
+        # worker processes of our own, ended with the batch: they may keep their peak (a remote scheduler's may not)
+        client.run(keep_freed_memory)
     try:
         futures = {}
         for case in todo:
