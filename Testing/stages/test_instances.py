@@ -6,6 +6,7 @@ Synthetic arrays on the canonical working grid: axes z=S, y=P, x=L, isotropic vo
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from VertebralFractureLib.stages.segmentation.discs import split_at_discs
 from VertebralFractureLib.stages.segmentation.instances import (
@@ -15,6 +16,7 @@ from VertebralFractureLib.stages.segmentation.instances import (
     grow_cortex,
     reassign_stray_pieces,
     split_component,
+    trabecular_core,
 )
 
 
@@ -255,3 +257,20 @@ def test_bone_detached_beyond_the_end_of_the_column_is_not_a_vertebra():
     gap = lab.copy()
     gap[gap == 3] = 0  # one vertebra missed: 36 mm empty between its neighbours
     assert np.array_equal(drop_detached_ends(gap, 1.5), gap)
+
+
+def test_trabecular_core_tells_a_vertebral_body_from_a_cortical_shell():
+    """A body (trabecular inside at 200 HU, 800 HU rim) holds trabecular bone; a skull-like shell (1200 HU,
+    4.5 mm thick) and a solid 1000 HU bone do not."""
+    z, y, x = np.mgrid[0:40, 0:40, 0:120].astype(float)
+    labels = np.zeros((40, 40, 120), np.int32)
+    hu = np.full(labels.shape, -50.0)
+    body = ((y - 20) ** 2 + (x - 20) ** 2 <= 12**2) & (z >= 8) & (z < 32)
+    labels[body] = 1
+    hu[body] = np.where(ndi.distance_transform_edt(body) <= 1, 800.0, 200.0)[body]
+    r = np.sqrt((z - 20) ** 2 + (y - 20) ** 2 + (x - 60) ** 2)
+    shell = (r >= 12) & (r < 15)
+    labels[shell], hu[shell] = 2, 1200.0
+    solid = (y - 20) ** 2 + (x - 100) ** 2 <= 8**2
+    labels[solid], hu[solid] = 3, 1000.0
+    assert trabecular_core(labels, hu, 1.5, 3) == [True, False, False]

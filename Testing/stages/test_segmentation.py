@@ -184,3 +184,16 @@ def test_ct_without_spine_reports_no_vertebrae(kind):
     res = segment_vertebrae(ct, device="cpu", fast=True)
     assert not res.labels.array.any()
     assert "no vertebrae found" in res.warnings
+
+
+def test_head_ct_reports_no_vertebrae(shared_data, tmp_path):
+    """The head of a real whole-body PET-CT (ACRIN-FLT-Breast 001, above C1): the network takes pieces of the skull
+    vault for vertebrae, but they hold no trabecular bone, so the result is no vertebrae with a warning."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(shared_data / "real-ct" / "acrin-flt-breast-001_petct-a" / "ct.nii.gz"))
+    sitk.WriteImage(image[:, :, 60:], str(tmp_path / "head.nii.gz"))  # its slices 60.. (4.25 mm) lie above C1
+    res = segment_vertebrae(read_volume(tmp_path / "head.nii.gz"), device="cpu")
+    assert not res.labels.array.any()
+    assert "no vertebrae found" in res.warnings
+    assert any("no trabecular bone" in w for w in res.warnings)

@@ -278,7 +278,7 @@ def segment_vertebrae(
     """
     from VertebralFractureLib.stages.segmentation.bodies import complete_bodies
     from VertebralFractureLib.stages.segmentation.disc_boundaries import refine_disc_boundaries
-    from VertebralFractureLib.stages.segmentation.instances import extract_instances, grow_cortex
+    from VertebralFractureLib.stages.segmentation.instances import extract_instances, grow_cortex, trabecular_core
     from VertebralFractureLib.stages.segmentation.labelling import assign_levels, parse_anchor
     from VertebralFractureLib.stages.segmentation.recut import recut_instances
 
@@ -308,6 +308,10 @@ def segment_vertebrae(
         inst.labels = grown
         inst = recut_instances(inst, hu.array, s, slice_mm=max(ct.spacing), fov=fov)  # boundaries that miss the discs
     warnings = list(inst.warnings)
+    if inst.count and not any(trabecular_core(inst.labels, hu.array, prob.spacing[0], inst.count)):
+        warnings.append(f"the {inst.count} bone segment{'s' if inst.count > 1 else ''} found hold{'' if inst.count > 1 else 's'} "
+                        "no trabecular bone inside (cortical bone only: a skull or a long bone, not a spine)")
+        inst.count = 0
     if inst.count == 0:
         empty = ct.with_array(np.zeros(ct.shape, np.uint8))
         return SegmentationResult(empty, ["no vertebrae found", *warnings], 0.0)

@@ -52,6 +52,11 @@ ARCH_ABOVE_MM = 15.0
 ARCH_BELOW_PERIODS = 1.5
 LATERAL_BELOW_PERIODS = 0.75
 MIDLINE_MM = 12.0
+#: the inside of a vertebral body is trabecular bone (adult median about 50-300 HU); bone with nothing below
+#: this inside is cortical only (a skull vault, a long bone's shaft), not a vertebra
+MAX_TRABECULAR_HU = 400.0
+#: how far inside a segment its core starts (mm from its surface): beyond the cortex and the partial volume
+CORE_DEPTH_MM = 3.0
 CORTEX_HU = 250.0  # smoothed HU of cortical bone the network may miss (:func:`grow_cortex`)
 GROW_CORTEX_MM = 3.0
 
@@ -533,3 +538,22 @@ def partial_instances(labels: np.ndarray, count: int, fov: np.ndarray | None) ->
         edge = fov & ~inside
     touched = np.unique(labels[edge & (labels > 0)])
     return [int(t) for t in touched if 0 < t <= count]
+
+
+def trabecular_core(labels: np.ndarray, hu: np.ndarray, spacing_mm: float, count: int) -> list[bool]:
+    """Per instance (1..count): does it hold trabecular bone, as every vertebral body does?
+
+    Its core (voxels at least :data:`CORE_DEPTH_MM` inside it, 0.5 ml or more) must have a median HU at or below
+    :data:`MAX_TRABECULAR_HU`. A skull vault the network took for vertebrae (a head CT) is a cortical shell with
+    diploe too thin for a core, or a core of 1000 HU and more.
+    """
+    out = []
+    vox_ml = spacing_mm**3 / 1000.0
+    for i, sl in enumerate(ndi.find_objects(labels, max_label=count), start=1):
+        if sl is None:
+            out.append(False)
+            continue
+        pad = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in sl)
+        core = ndi.distance_transform_edt(labels[pad] == i) * spacing_mm >= CORE_DEPTH_MM
+        out.append(bool(core.sum() * vox_ml >= 0.5 and np.median(hu[pad][core]) <= MAX_TRABECULAR_HU))
+    return out
