@@ -310,7 +310,7 @@ def segment_vertebrae(
     warnings = list(inst.warnings)
     if inst.count and not any(trabecular_core(inst.labels, hu.array, prob.spacing[0], inst.count)):
         warnings.append(f"the {inst.count} bone segment{'s' if inst.count > 1 else ''} found hold{'' if inst.count > 1 else 's'} "
-                        "no trabecular bone inside (cortical bone only: a skull or a long bone, not a spine)")
+                        "no trabecular bone inside (cortical bone only, as of a skull: not a spine)")
         inst.count = 0
     if inst.count == 0:
         empty = ct.with_array(np.zeros(ct.shape, np.uint8))

@@ -53,7 +53,7 @@ ARCH_BELOW_PERIODS = 1.5
 LATERAL_BELOW_PERIODS = 0.75
 MIDLINE_MM = 12.0
 #: the inside of a vertebral body is trabecular bone (adult median about 50-300 HU); bone with nothing below
-#: this inside is cortical only (a skull vault, a long bone's shaft), not a vertebra
+#: this inside is cortical only (a skull vault), not a vertebra
 MAX_TRABECULAR_HU = 400.0
 #: how far inside a segment its core starts (mm from its surface): beyond the cortex and the partial volume
 CORE_DEPTH_MM = 3.0
