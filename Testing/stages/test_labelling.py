@@ -273,7 +273,7 @@ def test_levels_follow_the_bodies_not_a_segment_dragged_down_by_its_arches():
     lut = np.zeros(n + 1, np.int32)
     lut[numbered] = np.arange(1, n + 1)
     res = assign_levels(lut[inst], hu, spacing_mm=1.5)
-    assert body_order(lut[inst], n) == [1, 3, 2, 4, 5]
+    assert body_order(lut[inst], n, 1.5) == [1, 3, 2, 4, 5]
     names = {numbered[i - 1]: v for i, v in res.mapping.items()}  # body -> level
     assert names == {k: level_id(v) for k, v in enumerate(("C5", "C6", "C7", "T1", "T2"), 1)}
     assert res.anchors_found == {"first_rib": level_id("T1")}

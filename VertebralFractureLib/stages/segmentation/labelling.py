@@ -296,9 +296,10 @@ def sacrum_below(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, last:
     return ml >= SACRUM_MIN_ML * (zz.min() - z0) / depth
 
 
-def body_order(instances: np.ndarray, count: int) -> list[int]:
-    """Instances 1..count in craniocaudal order of their fronts: the mean height (z) of each instance's anterior
-    quarter (its voxels up to the 25th percentile of y, y growing posteriorly), cranial first.
+def body_order(instances: np.ndarray, count: int, spacing_mm: float) -> list[int]:
+    """Instances 1..count in craniocaudal order of their fronts, cranial first: the median height (z) of each
+    instance's anterior quarter (up to the 25th percentile of y, y growing posteriorly) within 15 mm of its
+    median x (the median and the band keep a piece of rib or aortic wall in a segment from moving it).
 
     A level is its body, and the body is a vertebra's front. A segment's whole centroid can fall below the next
     one's: a chain of arches from C2 to C6 holding C2's lower body (a PET-CT at 4 mm) came after C3's body in
@@ -308,8 +309,10 @@ def body_order(instances: np.ndarray, count: int) -> list[int]:
         if sl is None:
             fronts.append(-np.inf)  # an absent instance keeps its place at the end (it has no voxels to name)
             continue
-        zz, yy, _ = np.nonzero(instances[sl] == i)
-        fronts.append(float(zz[yy <= np.percentile(yy, 25)].mean()) + sl[0].start)
+        zz, yy, xx = np.nonzero(instances[sl] == i)
+        mid = np.abs(xx - np.median(xx)) <= 15.0 / spacing_mm
+        front = mid & (yy <= np.percentile(yy[mid], 25))
+        fronts.append(float(np.median(zz[front])) + sl[0].start)
     return [int(i) + 1 for i in np.argsort(-np.asarray(fronts), kind="stable")]
 
 
@@ -369,7 +372,7 @@ def assign_levels(
                     f"anchor {level_name(v2)}={i2} disagrees with {level_name(vid)}={idx}; the first anchor was used"
                 )
         return LevelAssignment(mapping, 1.0, warnings, {"user": vid}, method="user")
-    order = body_order(instances, n)
+    order = body_order(instances, n, spacing_mm)
     if order != list(range(1, n + 1)):  # name in the order of the bodies, then map back to the instance numbers
         rank = np.zeros(n + 1, instances.dtype)
         rank[order] = np.arange(1, n + 1)
