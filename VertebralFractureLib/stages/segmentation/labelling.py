@@ -1,7 +1,8 @@
 """Vertebra level names (VerSe ids) from order along the spine plus anatomical anchors, and overrides.
 
-Instances come numbered 1..n from cranial to caudal (:mod:`.instances`). Names follow the standard
-sequence C1..C7, T1..T12, L1..L5 fixed by one anchor:
+Instances come numbered 1..n from cranial to caudal (:mod:`.instances`, by whole centroids); they are named in
+the order of their bodies (:func:`body_order`), which differs where a segment's arches drag its centroid below the
+next body. Names follow the standard sequence C1..C7, T1..T12, L1..L5 fixed by one anchor:
 
 * ``last_rib``: the most caudal vertebra with a rib attached is T12 (when a rib-free vertebra follows it,
   so the field of view does not simply end there);
