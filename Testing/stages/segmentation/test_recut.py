@@ -11,7 +11,7 @@ from scipy import ndimage as ndi
 from VertebralFractureLib.research.phantom import make_phantom
 from VertebralFractureLib.stages.segmentation.disc_energy import MIN_ENERGY_RATIO, column_discs, segment_crossings
 from VertebralFractureLib.stages.segmentation.instances import Instances
-from VertebralFractureLib.stages.segmentation.recut import recut_at_discs, recut_instances
+from VertebralFractureLib.stages.segmentation.recut import REACH, SHARE, _runs, recut_at_discs, recut_instances
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,30 @@ def test_a_correctly_cut_column_is_left_as_it_is(phantom):
     assert recut_at_discs(truth, hu, 1.5) is truth
     inst = Instances(truth, int(truth.max()), [1], [])
     assert recut_instances(inst, hu, 1.5, slice_mm=1.5) is inst
+
+
+def test_a_lone_segment_holding_two_bodies_is_cut_at_their_disc(phantom):
+    hu, truth = phantom
+    merged = np.where(truth == 4, 3, truth).astype(np.int32)  # L1 and L2 in one segment; no other crossing
+    out = recut_at_discs(merged, hu, 1.5)
+    assert out is not merged and int(out.max()) == 6
+    after = _best_dice(truth, out)
+    assert after[3] >= 0.9 and after[4] >= 0.9, after
+    assert all(after[v] >= 0.95 for v in (1, 2, 5, 6)), after
+
+
+def test_a_segment_reaching_into_a_recut_body_is_recut_with_it():
+    # shares of each segment's body between consecutive discs (intervals 0..4)
+    share = {k: np.asarray(v) for k, v in {
+        1: [0.0, 0.5, 0.5, 0.0, 0.0],  # crossed by a disc
+        2: [0.0, 0.0, 0.4, 0.6, 0.0],  # shares interval 2's body with 1
+        3: [0.0, 0.0, 0.0, 0.08, 0.92],  # its own body, reaching 8 % into 2's
+        4: [0.0, 0.0, 0.0, 0.0, 0.5],  # shares 3's body: not drawn in by a segment that only reaches
+        5: [0.97, 0.03, 0.0, 0.0, 0.0],  # reaching less than REACH into 1's
+    }.items()}
+    assert SHARE > 0.08 >= REACH > 0.03
+    assert _runs({1}, share, set()) == [{1, 2, 3}]
+    assert _runs({1}, share, {3}) == [{1, 2}]
 
 
 def test_thick_slices_and_coarse_grids_are_not_recut(phantom):

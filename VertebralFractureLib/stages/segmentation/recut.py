@@ -9,10 +9,10 @@ again: the bodies by planes perpendicular to the centre line at the discs, each 
 a watershed on the mask's distance map (as :func:`.discs.split_at_discs` does), so that each piece spans disc to
 disc. Segments no disc crosses and that share no body with a crossed one are left as they are.
 
-Conservative: nothing moves unless at least two segments of the column are crossed, the discs of a run are evenly
-spaced and every re-cut body is about as big as its neighbours. Works on the canonical working grid (isotropic,
-axis-aligned LPS, array axes z=S, y=P, x=L) after :func:`.disc_boundaries.refine_disc_boundaries`, before the
-levels are named.
+Conservative: nothing moves unless at least two segments of the column are crossed (or one segment about two
+bodies long: :data:`MERGED_LENGTH`), the discs of a run are evenly spaced and every re-cut body is about as big as
+its neighbours. Works on the canonical working grid (isotropic, axis-aligned LPS, array axes z=S, y=P, x=L) after
+:func:`.disc_boundaries.refine_disc_boundaries`, before the levels are named.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from VertebralFractureLib.stages.segmentation.disc_energy import (
     MIN_ENERGY_RATIO,
     MIN_VERTEBRAE,
     ColumnDiscs,
+    DiscCrossing,
     column_discs,
     min_body_voxels,
     segment_crossings,
@@ -40,14 +41,22 @@ log = logging.getLogger(__name__)
 
 MAX_GRID_MM = 2.0  #: coarser working grids (``--fast``, 3 mm) do not resolve the discs: no re-cut
 SHARE = 0.15  #: two segments share a body when each has at least this share of its body between the same discs
+REACH = 0.05  #: a segment with at least this share of its body between two discs of a re-cut run's body (its
+#: own body reaching past the disc, less than :data:`SHARE`) is re-cut with the run, else it would keep that rim
+#: of the run's body (lidc-idri-0001's T8 segment, 4 mm into T9's body)
 DISC_TOL_MM = 2.0  #: body voxels this close to a disc count on neither side when shares are measured
 SPACING_RANGE = (0.65, 1.45)  #: the discs of a re-cut run: consecutive ones this many column periods apart
 MIN_PIECE_FRACTION = 0.5  #: every re-cut body at least this share of the run's median body
 MIN_CROSSED = 2  #: the column is cut again only when this many of its segments are crossed by a disc: a network
 #: that misses the discs misses several, while a lone crossing is as often a mid-body band read as a disc (the
 #: basivertebral veins' channel: lidc-idri-0314's T3, whose checked boundaries are the network's)
-CUT_RADIUS_MM = 20.0  #: voxels this close to the centre line (bodies, pedicles) are cut by the disc planes; the
-#: rest (laminae, spinous processes, reaching down past the next disc) goes by watershed
+MERGED_LENGTH = 1.3  #: a crossed segment whose body (5th-95th percentile along the spine) is this many local disc
+#: spacings long is re-cut even alone (:data:`MIN_CROSSED`): a body is shorter than its spacing (the disc takes
+#: 15-25 % of it), so such a segment holds most of two bodies (cmb-crc's T3 with T4: 1.39; the crossed segments
+#: holding one body on the checked cases: 0.55-1.09)
+CUT_RADIUS_MM = 25.0  #: voxels this close to the centre line (through the bodies' cores: the bodies, the
+#: pedicles) are cut by the disc planes; the rest (laminae, spinous processes, reaching down past the next disc)
+#: goes by watershed. 20 mm left a lumbar phantom's pedicles to the watershed, which gave L2's arch to L3
 
 
 def recut_instances(inst: Instances, hu: np.ndarray, spacing_mm: float, *, slice_mm: float,
@@ -84,8 +93,10 @@ def recut_at_discs(labels: np.ndarray, hu: np.ndarray, spacing_mm: float) -> np.
     col = column_discs(hu[box].astype(np.float32), lab, spacing_mm)
     if col is None:
         return labels
-    crossed = {v for v, c in segment_crossings(lab, col, spacing_mm).items() if c.energy_ratio >= MIN_ENERGY_RATIO}
-    if len(crossed) < MIN_CROSSED:
+    crossings = segment_crossings(lab, col, spacing_mm)
+    shifted = {v for v, c in crossings.items() if c.energy_ratio >= MIN_ENERGY_RATIO}
+    crossed = (shifted if len(shifted) >= MIN_CROSSED else set()) | _two_bodies(lab, col, crossings)
+    if not crossed:
         return labels
     new = _recut(lab, col, crossed, spacing_mm)
     if new is None:
@@ -158,22 +169,44 @@ def _recut(lab: np.ndarray, col: ColumnDiscs, crossed: set[int], spacing_mm: flo
     return out
 
 
+def _two_bodies(lab: np.ndarray, col: ColumnDiscs, crossings: dict[int, DiscCrossing]) -> set[int]:
+    """The crossed segments (``crossings``, whatever their energy ratio: a segment holding two whole bodies
+    ends at endplates as a well-cut one does) whose body is at least :data:`MERGED_LENGTH` local disc spacings
+    long (the median of the two disc steps either side of its disc)."""
+    steps = np.diff(np.asarray(col.discs))
+    body = (lab > 0) & (col.radial <= BODY_RADIUS_MM)
+    out = set()
+    for v, c in crossings.items():
+        k = int(np.searchsorted(col.discs, c.disc))
+        near = steps[max(0, k - 2):k + 2]
+        local = float(np.median(near)) if len(near) else col.period
+        length = float(np.ptp(np.percentile(col.coord[body & (lab == v)], [5, 95])))
+        if length >= MERGED_LENGTH * local:
+            out.add(v)
+    return out
+
+
 def _runs(crossed: set[int], share: dict[int, np.ndarray], excluded: set[int]) -> list[set[int]]:
     """Groups of segments that share bodies (:data:`SHARE` each between the same two discs), from the
-    ``crossed`` ones outwards, the ``excluded`` ones left out."""
+    ``crossed`` ones outwards, with the segments that only reach into their bodies (:data:`REACH`; these do not
+    draw in further segments), the ``excluded`` ones left out."""
     runs: list[set[int]] = []
     for start in sorted(crossed):
         if any(start in r for r in runs):
             continue
-        run, todo = {start}, [start]
+        run, todo, reaching = {start}, [start], set()
         while todo:
             v = todo.pop()
             for k in np.nonzero(share[v] >= SHARE)[0]:
                 for w, s in share.items():
-                    if w not in run and w not in excluded and s[k] >= SHARE:
+                    if w in run or w in excluded:
+                        continue
+                    if s[k] >= SHARE:
                         run.add(w)
                         todo.append(w)
-        runs.append(run)
+                    elif s[k] >= REACH:
+                        reaching.add(w)
+        runs.append(run | reaching)
     return runs
 
 

@@ -1,0 +1,50 @@
+"""The disc finder on zone energy (segmentation.disc_energy): the centre line runs through the bodies, not the
+arches behind them, and a disc sits at the centre of its energy bump, not on its higher endplate shoulder."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from VertebralFractureLib.stages.segmentation.disc_energy import LINE_DEPTH, body_line, bump_centre
+
+
+def _column_with_arches() -> tuple[np.ndarray, np.ndarray, float]:
+    """A straight column along z (1.5 mm voxels; z=S, y=P, x=L): bodies of radius 9 mm centred at y = 20 voxels,
+    and behind each its arch, a ring 6 mm thick around a canal of radius 7.5 mm (pedicles, laminae; in the upper
+    thoracic spine about as much bone as the small body). Returns (column mask, its voxels >= 3 mm inside, the
+    bodies' centre y in voxels)."""
+    shape = (60, 60, 40)
+    _, y, x = np.meshgrid(*[np.arange(s, dtype=float) for s in shape], indexing="ij")
+    cy, cx, r = 20.0, 20.0, 6.0  # voxels: 9 mm radius
+    body = (y - cy) ** 2 + (x - cx) ** 2 <= r**2
+    canal = np.hypot(y - (cy + r + 5), x - cx)  # canal centre 5 voxels behind the body's back
+    arch = (canal > 5) & (canal <= 9) & (y > cy + r - 1)
+    column = body | arch
+    thick = ndi.binary_erosion(column, np.ones((3, 3, 3), bool), border_value=1)
+    return column, thick, cy
+
+
+def test_the_centre_line_runs_through_the_bodies_not_the_arches():
+    column, thick, cy = _column_with_arches()
+    line = body_line(column, thick)
+    assert line.any() and not (line & ~thick).any()
+    ys = np.nonzero(line)[1]
+    # every line voxel in the body, their centre at the body's; all of `thick` (the old line) is pulled back
+    assert ys.max() <= cy + 6
+    assert abs(ys.mean() - cy) <= 0.5
+    assert np.nonzero(thick)[1].mean() - cy >= 3.0
+
+
+def test_a_disc_sits_at_the_centre_of_its_energy_bump():
+    x = np.arange(60) + 0.5  # mm
+    # a disc zone at 30 mm: two endplate shoulders 3 mm either side, the upper one higher
+    energy = 100 * np.exp(-0.5 * ((x - 33.0) / 2.5) ** 2) + 70 * np.exp(-0.5 * ((x - 27.0) / 2.5) ** 2) + 5
+    peak = int(np.argmax(energy))
+    assert x[peak] >= 32.0  # the highest point is on the upper shoulder
+    centre = bump_centre(x, energy, peak, 25.0)
+    assert 29.5 <= centre <= x[peak] - 1.0
+    # a symmetric bump: its peak
+    sym = 50 * np.exp(-0.5 * ((x - 20.0) / 3.0) ** 2)
+    assert abs(bump_centre(x, sym, int(np.argmax(sym)), 25.0) - 20.0) <= 0.5
+    assert 0.5 <= LINE_DEPTH < 1.0
