@@ -1,12 +1,19 @@
 """The disc finder on zone energy (segmentation.disc_energy): the centre line runs through the bodies, not the
-arches behind them, and a disc sits at the centre of its energy bump, not on its higher endplate shoulder."""
+arches behind them, a disc sits at the centre of its energy bump, not on its higher endplate shoulder, and
+bands in the middle of the bodies as marked as the discs do not halve the disc spacing."""
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from VertebralFractureLib.stages.segmentation.disc_energy import LINE_DEPTH, body_line, bump_centre
+from VertebralFractureLib.stages.segmentation.disc_energy import (
+    LINE_DEPTH,
+    MIN_PERIOD_OF_BODY,
+    body_line,
+    bump_centre,
+    column_period,
+)
 
 
 def _column_with_arches() -> tuple[np.ndarray, np.ndarray, float]:
@@ -48,3 +55,12 @@ def test_a_disc_sits_at_the_centre_of_its_energy_bump():
     sym = 50 * np.exp(-0.5 * ((x - 20.0) / 3.0) ** 2)
     assert abs(bump_centre(x, sym, int(np.argmax(sym)), 25.0) - 20.0) <= 0.5
     assert 0.5 <= LINE_DEPTH < 1.0
+
+
+def test_mid_body_bands_do_not_halve_the_disc_spacing():
+    x = np.arange(200) + 0.5  # mm
+    # discs every 30 mm and, half-way, a band in each body's middle as marked as they are
+    energy = sum(60 * np.exp(-0.5 * ((x - c) / 2.5) ** 2) for c in np.arange(10.0, 200.0, 15.0)) + 5
+    assert column_period(energy) == 15.0  # the autocorrelation alone: half the spacing
+    # bodies 5th-95th percentile about 0.8 of the spacing: 24 mm
+    assert abs(column_period(energy, lo_mm=round(MIN_PERIOD_OF_BODY * 24.0)) - 30.0) <= 1.0

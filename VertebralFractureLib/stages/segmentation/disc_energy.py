@@ -44,6 +44,10 @@ MIN_VERTEBRAE = 3  #: the disc sequence is read from a column: with fewer segmen
 MAX_SLICE_MM = 3.0  #: thicker slices do not resolve the discs: neither the flag nor the re-cut looks for them
 BASELINE_MM = 25  #: running median window of the marrow level (mm = profile bins)
 ZONE_SMOOTH_MM = 3.0  #: smoothing of the zone energy (Gaussian sigma, mm)
+MIN_PERIOD_OF_BODY = 0.75  #: the disc spacing is sought from this share of the segments' median body length up
+#: (5th-95th percentile, about 0.8 of the spacing: half the spacing is about 0.6 of it): bands in the middle of the
+#: bodies (the basivertebral veins' channel) as marked as the discs gave half the spacing (midrc's checked T8-L1:
+#: 14 mm, each body read as crossed by a disc)
 BUMP_REACH = 0.3  #: a disc's energy bump is measured at most this many column periods either side of its peak
 LINE_DEPTH = 0.7  #: the centre line runs through each slice's voxels at least this share of its deepest one's
 #: depth inside the column: the bodies' cores (pedicles and laminae are thinner); 0.7 and 0.8 re-cut the checked
@@ -111,7 +115,20 @@ def column_discs(hu: np.ndarray, lab: np.ndarray, spacing_mm: float) -> ColumnDi
     if len(x) < 20:
         return None
     energy = zone_energy(prof)
-    return ColumnDiscs(coord, radial, x, energy, energy_discs(x, energy), column_period(energy))
+    period = column_period(energy, lo_mm=max(14, round(MIN_PERIOD_OF_BODY * _median_body_length(lab, coord, radial))))
+    return ColumnDiscs(coord, radial, x, energy, energy_discs(x, energy, period), period)
+
+
+def _median_body_length(lab: np.ndarray, coord: np.ndarray, radial: np.ndarray) -> float:
+    """Median over the segments of their body's length along the spine (mm, 5th-95th percentile of the
+    coordinate of their voxels within :data:`BODY_RADIUS_MM` of the line); 0 without segments."""
+    body = (lab > 0) & (radial <= BODY_RADIUS_MM)
+    body_lab, body_coord = lab[body], coord[body]
+    order = np.argsort(body_lab, kind="stable")
+    ids, starts, counts = np.unique(body_lab[order], return_index=True, return_counts=True)
+    lengths = [float(np.ptp(np.percentile(body_coord[order][a:a + n], [5, 95])))
+               for a, n in zip(starts, counts, strict=True) if n >= 20]
+    return float(np.median(lengths)) if lengths else 0.0
 
 
 def body_line(column: np.ndarray, thick: np.ndarray) -> np.ndarray:
@@ -167,18 +184,18 @@ def column_period(energy: np.ndarray, lo_mm: int = 14, hi_mm: int = 45) -> float
     return float(min(p for p in peaks if ac[p] >= 0.6 * top))
 
 
-def energy_discs(x: np.ndarray, energy: np.ndarray) -> list[float]:
+def energy_discs(x: np.ndarray, energy: np.ndarray, period: float | None = None) -> list[float]:
     """Disc positions (mm, as ``x``): energy peaks chosen as the best quasi-periodic sequence.
 
     Each chosen peak scores its energy (relative to the median peak); consecutive discs must be 0.6-1.6 periods
-    apart and pay for the squared relative deviation from the period.
+    apart (``period``, mm; default :func:`column_period`) and pay for the squared relative deviation from it.
     """
     from scipy.signal import find_peaks
 
     peaks, _ = find_peaks(energy)
     if len(peaks) == 0:
         return []
-    period = column_period(energy)
+    period = column_period(energy) if period is None else period
     gain = energy[peaks] / max(float(np.median(energy[peaks])), 1e-6)
     pos = x[peaks]
     best, prev = gain.copy(), np.full(len(peaks), -1)
