@@ -41,6 +41,8 @@ MIN_ENERGY_RATIO = 1.1  #: ... and a disc zone clearly more marked than the segm
 #: maps: at most 0.66, the demo 0.87; bodies shifted by a third to a half: 90 % above 1.18)
 MIN_BODY_ML = 0.675  #: a segment with less body (200 voxels of 1.5 mm): a sliver, nothing to judge
 MIN_VERTEBRAE = 3  #: the disc sequence is read from a column: with fewer segments there is none
+SPACING_RANGE = (0.65, 1.45)  #: evenly spaced discs (the re-cut's runs, a rejoined body's neighbours):
+#: consecutive ones this many local disc spacings apart
 MAX_SLICE_MM = 3.0  #: thicker slices do not resolve the discs: neither the flag nor the re-cut looks for them
 BASELINE_MM = 25  #: running median window of the marrow level (mm = profile bins)
 ZONE_SMOOTH_MM = 3.0  #: smoothing of the zone energy (Gaussian sigma, mm)

@@ -7,7 +7,8 @@ by their zone energy (:mod:`.disc_energy`, the quality flag ``disc_inside`` uses
 boundaries belong. Where they show segments crossed by a disc, the run of segments that share those bodies is cut
 again: the bodies by planes perpendicular to the centre line at the discs, each arch grown from its body piece by
 a watershed on the mask's distance map (as :func:`.discs.split_at_discs` does), so that each piece spans disc to
-disc. Segments no disc crosses and that share no body with a crossed one are left as they are.
+disc. Segments no disc crosses and that share no body with a crossed one are left as they are, but for two (or
+more) that split one body between two discs, which are joined (:mod:`.rejoin`).
 
 Conservative: nothing moves unless at least two segments of the column are crossed (or one segment about two
 bodies long: :data:`MERGED_LENGTH`), the discs of a run are evenly spaced and every re-cut body is about as big as
@@ -28,6 +29,7 @@ from VertebralFractureLib.stages.segmentation.disc_energy import (
     MAX_SLICE_MM,
     MIN_ENERGY_RATIO,
     MIN_VERTEBRAE,
+    SPACING_RANGE,
     ColumnDiscs,
     DiscCrossing,
     column_discs,
@@ -36,6 +38,7 @@ from VertebralFractureLib.stages.segmentation.disc_energy import (
 )
 from VertebralFractureLib.stages.segmentation.discs import renumber_craniocaudal, seeded_watershed
 from VertebralFractureLib.stages.segmentation.instances import Instances, partial_instances
+from VertebralFractureLib.stages.segmentation.rejoin import rejoin_split_bodies
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,6 @@ REACH = 0.05  #: a segment with at least this share of its body between two disc
 #: own body reaching past the disc, less than :data:`SHARE`) is re-cut with the run, else it would keep that rim
 #: of the run's body (lidc-idri-0001's T8 segment, 4 mm into T9's body)
 DISC_TOL_MM = 2.0  #: body voxels this close to a disc count on neither side when shares are measured
-SPACING_RANGE = (0.65, 1.45)  #: the discs of a re-cut run: consecutive ones this many column periods apart
 MIN_PIECE_FRACTION = 0.5  #: every re-cut body at least this share of the run's median body
 MIN_CROSSED = 2  #: the column is cut again only when this many of its segments are crossed by a disc: a network
 #: that misses the discs misses several, while a lone crossing is as often a mid-body band read as a disc (the
@@ -74,7 +76,8 @@ def recut_instances(inst: Instances, hu: np.ndarray, spacing_mm: float, *, slice
 
 
 def recut_at_discs(labels: np.ndarray, hu: np.ndarray, spacing_mm: float) -> np.ndarray:
-    """Cut the segments whose body a disc crosses (and those sharing their bodies) again at the discs.
+    """Cut the segments whose body a disc crosses (and those sharing their bodies) again at the discs, then join
+    the segments that split one body between two discs (:func:`.rejoin.rejoin_split_bodies`).
 
     ``labels``: int32 instances (z=S, y=P, x=L), 0 background; ``hu`` on the same isotropic grid (mm
     ``spacing_mm``). Returns ``labels`` itself when nothing is re-cut, else a new map numbered 1..m from cranial to
@@ -96,9 +99,10 @@ def recut_at_discs(labels: np.ndarray, hu: np.ndarray, spacing_mm: float) -> np.
     crossings = segment_crossings(lab, col, spacing_mm)
     shifted = {v for v, c in crossings.items() if c.energy_ratio >= MIN_ENERGY_RATIO}
     crossed = (shifted if len(shifted) >= MIN_CROSSED else set()) | _two_bodies(lab, col, crossings)
-    if not crossed:
-        return labels
-    new = _recut(lab, col, crossed, spacing_mm)
+    new = _recut(lab, col, crossed, spacing_mm) if crossed else None
+    # then the segments that split one body between two discs (no disc crosses them): joined
+    joined = rejoin_split_bodies(lab if new is None else new, col, spacing_mm)
+    new = new if joined is None else joined
     if new is None:
         return labels
     out = labels.copy()
