@@ -278,7 +278,12 @@ def segment_vertebrae(
     """
     from VertebralFractureLib.stages.segmentation.bodies import complete_bodies
     from VertebralFractureLib.stages.segmentation.disc_boundaries import refine_disc_boundaries
-    from VertebralFractureLib.stages.segmentation.instances import extract_instances, grow_cortex, trabecular_core
+    from VertebralFractureLib.stages.segmentation.instances import (
+        extract_instances,
+        grow_cortex,
+        reassign_stray_pieces,
+        trabecular_core,
+    )
     from VertebralFractureLib.stages.segmentation.labelling import assign_levels, parse_anchor
     from VertebralFractureLib.stages.segmentation.recut import recut_instances
 
@@ -304,6 +309,7 @@ def segment_vertebrae(
         # bodies the network missed in front of their arches, then the cortex it missed, then boundaries onto the discs
         grown = complete_bodies(inst.labels, hu.array, s)
         grown = refine_disc_boundaries(grow_cortex(grown, hu.array, s), hu.array, s)
+        grown = reassign_stray_pieces(grown, s, before=inst.labels)  # again where a missed body had no core to go by
         prob = prob.with_array(np.where((grown > 0) & (inst.labels == 0), np.float32(1.0), prob.array))
         inst.labels = grown
         inst = recut_instances(inst, hu.array, s, slice_mm=max(ct.spacing), fov=fov)  # boundaries that miss the discs

@@ -12,7 +12,8 @@ Works on the canonical working grid (isotropic, axis-aligned LPS, array axes z=S
    network bridged a disc) and the HU are given, the bodies are cut instead by planes perpendicular to the
    spine's centre line at the discs' HU minima (:func:`.discs.split_at_discs`), disc voxels left out;
 4. a segment far bigger than its neighbours gives back the pieces of other levels it holds (an arch chain
-   joined to one body, the sacral alae joined to L5: :func:`reassign_stray_pieces`);
+   joined to one body, the sacral alae joined to L5: :func:`reassign_stray_pieces`; the segmentation stage runs
+   it again after completing the bodies, for the segments whose body the network missed);
 5. instances numbered 1..n craniocaudally; those touching the edge of the field of view are marked partial.
 """
 
@@ -45,6 +46,10 @@ MAX_SINGLE_MM = 40.0  # a watershed part taller than this is checked for disc mi
 #: a segment this many times the median volume of its neighbours (two on each side) is checked for arches
 #: of other levels (:func:`reassign_stray_pieces`)
 STRAY_VOLUME_RATIO = 1.5
+#: ... in the second pass (:func:`reassign_stray_pieces` with ``before``) at most this many times: a body with an
+#: arch or two of its neighbours; beyond, several vertebrae (acrin-flt-breast-001's neck: 6.4 times, 104 mm tall)
+#: whose pieces the line through bodies the network missed does not place
+STRAY_MAX_RATIO_SECOND = 3.0
 #: a vertebra's superior articular processes reach this far above the top of its body (mm along the spine)
 ARCH_ABOVE_MM = 15.0
 #: its laminae and spinous process (a thoracic spinous process points down) reach at most this many body periods
@@ -52,6 +57,8 @@ ARCH_ABOVE_MM = 15.0
 ARCH_BELOW_PERIODS = 1.5
 LATERAL_BELOW_PERIODS = 0.75
 MIDLINE_MM = 12.0
+#: a second thick piece of a segment this far beside its body (along x, mm) is a lateral mass, not a second body
+BODY_BESIDE_MM = 8.0
 #: the inside of a vertebral body is trabecular bone (adult median about 50-300 HU); bone with nothing below
 #: this inside is cortical only (a skull vault), not a vertebra
 MAX_TRABECULAR_HU = 400.0
@@ -414,7 +421,7 @@ def _recut(parts: np.ndarray, spacing_mm: float) -> np.ndarray:
     return out
 
 
-def reassign_stray_pieces(labels: np.ndarray, spacing_mm: float) -> np.ndarray:
+def reassign_stray_pieces(labels: np.ndarray, spacing_mm: float, *, before: np.ndarray | None = None) -> np.ndarray:
     """Give the pieces of other levels inside an oversized segment to the vertebrae they belong to.
 
     Where the network misses pedicles, a chain of laminae and spinous processes of several levels stays joined
@@ -430,6 +437,13 @@ def reassign_stray_pieces(labels: np.ndarray, spacing_mm: float) -> np.ndarray:
     vertebra whose body lies at its level (for an arch, a quarter period higher: arches hang below their
     bodies), or where no body is (the sacrum under L5) to the nearest other segment. A segment with a second
     body at least half as big is left alone (a merge for the disc cut, not stray pieces).
+    ``before``: for a second pass after :func:`.bodies.complete_bodies`, the labels it started from (same ids):
+    only segments whose body had no core there are checked (the network missed the body, so the first pass had
+    nothing to place the pieces by), and only a second body in line with the first counts (:func:`second_body`:
+    a thick piece beside it is a lateral mass). In the first pass a body the network found in parts can show as
+    two cores side by side (left and right halves 27 mm apart), so there any second core counts.
+    Neighbours under half the median of their window (the segment and two on each side) are fragments or cut by
+    the scan's end.
     ``labels``: int32 (z=S, y=P, x=L), 0 background, any ids; returns a relabelled copy with the same ids.
     """
     out = labels.copy()
@@ -438,21 +452,28 @@ def reassign_stray_pieces(labels: np.ndarray, spacing_mm: float) -> np.ndarray:
     if len(ids) < 3:
         return out
     ids.sort(key=lambda i: -cents[i][0])  # craniocaudal: z grows towards superior
-    typical = float(np.median(counts[ids]))
     objects = ndi.find_objects(out)
+    boxes_before = ndi.find_objects(before) if before is not None else []
     for k, i in enumerate(ids):
-        # neighbours cut by the scan's end or fragments do not set the scale
-        neighbours = [j for j in ids[max(0, k - 2):k + 3] if j != i and counts[j] >= 0.5 * typical]
-        if not neighbours or counts[i] <= STRAY_VOLUME_RATIO * float(np.median(counts[neighbours])):
+        # neighbours cut by the scan's end or fragments do not set the scale; "small" is judged locally: a C7 is
+        # a third of an L1, so the median of the whole column would call every cervical vertebra a fragment
+        window = ids[max(0, k - 2):k + 3]
+        local = float(np.median(counts[window]))
+        neighbours = [j for j in window if j != i and counts[j] >= 0.5 * local]
+        ratio = counts[i] / float(np.median(counts[neighbours])) if neighbours else 0.0
+        if ratio <= STRAY_VOLUME_RATIO:
             continue
+        if before is not None and (ratio > STRAY_MAX_RATIO_SECOND or i > len(boxes_before)
+                                   or boxes_before[i - 1] is None or body_cores(before[boxes_before[i - 1]], [i], spacing_mm, i)[0].any()):
+            continue  # the first pass judged this one by its body
         # the segment, its neighbours and every vertebra whose centre lies within its extent along z
         zlo, zhi = objects[i - 1][0].start, objects[i - 1][0].stop
         group = [j for j in ids if j in ids[max(0, k - 2):k + 3] or zlo <= cents[j][0] < zhi]
         box = tuple(slice(max(0, min(objects[j - 1][a].start for j in group) - 1),
                           max(objects[j - 1][a].stop for j in group) + 1) for a in range(3))
         sub = out[box]
-        cores, two_bodies = body_cores(sub, group, spacing_mm, i)
-        if two_bodies:
+        cores, two_cores = body_cores(sub, group, spacing_mm, i)
+        if second_body(sub == i, spacing_mm) if before is not None else two_cores:
             continue
         sc = spine_coordinate(np.isin(sub, group), spacing_mm, line=cores > 0)
         if sc is None:
@@ -496,6 +517,21 @@ def reassign_stray_pieces(labels: np.ndarray, spacing_mm: float) -> np.ndarray:
         counts = np.bincount(out.ravel(), minlength=len(counts))
         objects = ndi.find_objects(out)
     return out
+
+
+def second_body(mask: np.ndarray, spacing_mm: float) -> bool:
+    """Does ``mask`` (bool, z=S, y=P, x=L) hold two vertebral bodies: a second piece at least :data:`CORE_MM`
+    inside that is at least half as big as the biggest and lies in line with it (its centroid within
+    :data:`BODY_BESIDE_MM` of the biggest's along x)? Bodies stack along the column; a thick piece beside the
+    body is a cervical lateral mass (articular pillar), as thick as a small body but part of the arch."""
+    core, n = connected_components(ndi.distance_transform_edt(mask) * spacing_mm >= CORE_MM, 6)
+    if n < 2:
+        return False
+    sizes = np.bincount(core.ravel())[1:]
+    order = np.argsort(sizes)[::-1]
+    x = np.asarray(ndi.center_of_mass(core > 0, core, order + 1))[:, 2]
+    second = [k for k in range(1, n) if sizes[order[k]] >= 0.5 * sizes[order[0]]]
+    return any(abs(x[k] - x[0]) * spacing_mm <= BODY_BESIDE_MM for k in second)
 
 
 def _merge_fragments(out: np.ndarray, spacing_mm: float, typical_ml: float) -> np.ndarray:
