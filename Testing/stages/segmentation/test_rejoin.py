@@ -49,6 +49,16 @@ def test_a_body_cut_across_its_middle_is_joined():
     assert np.array_equal(out > 0, lab > 0)
 
 
+def test_a_rim_cut_off_a_body_in_its_marrow_is_joined_but_not_a_crumb():
+    rim = BODIES[:4] + [(90.5, 94.0), (94.0, 109.5)]  # the last body's lower 3.5 mm its own segment
+    lab, col = _column(DISCS, rim)
+    out = rejoin_split_bodies(lab, col, SPACING)
+    assert out is not None and np.array_equal(out == 5, (lab == 5) | (lab == 6))
+    crumb = BODIES[:4] + [(90.5, 92.0), (92.0, 109.5)]  # one slice: a sliver, nothing to judge
+    lab, col = _column(DISCS, crumb)
+    assert rejoin_split_bodies(lab, col, SPACING) is None
+
+
 def test_whole_bodies_are_not_joined():
     lab, col = _column(DISCS, BODIES)
     assert rejoin_split_bodies(lab, col, SPACING) is None

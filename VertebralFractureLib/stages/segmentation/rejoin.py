@@ -40,7 +40,8 @@ JUNCTION_MM = 1.5  #: the gap is read this far past the segments' ends
 DISC_TOL_MM = 2.0  #: a disc this close to the gap between the two segments is between them
 MAX_UNION = 1.35  #: the joined body (5th-95th percentile along the spine) at most this many local disc spacings
 #: (a body is about 0.8 of its spacing; lungfcp-01-0001's T5 halves with a rim of T4: 1.2; two bodies: >= 1.7)
-MIN_PART = 0.25  #: each segment at least this share of the joined body's voxels
+MIN_PART = 0.15  #: each segment at least this share of the joined body's voxels (lidc-idri-0314's lowest segment,
+#: the lower 4 mm of L1's body cut off in marrow: 0.19; lungfcp-01-0001's T5 halves: 0.42)
 MAX_SPACING_OF_BODY = 1.6  #: the local disc spacing at most this many times the median body length of the other
 #: segments (bodies are about 0.8 of the spacing; a missed disc doubles it)
 
