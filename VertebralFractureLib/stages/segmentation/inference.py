@@ -278,7 +278,6 @@ def segment_vertebrae(
     """
     from VertebralFractureLib.stages.segmentation.bodies import complete_bodies
     from VertebralFractureLib.stages.segmentation.disc_boundaries import refine_disc_boundaries
-    from VertebralFractureLib.stages.segmentation.end_split import split_end_instances
     from VertebralFractureLib.stages.segmentation.instances import (
         extract_instances,
         grow_cortex,
@@ -314,7 +313,6 @@ def segment_vertebrae(
         prob = prob.with_array(np.where((grown > 0) & (inst.labels == 0), np.float32(1.0), prob.array))
         inst.labels = grown
         inst = recut_instances(inst, hu.array, s, slice_mm=max(ct.spacing), fov=fov)  # boundaries that miss the discs
-        inst = split_end_instances(inst, hu.array, s, slice_mm=max(ct.spacing), fov=fov)  # the scan's last disc
     warnings = list(inst.warnings)
     if inst.count and not any(trabecular_core(inst.labels, hu.array, prob.spacing[0], inst.count)):
         warnings.append(f"the {inst.count} bone segment{'s' if inst.count > 1 else ''} found hold{'' if inst.count > 1 else 's'} "
