@@ -169,10 +169,7 @@ def volume_samples(ct, labels, group: str, source: str, *, fractures_per_vertebr
     if not whole:
         notes.append(f"{group}: no whole vertebra")
         return []
-    filtered = ct.with_array(wiener_filter(ct.array))
-    feats = extract_features(ct, labels, [r.label for r in whole], workers=1)
-    rows = [_sample_row(extract_crop(filtered, labels, r.label), feats.get(r.label, {}), r, y=0, grade=0,
-                        fracture_type="normal", group=group, source=source) for r in whole]
+    rows = _normal_rows(ct, labels, whole, group, source)
     for i, r in enumerate(whole):
         for k in range(fractures_per_vertebra):
             grade, kind = COMBINATIONS[(offset + i + 4 * k) % len(COMBINATIONS)]
@@ -190,6 +187,18 @@ def volume_samples(ct, labels, group: str, source: str, *, fractures_per_vertebr
             rows.append(_sample_row(extract_crop(sim_filtered, sim.labels, r.label), f, after, y=1, grade=grade,
                                     fracture_type=kind, group=group, source=source))
     return rows
+
+
+def _normal_rows(ct, labels, whole: list, group: str, source: str) -> list[dict]:
+    """Negative sample rows (y = 0) of the ``whole`` records' vertebrae of ``labels`` on ``ct``."""
+    from VertebralFractureLib.stages.classification import extract_crop
+    from VertebralFractureLib.stages.preprocess import wiener_filter
+    from VertebralFractureLib.stages.radiomics import extract_features
+
+    filtered = ct.with_array(wiener_filter(ct.array))
+    feats = extract_features(ct, labels, [r.label for r in whole], workers=1)
+    return [_sample_row(extract_crop(filtered, labels, r.label), feats.get(r.label, {}), r, y=0, grade=0,
+                        fracture_type="normal", group=group, source=source) for r in whole]
 
 
 def _rows_to_npz(rows: list[dict], path: Path, notes: list[str]) -> None:
@@ -239,12 +248,9 @@ def auto_segment_rows(ct, group: str, *, device: str = "cpu", notes: list[str] |
     segmentation, morphometry and ``run``'s quality check of automatic labels (level confidence, the naming's
     review, segments crossing a disc); every segment that check leaves graded is a sample (y = 0, source
     ``"auto"``), mis-cut ones included, since those are the false alarms the classifier must learn to doubt."""
-    from VertebralFractureLib.stages.classification import extract_crop
     from VertebralFractureLib.stages.morphometry import measure_vertebrae
-    from VertebralFractureLib.stages.preprocess import wiener_filter
     from VertebralFractureLib.stages.quality import assess_quality
     from VertebralFractureLib.stages.quality_discs import discs_inside
-    from VertebralFractureLib.stages.radiomics import extract_features
     from VertebralFractureLib.stages.segmentation.inference import segment_vertebrae
 
     notes = notes if notes is not None else []
@@ -257,10 +263,7 @@ def auto_segment_rows(ct, group: str, *, device: str = "cpu", notes: list[str] |
     if not whole:
         notes.append(f"{group} (automatic segmentation): no graded vertebra")
         return []
-    filtered = ct.with_array(wiener_filter(ct.array))
-    feats = extract_features(ct, labels, [r.label for r in whole], workers=1)
-    return [_sample_row(extract_crop(filtered, labels, r.label), feats.get(r.label, {}), r, y=0, grade=0,
-                        fracture_type="normal", group=group, source="auto") for r in whole]
+    return _normal_rows(ct, labels, whole, group, "auto")
 
 
 def auto_case_samples(case: RealCase, *, cache_dir: str | Path | None = None, device: str = "cpu") -> Samples:
