@@ -121,6 +121,12 @@ def column_discs(hu: np.ndarray, lab: np.ndarray, spacing_mm: float) -> ColumnDi
     return ColumnDiscs(coord, radial, x, energy, energy_discs(x, energy, period), period)
 
 
+def body_length(coord: np.ndarray) -> float:
+    """Length (mm) along the spine of a body whose voxels have spine coordinates ``coord``: 5th to 95th
+    percentile, so that a stray voxel or a rim left by a neighbour does not count."""
+    return float(np.ptp(np.percentile(coord, [5, 95])))
+
+
 def _median_body_length(lab: np.ndarray, coord: np.ndarray, radial: np.ndarray) -> float:
     """Median over the segments of their body's length along the spine (mm, 5th-95th percentile of the
     coordinate of their voxels within :data:`BODY_RADIUS_MM` of the line); 0 without segments."""
@@ -128,7 +134,7 @@ def _median_body_length(lab: np.ndarray, coord: np.ndarray, radial: np.ndarray) 
     body_lab, body_coord = lab[body], coord[body]
     order = np.argsort(body_lab, kind="stable")
     ids, starts, counts = np.unique(body_lab[order], return_index=True, return_counts=True)
-    lengths = [float(np.ptp(np.percentile(body_coord[order][a:a + n], [5, 95])))
+    lengths = [body_length(body_coord[order][a:a + n])
                for a, n in zip(starts, counts, strict=True) if n >= 20]
     return float(np.median(lengths)) if lengths else 0.0
 
@@ -231,6 +237,13 @@ def bump_centre(x: np.ndarray, energy: np.ndarray, peak: int, period: float) -> 
         hi += 1
     w = energy[lo:hi + 1] - 0.5 * top
     return float(np.sum(x[lo:hi + 1] * w) / max(float(np.sum(w)), 1e-9))
+
+
+def local_steps(discs: np.ndarray, position: float) -> np.ndarray:
+    """The (up to four) steps between consecutive ``discs`` (mm of spine coordinate, sorted) nearest to
+    ``position``: two below it and two above; their median is the local disc spacing."""
+    k = int(np.searchsorted(discs, position))
+    return np.diff(np.asarray(discs))[max(0, k - 2):k + 2]
 
 
 def inner_labels(body_lab: np.ndarray, body_coord: np.ndarray, min_voxels: int,

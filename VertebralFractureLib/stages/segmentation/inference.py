@@ -315,8 +315,8 @@ def segment_vertebrae(
         inst = recut_instances(inst, hu.array, s, slice_mm=max(ct.spacing), fov=fov)  # boundaries that miss the discs
     warnings = list(inst.warnings)
     if inst.count and not any(trabecular_core(inst.labels, hu.array, prob.spacing[0], inst.count)):
-        warnings.append(f"the {inst.count} bone segment{'s' if inst.count > 1 else ''} found hold{'' if inst.count > 1 else 's'} "
-                        "no trabecular bone inside (cortical bone only, as of a skull: not a spine)")
+        warnings.append(f"no trabecular bone inside any of the {inst.count} bone segments found (cortical bone "
+                        "only, as of a skull: not a spine)")
         inst.count = 0
     if inst.count == 0:
         empty = ct.with_array(np.zeros(ct.shape, np.uint8))

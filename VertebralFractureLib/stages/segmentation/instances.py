@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
+from VertebralFractureLib.stages.morphometry.grading import MAX_TRABECULAR_MEDIAN_HU
 from VertebralFractureLib.stages.segmentation.discs import (
     CORE_MM,
     body_cores,
@@ -59,9 +60,6 @@ LATERAL_BELOW_PERIODS = 0.75
 MIDLINE_MM = 12.0
 #: a second thick piece of a segment this far beside its body (along x, mm) is a lateral mass, not a second body
 BODY_BESIDE_MM = 8.0
-#: the inside of a vertebral body is trabecular bone (adult median about 50-300 HU); bone with nothing below
-#: this inside is cortical only (a skull vault), not a vertebra
-MAX_TRABECULAR_HU = 400.0
 #: how far inside a segment its core starts (mm from its surface): beyond the cortex and the partial volume
 CORE_DEPTH_MM = 3.0
 CORTEX_HU = 250.0  # smoothed HU of cortical bone the network may miss (:func:`grow_cortex`)
@@ -580,7 +578,8 @@ def trabecular_core(labels: np.ndarray, hu: np.ndarray, spacing_mm: float, count
     """Per instance (1..count): does it hold trabecular bone, as every vertebral body does?
 
     Its core (voxels at least :data:`CORE_DEPTH_MM` inside it, 0.5 ml or more) must have a median HU at or below
-    :data:`MAX_TRABECULAR_HU`. A skull vault the network took for vertebrae (a head CT) is a cortical shell with
+    :data:`~VertebralFractureLib.stages.morphometry.grading.MAX_TRABECULAR_MEDIAN_HU` (morphometry's own
+    test of a cortical-only core). A skull vault the network took for vertebrae (a head CT) is a cortical shell with
     diploe too thin for a core, or a core of 1000 HU and more.
     """
     out = []
@@ -591,5 +590,5 @@ def trabecular_core(labels: np.ndarray, hu: np.ndarray, spacing_mm: float, count
             continue
         pad = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in sl)
         core = ndi.distance_transform_edt(labels[pad] == i) * spacing_mm >= CORE_DEPTH_MM
-        out.append(bool(core.sum() * vox_ml >= 0.5 and np.median(hu[pad][core]) <= MAX_TRABECULAR_HU))
+        out.append(bool(core.sum() * vox_ml >= 0.5 and np.median(hu[pad][core]) <= MAX_TRABECULAR_MEDIAN_HU))
     return out

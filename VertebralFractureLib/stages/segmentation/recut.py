@@ -32,7 +32,9 @@ from VertebralFractureLib.stages.segmentation.disc_energy import (
     SPACING_RANGE,
     ColumnDiscs,
     DiscCrossing,
+    body_length,
     column_discs,
+    local_steps,
     min_body_voxels,
     segment_crossings,
 )
@@ -177,14 +179,12 @@ def _two_bodies(lab: np.ndarray, col: ColumnDiscs, crossings: dict[int, DiscCros
     """The crossed segments (``crossings``, whatever their energy ratio: a segment holding two whole bodies
     ends at endplates as a well-cut one does) whose body is at least :data:`MERGED_LENGTH` local disc spacings
     long (the median of the two disc steps either side of its disc)."""
-    steps = np.diff(np.asarray(col.discs))
     body = (lab > 0) & (col.radial <= BODY_RADIUS_MM)
     out = set()
     for v, c in crossings.items():
-        k = int(np.searchsorted(col.discs, c.disc))
-        near = steps[max(0, k - 2):k + 2]
+        near = local_steps(np.asarray(col.discs), c.disc)
         local = float(np.median(near)) if len(near) else col.period
-        length = float(np.ptp(np.percentile(col.coord[body & (lab == v)], [5, 95])))
+        length = body_length(col.coord[body & (lab == v)])
         if length >= MERGED_LENGTH * local:
             out.add(v)
     return out
@@ -236,7 +236,7 @@ def _inconsistent(run: set[int], share: dict[int, np.ndarray], size: np.ndarray,
             ok = SPACING_RANGE[0] * local <= steps[k - 1] <= SPACING_RANGE[1] * local
             length = float(steps[k - 1])
         else:
-            length = float(np.ptp(np.percentile(body_coord[interval == k], [5, 95])))
+            length = body_length(body_coord[interval == k])
             ok = length <= SPACING_RANGE[1] * local
         if not ok:
             log.debug("no re-cut of %s: interval %d is %.1f mm, the local disc spacing %.1f mm",

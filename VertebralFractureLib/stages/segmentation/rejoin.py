@@ -28,6 +28,8 @@ from VertebralFractureLib.stages.segmentation.disc_energy import (
     BODY_RADIUS_MM,
     SPACING_RANGE,
     ColumnDiscs,
+    body_length,
+    local_steps,
     min_body_voxels,
 )
 
@@ -75,7 +77,7 @@ def _best_pair(lab: np.ndarray, col: ColumnDiscs, spacing_mm: float) -> tuple[in
     ids = [int(v) for v, n in zip(ids, counts, strict=True) if n >= min_body_voxels(spacing_mm)]
     coords = {v: body_coord[body_lab == v] for v in ids}
     ids.sort(key=lambda v: float(np.median(coords[v])))
-    lengths = {v: float(np.ptp(np.percentile(coords[v], [5, 95]))) for v in ids}
+    lengths = {v: body_length(coords[v]) for v in ids}
     best: tuple[float, tuple[int, int]] | None = None
     for lo, hi in zip(ids[:-1], ids[1:], strict=True):  # lo below hi along the spine's coordinate
         others = [lengths[v] for v in ids if v not in (lo, hi)]
@@ -88,7 +90,7 @@ def _best_pair(lab: np.ndarray, col: ColumnDiscs, spacing_mm: float) -> tuple[in
         local = _local_spacing(discs, float(np.median(union)))
         if local is None or local > MAX_SPACING_OF_BODY * float(np.median(others)):
             continue
-        if float(np.ptp(np.percentile(union, [5, 95]))) > MAX_UNION * local:
+        if body_length(union) > MAX_UNION * local:
             continue
         if min(len(coords[lo]), len(coords[hi])) < MIN_PART * len(union):
             continue
@@ -118,9 +120,7 @@ def _junction(lower: np.ndarray, upper: np.ndarray, col: ColumnDiscs, discs: np.
 def _local_spacing(discs: np.ndarray, position: float) -> float | None:
     """Median of the (up to four) disc steps nearest to ``position`` (mm of spine coordinate); None when they are
     not evenly spaced (:data:`SPACING_RANGE` of their median) or there are fewer than two."""
-    steps = np.diff(discs)
-    k = int(np.searchsorted(discs, position))
-    near = steps[max(0, k - 2):k + 2]
+    near = local_steps(discs, position)
     if len(near) < 2:
         return None
     local = float(np.median(near))
