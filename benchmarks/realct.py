@@ -37,6 +37,7 @@ sys.path.insert(0, str(HERE / "realct_labels"))
 from build import CASES, DEFAULT_DATA  # noqa: E402  (benchmarks/realct_labels/build.py)
 
 from VertebralFractureLib.core.levels import level_name, order_index  # noqa: E402
+from VertebralFractureLib.core.volume import Volume  # noqa: E402
 
 LABELS = HERE / "realct_labels"
 RESULTS = HERE / "results"
@@ -110,7 +111,8 @@ def run_case(case: str, data: Path, fast: bool) -> dict:
         seconds = time.perf_counter() - start
         out = json.loads((Path(tmp) / "out" / "result.json").read_text())
     pred = result.labels.array
-    truth = read_volume(LABELS / case / "labels.nii.gz", check=False).array
+    truth_volume = read_volume(LABELS / case / "labels.nii.gz", check=False)
+    truth = truth_volume.array
     ignore_path = LABELS / case / "ignore.nii.gz"
     ignore = read_volume(ignore_path, check=False).array > 0 if ignore_path.exists() else None
     names = [level_name(v) for v in sorted((int(v) for v in np.unique(pred) if v > 0), key=order_index)]
@@ -123,8 +125,32 @@ def run_case(case: str, data: Path, fast: bool) -> dict:
         "review_reasons": out.get("review_reasons"), "fractured": out.get("fractured"),
         "flags": {r["level"]: r.get("flags", []) for r in out.get("vertebrae", []) if r.get("flags")},
         "warnings": out.get("warnings"),
-        **score_case(pred, truth, ignore),
+        **(scores := score_case(pred, truth, ignore)),
+        **deformities(out, truth_volume, scores["vertebrae"]),
     }
+
+
+def deformities(out: dict, truth: Volume, matched: dict) -> dict:
+    """Genant grades of the automatic run (``out``: its result.json) beside the checked labels' own morphometry,
+    per checked vertebra and its matched segment (``matched``: :func:`score_case`'s ``vertebrae``).
+
+    ``deformity_auto_only``: "T7 (2 vs 0)" for a vertebra graded >= 1 on the automatic segmentation but 0 on its
+    checked label (a deformity made by the segmentation); ``call_behind_review``: a vertebra at or above the
+    fracture threshold in a case sent to review, so only the review kept a call from being made.
+    """
+    from VertebralFractureLib.stages.morphometry import measure_vertebrae
+
+    checked = {level_name(r.label): r.genant_grade for r in measure_vertebrae(None, truth)}
+    auto = {v["level"]: v.get("genant_grade") for v in out.get("vertebrae", [])}
+    only = []
+    for name, m in matched.items():
+        a, c = auto.get(m["segment"]), checked.get(name)
+        if a is not None and c is not None and a >= 1 and c == 0:
+            only.append(f"{name} ({a} vs 0)")
+    threshold = float(out.get("fracture_threshold") or 0.5)
+    behind = out.get("fractured") is None and any((v.get("fracture_probability") or 0.0) >= threshold
+                                                  for v in out.get("vertebrae", []))
+    return {"deformity_auto_only": only, "call_behind_review": bool(behind)}
 
 
 #: kinds of review reason, by a phrase of their sentence (stages.quality, classification)
@@ -156,6 +182,9 @@ def summary(rows: list[dict]) -> dict:
                                                                        for x in r["review_reasons"] or []))
                            for kind in dict.fromkeys(k for k, _ in REASON_KINDS + (("other", ""),))},
         "merged_flags": sum(len([v for v, f in r["flags"].items() if "merged" in f]) for r in rows),
+        "deformity_auto_only": sum(len(r["deformity_auto_only"]) for r in scored),
+        "graded_vertebrae_checked": sum(len(r["vertebrae"]) for r in scored),
+        "call_behind_review": sorted(r["case"] for r in rows if r["call_behind_review"]),
     }
 
 
@@ -184,6 +213,12 @@ def markdown(rows: list[dict], summ: dict, host: dict | None = None) -> str:
                  f"{len(summ['scored_cases'])}, levels all right on {summ['levels_all_right']}; "
                  f"{summ['needs_review']} of {summ['cases']} cases sent to review, {summ['called_fractured']} "
                  f"called fractured; {summ['merged_flags']} segments flagged merged.")
+    lines.append(f"Deformities made by the segmentation: {summ['deformity_auto_only']} checked vertebrae graded >= 1 "
+                 "on the automatic segmentation but 0 on their checked label ("
+                 + "; ".join(f"{r['case']}: {', '.join(r['deformity_auto_only'])}" for r in rows
+                             if r["deformity_auto_only"]) + "). Cases where only the review kept a vertebra at or "
+                 f"above the fracture threshold from a call: {len(summ['call_behind_review'])} "
+                 f"({', '.join(summ['call_behind_review']) or 'none'}).")
     if host and host["load_1min"] > host["cpus"]:
         lines.append(f"Times were measured with a load average of {host['load_1min']} on {host['cpus']} cores (other "
                      "jobs running): they are not comparable with runs on an idle machine.")
