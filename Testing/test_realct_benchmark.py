@@ -28,11 +28,35 @@ def test_review_reasons_are_grouped_by_kind(realct):
     assert realct.reason_kind("The level names are uncertain (confidence 0.25: no anchor).") == "levels"
     assert realct.reason_kind("The fracture classifier called most vertebrae fractured.") == "classifier"
     assert realct.reason_kind("Something new.") == "other"
-    rows = [{"case": "a", "labels_status": "checked", "checked_count": 0, "vertebrae": {}, "each_found_once": True,
+    rows = [{"case": "a", "labels_status": "checked", "checked_count": 1, "vertebrae": {}, "each_found_once": True,
              "level_accuracy": None, "fractured": None, "needs_review": True, "flags": {"L5": ["merged"]},
-             "review_reasons": ["L5 looks like more than one vertebra in one segment (x)."]},
+             "review_reasons": ["L5 looks like more than one vertebra in one segment (x)."],
+             "deformity_auto_only": ["L4 (2 vs 0)"], "call_behind_review": True},
             {"case": "b", "labels_status": "checked", "checked_count": 0, "vertebrae": {}, "each_found_once": True,
-             "level_accuracy": None, "fractured": False, "needs_review": False, "flags": {}, "review_reasons": []}]
+             "level_accuracy": None, "fractured": False, "needs_review": False, "flags": {}, "review_reasons": [],
+             "deformity_auto_only": [], "call_behind_review": False}]
     summ = realct.summary(rows)
     assert summ["review_reasons"]["merged"] == ["a"] and summ["review_reasons"]["levels"] == []
     assert summ["needs_review"] == 1 and summ["merged_flags"] == 1
+    assert summ["deformity_auto_only"] == 1 and summ["call_behind_review"] == ["a"]
+
+
+def test_deformities_made_by_the_segmentation(realct):
+    """A vertebra graded on the automatic run but normal on its checked label is listed (matched through the
+    segment that holds it, whatever its name); a call kept back only by the review is told apart."""
+    from VertebralFractureLib.core.volume import Volume
+
+    arr = np.zeros((110, 80, 80), np.uint8)
+    yy, xx = np.mgrid[0:80, 0:80]
+    body = ((yy - 40) / 15.0) ** 2 + ((xx - 40) / 20.0) ** 2 <= 1.0
+    for label, z0 in ((21, 5), (20, 37), (19, 69)):  # normal T12, L1, L2 (LPS z up: L2 lowest)
+        arr[z0:z0 + 24][:, body] = label
+    matched = {"T12": {"segment": "T11"}, "L1": {"segment": "T12"}, "L2": {"segment": "L1"}}  # names one off
+    out = {"fractured": None, "fracture_threshold": 0.5,
+           "vertebrae": [{"level": "T11", "genant_grade": 0, "fracture_probability": 0.1},
+                         {"level": "T12", "genant_grade": 2, "fracture_probability": 0.9},
+                         {"level": "L1", "genant_grade": None, "fracture_probability": None}]}
+    found = realct.deformities(out, Volume(arr, spacing=(1.0, 1.0, 1.0)), matched)
+    assert found == {"deformity_auto_only": ["L1 (2 vs 0)"], "call_behind_review": True}
+    out["fractured"] = True
+    assert realct.deformities(out, Volume(arr, spacing=(1.0, 1.0, 1.0)), matched)["call_behind_review"] is False
