@@ -60,3 +60,15 @@ def test_deformities_made_by_the_segmentation(realct):
     assert found == {"deformity_auto_only": ["L1 (2 vs 0)"], "call_behind_review": True}
     out["fractured"] = True
     assert realct.deformities(out, Volume(arr, spacing=(1.0, 1.0, 1.0)), matched)["call_behind_review"] is False
+
+
+def test_auto_simulated_summary_counts_each_answer(load_script):
+    """benchmarks/auto_simulated.py's table: one row per simulation, the answers counted in its last line."""
+    sims = load_script("benchmarks/auto_simulated.py")
+    row = {"case": "c", "level": "L1", "grade": 2, "type": "wedge", "simulated_loss": 0.3, "segment": "L1",
+           "segment_grade": 2, "segment_type": "wedge", "segment_loss": 0.31, "probability": 0.97, "answer": "called",
+           "other_calls": ["T4 (0.99)"]}
+    rows = [row, {**row, "answer": "missed", "probability": 0.2, "other_calls": []}, {**row, "answer": "review"}]
+    text = sims.markdown(rows)
+    assert text.count("| c | L1 grade 2 wedge |") == 3 and "T4 (0.99)" in text
+    assert text.rstrip().endswith("called 1, sent to review with the vertebra at or above the threshold 1, missed 1.")

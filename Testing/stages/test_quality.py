@@ -177,3 +177,21 @@ def test_a_fracture_call_the_voxels_do_not_resolve_goes_to_review():
     cnn_only = rec("T2", math.nan, 0.7)
     assert "T2 (no measured height loss)" in unresolved_calls([cnn_only], 1.0, 0.5)[0]
     assert unresolved_calls([rec("T8", 0.3, 0.4)], 4.25, 0.5) == []  # not called at all
+
+
+def test_an_automatic_call_the_image_classifier_does_not_confirm_must_clear_two_voxels():
+    """On an automatic segmentation (``unconfirmed_mm``) a 28 % wedge of a 21 mm body is resolved at 1.5 mm when the
+    image classifier agrees (+-7 %) but not on the segment's shape alone (+-14 % at 3 mm); a 40 % one is either way;
+    without ``unconfirmed_mm`` (the user's labels) the classifier does not matter."""
+    from VertebralFractureLib.stages.quality import unresolved_calls
+
+    def rec(loss: float, cnn: float) -> VertebraRecord:
+        return VertebraRecord(label=LEVEL_IDS["T4"], level="T4", height_posterior_mm=21.0, expected_height_mm=21.0,
+                              height_loss_ratio=loss, fracture_probability=0.93, probability_classifier=cnn)
+
+    assert unresolved_calls([rec(0.28, 0.8)], 1.5, 0.5, unconfirmed_mm=3.0) == []
+    reason = unresolved_calls([rec(0.28, 0.18)], 1.5, 0.5, unconfirmed_mm=3.0)
+    assert len(reason) == 1 and "T4 (28% height loss, +-14% at 3.0 mm, the image classifier not agreeing)" in reason[0]
+    assert unresolved_calls([rec(0.28, math.nan)], 1.5, 0.5, unconfirmed_mm=3.0)  # no classifier: shape alone
+    assert unresolved_calls([rec(0.40, 0.18)], 1.5, 0.5, unconfirmed_mm=3.0) == []
+    assert unresolved_calls([rec(0.28, 0.18)], 1.5, 0.5) == []

@@ -286,11 +286,15 @@ def _analyse_pass(ct: Volume, labels: Volume | None, options: PipelineOptions, p
     called = bool(not math.isnan(patient_probability) and patient_probability >= classification.threshold)
     # heights are measured on the label map: the user's at the CT's slices, ours from the segmentation's grid
     resolution = max(ct.spacing_along_s(), segmentation_grid_mm(options)) if automatic else ct.spacing_along_s()
+    # a call on an automatic segment's shape alone (the image classifier not agreeing) must clear the boundary
+    # error of the segmentation too: a voxel at each endplate
+    unconfirmed = 2 * segmentation_grid_mm(options) if automatic else None
     reasons = review_reasons(quality, n_vertebrae=len(records),
                              n_scored=sum(not math.isnan(r.fracture_probability) for r in records),
                              classifier_saturated=classification.saturated, called_fractured=called,
                              classifier_reasons=classification.review_reasons
-                             + unresolved_calls(records, resolution, classification.threshold))
+                             + unresolved_calls(records, resolution, classification.threshold,
+                                                unconfirmed_mm=unconfirmed))
     fractured = None if reasons else called
     progress(0.9, "analysis done")
     return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels,
