@@ -276,7 +276,7 @@ def segment_vertebrae(
     Returns:
         :class:`SegmentationResult` with uint8 VerSe ids on ``ct``'s grid and geometry.
     """
-    from VertebralFractureLib.stages.segmentation.bodies import complete_bodies, fill_marrow
+    from VertebralFractureLib.stages.segmentation.bodies import complete_bodies
     from VertebralFractureLib.stages.segmentation.disc_boundaries import refine_disc_boundaries
     from VertebralFractureLib.stages.segmentation.instances import (
         extract_instances,
@@ -301,8 +301,9 @@ def segment_vertebrae(
         cancel.check()
     progress(0.8, "segmentation: instances")
     fov = resample_to(ct.with_array(np.ones(ct.shape, np.uint8)), prob, order=0).array > 0
-    threshold = float(card.extra.get("threshold", 0.5))
-    inst = extract_instances(prob.array, hu.array, spacing_mm=prob.spacing[0], threshold=threshold, fov=fov)
+    inst = extract_instances(
+        prob.array, hu.array, spacing_mm=prob.spacing[0], threshold=float(card.extra.get("threshold", 0.5)), fov=fov
+    )
     if inst.count:
         s = prob.spacing[0]
         # bodies the network missed in front of their arches, then the cortex it missed, then boundaries onto the discs
@@ -312,13 +313,6 @@ def segment_vertebrae(
         prob = prob.with_array(np.where((grown > 0) & (inst.labels == 0), np.float32(1.0), prob.array))
         inst.labels = grown
         inst = recut_instances(inst, hu.array, s, slice_mm=max(ct.spacing), fov=fov)  # boundaries that miss the discs
-        # gaps in the bodies' marrow, on the vertebrae as the output will show them (the probability's foreground
-        # next to the instances included: labels_to_input_grid), would read as wedges
-        shown = np.where((prob.array >= threshold) | (inst.labels > 0), near_instance_ids(inst.labels), 0)
-        gained = fill_marrow(shown, s)
-        gained[shown > 0] = 0
-        inst.labels = np.where(gained > 0, gained, inst.labels)
-        prob = prob.with_array(np.where(gained > 0, np.float32(1.0), prob.array))
     warnings = list(inst.warnings)
     if inst.count and not any(trabecular_core(inst.labels, hu.array, prob.spacing[0], inst.count)):
         warnings.append(f"no trabecular bone inside any of the {inst.count} bone segments found (cortical bone "
@@ -335,32 +329,10 @@ def segment_vertebrae(
     for idx, vid in levels.mapping.items():
         verse[inst.labels == idx] = vid
     progress(0.95, "segmentation: back to the input grid")
-    out = labels_to_input_grid(prob.with_array(verse), prob, ct, threshold=threshold)
+    out = labels_to_input_grid(prob.with_array(verse), prob, ct, threshold=float(card.extra.get("threshold", 0.5)))
     progress(1.0, "segmentation done")
     partial = sorted(levels.mapping[i] for i in inst.partial if i in levels.mapping)
     return SegmentationResult(out, warnings, levels.confidence, partial, levels.anchors_found, levels.naming())
-
-
-#: voxels of the canonical grid this close to an instance take its id where the probability says vertebra
-NEAR_VOXELS = 3
-
-
-def near_instance_ids(labels: np.ndarray) -> np.ndarray:
-    """``labels`` (int, any grid) with every background voxel within :data:`NEAR_VOXELS` of an instance set to the
-    nearest instance's id (the rest 0)."""
-    from scipy import ndimage as ndi
-
-    out = np.zeros_like(labels)
-    near = labels > 0
-    if not near.any():
-        return out
-    box = tuple(slice(max(0, s.start - NEAR_VOXELS), s.stop + NEAR_VOXELS)
-                for s in ndi.find_objects(near.astype(np.int8))[0])
-    dist, idx = ndi.distance_transform_edt(~near[box], return_indices=True)
-    sub = labels[box][tuple(idx)]
-    sub[dist > NEAR_VOXELS] = 0
-    out[box] = sub
-    return out
 
 
 def labels_to_input_grid(labels: Volume, prob: Volume, ct: Volume, *, threshold: float = 0.5) -> Volume:
@@ -377,9 +349,12 @@ def labels_to_input_grid(labels: Volume, prob: Volume, ct: Volume, *, threshold:
         return ct.with_array(out)
     # every background voxel near a vertebra takes the nearest vertebra's id, so the finer foreground of the
     # linearly resampled probability never falls outside an instance
-    filled = near_instance_ids(labels.array).astype(np.uint8)
-    box = tuple(slice(max(0, s.start - NEAR_VOXELS), s.stop + NEAR_VOXELS)
-                for s in ndi.find_objects(near.astype(np.int8))[0])
+    box = tuple(slice(max(0, s.start - 3), s.stop + 3) for s in ndi.find_objects(near.astype(np.int8))[0])
+    dist, idx = ndi.distance_transform_edt(~near[box], return_indices=True)
+    filled = np.zeros(labels.shape, np.uint8)
+    sub = labels.array[box][tuple(idx)]
+    sub[dist > 3] = 0
+    filled[box] = sub
     # input-grid index box of the vertebrae (+2 voxels)
     corners = np.array([[z, y, x] for z in (box[0].start, box[0].stop) for y in (box[1].start, box[1].stop)
                         for x in (box[2].start, box[2].stop)], float)[:, ::-1]
