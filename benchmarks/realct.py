@@ -183,7 +183,7 @@ def summary(rows: list[dict]) -> dict:
                            for kind in dict.fromkeys(k for k, _ in REASON_KINDS + (("other", ""),))},
         "merged_flags": sum(len([v for v, f in r["flags"].items() if "merged" in f]) for r in rows),
         "deformity_auto_only": sum(len(r["deformity_auto_only"]) for r in scored),
-        "graded_vertebrae_checked": sum(len(r["vertebrae"]) for r in scored),
+        "checked_vertebrae": sum(len(r["vertebrae"]) for r in scored),
         "call_behind_review": sorted(r["case"] for r in rows if r["call_behind_review"]),
     }
 
