@@ -35,8 +35,8 @@ from VertebralFractureLib.core.records import VertebraRecord, write_csv
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.reading import read_volume
 from VertebralFractureLib.io.volume_files import write_volume
-from VertebralFractureLib.stages.quality import CaseQuality, assess_quality, review_reasons, unresolved_calls
-from VertebralFractureLib.stages.quality_discs import discs_inside
+from VertebralFractureLib.stages.quality import CaseQuality, review_reasons, unresolved_calls
+from VertebralFractureLib.stages.quality_discs import assess_case_quality
 
 
 @dataclass
@@ -323,8 +323,7 @@ def _filter_quality_radiomics(ct: Volume, labels: Volume, records: list[Vertebra
         cancel.check()
 
         with timer.stage("quality"):
-            quality = assess_quality(records, level_confidence=level_confidence, naming_review=(naming or {}).get(
-                "review", []), disc_inside=discs_inside(ct, labels))
+            quality = assess_case_quality(ct, labels, records, level_confidence=level_confidence, naming=naming)
         cancel.check()
 
         features = None

@@ -249,16 +249,14 @@ def auto_segment_rows(ct, group: str, *, device: str = "cpu", notes: list[str] |
     review, segments crossing a disc); every segment that check leaves graded is a sample (y = 0, source
     ``"auto"``), mis-cut ones included, since those are the false alarms the classifier must learn to doubt."""
     from VertebralFractureLib.stages.morphometry import measure_vertebrae
-    from VertebralFractureLib.stages.quality import assess_quality
-    from VertebralFractureLib.stages.quality_discs import discs_inside
+    from VertebralFractureLib.stages.quality_discs import assess_case_quality
     from VertebralFractureLib.stages.segmentation.inference import segment_vertebrae
 
     notes = notes if notes is not None else []
     seg = segment_vertebrae(ct, device=device)
     labels = seg.labels
     records = measure_vertebrae(ct, labels)
-    assess_quality(records, level_confidence=seg.level_confidence, naming_review=seg.naming.get("review", []),
-                   disc_inside=discs_inside(ct, labels))
+    assess_case_quality(ct, labels, records, level_confidence=seg.level_confidence, naming=seg.naming)
     whole = [r for r in records if _whole(r)]
     if not whole:
         notes.append(f"{group} (automatic segmentation): no graded vertebra")

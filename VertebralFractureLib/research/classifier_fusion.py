@@ -38,7 +38,12 @@ import numpy as np
 
 from VertebralFractureLib import __version__
 from VertebralFractureLib.research.classifier_data import RealCase, Samples, build_training_set
-from VertebralFractureLib.research.classifier_operating import FPR_BUDGETS, MAX_FALSE_POSITIVE_RATE, operating_threshold
+from VertebralFractureLib.research.classifier_operating import (
+    FPR_BUDGETS,
+    MAX_FALSE_POSITIVE_RATE,
+    negatives,
+    operating_threshold,
+)
 from VertebralFractureLib.research.classifier_training import (
     RadiomicsLasso,
     TrainConfig,
@@ -241,7 +246,7 @@ def operating_points(s: Samples, p: np.ndarray, budgets: tuple[float, ...] = FPR
     vertebrae and, where there are such rows, of the automatic segments."""
     rows = []
     real_neg = (s.source == "real") & (s.y == 0)
-    auto_neg = (s.source == "auto") & (s.y == 0)
+    auto_neg = negatives(s, "auto")
     for b in budgets:
         t = operating_threshold(s, p, b)
         rows.append({"max_false_positive_rate": b, "threshold": t,
@@ -298,7 +303,7 @@ def select_stack_inputs(s: Samples, x3: np.ndarray, folds: np.ndarray) -> tuple[
     severe = (s.y == 1) & (s.grade >= 2)
     severe = severe if severe.any() else s.y == 1  # no grade >= 2 fracture: every fracture
     real_neg = (s.source == "real") & (s.y == 0)
-    auto_neg = (s.source == "auto") & (s.y == 0)
+    auto_neg = negatives(s, "auto")
     scores: dict[str, dict[str, Any]] = {}
     for name, cols in STACK_INPUTS.items():
         p = _nested_stack(x3, s.y, folds, cols)
@@ -572,7 +577,7 @@ def _held_out_metrics(s: Samples, oof: dict[str, np.ndarray], nested_p: np.ndarr
     metrics: dict[str, Any] = {"held_out": evaluate(sl, nested_p[lab], fusion.threshold, checked=checked,
                                                     prevalence=fusion.prevalence),
                                "operating_points": operating_points(s, nested_p)}
-    auto_neg = (s.source == "auto") & (s.y == 0)
+    auto_neg = negatives(s, "auto")
     if auto_neg.any():
         alarms = _real_ct_alarms(s, nested_p, fusion.threshold, auto_neg)
         metrics["held_out"]["auto_segments"] = {

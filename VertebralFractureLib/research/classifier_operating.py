@@ -22,9 +22,14 @@ FPR_BUDGETS = (0.02, 0.05, 0.10, 0.20)
 BUDGET_SOURCES = ("real", "auto")
 
 
+def negatives(s: Samples, *sources: str) -> np.ndarray:
+    """Mask (n,) of the unfractured rows of ``sources`` (``"real"``, ``"auto"``, ``"phantom"``)."""
+    return np.isin(s.source, sources) & (s.y == 0)
+
+
 def budget_negatives(s: Samples) -> np.ndarray:
     """Mask (n,) of the rows the false-positive budget counts: unfractured rows of :data:`BUDGET_SOURCES`."""
-    return np.isin(s.source, BUDGET_SOURCES) & (s.y == 0)
+    return negatives(s, *BUDGET_SOURCES)
 
 
 def operating_threshold(s: Samples, p: np.ndarray, max_fpr: float = MAX_FALSE_POSITIVE_RATE) -> float:

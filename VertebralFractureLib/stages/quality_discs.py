@@ -23,7 +23,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from VertebralFractureLib.core.records import VertebraRecord
 from VertebralFractureLib.core.volume import Volume, resample_to
+from VertebralFractureLib.stages.quality import CaseQuality, assess_quality
 from VertebralFractureLib.stages.segmentation.disc_energy import (
     EXTEND_MM,
     MAX_SLICE_MM,
@@ -92,3 +94,12 @@ def disc_crossings(ct: Volume, labels: Volume) -> dict[int, DiscCrossing]:
         return {}
     col = column_discs(hu, lab, GRID_MM)
     return {} if col is None else segment_crossings(lab, col, GRID_MM, SKIPPED_LABELS)
+
+
+def assess_case_quality(ct: Volume, labels: Volume, records: list[VertebraRecord], *, level_confidence: float | None,
+                        naming: dict | None) -> CaseQuality:
+    """``run``'s quality check of one label map (:func:`.quality.assess_quality`, ``records`` flagged in place), with
+    its segments that cross a disc (:func:`discs_inside`) and the level naming's review sentences (``naming``:
+    the segmentation's naming, None for the user's labels)."""
+    return assess_quality(records, level_confidence=level_confidence, naming_review=(naming or {}).get("review", []),
+                          disc_inside=discs_inside(ct, labels))

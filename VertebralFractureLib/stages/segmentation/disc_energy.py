@@ -70,6 +70,10 @@ class ColumnDiscs:
     discs: list[float]
     period: float
 
+    def body_voxels(self, lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Label and spine coordinate (mm) of ``lab``'s body voxels (:func:`body_voxels`)."""
+        return body_voxels(lab, self.coord, self.radial)
+
     def energy_at(self, position_mm: float) -> float:
         """Zone energy of the 1 mm bin nearest to ``position_mm`` (spine coordinate)."""
         return float(self.energy[int(np.argmin(np.abs(self.x - position_mm)))])
@@ -127,15 +131,25 @@ def body_length(coord: np.ndarray) -> float:
     return float(np.ptp(np.percentile(coord, [5, 95])))
 
 
-def _median_body_length(lab: np.ndarray, coord: np.ndarray, radial: np.ndarray) -> float:
-    """Median over the segments of their body's length along the spine (mm, 5th-95th percentile of the
-    coordinate of their voxels within :data:`BODY_RADIUS_MM` of the line); 0 without segments."""
+def body_voxels(lab: np.ndarray, coord: np.ndarray, radial: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Label and spine coordinate (mm) of the segments' body voxels: those of ``lab`` within
+    :data:`BODY_RADIUS_MM` of the centre line (``coord``, ``radial``: :class:`ColumnDiscs`' arrays)."""
     body = (lab > 0) & (radial <= BODY_RADIUS_MM)
-    body_lab, body_coord = lab[body], coord[body]
+    return lab[body], coord[body]
+
+
+def coords_by_label(body_lab: np.ndarray, body_coord: np.ndarray) -> dict[int, np.ndarray]:
+    """Each label's body voxel coordinates (:func:`body_voxels`), in their order, from one sort."""
     order = np.argsort(body_lab, kind="stable")
     ids, starts, counts = np.unique(body_lab[order], return_index=True, return_counts=True)
-    lengths = [body_length(body_coord[order][a:a + n])
-               for a, n in zip(starts, counts, strict=True) if n >= 20]
+    ordered = body_coord[order]
+    return {int(v): ordered[a:a + n] for v, a, n in zip(ids, starts, counts, strict=True)}
+
+
+def _median_body_length(lab: np.ndarray, coord: np.ndarray, radial: np.ndarray) -> float:
+    """Median over the segments of their body's length along the spine (mm, :func:`body_length` of their body
+    voxels, :func:`body_voxels`); 0 without segments."""
+    lengths = [body_length(c) for c in coords_by_label(*body_voxels(lab, coord, radial)).values() if len(c) >= 20]
     return float(np.median(lengths)) if lengths else 0.0
 
 
@@ -273,11 +287,11 @@ def segment_crossings(lab: np.ndarray, col: ColumnDiscs, spacing_mm: float,
     """Per checked segment of ``lab`` (its id; :func:`inner_labels`) the most marked disc of ``col`` with at least
     :data:`MIN_SIDE_FRACTION` of the body on each side; segments without one are left out. A crossing counts as a
     problem when its ``energy_ratio`` is at least :data:`MIN_ENERGY_RATIO`."""
-    body = (lab > 0) & (col.radial <= BODY_RADIUS_MM)
-    body_lab, body_coord = lab[body], col.coord[body]
+    body_lab, body_coord = col.body_voxels(lab)
+    coords = coords_by_label(body_lab, body_coord)
     crossings: dict[int, DiscCrossing] = {}
     for label in inner_labels(body_lab, body_coord, min_body_voxels(spacing_mm), skipped):
-        c = body_coord[body_lab == label]
+        c = coords[label]
         a, b = np.percentile(c, [5, 95])
         ends = max(float(col.energy[np.abs(col.x - a) <= 3.0].max(initial=0.0)),
                    float(col.energy[np.abs(col.x - b) <= 3.0].max(initial=0.0)))

@@ -461,8 +461,7 @@ def reassign_stray_pieces(labels: np.ndarray, spacing_mm: float, *, before: np.n
         ratio = counts[i] / float(np.median(counts[neighbours])) if neighbours else 0.0
         if ratio <= STRAY_VOLUME_RATIO:
             continue
-        if before is not None and (ratio > STRAY_MAX_RATIO_SECOND or i > len(boxes_before)
-                                   or boxes_before[i - 1] is None or body_cores(before[boxes_before[i - 1]], [i], spacing_mm, i)[0].any()):
+        if before is not None and (ratio > STRAY_MAX_RATIO_SECOND or _judged_before(before, boxes_before, i, spacing_mm)):
             continue  # the first pass judged this one by its body
         # the segment, its neighbours and every vertebra whose centre lies within its extent along z
         zlo, zhi = objects[i - 1][0].start, objects[i - 1][0].stop
@@ -515,6 +514,13 @@ def reassign_stray_pieces(labels: np.ndarray, spacing_mm: float, *, before: np.n
         counts = np.bincount(out.ravel(), minlength=len(counts))
         objects = ndi.find_objects(out)
     return out
+
+
+def _judged_before(before: np.ndarray, boxes: list, i: int, spacing_mm: float) -> bool:
+    """Was instance ``i`` left to the first pass of :func:`reassign_stray_pieces`: absent from ``before`` (its
+    boxes: ``ndi.find_objects(before)``), or with a body core there to place the pieces by?"""
+    box = boxes[i - 1] if i <= len(boxes) else None
+    return box is None or bool(body_cores(before[box], [i], spacing_mm, i)[0].any())
 
 
 def second_body(mask: np.ndarray, spacing_mm: float) -> bool:

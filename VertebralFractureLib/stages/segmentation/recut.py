@@ -24,7 +24,6 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from VertebralFractureLib.stages.segmentation.disc_energy import (
-    BODY_RADIUS_MM,
     EXTEND_MM,
     MAX_SLICE_MM,
     MIN_ENERGY_RATIO,
@@ -34,6 +33,7 @@ from VertebralFractureLib.stages.segmentation.disc_energy import (
     DiscCrossing,
     body_length,
     column_discs,
+    coords_by_label,
     local_steps,
     min_body_voxels,
     segment_crossings,
@@ -122,8 +122,7 @@ def _recut(lab: np.ndarray, col: ColumnDiscs, crossed: set[int], spacing_mm: flo
     holds that body, else to the run's piece next to it.
     """
     discs = np.asarray(col.discs)
-    body = (lab > 0) & (col.radial <= BODY_RADIUS_MM)
-    body_lab, body_coord = lab[body], col.coord[body]
+    body_lab, body_coord = col.body_voxels(lab)
     # share of each segment's body in each interval, the voxels right at a disc left out (a well-cut body
     # reaches a little past its disc where the disc is tilted against the perpendicular plane)
     interval = np.searchsorted(discs, body_coord)
@@ -179,12 +178,12 @@ def _two_bodies(lab: np.ndarray, col: ColumnDiscs, crossings: dict[int, DiscCros
     """The crossed segments (``crossings``, whatever their energy ratio: a segment holding two whole bodies
     ends at endplates as a well-cut one does) whose body is at least :data:`MERGED_LENGTH` local disc spacings
     long (the median of the two disc steps either side of its disc)."""
-    body = (lab > 0) & (col.radial <= BODY_RADIUS_MM)
+    coords = coords_by_label(*col.body_voxels(lab))
     out = set()
     for v, c in crossings.items():
         near = local_steps(np.asarray(col.discs), c.disc)
         local = float(np.median(near)) if len(near) else col.period
-        length = body_length(col.coord[body & (lab == v)])
+        length = body_length(coords[v])
         if length >= MERGED_LENGTH * local:
             out.add(v)
     return out

@@ -25,10 +25,10 @@ import logging
 import numpy as np
 
 from VertebralFractureLib.stages.segmentation.disc_energy import (
-    BODY_RADIUS_MM,
     SPACING_RANGE,
     ColumnDiscs,
     body_length,
+    coords_by_label,
     local_steps,
     min_body_voxels,
 )
@@ -71,11 +71,8 @@ def _best_pair(lab: np.ndarray, col: ColumnDiscs, spacing_mm: float) -> tuple[in
         return None
     energies = np.array([col.energy_at(d) for d in discs])
     typical = float(np.median(energies[1:-1]))  # the outer discs are read where the profile runs out
-    body = (lab > 0) & (col.radial <= BODY_RADIUS_MM)
-    body_lab, body_coord = lab[body], col.coord[body]
-    ids, counts = np.unique(body_lab, return_counts=True)
-    ids = [int(v) for v, n in zip(ids, counts, strict=True) if n >= min_body_voxels(spacing_mm)]
-    coords = {v: body_coord[body_lab == v] for v in ids}
+    coords = {v: c for v, c in coords_by_label(*col.body_voxels(lab)).items() if len(c) >= min_body_voxels(spacing_mm)}
+    ids = list(coords)
     ids.sort(key=lambda v: float(np.median(coords[v])))
     lengths = {v: body_length(coords[v]) for v in ids}
     best: tuple[float, tuple[int, int]] | None = None
