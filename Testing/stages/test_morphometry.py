@@ -252,6 +252,40 @@ def test_osteophytes_and_body_only_labels():
     assert bodies[21].genant_grade == 2 and bodies[21].genant_type == "wedge"
 
 
+def _carve(labels: Volume, label: int, inside) -> Volume:
+    """``labels`` with the voxels of ``label`` where ``inside(x, y, z)`` (LPS mm from the middle body's centre) set to 0."""
+    kk, jj, ii = np.nonzero(labels.array == label)
+    x, y, z = labels.index_to_lps(np.stack([ii, jj, kk], axis=-1).astype(np.float64)).T
+    out = labels.array.copy()
+    cut = inside(x, y, z)
+    out[kk[cut], jj[cut], ii[cut]] = 0
+    return labels.with_array(out)
+
+
+def test_gaps_and_notches_in_the_front_of_a_label_do_not_read_as_wedges():
+    """issue 16: automatic segments of older patients' CTs miss anterior marrow as dark as a disc (the space behind a
+    shell of anterior cortex) or a corner narrower than the body (lidc-idri-0001 T5, T7, L1; aorta-cta-thorax T3 read
+    as wedges). The front of the label is filled up to its convex hull for the strip heights: the notch, a grade 2
+    wedge (18 mm) before, and the gap read as the intact body, while a real wedge, an osteophyte and a biconcave
+    middle keep theirs (the tests above)."""
+    plain = _by_label(morph.measure_vertebrae(None, make_spine(grid_for())))[21]
+    front = -DEPTH / 2  # anterior wall (LPS: -y is anterior)
+    cases = {
+        # the upper anterior marrow missed behind a 2 mm cortex shell, 11.5 mm high (longer than the holes a height
+        # line bridges), over a 26 mm wide band
+        "gap": lambda x, y, z: (np.abs(x) < 13) & (y > front + 2) & (y < front + 11) & (z > -1) & (z < H0 / 2 - 2),
+        # the anterior-superior corner missed over the middle 8 mm of the width
+        "notch": lambda x, y, z: (np.abs(x) < 4) & (y < front + 9) & (z > H0 / 2 - 7),
+    }
+    for name, inside in cases.items():
+        labels = _carve(make_spine(grid_for()), 21, inside)
+        got = _by_label(morph.measure_vertebrae(None, labels))[21]
+        assert got.height_anterior_mm == pytest.approx(plain.height_anterior_mm, abs=1.0), name
+        assert got.height_middle_mm == pytest.approx(plain.height_middle_mm, abs=1.0), name
+        assert got.height_posterior_mm == pytest.approx(plain.height_posterior_mm, abs=1.0), name
+        assert got.genant_grade == 0, (name, got.genant_type, got.height_loss_ratio)
+
+
 def test_real_label_map_any_orientation_and_spacing(shared_data):
     """VerSe 004 (PIR, 1x1x2 mm) flipped, resampled to 1.5 mm and to an oblique 1 mm grid."""
     labels = read_volume(shared_data / REAL_MAPS["masks-verse004"], check=False)

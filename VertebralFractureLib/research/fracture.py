@@ -320,6 +320,9 @@ class _Deformer:
         ca = max(0.5, _projected_pitch(labels, frame.axes[0]))
         cl = max(0.5, _projected_pitch(labels, frame.axes[1]))
         self.columns = cols = _body_columns(local[body], ca, cl)
+        # the body's height: a short column at a rim (a lip of the endplate's edge) loses as many millimetres as the
+        # endplate beside it, not the same share of its own short span, so it does not stand up above the collapse
+        self.body_height = float(np.median((cols.top - cols.bottom)[cols.valid]))
         ia = np.floor((local[:, 0] - cols.a0) / ca).astype(np.int64)
         il = np.floor((local[:, 1] - cols.l0) / cl).astype(np.int64)
         in_grid = (ia >= 0) & (ia < cols.valid.shape[0]) & (il >= 0) & (il < cols.valid.shape[1])
@@ -372,7 +375,7 @@ class _Deformer:
         lam, default_top = _loss_profile(self.kind, r, a, lat, frame, hinge)
         w_top = default_top if w_top is None else w_top
         span = self.top - self.bottom
-        removed = lam * span
+        removed = np.minimum(lam * np.maximum(span, self.body_height), span)
         new_top = self.top - removed * w_top
         new_bottom = self.bottom + removed * (1.0 - w_top)
         kept = (s >= new_bottom - 1e-6) & (s <= new_top + 1e-6)

@@ -26,7 +26,11 @@ orientation (LPS, RAS, PIR, oblique) or spacing. Per vertebra:
    and reports the heights it removed at these strips, which the tests compare with this measurement).
    A line's height is the length of its run inside the label, the ends being the 0.5 crossings of the linearly interpolated mask sampled every 0.25 mm (sub-voxel);
    lines that leave the body through a slanted wall instead of an endplate are dropped; a height is
-   the mean of its strip's lines.
+   the mean of its strip's lines. The strips are measured on the label with the front of its body filled up to
+   its convex hull (:func:`.heights.fill_front`: from 15 % of the depth in front of the centre to where the label
+   ends at mid-height, within 8 mm of mid-width, no higher or lower than the middle strip's endplates; other
+   vertebrae's voxels and the voxel grid's staircase left out): a front is convex, a wedge keeps it so, and a gap
+   or a corner the segmentation missed would otherwise read as a wedge. The walls are found before the fill.
 4. **Genant semi-quantitative grade** (Genant HK, Wu CY, van Kuijk C, Nevitt MC. Vertebral fracture
    assessment using a semiquantitative technique. J Bone Miner Res 1993;8(9):1137-1148)::
 

@@ -18,7 +18,7 @@ from VertebralFractureLib.stages.morphometry.geometry import (
     _pca_axes,
     _unit,
 )
-from VertebralFractureLib.stages.morphometry.heights import _find_walls, _strip_heights
+from VertebralFractureLib.stages.morphometry.heights import _find_walls, _strip_heights, fill_front
 
 
 def _analyse(
@@ -118,7 +118,7 @@ def _analyse_with_axis(
         shift = float((frame.origin - centroid - b_local @ axes) @ ap)
         if np.isfinite(depth):
             body = body & (a_rel >= wall_local + shift - h)[None]
-        _strip_heights(crop, frame, heights, reach)
+        _strip_heights(fill_front(crop, frame, heights, reach), frame, heights, reach)
     else:
         notes.append("the body's walls could not be found on the mid-height section")
 

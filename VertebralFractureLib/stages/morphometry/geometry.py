@@ -6,6 +6,7 @@ See the package docstring (:mod:`VertebralFractureLib.stages.morphometry`) for t
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -36,6 +37,17 @@ HEIGHT_STAT = "mean"
 DROP_WALL_EXITS = True
 # gaps in the label along a height line up to this long are holes in the body, bridged (heights.py)
 MAX_HOLE_MM = 10.0
+#: the front of the body whose concavities are filled before the strip heights are measured (heights.py,
+#: :func:`fill_front`): from this fraction of the depth in front of the body centre (the middle strip, where a
+#: biconcave fracture's depression lies, ends at 0.06), ...
+NOTCH_FROM_DEPTH = 0.15
+#: ... at most this far beyond the anterior wall found (it may have been found at a gap), ...
+NOTCH_REACH_MM = 10.0
+#: ... and within this far of mid-width (clear of the lateral rims' osteophytes; heights are measured within 2 mm)
+NOTCH_HALF_WIDTH_MM = 8.0
+#: a filled voxel this deep inside the hull is a gap; shallower ones only next to such a voxel (the others are the
+#: staircase of the voxel grid along a flat surface)
+NOTCH_MIN_DEPTH_MM = 1.0
 
 
 @dataclass
@@ -136,7 +148,12 @@ class _Crop:
         hi = [min(n, s.stop + 2) for s, n in zip(sl, lab.shape, strict=True)]
         self.offset = np.array(lo)  # (k, j, i)
         self.full_shape = lab.shape
-        raw = lab[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] == label
+        box = lab[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        raw = box == label
+        #: voxels of other vertebrae in the crop (a filled gap never takes them)
+        self.others = (box > 0) & ~raw
+        #: every voxel of the label, pieces apart from the largest included (a cortex shell cut off by a gap)
+        self.raw = raw
         self.n_voxels = int(raw.sum())
         self.mask = _largest_component(raw)
         self.n_kept = int(self.mask.sum())
@@ -145,6 +162,12 @@ class _Crop:
         self.to_index = np.linalg.inv(labels.direction @ np.diag(labels.spacing))
         self.spacing = np.asarray(labels.spacing)
         self._points: np.ndarray | None = None
+
+    def with_mask(self, mask: np.ndarray) -> _Crop:
+        """A copy of this crop measuring ``mask`` (crop shape) instead of the label's largest component."""
+        out = copy.copy(self)
+        out.mask, out.maskf, out._points = mask, mask.astype(np.float32), None
+        return out
 
     def points_lps(self, mask: np.ndarray | None = None) -> np.ndarray:
         """LPS mm of the kept voxels (or of ``mask`` voxels), shape (n, 3)."""

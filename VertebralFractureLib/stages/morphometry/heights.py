@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
 
 from VertebralFractureLib.stages.morphometry.geometry import (
     DROP_WALL_EXITS,
@@ -12,6 +14,10 @@ from VertebralFractureLib.stages.morphometry.geometry import (
     LINE_STEP_MM,
     MAX_HOLE_MM,
     MIDDLE_STRIP,
+    NOTCH_FROM_DEPTH,
+    NOTCH_HALF_WIDTH_MM,
+    NOTCH_MIN_DEPTH_MM,
+    NOTCH_REACH_MM,
     SLAB_HALF_WIDTH_MM,
     WALL_EXIT_STEP_MM,
     WALL_HEIGHT_SPAN,
@@ -182,3 +188,57 @@ def _strip_heights(crop: _Crop, frame: LocalFrame, heights: Heights, reach: floa
         if name != "middle" and DROP_WALL_EXITS:
             runs = _drop_wall_exits(crop, frame, starts, runs, inward=sign)
         setattr(heights, name, _strip_height(runs))
+
+
+def fill_front(crop: _Crop, frame: LocalFrame, heights: Heights, reach: float) -> _Crop:
+    """``crop`` with the concavities of the front of its body filled, for the strip heights.
+
+    The front of a vertebral body is convex: a wedge fracture tilts its superior endplate but keeps it so. A
+    segmentation that misses part of it (marrow as dark as a disc on an older patient's CT, a corner, the space
+    behind a shell of anterior cortex) leaves a notch, and the anterior strip's height lines stop at it: a normal
+    body reads as a wedge. The label's voxels in the front (from ``NOTCH_FROM_DEPTH`` of the depth in front of the
+    centre to where the label ends at mid-height, at most ``NOTCH_REACH_MM`` beyond the anterior wall found; within
+    ``NOTCH_HALF_WIDTH_MM`` of mid-width; between the middle strip's endplates, so the front is never made taller
+    than the middle and an osteophyte at the rims is left out; detached pieces included) are replaced by their
+    convex hull, less other vertebrae's voxels and less the staircase of the voxel grid (a filled voxel must lie
+    ``NOTCH_MIN_DEPTH_MM`` inside the hull, or touch one that does). The walls are not looked for again on the
+    filled label (that moved the strips of bodies measured in a tilted frame), and the middle strip, where a
+    biconcave fracture's depression lies, is untouched.
+    """
+    depth = heights.depth
+    if not math.isfinite(depth):
+        return crop
+    lr_offsets = np.arange(-SLAB_HALF_WIDTH_MM, SLAB_HALF_WIDTH_MM + 1e-6, 1.0)
+    starts = np.array([[0.0, -0.5 * depth + fr * depth, x] for fr in MIDDLE_STRIP for x in lr_offsets])
+    ends = _line_runs(crop, frame, starts, 0, (-reach, reach), 0.0, MAX_HOLE_MM)
+    if not np.isfinite(ends).any():
+        return crop
+    low, high = np.nanmin(ends[:, 0]), np.nanmax(ends[:, 1])
+    own = frame.to_local(crop.points_lps(crop.raw))
+    central = (np.abs(own[:, 2]) <= NOTCH_HALF_WIDTH_MM) & (own[:, 0] >= low) & (own[:, 0] <= high)
+    # the front ends where the label does at mid-height (a cortex shell cut off by a gap counts)
+    at_mid = (central & (np.abs(own[:, 0] - 0.5 * (low + high)) <= 0.25 * (high - low)) & (own[:, 1] >= 0)
+              & (own[:, 1] <= 0.5 * depth + NOTCH_REACH_MM))
+    if not at_mid.any():
+        return crop
+    front = own[central & (own[:, 1] >= NOTCH_FROM_DEPTH * depth) & (own[:, 1] <= own[at_mid, 1].max())]
+    if len(front) < 20:
+        return crop
+    try:
+        hull = ConvexHull(front)
+    except QhullError:  # flat or degenerate: nothing to fill
+        return crop
+    corners = crop.crop_coords(frame.to_lps(front[hull.vertices]))
+    lo = np.maximum(np.floor(corners.min(axis=1)).astype(int), 0)
+    hi = np.minimum(np.ceil(corners.max(axis=1)).astype(int) + 1, crop.mask.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    candidates = np.argwhere(~crop.mask[box] & ~crop.others[box]) + lo
+    local = frame.to_local(crop.volume.index_to_lps((candidates + crop.offset)[:, ::-1].astype(np.float64)))
+    inside_by = -(local @ hull.equations[:, :3].T + hull.equations[:, 3]).max(axis=1)  # mm inside the hull
+    inside = inside_by >= -1e-6
+    within = np.zeros_like(crop.mask)
+    deep = np.zeros_like(crop.mask)
+    within[tuple(candidates[inside].T)] = True
+    deep[tuple(candidates[inside & (inside_by >= NOTCH_MIN_DEPTH_MM)].T)] = True
+    added = within & ndimage.binary_dilation(deep, structure=np.ones((3, 3, 3), bool))
+    return crop.with_mask(crop.mask | added) if added.any() else crop
