@@ -233,7 +233,7 @@ def evaluate(s: Samples, p: np.ndarray, threshold: float, *, n_boot: int = 1000,
     out["sensitivity_grade_ge2"] = float(np.mean(p[ge2] >= threshold)) if ge2.any() else math.nan
     out["ece"] = expected_calibration_error(s.y, p, prevalence=prevalence)
     out["ece_prevalence"] = float(s.y.mean()) if prevalence is None else prevalence
-    real_neg = (s.source == "real") & (s.y == 0)
+    real_neg = negatives(s, "real")
     out["real_ct"] = _real_ct_alarms(s, p, threshold, real_neg)
     if checked is not None:
         out["real_ct_checked"] = _real_ct_alarms(s, p, threshold, real_neg & np.isin(s.group, sorted(checked)))
@@ -245,7 +245,7 @@ def operating_points(s: Samples, p: np.ndarray, budgets: tuple[float, ...] = FPR
     the real CTs called fractured, on held-out probabilities p; the false-positive rate of the checked labels'
     vertebrae and, where there are such rows, of the automatic segments."""
     rows = []
-    real_neg = (s.source == "real") & (s.y == 0)
+    real_neg = negatives(s, "real")
     auto_neg = negatives(s, "auto")
     for b in budgets:
         t = operating_threshold(s, p, b)
@@ -302,7 +302,7 @@ def select_stack_inputs(s: Samples, x3: np.ndarray, folds: np.ndarray) -> tuple[
 
     severe = (s.y == 1) & (s.grade >= 2)
     severe = severe if severe.any() else s.y == 1  # no grade >= 2 fracture: every fracture
-    real_neg = (s.source == "real") & (s.y == 0)
+    real_neg = negatives(s, "real")
     auto_neg = negatives(s, "auto")
     scores: dict[str, dict[str, Any]] = {}
     for name, cols in STACK_INPUTS.items():
@@ -512,7 +512,7 @@ def _card_json(s: Samples, fold: np.ndarray, cases: list[RealCase], config: Trai
                n_phantoms: int, fractures_per_vertebra: int, auto_negatives: bool) -> dict[str, Any]:
     """The card's fields written by :func:`train_realct_classifier` (the training data, its recipe, metrics)."""
     checked = {c.name for c in cases if c.checked}
-    real_neg = (s.source == "real") & (s.y == 0)
+    real_neg = negatives(s, "real")
     n_auto = int(np.sum(s.source == "auto"))
     real_cases = sorted(str(g) for g in np.unique(s.group[s.source == "real"]))
     checked_cases = [g for g in real_cases if g in checked]
@@ -592,7 +592,7 @@ def _held_out_metrics(s: Samples, oof: dict[str, np.ndarray], nested_p: np.ndarr
         metrics["replaced_model"] = evaluate(sl, old[lab], 0.5, checked=checked)
     if previous is not None:
         metrics["previous_shipped"] = previous
-    real_neg = (s.source == "real") & (s.y == 0)
+    real_neg = negatives(s, "real")
     ood_cases = sorted({str(g) for g in s.group[real_neg & (nested_d > fusion.ood_threshold)]})
     metrics["ood"] = {"threshold": fusion.ood_threshold, "percentile": OOD_PERCENTILE,
                       "real_ct_cases_with_an_ood_vertebra": ood_cases,

@@ -134,10 +134,10 @@ def rib_bearing(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count:
     and hyoid reaching down beside the neck). Only contact (within 4 mm, and at least two voxels) at or behind
     the front of the pedicles counts (no more than 10 mm in front of the whole vertebra's centroid): rib heads
     and tubercles articulate there, while a contrast-filled aorta or heart, merged with the rib cage into one
-    component at HU >= 200, lies against the front of the bodies. A component is counted for a vertebra touching it with at least 30 % of the contact of
-    the best-touching of that vertebra and its two neighbours, so a rib passing near the next vertebra
-    down (the 12th rib beside L1) does not make that one rib-bearing, while a rib cage merged into one
-    component still marks every thoracic level. ``components``: :func:`bone_components` when already computed.
+    component at HU >= 200, lies against the front of the bodies. A component is counted for a vertebra touching
+    it with at least 30 % of the contact of the best-touching of that vertebra and its two neighbours, so a rib
+    passing near the next vertebra down (the 12th rib beside L1) does not make that one rib-bearing, while a rib
+    cage merged into one component still marks every thoracic level. ``components``: :func:`bone_components` when already computed.
     """
     lab = bone_components(instances, hu) if components is None else components
     if lab.max() == 0 or count == 0:
