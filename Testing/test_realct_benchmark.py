@@ -27,6 +27,10 @@ def test_review_reasons_are_grouped_by_kind(realct):
     assert realct.reason_kind("Segments not shaped like a vertebral body: T3.") == "implausible"
     assert realct.reason_kind("The level names are uncertain (confidence 0.25: no anchor).") == "levels"
     assert realct.reason_kind("The fracture classifier called most vertebrae fractured.") == "classifier"
+    assert realct.reason_kind("The fracture call rests on height differences the voxels do not resolve: T4 (28% height "
+                              "loss, +-14% at 3.0 mm, the image classifier not agreeing).") == "unresolved"
+    assert realct.reason_kind("The fracture call may come from a boundary between two segments drawn in the wrong "
+                              "place: T2 is 3.9 mm short at its middle strip where T1 is 7.5 mm too tall.") == "boundary"
     assert realct.reason_kind("Something new.") == "other"
     rows = [{"case": "a", "labels_status": "checked", "checked_count": 1, "vertebrae": {}, "each_found_once": True,
              "level_accuracy": None, "fractured": None, "needs_review": True, "flags": {"L5": ["merged"]},
@@ -63,7 +67,8 @@ def test_deformities_made_by_the_segmentation(realct):
 
 
 def test_auto_simulated_summary_counts_each_answer(load_script):
-    """benchmarks/auto_simulated.py's table: one row per simulation, the answers counted in its last line."""
+    """benchmarks/auto_simulated.py's table: one row per simulation, the answers counted in its last line (a
+    simulation the label admits no such fracture for is listed and not counted)."""
     sims = load_script("benchmarks/auto_simulated.py")
     row = {"case": "c", "level": "L1", "grade": 2, "type": "wedge", "simulated_loss": 0.3, "segment": "L1",
            "segment_grade": 2, "segment_type": "wedge", "segment_loss": 0.31, "probability": 0.97, "answer": "called",
@@ -72,3 +77,7 @@ def test_auto_simulated_summary_counts_each_answer(load_script):
     text = sims.markdown(rows)
     assert text.count("| c | L1 grade 2 wedge |") == 3 and "T4 (0.99)" in text
     assert text.rstrip().endswith("called 1, sent to review with the vertebra at or above the threshold 1, missed 1.")
+    failed = {"case": "c", "level": "T7", "grade": 2, "type": "wedge", "answer": "not simulated", "reason": "T7: no band"}
+    text = sims.markdown([*rows, failed])
+    assert "not simulated: T7: no band" in text and "3 simulated fractures" in text
+    assert text.rstrip().endswith("missed 1; 1 could not be simulated on the label.")

@@ -9,7 +9,8 @@ that holds most of the compressed vertebra, its Genant grade, loss and fracture 
 
 * ``called``: the case is called fractured and the compressed vertebra reaches the threshold;
 * ``review``: the compressed vertebra reaches the threshold but the case goes to review (``fractured: null``);
-* ``missed``: the compressed vertebra stays below the threshold.
+* ``missed``: the compressed vertebra stays below the threshold;
+* ``not simulated``: the simulation cannot reach that grade and type on the label (its reason is kept).
 
 Other vertebrae at or above the threshold are listed too (calls the compression did not make). These CTs' automatic
 segmentations were looked at while the segmentation rules were made, and their vertebrae are the classifier's
@@ -61,7 +62,11 @@ def simulate_and_run(case: str, level: str, grade: int, kind: str, data: Path) -
 
     ct = read_volume(data / CASES[case][0], check=False)
     labels = read_volume(HERE / "realct_labels" / case / "labels.nii.gz", check=False)
-    sim = simulate_fracture(ct, labels, level_id(level), grade, kind, seed=SEED)
+    try:
+        sim = simulate_fracture(ct, labels, level_id(level), grade, kind, seed=SEED)
+    except ValueError as exc:  # the label's geometry admits no such fracture at this resolution
+        return {"case": case, "level": level, "grade": grade, "type": kind, "answer": "not simulated",
+                "reason": str(exc)}
     with tempfile.TemporaryDirectory() as tmp:
         path = write_volume(sim.ct, Path(tmp) / "ct.nii.gz")
         start = time.perf_counter()
@@ -91,12 +96,17 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| CT | simulated | applied loss | segment | its grade, type, loss | p | answer | other vertebrae >= "
              "threshold |", "|---" * 8 + "|"]
     for r in rows:
+        if r["answer"] == "not simulated":
+            lines.append(f"| {r['case']} | {r['level']} grade {r['grade']} {r['type']} | - | - | - | - | not simulated: "
+                         f"{r['reason']} | - |")
+            continue
         lines.append(f"| {r['case']} | {r['level']} grade {r['grade']} {r['type']} | {r['simulated_loss']:.2f} | "
                      f"{r['segment']} | {r['segment_grade']}, {r['segment_type']}, {r['segment_loss']} | "
                      f"{r['probability']} | {r['answer']} | {', '.join(r['other_calls']) or '-'} |")
-    counts = {k: sum(r["answer"] == k for r in rows) for k in ("called", "review", "missed")}
-    lines += ["", f"{len(rows)} simulated fractures: called {counts['called']}, sent to review with the vertebra at or "
-              f"above the threshold {counts['review']}, missed {counts['missed']}."]
+    counts = {k: sum(r["answer"] == k for r in rows) for k in ("called", "review", "missed", "not simulated")}
+    lines += ["", f"{len(rows) - counts['not simulated']} simulated fractures: called {counts['called']}, sent to review "
+              f"with the vertebra at or above the threshold {counts['review']}, missed {counts['missed']}"
+              + (f"; {counts['not simulated']} could not be simulated on the label." if counts["not simulated"] else ".")]
     return "\n".join(lines) + "\n"
 
 
@@ -112,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     for case, level, grade, kind in SIMULATIONS:
         rows.append(simulate_and_run(case, level, grade, kind, args.data))
         r = rows[-1]
-        print(f"{case} {level} grade {grade} {kind}: {r['answer']} (segment {r['segment']}, p {r['probability']})",
-              flush=True)
+        print(f"{case} {level} grade {grade} {kind}: {r['answer']} (segment {r.get('segment')}, "
+              f"p {r.get('probability')})", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"seed": SEED, "simulations": rows}, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(rows))

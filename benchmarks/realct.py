@@ -156,13 +156,14 @@ def deformities(out: dict, truth: Volume, matched: dict) -> dict:
 #: kinds of review reason, by a phrase of their sentence (stages.quality, classification)
 REASON_KINDS = (("merged", "more than one vertebra"), ("implausible", "not shaped like a vertebral body"),
                 ("disc_inside", "disc inside them"), ("gap", "vertebra is missing"), ("levels", "naming confidence"),
-                ("levels", "level names"),
+                ("levels", "level names"), ("unresolved", "voxels do not resolve"),
+                ("boundary", "boundary between two segments"),
                 ("classifier", "classifier"), ("ungraded", "could be graded"))
 
 
 def reason_kind(sentence: str) -> str:
     """The kind of one review reason (``merged``, ``implausible``, ``disc_inside``, ``gap``, ``levels``,
-    ``classifier``, ``ungraded``; ``other`` for the rest)."""
+    ``unresolved``, ``boundary``, ``classifier``, ``ungraded``; ``other`` for the rest)."""
     low = sentence.lower()
     return next((kind for kind, phrase in REASON_KINDS if phrase in low), "other")
 

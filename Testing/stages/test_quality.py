@@ -195,3 +195,31 @@ def test_an_automatic_call_the_image_classifier_does_not_confirm_must_clear_two_
     assert unresolved_calls([rec(0.28, math.nan)], 1.5, 0.5, unconfirmed_mm=3.0)  # no classifier: shape alone
     assert unresolved_calls([rec(0.40, 0.18)], 1.5, 0.5, unconfirmed_mm=3.0) == []
     assert unresolved_calls([rec(0.28, 0.18)], 1.5, 0.5) == []
+
+
+def test_a_call_whose_lost_height_the_next_segment_has_is_a_misplaced_boundary():
+    """T8 7 mm short at every strip is a grade-2 crush; with T7 7 mm too tall the lost height is in the next segment
+    (a boundary drawn too low), so on an automatic segmentation the call goes to review with its own sentence; with T7
+    normal (a fracture leaves its neighbours as they are), or on the user's labels, the call stands."""
+    from VertebralFractureLib.stages.quality import shifted_boundary, unresolved_calls
+
+    def recs(t8_short: float, t7_tall: float) -> list[VertebraRecord]:
+        out = []
+        for i, level in enumerate(("T5", "T6", "T7", "T8", "T9", "T10", "T11")):
+            h = 20.0 + 0.7 * i + (t7_tall if level == "T7" else 0.0) - (t8_short if level == "T8" else 0.0)
+            out.append(VertebraRecord(label=LEVEL_IDS[level], level=level, height_anterior_mm=h, height_middle_mm=h,
+                                      height_posterior_mm=h, expected_height_mm=22.1, height_loss_ratio=1 - h / 22.1,
+                                      fracture_probability=0.99 if level == "T8" else 0.01,
+                                      probability_classifier=0.9 if level == "T8" else 0.1))
+        return out
+
+    shifted = recs(7.0, 7.0)
+    t8 = shifted[3]
+    assert shifted_boundary(t8, shifted, 3.0) == "7.0 mm short at its anterior strip where T7 is 7.0 mm too tall"
+    reasons = unresolved_calls(shifted, 1.5, 0.5, unconfirmed_mm=3.0)
+    assert len(reasons) == 1 and "boundary between two segments" in reasons[0] and "T8 is 7.0 mm short" in reasons[0]
+    assert unresolved_calls(shifted, 1.5, 0.5) == []  # the user's labels: their boundaries are the user's
+    fractured = recs(7.0, 0.0)
+    assert shifted_boundary(fractured[3], fractured, 3.0) is None
+    assert unresolved_calls(fractured, 1.5, 0.5, unconfirmed_mm=3.0) == []
+    assert shifted_boundary(recs(2.0, 2.0)[3], recs(2.0, 2.0), 3.0) is None  # under two voxels: not looked for

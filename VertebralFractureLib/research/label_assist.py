@@ -31,7 +31,11 @@ import numpy as np
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.volume import Volume
 
-TOOL_VERSION = "1"
+#: version of the labels this tool makes from a CT and its decisions (2: after the decisions, the arches are given
+#: to the body their own pedicles hold, :func:`assign_arches_on`)
+TOOL_VERSION = "2"
+#: version of the automatic proposal the decisions refer to (keys its cache); decisions stay valid while it holds
+PROPOSAL_VERSION = "1"
 CACHE_ENV = "VF_LABEL_ASSIST_CACHE"
 
 
@@ -88,14 +92,15 @@ def propose(ct: Volume, ct_sha: str, *, model_dir: Path | None = None, use_cache
     from VertebralFractureLib.stages.segmentation.inference import segment_vertebrae
 
     model_sha = model_sha or model_sha256(model_dir)  # hashing the weights costs ~0.1 s: callers pass it
-    key = f"{ct_sha[:16]}-{model_sha[:16]}-v{TOOL_VERSION}"
+    key = f"{ct_sha[:16]}-{model_sha[:16]}-v{PROPOSAL_VERSION}"
     img, meta = cache_dir() / f"{key}.nii.gz", cache_dir() / f"{key}.json"
     if use_cache and img.exists() and meta.exists():
         info = json.loads(meta.read_text())
         inst = read_image_file(img, check=False)
         inst = ct.with_array(inst.array.astype(np.uint8))
         return Proposal(inst, {int(k): int(v) for k, v in info["levels"].items()}, info["warnings"])
-    seg = segment_vertebrae(ct, device="cpu", anchors=["C1=1"], model_dir=model_dir)
+    # without the arch pass: the decisions were written against this proposal; label_assist runs it after them
+    seg = segment_vertebrae(ct, device="cpu", anchors=["C1=1"], model_dir=model_dir, arches=False)
     inst = seg.labels.with_array(seg.labels.array.astype(np.uint8))
     levels, warnings = automatic_levels(ct, inst.array)
     prop = Proposal(inst, levels, [w for w in seg.warnings if "anchor" not in w] + warnings)
@@ -225,7 +230,7 @@ def label_assist(
     model_sha = model_sha256(model_dir)
     prop = propose(ct, ct_sha, model_dir=model_dir, use_cache=use_cache, model_sha=model_sha)
     editor = Editor(ct, prop.instances.array, str(decisions_path or "decisions"))
-    instances = editor.apply(decisions)
+    instances = assign_arches_on(ct, editor.apply(decisions))
     mapping, how = name_segments(ct, instances, decisions.levels, editor.resolve)
     lut = np.zeros(max(int(instances.max()), 0) + 1, np.uint8)
     for i, v in mapping.items():
@@ -274,3 +279,23 @@ def label_assist(
                     for i in range(1, int(prop.instances.array.max()) + 1)}
             paths += render_views(ct, prop.instances, out_dir / "proposal", title=f"{title} proposal", tags=tags)
     return LabelResult(labels, record, paths)
+
+
+def assign_arches_on(ct: Volume, instances: np.ndarray) -> np.ndarray:
+    """:func:`~VertebralFractureLib.stages.segmentation.arches.assign_arches` for an instance map on ``ct``'s own
+    grid (any spacing and orientation; nothing done on slices thicker than its ``MAX_SLICE_MM``): it runs on the
+    canonical working grid, and only the voxels whose segment it changed there change on ``ct``'s grid (the others
+    keep their boundaries at the CT's resolution)."""
+    from VertebralFractureLib.core.volume import resample_to
+    from VertebralFractureLib.stages.segmentation.arches import MAX_SLICE_MM, assign_arches
+    from VertebralFractureLib.stages.segmentation.inference import WORK_SPACING_MM, to_canonical
+
+    if int(instances.max(initial=0)) < 2 or max(ct.spacing) > MAX_SLICE_MM:
+        return instances
+    hu = to_canonical(ct, WORK_SPACING_MM)
+    dtype = np.uint8 if instances.max() < 256 else np.uint16
+    grid = resample_to(ct.with_array(instances.astype(dtype)), hu, order=0).array.astype(np.int32)
+    moved = assign_arches(grid, hu.array, WORK_SPACING_MM)
+    changed = np.where(moved != grid, moved, 0).astype(dtype)
+    back = resample_to(hu.with_array(changed), ct, order=0).array
+    return np.where((back > 0) & (instances > 0), back, instances).astype(instances.dtype)

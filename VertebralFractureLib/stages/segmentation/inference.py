@@ -10,7 +10,8 @@ Steps of :func:`segment_vertebrae`:
    without its body gets the bone in front of it (:mod:`.bodies`: the network missed the body), then each
    vertebra is grown by up to 3 mm into cortex the network missed (:mod:`.instances`), the boundary between
    each two touching bodies moved onto the disc between them (:mod:`.disc_boundaries`), and a run of segments
-   whose boundaries fall mid-body cut again at the discs found on the CT (:mod:`.recut`);
+   whose boundaries fall mid-body cut again at the discs found on the CT (:mod:`.recut`); last, the bone behind
+   the bodies goes to the body its own pedicles and lamina hold (:mod:`.arches`);
 4. VerSe level names from the order along the spine and anatomical anchors (:mod:`.labelling`);
 5. labels back onto the input grid with the input's geometry.
 
@@ -263,6 +264,7 @@ def segment_vertebrae(
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
     model_dir: Path | None = None,
+    arches: bool = True,
 ) -> SegmentationResult:
     """Segment and name the vertebrae of a CT.
 
@@ -272,10 +274,14 @@ def segment_vertebrae(
         device: ``auto``, ``cpu`` or ``cuda``.
         anchors: level overrides ``"L1=5"``: instance 5 (1 = most cranial) is L1, the others renumbered.
         model_dir: folder with ``model.safetensors`` + ``card.json`` (default: the shipped model).
+        arches: give the bone behind the bodies to the body its pedicles hold (:mod:`.arches`, on slices up to
+            3 mm); False only for label-assist's proposal, whose decisions were written without it.
 
     Returns:
         :class:`SegmentationResult` with uint8 VerSe ids on ``ct``'s grid and geometry.
     """
+    from VertebralFractureLib.stages.segmentation.arches import MAX_SLICE_MM as ARCH_MAX_SLICE_MM
+    from VertebralFractureLib.stages.segmentation.arches import assign_arches
     from VertebralFractureLib.stages.segmentation.bodies import complete_bodies
     from VertebralFractureLib.stages.segmentation.disc_boundaries import refine_disc_boundaries
     from VertebralFractureLib.stages.segmentation.instances import (
@@ -313,6 +319,8 @@ def segment_vertebrae(
         prob = prob.with_array(np.where((grown > 0) & (inst.labels == 0), np.float32(1.0), prob.array))
         inst.labels = grown
         inst = recut_instances(inst, hu.array, s, slice_mm=max(ct.spacing), fov=fov)  # boundaries that miss the discs
+        if arches and max(ct.spacing) <= ARCH_MAX_SLICE_MM:  # each arch to the body its own pedicles hold
+            inst.labels = assign_arches(inst.labels, hu.array, s)
     warnings = list(inst.warnings)
     if inst.count and not any(trabecular_core(inst.labels, hu.array, prob.spacing[0], inst.count)):
         warnings.append(f"no trabecular bone inside any of the {inst.count} bone segments found (cortical bone "
