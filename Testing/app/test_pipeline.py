@@ -243,3 +243,20 @@ def test_fast_is_a_triage_redone_at_full_resolution_when_not_normal():
         assert np.array_equal(result.labels.array, full.labels.array)
     else:
         assert np.array_equal(result.labels.array, triage.labels.array)
+
+
+def test_real_chest_ct_a_boundary_drawn_too_low_is_not_called_a_fracture(tmp_path, shared_data):
+    """lidc-idri-0001 (no known fracture): the automatic segmentation draws the T1/T2 boundary about 5 mm too low, so
+    T2 reads as a grade-2 crush that the CNN confirms (a short segment looks short to it too) while T1 stands too
+    tall. The case must not be called fractured; the review names the misplaced boundary."""
+    import json
+
+    out = tmp_path / "out"
+    run_pipeline(shared_data / "real-ct" / "lidc-idri-0001_chest" / "ct.nii.gz", out,
+                 options=PipelineOptions(device="cpu", radiomics=False))
+    result = json.loads((out / "result.json").read_text())
+    assert result["fractured"] is not True
+    called = [v["level"] for v in result["vertebrae"] if (v.get("fracture_probability") or 0.0) >= 0.5]
+    if called:  # a call the segmentation makes must come with the sentence that says why it is not trusted
+        assert result["needs_review"] and any("boundary between two segments" in r or "do not resolve" in r
+                                              for r in result["review_reasons"])
