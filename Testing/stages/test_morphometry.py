@@ -622,3 +622,29 @@ def test_simulated_fractures_real_crop_single_scan_wedge_biconcave_baseline_crus
     assert max(errors.values()) <= 1.0, errors
     assert severe <= 4.5
     assert not false_pos
+
+
+@pytest.mark.parametrize("turn_deg", [0.0, 25.0])
+def test_without_a_canal_the_anterior_axis_is_the_footprint_mirror_axis(turn_deg):
+    """A body (ellipse, wider than deep) with two pedicle stubs and a transverse process on one side only, no closed
+    canal, the vertebra turned ``turn_deg`` about the spine's axis and patient anterior 20 degrees the other way: the
+    anterior axis follows the body's own mirror axis (within 3 degrees), not the one-sided process (the posterior
+    elements' centroid pulled it about 40 degrees aside) nor patient anterior."""
+    from VertebralFractureLib.stages.morphometry.frame import _anterior_direction
+
+    t = math.radians(turn_deg)
+    rot = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
+    a, lr = np.mgrid[0:80, 0:80].astype(float)
+    centre = np.array([40.0, 40.0])
+    # the vertebra's own axes: u anterior, v left
+    u, v = np.einsum("ij,jkl->ikl", rot.T, np.stack([a - centre[0], lr - centre[1]]))
+    body = (u / 12.0) ** 2 + (v / 16.0) ** 2 <= 1.0
+    pedicles = (u > -19) & (u < -10) & (np.abs(np.abs(v) - 8) < 2.5)
+    process = (u > -20) & (u < -15) & (v > 8) & (v < 30)
+    footprint = body | pedicles | process
+    hint = np.array([math.cos(-math.radians(20)), math.sin(-math.radians(20))])
+    notes: list[str] = []
+    d = _anterior_direction(footprint, centre, 12.0, None, hint, 1.0, notes)
+    expected = rot @ np.array([1.0, 0.0])
+    assert math.degrees(math.acos(float(np.clip(d @ expected, -1, 1)))) < 3.0
+    assert "mirror axis" in notes[0]

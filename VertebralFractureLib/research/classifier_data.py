@@ -34,8 +34,10 @@ from VertebralFractureLib.research.label_assist import file_sha256
 #: bump when what a sample holds changes (invalidates the cache; 2: morphometry bridges label holes on height lines,
 #: quality flags as in ``run``; 3: body axis next to a cut neighbour, 3 mm field-of-view band; 4: cervical vertebrae
 #: not graded, so neither samples nor normal neighbours; 5: morphometry fills the front of a body's label, the
-#: simulation lowers a rim with the endplate beside it; 6: the automatic segmentation gives each arch to its own body)
-BUILDER_VERSION = 6
+#: simulation lowers a rim with the endplate beside it; 6: the automatic segmentation gives each arch to its own body;
+#: 7: morphometry's anterior axis without a closed canal is the footprint's mirror axis, a body is cut by the field of
+#: view from five edge voxels)
+BUILDER_VERSION = 7
 GRADES = (1, 2, 3)
 TYPES = ("wedge", "biconcave", "crush")
 #: (grade, type) cycled over a case's vertebrae: every grade with every type

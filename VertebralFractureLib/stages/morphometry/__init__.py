@@ -12,7 +12,8 @@ orientation (LPS, RAS, PIR, oblique) or spacing. Per vertebra:
    aligned with ``si`` and projected along it: the body is the thickest
    part of that footprint (maximum of its 2D distance transform); the spinal canal is the largest
    hole of the footprint. The anterior axis ``ap`` points from the canal to the body centre (without
-   a canal, from the posterior elements' centroid; without either, patient anterior). ``lr = si x ap``.
+   a canal, along the footprint's mirror axis near patient anterior; without a footprint, patient anterior).
+   ``lr = si x ap``.
 2. **Body isolation** (:func:`vertebral_body_mask`): voxels of the label anterior to the posterior
    wall, inside the body's footprint opened with a disc of half its inscribed radius (this removes
    pedicle stubs and transverse processes). Pedicles, laminae and processes lie behind that wall.

@@ -163,18 +163,45 @@ def _anterior_direction(
 ) -> np.ndarray:
     """Unit 2D (a0, l0) direction from the canal to the body centre ``b2``.
 
-    Without a canal: from the posterior elements' centroid; without either, ``hint`` (patient anterior
-    in the (a0, l0) plane). Adds a note in both fallbacks.
+    Without a closed canal (most thoracic labels whose laminae the segmentation leaves open, or labels of the body
+    alone): the footprint's mirror axis through ``b2`` (:func:`_mirror_axis`) within :data:`MIRROR_SEARCH_DEG` of
+    ``hint`` (patient anterior in the (a0, l0) plane), pointing the way ``hint`` does. On the checked real-CT labels
+    with a canal that axis lies 2.2 degrees (median; 90th percentile 5.8, at most 13.7) from the canal's direction,
+    patient anterior 5.4 (24.8, 42.6: a patient lying rotated); the posterior elements' centroid, used before, lay up
+    to 60-70 degrees off the mirror axis (a pedicle stub or a transverse process on one side), and the anterior strip
+    then measured the side of the body. Without a footprint to mirror: ``hint``. Adds a note in both fallbacks.
     """
     if canal is not None:
         return _unit(b2 - canal.mean(axis=0))
+    hint = _unit(hint) if np.linalg.norm(hint) > 1e-6 else np.array([1.0, 0.0])
     pix = np.argwhere(footprint)
-    far = pix[np.linalg.norm(pix - b2, axis=1) * h > 1.5 * radius]
-    if len(far) > 20:
-        notes.append("no closed spinal canal in the label: anterior axis from the posterior elements")
-        return _unit(b2 - far.mean(axis=0))
-    notes.append("label looks like a vertebral body only: anterior axis taken from the image's patient axes")
-    return _unit(hint) if np.linalg.norm(hint) > 1e-6 else np.array([1.0, 0.0])
+    if len(pix) > 20:
+        notes.append("no closed spinal canal in the label: anterior axis from the footprint's mirror axis")
+        return _mirror_axis(pix, b2, hint)
+    notes.append("label too small for a mirror axis: anterior axis taken from the image's patient axes")
+    return hint
+
+
+#: the mirror axis is looked for within this angle (degrees) of patient anterior: a vertebra turned farther about
+#: the spine's axis is rare, and a round body is nearly as symmetric about its left-right axis
+MIRROR_SEARCH_DEG = 45.0
+
+
+def _mirror_axis(pix: np.ndarray, centre: np.ndarray, hint: np.ndarray, step_deg: float = 1.0) -> np.ndarray:
+    """Unit 2D direction, within :data:`MIRROR_SEARCH_DEG` of ``hint`` and on its side, of the line through
+    ``centre`` about which the footprint's pixels ``pix`` (n, 2 grid indices) best overlap their mirror image
+    (the share of mirrored pixels that land on a pixel of the footprint)."""
+    occupied = set(map(tuple, pix.tolist()))
+    rel = pix - centre
+    base = math.degrees(math.atan2(hint[1], hint[0]))
+    best, best_angle = -1.0, base
+    for angle in base + np.arange(-MIRROR_SEARCH_DEG, MIRROR_SEARCH_DEG + 1e-6, step_deg):
+        c, s = math.cos(math.radians(2 * angle)), math.sin(math.radians(2 * angle))
+        mirrored = np.rint(np.stack([c * rel[:, 0] + s * rel[:, 1], s * rel[:, 0] - c * rel[:, 1]], 1) + centre)
+        score = sum(p in occupied for p in map(tuple, mirrored.astype(int).tolist())) / len(pix)
+        if score > best:
+            best, best_angle = score, angle
+    return np.array([math.cos(math.radians(best_angle)), math.sin(math.radians(best_angle))])
 
 
 def _coarse_body(
@@ -221,7 +248,8 @@ def _is_partial(crop: _Crop, geom: VertebraGeometry) -> bool:
 
 
 def _touches_fov(crop: _Crop, geom: VertebraGeometry) -> bool:
-    """True when the body (or, for a body narrower than deep, any of the label) meets the image edge."""
+    """True when the body (or, for a body narrower than deep, any of the label) meets the image edge (with at least
+    :data:`MIN_CUT_POINTS` of the label's voxels on the edge)."""
     border = crop.border_points_lps()
     if len(border) == 0:
         return False
@@ -233,5 +261,11 @@ def _touches_fov(crop: _Crop, geom: VertebraGeometry) -> bool:
     idx = np.rint(geom.lps_to_grid(border)).astype(int)
     inside = np.all((idx >= 0) & (idx < np.array(body.shape)), axis=1)
     idx = idx[inside]
-    return bool(len(idx) and body[idx[:, 0], idx[:, 1], idx[:, 2]].any())
+    return bool(len(idx)) and int(body[idx[:, 0], idx[:, 1], idx[:, 2]].sum()) >= MIN_CUT_POINTS
+
+
+#: a body is cut by the field of view when at least this many of its label's voxels on the image's edge lie on it: a
+#: body the edge cuts shows tens to thousands there on the real CTs, and one grazing voxel at a corner is no cut
+#: (lidc-idri-0314's T1, its upper lateral corner a voxel from the top slice of a column tilted 45 degrees)
+MIN_CUT_POINTS = 5
 
