@@ -292,21 +292,21 @@ def shifted_boundary(record: VertebraRecord, records: list[VertebraRecord], min_
     """Why ``record``'s height loss may be a misplaced boundary with the next segment rather than a fracture, or None.
 
     At the strip (anterior, middle, posterior) where ``record`` falls furthest below its normal height (the median
-    of the other measured vertebrae within :data:`SHIFTED_REFERENCE_LEVELS` levels, each carried to its level by :data:`HEIGHT_PER_LEVEL_MM`; the
-    two segments compared and merged or shifted segments left out), by ``min_mm`` at least (the size of a boundary
-    error worth looking for: two voxels of the segmentation's grid), an adjacent segment (the next level up or down,
-    flagged or not) standing above its own normal height at that strip by at least :data:`SHIFTED_SHARE` of the
-    deficit has the missing height: on lidc-idri-0001's automatic segmentation T2 read
-    as a 31 % crush (17.6 mm posterior) while T1 stood about 5 mm too tall, the T1/T2 boundary drawn that much too
-    low. Heights in mm.
+    of the other measured vertebrae within :data:`SHIFTED_REFERENCE_LEVELS` levels, each carried to its level by
+    :data:`HEIGHT_PER_LEVEL_MM`; the two segments compared and merged or shifted segments left out), by ``min_mm`` at
+    least (the size of a boundary error worth looking for: two voxels of the segmentation's grid), an adjacent
+    segment (the next level up or down, flagged or not) standing above its own normal height at that strip by at
+    least :data:`SHIFTED_SHARE` of the deficit has the missing height: on lidc-idri-0001's automatic segmentation T2
+    read as a 31 % crush (17.6 mm posterior) while T1 stood about 5 mm too tall, the T1/T2 boundary drawn that much
+    too low. Heights in mm.
     """
     if not _measured(record):
         return None
     here = order_index(record.label)
     measured = [r for r in records if _measured(r) and r.label != record.label]
     for neighbour in (r for r in measured if abs(order_index(r.label) - here) == 1):
-        refs = [r for r in measured if r is not neighbour and abs(order_index(r.label) - here) <= SHIFTED_REFERENCE_LEVELS
-                and not {"merged", "disc_inside"} & set(r.flags)]
+        refs = [r for r in measured if r is not neighbour and not {"merged", "disc_inside"} & set(r.flags)
+                and abs(order_index(r.label) - here) <= SHIFTED_REFERENCE_LEVELS]
         if len(refs) < 2:
             continue
 
@@ -367,8 +367,8 @@ def unresolved_calls(records: list[VertebraRecord], resolution_mm: float, thresh
                           f"{', the image classifier not agreeing' if resolution > resolution_mm else ''})")
     reasons = []
     if unresolved:
-        reasons.append(f"The fracture call rests on height differences the voxels do not resolve: {', '.join(unresolved)}; "
-                       "check these vertebrae by eye (thin-slice reconstructions if available).")
+        reasons.append("The fracture call rests on height differences the voxels do not resolve: "
+                       f"{', '.join(unresolved)}; check these vertebrae by eye (thin-slice reconstructions if available).")
     if misplaced:
         reasons.append(f"The fracture call may come from a boundary between two segments drawn in the wrong place: "
                        f"{'; '.join(misplaced)}; check that boundary by eye (Slicer: Edit segments, then Recompute).")
