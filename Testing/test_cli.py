@@ -34,9 +34,10 @@ RESEARCH_COMMANDS = ["simulate-cohort", "train-seg", "prepare-seg-cohort", "stud
 # DESIGN.md, "Command-line contract": the columns every vertebrae.csv starts with, in this order
 CONTRACT_COLUMNS = ["label", "level", "volume_ml", "height_anterior_mm", "height_middle_mm", "height_posterior_mm",
                     "height_loss_ratio", "genant_grade", "genant_type", "fracture_probability", "trabecular_hu"]
+# ct.nii.gz for every input: the result folder is reviewable on its own, and no input path need be recorded
 RUN_OUTPUTS = {"segmentation.nii.gz", "segmentation.seg.nrrd", "vertebrae.csv", "result.json", "report.html",
-               "radiomics.csv"}
-DICOM_ONLY_OUTPUTS = {"ct.nii.gz", "segmentation.dcm"}
+               "radiomics.csv", "ct.nii.gz"}
+DICOM_ONLY_OUTPUTS = {"segmentation.dcm", "ct.json"}
 
 # runs the CLI's main() like the console script, then writes the names of the loaded modules to a file;
 # Python's KeyboardInterrupt handler is restored because a background job inherits SIGINT ignored

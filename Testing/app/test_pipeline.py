@@ -260,3 +260,31 @@ def test_real_chest_ct_a_boundary_drawn_too_low_is_not_called_a_fracture(tmp_pat
     if called:  # a call the segmentation makes must come with the sentence that says why it is not trusted
         assert result["needs_review"] and any("boundary between two segments" in r or "do not resolve" in r
                                               for r in result["review_reasons"])
+
+
+def test_image_input_leaves_no_path_or_header_field_in_the_outputs(tmp_path, phantom_files):
+    """A hospital path or an image header can carry a name: the result folder holds its own ct.nii.gz, written from
+    the array and geometry alone, and no output mentions the input's folder or header fields."""
+    import SimpleITK as sitk
+
+    from VertebralFractureLib.io.reading import read_volume
+
+    ph, _, labels_path = phantom_files
+    folder = tmp_path / "Doe_Jane_MRN4711"
+    folder.mkdir()
+    image = sitk.GetImageFromArray(ph.ct.array)
+    image.SetSpacing(tuple(float(s) for s in ph.ct.spacing))
+    image.SetOrigin(tuple(float(o) for o in ph.ct.origin))
+    image.SetDirection(tuple(float(d) for d in np.asarray(ph.ct.direction).ravel()))
+    image.SetMetaData("PatientName", "Doe^Jane")
+    ct_path = folder / "scan.nrrd"
+    sitk.WriteImage(image, str(ct_path))
+    run_pipeline(ct_path, tmp_path / "out", labels_path=labels_path,
+                 options=PipelineOptions(wiener=False, radiomics=False))
+    copy = read_volume(tmp_path / "out" / "ct.nii.gz")
+    assert np.array_equal(copy.array, ph.ct.array) and np.allclose(copy.origin, ph.ct.origin)
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            data = __import__("gzip").decompress(data) if path.suffix == ".gz" else data
+            assert b"Doe" not in data and b"MRN4711" not in data, path.name

@@ -471,9 +471,6 @@ def run_pipeline(
             result.warnings[:0] = warnings
             if dicom_import is not None:
                 result.case_id = dicom_import.case_id
-            else:
-                # no ct.nii.gz is written for an image file: `review` finds the CT the case was run on here
-                result.extra["input"] = str(input_path.absolute())
 
             progress(0.92, "writing outputs")
             with timer.stage("outputs"):
@@ -516,6 +513,11 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
                 pool.submit(write_seg_nrrd, labels, result.records, out / "segmentation.seg.nrrd")]
         if dicom_import is not None and ct_writer is None:
             jobs.append(pool.submit(write_import_file, dicom_import, out))
+        elif dicom_import is None:
+            # the CT beside its results, so a result folder is reviewable on its own; written from the array and
+            # its geometry, it carries none of the input file's header fields (a NRRD or NIfTI description can
+            # hold a name), and result.json need not record where the input lay (a path can hold one too)
+            jobs.append(pool.submit(write_volume, ct, out / "ct.nii.gz", fast_gzip=True))
         write_csv(result.records, out / "vertebrae.csv")
         if result.radiomics is not None:
             from VertebralFractureLib.stages.radiomics import write_radiomics_csv

@@ -221,8 +221,9 @@ def _case_review(case_dir: Path, patient_probability: float) -> tuple[bool | Non
 
 
 def case_ct_path(case_dir: Path, cohort_dir: str | Path | None = None) -> Path:
-    """The CT a result folder was computed from: ``ct.nii.gz`` & co. in it, else the ``input`` its ``result.json``
-    records, else the case of the same name in ``cohort_dir``.
+    """The CT a result folder was computed from: ``ct.nii.gz`` & co. in it (every run writes one), else the
+    ``input`` path its ``result.json`` records (folders written before the CT was copied for image inputs), else
+    the case of the same name in ``cohort_dir``.
 
     Raises:
         InputError: none of these exists.
