@@ -112,6 +112,10 @@ def test_broken_cases_get_their_status_and_the_rest_goes_on(tmp_path):
         assert rows[case]["status"] == "bad_input", rows[case]
         assert reason.lower() in rows[case]["error"].lower(), rows[case]
         assert not (out / case).exists()  # a refused case leaves no output folder
+    # the folders above the cohort can name a patient or a ward: outputs name a refused file from the cohort down
+    assert "truncated" in rows["truncated"]["error"]
+    for path in [cohort_csv, *(out / ".batch" / "failed").glob("*.json")]:
+        assert str(tmp_path) not in path.read_text(), path.name
     assert len(messages) == 7 and messages[-1][0] == 1.0 and "cases/min" in messages[-1][1] and "ETA" in messages[-1][1]
 
     # rerun: nothing is redone (complete cases and unchanged refused inputs are skipped)

@@ -153,6 +153,19 @@ def _summary_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _within_cohort(message: str, case_input: str, name: str) -> str:
+    """``message`` with the cohort folder's path taken out of the paths it names (``case01/IM0001.dcm: ...``): the
+    folders above a case can name a patient or a ward, and cohort.csv and the failure records are outputs."""
+    path = Path(case_input)
+    # the case's entry in the cohort folder: the input itself (a file or DICOM folder) or the folder holding ct.nii.gz
+    entry = next((p for p in (path, *path.parents) if p.name == name or p.name.split(".")[0] == name), path)
+    folder = entry.parent
+    for prefix in sorted({str(folder), str(folder.absolute()), str(folder.resolve())}, key=len, reverse=True):
+        if prefix not in ("", "."):
+            message = message.replace(prefix.rstrip(os.sep) + os.sep, "")
+    return message
+
+
 def _failure_row(name: str, status: str, message: str) -> dict[str, Any]:
     one_line = " ".join(str(message).split())[:500]
     return {"case": name, "status": status, "fracture_probability": "", "fractured": "", "worst_level": "",
@@ -195,10 +208,10 @@ def run_case(case: dict[str, Any], out_dir: str, options: dict[str, Any], thread
                               options=pipeline_options)
         row = _summary_row(name, result.to_json())
     except InputError as exc:
-        row = _failure_row(name, "bad_input", str(exc))
+        row = _failure_row(name, "bad_input", _within_cohort(str(exc), case["input"], name))
     except Exception as exc:  # noqa: BLE001 - one case's failure must not stop the cohort
         log.debug("case %s failed:\n%s", name, traceback.format_exc())
-        row = _failure_row(name, "error", f"{type(exc).__name__}: {exc}")
+        row = _failure_row(name, "error", _within_cohort(f"{type(exc).__name__}: {exc}", case["input"], name))
     row["seconds"] = round(time.perf_counter() - start, 3)
     row["cpu_seconds"] = round(time.process_time() - cpu_start, 3)
     row["worker"] = f"{os.uname().nodename}:{os.getpid()}"
