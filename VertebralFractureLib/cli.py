@@ -19,8 +19,9 @@ from VertebralFractureLib import __version__
 from VertebralFractureLib.core.errors import Cancelled, InputError
 
 # --- run ------------------------------------------------------------------------------------
-FAST_HELP = ("segment at about 3 mm instead of 1.5 mm; radiomics.csv holds only the features the fused classifier "
-             "uses (Resources/models/classifier/fusion.json); Wiener noise power estimated from every 4th slab")
+FAST_HELP = ("a 3 mm triage: segment at about 3 mm instead of 1.5 mm and analyse again at 1.5 mm unless that finds the "
+             "case normal (on real CT it rarely does, and then takes longer than the default: see the README); "
+             "radiomics.csv holds only the features the fused classifier uses; Wiener noise power from every 4th slab")
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:

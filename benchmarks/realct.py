@@ -100,7 +100,7 @@ def _status(case: str) -> str:
 
 
 def run_case(case: str, data: Path, fast: bool) -> dict:
-    from VertebralFractureLib.app.pipeline import PipelineOptions, run_pipeline
+    from VertebralFractureLib.app.pipeline import FAST_TRIAGE_WARNING, PipelineOptions, run_pipeline
     from VertebralFractureLib.io.reading import read_volume
 
     ct_path = data / CASES[case][0]
@@ -125,6 +125,9 @@ def run_case(case: str, data: Path, fast: bool) -> dict:
         "review_reasons": out.get("review_reasons"), "fractured": out.get("fractured"),
         "flags": {r["level"]: r.get("flags", []) for r in out.get("vertebrae", []) if r.get("flags")},
         "warnings": out.get("warnings"),
+        # --fast: did its 3 mm triage find the case normal ("cleared"), or was it analysed again at 1.5 mm?
+        "fast_triage": None if not fast else "redone" if any(
+            w.startswith(FAST_TRIAGE_WARNING.split("{")[0]) for w in out.get("warnings") or []) else "cleared",
         **(scores := score_case(pred, truth, ignore)),
         **deformities(out, truth_volume, scores["vertebrae"]),
     }
@@ -186,6 +189,7 @@ def summary(rows: list[dict]) -> dict:
         "deformity_auto_only": sum(len(r["deformity_auto_only"]) for r in scored),
         "checked_vertebrae": sum(len(r["vertebrae"]) for r in scored),
         "call_behind_review": sorted(r["case"] for r in rows if r["call_behind_review"]),
+        "fast_triage_cleared": sorted(r["case"] for r in rows if r.get("fast_triage") == "cleared"),
     }
 
 
@@ -220,6 +224,10 @@ def markdown(rows: list[dict], summ: dict, host: dict | None = None) -> str:
                              if r["deformity_auto_only"]) + "). Cases where only the review kept a vertebra at or "
                  f"above the fracture threshold from a call: {len(summ['call_behind_review'])} "
                  f"({', '.join(summ['call_behind_review']) or 'none'}).")
+    if any(r.get("fast_triage") for r in rows):
+        lines.append(f"--fast: its 3 mm triage found {len(summ['fast_triage_cleared'])} of {summ['cases']} cases normal "
+                     f"({', '.join(summ['fast_triage_cleared']) or 'none'}); every other case was analysed again at "
+                     "1.5 mm, and its time is both passes'.")
     if host and host["load_1min"] > host["cpus"]:
         lines.append(f"Times were measured with a load average of {host['load_1min']} on {host['cpus']} cores (other "
                      "jobs running): they are not comparable with runs on an idle machine.")
