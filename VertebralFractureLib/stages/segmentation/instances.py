@@ -87,7 +87,15 @@ def fill_bodies(fg: np.ndarray) -> np.ndarray:
     sag[:, :, 1] = ndi.generate_binary_structure(2, 1)
     cor = np.zeros((3, 3, 3), bool)
     cor[:, 1, :] = ndi.generate_binary_structure(2, 1)
-    return fg | (ndi.binary_fill_holes(fg, structure=sag) & ndi.binary_fill_holes(fg, structure=cor))
+    out = fg.copy()
+    if not fg.any():
+        return out
+    # a hole lies inside the foreground's box; a ring of background around that box is connected to the outside
+    # as the rest of the array is, so filling within it changes nothing
+    box = _box_around(fg, 1)
+    sub = fg[box]
+    out[box] |= ndi.binary_fill_holes(sub, structure=sag) & ndi.binary_fill_holes(sub, structure=cor)
+    return out
 
 
 def spine_axis(labels: np.ndarray, spacing_mm: float, min_ml: float = 5.0):
@@ -364,8 +372,22 @@ def grow_cortex(labels: np.ndarray, hu: np.ndarray, spacing_mm: float, *, hu_min
     corner shortens the anterior height and reads as a wedge fracture. Growth goes one voxel layer at a time
     into bright unlabelled voxels; a voxel touching two instances stays out, so no disc is bridged.
     """
-    bright = ndi.gaussian_filter(hu.astype(np.float32), 0.5) > hu_min
-    return grow_labels(labels, bright, max(1, int(round(reach_mm / spacing_mm))))
+    steps = max(1, int(round(reach_mm / spacing_mm)))
+    out = labels.copy()
+    if not labels.any():
+        return out
+    # only around the instances (a chest CT is mostly not spine): growth reaches ``steps`` voxels, and the
+    # smoothing (sigma 0.5 voxel, truncated at 2) 2 more, so the box changes nothing
+    box = _box_around(labels > 0, steps + 3)
+    bright = ndi.gaussian_filter(hu[box].astype(np.float32), 0.5) > hu_min
+    out[box] = grow_labels(labels[box], bright, steps)
+    return out
+
+
+def _box_around(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """The bounding box of ``mask`` (not empty) grown by ``margin`` voxels on every side, within the array."""
+    sl = ndi.find_objects(mask.astype(np.int8))[0]
+    return tuple(slice(max(0, s.start - margin), min(n, s.stop + margin)) for s, n in zip(sl, mask.shape, strict=True))
 
 
 def grow_labels(labels: np.ndarray, allowed: np.ndarray, steps: int, boxes: np.ndarray | None = None) -> np.ndarray:
@@ -568,15 +590,21 @@ def _merge_fragments(out: np.ndarray, spacing_mm: float, typical_ml: float) -> n
 
 def partial_instances(labels: np.ndarray, count: int, fov: np.ndarray | None) -> list[int]:
     """Instances touching the edge of the field of view (or of the array)."""
+    if not labels.any():
+        return []
+    # only around the instances: the erosion moves the field of view's edge by one voxel, so a box two voxels
+    # wider than the instances finds the same edge voxels under them (its own sides lie beside no instance)
+    box = _box_around(labels > 0, 2)
     if fov is None:
         edge = np.zeros(labels.shape, bool)
         edge[[0, -1], :, :] = True
         edge[:, [0, -1], :] = True
         edge[:, :, [0, -1]] = True
+        edge = edge[box]
     else:
-        inside = ndi.binary_erosion(fov, iterations=1, border_value=0)
-        edge = fov & ~inside
-    touched = np.unique(labels[edge & (labels > 0)])
+        edge = fov[box] & ~ndi.binary_erosion(fov[box], iterations=1, border_value=0)
+    sub = labels[box]
+    touched = np.unique(sub[edge & (sub > 0)])
     return [int(t) for t in touched if 0 < t <= count]
 
 

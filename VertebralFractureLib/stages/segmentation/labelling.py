@@ -154,16 +154,13 @@ def rib_bearing(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count:
     grow = max(2, int(round(4.0 / spacing_mm)))
     # contact[v, c]: voxels of bone component c within 4 mm of vertebra v
     contact: dict[tuple[int, int], int] = {}
-    for v in range(1, count + 1):
-        m = instances == v
-        if not m.any():
-            continue
-        zz, yy, xx = np.nonzero(m)
+    voxels = _instance_voxels(instances, range(1, count + 1))
+    for v, (zz, yy, xx) in voxels.items():
         cx = xx.mean()
         g = grow + 1
         sl = (slice(max(0, zz.min() - g), zz.max() + g + 1), slice(max(0, yy.min() - g), yy.max() + g + 1),
               slice(max(0, xx.min() - g), xx.max() + g + 1))
-        near = ndi.binary_dilation(m[sl], iterations=grow)
+        near = ndi.binary_dilation(instances[sl] == v, iterations=grow)
         front = int(np.ceil(yy.mean() - 10.0 / spacing_mm)) - sl[1].start
         near[:, : max(0, front), :] = False  # y grows towards posterior
         ids, hits = np.unique(lab[sl][near], return_counts=True)
@@ -179,6 +176,21 @@ def rib_bearing(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count:
         best = max(contact.get((u, c), 0) for u in (v - 1, v, v + 1))
         if h >= 0.3 * best and h * spacing_mm**3 >= 20.0:  # at least 20 mm^3 of contact
             out[v - 1] = True
+    return out
+
+
+def _instance_voxels(instances: np.ndarray, labels) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``{label: (z, y, x)}`` voxel indices of each of ``labels`` present in ``instances``, found in its own
+    bounding box (a comparison over the whole volume per label cost a chest CT's naming 0.5 s)."""
+    labels = list(labels)
+    objects = ndi.find_objects(instances, max_label=max(labels, default=0))
+    out = {}
+    for v in labels:
+        sl = objects[v - 1] if 0 < v <= len(objects) else None
+        if sl is None:
+            continue
+        z, y, x = np.nonzero(instances[sl] == v)
+        out[v] = (z + sl[0].start, y + sl[1].start, x + sl[2].start)
     return out
 
 
@@ -235,15 +247,17 @@ def sacrum_index(instances: np.ndarray, spacing_mm: float, count: int, component
     grow = max(1, int(round(6.0 / spacing_mm)))
     lateral = 25.0 / spacing_mm
     need = SI_JOINT_MIN_MM / spacing_mm
-    for v in range(count, max(0, count - 4), -1):  # the sacrum (and coccyx pieces) can only be at the bottom
-        m = instances == v
-        if not m.any():
+    bottom = range(count, max(0, count - 4), -1)  # the sacrum (and coccyx pieces) can only be at the bottom
+    voxels = _instance_voxels(instances, bottom)
+    for v in bottom:
+        if v not in voxels:
             continue
-        zz, yy, xx = np.nonzero(m)
+        zz, yy, xx = voxels[v]
         g = grow + 1
         sl = (slice(max(0, zz.min() - g), zz.max() + g + 1), slice(max(0, yy.min() - g), yy.max() + g + 1),
               slice(max(0, xx.min() - g), xx.max() + g + 1))
-        near = ndi.binary_dilation(m[sl], iterations=grow) & ~m[sl]
+        own = instances[sl] == v
+        near = ndi.binary_dilation(own, iterations=grow) & ~own
         near &= components[sl] > 0
         zn, _, xn = np.nonzero(near)
         comp = components[sl][near]
