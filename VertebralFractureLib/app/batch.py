@@ -158,7 +158,7 @@ def _within_cohort(message: str, case_input: str, name: str) -> str:
     folders above a case can name a patient or a ward, and cohort.csv and the failure records are outputs."""
     path = Path(case_input)
     # the case's entry in the cohort folder: the input itself (a file or DICOM folder) or the folder holding ct.nii.gz
-    entry = next((p for p in (path, *path.parents) if p.name == name or p.name.split(".")[0] == name), path)
+    entry = next((p for p in (path, *path.parents) if name in (p.name, _strip_suffix(p.name))), path)
     folder = entry.parent
     for prefix in sorted({str(folder), str(folder.absolute()), str(folder.resolve())}, key=len, reverse=True):
         if prefix not in ("", "."):

@@ -192,7 +192,7 @@ def _mirror_axis(footprint: np.ndarray, centre: np.ndarray, hint: np.ndarray, st
     ``centre`` (grid index) about which the 2D ``footprint`` best overlaps its mirror image (the share of its
     mirrored pixels that land on the footprint); all candidate angles are scored at once."""
     rel = np.argwhere(footprint) - centre
-    base = math.radians(math.degrees(math.atan2(hint[1], hint[0])))
+    base = math.atan2(hint[1], hint[0])
     angles = base + np.radians(np.arange(-MIRROR_SEARCH_DEG, MIRROR_SEARCH_DEG + 1e-6, step_deg))
     c, s = np.cos(2 * angles)[:, None], np.sin(2 * angles)[:, None]
     mirrored = np.rint(np.stack([c * rel[:, 0] + s * rel[:, 1], s * rel[:, 0] - c * rel[:, 1]], -1) + centre)

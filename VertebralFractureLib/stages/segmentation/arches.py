@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from VertebralFractureLib.stages.segmentation.instances import box_around
+
 #: the pass is made on CTs whose slices are at most this thick (mm): on 4.25 mm slices (a PET-CT) an articular
 #: process rising from its pedicle spans two or three slices and the joint beside it blurs, and the pass gave one
 #: to the vertebra above
@@ -100,11 +102,23 @@ def assign_arches(labels: np.ndarray, hu: np.ndarray, spacing_mm: float) -> np.n
     """``labels`` (int, 1..n craniocaudal, z=S y=P x=L, isotropic ``spacing_mm``) with the bone behind the bodies
     given to the body it is joined to by the cheapest path through bone (see the module's docstring); a piece
     joined to no body keeps its label. Returns a new array."""
+    count = int(labels.max()) if labels.size else 0
+    if count < 2:
+        return labels.copy()
+    # within the instances' box (a chest CT is mostly not spine): every node of the graph lies in it, and the rays
+    # that look for the laminae meet no bone beyond it
+    box = box_around(labels > 0, 1)
+    out = labels.copy()
+    out[box] = _assign_in_box(labels[box], hu[box], spacing_mm, count)
+    return out
+
+
+def _assign_in_box(labels: np.ndarray, hu: np.ndarray, spacing_mm: float, count: int) -> np.ndarray:
+    """:func:`assign_arches` on the box around the instances."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import dijkstra
 
-    count = int(labels.max()) if labels.size else 0
-    centres = _body_centres(labels, count) if count > 1 else {}
+    centres = _body_centres(labels, count)
     if len(centres) < 2:
         return labels.copy()
     yc = _centre_line(centres, labels.shape[0])

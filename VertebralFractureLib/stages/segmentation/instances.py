@@ -92,7 +92,7 @@ def fill_bodies(fg: np.ndarray) -> np.ndarray:
         return out
     # a hole lies inside the foreground's box; a ring of background around that box is connected to the outside
     # as the rest of the array is, so filling within it changes nothing
-    box = _box_around(fg, 1)
+    box = box_around(fg, 1)
     sub = fg[box]
     out[box] |= ndi.binary_fill_holes(sub, structure=sag) & ndi.binary_fill_holes(sub, structure=cor)
     return out
@@ -378,13 +378,13 @@ def grow_cortex(labels: np.ndarray, hu: np.ndarray, spacing_mm: float, *, hu_min
         return out
     # only around the instances (a chest CT is mostly not spine): growth reaches ``steps`` voxels, and the
     # smoothing (sigma 0.5 voxel, truncated at 2) 2 more, so the box changes nothing
-    box = _box_around(labels > 0, steps + 3)
+    box = box_around(labels > 0, steps + 3)
     bright = ndi.gaussian_filter(hu[box].astype(np.float32), 0.5) > hu_min
     out[box] = grow_labels(labels[box], bright, steps)
     return out
 
 
-def _box_around(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+def box_around(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
     """The bounding box of ``mask`` (not empty) grown by ``margin`` voxels on every side, within the array."""
     sl = ndi.find_objects(mask.astype(np.int8))[0]
     return tuple(slice(max(0, s.start - margin), min(n, s.stop + margin)) for s, n in zip(sl, mask.shape, strict=True))
@@ -594,7 +594,7 @@ def partial_instances(labels: np.ndarray, count: int, fov: np.ndarray | None) ->
         return []
     # only around the instances: the erosion moves the field of view's edge by one voxel, so a box two voxels
     # wider than the instances finds the same edge voxels under them (its own sides lie beside no instance)
-    box = _box_around(labels > 0, 2)
+    box = box_around(labels > 0, 2)
     if fov is None:
         edge = np.zeros(labels.shape, bool)
         edge[[0, -1], :, :] = True
