@@ -50,23 +50,14 @@ def segment_color(label: int, probability: float) -> tuple[float, float, float]:
 
 
 def _boxes(array: np.ndarray) -> dict[int, tuple[slice, ...] | None]:
-    """Bounding box (z, y, x slices) of every label id 1..max, None when absent; one pass over the array.
-
-    ``find_objects`` is about 6x faster than ``np.unique`` or ``np.bincount`` on a 70M-voxel uint8 map; it runs
-    on the labels' bounding box only (found from three projections), a few % of a chest CT's grid.
-    """
-    from scipy.ndimage import find_objects
+    """Bounding box (z, y, x slices) of every label id 1..max, None when absent (:func:`.core.boxes.label_boxes`:
+    ``find_objects`` is about 6x faster than ``np.unique`` or ``np.bincount`` on a 70M-voxel uint8 map)."""
+    from VertebralFractureLib.core.boxes import label_boxes
 
     array = np.asarray(array)
     if array.dtype.kind not in "iu":
         array = array.astype(np.int32)
-    if array.size == 0 or array.max() <= 0:
-        return {}
-    spine = [np.flatnonzero(array.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-    start = [int(idx[0]) for idx in spine]
-    crop = array[tuple(slice(a, int(idx[-1]) + 1) for a, idx in zip(start, spine, strict=True))]
-    return {index + 1: None if box is None else tuple(slice(b.start + a, b.stop + a) for b, a in zip(box, start, strict=True))
-            for index, box in enumerate(find_objects(crop))}
+    return dict(enumerate(label_boxes(array), start=1))
 
 
 def _segments(boxes: dict[int, Any], records: Sequence[VertebraRecord]) -> list[dict[str, Any]]:

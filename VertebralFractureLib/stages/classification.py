@@ -405,11 +405,9 @@ def classify_vertebrae(
     if net is not None and card.architecture_kwargs.get("n_radiomics"):
         result.warnings.append("the classifier expects radiomics features; pipeline runs the image-only path")
         net, fusion = None, None
-    from scipy import ndimage
+    from VertebralFractureLib.core.boxes import present_boxes
 
-    # one pass over the label map for every vertebra's bounding box (index = VerSe id - 1)
-    boxes = ndimage.find_objects(labels.array.astype(np.int32, copy=False))
-    present = {i + 1: b for i, b in enumerate(boxes) if b is not None}
+    present = present_boxes(labels.array)  # every vertebra's bounding box in one pass
     targets = [r for r in records if net is not None and r.label in present]
     if targets:
         crops = [extract_crop(ct, labels, r.label, box=present[r.label]) for r in targets]

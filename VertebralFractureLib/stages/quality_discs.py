@@ -21,8 +21,8 @@ texture was taken for a disc).
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage as ndi
 
+from VertebralFractureLib.core.boxes import nonzero_box
 from VertebralFractureLib.core.records import VertebraRecord
 from VertebralFractureLib.core.volume import Volume, resample_to
 from VertebralFractureLib.stages.quality import CaseQuality, assess_quality
@@ -45,14 +45,14 @@ SKIPPED_LABELS = (1, 2)  #: C1 (no body) and C2 (the dens's base)
 def _canonical(ct: Volume, labels: Volume) -> tuple[np.ndarray, np.ndarray] | None:
     """(HU float32, labels uint8) of the labels' box (3 voxels margin, ``EXTEND_MM`` more along S) on an
     axis-aligned ``GRID_MM`` grid."""
-    found = ndi.find_objects((labels.array > 0).view(np.uint8))  # the box, without listing every voxel
-    if not found:
+    box = nonzero_box(labels.array)
+    if box is None:
         return None
     # (k, j, i) voxels: 3 everywhere, and room for the profile's extension along the patient's axis (S)
     reach = 3.0 * np.asarray(labels.spacing[::-1]) + EXTEND_MM * np.abs(labels.axis_lps()[:, 2])
     margin = np.ceil(reach / np.asarray(labels.spacing[::-1])).astype(int)
-    lo = np.maximum(np.array([sl.start for sl in found[0]]) - margin, 0)
-    hi = np.minimum(np.array([sl.stop for sl in found[0]]) + margin, labels.array.shape)
+    lo = np.maximum(np.array([sl.start for sl in box]) - margin, 0)
+    hi = np.minimum(np.array([sl.stop for sl in box]) + margin, labels.array.shape)
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
     origin = tuple(labels.index_to_lps(lo[::-1].astype(float)))
 

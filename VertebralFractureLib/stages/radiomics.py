@@ -111,16 +111,15 @@ def vertebra_rois(ct: Volume, labels: Volume, label_ids: list[int] | None = None
     """Cut each vertebra of ``labels`` (or only ``label_ids``) out of ``ct`` (same grid required)."""
     if ct.array.shape != labels.array.shape:
         raise InputError(f"label map shape {labels.array.shape} differs from CT shape {ct.array.shape}; resample it first")
-    from scipy import ndimage
+    from VertebralFractureLib.core.boxes import present_boxes
 
     step = _grid_steps(ct.spacing, params_path)  # z, y, x
-    present = [int(v) for v in np.unique(labels.array) if v != 0]
-    ids = present if label_ids is None else [i for i in label_ids if i in present]
-    objects = ndimage.find_objects(labels.array.astype(np.int32), max_label=max(ids) if ids else 0)
+    boxes = present_boxes(labels.array)
+    ids = sorted(boxes) if label_ids is None else [i for i in label_ids if i in boxes]
     margin = np.ceil(ROI_MARGIN_MM / np.asarray(ct.spacing)[::-1]).astype(int)  # z, y, x voxels
     rois = []
     for label in ids:
-        sl = objects[label - 1]
+        sl = boxes[label]
         # start on a multiple of `step` so pyradiomics' 2 mm resampling grid has the same phase as on the whole CT
         lo = [max(0, (s.start - m) // k * k) for s, m, k in zip(sl, margin, step, strict=True)]
         hi = [min(n, s.stop + m) for s, n, m in zip(sl, ct.array.shape, margin, strict=True)]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
+from VertebralFractureLib.core.boxes import present_boxes
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.levels import LEVEL_NAMES, level_name, order_index
 from VertebralFractureLib.core.volume import Volume
@@ -22,9 +22,7 @@ from VertebralFractureLib.stages.morphometry.geometry import (
 
 
 def _present_labels(lab: np.ndarray) -> dict[int, tuple[slice, slice, slice]]:
-    max_label = int(lab.max()) if lab.size else 0
-    boxes = ndimage.find_objects(lab, max_label=max_label) if max_label > 0 else []
-    return {i + 1: box for i, box in enumerate(boxes) if box is not None and (i + 1) in LEVEL_NAMES}
+    return {i: box for i, box in present_boxes(lab).items() if i in LEVEL_NAMES}
 
 
 def _neighbour_axes(centroids: dict[int, np.ndarray]) -> dict[int, tuple[np.ndarray | None, bool]]:

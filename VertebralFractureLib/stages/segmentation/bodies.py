@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from VertebralFractureLib.core.boxes import label_boxes
 from VertebralFractureLib.stages.segmentation.discs import body_cores, connected_components
 from VertebralFractureLib.stages.segmentation.instances import grow_labels
 
@@ -64,7 +65,7 @@ def complete_bodies(labels: np.ndarray, hu: np.ndarray, spacing_mm: float) -> np
         return out
     boxes = _front_boxes(labels, ids, spacing_mm)
     # only around the arches (and all of each arch): the other instances there compete for the bone
-    objects = ndi.find_objects(labels)
+    objects = label_boxes(labels)
     lo = np.min([np.minimum(boxes[i, :, 0], [s.start for s in objects[i - 1]]) for i in arches], axis=0)
     hi = np.max([np.maximum(boxes[i, :, 1], [s.stop - 1 for s in objects[i - 1]]) for i in arches], axis=0)
     lo, hi = np.maximum(lo - 2, 0), np.minimum(hi + 2, np.asarray(labels.shape) - 1)
@@ -74,7 +75,7 @@ def complete_bodies(labels: np.ndarray, hu: np.ndarray, spacing_mm: float) -> np
     grown = grow_labels(sub, bone, int(round(BODY_REACH_MM / spacing_mm)), boxes - lo[None, :, None])
     # marrow darker than BODY_HU (osteopenic, or noise on thick slices) inside the body's cortex ring, slice by
     # slice; of the new bone only: with the arch, the ring would enclose the spinal canal
-    objects = ndi.find_objects(grown)
+    objects = label_boxes(grown)
     for i in arches:
         sl = objects[i - 1]
         hole = ndi.binary_fill_holes((grown[sl] == i) & (sub[sl] == 0), structure=_AXIAL) & (grown[sl] == 0)
@@ -102,7 +103,7 @@ def _front_boxes(labels: np.ndarray, ids: list[int], spacing_mm: float) -> np.nd
     boxes[:, :, 0] = 1  # empty
     reach, half = round(BODY_REACH_MM / spacing_mm), round(BODY_HALF_WIDTH_MM / spacing_mm)
     front, margin = FRONT_MM / spacing_mm, round(BODY_MARGIN_MM / spacing_mm)
-    objects = ndi.find_objects(labels)
+    objects = label_boxes(labels)
     for i in ids:
         sl = objects[i - 1]
         z, y, x = np.nonzero(labels[sl] == i)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from VertebralFractureLib.core.boxes import label_boxes
 from VertebralFractureLib.stages.segmentation.discs import (
     body_cores,
     component_stats,
@@ -98,7 +99,7 @@ def refine_disc_boundaries(labels: np.ndarray, hu: np.ndarray, spacing_mm: float
         return out
     cores = body_cores(out, ids, spacing_mm, -1)[0]
     core_counts, core_cents = component_stats(cores)
-    objects = ndi.find_objects(out)
+    objects = label_boxes(out)
     for a, b in zip(ids[:-1], ids[1:], strict=True):  # a above b
         if len(core_counts) <= max(a, b) or not core_counts[a] or not core_counts[b]:
             continue

@@ -351,13 +351,15 @@ def labels_to_input_grid(labels: Volume, prob: Volume, ct: Volume, *, threshold:
     """
     from scipy import ndimage as ndi
 
+    from VertebralFractureLib.core.boxes import nonzero_box
+
     out = np.zeros(ct.shape, np.uint8)
     near = labels.array > 0
     if not near.any():
         return ct.with_array(out)
     # every background voxel near a vertebra takes the nearest vertebra's id, so the finer foreground of the
     # linearly resampled probability never falls outside an instance
-    box = tuple(slice(max(0, s.start - 3), s.stop + 3) for s in ndi.find_objects(near.astype(np.int8))[0])
+    box = tuple(slice(max(0, s.start - 3), s.stop + 3) for s in nonzero_box(near))
     dist, idx = ndi.distance_transform_edt(~near[box], return_indices=True)
     filled = np.zeros(labels.shape, np.uint8)
     sub = labels.array[box][tuple(idx)]

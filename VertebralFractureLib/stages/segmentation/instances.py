@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
+from VertebralFractureLib.core.boxes import label_boxes, nonzero_box
 from VertebralFractureLib.stages.morphometry.grading import MAX_TRABECULAR_MEDIAN_HU
 from VertebralFractureLib.stages.segmentation.discs import (
     CORE_MM,
@@ -326,7 +327,7 @@ def _split_merged(lab: np.ndarray, hu: np.ndarray | None, spacing_mm: float, min
     typical = float(np.median(kept)) if len(kept) else 0.0
     out = np.zeros(lab.shape, np.int32)
     next_id = 1
-    objects = ndi.find_objects(lab)
+    objects = label_boxes(lab)
     for i, sl in enumerate(objects, start=1):
         if sl is None:
             continue
@@ -356,7 +357,7 @@ def _split_merged(lab: np.ndarray, hu: np.ndarray | None, spacing_mm: float, min
     # pieces lost by the split (too small) go to the touching instance
     lost = (lab > 0) & (out == 0)
     if lost.any() and next_id > 1:
-        box = tuple(slice(max(0, s.start - 3), s.stop + 3) for s in ndi.find_objects(lost.astype(np.int8))[0])
+        box = tuple(slice(max(0, s.start - 3), s.stop + 3) for s in nonzero_box(lost))
         _, idx = ndi.distance_transform_edt(out[box] == 0, return_indices=True)
         view = out[box]
         nearest = view[tuple(idx)]
@@ -386,7 +387,7 @@ def grow_cortex(labels: np.ndarray, hu: np.ndarray, spacing_mm: float, *, hu_min
 
 def box_around(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
     """The bounding box of ``mask`` (not empty) grown by ``margin`` voxels on every side, within the array."""
-    sl = ndi.find_objects(mask.astype(np.int8))[0]
+    sl = nonzero_box(mask)
     return tuple(slice(max(0, s.start - margin), min(n, s.stop + margin)) for s, n in zip(sl, mask.shape, strict=True))
 
 
@@ -472,8 +473,8 @@ def reassign_stray_pieces(labels: np.ndarray, spacing_mm: float, *, before: np.n
     if len(ids) < 3:
         return out
     ids.sort(key=lambda i: -cents[i][0])  # craniocaudal: z grows towards superior
-    objects = ndi.find_objects(out)
-    boxes_before = ndi.find_objects(before) if before is not None else []
+    objects = label_boxes(out)
+    boxes_before = label_boxes(before) if before is not None else []
     for k, i in enumerate(ids):
         # neighbours cut by the scan's end or fragments do not set the scale; "small" is judged locally: a C7 is
         # a third of an L1, so the median of the whole column would call every cervical vertebra a fragment
@@ -534,7 +535,7 @@ def reassign_stray_pieces(labels: np.ndarray, spacing_mm: float, *, before: np.n
         new_in[stray_in] = np.where(at_level, np.asarray(others)[pick], sub[tuple(near)][own][stray_in])
         sub[own] = new_in
         counts = np.bincount(out.ravel(), minlength=len(counts))
-        objects = ndi.find_objects(out)
+        objects = label_boxes(out)
     return out
 
 
@@ -566,10 +567,12 @@ def _merge_fragments(out: np.ndarray, spacing_mm: float, typical_ml: float) -> n
     vox_ml = spacing_mm**3 / 1000.0
     counts = np.bincount(out.ravel())
     grow = max(1, int(round(3.0 / spacing_mm)))
+    outer = nonzero_box(out)  # pieces only change ids, so the foreground's box holds every piece throughout
     for i in np.argsort(counts)[::1]:
         if i == 0 or counts[i] == 0 or counts[i] * vox_ml >= 0.4 * typical_ml:
             continue
-        sl = ndi.find_objects((out == i).astype(np.int8))[0]
+        sl = tuple(slice(s.start + o.start, s.stop + o.start) for s, o in zip(nonzero_box(out[outer] == i), outer,
+                                                                              strict=True))
         if any(s.start == 0 or s.stop == n for s, n in zip(sl, out.shape, strict=True)):
             continue  # cut by the edge of the array: a partial vertebra, not a fragment
         box = tuple(slice(max(0, s.start - grow), s.stop + grow) for s in sl)
@@ -618,7 +621,7 @@ def trabecular_core(labels: np.ndarray, hu: np.ndarray, spacing_mm: float, count
     """
     out = []
     vox_ml = spacing_mm**3 / 1000.0
-    for i, sl in enumerate(ndi.find_objects(labels, max_label=count), start=1):
+    for i, sl in enumerate(label_boxes(labels, max_label=count), start=1):
         if sl is None:
             out.append(False)
             continue

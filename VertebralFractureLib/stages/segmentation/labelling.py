@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
+from VertebralFractureLib.core.boxes import label_boxes, nonzero_box
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.levels import CRANIOCAUDAL_ORDER, level_id, level_name, order_index
 
@@ -121,7 +122,11 @@ def bone_components(instances: np.ndarray, hu: np.ndarray) -> np.ndarray:
     ribs, ilia, sternum, and whatever contrast-filled vessel touches them."""
     import cc3d
 
-    bone = (hu >= BONE_HU) & ~ndi.binary_dilation(instances > 0, iterations=1)
+    bone = hu >= BONE_HU
+    box = nonzero_box(instances)
+    if box is not None:  # the dilation in the vertebrae's box, one voxel wider: the same as over the whole volume
+        box = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in box)
+        bone[box] &= ~ndi.binary_dilation(instances[box] > 0, iterations=1)
     return cc3d.connected_components(bone.astype(np.uint8), connectivity=26).astype(np.int32)
 
 
@@ -142,7 +147,7 @@ def rib_bearing(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count:
     lab = bone_components(instances, hu) if components is None else components
     if lab.max() == 0 or count == 0:
         return [False] * count
-    objs = ndi.find_objects(lab)
+    objs = label_boxes(lab)
     sizes = np.bincount(lab.ravel())
     big = sizes * spacing_mm**3 / 1000.0 >= RIB_MIN_ML
     # bone lying mostly above the spine's top is no rib though it reaches sideways: the skull resting on the atlas
@@ -183,7 +188,7 @@ def _instance_voxels(instances: np.ndarray, labels) -> dict[int, tuple[np.ndarra
     """``{label: (z, y, x)}`` voxel indices of each of ``labels`` present in ``instances``, found in its own
     bounding box (a comparison over the whole volume per label cost a chest CT's naming 0.5 s)."""
     labels = list(labels)
-    objects = ndi.find_objects(instances, max_label=max(labels, default=0))
+    objects = label_boxes(instances, max_label=max(labels, default=0))
     out = {}
     for v in labels:
         sl = objects[v - 1] if 0 < v <= len(objects) else None
@@ -200,7 +205,7 @@ def cut_at_top(instances: np.ndarray, fov: np.ndarray | None, count: int) -> lis
     contact of the part in view is too small to compare with its neighbours'."""
     out = []
     nz = instances.shape[0]
-    for sl in ndi.find_objects(instances, max_label=count):
+    for sl in label_boxes(instances, max_label=count):
         if sl is None:
             out.append(False)
             continue
@@ -217,7 +222,7 @@ def sliver_at_bottom(instances: np.ndarray, fov: np.ndarray | None, count: int) 
     above it. A sliver's rib, if it bears one, may lie out of view or be too small to find."""
     counts = np.bincount(instances.ravel(), minlength=count + 1)
     out = []
-    for i, sl in enumerate(ndi.find_objects(instances, max_label=count), start=1):
+    for i, sl in enumerate(label_boxes(instances, max_label=count), start=1):
         if sl is None or i == 1 or counts[i] >= 0.5 * counts[i - 1]:
             out.append(False)
             continue
@@ -243,7 +248,7 @@ def sacrum_index(instances: np.ndarray, spacing_mm: float, count: int, component
     if count == 0 or components.max() == 0:
         return None
     vols = np.bincount(components.ravel()) * spacing_mm**3 / 1000.0
-    objs = ndi.find_objects(components)
+    objs = label_boxes(components)
     grow = max(1, int(round(6.0 / spacing_mm)))
     lateral = 25.0 / spacing_mm
     need = SI_JOINT_MIN_MM / spacing_mm
@@ -284,7 +289,7 @@ def rib_visible(instances: np.ndarray, fov: np.ndarray, spacing_mm: float, count
     out = []
     back = int(round(10.0 / spacing_mm))
     side = int(round(RIB_MIN_LATERAL_MM / spacing_mm))
-    for sl in ndi.find_objects(instances, max_label=count):
+    for sl in label_boxes(instances, max_label=count):
         if sl is None:
             out.append(False)
             continue
@@ -320,7 +325,7 @@ def body_order(instances: np.ndarray, count: int, spacing_mm: float) -> list[int
     one's: a chain of arches from C2 to C6 holding C2's lower body (a PET-CT at 4 mm) came after C3's body in
     :mod:`.instances`' numbering, and every name from the first rib up was swapped or shifted by one."""
     fronts = []
-    for i, sl in enumerate(ndi.find_objects(instances, max_label=count), start=1):
+    for i, sl in enumerate(label_boxes(instances, max_label=count), start=1):
         if sl is None:
             fronts.append(-np.inf)  # an absent instance keeps its place at the end (it has no voxels to name)
             continue

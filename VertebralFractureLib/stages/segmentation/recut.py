@@ -23,6 +23,7 @@ import logging
 import numpy as np
 from scipy import ndimage as ndi
 
+from VertebralFractureLib.core.boxes import nonzero_box
 from VertebralFractureLib.stages.segmentation.disc_energy import (
     EXTEND_MM,
     MAX_SLICE_MM,
@@ -89,7 +90,7 @@ def recut_at_discs(labels: np.ndarray, hu: np.ndarray, spacing_mm: float) -> np.
         return labels
     # the column's box, with room along z for the profile's extension past its ends
     reach = int(np.ceil(EXTEND_MM / spacing_mm)) + 3
-    sl = ndi.find_objects((labels > 0).astype(np.int8))[0]
+    sl = nonzero_box(labels)
     box = tuple(slice(max(0, s.start - (reach if k == 0 else 3)), s.stop + (reach if k == 0 else 3))
                 for k, s in enumerate(sl))
     lab = labels[box]

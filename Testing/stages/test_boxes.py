@@ -1,0 +1,46 @@
+"""Bounding boxes found in the nonzero box (core.boxes) equal scipy's over the whole array."""
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from VertebralFractureLib.core.boxes import label_boxes, nonzero_box, present_boxes
+from VertebralFractureLib.stages.segmentation.discs import component_stats
+
+
+@pytest.fixture
+def labels() -> np.ndarray:
+    rng = np.random.default_rng(3)
+    out = np.zeros((40, 50, 60), np.int32)
+    for label in (2, 5, 7):  # 1, 3, 4, 6 absent
+        z, y, x = rng.integers(5, 30, 3)
+        out[z:z + 6, y:y + 4 + label, x:x + 5] = label
+    out[0, 49, 59] = 9  # a label at the array's corner
+    return out
+
+
+def test_label_boxes_match_find_objects(labels):
+    assert label_boxes(labels) == ndi.find_objects(labels)
+    for max_label in (1, 5, 12):
+        assert label_boxes(labels, max_label) == ndi.find_objects(labels, max_label=max_label)
+    assert label_boxes(labels.astype(np.uint8)) == ndi.find_objects(labels)
+    assert sorted(present_boxes(labels)) == [2, 5, 7, 9]
+
+
+def test_empty_array_has_no_boxes():
+    empty = np.zeros((4, 5, 6), np.uint8)
+    assert nonzero_box(empty) is None
+    assert label_boxes(empty) == [] and label_boxes(empty, 3) == [None, None, None]
+    assert present_boxes(empty) == {}
+    counts, cents = component_stats(empty.astype(np.int32))
+    assert counts.tolist() == [empty.size] and np.isnan(cents).all()
+
+
+def test_component_stats_in_box_equal_whole_array(labels):
+    import cc3d
+
+    whole = cc3d.statistics(np.ascontiguousarray(labels.astype(np.uint32)))
+    counts, cents = component_stats(labels)
+    assert np.array_equal(counts, whole["voxel_counts"])
+    present = counts[1:] > 0
+    assert np.allclose(cents[1:][present], np.asarray(whole["centroids"])[1:][present])

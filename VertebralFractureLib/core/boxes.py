@@ -1,0 +1,39 @@
+"""Bounding boxes of label maps, found in the box of their nonzero voxels.
+
+A label map on a CT's grid is mostly background (a chest CT's 70M voxels hold a spine of a few %), and a pass of
+``scipy.ndimage.find_objects`` or ``np.unique`` over all of it costs more than everything done inside the spine's
+box. :func:`nonzero_box` finds that box from one comparison and three axis reductions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+
+def nonzero_box(array: np.ndarray) -> tuple[slice, ...] | None:
+    """The bounding box (slices) of the nonzero voxels of ``array``; None when there are none."""
+    nz = array != 0
+    box = []
+    for axis in range(array.ndim):
+        hit = np.flatnonzero(nz.any(axis=tuple(k for k in range(array.ndim) if k != axis)))
+        if not len(hit):
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def label_boxes(labels: np.ndarray, max_label: int | None = None) -> list[tuple[slice, ...] | None]:
+    """``scipy.ndimage.find_objects(labels, max_label)``, computed in the labels' box (:func:`nonzero_box`): the
+    bounding box of each label 1..max as slices of ``labels``, None for an absent label."""
+    box = nonzero_box(labels)
+    if box is None:
+        return [None] * (max_label or 0)
+    found = ndi.find_objects(labels[box], max_label=max_label or 0)
+    return [None if sl is None else tuple(slice(s.start + b.start, s.stop + b.start) for s, b in zip(sl, box, strict=True))
+            for sl in found]
+
+
+def present_boxes(labels: np.ndarray) -> dict[int, tuple[slice, ...]]:
+    """``{label: bounding box}`` of every label present in ``labels`` (any integer dtype, 0 = background)."""
+    return {i + 1: box for i, box in enumerate(label_boxes(labels)) if box is not None}
