@@ -24,6 +24,8 @@ def test_label_boxes_match_find_objects(labels):
     for max_label in (1, 5, 12):
         assert label_boxes(labels, max_label) == ndi.find_objects(labels, max_label=max_label)
     assert label_boxes(labels.astype(np.uint8)) == ndi.find_objects(labels)
+    assert label_boxes(labels.astype(np.float64)) == ndi.find_objects(labels)  # VerSe ships float64 masks
+    assert label_boxes(labels == 5) == ndi.find_objects((labels == 5).astype(np.uint8))
     assert sorted(present_boxes(labels)) == [2, 5, 7, 9]
 
 

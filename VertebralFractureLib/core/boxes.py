@@ -25,7 +25,12 @@ def nonzero_box(array: np.ndarray) -> tuple[slice, ...] | None:
 
 def label_boxes(labels: np.ndarray, max_label: int | None = None) -> list[tuple[slice, ...] | None]:
     """``scipy.ndimage.find_objects(labels, max_label)``, computed in the labels' box (:func:`nonzero_box`): the
-    bounding box of each label 1..max as slices of ``labels``, None for an absent label."""
+    bounding box of each label 1..max as slices of ``labels``, None for an absent label. Float label maps (VerSe
+    ships float64 masks) count by their integer part, boolean masks as label 1."""
+    if labels.dtype.kind == "b":
+        labels = labels.view(np.uint8)
+    elif labels.dtype.kind not in "iu":
+        labels = labels.astype(np.int32)
     box = nonzero_box(labels)
     if box is None:
         return [None] * (max_label or 0)
