@@ -103,6 +103,11 @@ def test_seg_nrrd_round_trip_and_empty(tmp_path):
     assert [s["Name"] for s in segments] == ["L1", "L2", "L3"]
     assert "VertebralFracture.FractureProbability:0.9000" in segments[1]["Tags"]
     assert "VertebralFracture.GenantType:wedge" in segments[1]["Tags"]
+    # the same labels give the same bytes (no time stamp in the gzip stream): reruns can be compared by checksum
+    data = path.read_bytes()
+    stream = data.index(b"\x1f\x8b\x08")  # gzip member after the text header; bytes 4-7 of it: MTIME
+    assert data[stream + 4:stream + 8] == bytes(4)
+    assert write_seg_nrrd(labels, RECORDS, tmp_path / "b.seg.nrrd").read_bytes() == data
 
     empty = labels.with_array(np.zeros(labels.shape, np.uint8))
     back, segments = read_seg_nrrd(write_seg_nrrd(empty, [], tmp_path / "empty.seg.nrrd"))

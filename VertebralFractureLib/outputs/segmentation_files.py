@@ -188,7 +188,7 @@ def write_seg_nrrd(labels: Volume, records: Sequence[VertebraRecord], path: str 
     with path.open("wb") as fh:
         fh.write(header)
         # level 1: label maps are mostly zeros, so the gain of higher levels is small and slow
-        fh.write(gzip.compress(data.tobytes(order="C"), compresslevel=1))
+        fh.write(gzip.compress(data.tobytes(order="C"), compresslevel=1, mtime=0))  # the same labels, the same bytes
     return path
 
 
