@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from VertebralFractureLib.core.boxes import label_boxes, nonzero_box, present_boxes
+from VertebralFractureLib.core.boxes import label_boxes, nonzero_box, present_boxes, shift_box
 from VertebralFractureLib.stages.segmentation.discs import component_stats
 
 
@@ -46,3 +46,13 @@ def test_component_stats_in_box_equal_whole_array(labels):
     assert np.array_equal(counts, whole["voxel_counts"])
     present = counts[1:] > 0
     assert np.allclose(cents[1:][present], np.asarray(whole["centroids"])[1:][present])
+
+
+def test_margin_stays_inside_the_array_and_shift_maps_back(labels):
+    inner = nonzero_box(labels == 5)
+    grown = nonzero_box(labels == 5, 2)
+    assert all(g.start == max(0, i.start - 2) and g.stop == min(n, i.stop + 2)
+               for g, i, n in zip(grown, inner, labels.shape, strict=True))
+    whole = nonzero_box(labels, 3)  # label 9 sits at z = 0 and at the last y and x: no room to grow there
+    assert whole[0].start == 0 and whole[1].stop == 50 and whole[2].stop == 60
+    assert shift_box(nonzero_box(labels[grown] == 5), grown) == inner

@@ -11,16 +11,22 @@ import numpy as np
 from scipy import ndimage as ndi
 
 
-def nonzero_box(array: np.ndarray) -> tuple[slice, ...] | None:
-    """The bounding box (slices) of the nonzero voxels of ``array``; None when there are none."""
+def nonzero_box(array: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """The bounding box (slices) of the nonzero voxels of ``array``, grown by ``margin`` voxels on every side
+    within the array; None when there are none."""
     nz = array != 0
     box = []
-    for axis in range(array.ndim):
+    for axis, n in enumerate(array.shape):
         hit = np.flatnonzero(nz.any(axis=tuple(k for k in range(array.ndim) if k != axis)))
         if not len(hit):
             return None
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+        box.append(slice(max(0, int(hit[0]) - margin), min(n, int(hit[-1]) + 1 + margin)))
     return tuple(box)
+
+
+def shift_box(box: tuple[slice, ...], by: tuple[slice, ...]) -> tuple[slice, ...]:
+    """``box`` (slices of the sub-array ``array[by]``) as slices of ``array``."""
+    return tuple(slice(s.start + b.start, s.stop + b.start) for s, b in zip(box, by, strict=True))
 
 
 def label_boxes(labels: np.ndarray, max_label: int | None = None) -> list[tuple[slice, ...] | None]:
@@ -35,8 +41,7 @@ def label_boxes(labels: np.ndarray, max_label: int | None = None) -> list[tuple[
     if box is None:
         return [None] * (max_label or 0)
     found = ndi.find_objects(labels[box], max_label=max_label or 0)
-    return [None if sl is None else tuple(slice(s.start + b.start, s.stop + b.start) for s, b in zip(sl, box, strict=True))
-            for sl in found]
+    return [None if sl is None else shift_box(sl, box) for sl in found]
 
 
 def present_boxes(labels: np.ndarray) -> dict[int, tuple[slice, ...]]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from VertebralFractureLib.stages.segmentation.instances import box_around
+from VertebralFractureLib.core.boxes import nonzero_box
 
 #: the pass is made on CTs whose slices are at most this thick (mm): on 4.25 mm slices (a PET-CT) an articular
 #: process rising from its pedicle spans two or three slices and the joint beside it blurs, and the pass gave one
@@ -107,7 +107,7 @@ def assign_arches(labels: np.ndarray, hu: np.ndarray, spacing_mm: float) -> np.n
         return labels.copy()
     # within the instances' box (a chest CT is mostly not spine): every node of the graph lies in it, and the rays
     # that look for the laminae meet no bone beyond it
-    box = box_around(labels > 0, 1)
+    box = nonzero_box(labels, 1)
     out = labels.copy()
     out[box] = _assign_in_box(labels[box], hu[box], spacing_mm, count)
     return out

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from VertebralFractureLib.core.boxes import label_boxes, nonzero_box
+from VertebralFractureLib.core.boxes import label_boxes, nonzero_box, shift_box
 from VertebralFractureLib.stages.morphometry.grading import MAX_TRABECULAR_MEDIAN_HU
 from VertebralFractureLib.stages.segmentation.discs import (
     CORE_MM,
@@ -93,7 +93,7 @@ def fill_bodies(fg: np.ndarray) -> np.ndarray:
         return out
     # a hole lies inside the foreground's box; a ring of background around that box is connected to the outside
     # as the rest of the array is, so filling within it changes nothing
-    box = box_around(fg, 1)
+    box = nonzero_box(fg, 1)
     sub = fg[box]
     out[box] |= ndi.binary_fill_holes(sub, structure=sag) & ndi.binary_fill_holes(sub, structure=cor)
     return out
@@ -357,7 +357,7 @@ def _split_merged(lab: np.ndarray, hu: np.ndarray | None, spacing_mm: float, min
     # pieces lost by the split (too small) go to the touching instance
     lost = (lab > 0) & (out == 0)
     if lost.any() and next_id > 1:
-        box = tuple(slice(max(0, s.start - 3), s.stop + 3) for s in nonzero_box(lost))
+        box = nonzero_box(lost, 3)
         _, idx = ndi.distance_transform_edt(out[box] == 0, return_indices=True)
         view = out[box]
         nearest = view[tuple(idx)]
@@ -379,16 +379,10 @@ def grow_cortex(labels: np.ndarray, hu: np.ndarray, spacing_mm: float, *, hu_min
         return out
     # only around the instances (a chest CT is mostly not spine): growth reaches ``steps`` voxels, and the
     # smoothing (sigma 0.5 voxel, truncated at 2) 2 more, so the box changes nothing
-    box = box_around(labels > 0, steps + 3)
+    box = nonzero_box(labels, steps + 3)
     bright = ndi.gaussian_filter(hu[box].astype(np.float32), 0.5) > hu_min
     out[box] = grow_labels(labels[box], bright, steps)
     return out
-
-
-def box_around(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    """The bounding box of ``mask`` (not empty) grown by ``margin`` voxels on every side, within the array."""
-    sl = nonzero_box(mask)
-    return tuple(slice(max(0, s.start - margin), min(n, s.stop + margin)) for s, n in zip(sl, mask.shape, strict=True))
 
 
 def grow_labels(labels: np.ndarray, allowed: np.ndarray, steps: int, boxes: np.ndarray | None = None) -> np.ndarray:
@@ -571,8 +565,7 @@ def _merge_fragments(out: np.ndarray, spacing_mm: float, typical_ml: float) -> n
     for i in np.argsort(counts)[::1]:
         if i == 0 or counts[i] == 0 or counts[i] * vox_ml >= 0.4 * typical_ml:
             continue
-        sl = tuple(slice(s.start + o.start, s.stop + o.start) for s, o in zip(nonzero_box(out[outer] == i), outer,
-                                                                              strict=True))
+        sl = shift_box(nonzero_box(out[outer] == i), outer)
         if any(s.start == 0 or s.stop == n for s, n in zip(sl, out.shape, strict=True)):
             continue  # cut by the edge of the array: a partial vertebra, not a fragment
         box = tuple(slice(max(0, s.start - grow), s.stop + grow) for s in sl)
@@ -597,7 +590,7 @@ def partial_instances(labels: np.ndarray, count: int, fov: np.ndarray | None) ->
         return []
     # only around the instances: the erosion moves the field of view's edge by one voxel, so a box two voxels
     # wider than the instances finds the same edge voxels under them (its own sides lie beside no instance)
-    box = box_around(labels > 0, 2)
+    box = nonzero_box(labels, 2)
     if fov is None:
         edge = np.zeros(labels.shape, bool)
         edge[[0, -1], :, :] = True

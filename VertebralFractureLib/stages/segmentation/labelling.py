@@ -123,9 +123,8 @@ def bone_components(instances: np.ndarray, hu: np.ndarray) -> np.ndarray:
     import cc3d
 
     bone = hu >= BONE_HU
-    box = nonzero_box(instances)
+    box = nonzero_box(instances, 1)
     if box is not None:  # the dilation in the vertebrae's box, one voxel wider: the same as over the whole volume
-        box = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in box)
         bone[box] &= ~ndi.binary_dilation(instances[box] > 0, iterations=1)
     return cc3d.connected_components(bone.astype(np.uint8), connectivity=26).astype(np.int32)
 
