@@ -85,38 +85,20 @@ def test_disc_in_profiles_finds_the_minimum_between_endplates_or_a_blurred_thin_
 
 
 def test_a_narrow_strip_of_level_disc_points_gives_a_level_plane():
-    # disc points on the back half of a body only (u within +-4 voxels), level but for a few stray ones at its
-    # edges: every tilt up to 30 degrees holds about as many points, and the steepest used to win (LIDC-IDRI-0314's
-    # T3/T4 disc came out 24 degrees off). The least tilted of the well supported planes is the disc.
+    # disc points on a narrow strip of the body only (u within +-3 voxels, 9 mm), level but for a few stray ones
+    # at its edges: tilts up to 30 degrees hold about as many points, and a 24-degree plane used to win
+    # (LIDC-IDRI-0314's T3/T4 disc). A strip that narrow does not show a tilt: the plane is fitted level.
     frame = _PairFrame.between(np.array([20.0, 0, 0]), np.zeros(3), 1.5)
     centre = len(frame.grid) // 2
     inner = np.zeros((len(frame.grid),) * 2, bool)
-    inner[centre - 4:centre + 5, centre - 7:centre + 7] = True
+    inner[centre - 3:centre + 4, centre - 7:centre + 7] = True
     iu, _ = np.nonzero(inner)
     u = frame.grid[iu]
     rng = np.random.default_rng(1)
     s = np.round(rng.normal(0.0, 0.25, len(u)) / 0.5) * 0.5  # level, on the 0.5-voxel sample grid
-    s[u == -4] = 3.5  # stray points at the strip's edges, on the side a steep plane would pass
-    s[u == 4] = -3.0
+    s[u == -3] = 2.0  # stray points at the strip's edges, on the side a steep plane would pass
+    s[u == 3] = -2.0
     found = np.searchsorted(frame.s_axis, s).astype(float)
     coef = _disc_plane(found, inner, frame, 1.5)
     assert coef is not None
     assert np.hypot(coef[1], coef[2]) < np.tan(np.deg2rad(8.0))
-
-
-def test_bone_missed_next_to_a_thin_disc_goes_to_the_body_on_its_side():
-    # the lower body's upper endplate (bright) left unlabelled at its front corner, as the network and the
-    # two-sided cortex growth leave it where the disc is thin: it goes back to that body, not across the disc
-    mask, hu, along, discs = _column(20.0)
-    right = _cut(mask, [along - d for d in discs])
-    zz, yy, _ = np.indices(mask.shape)
-    t = np.deg2rad(20.0)
-    front = -(-(zz - 10) * np.sin(t) + (yy - 30) * np.cos(t))  # voxels towards anterior from the axis
-    corner = mask & (front >= 5) & (along > discs[1] - 6) & (along < discs[1] - 2)  # below the upper disc
-    missed = np.where(corner, 0, right)
-    out = refine_disc_boundaries(missed, hu, 1.5)
-    bright = corner & (ndi.gaussian_filter(hu, 0.5) > 250)
-    assert bright.sum() > 20
-    assert (out[bright] == right[bright]).mean() > 0.9  # the endplate is back in its body
-    assert (out[corner & ~bright] == 0).mean() > 0.9  # marrow-dark voxels are not grown into
-    assert ((out != missed) & ~corner).sum() == 0

@@ -21,7 +21,6 @@ from VertebralFractureLib.stages.segmentation.discs import (
     disc_in_profiles,
     labels_craniocaudal,
 )
-from VertebralFractureLib.stages.segmentation.instances import CORTEX_HU, grow_labels
 
 #: a boundary between two bodies moves onto the disc (:func:`refine_disc_boundaries`) only where the disc is found
 #: (:func:`.discs.disc_in_profiles`) on this many of the profiles through the bodies (and at least
@@ -42,7 +41,6 @@ REACH_MM = 12.0  # voxels further from the disc plane than this keep their label
 PROFILE_HALF_WIDTH_MM = 30.0  # the grid of profiles spans this far across the spine on each side
 PROFILE_HALF_LENGTH_MM = 25.0  # each profile runs this far along the spine on each side of the midpoint
 PROFILE_STEP = 0.5  # sample spacing along a profile (voxels)
-CLAIM_MM = 4.5  # a body takes missed bone this far from its label, on its side of the disc (:func:`_claim_missed_bone`)
 
 
 @dataclass
@@ -88,14 +86,13 @@ def refine_disc_boundaries(labels: np.ndarray, hu: np.ndarray, spacing_mm: float
     them, bone on both sides of the boundary, not behind the bodies' back wall) give the disc's position on each
     (:func:`.discs.disc_in_profiles`, within :data:`SEARCH_MM` of the current boundary). The plane most of them lie
     on (sagittal tilt up to :data:`MAX_DISC_TILT_DEG`, lateral up to :data:`MAX_LATERAL_TILT_DEG`) is the disc when
-    enough profiles agree (:data:`MIN_DISC_PROFILES`, :data:`DISC_FOUND_FRACTION`, :data:`DISC_AGREE_FRACTION`; a
-    tilt only across profiles spanning :data:`MIN_TILT_SPAN_MM`). Bone the network left out next to the disc goes to
-    the body on its side of it (:func:`_claim_missed_bone`). Where the current boundary's own plane runs within
-    :data:`MOVE_MM` of the disc's across the bodies, nothing else moves. Otherwise the pair's voxels within
+    enough profiles agree (:data:`MIN_DISC_PROFILES`, :data:`DISC_FOUND_FRACTION`, :data:`DISC_AGREE_FRACTION`;
+    tilted only along an axis the found discs span by :data:`MIN_TILT_SPAN_MM`); where the current boundary's own
+    plane runs within :data:`MOVE_MM` of it across the bodies, nothing moves. Otherwise the pair's voxels within
     :data:`REACH_MM` of the disc plane, under the bodies' cross-section grown to the front and the sides (not
     backwards: pedicles and articular processes reach past the disc's level), go to the body on their side of it;
     those within :data:`BOUNDARY_TOL_MM` keep their label. ``labels``: int32 (z=S, y=P, x=L), 0 background, any ids;
-    ``hu`` on the same isotropic grid (mm ``spacing_mm``); returns a relabelled copy (with the claimed bone added).
+    ``hu`` on the same isotropic grid (mm ``spacing_mm``); returns a relabelled copy.
     """
     out = labels.copy()
     ids = labels_craniocaudal(out)[1]
@@ -152,7 +149,6 @@ def _refine_pair(sub: np.ndarray, hu: np.ndarray, cores: np.ndarray, a: int, b: 
     iu, iv = np.nonzero(inner)
     footprint = ndi.binary_dilation(inner, iterations=max(1, int(round(8.0 / spacing_mm))))
     footprint[front < front[iu].min()] = False
-    _claim_missed_bone(sub, hu, a, b, frame, coef, footprint, spacing_mm)
     cur = _current_plane(frame.s_axis[0] + s_cur[inner] * PROFILE_STEP, frame.grid[iu], frame.grid[iv], spacing_mm)
     # where the current boundary already runs within MOVE_MM of the disc's across the whole cross-section: stay
     fu, fv = np.nonzero(footprint)
@@ -160,49 +156,16 @@ def _refine_pair(sub: np.ndarray, hu: np.ndarray, cores: np.ndarray, a: int, b: 
     if np.abs((coef - cur) @ across).max() * spacing_mm <= MOVE_MM:
         return
     # every voxel of the pair: its place along the profiles and across them
-    vox = np.argwhere((sub == a) | (sub == b))
-    inside, off = _off_disc(vox, frame, coef, footprint, spacing_mm)
-    move = inside & (np.abs(off) <= REACH_MM) & (np.abs(off) > BOUNDARY_TOL_MM)
-    pv = vox[move]
-    sub[pv[:, 0], pv[:, 1], pv[:, 2]] = np.where(off[move] > 0, a, b)
-
-
-def _off_disc(vox: np.ndarray, frame: _PairFrame, coef: np.ndarray, footprint: np.ndarray,
-              spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
-    """For voxels ``vox`` (n, 3; indices in the pair's box): are they under the bodies' cross-section
-    ``footprint`` (bool, n), and their distance (mm, n) from the disc plane ``coef``, positive towards the upper
-    body."""
-    rel = vox.astype(float) - frame.mid
+    vox = np.argwhere((sub == a) | (sub == b)).astype(float)
+    rel = vox - frame.mid
     s, u, v = rel @ frame.t, rel @ frame.e1, rel @ frame.e2
     ku, kv = np.rint(u + frame.half).astype(int), np.rint(v + frame.half).astype(int)
     inside = (ku >= 0) & (ku < len(frame.grid)) & (kv >= 0) & (kv < len(frame.grid))
     inside[inside] = footprint[ku[inside], kv[inside]]
-    return inside, (s - (coef[0] + coef[1] * u + coef[2] * v)) * spacing_mm
-
-
-def _claim_missed_bone(sub: np.ndarray, hu: np.ndarray, a: int, b: int, frame: _PairFrame, coef: np.ndarray,
-                       footprint: np.ndarray, spacing_mm: float) -> None:
-    """Bright bone the network left out next to the disc goes to the body on its side of the disc's plane.
-
-    Where the disc is thin, :func:`.instances.grow_cortex` grows both bodies into a missed corner and leaves
-    out the voxels that touch both (so no disc is bridged): the corner stays missing and its body reads as a
-    wedge (LIDC-IDRI-0314's T4: 5 mm of its anterior-superior corner, graded 2). With the disc's plane known,
-    each body grows (up to :data:`CLAIM_MM`, one voxel layer at a time) into unlabelled bone (smoothed HU above
-    :data:`.instances.CORTEX_HU`) on its own side, more than :data:`BOUNDARY_TOL_MM` from the plane (the disc
-    itself stays out), within :data:`REACH_MM` of it and under the bodies' cross-section (grown to the front and
-    the sides, not backwards)."""
-    free = (sub == 0) & (ndi.gaussian_filter(hu, 0.5) > CORTEX_HU)
-    if not free.any():
-        return
-    vox = np.argwhere(free)
-    inside, off = _off_disc(vox, frame, coef, footprint, spacing_mm)
-    near = inside & (np.abs(off) <= REACH_MM)
-    steps = max(1, int(round(CLAIM_MM / spacing_mm)))
-    for label, side in ((a, near & (off > BOUNDARY_TOL_MM)), (b, near & (off < -BOUNDARY_TOL_MM))):
-        allowed = np.zeros(sub.shape, bool)
-        allowed[tuple(vox[side].T)] = True
-        grown = grow_labels(np.where(sub == label, label, 0).astype(np.int32), allowed, steps)
-        sub[(grown == label) & (sub == 0)] = label
+    off = (s - (coef[0] + coef[1] * u + coef[2] * v)) * spacing_mm
+    move = inside & (np.abs(off) <= REACH_MM) & (np.abs(off) > BOUNDARY_TOL_MM)
+    pv = vox[move].astype(int)
+    sub[pv[:, 0], pv[:, 1], pv[:, 2]] = np.where(off[move] > 0, a, b)
 
 
 def _disc_plane(found: np.ndarray, inner: np.ndarray, frame: _PairFrame, spacing_mm: float) -> np.ndarray | None:
@@ -215,12 +178,23 @@ def _disc_plane(found: np.ndarray, inner: np.ndarray, frame: _PairFrame, spacing
     iu, iv = np.nonzero(inner)
     x = np.stack([np.ones(ok.sum()), frame.grid[iu[ok]], frame.grid[iv[ok]]], axis=1)
     y = frame.s_axis[found[ok].astype(int)]
-    # a tilt is fitted only across a stretch of profiles wide enough to show it: over the back half of a body
-    # alone (12 mm, where only there the profiles crossed both cores) every tilt up to 30 degrees held about as
-    # many points, and LIDC-IDRI-0314's level T3/T4 disc came out tilted by 24 degrees
-    free = (np.ptp(x[:, 1:], axis=0) * spacing_mm >= MIN_TILT_SPAN_MM) if len(y) else np.zeros(2, bool)
-    # the plane that most disc points lie on: tilts up to MAX_DISC_TILT_DEG tried on a grid (least squares
-    # alone would be pulled by the outliers: a vessel's groove, the front wall), then refined on its inliers
+    need = max(MIN_DISC_PROFILES, DISC_FOUND_FRACTION * inner.sum(), DISC_AGREE_FRACTION * ok.sum())
+    coef = _fit_plane(x, y, np.ones(2, bool), need, spacing_mm)
+    # a tilt holds only across a stretch of profiles wide enough to show it: over the back half of a body alone
+    # (12 mm, where only there the profiles crossed both cores) every tilt up to 30 degrees held about as many
+    # points, and LIDC-IDRI-0314's level T3/T4 disc came out tilted by 24 degrees. Such a plane is fitted again
+    # level that way, and kept only if it is found so too (a level fit never makes a plane of one not found).
+    wide = np.ptp(x[:, 1:], axis=0) * spacing_mm >= MIN_TILT_SPAN_MM
+    if coef is not None and not wide.all():
+        coef = _fit_plane(x, y, wide, need, spacing_mm)
+    return coef
+
+
+def _fit_plane(x: np.ndarray, y: np.ndarray, free: np.ndarray, need: float, spacing_mm: float) -> np.ndarray | None:
+    """The plane ``y = x @ coef`` (``x``: columns 1, u, v; voxels) that most points lie on, tilted only along the
+    ``free`` axes (u, v), or None when fewer than ``need`` points agree with it or it tilts too far."""
+    # tilts up to MAX_DISC_TILT_DEG tried on a grid (least squares alone would be pulled by the outliers: a
+    # vessel's groove, the front wall), then refined on the inliers of the best
     tilts = np.tan(np.deg2rad(np.linspace(-MAX_DISC_TILT_DEG, MAX_DISC_TILT_DEG, 13)))
     lateral = tilts[np.abs(tilts) <= np.tan(np.deg2rad(MAX_LATERAL_TILT_DEG))]
     tu, tv = (g.ravel() for g in np.meshgrid(tilts if free[0] else [0.0], lateral if free[1] else [0.0],
@@ -234,8 +208,7 @@ def _disc_plane(found: np.ndarray, inner: np.ndarray, frame: _PairFrame, spacing
     coef = np.zeros(3)
     coef[cols] = np.linalg.lstsq(x[keep][:, cols], y[keep], rcond=None)[0]
     agree = np.abs(x @ coef - y) * spacing_mm <= DISC_PLANE_TOL_MM
-    if agree.sum() < max(MIN_DISC_PROFILES, DISC_FOUND_FRACTION * inner.sum(), DISC_AGREE_FRACTION * ok.sum()) \
-            or np.hypot(coef[1], coef[2]) > np.tan(np.deg2rad(MAX_DISC_TILT_DEG)) \
+    if agree.sum() < need or np.hypot(coef[1], coef[2]) > np.tan(np.deg2rad(MAX_DISC_TILT_DEG)) \
             or abs(coef[2]) > np.tan(np.deg2rad(MAX_LATERAL_TILT_DEG)):
         return None
     return coef
