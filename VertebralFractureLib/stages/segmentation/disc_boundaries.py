@@ -181,9 +181,9 @@ def _disc_plane(found: np.ndarray, inner: np.ndarray, frame: _PairFrame, spacing
     need = max(MIN_DISC_PROFILES, DISC_FOUND_FRACTION * inner.sum(), DISC_AGREE_FRACTION * ok.sum())
     coef = _fit_plane(x, y, np.ones(2, bool), need, spacing_mm)
     # a tilt holds only across a stretch of profiles wide enough to show it: over the back half of a body alone
-    # (12 mm, where only there the profiles crossed both cores) every tilt up to 30 degrees held about as many
-    # points, and LIDC-IDRI-0314's level T3/T4 disc came out tilted by 24 degrees. Such a plane is fitted again
-    # level that way, and kept only if it is found so too (a level fit never makes a plane of one not found).
+    # (12 mm: only there did the profiles cross both cores) every tilt up to 30 degrees held about as many points,
+    # and LIDC-IDRI-0314's level T3/T4 disc came out tilted by 24 degrees. Such a plane is fitted again, level that
+    # way, and kept only if that fit is found too; a disc the free fit missed is not looked for level (no new moves)
     wide = np.ptp(x[:, 1:], axis=0) * spacing_mm >= MIN_TILT_SPAN_MM
     if coef is not None and not wide.all():
         coef = _fit_plane(x, y, wide, need, spacing_mm)
