@@ -84,14 +84,21 @@ def test_disc_in_profiles_finds_the_minimum_between_endplates_or_a_blurred_thin_
     assert np.isnan(found[1])
 
 
+def _strip_of_profiles(half_u: int, half_v: int):
+    """The frame of two bodies 20 voxels apart along z (1.5 mm voxels) and the profiles through them on a strip
+    ``half_u`` voxels either side of the centre along u (front to back) and ``half_v`` along v (sideways)."""
+    frame = _PairFrame.between(np.array([20.0, 0, 0]), np.zeros(3), 1.5)
+    centre = len(frame.grid) // 2
+    inner = np.zeros((len(frame.grid),) * 2, bool)
+    inner[centre - half_u:centre + half_u + 1, centre - half_v:centre + half_v + 1] = True
+    return frame, inner
+
+
 def test_a_narrow_strip_of_level_disc_points_gives_a_level_plane():
     # disc points on a narrow strip of the body only (u within +-3 voxels, 9 mm), level but for a few stray ones
     # at its edges: tilts up to 30 degrees hold about as many points, and a 24-degree plane used to win
     # (LIDC-IDRI-0314's T3/T4 disc). A strip that narrow does not show a tilt: the plane is fitted level.
-    frame = _PairFrame.between(np.array([20.0, 0, 0]), np.zeros(3), 1.5)
-    centre = len(frame.grid) // 2
-    inner = np.zeros((len(frame.grid),) * 2, bool)
-    inner[centre - 3:centre + 4, centre - 7:centre + 7] = True
+    frame, inner = _strip_of_profiles(3, 7)
     iu, _ = np.nonzero(inner)
     u = frame.grid[iu]
     rng = np.random.default_rng(1)
@@ -109,10 +116,7 @@ def test_a_disc_the_free_fit_rejects_is_not_found_level_either():
     # 15 degrees sideways: beyond MAX_LATERAL_TILT_DEG, so the free fit rejects it. Fitted level sideways it would
     # pass (the strip is too narrow to show the tilt), but a level fit only ever replaces a plane that was found:
     # looking for rejected discs level moved cervical boundaries off the discs (acrin-a C2/C3 Dice -0.05).
-    frame = _PairFrame.between(np.array([20.0, 0, 0]), np.zeros(3), 1.5)
-    centre = len(frame.grid) // 2
-    inner = np.zeros((len(frame.grid),) * 2, bool)
-    inner[centre - 8:centre + 9, centre - 4:centre + 5] = True
+    frame, inner = _strip_of_profiles(8, 4)
     _, iv = np.nonzero(inner)
     s = np.round(np.tan(np.deg2rad(15.0)) * frame.grid[iv] / 0.5) * 0.5
     found = np.searchsorted(frame.s_axis, s).astype(float)
