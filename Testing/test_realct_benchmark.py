@@ -81,3 +81,29 @@ def test_auto_simulated_summary_counts_each_answer(load_script):
     text = sims.markdown([*rows, failed])
     assert "not simulated: T7: no band" in text and "3 simulated fractures" in text
     assert text.rstrip().endswith("missed 1; 1 could not be simulated on the label.")
+
+
+def test_level_crops_scores_only_vertebrae_mostly_in_view_and_cuts_inside_them(load_script):
+    """benchmarks/level_crops.py: a crop counts a checked vertebra when at least 40 % of it is in view and one
+    segment holds half of it, right when that segment has its name; the crops end and start inside the
+    vertebrae they name and keep the rest of the spine, whichever way the array's z runs."""
+    crops = load_script("benchmarks/level_crops.py")
+    checked = np.zeros((40, 4, 4), np.uint8)
+    checked[0:10], checked[10:20], checked[20:30], checked[30:40] = 19, 20, 21, 22  # T12..L3, z caudal
+    whole = {v: 160 for v in (19, 20, 21, 22)}
+    names = checked.copy()
+    names[20:30] = 20  # L2 named L1
+    in_view = slice(0, 33)  # L3 only 30 % in view
+    assert crops.score_crop(names[in_view], checked[in_view], whole) == (2, 3)
+    names[10:20] = 0  # L1 missed: not counted
+    assert crops.score_crop(names[in_view], checked[in_view], whole) == (1, 2)
+    for up in (True, False):  # up: the array's z grows cranially
+        lab = checked[::-1] if up else checked
+        wins = crops.crop_windows(lab, up)
+        assert wins[0] == (0, 40, "whole scan")
+        z0, z1, _ = next(w for w in wins if w[2] == "ends 50% down L3")
+        kept = lab[z0:z1]
+        assert (kept == 19).sum() == 160 and 0 < (kept == 22).sum() < 160  # T12 whole, L3 cut
+        z0, z1, _ = next(w for w in wins if w[2] == "starts 50% down T12")
+        kept = lab[z0:z1]
+        assert (kept == 22).sum() == 160 and 0 < (kept == 19).sum() < 160

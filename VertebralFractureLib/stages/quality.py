@@ -238,7 +238,7 @@ def assess_quality(records: list[VertebraRecord], *, level_confidence: float | N
             quality.reasons += [f"{s} (naming confidence {level_confidence:.2f})" for s in naming_review]
         else:
             quality.naming_reasons.append(f"The level names are uncertain (confidence {level_confidence:.2f}: no "
-                                          "agreeing anatomical anchor such as the last rib or the sacrum).")
+                                          "anatomical anchor such as the last rib or the sacrum that fixes them for certain).")
     elif naming_review:
         quality.reasons += list(naming_review)
     return quality

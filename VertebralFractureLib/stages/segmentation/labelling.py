@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.spatial import cKDTree
 
 from VertebralFractureLib.core.boxes import label_boxes, nonzero_box
 from VertebralFractureLib.core.errors import InputError
@@ -53,6 +54,10 @@ ILIUM_MIN_ML = 50.0
 ILIUM_MAX_ABOVE_MM = 80.0
 #: the sacroiliac joints: contact on each side along at least this much of the segment's height
 SI_JOINT_MIN_MM = 15.0
+#: a single rib's closest approach to its vertebra (the head, in the costovertebral joint)
+RIB_HEAD_MAX_MM = 6.0
+#: below this ratio of rib volumes (:func:`_last_rib_ratio`) the last rib-bearing vertebra is taken for T12
+LAST_RIB_MAX_RATIO = 0.5
 
 
 @dataclass
@@ -129,9 +134,25 @@ def bone_components(instances: np.ndarray, hu: np.ndarray) -> np.ndarray:
     return cc3d.connected_components(bone.astype(np.uint8), connectivity=26).astype(np.int32)
 
 
+@dataclass
+class Ribs:
+    """Ribs found along the spine (:func:`find_ribs`)."""
+
+    #: per instance 1..count: does a rib attach?
+    bearing: list[bool]
+    #: ``(instance, ml)`` of each single rib (:func:`find_ribs`) and the vertebra its head articulates with
+    single: list[tuple[int, float]]
+
+
 def rib_bearing(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count: int,
                 components: np.ndarray | None = None) -> list[bool]:
-    """Per instance (1..count): does a rib attach?
+    """Per instance (1..count): does a rib attach? (:attr:`Ribs.bearing` of :func:`find_ribs`)."""
+    return find_ribs(instances, hu, spacing_mm, count, components).bearing
+
+
+def find_ribs(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count: int,
+              components: np.ndarray | None = None) -> Ribs:
+    """Which instances (1..count) bear a rib, and the single ribs.
 
     Ribs are bone components (HU >= 200, outside the vertebrae, at least :data:`RIB_MIN_ML`) reaching >= 60 mm
     sideways from the spine and not lying mostly above the most cranial vertebra (the skull, with the mandible
@@ -141,26 +162,38 @@ def rib_bearing(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count:
     component at HU >= 200, lies against the front of the bodies. A component is counted for a vertebra touching
     it with at least 30 % of the contact of the best-touching of that vertebra and its two neighbours, so a rib
     passing near the next vertebra down (the 12th rib beside L1) does not make that one rib-bearing, while a rib
-    cage merged into one component still marks every thoracic level. ``components``: :func:`bone_components` when already computed.
+    cage merged into one component still marks every thoracic level.
+
+    A single rib is one of rib size that is not the whole cage merged through the sternum or the heart, nor an
+    ilium (under :data:`ILIUM_MIN_ML`); its head is its closest approach to the spine's parts at or behind the
+    pedicles, within :data:`RIB_HEAD_MAX_MM` (:func:`_closest_vertebra`). It also marks that vertebra, however
+    little of it lies near, where the vertebra continues the series of rib-bearing ones (a piece of ilium beside
+    L5 is no rib): the 12th ribs of an osteopenic spine touched their T12 with 7 mm^3 each on one crop of a chest
+    CT (81 mm^3 on another) and every name came out one level low. ``components``: :func:`bone_components` when
+    already computed.
     """
     lab = bone_components(instances, hu) if components is None else components
     if lab.max() == 0 or count == 0:
-        return [False] * count
+        return Ribs([False] * count, [])
     objs = label_boxes(lab)
-    sizes = np.bincount(lab.ravel())
-    big = sizes * spacing_mm**3 / 1000.0 >= RIB_MIN_ML
+    ml = np.bincount(lab.ravel()) * spacing_mm**3 / 1000.0
+    big = ml >= RIB_MIN_ML
     # bone lying mostly above the spine's top is no rib though it reaches sideways: the skull resting on the atlas
     # (it made the atlas and the neck's arches rib-bearing on a PET-CT from the skull base to T5)
     top = int(np.nonzero(instances.any(axis=(1, 2)))[0].max())
-    big &= np.bincount(lab[top + 1:].ravel(), minlength=len(sizes)) <= 0.5 * sizes
+    big &= np.bincount(lab[top + 1:].ravel(), minlength=len(ml)) * spacing_mm**3 / 1000.0 <= 0.5 * ml
     # bone within a voxel of a vertebra is not in ``lab`` (:func:`bone_components`), so the contact band must reach
     # at least one voxel beyond that: at 3 mm, 4 mm rounds to that one voxel and no rib would ever touch
     grow = max(2, int(round(4.0 / spacing_mm)))
+    voxels = _instance_voxels(instances, range(1, count + 1))
+
+    def reaches(c: int, v: int) -> bool:  # component c reaches 60 mm sideways from vertebra v's centre
+        o, cx = objs[c - 1], voxels[v][2].mean()
+        return max(abs(o[2].start - cx), abs(o[2].stop - 1 - cx)) * spacing_mm >= RIB_MIN_LATERAL_MM
+
     # contact[v, c]: voxels of bone component c within 4 mm of vertebra v
     contact: dict[tuple[int, int], int] = {}
-    voxels = _instance_voxels(instances, range(1, count + 1))
     for v, (zz, yy, xx) in voxels.items():
-        cx = xx.mean()
         g = grow + 1
         sl = (slice(max(0, zz.min() - g), zz.max() + g + 1), slice(max(0, yy.min() - g), yy.max() + g + 1),
               slice(max(0, xx.min() - g), xx.max() + g + 1))
@@ -169,17 +202,76 @@ def rib_bearing(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count:
         near[:, : max(0, front), :] = False  # y grows towards posterior
         ids, hits = np.unique(lab[sl][near], return_counts=True)
         for c, h in zip(ids, hits, strict=True):
-            if c == 0 or not big[c]:
-                continue
-            o = objs[c - 1]
-            reach = max(abs(o[2].start - cx), abs(o[2].stop - 1 - cx)) * spacing_mm
-            if reach >= RIB_MIN_LATERAL_MM:
+            if c != 0 and big[c] and reaches(int(c), v):
                 contact[(v, int(c))] = int(h)
-    out = [False] * count
+    bearing = [False] * count
     for (v, c), h in contact.items():
         best = max(contact.get((u, c), 0) for u in (v - 1, v, v + 1))
         if h >= 0.3 * best and h * spacing_mm**3 >= 20.0:  # at least 20 mm^3 of contact
-            out[v - 1] = True
+            bearing[v - 1] = True
+    single = [(v, float(ml[c])) for v, c in _closest_vertebra(instances, lab, big & (ml < ILIUM_MIN_ML),
+                                                              spacing_mm, voxels) if reaches(c, v)]
+    by_contact = list(bearing)
+    for v, _ in single:
+        if any(by_contact[u - 1] for u in (v - 1, v + 1) if 1 <= u <= count):
+            bearing[v - 1] = True
+    return Ribs(bearing, single)
+
+
+def _last_rib_ratio(single: list[tuple[int, float]], k: int) -> float | None:
+    """Volume of instance ``k``'s two largest single ribs (:attr:`Ribs.single`) over the mean of that of the two
+    instances above (those with ribs; None without any): a rib head between two vertebrae can go to either, and
+    the mean of the two does not change when it does (at 3 mm an 11th rib went to T10 and the ratio to T11 alone
+    doubled).
+
+    The 12th rib is much shorter than the 11th: on crops of five real CTs ending between T12 and L2 (29 with
+    checked names, ``benchmarks/level_crops.py``) the ratio was 0.07-0.48 where ``k`` was T12 and 0.49-0.74
+    where it was T11 (its 12th rib cut off by the scan), but 0.25-0.33 on an osteopenic spine whose 11th ribs
+    the scan cut short: the names stay uncertain."""
+    pair = {v: sum(sorted((m for u, m in single if u == v), reverse=True)[:2]) for v in range(k - 2, k + 1)}
+    above = [pair[v] for v in (k - 2, k - 1) if pair[v] > 0]
+    if not pair[k] or not above:
+        return None
+    return pair[k] / float(np.mean(above))
+
+
+def _closest_vertebra(instances: np.ndarray, components: np.ndarray, candidate: np.ndarray, spacing_mm: float,
+                      voxels: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[tuple[int, int]]:
+    """``(instance, component)`` for each ``candidate`` component (bool per component id) whose closest approach
+    to an instance's part at or behind its pedicles (no more than 10 mm in front of its centroid, as in
+    :func:`rib_bearing`) is at most :data:`RIB_HEAD_MAX_MM`: that instance, once per component. Instances it
+    approaches within a voxel of that closest distance tie (at 3 mm a 12th rib came as close to L1's transverse
+    process as to T12); the tie goes to the one with the most of the component within
+    :data:`RIB_HEAD_MAX_MM`."""
+    pad = int(np.ceil(RIB_HEAD_MAX_MM / spacing_mm)) + 1
+    box = nonzero_box(instances, pad)
+    if box is None or not candidate.any():
+        return []
+    behind = np.zeros(instances[box].shape, np.int32)
+    for v, (zz, yy, xx) in voxels.items():
+        keep = yy >= np.ceil(yy.mean() - 10.0 / spacing_mm)
+        behind[zz[keep] - box[0].start, yy[keep] - box[1].start, xx[keep] - box[2].start] = v
+    # the nearest instance voxel to a point outside is on an instance's surface: a k-d tree of the surfaces
+    # answers for the candidate voxels only (a distance transform of the whole box cost 0.3-0.6 s)
+    surface = np.argwhere((behind > 0) & ~ndi.binary_erosion(behind > 0))
+    comp = components[box]
+    cand = np.argwhere((comp > 0) & candidate[comp])
+    if not len(surface) or not len(cand):
+        return []
+    dist, nearest = cKDTree(surface * spacing_mm).query(cand * spacing_mm,
+                                                        distance_upper_bound=RIB_HEAD_MAX_MM + 1e-6)
+    near = np.isfinite(dist)
+    if not near.any():
+        return []
+    cand, dd = cand[near], dist[near]
+    c = comp[tuple(cand.T)]
+    v = behind[tuple(surface[nearest[near]].T)]
+    out = []
+    for cid in np.unique(c):
+        mine = c == cid
+        vs, ds = v[mine], dd[mine]
+        tied = np.unique(vs[ds <= ds.min() + spacing_mm])
+        out.append((int(max(tied, key=lambda u: int((vs == u).sum()))), int(cid)))
     return out
 
 
@@ -214,24 +306,33 @@ def cut_at_top(instances: np.ndarray, fov: np.ndarray | None, count: int) -> lis
     return out
 
 
-def sliver_at_bottom(instances: np.ndarray, fov: np.ndarray | None, count: int) -> list[bool]:
-    """Per instance (1..count): is it only a sliver of a vertebra, cut by the scan's caudal end? Its front half
-    (voxels in front of its centroid: the body, not a spinous process hanging down) reaches the array's first
-    slice or a voxel below it lies outside ``fov``, and it holds less than half the voxels of the instance
-    above it. A sliver's rib, if it bears one, may lie out of view or be too small to find."""
-    counts = np.bincount(instances.ravel(), minlength=count + 1)
+def cut_at_bottom(instances: np.ndarray, fov: np.ndarray | None, count: int, within: int = 1) -> list[bool]:
+    """Per instance (1..count): is its body cut by the scan's caudal end? Its front half (voxels in front of its
+    centroid: the body, not a spinous process hanging down) reaches the array's first slice or a voxel below it
+    lies outside ``fov``. ``within`` > 1: the scan's end lies less than that many slices below the front."""
     out = []
-    for i, sl in enumerate(label_boxes(instances, max_label=count), start=1):
-        if sl is None or i == 1 or counts[i] >= 0.5 * counts[i - 1]:
+    for sl in label_boxes(instances, max_label=count):
+        if sl is None:
             out.append(False)
             continue
+        i = len(out) + 1
         zz, yy, xx = np.nonzero(instances[sl] == i)
         front = yy <= yy.mean()
         z0 = int(zz[front].min()) + sl[0].start
         low = front & (zz + sl[0].start == z0)
-        below = [(z0 - 1, y + sl[1].start, x + sl[2].start) for y, x in zip(yy[low], xx[low], strict=True)]
-        out.append(bool(z0 == 0 or (fov is not None and not all(fov[p] for p in below))))
+        below = [(z0 - within, y + sl[1].start, x + sl[2].start) for y, x in zip(yy[low], xx[low], strict=True)]
+        out.append(bool(z0 < within or (fov is not None and not all(fov[p] for p in below))))
     return out
+
+
+def sliver_at_bottom(instances: np.ndarray, fov: np.ndarray | None, count: int,
+                     cut: list[bool] | None = None) -> list[bool]:
+    """Per instance (1..count): is it only a sliver of a vertebra, cut by the scan's caudal end
+    (:func:`cut_at_bottom`, or ``cut`` when already computed) and holding less than half the voxels of the
+    instance above it? A sliver's rib, if it bears one, may lie out of view or be too small to find."""
+    counts = np.bincount(instances.ravel(), minlength=count + 1)
+    cut = cut_at_bottom(instances, fov, count) if cut is None else cut
+    return [bool(c and i > 1 and counts[i] < 0.5 * counts[i - 1]) for i, c in enumerate(cut, start=1)]
 
 
 def sacrum_index(instances: np.ndarray, spacing_mm: float, count: int, components: np.ndarray) -> int | None:
@@ -335,20 +436,24 @@ def body_order(instances: np.ndarray, count: int, spacing_mm: float) -> list[int
     return [int(i) + 1 for i in np.argsort(-np.asarray(fronts), kind="stable")]
 
 
-def _size_prior(volumes: dict[int, float], n: int, ribs: list[bool] | None = None) -> tuple[int, float]:
+def _size_prior(volumes: dict[int, float], n: int, ribs: list[bool] | None = None,
+                starts: set[int] | None = None) -> tuple[int, float]:
     """(VerSe id of instance 1, margin) fitting whole-vertebra volumes of complete instances to the reference.
 
     ``ribs`` (per instance 1..n) rules out the offsets that would name a rib-bearing vertebra outside T1..T12
-    (unless every offset does, when rib detection must have been fooled)."""
+    (unless every offset does, when rib detection must have been fooled); ``starts``, when given, are the only
+    VerSe ids instance 1 may have."""
     seq = STANDARD_SEQUENCE
     scores: dict[int, float] = {}
     for start in range(0, len(seq) - n + 1):
+        if starts is not None and seq[start] not in starts:
+            continue
         if ribs and any(r and not level_id("T1") <= seq[start + i] <= level_id("T12") for i, r in enumerate(ribs)):
             continue
         err = sum((np.log(v) - np.log(REFERENCE_VOLUME_ML[seq[start + i - 1]])) ** 2 for i, v in volumes.items())
         scores[start] = err / max(len(volumes), 1)
     if not scores:
-        return _size_prior(volumes, n)
+        return _size_prior(volumes, n, starts=starts) if ribs else _size_prior(volumes, n)
     srt = sorted(scores.values())
     margin = float(srt[1] - srt[0]) if len(srt) > 1 else 1.0
     return seq[min(scores, key=scores.get)], margin
@@ -400,6 +505,12 @@ def assign_levels(
         res.mapping = {order[i - 1]: v for i, v in res.mapping.items()}
         res.sacrum = [order[i - 1] for i in res.sacrum]
         return res
+    partial = set(partial or [])
+    vox_ml = spacing_mm**3 / 1000.0
+    counts = np.bincount(instances.ravel(), minlength=n + 1)
+    volumes = {i: counts[i] * vox_ml for i in range(1, n + 1) if i not in partial and counts[i] > 0}
+    if not volumes:
+        volumes = {i: counts[i] * vox_ml * 1.5 for i in range(1, n + 1) if counts[i] > 0}
     ribs: list[bool] = []
     sacrum: list[int] = []
     if hu is not None:
@@ -412,19 +523,15 @@ def assign_levels(
         if sac == 1:
             return LevelAssignment({}, 0.0, warnings, {}, method="anchors", sacrum=sacrum)
         n_v = sac - 1 if sac is not None else n  # vertebrae proper
-        ribs = rib_bearing(instances, hu, spacing_mm, n_v, comps)
-        named = _anchored(instances, hu, spacing_mm, n_v, ribs, fov, sac is not None)
+        found_ribs = find_ribs(instances, hu, spacing_mm, n_v, comps)
+        ribs = found_ribs.bearing
+        named = _anchored(instances, hu, spacing_mm, n_v, found_ribs, fov, sac is not None,
+                          {i: v for i, v in volumes.items() if i <= n_v})
         if named is not None:  # always when the sacrum was found
             named.warnings[:0] = warnings
             named.sacrum = sacrum
             return named
     # no anchor: size prior on complete vertebrae
-    partial = set(partial or [])
-    vox_ml = spacing_mm**3 / 1000.0
-    counts = np.bincount(instances.ravel(), minlength=n + 1)
-    volumes = {i: counts[i] * vox_ml for i in range(1, n + 1) if i not in partial and counts[i] > 0}
-    if not volumes:
-        volumes = {i: counts[i] * vox_ml * 1.5 for i in range(1, n + 1) if counts[i] > 0}
     n_fit = min(n, len(STANDARD_SEQUENCE))
     first, margin = _size_prior(volumes, n_fit, ribs[:n_fit])
     mapping = names_from_anchor(n, 1, first)
@@ -436,15 +543,18 @@ def assign_levels(
     return LevelAssignment(mapping, confidence, warnings, {}, method="size prior")
 
 
-def _anchored(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, n: int, ribs: list[bool],
-              fov: np.ndarray | None, sacrum_segment: bool) -> LevelAssignment | None:
+def _anchored(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, n: int, found_ribs: Ribs,
+              fov: np.ndarray | None, sacrum_segment: bool, volumes: dict[int, float]) -> LevelAssignment | None:
     """Names of instances 1..n from the rib and sacrum anchors (None when none is in view).
 
-    ``sacrum_segment``: instance n + 1 is the sacrum (so instance n is L5).
+    ``sacrum_segment``: instance n + 1 is the sacrum (so instance n is L5); ``volumes``: ml of the complete
+    instances, for the size prior where an anchor leaves two names possible.
     """
+    ribs = found_ribs.bearing
     visible = rib_visible(instances, fov, spacing_mm, n) if fov is not None else [True] * n
     cut = cut_at_top(instances, fov, n)
-    sliver = sliver_at_bottom(instances, fov, n)
+    bottom = cut_at_bottom(instances, fov, n)
+    sliver = sliver_at_bottom(instances, fov, n, bottom)
     # a rib-free vertebra confirms an anchor only if its rib would be in view, its top is not cut off and it is
     # not a sliver at the scan's caudal end (a 9 ml sliver of a T11 body showed no rib and named T12 two high)
     rib_free = [not r and vis and not c and not s for r, vis, c, s in zip(ribs, visible, cut, sliver, strict=True)]
@@ -464,6 +574,25 @@ def _anchored(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, n: int, 
     names = {"last_rib": "last rib-bearing vertebra = T12", "first_rib": "first rib-bearing vertebra = T1",
              "sacrum": "vertebra above the sacrum = L5"}
     levels = {"last_rib": 19, "first_rib": 8, "sacrum": 24}
+    k = found.get("last_rib", 0)
+    near_end = cut_at_bottom(instances, fov, n, within=int(round(10.0 / spacing_mm)))
+    if list(found) == ["last_rib"] and near_end[k] and all(sliver[k + 1:]):
+        # the rib-free vertebra ends within 10 mm of the scan's end (below it at most slivers): the 12th rib runs down and
+        # out from its vertebra's upper body, so a cut T12 can keep only a stub of it that passes for no rib
+        # (crops of three real chest CTs ending in T12 were all named one level low at 0.85), while a cut L1's
+        # transverse processes look the same. Either the last rib-bearing vertebra in view is T12 or the one
+        # below is; the names are uncertain either way.
+        ratio = _last_rib_ratio(found_ribs.single, k)
+        if ratio is None:  # no ribs to compare: the vertebrae's sizes choose
+            first, _ = _size_prior(volumes, n, ribs, starts={19 - (k - 1), 20 - (k - 1)})
+            mapping, by = names_from_anchor(n, 1, first), "by vertebra size"
+        else:
+            mapping = names_from_anchor(n, k, 19 if ratio < LAST_RIB_MAX_RATIO else 18)
+            by = f"its ribs {ratio:.2f} times the volume of the ones above"
+        warnings.append(f"the scan ends in the vertebra below the last rib-bearing one ({level_name(mapping.get(k, 0))}"
+                        f", {by}): a 12th rib cut off by the scan cannot be ruled out; check the levels or pass "
+                        "--anchor LEVEL=INDEX")
+        return LevelAssignment(mapping, 0.5, warnings, {"last_rib": mapping.get(k, 0)}, method="anchors")
     if len(set(pos.values())) == 1:
         key = next(iter(found))
         mapping = names_from_anchor(n, found[key], levels[key])
