@@ -78,16 +78,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data")
     args = ap.parse_args(argv)
     sys.path.insert(0, str((args.code or HERE.parent).resolve()))
-    sys.path.insert(0, str(HERE / "realct_labels"))
-    from build import CASES  # noqa: E402  (the checked-label cases and their CT paths)
-
+    # the library first: build.py puts this checkout on the path and would import its library instead
     from VertebralFractureLib.core.volume import Volume
     from VertebralFractureLib.io.reading import read_volume
     from VertebralFractureLib.stages.segmentation.inference import segment_vertebrae
 
+    sys.path.insert(0, str(HERE / "realct_labels"))
+    from build import CASES  # the checked-label cases and their CT paths
+
     if not args.data.is_dir():
         print(f"error: no real CT data at {args.data}", file=sys.stderr)
         return 2
+    import VertebralFractureLib
+
+    print("library:", Path(VertebralFractureLib.__file__).parent, flush=True)
     rows = []
     for case in args.cases:
         ct = read_volume(args.data / CASES[case][0])

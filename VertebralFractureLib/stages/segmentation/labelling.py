@@ -5,7 +5,9 @@ the order of their bodies (:func:`body_order`), which differs where a segment's 
 next body. Names follow the standard sequence C1..C7, T1..T12, L1..L5 fixed by one anchor:
 
 * ``last_rib``: the most caudal vertebra with a rib attached is T12 (when a rib-free vertebra follows it,
-  so the field of view does not simply end there);
+  so the field of view does not simply end there); when that rib-free vertebra is itself cut by the scan's end,
+  it may be a T12 whose 12th rib the scan cut off, and the ribs' sizes choose between T12 and T11 with low
+  confidence (:func:`_last_rib_ratio`);
 * ``first_rib``: the most cranial vertebra with a rib, below a rib-free one, is T1;
 * "rib-free" confirms either only where the field of view would show a rib (:func:`rib_visible`);
 * ``sacrum``: the most caudal segment flanked on both sides by the ilia (the sacroiliac joints: large bone
@@ -577,11 +579,11 @@ def _anchored(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, n: int, 
     k = found.get("last_rib", 0)
     near_end = cut_at_bottom(instances, fov, n, within=int(round(10.0 / spacing_mm)))
     if list(found) == ["last_rib"] and near_end[k] and all(sliver[k + 1:]):
-        # the rib-free vertebra ends within 10 mm of the scan's end (below it at most slivers): the 12th rib runs down and
-        # out from its vertebra's upper body, so a cut T12 can keep only a stub of it that passes for no rib
-        # (crops of three real chest CTs ending in T12 were all named one level low at 0.85), while a cut L1's
-        # transverse processes look the same. Either the last rib-bearing vertebra in view is T12 or the one
-        # below is; the names are uncertain either way.
+        # the rib-free vertebra ends within 10 mm of the scan's end (below it at most slivers): the 12th rib
+        # runs down and out from its vertebra's upper body, so a cut T12 can keep only a stub of it that passes
+        # for no rib (crops of three real chest CTs ending in T12 were all named one level low at 0.85), while a
+        # cut L1's transverse processes look the same. Either the last rib-bearing vertebra in view is T12 or
+        # the one below is; the names are uncertain either way.
         ratio = _last_rib_ratio(found_ribs.single, k)
         if ratio is None:  # no ribs to compare: the vertebrae's sizes choose
             first, _ = _size_prior(volumes, n, ribs, starts={19 - (k - 1), 20 - (k - 1)})
