@@ -40,16 +40,19 @@ def crop_windows(checked: np.ndarray, up: bool) -> list[tuple[int, int, str]]:
 
     nz = checked.shape[0]
     levels = sorted((int(v) for v in np.unique(checked) if v), key=order_index)
+
+    def slice_down(v: int, f: float) -> int:  # the slice fraction f of the way down level v, cranial to caudal
+        zs = np.nonzero((checked == v).any(axis=(1, 2)))[0]
+        return int(round(zs.max() - f * (zs.max() - zs.min()))) if up else int(round(zs.min() + f * (zs.max() - zs.min())))
+
     wins = [(0, nz, "whole scan")]
     for v in levels[-4:]:
-        zs = np.nonzero((checked == v).any(axis=(1, 2)))[0]
-        for f in FRACTIONS:  # the caudal end at fraction f of the way down v
-            z = int(round(zs.max() - f * (zs.max() - zs.min()))) if up else int(round(zs.min() + f * (zs.max() - zs.min())))
+        for f in FRACTIONS:  # the caudal end there
+            z = slice_down(v, f)
             wins.append(((z, nz) if up else (0, z + 1)) + (f"ends {f:.0%} down {level_name(v)}",))
     for v in levels[:3]:
-        zs = np.nonzero((checked == v).any(axis=(1, 2)))[0]
-        for f in FRACTIONS:  # the cranial end at fraction f of the way down v
-            z = int(round(zs.max() - f * (zs.max() - zs.min()))) if up else int(round(zs.min() + f * (zs.max() - zs.min())))
+        for f in FRACTIONS:  # the cranial end there
+            z = slice_down(v, f)
             wins.append(((0, z + 1) if up else (z, nz)) + (f"starts {f:.0%} down {level_name(v)}",))
     return wins
 

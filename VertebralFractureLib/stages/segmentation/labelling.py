@@ -508,11 +508,6 @@ def assign_levels(
         res.sacrum = [order[i - 1] for i in res.sacrum]
         return res
     partial = set(partial or [])
-    vox_ml = spacing_mm**3 / 1000.0
-    counts = np.bincount(instances.ravel(), minlength=n + 1)
-    volumes = {i: counts[i] * vox_ml for i in range(1, n + 1) if i not in partial and counts[i] > 0}
-    if not volumes:
-        volumes = {i: counts[i] * vox_ml * 1.5 for i in range(1, n + 1) if counts[i] > 0}
     ribs: list[bool] = []
     sacrum: list[int] = []
     if hu is not None:
@@ -527,15 +522,14 @@ def assign_levels(
         n_v = sac - 1 if sac is not None else n  # vertebrae proper
         found_ribs = find_ribs(instances, hu, spacing_mm, n_v, comps)
         ribs = found_ribs.bearing
-        named = _anchored(instances, hu, spacing_mm, n_v, found_ribs, fov, sac is not None,
-                          {i: v for i, v in volumes.items() if i <= n_v})
+        named = _anchored(instances, hu, spacing_mm, n_v, found_ribs, fov, sac is not None, partial)
         if named is not None:  # always when the sacrum was found
             named.warnings[:0] = warnings
             named.sacrum = sacrum
             return named
     # no anchor: size prior on complete vertebrae
     n_fit = min(n, len(STANDARD_SEQUENCE))
-    first, margin = _size_prior(volumes, n_fit, ribs[:n_fit])
+    first, margin = _size_prior(_complete_volumes(instances, n, partial, spacing_mm), n_fit, ribs[:n_fit])
     mapping = names_from_anchor(n, 1, first)
     confidence = float(np.clip(0.2 + margin, 0.2, 0.45))
     warnings.append(
@@ -545,12 +539,21 @@ def assign_levels(
     return LevelAssignment(mapping, confidence, warnings, {}, method="size prior")
 
 
+def _complete_volumes(instances: np.ndarray, n: int, partial: set[int], spacing_mm: float) -> dict[int, float]:
+    """ml of instances 1..n not in ``partial`` (of all of them, times 1.5, when every one is partial), for the
+    size prior."""
+    vox_ml = spacing_mm**3 / 1000.0
+    counts = np.bincount(instances.ravel(), minlength=n + 1)
+    volumes = {i: counts[i] * vox_ml for i in range(1, n + 1) if i not in partial and counts[i] > 0}
+    return volumes or {i: counts[i] * vox_ml * 1.5 for i in range(1, n + 1) if counts[i] > 0}
+
+
 def _anchored(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, n: int, found_ribs: Ribs,
-              fov: np.ndarray | None, sacrum_segment: bool, volumes: dict[int, float]) -> LevelAssignment | None:
+              fov: np.ndarray | None, sacrum_segment: bool, partial: set[int]) -> LevelAssignment | None:
     """Names of instances 1..n from the rib and sacrum anchors (None when none is in view).
 
-    ``sacrum_segment``: instance n + 1 is the sacrum (so instance n is L5); ``volumes``: ml of the complete
-    instances, for the size prior where an anchor leaves two names possible.
+    ``sacrum_segment``: instance n + 1 is the sacrum (so instance n is L5); ``partial``: instances cut by the
+    field of view (left out of the size prior where an anchor leaves two names possible).
     """
     ribs = found_ribs.bearing
     visible = rib_visible(instances, fov, spacing_mm, n) if fov is not None else [True] * n
@@ -577,8 +580,8 @@ def _anchored(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, n: int, 
              "sacrum": "vertebra above the sacrum = L5"}
     levels = {"last_rib": 19, "first_rib": 8, "sacrum": 24}
     k = found.get("last_rib", 0)
-    near_end = cut_at_bottom(instances, fov, n, within=int(round(10.0 / spacing_mm)))
-    if list(found) == ["last_rib"] and near_end[k] and all(sliver[k + 1:]):
+    if list(found) == ["last_rib"] and all(sliver[k + 1:]) \
+            and cut_at_bottom(instances, fov, n, within=int(round(10.0 / spacing_mm)))[k]:
         # the rib-free vertebra ends within 10 mm of the scan's end (below it at most slivers): the 12th rib
         # runs down and out from its vertebra's upper body, so a cut T12 can keep only a stub of it that passes
         # for no rib (crops of three real chest CTs ending in T12 were all named one level low at 0.85), while a
@@ -586,7 +589,8 @@ def _anchored(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, n: int, 
         # the one below is; the names are uncertain either way.
         ratio = _last_rib_ratio(found_ribs.single, k)
         if ratio is None:  # no ribs to compare: the vertebrae's sizes choose
-            first, _ = _size_prior(volumes, n, ribs, starts={19 - (k - 1), 20 - (k - 1)})
+            first, _ = _size_prior(_complete_volumes(instances, n, partial, spacing_mm), n, ribs,
+                                   starts={19 - (k - 1), 20 - (k - 1)})
             mapping, by = names_from_anchor(n, 1, first), "by vertebra size"
         else:
             mapping = names_from_anchor(n, k, 19 if ratio < LAST_RIB_MAX_RATIO else 18)
