@@ -153,7 +153,10 @@ def deformities(out: dict, truth: Volume, matched: dict) -> dict:
     threshold = float(out.get("fracture_threshold") or 0.5)
     behind = out.get("fractured") is None and any((v.get("fracture_probability") or 0.0) >= threshold
                                                   for v in out.get("vertebrae", []))
-    return {"deformity_auto_only": only, "call_behind_review": bool(behind)}
+    high = [f"{v['level']} p {v['fracture_probability']:.2f} (grade {v.get('genant_grade')}, morphometry "
+            f"{v.get('probability_morphometry') or 0:.2f}, classifier {v.get('probability_classifier') or 0:.2f})"
+            for v in out.get("vertebrae", []) if (v.get("fracture_probability") or 0.0) >= threshold]
+    return {"deformity_auto_only": only, "call_behind_review": bool(behind), "at_threshold": high}
 
 
 #: kinds of review reason, by a phrase of their sentence (stages.quality, classification)

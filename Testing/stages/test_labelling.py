@@ -264,6 +264,21 @@ def test_thirteen_rib_bearing_vertebrae_name_a_t13():
     assert any("T13" in w for w in res.warnings) and res.confidence < 0.6
 
 
+def test_twelve_rib_bearing_vertebrae_counted_name_t1_to_t12_when_neither_end_is_confirmed():
+    """A chest CT showing neither C7 nor L1 whole (as a CTA of the aorta, or a chest CT from T1 to T12): no
+    rib-free vertebra confirms the first or the last rib, but twelve rib-bearing vertebrae counted are T1-T12.
+    Eleven are not enough (T1-T11 or T2-T12), nor twelve whose top body the scan cuts (it may be C7's remains
+    holding T1's first rib, as on a crop of a real chest CT)."""
+    inst, hu = _pelvis(12, ribs_on=list(range(1, 13)), sacrum_segment=False)
+    res = assign_levels(inst, hu, spacing_mm=1.5)
+    assert res.mapping == {i: level_id(f"T{i}") for i in range(1, 13)}
+    assert res.anchors_found == {"rib_count": level_id("T1")} and 0.6 < res.confidence < 0.85
+    eleven, hu11 = _pelvis(11, ribs_on=list(range(1, 12)), sacrum_segment=False)
+    assert assign_levels(eleven, hu11, spacing_mm=1.5).method == "size prior"
+    top_cut = assign_levels(inst[:-20], hu[:-20], spacing_mm=1.5)  # the scan ends inside instance 1's body
+    assert "rib_count" not in top_cut.anchors_found and top_cut.confidence < 0.6
+
+
 def test_the_skull_on_the_atlas_is_no_rib_and_the_first_rib_names_t1():
     """A neck to upper chest scan (as a PET-CT from the skull base down): the skull rests on the top segment and
     reaches far sideways, as a rib does; it made the top segment rib-bearing, so the first rib-bearing segment was
@@ -348,25 +363,33 @@ def test_real_ct_rib_anchor_names_the_checked_segments_on_the_fast_grid(shared_d
     assert named == ids and res.anchors_found.get("last_rib") == level_id("T12")
 
 
-@pytest.mark.parametrize(("end_in", "last_rib_bearing"), [(("L1", 0.6), "T12"), (("T12", 0.5), "T11"),
-                                                           (("T12", 0.75), "T11")])
-def test_real_ct_ending_below_the_last_rib_names_it_from_the_ribs_sizes_and_says_so(
-        shared_data, repo_root, end_in, last_rib_bearing):
-    """lidc-idri-0314's checked segments, the scan ending in L1 (as it does) or in the middle of T12: a cut T12
-    keeps only a stub of its 12th rib, which passes for no rib, so T11 passed for the last rib-bearing vertebra
-    and every name came out one level low at confidence 0.85 (so did crops of two more chest CTs). Now a
-    rib-free vertebra at the scan's end leaves two readings, told apart by the ribs' sizes (the 12th is much
-    smaller than the 11th), and the names are uncertain with a warning that says why."""
+@pytest.mark.parametrize("end_in", [("T12", 0.5), ("T12", 0.75)])
+def test_real_ct_ending_below_the_last_rib_names_it_from_the_ribs_sizes_and_says_so(shared_data, repo_root, end_in):
+    """lidc-idri-0314's checked segments, the scan ending in the middle of T12: a cut T12 keeps only a stub of its
+    12th rib, which passes for no rib, so T11 passed for the last rib-bearing vertebra and every name came out one
+    level low at confidence 0.85 (so did crops of two more chest CTs). Now a rib-free vertebra at the scan's end
+    leaves two readings, told apart by the ribs' sizes (the 12th is much smaller than the 11th), and the names are
+    uncertain with a warning that says why."""
     labels = repo_root / "benchmarks" / "realct_labels" / "lidc-idri-0314" / "labels.nii.gz"
     ids, named, res = _levels_on_label_instances(shared_data / "lidc-idri-0314" / "ct_1p5mm.nii.gz", labels,
                                                  end_in=end_in)
-    assert named == ids and res.anchors_found == {"last_rib": level_id(last_rib_bearing)}
+    assert named == ids and res.anchors_found == {"last_rib": level_id("T11")}
     assert res.confidence < 0.6 and any("12th rib cut off by the scan" in w for w in res.warnings)
 
 
+def test_real_ct_ending_in_l1_is_settled_by_twelve_rib_bearing_vertebrae_counted(shared_data, repo_root):
+    """lidc-idri-0314 ends 60 % of the way down L1 (as it does, cut a little higher): the rib-free L1 at the scan's
+    end alone leaves T12 or T11 open, but T1-T12 all bear ribs in view: counted, the names are sure."""
+    labels = repo_root / "benchmarks" / "realct_labels" / "lidc-idri-0314" / "labels.nii.gz"
+    ids, named, res = _levels_on_label_instances(shared_data / "lidc-idri-0314" / "ct_1p5mm.nii.gz", labels,
+                                                 end_in=("L1", 0.6))
+    assert named == ids and res.anchors_found == {"last_rib": level_id("T12"), "rib_count": level_id("T1")}
+    assert res.confidence >= 0.85 and not any("12th rib" in w for w in res.warnings)
+
+
 def test_fast_and_default_name_the_bundled_ct_alike():
-    """The bundled demo CT segmented at 1.5 mm and at 3 mm (``--fast``): both named from the last rib (T12), and
-    each default vertebra lies mostly in the fast segment of the same name (--fast once found no rib and named
+    """The bundled demo CT segmented at 1.5 mm and at 3 mm (``--fast``): both named from the last rib (T12; at
+    1.5 mm the twelve rib-bearing vertebrae counted confirm it), and each default vertebra lies mostly in the fast segment of the same name (--fast once found no rib and named
     them C5..T12 against C7..L1)."""
     from VertebralFractureLib.core.resources import demo_ct_path
     from VertebralFractureLib.io.reading import read_volume
@@ -374,7 +397,8 @@ def test_fast_and_default_name_the_bundled_ct_alike():
 
     ct = read_volume(demo_ct_path())
     default, fast = (segment_vertebrae(ct, fast=f, device="cpu") for f in (False, True))
-    assert default.naming["anchors"] == fast.naming["anchors"] == {"last_rib": "T12"}
+    assert default.naming["anchors"] == {"last_rib": "T12", "rib_count": "T1"}
+    assert fast.naming["anchors"]["last_rib"] == "T12"
     a, b = default.labels.array, fast.labels.array
     most = {}
     for v in (int(v) for v in np.unique(a) if v > 0):

@@ -10,6 +10,9 @@ next body. Names follow the standard sequence C1..C7, T1..T12, L1..L5 fixed by o
   confidence (:func:`_last_rib_ratio`);
 * ``first_rib``: the most cranial vertebra with a rib, below a rib-free one, is T1;
 * "rib-free" confirms either only where the field of view would show a rib (:func:`rib_visible`);
+* ``rib_count``: where neither is confirmed, twelve rib-bearing vertebrae counted from the first to the last, both
+  whole in view, are T1-T12 (:func:`rib_count_first`), as a radiologist counts ribs on a chest CT that shows
+  neither C7 nor L1 whole; it also settles a last rib whose rib-free neighbour is cut by the scan's end;
 * ``sacrum``: the most caudal segment flanked on both sides by the ilia (the sacroiliac joints: large bone
   reaching no higher than the iliac crests, touching the segment over a long stretch) is the sacrum, not a
   vertebra: it is left unnamed and the segment above it is L5 (:func:`sacrum_index`); else a large bone mass on
@@ -60,6 +63,10 @@ SI_JOINT_MIN_MM = 15.0
 RIB_HEAD_MAX_MM = 6.0
 #: below this ratio of rib volumes (:func:`_last_rib_ratio`) the last rib-bearing vertebra is taken for T12
 LAST_RIB_MAX_RATIO = 0.5
+#: naming confidence of the rib count alone: below one confirmed anchor (0.85), since it also needs every segment
+#: between the two ends right and no rib missed or added at either end, above the review's 0.6 (a rib variant,
+#: 11 or 13 pairs, is the remaining doubt, as it is for the first- or last-rib anchor)
+RIB_COUNT_CONFIDENCE = 0.75
 
 
 @dataclass
@@ -237,6 +244,20 @@ def _last_rib_ratio(single: list[tuple[int, float]], k: int) -> float | None:
     return pair[k] / float(np.mean(above))
 
 
+def rib_count_first(bearing: list[bool], top_cut: list[bool], bottom_cut: list[bool]) -> int | None:
+    """The instance (1-based) that is T1 when twelve rib-bearing vertebrae are counted, else None.
+
+    ``bearing``: per instance 1..n (:attr:`Ribs.bearing`); ``top_cut``, ``bottom_cut``: per instance, is its body
+    cut by the scan's cranial or caudal end (:func:`cut_at_bottom`). The first and the last rib-bearing instance
+    must be twelve apart (inclusive) and their bodies whole: a segment cut by the scan's top took the first rib of
+    the T1 below it on a crop of a real chest CT and counted from C7. A rib missed in between (the field of view
+    cut it off) does not matter, a segment missed or split does: the count is then 11 or 13 and nothing is named."""
+    idx = [i + 1 for i, b in enumerate(bearing) if b]
+    if idx and idx[-1] - idx[0] == 11 and not top_cut[idx[0] - 1] and not bottom_cut[idx[-1] - 1]:
+        return idx[0]
+    return None
+
+
 def _closest_vertebra(instances: np.ndarray, components: np.ndarray, candidate: np.ndarray, spacing_mm: float,
                       voxels: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[tuple[int, int]]:
     """``(instance, component)`` for each ``candidate`` component (bool per component id) whose closest approach
@@ -308,22 +329,32 @@ def cut_at_top(instances: np.ndarray, fov: np.ndarray | None, count: int) -> lis
     return out
 
 
-def cut_at_bottom(instances: np.ndarray, fov: np.ndarray | None, count: int, within: int = 1) -> list[bool]:
+def cut_at_bottom(instances: np.ndarray, fov: np.ndarray | None, count: int, within: int = 1,
+                  *, cranial: bool = False) -> list[bool]:
     """Per instance (1..count): is its body cut by the scan's caudal end? Its front half (voxels in front of its
     centroid: the body, not a spinous process hanging down) reaches the array's first slice or a voxel below it
-    lies outside ``fov``. ``within`` > 1: the scan's end lies less than that many slices below the front."""
+    lies outside ``fov``. ``within`` > 1: the scan's end lies less than that many slices below the front.
+    ``cranial``: the same at the scan's cranial end, for the body's front only (the anterior quarter within the
+    middle half of the vertebra's width: a vertebra's superior articular and transverse processes reach up beside
+    the body above, in front of its centroid, and the top slice through C7 touched those of a whole T1 on a real
+    chest CT; see also :func:`cut_at_top`)."""
     out = []
+    nz, step = instances.shape[0], (1 if cranial else -1) * within
     for sl in label_boxes(instances, max_label=count):
         if sl is None:
             out.append(False)
             continue
         i = len(out) + 1
         zz, yy, xx = np.nonzero(instances[sl] == i)
-        front = yy <= yy.mean()
-        z0 = int(zz[front].min()) + sl[0].start
-        low = front & (zz + sl[0].start == z0)
-        below = [(z0 - within, y + sl[1].start, x + sl[2].start) for y, x in zip(yy[low], xx[low], strict=True)]
-        out.append(bool(z0 < within or (fov is not None and not all(fov[p] for p in below))))
+        if cranial:
+            mid = np.abs(xx - np.median(xx)) <= (xx.max() - xx.min()) / 4.0
+            front = mid & (yy <= np.percentile(yy[mid], 25))
+        else:
+            front = yy <= yy.mean()
+        z0 = int(zz[front].max() if cranial else zz[front].min()) + sl[0].start
+        end = front & (zz + sl[0].start == z0)
+        beyond = [(z0 + step, y + sl[1].start, x + sl[2].start) for y, x in zip(yy[end], xx[end], strict=True)]
+        out.append(bool(not 0 <= z0 + step < nz or (fov is not None and not all(fov[p] for p in beyond))))
     return out
 
 
@@ -570,15 +601,18 @@ def _anchored(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, n: int, 
         found["last_rib"], pos["last_rib"] = rib_idx[-1], STANDARD_SEQUENCE.index(19) - (rib_idx[-1] - 1)
     if rib_idx and rib_idx[0] > 1 and rib_free[rib_idx[0] - 2]:
         found["first_rib"], pos["first_rib"] = rib_idx[0], STANDARD_SEQUENCE.index(8) - (rib_idx[0] - 1)
+    counted = rib_count_first(ribs, cut_at_bottom(instances, fov, n, cranial=True), bottom)
     if sacrum_segment or (n >= 1 and sacrum_below(instances, hu, spacing_mm, n)):
         found["sacrum"], pos["sacrum"] = n, STANDARD_SEQUENCE.index(24) - (n - 1)
+    if counted is not None and "first_rib" not in found and "last_rib" not in found:
+        found["rib_count"], pos["rib_count"] = counted, STANDARD_SEQUENCE.index(8) - (counted - 1)
     if not found:
         return None
     warnings: list[str] = []
     review: list[str] = []
     names = {"last_rib": "last rib-bearing vertebra = T12", "first_rib": "first rib-bearing vertebra = T1",
-             "sacrum": "vertebra above the sacrum = L5"}
-    levels = {"last_rib": 19, "first_rib": 8, "sacrum": 24}
+             "sacrum": "vertebra above the sacrum = L5", "rib_count": "twelve rib-bearing vertebrae = T1-T12"}
+    levels = {"last_rib": 19, "first_rib": 8, "sacrum": 24, "rib_count": 8}
     k = found.get("last_rib", 0)
     if list(found) == ["last_rib"] and all(sliver[k + 1:]) \
             and cut_at_bottom(instances, fov, n, within=int(round(10.0 / spacing_mm)))[k]:
@@ -595,6 +629,9 @@ def _anchored(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, n: int, 
         else:
             mapping = names_from_anchor(n, k, 19 if ratio < LAST_RIB_MAX_RATIO else 18)
             by = f"its ribs {ratio:.2f} times the volume of the ones above"
+        if counted is not None and mapping.get(counted) == 8:
+            # twelve rib-bearing vertebrae counted above it agree: no 12th rib was cut off
+            return LevelAssignment(mapping, 0.85, warnings, {"last_rib": 19, "rib_count": 8}, method="anchors")
         warnings.append(f"the scan ends in the vertebra below the last rib-bearing one ({level_name(mapping.get(k, 0))}"
                         f", {by}): a 12th rib cut off by the scan cannot be ruled out; check the levels or pass "
                         "--anchor LEVEL=INDEX")
@@ -602,7 +639,7 @@ def _anchored(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, n: int, 
     if len(set(pos.values())) == 1:
         key = next(iter(found))
         mapping = names_from_anchor(n, found[key], levels[key])
-        confidence = 0.97 if len(found) > 1 else 0.85
+        confidence = 0.97 if len(found) > 1 else RIB_COUNT_CONFIDENCE if key == "rib_count" else 0.85
     else:
         confidence = 0.5
         said = "; ".join(f"{names[k]} (segment {i})" for k, i in found.items())
