@@ -61,7 +61,8 @@ def test_deformities_made_by_the_segmentation(realct):
                          {"level": "T12", "genant_grade": 2, "fracture_probability": 0.9},
                          {"level": "L1", "genant_grade": None, "fracture_probability": None}]}
     found = realct.deformities(out, Volume(arr, spacing=(1.0, 1.0, 1.0)), matched)
-    assert found == {"deformity_auto_only": ["L1 (2 vs 0)"], "call_behind_review": True}
+    assert found["deformity_auto_only"] == ["L1 (2 vs 0)"] and found["call_behind_review"] is True
+    assert [a.split(" (")[0] for a in found["at_threshold"]] == ["T12 p 0.90"]
     out["fractured"] = True
     assert realct.deformities(out, Volume(arr, spacing=(1.0, 1.0, 1.0)), matched)["call_behind_review"] is False
 

@@ -139,7 +139,8 @@ def deformities(out: dict, truth: Volume, matched: dict) -> dict:
 
     ``deformity_auto_only``: "T7 (2 vs 0)" for a vertebra graded >= 1 on the automatic segmentation but 0 on its
     checked label (a deformity made by the segmentation); ``call_behind_review``: a vertebra at or above the
-    fracture threshold in a case sent to review, so only the review kept a call from being made.
+    fracture threshold in a case sent to review, so only the review kept a call from being made;
+    ``at_threshold``: those vertebrae, with their probability, grade and the two sources fused.
     """
     from VertebralFractureLib.stages.morphometry import measure_vertebrae
 
@@ -221,12 +222,14 @@ def markdown(rows: list[dict], summ: dict, host: dict | None = None) -> str:
                  f"{len(summ['scored_cases'])}, levels all right on {summ['levels_all_right']}; "
                  f"{summ['needs_review']} of {summ['cases']} cases sent to review, {summ['called_fractured']} "
                  f"called fractured; {summ['merged_flags']} segments flagged merged.")
+    behind = "; ".join(f"{r['case']}: {', '.join(r.get('at_threshold', []))}" for r in rows
+                       if r["case"] in summ["call_behind_review"])
     lines.append(f"Deformities made by the segmentation: {summ['deformity_auto_only']} checked vertebrae graded >= 1 "
                  "on the automatic segmentation but 0 on their checked label ("
                  + "; ".join(f"{r['case']}: {', '.join(r['deformity_auto_only'])}" for r in rows
                              if r["deformity_auto_only"]) + "). Cases where only the review kept a vertebra at or "
                  f"above the fracture threshold from a call: {len(summ['call_behind_review'])} "
-                 f"({', '.join(summ['call_behind_review']) or 'none'}).")
+                 f"({behind or 'none'}).")
     if any(r.get("fast_triage") for r in rows):
         lines.append(f"--fast: its 3 mm triage found {len(summ['fast_triage_cleared'])} of {summ['cases']} cases normal "
                      f"({', '.join(summ['fast_triage_cleared']) or 'none'}); every other case was analysed again at "
