@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from VertebralFractureLib.core.boxes import label_boxes, nonzero_box, present_boxes, shift_box
+from VertebralFractureLib.core.boxes import grow_box, label_boxes, nonzero_box, present_boxes, shift_box
 from VertebralFractureLib.stages.segmentation.discs import component_stats
 
 
@@ -56,3 +56,7 @@ def test_margin_stays_inside_the_array_and_shift_maps_back(labels):
     whole = nonzero_box(labels, 3)  # label 9 sits at z = 0 and at the last y and x: no room to grow there
     assert whole[0].start == 0 and whole[1].stop == 50 and whole[2].stop == 60
     assert shift_box(nonzero_box(labels[grown] == 5), grown) == inner
+    # a label's box grown by hand selects what the grown nonzero box does (the stops past the array clip alike)
+    corner = label_boxes(labels)[8]
+    assert np.array_equal(labels[grow_box(corner, 3)], labels[nonzero_box(labels == 9, 3)])
+    assert grow_box(corner, 3)[0].start == 0

@@ -24,6 +24,11 @@ def nonzero_box(array: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
     return tuple(box)
 
 
+def grow_box(box: tuple[slice, ...], margin: int) -> tuple[slice, ...]:
+    """``box`` grown by ``margin`` voxels on every side (starts clipped at 0; indexing clips the stops)."""
+    return tuple(slice(max(0, s.start - margin), s.stop + margin) for s in box)
+
+
 def shift_box(box: tuple[slice, ...], by: tuple[slice, ...]) -> tuple[slice, ...]:
     """``box`` (slices of the sub-array ``array[by]``) as slices of ``array``."""
     return tuple(slice(s.start + b.start, s.stop + b.start) for s, b in zip(box, by, strict=True))

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from VertebralFractureLib.core.boxes import nonzero_box
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.levels import level_id
 from VertebralFractureLib.core.volume import Volume
@@ -331,7 +332,7 @@ class Editor:
         target = self.resolve(spec["at"], where + ".at")
         self._join([target, *(self.resolve(r, f"{where}.with[{j}]") for j, r in enumerate(spec.get("with", [])))])
         seg = self.labels == target
-        box = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in ndi.find_objects(seg.astype(np.int8))[0])
+        box = nonzero_box(seg, 1)
         mask = seg[box]
         zyx = np.argwhere(mask) + [s.start for s in box]
         pts = _lps_of(self.ct, zyx)

@@ -11,6 +11,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from VertebralFractureLib.core.boxes import nonzero_box
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.stages.morphometry.geometry import VertebraGeometry
 
@@ -31,8 +32,7 @@ def trabecular_hu(ct: Volume, geom: VertebraGeometry) -> tuple[float, float, int
     if not body.any():
         return math.nan, math.nan, 0
     # the distance transform only on the body's bounding box (the grid also holds the posterior elements)
-    box = ndimage.find_objects(body.view(np.uint8))[0]
-    box = tuple(slice(max(0, b.start - 1), b.stop + 1) for b in box)
+    box = nonzero_box(body, 1)
     dist = np.zeros(body.shape)
     dist[box] = ndimage.distance_transform_edt(np.pad(body[box], 1))[1:-1, 1:-1, 1:-1] * geom.grid_mm
     core = dist > depth

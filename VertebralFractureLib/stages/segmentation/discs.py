@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from VertebralFractureLib.core.boxes import label_boxes, nonzero_box
+from VertebralFractureLib.core.boxes import grow_box, label_boxes, nonzero_box
 
 CORE_MM = 4.5  # distance from the surface that only vertebral bodies (and not arches) reach
 
@@ -73,7 +73,7 @@ def body_cores(sub: np.ndarray, group: list[int], spacing_mm: float, check: int)
         sl = objects[j - 1] if j <= len(objects) else None
         if sl is None:
             continue
-        pad = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in sl)
+        pad = grow_box(sl, 1)
         core, n = connected_components(ndi.distance_transform_edt(sub[pad] == j) * spacing_mm >= CORE_MM, 6)
         if not n:
             continue

@@ -359,7 +359,7 @@ def labels_to_input_grid(labels: Volume, prob: Volume, ct: Volume, *, threshold:
         return ct.with_array(out)
     # every background voxel near a vertebra takes the nearest vertebra's id, so the finer foreground of the
     # linearly resampled probability never falls outside an instance
-    box = tuple(slice(max(0, s.start - 3), s.stop + 3) for s in nonzero_box(near))
+    box = nonzero_box(near, 3)
     dist, idx = ndi.distance_transform_edt(~near[box], return_indices=True)
     filled = np.zeros(labels.shape, np.uint8)
     sub = labels.array[box][tuple(idx)]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from VertebralFractureLib.core.boxes import label_boxes, nonzero_box, shift_box
+from VertebralFractureLib.core.boxes import grow_box, label_boxes, nonzero_box, shift_box
 from VertebralFractureLib.stages.morphometry.grading import MAX_TRABECULAR_MEDIAN_HU
 from VertebralFractureLib.stages.segmentation.discs import (
     CORE_MM,
@@ -331,7 +331,7 @@ def _split_merged(lab: np.ndarray, hu: np.ndarray | None, spacing_mm: float, min
     for i, sl in enumerate(objects, start=1):
         if sl is None:
             continue
-        pad = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in sl)
+        pad = grow_box(sl, 1)
         comp = lab[pad] == i
         zs = np.nonzero(comp.any(axis=(1, 2)))[0]
         height = (zs.max() - zs.min() + 1) * spacing_mm
@@ -568,7 +568,7 @@ def _merge_fragments(out: np.ndarray, spacing_mm: float, typical_ml: float) -> n
         sl = shift_box(nonzero_box(out[outer] == i), outer)
         if any(s.start == 0 or s.stop == n for s, n in zip(sl, out.shape, strict=True)):
             continue  # cut by the edge of the array: a partial vertebra, not a fragment
-        box = tuple(slice(max(0, s.start - grow), s.stop + grow) for s in sl)
+        box = grow_box(sl, grow)
         piece = out[box] == i
         ring = ndi.binary_dilation(piece, iterations=grow) & ~piece
         neighbours, hits = np.unique(out[box][ring], return_counts=True)
@@ -618,7 +618,7 @@ def trabecular_core(labels: np.ndarray, hu: np.ndarray, spacing_mm: float, count
         if sl is None:
             out.append(False)
             continue
-        pad = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in sl)
+        pad = grow_box(sl, 1)
         core = ndi.distance_transform_edt(labels[pad] == i) * spacing_mm >= CORE_DEPTH_MM
         out.append(bool(core.sum() * vox_ml >= 0.5 and np.median(hu[pad][core]) <= MAX_TRABECULAR_MEDIAN_HU))
     return out
