@@ -28,3 +28,15 @@ def test_a_renamed_vertebra_is_unchanged_and_a_split_one_changed(load_script):
     crop[10:15], crop[15:20] = 21, 22  # L2 cut in two
     inside, changed = bench.changed_vertebrae(whole, crop[:25], slice(0, 25))  # L3 partly inside: not counted
     assert inside == 2 and changed == ["L2 (0.67)"]
+
+
+def test_two_tile_placements_average_the_network_over_a_shift_along_z(load_script):
+    bench = load_script("benchmarks/fov_stability.py")
+    image = np.random.default_rng(0).random((20, 3, 3)).astype(np.float32)
+
+    def by_position(net, img, hu=None):  # depends on where a voxel sits in the array: not shift-invariant
+        return img + np.arange(img.shape[0], dtype=np.float32)[:, None, None]
+
+    out = bench.two_tile_placements(by_position)(None, image, image)
+    expected = image + np.arange(20)[:, None, None] + bench.TILE_SHIFT / 2.0
+    assert out.shape == image.shape and np.allclose(out, expected)

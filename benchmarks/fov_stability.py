@@ -2,14 +2,16 @@
 
 A scan one slice shorter should give the same vertebrae where both see them whole. For each crop this counts the
 whole scan's vertebrae lying wholly inside the crop whose best-overlapping crop segment has Dice < 0.9 with them.
-``--grid world`` measures an alternative that is not shipped: the working grid anchored to world coordinates
-(sample points at multiples of the spacing) instead of centred on the scan's extent, so that a crop is resampled at
-the same points as the whole scan; the network's tiles still start at the array's first voxel.
+Besides the shipped working grid (``centred`` on the scan's extent) two alternatives that are not shipped are
+measured: ``world``, the grid anchored to world coordinates (sample points at multiples of the spacing), so that a
+crop is resampled at the same points as the whole scan, and ``two-tiles``, the centred grid with the network's
+probability averaged over two tile placements :data:`TILE_SHIFT` voxels apart along z (the tiles start at the
+array's first voxel, and the U-Net is not shift-invariant below its stride of 16).
 
     .venv/bin/python benchmarks/fov_stability.py [--case CASE] [--cuts 1 2 3 5 8]
 
-Results: ``benchmarks/results/fov_stability.json`` and ``.md`` (both grids, run in one process). About 4 minutes
-per grid for lidc-idri-0001 on 2 cores.
+Results: ``benchmarks/results/fov_stability.json`` and ``.md`` (all three, run in one process). About 4 minutes
+per variant (6 for ``two-tiles``) for lidc-idri-0001 on 2 cores.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ sys.path.insert(0, str(HERE / "realct_labels"))
 from build import CASES, DEFAULT_DATA  # noqa: E402
 
 MIN_DICE = 0.9
+TILE_SHIFT = 8
+VARIANTS = ("centred", "world", "two-tiles")
 
 
 def world_grid(volume, spacing_mm: float):
@@ -40,6 +44,18 @@ def world_grid(volume, spacing_mm: float):
     origin = np.ceil((lo + spacing_mm / 2) / spacing_mm) * spacing_mm
     n = np.maximum(1, np.floor((hi - spacing_mm / 2 - origin) / spacing_mm + 1e-6).astype(int) + 1)
     return Volume(np.zeros(n[::-1], np.uint8), (spacing_mm,) * 3, tuple(origin), np.eye(3))
+
+
+def two_tile_placements(tiled):
+    """``inference.bone_tiled_inference`` averaged over the tiles as placed and shifted by :data:`TILE_SHIFT` along z."""
+
+    def averaged(net, image, hu=None, **kwargs):
+        pad = ((TILE_SHIFT, 0), (0, 0), (0, 0))
+        shifted = tiled(net, np.pad(image, pad, constant_values=float(image.min())),
+                        None if hu is None else np.pad(hu, pad, constant_values=-1024.0), **kwargs)[TILE_SHIFT:]
+        return (tiled(net, image, hu, **kwargs) + shifted) / 2.0
+
+    return averaged
 
 
 def changed_vertebrae(whole: np.ndarray, crop: np.ndarray, keep: slice) -> tuple[int, list[str]]:
@@ -64,13 +80,16 @@ def changed_vertebrae(whole: np.ndarray, crop: np.ndarray, keep: slice) -> tuple
     return inside, changed
 
 
-def measure(case: str, data: Path, cuts: list[int], grid: str) -> list[dict]:
+def measure(case: str, data: Path, cuts: list[int], variant: str) -> list[dict]:
     import VertebralFractureLib.stages.segmentation.inference as inference
     from VertebralFractureLib.core.volume import Volume
     from VertebralFractureLib.io.reading import read_volume
 
-    shipped = inference.canonical_grid
-    inference.canonical_grid = world_grid if grid == "world" else shipped
+    shipped = inference.canonical_grid, inference.bone_tiled_inference
+    if variant == "world":
+        inference.canonical_grid = world_grid
+    elif variant == "two-tiles":
+        inference.bone_tiled_inference = two_tile_placements(shipped[1])
     try:
         ct = read_volume(data / CASES[case][0])
         whole = inference.segment_vertebrae(ct, device="cpu").labels.array
@@ -80,11 +99,11 @@ def measure(case: str, data: Path, cuts: list[int], grid: str) -> list[dict]:
             sub = Volume(ct.array[keep].copy(), ct.spacing, ct.origin, ct.direction)
             crop = inference.segment_vertebrae(sub, device="cpu").labels.array
             inside, changed = changed_vertebrae(whole, crop, keep)
-            rows.append({"grid": grid, "cut_slices": cut, "whole_vertebrae": inside, "changed": changed})
-            print(f"{case} {grid} cut {cut}: {len(changed)} of {inside} changed {changed}", flush=True)
+            rows.append({"variant": variant, "cut_slices": cut, "whole_vertebrae": inside, "changed": changed})
+            print(f"{case} {variant} cut {cut}: {len(changed)} of {inside} changed {changed}", flush=True)
         return rows
     finally:
-        inference.canonical_grid = shipped
+        inference.canonical_grid, inference.bone_tiled_inference = shipped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,14 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data.exists():
         print(f"no real CT data at {args.data}", file=sys.stderr)
         return 2
-    rows = [r for grid in ("centred", "world") for r in measure(args.case, args.data, args.cuts, grid)]
+    rows = [r for variant in VARIANTS for r in measure(args.case, args.data, args.cuts, variant)]
     args.out.write_text(json.dumps({"case": args.case, "min_dice": MIN_DICE, "rows": rows}, indent=1) + "\n")
     lines = [f"# Segmentation against the field of view ({args.case})", "",
              f"Whole-scan vertebrae wholly inside the crop whose best crop segment has Dice < {MIN_DICE}; the crop "
              "leaves out the last slices of the array. `centred`: the shipped working grid; `world`: anchored to "
-             "world coordinates (not shipped).", "", "| grid | slices left out | changed / whole in view | changed |",
+             f"world coordinates; `two-tiles`: the network averaged over two tile placements {TILE_SHIFT} voxels "
+             "apart along z (neither shipped).", "", "| variant | slices left out | changed / whole in view | changed |",
              "|---|---:|---:|---|"]
-    lines += [f"| {r['grid']} | {r['cut_slices']} | {len(r['changed'])} / {r['whole_vertebrae']} | "
+    lines += [f"| {r['variant']} | {r['cut_slices']} | {len(r['changed'])} / {r['whole_vertebrae']} | "
               f"{', '.join(r['changed']) or '-'} |" for r in rows]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0

@@ -248,7 +248,7 @@ def rib_count_first(bearing: list[bool], top_cut: list[bool], bottom_cut: list[b
     """The instance (1-based) that is T1 when twelve rib-bearing vertebrae are counted, else None.
 
     ``bearing``: per instance 1..n (:attr:`Ribs.bearing`); ``top_cut``, ``bottom_cut``: per instance, is its body
-    cut by the scan's cranial or caudal end (:func:`cut_at_bottom`). The first and the last rib-bearing instance
+    cut by the scan's cranial or caudal end (:func:`body_cut`). The first and the last rib-bearing instance
     must be twelve apart (inclusive) and their bodies whole: a segment cut by the scan's top took the first rib of
     the T1 below it on a crop of a real chest CT and counted from C7. A rib missed in between (the field of view
     cut it off) does not matter, a segment missed or split does: the count is then 11 or 13 and nothing is named."""
@@ -329,8 +329,8 @@ def cut_at_top(instances: np.ndarray, fov: np.ndarray | None, count: int) -> lis
     return out
 
 
-def cut_at_bottom(instances: np.ndarray, fov: np.ndarray | None, count: int, within: int = 1,
-                  *, cranial: bool = False) -> list[bool]:
+def body_cut(instances: np.ndarray, fov: np.ndarray | None, count: int, within: int = 1,
+             *, cranial: bool = False) -> list[bool]:
     """Per instance (1..count): is its body cut by the scan's caudal end? Its front half (voxels in front of its
     centroid: the body, not a spinous process hanging down) reaches the array's first slice or a voxel below it
     lies outside ``fov``. ``within`` > 1: the scan's end lies less than that many slices below the front.
@@ -361,10 +361,10 @@ def cut_at_bottom(instances: np.ndarray, fov: np.ndarray | None, count: int, wit
 def sliver_at_bottom(instances: np.ndarray, fov: np.ndarray | None, count: int,
                      cut: list[bool] | None = None) -> list[bool]:
     """Per instance (1..count): is it only a sliver of a vertebra, cut by the scan's caudal end
-    (:func:`cut_at_bottom`, or ``cut`` when already computed) and holding less than half the voxels of the
+    (:func:`body_cut`, or ``cut`` when already computed) and holding less than half the voxels of the
     instance above it? A sliver's rib, if it bears one, may lie out of view or be too small to find."""
     counts = np.bincount(instances.ravel(), minlength=count + 1)
-    cut = cut_at_bottom(instances, fov, count) if cut is None else cut
+    cut = body_cut(instances, fov, count) if cut is None else cut
     return [bool(c and i > 1 and counts[i] < 0.5 * counts[i - 1]) for i, c in enumerate(cut, start=1)]
 
 
@@ -589,7 +589,7 @@ def _anchored(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, n: int, 
     ribs = found_ribs.bearing
     visible = rib_visible(instances, fov, spacing_mm, n) if fov is not None else [True] * n
     cut = cut_at_top(instances, fov, n)
-    bottom = cut_at_bottom(instances, fov, n)
+    bottom = body_cut(instances, fov, n)
     sliver = sliver_at_bottom(instances, fov, n, bottom)
     # a rib-free vertebra confirms an anchor only if its rib would be in view, its top is not cut off and it is
     # not a sliver at the scan's caudal end (a 9 ml sliver of a T11 body showed no rib and named T12 two high)
@@ -601,7 +601,7 @@ def _anchored(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, n: int, 
         found["last_rib"], pos["last_rib"] = rib_idx[-1], STANDARD_SEQUENCE.index(19) - (rib_idx[-1] - 1)
     if rib_idx and rib_idx[0] > 1 and rib_free[rib_idx[0] - 2]:
         found["first_rib"], pos["first_rib"] = rib_idx[0], STANDARD_SEQUENCE.index(8) - (rib_idx[0] - 1)
-    counted = rib_count_first(ribs, cut_at_bottom(instances, fov, n, cranial=True), bottom)
+    counted = rib_count_first(ribs, body_cut(instances, fov, n, cranial=True), bottom)
     if sacrum_segment or (n >= 1 and sacrum_below(instances, hu, spacing_mm, n)):
         found["sacrum"], pos["sacrum"] = n, STANDARD_SEQUENCE.index(24) - (n - 1)
     if counted is not None and "first_rib" not in found and "last_rib" not in found:
@@ -615,7 +615,7 @@ def _anchored(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, n: int, 
     levels = {"last_rib": 19, "first_rib": 8, "sacrum": 24, "rib_count": 8}
     k = found.get("last_rib", 0)
     if list(found) == ["last_rib"] and all(sliver[k + 1:]) \
-            and cut_at_bottom(instances, fov, n, within=int(round(10.0 / spacing_mm)))[k]:
+            and body_cut(instances, fov, n, within=int(round(10.0 / spacing_mm)))[k]:
         # the rib-free vertebra ends within 10 mm of the scan's end (below it at most slivers): the 12th rib
         # runs down and out from its vertebra's upper body, so a cut T12 can keep only a stub of it that passes
         # for no rib (crops of three real chest CTs ending in T12 were all named one level low at 0.85), while a
