@@ -35,12 +35,9 @@ VARIANTS = ("centred", "world", "two-tiles")
 def world_grid(volume, spacing_mm: float):
     """Like ``inference.canonical_grid``, but the sample points lie at multiples of ``spacing_mm`` in LPS."""
     from VertebralFractureLib.core.volume import Volume
+    from VertebralFractureLib.stages.segmentation.inference import lps_extent
 
-    size = np.asarray(volume.size_ijk, dtype=np.float64)
-    corners = np.array([[a, b, c] for a in (-0.5, size[0] - 0.5) for b in (-0.5, size[1] - 0.5)
-                        for c in (-0.5, size[2] - 0.5)])
-    lps = volume.index_to_lps(corners)
-    lo, hi = lps.min(axis=0), lps.max(axis=0)
+    lo, hi = lps_extent(volume)
     origin = np.ceil((lo + spacing_mm / 2) / spacing_mm) * spacing_mm
     n = np.maximum(1, np.floor((hi - spacing_mm / 2 - origin) / spacing_mm + 1e-6).astype(int) + 1)
     return Volume(np.zeros(n[::-1], np.uint8), (spacing_mm,) * 3, tuple(origin), np.eye(3))

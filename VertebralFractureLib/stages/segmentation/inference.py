@@ -69,15 +69,21 @@ class SegmentationResult:
 
 
 # --- geometry ---------------------------------------------------------------------------------
-def canonical_grid(volume: Volume, spacing_mm: float) -> Volume:
-    """An empty axis-aligned LPS grid (identity direction) at ``spacing_mm`` covering ``volume``'s extent.
-
-    Array axes of the result are (z=S, y=P, x=L) increasing; the network is trained in this frame.
-    """
+def lps_extent(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """(lowest, highest) LPS corner in mm of the box around ``volume``'s voxels, their outer edges included."""
     size = np.asarray(volume.size_ijk, dtype=np.float64)
     corners = np.array([[a, b, c] for a in (-0.5, size[0] - 0.5) for b in (-0.5, size[1] - 0.5) for c in (-0.5, size[2] - 0.5)])
     lps = volume.index_to_lps(corners)
-    lo, hi = lps.min(axis=0), lps.max(axis=0)
+    return lps.min(axis=0), lps.max(axis=0)
+
+
+def canonical_grid(volume: Volume, spacing_mm: float) -> Volume:
+    """An empty axis-aligned LPS grid (identity direction) at ``spacing_mm`` covering ``volume``'s extent
+    (:func:`lps_extent`), centred on it.
+
+    Array axes of the result are (z=S, y=P, x=L) increasing; the network is trained in this frame.
+    """
+    lo, hi = lps_extent(volume)
     n = np.maximum(1, np.round((hi - lo) / spacing_mm - 1e-6)).astype(int)
     centre = (lo + hi) / 2.0
     origin = centre - (n - 1) * spacing_mm / 2.0

@@ -244,18 +244,19 @@ def _last_rib_ratio(single: list[tuple[int, float]], k: int) -> float | None:
     return pair[k] / float(np.mean(above))
 
 
-def rib_count_first(bearing: list[bool], top_cut: list[bool], bottom_cut: list[bool]) -> int | None:
+def rib_count_first(instances: np.ndarray, fov: np.ndarray | None, bearing: list[bool],
+                    bottom_cut: list[bool]) -> int | None:
     """The instance (1-based) that is T1 when twelve rib-bearing vertebrae are counted, else None.
 
-    ``bearing``: per instance 1..n (:attr:`Ribs.bearing`); ``top_cut``, ``bottom_cut``: per instance, is its body
-    cut by the scan's cranial or caudal end (:func:`body_cut`). The first and the last rib-bearing instance
-    must be twelve apart (inclusive) and their bodies whole: a segment cut by the scan's top took the first rib of
+    ``bearing``: per instance 1..n (:attr:`Ribs.bearing`); ``bottom_cut``: per instance, is its body cut by the
+    scan's caudal end (:func:`body_cut`; the cranial end is looked at only when the count fits). The first and the
+    last rib-bearing instance must be twelve apart (inclusive) and their bodies whole: a segment cut by the scan's top took the first rib of
     the T1 below it on a crop of a real chest CT and counted from C7. A rib missed in between (the field of view
     cut it off) does not matter, a segment missed or split does: the count is then 11 or 13 and nothing is named."""
     idx = [i + 1 for i, b in enumerate(bearing) if b]
-    if idx and idx[-1] - idx[0] == 11 and not top_cut[idx[0] - 1] and not bottom_cut[idx[-1] - 1]:
-        return idx[0]
-    return None
+    if not idx or idx[-1] - idx[0] != 11 or bottom_cut[idx[-1] - 1]:
+        return None
+    return None if body_cut(instances, fov, len(bearing), cranial=True)[idx[0] - 1] else idx[0]
 
 
 def _closest_vertebra(instances: np.ndarray, components: np.ndarray, candidate: np.ndarray, spacing_mm: float,
@@ -601,7 +602,7 @@ def _anchored(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, n: int, 
         found["last_rib"], pos["last_rib"] = rib_idx[-1], STANDARD_SEQUENCE.index(19) - (rib_idx[-1] - 1)
     if rib_idx and rib_idx[0] > 1 and rib_free[rib_idx[0] - 2]:
         found["first_rib"], pos["first_rib"] = rib_idx[0], STANDARD_SEQUENCE.index(8) - (rib_idx[0] - 1)
-    counted = rib_count_first(ribs, body_cut(instances, fov, n, cranial=True), bottom)
+    counted = rib_count_first(instances, fov, ribs, bottom)
     if sacrum_segment or (n >= 1 and sacrum_below(instances, hu, spacing_mm, n)):
         found["sacrum"], pos["sacrum"] = n, STANDARD_SEQUENCE.index(24) - (n - 1)
     if counted is not None and "first_rib" not in found and "last_rib" not in found:
