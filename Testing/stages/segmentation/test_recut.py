@@ -9,7 +9,12 @@ import pytest
 from scipy import ndimage as ndi
 
 from VertebralFractureLib.research.phantom import make_phantom
-from VertebralFractureLib.stages.segmentation.disc_energy import MIN_ENERGY_RATIO, column_discs, segment_crossings
+from VertebralFractureLib.stages.segmentation.disc_energy import (
+    MIN_ENERGY_RATIO,
+    column_discs,
+    coords_by_label,
+    segment_crossings,
+)
 from VertebralFractureLib.stages.segmentation.instances import Instances
 from VertebralFractureLib.stages.segmentation.recut import REACH, SHARE, _runs, recut_at_discs, recut_instances
 
@@ -107,7 +112,9 @@ def test_thick_slices_and_coarse_grids_are_not_recut(phantom):
     assert recut_at_discs(coarse, np.ascontiguousarray(hu[::2, ::2, ::2]), 3.0) is coarse
 
 
-def test_real_chest_ct_shifted_labels_come_back_at_the_discs(shared_data, repo_root):
+@pytest.fixture(scope="module")
+def lidc_0001(shared_data, repo_root):
+    """lidc-idri-0001's HU on the working grid and its checked labels there as instances 1..n from cranial."""
     from VertebralFractureLib.core.volume import resample_to
     from VertebralFractureLib.io.reading import read_volume
     from VertebralFractureLib.stages.segmentation.inference import to_canonical
@@ -123,11 +130,32 @@ def test_real_chest_ct_shifted_labels_come_back_at_the_discs(shared_data, repo_r
     ids = np.unique(truth)[1:]
     remap = np.zeros(int(truth.max()) + 1, np.int32)
     remap[ids] = np.arange(1, len(ids) + 1)
-    truth = remap[truth]
+    return hu, remap[truth]
+
+
+def test_real_chest_ct_shifted_labels_come_back_at_the_discs(lidc_0001):
+    hu, truth = lidc_0001
     assert recut_at_discs(truth, hu.array, 1.5) is truth
     # 8 voxels (12 mm) caudally: the boundaries in the middle of the 19-29 mm bodies
     shifted = _shift_boundaries(truth, -8)
     assert len(_crossed(hu.array, shifted, 1.5)) >= 3
     before, after = _best_dice(truth, shifted), _best_dice(truth, recut_at_discs(shifted, hu.array, 1.5))
     assert np.mean(list(after.values())) > np.mean(list(before.values())) + 0.1
+    assert sum(d >= 0.8 for d in after.values()) >= sum(d >= 0.8 for d in before.values()) + 4
+
+
+def test_segments_holding_a_body_and_half_the_next_are_cut_back_at_the_discs(lidc_0001):
+    """Upper thoracic segments each holding a body and the lower half of the body above, beside segments left
+    with the other half (lidc-idri-0001 with its top 20 mm cut off gave such 27-34 mm segments where the discs lie
+    20-25 mm apart). The half body is a third of the long segment: a disc crosses it by a quarter of one body
+    (the local disc spacing), not of the segment's own length, which left two of them uncut."""
+    hu, truth = lidc_0001
+    col = column_discs(hu.array.astype(np.float32), truth, 1.5)
+    coords = coords_by_label(*col.body_voxels(truth))
+    long = truth.copy()
+    for k in range(2, 10, 2):  # T1..T8: the caudal half of each even instance to the segment below it
+        a, b = np.percentile(coords[k], [5, 95])  # spine coordinates grow cranially
+        long[(truth == k) & (col.coord < (a + b) / 2)] = k + 1
+    before, after = _best_dice(truth, long), _best_dice(truth, recut_at_discs(long, hu.array, 1.5))
+    assert np.mean(list(after.values())) >= 0.93, after
     assert sum(d >= 0.8 for d in after.values()) >= sum(d >= 0.8 for d in before.values()) + 4

@@ -16,7 +16,8 @@ map) and the re-cut of such segments (:mod:`.recut`, on the working grid). Works
    spacing near the column's period from the energy's autocorrelation, :func:`energy_discs`), so that a texture
    bump in the middle of a body, between two stronger endplate zones, is not taken for a disc;
 4. a segment (not at either end of the column: :func:`inner_labels`) crosses a disc (:func:`segment_crossings`)
-   when at least ``MIN_SIDE_FRACTION`` of its body voxels (near the centre line) lie on each side of it; the
+   when at least ``MIN_SIDE_FRACTION`` of one body (its body voxels near the centre line, counted against one
+   local disc spacing rather than the segment's own length: :func:`side_share`) lie on each side of it; the
    crossing counts (:data:`MIN_ENERGY_RATIO`) when the disc's energy is clearly above the energy at the segment's
    own two ends: a well-cut body ends at its endplates (high energy) and holds marrow (low), a shifted one ends
    in marrow and holds the disc zone.
@@ -282,6 +283,17 @@ def inner_labels(body_lab: np.ndarray, body_coord: np.ndarray, min_voxels: int,
     return [v for v in centre if lo < centre[v] < hi and v not in skip]
 
 
+def side_share(length_mm: float, discs: np.ndarray, position: float, period: float) -> float:
+    """The share of a segment's body (``length_mm`` along the spine) that must lie on each side of the disc at
+    ``position`` (mm) for the disc to cross it: :data:`MIN_SIDE_FRACTION` of one body, the local disc spacing
+    (:func:`local_steps`; ``period`` without steps), not of the segment, which may hold a body and a half: the
+    third of the next body such a segment takes is a fifth of its own length (lidc-idri-0001 with its top 20 mm
+    cut off, its upper thoracic segments 27-34 mm long where the discs lie 20-25 mm apart)."""
+    steps = local_steps(discs, position)
+    local = float(np.median(steps)) if len(steps) else period
+    return MIN_SIDE_FRACTION * min(1.0, local / max(length_mm, 1e-6))
+
+
 def segment_crossings(lab: np.ndarray, col: ColumnDiscs, spacing_mm: float,
                       skipped: Iterable[int] = ()) -> dict[int, DiscCrossing]:
     """Per checked segment of ``lab`` (its id; :func:`inner_labels`) the most marked disc of ``col`` with at least
@@ -295,10 +307,11 @@ def segment_crossings(lab: np.ndarray, col: ColumnDiscs, spacing_mm: float,
         a, b = np.percentile(c, [5, 95])
         ends = max(float(col.energy[np.abs(col.x - a) <= 3.0].max(initial=0.0)),
                    float(col.energy[np.abs(col.x - b) <= 3.0].max(initial=0.0)))
+        discs = np.asarray(col.discs)
         for d in col.discs:
             below, above = float((c < d - 2.0).mean()), float((c > d + 2.0).mean())
             ratio = col.energy_at(d) / max(ends, 1e-6)
             best = crossings.get(int(label))
-            if min(below, above) >= MIN_SIDE_FRACTION and (best is None or ratio > best.energy_ratio):
+            if min(below, above) >= side_share(b - a, discs, d, col.period) and (best is None or ratio > best.energy_ratio):
                 crossings[int(label)] = DiscCrossing(d, below, above, ratio)
     return crossings
