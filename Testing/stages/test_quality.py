@@ -96,6 +96,30 @@ def test_a_sliver_cut_by_the_scan_end_is_not_a_review_reason(phantom):
     assert quality.reasons == ["Segments not shaped like a vertebral body: L2."]
 
 
+def test_a_segment_cut_by_the_scan_end_that_holds_the_remnant_beyond_it_is_no_review_reason(phantom):
+    """The last segment of a scan that ends in L4 holds L3 and what the scan leaves of L4: flagged merged (and
+    cut) and not graded, but no review reason (cmb-crc's top segment, T1 with part of C7). The same merge inside
+    the column stays one (test above)."""
+    lab = phantom.labels.array
+    l4 = np.argwhere(lab == 23)[:, 0]
+    start = int(l4.min() + 0.25 * (l4.max() - l4.min()))  # three quarters of L4 in view (axis 0 points S)
+    origin = tuple(phantom.ct.index_to_lps(np.array([0.0, 0.0, start])))
+    ct = Volume(phantom.ct.array[start:].copy(), phantom.ct.spacing, origin, phantom.ct.direction)
+    cut = _relabel(lab[start:], {23: 22})
+    l3 = np.argwhere(cut == 22)[:, 0]  # the disc between them into the segment, as a network that misses it
+    column = (lab == 22).any(axis=0) & (lab == 23).any(axis=0)
+    disc = np.zeros_like(cut, bool)
+    disc[l3.min():l3.max() + 1] = column
+    cut[disc & (cut == 0)] = 22
+    records = measure_vertebrae(ct, ct.with_array(cut))
+    quality = assess_quality(records, level_confidence=0.97)
+    by_level = {r.level: r for r in records}
+    assert by_level["L3"].flags[:2] == ["merged", "cut"] and by_level["L3"].genant_grade is None
+    assert any("looks like more than one vertebra" in n for n in by_level["L3"].notes)
+    assert by_level["L1"].genant_grade == 0
+    assert "merged" in quality.flags and quality.reasons == []
+
+
 def test_missing_level_in_the_sequence_is_a_gap(phantom):
     lab = phantom.labels.array
     # by name: the user's label map has no L1 between T12 and L2

@@ -23,7 +23,8 @@ Per case (:class:`CaseQuality`): the vertebra flags above plus
 
 ``CaseQuality.reasons`` says each problem in a plain sentence for the review status; vertebrae cut at the
 two ends of the scan are normal in any CT and are not a reason for review, nor is the odd shape of one (a
-sliver of a body at the scan's end is flagged ``implausible`` too, and stays ungraded). Level names guessed for
+sliver of a body at the scan's end is flagged ``implausible`` too, and stays ungraded), nor the size of one that
+holds the remnant beyond it too (flagged ``merged``, :func:`scan_end_segments`). Level names guessed for
 want of an anchor (``CaseQuality.naming_reasons``) send a case to review only when a vertebra is called fractured
 (:func:`review_reasons`): the answer "no fracture" does not depend on the names (neither grading nor the classifier
 uses them), while a fracture's level goes into the report. Anchors that disagree stay a reason in any case: they
@@ -157,6 +158,24 @@ def _note_neighbours_of_bad_segments(ordered: list[VertebraRecord], bad: set[int
                            "wrong, check this grade")
 
 
+def scan_end_segments(ordered: list[VertebraRecord]) -> set[int]:
+    """Labels of the segments at the two ends of the column that the field of view cuts: the runs of ``partial``
+    records at the start and at the end of ``ordered`` (craniocaudal order).
+
+    Such a segment that looks merged holds a vertebra and the remnant beyond it that the scan cuts off (cmb-crc's
+    top segment, T1 with part of C7): it stays flagged and ungraded, as it would be cut alone, but is no review
+    reason, as a cut vertebra at the scan's end is none. The whole vertebrae inside the field of view are graded as
+    they are.
+    """
+    ends: set[int] = set()
+    for run in (ordered, ordered[::-1]):
+        for r in run:
+            if not r.partial:
+                break
+            ends.add(r.label)
+    return ends
+
+
 def is_blocked(record: VertebraRecord) -> bool:
     """Does a flag of ``record`` keep it from being graded (any but ``level_uncertain``)?"""
     return any(f in VERTEBRA_FLAGS for f in record.flags)
@@ -217,8 +236,9 @@ def assess_quality(records: list[VertebraRecord], *, level_confidence: float | N
     for flag in VERTEBRA_FLAGS:
         if any(flag in r.flags for r in records):
             quality.flags.append(flag)
+    at_scan_end = scan_end_segments(ordered)
     for r in ordered:
-        if r.label in merged:
+        if r.label in merged and r.label not in at_scan_end:
             quality.reasons.append(f"{r.level} looks like more than one vertebra in one segment ({merged[r.label]}).")
     shifted = [r.level for r in ordered if r.label in crossing]
     if shifted:
