@@ -12,7 +12,13 @@ from VertebralFractureLib.core.records import VertebraRecord
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.research.phantom import make_phantom
 from VertebralFractureLib.stages.morphometry import measure_vertebrae
-from VertebralFractureLib.stages.quality import CaseQuality, assess_quality, review_reasons, sequence_gaps
+from VertebralFractureLib.stages.quality import (
+    CaseQuality,
+    assess_quality,
+    review_reasons,
+    sequence_gaps,
+    unresolved_calls,
+)
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +124,12 @@ def test_a_segment_cut_by_the_scan_end_that_holds_the_remnant_beyond_it_is_no_re
     assert any("looks like more than one vertebra" in n for n in by_level["L3"].notes)
     assert by_level["L1"].genant_grade == 0
     assert "merged" in quality.flags and quality.reasons == []
+    # a call on L2, next to it, rests on a boundary that may be wrong: review on an automatic segmentation
+    by_level["L2"].fracture_probability, by_level["L2"].height_loss_ratio = 0.95, 0.35
+    by_level["L2"].probability_classifier = 0.9
+    reasons = unresolved_calls(records, 1.5, 0.5, unconfirmed_mm=3.0)
+    assert len(reasons) == 1 and "L2 is next to L3, whose segment looks merged" in reasons[0]
+    assert unresolved_calls(records, 1.5, 0.5) == []  # the user's labels: their boundaries are the user's
 
 
 def test_missing_level_in_the_sequence_is_a_gap(phantom):
@@ -185,7 +197,6 @@ def test_review_reasons():
 def test_a_fracture_call_the_voxels_do_not_resolve_goes_to_review():
     """A 30 % loss on a 24 mm body is resolved at 1.5 mm (+-6 %) but not on 4.25 mm slices (+-18 %); one resolved
     call among unresolved ones keeps the case called; vertebrae below the threshold do not count."""
-    from VertebralFractureLib.stages.quality import unresolved_calls
 
     def rec(level: str, loss: float, p: float) -> VertebraRecord:
         return VertebraRecord(label=LEVEL_IDS[level], level=level, height_posterior_mm=24.0, expected_height_mm=24.0,
@@ -207,7 +218,6 @@ def test_an_automatic_call_the_image_classifier_does_not_confirm_must_clear_two_
     """On an automatic segmentation (``unconfirmed_mm``) a 28 % wedge of a 21 mm body is resolved at 1.5 mm when the
     image classifier agrees (+-7 %) but not on the segment's shape alone (+-14 % at 3 mm); a 40 % one is either way;
     without ``unconfirmed_mm`` (the user's labels) the classifier does not matter."""
-    from VertebralFractureLib.stages.quality import unresolved_calls
 
     def rec(loss: float, cnn: float) -> VertebraRecord:
         return VertebraRecord(label=LEVEL_IDS["T4"], level="T4", height_posterior_mm=21.0, expected_height_mm=21.0,
@@ -225,7 +235,7 @@ def test_a_call_whose_lost_height_the_next_segment_has_is_a_misplaced_boundary()
     """T8 7 mm short at every strip is a grade-2 crush; with T7 7 mm too tall the lost height is in the next segment
     (a boundary drawn too low), so on an automatic segmentation the call goes to review with its own sentence; with T7
     normal (a fracture leaves its neighbours as they are), or on the user's labels, the call stands."""
-    from VertebralFractureLib.stages.quality import shifted_boundary, unresolved_calls
+    from VertebralFractureLib.stages.quality import shifted_boundary
 
     def recs(t8_short: float, t7_tall: float) -> list[VertebraRecord]:
         out = []

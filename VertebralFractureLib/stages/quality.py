@@ -344,6 +344,20 @@ def shifted_boundary(record: VertebraRecord, records: list[VertebraRecord], min_
     return None
 
 
+def next_to_bad_segment(record: VertebraRecord, records: list[VertebraRecord]) -> str | None:
+    """Why ``record``'s boundary with an adjacent segment (the next level up or down) may be wrong: that segment is
+    flagged ``merged`` or ``disc_inside``, so it may hold part of ``record``'s body; None otherwise. Inside the
+    column such a segment sends the case to review anyway; at the scan's end it does not (:func:`scan_end_segments`),
+    and lungfcp's T5, next to its end segment T6 holding T6 and more, read as a grade 2 wedge (p 0.94)."""
+    here = order_index(record.label)
+    for n in records:
+        bad = [f for f in ("merged", "disc_inside") if f in n.flags]
+        if bad and abs(order_index(n.label) - here) == 1:
+            what = "looks merged" if bad[0] == "merged" else "is shifted along the spine"
+            return f"next to {n.level}, whose segment {what}: their shared boundary may be wrong"
+    return None
+
+
 def unresolved_calls(records: list[VertebraRecord], resolution_mm: float, threshold: float, *,
                      unconfirmed_mm: float | None = None) -> list[str]:
     """Review sentences (or none) for a fracture call that rests on height differences the voxels do not resolve.
@@ -362,13 +376,16 @@ def unresolved_calls(records: list[VertebraRecord], resolution_mm: float, thresh
     ``../shared/data`` its height loss differs from the checked label's by 0.05 (median), 0.09 (75th percentile)
     and 0.16 (90th); one 1.5 mm voxel over a 20 mm body is 0.075, two are 0.15. A call the classifier confirms was
     made by two readers and keeps ``resolution_mm``. On an automatic segmentation a call whose lost height the next
-    segment has (:func:`shifted_boundary`, a deficit of ``unconfirmed_mm`` at least) is not resolved either, whatever
-    the classifier says (a segment cut short looks short to it too); it gets its own sentence.
+    segment has (:func:`shifted_boundary`, a deficit of ``unconfirmed_mm`` at least), or that lies next to a segment
+    flagged merged or shifted (:func:`next_to_bad_segment`), is not resolved either, whatever the classifier says (a
+    segment cut short looks short to it too); it gets its own sentence.
     """
     called = [r for r in records if math.isfinite(r.fracture_probability) and r.fracture_probability >= threshold]
     unresolved, misplaced = [], []
     for r in called:
-        shifted = shifted_boundary(r, records, unconfirmed_mm) if unconfirmed_mm is not None else None
+        shifted = None
+        if unconfirmed_mm is not None:
+            shifted = next_to_bad_segment(r, records) or shifted_boundary(r, records, unconfirmed_mm)
         if shifted:
             misplaced.append(f"{r.level} is {shifted}")
             continue
