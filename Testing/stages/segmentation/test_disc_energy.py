@@ -9,10 +9,10 @@ from scipy import ndimage as ndi
 
 from VertebralFractureLib.stages.segmentation.disc_energy import (
     LINE_DEPTH,
-    MIN_PERIOD_OF_BODY,
     body_line,
     bump_centre,
     column_period,
+    min_period,
 )
 
 
@@ -63,4 +63,10 @@ def test_mid_body_bands_do_not_halve_the_disc_spacing():
     energy = sum(60 * np.exp(-0.5 * ((x - c) / 2.5) ** 2) for c in np.arange(10.0, 200.0, 15.0)) + 5
     assert column_period(energy) == 15.0  # the autocorrelation alone: half the spacing
     # bodies 5th-95th percentile about 0.8 of the spacing: 24 mm
-    assert abs(column_period(energy, lo_mm=round(MIN_PERIOD_OF_BODY * 24.0)) - 30.0) <= 1.0
+    assert abs(column_period(energy, lo_mm=min_period(24.0)) - 30.0) <= 1.0
+    # ... or 0.7 of it (midrc's crops starting in T8-T10: bodies 19.1 mm long, median, discs 28 mm apart): the
+    # bound is rounded up, so that 14 mm, below 0.75 of a body, is not taken
+    x = np.arange(140) + 0.5
+    energy = sum(60 * np.exp(-0.5 * ((x - c) / 2.5) ** 2) for c in np.arange(5.0, 140.0, 14.0)) + 5
+    assert column_period(energy, lo_mm=14) == 14.0
+    assert min_period(19.1) == 15 and abs(column_period(energy, lo_mm=min_period(19.1)) - 28.0) <= 1.0

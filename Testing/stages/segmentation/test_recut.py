@@ -89,6 +89,27 @@ def test_a_lone_segment_holding_two_bodies_is_cut_at_their_disc(phantom):
     assert all(after[v] >= 0.95 for v in (1, 2, 5, 6)), after
 
 
+def test_a_disc_sequence_at_half_the_spacing_does_not_make_single_bodies_two(phantom):
+    """Where bands in the middle of the bodies are as marked as the discs, the disc sequence can run at half the
+    spacing in places; each body there is crossed by a "disc" and two such steps long (midrc's crops ending in L1
+    had T12 cut in two). Steps that much below the column's period do not count as the local spacing; the merged
+    pair is still two bodies."""
+    from dataclasses import replace
+
+    from VertebralFractureLib.stages.segmentation.recut import _two_bodies
+
+    hu, truth = phantom
+    col = column_discs(hu, truth, 1.5)
+    discs = np.asarray(col.discs)
+    halved = replace(col, discs=sorted([*discs, *((discs[1:] + discs[:-1]) / 2)]))
+    crossings = segment_crossings(truth, halved, 1.5)
+    assert len(crossings) >= 3  # every inner body crossed by a mid-body "disc"
+    assert _two_bodies(truth, halved, crossings) == set()
+    merged = np.where(truth == 4, 3, truth).astype(np.int32)
+    col = column_discs(hu, merged, 1.5)
+    assert _two_bodies(merged, col, segment_crossings(merged, col, 1.5)) == {3}
+
+
 def test_a_segment_reaching_into_a_recut_body_is_recut_with_it():
     # shares of each segment's body between consecutive discs (intervals 0..4)
     share = {k: np.asarray(v) for k, v in {

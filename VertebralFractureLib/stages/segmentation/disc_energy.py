@@ -25,6 +25,7 @@ map) and the re-cut of such segments (:mod:`.recut`, on the working grid). Works
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -50,7 +51,8 @@ ZONE_SMOOTH_MM = 3.0  #: smoothing of the zone energy (Gaussian sigma, mm)
 MIN_PERIOD_OF_BODY = 0.75  #: the disc spacing is sought from this share of the segments' median body length up
 #: (5th-95th percentile, about 0.8 of the spacing: half the spacing is about 0.6 of it): bands in the middle of the
 #: bodies (the basivertebral veins' channel) as marked as the discs gave half the spacing (midrc's checked T8-L1:
-#: 14 mm, each body read as crossed by a disc)
+#: 14 mm, each body read as crossed by a disc); rounded up (:func:`min_period`): a 14 mm period passed 0.75 of
+#: midrc's 19.1 mm bodies on its crops starting in T8-T10 and the re-cut split every body
 BUMP_REACH = 0.3  #: a disc's energy bump is measured at most this many column periods either side of its peak
 LINE_DEPTH = 0.7  #: the centre line runs through each slice's voxels at least this share of its deepest one's
 #: depth inside the column: the bodies' cores (pedicles and laminae are thinner); 0.7 and 0.8 re-cut the checked
@@ -122,8 +124,14 @@ def column_discs(hu: np.ndarray, lab: np.ndarray, spacing_mm: float) -> ColumnDi
     if len(x) < 20:
         return None
     energy = zone_energy(prof)
-    period = column_period(energy, lo_mm=max(14, round(MIN_PERIOD_OF_BODY * _median_body_length(lab, coord, radial))))
+    period = column_period(energy, lo_mm=min_period(_median_body_length(lab, coord, radial)))
     return ColumnDiscs(coord, radial, x, energy, energy_discs(x, energy, period), period)
+
+
+def min_period(median_body_mm: float) -> int:
+    """The shortest disc spacing (mm) :func:`column_period` may return for segments whose median body length
+    (:func:`body_length`) is ``median_body_mm``: :data:`MIN_PERIOD_OF_BODY` of it rounded up, at least 14 mm."""
+    return max(14, math.ceil(MIN_PERIOD_OF_BODY * median_body_mm))
 
 
 def body_length(coord: np.ndarray) -> float:
