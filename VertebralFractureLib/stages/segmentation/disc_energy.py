@@ -269,6 +269,12 @@ def local_steps(discs: np.ndarray, position: float) -> np.ndarray:
     return np.diff(np.asarray(discs))[max(0, k - 2):k + 2]
 
 
+def local_spacing(discs: np.ndarray, position: float, period: float) -> float:
+    """The local disc spacing (mm) at ``position``: the median of :func:`local_steps`, ``period`` without steps."""
+    steps = local_steps(discs, position)
+    return float(np.median(steps)) if len(steps) else period
+
+
 def inner_labels(body_lab: np.ndarray, body_coord: np.ndarray, min_voxels: int,
                  skipped: Iterable[int] = ()) -> list[int]:
     """Labels to check: between the first and the last whole body along the spine (exclusive), ``skipped`` left out.
@@ -297,9 +303,7 @@ def side_share(length_mm: float, discs: np.ndarray, position: float, period: flo
     (:func:`local_steps`; ``period`` without steps), not of the segment, which may hold a body and a half: the
     third of the next body such a segment takes is a fifth of its own length (lidc-idri-0001 with its top 20 mm
     cut off, its upper thoracic segments 27-34 mm long where the discs lie 20-25 mm apart)."""
-    steps = local_steps(discs, position)
-    local = float(np.median(steps)) if len(steps) else period
-    return MIN_SIDE_FRACTION * min(1.0, local / max(length_mm, 1e-6))
+    return MIN_SIDE_FRACTION * min(1.0, local_spacing(discs, position, period) / max(length_mm, 1e-6))
 
 
 def segment_crossings(lab: np.ndarray, col: ColumnDiscs, spacing_mm: float,

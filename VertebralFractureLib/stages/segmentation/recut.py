@@ -35,7 +35,7 @@ from VertebralFractureLib.stages.segmentation.disc_energy import (
     body_length,
     column_discs,
     coords_by_label,
-    local_steps,
+    local_spacing,
     min_body_voxels,
     segment_crossings,
 )
@@ -186,8 +186,7 @@ def _two_bodies(lab: np.ndarray, col: ColumnDiscs, crossings: dict[int, DiscCros
     coords = coords_by_label(*col.body_voxels(lab))
     out = set()
     for v, c in crossings.items():
-        near = local_steps(np.asarray(col.discs), c.disc)
-        local = float(np.median(near)) if len(near) else col.period
+        local = local_spacing(np.asarray(col.discs), c.disc, col.period)
         if local < LOCAL_OF_PERIOD * col.period:
             local = col.period
         length = body_length(coords[v])
