@@ -145,14 +145,31 @@ def _ungrade(record: VertebraRecord) -> None:
     record.fracture_probability = record.probability_morphometry = math.nan
 
 
-def _note_neighbours_of_bad_segments(ordered: list[VertebraRecord], bad: set[int]) -> None:
-    """A note on each graded vertebra next to a merged or shifted segment: that segment may hold part of it (a
-    merged T10 that took T11's upper body leaves T11 looking crushed), so its grade needs a look."""
-    for i, r in enumerate(ordered):
-        if r.label in bad or is_blocked(r):
-            continue
-        near = [n.level for n in (ordered[i - 1] if i else None, ordered[i + 1] if i + 1 < len(ordered) else None)
-                if n is not None and n.label in bad]
+def _craniocaudal(records: list[VertebraRecord]) -> list[VertebraRecord]:
+    """``records`` from cranial to caudal (labels outside the standard sequence last)."""
+    return sorted(records, key=lambda r: order_index(r.label) if r.label in CRANIOCAUDAL_ORDER else 99)
+
+
+def flagged_neighbours(record: VertebraRecord, records: list[VertebraRecord]) -> list[VertebraRecord]:
+    """The segments next to ``record`` (the one above and the one below it among ``records``) flagged ``merged``
+    or ``disc_inside``: such a segment may hold part of ``record``'s body (a merged T10 that took T11's upper body
+    leaves T11 looking crushed)."""
+    return [n for n in adjacent_segments(record, records) if {"merged", "disc_inside"} & set(n.flags)]
+
+
+def adjacent_segments(record: VertebraRecord, records: list[VertebraRecord]) -> list[VertebraRecord]:
+    """The segment above ``record`` and the one below it among ``records`` (by name; T12 and L1 are adjacent
+    although :data:`CRANIOCAUDAL_ORDER` holds T13 between them)."""
+    ordered = _craniocaudal(records)
+    i = next(k for k, r in enumerate(ordered) if r.label == record.label)
+    return ordered[max(0, i - 1):i] + ordered[i + 1:i + 2]
+
+
+def _note_neighbours_of_bad_segments(ordered: list[VertebraRecord]) -> None:
+    """A note on each graded vertebra next to a merged or shifted segment (:func:`flagged_neighbours`): its grade
+    needs a look."""
+    for r in ordered:
+        near = [] if is_blocked(r) else [n.level for n in flagged_neighbours(r, ordered)]
         if near:
             r.notes.append(f"next to {' and '.join(near)}, whose segment is flagged: their shared boundary may be "
                            "wrong, check this grade")
@@ -198,7 +215,7 @@ def assess_quality(records: list[VertebraRecord], *, level_confidence: float | N
     """
     from VertebralFractureLib.stages.morphometry import grade_records
 
-    ordered = sorted(records, key=lambda r: order_index(r.label) if r.label in CRANIOCAUDAL_ORDER else 99)
+    ordered = _craniocaudal(records)
     uncertain = level_confidence is not None and level_confidence < MIN_LEVEL_CONFIDENCE
     for r in ordered:
         r.flags = [f for f in r.flags if f not in (*VERTEBRA_FLAGS, "level_uncertain")]
@@ -225,7 +242,7 @@ def assess_quality(records: list[VertebraRecord], *, level_confidence: float | N
             r.notes.append(f"segment shifted along the spine ({crossing[r.label]}): not graded")
     if regrade:
         grade_records([r for r in records if not is_blocked(r)])
-    _note_neighbours_of_bad_segments(ordered, set(merged) | set(crossing))
+    _note_neighbours_of_bad_segments(ordered)
     for r in records:
         if is_blocked(r):
             _ungrade(r)
@@ -315,7 +332,7 @@ def shifted_boundary(record: VertebraRecord, records: list[VertebraRecord], min_
     of the other measured vertebrae within :data:`SHIFTED_REFERENCE_LEVELS` levels, each carried to its level by
     :data:`HEIGHT_PER_LEVEL_MM`; the two segments compared and merged or shifted segments left out), by ``min_mm`` at
     least (the size of a boundary error worth looking for: two voxels of the segmentation's grid), an adjacent
-    segment (the next level up or down, flagged or not) standing above its own normal height at that strip by at
+    segment (the next one up or down, :func:`adjacent_segments`, flagged or not) standing above its own normal height at that strip by at
     least :data:`SHIFTED_SHARE` of the deficit has the missing height: on lidc-idri-0001's automatic segmentation T2
     read as a 31 % crush (17.6 mm posterior) while T1 stood about 5 mm too tall, the T1/T2 boundary drawn that much
     too low. Heights in mm.
@@ -324,7 +341,7 @@ def shifted_boundary(record: VertebraRecord, records: list[VertebraRecord], min_
         return None
     here = order_index(record.label)
     measured = [r for r in records if _measured(r) and r.label != record.label]
-    for neighbour in (r for r in measured if abs(order_index(r.label) - here) == 1):
+    for neighbour in (n for n in adjacent_segments(record, records) if _measured(n)):
         refs = [r for r in measured if r is not neighbour and not {"merged", "disc_inside"} & set(r.flags)
                 and abs(order_index(r.label) - here) <= SHIFTED_REFERENCE_LEVELS]
         if len(refs) < 2:
@@ -345,17 +362,15 @@ def shifted_boundary(record: VertebraRecord, records: list[VertebraRecord], min_
 
 
 def next_to_bad_segment(record: VertebraRecord, records: list[VertebraRecord]) -> str | None:
-    """Why ``record``'s boundary with an adjacent segment (the next level up or down) may be wrong: that segment is
-    flagged ``merged`` or ``disc_inside``, so it may hold part of ``record``'s body; None otherwise. Inside the
-    column such a segment sends the case to review anyway; at the scan's end it does not (:func:`scan_end_segments`),
-    and lungfcp's T5, next to its end segment T6 holding T6 and more, read as a grade 2 wedge (p 0.94)."""
-    here = order_index(record.label)
-    for n in records:
-        bad = [f for f in ("merged", "disc_inside") if f in n.flags]
-        if bad and abs(order_index(n.label) - here) == 1:
-            what = "looks merged" if bad[0] == "merged" else "is shifted along the spine"
-            return f"next to {n.level}, whose segment {what}: their shared boundary may be wrong"
-    return None
+    """Why ``record``'s boundary with an adjacent segment may be wrong (:func:`flagged_neighbours`), or None. Inside
+    the column such a segment sends the case to review anyway; at the scan's end it does not
+    (:func:`scan_end_segments`), and lungfcp's T5, next to its end segment T6 holding T6 and more, read as a grade 2
+    wedge (p 0.94)."""
+    near = flagged_neighbours(record, records)
+    if not near:
+        return None
+    what = "looks merged" if "merged" in near[0].flags else "is shifted along the spine"
+    return f"next to {near[0].level}, whose segment {what}: their shared boundary may be wrong"
 
 
 def unresolved_calls(records: list[VertebraRecord], resolution_mm: float, threshold: float, *,
