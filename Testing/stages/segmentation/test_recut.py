@@ -4,6 +4,8 @@ shifted by half a body is cut back at its discs, a correctly cut column is left 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
@@ -13,10 +15,19 @@ from VertebralFractureLib.stages.segmentation.disc_energy import (
     MIN_ENERGY_RATIO,
     column_discs,
     coords_by_label,
+    drop_mid_body_bands,
+    median_body_length,
     segment_crossings,
 )
 from VertebralFractureLib.stages.segmentation.instances import Instances
-from VertebralFractureLib.stages.segmentation.recut import REACH, SHARE, _runs, recut_at_discs, recut_instances
+from VertebralFractureLib.stages.segmentation.recut import (
+    REACH,
+    SHARE,
+    _runs,
+    _two_bodies,
+    recut_at_discs,
+    recut_instances,
+)
 
 
 @pytest.fixture(scope="module")
@@ -89,22 +100,33 @@ def test_a_lone_segment_holding_two_bodies_is_cut_at_their_disc(phantom):
     assert all(after[v] >= 0.95 for v in (1, 2, 5, 6)), after
 
 
-def test_a_disc_sequence_at_half_the_spacing_does_not_make_single_bodies_two(phantom):
-    """Where bands in the middle of the bodies are as marked as the discs, the disc sequence can run at half the
-    spacing in places; each body there is crossed by a "disc" and two such steps long (midrc's crops ending in L1
-    had T12 cut in two). Steps that much below the column's period do not count as the local spacing; the merged
-    pair is still two bodies."""
-    from dataclasses import replace
-
-    from VertebralFractureLib.stages.segmentation.recut import _two_bodies
-
+def test_mid_body_bands_the_labels_fill_are_dropped_from_the_disc_sequence(phantom):
+    """A sequence at half the spacing (a band in each body's middle taken for a disc, as on midrc's crops starting
+    in T8-T10) loses the bands: each lies inside one segment, the labels fill it and leave the discs either side
+    of it empty. The column's period is doubled. Where the labels run through the discs as well (one segment
+    over two bodies, the discs labelled), the candidates stay: that is a merge for the re-cut, not a band."""
     hu, truth = phantom
     col = column_discs(hu, truth, 1.5)
     discs = np.asarray(col.discs)
-    halved = replace(col, discs=sorted([*discs, *((discs[1:] + discs[:-1]) / 2)]))
-    crossings = segment_crossings(truth, halved, 1.5)
-    assert len(crossings) >= 3  # every inner body crossed by a mid-body "disc"
-    assert _two_bodies(truth, halved, crossings) == set()
+    assert len(discs) >= 5
+    bands = (discs[1:] + discs[:-1]) / 2
+    median = median_body_length(truth, col.coord, col.radial)
+    halved = sorted([*discs, *bands])
+    kept, period = drop_mid_body_bands(halved, truth, col.coord, col.radial, col.period / 2, median)
+    inner = bands[1:-1]  # the bands of the bodies with a disc found on both sides
+    assert not any(np.isclose(kept, b).any() for b in inner)
+    assert all(np.isclose(kept, d).any() for d in discs)
+    assert period == pytest.approx(col.period)
+    # the labels closed over the discs: no candidate is a gap in them, none is dropped
+    filled = ndi.grey_closing(truth, size=(15, 1, 1)).astype(np.int32)
+    assert drop_mid_body_bands(halved, filled, col.coord, col.radial, col.period / 2, median) == (halved, col.period / 2)
+    # two bodies in one segment whose disc the labels fill leave the same pattern: that disc stays, for the re-cut
+    pair = np.where(truth == 4, 3, truth).astype(np.int32)
+    pair[(pair == 0) & (ndi.binary_closing(pair == 3, np.ones((15, 1, 1), bool)))] = 3
+    assert drop_mid_body_bands(list(discs), pair, col.coord, col.radial, col.period, median) == (list(discs), col.period)
+    # so no single body is two bodies long for the re-cut, and a merged pair still is
+    cleaned = replace(col, discs=kept, period=period)
+    assert _two_bodies(truth, cleaned, segment_crossings(truth, cleaned, 1.5)) == set()
     merged = np.where(truth == 4, 3, truth).astype(np.int32)
     col = column_discs(hu, merged, 1.5)
     assert _two_bodies(merged, col, segment_crossings(merged, col, 1.5)) == {3}

@@ -14,7 +14,9 @@ map) and the re-cut of such segments (:mod:`.recut`, on the working grid). Works
    (lidc-idri-0001), so HU minima alone (:func:`.discs.disc_positions`) are not enough;
 3. the discs are the energy peaks chosen as a quasi-periodic sequence (dynamic programming: strong peaks,
    spacing near the column's period from the energy's autocorrelation, :func:`energy_discs`), so that a texture
-   bump in the middle of a body, between two stronger endplate zones, is not taken for a disc;
+   bump in the middle of a body, between two stronger endplate zones, is not taken for a disc; where such bands are
+   as marked as the discs and the sequence runs at half the spacing, the labels tell them apart
+   (:func:`drop_mid_body_bands`: the network labels a body through and leaves a disc out);
 4. a segment (not at either end of the column: :func:`inner_labels`) crosses a disc (:func:`segment_crossings`)
    when at least ``MIN_SIDE_FRACTION`` of one body (its body voxels near the centre line, counted against one
    local disc spacing rather than the segment's own length: :func:`side_share`) lie on each side of it; the
@@ -53,6 +55,12 @@ MIN_PERIOD_OF_BODY = 0.75  #: the disc spacing is sought from this share of the 
 #: bodies (the basivertebral veins' channel) as marked as the discs gave half the spacing (midrc's checked T8-L1:
 #: 14 mm, each body read as crossed by a disc); rounded up (:func:`min_period`): a 14 mm period passed 0.75 of
 #: midrc's 19.1 mm bodies on its crops starting in T8-T10 and the re-cut split every body
+BAND_FILL = 0.9  #: a disc candidate the labels fill this much of the bodies' cores across (:func:`label_fill`) ...
+GAP_FILL = 0.3  #: ... inside one segment, between two candidates the labels leave this empty, is a band in the
+#: middle of a body (:func:`drop_mid_body_bands`; midrc's crops starting in T8-T10: bands 0.99-1.0 between discs
+#: 0.0-0.2; lidc-idri-0001, whose labels cross its discs at 0.6-1.0, has no such pattern)
+BAND_SEGMENT_OF_MEDIAN = 1.4  #: ... in a segment at most this many median bodies long (midrc's: 1.11-1.29; one
+#: holding two bodies is about twice)
 BUMP_REACH = 0.3  #: a disc's energy bump is measured at most this many column periods either side of its peak
 LINE_DEPTH = 0.7  #: the centre line runs through each slice's voxels at least this share of its deepest one's
 #: depth inside the column: the bodies' cores (pedicles and laminae are thinner); 0.7 and 0.8 re-cut the checked
@@ -124,8 +132,10 @@ def column_discs(hu: np.ndarray, lab: np.ndarray, spacing_mm: float) -> ColumnDi
     if len(x) < 20:
         return None
     energy = zone_energy(prof)
-    period = column_period(energy, lo_mm=min_period(_median_body_length(lab, coord, radial)))
-    return ColumnDiscs(coord, radial, x, energy, energy_discs(x, energy, period), period)
+    median_body = median_body_length(lab, coord, radial)
+    period = column_period(energy, lo_mm=min_period(median_body))
+    discs, period = drop_mid_body_bands(energy_discs(x, energy, period), lab, coord, radial, period, median_body)
+    return ColumnDiscs(coord, radial, x, energy, discs, period)
 
 
 def min_period(median_body_mm: float) -> int:
@@ -155,7 +165,7 @@ def coords_by_label(body_lab: np.ndarray, body_coord: np.ndarray) -> dict[int, n
     return {int(v): ordered[a:a + n] for v, a, n in zip(ids, starts, counts, strict=True)}
 
 
-def _median_body_length(lab: np.ndarray, coord: np.ndarray, radial: np.ndarray) -> float:
+def median_body_length(lab: np.ndarray, coord: np.ndarray, radial: np.ndarray) -> float:
     """Median over the segments of their body's length along the spine (mm, :func:`body_length` of their body
     voxels, :func:`body_voxels`); 0 without segments."""
     lengths = [body_length(c) for c in coords_by_label(*body_voxels(lab, coord, radial)).values() if len(c) >= 20]
@@ -243,6 +253,45 @@ def energy_discs(x: np.ndarray, energy: np.ndarray, period: float | None = None)
         chosen.append(bump_centre(x, energy, int(peaks[j]), period))
         j = int(prev[j])
     return sorted(chosen)
+
+
+def label_fill(lab: np.ndarray, coord: np.ndarray, radial: np.ndarray, position: float) -> float:
+    """Share of the bodies' cores (within :data:`PROFILE_RADIUS_MM` of the centre line) that ``lab`` labels within
+    1.5 mm of spine coordinate ``position`` (mm); NaN where the column has no voxel there."""
+    near = (radial <= PROFILE_RADIUS_MM) & (np.abs(coord - position) <= 1.5)
+    return float(np.count_nonzero(lab[near]) / np.count_nonzero(near)) if near.any() else math.nan
+
+
+def drop_mid_body_bands(discs: list[float], lab: np.ndarray, coord: np.ndarray, radial: np.ndarray,
+                        period: float, median_body_mm: float) -> tuple[list[float], float]:
+    """``discs`` (mm of spine coordinate, sorted) without the bands in the middle of a body, and the period
+    (``median_body_mm``: the segments' median body length, :func:`median_body_length`).
+
+    Where bands across the middle of the bodies (the basivertebral veins' channel) are as marked on the profile as
+    the discs, the sequence runs at half the disc spacing (midrc's crops starting in T8-T10: 14 mm where the discs
+    lie 28 mm apart) and the re-cut splits every body in two. The network tells the two apart: it leaves a disc
+    out of its labels and labels a body through. A candidate inside one segment (at least
+    :data:`MIN_SIDE_FRACTION` of its body voxels on each side) that the labels fill (:data:`BAND_FILL`) between two
+    candidates they leave empty (:data:`GAP_FILL`) is such a band and is dropped, unless the segment is more than
+    :data:`BAND_SEGMENT_OF_MEDIAN` times the median body long: two bodies whose disc the network labelled through
+    leave the same pattern, and those the re-cut must see. When two or more are dropped, the column's period was
+    the half: it is doubled.
+    """
+    if len(discs) < 3:
+        return discs, period
+    coords = {v: c for v, c in coords_by_label(*body_voxels(lab, coord, radial)).items() if len(c) >= 20}
+    longest = BAND_SEGMENT_OF_MEDIAN * median_body_mm
+    fill = [label_fill(lab, coord, radial, d) for d in discs]
+
+    def inside(d: float) -> bool:  # inside one body-long segment
+        return any(min(float((c < d - 2.0).mean()), float((c > d + 2.0).mean())) >= MIN_SIDE_FRACTION
+                   and body_length(c) <= longest for c in coords.values())
+
+    bands = {i for i in range(1, len(discs) - 1)
+             if fill[i] >= BAND_FILL and fill[i - 1] <= GAP_FILL and fill[i + 1] <= GAP_FILL and inside(discs[i])}
+    if not bands:
+        return discs, period
+    return [d for i, d in enumerate(discs) if i not in bands], 2.0 * period if len(bands) >= 2 else period
 
 
 def bump_centre(x: np.ndarray, energy: np.ndarray, peak: int, period: float) -> float:

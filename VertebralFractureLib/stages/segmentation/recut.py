@@ -59,9 +59,6 @@ MERGED_LENGTH = 1.3  #: a crossed segment whose body (5th-95th percentile along 
 #: spacings long is re-cut even alone (:data:`MIN_CROSSED`): a body is shorter than its spacing (the disc takes
 #: 15-25 % of it), so such a segment holds most of two bodies (cmb-crc's T3 with T4: 1.39; the crossed segments
 #: holding one body on the checked cases: 0.55-1.09)
-LOCAL_OF_PERIOD = 0.8  #: discs found this much closer than the column's period (:func:`.disc_energy.column_period`)
-#: where a segment is measured are bands in the middle of the bodies taken for discs: the period stands for them
-#: there (midrc's crops ending in L1, steps of 15 mm in a 22 mm column: T12 cut in two as two bodies long)
 CUT_RADIUS_MM = 25.0  #: voxels this close to the centre line (through the bodies' cores: the bodies, the
 #: pedicles) are cut by the disc planes; the rest (laminae, spinous processes, reaching down past the next disc)
 #: goes by watershed. 20 mm left a lumbar phantom's pedicles to the watershed, which gave L2's arch to L3
@@ -181,18 +178,11 @@ def _recut(lab: np.ndarray, col: ColumnDiscs, crossed: set[int], spacing_mm: flo
 def _two_bodies(lab: np.ndarray, col: ColumnDiscs, crossings: dict[int, DiscCrossing]) -> set[int]:
     """The crossed segments (``crossings``, whatever their energy ratio: a segment holding two whole bodies
     ends at endplates as a well-cut one does) whose body is at least :data:`MERGED_LENGTH` local disc spacings
-    long (the median of the two disc steps either side of its disc; the column's period where that is below
-    :data:`LOCAL_OF_PERIOD` of it)."""
+    long (:func:`.disc_energy.local_spacing`: the median of the disc steps either side of its disc)."""
     coords = coords_by_label(*col.body_voxels(lab))
-    out = set()
-    for v, c in crossings.items():
-        local = local_spacing(np.asarray(col.discs), c.disc, col.period)
-        if local < LOCAL_OF_PERIOD * col.period:
-            local = col.period
-        length = body_length(coords[v])
-        if length >= MERGED_LENGTH * local:
-            out.add(v)
-    return out
+    discs = np.asarray(col.discs)
+    return {v for v, c in crossings.items()
+            if body_length(coords[v]) >= MERGED_LENGTH * local_spacing(discs, c.disc, col.period)}
 
 
 def _runs(crossed: set[int], share: dict[int, np.ndarray], excluded: set[int]) -> list[set[int]]:
