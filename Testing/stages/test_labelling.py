@@ -18,6 +18,7 @@ from VertebralFractureLib.stages.segmentation.labelling import (
     _size_prior,
     assign_levels,
     body_order,
+    bone_components,
     names_from_anchor,
     parse_anchor,
     rename_instance,
@@ -182,10 +183,12 @@ def test_transitional_t13_named_by_an_anchor_enters_the_sequence():
 
 
 # --- sacrum between the ilia, disagreeing anchors, transitional vertebrae (issue 15) -----------------------------
-def _pelvis(n: int, *, ribs_on: list[int], sacrum_segment: bool) -> tuple[np.ndarray, np.ndarray]:
+def _pelvis(n: int, *, ribs_on: list[int], sacrum_segment: bool,
+            wings_at_l5: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A wide box spine (z=S, y=P, x=L at 1.5 mm): ``n`` vertebrae 1 (cranial) .. n, 18 mm high, 6 mm apart, with
     ribs (bars reaching 90 mm sideways, behind the bodies) on the instances ``ribs_on``; with ``sacrum_segment`` the
-    last instance is the sacrum, held between two 150 ml ilia at 3 mm from its sides."""
+    last instance is the sacrum, held between two 150 ml ilia at 3 mm from its sides, whose wings rise beside L5
+    (3 mm from its sides with ``wings_at_l5``, else clear of it)."""
     shape = (16 * n + 20, 80, 200)
     inst = np.zeros(shape, np.int32)
     hu = np.full(shape, 40.0, np.float32)
@@ -199,7 +202,8 @@ def _pelvis(n: int, *, ribs_on: list[int], sacrum_segment: bool) -> tuple[np.nda
         hu[z0:z0 + 3, 42:46, 122:180] = 400.0
     if sacrum_segment:
         z0 = 10
-        for (x0, x1), (w0, w1) in (((40, 78), (30, 60)), ((122, 160), (140, 170))):
+        wings = ((30, 78), (122, 170)) if wings_at_l5 else ((30, 60), (140, 170))
+        for (x0, x1), (w0, w1) in zip(((40, 78), (122, 160)), wings, strict=True):
             hu[z0:z0 + 12, 15:60, x0:x1] = 400.0  # 12 x 45 x 38 voxels at the sacroiliac joint (3 mm gap) ...
             hu[z0 + 12:z0 + 24, 15:60, w0:w1] = 400.0  # ... and the wing rising to the crest, clear of L5
     return inst, hu
@@ -223,6 +227,19 @@ def test_last_rib_and_sacrum_agreeing_give_high_confidence():
     res = assign_levels(inst, hu, spacing_mm=1.5)
     assert res.mapping == {i: level_id(v) for i, v in enumerate(("T11", "T12", "L1", "L2", "L3", "L4", "L5"), 1)}
     assert set(res.anchors_found) == {"last_rib", "sacrum"} and res.confidence > 0.9 and res.review == []
+
+
+def test_an_ilium_beside_l5_is_no_rib():
+    """The iliac wings rising beside L5 (acrin-flt-breast-001's L5 touched them over 18-22 mm on each side) made it
+    look rib-bearing, so the last rib-bearing vertebra was L5 and the last rib anchored nothing. The sacrum's ilia
+    are no ribs: the last rib and the sacrum both name the spine."""
+    inst, hu = _pelvis(8, ribs_on=[1, 2], sacrum_segment=True, wings_at_l5=True)
+    res = assign_levels(inst, hu, spacing_mm=1.5)
+    assert res.mapping == {i: level_id(v) for i, v in enumerate(("T11", "T12", "L1", "L2", "L3", "L4", "L5"), 1)}
+    assert set(res.anchors_found) == {"last_rib", "sacrum"} and res.confidence > 0.9 and res.review == []
+    # the wings do reach L5: without the sacrum's ilia left out of the rib search it bears a "rib"
+    comps = bone_components(inst, hu)
+    assert rib_bearing(inst, hu, 1.5, 7, comps)[6]
 
 
 def test_six_lumbar_vertebrae_between_last_rib_and_sacrum_name_an_l6_with_a_warning_and_review():

@@ -15,7 +15,7 @@ next body. Names follow the standard sequence C1..C7, T1..T12, L1..L5 fixed by o
   neither C7 nor L1 whole; it also settles a last rib whose rib-free neighbour is cut by the scan's end;
 * ``sacrum``: the most caudal segment flanked on both sides by the ilia (the sacroiliac joints: large bone
   reaching no higher than the iliac crests, touching the segment over a long stretch) is the sacrum, not a
-  vertebra: it is left unnamed and the segment above it is L5 (:func:`sacrum_index`); else a large bone mass on
+  vertebra: it is left unnamed and the segment above it is L5 (:func:`find_sacrum`), and its ilia are no ribs; else a large bone mass on
   the spine's axis right below the last vertebra makes that vertebra L5 (:func:`sacrum_below`);
 * a user anchor ``LEVEL=INDEX`` (``--anchor L1=5``) beats both: instance INDEX is LEVEL, the rest renumbered.
 
@@ -369,8 +369,10 @@ def sliver_at_bottom(instances: np.ndarray, fov: np.ndarray | None, count: int,
     return [bool(c and i > 1 and counts[i] < 0.5 * counts[i - 1]) for i, c in enumerate(cut, start=1)]
 
 
-def sacrum_index(instances: np.ndarray, spacing_mm: float, count: int, components: np.ndarray) -> int | None:
-    """The most caudal instance (1..count) that is the sacrum, or None.
+def find_sacrum(instances: np.ndarray, spacing_mm: float, count: int,
+                components: np.ndarray) -> tuple[int | None, set[int]]:
+    """The most caudal instance (1..count) that is the sacrum (None if none is) and the bone components that are
+    its ilia (empty without a sacrum).
 
     The sacrum is the segment held between the ilia: on each side (beyond 25 mm from its centre) it touches,
     within 6 mm, a bone component of at least :data:`ILIUM_MIN_ML` whose top lies no more than
@@ -380,7 +382,7 @@ def sacrum_index(instances: np.ndarray, spacing_mm: float, count: int, component
     near the iliac crest). ``components``: :func:`bone_components`.
     """
     if count == 0 or components.max() == 0:
-        return None
+        return None, set()
     vols = np.bincount(components.ravel()) * spacing_mm**3 / 1000.0
     objs = label_boxes(components)
     grow = max(1, int(round(6.0 / spacing_mm)))
@@ -406,10 +408,10 @@ def sacrum_index(instances: np.ndarray, spacing_mm: float, count: int, component
             continue
         dx = xn + sl[2].start - xx.mean()
         zs = zn + sl[0].start
-        left, right = np.unique(zs[ilium & (dx < -lateral)]), np.unique(zs[ilium & (dx > lateral)])
-        if len(left) >= need and len(right) >= need:
-            return v
-    return None
+        left, right = ilium & (dx < -lateral), ilium & (dx > lateral)
+        if len(np.unique(zs[left])) >= need and len(np.unique(zs[right])) >= need:
+            return v, {int(c) for c in np.unique(comp[left | right])}
+    return None, set()
 
 
 def rib_visible(instances: np.ndarray, fov: np.ndarray, spacing_mm: float, count: int) -> list[bool]:
@@ -544,7 +546,7 @@ def assign_levels(
     sacrum: list[int] = []
     if hu is not None:
         comps = bone_components(instances, hu)
-        sac = sacrum_index(instances, spacing_mm, n, comps)
+        sac, ilia = find_sacrum(instances, spacing_mm, n, comps)
         if sac is not None:
             sacrum = list(range(sac, n + 1))
             warnings.append(f"the lowest segment{'s' if len(sacrum) > 1 else ''} (between the ilia) "
@@ -552,7 +554,10 @@ def assign_levels(
         if sac == 1:
             return LevelAssignment({}, 0.0, warnings, {}, method="anchors", sacrum=sacrum)
         n_v = sac - 1 if sac is not None else n  # vertebrae proper
-        found_ribs = find_ribs(instances, hu, spacing_mm, n_v, comps)
+        # the ilia are no ribs: L5 (or a sacral piece) touching one looked rib-bearing, so the last rib-bearing
+        # vertebra was not the last thoracic one and the last rib never anchored where the sacrum did
+        found_ribs = find_ribs(instances, hu, spacing_mm, n_v, np.where(np.isin(comps, list(ilia)), 0, comps)
+                               if ilia else comps)
         ribs = found_ribs.bearing
         named = _anchored(instances, hu, spacing_mm, n_v, found_ribs, fov, sac is not None, partial)
         if named is not None:  # always when the sacrum was found
