@@ -15,8 +15,8 @@ next body. Names follow the standard sequence C1..C7, T1..T12, L1..L5 fixed by o
   neither C7 nor L1 whole; it also settles a last rib whose rib-free neighbour is cut by the scan's end;
 * ``sacrum``: the most caudal segment flanked on both sides by the ilia (the sacroiliac joints: large bone
   reaching no higher than the iliac crests, touching the segment over a long stretch) is the sacrum, not a
-  vertebra: it is left unnamed and the segment above it is L5 (:func:`find_sacrum`), and its ilia are no ribs; else a large bone mass on
-  the spine's axis right below the last vertebra makes that vertebra L5 (:func:`sacrum_below`);
+  vertebra: it is left unnamed, the segment above it is L5 and its ilia are no ribs (:func:`find_sacrum`); else a
+  large bone mass on the spine's axis right below the last vertebra makes that vertebra L5 (:func:`sacrum_below`);
 * a user anchor ``LEVEL=INDEX`` (``--anchor L1=5``) beats both: instance INDEX is LEVEL, the rest renumbered.
 
 A vertebra cut by the cranial end of the scan cannot confirm that it bears no rib (its rib may be out of view),
