@@ -332,10 +332,10 @@ def shifted_boundary(record: VertebraRecord, records: list[VertebraRecord], min_
     of the other measured vertebrae within :data:`SHIFTED_REFERENCE_LEVELS` levels, each carried to its level by
     :data:`HEIGHT_PER_LEVEL_MM`; the two segments compared and merged or shifted segments left out), by ``min_mm`` at
     least (the size of a boundary error worth looking for: two voxels of the segmentation's grid), an adjacent
-    segment (the next one up or down, :func:`adjacent_segments`, flagged or not) standing above its own normal height at that strip by at
-    least :data:`SHIFTED_SHARE` of the deficit has the missing height: on lidc-idri-0001's automatic segmentation T2
-    read as a 31 % crush (17.6 mm posterior) while T1 stood about 5 mm too tall, the T1/T2 boundary drawn that much
-    too low. Heights in mm.
+    segment (the next one up or down, :func:`adjacent_segments`, flagged or not) standing above its own normal
+    height at that strip by at least :data:`SHIFTED_SHARE` of the deficit has the missing height: on
+    lidc-idri-0001's automatic segmentation T2 read as a 31 % crush (17.6 mm posterior) while T1 stood about 5 mm
+    too tall, the T1/T2 boundary drawn that much too low. Heights in mm.
     """
     if not _measured(record):
         return None

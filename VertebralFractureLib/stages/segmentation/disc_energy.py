@@ -284,8 +284,7 @@ def drop_mid_body_bands(discs: list[float], lab: np.ndarray, coord: np.ndarray, 
     fill = [label_fill(lab, coord, radial, d) for d in discs]
 
     def inside(d: float) -> bool:  # inside one body-long segment
-        return any(min(float((c < d - 2.0).mean()), float((c > d + 2.0).mean())) >= MIN_SIDE_FRACTION
-                   and body_length(c) <= longest for c in coords.values())
+        return any(min(sides_of(c, d)) >= MIN_SIDE_FRACTION and body_length(c) <= longest for c in coords.values())
 
     bands = {i for i in range(1, len(discs) - 1)
              if fill[i] >= BAND_FILL and fill[i - 1] <= GAP_FILL and fill[i + 1] <= GAP_FILL and inside(discs[i])}
@@ -346,6 +345,12 @@ def inner_labels(body_lab: np.ndarray, body_coord: np.ndarray, min_voxels: int,
     return [v for v in centre if lo < centre[v] < hi and v not in skip]
 
 
+def sides_of(coord: np.ndarray, position: float) -> tuple[float, float]:
+    """Shares of a body's voxels (spine coordinates ``coord``, mm) below and above a disc at ``position`` (mm), those
+    within 2 mm of it left out (a well-cut body reaches a little past a disc tilted against the spine's normal)."""
+    return float((coord < position - 2.0).mean()), float((coord > position + 2.0).mean())
+
+
 def side_share(length_mm: float, discs: np.ndarray, position: float, period: float) -> float:
     """The share of a segment's body (``length_mm`` along the spine) that must lie on each side of the disc at
     ``position`` (mm) for the disc to cross it: :data:`MIN_SIDE_FRACTION` of one body, the local disc spacing
@@ -370,9 +375,10 @@ def segment_crossings(lab: np.ndarray, col: ColumnDiscs, spacing_mm: float,
                    float(col.energy[np.abs(col.x - b) <= 3.0].max(initial=0.0)))
         discs = np.asarray(col.discs)
         for d in col.discs:
-            below, above = float((c < d - 2.0).mean()), float((c > d + 2.0).mean())
+            below, above = sides_of(c, d)
             ratio = col.energy_at(d) / max(ends, 1e-6)
             best = crossings.get(int(label))
-            if min(below, above) >= side_share(b - a, discs, d, col.period) and (best is None or ratio > best.energy_ratio):
+            if min(below, above) >= side_share(b - a, discs, d, col.period) \
+                    and (best is None or ratio > best.energy_ratio):
                 crossings[int(label)] = DiscCrossing(d, below, above, ratio)
     return crossings
