@@ -164,6 +164,32 @@ def test_calcified_aorta_is_a_bright_ring_in_front_of_the_spine_that_keeps_clear
     assert np.array_equal(calcified_aorta(hu, background, 1.5, rng), hu)  # no spine in the patch: nothing to place
 
 
+def test_marrow_band_crosses_the_middle_of_one_body_inside_its_label():
+    from scipy import ndimage as ndi
+
+    from VertebralFractureLib.research.training_seg import marrow_band
+
+    rng = np.random.default_rng(2)
+    hu = rng.normal(40.0, 10.0, (48, 80, 80)).astype(np.float32)
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[10:38, 20:60, 30:50] = 19  # body in front (y 20-38), arch behind; z 10-37
+    hu[labels > 0] = 200.0
+    shell = (labels > 0) & (ndi.distance_transform_edt(labels > 0, sampling=1.5) <= 1.5)
+    kinds = set()
+    for _ in range(12):
+        out = marrow_band(hu, labels, 1.5, rng)
+        changed = out != hu
+        assert changed.sum() > 50
+        assert not (changed & (labels == 0)).any() and not (changed & shell).any()  # label edge and outside untouched
+        zz, yy, _ = np.nonzero(changed)
+        assert 15 <= np.median(zz) <= 33  # within the middle of the body's height, not at an endplate
+        assert yy.max() <= 20 + 0.5 * 40  # the body, not the arch
+        assert zz.max() - zz.min() <= 8  # a band (<= 3 mm thick, tilted <= 10 degrees over 20 voxels), not a block
+        kinds.add("bright" if out[changed].mean() > 200 else "dark")
+    assert kinds == {"bright", "dark"}
+    assert np.array_equal(marrow_band(hu, np.zeros_like(labels), 1.5, rng), hu)  # no vertebra: nothing to paint
+
+
 def test_case_weights_scale_draws_within_a_pool():
     from VertebralFractureLib.research.training_seg.cohort import Case
     from VertebralFractureLib.research.training_seg.patches import pick_case

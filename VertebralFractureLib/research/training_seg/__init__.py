@@ -25,11 +25,11 @@ random streams seeded from seed, start iteration and worker id: a run is reprodu
 count) while the network trains on ``--device`` (CUDA: bfloat16 autocast).
 
 Modules: :mod:`.cohort` (case folders, prepared cohorts), :mod:`.synthesis` (CT from labels, contact layer),
-:mod:`.augmentation` (MONAI transforms, osteoporotic bone, calcified aorta), :mod:`.patches` (patch drawing,
+:mod:`.augmentation` (MONAI transforms, osteoporotic bone, calcified aorta, marrow bands), :mod:`.patches` (patch drawing,
 the patch stream and its loader), :mod:`.loop` (:class:`SegTrainConfig`, :func:`train`, the model written).
 """
 
-from VertebralFractureLib.research.training_seg.augmentation import calcified_aorta, osteoporotic
+from VertebralFractureLib.research.training_seg.augmentation import calcified_aorta, marrow_band, osteoporotic
 from VertebralFractureLib.research.training_seg.cohort import (
     Case,
     find_cases,
@@ -53,6 +53,7 @@ __all__ = [
     "is_prepared_cohort",
     "load_case",
     "load_prepared_case",
+    "marrow_band",
     "osteoporotic",
     "parse_case_weights",
     "prepare_cohort",

@@ -1,5 +1,5 @@
-"""Augmentation of training patches: MONAI spatial and intensity transforms, and two anatomical alterations
-of real CT (osteoporotic bone, a calcified aorta as a distractor)."""
+"""Augmentation of training patches: MONAI spatial and intensity transforms, and three anatomical alterations
+of real CT (osteoporotic bone, a calcified aorta as a distractor, a band across a body's marrow)."""
 
 from __future__ import annotations
 
@@ -107,3 +107,47 @@ def calcified_aorta(hu: np.ndarray, labels: np.ndarray, spacing_mm: float, rng: 
     out[calc] = rng.uniform(250, 1000) * rng.uniform(0.7, 1.0, int(calc.sum()))
     return out.astype(np.float32)
 
+
+
+def marrow_band(hu: np.ndarray, labels: np.ndarray, spacing_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """A patch with a band across the middle of one vertebral body, its label unchanged.
+
+    Real bodies carry bands of their own between the endplates: thin sclerotic lines (growth-arrest lines,
+    300-600 HU) and the dark channel of the basivertebral veins. Fine-tuned on the checked real CTs, the network
+    learnt to end a body at any dense line across it and cut midrc-ricord-1a's T8-T12 in two (its probability
+    at a 316 HU line fell from 0.91 to 0.07 while the shipped model's did not): it has to learn that a body ends
+    where a disc's soft tissue lies between two endplates, not where one bright line does. The band
+    (1-3 mm thick, tilted up to 10 degrees) crosses the body of one vertebra of the patch at 30-70 % of its height;
+    half the time bright (300-600 HU), else dark (0-80 HU). It stays 1.5 mm inside the vertebra's label, so the
+    cortex and the label edge are untouched.
+
+    Args:
+        hu: (z=S, y=P, x=L) HU patch. labels: the same grid's vertebra labels (0 background).
+    """
+    ids = [int(v) for v in np.unique(labels) if v]
+    if not ids:
+        return hu
+    v = ids[rng.integers(len(ids))]
+    mine = labels == v
+    inside = ndi.distance_transform_edt(mine, sampling=spacing_mm) > 1.5
+    z, y, x = np.nonzero(inside)
+    if len(z) < 50:
+        return hu
+    # the body: the front 45 % of the vertebra's depth (y grows towards posterior)
+    body = y <= y.min() + 0.45 * (y.max() - y.min())
+    z, y, x = z[body], y[body], x[body]
+    if len(z) < 50:
+        return hu
+    centre = np.array([np.percentile(z, 30 + 40 * rng.random()), y.mean(), x.mean()])
+    tilt = np.deg2rad(rng.uniform(0, 10))
+    turn = rng.uniform(0, 2 * np.pi)
+    normal = np.array([np.cos(tilt), np.sin(tilt) * np.cos(turn), np.sin(tilt) * np.sin(turn)])
+    dist = np.abs(((np.stack([z, y, x], 1) - centre) * spacing_mm) @ normal)
+    band = dist <= rng.uniform(1.0, 3.0) / 2
+    if not band.any():
+        return hu
+    out = hu.copy()
+    n = int(band.sum())
+    level = rng.uniform(300, 600) if rng.random() < 0.5 else rng.uniform(0, 80)
+    out[z[band], y[band], x[band]] = level + 25 * rng.standard_normal(n)
+    return out.astype(np.float32)

@@ -14,6 +14,7 @@ from VertebralFractureLib.research.training_seg.augmentation import (
     calcified_aorta,
     make_intensity_transforms,
     make_transforms,
+    marrow_band,
     osteoporotic,
 )
 from VertebralFractureLib.research.training_seg.cohort import IGNORE_LABEL, Case
@@ -43,7 +44,8 @@ class PatchMix:
 
     ``background``: centred anywhere in the case (ribs, sternum, pelvis, vessels far from the spine: what the
     network must learn to leave out) instead of near a vertebra; ``osteoporosis``: real-CT patches given
-    :func:`osteoporotic` bone; ``aorta``: patches given a :func:`calcified_aorta`. ``separation_mm`` (not a
+    :func:`osteoporotic` bone; ``aorta``: patches given a :func:`calcified_aorta`; ``band``: real-CT patches given a
+    :func:`marrow_band` across one body. ``separation_mm`` (not a
     share): vertebra voxels within that distance of another vertebra are background in the target
     (:func:`separation_band`; 0: only the one-voxel contact layer). ``ignore_edge``: the outermost voxel layer
     of every vertebra gets no loss (labels made from a post-processed output, grown cortex included, are a
@@ -55,6 +57,7 @@ class PatchMix:
     aorta: float = 0.0
     separation_mm: float = 0.0
     ignore_edge: bool = False
+    band: float = 0.0
 
 
 def sample_patch(case: Case, spacing: float, size: int, rng: np.random.Generator, spatial, intensity,
@@ -78,6 +81,8 @@ def sample_patch(case: Case, spacing: float, size: int, rng: np.random.Generator
         patch = _crop(hu, centre, size, -1024.0)
         if mix.osteoporosis and rng.random() < mix.osteoporosis:
             patch = osteoporotic(patch, ids, rng)
+        if mix.band and rng.random() < mix.band:
+            patch = marrow_band(patch, ids, spacing, rng)
     if mix.aorta and rng.random() < mix.aorta:
         patch = calcified_aorta(patch, ids, spacing, rng)
     img = window(patch, win)
