@@ -108,7 +108,6 @@ def calcified_aorta(hu: np.ndarray, labels: np.ndarray, spacing_mm: float, rng: 
     return out.astype(np.float32)
 
 
-
 def marrow_band(hu: np.ndarray, labels: np.ndarray, spacing_mm: float, rng: np.random.Generator) -> np.ndarray:
     """A patch with a band across the middle of one vertebral body, its label unchanged.
 
