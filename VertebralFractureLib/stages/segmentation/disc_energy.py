@@ -279,12 +279,13 @@ def drop_mid_body_bands(discs: list[float], lab: np.ndarray, coord: np.ndarray, 
     """
     if len(discs) < 3:
         return discs, period
-    coords = {v: c for v, c in coords_by_label(*body_voxels(lab, coord, radial)).items() if len(c) >= 20}
     longest = BAND_SEGMENT_OF_MEDIAN * median_body_mm
+    one_body = [c for c in coords_by_label(*body_voxels(lab, coord, radial)).values()
+                if len(c) >= 20 and body_length(c) <= longest]
     fill = [label_fill(lab, coord, radial, d) for d in discs]
 
     def inside(d: float) -> bool:  # inside one body-long segment
-        return any(min(sides_of(c, d)) >= MIN_SIDE_FRACTION and body_length(c) <= longest for c in coords.values())
+        return any(min(sides_of(c, d)) >= MIN_SIDE_FRACTION for c in one_body)
 
     bands = {i for i in range(1, len(discs) - 1)
              if fill[i] >= BAND_FILL and fill[i - 1] <= GAP_FILL and fill[i + 1] <= GAP_FILL and inside(discs[i])}
