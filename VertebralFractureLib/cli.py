@@ -205,6 +205,9 @@ def _add_train_seg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--band-share", type=float, default=0.0,
                    help="share of real-CT patches given a bright or dark band across one body's marrow, its label "
                         "unchanged (so a dense line inside a body ends no segment; default 0: off)")
+    p.add_argument("--thick-share", type=float, default=0.0,
+                   help="share of real-CT patches seen as a CT of 3-8 mm axial slices resampled to the working grid, "
+                        "labels unchanged (default 0: off)")
     p.add_argument("--init", type=Path, default=None,
                    help="model folder whose weights start the training (fine-tune, e.g. the shipped model)")
     p.add_argument("--separation-mm", type=float, default=0.0,
@@ -228,7 +231,7 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
         data_note=args.note, device=args.device, workers=args.workers,
         case_weights=parse_case_weights(args.case_weight), max_minutes=args.max_minutes,
         mix=PatchMix(args.background_share, args.osteoporosis_share, args.aorta_share, args.separation_mm,
-                     args.ignore_edge, args.band_share),
+                     args.ignore_edge, args.band_share, args.thick_share),
         init=args.init,
         freeze_bn=args.freeze_bn,
     )

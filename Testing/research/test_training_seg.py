@@ -379,3 +379,27 @@ def test_ignore_edge_takes_the_outer_voxel_layer_out_of_the_loss():
     _, plain = sample_patch(case, 3.0, 32, np.random.default_rng(0), keep, keep, mix=PatchMix(background=0.0))
     assert (plain == 1).sum() == 8**3 and (tgt == 1).sum() == 6**3 and (tgt == -1).sum() == 8**3 - 6**3
     assert np.array_equal(tgt == 0, plain == 0)  # background stays background
+
+
+def test_thick_slices_average_slabs_along_z_and_keep_what_is_constant_along_z():
+    """``thick_slices``: a thin bright plane is spread over one 3-8 mm slice and its ramps (its HU summed along z is
+    kept, its peak falls), a volume constant along z and a linear ramp along z come out unchanged (in-plane detail
+    untouched), and slices no thicker than the grid change nothing."""
+    from VertebralFractureLib.research.training_seg import thick_slices
+
+    rng = np.random.default_rng(3)
+    plane = np.zeros((60, 3, 3), np.float32)
+    plane[30] = 1000.0
+    for _ in range(10):
+        out = thick_slices(plane, 1.5, rng)
+        column = out[:, 1, 1]
+        assert out.shape == plane.shape and out.dtype == np.float32
+        assert column.max() <= 1000.0 * 1.5 / 3.0 + 1e-3  # one 1.5 mm voxel's worth in a slab of >= 3 mm
+        assert abs(column.sum() - 1000.0) < 20.0
+        spread = np.flatnonzero(column > 1.0)
+        assert 3 <= len(spread) <= 2 * 8.0 / 1.5 + 2 and spread.min() <= 30 <= spread.max()
+    in_plane = np.tile(np.random.default_rng(4).normal(0, 200, (1, 16, 16)).astype(np.float32), (40, 1, 1))
+    assert np.allclose(thick_slices(in_plane, 1.5, rng), in_plane, atol=1e-3)
+    ramp = np.tile((np.arange(60, dtype=np.float32) * 10.0)[:, None, None], (1, 2, 2))
+    assert np.abs(thick_slices(ramp, 1.5, rng) - ramp)[12:48].max() < 1.0
+    assert np.array_equal(thick_slices(plane, 1.5, rng, slice_mm=(1.0, 1.4)), plane)  # not thicker than the grid

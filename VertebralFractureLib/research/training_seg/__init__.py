@@ -25,12 +25,17 @@ random streams seeded from seed, start iteration and worker id: a run is reprodu
 count) while the network trains on ``--device`` (CUDA: bfloat16 autocast).
 
 Modules: :mod:`.cohort` (case folders, prepared cohorts), :mod:`.synthesis` (CT from labels, contact layer),
-:mod:`.augmentation` (MONAI transforms, osteoporotic bone, calcified aorta, marrow bands), :mod:`.patches`
+:mod:`.augmentation` (MONAI transforms, osteoporotic bone, calcified aorta, marrow bands, thick slices), :mod:`.patches`
 (patch drawing, the patch stream and its loader), :mod:`.loop` (:class:`SegTrainConfig`, :func:`train`, the model
 written).
 """
 
-from VertebralFractureLib.research.training_seg.augmentation import calcified_aorta, marrow_band, osteoporotic
+from VertebralFractureLib.research.training_seg.augmentation import (
+    calcified_aorta,
+    marrow_band,
+    osteoporotic,
+    thick_slices,
+)
 from VertebralFractureLib.research.training_seg.cohort import (
     Case,
     find_cases,
@@ -60,6 +65,7 @@ __all__ = [
     "prepare_cohort",
     "sample_patch",
     "synthesize_ct",
+    "thick_slices",
     "train",
     "write_model",
 ]

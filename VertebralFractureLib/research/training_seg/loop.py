@@ -39,7 +39,7 @@ class SegTrainConfig:
     both kinds; ``fast_share``: share at the 3 mm spacing. ``case_weights``: case name -> how often it is drawn
     within its pool (default 1, 0 = never). ``max_minutes``: stop (saving the model) after that much training
     time even before ``iterations`` (a lent GPU with a fixed lease); the learning rate then decays over
-    whichever of the two ends first. ``mix``: background / osteoporosis / aorta / marrow-band shares of the patches.
+    whichever of the two ends first. ``mix``: background / osteoporosis / aorta / marrow-band / thick-slice shares of the patches.
     ``init``: a model folder whose weights start the training (fine-tuning; its architecture is used).
     ``freeze_bn``: batch-norm layers stay in inference mode (running statistics neither used nor updated from
     the batches; their scale and shift still train), so a fine-tune trains the network that inference runs.
@@ -256,7 +256,7 @@ class _Run:
             "background_share": cfg.mix.background, "osteoporosis_share": cfg.mix.osteoporosis,
             "aorta_share": cfg.mix.aorta, "init": str(cfg.init) if cfg.init is not None else None,
             "freeze_bn": cfg.freeze_bn, "separation_mm": cfg.mix.separation_mm, "ignore_edge": cfg.mix.ignore_edge,
-            "band_share": cfg.mix.band,
+            "band_share": cfg.mix.band, "thick_share": cfg.mix.thick,
             "version": __version__,
         }
 

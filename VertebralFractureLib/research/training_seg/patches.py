@@ -16,6 +16,7 @@ from VertebralFractureLib.research.training_seg.augmentation import (
     make_transforms,
     marrow_band,
     osteoporotic,
+    thick_slices,
 )
 from VertebralFractureLib.research.training_seg.cohort import IGNORE_LABEL, Case
 from VertebralFractureLib.research.training_seg.synthesis import contact_layer, separation_band, synthesize_ct
@@ -45,7 +46,8 @@ class PatchMix:
     ``background``: centred anywhere in the case (ribs, sternum, pelvis, vessels far from the spine: what the
     network must learn to leave out) instead of near a vertebra; ``osteoporosis``: real-CT patches given
     :func:`osteoporotic` bone; ``aorta``: patches given a :func:`calcified_aorta`; ``band``: real-CT patches given a
-    :func:`marrow_band` across one body. ``separation_mm`` (not a
+    :func:`marrow_band` across one body; ``thick``: real-CT patches seen as through :func:`thick_slices`.
+    ``separation_mm`` (not a
     share): vertebra voxels within that distance of another vertebra are background in the target
     (:func:`separation_band`; 0: only the one-voxel contact layer). ``ignore_edge``: the outermost voxel layer
     of every vertebra gets no loss (labels made from a post-processed output, grown cortex included, are a
@@ -58,6 +60,7 @@ class PatchMix:
     separation_mm: float = 0.0
     ignore_edge: bool = False
     band: float = 0.0
+    thick: float = 0.0
 
 
 def sample_patch(case: Case, spacing: float, size: int, rng: np.random.Generator, spatial, intensity,
@@ -85,6 +88,8 @@ def sample_patch(case: Case, spacing: float, size: int, rng: np.random.Generator
             patch = marrow_band(patch, ids, spacing, rng)
     if mix.aorta and rng.random() < mix.aorta:
         patch = calcified_aorta(patch, ids, spacing, rng)
+    if hu is not None and mix.thick and rng.random() < mix.thick:  # last: a scanner blurs whatever the body holds
+        patch = thick_slices(patch, spacing, rng)
     img = window(patch, win)
     # the label map (ignored voxels included) goes through the same nearest-neighbour warp as the vertebra ids
     d = spatial({"image": img[None], "label": lab[None].astype(np.float32)})
