@@ -25,9 +25,9 @@ random streams seeded from seed, start iteration and worker id: a run is reprodu
 count) while the network trains on ``--device`` (CUDA: bfloat16 autocast).
 
 Modules: :mod:`.cohort` (case folders, prepared cohorts), :mod:`.synthesis` (CT from labels, contact layer),
-:mod:`.augmentation` (MONAI transforms, osteoporotic bone, calcified aorta, marrow bands, thick slices), :mod:`.patches`
-(patch drawing, the patch stream and its loader), :mod:`.loop` (:class:`SegTrainConfig`, :func:`train`, the model
-written).
+:mod:`.augmentation` (MONAI transforms, osteoporotic bone, calcified aorta, marrow bands, thick slices),
+:mod:`.patches` (patch drawing, the patch stream and its loader), :mod:`.loop` (:class:`SegTrainConfig`,
+:func:`train`, the model written).
 """
 
 from VertebralFractureLib.research.training_seg.augmentation import (

@@ -187,12 +187,12 @@ def thick_slices(hu: np.ndarray, spacing_mm: float, rng: np.random.Generator,
     at_edges = cum[lo_i] + frac * (cum[np.minimum(lo_i + 1, n)] - cum[lo_i])
     width = np.diff(edges)
     keep = width > 1e-6
-    slabs = (np.diff(at_edges, axis=0)[keep] / width[keep][:, None, None])
+    slabs = np.diff(at_edges, axis=0)[keep] / width[keep][:, None, None]
     centres = ((edges[:-1] + edges[1:]) / 2.0)[keep] - 0.5  # voxel i's centre is at i + 0.5 in edge units
-    # linear interpolation between slice centres, held constant beyond the outermost ones
-    z = np.arange(n, dtype=np.float64)
-    k = np.clip(np.searchsorted(centres, z) - 1, 0, max(len(centres) - 2, 0))
     if len(centres) == 1:
         return np.broadcast_to(slabs[0], hu.shape).astype(np.float32)
+    # linear interpolation between slice centres, held constant beyond the outermost ones
+    z = np.arange(n, dtype=np.float64)
+    k = np.clip(np.searchsorted(centres, z) - 1, 0, len(centres) - 2)
     t = np.clip((z - centres[k]) / (centres[k + 1] - centres[k]), 0.0, 1.0)[:, None, None]
     return (slabs[k] + t * (slabs[k + 1] - slabs[k])).astype(np.float32)

@@ -39,7 +39,8 @@ class SegTrainConfig:
     both kinds; ``fast_share``: share at the 3 mm spacing. ``case_weights``: case name -> how often it is drawn
     within its pool (default 1, 0 = never). ``max_minutes``: stop (saving the model) after that much training
     time even before ``iterations`` (a lent GPU with a fixed lease); the learning rate then decays over
-    whichever of the two ends first. ``mix``: background / osteoporosis / aorta / marrow-band / thick-slice shares of the patches.
+    whichever of the two ends first. ``mix``: background / osteoporosis / aorta / marrow-band / thick-slice shares
+    of the patches.
     ``init``: a model folder whose weights start the training (fine-tuning; its architecture is used).
     ``freeze_bn``: batch-norm layers stay in inference mode (running statistics neither used nor updated from
     the batches; their scale and shift still train), so a fine-tune trains the network that inference runs.

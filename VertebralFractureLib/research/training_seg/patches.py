@@ -46,10 +46,9 @@ class PatchMix:
     ``background``: centred anywhere in the case (ribs, sternum, pelvis, vessels far from the spine: what the
     network must learn to leave out) instead of near a vertebra; ``osteoporosis``: real-CT patches given
     :func:`osteoporotic` bone; ``aorta``: patches given a :func:`calcified_aorta`; ``band``: real-CT patches given a
-    :func:`marrow_band` across one body; ``thick``: real-CT patches seen as through :func:`thick_slices`.
-    ``separation_mm`` (not a
-    share): vertebra voxels within that distance of another vertebra are background in the target
-    (:func:`separation_band`; 0: only the one-voxel contact layer). ``ignore_edge``: the outermost voxel layer
+    :func:`marrow_band` across one body; ``thick``: real-CT patches seen through :func:`thick_slices`.
+    ``separation_mm`` (not a share): vertebra voxels within that distance of another vertebra are background in the
+    target (:func:`separation_band`; 0: only the one-voxel contact layer). ``ignore_edge``: the outermost voxel layer
     of every vertebra gets no loss (labels made from a post-processed output, grown cortex included, are a
     voxel fuller than what the network outputs; learning that shell fills the gaps the instance step cuts).
     """
