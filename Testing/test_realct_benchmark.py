@@ -108,3 +108,26 @@ def test_level_crops_scores_only_vertebrae_mostly_in_view_and_cuts_inside_them(l
         z0, z1, _ = next(w for w in wins if w[2] == "starts 50% down T12")
         kept = lab[z0:z1]
         assert (kept == 22).sum() == 160 and 0 < (kept == 19).sum() < 160
+
+
+def test_heldout_scores_compare_heights_not_only_voxels(load_script):
+    """A segment cut short reads as a deformity its checked label does not have: the held-out benchmark lists it
+    and counts its height-loss error, which Dice alone would hide among the boundary voxels."""
+    from VertebralFractureLib.core.volume import Volume
+
+    heldout = load_script("benchmarks/segmentation_realct.py")
+    truth = np.zeros((110, 80, 80), np.uint8)
+    yy, xx = np.mgrid[0:80, 0:80]
+    body = ((yy - 40) / 15.0) ** 2 + ((xx - 40) / 20.0) ** 2 <= 1.0
+    for label, z0 in ((21, 5), (20, 37), (19, 69)):  # normal L2, L1, T12 bodies, 24 mm each (LPS z up)
+        truth[z0:z0 + 24][:, body] = label
+    pred = truth.copy()
+    pred[51:61][:, body] = 0  # L1's segment ends 10 mm short
+    matched = {name: {"segment": name} for name in ("T12", "L1", "L2")}
+    morph = heldout.morphometry_agreement(Volume(pred, spacing=(1.0, 1.0, 1.0)),
+                                          Volume(truth, spacing=(1.0, 1.0, 1.0)), matched)
+    assert morph["L1"]["false_deformity"] and morph["L1"]["grade"][0] >= 2 and morph["L1"]["grade"][1] == 0
+    assert not morph["T12"]["false_deformity"] and not morph["L2"]["false_deformity"]
+    summ = heldout._morphometry_summary({"case": morph})
+    assert summ["false_deformities"] == ["case L1"] and summ["height_loss_compared"] == 3
+    assert summ["height_loss_error_p90"] >= 0.25 > summ["height_loss_error_median"]

@@ -29,6 +29,8 @@ from build import CASES, DEFAULT_DATA  # noqa: E402  (benchmarks/realct_labels/b
 from build_seg_cohort import HOLD_OUT  # noqa: E402
 from realct import LABELS, RESULTS, score_case  # noqa: E402
 
+from VertebralFractureLib.core.volume import Volume  # noqa: E402
+
 DEMO = REPO / "Resources" / "demo" / "ct.nii.gz"
 
 
@@ -43,6 +45,31 @@ def _instances(ct, res) -> list[dict]:
             for i, c in sorted(rows, key=lambda r: order_index(r[0]))]
 
 
+def morphometry_agreement(pred: Volume, truth: Volume, matched: dict) -> dict:
+    """Morphometry of each checked vertebra's matched segment beside that of its checked label (heights only).
+
+    Dice against these labels favours the shipped model: they began as its proposal and the checks mostly added
+    bone to it, so its voxels seldom lie outside them. What grading needs is the heights, so each checked vertebra
+    also gets its height loss (``measure_vertebrae``, the run's definition) on both label maps: ``loss`` (auto,
+    checked), ``grade`` (auto, checked; None where not graded) and whether the segmentation made a deformity the
+    checked label does not have (``false_deformity``: auto grade >= 1, checked 0)."""
+    from VertebralFractureLib.core.levels import level_name
+    from VertebralFractureLib.stages.morphometry import measure_vertebrae
+
+    auto = {level_name(r.label): r for r in measure_vertebrae(None, pred)}
+    checked = {level_name(r.label): r for r in measure_vertebrae(None, truth)}
+    out = {}
+    for name, m in matched.items():
+        a, c = auto.get(m["segment"]) if m["segment"] else None, checked.get(name)
+        if a is None or c is None:
+            continue
+        la, lc = a.height_loss_ratio, c.height_loss_ratio
+        out[name] = {"loss": [None if np.isnan(la) else round(float(la), 3), None if np.isnan(lc) else round(float(lc), 3)],
+                     "grade": [a.genant_grade, c.genant_grade],
+                     "false_deformity": bool(a.genant_grade and c.genant_grade == 0)}
+    return out
+
+
 def score_model(model_dir: Path | None, cases: list[str], data: Path) -> dict:
     """{"cases": {case: scores}, "summary": {...}, "demo": {...}} for one model (None: the shipped one)."""
     from VertebralFractureLib.io.reading import read_volume
@@ -54,10 +81,11 @@ def score_model(model_dir: Path | None, cases: list[str], data: Path) -> dict:
         t = time.perf_counter()
         res = segment_vertebrae(ct, device="cpu", model_dir=model_dir)
         seconds = time.perf_counter() - t
-        truth = read_volume(LABELS / case / "labels.nii.gz", check=False).array
+        truth = read_volume(LABELS / case / "labels.nii.gz", check=False)
         ignore_path = LABELS / case / "ignore.nii.gz"
         ignore = read_volume(ignore_path, check=False).array > 0 if ignore_path.exists() else None
-        s = score_case(res.labels.array, truth, ignore)
+        s = score_case(res.labels.array, truth.array, ignore)
+        s["morphometry"] = morphometry_agreement(res.labels, truth, s["vertebrae"])
         out["cases"][case] = {**s, "instances": _instances(ct, res), "level_confidence": res.level_confidence,
                               "seconds": round(seconds, 1)}
         print(f"{case}: mean Dice {s['mean_dice']} once {s['each_found_once']} merges {s['merges']} splits "
@@ -70,12 +98,27 @@ def score_model(model_dir: Path | None, cases: list[str], data: Path) -> dict:
         "merges_splits_misses": sum(len(c["merges"]) + len(c["splits"]) + len(c["missed"])
                                     for c in out["cases"].values()),
         "levels_all_right": sum(c["level_accuracy"] == 1.0 for c in out["cases"].values()),
+        **_morphometry_summary({case: c["morphometry"] for case, c in out["cases"].items()}),
     }
     ct = read_volume(DEMO)
     res = segment_vertebrae(ct, device="cpu", model_dir=model_dir)
     out["demo"] = {"instances": _instances(ct, res), "level_confidence": res.level_confidence}
     print("demo:", " ".join(f"{i['level']} {i['volume_ml']}" for i in out["demo"]["instances"]), flush=True)
     return out
+
+
+def _morphometry_summary(per_case: dict[str, dict]) -> dict:
+    """Over all checked vertebrae graded on both sides: the absolute height-loss difference (median, 90th
+    percentile) and the deformities the segmentation made."""
+    rows = [v for c in per_case.values() for v in c.values()]
+    diffs = [abs(v["loss"][0] - v["loss"][1]) for v in rows if None not in v["loss"]]
+    return {
+        "height_loss_error_median": round(float(np.median(diffs)), 3) if diffs else None,
+        "height_loss_error_p90": round(float(np.percentile(diffs, 90)), 3) if diffs else None,
+        "height_loss_compared": len(diffs),
+        "false_deformities": [f"{case} {name}" for case, c in per_case.items() for name, v in c.items()
+                              if v["false_deformity"]],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
