@@ -63,6 +63,9 @@ def test_deformities_made_by_the_segmentation(realct):
     found = realct.deformities(out, Volume(arr, spacing=(1.0, 1.0, 1.0)), matched)
     assert found["deformity_auto_only"] == ["L1 (2 vs 0)"] and found["call_behind_review"] is True
     assert [a.split(" (")[0] for a in found["at_threshold"]] == ["T12 p 0.90"]
+    # a checked label that holds only part of its body (decisions.json "partial") is not compared
+    partial = realct.deformities(out, Volume(arr, spacing=(1.0, 1.0, 1.0)), matched, partial={"L1": "cut"})
+    assert partial["deformity_auto_only"] == []
     out["fractured"] = True
     assert realct.deformities(out, Volume(arr, spacing=(1.0, 1.0, 1.0)), matched)["call_behind_review"] is False
 
@@ -128,6 +131,8 @@ def test_heldout_scores_compare_heights_not_only_voxels(load_script):
                                           Volume(truth, spacing=(1.0, 1.0, 1.0)), matched)
     assert morph["L1"]["false_deformity"] and morph["L1"]["grade"][0] >= 2 and morph["L1"]["grade"][1] == 0
     assert not morph["T12"]["false_deformity"] and not morph["L2"]["false_deformity"]
+    assert "L1" not in heldout.morphometry_agreement(Volume(pred, spacing=(1.0, 1.0, 1.0)),
+                                                     Volume(truth, spacing=(1.0, 1.0, 1.0)), matched, {"L1": "cut"})
     summ = heldout._morphometry_summary({"case": morph})
     assert summ["false_deformities"] == ["case L1"] and summ["height_loss_compared"] == 3
     assert summ["height_loss_error_p90"] >= 0.25 > summ["height_loss_error_median"]

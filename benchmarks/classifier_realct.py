@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 # benchmarks/radiomics.py would shadow pyradiomics' package: the script's own folder leaves the path
@@ -31,7 +33,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE / "realct_labels"))
 
-from build import CASES, DEFAULT_DATA  # noqa: E402  (benchmarks/realct_labels/build.py)
+from build import CASES, DEFAULT_DATA, partial_levels  # noqa: E402  (benchmarks/realct_labels/build.py)
 
 LABELS = HERE / "realct_labels"
 RESULTS = HERE / "results"
@@ -81,6 +83,22 @@ def held_out(report_path: Path, threshold: float, source: str = "real") -> dict:
     return out
 
 
+def labels_to_run(case: str, tmp: Path) -> tuple[Path, dict[str, str]]:
+    """The checked label map ``run --labels`` gets, and the vertebrae left out of it: those whose label holds only
+    part of the body (:func:`build.partial_levels`), which the run could not tell from a crushed one."""
+    from VertebralFractureLib.core.levels import level_id
+    from VertebralFractureLib.io.reading import read_volume
+    from VertebralFractureLib.io.volume_files import write_volume
+
+    path = LABELS / case / "labels.nii.gz"
+    partial = partial_levels(case, LABELS)
+    if not partial:
+        return path, {}
+    labels = read_volume(path, check=False)
+    kept = np.where(np.isin(labels.array, [level_id(name) for name in partial]), 0, labels.array).astype(np.uint8)
+    return write_volume(labels.with_array(kept), tmp / f"{case}-labels-whole.nii.gz"), partial
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cases", nargs="*", help="cases (default: every case with checked labels)")
@@ -95,8 +113,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
             ct = args.data / CASES[case][0]
-            entry = {"label_status": label_status(case),
-                     "labels": run_case(ct, Path(tmp) / f"{case}-labels", LABELS / case / "labels.nii.gz")}
+            labels, left_out = labels_to_run(case, Path(tmp))
+            entry = {"label_status": label_status(case), "labels": run_case(ct, Path(tmp) / f"{case}-labels", labels)}
+            if left_out:
+                entry["labels"]["left_out"] = left_out
             if not args.no_auto:
                 entry["auto"] = run_case(ct, Path(tmp) / f"{case}-auto", None)
             payload["cases"][case] = entry
@@ -158,6 +178,11 @@ def markdown(payload: dict) -> str:
                      f"{lab['needs_review']} | {a[0]} | {a[1]} | {a[2]} | {held.get(case, {}).get('max_p', 'n/a')} | "
                      f"{held_auto.get(case, {}).get('max_p', 'n/a')} |")
     lines += ["", "Summary: `" + json.dumps(payload["summary"]) + "`", ""]
+    left_out = [f"{case} {name} ({why})" for case, c in payload["cases"].items()
+                for name, why in c["labels"].get("left_out", {}).items()]
+    if left_out:
+        lines += ["Left out of the `--labels` runs, their checked label holding only part of the body: "
+                  + "; ".join(left_out) + ".", ""]
     for case, c in payload["cases"].items():
         for mode, r in c.items():
             for reason in r["review_reasons"] if isinstance(r, dict) else []:

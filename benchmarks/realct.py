@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE / "realct_labels"))
 
-from build import CASES, DEFAULT_DATA  # noqa: E402  (benchmarks/realct_labels/build.py)
+from build import CASES, DEFAULT_DATA, partial_levels  # noqa: E402  (benchmarks/realct_labels/build.py)
 
 from VertebralFractureLib.core.levels import level_name, order_index  # noqa: E402
 from VertebralFractureLib.core.volume import Volume  # noqa: E402
@@ -129,18 +130,19 @@ def run_case(case: str, data: Path, fast: bool) -> dict:
         "fast_triage": None if not fast else "redone" if any(
             w.startswith(FAST_TRIAGE_WARNING.split("{")[0]) for w in out.get("warnings") or []) else "cleared",
         **(scores := score_case(pred, truth, ignore)),
-        **deformities(out, truth_volume, scores["vertebrae"]),
+        **deformities(out, truth_volume, scores["vertebrae"], partial=partial_levels(case)),
     }
 
 
-def deformities(out: dict, truth: Volume, matched: dict) -> dict:
+def deformities(out: dict, truth: Volume, matched: dict, partial: Iterable[str] = ()) -> dict:
     """Genant grades of the automatic run (``out``: its result.json) beside the checked labels' own morphometry,
     per checked vertebra and its matched segment (``matched``: :func:`score_case`'s ``vertebrae``).
 
     ``deformity_auto_only``: "T7 (2 vs 0)" for a vertebra graded >= 1 on the automatic segmentation but 0 on its
     checked label (a deformity made by the segmentation); ``call_behind_review``: a vertebra at or above the
     fracture threshold in a case sent to review, so only the review kept a call from being made;
-    ``at_threshold``: those vertebrae, with their probability, grade and the two sources fused.
+    ``at_threshold``: those vertebrae, with their probability, grade and the two sources fused. Vertebrae in
+    ``partial`` (their checked label holds only part of the body, :func:`build.partial_levels`) are not compared.
     """
     from VertebralFractureLib.stages.morphometry import measure_vertebrae
 
@@ -149,7 +151,7 @@ def deformities(out: dict, truth: Volume, matched: dict) -> dict:
     only = []
     for name, m in matched.items():
         a, c = auto.get(m["segment"]), checked.get(name)
-        if a is not None and c is not None and a >= 1 and c == 0:
+        if a is not None and c is not None and a >= 1 and c == 0 and name not in partial:
             only.append(f"{name} ({a} vs 0)")
     threshold = float(out.get("fracture_threshold") or 0.5)
     behind = out.get("fractured") is None and any((v.get("fracture_probability") or 0.0) >= threshold

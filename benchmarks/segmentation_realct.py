@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "realct_labels"))
 
-from build import CASES, DEFAULT_DATA  # noqa: E402  (benchmarks/realct_labels/build.py)
+from build import CASES, DEFAULT_DATA, partial_levels  # noqa: E402  (benchmarks/realct_labels/build.py)
 from build_seg_cohort import HOLD_OUT  # noqa: E402
 from realct import LABELS, RESULTS, score_case  # noqa: E402
 
@@ -45,14 +46,15 @@ def _instances(ct, res) -> list[dict]:
             for i, c in sorted(rows, key=lambda r: order_index(r[0]))]
 
 
-def morphometry_agreement(pred: Volume, truth: Volume, matched: dict) -> dict:
+def morphometry_agreement(pred: Volume, truth: Volume, matched: dict, partial: Iterable[str] = ()) -> dict:
     """Morphometry of each checked vertebra's matched segment beside that of its checked label (heights only).
 
     Dice against these labels favours the shipped model: they began as its proposal and the checks mostly added
     bone to it, so its voxels seldom lie outside them. What grading needs is the heights, so each checked vertebra
     also gets its height loss (``measure_vertebrae``, the run's definition) on both label maps: ``loss`` (auto,
     checked), ``grade`` (auto, checked; None where not graded) and whether the segmentation made a deformity the
-    checked label does not have (``false_deformity``: auto grade >= 1, checked 0)."""
+    checked label does not have (``false_deformity``: auto grade >= 1, checked 0). Vertebrae in ``partial`` (their
+    checked label holds only part of the body) are left out."""
     from VertebralFractureLib.core.levels import level_name
     from VertebralFractureLib.stages.morphometry import measure_vertebrae
 
@@ -61,7 +63,7 @@ def morphometry_agreement(pred: Volume, truth: Volume, matched: dict) -> dict:
     out = {}
     for name, m in matched.items():
         a, c = auto.get(m["segment"]) if m["segment"] else None, checked.get(name)
-        if a is None or c is None:
+        if a is None or c is None or name in partial:
             continue
         la, lc = a.height_loss_ratio, c.height_loss_ratio
         out[name] = {"loss": [None if np.isnan(la) else round(float(la), 3), None if np.isnan(lc) else round(float(lc), 3)],
@@ -85,7 +87,7 @@ def score_model(model_dir: Path | None, cases: list[str], data: Path) -> dict:
         ignore_path = LABELS / case / "ignore.nii.gz"
         ignore = read_volume(ignore_path, check=False).array > 0 if ignore_path.exists() else None
         s = score_case(res.labels.array, truth.array, ignore)
-        s["morphometry"] = morphometry_agreement(res.labels, truth, s["vertebrae"])
+        s["morphometry"] = morphometry_agreement(res.labels, truth, s["vertebrae"], partial_levels(case))
         out["cases"][case] = {**s, "instances": _instances(ct, res), "level_confidence": res.level_confidence,
                               "seconds": round(seconds, 1)}
         print(f"{case}: mean Dice {s['mean_dice']} once {s['each_found_once']} merges {s['merges']} splits "

@@ -158,6 +158,8 @@ def test_anchors_that_disagree_are_refused():
     ({"levels": {"X9": UPPER}}, "levels.X9"),
     ({"delete": [[500, 500, 500]]}, "no segment within"),
     ({"delete": [9]}, "instance 9"),
+    ({"partial": {"X9": "cut"}}, "partial.X9"),
+    ({"partial": ["T9"]}, "partial"),
 ])
 def test_bad_decisions_are_one_line_errors(raw, problem):
     with pytest.raises(InputError) as err:
@@ -194,3 +196,10 @@ def test_build_reproduces_committed_labels(shared_data, repo_root, load_script, 
     assert np.array_equal(rebuilt.array, committed.array)
     assert json.loads((tmp_path / case / "decisions.json").read_text())["result"]["levels"] == \
         record["result"]["levels"]
+
+
+def test_partial_vertebrae_are_recorded_by_level():
+    """A label that holds only part of a body (an exclusion cut it, not the field of view) is recorded, so that the
+    benchmarks leave it ungraded."""
+    assert parse_decisions({"partial": {"T9": "its top lies in the excluded slices"}}).partial == {
+        "T9": "its top lies in the excluded slices"}

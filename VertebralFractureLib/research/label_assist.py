@@ -236,8 +236,9 @@ def label_assist(
     for i, v in mapping.items():
         lut[i] = v
     verse = lut[instances]
-    missing = [f"uncertain.{k}" for k in decisions.uncertain if k != "naming" and k not in
-               {level_name(v) for v in mapping.values()}]
+    named = {level_name(v) for v in mapping.values()}
+    missing = [f"uncertain.{k}" for k in decisions.uncertain if k != "naming" and k not in named]
+    missing += [f"partial.{k}" for k in decisions.partial if k not in named]
     if missing:
         raise InputError(f"{decisions_path}: {', '.join(missing)} names a level that is not in the labels")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,8 @@ A decisions JSON (every key optional; points are LPS mm ``[x, y, z]``)::
                                                             column behind a plane along it)
       "levels": {"T12": REF, "L5": REF},                    level anchors (all must agree)
       "uncertain": {"T7": "why", "naming": "why"},          doubts recorded, not guessed away
+      "partial": {"T9": "why"},                             vertebrae whose label holds only part of the body (cut by
+                                                            an exclusion, not by the field of view): kept, never graded
       "status": "checked" | "partly checked" | "unchecked",   how far a person has checked the result
       "notes": "free text", "case": "name"
     }
@@ -52,7 +54,8 @@ from VertebralFractureLib.stages.segmentation.discs import seeded_watershed
 
 SNAP_MM = 10.0  # a point this close to a segment refers to it
 BODY_RADIUS_MM = 15.0  # a cut plane cuts the body within this distance of its point; arches follow the watershed
-KEYS = {"crop_mm", "delete", "merge", "split", "add", "exclude", "levels", "uncertain", "notes", "case", "status"}
+KEYS = {"crop_mm", "delete", "merge", "split", "add", "exclude", "levels", "uncertain", "partial", "notes", "case",
+        "status"}
 STATUSES = ("checked", "partly checked", "unchecked")
 ADD_FILLS = ("3d", "axial")
 CLOSE_MM = 2.0  # gaps in a cortex ring this wide are closed before an axial fill
@@ -114,6 +117,7 @@ class Decisions:
     exclude: list[dict] = field(default_factory=list)
     levels: list[tuple[int, Any]] = field(default_factory=list)
     uncertain: dict[str, str] = field(default_factory=dict)
+    partial: dict[str, str] = field(default_factory=dict)
 
 
 def parse_decisions(raw: Any, source: str = "decisions") -> Decisions:
@@ -198,6 +202,15 @@ def parse_decisions(raw: Any, source: str = "decisions") -> Decisions:
             except ValueError as exc:
                 raise _fail(source, f"uncertain.{name}", str(exc)) from None
     d.uncertain = dict(unc)
+    part = raw.get("partial", {})
+    if not isinstance(part, dict) or not all(isinstance(v, str) for v in part.values()):
+        raise _fail(source, "partial", 'expected {"LEVEL": "why its label holds only part of the body", ...}')
+    for name in part:
+        try:
+            level_id(name)
+        except ValueError as exc:
+            raise _fail(source, f"partial.{name}", str(exc)) from None
+    d.partial = dict(part)
     if raw.get("status", "unchecked") not in STATUSES:
         raise _fail(source, "status", f"expected one of {', '.join(STATUSES)}")
     if not isinstance(raw.get("notes", ""), str):

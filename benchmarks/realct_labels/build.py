@@ -40,6 +40,16 @@ CASES: dict[str, tuple[str, str | None]] = {
 }
 
 
+def partial_levels(case: str, labels_dir: Path = HERE) -> dict[str, str]:
+    """Levels of ``case`` whose checked label holds only part of the body (``decisions.json``'s ``partial``: an
+    exclusion cut it, not the field of view, so the run's morphometry cannot tell) -> why. The benchmarks leave them
+    ungraded."""
+    path = labels_dir / case / "decisions.json"
+    if not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text()).get("decisions", {}).get("partial", {}))
+
+
 def build_reference(case: str, ct_path: Path, ref_path: Path, out: Path) -> dict:
     """Record a reference label map as it is: uint8 on the CT's grid, checksums in decisions.json."""
     import numpy as np
