@@ -136,3 +136,16 @@ def test_heldout_scores_compare_heights_not_only_voxels(load_script):
     summ = heldout._morphometry_summary({"case": morph})
     assert summ["false_deformities"] == ["case L1"] and summ["height_loss_compared"] == 3
     assert summ["height_loss_error_p90"] >= 0.25 > summ["height_loss_error_median"]
+
+
+def test_seg_cohort_keeps_non_commercial_labels_out_unless_asked(load_script, shared_data, tmp_path, monkeypatch):
+    """midrc's labels are CC BY-NC: a cohort built without ``--non-commercial`` leaves them out even when no case
+    is held out, so they cannot reach weights that ship; with it they go in, and the manifest says which."""
+    cohort = load_script("benchmarks/realct_labels/build_seg_cohort.py")
+    monkeypatch.setattr(cohort, "_phantoms", lambda: [])  # the simulated spines are not what is tested here
+    midrc = cohort.NON_COMMERCIAL[0]
+    plain = cohort.build(tmp_path / "plain", shared_data, hold_out=())
+    assert midrc not in plain["real_ct"] and plain["licence_left_out"] == [midrc]
+    assert not (tmp_path / "plain" / midrc).exists() and len(plain["real_ct"]) >= 10
+    research = cohort.build(tmp_path / "research", shared_data, hold_out=(), non_commercial=True)
+    assert midrc in research["real_ct"] and research["licence_left_out"] == [] and research["non_commercial"]

@@ -18,6 +18,8 @@ Writes ``COHORT/<case>/`` folders as train-seg reads them (:mod:`VertebralFractu
 Held out by default (one patient each, never in the cohort): ``tptbox-l2-l4`` (lumbar crop, the authors'
 reference labels), ``midrc-ricord-1a-419639-001012_chest`` (chest; its CC BY-NC licence also keeps it out of
 shipped weights) and ``acrin-flt-breast-001_petct-b`` (abdomen-pelvis PET-CT, sacrum in view).
+Whatever ``--hold-out`` says, the cases licensed for non-commercial use only (:data:`NON_COMMERCIAL`: midrc) go in
+only with ``--non-commercial``, for research fine-tunes whose weights are never shipped.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ sys.path.insert(0, str(HERE))
 from build import CASES, DEFAULT_DATA  # noqa: E402  (benchmarks/realct_labels/build.py)
 
 HOLD_OUT = ("tptbox-l2-l4", "midrc-ricord-1a-419639-001012_chest", "acrin-flt-breast-001_petct-b")
+#: cases whose licence forbids commercial use (README, licences): never in a cohort whose weights could ship, so
+#: left out whatever ``--hold-out`` says unless ``--non-commercial`` is given (research fine-tunes, never shipped)
+NON_COMMERCIAL = ("midrc-ricord-1a-419639-001012_chest",)
 PHANTOM_SEEDS = (0, 2, 6, 8)  # as the shipped model's last run: 00, 06, 08 to train, 02 to validate
 LABEL_ONLY = {
     "verse004": "masks-verse004/sub-verse004_seg-vert_msk.nii.gz",
@@ -76,8 +81,9 @@ def _phantoms() -> list[tuple]:
     return [p for p in module.PHANTOMS if p[0] in PHANTOM_SEEDS]
 
 
-def build(out: Path, data: Path, hold_out: tuple[str, ...]) -> dict:
-    """Write the cohort into ``out``; returns the manifest written to ``out/cohort.json``."""
+def build(out: Path, data: Path, hold_out: tuple[str, ...], non_commercial: bool = False) -> dict:
+    """Write the cohort into ``out``; returns the manifest written to ``out/cohort.json``. The cases of
+    :data:`NON_COMMERCIAL` go in only with ``non_commercial`` (and the manifest says so)."""
     from VertebralFractureLib.io.volume_files import write_volume
     from VertebralFractureLib.research.simulation import make_phantom
 
@@ -85,10 +91,12 @@ def build(out: Path, data: Path, hold_out: tuple[str, ...]) -> dict:
     if unknown:
         raise SystemExit(f"error: --hold-out names unknown case(s) {unknown}; known: {', '.join(CASES)}")
     checked = checked_cases()
+    licence_out = [] if non_commercial else [c for c in NON_COMMERCIAL if c in checked and c not in hold_out]
     manifest: dict = {"real_ct": {}, "held_out": [c for c in hold_out if c in checked],
+                      "licence_left_out": licence_out, "non_commercial": non_commercial,
                       "unchecked_left_out": [c for c in CASES if c not in checked], "phantoms": [], "label_only": []}
     for case in checked:
-        if case in hold_out:
+        if case in hold_out or case in licence_out:
             continue
         folder = out / case
         _link(data / CASES[case][0], folder / "ct.nii.gz")
@@ -119,12 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="cohort folder to write")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
     parser.add_argument("--hold-out", nargs="*", default=list(HOLD_OUT), help="real cases kept out of the cohort")
+    parser.add_argument("--non-commercial", action="store_true",
+                        help=f"let in the cases licensed for non-commercial use only ({', '.join(NON_COMMERCIAL)}): "
+                             "for research fine-tunes whose weights are never shipped")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
         print(f"error: {args.data}: data folder not found", file=sys.stderr)
         return 2
-    manifest = build(args.out, args.data, tuple(args.hold_out))
-    print(f"cohort written to {args.out}: real CT {sorted(manifest['real_ct'])}, held out {manifest['held_out']}")
+    manifest = build(args.out, args.data, tuple(args.hold_out), args.non_commercial)
+    print(f"cohort written to {args.out}: real CT {sorted(manifest['real_ct'])}, held out {manifest['held_out']}"
+          + (f", left out for their licence {manifest['licence_left_out']}" if manifest["licence_left_out"] else ""))
     return 0
 
 
