@@ -58,10 +58,11 @@ def test_deformities_made_by_the_segmentation(realct):
     matched = {"T12": {"segment": "T11"}, "L1": {"segment": "T12"}, "L2": {"segment": "L1"}}  # names one off
     out = {"fractured": None, "fracture_threshold": 0.5,
            "vertebrae": [{"level": "T11", "genant_grade": 0, "fracture_probability": 0.1},
-                         {"level": "T12", "genant_grade": 2, "fracture_probability": 0.9},
+                         {"level": "T12", "genant_grade": 2, "fracture_probability": 0.9, "height_loss_ratio": 0.3},
                          {"level": "L1", "genant_grade": None, "fracture_probability": None}]}
     found = realct.deformities(out, Volume(arr, spacing=(1.0, 1.0, 1.0)), matched)
     assert found["deformity_auto_only"] == ["L1 (2 vs 0)"] and found["call_behind_review"] is True
+    assert list(found["height_loss_error"]) == ["L1"] and 0.2 < found["height_loss_error"]["L1"] <= 0.3
     assert [a.split(" (")[0] for a in found["at_threshold"]] == ["T12 p 0.90"]
     # a checked label that holds only part of its body (decisions.json "partial") is not compared
     partial = realct.deformities(out, Volume(arr, spacing=(1.0, 1.0, 1.0)), matched, partial={"L1": "cut"})

@@ -141,25 +141,32 @@ def deformities(out: dict, truth: Volume, matched: dict, partial: Iterable[str] 
     ``deformity_auto_only``: "T7 (2 vs 0)" for a vertebra graded >= 1 on the automatic segmentation but 0 on its
     checked label (a deformity made by the segmentation); ``call_behind_review``: a vertebra at or above the
     fracture threshold in a case sent to review, so only the review kept a call from being made;
-    ``at_threshold``: those vertebrae, with their probability, grade and the two sources fused. Vertebrae in
-    ``partial`` (their checked label holds only part of the body, :func:`build.partial_levels`) are not compared.
+    ``at_threshold``: those vertebrae, with their probability, grade and the two sources fused;
+    ``height_loss_error``: per vertebra graded on both sides, the absolute difference of the two height losses. Vertebrae
+    in ``partial`` (their checked label holds only part of the body, :func:`build.partial_levels`) are not compared.
     """
     from VertebralFractureLib.stages.morphometry import measure_vertebrae
 
-    checked = {level_name(r.label): r.genant_grade for r in measure_vertebrae(None, truth)}
-    auto = {v["level"]: v.get("genant_grade") for v in out.get("vertebrae", [])}
-    only = []
+    checked = {level_name(r.label): r for r in measure_vertebrae(None, truth)}
+    auto = {v["level"]: v for v in out.get("vertebrae", [])}
+    only, errors = [], {}
     for name, m in matched.items():
         a, c = auto.get(m["segment"]), checked.get(name)
-        if a is not None and c is not None and a >= 1 and c == 0 and name not in partial:
-            only.append(f"{name} ({a} vs 0)")
+        if a is None or c is None or name in partial:
+            continue
+        if a.get("genant_grade") is not None and c.genant_grade is not None:
+            if a["genant_grade"] >= 1 and c.genant_grade == 0:
+                only.append(f"{name} ({a['genant_grade']} vs 0)")
+            if a.get("height_loss_ratio") is not None:
+                errors[name] = round(abs(float(a["height_loss_ratio"]) - float(c.height_loss_ratio)), 3)
     threshold = float(out.get("fracture_threshold") or 0.5)
     behind = out.get("fractured") is None and any((v.get("fracture_probability") or 0.0) >= threshold
                                                   for v in out.get("vertebrae", []))
     high = [f"{v['level']} p {v['fracture_probability']:.2f} (grade {v.get('genant_grade')}, morphometry "
             f"{v.get('probability_morphometry') or 0:.2f}, classifier {v.get('probability_classifier') or 0:.2f})"
             for v in out.get("vertebrae", []) if (v.get("fracture_probability") or 0.0) >= threshold]
-    return {"deformity_auto_only": only, "call_behind_review": bool(behind), "at_threshold": high}
+    return {"deformity_auto_only": only, "call_behind_review": bool(behind), "at_threshold": high,
+            "height_loss_error": errors}
 
 
 #: kinds of review reason, by a phrase of their sentence (stages.quality, classification)
@@ -193,10 +200,18 @@ def summary(rows: list[dict]) -> dict:
                            for kind in dict.fromkeys(k for k, _ in REASON_KINDS + (("other", ""),))},
         "merged_flags": sum(len([v for v, f in r["flags"].items() if "merged" in f]) for r in rows),
         "deformity_auto_only": sum(len(r["deformity_auto_only"]) for r in scored),
+        **_loss_error_summary([e for r in scored for e in r.get("height_loss_error", {}).values()]),
         "checked_vertebrae": sum(len(r["vertebrae"]) for r in scored),
         "call_behind_review": sorted(r["case"] for r in rows if r["call_behind_review"]),
         "fast_triage_cleared": sorted(r["case"] for r in rows if r.get("fast_triage") == "cleared"),
     }
+
+
+def _loss_error_summary(errors: list[float]) -> dict:
+    """Median and 90th percentile of the height-loss differences between automatic segments and checked labels."""
+    return {"height_loss_compared": len(errors),
+            "height_loss_error_median": round(float(np.median(errors)), 3) if errors else None,
+            "height_loss_error_p90": round(float(np.percentile(errors, 90)), 3) if errors else None}
 
 
 def host_load() -> dict:
@@ -229,7 +244,10 @@ def markdown(rows: list[dict], summ: dict, host: dict | None = None) -> str:
     lines.append(f"Deformities made by the segmentation: {summ['deformity_auto_only']} checked vertebrae graded >= 1 "
                  "on the automatic segmentation but 0 on their checked label ("
                  + "; ".join(f"{r['case']}: {', '.join(r['deformity_auto_only'])}" for r in rows
-                             if r["deformity_auto_only"]) + "). Cases where only the review kept a vertebra at or "
+                             if r["deformity_auto_only"]) + "). Height loss on the automatic segments against the "
+                 f"checked labels, over the {summ['height_loss_compared']} vertebrae graded on both: absolute "
+                 f"difference median {summ['height_loss_error_median']}, 90th percentile "
+                 f"{summ['height_loss_error_p90']}. Cases where only the review kept a vertebra at or "
                  f"above the fracture threshold from a call: {len(summ['call_behind_review'])} "
                  f"({behind or 'none'}).")
     if any(r.get("fast_triage") for r in rows):
