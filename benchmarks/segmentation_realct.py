@@ -5,8 +5,9 @@
 Per case (default: the cases ``benchmarks/realct_labels/build_seg_cohort.py`` holds out): ``segment_vertebrae``
 (CPU, what ``run`` does before morphometry) with the model in ``--model`` (default: the shipped one) on the CT,
 scored by ``benchmarks/realct.py``'s :func:`score_case` against ``benchmarks/realct_labels/<case>/labels.nii.gz``
-(``ignore.nii.gz`` left out of both sides); plus the automatic segmentation of the demo CT (count, names,
-volumes) as a sanity check. Writes ``benchmarks/results/segmentation_realct_heldout_TAG.json``.
+(``ignore.nii.gz`` left out of both sides) and by the height loss of each checked vertebra on its segment beside
+that on its label (:func:`morphometry_agreement`: Dice favours the model whose proposal the labels began from); plus
+the automatic segmentation of the demo CT (count, names, volumes) as a sanity check. Writes ``benchmarks/results/segmentation_realct_heldout_TAG.json``.
 """
 
 from __future__ import annotations
