@@ -142,8 +142,9 @@ def deformities(out: dict, truth: Volume, matched: dict, partial: Iterable[str] 
     checked label (a deformity made by the segmentation); ``call_behind_review``: a vertebra at or above the
     fracture threshold in a case sent to review, so only the review kept a call from being made;
     ``at_threshold``: those vertebrae, with their probability, grade and the two sources fused;
-    ``height_loss_error``: per vertebra graded on both sides, the absolute difference of the two height losses. Vertebrae
-    in ``partial`` (their checked label holds only part of the body, :func:`build.partial_levels`) are not compared.
+    ``height_loss_error``: per vertebra graded on both sides, the absolute difference of the two height losses.
+    Vertebrae in ``partial`` (their checked label holds only part of the body, :func:`build.partial_levels`) are not
+    compared.
     """
     from VertebralFractureLib.stages.morphometry import measure_vertebrae
 
@@ -200,15 +201,16 @@ def summary(rows: list[dict]) -> dict:
                            for kind in dict.fromkeys(k for k, _ in REASON_KINDS + (("other", ""),))},
         "merged_flags": sum(len([v for v, f in r["flags"].items() if "merged" in f]) for r in rows),
         "deformity_auto_only": sum(len(r["deformity_auto_only"]) for r in scored),
-        **_loss_error_summary([e for r in scored for e in r.get("height_loss_error", {}).values()]),
+        **loss_error_summary([e for r in scored for e in r.get("height_loss_error", {}).values()]),
         "checked_vertebrae": sum(len(r["vertebrae"]) for r in scored),
         "call_behind_review": sorted(r["case"] for r in rows if r["call_behind_review"]),
         "fast_triage_cleared": sorted(r["case"] for r in rows if r.get("fast_triage") == "cleared"),
     }
 
 
-def _loss_error_summary(errors: list[float]) -> dict:
-    """Median and 90th percentile of the height-loss differences between automatic segments and checked labels."""
+def loss_error_summary(errors: list[float]) -> dict:
+    """Median and 90th percentile of the height-loss differences between automatic segments and checked labels
+    (also :mod:`segmentation_realct`'s)."""
     return {"height_loss_compared": len(errors),
             "height_loss_error_median": round(float(np.median(errors)), 3) if errors else None,
             "height_loss_error_p90": round(float(np.percentile(errors, 90)), 3) if errors else None}

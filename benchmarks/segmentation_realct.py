@@ -7,7 +7,8 @@ Per case (default: the cases ``benchmarks/realct_labels/build_seg_cohort.py`` ho
 scored by ``benchmarks/realct.py``'s :func:`score_case` against ``benchmarks/realct_labels/<case>/labels.nii.gz``
 (``ignore.nii.gz`` left out of both sides) and by the height loss of each checked vertebra on its segment beside
 that on its label (:func:`morphometry_agreement`: Dice favours the model whose proposal the labels began from); plus
-the automatic segmentation of the demo CT (count, names, volumes) as a sanity check. Writes ``benchmarks/results/segmentation_realct_heldout_TAG.json``.
+the automatic segmentation of the demo CT (count, names, volumes) as a sanity check. Writes
+``benchmarks/results/segmentation_realct_heldout_TAG.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ sys.path.insert(0, str(HERE / "realct_labels"))
 
 from build import CASES, DEFAULT_DATA, partial_levels  # noqa: E402  (benchmarks/realct_labels/build.py)
 from build_seg_cohort import HOLD_OUT  # noqa: E402
-from realct import LABELS, RESULTS, score_case  # noqa: E402
+from realct import LABELS, RESULTS, loss_error_summary, score_case  # noqa: E402
 
 from VertebralFractureLib.core.volume import Volume  # noqa: E402
 
@@ -66,8 +67,8 @@ def morphometry_agreement(pred: Volume, truth: Volume, matched: dict, partial: I
         a, c = auto.get(m["segment"]) if m["segment"] else None, checked.get(name)
         if a is None or c is None or name in partial:
             continue
-        la, lc = a.height_loss_ratio, c.height_loss_ratio
-        out[name] = {"loss": [None if np.isnan(la) else round(float(la), 3), None if np.isnan(lc) else round(float(lc), 3)],
+        out[name] = {"loss": [None if np.isnan(r.height_loss_ratio) else round(float(r.height_loss_ratio), 3)
+                              for r in (a, c)],
                      "grade": [a.genant_grade, c.genant_grade],
                      "false_deformity": bool(a.genant_grade and c.genant_grade == 0)}
     return out
@@ -114,11 +115,8 @@ def _morphometry_summary(per_case: dict[str, dict]) -> dict:
     """Over all checked vertebrae graded on both sides: the absolute height-loss difference (median, 90th
     percentile) and the deformities the segmentation made."""
     rows = [v for c in per_case.values() for v in c.values()]
-    diffs = [abs(v["loss"][0] - v["loss"][1]) for v in rows if None not in v["loss"]]
     return {
-        "height_loss_error_median": round(float(np.median(diffs)), 3) if diffs else None,
-        "height_loss_error_p90": round(float(np.percentile(diffs, 90)), 3) if diffs else None,
-        "height_loss_compared": len(diffs),
+        **loss_error_summary([abs(v["loss"][0] - v["loss"][1]) for v in rows if None not in v["loss"]]),
         "false_deformities": [f"{case} {name}" for case, c in per_case.items() for name, v in c.items()
                               if v["false_deformity"]],
     }
