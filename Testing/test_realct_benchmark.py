@@ -144,7 +144,8 @@ def test_seg_cohort_keeps_non_commercial_labels_out_unless_asked(load_script, sh
     is held out, so they cannot reach weights that ship; with it they go in, and the manifest says which."""
     cohort = load_script("benchmarks/realct_labels/build_seg_cohort.py")
     monkeypatch.setattr(cohort, "_phantoms", lambda: [])  # the simulated spines are not what is tested here
-    midrc = cohort.NON_COMMERCIAL[0]
+    assert cohort.non_commercial_cases() == ["midrc-ricord-1a-419639-001012_chest"]  # read from its decisions.json
+    midrc = cohort.non_commercial_cases()[0]
     plain = cohort.build(tmp_path / "plain", shared_data, hold_out=())
     assert midrc not in plain["real_ct"] and plain["licence_left_out"] == [midrc]
     assert not (tmp_path / "plain" / midrc).exists() and len(plain["real_ct"]) >= 10

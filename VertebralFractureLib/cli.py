@@ -323,6 +323,8 @@ def _add_train_classifier(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="processes building the training data")
     p.add_argument("--auto-negatives", action="store_true", help="also the automatic segmentation's segments of the "
                    "real CTs as negatives (with --real-labels; the held-out numbers stay on the checked labels)")
+    p.add_argument("--non-commercial", action="store_true", help="also train on cases licensed for non-commercial use "
+                   "only (decisions.json licence, e.g. CC BY-NC; with --real-labels): research models never shipped")
     p.add_argument("--model", default="customcnn", help="architecture (customcnn, mobilenetv3, efficientnet-b1, vgg16, resnet50v2)")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--test-fraction", type=float, default=0.2, help="patients held out for the card's metrics")
@@ -374,9 +376,11 @@ def _train_realct_classifier(args: argparse.Namespace) -> int:
     card = train_realct_classifier(cases, args.output, folds=args.folds, config=config, n_phantoms=args.phantoms,
                                    fractures_per_vertebra=args.fractures_per_vertebra, compare_with=args.compare_with,
                                    init_from=args.init, workers=args.workers, progress=_progress_for(args),
-                                   auto_negatives=args.auto_negatives)
+                                   auto_negatives=args.auto_negatives, non_commercial=args.non_commercial)
     if not args.quiet:
         held = card["metrics"]["held_out"]
+        if card["training"]["licence_left_out"]:
+            print(f"left out for their non-commercial licence: {', '.join(card['training']['licence_left_out'])}")
         print(f"held-out patients: vertebra ROC-AUC {held['per_vertebra']['roc_auc']:.3f}, patient ROC-AUC "
               f"{held['per_patient']['roc_auc']:.3f}, grade >= 2 sensitivity {held['sensitivity_grade_ge2']:.3f}, "
               f"ECE {held['ece']:.3f}")

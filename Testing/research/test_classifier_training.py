@@ -19,6 +19,7 @@ from VertebralFractureLib.research.classifier_fusion import (
     ood_fit,
     operating_points,
     patient_folds,
+    train_realct_classifier,
     virtual_patients,
 )
 from VertebralFractureLib.research.classifier_operating import operating_threshold
@@ -57,6 +58,16 @@ def test_training_data_has_every_whole_vertebra_as_negative_and_graded_simulated
         assert np.abs(r["crop"] - by_level[r["level"]]["crop"]).max() > 0.1
 
 
+def test_partial_levels_are_neither_negatives_nor_fracture_backgrounds():
+    ph = make_phantom(("T12", "L2"), 2.0, seed=3)
+    notes: list[str] = []
+    rows = volume_samples(ph.ct, ph.labels, "phantom-a", "phantom", fractures_per_vertebra=1, seed=5, notes=notes,
+                          skip_levels=("L1",))
+    assert "L1" not in {r["level"] for r in rows}
+    assert {r["level"] for r in rows if r["y"] == 0} == {"T12", "L2"}
+    assert any("L1: left out" in n for n in notes)
+
+
 def test_patient_folds_keep_each_patient_in_one_fold():
     groups = np.array(["a"] * 5 + ["b"] * 3 + ["c"] * 4 + ["d"] * 6 + ["e"] * 2)
     folds = patient_folds(groups, 3, seed=1)
@@ -72,10 +83,18 @@ def test_find_real_cases_pairs_labels_with_their_ct(tmp_path):
         (labels / case / "labels.nii.gz").write_bytes(b"x")
         ct_dir.mkdir(parents=True)
         (ct_dir / "ct.nii.gz").write_bytes(b"x")
-    (labels / "case-b" / "decisions.json").write_text(json.dumps({"decisions": {"status": "checked (T8-L2)"}}))
+    (labels / "case-b" / "decisions.json").write_text(json.dumps(
+        {"decisions": {"status": "checked (T8-L2)", "partial": {"T9": "cut by an exclusion"},
+                       "licence": "CC BY-NC 4.0"}}))
     cases = find_real_cases(labels, data)
     assert [(c.name, c.ct_path.parent.name) for c in cases] == [("case-a", "case-a"), ("case-b", "case-b")]
     assert [c.checked for c in cases] == [False, True]  # no decisions.json: the automatic proposal
+    assert [c.partial for c in cases] == [(), ("T9",)]
+    assert [c.non_commercial for c in cases] == [False, True]
+    # a model trained only on labels licensed for non-commercial use could not ship: refused before any work
+    with pytest.raises(InputError, match="non-commercial use only"):
+        train_realct_classifier(cases[1:], tmp_path / "model")
+    assert not (tmp_path / "model").exists()
     (labels / "case-c").mkdir()
     (labels / "case-c" / "labels.nii.gz").write_bytes(b"x")
     with pytest.raises(InputError, match="case-c: no CT"):

@@ -15,7 +15,7 @@ from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.reading import read_volume
 from VertebralFractureLib.io.volume_files import write_volume
 from VertebralFractureLib.research.label_assist import name_segments
-from VertebralFractureLib.research.label_assist_decisions import Editor, parse_decisions, read_decisions
+from VertebralFractureLib.research.label_assist_decisions import Editor, non_commercial, parse_decisions, read_decisions
 
 SPACING = (1.0, 1.0, 2.0)  # anisotropic on purpose: decisions are in mm, not voxels
 
@@ -160,6 +160,7 @@ def test_anchors_that_disagree_are_refused():
     ({"delete": [9]}, "instance 9"),
     ({"partial": {"X9": "cut"}}, "partial.X9"),
     ({"partial": ["T9"]}, "partial"),
+    ({"licence": {"name": "CC BY-NC"}}, "licence"),
 ])
 def test_bad_decisions_are_one_line_errors(raw, problem):
     with pytest.raises(InputError) as err:
@@ -203,3 +204,10 @@ def test_partial_vertebrae_are_recorded_by_level():
     benchmarks leave it ungraded."""
     assert parse_decisions({"partial": {"T9": "its top lies in the excluded slices"}}).partial == {
         "T9": "its top lies in the excluded slices"}
+
+
+@pytest.mark.parametrize("licence, nc", [("CC BY-NC 4.0", True), ("CC BY-NC-SA 3.0", True), ("cc by-nc-nd", True),
+                                         ("CC BY 4.0", False), ("Apache-2.0", False), ("", False)])
+def test_non_commercial_licences_are_told_apart(licence, nc):
+    assert non_commercial(licence) is nc
+    assert parse_decisions({"licence": licence}).raw["licence"] == licence

@@ -49,12 +49,24 @@ CT_NAMES = ("ct.nii.gz", "ct_1p5mm.nii.gz")
 @dataclass
 class RealCase:
     """One real CT with its labels: ``name`` (the patient), CT and label map paths; ``checked``: a person checked
-    the labels (``decisions.json`` status "checked..."), else they are the automatic proposal."""
+    the labels (``decisions.json`` status "checked..."), else they are the automatic proposal; ``partial``: levels
+    whose label holds only part of the body (``decisions.json``'s ``partial``: an exclusion cut it, so its
+    morphometry would read a crush), used neither as a negative nor as a fracture's background; ``licence``: the CT's
+    licence (``decisions.json``'s ``licence``; "" unknown)."""
 
     name: str
     ct_path: Path
     labels_path: Path
     checked: bool = False
+    partial: tuple[str, ...] = ()
+    licence: str = ""
+
+    @property
+    def non_commercial(self) -> bool:
+        """Its licence forbids commercial use: it trains no model whose weights could ship."""
+        from VertebralFractureLib.research.label_assist_decisions import non_commercial
+
+        return non_commercial(self.licence)
 
 
 @dataclass
@@ -105,20 +117,22 @@ def find_real_cases(labels_dir: str | Path, data_dir: str | Path) -> list[RealCa
         raise InputError(f"{labels_dir}: not a folder of checked labels (<case>/labels.nii.gz)")
     cases = []
     for folder in sorted(p for p in labels_dir.iterdir() if (p / "labels.nii.gz").is_file()):
-        names, status = list(CT_NAMES), "unchecked"
+        names, decisions = list(CT_NAMES), {}
         try:
             meta = json.loads((folder / "decisions.json").read_text())
             if meta.get("ct_file"):
                 names.insert(0, str(meta["ct_file"]))
-            status = str((meta.get("decisions") or {}).get("status", status))
-        except (OSError, json.JSONDecodeError, AttributeError):
+            decisions = dict(meta.get("decisions") or {})
+        except (OSError, json.JSONDecodeError, AttributeError, TypeError, ValueError):
             pass
         dirs = (data_dir / folder.name, data_dir / "real-ct" / folder.name)
         found = [d / n for n in names for d in dirs if (d / n).is_file()]
         found += sorted(p for d in dirs if d.is_dir() for p in d.glob("*_ct.nii.gz"))  # e.g. TPTBox's sub-ct_..._ct
         if not found:
             raise InputError(f"{folder}: no CT for this case under {data_dir} (looked for {', '.join(names)})")
-        cases.append(RealCase(folder.name, found[0], folder / "labels.nii.gz", status.startswith("checked")))
+        cases.append(RealCase(folder.name, found[0], folder / "labels.nii.gz",
+                              str(decisions.get("status", "unchecked")).startswith("checked"),
+                              tuple(sorted(decisions.get("partial") or {})), str(decisions.get("licence", ""))))
     if not cases:
         raise InputError(f"{labels_dir}: no <case>/labels.nii.gz inside")
     return cases
@@ -154,12 +168,13 @@ def _measured(ct, labels) -> list:
 
 
 def volume_samples(ct, labels, group: str, source: str, *, fractures_per_vertebra: int = 1, seed: int = 0,
-                   offset: int = 0, notes: list[str] | None = None) -> list[dict]:
+                   offset: int = 0, notes: list[str] | None = None, skip_levels: tuple[str, ...] = ()) -> list[dict]:
     """Negatives (every whole vertebra) and simulated fractures of one CT (HU) and its label map (same grid).
 
     Vertebra ``i`` (craniocaudal order of the whole ones) gets ``fractures_per_vertebra`` fractures with the
     (grade, type) of :data:`COMBINATIONS` at ``offset + i + k * 4``; a fracture the simulation cannot reach on
-    this grid is left out (with a note).
+    this grid is left out (with a note). Levels in ``skip_levels`` (labels known to hold part of a body) are left
+    out, with a note.
     """
     from VertebralFractureLib.research.fracture import simulate_fracture
     from VertebralFractureLib.stages.classification import extract_crop
@@ -168,7 +183,9 @@ def volume_samples(ct, labels, group: str, source: str, *, fractures_per_vertebr
 
     notes = notes if notes is not None else []
     records = _measured(ct, labels)
-    whole = [r for r in records if _whole(r)]
+    notes += [f"{group} {r.level}: left out (its label holds only part of the body)" for r in records
+              if r.level in skip_levels]
+    whole = [r for r in records if _whole(r) and r.level not in skip_levels]
     if not whole:
         notes.append(f"{group}: no whole vertebra")
         return []
@@ -233,7 +250,7 @@ def real_case_samples(case: RealCase, *, fractures_per_vertebra: int = 1, seed: 
     from VertebralFractureLib.io.validation import check_labels
 
     key = hashlib.sha256(json.dumps([BUILDER_VERSION, file_sha256(case.ct_path), file_sha256(case.labels_path),
-                                     fractures_per_vertebra, seed]).encode()).hexdigest()[:16]
+                                     fractures_per_vertebra, seed, list(case.partial)]).encode()).hexdigest()[:16]
     path = Path(cache_dir or default_cache_dir()) / f"{case.name}-{key}.npz"
     if not path.is_file():
         ct = read_volume(case.ct_path)
@@ -241,7 +258,7 @@ def real_case_samples(case: RealCase, *, fractures_per_vertebra: int = 1, seed: 
         notes: list[str] = []
         offset = int(hashlib.sha256(case.name.encode()).hexdigest(), 16) % len(COMBINATIONS)
         rows = volume_samples(ct, labels, case.name, "real", fractures_per_vertebra=fractures_per_vertebra,
-                              seed=seed, offset=offset, notes=notes)
+                              seed=seed, offset=offset, notes=notes, skip_levels=case.partial)
         _rows_to_npz(rows, path, notes)
     return _load_npz(path)
 

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from VertebralFractureLib import __version__
+from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.research.classifier_data import RealCase, Samples, build_training_set
 from VertebralFractureLib.research.classifier_operating import (
     FPR_BUDGETS,
@@ -419,7 +420,6 @@ def previous_model_summary(model_dir: str | Path) -> dict[str, Any] | None:
 
 def replaced_model_probabilities(s: Samples, model_dir: str | Path | None, device: str = "cpu") -> np.ndarray | None:
     """The old rule max(CNN, morphometry) of the classifier in ``model_dir`` on every sample (None: no model)."""
-    from VertebralFractureLib.core.errors import InputError
     from VertebralFractureLib.models.loading import load_model
 
     try:
@@ -445,8 +445,12 @@ def train_realct_classifier(
     workers: int = 1,
     progress: Callable[[float, str], None] | None = None,
     auto_negatives: bool = False,
+    non_commercial: bool = False,
 ) -> dict[str, Any]:
     """Train, evaluate and write the classifier folder (see the module docstring); returns the card's JSON.
+
+    Cases whose licence forbids commercial use (:attr:`.classifier_data.RealCase.non_commercial`) are left out, and
+    the card says so, unless ``non_commercial`` (research models whose weights are never shipped).
 
     ``init_from``: a classifier folder (customcnn) whose weights every network starts from (fine-tuning; its
     widths are used); ``compare_with``: the model measured beside the new one (default: ``init_from``, else the
@@ -457,6 +461,11 @@ def train_realct_classifier(
     import torch
 
     config = config or TrainConfig(epochs=8, widths=SMALL_WIDTHS)
+    licence_left_out = [] if non_commercial else sorted(c.name for c in cases if c.non_commercial)
+    cases = [c for c in cases if c.name not in licence_left_out]
+    if not cases:
+        raise InputError("no real case left to train on (every one is licensed for non-commercial use only; "
+                         "--non-commercial trains on them for research)")
     init_state, lineage = None, None
     if init_from is not None:
         config, init_state, lineage = _fine_tuning_start(init_from, config)
@@ -492,7 +501,8 @@ def train_realct_classifier(
     (out_dir / FUSION_NAME).write_text(json.dumps(fusion.to_json(), indent=1) + "\n")
     card = _card_json(s, fold, cases, config, history=history, fusion=fusion, metrics=metrics, lineage=lineage,
                       seconds=time.perf_counter() - started, n_phantoms=n_phantoms,
-                      fractures_per_vertebra=fractures_per_vertebra, auto_negatives=auto_negatives)
+                      fractures_per_vertebra=fractures_per_vertebra, auto_negatives=auto_negatives,
+                      licence_left_out=licence_left_out, non_commercial=non_commercial)
     from VertebralFractureLib.research.classifier_card import model_card_markdown
 
     save_classifier(net, "customcnn", out_dir, card, widths=config.widths)
@@ -509,7 +519,8 @@ def train_realct_classifier(
 
 def _card_json(s: Samples, fold: np.ndarray, cases: list[RealCase], config: TrainConfig, *, history: list[dict],
                fusion: FusionModel, metrics: dict[str, Any], lineage: dict[str, str] | None, seconds: float,
-               n_phantoms: int, fractures_per_vertebra: int, auto_negatives: bool) -> dict[str, Any]:
+               n_phantoms: int, fractures_per_vertebra: int, auto_negatives: bool, licence_left_out: list[str],
+               non_commercial: bool) -> dict[str, Any]:
     """The card's fields written by :func:`train_realct_classifier` (the training data, its recipe, metrics)."""
     checked = {c.name for c in cases if c.checked}
     real_neg = negatives(s, "real")
@@ -531,12 +542,17 @@ def _card_json(s: Samples, fold: np.ndarray, cases: list[RealCase], config: Trai
                           f"{fractures_per_vertebra} fractures simulated per vertebra by research.fracture."
                           "simulate_fracture on those real backgrounds, grades 1-3 x wedge/biconcave/crush cycled) "
                           f"and {n_phantoms} phantoms (research.phantom.make_phantom T10-L4, fractures simulated the "
-                          f"same way){auto_text}; split by patient"),
+                          f"same way){auto_text}; split by patient"
+                          + (f"; left out for their non-commercial licence: {', '.join(licence_left_out)}"
+                             if licence_left_out else "")
+                          + ("; cases licensed for non-commercial use only included (--non-commercial): never ship "
+                             "these weights" if non_commercial else "")),
         "training": {"cases": sorted(str(g) for g in np.unique(s.group)), "folds": int(fold.max() + 1),
                      "n_vertebrae": int(len(s)), "n_fractured": int(s.y.sum()),
                      "n_real_negatives": int(real_neg.sum()), "checked_cases": checked_cases,
                      "unchecked_cases": unchecked_cases, "epochs": config.epochs, "seed": config.seed,
                      "lr": config.lr, "auto_negatives": bool(auto_negatives), "n_auto_negatives": n_auto,
+                     "licence_left_out": licence_left_out, "non_commercial": bool(non_commercial),
                      "history": history, "training_seconds": round(seconds, 1),
                      "not_simulated": list(s.notes)},
         "metrics": metrics,

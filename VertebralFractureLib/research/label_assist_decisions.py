@@ -20,6 +20,9 @@ A decisions JSON (every key optional; points are LPS mm ``[x, y, z]``)::
       "partial": {"T9": "why"},                             vertebrae whose label holds only part of the body (cut by
                                                             an exclusion, not by the field of view): kept, never graded
       "status": "checked" | "partly checked" | "unchecked",   how far a person has checked the result
+      "licence": "CC BY-NC 4.0",                            the CT's licence, which its labels carry: with a
+                                                            NonCommercial term (:func:`non_commercial`) they train
+                                                            no model whose weights could ship
       "notes": "free text", "case": "name"
     }
 
@@ -55,10 +58,15 @@ from VertebralFractureLib.stages.segmentation.discs import seeded_watershed
 SNAP_MM = 10.0  # a point this close to a segment refers to it
 BODY_RADIUS_MM = 15.0  # a cut plane cuts the body within this distance of its point; arches follow the watershed
 KEYS = {"crop_mm", "delete", "merge", "split", "add", "exclude", "levels", "uncertain", "partial", "notes", "case",
-        "status"}
+        "status", "licence"}
 STATUSES = ("checked", "partly checked", "unchecked")
 ADD_FILLS = ("3d", "axial")
 CLOSE_MM = 2.0  # gaps in a cortex ring this wide are closed before an axial fill
+
+
+def non_commercial(licence: str) -> bool:
+    """True for a licence with a NonCommercial term (CC BY-NC, BY-NC-SA, BY-NC-ND, any version)."""
+    return "NC" in licence.upper().replace("-", " ").replace("/", " ").split()
 
 
 def _fail(source: str, where: str, problem: str) -> InputError:
@@ -213,8 +221,9 @@ def parse_decisions(raw: Any, source: str = "decisions") -> Decisions:
     d.partial = dict(part)
     if raw.get("status", "unchecked") not in STATUSES:
         raise _fail(source, "status", f"expected one of {', '.join(STATUSES)}")
-    if not isinstance(raw.get("notes", ""), str):
-        raise _fail(source, "notes", "expected a string")
+    for key in ("notes", "licence"):
+        if not isinstance(raw.get(key, ""), str):
+            raise _fail(source, key, "expected a string")
     return d
 
 

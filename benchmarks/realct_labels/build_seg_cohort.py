@@ -18,7 +18,8 @@ Writes ``COHORT/<case>/`` folders as train-seg reads them (:mod:`VertebralFractu
 Held out by default (one patient each, never in the cohort): ``tptbox-l2-l4`` (lumbar crop, the authors'
 reference labels), ``midrc-ricord-1a-419639-001012_chest`` (chest; its CC BY-NC licence also keeps it out of
 shipped weights) and ``acrin-flt-breast-001_petct-b`` (abdomen-pelvis PET-CT, sacrum in view).
-Whatever ``--hold-out`` says, the cases licensed for non-commercial use only (:data:`NON_COMMERCIAL`: midrc) go in
+Whatever ``--hold-out`` says, the cases licensed for non-commercial use only (:func:`non_commercial_cases`: those
+whose ``decisions.json`` ``licence`` has an NC term, midrc) go in
 only with ``--non-commercial``, for research fine-tunes whose weights are never shipped.
 """
 
@@ -39,10 +40,9 @@ sys.path.insert(0, str(HERE))
 
 from build import CASES, DEFAULT_DATA  # noqa: E402  (benchmarks/realct_labels/build.py)
 
+from VertebralFractureLib.research.label_assist_decisions import non_commercial  # noqa: E402
+
 HOLD_OUT = ("tptbox-l2-l4", "midrc-ricord-1a-419639-001012_chest", "acrin-flt-breast-001_petct-b")
-#: cases whose licence forbids commercial use (README, licences): never in a cohort whose weights could ship, so
-#: left out whatever ``--hold-out`` says unless ``--non-commercial`` is given (research fine-tunes, never shipped)
-NON_COMMERCIAL = ("midrc-ricord-1a-419639-001012_chest",)
 PHANTOM_SEEDS = (0, 2, 6, 8)  # as the shipped model's last run: 00, 06, 08 to train, 02 to validate
 LABEL_ONLY = {
     "verse004": "masks-verse004/sub-verse004_seg-vert_msk.nii.gz",
@@ -51,14 +51,19 @@ LABEL_ONLY = {
 }
 
 
+def _decisions(case: str) -> dict:
+    return json.loads((HERE / case / "decisions.json").read_text()).get("decisions", {})
+
+
 def checked_cases() -> list[str]:
     """Cases of benchmarks/realct_labels/ whose decisions.json says status "checked", in build.py's order."""
-    out = []
-    for case in CASES:
-        record = json.loads((HERE / case / "decisions.json").read_text())
-        if record.get("decisions", {}).get("status") == "checked":
-            out.append(case)
-    return out
+    return [case for case in CASES if _decisions(case).get("status") == "checked"]
+
+
+def non_commercial_cases() -> list[str]:
+    """Cases whose licence (decisions.json ``licence``) forbids commercial use: never in a cohort whose weights could
+    ship, so left out whatever ``--hold-out`` says unless ``--non-commercial`` is given (research fine-tunes)."""
+    return [case for case in CASES if non_commercial(_decisions(case).get("licence", ""))]
 
 
 def _sha(path: Path) -> str:
@@ -83,7 +88,7 @@ def _phantoms() -> list[tuple]:
 
 def build(out: Path, data: Path, hold_out: tuple[str, ...], non_commercial: bool = False) -> dict:
     """Write the cohort into ``out``; returns the manifest written to ``out/cohort.json``. The cases of
-    :data:`NON_COMMERCIAL` go in only with ``non_commercial`` (and the manifest says so)."""
+    :func:`non_commercial_cases` go in only with ``non_commercial`` (and the manifest says so)."""
     from VertebralFractureLib.io.volume_files import write_volume
     from VertebralFractureLib.research.simulation import make_phantom
 
@@ -91,7 +96,7 @@ def build(out: Path, data: Path, hold_out: tuple[str, ...], non_commercial: bool
     if unknown:
         raise SystemExit(f"error: --hold-out names unknown case(s) {unknown}; known: {', '.join(CASES)}")
     checked = checked_cases()
-    licence_out = [] if non_commercial else [c for c in NON_COMMERCIAL if c in checked and c not in hold_out]
+    licence_out = [] if non_commercial else [c for c in non_commercial_cases() if c in checked and c not in hold_out]
     manifest: dict = {"real_ct": {}, "held_out": [c for c in hold_out if c in checked],
                       "licence_left_out": licence_out, "non_commercial": non_commercial,
                       "unchecked_left_out": [c for c in CASES if c not in checked], "phantoms": [], "label_only": []}
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
     parser.add_argument("--hold-out", nargs="*", default=list(HOLD_OUT), help="real cases kept out of the cohort")
     parser.add_argument("--non-commercial", action="store_true",
-                        help=f"let in the cases licensed for non-commercial use only ({', '.join(NON_COMMERCIAL)}): "
+                        help=f"let in the cases licensed for non-commercial use only ({', '.join(non_commercial_cases())}): "
                              "for research fine-tunes whose weights are never shipped")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
