@@ -3,6 +3,8 @@ command's contract is in Testing/test_cli.py)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -287,4 +289,6 @@ def test_image_input_leaves_no_path_or_header_field_in_the_outputs(tmp_path, pha
         if path.is_file():
             data = path.read_bytes()
             data = __import__("gzip").decompress(data) if path.suffix == ".gz" else data
+            # the report's pictures are base64 text, where any three letters turn up by chance
+            data = re.sub(rb"base64,[A-Za-z0-9+/=]+", b"base64,", data) if path.suffix == ".html" else data
             assert b"Doe" not in data and b"MRN4711" not in data, path.name

@@ -26,6 +26,7 @@ from VertebralFractureLib.research.classifier_operating import operating_thresho
 from VertebralFractureLib.research.classifier_training import RadiomicsLasso
 from VertebralFractureLib.research.phantom import make_phantom
 from VertebralFractureLib.stages.classification import CROP_SIZE, FusionModel, logit, shift_prior
+from VertebralFractureLib.stages.morphometry.grading import morphometry_probability
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,8 @@ def _synthetic(n_groups: int = 8, per_group: int = 12, seed: int = 0) -> tuple[S
     s = Samples(crops=np.zeros((n, 1, 1, 1), np.float32), radiomics=x, feature_names=[f"f{i}" for i in range(6)],
                 y=y, grade=np.where(y == 1, 1 + np.arange(n) % 3, 0), fracture_type=np.array(["x"] * n),
                 group=np.repeat([f"p{g}" for g in range(n_groups)], per_group), source=np.array(["real"] * n),
-                level=np.array([f"L{i % per_group}" for i in range(n)]), morph_loss=loss, morph_p=loss,
+                level=np.array([f"L{i % per_group}" for i in range(n)]), morph_loss=loss,
+                morph_p=np.array([morphometry_probability(v) for v in loss]),
                 morph_grade=np.zeros(n, int))
     lasso = RadiomicsLasso(folds=3).fit(x, y, s.group, s.feature_names)
     score = lasso._model.decision_function(lasso.selected_matrix(x))
@@ -186,9 +188,14 @@ def test_fusion_prior_shift_puts_the_operating_point_at_one_half_without_reorder
     folds = patient_folds(s.group, 4)
     fusion, nested_p, _ = fit_fusion(s, oof, folds, oof["lasso"])
     assert fusion.threshold == 0.5 and fusion.prior_logit_shift != 0.0
-    # on the shifted held-out probabilities, 0.5 splits the rows exactly as the specificity-first threshold does
-    t = operating_points(s, nested_p, (0.05,))[0]["threshold"]
-    assert np.array_equal(nested_p >= 0.5, nested_p >= t) and 0.0 < np.mean(nested_p >= 0.5) < 1.0
+    # on the shifted held-out probabilities, 0.5 splits the rows exactly as the specificity-first threshold (or
+    # Genant's floor, when higher) does on the unshifted ones
+    unshifted = shift_prior(nested_p, -fusion.prior_logit_shift)
+    op = fusion.operating
+    assert op["budget_threshold"] == pytest.approx(operating_points(s, unshifted, (0.05,))[0]["threshold"])
+    t = max(op["budget_threshold"], op["genant_floor"])
+    assert op["raised_to_floor"] == (op["genant_floor"] > op["budget_threshold"])
+    assert np.array_equal(nested_p >= 0.5, unshifted >= t - 1e-12) and 0.0 < np.mean(nested_p >= 0.5) < 1.0
     # prevalence is the training share moved by the same shift
     assert logit(fusion.prevalence) == pytest.approx(logit(s.y.mean()) + fusion.prior_logit_shift)
     # run time applies the shift: the unshifted model's logit plus the shift
@@ -200,6 +207,24 @@ def test_fusion_prior_shift_puts_the_operating_point_at_one_half_without_reorder
     # a fusion.json written before the prior shift existed still loads, unshifted
     old = {k: v for k, v in fusion.to_json().items() if k not in ("prior_logit_shift", "prevalence")}
     assert FusionModel.from_json(old).prior_logit_shift == 0.0
+
+
+def test_operating_point_never_calls_a_vertebra_morphometry_grades_normal():
+    """With morphometry alone deciding and real negatives up to 15-18 % height loss, a 5 % budget would call
+    vertebrae below Genant's grade 1 (20 %) fractured; the operating point is raised to that boundary instead."""
+    s, oof = _synthetic(n_groups=10, per_group=15, seed=4)
+    rng = np.random.default_rng(6)
+    s.morph_loss[:] = np.where(s.y == 1, rng.uniform(0.2, 0.45, len(s)), rng.uniform(0.0, 0.18, len(s)))
+    s.morph_p[:] = [morphometry_probability(v) for v in s.morph_loss]
+    oof = {**oof, "cnn": np.full(len(s), 0.5), "radiomics": rng.normal(size=len(s))}  # no signal: morphometry only
+    fusion, _, _ = fit_fusion(s, oof, patient_folds(s.group, 5), oof["lasso"])
+    assert fusion.stack_inputs == "morphometry"
+    op = fusion.operating
+    assert op["raised_to_floor"] and op["budget_threshold"] < op["genant_floor"]
+    feats = {name: 0.0 for name in s.feature_names}
+    assert fusion.probability(0.5, morphometry_probability(0.19), feats) < 0.5
+    assert fusion.probability(0.5, morphometry_probability(0.20), feats) == pytest.approx(0.5)
+    assert fusion.probability(0.5, morphometry_probability(0.21), feats) > 0.5
 
 
 def test_prior_shifted_probabilities_are_calibrated_at_the_new_prevalence_only_after_reweighting():

@@ -54,7 +54,9 @@ def _card_intro(card: dict[str, Any], fusion: FusionModel) -> list[str]:
         f"{MAX_FALSE_POSITIVE_RATE:.0%} of the real vertebrae without fracture "
         + ("(checked labels and the automatic segmentation's segments together) " if tr.get("auto_negatives") else "")
         + "reach it, on held-out (nested "
-        "out-of-fold) probabilities only; the case is sent to review (fractured = null) "
+        "out-of-fold) probabilities only, "
+        + _floor_text(fusion)
+        + "; the case is sent to review (fractured = null) "
         "when segmentation quality flags are raised or a vertebra is out of distribution (Mahalanobis distance > "
         f"{fusion.ood_threshold:.2f}, the {fusion.ood_percentile:g}th percentile of training folds)",
         *_card_calibration(card, fusion),
@@ -114,6 +116,19 @@ def _card_held_out_tables(rows: list[tuple[str, dict[str, Any]]], held: dict[str
                   f"threshold (false-positive rate {auto['false_positive_rate']:.3f}), {auto['patients_called_fractured']} of "
                   f"{auto['n_patients']} CTs with one ({', '.join(auto.get('cases_called_fractured', [])) or 'none'})."]
     return lines
+
+
+def _floor_text(fusion: FusionModel) -> str:
+    """How Genant's grade-1 floor shaped the operating point (:func:`.classifier_fusion.genant_floor`)."""
+    op = fusion.operating or {}
+    if "genant_floor" not in op:
+        return "with no floor"
+    if op["raised_to_floor"]:
+        return (f"raised to Genant's grade-1 boundary (20 % height loss: the stacker's {op['genant_floor']:.3f}, above "
+                f"the budget's {op['budget_threshold']:.3f}), so no vertebra morphometry grades normal is called "
+                "fractured on its heights; the budget's own row below is therefore not the shipped point")
+    return (f"never below Genant's grade-1 boundary (20 % height loss: the stacker's {op['genant_floor']:.3f}; the "
+            f"budget's {op['budget_threshold']:.3f} lies above it)")
 
 
 def _card_operating_points(ops: list[dict[str, Any]], held: dict[str, Any]) -> list[str]:

@@ -14,7 +14,8 @@ Recipe (:func:`train_realct_classifier`):
    grade >= 2 sensitivity at the operating point; the others get coefficient 0); the operating point is
    specificity-first (:func:`operating_threshold`): the lowest threshold at which at most
    :data:`MAX_FALSE_POSITIVE_RATE` of the real (unfractured) vertebrae's held-out probabilities reach it (with
-   ``auto_negatives``, the automatic segmentation's segments of the same CTs count too); the
+   ``auto_negatives``, the automatic segmentation's segments of the same CTs count too), raised to the stacker's
+   value at Genant's grade-1 boundary where lower (:func:`genant_floor`); the
    out-of-distribution (OOD) threshold is the 99th percentile of OOF Mahalanobis distances; a prior shift
    (:func:`fit_fusion`) then moves the probabilities so that the operating point is p = 0.5, and the calibration
    (ECE, reliability diagram) is measured on held-out rows reweighted to the share of fractures this implies;
@@ -346,6 +347,17 @@ def out_of_fold(s: Samples, folds: np.ndarray, config: TrainConfig,
     return {"cnn": cnn, "radiomics": score}
 
 
+def genant_floor(stack: Logistic, x3: np.ndarray, s: Samples) -> float:
+    """The stacker's probability (before the prior shift) for a vertebra at Genant's grade-1 boundary, 20 % height
+    loss (morphometry's probability 0.5, logit 0), its CNN and radiomics inputs at the real negatives' medians
+    (``x3``: the stack inputs (n, 3)). The operating point never lies below it: a vertebra that morphometry grades
+    normal is not called fractured on its heights, whatever the false-positive budget would allow."""
+    neg = negatives(s, "real")
+    row = np.median(x3[neg], axis=0) if neg.any() else np.zeros(3)
+    row[2] = 0.0
+    return float(stack.predict(row[None])[0])
+
+
 def fit_fusion(s: Samples, oof: dict[str, np.ndarray], folds: np.ndarray, lasso: RadiomicsLasso) -> tuple[
         FusionModel, np.ndarray, np.ndarray]:
     """The fusion model (stackers on the OOF predictions, OOD statistics on ``lasso``'s standardised features) and
@@ -370,8 +382,11 @@ def fit_fusion(s: Samples, oof: dict[str, np.ndarray], folds: np.ndarray, lasso:
         nested_d[te] = ood_distances(z[te], mean_k, prec_k)
     # the stackers are calibrated to the training mix (mostly simulated fractures): shift the prior so that the
     # specificity-first operating point reads p = 0.5, i.e. calibrate to the share of fractured vertebrae at which
-    # it is the equal-cost Bayes decision; the ranking, and so every sensitivity and specificity, is unchanged
-    shift = -float(logit(operating_threshold(s, nested_p)))
+    # it is the equal-cost Bayes decision; the ranking, and so every sensitivity and specificity, is unchanged.
+    # With few real negatives the budget's threshold rests on the one that sits at its edge (69 of them: the 4th
+    # highest); it may fall below Genant's grade 1, where a radiologist sees no fracture: floored there
+    budget_t, floor = operating_threshold(s, nested_p), genant_floor(stack, x3, s)
+    shift = -float(logit(max(budget_t, floor)))
     nested_p = shift_prior(nested_p, shift)
     mean, precision = ood_fit(z)
     chosen = lasso._chosen
@@ -387,12 +402,14 @@ def fit_fusion(s: Samples, oof: dict[str, np.ndarray], folds: np.ndarray, lasso:
         ood_threshold=float(np.percentile(nested_d, OOD_PERCENTILE)), ood_percentile=OOD_PERCENTILE,
         ood_features=[int(i) for i in strongest], stack_inputs=inputs,
         stack_selection={n: {k: v for k, v in sc.items() if k != "p"} for n, sc in selection.items()},
+        operating={"budget_threshold": budget_t, "genant_floor": floor, "raised_to_floor": bool(floor > budget_t)},
         notes="stack inputs: [CNN logit clipped to +-8, radiomics LASSO logit, morphometry probability's logit clipped "
               f"to +-8], those of stack_inputs used (the others' coefficients 0); OOD inputs: [the {OOD_FEATURES} "
               "selected radiomics features of largest |coefficient| "
               f"(ood_features), standardised; height-loss ratio clipped to {list(LOSS_RANGE)}]; threshold: the "
               f"lowest at which at most {MAX_FALSE_POSITIVE_RATE:g} of the real vertebrae without fracture reach it "
-              "(held-out fused probabilities), moved to 0.5 by prior_logit_shift (added to the stackers' logits; "
+              "(held-out fused probabilities), never below the stacker's value at Genant's grade-1 boundary (20 % "
+              "height loss; operating), moved to 0.5 by prior_logit_shift (added to the stackers' logits; "
               "prevalence: the share of fractured vertebrae the shifted probabilities are calibrated to)",
     )
     return fusion, nested_p, nested_d

@@ -257,6 +257,9 @@ class FusionModel:
         prior_logit_shift: added to both stackers' logits (prior-shift correction): the stackers are calibrated to
             the training mix (about 6 in 10 vertebrae fractured, by simulation); shifted, the probabilities are
             calibrated to a share ``prevalence`` of fractured vertebrae (None: the training mix, no shift).
+        operating: how training chose the operating point, before the shift (``budget_threshold``: the
+            false-positive budget's; ``genant_floor``: the stacker's probability at Genant's grade-1 boundary;
+            ``raised_to_floor``: the floor was the higher); None in models trained before it was recorded.
     """
 
     radiomics_features: list[str]
@@ -279,6 +282,7 @@ class FusionModel:
     prevalence: float | None = None
     stack_inputs: str = "cnn+radiomics+morphometry"
     stack_selection: dict[str, dict[str, float]] | None = None
+    operating: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         from dataclasses import asdict
