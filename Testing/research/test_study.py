@@ -158,6 +158,11 @@ def test_metrics_and_bootstrap():
     ci = evaluation.bootstrap_ci([0, 1] * 20, np.linspace(0, 1, 40), [str(i) for i in range(40)], n_boot=200)
     for metric, (low, high) in ci.items():
         assert low <= high, metric
+    # any statistic, resampled by patient: the mean of 10 patients' values, 3 rows each
+    values = np.repeat(np.arange(10.0), 3)
+    low, high = evaluation.bootstrap_interval(lambda rows: float(values[rows].mean()),
+                                              np.repeat([f"p{i}" for i in range(10)], 3), n_boot=300)
+    assert 1.5 < low < 4.5 < high < 7.5  # around the mean 4.5, about +-2 standard errors (0.9 each)
 
 
 def _box_case(height_mm: float) -> tuple[Volume, Volume]:
@@ -243,3 +248,21 @@ def test_lasso_selects_the_informative_features_within_training_data():
     assert evaluation.binary_metrics(y, p)["roc_auc"] > 0.9
     coef = dict(lasso.coefficients())
     assert coef["f3"] > 0 > coef["f17"]
+
+
+def test_lasso_selection_is_reproducible_whatever_the_global_random_state():
+    """liblinear visits features in a random order; the same data and seed must give the same selection and
+    coefficients (a shipped classifier's LASSO is rebuilt from its recorded command)."""
+    rng = np.random.default_rng(1)
+    groups = np.repeat([f"p{i}" for i in range(30)], 4)
+    x = rng.normal(size=(120, 60))
+    x[:, 10:20] += 0.8 * x[:, :10]  # correlated features: an L1 path whose order matters
+    y = (x[:, 0] - x[:, 5] + x[:, 12] + rng.normal(scale=1.0, size=120) > 0).astype(int)
+    names = [f"f{j}" for j in range(60)]
+    fits = []
+    for state in (0, 123):
+        np.random.seed(state)  # noqa: NPY002  (what an unseeded liblinear would draw from)
+        lasso = classifier_training.RadiomicsLasso(folds=4, seed=7).fit(x, y, groups, names)
+        fits.append((lasso.selected, lasso.path_coefs, lasso.cv_auc_mean))
+    assert fits[0][0] == fits[1][0]
+    assert np.array_equal(fits[0][1], fits[1][1]) and np.array_equal(fits[0][2], fits[1][2])

@@ -95,11 +95,14 @@ def _card_held_out_tables(rows: list[tuple[str, dict[str, Any]]], held: dict[str
             x = e[level]
             lines.append(f"| {name} | {level.replace('_', ' ')} | {x['n']} ({x['n_fractured']}) | {_ci(x, 'roc_auc')} "
                          f"| {_ci(x, 'sensitivity')} | {_ci(x, 'specificity')} | {e['threshold']:.3f} |")
-    lines += ["", "| model | grade 1 sens. | grade 2 sens. | grade 3 sens. | grade >= 2 sens. | ECE (at % fractured) "
+    lines += ["", "| model | grade 1 sens. | grade 2 sens. | grade 3 sens. | grade >= 2 sens. | ECE (95 % CI; at % fractured) "
               "| real CTs: vertebrae p >= 0.5 | real CTs called fractured |", "|---|---|---|---|---|---|---|---|"]
     for name, e in rows:
         g, r = e["sensitivity_by_grade"], e["real_ct"]
-        ece = f"{e['ece']:.3f}" + (f" ({e['ece_prevalence']:.0%})" if "ece_prevalence" in e else "")
+        ci = e.get("ece_ci95")
+        ece = f"{e['ece']:.3f}" + "".join(f" ({t})" for t in (
+            f"{ci[0]:.3f}-{ci[1]:.3f}" if ci and not math.isnan(ci[0]) else "",
+            f"at {e['ece_prevalence']:.0%}" if "ece_prevalence" in e else "") if t)
         lines.append(f"| {name} | {g.get('1', math.nan):.3f} | {g.get('2', math.nan):.3f} | {g.get('3', math.nan):.3f} "
                      f"| {e['sensitivity_grade_ge2']:.3f} | {ece} | {r['vertebrae_ge_0_5']} of "
                      f"{r['n_vertebrae']} | {r['patients_called_fractured']} of {r['n_patients']} |")

@@ -215,9 +215,9 @@ def evaluate(s: Samples, p: np.ndarray, threshold: float, *, n_boot: int = 1000,
              checked: set[str] | None = None, prevalence: float | None = None) -> dict[str, Any]:
     """Held-out metrics of per-vertebra probabilities p: per vertebra and per patient with bootstrap 95 % CIs
     (patients resampled), sensitivity per simulated grade, ECE (rows reweighted to a share ``prevalence`` of
-    fractures when given: the share p is calibrated to), and the real CTs' false alarms (all, and those of the
+    fractures when given: the share p is calibrated to; with its CI the same way), and the real CTs' false alarms (all, and those of the
     ``checked`` label sets alone when given)."""
-    from VertebralFractureLib.research.evaluation import binary_metrics, bootstrap_ci
+    from VertebralFractureLib.research.evaluation import binary_metrics, bootstrap_ci, bootstrap_interval
 
     out: dict[str, Any] = {"threshold": threshold}
     pv = binary_metrics(s.y, p, threshold)
@@ -234,6 +234,8 @@ def evaluate(s: Samples, p: np.ndarray, threshold: float, *, n_boot: int = 1000,
     ge2 = s.grade >= 2
     out["sensitivity_grade_ge2"] = float(np.mean(p[ge2] >= threshold)) if ge2.any() else math.nan
     out["ece"] = expected_calibration_error(s.y, p, prevalence=prevalence)
+    out["ece_ci95"] = list(bootstrap_interval(
+        lambda rows: expected_calibration_error(s.y[rows], p[rows], prevalence=prevalence), s.group, n_boot=n_boot))
     out["ece_prevalence"] = float(s.y.mean()) if prevalence is None else prevalence
     real_neg = negatives(s, "real")
     out["real_ct"] = _real_ct_alarms(s, p, threshold, real_neg)

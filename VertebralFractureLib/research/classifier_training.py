@@ -195,7 +195,9 @@ class RadiomicsLasso:
     def _l1(self, log_lambda: float):
         from sklearn.linear_model import LogisticRegression
 
-        return LogisticRegression(l1_ratio=1.0, solver="liblinear", C=float(np.exp(-log_lambda)), max_iter=500)
+        # liblinear visits the features in a random order: seeded, or two fits of the same data differ
+        return LogisticRegression(l1_ratio=1.0, solver="liblinear", C=float(np.exp(-log_lambda)), max_iter=500,
+                                  random_state=self.seed)
 
     def fit(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray, feature_names: list[str]) -> RadiomicsLasso:
         """Select on (x, y) with patient ``groups``; x is (n vertebrae, features)."""
@@ -230,7 +232,7 @@ class RadiomicsLasso:
                     if len(set(y[tr])) < 2 or len(set(y[te])) < 2:
                         continue
                     # standardisation inside the fold: statistics of the fold's training part only
-                    inner = RadiomicsLasso(folds=2)
+                    inner = RadiomicsLasso(folds=2, seed=self.seed)
                     inner._median = np.nanmedian(np.where(np.isfinite(x[tr]), x[tr], np.nan), axis=0)
                     inner._median = np.where(np.isnan(inner._median), 0.0, inner._median)
                     ftr = np.where(np.isnan(x[tr]), inner._median, x[tr])

@@ -16,7 +16,7 @@ fractured when any vertebra is.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +107,25 @@ def bootstrap_ci(
         low, high = np.quantile(values, [alpha, 1 - alpha])
         out[metric] = (float(min(low, point[metric])), float(max(high, point[metric])))
     return out
+
+
+def bootstrap_interval(statistic: Callable[[np.ndarray], float], groups: Sequence[str], *, n_boot: int = 1000,
+                       level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """95 % (``level``) bootstrap CI of ``statistic(rows)`` (rows: an index array into ``groups``), resampling the
+    groups (patients) with replacement, as :func:`bootstrap_ci` does for the binary metrics; it contains the point
+    estimate ``statistic(all rows)``."""
+    groups = np.asarray(groups)
+    unique, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
+    rng = np.random.default_rng(seed)
+    values = [statistic(np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))]))
+              for _ in range(n_boot)]
+    values = [v for v in values if not math.isnan(v)]
+    point = statistic(np.arange(len(groups)))
+    if not values or math.isnan(point):
+        return math.nan, math.nan
+    low, high = np.quantile(values, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(min(low, point)), float(max(high, point))
 
 
 # --- plots ---------------------------------------------------------------------------------------
