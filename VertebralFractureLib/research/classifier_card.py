@@ -100,9 +100,9 @@ def _card_held_out_tables(rows: list[tuple[str, dict[str, Any]]], held: dict[str
     for name, e in rows:
         g, r = e["sensitivity_by_grade"], e["real_ct"]
         ci = e.get("ece_ci95")
-        ece = f"{e['ece']:.3f}" + "".join(f" ({t})" for t in (
-            f"{ci[0]:.3f}-{ci[1]:.3f}" if ci and not math.isnan(ci[0]) else "",
-            f"at {e['ece_prevalence']:.0%}" if "ece_prevalence" in e else "") if t)
+        notes = [f"{ci[0]:.3f}-{ci[1]:.3f}" if ci and not math.isnan(ci[0]) else "",
+                 f"at {e['ece_prevalence']:.0%}" if "ece_prevalence" in e else ""]
+        ece = f"{e['ece']:.3f}" + (f" ({'; '.join(n for n in notes if n)})" if any(notes) else "")
         lines.append(f"| {name} | {g.get('1', math.nan):.3f} | {g.get('2', math.nan):.3f} | {g.get('3', math.nan):.3f} "
                      f"| {e['sensitivity_grade_ge2']:.3f} | {ece} | {r['vertebrae_ge_0_5']} of "
                      f"{r['n_vertebrae']} | {r['patients_called_fractured']} of {r['n_patients']} |")
@@ -167,9 +167,9 @@ def _card_previous(prev: dict[str, Any], held: dict[str, Any], ops: list[dict[st
     scales = (" Thresholds are on each model's own probability scale: this model's probabilities are prior-shifted "
               "(its operating point is 0.5), the previous model's are not; its ECE is on the rows as sampled, this "
               "model's on the reweighted rows." if "ece_prevalence" in held and "ece_prevalence" not in ph else "")
-    lines += ["", "Against the fused classifier shipped before this one (its own card's held-out numbers: other "
-              "label versions and morphometry, same patients; its operating points recomputed from its "
-              "training_report.json)." + scales, "",
+    lines += ["", "Against the fused classifier shipped before this one (its own card's held-out numbers, on the "
+              f"{ph['real_ct']['n_patients']} real CTs, label versions and morphometry it was trained with; its "
+              "operating points recomputed from its training_report.json)." + scales, "",
               "| model | vertebra ROC-AUC | patient ROC-AUC | threshold | specificity (vertebrae) | grade >= 2 sens. "
               "| grade 1 sens. | ECE | real CTs called fractured |", "|---|---|---|---|---|---|---|---|---|"]
     for name, e in (("this model", held), ("previous", ph)):
