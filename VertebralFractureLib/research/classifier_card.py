@@ -95,8 +95,8 @@ def _card_held_out_tables(rows: list[tuple[str, dict[str, Any]]], held: dict[str
             x = e[level]
             lines.append(f"| {name} | {level.replace('_', ' ')} | {x['n']} ({x['n_fractured']}) | {_ci(x, 'roc_auc')} "
                          f"| {_ci(x, 'sensitivity')} | {_ci(x, 'specificity')} | {e['threshold']:.3f} |")
-    lines += ["", "| model | grade 1 sens. | grade 2 sens. | grade 3 sens. | grade >= 2 sens. | ECE (95 % CI; at % fractured) "
-              "| real CTs: vertebrae p >= 0.5 | real CTs called fractured |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | grade 1 sens. | grade 2 sens. | grade 3 sens. | grade >= 2 sens. "
+              "| ECE (95 % CI; at % fractured) | real CTs: vertebrae p >= 0.5 | real CTs called fractured |", "|---|---|---|---|---|---|---|---|"]
     for name, e in rows:
         g, r = e["sensitivity_by_grade"], e["real_ct"]
         ci = e.get("ece_ci95")

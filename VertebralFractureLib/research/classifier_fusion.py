@@ -215,8 +215,8 @@ def evaluate(s: Samples, p: np.ndarray, threshold: float, *, n_boot: int = 1000,
              checked: set[str] | None = None, prevalence: float | None = None) -> dict[str, Any]:
     """Held-out metrics of per-vertebra probabilities p: per vertebra and per patient with bootstrap 95 % CIs
     (patients resampled), sensitivity per simulated grade, ECE (rows reweighted to a share ``prevalence`` of
-    fractures when given: the share p is calibrated to; with its CI the same way), and the real CTs' false alarms (all, and those of the
-    ``checked`` label sets alone when given)."""
+    fractures when given: the share p is calibrated to; with its CI the same way), and the real CTs' false alarms
+    (all, and those of the ``checked`` label sets alone when given)."""
     from VertebralFractureLib.research.evaluation import binary_metrics, bootstrap_ci, bootstrap_interval
 
     out: dict[str, Any] = {"threshold": threshold}

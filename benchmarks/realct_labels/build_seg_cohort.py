@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder")
     parser.add_argument("--hold-out", nargs="*", default=list(HOLD_OUT), help="real cases kept out of the cohort")
     parser.add_argument("--non-commercial", action="store_true",
-                        help=f"let in the cases licensed for non-commercial use only ({', '.join(non_commercial_cases())}): "
-                             "for research fine-tunes whose weights are never shipped")
+                        help="let in the cases licensed for non-commercial use only "
+                             f"({', '.join(non_commercial_cases())}): for research fine-tunes whose weights never ship")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
         print(f"error: {args.data}: data folder not found", file=sys.stderr)
