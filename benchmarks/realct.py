@@ -134,32 +134,50 @@ def run_case(case: str, data: Path, fast: bool) -> dict:
     }
 
 
+def height_pairs(auto: dict[str, tuple], checked: dict[str, tuple], matched: dict,
+                 partial: Iterable[str] = ()) -> dict[str, dict]:
+    """Each checked vertebra's Genant grade and height-loss ratio on its matched segment beside those on its checked
+    label: ``{"grade": [auto, checked], "loss": [auto, checked]}`` (None where not graded or measured).
+
+    ``auto`` and ``checked``: level name -> (grade, height-loss ratio); ``matched``: :func:`score_case`'s
+    ``vertebrae``. Vertebrae without a matched segment, or in ``partial`` (their checked label holds only part of the
+    body, :func:`build.partial_levels`), are left out. Also :mod:`segmentation_realct`'s."""
+    def loss(value) -> float | None:
+        return None if value is None or np.isnan(value) else float(value)
+
+    out = {}
+    for name, m in matched.items():
+        a, c = auto.get(m["segment"]) if m["segment"] else None, checked.get(name)
+        if a is not None and c is not None and name not in partial:
+            out[name] = {"grade": [a[0], c[0]], "loss": [loss(a[1]), loss(c[1])]}
+    return out
+
+
 def deformities(out: dict, truth: Volume, matched: dict, partial: Iterable[str] = ()) -> dict:
     """Genant grades of the automatic run (``out``: its result.json) beside the checked labels' own morphometry,
-    per checked vertebra and its matched segment (``matched``: :func:`score_case`'s ``vertebrae``).
+    per checked vertebra and its matched segment (:func:`height_pairs`).
 
     ``deformity_auto_only``: "T7 (2 vs 0)" for a vertebra graded >= 1 on the automatic segmentation but 0 on its
     checked label (a deformity made by the segmentation); ``call_behind_review``: a vertebra at or above the
     fracture threshold in a case sent to review, so only the review kept a call from being made;
     ``at_threshold``: those vertebrae, with their probability, grade and the two sources fused;
     ``height_loss_error``: per vertebra graded on both sides, the absolute difference of the two height losses.
-    Vertebrae in ``partial`` (their checked label holds only part of the body, :func:`build.partial_levels`) are not
-    compared.
     """
     from VertebralFractureLib.stages.morphometry import measure_vertebrae
 
-    checked = {level_name(r.label): r for r in measure_vertebrae(None, truth)}
-    auto = {v["level"]: v for v in out.get("vertebrae", [])}
+    pairs = height_pairs({v["level"]: (v.get("genant_grade"), v.get("height_loss_ratio"))
+                          for v in out.get("vertebrae", [])},
+                         {level_name(r.label): (r.genant_grade, r.height_loss_ratio)
+                          for r in measure_vertebrae(None, truth)}, matched, partial)
     only, errors = [], {}
-    for name, m in matched.items():
-        a, c = auto.get(m["segment"]), checked.get(name)
-        if a is None or c is None or name in partial:
+    for name, v in pairs.items():
+        (ga, gc), (la, lc) = v["grade"], v["loss"]
+        if ga is None or gc is None:
             continue
-        if a.get("genant_grade") is not None and c.genant_grade is not None:
-            if a["genant_grade"] >= 1 and c.genant_grade == 0:
-                only.append(f"{name} ({a['genant_grade']} vs 0)")
-            if a.get("height_loss_ratio") is not None:
-                errors[name] = round(abs(float(a["height_loss_ratio"]) - float(c.height_loss_ratio)), 3)
+        if ga >= 1 and gc == 0:
+            only.append(f"{name} ({ga} vs 0)")
+        if la is not None and lc is not None:
+            errors[name] = round(abs(la - lc), 3)
     threshold = float(out.get("fracture_threshold") or 0.5)
     behind = out.get("fractured") is None and any((v.get("fracture_probability") or 0.0) >= threshold
                                                   for v in out.get("vertebrae", []))

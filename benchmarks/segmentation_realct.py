@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE / "realct_labels"))
 
 from build import CASES, DEFAULT_DATA, partial_levels  # noqa: E402  (benchmarks/realct_labels/build.py)
 from build_seg_cohort import HOLD_OUT  # noqa: E402
-from realct import LABELS, RESULTS, loss_error_summary, score_case  # noqa: E402
+from realct import LABELS, RESULTS, height_pairs, loss_error_summary, score_case  # noqa: E402
 
 from VertebralFractureLib.core.volume import Volume  # noqa: E402
 
@@ -60,18 +60,12 @@ def morphometry_agreement(pred: Volume, truth: Volume, matched: dict, partial: I
     from VertebralFractureLib.core.levels import level_name
     from VertebralFractureLib.stages.morphometry import measure_vertebrae
 
-    auto = {level_name(r.label): r for r in measure_vertebrae(None, pred)}
-    checked = {level_name(r.label): r for r in measure_vertebrae(None, truth)}
-    out = {}
-    for name, m in matched.items():
-        a, c = auto.get(m["segment"]) if m["segment"] else None, checked.get(name)
-        if a is None or c is None or name in partial:
-            continue
-        out[name] = {"loss": [None if np.isnan(r.height_loss_ratio) else round(float(r.height_loss_ratio), 3)
-                              for r in (a, c)],
-                     "grade": [a.genant_grade, c.genant_grade],
-                     "false_deformity": bool(a.genant_grade and c.genant_grade == 0)}
-    return out
+    def graded(labels: Volume) -> dict[str, tuple]:
+        return {level_name(r.label): (r.genant_grade, r.height_loss_ratio) for r in measure_vertebrae(None, labels)}
+
+    return {name: {"loss": [None if x is None else round(x, 3) for x in v["loss"]], "grade": v["grade"],
+                   "false_deformity": bool(v["grade"][0] and v["grade"][1] == 0)}
+            for name, v in height_pairs(graded(pred), graded(truth), matched, partial).items()}
 
 
 def score_model(model_dir: Path | None, cases: list[str], data: Path) -> dict:

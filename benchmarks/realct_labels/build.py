@@ -40,14 +40,17 @@ CASES: dict[str, tuple[str, str | None]] = {
 }
 
 
+def case_decisions(case: str, labels_dir: Path = HERE) -> dict:
+    """The human decisions recorded in ``case``'s ``decisions.json`` ({} when it has none)."""
+    path = labels_dir / case / "decisions.json"
+    return dict(json.loads(path.read_text()).get("decisions", {})) if path.is_file() else {}
+
+
 def partial_levels(case: str, labels_dir: Path = HERE) -> dict[str, str]:
     """Levels of ``case`` whose checked label holds only part of the body (``decisions.json``'s ``partial``: an
     exclusion cut it, not the field of view, so the run's morphometry cannot tell) -> why. The benchmarks leave them
     ungraded."""
-    path = labels_dir / case / "decisions.json"
-    if not path.is_file():
-        return {}
-    return dict(json.loads(path.read_text()).get("decisions", {}).get("partial", {}))
+    return dict(case_decisions(case, labels_dir).get("partial", {}))
 
 
 def build_reference(case: str, ct_path: Path, ref_path: Path, out: Path) -> dict:

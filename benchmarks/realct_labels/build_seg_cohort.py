@@ -38,7 +38,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
-from build import CASES, DEFAULT_DATA  # noqa: E402  (benchmarks/realct_labels/build.py)
+from build import CASES, DEFAULT_DATA, case_decisions  # noqa: E402  (benchmarks/realct_labels/build.py)
 
 from VertebralFractureLib.research.label_assist_decisions import non_commercial  # noqa: E402
 
@@ -51,19 +51,15 @@ LABEL_ONLY = {
 }
 
 
-def _decisions(case: str) -> dict:
-    return json.loads((HERE / case / "decisions.json").read_text()).get("decisions", {})
-
-
 def checked_cases() -> list[str]:
     """Cases of benchmarks/realct_labels/ whose decisions.json says status "checked", in build.py's order."""
-    return [case for case in CASES if _decisions(case).get("status") == "checked"]
+    return [case for case in CASES if case_decisions(case).get("status") == "checked"]
 
 
 def non_commercial_cases() -> list[str]:
     """Cases whose licence (decisions.json ``licence``) forbids commercial use: never in a cohort whose weights could
     ship, so left out whatever ``--hold-out`` says unless ``--non-commercial`` is given (research fine-tunes)."""
-    return [case for case in CASES if non_commercial(_decisions(case).get("licence", ""))]
+    return [case for case in CASES if non_commercial(case_decisions(case).get("licence", ""))]
 
 
 def _sha(path: Path) -> str:
