@@ -66,6 +66,22 @@ def test_merged_double_height_body_is_flagged_and_not_graded(phantom):
     assert any(reason.startswith("L1 looks like more than one vertebra") for reason in quality.reasons)
 
 
+def test_a_segment_taller_than_any_vertebral_body_is_merged_without_neighbours(phantom):
+    """Two vertebrae in one segment with no neighbour to compare with (on 8 mm slices the network's segments on
+    either side were merged too): its height alone says it is not one vertebra."""
+    lab = phantom.labels.array
+    merged = _relabel(lab, {21: 20})  # L1 and L2 one segment, the disc between them filled
+    lo, hi = np.argwhere(merged == 20)[:, 0].min(), np.argwhere(merged == 20)[:, 0].max()
+    disc = np.zeros_like(lab, bool)
+    disc[lo:hi + 1] = (lab == 20).any(axis=0) & (lab == 21).any(axis=0)
+    merged[disc & (merged == 0)] = 20
+    record = next(r for r in measure_vertebrae(phantom.ct, phantom.labels.with_array(merged)) if r.level == "L1")
+    assert record.height_posterior_mm > 45.0 and record.volume_ml < 120.0
+    quality = assess_quality([record], level_confidence=0.97)
+    assert record.flags == ["merged"] and record.genant_grade is None
+    assert quality.reasons and "taller than any single vertebral body" in quality.reasons[0]
+
+
 def test_body_cut_by_the_field_of_view_is_cut_but_not_a_review_reason(phantom):
     lab = phantom.labels.array
     l4 = np.argwhere(lab == 23)[:, 0]

@@ -4,8 +4,9 @@ A Genant grade from a broken segment is worse than none (a merged pair reads as 
 a wedge), so a flagged vertebra is never graded. Per vertebra (``VertebraRecord.flags``):
 
 * ``merged``: volume or posterior body height far above what its neighbours predict (``MERGED_VOLUME_RATIO``,
-  ``MERGED_HEIGHT_RATIO``; neighbour volumes scaled by the level's reference volume), or a volume no single
-  adult vertebra reaches (``MAX_VERTEBRA_ML``);
+  ``MERGED_HEIGHT_RATIO``; neighbour volumes scaled by the level's reference volume), or a volume or posterior body
+  height no single adult vertebra reaches (``MAX_VERTEBRA_ML``, ``MAX_BODY_HEIGHT_MM``: these need no neighbour,
+  so they hold where the neighbours are merged too);
 * ``cut``: the field of view cuts its body (morphometry's ``partial``: the body touches the edge of the
   scan, or is too small to measure; a cut arch or process alone does not count, the body's heights stand);
 * ``implausible``: morphometry's plausibility check (not shaped like a vertebral body);
@@ -48,6 +49,11 @@ MERGED_VOLUME_RATIO = 1.7
 MERGED_HEIGHT_RATIO = 1.5
 #: no single adult vertebra (whole, with its arch) is this large; the merged segments seen on real CT were 138-185 ml
 MAX_VERTEBRA_ML = 120.0
+#: no single adult vertebral body is this tall: the tallest of the 122 whole thoracic and lumbar bodies of our checked
+#: real-CT labels and the real spine label maps in ../shared/data measured 32 mm (any strip); on 8 mm slices the
+#: network's segment of about three thoracic vertebrae (lung-pet-ct-dx-a0002, between two others as merged) measured
+#: 56 mm posterior, 47 mm middle and was graded as a wedge
+MAX_BODY_HEIGHT_MM = 45.0
 #: consecutive centroids this many times farther apart than the neighbouring pairs leave a vertebra out
 GAP_RATIO = 1.6
 #: naming confidence below this means no anatomical anchor (labelling gives 0.85-0.97 with one, <= 0.5 without)
@@ -87,6 +93,9 @@ def merged_problem(record: VertebraRecord, neighbours: list[VertebraRecord]) -> 
     """Why ``record`` looks like several vertebrae in one segment, or None (volumes in ml, heights in mm)."""
     if math.isfinite(record.volume_ml) and record.volume_ml > MAX_VERTEBRA_ML:
         return f"volume {record.volume_ml:.0f} ml, more than any single vertebra ({MAX_VERTEBRA_ML:.0f} ml)"
+    if math.isfinite(record.height_posterior_mm) and record.height_posterior_mm > MAX_BODY_HEIGHT_MM:
+        return (f"posterior body height {record.height_posterior_mm:.0f} mm, taller than any single vertebral body "
+                f"({MAX_BODY_HEIGHT_MM:.0f} mm)")
     own_ref = _reference_volume(record.label)
     predicted = []
     for n in neighbours:
