@@ -3,8 +3,6 @@ command's contract is in Testing/test_cli.py)."""
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 
@@ -268,6 +266,7 @@ def test_image_input_leaves_no_path_or_header_field_in_the_outputs(tmp_path, pha
     """A hospital path or an image header can carry a name: the result folder holds its own ct.nii.gz, written from
     the array and geometry alone, and no output mentions the input's folder or header fields."""
     import SimpleITK as sitk
+    from privacy import readable_bytes
 
     from VertebralFractureLib.io.reading import read_volume
 
@@ -287,8 +286,5 @@ def test_image_input_leaves_no_path_or_header_field_in_the_outputs(tmp_path, pha
     assert np.array_equal(copy.array, ph.ct.array) and np.allclose(copy.origin, ph.ct.origin)
     for path in (tmp_path / "out").rglob("*"):
         if path.is_file():
-            data = path.read_bytes()
-            data = __import__("gzip").decompress(data) if path.suffix == ".gz" else data
-            # the report's pictures are base64 text, where any three letters turn up by chance
-            data = re.sub(rb"base64,[A-Za-z0-9+/=]+", b"base64,", data) if path.suffix == ".html" else data
+            data = readable_bytes(path)
             assert b"Doe" not in data and b"MRN4711" not in data, path.name
