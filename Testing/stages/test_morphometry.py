@@ -648,3 +648,16 @@ def test_without_a_canal_the_anterior_axis_is_the_footprint_mirror_axis(turn_deg
     expected = rot @ np.array([1.0, 0.0])
     assert math.degrees(math.acos(float(np.clip(d @ expected, -1, 1)))) < 3.0
     assert "mirror axis" in notes[0]
+
+
+def test_a_cortical_core_is_implausible_but_for_the_atlas_which_has_no_body():
+    from VertebralFractureLib.stages.morphometry.grading import plausibility_problem
+
+    def record(level: str, median_hu: float) -> VertebraRecord:
+        return VertebraRecord(label=LEVEL_IDS[level], level=level, height_posterior_mm=20.0,
+                              trabecular_hu_median=median_hu)
+
+    assert "cortical bone only" in plausibility_problem(record("T8", 600.0))
+    assert "cortical bone only" in plausibility_problem(record("C2", 600.0))
+    assert plausibility_problem(record("T8", 200.0)) is None
+    assert plausibility_problem(record("C1", 600.0)) is None  # the atlas: a ring of cortex around the dens

@@ -174,6 +174,11 @@ def test_gap_along_the_centre_line_scales_with_the_local_spacing():
     assert sequence_gaps(records([0, 20, 41, 63, 86, 110, 135, 161])) == []
     gaps = sequence_gaps(records([0, 20, 41, 63, 112, 136, 161]))
     assert len(gaps) == 1 and gaps[0].startswith("T4 and T5 are 49 mm apart")
+    # next to a segment flagged merged the distance says nothing: its centroid is not a body's, and it holds the
+    # vertebra a gap would report
+    near_merged = records([0, 20, 41, 63, 112, 136, 161])
+    near_merged[4].flags = ["merged"]
+    assert sequence_gaps(near_merged) == []
 
 
 def test_uncertain_levels_send_the_case_to_review_only_with_a_fracture_called(phantom):

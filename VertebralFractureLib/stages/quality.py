@@ -123,8 +123,9 @@ def _standard_between(a: int, b: int) -> list[int]:
 def sequence_gaps(records: list[VertebraRecord]) -> list[str]:
     """Plain sentences, one per missing vertebra in the sequence (by level names and along the centre line).
 
-    ``records`` in any order; centroids are LPS mm. Distances next to a ``cut`` vertebra are not used (its
-    centroid is not its body's).
+    ``records`` in any order; centroids are LPS mm. Distances next to a ``cut`` or ``merged`` vertebra are not used
+    (its centroid is not its body's; a merged one holds the vertebra a gap would report, and says so itself: on
+    acrin-flt-breast-001's neck, C2 with the arches of C3-C6 lay 47 mm from C1).
     """
     ordered = sorted((r for r in records if r.label in CRANIOCAUDAL_ORDER), key=lambda r: order_index(r.label))
     gaps = []
@@ -135,7 +136,8 @@ def sequence_gaps(records: list[VertebraRecord]) -> list[str]:
             gaps.append(f"no segment for {names} between {a.level} and {b.level}")
     pairs = []  # (upper record, lower record, distance mm or NaN)
     for a, b in zip(ordered, ordered[1:], strict=False):
-        ok = a.centroid_lps_mm is not None and b.centroid_lps_mm is not None and "cut" not in a.flags + b.flags
+        ok = (a.centroid_lps_mm is not None and b.centroid_lps_mm is not None
+              and not {"cut", "merged"} & set(a.flags + b.flags))
         d = float(np.linalg.norm(np.subtract(a.centroid_lps_mm, b.centroid_lps_mm))) if ok else math.nan
         pairs.append((a, b, d))
     for k, (a, b, d) in enumerate(pairs):

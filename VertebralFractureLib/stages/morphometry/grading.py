@@ -96,12 +96,16 @@ def plausibility_problem(record: VertebraRecord) -> str | None:
     """Why a segment cannot be an adult vertebra (so it must not be graded), or None.
 
     A Genant grade from a wrong segment is worse than none: a missed body wall or a fragment
-    reads as a severe fracture. Checked: thoracic/lumbar posterior height and the core's median HU.
+    reads as a severe fracture. Checked: thoracic/lumbar posterior height and the core's median HU (not of C1, the
+    atlas, which has no body: on acrin-flt-breast-001's neck its ring read 614 HU and sent the case to review as "not
+    shaped like a vertebral body").
     """
     if region(record.label) in ("thoracic", "lumbar") and math.isfinite(record.height_posterior_mm):
         if record.height_posterior_mm < MIN_BODY_HEIGHT_MM:
             return f"posterior body height {record.height_posterior_mm:.1f} mm < {MIN_BODY_HEIGHT_MM:.0f} mm"
-    if math.isfinite(record.trabecular_hu_median) and record.trabecular_hu_median > MAX_TRABECULAR_MEDIAN_HU:
+    # the atlas has no body: its segment is a ring of cortical bone (anterior arch, lateral masses) around the dens
+    if record.level != "C1" and math.isfinite(record.trabecular_hu_median) \
+            and record.trabecular_hu_median > MAX_TRABECULAR_MEDIAN_HU:
         return f"core median {record.trabecular_hu_median:.0f} HU > {MAX_TRABECULAR_MEDIAN_HU:.0f} HU (cortical bone only)"
     return None
 
