@@ -205,6 +205,30 @@ def test_deidentified_headers_keep_geometry_drop_identity(tmp_path):
     assert [float(v) for v in h.ImagePositionPatient] == pytest.approx(list(result.volume.origin), abs=1e-3)
 
 
+def test_deidentified_headers_take_lost_sop_uids_from_the_file_meta_and_hash_no_empty_uid(tmp_path):
+    """A dataset whose SOP class and instance UIDs are empty (the JPEG 2000 test series) gets them from its PS3.10
+    file meta (hashed like the others); an empty study UID stays empty instead of one made-up UID for every slice."""
+    write_ct_series(tmp_path / "s", body_phantom((12, 32, 32)))
+    for path in sorted((tmp_path / "s").iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID = "", "", ""
+        ds.save_as(path)
+    headers = import_dicom(tmp_path / "s").source_headers()
+    assert all(h.SOPClassUID == pydicom.uid.CTImageStorage for h in headers)
+    assert len({h.SOPInstanceUID for h in headers}) == 12 and headers[0].SOPInstanceUID.startswith("2.25.")
+    assert all(not h.get("StudyInstanceUID") for h in headers)
+
+
+def test_jpeg2000_series_runs_without_a_seg_it_cannot_reference(shared_data, tmp_path):
+    """Its slices carry no study or series UID: ``run`` writes every other output and says why there is no SEG."""
+    from VertebralFractureLib.app.pipeline import PipelineOptions, run_pipeline
+
+    out = tmp_path / "out"
+    result = run_pipeline(shared_data / "dicom-jpeg2000-20", out, options=PipelineOptions(radiomics=False))
+    assert (out / "segmentation.seg.nrrd").exists() and not (out / "segmentation.dcm").exists()
+    assert any("no StudyInstanceUID" in w and "segmentation.dcm not written" in w for w in result.warnings)
+
+
 def test_real_series_matches_simpleitk(shared_data):
     import SimpleITK as sitk
 

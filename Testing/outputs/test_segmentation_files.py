@@ -220,6 +220,21 @@ def test_dicom_seg_one_frame_of_reference(tmp_path):
     assert source[0].FrameOfReferenceUID != source[1].FrameOfReferenceUID  # the caller's datasets are untouched
 
 
+def test_dicom_seg_is_not_written_for_slices_without_the_uids_it_references(tmp_path):
+    """Slices without a study, series or instance UID (the JPEG 2000 test series has none in its datasets) cannot be
+    referenced: nothing is written and a warning says why, instead of highdicom's KeyError."""
+    labels = _boxes()
+    for keyword, value in (("StudyInstanceUID", ""), ("SOPInstanceUID", "same")):
+        source = ct_series(labels)
+        for ds in source:
+            setattr(ds, keyword, value)
+        warnings: list[str] = []
+        assert write_dicom_seg(labels, RECORDS, source, tmp_path / "x.dcm", warnings=warnings) is None
+        assert not (tmp_path / "x.dcm").exists()
+        assert len(warnings) == 1 and "segmentation.dcm not written" in warnings[0]
+        assert ("no StudyInstanceUID" if value == "" else "share one SOPInstanceUID") in warnings[0]
+
+
 def test_dicom_seg_needs_a_segment(tmp_path):
     labels = _boxes()
     with pytest.raises(ValueError, match="no vertebra"):

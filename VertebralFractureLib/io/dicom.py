@@ -394,9 +394,12 @@ def _deidentified_header(ds, key: bytes, case_id: str):
             del out["PatientAge"]
         else:
             out.PatientAge = f"{min(age, 90):03d}Y"
+    if not out.get("SOPClassUID"):
+        out.SOPClassUID = _part10_uid(ds, "SOPClassUID")
     for tag in UID_TAGS:
-        if tag in ds:
-            setattr(out, tag, _hashed_uid(key, str(getattr(ds, tag))))
+        value = str(ds.get(tag) or _part10_uid(ds, tag))
+        if value:  # an empty UID stays empty: hashed, it would become one made-up UID shared by every slice
+            setattr(out, tag, _hashed_uid(key, value))
     out.PatientName = case_id
     out.PatientID = case_id
     out.PatientBirthDate = ""
@@ -413,6 +416,14 @@ def _deidentified_header(ds, key: bytes, case_id: str):
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     out.file_meta = meta
     return out
+
+
+def _part10_uid(ds, keyword: str) -> str:
+    """The SOP class or instance UID of ``ds`` from its file meta information (PS3.10 mirrors them there), for
+    files whose dataset lost them (the JPEG 2000 test series in ../shared/data has both empty); "" otherwise."""
+    meta = getattr(ds, "file_meta", None)
+    name = {"SOPClassUID": "MediaStorageSOPClassUID", "SOPInstanceUID": "MediaStorageSOPInstanceUID"}.get(keyword)
+    return str(meta.get(name) or "") if meta is not None and name else ""
 
 
 def write_import(result: DicomImport, path: str | Path, *, fast_gzip: bool = False) -> tuple[Path, Path]:

@@ -319,6 +319,21 @@ def _one_frame_of_reference(datasets: list[Any], warnings: list[str] | None) -> 
     return repaired
 
 
+#: what a SEG references its source slices by (PS3.3 C.8.20: Referenced Series Sequence, Source Image Sequence)
+REFERENCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+
+
+def missing_references(datasets: Sequence[Any]) -> str | None:
+    """Why a DICOM SEG cannot reference ``datasets`` (a UID of :data:`REFERENCE_UIDS` empty, or one SOP instance
+    UID on several slices), or None."""
+    for keyword in REFERENCE_UIDS:
+        if any(not str(ds.get(keyword) or "") for ds in datasets):
+            return f"the DICOM slices carry no {keyword}"
+    if len({str(ds.SOPInstanceUID) for ds in datasets}) < len(datasets):
+        return "several DICOM slices share one SOPInstanceUID"
+    return None
+
+
 def prepare_dicom_seg() -> None:
     """Import and load what :func:`write_dicom_seg` needs the first time (about 0.5 s: highdicom, pydicom's code
     dictionaries, highdicom's tables of the DICOM standard, scipy.ndimage), so that a process can do it ahead."""
@@ -339,7 +354,7 @@ def write_dicom_seg(
     source_datasets: Sequence[Any],
     path: str | Path,
     warnings: list[str] | None = None,
-) -> Path:
+) -> Path | None:
     """Write a DICOM Segmentation (binary, highdicom) of ``labels`` referencing ``source_datasets``.
 
     One segment per vertebra present in ``labels``, labelled by level, with SNOMED CT codes
@@ -355,9 +370,11 @@ def write_dicom_seg(
         source_datasets: the CT series' single-frame datasets (pydicom, de-identified; pixel data
             not needed), any order.
         path: output file, normally ``segmentation.dcm``.
-        warnings: list that receives a line for each repair made to the source headers.
+        warnings: list that receives a line for each repair made to the source headers, and the reason when
+            nothing is written.
     Returns:
-        ``path``.
+        ``path``, or None when the source slices lack the UIDs a SEG references them by
+        (:func:`missing_references`): nothing is written then.
     Raises:
         ValueError: no vertebra in ``labels`` (a SEG needs at least one segment), or source
             datasets from several series or of several matrix sizes.
@@ -367,6 +384,12 @@ def write_dicom_seg(
     from pydicom.sr.codedict import codes
 
     path = Path(path)
+    problem = missing_references(list(source_datasets))
+    if problem is not None:
+        if warnings is not None:
+            warnings.append(f"{problem}, which a DICOM SEG references them by: segmentation.dcm not written "
+                            "(segmentation.nii.gz and segmentation.seg.nrrd hold the segmentation)")
+        return None
     datasets = _one_frame_of_reference(list(source_datasets), warnings)
     grid, order = _dataset_geometry(datasets)
     ordered = [datasets[i] for i in order]
