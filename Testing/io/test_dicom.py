@@ -62,6 +62,32 @@ def test_series_uid_option(tmp_path):
     assert import_dicom(tmp_path / "d", series_uid="1.2.3.4.5.1").volume.shape[0] == 14
 
 
+def test_a_refused_series_beside_others_says_which_was_taken_without_uids(tmp_path):
+    """The series with the most slices is taken; when it is refused the message says the folder holds others and
+    how to choose (without their UIDs, hashed in every output, as a batch's cohort.csv quotes the message)."""
+    z = np.arange(22) * 1.25
+    z[12:] += 2.5  # two slices missing
+    write_ct_series(tmp_path / "d" / "a", body_phantom((14, 32, 32)), series_uid="1.2.3.4.5.1")
+    write_ct_series(tmp_path / "d" / "b", body_phantom((22, 32, 32)), series_uid="1.2.3.4.5.2", positions_z=z)
+    with pytest.raises(InputError, match=r"missing slices.*holds 2 series of 22, 14 slices.*--series UID") as exc:
+        import_dicom(tmp_path / "d")
+    assert "1.2.3.4.5" not in str(exc.value)
+    assert import_dicom(tmp_path / "d", series_uid="1.2.3.4.5.1").volume.shape[0] == 14
+
+
+def test_series_without_study_or_series_uid_get_their_own_pseudonym(tmp_path):
+    """Two series whose slices lack study and series UIDs (as the JPEG 2000 test series) are told apart by their
+    slices' own UIDs, not all named after the empty string."""
+    ids = []
+    for name in ("a", "b"):
+        for path in write_ct_series(tmp_path / name, body_phantom((12, 32, 32))):
+            ds = pydicom.dcmread(path)
+            ds.StudyInstanceUID = ds.SeriesInstanceUID = ""
+            ds.save_as(path)
+        ids.append(import_dicom(tmp_path / name).case_id)
+    assert ids[0] != ids[1] and all(i.startswith("case-") for i in ids)
+
+
 @pytest.mark.parametrize(
     "case, message",
     [

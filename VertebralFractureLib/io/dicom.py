@@ -31,7 +31,7 @@ import json
 import os
 import re
 import secrets
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,6 +211,20 @@ def import_dicom(folder: str | Path, *, series_uid: str | None = None, deidentif
     series, warnings = _choose_series(folder, datasets, series_uid)
     if skipped:
         warnings.append(f"{skipped} non-image or unreadable files skipped")
+    try:
+        return _import_series(folder, series, warnings, deidentify)
+    except InputError as exc:
+        counts = sorted(Counter(_series_uid(ds) for ds in datasets).values(), reverse=True)
+        if series_uid is None and len(counts) > 1:  # the error is about the series taken: say so, and how to choose
+            # no UID in the message: it may reach a batch's cohort.csv, and UIDs are hashed in every output
+            raise InputError(f"{exc} (the folder holds {len(counts)} series of {', '.join(map(str, counts))} slices; "
+                             f"the CT series with the most slices was taken: choose another with --series UID, or "
+                             "give one series per folder)") from None
+        raise
+
+
+def _import_series(folder: Path, series: list[Any], warnings: list[str], deidentify: bool) -> DicomImport:
+    """Checks, geometry, HU and pseudonym of one chosen series (:func:`import_dicom`)."""
     if str(getattr(series[0], "Modality", "")).upper() != "CT":
         raise InputError(f"{folder}: modality {getattr(series[0], 'Modality', '?')} is not CT; this tool needs CT")
     if "PerFrameFunctionalGroupsSequence" in series[0]:
@@ -264,7 +278,12 @@ def import_dicom(folder: str | Path, *, series_uid: str | None = None, deidentif
 
     key = _pseudonym_key()
     first = series[0]
-    case_id = "case-" + _keyed_hash(key, "case", str(getattr(first, "StudyInstanceUID", "")), _series_uid(first))[:12]
+    study = str(getattr(first, "StudyInstanceUID", "") or "")
+    if study or getattr(first, "SeriesInstanceUID", ""):
+        case_id = "case-" + _keyed_hash(key, "case", study, _series_uid(first))[:12]
+    else:  # no study or series UID (the JPEG 2000 test series): its first slice's own UID tells series apart
+        case_id = "case-" + _keyed_hash(key, "case", "instance", _part10_uid(first, "SOPInstanceUID")
+                                        or str(getattr(first, "SOPInstanceUID", "")))[:12]
     metadata = _sidecar_metadata(first, spacing_xy, len(series))
     return DicomImport(vol, case_id, metadata, warnings, deidentify, series)
 
