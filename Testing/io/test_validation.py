@@ -129,6 +129,13 @@ def test_labels_that_do_not_fit_are_refused():
         check_labels(far, ct)
     with pytest.raises(InputError, match="not VerSe label ids"):
         check_labels(ct.with_array(np.full(ct.shape, 300, np.int16)), ct)
+    # a sub-region mask (VerSe 41..50) in place of the vertebra labels: refused, not "no vertebrae found"
+    subregions = np.zeros(ct.shape, np.uint8)
+    subregions[5:10, 10:20, 10:20], subregions[10:15, 10:20, 10:20] = 41, 49
+    with pytest.raises(InputError, match="labels 41..49 hold no vertebra"):
+        check_labels(ct.with_array(subregions), ct)
+    subregions[15:18, 10:20, 10:20] = 20  # beside a vertebra label other values are ignored, as morphometry does
+    assert check_labels(ct.with_array(subregions), ct).array.max() == 49
 
 
 def test_labels_on_other_grid_are_resampled():

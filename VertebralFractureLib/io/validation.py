@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.core.levels import CRANIOCAUDAL_ORDER
 from VertebralFractureLib.core.volume import Volume
 
 MAX_SLICES = 2000
@@ -136,6 +137,12 @@ def check_labels(labels: Volume, ct: Volume, source: str | Path = "label map") -
             raise InputError(f"{source}: non-integer values; expected VerSe label ids (1..28)")
     if array.min() < 0 or array.max() > 255:
         raise InputError(f"{source}: values {array.min()}..{array.max()} are not VerSe label ids (1..28)")
+    present = np.unique(array)
+    present = present[present != 0]
+    if present.size and not np.isin(present, CRANIOCAUDAL_ORDER).any():
+        # e.g. a VerSe sub-region mask (41..50: arch, processes, body) given for the vertebra labels
+        raise InputError(f"{source}: labels {int(present.min())}..{int(present.max())} hold no vertebra (VerSe ids "
+                         "C1=1 .. L5=24, L6=25, T13=28); give the vertebra label map, not a sub-region or other mask")
     if not labels.same_geometry(ct, tol_mm=0.01):
         if not _overlaps(labels, ct):
             raise InputError(
