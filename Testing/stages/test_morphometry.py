@@ -344,6 +344,14 @@ def test_trabecular_hu_from_eroded_core():
         assert r.low_density is True
     ct[body & ~cortex] = 220
     assert not any(r.low_density for r in morph.measure_vertebrae(labels.with_array(ct), labels))
+    # the same bodies named cervical: HU measured, no L1 threshold applied (cervical bodies are denser)
+    ct[body & ~cortex] = 120
+    cervical = labels.with_array(np.where(labels.array > 0, labels.array - 16, 0).astype(labels.array.dtype))
+    records = morph.measure_vertebrae(labels.with_array(ct), cervical)
+    assert [r.level[0] for r in records] == ["C"] * len(records)
+    for r in records:
+        assert r.trabecular_hu == pytest.approx(120, abs=5) and r.low_density is None
+        assert morph.measure.CERVICAL_DENSITY_NOTE in r.notes
 
 
 def _cylinder_stack(hole: bool) -> Volume:

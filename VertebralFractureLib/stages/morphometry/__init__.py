@@ -54,7 +54,8 @@ orientation (LPS, RAS, PIR, oblique) or spacing. Per vertebra:
    mm (no cortex, no endplates). ``low_density`` is ``trabecular_hu <= 160`` HU, the threshold of
    Pickhardt PJ et al., Ann Intern Med 2013;158(8):588-595 (L1 trabecular attenuation <= 160 HU:
    about 90 % sensitive for DXA osteoporosis; <= 110 HU: more than 90 % specific). The study
-   measured L1; other levels are flagged with the same threshold and a note.
+   measured L1; other thoracic and lumbar levels are flagged with the same threshold and a note, cervical ones
+   not at all (their bodies are denser; a note says so).
 6. **Morphometric fracture probability** ``p = 1 / (1 + exp(-(loss - 0.20) / 0.025))``: 0.5 at the
    grade 1 threshold, 0.88 at 25 % loss, 0.12 at 15 %. Stored in ``probability_morphometry`` and
    ``fracture_probability``; the classifier combines it later.

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 
-from VertebralFractureLib.core.levels import level_name
+from VertebralFractureLib.core.levels import level_name, region
 from VertebralFractureLib.core.records import VertebraRecord
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.stages.morphometry.density import LOW_DENSITY_HU, OSTEOPOROSIS_HU, trabecular_hu
 from VertebralFractureLib.stages.morphometry.grading import grade_records, plausibility_problem
 from VertebralFractureLib.stages.morphometry.spine import analyse_vertebrae
+
+CERVICAL_DENSITY_NOTE = ("bone-density thresholds (Pickhardt 2013, L1) not applied to a cervical vertebra: "
+                         "trabecular HU measured only")
 
 
 def measure_vertebrae(
@@ -26,7 +29,8 @@ def measure_vertebrae(
             instead of its neighbours'.
     Returns:
         One :class:`VertebraRecord` per vertebra with heights (mm), ``height_loss_ratio``, Genant grade
-        and type, trabecular HU, volume (ml, whole label), ``partial``, ``expected_height_mm``,
+        and type, trabecular HU, ``low_density`` (thoracic and lumbar vertebrae only), volume (ml, whole label),
+        ``partial``, ``expected_height_mm``,
         ``centroid_lps_mm`` and the morphometric ``fracture_probability`` (= ``probability_morphometry``).
     Raises:
         InputError: a label map that is not 3D or holds NaN.
@@ -49,7 +53,11 @@ def measure_vertebrae(
         if ct is not None:
             mean, median, _ = trabecular_hu(ct, geom)
             rec.trabecular_hu, rec.trabecular_hu_median = mean, median
-            if math.isfinite(mean):
+            if math.isfinite(mean) and region(label) == "cervical":
+                # cervical bodies are denser than lumbar ones (about 250-400 HU in adults): an L1 cut-off says
+                # nothing there, and the report's low-density list would count them
+                rec.notes.append(CERVICAL_DENSITY_NOTE)
+            elif math.isfinite(mean):
                 rec.low_density = bool(mean <= LOW_DENSITY_HU)
                 if mean <= OSTEOPOROSIS_HU:
                     rec.notes.append(f"trabecular HU {mean:.0f} <= {OSTEOPOROSIS_HU:.0f}: osteoporosis likely (Pickhardt 2013)")
