@@ -8,6 +8,7 @@ research module (the radiologist's path stays free of training and simulation co
 from __future__ import annotations
 
 import csv
+import html
 import json
 import os
 import signal
@@ -226,6 +227,8 @@ def test_run_writes_the_contract_files(cli_run, phantom_files):
     else:
         assert result["fractured"] is (patient is not None and patient >= result["fracture_threshold"])
     assert result["versions"]["VertebralFractureLib"] == __version__
+    assert result["probability_method"].startswith("P(fracture) is ")  # what the probability is made of, also in
+    assert result["probability_method"] in html.unescape((out / "report.html").read_text())  # the report
     assert isinstance(result["warnings"], list) and all(isinstance(w, str) for w in result["warnings"])
     stages = {"import", "validation", "wiener", "morphometry", "classification", "radiomics", "outputs"}
     assert stages <= set(result["timings_s"]) and all(t >= 0 for t in result["timings_s"].values())

@@ -179,6 +179,21 @@ def test_predict_fractures_without_a_classifier_falls_back_to_morphometry(phanto
     assert patient == 0.97
 
 
+def test_the_probability_method_names_what_the_final_probability_is_made_of(repo_root):
+    from VertebralFractureLib.stages.classification import load_fusion, probability_method
+
+    fusion = load_fusion(repo_root / "Resources" / "models" / "classifier")
+    for inputs, expected in (
+            ("morphometry", "morphometry's probability recalibrated by the trained fusion (training left out the "
+                            "3D CNN and the radiomics LASSO score: they"),
+            ("cnn+morphometry", "the calibrated fusion of the 3D CNN and morphometry (training left out the "
+                                "radiomics LASSO score: it")):
+        fusion.stack_inputs = inputs
+        assert probability_method(fusion, True, 0.5).startswith(f"P(fracture) is {expected}")
+    assert "the larger of the 3D CNN's and morphometry's" in probability_method(None, True, 0.5)
+    assert "no classifier available" in probability_method(None, False, 0.5)
+
+
 # --- calibrated fusion and the out-of-distribution check ------------------------------------------------------
 FEATURE = "original_firstorder_Mean"
 
@@ -220,6 +235,9 @@ def test_fusion_model_is_applied_at_run_time(phantoms, tmp_path, repo_root):
     assert math.isnan(records[2].fracture_probability)
     assert out.threshold == 0.4 and out.review_reasons == []
     assert out.patient_probability == max(r.fracture_probability for r in records if not math.isnan(r.fracture_probability))
+    # the sentence the report and result.json carry: this fusion's inputs (all three) and its threshold
+    assert out.method.startswith("P(fracture) is the calibrated fusion of the 3D CNN, the radiomics LASSO score and "
+                                 "morphometry;") and ">= 0.4" in out.method
     # without radiomics: the second fusion model, and a warning that says so
     again = _records(ph.labels)
     out = classify_vertebrae(ph.ct, ph.labels, again, radiomics=None, device="cpu", model_dir=model_dir)

@@ -299,7 +299,8 @@ def _analyse_pass(ct: Volume, labels: Volume | None, options: PipelineOptions, p
     progress(0.9, "analysis done")
     return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels,
                           review_reasons=reasons, quality_flags=quality.flags, level_confidence=level_confidence,
-                          radiomics=features, naming=naming, extra={"fracture_threshold": classification.threshold})
+                          radiomics=features, naming=naming, extra={"fracture_threshold": classification.threshold,
+                                                          "probability_method": classification.method})
 
 
 def _filter_quality_radiomics(ct: Volume, labels: Volume, records: list[VertebraRecord], options: PipelineOptions,
@@ -534,7 +535,8 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
             result.warnings.append("no vertebra found: segmentation.dcm not written (a DICOM SEG needs a segment)")
         write_report(out / "report.html", ct, labels, result.records, fracture_probability=result.fracture_probability,
                      fractured=result.fractured, warnings=result.warnings, review_reasons=result.review_reasons,
-                     case_id=result.case_id, timings_s=result.timings_s, images=images)
+                     case_id=result.case_id, timings_s=result.timings_s, images=images,
+                     probability_method=result.extra.get("probability_method", ""))
         for job in jobs:
             job.result()  # re-raise a writer's error here, inside the atomic output folder
         if ct_writer is not None:

@@ -406,6 +406,7 @@ img.sag { display: block; max-height: 880px; max-width: 100%; border-radius: 4px
 {% if not rows %}<p>No vertebra was found in the field of view.</p>{% endif %}
 {% if notes %}<details><summary class="legend">Notes per vertebra ({{ notes|length }})</summary>
 <ul class="notes">{% for level, text in notes %}<li><b>{{ level }}</b>: {{ text }}</li>{% endfor %}</ul></details>{% endif %}
+{% if probability_method %}<div class="legend">{{ probability_method }}</div>{% endif %}
 <div class="legend">Quality flags: cut (by the field of view), merged (more than one vertebra in the segment),
 disc_inside (a disc crosses the segment's body: its boundaries are shifted), implausible (not shaped like a
 vertebral body); a flagged vertebra is not graded.</div>
@@ -472,9 +473,11 @@ def render_report(
     case_id: str = "",
     timings_s: dict[str, float] | None = None,
     images: ReportImages | None = None,
+    probability_method: str = "",
 ) -> str:
     """The report as one HTML string (see the module docstring for its content); ``images`` from
-    :func:`report_images` for these ``ct``, ``labels`` and ``records`` (None: drawn here)."""
+    :func:`report_images` for these ``ct``, ``labels`` and ``records`` (None: drawn here); ``probability_method``:
+    how P(fracture) was formed (:func:`.classification.probability_method`), shown under the table."""
     from jinja2 import Environment
 
     images = images if images is not None else report_images(ct, labels, records)
@@ -498,6 +501,7 @@ def render_report(
         notes=notes,
         closeups=images.closeups,
         timings=timings,
+        probability_method=probability_method,
     )
 
 
@@ -608,12 +612,13 @@ def write_report(
     case_id: str = "",
     timings_s: dict[str, float] | None = None,
     images: ReportImages | None = None,
+    probability_method: str = "",
 ) -> Path:
     """Write :func:`render_report` to ``path`` (normally ``report.html``)."""
     path = Path(path)
     html = render_report(ct, labels, records, fracture_probability=fracture_probability, fractured=fractured,
                          warnings=warnings, review_reasons=review_reasons, case_id=case_id, timings_s=timings_s,
-                         images=images)
+                         images=images, probability_method=probability_method)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html, encoding="utf-8")
     return path

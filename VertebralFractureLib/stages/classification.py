@@ -373,6 +373,8 @@ class Classification:
     review_reasons: list[str] = field(default_factory=list)
     ood_distance: dict[int, float] = field(default_factory=dict)
     saturated: bool = False
+    #: how ``fracture_probability`` was formed, one plain sentence (:func:`probability_method`)
+    method: str = ""
 
     @property
     def fractured(self) -> bool:
@@ -425,6 +427,7 @@ def classify_vertebrae(
         _fuse(fusion, records, radiomics, result)
     else:
         _combine_max(records, result)
+    result.method = probability_method(fusion if net is not None else None, net is not None, result.threshold)
     for record in records:
         if record.partial:
             record.notes.append("partial vertebra: not scored")
@@ -433,6 +436,31 @@ def classify_vertebrae(
     scored = [r.fracture_probability for r in records if not math.isnan(r.fracture_probability)]
     result.patient_probability = max(scored) if scored else math.nan
     return result
+
+
+#: the fusion's inputs (``FusionModel.stack_inputs``) as a reader would name them
+_STACK_INPUT_NAMES = {"cnn": "the 3D CNN", "radiomics": "the radiomics LASSO score", "morphometry": "morphometry"}
+
+
+def probability_method(fusion: FusionModel | None, network: bool, threshold: float) -> str:
+    """One sentence for the report and ``result.json``: what the final probability is made of (the trained
+    fusion's chosen inputs, max(CNN, morphometry) or morphometry alone) and the patient rule, so that a reader
+    who sees P classifier 0.97 beside P(fracture) 0.05 knows which one decides."""
+    if fusion is not None:
+        chosen = fusion.stack_inputs.split("+")
+        used = [_STACK_INPUT_NAMES.get(name, name) for name in chosen]
+        left = [text for name, text in _STACK_INPUT_NAMES.items() if name not in chosen]
+        why = (f" (training left out {' and '.join(left)}: {'they' if len(left) > 1 else 'it'} did not raise the "
+               "held-out sensitivity beyond its standard error)") if left else ""
+        how = (f"{used[0]}'s probability recalibrated by the trained fusion{why}" if len(used) == 1
+               else f"the calibrated fusion of {', '.join(used[:-1])} and {used[-1]}{why}")
+    elif network:
+        how = "the larger of the 3D CNN's and morphometry's probabilities"
+    else:
+        how = "morphometry's probability (no classifier available)"
+    return (f"P(fracture) is {how}; P morphometry and P classifier are each reader alone. A vertebra, and so the "
+            f"patient, is called fractured at P(fracture) >= {threshold:g}; cut, flagged and cervical vertebrae "
+            "are not scored.")
 
 
 def _not_scored(record: VertebraRecord) -> bool:
