@@ -359,6 +359,7 @@ class VertebralFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             verdict = _("fracture") if pipelineResult.fractured else _("no fracture")
             colour = "#c62828" if pipelineResult.fractured else "#2e7d32"
         self.ui.patientProbabilityLabel.text = f"{probability:.0%}  {verdict}"
+        self.ui.patientProbabilityLabel.toolTip = pipelineResult.extra.get("probability_method", "")
         self.ui.patientProbabilityLabel.styleSheet = f"color: {colour}"
 
     def onSegmentationChanged(self, node=None) -> None:

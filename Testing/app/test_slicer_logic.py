@@ -223,6 +223,7 @@ def test_mrml_radiomics_table_and_review_status(scene, tmp_path, monkeypatch):
     assert [(r["label"], r["level"]) for r in rows] == [(20, "L1"), (21, "L2"), (22, "L3")]
     assert len(rows[0]) > 100 and rows[0]["original_shape_MeshVolume"] > 0
     assert out.table_node.GetAttribute("VertebralFracture.NeedsReview") == "false"
+    assert out.table_node.GetAttribute("VertebralFracture.ProbabilityMethod").startswith("P(fracture) is ")
     tables = scene.GetNodesByClass("vtkMRMLTableNode").GetNumberOfItems()
     again = slicer_logic.recompute_segmentation_node(scene, seg, ct_node, options=options, table_node=out.table_node)
     assert again.radiomics_table_node is out.radiomics_table_node

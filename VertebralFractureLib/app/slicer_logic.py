@@ -58,11 +58,12 @@ RADIOMICS_REFERENCE = "VertebralFracture.Radiomics"
 
 
 def _publish_review_and_radiomics(scene, table, result: PipelineResult, name: str, *, radiomics_table: bool = True):
-    """Put the review status on the vertebrae ``table`` and show ``result.radiomics`` in the table node it
-    references (made on first use, refilled on Recompute; not with ``radiomics_table=False``); returns that
-    node or None."""
+    """Put the review status and what P(fracture) is made of on the vertebrae ``table`` and show
+    ``result.radiomics`` in the table node it references (made on first use, refilled on Recompute; not with
+    ``radiomics_table=False``); returns that node or None."""
     table.SetAttribute("VertebralFracture.NeedsReview", "true" if result.needs_review else "false")
     table.SetAttribute("VertebralFracture.ReviewReasons", "\n".join(result.review_reasons))
+    table.SetAttribute("VertebralFracture.ProbabilityMethod", str(result.extra.get("probability_method", "")))
     if not result.radiomics or not radiomics_table:
         return None
     node = mrml_nodes.radiomics_table_node(scene, result.radiomics, result.records, name=name,
