@@ -79,13 +79,15 @@ Finds non-traumatic vertebral compression fractures in a CT volume.<br>
 <b>Method</b>: U-Net segmentation of the vertebrae with connected-component labelling into one
 segment per level, then per vertebra: anterior/middle/posterior heights, Genant semi-quantitative
 grade (0: &lt;20 %, 1: 20-25 %, 2: 25-40 %, 3: &gt;40 % height loss) and trabecular HU, and a 3D CNN
-on the Wiener-filtered crop of the vertebra. The fracture probability is the higher of the CNN's and
-the height loss's; radiomics do not enter it. Each segment is named by level and grade and coloured
-green (low) to red (high probability).<br>
+on the Wiener-filtered crop of the vertebra, and pyradiomics features. The fracture probability is a
+calibrated fusion of the height loss, the CNN and the LASSO-selected radiomics, trained on real CT; which of
+them the shipped model uses is in the patient probability's tooltip (the table's P classifier is the CNN
+alone). A case whose segmentation or naming cannot be trusted says <i>needs review</i>, with its reasons.
+Each segment is named by level and grade and coloured green (low) to red (high probability).<br>
 <b>Correction</b>: edit segments in the Segment Editor, rename a level (the others are renumbered),
 then <i>Recompute</i> (no new segmentation).<br>
 <b>Limits</b>: research tool, not a medical device. Levels are counted from the field of view and
-can be off by one without the sacrum or C2 in view; vertebrae cut by the field of view are not
+can be off by one without the sacrum or the first or last rib in view; vertebrae cut by the field of view are not
 graded; metal, severe scoliosis and post-operative spines are not validated; the probability is
 only as good as the training cohort.
 See the <a href="https://github.com/vertebral-fracture/VertebralFracture">documentation</a>.

@@ -420,9 +420,8 @@ posterior (Hp) heights in mm.</div>
 </div>{% endif %}
 </main>
 <footer>Genant semi-quantitative grade: 0 (&lt;20 % height loss), 1 (20-25 %), 2 (25-40 %), 3 (&gt;40 %).
-A vertebra's fracture probability is the higher of morphometry's (from the height loss) and a 3D CNN's
-(on the vertebra's CT); radiomics do not enter it. A research tool, not a diagnostic device: a radiologist
-must confirm every finding.{% if timings %} Run time: {{ timings }}.{% endif %}</footer>
+How the fracture probability is formed: under the table. A research tool, not a diagnostic device: a
+radiologist must confirm every finding.{% if timings %} Run time: {{ timings }}.{% endif %}</footer>
 </body></html>
 """
 
