@@ -288,3 +288,21 @@ def test_image_input_leaves_no_path_or_header_field_in_the_outputs(tmp_path, pha
         if path.is_file():
             data = readable_bytes(path)
             assert b"Doe" not in data and b"MRN4711" not in data, path.name
+
+
+def test_thick_slices_are_said_in_a_warning(tmp_path, phantom_files):
+    """Slices over 3 mm apart along the spine: a warning says what they cost (merged vertebrae, coarse heights) and
+    what to do; thin slices get none."""
+    from VertebralFractureLib.app.pipeline import THICK_SLICE_MM
+    from VertebralFractureLib.research.phantom import make_phantom
+
+    _, ct_path, labels_path = phantom_files
+    options = PipelineOptions(wiener=False, radiomics=False)
+    thin = run_pipeline(ct_path, tmp_path / "thin", labels_path=labels_path, options=options)
+    assert not any("apart along the spine" in w for w in thin.warnings)
+    ph = make_phantom(("T12", "L2"), spacing=(1.5, 1.5, 5.0), seed=1, fov_mm=(120, 120))
+    thick = run_pipeline(write_volume(ph.ct, tmp_path / "ct5.nii.gz"), tmp_path / "thick",
+                         labels_path=write_volume(ph.labels, tmp_path / "labels5.nii.gz"), options=options)
+    said = [w for w in thick.warnings if "apart along the spine" in w]
+    assert ph.ct.spacing_along_s() == 5.0 > THICK_SLICE_MM
+    assert len(said) == 1 and said[0].startswith("slices 5.0 mm apart") and "thin-slice reconstruction" in said[0]
