@@ -59,6 +59,7 @@ def test_worklist_order_needs_review_first_then_probability(batch_out):
     assert by_name["high"].review == "approved" and by_name["high"].worst_level == "L1"
     assert by_name["high"].worst_grade == 2 and by_name["high"].probability == pytest.approx(0.9)
     assert not by_name["broken"].openable and by_name["broken"].status == "bad_input"
+    assert by_name["broken"].error == "truncated" and by_name["high"].error == ""  # the worklist shows why it failed
 
 
 def test_worklist_filter_and_keyboard_step(batch_out):
@@ -67,6 +68,7 @@ def test_worklist_filter_and_keyboard_step(batch_out):
     assert [e.name for e in filter_worklist(entries, "", "approved")] == ["high"]
     assert "high" not in [e.name for e in filter_worklist(entries, "", "todo")]
     assert [e.name for e in filter_worklist(entries, "bad_input")] == ["broken"]
+    assert [e.name for e in filter_worklist(entries, "TRUNC")] == ["broken"]  # its error is searchable too
     # next/previous skip cases that cannot be opened and stop at the ends
     assert step(entries, "doubt", 1) == "high"
     assert step(entries, "high", -1) == "doubt"

@@ -415,10 +415,13 @@ class ReviewApp:
                 __properties=[("data_case", "data-case")], data_case=("c.name",),
             ):
                 v.VListItemTitle("{{ c.name }}")
+                # a failed case shows its error (the whole line on hover), a case that ran its answer
                 v.VListItemSubtitle(
-                    "{{ c.status }} · p={{ c.probability === '' ? 'n/a' : c.probability }}"
-                    " · {{ c.worst_level }} G{{ c.worst_grade }}"
-                    "{{ c.needs_review ? ' · needs review' : '' }}{{ c.review ? ' · ' + c.review : '' }}"
+                    "{{ c.status }}{{ c.error ? ': ' + c.error : '' }}"
+                    "{{ c.openable ? ' · p=' + (c.probability === '' ? 'n/a' : c.probability) : '' }}"
+                    "{{ c.worst_level ? ' · ' + c.worst_level + ' G' + c.worst_grade : '' }}"
+                    "{{ c.needs_review && c.openable ? ' · needs review' : '' }}{{ c.review ? ' · ' + c.review : '' }}",
+                    __properties=[("title", "title")], title=("c.error",),
                 )
 
     def _case_ui(self, v, html) -> None:

@@ -32,6 +32,7 @@ class CaseEntry:
         needs_review: the pipeline did not trust the case (or it failed).
         review: ``""`` (not reviewed), ``"approved"`` or ``"rejected"``.
         openable: the case folder holds a result that the app can show.
+        error: why the case failed (``cohort.csv``'s one-line error; ``""`` for a case that ran).
     """
 
     name: str
@@ -42,6 +43,7 @@ class CaseEntry:
     needs_review: bool = False
     review: str = ""
     openable: bool = True
+    error: str = ""
 
     def as_row(self) -> dict[str, object]:
         """The entry as a JSON-able dict for the page (probability rounded, blanks as ``""``)."""
@@ -54,6 +56,7 @@ class CaseEntry:
             "needs_review": self.needs_review,
             "review": self.review,
             "openable": self.openable,
+            "error": self.error,
         }
 
 
@@ -107,7 +110,8 @@ def load_worklist(out: str | Path) -> list[CaseEntry]:
                 entry = _entry_from_result(name, folder)
                 entry.review = entry.review or (row.get("review", "") if row.get("review") in ("approved", "rejected") else "")
             else:
-                entry = CaseEntry(name, status=row.get("status", "") or "error", needs_review=True, openable=False)
+                entry = CaseEntry(name, status=row.get("status", "") or "error", needs_review=True, openable=False,
+                                  error=row.get("error", "") or "")
             entries.append(entry)
         return entries
     if (out / "result.json").is_file():
@@ -126,7 +130,7 @@ def order_worklist(entries: list[CaseEntry]) -> list[CaseEntry]:
 
 
 def filter_worklist(entries: list[CaseEntry], text: str = "", review: str = "all") -> list[CaseEntry]:
-    """Entries whose name, status, worst level or review contain ``text`` (case-insensitive).
+    """Entries whose name, status, worst level, review or error contain ``text`` (case-insensitive).
 
     ``review``: ``"all"``, ``"todo"`` (not reviewed yet), ``"approved"`` or ``"rejected"``.
     """
@@ -137,7 +141,7 @@ def filter_worklist(entries: list[CaseEntry], text: str = "", review: str = "all
             continue
         if review in ("approved", "rejected") and entry.review != review:
             continue
-        haystack = " ".join((entry.name, entry.status, entry.worst_level, entry.review)).lower()
+        haystack = " ".join((entry.name, entry.status, entry.worst_level, entry.review, entry.error)).lower()
         if needle and needle not in haystack:
             continue
         out.append(entry)
