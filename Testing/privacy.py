@@ -20,7 +20,7 @@ def readable_bytes(path: Path) -> bytes:
     name = path.name
     if name.endswith(".gz"):
         data = gzip.decompress(data)
-        if name.endswith((".nii.gz",)):
+        if name.endswith(".nii.gz"):
             data = data[: int(struct.unpack("<f", data[108:112])[0])]  # vox_offset: header + extensions
     elif name.endswith(".nrrd"):
         data = data.split(b"\n\n", 1)[0]
