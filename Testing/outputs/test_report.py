@@ -83,6 +83,8 @@ def test_report_is_self_contained_and_complete(tmp_path):
     assert "L1: p = 0.86, Genant grade 2 (wedge)" in html
     assert "yes: L1" in html  # low density flag
     assert "classifier not available" in html and "case-0123abcd" in html
+    # the suspicious vertebrae, named so as not to be read as the quality flags of the table
+    assert "Suspicious (p &ge; 0.5 or grade &ge; 1)</div><div>L1, L3</div>" in html and ">Flagged" not in html
     # the table: one row per vertebra, flagged rows marked
     assert len(re.findall(r"<tr class=\"flag\">", html)) == 2
     for level in ("T12", "L1", "L2", "L3"):

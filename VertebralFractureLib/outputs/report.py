@@ -11,7 +11,7 @@ same picture: superior up, anterior left.
 * Overview: a *curved* sagittal reformat: for each height S the plane passes through the spine's
   left-right position L(S), interpolated between vertebra centroids, so a scoliotic spine stays in
   view. Without vertebrae it is the mid-sagittal plane of the field of view.
-* Close-up of each flagged vertebra (probability >= 0.5 or Genant grade >= 1): the straight
+* Close-up of each suspicious vertebra (probability >= 0.5 or Genant grade >= 1): the straight
   sagittal plane through its centroid, with the outline and the anterior, middle and posterior
   heights drawn as lines of the measured length.
 """
@@ -379,7 +379,7 @@ img.sag { display: block; max-height: 880px; max-width: 100%; border-radius: 4px
 <div class="k">Worst vertebra</div><div>{{ worst }}</div>
 <div class="k">Low bone density</div><div>{{ low_density }}</div>
 <div class="k">Vertebrae analysed</div><div>{{ n_vertebrae }}{% if levels %} ({{ levels }}){% endif %}</div>
-<div class="k">Flagged</div><div>{{ flagged_text }}</div>
+<div class="k">Suspicious (p &ge; {{ flag_p }} or grade &ge; {{ flag_grade }})</div><div>{{ flagged_text }}</div>
 </div>
 {% if review_reasons %}<h2 style="margin-top:14px">Needs review</h2>
 <ul class="warn">{% for w in review_reasons %}<li>{{ w }}</li>{% endfor %}</ul>{% endif %}
@@ -412,7 +412,7 @@ disc_inside (a disc crosses the segment's body: its boundaries are shifted), imp
 vertebral body); a flagged vertebra is not graded.</div>
 </div>
 {% if closeups %}<div class="card">
-<h2>Flagged vertebrae</h2>
+<h2>Suspicious vertebrae</h2>
 <div class="closeups">{% for c in closeups %}<div class="closeup"><img alt="close-up of {{ c.level }}" src="{{ c.image }}">
 <div style="margin-top:4px"><b>{{ c.level }}</b> &middot; {{ c.caption }}</div></div>{% endfor %}</div>
 <div class="legend">Sagittal plane through the vertebra's centre; cyan lines: measured anterior (Ha), middle (Hm) and
@@ -493,6 +493,8 @@ def render_report(
         n_vertebrae=len(records),
         levels=f"{records[0].level}{DASH}{records[-1].level}" if len(records) > 1 else "",
         flagged_text=", ".join(r.level for r in flagged) or "none",
+        flag_p=f"{FLAG_PROBABILITY:g}",
+        flag_grade=FLAG_GRADE,
         warnings=list(warnings),
         review_reasons=list(review_reasons),
         sagittal=images.sagittal,
