@@ -25,6 +25,7 @@ def test_score_case_counts_a_merge_and_a_split(realct):
 def test_review_reasons_are_grouped_by_kind(realct):
     assert realct.reason_kind("L5 looks like more than one vertebra in one segment (volume 102 ml).") == "merged"
     assert realct.reason_kind("Segments not shaped like a vertebral body: T3.") == "implausible"
+    assert realct.reason_kind("L1 is a piece of a vertebra, not a whole one (volume 14.3 ml).") == "implausible"
     assert realct.reason_kind("The level names are uncertain (confidence 0.25: no anchor).") == "levels"
     assert realct.reason_kind("The fracture classifier called most vertebrae fractured.") == "classifier"
     assert realct.reason_kind("The fracture call rests on height differences the voxels do not resolve: T4 (28% height "

@@ -190,6 +190,7 @@ def deformities(out: dict, truth: Volume, matched: dict, partial: Iterable[str] 
 
 #: kinds of review reason, by a phrase of their sentence (stages.quality, classification)
 REASON_KINDS = (("merged", "more than one vertebra"), ("implausible", "not shaped like a vertebral body"),
+                ("implausible", "a piece of a vertebra"),
                 ("disc_inside", "disc inside them"), ("gap", "vertebra is missing"), ("levels", "naming confidence"),
                 ("levels", "level names"), ("unresolved", "voxels do not resolve"),
                 ("boundary", "boundary between two segments"),

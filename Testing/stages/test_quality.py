@@ -278,3 +278,20 @@ def test_a_call_whose_lost_height_the_next_segment_has_is_a_misplaced_boundary()
     assert shifted_boundary(fractured[3], fractured, 3.0) is None
     assert unresolved_calls(fractured, 1.5, 0.5, unconfirmed_mm=3.0) == []
     assert shifted_boundary(recs(2.0, 2.0)[3], recs(2.0, 2.0), 3.0) is None  # under two voxels: not looked for
+
+
+def test_a_piece_of_a_vertebra_is_implausible_and_not_graded(phantom):
+    """A segment with less than half the volume its neighbours predict (cptac's 14 ml piece of T12 on 5 mm slices,
+    graded a crush) is a piece, not a vertebra: flagged, ungraded, a review reason; the whole phantom has none."""
+    lab = phantom.labels.array
+    piece = lab.copy()
+    l1 = np.argwhere(lab == 20)
+    keep = l1[:, 2] < np.percentile(l1[:, 2], 35)  # a third of L1 (by left-right position) stays L1
+    piece[tuple(l1[~keep].T)] = 0
+    records = measure_vertebrae(phantom.ct, phantom.labels.with_array(piece))
+    by_level = {r.level: r for r in records}
+    assert not by_level["L1"].partial
+    quality = assess_quality(records, level_confidence=0.97)
+    assert "implausible" in by_level["L1"].flags and by_level["L1"].genant_grade is None
+    assert any(r.startswith("L1 is a piece of a vertebra") for r in quality.reasons)
+    assert all(by_level[v].flags == [] for v in ("T12", "L2"))
