@@ -57,8 +57,8 @@ MAX_VERTEBRA_ML = 120.0
 MAX_BODY_HEIGHT_MM = 45.0
 #: a segment below this share of the volume its neighbours predict is a piece of a vertebra, not a whole one: a
 #: collapsed body keeps its arch (a vertebra plana about half the volume or more); on cptac's 5 mm slices a 14 ml
-#: piece of T12 (0.32 times) read as a grade 3 crush, while the whole automatic segments of nine real CTs and the
-#: checked vertebrae not cut by the scan were 0.6 times or more
+#: piece of T12 (0.32 times) read as a grade 3 crush; no other automatic segment of the 13 real CTs, no checked
+#: vertebra and no simulated fracture of benchmarks/auto_simulated.py falls under it
 MIN_VOLUME_RATIO = 0.5
 #: consecutive centroids this many times farther apart than the neighbouring pairs leave a vertebra out
 GAP_RATIO = 1.6
