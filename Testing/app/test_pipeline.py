@@ -293,8 +293,8 @@ def test_image_input_leaves_no_path_or_header_field_in_the_outputs(tmp_path, pha
 def test_thick_slices_are_said_in_a_warning(tmp_path, phantom_files):
     """Slices over 3 mm apart along the spine: a warning says what they cost (merged vertebrae, coarse heights) and
     what to do; thin slices get none."""
-    from VertebralFractureLib.app.pipeline import THICK_SLICE_MM
     from VertebralFractureLib.research.phantom import make_phantom
+    from VertebralFractureLib.stages.segmentation.disc_energy import MAX_SLICE_MM as THICK_SLICE_MM
 
     _, ct_path, labels_path = phantom_files
     options = PipelineOptions(wiener=False, radiomics=False)

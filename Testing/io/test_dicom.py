@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_factory import PLANTED, body_phantom, write_ct_series
+from privacy import readable_bytes
 
 from VertebralFractureLib.cli import main
 from VertebralFractureLib.core.errors import InputError
@@ -157,12 +157,7 @@ def test_gantry_tilt_is_corrected_with_warning(tmp_path):
 
 
 def _all_output_bytes(folder: Path) -> bytes:
-    blob = b""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            data = path.read_bytes()
-            blob += gzip.decompress(data) if path.suffix == ".gz" else data
-    return blob
+    return b"\n".join(readable_bytes(path) for path in sorted(folder.rglob("*")) if path.is_file())
 
 
 def _assert_nothing_planted(blob: bytes, uids: list[str]) -> None:

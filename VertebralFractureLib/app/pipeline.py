@@ -187,9 +187,7 @@ def segmentation_grid_mm(options: PipelineOptions) -> float:
 
 
 #: said when a ``--fast`` triage pass is redone at full resolution (:func:`analyse`)
-#: slices farther apart than this along the spine blur the discs (the disc checks and re-cut skip them too:
-#: ``disc_energy.MAX_SLICE_MM``)
-THICK_SLICE_MM = 3.0
+#: for slices farther apart along the spine than ``disc_energy.MAX_SLICE_MM`` (where the disc checks and re-cut stop)
 THICK_SLICE_WARNING = ("slices {mm:.1f} mm apart along the spine: discs blur, so neighbouring vertebrae may merge, and "
                        "a body's height is known to about one slice ({share:.0%} of a 25 mm body), too coarse for mild "
                        "(grade 1) deformities; use a thin-slice reconstruction (3 mm or less) where one exists")
@@ -251,8 +249,10 @@ def _analyse_pass(ct: Volume, labels: Volume | None, options: PipelineOptions, p
         if labels is not None:
             labels = check_labels(labels, ct, labels_source)
     cancel.check()
+    from VertebralFractureLib.stages.segmentation.disc_energy import MAX_SLICE_MM
+
     slice_mm = ct.spacing_along_s()
-    if slice_mm > THICK_SLICE_MM:
+    if slice_mm > MAX_SLICE_MM:
         warnings.append(THICK_SLICE_WARNING.format(mm=slice_mm, share=slice_mm / 25.0))
 
     level_confidence = None  # the user's label map names its levels

@@ -299,8 +299,7 @@ def assess_quality(records: list[VertebraRecord], *, level_confidence: float | N
     for r in ordered:
         if r.label in merged and r.label not in at_scan_end:
             quality.reasons.append(f"{r.level} looks like more than one vertebra in one segment ({merged[r.label]}).")
-    for r in ordered:
-        if r.label in fragments:
+        elif r.label in fragments:
             quality.reasons.append(f"{r.level} is a piece of a vertebra, not a whole one ({fragments[r.label]}; a "
                                    "collapsed vertebra keeps its arch, about half its volume or more): its segment "
                                    "or its neighbour's is drawn wrong.")
