@@ -296,6 +296,54 @@ def test_twelve_rib_bearing_vertebrae_counted_name_t1_to_t12_when_neither_end_is
     assert "rib_count" not in top_cut.anchors_found and top_cut.confidence < 0.6
 
 
+def _to_the_sternum(inst: np.ndarray, hu: np.ndarray, instance: int) -> tuple[np.ndarray, np.ndarray]:
+    """``_pelvis``'s volumes with 45 mm more room in front, and the ribs of ``instance`` carried on from their
+    lateral ends forwards, then in to 45 mm from the midline, as a first rib reaches the manubrium."""
+    inst, hu = np.pad(inst, ((0, 0), (30, 0), (0, 0))), np.pad(hu, ((0, 0), (30, 0), (0, 0)), constant_values=40.0)
+    z = int(np.nonzero((inst == instance).any(axis=(1, 2)))[0].min()) + 4
+    for x0, x1, xm in ((20, 24, slice(20, 70)), (176, 180, slice(130, 180))):
+        hu[z:z + 3, 2:76, x0:x1] = 400.0  # forwards from the lateral end ...
+        hu[z:z + 3, 2:6, xm] = 400.0  # ... then in, ending 45 mm from the midline, 66 mm in front of the body
+    return inst, hu
+
+
+@pytest.mark.parametrize(("keep_mm", "sternal"), [(15.0, True), (4.5, True), (15.0, False)])
+def test_first_ribs_with_enough_spine_in_view_above_them_name_t1_though_the_scan_cuts_c7(keep_mm: float,
+                                                                                         sternal: bool):
+    """A chest CT whose top slice cuts C7 (a chest-abdomen-pelvis CT, named two levels low from the size prior): C7
+    cut by the scan confirms no rib-free vertebra, but with most of it in view above the first ribs' heads a rib of
+    C7 would show, and the ribs reach the front near the midline (the manubrium), so they are the first ribs and
+    name T1 (a weaker anchor). With only 4.5 mm of C7 in view, 18 mm of spine above the ribs' heads (as when a scan
+    cuts T1 below the first rib's head and the second rib is the highest in view), or ribs that end at the side (a
+    crop starting in T10 showed 25 mm of spine above T11's floating ribs), nothing is anchored."""
+    n = 5  # 1: C7 without ribs, cut by the scan's top; 2..5: T1..T4 with ribs on both sides
+    inst, hu = _pelvis(n, ribs_on=[2, 3, 4, 5], sacrum_segment=False)
+    if sternal:
+        inst, hu = _to_the_sternum(inst, hu, 2)
+    c7 = np.nonzero((inst == 1).any(axis=(1, 2)))[0]
+    top = int(c7.min() + keep_mm / 1.5)
+    res = assign_levels(inst[:top], hu[:top], spacing_mm=1.5)
+    if keep_mm > 10 and sternal:
+        assert res.anchors_found == {"first_rib": level_id("T1")} and res.mapping[2] == level_id("T1")
+        assert 0.6 < res.confidence < 0.85
+    else:
+        assert res.method == "size prior" and res.confidence < 0.6
+
+
+def test_two_ribs_a_side_on_the_top_segment_anchor_nothing():
+    """A segment holding several vertebrae (a PET-CT at 8 mm merged T1-T5 into one) carries the heads of several
+    ribs on one side: the highest pair on it is not shown to be the first, and nothing is anchored."""
+    n = 4
+    inst, hu = _pelvis(n, ribs_on=[2, 3, 4], sacrum_segment=False)
+    inst, hu = _to_the_sternum(inst, hu, 2)
+    inst[inst == 2] = 1  # C7 and T1 merged, the top cut
+    inst[inst > 2] -= 1
+    z = np.nonzero((inst == 1).any(axis=(1, 2)))[0]
+    hu[z.min():z.min() + 3, 72:76, 20:78] = 400.0  # another rib on the same side as T1's, lower on the segment
+    res = assign_levels(inst[:z.max()], hu[:z.max()], spacing_mm=1.5)  # the scan's top cuts C7
+    assert "first_rib" not in res.anchors_found
+
+
 def test_the_skull_on_the_atlas_is_no_rib_and_the_first_rib_names_t1():
     """A neck to upper chest scan (as a PET-CT from the skull base down): the skull rests on the top segment and
     reaches far sideways, as a rib does; it made the top segment rib-bearing, so the first rib-bearing segment was
@@ -332,6 +380,20 @@ def test_levels_follow_the_bodies_not_a_segment_dragged_down_by_its_arches():
     names = {numbered[i - 1]: v for i, v in res.mapping.items()}  # body -> level
     assert names == {k: level_id(v) for k, v in enumerate(("C5", "C6", "C7", "T1", "T2"), 1)}
     assert res.anchors_found == {"first_rib": level_id("T1")}
+
+
+def test_real_ct_whose_top_slice_cuts_c7_is_named_from_the_first_ribs(shared_data):
+    """cmb-crc-msb-01068_cap (chest-abdomen-pelvis CT, T1-T11 checked): its top slice cuts C7, which the segmentation
+    merges with T1, and the scan ends in T11, so neither a rib-free vertebra nor twelve ribs counted anchored it and
+    the size prior named T1-T11 as T3-L1. The spine in view above the first ribs' heads now makes them the first."""
+    from VertebralFractureLib.io.reading import read_volume
+    from VertebralFractureLib.stages.segmentation.inference import segment_vertebrae
+
+    result = segment_vertebrae(read_volume(shared_data / "real-ct" / "cmb-crc-msb-01068_cap" / "ct.nii.gz"),
+                               device="cpu")
+    assert result.naming["anchors"] == {"first_rib": "T1"} and 0.6 < result.level_confidence < 0.85
+    names = sorted(int(v) for v in np.unique(result.labels.array) if v > 0)
+    assert names == list(range(level_id("T1"), level_id("T11") + 1))
 
 
 def _levels_on_label_instances(ct_path, labels_path, spacing: float = 1.5, end_in: tuple[str, float] | None = None):

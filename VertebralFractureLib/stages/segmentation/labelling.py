@@ -8,7 +8,9 @@ next body. Names follow the standard sequence C1..C7, T1..T12, L1..L5 fixed by o
   so the field of view does not simply end there); when that rib-free vertebra is itself cut by the scan's end,
   it may be a T12 whose 12th rib the scan cut off, and the ribs' sizes choose between T12 and T11 with low
   confidence (:func:`_last_rib_ratio`);
-* ``first_rib``: the most cranial vertebra with a rib, below a rib-free one, is T1;
+* ``first_rib``: the most cranial vertebra with a rib, below a rib-free one, is T1; where the scan's top cuts the
+  vertebra above (or it is merged with T1), enough spine in view above a pair of rib heads with no rib on it
+  confirms it instead, with less confidence (:func:`first_ribs_in_view`);
 * "rib-free" confirms either only where the field of view would show a rib (:func:`rib_visible`);
 * ``rib_count``: where neither is confirmed, twelve rib-bearing vertebrae counted from the first to the last, both
   whole in view, are T1-T12 (:func:`rib_count_first`), as a radiologist counts ribs on a chest CT that shows
@@ -32,6 +34,7 @@ every rib-bearing vertebra thoracic, and the confidence is low with a warning.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -67,6 +70,16 @@ LAST_RIB_MAX_RATIO = 0.5
 #: between the two ends right and no rib missed or added at either end, above the review's 0.6 (a rib variant,
 #: 11 or 13 pairs, is the remaining doubt, as it is for the first- or last-rib anchor)
 RIB_COUNT_CONFIDENCE = 0.75
+#: spine in view above the heads of a pair of ribs, with no rib on it, that makes them the first ribs
+#: (:func:`first_ribs_in_view`)
+FIRST_RIB_CLEARANCE_MM = 20.0
+#: the two heads of that pair lie at most this far apart along the spine
+FIRST_RIB_PAIR_MM = 10.0
+#: and each rib's bony front end lies at least this far in front of the vertebra and at most this far sideways
+#: from its centre (the first rib meets the manubrium: 36-57 mm sideways, 66-86 mm in front on two real chest CTs;
+#: the 3rd-10th ribs end 60-160 mm sideways, the 11th and 12th at the side, hardly in front of the spine)
+FIRST_RIB_FRONT_MM = 40.0
+FIRST_RIB_END_MM = 60.0
 
 
 @dataclass
@@ -143,14 +156,28 @@ def bone_components(instances: np.ndarray, hu: np.ndarray) -> np.ndarray:
     return cc3d.connected_components(bone.astype(np.uint8), connectivity=26).astype(np.int32)
 
 
+class RibHead(NamedTuple):
+    """A single rib (:func:`find_ribs`): the vertebra its head articulates with, its volume, where the head is
+    (the top, grid z index, of its closest approach to that vertebra; its side, -1: lower x, +1: higher x) and
+    where its bony front end is (mm in front of the vertebra's front, and mm sideways from the vertebra's centre of
+    the most medial voxel within 5 mm of its most anterior one)."""
+
+    instance: int
+    ml: float
+    z: int
+    side: int
+    front_mm: float
+    end_from_midline_mm: float
+
+
 @dataclass
 class Ribs:
     """Ribs found along the spine (:func:`find_ribs`)."""
 
     #: per instance 1..count: does a rib attach?
     bearing: list[bool]
-    #: ``(instance, ml)`` of each single rib (:func:`find_ribs`) and the vertebra its head articulates with
-    single: list[tuple[int, float]]
+    #: each single rib
+    single: list[RibHead]
 
 
 def rib_bearing(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count: int,
@@ -218,16 +245,25 @@ def find_ribs(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count: i
         best = max(contact.get((u, c), 0) for u in (v - 1, v, v + 1))
         if h >= 0.3 * best and h * spacing_mm**3 >= 20.0:  # at least 20 mm^3 of contact
             bearing[v - 1] = True
-    single = [(v, float(ml[c])) for v, c in _closest_vertebra(instances, lab, big & (ml < ILIUM_MIN_ML),
-                                                              spacing_mm, voxels) if reaches(c, v)]
+    single = []
+    for v, c, z, side in _closest_vertebra(instances, lab, big & (ml < ILIUM_MIN_ML), spacing_mm, voxels):
+        if reaches(c, v):
+            sl = objs[c - 1]
+            _, ry, rx = np.nonzero(lab[sl] == c)
+            yy, xx = voxels[v][1], voxels[v][2]
+            # the front end: the most medial of the voxels within 5 mm of the most anterior one
+            end = ry <= ry.min() + 5.0 / spacing_mm
+            sideways = float(np.abs(rx[end] + sl[2].start - xx.mean()).min()) * spacing_mm
+            single.append(RibHead(v, float(ml[c]), z, side,
+                                  float(np.percentile(yy, 2) - ry.min() - sl[1].start) * spacing_mm, sideways))
     by_contact = list(bearing)
-    for v, _ in single:
+    for v, *_ in single:
         if any(by_contact[u - 1] for u in (v - 1, v + 1) if 1 <= u <= count):
             bearing[v - 1] = True
     return Ribs(bearing, single)
 
 
-def _last_rib_ratio(single: list[tuple[int, float]], k: int) -> float | None:
+def _last_rib_ratio(single: list[RibHead], k: int) -> float | None:
     """Volume of instance ``k``'s two largest single ribs (:attr:`Ribs.single`) over the mean of that of the two
     instances above (those with ribs; None without any): a rib head between two vertebrae can go to either, and
     the mean of the two does not change when it does (at 3 mm an 11th rib went to T10 and the ratio to T11 alone
@@ -237,11 +273,41 @@ def _last_rib_ratio(single: list[tuple[int, float]], k: int) -> float | None:
     checked names, ``benchmarks/level_crops.py``) the ratio was 0.07-0.48 where ``k`` was T12 and 0.49-0.74
     where it was T11 (its 12th rib cut off by the scan), but 0.25-0.33 on an osteopenic spine whose 11th ribs
     the scan cut short: the names stay uncertain."""
-    pair = {v: sum(sorted((m for u, m in single if u == v), reverse=True)[:2]) for v in range(k - 2, k + 1)}
+    pair = {v: sum(sorted((r.ml for r in single if r.instance == v), reverse=True)[:2]) for v in range(k - 2, k + 1)}
     above = [pair[v] for v in (k - 2, k - 1) if pair[v] > 0]
     if not pair[k] or not above:
         return None
     return pair[k] / float(np.mean(above))
+
+
+def first_ribs_in_view(instances: np.ndarray, single: list[RibHead], top: int, visible: list[bool],
+                       spacing_mm: float) -> bool:
+    """Are the ribs of instance ``top`` (1-based: the most cranial rib-bearing one) the first ribs, though no
+    whole rib-free vertebra above it confirms it?
+
+    Yes when one single rib (:attr:`Ribs.single`) on each side, and no other, has its head on ``top``, the two
+    within :data:`FIRST_RIB_PAIR_MM` of each other along the spine, each reaching the front near the midline as
+    the first rib does (:data:`FIRST_RIB_FRONT_MM`, :data:`FIRST_RIB_END_MM`), a rib attached there would be
+    in view (``visible``: :func:`rib_visible`), and the spine in view (instances 1..top) reaches at least
+    :data:`FIRST_RIB_CLEARANCE_MM` above the higher head with no rib on it: the next rib up (the first rib, if
+    these were the second) articulates one vertebra higher, so it would have been in view. The first rib's head
+    lies on T1's upper body, the second's at the T1/T2 disc: a scan whose top cuts T1 below the first rib's head
+    shows at most about 10 mm of spine above the second rib's head. A chest-abdomen-pelvis CT whose top slice cut
+    C7, merged with T1 into one segment, showed 25 mm above T1's ribs and was named from the size prior, two
+    levels low."""
+    heads = [r for r in single if r.instance == top]
+    # one rib each side, heads level with each other: more ribs on one segment make it several vertebrae (a PET-CT
+    # at 8 mm merged T1-T5 into one segment with three ribs' heads 27 mm apart)
+    if not visible[top - 1] or sorted(r.side for r in heads) != [-1, 1] \
+            or abs(heads[0].z - heads[1].z) * spacing_mm > FIRST_RIB_PAIR_MM:
+        return False
+    # each reaches the front near the midline, as the first rib does at the manubrium: a crop starting in T10 had
+    # 25 mm of spine above T11's floating ribs, which end at the side, and named T11 as T1
+    if any(r.front_mm < FIRST_RIB_FRONT_MM or r.end_from_midline_mm > FIRST_RIB_END_MM for r in heads):
+        return False
+    above = np.isin(instances, np.arange(1, top + 1))
+    spine_top = int(np.nonzero(above.any(axis=(1, 2)))[0].max())
+    return (spine_top - max(r.z for r in heads)) * spacing_mm >= FIRST_RIB_CLEARANCE_MM
 
 
 def rib_count_first(instances: np.ndarray, fov: np.ndarray | None, bearing: list[bool],
@@ -260,13 +326,15 @@ def rib_count_first(instances: np.ndarray, fov: np.ndarray | None, bearing: list
 
 
 def _closest_vertebra(instances: np.ndarray, components: np.ndarray, candidate: np.ndarray, spacing_mm: float,
-                      voxels: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> list[tuple[int, int]]:
-    """``(instance, component)`` for each ``candidate`` component (bool per component id) whose closest approach
+                      voxels: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]
+                      ) -> list[tuple[int, int, int, int]]:
+    """``(instance, component, head z, side)`` for each ``candidate`` component (bool per component id) whose closest approach
     to an instance's part at or behind its pedicles (no more than 10 mm in front of its centroid, as in
     :func:`rib_bearing`) is at most :data:`RIB_HEAD_MAX_MM`: that instance, once per component. Instances it
     approaches within a voxel of that closest distance tie (at 3 mm a 12th rib came as close to L1's transverse
     process as to T12); the tie goes to the one with the most of the component within
-    :data:`RIB_HEAD_MAX_MM`."""
+    :data:`RIB_HEAD_MAX_MM`. Head z: the highest grid z of the component's voxels within a voxel of its closest
+    approach to that instance; side: where the head lies beside that instance's centroid (-1: lower x)."""
     pad = int(np.ceil(RIB_HEAD_MAX_MM / spacing_mm)) + 1
     box = nonzero_box(instances, pad)
     if box is None or not candidate.any():
@@ -294,8 +362,11 @@ def _closest_vertebra(instances: np.ndarray, components: np.ndarray, candidate: 
     for cid in np.unique(c):
         mine = c == cid
         vs, ds = v[mine], dd[mine]
-        tied = np.unique(vs[ds <= ds.min() + spacing_mm])
-        out.append((int(max(tied, key=lambda u: int((vs == u).sum()))), int(cid)))
+        closest = ds <= ds.min() + spacing_mm
+        owner = int(max(np.unique(vs[closest]), key=lambda u: int((vs == u).sum())))
+        head = cand[mine][closest & (vs == owner)]
+        side = 1 if head[:, 2].mean() + box[2].start >= voxels[owner][2].mean() else -1
+        out.append((owner, int(cid), int(head[:, 0].max()) + box[0].start, side))
     return out
 
 
@@ -605,7 +676,10 @@ def _anchored(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, n: int, 
     pos: dict[str, int] = {}
     if rib_idx and rib_idx[-1] < n and rib_free[rib_idx[-1]]:
         found["last_rib"], pos["last_rib"] = rib_idx[-1], STANDARD_SEQUENCE.index(19) - (rib_idx[-1] - 1)
-    if rib_idx and rib_idx[0] > 1 and rib_free[rib_idx[0] - 2]:
+    # the first rib confirmed by the spine shown above it, not by a whole rib-free vertebra: a weaker anchor
+    first_by_clearance = bool(rib_idx) and not (rib_idx[0] > 1 and rib_free[rib_idx[0] - 2]) \
+        and first_ribs_in_view(instances, found_ribs.single, rib_idx[0], visible, spacing_mm)
+    if rib_idx and (rib_idx[0] > 1 and rib_free[rib_idx[0] - 2] or first_by_clearance):
         found["first_rib"], pos["first_rib"] = rib_idx[0], STANDARD_SEQUENCE.index(8) - (rib_idx[0] - 1)
     counted = rib_count_first(instances, fov, ribs, bottom)
     if sacrum_segment or (n >= 1 and sacrum_below(instances, hu, spacing_mm, n)):
@@ -645,7 +719,8 @@ def _anchored(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, n: int, 
     if len(set(pos.values())) == 1:
         key = next(iter(found))
         mapping = names_from_anchor(n, found[key], levels[key])
-        confidence = 0.97 if len(found) > 1 else RIB_COUNT_CONFIDENCE if key == "rib_count" else 0.85
+        weak = key == "rib_count" or (key == "first_rib" and first_by_clearance)
+        confidence = 0.97 if len(found) > 1 else RIB_COUNT_CONFIDENCE if weak else 0.85
     else:
         confidence = 0.5
         said = "; ".join(f"{names[k]} (segment {i})" for k, i in found.items())
