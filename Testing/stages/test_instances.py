@@ -47,10 +47,11 @@ def test_split_touching_vertebrae_into_one_instance_each():
         assert body[0, 0, 0] == 4 - k
 
 
-def _bridged_column(n: int, tilt_deg: float = 0.0) -> tuple[np.ndarray, np.ndarray, list[float]]:
+def _bridged_column(n: int, tilt_deg: float = 0.0, faint: int = 0) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """A column of ``n`` vertebral bodies (marrow 200 HU, 1.5 mm endplates 600 HU) joined by 6 mm discs
     (90 HU) that the "network" mask covers too, tilted by ``tilt_deg`` in the sagittal plane (z=S, y=P, x=L,
-    1.5 mm voxels). Returns (mask, hu, z of the disc centres in voxels along the column's axis)."""
+    1.5 mm voxels); the first ``faint`` discs along the axis are faint (175 HU between 215 HU endplates, as thin
+    upper thoracic discs). Returns (mask, hu, z of the disc centres in voxels along the column's axis)."""
     shape = (40 + 18 * n, 110, 40)
     zz, yy, xx = np.indices(shape).astype(float)
     t = np.deg2rad(tilt_deg)
@@ -63,6 +64,9 @@ def _bridged_column(n: int, tilt_deg: float = 0.0) -> tuple[np.ndarray, np.ndarr
     hu[inside] = 200.0
     hu[inside & ((phase < 1) | ((phase >= 13) & (phase < 14)))] = 600.0
     hu[inside & (phase >= 14)] = 90.0
+    low = inside & (along < faint * period)
+    hu[low & ((phase < 1) | ((phase >= 13) & (phase < 14)))] = 215.0
+    hu[low & (phase >= 14)] = 175.0
     rng = np.random.default_rng(0)
     hu += rng.normal(0, 20, shape)
     return inside, hu.astype(np.float32), [k * period - 2 for k in range(1, n)]
@@ -83,6 +87,19 @@ def test_split_at_discs_cuts_a_bridged_column_at_each_disc():
         for k in range(4):
             body = mask & (along >= 18 * k + 3) & (along < 18 * k + 11)
             assert len(np.unique(parts[body])) == 1, (tilt, k)
+
+
+def test_split_at_discs_finds_faint_discs_beyond_the_only_two_marked_ones():
+    """A chest CT ending in T8: only the two discs of T5-T7 stood out, the thin T1-T5 discs above them did not,
+    and T3-T8 stayed one segment. A stretch beyond the outermost marked discs longer than 2.5 of their spacings is
+    searched for a faint narrow minimum too, as a gap of 1.6 spacings between two marked discs already was: here
+    five faint discs below two marked ones are found down to the last two bodies, which stay one part (an end
+    stretch that short may hold a cut body; the review flags such a part merged)."""
+    mask, hu, discs = _bridged_column(8, faint=5)
+    parts = split_at_discs(mask, hu, 1.5)
+    assert parts is not None and parts.max() == 7
+    sizes = np.bincount(parts.ravel())[1:]
+    assert sorted(sizes)[-1] > 1.7 * np.median(sizes) and sorted(sizes)[-2] < 1.2 * np.median(sizes)
 
 
 def test_extract_instances_uses_the_discs_when_given_hu():
