@@ -297,7 +297,7 @@ def first_ribs_in_view(instances: np.ndarray, single: list[RibHead], top: int, v
     levels low."""
     heads = [r for r in single if r.instance == top]
     # one rib each side, heads level with each other: more ribs on one segment make it several vertebrae (a PET-CT
-    # at 8 mm merged T1-T5 into one segment with three ribs' heads 27 mm apart)
+    # at 8 mm merged several upper thoracic vertebrae into one segment with three ribs' heads 27 mm apart)
     if not visible[top - 1] or sorted(r.side for r in heads) != [-1, 1] \
             or abs(heads[0].z - heads[1].z) * spacing_mm > FIRST_RIB_PAIR_MM:
         return False
@@ -676,10 +676,11 @@ def _anchored(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, n: int, 
     pos: dict[str, int] = {}
     if rib_idx and rib_idx[-1] < n and rib_free[rib_idx[-1]]:
         found["last_rib"], pos["last_rib"] = rib_idx[-1], STANDARD_SEQUENCE.index(19) - (rib_idx[-1] - 1)
-    # the first rib confirmed by the spine shown above it, not by a whole rib-free vertebra: a weaker anchor
-    first_by_clearance = bool(rib_idx) and not (rib_idx[0] > 1 and rib_free[rib_idx[0] - 2]) \
+    first_confirmed = bool(rib_idx) and rib_idx[0] > 1 and rib_free[rib_idx[0] - 2]
+    # else the first rib confirmed by the spine shown above it, not by a whole rib-free vertebra: a weaker anchor
+    first_by_clearance = bool(rib_idx) and not first_confirmed \
         and first_ribs_in_view(instances, found_ribs.single, rib_idx[0], visible, spacing_mm)
-    if rib_idx and (rib_idx[0] > 1 and rib_free[rib_idx[0] - 2] or first_by_clearance):
+    if first_confirmed or first_by_clearance:
         found["first_rib"], pos["first_rib"] = rib_idx[0], STANDARD_SEQUENCE.index(8) - (rib_idx[0] - 1)
     counted = rib_count_first(instances, fov, ribs, bottom)
     if sacrum_segment or (n >= 1 and sacrum_below(instances, hu, spacing_mm, n)):
