@@ -37,6 +37,7 @@ from VertebralFractureLib.io.reading import read_volume
 from VertebralFractureLib.io.volume_files import write_volume
 from VertebralFractureLib.stages.quality import CaseQuality, review_reasons, unresolved_calls
 from VertebralFractureLib.stages.quality_discs import assess_case_quality
+from VertebralFractureLib.stages.segmentation.disc_energy import MAX_SLICE_MM
 
 
 @dataclass
@@ -186,11 +187,11 @@ def segmentation_grid_mm(options: PipelineOptions) -> float:
     return FAST_SPACING_MM if options.fast else WORK_SPACING_MM
 
 
-#: said when a ``--fast`` triage pass is redone at full resolution (:func:`analyse`)
 #: for slices farther apart along the spine than ``disc_energy.MAX_SLICE_MM`` (where the disc checks and re-cut stop)
 THICK_SLICE_WARNING = ("slices {mm:.1f} mm apart along the spine: discs blur, so neighbouring vertebrae may merge, and "
                        "a body's height is known to about one slice ({share:.0%} of a 25 mm body), too coarse for mild "
                        "(grade 1) deformities; use a thin-slice reconstruction (3 mm or less) where one exists")
+#: said when a ``--fast`` triage pass is redone at full resolution (:func:`analyse`)
 FAST_TRIAGE_WARNING = ("the 3 mm pass of --fast did not find this case normal ({what}); it was analysed again at "
                        "full resolution, and these results are that analysis's")
 
@@ -249,8 +250,6 @@ def _analyse_pass(ct: Volume, labels: Volume | None, options: PipelineOptions, p
         if labels is not None:
             labels = check_labels(labels, ct, labels_source)
     cancel.check()
-    from VertebralFractureLib.stages.segmentation.disc_energy import MAX_SLICE_MM
-
     slice_mm = ct.spacing_along_s()
     if slice_mm > MAX_SLICE_MM:
         warnings.append(THICK_SLICE_WARNING.format(mm=slice_mm, share=slice_mm / 25.0))

@@ -305,8 +305,7 @@ def first_ribs_in_view(instances: np.ndarray, single: list[RibHead], top: int, v
     # 25 mm of spine above T11's floating ribs, which end at the side, and named T11 as T1
     if any(r.front_mm < FIRST_RIB_FRONT_MM or r.end_from_midline_mm > FIRST_RIB_END_MM for r in heads):
         return False
-    above = np.isin(instances, np.arange(1, top + 1))
-    spine_top = int(np.nonzero(above.any(axis=(1, 2)))[0].max())
+    spine_top = max(sl[0].stop - 1 for sl in label_boxes(instances, max_label=top) if sl is not None)
     return (spine_top - max(r.z for r in heads)) * spacing_mm >= FIRST_RIB_CLEARANCE_MM
 
 
