@@ -397,13 +397,16 @@ def _add_label_assist(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show-proposal", action="store_true", help="also draw the numbered proposal into OUT/proposal/")
     p.add_argument("--no-views", action="store_true", help="write no PNGs")
     p.add_argument("--no-cache", action="store_true", help="segment again instead of using the cached proposal")
+    p.add_argument("--proposal", type=Path,
+                   help="frozen proposal (proposal.nii.gz an earlier run wrote, proposal.json beside it): apply the "
+                        "decisions to it instead of segmenting the CT, so that they rebuild the same labels")
 
 
 def _cmd_label_assist(args: argparse.Namespace) -> int:
     from VertebralFractureLib.research.label_assist import label_assist
 
     result = label_assist(args.ct, args.output, args.decisions, use_cache=not args.no_cache,
-                          render=not args.no_views, show_proposal=args.show_proposal)
+                          render=not args.no_views, show_proposal=args.show_proposal, proposal=args.proposal)
     res = result.record["result"]
     levels = f"{res['levels'][0]}..{res['levels'][-1]}" if res["levels"] else "none"
     print(f"{res['count']} vertebrae ({levels}, named by {res['naming']}); wrote {args.output}")

@@ -4,6 +4,8 @@ build.py regenerates the committed real-CT labels."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +16,14 @@ from VertebralFractureLib.core.levels import level_id
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.reading import read_volume
 from VertebralFractureLib.io.volume_files import write_volume
-from VertebralFractureLib.research.label_assist import name_segments
+from VertebralFractureLib.research.label_assist import (
+    CACHE_ENV,
+    PROPOSAL_FILE,
+    Proposal,
+    label_assist,
+    name_segments,
+    write_proposal,
+)
 from VertebralFractureLib.research.label_assist_decisions import Editor, non_commercial, parse_decisions, read_decisions
 
 SPACING = (1.0, 1.0, 2.0)  # anisotropic on purpose: decisions are in mm, not voxels
@@ -181,17 +190,69 @@ def test_cli_refuses_malformed_decisions_in_one_line(tmp_path, capsys):
         read_decisions(tmp_path / "missing.json")
 
 
-@pytest.mark.parametrize("case", ["tptbox-l2-l4", "rider-pilot-0117_chest-pe"])
+def _frozen_case(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The column written as a CT file, its instance map frozen as a proposal, and decisions that refer to the
+    proposal's instance numbers: (CT, proposal.nii.gz, decisions.json)."""
+    from VertebralFractureLib.research.label_assist import file_sha256
+
+    ct, inst = _column()
+    ct_path = write_volume(ct.with_array(np.where(ct.array < 0, -1000, ct.array).astype(np.int16)),
+                           tmp_path / "ct.nii.gz")
+    (tmp_path / "frozen").mkdir()
+    write_proposal(Proposal(ct.with_array(inst), {1: level_id("L3"), 2: level_id("L4")}, ["a warning"]),
+                   tmp_path / "frozen", file_sha256(ct_path), "0" * 64)
+    decisions = tmp_path / "decisions.json"
+    decisions.write_text(json.dumps({"delete": [3], "split": [{"at": 2, "planes": [DISC_PLANE]}],
+                                     "levels": {"L5": LOWER}}))
+    return ct_path, tmp_path / "frozen" / PROPOSAL_FILE, decisions
+
+
+def test_decisions_apply_to_a_frozen_proposal_instead_of_a_new_segmentation(tmp_path):
+    ct_path, frozen, decisions = _frozen_case(tmp_path)
+    assert main(["label-assist", str(ct_path), "-o", str(tmp_path / "out"), "--decisions", str(decisions),
+                 "--proposal", str(frozen), "--no-views"]) == 0
+    labels = read_volume(tmp_path / "out" / "labels.nii.gz", check=False).array
+    # instance numbers 2 and 3 are the frozen map's: the network would segment no 'aorta' 3 on this phantom
+    expected, _ = _apply(json.loads(decisions.read_text()))
+    assert np.array_equal(labels, expected) and sorted(np.unique(labels))[1:] == [level_id(v) for v in
+                                                                                    ("L3", "L4", "L5")]
+    record = json.loads((tmp_path / "out" / "decisions.json").read_text())
+    assert record["model_sha256"] == "0" * 64 and record["result"]["proposal"]["warnings"] == ["a warning"]
+    # the run writes the proposal it used beside the labels, so the next run can be given it
+    rewritten = read_volume(tmp_path / "out" / PROPOSAL_FILE, check=False).array
+    assert np.array_equal(rewritten, read_volume(frozen, check=False).array)
+
+
+def test_a_frozen_proposal_of_another_ct_or_without_its_record_is_refused(tmp_path):
+    ct_path, frozen, decisions = _frozen_case(tmp_path)
+    ct = read_volume(ct_path)
+    other = write_volume(ct.with_array((ct.array + 1).astype(np.int16)), tmp_path / "other.nii.gz")
+    with pytest.raises(InputError, match="another CT") as err:
+        label_assist(other, tmp_path / "out", None, proposal=frozen, render=False)
+    assert "\n" not in str(err.value)
+    (frozen.parent / "proposal.json").unlink()
+    with pytest.raises(InputError, match="proposal.json beside it"):
+        label_assist(ct_path, tmp_path / "out", decisions, proposal=frozen, render=False)
+    assert not (tmp_path / "out").exists()
+
+
+LABELLED = sorted(p.parent.name for p in (Path(__file__).parents[2] / "benchmarks/realct_labels").glob("*/labels.nii.gz"))
+
+
+@pytest.mark.parametrize("case", LABELLED)
 def test_build_reproduces_committed_labels(shared_data, repo_root, load_script, tmp_path, monkeypatch, case):
-    """build.py on a small case writes exactly the committed label map (from the CT plus decisions.json)."""
+    """build.py writes exactly the committed label map from the CT, decisions.json and the frozen proposal, and
+    segments nothing (an empty proposal cache stays empty)."""
     build = load_script("benchmarks/realct_labels/build.py")
-    committed = read_volume(repo_root / "benchmarks/realct_labels" / case / "labels.nii.gz", check=False)
-    record = json.loads((repo_root / "benchmarks/realct_labels" / case / "decisions.json").read_text())
+    folder = repo_root / "benchmarks/realct_labels" / case
+    committed = read_volume(folder / "labels.nii.gz", check=False)
+    record = json.loads((folder / "decisions.json").read_text())
     # build into a copy of the case folder so that the committed files stay as they are
     monkeypatch.setattr(build, "HERE", tmp_path)
-    (tmp_path / case).mkdir()
-    (tmp_path / case / "decisions.json").write_text(json.dumps(record))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    shutil.copytree(folder, tmp_path / case, ignore=shutil.ignore_patterns("labels.nii.gz", "ignore.nii.gz"))
     build.build_case(case, shared_data, None)
+    assert not (tmp_path / "cache").exists()
     rebuilt = read_volume(tmp_path / case / "labels.nii.gz", check=False)
     assert rebuilt.array.dtype == np.uint8 and rebuilt.same_geometry(committed)
     assert np.array_equal(rebuilt.array, committed.array)

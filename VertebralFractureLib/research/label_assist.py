@@ -13,9 +13,11 @@
    ``DIR/ignore.nii.gz`` when regions were excluded (voxels whose labels nobody vouches for: not background for
    training), and sagittal, coronal and axial PNGs for checking by eye (:mod:`.label_assist_render`).
 
-The labels are reproducible from the CT plus the JSON: segments are referred to by points in LPS mm (the segment
-at that point), which survive a change of the proposal's numbering; instance numbers are accepted too but tie
-the JSON to the proposal of the recorded model.
+The labels are reproducible from the CT plus the JSON and the proposal they were written against: every run
+writes the proposal it used (``DIR/proposal.nii.gz`` and ``DIR/proposal.json``), and ``--proposal`` applies the
+decisions to that frozen proposal instead of a fresh segmentation, whose boundaries move whenever the segmentation
+code does. Segments are referred to by points in LPS mm (the segment at that point) or by the frozen proposal's
+instance numbers.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ TOOL_VERSION = "2"
 #: version of the automatic proposal the decisions refer to (keys its cache); decisions stay valid while it holds
 PROPOSAL_VERSION = "1"
 CACHE_ENV = "VF_LABEL_ASSIST_CACHE"
+#: the frozen proposal written beside the labels: instance map and its record (checksums, automatic names)
+PROPOSAL_FILE, PROPOSAL_RECORD = "proposal.nii.gz", "proposal.json"
 
 
 def file_sha256(path: str | Path) -> str:
@@ -88,27 +92,62 @@ def propose(ct: Volume, ct_sha: str, *, model_dir: Path | None = None, use_cache
     craniocaudal number (the automatic naming would drop instances it cannot name); the automatic names are
     then found by :func:`automatic_levels` on those instances.
     """
-    from VertebralFractureLib.io.volume_files import read_image_file, write_volume
     from VertebralFractureLib.stages.segmentation.inference import segment_vertebrae
 
     model_sha = model_sha or model_sha256(model_dir)  # hashing the weights costs ~0.1 s: callers pass it
-    key = f"{ct_sha[:16]}-{model_sha[:16]}-v{PROPOSAL_VERSION}"
-    img, meta = cache_dir() / f"{key}.nii.gz", cache_dir() / f"{key}.json"
-    if use_cache and img.exists() and meta.exists():
-        info = json.loads(meta.read_text())
-        inst = read_image_file(img, check=False)
-        inst = ct.with_array(inst.array.astype(np.uint8))
-        return Proposal(inst, {int(k): int(v) for k, v in info["levels"].items()}, info["warnings"])
+    cached = cache_dir() / f"{ct_sha[:16]}-{model_sha[:16]}-v{PROPOSAL_VERSION}"
+    if use_cache and (cached / PROPOSAL_FILE).exists() and (cached / PROPOSAL_RECORD).exists():
+        return read_proposal(cached / PROPOSAL_FILE, ct, ct_sha)[0]
     # without the arch pass: the decisions were written against this proposal; label_assist runs it after them
     seg = segment_vertebrae(ct, device="cpu", anchors=["C1=1"], model_dir=model_dir, arches=False)
     inst = seg.labels.with_array(seg.labels.array.astype(np.uint8))
     levels, warnings = automatic_levels(ct, inst.array)
     prop = Proposal(inst, levels, [w for w in seg.warnings if "anchor" not in w] + warnings)
     if use_cache:
-        cache_dir().mkdir(parents=True, exist_ok=True)
-        write_volume(inst, img)
-        meta.write_text(json.dumps({"levels": prop.levels, "warnings": prop.warnings}))
+        cached.mkdir(parents=True, exist_ok=True)
+        write_proposal(prop, cached, ct_sha, model_sha)
     return prop
+
+
+def write_proposal(prop: Proposal, out_dir: Path, ct_sha: str, model_sha: str) -> list[Path]:
+    """Freeze ``prop`` into ``out_dir``: :data:`PROPOSAL_FILE` (uint8 instances on the CT grid) and
+    :data:`PROPOSAL_RECORD` (the CT's and the model's checksums, the automatic names and warnings)."""
+    from VertebralFractureLib.io.volume_files import write_volume
+
+    record = {"ct_sha256": ct_sha, "model_sha256": model_sha, "proposal_version": PROPOSAL_VERSION,
+              "levels": {str(k): int(v) for k, v in sorted(prop.levels.items())}, "warnings": prop.warnings}
+    (out_dir / PROPOSAL_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    return [write_volume(prop.instances, out_dir / PROPOSAL_FILE), out_dir / PROPOSAL_RECORD]
+
+
+def read_proposal(path: str | Path, ct: Volume, ct_sha: str) -> tuple[Proposal, str]:
+    """A proposal frozen by :func:`write_proposal` (``path``: its :data:`PROPOSAL_FILE`, with
+    :data:`PROPOSAL_RECORD` beside it) and the checksum of the model that made it.
+
+    Raises:
+        InputError: missing files, a proposal made for another CT (checksum) or not on the CT's grid.
+    """
+    from VertebralFractureLib.io.volume_files import read_image_file
+
+    path = Path(path)
+    record_path = path.with_name(PROPOSAL_RECORD)
+    if not path.is_file() or not record_path.is_file():
+        raise InputError(f"{path}: a frozen proposal needs {path.name} with {PROPOSAL_RECORD} beside it (written by "
+                         "an earlier label-assist run); leave out --proposal to segment the CT afresh")
+    try:
+        record = json.loads(record_path.read_text())
+        levels = {int(k): int(v) for k, v in record["levels"].items()}
+        recorded_ct, model_sha = str(record["ct_sha256"]), str(record["model_sha256"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"{record_path}: not a proposal record ({exc}); write it again with label-assist") from None
+    if recorded_ct != ct_sha:
+        raise InputError(f"{path}: was made for another CT (checksum {recorded_ct[:12]}..., the CT has "
+                         f"{ct_sha[:12]}...); give the proposal of this CT")
+    inst = read_image_file(path, check=False)
+    if not inst.same_geometry(ct, tol_mm=0.01) or np.issubdtype(inst.array.dtype, np.floating):
+        raise InputError(f"{path}: not an instance map on the CT's grid; give the proposal written for this CT")
+    instances = ct.with_array(inst.array.astype(np.uint8))
+    return Proposal(instances, levels, [str(w) for w in record.get("warnings", [])]), model_sha
 
 
 def automatic_levels(ct: Volume, instances: np.ndarray) -> tuple[dict[int, int], list[str]]:
@@ -200,15 +239,17 @@ def label_assist(
     use_cache: bool = True,
     render: bool = True,
     show_proposal: bool = False,
+    proposal: str | Path | None = None,
 ) -> LabelResult:
-    """Propose, apply decisions, name, and write ``labels.nii.gz``, ``decisions.json`` and the views.
+    """Propose (or read the frozen ``proposal``), apply decisions, name, and write ``labels.nii.gz``,
+    ``decisions.json``, the proposal used (:func:`write_proposal`) and the views.
 
     Without decisions (or with ``show_proposal``) the proposal is also drawn into ``proposal/*.png`` with its
     instance numbers and automatic names, so that decisions can be written down.
 
     Raises:
-        InputError: unreadable CT, a CT failing validation, a decisions file that is malformed, made for
-            another CT (checksum) or that refers to segments that do not exist.
+        InputError: unreadable CT, a CT failing validation, a decisions file or frozen proposal that is
+            malformed or made for another CT (checksum), decisions that refer to segments that do not exist.
     """
     from VertebralFractureLib import __version__
     from VertebralFractureLib.core.levels import level_name
@@ -227,8 +268,11 @@ def label_assist(
         if recorded and recorded != ct_sha:
             raise InputError(f"{decisions_path}: was made for another CT (checksum {recorded[:12]}..., "
                              f"{ct_path} has {ct_sha[:12]}...)")
-    model_sha = model_sha256(model_dir)
-    prop = propose(ct, ct_sha, model_dir=model_dir, use_cache=use_cache, model_sha=model_sha)
+    if proposal is not None:
+        prop, model_sha = read_proposal(proposal, ct, ct_sha)
+    else:
+        model_sha = model_sha256(model_dir)
+        prop = propose(ct, ct_sha, model_dir=model_dir, use_cache=use_cache, model_sha=model_sha)
     editor = Editor(ct, prop.instances.array, str(decisions_path or "decisions"))
     instances = assign_arches_on(ct, editor.apply(decisions))
     mapping, how = name_segments(ct, instances, decisions.levels, editor.resolve)
@@ -243,7 +287,7 @@ def label_assist(
         raise InputError(f"{decisions_path}: {', '.join(missing)} names a level that is not in the labels")
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = ct.with_array(verse)
-    paths = [write_volume(labels, out_dir / "labels.nii.gz")]
+    paths = [write_volume(labels, out_dir / "labels.nii.gz"), *write_proposal(prop, out_dir, ct_sha, model_sha)]
     ignore_path = out_dir / "ignore.nii.gz"
     if editor.ignore.any():
         paths.append(write_volume(ct.with_array(editor.ignore.astype(np.uint8)), ignore_path))

@@ -8,7 +8,9 @@ Each case folder here holds ``decisions.json`` (the human decisions plus checksu
 into ``--views`` (default /tmp/realct_labels_views/<case>/), and the contact sheet of all cases
 (``docs/realct_labels_contact_sheet.png``) when every case was built. ``tptbox-l2-l4`` has reference labels
 made by its authors: they are recorded as they are (``reference`` in its decisions.json), not proposed.
-The automatic proposal is cached in /tmp (``$VF_LABEL_ASSIST_CACHE``), so a rebuild costs seconds per case.
+The decisions apply to the case's frozen proposal (``proposal.nii.gz`` and ``proposal.json``, the automatic
+segmentation they were written against), so the labels rebuild identically whatever the segmentation code does
+since; a case without one is segmented (cached in /tmp, ``$VF_LABEL_ASSIST_CACHE``) and its proposal frozen here.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def build_case(case: str, data: Path, views: Path | None) -> dict:
     """Labels of one case into HERE/<case>/ (views into ``views``/<case>/ when given)."""
     import shutil
 
-    from VertebralFractureLib.research.label_assist import label_assist
+    from VertebralFractureLib.research.label_assist import PROPOSAL_FILE, PROPOSAL_RECORD, label_assist
 
     ct_rel, ref_rel = CASES[case]
     out = HERE / case
@@ -96,10 +98,11 @@ def build_case(case: str, data: Path, views: Path | None) -> dict:
     else:
         decisions = out / "decisions.json"
         tmp = Path("/tmp/realct_labels_build") / case
+        frozen = out / PROPOSAL_FILE
         result = label_assist(data / ct_rel, tmp, decisions if decisions.exists() else None, render=views is not None,
-                              show_proposal=views is not None)
-        shutil.copyfile(tmp / "labels.nii.gz", out / "labels.nii.gz")
-        shutil.copyfile(tmp / "decisions.json", decisions)
+                              show_proposal=views is not None, proposal=frozen if frozen.exists() else None)
+        for name in ("labels.nii.gz", "decisions.json", PROPOSAL_FILE, PROPOSAL_RECORD):
+            shutil.copyfile(tmp / name, out / name)
         ignore = tmp / "ignore.nii.gz"
         if ignore.exists():
             shutil.copyfile(ignore, out / "ignore.nii.gz")
