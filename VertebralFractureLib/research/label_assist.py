@@ -64,6 +64,16 @@ def model_sha256(model_dir: Path | None = None) -> str:
     return file_sha256(model_dir / read_card(model_dir, "segmentation").weights)
 
 
+def code_sha256() -> str:
+    """SHA-256 of the package's Python sources: a cached proposal is only reused by the code that made it (the
+    decisions of several real CTs once met a proposal cached by an earlier version of the segmentation)."""
+    package = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(package.rglob("*.py")):
+        h.update(f.relative_to(package).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def cache_dir() -> Path:
     """Where proposals are cached (``$VF_LABEL_ASSIST_CACHE`` or ``/tmp/vertebral-fracture-label-assist``)."""
     return Path(os.environ.get(CACHE_ENV, "/tmp/vertebral-fracture-label-assist"))
@@ -86,7 +96,7 @@ class Proposal:
 
 def propose(ct: Volume, ct_sha: str, *, model_dir: Path | None = None, use_cache: bool = True,
             model_sha: str | None = None) -> Proposal:
-    """Instances and automatic levels of ``ct`` (cached under :func:`cache_dir` by CT and model checksum).
+    """Instances and automatic levels of ``ct`` (cached under :func:`cache_dir` by CT, model and code checksum).
 
     The segmentation runs once with the anchor ``C1=1``, which makes each VerSe id equal to the instance's
     craniocaudal number (the automatic naming would drop instances it cannot name); the automatic names are
@@ -95,7 +105,7 @@ def propose(ct: Volume, ct_sha: str, *, model_dir: Path | None = None, use_cache
     from VertebralFractureLib.stages.segmentation.inference import segment_vertebrae
 
     model_sha = model_sha or model_sha256(model_dir)  # hashing the weights costs ~0.1 s: callers pass it
-    cached = cache_dir() / f"{ct_sha[:16]}-{model_sha[:16]}-v{PROPOSAL_VERSION}"
+    cached = cache_dir() / f"{ct_sha[:16]}-{model_sha[:16]}-{code_sha256()[:16]}-v{PROPOSAL_VERSION}"
     if use_cache and (cached / PROPOSAL_FILE).exists() and (cached / PROPOSAL_RECORD).exists():
         return read_proposal(cached / PROPOSAL_FILE, ct, ct_sha)[0]
     # without the arch pass: the decisions were written against this proposal; label_assist runs it after them
