@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,6 +55,43 @@ def test_parallel_cached_extraction_matches_plain_pyradiomics(phantom, tmp_path,
     changed = ct.with_array(ct.array + np.int16(7))
     fresh = rf.extract_features(changed, labels, [21], workers=1, cache_dir=tmp_path)
     assert fresh[21]["original_firstorder_Mean"] == pytest.approx(ours[21]["original_firstorder_Mean"] + 7, rel=1e-3)
+
+
+def _entry(cache, name: str, size: int, age_s: float) -> Path:
+    path = cache / name[:2] / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("0" * size)
+    os.utime(path, (time.time() - age_s, time.time() - age_s))
+    return path
+
+
+def test_cache_is_pruned_least_recently_used_first(tmp_path):
+    old, middle, new = (_entry(tmp_path, n, 4000, age) for n, age in (("aa1", 300), ("bb2", 200), ("cc3", 100)))
+    leftover = tmp_path / "aa" / "aa9.tmp123"
+    leftover.write_text("x")
+    os.utime(leftover, (time.time() - 7200, time.time() - 7200))
+    assert rf.prune_cache(tmp_path, 20_000) == 1 and not leftover.exists()  # under the limit: only the leftover
+    assert rf.prune_cache(tmp_path, 8_000) == 2  # 12 kB > 8 kB: down to 0.9 x 8 kB, oldest first
+    assert not old.exists() and not middle.exists() and new.exists()
+
+
+def test_cache_hits_are_kept_longest_and_a_zero_limit_turns_the_cache_off(phantom, tmp_path, monkeypatch):
+    ct, labels = phantom
+    rf.extract_features(ct, labels, [20], workers=1, cache_dir=tmp_path)
+    (entry,) = tmp_path.rglob("*.json")
+    os.utime(entry, (time.time() - 3600, time.time() - 3600))
+    filler = _entry(tmp_path, "ff0", entry.stat().st_size, 60)
+    rf.extract_features(ct, labels, [20], workers=1, cache_dir=tmp_path)  # a hit: used now
+    assert entry.stat().st_mtime > filler.stat().st_mtime
+    # room for about one entry: the next extraction writes one and prunes the least recently used (the filler)
+    monkeypatch.setenv("VERTEBRAL_FRACTURE_CACHE_MAX_MB", str(2.5 * entry.stat().st_size / 1e6))
+    rf.extract_features(ct, labels, [21], workers=1, cache_dir=tmp_path)
+    assert entry.exists() and not filler.exists() and len(list(tmp_path.rglob("*.json"))) == 2
+    monkeypatch.setenv("VERTEBRAL_FRACTURE_CACHE_MAX_MB", "0")
+    rf.extract_features(ct, labels, [22], workers=1, cache_dir=tmp_path)
+    assert len(list(tmp_path.rglob("*.json"))) == 2
+    monkeypatch.setenv("VERTEBRAL_FRACTURE_CACHE_MAX_MB", "lots")
+    assert rf.cache_limit_bytes() == rf.DEFAULT_CACHE_MAX_MB * 1_000_000
 
 
 def test_feature_matrix_and_bad_input(phantom):

@@ -9,7 +9,9 @@ Original, LoG sigma 3 mm and 8 wavelet images; see the file for why). Each verte
 CT as a small region of interest (mask bounding box plus a margin) in the main process, so the worker
 processes receive a few hundred kB instead of the whole CT. Results are cached as JSON under
 ``cache_dir`` keyed by the SHA-256 of the ROI's voxels, geometry, parameter file and pyradiomics
-version, so re-running a study or a ``run`` does not extract again.
+version, so re-running a study or a ``run`` does not extract again. The cache is kept under a size limit
+(:func:`cache_limit_bytes`, least recently used entries go first), so that screening thousands of CTs does not
+fill the disk: a full extraction is about 40 kB per vertebra.
 
 ``feature_names`` (``run --fast`` passes the fused classifier's LASSO-selected features) computes only those:
 pyradiomics still builds every filtered image that one of them needs, but only the named features of each image
@@ -47,6 +49,73 @@ PARALLEL_MIN_VOXELS = 1_000_000
 def default_params_path() -> Path:
     """The shipped parameter file ``Resources/radiomics/params.yaml``."""
     return resource_path("radiomics", "params.yaml")
+
+
+#: default size limit of the radiomics cache in MB (``$VERTEBRAL_FRACTURE_CACHE_MAX_MB``; 0 turns the cache off):
+#: about 12,000 vertebrae of full extractions, some 800 CTs
+DEFAULT_CACHE_MAX_MB = 500
+#: a pruned cache is brought down to this share of its limit, so that the next runs do not prune again at once
+PRUNE_TO = 0.9
+
+
+def cache_limit_bytes() -> int:
+    """The radiomics cache's size limit in bytes: ``$VERTEBRAL_FRACTURE_CACHE_MAX_MB`` MB, else
+    :data:`DEFAULT_CACHE_MAX_MB` (a value that is not a number >= 0 is reported in the log and ignored)."""
+    text = os.environ.get("VERTEBRAL_FRACTURE_CACHE_MAX_MB", "").strip()
+    try:
+        mb = float(text) if text else DEFAULT_CACHE_MAX_MB
+        if not (mb >= 0 and math.isfinite(mb)):
+            raise ValueError(text)
+    except ValueError:
+        logging.getLogger(__name__).warning("VERTEBRAL_FRACTURE_CACHE_MAX_MB=%r is not a size in MB (>= 0); using "
+                                            "%d", text, DEFAULT_CACHE_MAX_MB)
+        mb = DEFAULT_CACHE_MAX_MB
+    return int(mb * 1e6)
+
+
+def prune_cache(cache: Path, max_bytes: int) -> int:
+    """Delete the least recently used entries (oldest modification time: a hit renews it) of the radiomics cache
+    ``cache`` until it holds at most :data:`PRUNE_TO` of ``max_bytes``, when it holds more than ``max_bytes``;
+    also leftovers of interrupted writes older than an hour. Returns how many files were deleted. Entries another
+    process deleted first are skipped (batch workers share the cache)."""
+    import time
+
+    entries: list[tuple[float, int, str]] = []
+    stale = time.time() - 3600
+    deleted = 0
+    try:
+        subdirs = [d.path for d in os.scandir(cache) if d.is_dir()]
+    except OSError:
+        return 0
+    for sub in subdirs:
+        try:
+            for e in os.scandir(sub):
+                st = e.stat()
+                if e.name.endswith(".json"):
+                    entries.append((st.st_mtime, st.st_size, e.path))
+                elif ".tmp" in e.name and st.st_mtime < stale and _quietly(os.unlink, e.path):
+                    deleted += 1
+        except OSError:
+            continue
+    total = sum(size for _, size, _ in entries)
+    if total <= max_bytes:
+        return deleted
+    for _, size, path in sorted(entries):
+        if total <= PRUNE_TO * max_bytes:
+            break
+        deleted += _quietly(os.unlink, path)
+        total -= size
+    return deleted
+
+
+def _quietly(op, path: str | Path) -> bool:
+    """``op(path)`` (``os.unlink``, ``os.utime``) on a cache file; False where it failed: the file is gone already
+    (another batch worker pruned it) or the cache is one this process may only read."""
+    try:
+        op(path)
+        return True
+    except OSError:
+        return False
 
 
 def default_cache_dir() -> Path:
@@ -244,7 +313,9 @@ def extract_rois(
     """Features of each ROI, in order; extraction runs in ``workers`` processes (default: CPU count).
 
     Args:
-        cache_dir: folder of the JSON cache; None uses :func:`default_cache_dir`, False disables it.
+        cache_dir: folder of the JSON cache; None uses :func:`default_cache_dir`, False disables it. After
+            new entries are written the cache is pruned to :func:`cache_limit_bytes` (:func:`prune_cache`); a limit
+            of 0 disables it too.
         feature_names: compute only these pyradiomics features (None: every feature of the parameter file).
     Returns:
         One dict per ROI (feature name -> value; empty when extraction failed, e.g. a tiny mask).
@@ -257,7 +328,8 @@ def extract_rois(
     if names is not None:
         feature_selection(names)  # a malformed name is an error here, not an empty result in a worker
         params_text += "\n# features: " + ",".join(names)  # a selection has its own cache entries
-    cache = None if cache_dir is False else Path(cache_dir) if cache_dir else default_cache_dir()
+    limit = cache_limit_bytes()
+    cache = None if cache_dir is False or limit == 0 else Path(cache_dir) if cache_dir else default_cache_dir()
     results: list[dict[str, float] | None] = [None] * len(rois)
     digests = [roi.digest(params_text) for roi in rois]
     todo = []
@@ -266,9 +338,11 @@ def extract_rois(
         if hit is not None and hit.exists():
             try:
                 results[i] = json.loads(hit.read_text())
-                continue
             except (OSError, json.JSONDecodeError):
-                pass  # a damaged cache entry is extracted again
+                pass  # a damaged cache entry is extracted again (or one pruned meanwhile)
+            else:
+                _quietly(os.utime, hit)  # used now: pruning deletes the least recently used first
+                continue
         todo.append(i)
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
     if sum(rois[i].ct.size for i in todo) < PARALLEL_MIN_VOXELS:
@@ -279,6 +353,8 @@ def extract_rois(
             results[i] = features
             if cache and features:
                 _cache_write(cache / digests[i][:2] / f"{digests[i]}.json", features)
+        if cache:
+            prune_cache(cache, limit)
     return [r or {} for r in results]
 
 
