@@ -117,3 +117,22 @@ def body_phantom(shape: tuple[int, int, int] = (24, 48, 48), seed: int = 0) -> n
     hu[(y - cy - 5) ** 2 + (x - cx) ** 2 < 25] = 700.0
     hu += np.linspace(0, 30, shape[0])[:, None, None]
     return (hu + rng.normal(0, 15, shape)).astype(np.float32)
+
+
+def enhanced_from_classic(classic: list, folder: Path, name: str = "enhanced.dcm") -> Path:
+    """The classic single-frame CT datasets ``classic`` (pydicom, or paths) as one real Legacy Converted Enhanced
+    CT image (multi-frame, PS3.3 A.70; highdicom's converter), written to ``folder``/``name``."""
+    import warnings
+
+    import highdicom as hd
+    import pydicom
+
+    datasets = [pydicom.dcmread(p) if isinstance(p, (str, Path)) else p for p in classic]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the converter says which optional frame attributes it cannot fill
+        image = hd.legacy.LegacyConvertedEnhancedCTImage(
+            legacy_datasets=datasets, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(),
+            instance_number=1)
+    folder.mkdir(parents=True, exist_ok=True)
+    image.save_as(folder / name)
+    return folder / name

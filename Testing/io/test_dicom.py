@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_factory import PLANTED, body_phantom, write_ct_series
+from dicom_factory import PLANTED, body_phantom, enhanced_from_classic, write_ct_series
 from privacy import readable_bytes
 
 from VertebralFractureLib.cli import main
@@ -214,6 +214,37 @@ def test_deidentification_real_series(shared_data, tmp_path, capsys):
     _deid_check(src, tmp_path / "case", capsys)
 
 
+def test_enhanced_multi_frame_ct_imports_like_its_classic_slices(tmp_path):
+    """A real enhanced (multi-frame) CT image, converted from a classic series, gives the same volume, geometry and
+    facts; its frames keep their frame numbers for the DICOM SEG."""
+    paths = write_ct_series(tmp_path / "classic", body_phantom((14, 32, 40)), spacing=(0.7, 0.9, 2.0),
+                            row=(0.0, 1.0, 0.0), col=(0.0, 0.0, -1.0))  # a sagittal stack, frames out of order
+    enhanced_from_classic(paths, tmp_path / "enhanced")
+    classic, enhanced = import_dicom(tmp_path / "classic"), import_dicom(tmp_path / "enhanced")
+    assert np.array_equal(enhanced.volume.array, classic.volume.array)
+    assert enhanced.volume.same_geometry(classic.volume, tol_mm=1e-4)
+    assert enhanced.metadata == classic.metadata and enhanced.warnings == []
+    frames = enhanced.source_headers()
+    assert sorted(h.frame_number for h in frames) == list(range(1, 15))
+    assert len({h.SOPInstanceUID for h in frames}) == 1
+
+
+def test_enhanced_ct_is_deidentified(tmp_path, capsys):
+    enhanced_from_classic(write_ct_series(tmp_path / "classic", body_phantom((16, 32, 32)), plant=PLANTED),
+                          tmp_path / "src")
+    _deid_check(tmp_path / "src", tmp_path / "case", capsys)
+
+
+def test_a_multi_frame_image_without_its_frames_geometry_is_refused_in_one_line(tmp_path, capsys):
+    path = enhanced_from_classic(write_ct_series(tmp_path / "classic", body_phantom((12, 32, 32))), tmp_path / "src")
+    ds = pydicom.dcmread(path)
+    del ds.PerFrameFunctionalGroupsSequence[3:]
+    ds.save_as(path)
+    assert main(["import", str(tmp_path / "src"), "-o", str(tmp_path / "ct.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "12 frames but 3 per-frame functional groups" in err[0]
+
+
 def test_deidentified_headers_keep_geometry_drop_identity(tmp_path):
     write_ct_series(tmp_path / "s", body_phantom((12, 32, 32)), plant=PLANTED)
     result = import_dicom(tmp_path / "s")
@@ -273,3 +304,21 @@ def test_jpeg2000_series_imports(shared_data):
     ref = sitk.GetArrayFromImage(reader.Execute())
     assert ours.shape == (20, 512, 512)
     np.testing.assert_array_equal(ours.array, ref)
+
+
+def test_real_series_as_an_enhanced_image_imports_identically(shared_data, tmp_path):
+    """40 real chest CT slices, converted into one Legacy Converted Enhanced CT image (their per-slice frames of
+    reference made one, as a conversion needs), give the same HU volume and geometry as the slices."""
+    files = sorted((shared_data / "lidc-idri-0314" / "dicom").iterdir())
+    z = [float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in files]
+    (tmp_path / "classic").mkdir()
+    for index in np.argsort(z)[120:160]:
+        shutil.copy(files[index], tmp_path / "classic" / files[index].name)
+    slices = [pydicom.dcmread(p) for p in sorted((tmp_path / "classic").iterdir())]
+    for ds in slices:
+        ds.FrameOfReferenceUID = slices[0].FrameOfReferenceUID
+    enhanced_from_classic(slices, tmp_path / "enhanced")
+    classic, enhanced = import_dicom(tmp_path / "classic"), import_dicom(tmp_path / "enhanced")
+    assert np.array_equal(enhanced.volume.array, classic.volume.array)
+    assert enhanced.volume.same_geometry(classic.volume, tol_mm=1e-4)
+    assert enhanced.metadata == classic.metadata

@@ -6,6 +6,7 @@ import math
 import random
 
 import numpy as np
+import pydicom
 import pytest
 
 from VertebralFractureLib.core.levels import level_name
@@ -273,3 +274,52 @@ def test_run_on_dicom_writes_seg_and_no_identifiers(tmp_path):
         for identifier in (b"Doe", b"Jane", b"ID-12345", b"19500101", b"20200101"):
             assert identifier not in data, f"{identifier!r} leaked into {path.name}"
     assert json.loads((out / "result.json").read_text())["case_id"] == result.case_id
+
+
+def _seg_frames(path) -> dict[tuple, np.ndarray]:
+    """(plane position rounded to 0.01 mm, segment label) -> that frame's pixels, of a DICOM SEG."""
+    seg = pydicom.dcmread(path)
+    pixels = seg.pixel_array.reshape(int(seg.NumberOfFrames), int(seg.Rows), int(seg.Columns))
+    out = {}
+    for frame, groups in zip(pixels, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        position = tuple(round(float(v), 2) for v in groups.PlanePositionSequence[0].ImagePositionPatient)
+        number = int(groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        out[(position, seg.SegmentSequence[number - 1].SegmentLabel)] = frame
+    return out
+
+
+def test_run_on_an_enhanced_ct_writes_a_seg_that_references_its_frames(tmp_path):
+    """An enhanced (multi-frame) CT gets the same segmentation.dcm frames as its classic slices, referencing the
+    one image and its frame numbers, and no identifier reaches an output."""
+    from dicom_factory import enhanced_from_classic
+    from privacy import readable_bytes
+
+    from VertebralFractureLib.app.pipeline import PipelineOptions, run_pipeline
+    from VertebralFractureLib.io.volume_files import write_volume
+
+    labels = _boxes()
+    ct = labels.with_array(np.where(labels.array > 0, 450, 40).astype(np.int16))
+    ct.array[:, :3, :] = -1000
+    classic = ct_series(ct, patient_name="Doe^Jane")
+    (tmp_path / "classic").mkdir()
+    for index, ds in enumerate(classic):
+        ds.save_as(tmp_path / "classic" / f"slice{index:03d}.dcm", enforce_file_format=True)
+    image = pydicom.dcmread(enhanced_from_classic(classic, tmp_path / "enhanced"))
+    write_volume(labels, tmp_path / "labels.nii.gz")
+    options = PipelineOptions(wiener=False)
+    for name in ("classic", "enhanced"):
+        run_pipeline(tmp_path / name, tmp_path / f"out-{name}", labels_path=tmp_path / "labels.nii.gz",
+                     options=options)
+    seg = pydicom.dcmread(tmp_path / "out-enhanced" / "segmentation.dcm")
+    (referenced,) = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    assert referenced.ReferencedSOPClassUID == image.SOPClassUID  # the enhanced image, not a slice
+    numbers = {int(g.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+               for g in seg.PerFrameFunctionalGroupsSequence}
+    assert numbers <= set(range(1, int(image.NumberOfFrames) + 1)) and len(numbers) > 1
+    enhanced, plain = _seg_frames(tmp_path / "out-enhanced" / "segmentation.dcm"), \
+        _seg_frames(tmp_path / "out-classic" / "segmentation.dcm")
+    assert enhanced.keys() == plain.keys() and all(np.array_equal(enhanced[k], plain[k]) for k in plain)
+    for path in (tmp_path / "out-enhanced").iterdir():
+        data = readable_bytes(path)
+        for identifier in (b"Doe", b"Jane", b"ID-12345", b"19500101", b"20200101"):
+            assert identifier not in data, f"{identifier!r} leaked into {path.name}"

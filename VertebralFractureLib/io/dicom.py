@@ -2,7 +2,9 @@
 
 What it does, in order:
 
-1. Reads every file under the folder once with pydicom (non-DICOM files are skipped and counted).
+1. Reads every file under the folder once with pydicom (non-DICOM files are skipped and counted). An enhanced
+   (multi-frame) CT image is taken apart into its frames (:func:`frames_as_slices`), which then go the way of
+   classic slices.
 2. Groups by SeriesInstanceUID; with several series it takes the CT series with the most slices
    and says so in a warning (or the one given by ``series_uid``).
 3. Orders slices by ImagePositionPatient projected on the slice normal (row x column cosines),
@@ -151,7 +153,75 @@ def _read_all(folder: Path) -> tuple[list[Any], int]:
     # sequential: parsing is pure Python under the GIL, threads only add overhead
     datasets = [read(path) for path in files]
     good = [ds for ds in datasets if ds is not None]
-    return good, len(files) - len(good)
+    slices = [frame for ds in good for frame in (frames_as_slices(ds, folder) if _multi_frame(ds) else [ds])]
+    return slices, len(files) - len(good)
+
+
+#: functional group macros (PS3.3 C.7.6.16, C.8.15.3) whose attributes a frame takes over: geometry and rescale to
+#: HU, the tube voltage and kernel (for the sidecar), and what a legacy conversion left unassigned (the same)
+FRAME_MACROS = ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence",
+                "PixelValueTransformationSequence", "CTXRayDetailsSequence", "CTReconstructionSequence",
+                "UnassignedSharedConvertedAttributesSequence", "UnassignedPerFrameConvertedAttributesSequence")
+#: top-level elements a frame does not take over (the frames' pixels and groups, the frame count)
+_MULTI_FRAME_ONLY = ("PixelData", "FloatPixelData", "DoubleFloatPixelData", "PerFrameFunctionalGroupsSequence",
+                     "SharedFunctionalGroupsSequence", "NumberOfFrames")
+
+
+def _frame_anatomy(groups) -> str:
+    """The code meaning of a frame's anatomic region (Frame Anatomy macro), or ""."""
+    for item in groups.get("FrameAnatomySequence") or []:
+        for region in item.get("AnatomicRegionSequence") or []:
+            return str(region.get("CodeMeaning") or "")
+    return ""
+
+
+def _multi_frame(ds) -> bool:
+    return "PerFrameFunctionalGroupsSequence" in ds or int(getattr(ds, "NumberOfFrames", 1) or 1) > 1
+
+
+def frames_as_slices(ds, folder: Path) -> list[Any]:
+    """The frames of an enhanced (multi-frame) CT image as single-frame datasets: each holds the image's top-level
+    attributes, its own geometry and rescale (ImagePositionPatient, ImageOrientationPatient, PixelSpacing,
+    SliceThickness, RescaleSlope/Intercept/Type) from its per-frame functional groups or else the shared ones, and
+    its decoded pixels in ``frame_pixels``; ``frame_number`` is its 1-based frame in the image. Other attributes
+    of :data:`FRAME_MACROS` come along; de-identification keeps of them what it keeps of a classic slice.
+
+    Raises:
+        InputError: a multi-frame image whose frames cannot be decoded or lack their functional groups.
+    """
+    from pydicom.dataset import Dataset
+
+    n = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    if len(per_frame) != n:
+        raise InputError(f"{folder}: a multi-frame image ({safe_name(Path(ds.filename))}) has {n} frames but "
+                         f"{len(per_frame)} per-frame functional groups; it cannot be placed in space")
+    try:
+        pixels = ds.pixel_array.reshape(n, int(ds.Rows), int(ds.Columns))
+    except Exception as exc:  # noqa: BLE001 - codec errors come in many types
+        reason = type(exc).__name__ if _UID_LIKE.search(str(exc)) else (str(exc).splitlines() or [""])[0][:120]
+        raise InputError(f"{folder}: the multi-frame image {safe_name(Path(ds.filename))} cannot be decoded: {reason}; "
+                         "the file is truncated or uses an unsupported compression") from None
+    top = [element for element in ds if element.keyword not in _MULTI_FRAME_ONLY]
+    frames = []
+    for number, groups in enumerate(per_frame, start=1):
+        frame = Dataset()
+        for element in top:
+            frame.add(element)
+        for macro in FRAME_MACROS:
+            item = groups.get(macro) or shared.get(macro)
+            for element in item[0] if item else []:
+                frame.add(element)
+        region = _frame_anatomy(groups) or _frame_anatomy(shared)
+        if region and "BodyPartExamined" not in frame:
+            frame.BodyPartExamined = region.upper()[:16]  # enhanced images code it (e.g. "Chest" for CHEST)
+        frame.file_meta = ds.file_meta
+        frame.filename = ds.filename
+        frame.frame_number = number
+        frame.frame_pixels = pixels[number - 1]
+        frames.append(frame)
+    return frames
 
 
 def _series_uid(ds) -> str:
@@ -227,8 +297,6 @@ def _import_series(folder: Path, series: list[Any], warnings: list[str], deident
     """Checks, geometry, HU and pseudonym of one chosen series (:func:`import_dicom`)."""
     if str(getattr(series[0], "Modality", "")).upper() != "CT":
         raise InputError(f"{folder}: modality {getattr(series[0], 'Modality', '?')} is not CT; this tool needs CT")
-    if "PerFrameFunctionalGroupsSequence" in series[0]:
-        raise InputError(f"{folder}: enhanced multi-frame CT is not supported yet; export the series as classic CT slices")
     if len(series) < MIN_SLICES:
         raise InputError(f"{folder}: the series has {len(series)} slices; at least {MIN_SLICES} are needed")
 
@@ -299,7 +367,9 @@ def _read_pixels(series: list[Any], folder: Path) -> np.ndarray:
     def decode(index: int) -> None:
         ds = series[index]
         try:
-            raw = _uncompressed_pixels(ds, rows, cols)
+            raw = getattr(ds, "frame_pixels", None)  # a frame of a multi-frame image, decoded with it
+            if raw is None:
+                raw = _uncompressed_pixels(ds, rows, cols)
             if raw is None:
                 raw = ds.pixel_array
         except Exception as exc:  # noqa: BLE001 - codec errors come in many types
@@ -316,7 +386,9 @@ def _read_pixels(series: list[Any], folder: Path) -> np.ndarray:
         if integer:
             np.clip(hu, -32768, 32767, out=hu)
         out[index] = hu
-        del ds.PixelData  # the decoded copy is in `out`; keep only the header
+        if "PixelData" in ds:
+            del ds.PixelData  # the decoded copy is in `out`; keep only the header
+        ds.frame_pixels = None
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
         list(pool.map(decode, range(len(series))))
@@ -429,6 +501,8 @@ def _deidentified_header(ds, key: bytes, case_id: str):
     out.ReferringPhysicianName = ""
     out.PatientIdentityRemoved = "YES"
     out.DeidentificationMethod = "VertebralFracture allowlist, PS3.15 basic, UIDs hashed"
+    if getattr(ds, "frame_number", None):  # a frame of an enhanced CT image: the SEG references it by number
+        out.frame_number = ds.frame_number
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = out.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.2")
     meta.MediaStorageSOPInstanceUID = out.get("SOPInstanceUID", "")

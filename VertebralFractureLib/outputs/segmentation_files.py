@@ -334,6 +334,45 @@ def missing_references(datasets: Sequence[Any]) -> str | None:
     return None
 
 
+#: a frame's own attributes, which the functional groups of an enhanced image hold (PS3.3 C.7.6.16)
+_FRAME_GROUPS = {"PlanePositionSequence": ("ImagePositionPatient",),
+                 "PlaneOrientationSequence": ("ImageOrientationPatient",),
+                 "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness"),
+                 "PixelValueTransformationSequence": ("RescaleIntercept", "RescaleSlope", "RescaleType")}
+
+
+def multi_frame_header(frames: Sequence[Any]) -> Any:
+    """One enhanced (multi-frame) image header, without pixel data, rebuilt from the single-frame headers of its
+    frames in frame order (``io.dicom.frames_as_slices``, de-identified): the first frame's other attributes,
+    ``NumberOfFrames``, the plane positions per frame and the orientation, pixel measures and rescale shared."""
+    from pydicom.dataset import Dataset
+
+    own = {keyword for keywords in _FRAME_GROUPS.values() for keyword in keywords}
+    out = Dataset()
+    for element in frames[0]:
+        if element.keyword not in own:
+            out.add(element)
+    out.NumberOfFrames = len(frames)
+
+    def group(ds, macro: str) -> Dataset:
+        item = Dataset()
+        for keyword in _FRAME_GROUPS[macro]:
+            if keyword in ds:
+                item.add(ds[keyword])
+        return item
+
+    shared = Dataset()
+    for macro in ("PlaneOrientationSequence", "PixelMeasuresSequence", "PixelValueTransformationSequence"):
+        setattr(shared, macro, [group(frames[0], macro)])
+    out.SharedFunctionalGroupsSequence = [shared]
+    out.PerFrameFunctionalGroupsSequence = [Dataset() for _ in frames]
+    for item, frame in zip(out.PerFrameFunctionalGroupsSequence, frames, strict=True):
+        item.PlanePositionSequence = [group(frame, "PlanePositionSequence")]
+    if hasattr(frames[0], "file_meta"):
+        out.file_meta = frames[0].file_meta
+    return out
+
+
 def prepare_dicom_seg() -> None:
     """Import and load what :func:`write_dicom_seg` needs the first time (about 0.5 s: highdicom, pydicom's code
     dictionaries, highdicom's tables of the DICOM standard, scipy.ndimage), so that a process can do it ahead."""
@@ -368,7 +407,8 @@ def write_dicom_seg(
         labels: VerSe label map on the CT's grid.
         records: per-vertebra results (names, colours).
         source_datasets: the CT series' single-frame datasets (pydicom, de-identified; pixel data
-            not needed), any order.
+            not needed), any order; or the frames of one enhanced multi-frame CT image as such datasets, each
+            with its ``frame_number`` (``io.dicom.frames_as_slices``): the SEG then references that image.
         path: output file, normally ``segmentation.dcm``.
         warnings: list that receives a line for each repair made to the source headers, and the reason when
             nothing is written.
@@ -384,20 +424,31 @@ def write_dicom_seg(
     from pydicom.sr.codedict import codes
 
     path = Path(path)
-    problem = missing_references(list(source_datasets))
+    datasets = list(source_datasets)
+    frames = bool(datasets) and all(getattr(ds, "frame_number", None) for ds in datasets)
+    problem = None
+    if frames:  # the frames of one enhanced CT image: the SEG references that image, frame by frame
+        ordered = sorted(datasets, key=lambda ds: ds.frame_number)
+        sources = [multi_frame_header(ordered)]
+        if len({str(ds.get("SOPInstanceUID")) for ds in datasets}) > 1:
+            problem = "the CT comes as several multi-frame images, and a DICOM SEG here references one"
+    else:
+        sources = datasets
+    problem = problem or missing_references(sources)
     if problem is not None:
         if warnings is not None:
             warnings.append(f"{problem}, which a DICOM SEG references them by: segmentation.dcm not written "
                             "(segmentation.nii.gz and segmentation.seg.nrrd hold the segmentation)")
         return None
-    datasets = _one_frame_of_reference(list(source_datasets), warnings)
-    grid, order = _dataset_geometry(datasets)
-    ordered = [datasets[i] for i in order]
-    if labels.same_geometry(grid, tol_mm=1e-2):
-        on_grid = labels
-    else:  # sampled at every slice's own position: exact for tilted or irregularly spaced series too
-        on_grid = grid.with_array(_labels_on_slices(labels, ordered))
-    array = np.asarray(on_grid.array)
+    if frames:
+        array = _labels_on_slices(labels, ordered)
+    else:
+        sources = _one_frame_of_reference(datasets, warnings)
+        grid, order = _dataset_geometry(sources)
+        sources = [sources[i] for i in order]
+        # sampled at every slice's own position where the grids differ: exact for tilted or irregular series too
+        same = labels.same_geometry(grid, tol_mm=1e-2)
+        array = np.asarray(labels.array) if same else _labels_on_slices(labels, sources)
     if array.dtype != np.uint8:
         array = array.astype(np.uint8)
 
@@ -437,7 +488,7 @@ def write_dicom_seg(
     with _warnings.catch_warnings(), config.disable_value_validation():
         # pseudonymised identities ("case-1a2b...") are single-component person names on purpose
         _warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
-        seg = _segmentation(hd, ordered, seg_array, descriptions)
+        seg = _segmentation(hd, sources, seg_array, descriptions)
         seg.save_as(str(path))
     return path
 
