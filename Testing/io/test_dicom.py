@@ -131,6 +131,20 @@ def test_bad_series_are_refused_with_one_line(tmp_path, case, message, capsys):
     assert not (tmp_path / "o.nii.gz").exists()
 
 
+def test_a_scout_in_the_series_is_left_out_with_a_warning(tmp_path):
+    """A localizer (coronal scout) exported into the axial series would refuse it for mixed orientations."""
+    paths = write_ct_series(tmp_path / "s", body_phantom((16, 32, 32)))
+    plain = import_dicom(tmp_path / "s").volume.array
+    scout = pydicom.dcmread(paths[0])
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.ImageOrientationPatient = ["1", "0", "0", "0", "0", "-1"]
+    scout.SOPInstanceUID = scout.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    scout.save_as(tmp_path / "s" / "scout.dcm")
+    result = import_dicom(tmp_path / "s")
+    assert np.array_equal(result.volume.array, plain)
+    assert result.warnings == ["1 localizer image (scout) in the series left out"]
+
+
 def test_irregular_spacing_is_resampled_with_warning(tmp_path):
     hu = body_phantom((16, 32, 32))
     z = np.arange(16) * 1.25

@@ -9,7 +9,7 @@ What it does, in order:
    and says so in a warning (or the one given by ``series_uid``).
 3. Orders slices by ImagePositionPatient projected on the slice normal (row x column cosines),
    applies RescaleSlope/RescaleIntercept per slice to get HU.
-4. Checks the geometry: fewer than 10 slices, mixed orientations, mixed matrix sizes and
+4. Leaves out localizer (scout) images that share the series. Checks the geometry: fewer than 10 slices, mixed orientations, mixed matrix sizes and
    duplicate positions are errors; a gap of 1.5x the usual spacing or more is an error
    (missing slices); smaller irregularities in spacing are resampled (linear, along the
    normal) onto a regular grid with a warning; gantry tilt is resampled (each slice shifted
@@ -293,10 +293,19 @@ def import_dicom(folder: str | Path, *, series_uid: str | None = None, deidentif
         raise
 
 
+def _localizer(ds) -> bool:
+    return "LOCALIZER" in [str(value).upper() for value in (ds.get("ImageType") or [])]
+
+
 def _import_series(folder: Path, series: list[Any], warnings: list[str], deidentify: bool) -> DicomImport:
     """Checks, geometry, HU and pseudonym of one chosen series (:func:`import_dicom`)."""
     if str(getattr(series[0], "Modality", "")).upper() != "CT":
         raise InputError(f"{folder}: modality {getattr(series[0], 'Modality', '?')} is not CT; this tool needs CT")
+    # some exports put the scout (topogram) in the axial series: its other orientation would refuse the whole CT
+    scouts = sum(_localizer(ds) for ds in series)
+    if 0 < scouts < len(series):
+        series = [ds for ds in series if not _localizer(ds)]
+        warnings.append(f"{scouts} localizer image{'s' if scouts > 1 else ''} (scout) in the series left out")
     if len(series) < MIN_SLICES:
         raise InputError(f"{folder}: the series has {len(series)} slices; at least {MIN_SLICES} are needed")
 
