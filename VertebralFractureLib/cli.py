@@ -399,14 +399,22 @@ def _add_label_assist(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cache", action="store_true", help="segment again instead of using the cached proposal")
     p.add_argument("--proposal", type=Path,
                    help="frozen proposal (proposal.nii.gz an earlier run wrote, proposal.json beside it): apply the "
-                        "decisions to it instead of segmenting the CT, so that they rebuild the same labels")
+                        "decisions to it instead of segmenting the CT, so that they rebuild the same labels "
+                        "(default: the proposal.nii.gz beside the decisions JSON, if there is one)")
+    p.add_argument("--new-proposal", action="store_true",
+                   help="segment the CT afresh even where a frozen proposal lies beside the decisions")
 
 
 def _cmd_label_assist(args: argparse.Namespace) -> int:
-    from VertebralFractureLib.research.label_assist import label_assist
+    from VertebralFractureLib.research.label_assist import PROPOSAL_FILE, label_assist
 
+    proposal = args.proposal
+    beside = args.decisions.with_name(PROPOSAL_FILE) if args.decisions is not None else None
+    if proposal is None and not args.new_proposal and beside is not None and beside.is_file():
+        proposal = beside  # the decisions were written against it: a fresh segmentation may differ
+        print(f"decisions applied to the frozen proposal {beside} (--new-proposal segments afresh)")
     result = label_assist(args.ct, args.output, args.decisions, use_cache=not args.no_cache,
-                          render=not args.no_views, show_proposal=args.show_proposal, proposal=args.proposal)
+                          render=not args.no_views, show_proposal=args.show_proposal, proposal=proposal)
     res = result.record["result"]
     levels = f"{res['levels'][0]}..{res['levels'][-1]}" if res["levels"] else "none"
     print(f"{res['count']} vertebrae ({levels}, named by {res['naming']}); wrote {args.output}")

@@ -221,6 +221,11 @@ def test_decisions_apply_to_a_frozen_proposal_instead_of_a_new_segmentation(tmp_
     # the run writes the proposal it used beside the labels, so the next run can be given it
     rewritten = read_volume(tmp_path / "out" / PROPOSAL_FILE, check=False).array
     assert np.array_equal(rewritten, read_volume(frozen, check=False).array)
+    # decisions lying beside a frozen proposal are applied to it without --proposal
+    shutil.copy(decisions, frozen.parent / "decisions.json")
+    assert main(["label-assist", str(ct_path), "-o", str(tmp_path / "again"), "--decisions",
+                 str(frozen.parent / "decisions.json"), "--no-views"]) == 0
+    assert np.array_equal(read_volume(tmp_path / "again" / "labels.nii.gz", check=False).array, labels)
 
 
 def test_a_frozen_proposal_of_another_ct_or_without_its_record_is_refused(tmp_path):
