@@ -9,10 +9,10 @@ What it does, in order:
    and says so in a warning (or the one given by ``series_uid``).
 3. Orders slices by ImagePositionPatient projected on the slice normal (row x column cosines),
    applies RescaleSlope/RescaleIntercept per slice to get HU.
-4. Leaves out localizer (scout) images that share the series. Checks the geometry: fewer than 10 slices, mixed orientations, mixed matrix sizes and
-   duplicate positions are errors; a gap of 1.5x the usual spacing or more is an error
-   (missing slices); smaller irregularities in spacing are resampled (linear, along the
-   normal) onto a regular grid with a warning; gantry tilt is resampled (each slice shifted
+4. Leaves out localizer (scout) images that share the series. Checks the geometry: fewer than 10 slices,
+   mixed orientations, mixed matrix sizes and duplicate positions are errors; a gap of 1.5x the usual
+   spacing or more is an error (missing slices); smaller irregularities in spacing are resampled (linear,
+   along the normal) onto a regular grid with a warning; gantry tilt is resampled (each slice shifted
    in-plane onto an orthogonal grid) with a warning.
 5. De-identifies by default. The returned volume has no DICOM metadata at all; the sidecar keeps
    an allowlist of non-identifying acquisition facts (:data:`SIDECAR_FIELDS`) and a pseudonymous
