@@ -249,6 +249,21 @@ def test_enhanced_ct_is_deidentified(tmp_path, capsys):
     _deid_check(tmp_path / "src", tmp_path / "case", capsys)
 
 
+def test_a_multi_frame_image_of_two_phases_is_refused_in_one_line(tmp_path):
+    hu = body_phantom((12, 32, 32))
+    paths = write_ct_series(tmp_path / "arterial", hu, series_uid="1.2.3.4", study_uid="1.2.3")
+    paths += write_ct_series(tmp_path / "venous", hu + 30, series_uid="1.2.3.4", study_uid="1.2.3")
+    enhanced_from_classic([_same_frame(pydicom.dcmread(p)) for p in paths], tmp_path / "src")  # one image, 2 phases
+    with pytest.raises(InputError, match="24 frames at only 12 positions") as err:
+        import_dicom(tmp_path / "src")
+    assert "\n" not in str(err.value)
+
+
+def _same_frame(ds):
+    ds.FrameOfReferenceUID = "1.2.3.5"
+    return ds
+
+
 def test_a_multi_frame_image_without_its_frames_geometry_is_refused_in_one_line(tmp_path, capsys):
     path = enhanced_from_classic(write_ct_series(tmp_path / "classic", body_phantom((12, 32, 32))), tmp_path / "src")
     ds = pydicom.dcmread(path)

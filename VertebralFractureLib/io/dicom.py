@@ -326,7 +326,12 @@ def _import_series(folder: Path, series: list[Any], warnings: list[str], deident
     positions, along = positions[order], along[order]
     gaps = np.diff(along)
     if np.any(gaps < 1e-3):
-        raise InputError(f"{folder}: {int(np.sum(gaps < 1e-3)) + 0} duplicate slice positions; the folder mixes acquisitions, give one series")
+        duplicates = int(np.sum(gaps < 1e-3))
+        if all(getattr(ds, "frame_number", None) for ds in series):  # one enhanced image: phases or stacks in it
+            raise InputError(f"{folder}: the multi-frame image holds {len(series)} frames at only "
+                             f"{len(series) - duplicates} positions (several phases or stacks); give a series of "
+                             "one phase")
+        raise InputError(f"{folder}: {duplicates} duplicate slice positions; the folder mixes acquisitions, give one series")
     spacing_z = float(np.median(gaps))
     big = np.flatnonzero(gaps > 1.5 * spacing_z)
     if big.size:
