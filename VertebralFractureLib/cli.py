@@ -25,7 +25,7 @@ FAST_HELP = ("a 3 mm triage: segment at about 3 mm instead of 1.5 mm and analyse
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", type=Path, help=".nii/.nii.gz/.nrrd/.mha file or a DICOM folder")
+    p.add_argument("input", type=Path, help=".nii/.nii.gz/.nrrd/.mha file, a DICOM folder or an enhanced multi-frame DICOM file")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("--labels", type=Path, help="VerSe label map in the same physical space; skips segmentation")
     p.add_argument("--fast", action="store_true", help=FAST_HELP)
@@ -55,7 +55,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 # --- import ---------------------------------------------------------------------------------
 def _add_import(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dicom_dir", type=Path, help="folder of DICOM files (searched recursively)")
+    p.add_argument("dicom_dir", type=Path,
+                   help="folder of DICOM files (searched recursively), or one enhanced multi-frame CT file")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .nii.gz (a .json sidecar is written beside it)")
     p.add_argument("--series", help="SeriesInstanceUID to import when the folder holds several series")
 

@@ -83,8 +83,11 @@ def test_discover_cases(tmp_path):
     (cohort / "dicomcase").mkdir()
     (cohort / "dicomcase" / "sub").mkdir()
     (cohort / "dicomcase" / "sub" / "IM0001").write_bytes(b"x")
+    (cohort / "case8.dcm").write_bytes(b"\0" * 128 + b"DICM")  # one enhanced multi-frame CT file (its mark only)
+    (cohort / "notes.txt").write_text("not a case")
     cases = {c.name: c for c in discover_cases(cohort)}
-    assert set(cases) == {"case00", "case01", "truncated", "not_hu", "flat2d", "empty", "dicomcase"}
+    assert set(cases) == {"case00", "case01", "truncated", "not_hu", "flat2d", "empty", "dicomcase", "case8"}
+    assert cases["case8"].input == str(cohort / "case8.dcm")
     assert cases["case00"].input.endswith("ct.nii.gz") and cases["case00"].labels.endswith("labels.nii.gz")
     assert cases["empty"].problem and "empty folder" in cases["empty"].problem
     assert cases["dicomcase"].input == str(cohort / "dicomcase") and cases["dicomcase"].labels is None

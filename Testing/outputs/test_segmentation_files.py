@@ -307,9 +307,10 @@ def test_run_on_an_enhanced_ct_writes_a_seg_that_references_its_frames(tmp_path)
     image = pydicom.dcmread(enhanced_from_classic(classic, tmp_path / "enhanced"))
     write_volume(labels, tmp_path / "labels.nii.gz")
     options = PipelineOptions(wiener=False)
-    for name in ("classic", "enhanced"):
-        run_pipeline(tmp_path / name, tmp_path / f"out-{name}", labels_path=tmp_path / "labels.nii.gz",
-                     options=options)
+    # the enhanced image given as its one file, the classic slices as their folder
+    for name, source in (("classic", tmp_path / "classic"), ("enhanced", tmp_path / "enhanced" / "enhanced.dcm")):
+        run_pipeline(source, tmp_path / f"out-{name}", labels_path=tmp_path / "labels.nii.gz", options=options)
+    assert (tmp_path / "out-enhanced" / "ct.json").exists()  # imported (and de-identified) as DICOM
     seg = pydicom.dcmread(tmp_path / "out-enhanced" / "segmentation.dcm")
     (referenced,) = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
     assert referenced.ReferencedSOPClassUID == image.SOPClassUID  # the enhanced image, not a slice

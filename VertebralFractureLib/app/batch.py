@@ -52,6 +52,7 @@ from typing import Any
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.progress import ProgressCallback
 from VertebralFractureLib.io.atomic import atomic_write_text
+from VertebralFractureLib.io.dicom import DICOM_SUFFIXES, is_dicom_file
 from VertebralFractureLib.io.volume_files import VOLUME_SUFFIXES, is_volume_file
 
 COHORT_COLUMNS = ["case", "status", "fracture_probability", "fractured", "worst_level", "worst_grade", "error",
@@ -76,7 +77,7 @@ class Case:
 
 def _strip_suffix(name: str) -> str:
     lower = name.lower()
-    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+    for suffix in sorted(VOLUME_SUFFIXES + DICOM_SUFFIXES, key=len, reverse=True):
         if lower.endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -96,7 +97,7 @@ def discover_cases(cohort_dir: str | Path) -> list[Case]:
         if entry.name.startswith("."):
             continue
         if entry.is_file():
-            if not is_volume_file(entry):
+            if not is_volume_file(entry) and not is_dicom_file(entry):
                 continue
             case = Case(_strip_suffix(entry.name), str(entry))
         elif entry.is_dir():

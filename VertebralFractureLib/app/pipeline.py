@@ -446,7 +446,7 @@ def run_pipeline(
     progress: ProgressCallback = no_progress,
     cancel: CancelToken | None = None,
 ) -> PipelineResult:
-    """Read ``input_path`` (file or DICOM folder), analyse it and write the contract's outputs.
+    """Read ``input_path`` (image file, DICOM folder or DICOM file), analyse it and write the contract's outputs.
 
     Outputs appear in ``out_dir`` only once all are written (temporary sibling folder, then rename).
     """
@@ -457,7 +457,9 @@ def run_pipeline(
     warnings: list[str] = []
     dicom_import = None
     with timer.stage("import"):
-        if input_path.is_dir():
+        from VertebralFractureLib.io.dicom import is_dicom_file
+
+        if input_path.is_dir() or is_dicom_file(input_path):
             from VertebralFractureLib.io.dicom import import_dicom
 
             dicom_import = import_dicom(input_path, series_uid=options.series_uid, deidentify=options.deidentify)

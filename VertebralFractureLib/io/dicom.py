@@ -133,10 +133,31 @@ def safe_name(path: Path) -> str:
 
 
 # --- reading ----------------------------------------------------------------------------------
+#: suffixes of DICOM files (a file without one is still taken for DICOM when it has the PS3.10 preamble)
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """Is ``path`` a file in DICOM format (by its suffix, or the "DICM" mark after the 128-byte preamble)? One
+    such file can hold a whole CT as an enhanced multi-frame image."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.name.lower().endswith(DICOM_SUFFIXES):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 def _read_all(folder: Path) -> tuple[list[Any], int]:
     import pydicom
 
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = [folder] if folder.is_file() else sorted(
+        p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise InputError(f"{folder}: empty folder; expected a DICOM series")
 
@@ -261,10 +282,11 @@ def _float_list(value, n: int, what: str, folder: Path) -> np.ndarray:
 
 
 def import_dicom(folder: str | Path, *, series_uid: str | None = None, deidentify: bool = True) -> DicomImport:
-    """Import one CT series from a DICOM folder as a de-identified HU volume.
+    """Import one CT series from a DICOM folder (or one DICOM file: an enhanced multi-frame CT) as a
+    de-identified HU volume.
 
     Args:
-        folder: folder holding the series (searched recursively).
+        folder: folder holding the series (searched recursively), or a DICOM file (:func:`is_dicom_file`).
         series_uid: SeriesInstanceUID to take when the folder holds several series.
         deidentify: keep de-identified per-slice headers (True, the default). With False the
             original headers are kept for :meth:`DicomImport.source_headers` (PACS round trip only); the
@@ -273,8 +295,8 @@ def import_dicom(folder: str | Path, *, series_uid: str | None = None, deidentif
         InputError: no/corrupt DICOM, non-CT, too few slices, missing slices, mixed orientations...
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: not a folder; give a DICOM folder or an image file")
+    if not folder.is_dir() and not is_dicom_file(folder):
+        raise InputError(f"{folder}: not a folder or a DICOM file; give a DICOM folder or an image file")
     datasets, skipped = _read_all(folder)
     if not datasets:
         raise InputError(f"{folder}: no readable DICOM image among {skipped} files")
@@ -307,7 +329,7 @@ def _import_series(folder: Path, series: list[Any], warnings: list[str], deident
         series = [ds for ds in series if not _localizer(ds)]
         warnings.append(f"{scouts} localizer image{'s' if scouts > 1 else ''} (scout) in the series left out")
     if len(series) < MIN_SLICES:
-        raise InputError(f"{folder}: the series has {len(series)} slices; at least {MIN_SLICES} are needed")
+        raise InputError(f"{folder}: the series has {len(series)} slice{'s' if len(series) != 1 else ''}; at least {MIN_SLICES} are needed")
 
     # geometry
     orientations = np.array([_float_list(getattr(ds, "ImageOrientationPatient", None), 6, "ImageOrientationPatient", folder) for ds in series])

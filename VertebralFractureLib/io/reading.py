@@ -9,18 +9,19 @@ from VertebralFractureLib.io.volume_files import read_image_file
 
 
 def read_volume(path: str | Path, *, check: bool = True) -> Volume:
-    """Read a NIfTI/NRRD/MHA file or a DICOM folder into a :class:`Volume` (LPS geometry).
+    """Read a NIfTI/NRRD/MHA file, a DICOM folder or a DICOM file into a :class:`Volume` (LPS geometry).
 
-    DICOM folders go through :func:`VertebralFractureLib.io.dicom.import_dicom` (de-identified).
+    DICOM folders and files (:func:`~VertebralFractureLib.io.dicom.is_dicom_file`: an enhanced multi-frame CT in
+    one file) go through :func:`VertebralFractureLib.io.dicom.import_dicom` (de-identified).
     With ``check`` the header is validated before voxels are read (dimension, absurd size).
 
     Raises:
         InputError: unreadable file, or a header that fails validation.
     """
-    path = Path(path)
-    if path.is_dir():
-        # pydicom and its codecs load only when a DICOM folder is read
-        from VertebralFractureLib.io.dicom import import_dicom
+    # pydicom and its codecs load only when DICOM is read
+    from VertebralFractureLib.io.dicom import import_dicom, is_dicom_file
 
+    path = Path(path)
+    if path.is_dir() or is_dicom_file(path):
         return import_dicom(path).volume
     return read_image_file(path, check=check)
