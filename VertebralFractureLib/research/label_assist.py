@@ -36,7 +36,7 @@ from VertebralFractureLib.core.volume import Volume
 #: version of the labels this tool makes from a CT and its decisions (2: after the decisions, the arches are given
 #: to the body their own pedicles hold, :func:`assign_arches_on`)
 TOOL_VERSION = "2"
-#: version of the automatic proposal the decisions refer to (keys its cache); decisions stay valid while it holds
+#: version of the proposal recipe (keys the cache, recorded in each frozen proposal's proposal.json)
 PROPOSAL_VERSION = "1"
 CACHE_ENV = "VF_LABEL_ASSIST_CACHE"
 #: the frozen proposal written beside the labels: instance map and its record (checksums, automatic names)
