@@ -93,6 +93,29 @@ def test_discover_cases(tmp_path):
     assert cases["dicomcase"].input == str(cohort / "dicomcase") and cases["dicomcase"].labels is None
 
 
+def test_entries_named_by_dicom_uids_reach_no_output(tmp_path, monkeypatch):
+    """A PACS export names folders and files by study and series UIDs: the cases get pseudonyms instead (the same
+    on a rerun), and no UID reaches cohort.csv, an output folder's name or the batch's state."""
+    from dicom_factory import body_phantom, write_ct_series
+
+    monkeypatch.setenv("VERTEBRAL_FRACTURE_PSEUDONYM_KEY", "test-key")
+    uids = ["1.2.840.113619.2.55.3.604688119", "1.3.12.2.1107.5.1.4.65310.30000"]
+    cohort = tmp_path / "cohort"
+    tiny_case(cohort / uids[0], seed=1)  # ct.nii.gz + labels.nii.gz under a UID-named folder
+    write_ct_series(cohort / uids[1], body_phantom((6, 32, 32)))  # a DICOM folder too short: refused
+    out = tmp_path / "out"
+    for _ in range(2):
+        rows = read_cohort_csv(run_batch(cohort, out, scheduler="synchronous", options=OPTIONS))
+        assert sorted(r["status"] for r in rows) == ["bad_input", "ok"]
+        assert all(r["case"].startswith("case-") for r in rows)
+    bad = next(r for r in rows if r["status"] == "bad_input")
+    assert "at least 10" in bad["error"]
+    texts = [p.name for p in out.rglob("*")] + [p.read_text(errors="ignore") for p in out.rglob("*")
+                                                 if p.is_file() and p.suffix in (".csv", ".json")]
+    for uid in uids:
+        assert not any(uid in text for text in texts), uid
+
+
 def test_broken_cases_get_their_status_and_the_rest_goes_on(tmp_path):
     cohort = make_cohort(tmp_path, 3)
     out = tmp_path / "out"

@@ -52,7 +52,7 @@ from typing import Any
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.progress import ProgressCallback
 from VertebralFractureLib.io.atomic import atomic_write_text
-from VertebralFractureLib.io.dicom import DICOM_SUFFIXES, is_dicom_file
+from VertebralFractureLib.io.dicom import DICOM_SUFFIXES, is_dicom_file, looks_like_uid, name_pseudonym, without_uids
 from VertebralFractureLib.io.volume_files import VOLUME_SUFFIXES, is_volume_file
 
 COHORT_COLUMNS = ["case", "status", "fracture_probability", "fractured", "worst_level", "worst_grade", "error",
@@ -113,6 +113,8 @@ def discover_cases(cohort_dir: str | Path) -> list[Case]:
             continue
         if case.name in cases:  # "a.nii.gz" and "a.nrrd": keep both, the second under its full name
             case.name = entry.name
+        if looks_like_uid(case.name):  # a PACS export names folders by study or series UID: never an output name
+            case.name = name_pseudonym(entry.name)
         cases[case.name] = case
     if not cases:
         raise InputError(f"{cohort}: no case found; expected image files, DICOM folders or folders with ct.nii.gz")
@@ -121,10 +123,12 @@ def discover_cases(cohort_dir: str | Path) -> list[Case]:
 
 # --- per-case work (runs on a Dask worker) -----------------------------------------------------------------
 def _fingerprint(path: str) -> list[Any]:
-    """Size and modification time of an input (a folder: of its files), to see if it changed."""
+    """Name (keyed hash: it is kept in OUT/.batch, and a PACS export names files by UIDs), size and modification
+    time of an input (a folder: of its files), to see if it changed."""
     p = Path(path)
     files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
-    return [[str(q.relative_to(p.parent)), q.stat().st_size, q.stat().st_mtime_ns] for q in files[:5000]]
+    return [[name_pseudonym(str(q.relative_to(p.parent))), q.stat().st_size, q.stat().st_mtime_ns]
+            for q in files[:5000]]
 
 
 def worst_vertebra(vertebrae: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -155,8 +159,9 @@ def _summary_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _within_cohort(message: str, case_input: str, name: str) -> str:
-    """``message`` with the cohort folder's path taken out of the paths it names (``case01/IM0001.dcm: ...``): the
-    folders above a case can name a patient or a ward, and cohort.csv and the failure records are outputs."""
+    """``message`` with the cohort folder's path taken out of the paths it names (``case01/IM0001.dcm: ...``) and
+    any DICOM UID in it replaced (``<UID>/IM0001.dcm``): the folders above a case can name a patient or a ward, a
+    UID identifies a study, and cohort.csv and the failure records are outputs."""
     path = Path(case_input)
     # the case's entry in the cohort folder: the input itself (a file or DICOM folder) or the folder holding ct.nii.gz
     entry = next((p for p in (path, *path.parents) if name in (p.name, _strip_suffix(p.name))), path)
@@ -164,7 +169,7 @@ def _within_cohort(message: str, case_input: str, name: str) -> str:
     for prefix in sorted({str(folder), str(folder.absolute()), str(folder.resolve())}, key=len, reverse=True):
         if prefix not in ("", "."):
             message = message.replace(prefix.rstrip(os.sep) + os.sep, "")
-    return message
+    return without_uids(message)
 
 
 def _failure_row(name: str, status: str, message: str) -> dict[str, Any]:

@@ -127,6 +127,22 @@ def _hashed_uid(key: bytes, uid: str) -> str:
     return "2.25." + str(int(_keyed_hash(key, "uid", uid)[:30], 16))
 
 
+def looks_like_uid(text: str) -> bool:
+    """Does ``text`` hold something shaped like a DICOM UID (five or more dot-separated numbers)?"""
+    return bool(_UID_LIKE.search(text))
+
+
+def without_uids(text: str) -> str:
+    """``text`` with every UID-shaped run of digits and dots replaced by ``<UID>``."""
+    return _UID_LIKE.sub("<UID>", text)
+
+
+def name_pseudonym(name: str) -> str:
+    """A pseudonym (``case-`` + 12 hex digits, keyed hash with this installation's key) for a file or folder
+    name that must not reach an output (one named by a DICOM UID); the same name always gets the same one."""
+    return "case-" + _keyed_hash(_pseudonym_key(), "name", name)[:12]
+
+
 def safe_name(path: Path) -> str:
     """A file's name for messages, withheld when it looks like a DICOM UID (which would identify)."""
     return "<file named by a UID>" if _UID_LIKE.search(path.name) else path.name
