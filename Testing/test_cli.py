@@ -137,6 +137,7 @@ def _normalised(ct: np.ndarray) -> np.ndarray:
     ("normalised 0..1", "no bone or soft tissue in HU"),
     ("2D image", "2D image"),
     ("label map elsewhere", "does not fit the CT"),
+    ("DICOM as labels", "DICOM, not a label map image"),
 ])
 def test_bad_input_is_exit_2_with_one_error_line(tmp_path, phantom_files, case, message):
     ct_path, labels_path = phantom_files
@@ -151,6 +152,9 @@ def test_bad_input_is_exit_2_with_one_error_line(tmp_path, phantom_files, case, 
         write_volume(ct.with_array(_normalised(ct.array)), target)
     elif case == "2D image":
         sitk.WriteImage(sitk.GetImageFromArray(ct.array[ct.shape[0] // 2]), str(target))
+    elif case == "DICOM as labels":  # e.g. a DICOM SEG: a file with the PS3.10 mark
+        (tmp_path / "seg.dcm").write_bytes(b"\0" * 128 + b"DICM")
+        extra, target = ["--labels", tmp_path / "seg.dcm"], ct_path
     else:  # the phantom's own labels, moved 1 m away: no overlap with the CT
         labels = read_volume(labels_path, check=False)
         moved = Volume(labels.array, labels.spacing, tuple(np.add(labels.origin, 1000.0)), labels.direction)

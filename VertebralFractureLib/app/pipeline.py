@@ -467,6 +467,9 @@ def run_pipeline(
             warnings += dicom_import.warnings
         else:
             ct = read_volume(input_path)
+        if labels_path is not None and (Path(labels_path).is_dir() or is_dicom_file(labels_path)):
+            raise InputError(f"{labels_path}: DICOM, not a label map image; give --labels as .nii.gz, .nrrd, "
+                             ".seg.nrrd or .mha (e.g. an earlier run's segmentation.nii.gz)")
         labels = read_volume(labels_path, check=False) if labels_path is not None else None
 
     with _atomic_output_dir(out_dir) as tmp:
