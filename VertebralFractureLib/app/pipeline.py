@@ -468,7 +468,8 @@ def run_pipeline(
         else:
             ct = read_volume(input_path)
         if labels_path is not None and (Path(labels_path).is_dir() or is_dicom_file(labels_path)):
-            raise InputError(f"{labels_path}: DICOM, not a label map image; give --labels as .nii.gz, .nrrd, "
+            what = "a folder" if Path(labels_path).is_dir() else "DICOM"
+            raise InputError(f"{labels_path}: {what}, not a label map image; give --labels as .nii.gz, .nrrd, "
                              ".seg.nrrd or .mha (e.g. an earlier run's segmentation.nii.gz)")
         labels = read_volume(labels_path, check=False) if labels_path is not None else None
 
