@@ -25,7 +25,8 @@ FAST_HELP = ("a 3 mm triage: segment at about 3 mm instead of 1.5 mm and analyse
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", type=Path, help=".nii/.nii.gz/.nrrd/.mha file, a DICOM folder or an enhanced multi-frame DICOM file")
+    p.add_argument("input", type=Path,
+                   help=".nii/.nii.gz/.nrrd/.mha file, a DICOM folder or an enhanced multi-frame DICOM file")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("--labels", type=Path, help="VerSe label map in the same physical space; skips segmentation")
     p.add_argument("--fast", action="store_true", help=FAST_HELP)

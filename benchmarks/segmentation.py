@@ -392,7 +392,7 @@ def render_card(model_dir: Path, card: dict, acc: dict, speed: dict | None, held
     return env.get_template("segmentation_model_card.md.j2").render(
         weights_mb=(model_dir / "model.safetensors").stat().st_size / 1e6, lineage=card.get("lineage", []),
         inf_running_variances=_inf_running_variances(model_dir),
-        tr=card["training"], tp=acc["tptbox-l2-l4"], heldout=heldout, measured=acc.get("measured", "2026-11-26"),
+        tr=card["training"], tp=acc["tptbox-l2-l4"], heldout=heldout, measured=acc["measured"],
         chest=[(name, acc[name]) for name in ("lidc-idri-0314", "aorta-cta-thorax")],
         j2k=acc.get("dicom-jpeg2000-20"), phantoms=acc["phantoms_held_out"], candidates=_candidates(acc),
         speed={"by": {r["mode"]: r for r in speed["rows"]}, "all": speed} if speed else None,

@@ -456,21 +456,20 @@ def run_pipeline(
     progress(0.0, "import")
     warnings: list[str] = []
     dicom_import = None
+    from VertebralFractureLib.io.dicom import import_dicom, is_dicom_file
+
+    if labels_path is not None and (Path(labels_path).is_dir() or is_dicom_file(labels_path)):
+        # said before the CT is read: a DICOM SEG or series would otherwise be read as a CT, at the import's cost
+        what = "a folder" if Path(labels_path).is_dir() else "DICOM"
+        raise InputError(f"{labels_path}: {what}, not a label map image; give --labels as .nii.gz, .nrrd, "
+                         ".seg.nrrd or .mha (e.g. an earlier run's segmentation.nii.gz)")
     with timer.stage("import"):
-        from VertebralFractureLib.io.dicom import is_dicom_file
-
         if input_path.is_dir() or is_dicom_file(input_path):
-            from VertebralFractureLib.io.dicom import import_dicom
-
             dicom_import = import_dicom(input_path, series_uid=options.series_uid, deidentify=options.deidentify)
             ct = dicom_import.volume
             warnings += dicom_import.warnings
         else:
             ct = read_volume(input_path)
-        if labels_path is not None and (Path(labels_path).is_dir() or is_dicom_file(labels_path)):
-            what = "a folder" if Path(labels_path).is_dir() else "DICOM"
-            raise InputError(f"{labels_path}: {what}, not a label map image; give --labels as .nii.gz, .nrrd, "
-                             ".seg.nrrd or .mha (e.g. an earlier run's segmentation.nii.gz)")
         labels = read_volume(labels_path, check=False) if labels_path is not None else None
 
     with _atomic_output_dir(out_dir) as tmp:

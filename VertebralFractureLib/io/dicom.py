@@ -145,7 +145,14 @@ def name_pseudonym(name: str) -> str:
 
 def safe_name(path: Path) -> str:
     """A file's name for messages, withheld when it looks like a DICOM UID (which would identify)."""
-    return "<file named by a UID>" if _UID_LIKE.search(path.name) else path.name
+    return "<file named by a UID>" if looks_like_uid(path.name) else path.name
+
+
+def _codec_reason(exc: Exception) -> str:
+    """A pixel decoder's error in a few words for a message: its first line, or its type where that is empty or
+    quotes a UID."""
+    reason = str(exc).splitlines()[0][:120] if str(exc) else ""
+    return type(exc).__name__ if not reason or looks_like_uid(reason) else reason
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -237,9 +244,8 @@ def frames_as_slices(ds, folder: Path) -> list[Any]:
     try:
         pixels = ds.pixel_array.reshape(n, int(ds.Rows), int(ds.Columns))
     except Exception as exc:  # noqa: BLE001 - codec errors come in many types
-        reason = type(exc).__name__ if _UID_LIKE.search(str(exc)) else (str(exc).splitlines() or [""])[0][:120]
-        raise InputError(f"{folder}: the multi-frame image {safe_name(Path(ds.filename))} cannot be decoded: {reason}; "
-                         "the file is truncated or uses an unsupported compression") from None
+        raise InputError(f"{folder}: the multi-frame image {safe_name(Path(ds.filename))} cannot be decoded: "
+                         f"{_codec_reason(exc)}; the file is truncated or uses an unsupported compression") from None
     top = [element for element in ds if element.keyword not in _MULTI_FRAME_ONLY]
     frames = []
     for number, groups in enumerate(per_frame, start=1):
@@ -425,11 +431,9 @@ def _read_pixels(series: list[Any], folder: Path) -> np.ndarray:
             if raw is None:
                 raw = ds.pixel_array
         except Exception as exc:  # noqa: BLE001 - codec errors come in many types
-            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-            if _UID_LIKE.search(reason):
-                reason = type(exc).__name__
             raise InputError(
-                f"{folder}: slice {index + 1} of {len(series)} ({safe_name(Path(ds.filename))}) cannot be decoded: {reason}; "
+                f"{folder}: slice {index + 1} of {len(series)} ({safe_name(Path(ds.filename))}) cannot be decoded: "
+                f"{_codec_reason(exc)}; "
                 "the file is truncated or uses an unsupported compression"
             ) from None
         if raw.shape != (rows, cols):
