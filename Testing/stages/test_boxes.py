@@ -60,3 +60,30 @@ def test_margin_stays_inside_the_array_and_shift_maps_back(labels):
     corner = label_boxes(labels)[8]
     assert np.array_equal(labels[grow_box(corner, 3)], labels[nonzero_box(labels == 9, 3)])
     assert grow_box(corner, 3)[0].start == 0
+
+
+def test_nonzero_box_equals_the_box_of_np_nonzero():
+    rng = np.random.default_rng(8)
+    for _ in range(20):
+        array = np.zeros(tuple(rng.integers(3, 30, 3)), rng.choice([np.bool_, np.uint8, np.int32, np.float32]))
+        points = rng.integers(0, array.shape, (int(rng.integers(1, 6)), 3))
+        array[tuple(points.T)] = 1
+        idx = np.nonzero(array)
+        for margin in (0, 2):
+            expected = tuple(slice(max(0, int(i.min()) - margin), min(n, int(i.max()) + 1 + margin))
+                             for i, n in zip(idx, array.shape, strict=True))
+            assert nonzero_box(array, margin) == expected
+
+
+def test_deeper_than_equals_the_distance_map_threshold():
+    """The segmentation's "at least d mm inside" (cores, thick parts) by erosion equals the distance map's, voxel for
+    voxel, at every spacing the working grids use and at depths that make a cube or a ball."""
+    from VertebralFractureLib.stages.segmentation.discs import deeper_than
+
+    rng = np.random.default_rng(9)
+    for k in range(12):
+        mask = ndi.binary_opening(rng.random((30, 34, 28)) > 0.25, iterations=int(k % 3))
+        mask[k % 5] = True  # foreground on the array's edge: the outside is not background
+        for spacing_mm, depth_mm in ((1.5, 3.0), (1.5, 4.5), (3.0, 3.0), (3.0, 4.5), (1.0, 3.0), (0.8, 3.0)):
+            expected = ndi.distance_transform_edt(mask) * spacing_mm >= depth_mm
+            assert np.array_equal(deeper_than(mask, depth_mm, spacing_mm), expected), (k, spacing_mm, depth_mm)

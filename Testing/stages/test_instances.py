@@ -171,6 +171,22 @@ def test_fill_bodies_fills_a_hollow_body_but_not_the_canal_or_a_disc():
     assert np.array_equal(out[fg], fg[fg])  # nothing removed
 
 
+def test_fill_bodies_equals_scipy_hole_filling_in_sagittal_and_coronal_planes():
+    """fill_bodies labels the background once per plane direction; it must add exactly the voxels scipy's
+    iterative hole filling adds in both the sagittal and the coronal planes."""
+    rng = np.random.default_rng(6)
+    sag = np.zeros((3, 3, 3), bool)
+    sag[:, :, 1] = ndi.generate_binary_structure(2, 1)
+    cor = np.zeros((3, 3, 3), bool)
+    cor[:, 1, :] = ndi.generate_binary_structure(2, 1)
+    for k in range(10):
+        fg = rng.random((24, 30, 26)) > 0.45 + 0.05 * (k % 3)
+        fg[:, :, k] = False  # an empty plane inside the box
+        expected = fg | (ndi.binary_fill_holes(fg, structure=sag) & ndi.binary_fill_holes(fg, structure=cor))
+        filled = fill_bodies(fg)
+        assert filled.sum() > fg.sum() and np.array_equal(filled, expected)
+
+
 def test_instances_at_the_edge_of_the_scanned_field_of_view_are_partial():
     """With a field-of-view mask, touching its edge (not only the array's) makes a vertebra partial."""
     prob = _column(3, bridge=False)

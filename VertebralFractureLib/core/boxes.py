@@ -14,13 +14,15 @@ from scipy import ndimage as ndi
 def nonzero_box(array: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
     """The bounding box (slices) of the nonzero voxels of ``array``, grown by ``margin`` voxels on every side
     within the array; None when there are none."""
-    nz = array != 0
+    nz = array if array.dtype == np.bool_ else array != 0
     box = []
     for axis, n in enumerate(array.shape):
         hit = np.flatnonzero(nz.any(axis=tuple(k for k in range(array.ndim) if k != axis)))
         if not len(hit):
             return None
-        box.append(slice(max(0, int(hit[0]) - margin), min(n, int(hit[-1]) + 1 + margin)))
+        lo, hi = int(hit[0]), int(hit[-1]) + 1
+        nz = nz[(slice(None),) * axis + (slice(lo, hi),)]  # the next axes are searched within this range only
+        box.append(slice(max(0, lo - margin), min(n, hi + margin)))
     return tuple(box)
 
 

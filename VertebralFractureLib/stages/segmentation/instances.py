@@ -31,6 +31,7 @@ from VertebralFractureLib.stages.segmentation.discs import (
     body_cores,
     component_stats,
     connected_components,
+    deeper_than,
     renumber_craniocaudal,
     seeded_watershed,
     spine_coordinate,
@@ -84,10 +85,6 @@ def fill_bodies(fg: np.ndarray) -> np.ndarray:
     cortical shell of a body; its inside is enclosed in sagittal and coronal slices. The spinal canal is not
     (it runs along z), nor are the discs (open to the front and back), so they stay empty.
     """
-    sag = np.zeros((3, 3, 3), bool)
-    sag[:, :, 1] = ndi.generate_binary_structure(2, 1)
-    cor = np.zeros((3, 3, 3), bool)
-    cor[:, 1, :] = ndi.generate_binary_structure(2, 1)
     out = fg.copy()
     if not fg.any():
         return out
@@ -95,8 +92,25 @@ def fill_bodies(fg: np.ndarray) -> np.ndarray:
     # as the rest of the array is, so filling within it changes nothing
     box = nonzero_box(fg, 1)
     sub = fg[box]
-    out[box] |= ndi.binary_fill_holes(sub, structure=sag) & ndi.binary_fill_holes(sub, structure=cor)
+    out[box] |= _plane_holes(sub, 2) & _plane_holes(sub, 1)  # sagittal (x fixed) and coronal (y fixed) planes
     return out
+
+
+def _plane_holes(mask: np.ndarray, axis: int) -> np.ndarray:
+    """Background of ``mask`` enclosed within its planes normal to ``axis``: the voxels that
+    ``ndi.binary_fill_holes(mask, structure)`` with that plane's 4-neighbourhood adds, found as the background's
+    in-plane components that touch no edge of their plane (one labelling pass, not dilation to convergence)."""
+    structure = np.zeros((3, 3, 3), bool)
+    plane = [slice(None)] * 3
+    plane[axis] = 1
+    structure[tuple(plane)] = ndi.generate_binary_structure(2, 1)
+    lab, n = ndi.label(~mask, structure=structure)
+    outside = np.zeros(n + 1, bool)
+    outside[0] = True  # the mask itself
+    for edge_axis in {0, 1, 2} - {axis}:
+        for end in (0, -1):
+            outside[np.take(lab, end, axis=edge_axis)] = True
+    return ~outside[lab]
 
 
 def spine_axis(labels: np.ndarray, spacing_mm: float, min_ml: float = 5.0):
@@ -228,7 +242,7 @@ def _cut_long(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
     height = (zs.max() - zs.min() + 1) * spacing_mm if len(zs) else 0.0
     if height <= MAX_SINGLE_MM:
         return mask.astype(np.int32)
-    thick = ndi.distance_transform_edt(mask) * spacing_mm >= 3.0
+    thick = deeper_than(mask, 3.0, spacing_mm)
     area = ndi.gaussian_filter1d(thick.sum(axis=(1, 2)).astype(float), 2.0 / spacing_mm)
     lo, hi = int(zs.min()), int(zs.max())
     sep = int(round(14.0 / spacing_mm))
@@ -410,7 +424,7 @@ def _plausible_parts(parts: np.ndarray, spacing_mm: float) -> bool:
     under 1.8 times the median of its siblings' volumes (those above 5 ml: fragments do not count); else a part
     still holds two vertebrae. Arches do not count for the height: a thoracic spinous process points down."""
     vox_ml = spacing_mm**3 / 1000.0
-    thick = np.where(ndi.distance_transform_edt(parts > 0) * spacing_mm >= 3.0, parts, 0)
+    thick = np.where(deeper_than(parts > 0, 3.0, spacing_mm), parts, 0)
     for sl in ndi.find_objects(thick):
         if sl is not None and (sl[0].stop - sl[0].start) * spacing_mm > MAX_SINGLE_MM:
             return False
@@ -545,7 +559,7 @@ def second_body(mask: np.ndarray, spacing_mm: float) -> bool:
     inside that is at least half as big as the biggest and lies in line with it (its centroid within
     :data:`BODY_BESIDE_MM` of the biggest's along x)? Bodies stack along the column; a thick piece beside the
     body is a cervical lateral mass (articular pillar), as thick as a small body but part of the arch."""
-    core, n = connected_components(ndi.distance_transform_edt(mask) * spacing_mm >= CORE_MM, 6)
+    core, n = connected_components(deeper_than(mask, CORE_MM, spacing_mm), 6)
     if n < 2:
         return False
     sizes = np.bincount(core.ravel())[1:]
@@ -619,6 +633,6 @@ def trabecular_core(labels: np.ndarray, hu: np.ndarray, spacing_mm: float, count
             out.append(False)
             continue
         pad = grow_box(sl, 1)
-        core = ndi.distance_transform_edt(labels[pad] == i) * spacing_mm >= CORE_DEPTH_MM
+        core = deeper_than(labels[pad] == i, CORE_DEPTH_MM, spacing_mm)
         out.append(bool(core.sum() * vox_ml >= 0.5 and np.median(hu[pad][core]) <= MAX_TRABECULAR_MEDIAN_HU))
     return out
