@@ -52,7 +52,14 @@ from typing import Any
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.progress import ProgressCallback
 from VertebralFractureLib.io.atomic import atomic_write_text
-from VertebralFractureLib.io.dicom import DICOM_SUFFIXES, is_dicom_file, looks_like_uid, name_pseudonym, without_uids
+from VertebralFractureLib.io.dicom import (
+    DICOM_SUFFIXES,
+    is_dicom_file,
+    looks_like_uid,
+    name_pseudonym,
+    name_pseudonyms,
+    without_uids,
+)
 from VertebralFractureLib.io.volume_files import VOLUME_SUFFIXES, is_volume_file
 
 COHORT_COLUMNS = ["case", "status", "fracture_probability", "fractured", "worst_level", "worst_grade", "error",
@@ -126,9 +133,9 @@ def _fingerprint(path: str) -> list[Any]:
     """Name (keyed hash: it is kept in OUT/.batch, and a PACS export names files by UIDs), size and modification
     time of an input (a folder: of its files), to see if it changed."""
     p = Path(path)
-    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
-    return [[name_pseudonym(str(q.relative_to(p.parent))), q.stat().st_size, q.stat().st_mtime_ns]
-            for q in files[:5000]]
+    files = ([p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()))[:5000]
+    names = name_pseudonyms([str(q.relative_to(p.parent)) for q in files])
+    return [[name, q.stat().st_size, q.stat().st_mtime_ns] for name, q in zip(names, files, strict=True)]
 
 
 def worst_vertebra(vertebrae: list[dict[str, Any]]) -> dict[str, Any] | None:

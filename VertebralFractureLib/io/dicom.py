@@ -140,7 +140,13 @@ def without_uids(text: str) -> str:
 def name_pseudonym(name: str) -> str:
     """A pseudonym (``case-`` + 12 hex digits, keyed hash with this installation's key) for a file or folder
     name that must not reach an output (one named by a DICOM UID); the same name always gets the same one."""
-    return "case-" + _keyed_hash(_pseudonym_key(), "name", name)[:12]
+    return name_pseudonyms([name])[0]
+
+
+def name_pseudonyms(names: list[str]) -> list[str]:
+    """:func:`name_pseudonym` of each of ``names``, the key read once (a DICOM folder has thousands of files)."""
+    key = _pseudonym_key()
+    return ["case-" + _keyed_hash(key, "name", name)[:12] for name in names]
 
 
 def safe_name(path: Path) -> str:

@@ -121,10 +121,10 @@ def spine_coordinate(mask: np.ndarray, spacing_mm: float, outlier_mm: float = 6.
     """
     if line is not None:
         thick = line
-    else:
-        if dist is None:  # distance to the surface in mm; callers that have it pass it in
-            dist = ndi.distance_transform_edt(mask) * spacing_mm
+    elif dist is not None:  # distance to the surface in mm, from a caller that needs it anyway
         thick = dist >= 3.0
+    else:
+        thick = deeper_than(mask, 3.0, spacing_mm)
     zs = np.nonzero(thick.any(axis=(1, 2)))[0]
     if len(zs) < 3:
         return None
