@@ -207,8 +207,13 @@ def test_wiener_box_holds_every_classifier_crop():
     region = classifier_region(ct, lab)
     assert region is not None and np.prod([s.stop - s.start for s in region]) < 0.6 * array.size
     whole, boxed = ct.with_array(wiener_filter(array)), ct.with_array(wiener_filter(array, region=region))
+    cropped = ct.crop(region).with_array(wiener_filter(array, region=region, crop=True))
+    np.testing.assert_array_equal(cropped.array, whole.array[region])
     for label in (20, 21):
-        np.testing.assert_array_equal(extract_crop(boxed, lab, label), extract_crop(whole, lab, label))
+        expected = extract_crop(whole, lab, label)
+        np.testing.assert_array_equal(extract_crop(boxed, lab, label), expected)
+        # what the pipeline classifies: the filtered box and the labels cropped alike, on the box's own grid
+        np.testing.assert_array_equal(extract_crop(cropped, lab.crop(region), label), expected)
     # today's crops read only inside their vertebra's mask; the box holds the whole cube wherever in the spine's
     # bounding box it is centred (extract_crop's index window: cube corners + one crop voxel, then 2-3 voxels)
     half = (CROP_SIZE - 1) / 2 * CROP_SPACING_MM + CROP_SPACING_MM

@@ -67,11 +67,59 @@ def test_fast_gzip_writes_the_same_nifti(tmp_path):
 
     vol = Volume(np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7), (0.7, 0.9, 1.3), (1.0, 2.0, 3.0),
                  DIRECTIONS["oblique"])
-    itk = write_volume(vol, tmp_path / "itk.nii.gz")
+    default = write_volume(vol, tmp_path / "default.nii.gz")
     fast = write_volume(vol, tmp_path / "fast.nii.gz", fast_gzip=True)
-    assert gzip.decompress(fast.read_bytes()) == gzip.decompress(itk.read_bytes())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fast.nii.gz", "itk.nii.gz"]
+    assert gzip.decompress(fast.read_bytes()) == gzip.decompress(default.read_bytes())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["default.nii.gz", "fast.nii.gz"]
     np.testing.assert_array_equal(read_volume(fast, check=False).array, vol.array)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32, np.float32, np.float64, np.bool_])
+def test_nifti_round_trip_of_every_voxel_type_through_itk(tmp_path, dtype):
+    """NIfTI is written by nibabel and read by SimpleITK (ITK's reader, as Slicer's): same voxels and type (a
+    boolean mask as uint8), also from a non-contiguous array."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(2)
+    array = (rng.normal(size=(9, 8, 7)) * 100).astype(dtype)
+    for name, data in (("c", array), ("strided", array[::2, :, ::-1])):
+        vol = Volume(data, (0.7, 0.9, 1.3), (5.0, -6.0, 7.0), DIRECTIONS["oblique"])
+        back = sitk.GetArrayFromImage(sitk.ReadImage(str(write_volume(vol, tmp_path / name / "v.nii.gz"))))
+        assert back.dtype == (np.uint8 if dtype == np.bool_ else dtype)
+        np.testing.assert_array_equal(back, data.astype(back.dtype))
+
+
+def test_large_volume_files_are_written_without_copying_the_array(tmp_path):
+    """A whole-body CT's array is about 1 GB: NIfTI and the .seg.nrrd are written from the array as it is, slab by
+    slab (tracemalloc sees numpy's buffers; a copy would be 100 % of the array, the limit is a quarter)."""
+    import tracemalloc
+
+    from VertebralFractureLib.outputs.segmentation_files import write_seg_nrrd
+
+    def writers(ct: Volume, labels: Volume, folder):
+        folder.mkdir()
+        return (lambda: write_volume(ct, folder / "ct.nii.gz", fast_gzip=True),
+                lambda: write_volume(labels, folder / "labels.nii.gz"),
+                lambda: write_seg_nrrd(labels, [], folder / "labels.seg.nrrd"))
+
+    def volumes(shape):
+        ct = Volume(np.random.default_rng(3).integers(-1000, 1500, shape, dtype=np.int16), (0.8, 0.8, 1.0))
+        labels = np.zeros(shape, np.uint8)
+        labels[1:-1, shape[1] // 3 : shape[1] // 2, shape[2] // 3 : shape[2] // 2] = 20  # a spine-like column
+        return ct, ct.with_array(labels)
+
+    for write in writers(*volumes((4, 5, 6)), tmp_path / "small"):
+        write()  # imports and one-time buffers (e.g. LAPACK's for the affine) out of the way
+    ct, labels = volumes((128, 256, 256))
+    for write, array in zip(writers(ct, labels, tmp_path / "large"), (ct.array, labels.array, labels.array), strict=True):
+        tracemalloc.start()
+        try:
+            write()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < array.nbytes / 4, (peak, array.nbytes)
+    np.testing.assert_array_equal(read_volume(tmp_path / "large" / "ct.nii.gz", check=False).array, ct.array)
 
 
 def test_spacing_along_s_follows_the_axis_nearest_to_superior():

@@ -173,10 +173,13 @@ class _Timer:
 
     @contextmanager
     def stage(self, name: str):
+        from VertebralFractureLib.models.device import release_freed_memory
+
         start = time.perf_counter()
         try:
             yield
         finally:
+            release_freed_memory()  # what the stage freed, for the next one's peak not to sit on top of it
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
 
@@ -272,14 +275,15 @@ def _analyse_pass(ct: Volume, labels: Volume | None, options: PipelineOptions, p
     warnings += morph_warnings
     cancel.check()
 
-    filtered, quality, features = _filter_quality_radiomics(
+    (filtered, filtered_labels), quality, features = _filter_quality_radiomics(
         ct, labels, records, options, level_confidence=level_confidence, naming=naming, overlap=overlap,
         progress=progress, cancel=cancel, timer=timer)
 
     progress(0.8, "classification")
     with timer.stage("classification"):
-        classification = _classify(filtered, labels, records, options, features)
+        classification = _classify(filtered, filtered_labels, records, options, features)
         patient_probability = classification.patient_probability
+    del filtered, filtered_labels
     warnings += classification.warnings
     cancel.check()
 
@@ -314,17 +318,17 @@ def _analyse_pass(ct: Volume, labels: Volume | None, options: PipelineOptions, p
 def _filter_quality_radiomics(ct: Volume, labels: Volume, records: list[VertebraRecord], options: PipelineOptions,
                               *, level_confidence: float | None, naming: dict | None, overlap: bool,
                               progress: ProgressCallback, cancel: CancelToken, timer: _Timer,
-                              ) -> tuple[Volume, CaseQuality, dict[int, dict[str, float]] | None]:
-    """The Wiener-filtered CT (of the classifier's box), the case's quality (flags, review sentences) and the
-    radiomics features (None when not extracted), radiomics in a forked child beside the other two when
-    ``overlap`` (see :func:`_analyse_pass`)."""
+                              ) -> tuple[tuple[Volume, Volume], CaseQuality, dict[int, dict[str, float]] | None]:
+    """The classifier's input (the Wiener-filtered CT and the labels, both cropped to the classifier's box:
+    :func:`_wiener`), the case's quality (flags, review sentences) and the radiomics features (None when not
+    extracted), radiomics in a forked child beside the other two when ``overlap`` (see :func:`_analyse_pass`)."""
     # radiomics needs only the CT, the labels and the records' ids: with overlap it runs in a child process from
     # here on, beside the Wiener filter and the quality flags (radiomics, in one process, as --fast always does)
     extract = options.radiomics and bool(records)
     pending = (ChildProcess(_radiomics, ct, labels, records, options, workers=options.radiomics_workers or 1)
                if extract and overlap and can_fork() else None)
     try:
-        filtered = ct
+        filtered = ct, labels
         if options.wiener:
             progress(0.65, "Wiener filter")
             with timer.stage("wiener"):
@@ -376,15 +380,22 @@ def classifier_region(ct: Volume, labels: Volume) -> tuple[slice, slice, slice] 
                  for idx, m, n in zip(spine, margin, shape, strict=True))  # type: ignore[return-value]
 
 
-def _wiener(ct: Volume, labels: Volume, options: PipelineOptions) -> Volume:
-    """``ct`` Wiener-filtered inside :func:`classifier_region` (unchanged outside; ``ct`` itself when no vertebra)."""
+def _wiener(ct: Volume, labels: Volume, options: PipelineOptions) -> tuple[Volume, Volume]:
+    """``ct`` Wiener-filtered in :func:`classifier_region` and ``labels``, both cropped to that box (``ct`` and
+    ``labels`` themselves when no vertebra).
+
+    The filtered CT feeds the classifier's crops only, which read inside that box: the crops, and so the
+    probabilities, are those of the whole filtered CT, with no float32 copy of the CT outside the box (on a
+    whole-body CT several GB).
+    """
     from VertebralFractureLib.stages.preprocess import wiener_filter
 
-    # the filtered CT feeds the classifier's crops only: filter the box they lie in (same values there)
     region = classifier_region(ct, labels)
     if region is None:
-        return ct
-    return ct.with_array(wiener_filter(ct.array, region=region, noise_every=FAST_NOISE_EVERY if options.fast else 1))
+        return ct, labels
+    noise_every = FAST_NOISE_EVERY if options.fast else 1
+    box = ct.crop(region)
+    return box.with_array(wiener_filter(ct.array, region=region, crop=True, noise_every=noise_every)), labels.crop(region)
 
 
 def _radiomics(ct: Volume, labels: Volume, records: list[VertebraRecord], options: PipelineOptions,
@@ -517,7 +528,7 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
     from VertebralFractureLib.outputs.segmentation_files import write_seg_nrrd
 
     labels = result.labels if result.labels is not None else ct.with_array(np.zeros(ct.shape, np.uint8))
-    labels = labels.with_array(labels.array.astype(np.uint8))
+    labels = labels.with_array(labels.array.astype(np.uint8, copy=False))
     dicom_seg = dicom_import is not None and bool(labels.array.any())
     ct_writer, seg_writer = helpers if helpers else (None, None)
     if dicom_seg and seg_writer is not None:

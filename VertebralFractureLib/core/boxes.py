@@ -2,7 +2,7 @@
 
 A label map on a CT's grid is mostly background (a chest CT's 70M voxels hold a spine of a few %), and a pass of
 ``scipy.ndimage.find_objects`` or ``np.unique`` over all of it costs more than everything done inside the spine's
-box. :func:`nonzero_box` finds that box from one comparison and three axis reductions.
+box. :func:`nonzero_box` finds that box from three axis reductions.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from scipy import ndimage as ndi
 def nonzero_box(array: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
     """The bounding box (slices) of the nonzero voxels of ``array``, grown by ``margin`` voxels on every side
     within the array; None when there are none."""
-    nz = array if array.dtype == np.bool_ else array != 0
+    nz = array  # any() counts nonzero values without the whole-array temporary of `array != 0` (and faster)
     box = []
     for axis, n in enumerate(array.shape):
         hit = np.flatnonzero(nz.any(axis=tuple(k for k in range(array.ndim) if k != axis)))

@@ -90,6 +90,12 @@ class Volume:
             raise ValueError(f"array shape {array.shape} does not fit geometry {self.array.shape}")
         return Volume(array, self.spacing, self.origin, self.direction.copy())
 
+    def crop(self, box: tuple[slice, slice, slice]) -> Volume:
+        """The sub-volume ``array[box]`` (a view; ``box``: (z, y, x) slices, step 1) on its own grid: the same spacing
+        and direction, the origin moved to the box's first voxel."""
+        start = np.array([sl.indices(n)[0] for sl, n in zip(box, self.array.shape[-3:], strict=True)][::-1], float)
+        return Volume(self.array[box], self.spacing, tuple(self.index_to_lps(start)), self.direction.copy())
+
     def same_geometry(self, other: Volume, tol_mm: float = 1e-3) -> bool:
         """True when ``other`` has the same grid (shape, spacing, origin, direction)."""
         return (

@@ -23,6 +23,7 @@ from VertebralFractureLib import __version__
 from VertebralFractureLib.core.levels import level_name, order_index
 from VertebralFractureLib.core.records import VertebraRecord
 from VertebralFractureLib.core.volume import Volume
+from VertebralFractureLib.io.volume_files import GzipWriter
 
 GREY = (0.62, 0.62, 0.62)
 
@@ -132,7 +133,7 @@ def write_seg_nrrd(labels: Volume, records: Sequence[VertebraRecord], path: str 
         raise ValueError(f"label map must be 3D, got shape {array.shape}")
     if array.size and (array.min() < 0 or array.max() > 255):
         raise ValueError("label values must be in 0..255 to be stored as unsigned char")
-    data = np.ascontiguousarray(array.astype(np.uint8))
+    data = np.ascontiguousarray(array, dtype=np.uint8)  # no copy of a uint8 map (a whole-body CT's is 0.5 GB)
     ni, nj, nk = labels.size_ijk
     axes = labels.direction @ np.diag(labels.spacing)  # columns: LPS step of i, j, k
     lines = [
@@ -187,8 +188,11 @@ def write_seg_nrrd(labels: Volume, records: Sequence[VertebraRecord], path: str 
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as fh:
         fh.write(header)
-        # level 1: label maps are mostly zeros, so the gain of higher levels is small and slow
-        fh.write(gzip.compress(data.tobytes(order="C"), compresslevel=1, mtime=0))  # the same labels, the same bytes
+        # level 1: label maps are mostly zeros, so the gain of higher levels is small and slow; slab by slab, so no
+        # bytes copy of the map is made
+        with GzipWriter(fh, level=1) as stream:
+            for z0 in range(0, data.shape[0], 16):
+                stream.write(data[z0 : z0 + 16])
     return path
 
 

@@ -58,6 +58,7 @@ def wiener_filter(
     *,
     out: np.ndarray | None = None,
     region: tuple[slice, slice, slice] | None = None,
+    crop: bool = False,
     noise_every: int = 1,
 ) -> np.ndarray:
     """Adaptive local Wiener filter of a 3D array (any axis order; the window is per axis).
@@ -73,10 +74,12 @@ def wiener_filter(
         region: (z, y, x) slices (step 1) of the box to filter; outside it the output is the input as float32.
             Inside it the values are bit-identical to those of the whole-volume filter: the same slabs, per-slab
             offsets and noise power, and a halo of real neighbours around the box. None filters everything.
+        crop: return the box only (``volume[region]``'s shape), not the whole array: no float32 copy of what lies
+            outside it (on a whole-body CT the box of the spine is a few % of the volume).
         noise_every: estimate the noise power from every ``noise_every``-th slab only (1: all of them, the
             exact estimate; larger values cost less and change the estimate by sampling error).
     Returns:
-        float32 array of ``volume``'s shape.
+        float32 array of ``volume``'s shape (with ``crop``: of the region's).
 
     Precision: float32 throughout; each slab is centred on its own mean first, so the variance
     ``E[x^2] - E[x]^2`` does not cancel catastrophically at HU magnitudes.
@@ -87,12 +90,13 @@ def wiener_filter(
     size = (window,) * 3 if np.isscalar(window) else tuple(int(w) for w in window)  # type: ignore[arg-type]
     if any(w < 1 or w % 2 == 0 for w in size):
         raise ValueError(f"window sizes must be odd and positive, got {size}")
-    if out is None:
-        out = np.empty(volume.shape, dtype=np.float32)
     halo = size[0] // 2
     nz = volume.shape[0]
     box = tuple(slice(0, n) for n in volume.shape) if region is None else tuple(
         slice(*sl.indices(n)[:2]) for sl, n in zip(region, volume.shape, strict=True))
+    cropped = crop and region is not None
+    if out is None:
+        out = np.empty(volume[box].shape if cropped else volume.shape, dtype=np.float32)
 
     def slabs(z_from: int = 0, z_to: int = nz, every: int = 1):
         """Yield (z0, z1, block) with ``block`` the float32 slab plus reflected halo, for slabs meeting z_from:z_to."""
@@ -128,8 +132,10 @@ def wiener_filter(
     hy, hx = size[1] // 2, size[2] // 2
     # the box plus a halo of real neighbours, so the box filters of its edge voxels see what they see unboxed
     ya, yb, xa, xb = max(0, y0 - hy), min(volume.shape[1], y1 + hy), max(0, x0 - hx), min(volume.shape[2], x1 + hx)
-    if region is not None:
+    if region is not None and not cropped:
         out[...] = volume
+    # where the box lands in ``out``
+    oz, oy, ox = (sl.start for sl in box) if cropped else (0, 0, 0)
     for z0, z1, block in slabs(box[0].start, box[0].stop):
         offset = float(block.mean())
         x, mean, var = moments(block[:, ya:yb, xa:xb], z0, z1, offset)
@@ -143,7 +149,8 @@ def wiener_filter(
         x += mean
         x += np.float32(offset)
         za, zb = max(z0, box[0].start), min(z1, box[0].stop)
-        out[za:zb, y0:y1, x0:x1] = x[za - z0 : zb - z0, y0 - ya : y1 - ya, x0 - xa : x1 - xa]
+        out[za - oz : zb - oz, y0 - oy : y1 - oy, x0 - ox : x1 - ox] = x[za - z0 : zb - z0, y0 - ya : y1 - ya,
+                                                                         x0 - xa : x1 - xa]
     return out
 
 

@@ -289,18 +289,8 @@ def segment_vertebrae(
     Returns:
         :class:`SegmentationResult` with uint8 VerSe ids on ``ct``'s grid and geometry.
     """
-    from VertebralFractureLib.stages.segmentation.arches import MAX_SLICE_MM as ARCH_MAX_SLICE_MM
-    from VertebralFractureLib.stages.segmentation.arches import assign_arches
-    from VertebralFractureLib.stages.segmentation.bodies import complete_bodies
-    from VertebralFractureLib.stages.segmentation.disc_boundaries import refine_disc_boundaries
-    from VertebralFractureLib.stages.segmentation.instances import (
-        extract_instances,
-        grow_cortex,
-        reassign_stray_pieces,
-        trabecular_core,
-    )
+    from VertebralFractureLib.stages.segmentation.instances import extract_instances, trabecular_core
     from VertebralFractureLib.stages.segmentation.labelling import assign_levels, parse_anchor
-    from VertebralFractureLib.stages.segmentation.recut import recut_instances
 
     progress = progress or no_progress
     parsed = [parse_anchor(a) for a in (anchors or [])]  # bad anchors fail before minutes of work
@@ -315,21 +305,12 @@ def segment_vertebrae(
     if cancel is not None:
         cancel.check()
     progress(0.8, "segmentation: instances")
-    fov = resample_to(ct.with_array(np.ones(ct.shape, np.uint8)), prob, order=0).array > 0
+    fov = field_of_view(ct, prob)
     inst = extract_instances(
         prob.array, hu.array, spacing_mm=prob.spacing[0], threshold=float(card.extra.get("threshold", 0.5)), fov=fov
     )
     if inst.count:
-        s = prob.spacing[0]
-        # bodies the network missed in front of their arches, then the cortex it missed, then boundaries onto the discs
-        grown = complete_bodies(inst.labels, hu.array, s)
-        grown = refine_disc_boundaries(grow_cortex(grown, hu.array, s), hu.array, s)
-        grown = reassign_stray_pieces(grown, s, before=inst.labels)  # again where a missed body had no core to go by
-        prob = prob.with_array(np.where((grown > 0) & (inst.labels == 0), np.float32(1.0), prob.array))
-        inst.labels = grown
-        inst = recut_instances(inst, hu.array, s, slice_mm=max(ct.spacing), fov=fov)  # boundaries that miss the discs
-        if arches and max(ct.spacing) <= ARCH_MAX_SLICE_MM:  # each arch to the body its own pedicles hold
-            inst.labels = assign_arches(inst.labels, hu.array, s)
+        inst, prob = _complete_instances(inst, prob, hu.array, slice_mm=max(ct.spacing), fov=fov, arches=arches)
     warnings = list(inst.warnings)
     if inst.count and not any(trabecular_core(inst.labels, hu.array, prob.spacing[0], inst.count)):
         warnings.append(f"no trabecular bone inside any of the {inst.count} bone segments found (cortical bone "
@@ -342,14 +323,61 @@ def segment_vertebrae(
     levels = assign_levels(inst.labels, hu.array, spacing_mm=prob.spacing[0], partial=inst.partial, anchors=parsed,
                            fov=fov)
     warnings += levels.warnings
-    verse = np.zeros(inst.labels.shape, np.uint8)
-    for idx, vid in levels.mapping.items():
-        verse[inst.labels == idx] = vid
-    progress(0.95, "segmentation: back to the input grid")
-    out = labels_to_input_grid(prob.with_array(verse), prob, ct, threshold=float(card.extra.get("threshold", 0.5)))
-    progress(1.0, "segmentation done")
     partial = sorted(levels.mapping[i] for i in inst.partial if i in levels.mapping)
+    ids = np.zeros(int(inst.labels.max()) + 1, np.uint8)  # instance -> VerSe id (0: not a vertebra)
+    for idx, vid in levels.mapping.items():
+        ids[idx] = vid
+    verse = prob.with_array(ids[inst.labels])
+    # the work grid's CT, instances and field of view (float32 and int32: on a whole-body CT over 1 GB) are not
+    # needed on the input grid
+    del hu, fov, inst
+    progress(0.95, "segmentation: back to the input grid")
+    out = labels_to_input_grid(verse, prob, ct, threshold=float(card.extra.get("threshold", 0.5)))
+    progress(1.0, "segmentation done")
     return SegmentationResult(out, warnings, levels.confidence, partial, levels.anchors_found, levels.naming())
+
+
+def _complete_instances(inst, prob: Volume, hu: np.ndarray, *, slice_mm: float, fov: np.ndarray, arches: bool):
+    """The network's instances completed and re-cut (``segment_vertebrae``'s steps after :func:`extract_instances`):
+    bodies the network missed in front of their arches, then the cortex it missed, boundaries onto the discs,
+    stray pieces, boundaries that miss the discs, and (``arches``, slices up to 3 mm) each arch to the body its own
+    pedicles hold. Returns the instances and ``prob`` with the voxels they gained set to 1."""
+    from VertebralFractureLib.stages.segmentation.arches import MAX_SLICE_MM as ARCH_MAX_SLICE_MM
+    from VertebralFractureLib.stages.segmentation.arches import assign_arches
+    from VertebralFractureLib.stages.segmentation.bodies import complete_bodies
+    from VertebralFractureLib.stages.segmentation.disc_boundaries import refine_disc_boundaries
+    from VertebralFractureLib.stages.segmentation.instances import grow_cortex, reassign_stray_pieces
+    from VertebralFractureLib.stages.segmentation.recut import recut_instances
+
+    s = prob.spacing[0]
+    # one step at a time: each returns a new int32 map of the work grid (on a whole-body CT 150 MB)
+    grown = complete_bodies(inst.labels, hu, s)
+    grown = grow_cortex(grown, hu, s)
+    grown = refine_disc_boundaries(grown, hu, s)
+    grown = reassign_stray_pieces(grown, s, before=inst.labels)  # again where a missed body had no core to go by
+    prob = prob.with_array(np.where((grown > 0) & (inst.labels == 0), np.float32(1.0), prob.array))
+    inst.labels = grown
+    inst = recut_instances(inst, hu, s, slice_mm=slice_mm, fov=fov)
+    if arches and slice_mm <= ARCH_MAX_SLICE_MM:
+        inst.labels = assign_arches(inst.labels, hu, s)
+    return inst, prob
+
+
+def field_of_view(ct: Volume, grid: Volume) -> np.ndarray:
+    """bool array of ``grid``'s shape: which of its voxels lie inside ``ct``'s voxels (nearest-neighbour resampling
+    of an image of ones on ``ct``'s grid, made by ITK itself: no array of the CT's size in numpy)."""
+    import SimpleITK as sitk
+
+    ones = sitk.Image(list(ct.size_ijk), sitk.sitkUInt8)
+    ones += 1  # in place
+    ones.SetSpacing(ct.spacing)
+    ones.SetOrigin(ct.origin)
+    ones.SetDirection(tuple(ct.direction.ravel()))
+    ref = sitk.Image(list(grid.size_ijk), sitk.sitkUInt8)
+    ref.SetSpacing(grid.spacing)
+    ref.SetOrigin(grid.origin)
+    ref.SetDirection(tuple(grid.direction.ravel()))
+    return sitk.GetArrayFromImage(sitk.Resample(ones, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) > 0
 
 
 def labels_to_input_grid(labels: Volume, prob: Volume, ct: Volume, *, threshold: float = 0.5) -> Volume:
@@ -360,7 +388,7 @@ def labels_to_input_grid(labels: Volume, prob: Volume, ct: Volume, *, threshold:
     """
     from scipy import ndimage as ndi
 
-    from VertebralFractureLib.core.boxes import nonzero_box
+    from VertebralFractureLib.core.boxes import grow_box, nonzero_box
 
     out = np.zeros(ct.shape, np.uint8)
     near = labels.array > 0
@@ -382,8 +410,11 @@ def labels_to_input_grid(labels: Volume, prob: Volume, ct: Volume, *, threshold:
     lo = np.clip(np.floor(ijk.min(axis=0)).astype(int) - 2, 0, size - 1)
     hi = np.clip(np.ceil(ijk.max(axis=0)).astype(int) + 3, 1, size)
     sub_grid = Volume(np.zeros((hi - lo)[::-1], np.uint8), ct.spacing, tuple(ct.index_to_lps(lo)), ct.direction)
-    lab = resample_to(labels.with_array(filled), sub_grid, order=0).array.astype(np.uint8)
-    fg = resample_to(prob.with_array(prob.array.astype(np.float32)), sub_grid, order=1).array >= threshold
+    # only the box is resampled: outside it ``filled`` is 0, and a voxel it labels reads ``prob`` within 2 voxels
+    near_box = grow_box(box, 2)
+    lab = resample_to(labels.with_array(filled).crop(near_box), sub_grid, order=0).array.astype(np.uint8)
+    fg = resample_to(prob.with_array(prob.array.astype(np.float32, copy=False)).crop(near_box), sub_grid,
+                     order=1).array >= threshold
     lab[~fg] = 0
     out[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = lab
     return ct.with_array(out)
