@@ -128,6 +128,8 @@ def _priority_setter(nice: int):
 def stacked_series(series: Path, copies: int, out: Path) -> Path:
     """``series`` (a DICOM folder) stacked ``copies`` times along the body axis into ``out``: one series, each copy
     one series' extent lower, new SOP instance UIDs and instance numbers."""
+    from copy import deepcopy
+
     import pydicom
     from pydicom.uid import generate_uid
 
@@ -138,10 +140,11 @@ def stacked_series(series: Path, copies: int, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     number = 0
     for copy in range(copies):
-        for ds in slices:
+        for z_slice, original in zip(z, slices, strict=True):
             number += 1
-            ds = ds.copy()
-            ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) - copy * extent]
+            # a deep copy: Dataset.copy() is shallow, and setting a tag on it changed the original's too
+            ds = deepcopy(original)
+            ds.ImagePositionPatient = [*original.ImagePositionPatient[:2], z_slice - copy * extent]
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             ds.InstanceNumber = number
             if "SliceLocation" in ds:
