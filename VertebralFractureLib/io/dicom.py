@@ -182,6 +182,10 @@ def is_dicom_file(path: str | Path) -> bool:
         return False
 
 
+#: elements larger than this (pixel data) are read from the file only when used
+DEFER_BYTES = 64 * 1024
+
+
 def _read_all(folder: Path) -> tuple[list[Any], int]:
     import pydicom
 
@@ -192,7 +196,9 @@ def _read_all(folder: Path) -> tuple[list[Any], int]:
 
     def read(path: Path):
         try:
-            ds = pydicom.dcmread(path)
+            # pixel data stays on disk until its slice is decoded (:func:`_read_pixels`): a folder of several long
+            # series would otherwise be held in memory whole, beside the volume it becomes
+            ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
         except Exception:  # noqa: BLE001 - anything unreadable is "not DICOM"
             return None
         if "PixelData" not in ds and "FloatPixelData" not in ds:
