@@ -1,10 +1,17 @@
-"""Bounding boxes found in the nonzero box (core.boxes) equal scipy's over the whole array."""
+"""Bounding boxes and counts found in the nonzero box (core.boxes) equal scipy's and numpy's over the whole array."""
 
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from VertebralFractureLib.core.boxes import grow_box, label_boxes, nonzero_box, present_boxes, shift_box
+from VertebralFractureLib.core.boxes import (
+    grow_box,
+    label_boxes,
+    label_counts,
+    nonzero_box,
+    present_boxes,
+    shift_box,
+)
 from VertebralFractureLib.stages.segmentation.discs import component_stats
 
 
@@ -46,6 +53,38 @@ def test_component_stats_in_box_equal_whole_array(labels):
     assert np.array_equal(counts, whole["voxel_counts"])
     present = counts[1:] > 0
     assert np.allclose(cents[1:][present], np.asarray(whole["centroids"])[1:][present])
+
+
+def test_label_counts_equal_bincount(labels, monkeypatch):
+    from VertebralFractureLib.core import boxes
+
+    monkeypatch.setattr(boxes, "COUNT_SLAB_VOXELS", 7 * 50 * 60)  # several slabs, the last one short
+    for array in (labels, labels.astype(np.uint8), labels.astype(np.uint16), labels[:, ::2, 1:], labels[3:4],
+                  np.zeros((4, 5, 6), np.int32), np.zeros((0, 5, 6), np.int32), labels > 0):
+        for minlength in (0, 3, 12):
+            expected = np.bincount(array.ravel(), minlength=minlength)
+            np.testing.assert_array_equal(label_counts(array, minlength), expected)
+
+
+def test_label_counts_make_no_int64_copy_of_the_map(monkeypatch):
+    """np.bincount casts its whole input to int64 (twice an int32 map); label_counts' temporaries are slab-sized
+    (here 8 planes; on a work grid of 240 x 240 voxels per plane the default is 72)."""
+    import tracemalloc
+
+    from VertebralFractureLib.core import boxes
+
+    monkeypatch.setattr(boxes, "COUNT_SLAB_VOXELS", 8 * 128 * 128)
+    array = np.zeros((160, 128, 128), np.int32)
+    array[20:140, 30:100, 30:100] = np.arange(1, 121, dtype=np.int32)[:, None, None]
+    label_counts(array)  # one-time buffers out of the way
+    tracemalloc.start()
+    try:
+        counts = label_counts(array)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(counts, np.bincount(array.ravel()))
+    assert peak < array.nbytes / 4, (peak, array.nbytes)
 
 
 def test_margin_stays_inside_the_array_and_shift_maps_back(labels):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from VertebralFractureLib.core.boxes import nonzero_box
+from VertebralFractureLib.core.boxes import label_counts, nonzero_box
 
 #: the pass is made on CTs whose slices are at most this thick (mm): on 4.25 mm slices (a PET-CT) an articular
 #: process rising from its pedicle spans two or three slices and the joint beside it blurs, and the pass gave one
@@ -129,7 +129,7 @@ def _assign_in_box(labels: np.ndarray, hu: np.ndarray, spacing_mm: float, count:
     moving = fg & behind
     # a segment mostly behind the line has no body of its own to be reached from (the atlas, a body the network
     # missed): it keeps its voxels
-    total = np.bincount(labels.ravel(), minlength=count + 1)
+    total = label_counts(labels, count + 1)
     behind_share = np.bincount(labels[moving], minlength=count + 1) / np.maximum(total, 1)
     moving &= (behind_share <= MAX_BEHIND_SHARE)[labels]
     if not moving.any():

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from VertebralFractureLib.core.boxes import label_boxes
+from VertebralFractureLib.core.boxes import label_boxes, label_counts
 from VertebralFractureLib.stages.segmentation.discs import body_cores, connected_components
 from VertebralFractureLib.stages.segmentation.instances import grow_labels
 
@@ -59,7 +59,7 @@ def complete_bodies(labels: np.ndarray, hu: np.ndarray, spacing_mm: float) -> np
     ids = [int(i) for i in np.unique(labels) if i > 0]
     vox_ml = spacing_mm**3 / 1000.0
     own_cores, _ = body_cores(labels, ids, spacing_mm, -1)
-    core_ml = np.bincount(own_cores.ravel(), minlength=max(ids, default=0) + 1) * vox_ml
+    core_ml = label_counts(own_cores, max(ids, default=0) + 1) * vox_ml
     arches = [i for i in ids if core_ml[i] < NO_BODY_CORE_ML]
     if not arches:
         return out

@@ -341,7 +341,7 @@ def _complete_instances(inst, prob: Volume, hu: np.ndarray, *, slice_mm: float, 
     """The network's instances completed and re-cut (``segment_vertebrae``'s steps after :func:`extract_instances`):
     bodies the network missed in front of their arches, then the cortex it missed, boundaries onto the discs,
     stray pieces, boundaries that miss the discs, and (``arches``, slices up to 3 mm) each arch to the body its own
-    pedicles hold. Returns the instances and ``prob`` with the voxels they gained set to 1."""
+    pedicles hold. Returns the instances and ``prob``, whose voxels the instances gained are set to 1 in place."""
     from VertebralFractureLib.stages.segmentation.arches import MAX_SLICE_MM as ARCH_MAX_SLICE_MM
     from VertebralFractureLib.stages.segmentation.arches import assign_arches
     from VertebralFractureLib.stages.segmentation.bodies import complete_bodies
@@ -355,8 +355,11 @@ def _complete_instances(inst, prob: Volume, hu: np.ndarray, *, slice_mm: float, 
     grown = grow_cortex(grown, hu, s)
     grown = refine_disc_boundaries(grown, hu, s)
     grown = reassign_stray_pieces(grown, s, before=inst.labels)  # again where a missed body had no core to go by
-    prob = prob.with_array(np.where((grown > 0) & (inst.labels == 0), np.float32(1.0), prob.array))
+    # in place, and no name left on a replaced map: a second probability or instance map would stay alive through
+    # the steps below (300 MB on a whole-body CT)
+    prob.array[(grown > 0) & (inst.labels == 0)] = 1.0
     inst.labels = grown
+    del grown
     inst = recut_instances(inst, hu, s, slice_mm=slice_mm, fov=fov)
     if arches and slice_mm <= ARCH_MAX_SLICE_MM:
         inst.labels = assign_arches(inst.labels, hu, s)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from VertebralFractureLib.core.boxes import grow_box, label_boxes, nonzero_box, shift_box
+from VertebralFractureLib.core.boxes import grow_box, label_boxes, label_counts, nonzero_box, shift_box
 from VertebralFractureLib.stages.morphometry.grading import MAX_TRABECULAR_MEDIAN_HU
 from VertebralFractureLib.stages.segmentation.discs import (
     CORE_MM,
@@ -295,7 +295,7 @@ def extract_instances(
     if n == 0:
         return Instances(np.zeros(prob.shape, np.int32), 0, [], warnings)
     ids = np.arange(1, n + 1)
-    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:] * vox_ml
+    sizes = label_counts(lab, n + 1)[1:] * vox_ml
     small = ids[sizes < min_volume_ml]
     lab[np.isin(lab, small)] = 0
     lab, n = connected_components(lab > 0, 6)
@@ -305,7 +305,7 @@ def extract_instances(
     out = _split_merged(lab, hu, spacing_mm, min_volume_ml)
     del lab  # each step returns a new int32 map of the work grid (on a whole-body CT 150 MB): one at a time
     # "typical" again after the split: a single merged column would otherwise make every vertebra a fragment
-    after = np.bincount(out.ravel())[1:]
+    after = label_counts(out)[1:]
     after = after[after > 0] * vox_ml
     out = _merge_fragments(out, spacing_mm, float(np.median(after)) if len(after) else 0.0)
     out = reassign_stray_pieces(out, spacing_mm)
@@ -337,7 +337,7 @@ def _split_merged(lab: np.ndarray, hu: np.ndarray | None, spacing_mm: float, min
     ``min_volume_ml`` go to the touching instance. Disc voxels the disc cut leaves out are set to 0 in ``lab``
     (in place). Returns int32 instances 1..k in no particular order."""
     vox_ml = spacing_mm**3 / 1000.0
-    counts = np.bincount(lab.ravel())
+    counts = label_counts(lab)
     kept = counts[1:][counts[1:] > 0] * vox_ml
     typical = float(np.median(kept)) if len(kept) else 0.0
     out = np.zeros(lab.shape, np.int32)
@@ -578,7 +578,7 @@ def _merge_fragments(out: np.ndarray, spacing_mm: float, typical_ml: float) -> n
     """Pieces much smaller than a typical vertebra, inside the field of view and touching (within 3 mm)
     another instance, join it (a process cut off by a joint line); returns labels renumbered 1..k."""
     vox_ml = spacing_mm**3 / 1000.0
-    counts = np.bincount(out.ravel())
+    counts = label_counts(out)
     grow = max(1, int(round(3.0 / spacing_mm)))
     outer = nonzero_box(out)  # pieces only change ids, so the foreground's box holds every piece throughout
     for i in np.argsort(counts)[::1]:

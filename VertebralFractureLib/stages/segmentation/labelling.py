@@ -40,7 +40,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from VertebralFractureLib.core.boxes import label_boxes, nonzero_box
+from VertebralFractureLib.core.boxes import label_boxes, label_counts, nonzero_box
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.levels import CRANIOCAUDAL_ORDER, level_id, level_name, order_index
 
@@ -212,12 +212,12 @@ def find_ribs(instances: np.ndarray, hu: np.ndarray, spacing_mm: float, count: i
     if lab.max() == 0 or count == 0:
         return Ribs([False] * count, [])
     objs = label_boxes(lab)
-    ml = np.bincount(lab.ravel()) * spacing_mm**3 / 1000.0
+    ml = label_counts(lab) * spacing_mm**3 / 1000.0
     big = ml >= RIB_MIN_ML
     # bone lying mostly above the spine's top is no rib though it reaches sideways: the skull resting on the atlas
     # (it made the atlas and the neck's arches rib-bearing on a PET-CT from the skull base to T5)
     top = int(np.nonzero(instances.any(axis=(1, 2)))[0].max())
-    big &= np.bincount(lab[top + 1:].ravel(), minlength=len(ml)) * spacing_mm**3 / 1000.0 <= 0.5 * ml
+    big &= label_counts(lab[top + 1:], len(ml)) * spacing_mm**3 / 1000.0 <= 0.5 * ml
     # bone within a voxel of a vertebra is not in ``lab`` (:func:`bone_components`), so the contact band must reach
     # at least one voxel beyond that: at 3 mm, 4 mm rounds to that one voxel and no rib would ever touch
     grow = max(2, int(round(4.0 / spacing_mm)))
@@ -434,7 +434,7 @@ def sliver_at_bottom(instances: np.ndarray, fov: np.ndarray | None, count: int,
     """Per instance (1..count): is it only a sliver of a vertebra, cut by the scan's caudal end
     (:func:`body_cut`, or ``cut`` when already computed) and holding less than half the voxels of the
     instance above it? A sliver's rib, if it bears one, may lie out of view or be too small to find."""
-    counts = np.bincount(instances.ravel(), minlength=count + 1)
+    counts = label_counts(instances, count + 1)
     cut = body_cut(instances, fov, count) if cut is None else cut
     return [bool(c and i > 1 and counts[i] < 0.5 * counts[i - 1]) for i, c in enumerate(cut, start=1)]
 
@@ -453,7 +453,7 @@ def find_sacrum(instances: np.ndarray, spacing_mm: float, count: int,
     """
     if count == 0 or components.max() == 0:
         return None, set()
-    vols = np.bincount(components.ravel()) * spacing_mm**3 / 1000.0
+    vols = label_counts(components) * spacing_mm**3 / 1000.0
     objs = label_boxes(components)
     grow = max(1, int(round(6.0 / spacing_mm)))
     lateral = 25.0 / spacing_mm
