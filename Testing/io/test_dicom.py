@@ -58,12 +58,13 @@ def test_several_series_takes_largest_ct_and_says_so(tmp_path):
 
 def test_pixels_of_a_folder_are_read_slice_by_slice_not_all_at_once(tmp_path):
     """A study folder of several long series: only the chosen series' pixels are read, one slice at a time, so the
-    import holds little more than the volume it returns (tracemalloc sees pydicom's buffers and numpy's; holding
-    every file's pixels, as before, took about 3.5 times the volume here, now 1.7)."""
+    import holds little more than the volume it returns (tracemalloc sees pydicom's buffers and numpy's). Holding
+    every file's pixels, as before, took 3.4 times the volume here; now 1.6, or 1.8 with 8 decoding threads (the
+    headers of every file and a few slices in flight)."""
     import tracemalloc
 
-    write_ct_series(tmp_path / "d" / "a", body_phantom((40, 192, 192)), series_uid="1.2.3.4.5.1")
-    write_ct_series(tmp_path / "d" / "b", body_phantom((48, 192, 192)), series_uid="1.2.3.4.5.2")
+    write_ct_series(tmp_path / "d" / "a", body_phantom((80, 192, 192)), series_uid="1.2.3.4.5.1")
+    write_ct_series(tmp_path / "d" / "b", body_phantom((96, 192, 192)), series_uid="1.2.3.4.5.2")
     import_dicom(tmp_path / "d")  # imports and one-time buffers out of the way
     tracemalloc.start()
     try:
@@ -71,8 +72,8 @@ def test_pixels_of_a_folder_are_read_slice_by_slice_not_all_at_once(tmp_path):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert result.volume.shape == (48, 192, 192)
-    assert peak < 2 * result.volume.array.nbytes, (peak, result.volume.array.nbytes)
+    assert result.volume.shape == (96, 192, 192)
+    assert peak < 2.5 * result.volume.array.nbytes, (peak, result.volume.array.nbytes)
 
 
 def test_series_uid_option(tmp_path):
