@@ -110,7 +110,16 @@ class Volume:
         """A ``SimpleITK.Image`` sharing nothing with this volume."""
         import SimpleITK as sitk
 
-        image = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
+        return self._with_geometry(sitk.GetImageFromArray(np.ascontiguousarray(self.array)))
+
+    def sitk_grid(self, pixel_type: int | None = None):
+        """A ``SimpleITK.Image`` of this volume's grid (size, spacing, origin, direction) with zero voxels of
+        ``pixel_type`` (default uint8), made by ITK: a resampling reference, no voxel of this volume copied."""
+        import SimpleITK as sitk
+
+        return self._with_geometry(sitk.Image(list(self.size_ijk), sitk.sitkUInt8 if pixel_type is None else pixel_type))
+
+    def _with_geometry(self, image):
         image.SetSpacing(self.spacing)
         image.SetOrigin(self.origin)
         image.SetDirection(tuple(self.direction.ravel()))
@@ -134,11 +143,7 @@ def resample_to(volume: Volume, reference: Volume, *, order: int = 1, default: f
     import SimpleITK as sitk
 
     interpolator = sitk.sitkLinear if order == 1 else sitk.sitkNearestNeighbor
-    ref = sitk.Image(list(reference.size_ijk), sitk.sitkUInt8)
-    ref.SetSpacing(reference.spacing)
-    ref.SetOrigin(reference.origin)
-    ref.SetDirection(tuple(reference.direction.ravel()))
-    out = sitk.Resample(volume.to_sitk(), ref, sitk.Transform(), interpolator, default)
+    out = sitk.Resample(volume.to_sitk(), reference.sitk_grid(), sitk.Transform(), interpolator, default)
     return Volume.from_sitk(out)
 
 

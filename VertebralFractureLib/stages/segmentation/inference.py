@@ -371,16 +371,10 @@ def field_of_view(ct: Volume, grid: Volume) -> np.ndarray:
     of an image of ones on ``ct``'s grid, made by ITK itself: no array of the CT's size in numpy)."""
     import SimpleITK as sitk
 
-    ones = sitk.Image(list(ct.size_ijk), sitk.sitkUInt8)
+    ones = ct.sitk_grid()
     ones += 1  # in place
-    ones.SetSpacing(ct.spacing)
-    ones.SetOrigin(ct.origin)
-    ones.SetDirection(tuple(ct.direction.ravel()))
-    ref = sitk.Image(list(grid.size_ijk), sitk.sitkUInt8)
-    ref.SetSpacing(grid.spacing)
-    ref.SetOrigin(grid.origin)
-    ref.SetDirection(tuple(grid.direction.ravel()))
-    return sitk.GetArrayFromImage(sitk.Resample(ones, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) > 0
+    return sitk.GetArrayFromImage(sitk.Resample(ones, grid.sitk_grid(), sitk.Transform(), sitk.sitkNearestNeighbor,
+                                                0)) > 0
 
 
 def labels_to_input_grid(labels: Volume, prob: Volume, ct: Volume, *, threshold: float = 0.5) -> Volume:
