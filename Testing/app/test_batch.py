@@ -204,6 +204,19 @@ def test_sigkill_halfway_then_rerun_completes_every_case_once(tmp_path):
     assert _leftovers(out) == []
 
 
+def _scheduler_address(scheduler_file: Path, timeout: float) -> str:
+    """The address in a Dask scheduler file, once the scheduler has written all of it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            # the scheduler creates the file before it writes it: an empty or partial file is not ready yet
+            return json.loads(scheduler_file.read_text())["address"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def test_batch_on_a_running_dask_scheduler(tmp_path):
     pytest.importorskip("distributed")
     from distributed import Client
@@ -218,10 +231,7 @@ def test_batch_on_a_running_dask_scheduler(tmp_path):
             [dask_cli, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
              "--scheduler-file", str(scheduler_file)],
             env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        address = json.loads(scheduler_file.read_text())["address"]
+        address = _scheduler_address(scheduler_file, timeout=60)
         procs.append(subprocess.Popen(
             [dask_cli, "worker", "--scheduler-file", str(scheduler_file), "--nworkers", "2", "--nthreads", "1",
              "--no-dashboard", "--local-directory", str(tmp_path / "dask-worker")],
