@@ -38,16 +38,17 @@ def test_progress_then_result_off_the_calling_thread():
 
 
 def test_poll_keeps_only_the_latest_progress():
-    release = threading.Event()
+    release, reported = threading.Event(), threading.Event()
 
     def work(progress, cancel):
         for i in range(100):
             progress(i / 100, str(i))
+        reported.set()
         release.wait(5)
         return "ok"
 
     job = BackgroundJob(work).start()
-    time.sleep(0.2)
+    assert reported.wait(30)  # not a fixed sleep: a loaded machine may not have run the loop yet
     events = job.poll()
     assert [e.kind for e in events] == ["progress"] and events[0].value == (0.99, "99")
     release.set()

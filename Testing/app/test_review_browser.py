@@ -149,7 +149,7 @@ def _wait_message(page, pattern: str) -> str:
 
 def _wait_voxels(page, level: str, before: int, direction: int) -> int:
     """The voxel count of ``level`` once it moved from ``before`` in ``direction`` (+1 up, -1 down)."""
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # a loaded CI machine
     while time.monotonic() < deadline:
         now = _voxels(page, level)
         if (now - before) * direction > 0:
