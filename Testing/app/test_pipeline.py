@@ -237,9 +237,10 @@ def test_fast_is_a_triage_redone_at_full_resolution_when_not_normal():
 
     ct = read_volume(demo_ct_path())
     options = PipelineOptions(fast=True, radiomics=False)
-    triage = _analyse_pass(ct, None, options, lambda *_: None, CancelToken(), _Timer(), "demo CT", "label map", False)
+    triage = _analyse_pass(ct, None, options, lambda *_: None, CancelToken(), _Timer(), "demo CT", "label map", False,
+                           triage=True)
     result = analyse(ct, options=options)
-    redone = triage.fractured is not False
+    redone = triage is None or triage.fractured is not False
     assert any(w.startswith(FAST_TRIAGE_WARNING.split("{")[0]) for w in result.warnings) == redone
     assert result.fractured is False
     if redone:  # the full-resolution analysis: the default run's vertebrae
@@ -248,6 +249,29 @@ def test_fast_is_a_triage_redone_at_full_resolution_when_not_normal():
         assert np.array_equal(result.labels.array, full.labels.array)
     else:
         assert np.array_equal(result.labels.array, triage.labels.array)
+
+
+@pytest.mark.parametrize(("ct_file", "stops"), [("aorta-cta-thorax/ct.nii.gz", True),
+                                               ("tptbox-l2-l4/sub-ct_label-22_ct.nii.gz", False)])
+def test_fast_triage_stops_at_quality_flags_only_where_the_whole_pass_sends_to_review(shared_data, ct_file, stops):
+    """The ``--fast`` triage stops once the quality flags send the case to review (None: before the Wiener filter,
+    radiomics and classification), and only then: the whole 3 mm pass sends that case to review too. Where it does
+    not stop, its result is the whole pass's. The aorta CTA's 3 mm segmentation is flagged (a merge); the lumbar
+    crop's is not (benchmarks/results/fast_triage.md)."""
+    from VertebralFractureLib.app.pipeline import _analyse_pass, _Timer
+    from VertebralFractureLib.io.reading import read_volume
+
+    ct = read_volume(shared_data / ct_file)
+    options = PipelineOptions(fast=True, radiomics=False)
+    args = (ct, None, options, lambda *_: None, CancelToken(), _Timer(), "CT", "labels", False)
+    triage = _analyse_pass(*args, triage=True)
+    whole = _analyse_pass(*args)
+    assert (triage is None) == stops
+    if stops:
+        assert whole.fractured is None and whole.quality_flags and whole.review_reasons
+    else:
+        assert (triage.fractured, triage.review_reasons) == (whole.fractured, whole.review_reasons)
+        assert np.array_equal(triage.labels.array, whole.labels.array)
 
 
 def test_real_chest_ct_a_boundary_drawn_too_low_is_not_called_a_fracture(tmp_path, shared_data):

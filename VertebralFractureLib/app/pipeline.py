@@ -232,9 +232,10 @@ def analyse(
     """
     options = options or PipelineOptions()
     context = (progress, cancel or CancelToken(), timer or _Timer(), source, labels_source, overlap)
-    result = _analyse_pass(ct, labels, options, *context)
-    if options.fast and labels is None and result.fractured is not False:
-        what = "called fractured" if result.fractured else "sent to review"
+    triage = options.fast and labels is None
+    result = _analyse_pass(ct, labels, options, *context, triage=triage)
+    if triage and (result is None or result.fractured is not False):
+        what = "called fractured" if result is not None and result.fractured else "sent to review"
         result = _analyse_pass(ct, None, replace(options, fast=False), *context)
         result.warnings.insert(0, FAST_TRIAGE_WARNING.format(what=what))
     return result
@@ -242,8 +243,13 @@ def analyse(
 
 def _analyse_pass(ct: Volume, labels: Volume | None, options: PipelineOptions, progress: ProgressCallback,
                   cancel: CancelToken, timer: _Timer, source: str | Path, labels_source: str | Path,
-                  overlap: bool) -> PipelineResult:
-    """One analysis of ``ct`` at ``options``' resolution (arguments as :func:`analyse`, all given)."""
+                  overlap: bool, *, triage: bool = False) -> PipelineResult | None:
+    """One analysis of ``ct`` at ``options``' resolution (arguments as :func:`analyse`, all given).
+
+    ``triage``: ``--fast``'s 3 mm pass, whose only use when the case is not normal is to say so: None as soon as the
+    quality flags send the case to review (whatever the classifier says), before the Wiener filter and classification
+    and with the radiomics child ended.
+    """
     from VertebralFractureLib.io.validation import check_ct, check_labels
 
     warnings: list[str] = []
@@ -275,9 +281,14 @@ def _analyse_pass(ct: Volume, labels: Volume | None, options: PipelineOptions, p
     warnings += morph_warnings
     cancel.check()
 
-    (filtered, filtered_labels), quality, features = _filter_quality_radiomics(
-        ct, labels, records, options, level_confidence=level_confidence, naming=naming, overlap=overlap,
-        progress=progress, cancel=cancel, timer=timer)
+    if triage and not records:
+        return None
+    done = _filter_quality_radiomics(ct, labels, records, options, level_confidence=level_confidence, naming=naming,
+                                     stop_if_review=triage, overlap=overlap, progress=progress, cancel=cancel,
+                                     timer=timer)
+    if done is None:
+        return None
+    (filtered, filtered_labels), quality, features = done
 
     progress(0.8, "classification")
     with timer.stage("classification"):
@@ -316,18 +327,28 @@ def _analyse_pass(ct: Volume, labels: Volume | None, options: PipelineOptions, p
 
 
 def _filter_quality_radiomics(ct: Volume, labels: Volume, records: list[VertebraRecord], options: PipelineOptions,
-                              *, level_confidence: float | None, naming: dict | None, overlap: bool,
-                              progress: ProgressCallback, cancel: CancelToken, timer: _Timer,
-                              ) -> tuple[tuple[Volume, Volume], CaseQuality, dict[int, dict[str, float]] | None]:
+                              *, level_confidence: float | None, naming: dict | None, stop_if_review: bool = False,
+                              overlap: bool, progress: ProgressCallback, cancel: CancelToken, timer: _Timer,
+                              ) -> tuple[tuple[Volume, Volume], CaseQuality, dict[int, dict[str, float]] | None] | None:
     """The classifier's input (the Wiener-filtered CT and the labels, both cropped to the classifier's box:
     :func:`_wiener`), the case's quality (flags, review sentences) and the radiomics features (None when not
-    extracted), radiomics in a forked child beside the other two when ``overlap`` (see :func:`_analyse_pass`)."""
+    extracted), radiomics in a forked child beside the other two when ``overlap`` (see :func:`_analyse_pass`).
+
+    ``stop_if_review``: assess the quality first, and return None (the radiomics child ended) when its flags send the
+    case to review (:func:`review_reasons` keeps every one of them) instead of filtering and extracting.
+    """
     # radiomics needs only the CT, the labels and the records' ids: with overlap it runs in a child process from
     # here on, beside the Wiener filter and the quality flags (radiomics, in one process, as --fast always does)
     extract = options.radiomics and bool(records)
     pending = (ChildProcess(_radiomics, ct, labels, records, options, workers=options.radiomics_workers or 1)
                if extract and overlap and can_fork() else None)
     try:
+        quality = None
+        if stop_if_review:
+            with timer.stage("quality"):
+                quality = assess_case_quality(ct, labels, records, level_confidence=level_confidence, naming=naming)
+            if quality.reasons:
+                return None
         filtered = ct, labels
         if options.wiener:
             progress(0.65, "Wiener filter")
@@ -335,8 +356,9 @@ def _filter_quality_radiomics(ct: Volume, labels: Volume, records: list[Vertebra
                 filtered = _wiener(ct, labels, options)
         cancel.check()
 
-        with timer.stage("quality"):
-            quality = assess_case_quality(ct, labels, records, level_confidence=level_confidence, naming=naming)
+        if quality is None:
+            with timer.stage("quality"):
+                quality = assess_case_quality(ct, labels, records, level_confidence=level_confidence, naming=naming)
         cancel.check()
 
         features = None
