@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from VertebralFractureLib.cli import main
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.volume import Volume
-from VertebralFractureLib.io.validation import check_ct, check_labels
+from VertebralFractureLib.io.validation import check_ct, check_header, check_labels
 from VertebralFractureLib.io.volume_files import write_volume
 
 
@@ -65,7 +65,7 @@ def _write_bad(kind: str, folder):
     elif kind == "absurd":
         path = folder / "absurd.nhdr"
         path.write_text(
-            "NRRD0004\ntype: short\ndimension: 3\nsizes: 512 512 4000\nencoding: raw\nendian: little\ndata file: absurd.raw\n\n"
+            "NRRD0004\ntype: short\ndimension: 3\nsizes: 512 512 5000\nencoding: raw\nendian: little\ndata file: absurd.raw\n\n"
         )
         (folder / "absurd.raw").write_bytes(b"")
     elif kind == "missing":
@@ -120,6 +120,15 @@ def test_real_ct_passes_validation(shared_data, name):
     from VertebralFractureLib.io.reading import read_volume
 
     check_ct(read_volume(shared_data / name), name)
+
+
+def test_whole_body_ct_size_passes_and_beyond_a_body_is_refused():
+    """A 0.625 mm CT from head to feet (512x512x2900) is a real CT, not an absurd size; 4,100 slices (over 2 m at
+    0.5 mm) and over 1e9 voxels are refused from the header."""
+    check_header((512, 512, 2900), "whole body")
+    for size in ((512, 512, 4100), (1024, 1024, 1000)):
+        with pytest.raises(InputError, match="absurd size"):
+            check_header(size, "too large")
 
 
 def test_labels_that_do_not_fit_are_refused():

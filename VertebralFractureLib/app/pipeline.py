@@ -334,8 +334,8 @@ def _filter_quality_radiomics(ct: Volume, labels: Volume, records: list[Vertebra
     :func:`_wiener`), the case's quality (flags, review sentences) and the radiomics features (None when not
     extracted), radiomics in a forked child beside the other two when ``overlap`` (see :func:`_analyse_pass`).
 
-    ``stop_if_review``: assess the quality first, and return None (the radiomics child ended) when its flags send the
-    case to review (:func:`review_reasons` keeps every one of them) instead of filtering and extracting.
+    ``stop_if_review``: return None (the radiomics child ended) when the quality flags send the case to review
+    (:func:`review_reasons` keeps every one of them), before the Wiener filter.
     """
     # radiomics needs only the CT, the labels and the records' ids: with overlap it runs in a child process from
     # here on, beside the Wiener filter and the quality flags (radiomics, in one process, as --fast always does)
@@ -343,22 +343,17 @@ def _filter_quality_radiomics(ct: Volume, labels: Volume, records: list[Vertebra
     pending = (ChildProcess(_radiomics, ct, labels, records, options, workers=options.radiomics_workers or 1)
                if extract and overlap and can_fork() else None)
     try:
-        quality = None
-        if stop_if_review:
-            with timer.stage("quality"):
-                quality = assess_case_quality(ct, labels, records, level_confidence=level_confidence, naming=naming)
-            if quality.reasons:
-                return None
+        with timer.stage("quality"):
+            quality = assess_case_quality(ct, labels, records, level_confidence=level_confidence, naming=naming)
+        if stop_if_review and quality.reasons:
+            return None
+        cancel.check()
+
         filtered = ct, labels
         if options.wiener:
             progress(0.65, "Wiener filter")
             with timer.stage("wiener"):
                 filtered = _wiener(ct, labels, options)
-        cancel.check()
-
-        if quality is None:
-            with timer.stage("quality"):
-                quality = assess_case_quality(ct, labels, records, level_confidence=level_confidence, naming=naming)
         cancel.check()
 
         features = None

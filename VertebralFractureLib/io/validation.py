@@ -20,7 +20,8 @@ from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.levels import CRANIOCAUDAL_ORDER
 from VertebralFractureLib.core.volume import Volume
 
-MAX_SLICES = 2000
+#: a 0.5 mm CT from head to feet (about 2 m) has 4000 slices; a 0.625 mm whole-body CT about 2,900
+MAX_SLICES = 4000
 MAX_VOXELS = 1_000_000_000
 MIN_SLICES = 10
 
