@@ -217,7 +217,8 @@ def analyse(
     With ``options.fast`` and no ``labels`` the 3 mm pass is a triage: segment boundaries on the 3 mm grid are
     too coarse to grade heights by (on the demo CT it graded six normal vertebrae 1-2), so a case it does not
     find normal (called fractured, or sent to review) is analysed again at full resolution and that result is
-    returned, with :data:`FAST_TRIAGE_WARNING`.
+    returned, with :data:`FAST_TRIAGE_WARNING`; the 3 mm pass ends at the quality flags when they already send the
+    case to review (``_analyse_pass(triage=True)``).
 
     Args:
         ct: CT in HU on its own geometry.
