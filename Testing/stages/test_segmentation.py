@@ -197,3 +197,22 @@ def test_head_ct_reports_no_vertebrae(shared_data, tmp_path):
     assert not res.labels.array.any()
     assert "no vertebrae found" in res.warnings
     assert any("no trabecular bone" in w for w in res.warnings)
+
+
+def test_post_processing_in_the_instances_box_equals_it_on_the_whole_grid(monkeypatch):
+    """``_complete_instances`` works in the instances' box grown by ``COMPLETE_MARGIN_MM`` (memory of long CTs): the
+    margin lies beyond every step's reach, and the demo CT's label map, warnings and names are those of the same
+    steps on the whole work grid (a margin larger than the grid)."""
+    from VertebralFractureLib.core.resources import demo_ct_path
+    from VertebralFractureLib.stages.segmentation import inference
+    from VertebralFractureLib.stages.segmentation.bodies import BODY_REACH_MM
+    from VertebralFractureLib.stages.segmentation.disc_boundaries import PROFILE_HALF_WIDTH_MM, REACH_MM
+
+    assert inference.COMPLETE_MARGIN_MM > max(BODY_REACH_MM, PROFILE_HALF_WIDTH_MM, REACH_MM)
+    ct = read_volume(demo_ct_path())
+    boxed = segment_vertebrae(ct, device="cpu")
+    monkeypatch.setattr(inference, "COMPLETE_MARGIN_MM", 1e6)
+    whole = segment_vertebrae(ct, device="cpu")
+    assert np.array_equal(boxed.labels.array, whole.labels.array)
+    assert (boxed.warnings, boxed.naming) == (whole.warnings, whole.naming)
+    assert len(np.unique(boxed.labels.array)) > 10  # the demo CT's 14 vertebrae, not an empty map
