@@ -371,7 +371,7 @@ def _complete_instances(inst, prob: Volume, hu: np.ndarray, *, slice_mm: float, 
     inst = recut_instances(inst, hu, s, slice_mm=slice_mm, fov=fov)
     if arches and slice_mm <= ARCH_MAX_SLICE_MM:
         inst.labels = assign_arches(inst.labels, hu, s)
-    labels = np.zeros(shape, np.int32)
+    labels = np.zeros(shape, inst.labels.dtype)
     labels[box] = inst.labels
     inst.labels = labels
     return inst, prob
