@@ -30,8 +30,6 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-# benchmarks/radiomics.py would shadow pyradiomics' package in `run`'s radiomics stage
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE / "realct_labels"))
 

@@ -28,8 +28,6 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-# benchmarks/radiomics.py would shadow pyradiomics' package: the script's own folder leaves the path
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE / "realct_labels"))
 

@@ -29,9 +29,6 @@ sys.path.insert(0, str(HERE / "realct_labels"))
 from _common import RESULTS, require_shared_data, write_result  # noqa: E402
 from build import CASES  # noqa: E402  (benchmarks/realct_labels/build.py)
 
-# this folder's radiomics.py (a benchmark) would shadow pyradiomics' ``radiomics`` in the pipeline's radiomics stage
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-
 from VertebralFractureLib.app.child_process import can_fork  # noqa: E402
 from VertebralFractureLib.app.pipeline import PipelineOptions, _analyse_pass, _Timer  # noqa: E402
 from VertebralFractureLib.core.progress import CancelToken  # noqa: E402

@@ -79,8 +79,9 @@ def test_errors_reach_the_main_thread():
 
 
 def test_the_pipeline_runs_in_the_job_while_the_caller_stays_responsive():
-    """Recompute as the module runs it: ``analyse`` on a label map in the job; the polling thread is never
-    blocked for long (the module's timer fires every 100 ms)."""
+    """Recompute as the module runs it: ``analyse`` on a label map in the job while the calling thread keeps
+    polling (the module's timer fires every 100 ms) and sees the pipeline's progress step by step, not all at once
+    when the work is over."""
     ct = np.full((40, 40, 40), -1000, np.int16)
     ct[:, 4:36, 4:36] = 30
     labels = np.zeros(ct.shape, np.uint8)
@@ -91,19 +92,17 @@ def test_the_pipeline_runs_in_the_job_while_the_caller_stays_responsive():
     ct_volume, label_volume = Volume(ct, (1.5, 1.5, 1.5)), Volume(labels, (1.5, 1.5, 1.5))
     job = BackgroundJob(lambda progress, cancel: analyse(ct_volume, label_volume, options=options,
                                                          progress=progress, cancel=cancel)).start()
-    gaps, last = [], time.monotonic()
-    events = []
+    polls = []
     while not job.finished:
-        events += job.poll()
+        polls.append(job.poll())
         time.sleep(0.02)
-        now = time.monotonic()
-        gaps.append(now - last)
-        last = now
+    events = [e for batch in polls for e in batch]
     assert events[-1].kind == "done", events[-1]
     assert [r.level for r in events[-1].value.records] == ["L1", "L2"]
-    assert any(e.kind == "progress" for e in events)
-    # the GIL is shared, but the caller gets it back between the pipeline's steps
-    assert max(gaps) < 2.0, f"the calling thread was blocked for {max(gaps):.1f} s"
+    # the GIL is shared, but the caller gets it back between the pipeline's steps: progress arrives in several
+    # polls, each with fewer than all of the steps
+    polls_with_progress = [batch for batch in polls if any(e.kind == "progress" for e in batch)]
+    assert len(polls_with_progress) >= 2, [len(batch) for batch in polls]
 
 
 @pytest.mark.parametrize("kind", ["done", "error"])

@@ -8,7 +8,7 @@ map, one vertebra after another, in this same process. Then the path ``run`` tak
 with its own automatic segmentation (target <= 0.5 s per vertebra on 2 cores). Results go to
 benchmarks/results/radiomics.json and .md.
 
-    .venv/bin/python benchmarks/radiomics.py [--cases 4] [--workers N]
+    .venv/bin/python benchmarks/radiomics_speed.py [--cases 4] [--workers N]
 """
 
 from __future__ import annotations
