@@ -54,6 +54,20 @@ def test_tables_have_the_study_columns_and_sane_values(study_out):
         assert float(row["loss"]) > 0
         for metric in ("roc_auc", "accuracy", "sensitivity", "specificity"):
             assert 0.0 <= float(row[metric]) <= 1.0, (row, metric)
+    t3 = _read(study_out / "table3.csv")
+    # every other model against the study's own network, per patient and per vertebra, on the same rows
+    assert [(r["level"], r["model"]) for r in t3] == [(level, m) for level in ("patient", "vertebra")
+                                                      for m in ("radiomics-lasso", "genant-rule", "customcnn-radiomics")]
+    t1v = {r["model"]: r for r in _read(study_out / "table1_vertebra.csv")}
+    for row in t3:
+        assert row["reference"] == "customcnn"
+        table1 = {r["model"]: r for r in t1} if row["level"] == "patient" else t1v
+        assert float(row["roc_auc"]) == pytest.approx(float(table1[row["model"]]["roc_auc"]), abs=1e-4)
+        assert float(row["roc_auc_reference"]) == pytest.approx(float(table1["customcnn"]["roc_auc"]), abs=1e-4)
+        if row["p"]:
+            assert float(row["ci_low"]) <= float(row["difference"]) <= float(row["ci_high"])
+            assert 0 <= float(row["p"]) <= float(row["p_holm"]) <= 1
+    assert "Table 3: ROC-AUC against customcnn" in (study_out / "report.html").read_text()
     t2 = _read(study_out / "table2.csv")
     assert list(t2[0]) == ["model", "metric", "ci_low", "ci_high"]
     assert len(t2) == 4 * 5
@@ -163,6 +177,48 @@ def test_metrics_and_bootstrap():
     low, high = evaluation.bootstrap_interval(lambda rows: float(values[rows].mean()),
                                               np.repeat([f"p{i}" for i in range(10)], 3), n_boot=300)
     assert 1.5 < low < 4.5 < high < 7.5  # around the mean 4.5, about +-2 standard errors (0.9 each)
+
+
+def _delong_by_definition(y, a, b):
+    """DeLong's test written as in the 1988 paper: the kernel psi over every positive/negative pair, one loop each."""
+    pos, neg = [i for i in range(len(y)) if y[i] == 1], [i for i in range(len(y)) if y[i] == 0]
+    def psi(x, z):
+        return 1.0 if x > z else 0.5 if x == z else 0.0
+    v10 = np.array([[np.mean([psi(s[i], s[j]) for j in neg]) for s in (a, b)] for i in pos])
+    v01 = np.array([[np.mean([psi(s[i], s[j]) for i in pos]) for s in (a, b)] for j in neg])
+    auc = v10.mean(axis=0)
+    s10, s01 = np.cov(v10, rowvar=False), np.cov(v01, rowvar=False)
+    cov = s10 / len(pos) + s01 / len(neg)
+    return auc, math.sqrt(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+
+
+def test_delong_comparison_of_two_models():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    y = (rng.random(60) < 0.4).astype(int)
+    a = np.round(y + rng.normal(0, 1, 60), 1)  # rounded: ties within and across the classes
+    b = np.round(0.5 * y + 0.5 * a + rng.normal(0, 1, 60), 1)
+    c = evaluation.auc_comparison(y, a, b)
+    auc, se = _delong_by_definition(y, a, b)
+    assert (c["auc_a"], c["auc_b"]) == pytest.approx((roc_auc_score(y, a), roc_auc_score(y, b)))
+    assert (c["auc_a"], c["auc_b"]) == pytest.approx(tuple(auc)) and c["se"] == pytest.approx(se)
+    assert c["difference"] == pytest.approx(auc[0] - auc[1]) and c["ci_low"] < c["difference"] < c["ci_high"]
+    assert c["p"] == pytest.approx(2 * (1 - 0.5 * (1 + math.erf(abs(c["z"]) / math.sqrt(2)))))
+    # every row twice, both copies in one cluster (a patient's two identical vertebrae): no more information, the
+    # same standard error; left unclustered the copies would pass for independent rows and shrink it
+    twice = np.repeat(np.arange(60), 2)
+    clustered = evaluation.auc_comparison(y[twice], a[twice], b[twice], groups=twice)
+    assert clustered["se"] == pytest.approx(c["se"]) and clustered["p"] == pytest.approx(c["p"])
+    assert evaluation.auc_comparison(y[twice], a[twice], b[twice])["se"] < 0.8 * c["se"]
+    # a model much better than chance against chance itself, and a model against itself
+    assert evaluation.auc_comparison(y, y + rng.normal(0, 0.3, 60), rng.random(60))["p"] < 0.001
+    same = evaluation.auc_comparison(y, a, a)
+    assert same["difference"] == 0 and math.isnan(same["p"])
+    one_negative = evaluation.auc_comparison([1, 1, 0], [0.9, 0.8, 0.1], [0.5, 0.3, 0.4])
+    assert one_negative["difference"] == 0.5 and math.isnan(one_negative["p"])
+    assert math.isnan(evaluation.auc_comparison([1, 1], [0.9, 0.8], [0.5, 0.6])["auc_a"])
+    assert evaluation.holm([0.01, 0.04, math.nan, 0.03]) == pytest.approx([0.03, 0.06, math.nan, 0.06], nan_ok=True)
 
 
 def _box_case(height_mm: float) -> tuple[Volume, Volume]:

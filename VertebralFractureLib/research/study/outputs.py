@@ -1,5 +1,5 @@
-"""What a study writes: metric tables (CSV, Markdown) with bootstrap CIs, predictions, figures, the LASSO
-selection, and one self-contained ``report.html``."""
+"""What a study writes: metric tables (CSV, Markdown) with bootstrap CIs, the ROC-AUC of every model against the
+reference model (DeLong's test), predictions, figures, the LASSO selection, and one self-contained ``report.html``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,14 @@ import numpy as np
 
 from VertebralFractureLib import __version__
 from VertebralFractureLib.core.records import json_safe
-from VertebralFractureLib.research.evaluation import METRICS, binary_metrics, bootstrap_ci, patient_level
+from VertebralFractureLib.research.evaluation import (
+    METRICS,
+    auc_comparison,
+    binary_metrics,
+    bootstrap_ci,
+    holm,
+    patient_level,
+)
 from VertebralFractureLib.research.study.comparison import ModelRun
 from VertebralFractureLib.research.study.data import CohortData, StudyOptions
 
@@ -34,6 +41,7 @@ class StudyResult:
     timings_s: dict[str, float]
     warnings: list[str]
     cv_table: list[dict[str, Any]] = field(default_factory=list)
+    table3: list[dict[str, Any]] = field(default_factory=list)
 
 def _round(value: float, digits: int = 4) -> float | str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else round(float(value), digits)
@@ -52,6 +60,13 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.3f}"
     return str(value)
+
+
+def _p_values_as_text(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Table 3's rows with its p-values written as a reader expects them: 3 decimals, "<0.001" below."""
+    def text(p: float) -> str:
+        return "n/a" if math.isnan(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
+    return [{**r, "p": text(r["p"]), "p_holm": text(r["p_holm"])} for r in rows]
 
 
 def _markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -84,6 +99,38 @@ def _metric_tables(runs: dict[str, ModelRun], data: CohortData, test: np.ndarray
     return table1, table2, curves
 
 
+#: the model the others are compared with in table 3: the study's own network, else the first model run
+REFERENCE_MODEL = "customcnn"
+TABLE3_COLUMNS = ["level", "model", "reference", "n", "roc_auc", "roc_auc_reference", "difference", "ci_low", "ci_high",
+                  "p", "p_holm"]
+
+
+def _comparison_table(runs: dict[str, ModelRun], data: CohortData, test: np.ndarray) -> list[dict[str, Any]]:
+    """Table 3: each model's test ROC-AUC against the reference model's on the same rows (DeLong's paired test; per
+    vertebra clustered by patient), p-values Holm-adjusted over the comparisons of each level."""
+    reference = REFERENCE_MODEL if REFERENCE_MODEL in runs else next(iter(runs), None)
+    others = [m for m in runs if m != reference]
+    case_test = [data.cases[i] for i in test]
+    rows: list[dict[str, Any]] = []
+    for level in ("patient", "vertebra"):
+        block = []
+        for model in others:
+            if level == "patient":
+                _, y, p_ref = patient_level(case_test, data.y[test], runs[reference].p_test)
+                _, _, p_model = patient_level(case_test, data.y[test], runs[model].p_test)
+                groups = None  # one row per patient: independent rows
+            else:
+                y, p_ref, p_model, groups = data.y[test], runs[reference].p_test, runs[model].p_test, case_test
+            c = auc_comparison(y, p_model, p_ref, groups)
+            block.append({"level": level, "model": model, "reference": reference, "n": c["n"], "roc_auc": c["auc_a"],
+                          "roc_auc_reference": c["auc_b"], "difference": c["difference"], "ci_low": c["ci_low"],
+                          "ci_high": c["ci_high"], "p": c["p"]})
+        for row, adjusted in zip(block, holm([r["p"] for r in block]), strict=True):
+            row["p_holm"] = adjusted
+        rows += block
+    return rows
+
+
 def write_outputs(out: Path, data: CohortData, train_cases: list[str], test_cases: list[str], test: np.ndarray,
                    runs: dict[str, ModelRun], options: StudyOptions, warnings: list[str],
                    cv_rows: list[dict[str, Any]], timings: dict[str, float]) -> StudyResult:
@@ -93,10 +140,12 @@ def write_outputs(out: Path, data: CohortData, train_cases: list[str], test_case
     cols2 = ["model", "metric", "ci_low", "ci_high"]
     t1, t2, curves_p = _metric_tables(runs, data, test, options, per_patient=True)
     t1v, t2v, curves_v = _metric_tables(runs, data, test, options, per_patient=False)
+    t3 = _comparison_table(runs, data, test)
     for name, rows, cols in (("table1", t1, cols1), ("table2", t2, cols2), ("table1_vertebra", t1v, cols1),
-                             ("table2_vertebra", t2v, cols2)):
+                             ("table2_vertebra", t2v, cols2), ("table3", t3, TABLE3_COLUMNS)):
         _write_csv(out / f"{name}.csv", rows, cols)
-        (out / f"{name}.md").write_text(_markdown(rows, cols + (["value"] if name.startswith("table2") else [])))
+        shown = _p_values_as_text(rows) if name == "table3" else rows
+        (out / f"{name}.md").write_text(_markdown(shown, cols + (["value"] if name.startswith("table2") else [])))
     write_json(out / "split.json", {"train": train_cases, "test": test_cases, "seed": options.seed,
                                      "test_fraction": options.test_fraction})
     # per-vertebra test predictions of every model
@@ -130,7 +179,7 @@ def write_outputs(out: Path, data: CohortData, train_cases: list[str], test_case
         cv_cols = list(cv_rows[0])
         _write_csv(out / "cv_table.csv", cv_rows, cv_cols)
         (out / "cv_table.md").write_text(_markdown(cv_rows, cv_cols))
-    result = StudyResult(t1, t2, t1v, t2v, train_cases, test_cases, timings, warnings, cv_rows)
+    result = StudyResult(t1, t2, t1v, t2v, train_cases, test_cases, timings, warnings, cv_rows, t3)
     _write_report(out / "report.html", result, figures, data, options, lasso_rows, runs)
     return result
 
@@ -181,6 +230,13 @@ def _write_report(path: Path, result: StudyResult, figures: dict[str, Path], dat
         "<h2>Table 1: per patient, test set (value and 95 % CI)</h2>", _html_table(_with_ci(result.table1, result.table2), ["model"] + METRICS),
         "<h2>Per vertebra, test set</h2>", _html_table(_with_ci(result.table1_vertebra, result.table2_vertebra), ["model"] + METRICS),
     ]
+    if result.table3:
+        parts += [f"<h2>Table 3: ROC-AUC against {html.escape(result.table3[0]['reference'])}, test set</h2>",
+                  "<p>Difference of each model's ROC-AUC from the reference model's on the same patients or vertebrae, "
+                  "with its 95 % CI and two-sided p by DeLong's test for correlated ROC curves (per vertebra the "
+                  "vertebrae of one patient are clustered: Obuchowski's extension); p_holm: Holm-adjusted over the "
+                  "comparisons of each level.</p>",
+                  _html_table(_p_values_as_text(result.table3), TABLE3_COLUMNS)]
     if result.cv_table:
         parts += [f"<h2>{result.cv_table[0]['folds']}-fold cross-validation (patients)</h2>",
                   _html_table(result.cv_table, list(result.cv_table[0]))]
