@@ -4,6 +4,8 @@ and that the held-out numbers stay on the checked labels' rows."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from VertebralFractureLib.research.classifier_data import Samples, auto_segment_
 from VertebralFractureLib.research.classifier_fusion import _held_out_metrics, fit_fusion, patient_folds
 from VertebralFractureLib.research.classifier_operating import operating_threshold
 from VertebralFractureLib.research.classifier_training import RadiomicsLasso
+from VertebralFractureLib.research.evaluation import auc_comparison
 from VertebralFractureLib.stages.classification import CROP_SIZE
 
 
@@ -69,7 +72,12 @@ def test_miscut_automatic_segments_make_the_stacker_keep_a_cnn_that_doubts_them(
         chosen[name] = fusion.stack_inputs
         if name == "with automatic segments":
             assert "auto_segments_at_threshold" in fusion.stack_selection[fusion.stack_inputs]
-            metrics = _held_out_metrics(sub, oof, nested_p, nested_d, fusion, None, None, {"p0", "p1"})
+            old = cnn[rows]  # standing in for the replaced model's held-out probabilities
+            metrics = _held_out_metrics(sub, oof, nested_p, nested_d, fusion, old, None, {"p0", "p1"})
+            labelled = sub.source == "real"
+            against = metrics["against_replaced_model"]
+            assert against == auc_comparison(sub.y[labelled], nested_p[labelled], old[labelled], sub.group[labelled])
+            assert against["n"] == int(np.sum(labelled)) and math.isfinite(against["p"])
             held = metrics["held_out"]
             # the held-out numbers are those of the checked labels' rows alone; the segments are counted apart
             assert held["per_vertebra"]["n"] == int(np.sum(s.source == "real"))

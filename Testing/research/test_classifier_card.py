@@ -36,3 +36,14 @@ def test_model_card_sections_follow_the_card_json():
     # the sections left are the same lines in the same order (the retrain command loses its --init)
     kept = [ln for ln in bare.splitlines() if not ln.startswith("Retrain")]
     assert [ln for ln in kept if ln in full.splitlines()] == kept
+
+
+def test_the_card_says_how_the_model_ranks_against_the_one_it_replaces():
+    card, fusion, text = _shipped()
+    tested = copy.deepcopy(card)
+    tested["metrics"]["against_replaced_model"] = {"difference": 0.055, "ci_low": 0.0298, "ci_high": 0.0812,
+                                                   "p": 2.3e-5, "n": 238}
+    untestable = copy.deepcopy(card)
+    untestable["metrics"]["against_replaced_model"] = {"difference": 0.2, "p": float("nan"), "n": 5}
+    assert "+0.055 (95 % CI +0.030 to +0.081, p < 0.001; DeLong's test" in model_card_markdown(tested, fusion)
+    assert "+0.200 (too few patients of a class for a test)" in model_card_markdown(untestable, fusion)

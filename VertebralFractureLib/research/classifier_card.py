@@ -27,7 +27,10 @@ def model_card_markdown(card: dict[str, Any], fusion: FusionModel) -> str:
     if "replaced_model" in m:
         rows.append(("replaced model: max(simulated-only CNN, morphometry)", m["replaced_model"]))
     ops = m.get("operating_points", [])
-    lines = _card_intro(card, fusion) + _card_held_out_tables(rows, held, tr) + _card_operating_points(ops, held)
+    lines = _card_intro(card, fusion) + _card_held_out_tables(rows, held, tr)
+    if m.get("against_replaced_model"):
+        lines += _card_against_replaced(m["against_replaced_model"])
+    lines += _card_operating_points(ops, held)
     if m.get("previous_shipped"):
         lines += _card_previous(m["previous_shipped"], held, ops)
     lines += _card_closing(card, held)
@@ -119,6 +122,17 @@ def _card_held_out_tables(rows: list[tuple[str, dict[str, Any]]], held: dict[str
                   f"threshold (false-positive rate {auto['false_positive_rate']:.3f}), {auto['patients_called_fractured']} of "
                   f"{auto['n_patients']} CTs with one ({', '.join(auto.get('cases_called_fractured', [])) or 'none'})."]
     return lines
+
+
+def _card_against_replaced(c: dict[str, Any]) -> list[str]:
+    """One sentence: this model's per-vertebra ROC-AUC minus the replaced model's, with DeLong's CI and p."""
+    if not math.isfinite(c.get("p", math.nan)):
+        return ["", f"Per-vertebra ROC-AUC against the replaced model on the same held-out vertebrae: "
+                f"{c['difference']:+.3f} (too few patients of a class for a test)."]
+    p = "p < 0.001" if c["p"] < 0.001 else f"p = {c['p']:.3f}"
+    return ["", f"Per-vertebra ROC-AUC against the replaced model on the same held-out vertebrae: {c['difference']:+.3f} "
+            f"(95 % CI {c['ci_low']:+.3f} to {c['ci_high']:+.3f}, {p}; DeLong's test for correlated ROC curves, the "
+            "vertebrae of one CT clustered: Obuchowski 1997)."]
 
 
 def _floor_text(fusion: FusionModel) -> str:

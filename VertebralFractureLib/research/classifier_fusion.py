@@ -624,7 +624,11 @@ def _held_out_metrics(s: Samples, oof: dict[str, np.ndarray], nested_p: np.ndarr
     }
     metrics["stack_selection"] = {"chosen": fusion.stack_inputs, "candidates": fusion.stack_selection}
     if old is not None:
+        from VertebralFractureLib.research.evaluation import auc_comparison
+
         metrics["replaced_model"] = evaluate(sl, old[lab], 0.5, checked=checked)
+        # the same held-out vertebrae, those of one CT clustered: a better ranking than the replaced model's, or chance?
+        metrics["against_replaced_model"] = auc_comparison(sl.y, nested_p[lab], old[lab], sl.group)
     if previous is not None:
         metrics["previous_shipped"] = previous
     real_neg = negatives(s, "real")
