@@ -1,4 +1,5 @@
-"""Segmentation writers: Slicer .seg.nrrd read back by slicer-core, DICOM SEG read back by highdicom."""
+"""Segmentation writers: Slicer .seg.nrrd read back by slicer-core, DICOM SEG and the measurements' DICOM SR read
+back by highdicom."""
 
 from __future__ import annotations
 
@@ -248,6 +249,7 @@ def test_run_on_dicom_writes_seg_and_no_identifiers(tmp_path):
 
     import highdicom as hd
     from privacy import readable_bytes
+    from pydicom.sr.codedict import codes
 
     from VertebralFractureLib.app.pipeline import PipelineOptions, run_pipeline
     from VertebralFractureLib.io.volume_files import write_volume
@@ -264,11 +266,24 @@ def test_run_on_dicom_writes_seg_and_no_identifiers(tmp_path):
     out = tmp_path / "out"
     result = run_pipeline(dicom_dir, out, labels_path=tmp_path / "labels.nii.gz", options=PipelineOptions(wiener=False))
     names = {p.name for p in out.iterdir()}
-    assert {"segmentation.nii.gz", "segmentation.seg.nrrd", "segmentation.dcm", "ct.nii.gz", "report.html",
-            "vertebrae.csv", "result.json"} <= names
+    assert {"segmentation.nii.gz", "segmentation.seg.nrrd", "segmentation.dcm", "measurements.dcm", "ct.nii.gz",
+            "report.html", "vertebrae.csv", "result.json"} <= names
     seg = hd.seg.segread(str(out / "segmentation.dcm"))
     assert [seg.get_segment_description(n).segment_label for n in (1, 2, 3)] == ["L1", "L2", "L3"]
     assert seg.PatientID == result.case_id != "ID-12345"
+    # the SR: one group per vertebra on its segment of that SEG, its numbers those of vertebrae.csv
+    sr = hd.sr.srread(str(out / "measurements.dcm"))
+    assert (sr.PatientID, sr.StudyInstanceUID) == (seg.PatientID, seg.StudyInstanceUID)
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert [str(g.tracking_identifier) for g in groups] == ["L1 vertebra", "L2 vertebra", "L3 vertebra"]
+    for group, record in zip(groups, result.records, strict=True):
+        assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+        (number,) = group.referenced_segment.referenced_segment_numbers
+        assert seg.get_segment_description(number).segment_label == record.level
+        heights = {m.finding_sites[0].topographical_modifier.meaning: m.value
+                   for m in group.get_measurements(name=codes.DCM.Height)}
+        assert heights == pytest.approx({"Anterior": record.height_anterior_mm, "Central": record.height_middle_mm,
+                                         "Posterior": record.height_posterior_mm})
     for path in out.iterdir():
         data = readable_bytes(path)
         for identifier in (b"Doe", b"Jane", b"ID-12345", b"19500101", b"20200101"):
@@ -324,3 +339,46 @@ def test_run_on_an_enhanced_ct_writes_a_seg_that_references_its_frames(tmp_path)
         data = readable_bytes(path)
         for identifier in (b"Doe", b"Jane", b"ID-12345", b"19500101", b"20200101"):
             assert identifier not in data, f"{identifier!r} leaked into {path.name}"
+
+
+# --- DICOM SR of the measurements --------------------------------------------------------------------------------
+def test_measurement_report_codes_every_number_and_leaves_out_what_was_not_measured(tmp_path):
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    from VertebralFractureLib.outputs.dicom_sr import write_dicom_sr
+
+    labels = _boxes()
+    records = [
+        VertebraRecord(20, "L1", volume_ml=30.5, height_anterior_mm=21.0, height_middle_mm=22.0, height_posterior_mm=28.0,
+                       height_loss_ratio=0.25, genant_grade=2, genant_type="wedge", fracture_probability=0.93,
+                       trabecular_hu=95.0, trabecular_hu_median=90.0),
+        VertebraRecord(21, "L2", volume_ml=12.0, height_posterior_mm=27.0, partial=True, flags=["cut"]),  # no grade
+        VertebraRecord(22, "L3", volume_ml=31.0),
+    ]
+    seg_path = write_dicom_seg(labels, records, ct_series(labels), tmp_path / "segmentation.dcm")
+    path = write_dicom_sr(pydicom.dcmread(seg_path, stop_before_pixels=True), records, tmp_path / "measurements.dcm",
+                          fracture_probability=0.93, fractured=None)
+    sr = hd.sr.srread(str(path))
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    l1, l2, l3 = sr.content.get_volumetric_roi_measurement_groups()
+    assert l1.finding_sites[0].value.value == vertebra_code(20).value  # SNOMED CT "L1 vertebra"
+
+    def values(group) -> dict[str, tuple[float, str]]:
+        return {m.name.meaning + (f" {m.finding_sites[0].topographical_modifier.meaning}" if m.finding_sites else ""):
+                (m.value, m.unit.value) for m in group.get_measurements()}
+
+    assert values(l1) == {"Height Anterior": (21.0, "mm"), "Height Central": (22.0, "mm"),
+                          "Height Posterior": (28.0, "mm"), "Volume": (30.5, "cm3"),
+                          "Trabecular bone attenuation": (95.0, "[hnsf'U]"), "Vertebral body height loss": (25.0, "%"),
+                          "Probability": (pytest.approx(0.93), "1")}
+    assert {q.name.meaning: q.value.meaning for q in l1.get_qualitative_evaluations()} == {
+        "Genant semiquantitative grade": "Moderate deformity (grade 2)", "Vertebral deformity type": "wedge"}
+    assert values(l2) == {"Height Posterior": (27.0, "mm"), "Volume": (12.0, "cm3")}  # NaN: left out
+    assert [(q.name.meaning, q.value.meaning) for q in l2.get_qualitative_evaluations()] == [
+        ("Segmentation quality flag", "cut")]
+    assert not l3.get_qualitative_evaluations() and values(l3) == {"Volume": (31.0, "cm3")}
+    (patient,) = sr.content.get_image_measurement_groups()  # the group without a segment: the patient's
+    assert [(q.name.meaning, q.value.meaning) for q in patient.get_qualitative_evaluations()] == [
+        ("Vertebral fracture", "Needs review")]
+    assert [(m.name, m.value) for m in patient.get_measurements()] == [(codes.DCM.Probability, pytest.approx(0.93))]

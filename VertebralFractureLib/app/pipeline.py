@@ -534,11 +534,11 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
     """Write every output of the contract except ``result.json`` into ``out``.
 
     The compressed volume files are written in background threads (zlib and ITK's writers release the GIL). The
-    DICOM SEG, Python in pydicom and highdicom that holds the GIL, is written by the child processes ``helpers`` when
-    given, which :func:`run_pipeline` started after the import: the first has written ``ct.nii.gz`` meanwhile
-    (:func:`_write_import_file_idle`), the second has prepared the DICOM SEG (:func:`_prepare_dicom_seg`) and writes it
-    now. This process draws the report's pictures in the meantime, then waits for the DICOM SEG: the report lists
-    every warning, including those of the other writers.
+    DICOM SEG and SR, Python in pydicom and highdicom that holds the GIL, are written by the child processes
+    ``helpers`` when given, which :func:`run_pipeline` started after the import: the first has written ``ct.nii.gz``
+    meanwhile (:func:`_write_import_file_idle`), the second has prepared the DICOM SEG (:func:`_prepare_dicom_seg`)
+    and writes both now. This process draws the report's pictures in the meantime, then waits for the DICOM files:
+    the report lists every warning, including those of the other writers.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -550,7 +550,8 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
     dicom_seg = dicom_import is not None and bool(labels.array.any())
     ct_writer, seg_writer = helpers if helpers else (None, None)
     if dicom_seg and seg_writer is not None:
-        seg_writer.call(_write_dicom_seg, labels, result.records, None, out / "segmentation.dcm")
+        seg_writer.call(_write_dicom_files, labels, result.records, result.fracture_probability, result.fractured, None,
+                        out)
     with ThreadPoolExecutor(max_workers=3) as pool:
         jobs = [pool.submit(write_volume, labels, out / "segmentation.nii.gz"),
                 pool.submit(write_seg_nrrd, labels, result.records, out / "segmentation.seg.nrrd")]
@@ -567,14 +568,16 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
 
             write_radiomics_csv(result.radiomics, result.records, out / "radiomics.csv")
         if dicom_seg and seg_writer is None:
-            result.warnings += _write_dicom_seg(labels, result.records, dicom_import, out / "segmentation.dcm")
+            result.warnings += _write_dicom_files(labels, result.records, result.fracture_probability, result.fractured,
+                                                  dicom_import, out)
         images = report_images(ct, labels, result.records)
         if seg_writer is not None:
             seg_writer.result()  # prepared
             if dicom_seg:
                 result.warnings += seg_writer.result()
         if dicom_import is not None and not dicom_seg:
-            result.warnings.append("no vertebra found: segmentation.dcm not written (a DICOM SEG needs a segment)")
+            result.warnings.append("no vertebra found: segmentation.dcm and measurements.dcm not written (a DICOM SEG "
+                                   "needs a segment)")
         write_report(out / "report.html", ct, labels, result.records, fracture_probability=result.fracture_probability,
                      fractured=result.fractured, warnings=result.warnings, review_reasons=result.review_reasons,
                      case_id=result.case_id, timings_s=result.timings_s, images=images,
@@ -618,16 +621,24 @@ def _prepare_dicom_seg(dicom_import) -> None:
     prepare_dicom_seg()
 
 
-def _write_dicom_seg(labels: Volume, records: list[VertebraRecord], dicom_import, path: Path) -> list[str]:
+def _write_dicom_files(labels: Volume, records: list[VertebraRecord], fracture_probability: float,
+                       fractured: bool | None, dicom_import, out: Path) -> list[str]:
     """``segmentation.dcm`` on the import's de-identified per-slice headers (original ones when deidentify is off,
-    for PACS round trips; ``dicom_import`` None: those :func:`_prepare_dicom_seg` made); returns the warnings it adds."""
+    for PACS round trips; ``dicom_import`` None: those :func:`_prepare_dicom_seg` made), then ``measurements.dcm``
+    (a DICOM SR of the records and the patient's result, referencing the segments); returns the warnings they add."""
+    import pydicom
+
+    from VertebralFractureLib.outputs.dicom_sr import write_dicom_sr
     from VertebralFractureLib.outputs.segmentation_files import write_dicom_seg
 
     warnings: list[str] = []
     headers = _SEG_HEADERS if dicom_import is None else dicom_import.source_headers()
     if headers is None:  # called here after the helper process died before it made them
         raise RuntimeError("the output helper process ended before it wrote segmentation.dcm")
-    write_dicom_seg(labels, records, headers, path, warnings=warnings)
+    seg_path = write_dicom_seg(labels, records, headers, out / "segmentation.dcm", warnings=warnings)
+    if seg_path is not None:
+        write_dicom_sr(pydicom.dcmread(seg_path, stop_before_pixels=True), records, out / "measurements.dcm",
+                       fracture_probability=fracture_probability, fractured=fractured)
     return warnings
 
 

@@ -1,0 +1,139 @@
+"""DICOM Structured Report of a run's measurements (``measurements.dcm``): the per-vertebra heights, volume,
+trabecular attenuation, Genant grade and type and fracture probability, and the patient's result, as a TID 1500
+Imaging Measurement Report (Comprehensive 3D SR, highdicom) whose measurement groups reference the vertebrae's
+segments in ``segmentation.dcm``. A PACS or viewer that reads TID 1500 (Slicer's QuantitativeReporting, OHIF) shows
+each vertebra's numbers beside its segment.
+
+Concepts with a standard code use it: DCM "Height" (with the vertebra as finding site, topographical modifier SCT
+Anterior / Central / Posterior), DCM "Probability", SCT "Volume", the SNOMED CT vertebra codes of the SEG, UCUM
+units. Those without one (height loss, Genant's grade and type, trabecular attenuation, the segmentation's quality
+flags, the review status) use this
+project's private coding scheme :data:`SCHEME` (DICOM PS3.16 section 8.2: a designator beginning with "99").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from VertebralFractureLib import __version__
+from VertebralFractureLib.core.records import VertebraRecord
+
+SCHEME = "99VFX"
+#: SEG storage (the SR references its segments)
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def _private(value: str, meaning: str):
+    from pydicom.sr.coding import Code
+
+    return Code(value, SCHEME, meaning)
+
+
+GENANT_GRADE = ("GENANT-GRADE", "Genant semiquantitative grade")
+GENANT_GRADES = {0: ("GENANT-0", "Normal (grade 0)"), 1: ("GENANT-1", "Mild deformity (grade 1)"),
+                 2: ("GENANT-2", "Moderate deformity (grade 2)"), 3: ("GENANT-3", "Severe deformity (grade 3)")}
+GENANT_TYPE = ("GENANT-TYPE", "Vertebral deformity type")
+HEIGHT_LOSS = ("HEIGHT-LOSS", "Vertebral body height loss")
+TRABECULAR_HU = ("TRABECULAR-HU", "Trabecular bone attenuation")
+QUALITY_FLAG = ("QUALITY-FLAG", "Segmentation quality flag")
+FRACTURE = ("VERTEBRAL-FRACTURE", "Vertebral fracture")
+RESULTS = {True: ("PRESENT", "Present"), False: ("ABSENT", "Absent"), None: ("NEEDS-REVIEW", "Needs review")}
+
+
+def segment_numbers(seg_header: Any) -> dict[int, int]:
+    """VerSe id -> segment number of a SEG written by :func:`.segmentation_files.write_dicom_seg` (its tracking ids
+    are ``vertebra-<id>``)."""
+    numbers = {}
+    for item in seg_header.SegmentSequence:
+        tracking = str(getattr(item, "TrackingID", ""))
+        if tracking.startswith("vertebra-"):
+            numbers[int(tracking.split("-", 1)[1])] = int(item.SegmentNumber)
+    return numbers
+
+
+def _vertebra_group(hd, record: VertebraRecord, seg_header: Any, segment_number: int):
+    """TID 1411 group of one vertebra: its segment, heights, volume, attenuation, grade, type and probability."""
+    from pydicom.sr.codedict import codes
+
+    from VertebralFractureLib.outputs.segmentation_files import vertebra_code
+
+    site = vertebra_code(record.label)
+    measurements = []
+    for value, modifier in ((record.height_anterior_mm, codes.SCT.Anterior), (record.height_middle_mm, codes.SCT.Central),
+                            (record.height_posterior_mm, codes.SCT.Posterior)):
+        if math.isfinite(value):
+            measurements.append(hd.sr.Measurement(
+                name=codes.DCM.Height, value=float(value), unit=codes.UCUM.Millimeter,
+                finding_sites=[hd.sr.FindingSite(site, topographical_modifier=modifier)]))
+    for code, value, unit, derivation in (
+            (codes.SCT.Volume, record.volume_ml, codes.UCUM.CubicCentimeter, None),
+            (_private(*TRABECULAR_HU), record.trabecular_hu, codes.UCUM.HounsfieldUnit, codes.SCT.Mean),
+            (_private(*HEIGHT_LOSS), 100 * record.height_loss_ratio, codes.UCUM.Percent, None),
+            (codes.DCM.Probability, record.fracture_probability, codes.UCUM.NoUnits, None)):
+        if math.isfinite(value):
+            measurements.append(hd.sr.Measurement(name=code, value=float(value), unit=unit, derivation=derivation))
+    evaluations = []
+    if record.genant_grade is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(_private(*GENANT_GRADE),
+                                                       _private(*GENANT_GRADES[int(record.genant_grade)])))
+    if record.genant_type:
+        evaluations.append(hd.sr.QualitativeEvaluation(_private(*GENANT_TYPE),
+                                                       _private(record.genant_type.upper(), record.genant_type)))
+    for flag in record.flags:  # why a vertebra has no grade: stages.quality's flags, as in vertebrae.csv
+        evaluations.append(hd.sr.QualitativeEvaluation(_private(*QUALITY_FLAG),
+                                                       _private(flag.upper(), flag.replace("_", " "))))
+    segment = hd.sr.ReferencedSegment(
+        sop_class_uid=SEGMENTATION_STORAGE, sop_instance_uid=str(seg_header.SOPInstanceUID),
+        segment_number=segment_number,
+        source_series=hd.sr.SourceSeriesForSegmentation(str(seg_header.ReferencedSeriesSequence[0].SeriesInstanceUID)))
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{record.level} vertebra"),
+        referenced_segment=segment, finding_type=site, finding_sites=[hd.sr.FindingSite(site)],
+        measurements=measurements or None, qualitative_evaluations=evaluations or None)
+
+
+def write_dicom_sr(seg_header: Any, records: Sequence[VertebraRecord], path: str | Path, *,
+                   fracture_probability: float, fractured: bool | None) -> Path:
+    """Write ``measurements.dcm`` (``path``): a TID 1500 report of ``records`` referencing the segments of the SEG
+    whose header (pydicom, pixel data not needed) is ``seg_header``.
+
+    One measurement group per vertebra that has a segment in the SEG, then one for the patient: the fracture
+    probability and the result (present, absent or needs review when ``fractured`` is None). Patient and study
+    come from the SEG (the de-identified ones of the import). Every number is as in ``vertebrae.csv`` (the
+    trabecular attenuation is its ``trabecular_hu``, the mean); NaN values (not measured, not graded) are left out.
+    """
+    import warnings as _warnings
+
+    import highdicom as hd
+    from pydicom import config
+    from pydicom.sr.codedict import codes
+
+    path = Path(path)
+    numbers = segment_numbers(seg_header)
+    groups = [_vertebra_group(hd, r, seg_header, numbers[int(r.label)]) for r in records if int(r.label) in numbers]
+    patient = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="patient"),
+        finding_type=_private(*FRACTURE),
+        measurements=[hd.sr.Measurement(name=codes.DCM.Probability, value=float(fracture_probability),
+                                        unit=codes.UCUM.NoUnits)] if math.isfinite(fracture_probability) else None,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(_private(*FRACTURE), _private(*RESULTS[fractured]))])
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=hd.UID(), name="VertebralFracture", manufacturer_name="VertebralFracture",
+            model_name=f"VertebralFractureLib {__version__}"))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.SCT.ComputedTomography, imaging_measurements=[*groups, patient])
+    with _warnings.catch_warnings(), config.disable_value_validation():
+        # pseudonymised identities ("case-1a2b...") are single-component person names on purpose
+        _warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=[seg_header], content=report[0], series_instance_uid=hd.UID(), series_number=901,
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="VertebralFracture",
+            series_description="Vertebral measurements (VertebralFracture)")
+        sr.save_as(str(path))
+    return path
