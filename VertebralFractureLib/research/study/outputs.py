@@ -112,16 +112,15 @@ def _comparison_table(runs: dict[str, ModelRun], data: CohortData, test: np.ndar
     others = [m for m in runs if m != reference]
     case_test = [data.cases[i] for i in test]
     rows: list[dict[str, Any]] = []
+    per_patient = {m: patient_level(case_test, data.y[test], r.p_test) for m, r in runs.items()}
     for level in ("patient", "vertebra"):
+        if level == "patient":  # one row per patient: independent rows
+            y, groups, scores = per_patient[reference][1], None, {m: per_patient[m][2] for m in runs}
+        else:
+            y, groups, scores = data.y[test], case_test, {m: r.p_test for m, r in runs.items()}
         block = []
         for model in others:
-            if level == "patient":
-                _, y, p_ref = patient_level(case_test, data.y[test], runs[reference].p_test)
-                _, _, p_model = patient_level(case_test, data.y[test], runs[model].p_test)
-                groups = None  # one row per patient: independent rows
-            else:
-                y, p_ref, p_model, groups = data.y[test], runs[reference].p_test, runs[model].p_test, case_test
-            c = auc_comparison(y, p_model, p_ref, groups)
+            c = auc_comparison(y, scores[model], scores[reference], groups)
             block.append({"level": level, "model": model, "reference": reference, "n": c["n"], "roc_auc": c["auc_a"],
                           "roc_auc_reference": c["auc_b"], "difference": c["difference"], "ci_low": c["ci_low"],
                           "ci_high": c["ci_high"], "p": c["p"]})
