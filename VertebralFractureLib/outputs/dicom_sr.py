@@ -110,6 +110,7 @@ def write_dicom_sr(seg_header: Any, records: Sequence[VertebraRecord], path: str
     import highdicom as hd
     from pydicom import config
     from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
 
     path = Path(path)
     numbers = segment_numbers(seg_header)
@@ -123,7 +124,8 @@ def write_dicom_sr(seg_header: Any, records: Sequence[VertebraRecord], path: str
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=hd.UID(), name="VertebralFracture", manufacturer_name="VertebralFracture",
+            uid=generate_uid(prefix=None, entropy_srcs=["VertebralFractureLib", __version__]),  # one per version
+            name="VertebralFracture", manufacturer_name="VertebralFracture",
             model_name=f"VertebralFractureLib {__version__}"))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
