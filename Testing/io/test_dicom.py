@@ -56,6 +56,19 @@ def test_several_series_takes_largest_ct_and_says_so(tmp_path):
     assert any("3 series" in w for w in result.warnings)
 
 
+def test_a_series_of_projection_images_is_taken_only_when_there_is_no_other(tmp_path):
+    """A study export with a MIP series of more slices than the axial series: the axial one is taken (a MIP's voxels
+    are a slab's brightest, not a slice's HU); alone, the MIP series is still imported."""
+    write_ct_series(tmp_path / "d" / "axial", body_phantom((14, 32, 32)))
+    write_ct_series(tmp_path / "d" / "mip", body_phantom((22, 32, 32)), plant={"ImageType": "DERIVED\\SECONDARY\\MIP"})
+    result = import_dicom(tmp_path / "d")
+    assert result.volume.shape[0] == 14
+    assert any("leaving aside 1 series of projection images" in w for w in result.warnings), result.warnings
+    alone = import_dicom(tmp_path / "d" / "mip")
+    assert alone.volume.shape[0] == 22 and any("projection images (MIP or MinIP)" in w for w in alone.warnings)
+    assert not any("projection" in w for w in import_dicom(tmp_path / "d" / "axial").warnings)
+
+
 def test_pixels_of_a_folder_are_read_slice_by_slice_not_all_at_once(tmp_path):
     """A study folder of several long series: only the chosen series' pixels are read, one slice at a time, so the
     import holds little more than the volume it returns (tracemalloc sees pydicom's buffers and numpy's). Holding

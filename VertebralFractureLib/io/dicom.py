@@ -6,7 +6,9 @@ What it does, in order:
    (multi-frame) CT image is taken apart into its frames (:func:`frames_as_slices`), which then go the way of
    classic slices.
 2. Groups by SeriesInstanceUID; with several series it takes the CT series with the most slices
-   and says so in a warning (or the one given by ``series_uid``).
+   and says so in a warning (or the one given by ``series_uid``). A series of projection images (MIP, MinIP:
+   :data:`PROJECTION_IMAGE_TYPES`) is taken only when the folder holds no other CT series: its voxels are the
+   brightest or darkest of a slab, not the HU of one slice.
 3. Orders slices by ImagePositionPatient projected on the slice normal (row x column cosines),
    applies RescaleSlope/RescaleIntercept per slice to get HU.
 4. Leaves out localizer (scout) images that share the series. Checks the geometry: fewer than 10 slices,
@@ -283,6 +285,14 @@ def _series_uid(ds) -> str:
     return str(getattr(ds, "SeriesInstanceUID", "") or "no-series-uid")
 
 
+#: ImageType values (value 3 and on) of projection images, e.g. ``DERIVED\SECONDARY\MIP``
+PROJECTION_IMAGE_TYPES = frozenset({"MIP", "MINIP", "MAXIMUM", "MINIMUM", "PROJECTION IMAGE"})
+
+
+def _projection(ds) -> bool:
+    return bool(PROJECTION_IMAGE_TYPES & {str(value).upper() for value in (ds.get("ImageType") or [])})
+
+
 def _choose_series(folder: Path, datasets: list[Any], series_uid: str | None) -> tuple[list[Any], list[str]]:
     groups: dict[str, list[Any]] = defaultdict(list)
     for ds in datasets:
@@ -296,11 +306,13 @@ def _choose_series(folder: Path, datasets: list[Any], series_uid: str | None) ->
     if not ct_groups:
         modalities = sorted({str(getattr(g[0], "Modality", "?")) for g in groups.values()})
         raise InputError(f"{folder}: no CT series (modality {', '.join(modalities)}); this tool needs CT")
-    chosen = max(ct_groups, key=lambda uid: len(ct_groups[uid]))
+    chosen = max(ct_groups, key=lambda uid: (not _projection(ct_groups[uid][0]), len(ct_groups[uid])))
     if len(groups) > 1:
+        skipped = sum(_projection(g[0]) for g in ct_groups.values()) if not _projection(ct_groups[chosen][0]) else 0
         warnings.append(
-            f"{len(groups)} series in the folder; took the CT series with the most slices ({len(ct_groups[chosen])}); "
-            "use --series UID to choose another"
+            f"{len(groups)} series in the folder; took the CT series with the most slices ({len(ct_groups[chosen])})"
+            + (f", leaving aside {skipped} series of projection images (MIP, MinIP)" if skipped else "")
+            + "; use --series UID to choose another"
         )
     return ct_groups[chosen], warnings
 
@@ -364,6 +376,10 @@ def _import_series(folder: Path, series: list[Any], warnings: list[str], deident
         warnings.append(f"{scouts} localizer image{'s' if scouts > 1 else ''} (scout) in the series left out")
     if len(series) < MIN_SLICES:
         raise InputError(f"{folder}: the series has {len(series)} slice{'s' if len(series) != 1 else ''}; at least {MIN_SLICES} are needed")
+    if _projection(series[0]):
+        warnings.append("the series holds projection images (MIP or MinIP): each voxel is a slab's brightest or "
+                        "darkest, not one slice's HU, so bodies, heights and densities are distorted; give an axial "
+                        "series reconstructed as plain slices")
 
     # geometry
     orientations = np.array([_float_list(getattr(ds, "ImageOrientationPatient", None), 6, "ImageOrientationPatient", folder) for ds in series])
