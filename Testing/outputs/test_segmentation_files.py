@@ -361,6 +361,10 @@ def test_measurement_report_codes_every_number_and_leaves_out_what_was_not_measu
                           fracture_probability=0.93, fractured=None)
     sr = hd.sr.srread(str(path))
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    elements = list(pydicom.dcmread(path).iterall())
+    for keyword in ("CodeValue", "NumericValue"):  # VR SH and DS: at most 16 characters
+        values = [str(el.value) for el in elements if el.keyword == keyword]
+        assert values and max(map(len, values)) <= 16, keyword
     l1, l2, l3 = sr.content.get_volumetric_roi_measurement_groups()
     assert l1.finding_sites[0].value.value == vertebra_code(20).value  # SNOMED CT "L1 vertebra"
 

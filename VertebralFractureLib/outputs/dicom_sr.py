@@ -21,7 +21,7 @@ from typing import Any
 from VertebralFractureLib import __version__
 from VertebralFractureLib.core.records import VertebraRecord
 
-SCHEME = "99VFX"
+SCHEME = "99VFX"  # code values below are DICOM short strings: at most 16 characters
 #: SEG storage (the SR references its segments)
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -39,7 +39,7 @@ GENANT_TYPE = ("GENANT-TYPE", "Vertebral deformity type")
 HEIGHT_LOSS = ("HEIGHT-LOSS", "Vertebral body height loss")
 TRABECULAR_HU = ("TRABECULAR-HU", "Trabecular bone attenuation")
 QUALITY_FLAG = ("QUALITY-FLAG", "Segmentation quality flag")
-FRACTURE = ("VERTEBRAL-FRACTURE", "Vertebral fracture")
+FRACTURE = ("VFX-FRACTURE", "Vertebral fracture")
 RESULTS = {True: ("PRESENT", "Present"), False: ("ABSENT", "Absent"), None: ("NEEDS-REVIEW", "Needs review")}
 
 
