@@ -27,11 +27,14 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/vertebral-fracture demo -o demo-output
 
 test: $(VENV)/.installed-test
-	# the review app's browser tests drive Debian's chromium (never Playwright's download); as root, install it
-	@if ! command -v chromium >/dev/null 2>&1; then \
+	# the review app's browser tests drive Debian's chromium (never Playwright's download), and the DICOM SEG and SR
+	# are checked by dicom3tools' validator (dciodvfy); as root, install what is missing
+	@missing=""; command -v chromium >/dev/null 2>&1 || missing="chromium"; \
+	command -v dciodvfy >/dev/null 2>&1 || missing="$$missing dicom3tools"; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium install failed: the review browser tests will skip"; \
-		else echo "chromium missing and not root: the review browser tests will skip"; fi; \
+			(apt-get update -qq && apt-get install -y -qq $$missing >/dev/null) || echo "install of$$missing failed: their tests will skip"; \
+		else echo "$$missing missing and not root: their tests will skip"; fi; \
 	fi
 	$(VENV)/bin/ruff check VertebralFractureLib VertebralFracture Testing benchmarks
 	$(PY) -m pytest -q Testing

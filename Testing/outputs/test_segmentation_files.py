@@ -386,3 +386,29 @@ def test_measurement_report_codes_every_number_and_leaves_out_what_was_not_measu
     assert [(q.name.meaning, q.value.meaning) for q in patient.get_qualitative_evaluations()] == [
         ("Vertebral fracture", "Needs review")]
     assert [(m.name, m.value) for m in patient.get_measurements()] == [(codes.DCM.Probability, pytest.approx(0.93))]
+
+
+def test_dicom_seg_and_sr_pass_the_dicom3tools_validator(tmp_path):
+    """The DICOM SEG and SR conform to their IODs as dicom3tools' validator reads them: no error (its warnings are
+    about the de-identified study's empty date and the private coding scheme, which it cannot know)."""
+    import shutil
+    import subprocess
+
+    from VertebralFractureLib.outputs.dicom_sr import write_dicom_sr
+
+    validator = shutil.which("dciodvfy")
+    if validator is None:
+        pytest.skip("dciodvfy not installed (Debian package dicom3tools; make test installs it as root)")
+    labels = _boxes()
+    records = [VertebraRecord(20, "L1", volume_ml=30.0, height_anterior_mm=20.0, height_middle_mm=21.0,
+                              height_posterior_mm=27.0, height_loss_ratio=0.26, genant_grade=2, genant_type="wedge",
+                              fracture_probability=0.9, trabecular_hu=120.0, flags=[]),
+               VertebraRecord(21, "L2", volume_ml=12.0, partial=True, flags=["cut"])]
+    seg = write_dicom_seg(labels, records, ct_series(labels), tmp_path / "segmentation.dcm")
+    sr = write_dicom_sr(pydicom.dcmread(seg, stop_before_pixels=True), records, tmp_path / "measurements.dcm",
+                        fracture_probability=0.9, fractured=True)
+    for path, iod in ((seg, "Segmentation"), (sr, "Comprehensive3DSR")):
+        report = subprocess.run([validator, "-new", str(path)], capture_output=True, text=True, timeout=120)
+        lines = (report.stdout + report.stderr).splitlines()
+        assert iod in lines, lines[:5]  # the validator recognised the object
+        assert not [line for line in lines if line.startswith("Error")], lines

@@ -109,6 +109,7 @@ def write_dicom_sr(seg_header: Any, records: Sequence[VertebraRecord], path: str
 
     import highdicom as hd
     from pydicom import config
+    from pydicom.dataset import Dataset
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
@@ -137,5 +138,11 @@ def write_dicom_sr(seg_header: Any, records: Sequence[VertebraRecord], path: str
             evidence=[seg_header], content=report[0], series_instance_uid=hd.UID(), series_number=901,
             sop_instance_uid=hd.UID(), instance_number=1, manufacturer="VertebralFracture",
             series_description="Vertebral measurements (VertebralFracture)")
+        # the private scheme declared, as PS3.3 C.12.1.1.3 asks of a scheme not in PS3.16's table
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = SCHEME
+        scheme.CodingSchemeName = "VertebralFracture private codes"
+        scheme.CodingSchemeResponsibleOrganization = "VertebralFracture project"
+        sr.CodingSchemeIdentificationSequence = [scheme]
         sr.save_as(str(path))
     return path
