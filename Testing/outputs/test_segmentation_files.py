@@ -266,14 +266,18 @@ def test_run_on_dicom_writes_seg_and_no_identifiers(tmp_path):
     out = tmp_path / "out"
     result = run_pipeline(dicom_dir, out, labels_path=tmp_path / "labels.nii.gz", options=PipelineOptions(wiener=False))
     names = {p.name for p in out.iterdir()}
-    assert {"segmentation.nii.gz", "segmentation.seg.nrrd", "segmentation.dcm", "measurements.dcm", "ct.nii.gz",
-            "report.html", "vertebrae.csv", "result.json"} <= names
+    assert {"segmentation.nii.gz", "segmentation.seg.nrrd", "segmentation.dcm", "measurements.dcm", "overview.dcm",
+            "ct.nii.gz", "report.html", "vertebrae.csv", "result.json"} <= names
     seg = hd.seg.segread(str(out / "segmentation.dcm"))
     assert [seg.get_segment_description(n).segment_label for n in (1, 2, 3)] == ["L1", "L2", "L3"]
     assert seg.PatientID == result.case_id != "ID-12345"
     # the SR: one group per vertebra on its segment of that SEG, its numbers those of vertebrae.csv
     sr = hd.sr.srread(str(out / "measurements.dcm"))
-    assert (sr.PatientID, sr.StudyInstanceUID) == (seg.PatientID, seg.StudyInstanceUID)
+    overview = pydicom.dcmread(out / "overview.dcm")
+    for other in (sr, overview):  # the same de-identified patient and study, each in a series of its own
+        assert (other.PatientID, other.StudyInstanceUID) == (seg.PatientID, seg.StudyInstanceUID)
+        assert other.SeriesInstanceUID != seg.SeriesInstanceUID
+    assert overview.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and overview.pixel_array.shape[2] == 3
     groups = sr.content.get_volumetric_roi_measurement_groups()
     assert [str(g.tracking_identifier) for g in groups] == ["L1 vertebra", "L2 vertebra", "L3 vertebra"]
     for group, record in zip(groups, result.records, strict=True):
@@ -388,12 +392,13 @@ def test_measurement_report_codes_every_number_and_leaves_out_what_was_not_measu
     assert [(m.name, m.value) for m in patient.get_measurements()] == [(codes.DCM.Probability, pytest.approx(0.93))]
 
 
-def test_dicom_seg_and_sr_pass_the_dicom3tools_validator(tmp_path):
-    """The DICOM SEG and SR conform to their IODs as dicom3tools' validator reads them: no error (its warnings are
+def test_dicom_seg_sr_and_capture_pass_the_dicom3tools_validator(tmp_path):
+    """The DICOM SEG, SR and Secondary Capture conform to their IODs as dicom3tools' validator reads them: no error (its warnings are
     about the de-identified study's empty date and the private coding scheme, which it cannot know)."""
     import shutil
     import subprocess
 
+    from VertebralFractureLib.outputs.dicom_capture import write_overview_capture
     from VertebralFractureLib.outputs.dicom_sr import write_dicom_sr
 
     validator = shutil.which("dciodvfy")
@@ -407,8 +412,38 @@ def test_dicom_seg_and_sr_pass_the_dicom3tools_validator(tmp_path):
     seg = write_dicom_seg(labels, records, ct_series(labels), tmp_path / "segmentation.dcm")
     sr = write_dicom_sr(pydicom.dcmread(seg, stop_before_pixels=True), records, tmp_path / "measurements.dcm",
                         fracture_probability=0.9, fractured=True)
-    for path, iod in ((seg, "Segmentation"), (sr, "Comprehensive3DSR")):
+    capture = write_overview_capture(pydicom.dcmread(seg, stop_before_pixels=True), _png_uri(np.zeros((40, 30, 3))),
+                                     tmp_path / "overview.dcm", fracture_probability=0.9, fractured=True)
+    for path, iod in ((seg, "Segmentation"), (sr, "Comprehensive3DSR"), (capture, "SCImage")):
         report = subprocess.run([validator, "-new", str(path)], capture_output=True, text=True, timeout=120)
         lines = (report.stdout + report.stderr).splitlines()
         assert iod in lines, lines[:5]  # the validator recognised the object
         assert not [line for line in lines if line.startswith("Error")], lines
+
+
+def _png_uri(pixels: np.ndarray) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, np.uint8)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_overview_capture_is_the_report_picture_under_a_banner_with_the_result(tmp_path):
+    from VertebralFractureLib.outputs.dicom_capture import result_lines, write_overview_capture
+
+    picture = np.random.default_rng(0).integers(0, 255, (120, 90, 3)).astype(np.uint8)
+    labels = _boxes()
+    seg = write_dicom_seg(labels, RECORDS, ct_series(labels), tmp_path / "segmentation.dcm")
+    path = write_overview_capture(pydicom.dcmread(seg, stop_before_pixels=True), _png_uri(picture),
+                                  tmp_path / "overview.dcm", fracture_probability=0.42, fractured=None)
+    pixels = pydicom.dcmread(path).pixel_array
+    top = pixels.shape[0] - picture.shape[0]
+    assert np.array_equal(pixels[top:], picture)  # the picture itself, lossless
+    assert 0 < top <= 60 and pixels[:top].max() > 200  # white text on the black banner
+    assert result_lines(0.42, None)[0] == "Needs review, P(fracture) 0.42"
+    assert result_lines(float("nan"), True)[0] == "Fractured, P(fracture) n/a"
+    assert result_lines(0.1, False)[0] == "No fracture found, P(fracture) 0.10"

@@ -537,8 +537,9 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
     DICOM SEG and SR, Python in pydicom and highdicom that holds the GIL, are written by the child processes
     ``helpers`` when given, which :func:`run_pipeline` started after the import: the first has written ``ct.nii.gz``
     meanwhile (:func:`_write_import_file_idle`), the second has prepared the DICOM SEG (:func:`_prepare_dicom_seg`)
-    and writes both now. This process draws the report's pictures in the meantime, then waits for the DICOM files:
-    the report lists every warning, including those of the other writers.
+    and writes both now. This process draws the report's pictures in the meantime and hands the overview to the
+    second child for ``overview.dcm`` (a DICOM Secondary Capture), then waits for the DICOM files: the report lists
+    every warning, including those of the other writers.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -571,13 +572,19 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
             result.warnings += _write_dicom_files(labels, result.records, result.fracture_probability, result.fractured,
                                                   dicom_import, out)
         images = report_images(ct, labels, result.records)
+        overview = (images.sagittal, result.fracture_probability, result.fractured, out)
         if seg_writer is not None:
+            if dicom_seg:
+                seg_writer.call(_write_overview_file, *overview)
             seg_writer.result()  # prepared
             if dicom_seg:
                 result.warnings += seg_writer.result()
+                seg_writer.result()
+        elif dicom_seg:
+            _write_overview_file(*overview)
         if dicom_import is not None and not dicom_seg:
-            result.warnings.append("no vertebra found: segmentation.dcm and measurements.dcm not written (a DICOM SEG "
-                                   "needs a segment)")
+            result.warnings.append("no vertebra found: segmentation.dcm, measurements.dcm and overview.dcm not written "
+                                   "(a DICOM SEG needs a segment)")
         write_report(out / "report.html", ct, labels, result.records, fracture_probability=result.fracture_probability,
                      fractured=result.fractured, warnings=result.warnings, review_reasons=result.review_reasons,
                      case_id=result.case_id, timings_s=result.timings_s, images=images,
@@ -640,6 +647,19 @@ def _write_dicom_files(labels: Volume, records: list[VertebraRecord], fracture_p
         write_dicom_sr(pydicom.dcmread(seg_path, stop_before_pixels=True), records, out / "measurements.dcm",
                        fracture_probability=fracture_probability, fractured=fractured)
     return warnings
+
+
+def _write_overview_file(sagittal_png: str | None, fracture_probability: float, fractured: bool | None,
+                         out: Path) -> None:
+    """``overview.dcm``: the report's sagittal overview as a DICOM Secondary Capture in the study of
+    ``segmentation.dcm`` (nothing when either is missing)."""
+    import pydicom
+
+    from VertebralFractureLib.outputs.dicom_capture import write_overview_capture
+
+    if sagittal_png is not None and (out / "segmentation.dcm").exists():
+        write_overview_capture(pydicom.dcmread(out / "segmentation.dcm", stop_before_pixels=True), sagittal_png,
+                               out / "overview.dcm", fracture_probability=fracture_probability, fractured=fractured)
 
 
 @contextmanager

@@ -1,0 +1,71 @@
+"""The report's sagittal overview as a DICOM Secondary Capture image (``overview.dcm``, highdicom): every PACS viewer
+shows it, also one that reads neither the SEG nor the SR, so the worklist shows the named, coloured vertebrae and
+their probabilities beside the CT."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def png_pixels(data_uri: str) -> np.ndarray:
+    """RGB pixels (rows, columns, 3) uint8 of a ``data:image/png;base64,...`` URI (the report's pictures)."""
+    from PIL import Image
+
+    data = base64.b64decode(data_uri.split(",", 1)[1])
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def result_lines(fracture_probability: float, fractured: bool | None) -> list[str]:
+    """The patient's result and what made it, as the overview's banner says them (short: the narrowest overview is
+    about 380 pixels wide)."""
+    verdict = {True: "Fractured", False: "No fracture found", None: "Needs review"}[fractured]
+    p = "n/a" if not np.isfinite(fracture_probability) else f"{fracture_probability:.2f}"
+    return [f"{verdict}, P(fracture) {p}", "VertebralFracture (research software)"]
+
+
+def with_banner(pixels: np.ndarray, lines: list[str]) -> np.ndarray:
+    """``pixels`` (rows, columns, 3) with a black strip above holding ``lines`` in white."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=14)
+    top = 8 + 18 * len(lines)
+    image = Image.new("RGB", (pixels.shape[1], pixels.shape[0] + top), "black")
+    image.paste(Image.fromarray(pixels), (0, top))
+    draw = ImageDraw.Draw(image)
+    for k, line in enumerate(lines):
+        draw.text((6, 4 + 18 * k), line, fill="white", font=font)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def write_overview_capture(seg_header: Any, overview_png: str, path: str | Path, *, fracture_probability: float,
+                           fractured: bool | None) -> Path:
+    """Write ``overview_png`` (the report's sagittal overview, a PNG data URI) under a banner with the patient's
+    result (:func:`result_lines`) as a Secondary Capture image in the patient and study of the SEG whose header is
+    ``seg_header`` (the de-identified ones of the import), a series of its own. The picture holds level names,
+    probabilities and the result, nothing that identifies the patient."""
+    import warnings as _warnings
+
+    import highdicom as hd
+    from pydicom import config
+
+    path = Path(path)
+    pixels = with_banner(png_pixels(overview_png), result_lines(fracture_probability, fractured))
+    with _warnings.catch_warnings(), config.disable_value_validation():
+        # pseudonymised identities ("case-1a2b...") are single-component person names on purpose
+        _warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        image = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=seg_header, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
+            coordinate_system="PATIENT", series_instance_uid=hd.UID(), series_number=902, sop_instance_uid=hd.UID(),
+            instance_number=1, manufacturer="VertebralFracture",
+            patient_orientation=("P", "F"),  # the overview's columns run to posterior, its rows to the feet
+            series_description="Vertebral fracture overview (VertebralFracture)")
+        image.BurnedInAnnotation = "NO"  # level names, probabilities and the result only: nothing identifies the patient
+        image.BodyPartExamined = "SPINE"  # an unpaired part: no laterality (General Series, type 2C)
+        image.save_as(str(path))
+    return path
