@@ -537,9 +537,9 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
     DICOM SEG and SR, Python in pydicom and highdicom that holds the GIL, are written by the child processes
     ``helpers`` when given, which :func:`run_pipeline` started after the import: the first has written ``ct.nii.gz``
     meanwhile (:func:`_write_import_file_idle`), the second has prepared the DICOM SEG (:func:`_prepare_dicom_seg`)
-    and writes both now. This process draws the report's pictures in the meantime and hands the overview to the
-    second child for ``overview.dcm`` (a DICOM Secondary Capture), then waits for the DICOM files: the report lists
-    every warning, including those of the other writers.
+    and writes both now. This process draws the report's pictures in the meantime and writes the overview as
+    ``overview.dcm`` (a DICOM Secondary Capture), then waits for the DICOM files: the report lists every warning,
+    including those of the other writers.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -572,16 +572,12 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
             result.warnings += _write_dicom_files(labels, result.records, result.fracture_probability, result.fractured,
                                                   dicom_import, out)
         images = report_images(ct, labels, result.records)
-        overview = (images.sagittal, result.fracture_probability, result.fractured, out)
+        if dicom_seg:  # while the child, if any, writes the SEG and SR
+            _write_overview_file(images.sagittal, result.fracture_probability, result.fractured, dicom_import, out)
         if seg_writer is not None:
-            if dicom_seg:
-                seg_writer.call(_write_overview_file, *overview)
             seg_writer.result()  # prepared
             if dicom_seg:
                 result.warnings += seg_writer.result()
-                seg_writer.result()
-        elif dicom_seg:
-            _write_overview_file(*overview)
         if dicom_import is not None and not dicom_seg:
             result.warnings.append("no vertebra found: segmentation.dcm, measurements.dcm and overview.dcm not written "
                                    "(a DICOM SEG needs a segment)")
@@ -650,16 +646,17 @@ def _write_dicom_files(labels: Volume, records: list[VertebraRecord], fracture_p
 
 
 def _write_overview_file(sagittal_png: str | None, fracture_probability: float, fractured: bool | None,
-                         out: Path) -> None:
-    """``overview.dcm``: the report's sagittal overview as a DICOM Secondary Capture in the study of
-    ``segmentation.dcm`` (nothing when either is missing)."""
-    import pydicom
-
+                         dicom_import, out: Path) -> None:
+    """``overview.dcm``: the report's sagittal overview as a DICOM Secondary Capture in the import's (de-identified)
+    study; nothing when the overview could not be drawn or the slices lack the UIDs a SEG would reference them by
+    (then no ``segmentation.dcm`` is written either)."""
     from VertebralFractureLib.outputs.dicom_capture import write_overview_capture
+    from VertebralFractureLib.outputs.segmentation_files import missing_references
 
-    if sagittal_png is not None and (out / "segmentation.dcm").exists():
-        write_overview_capture(pydicom.dcmread(out / "segmentation.dcm", stop_before_pixels=True), sagittal_png,
-                               out / "overview.dcm", fracture_probability=fracture_probability, fractured=fractured)
+    header = dicom_import.study_header()
+    if sagittal_png is not None and missing_references([header]) is None:
+        write_overview_capture(header, sagittal_png, out / "overview.dcm", fracture_probability=fracture_probability,
+                               fractured=fractured)
 
 
 @contextmanager

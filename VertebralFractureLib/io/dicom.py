@@ -101,6 +101,13 @@ class DicomImport:
         key = _pseudonym_key()
         return [_deidentified_header(ds, key, self.case_id) for ds in self._series]
 
+    def study_header(self) -> Any:
+        """The first slice's header as :meth:`source_headers` gives it: the patient, study and equipment of a DICOM
+        object made for this import (without building every slice's)."""
+        if not self.deidentify:
+            return self._series[0].copy()
+        return _deidentified_header(self._series[0], _pseudonym_key(), self.case_id)
+
 
 # --- pseudonyms -------------------------------------------------------------------------------
 def _pseudonym_key() -> bytes:

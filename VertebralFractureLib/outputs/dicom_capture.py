@@ -43,11 +43,12 @@ def with_banner(pixels: np.ndarray, lines: list[str]) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def write_overview_capture(seg_header: Any, overview_png: str, path: str | Path, *, fracture_probability: float,
+def write_overview_capture(header: Any, overview_png: str, path: str | Path, *, fracture_probability: float,
                            fractured: bool | None) -> Path:
     """Write ``overview_png`` (the report's sagittal overview, a PNG data URI) under a banner with the patient's
-    result (:func:`result_lines`) as a Secondary Capture image in the patient and study of the SEG whose header is
-    ``seg_header`` (the de-identified ones of the import), a series of its own. The picture holds level names,
+    result (:func:`result_lines`) as a Secondary Capture image in the patient and study of ``header`` (a pydicom
+    header of the CT: the de-identified first slice of the import, ``DicomImport.study_header``), a series of its
+    own. The picture holds level names,
     probabilities and the result, nothing that identifies the patient."""
     import warnings as _warnings
 
@@ -60,7 +61,7 @@ def write_overview_capture(seg_header: Any, overview_png: str, path: str | Path,
         # pseudonymised identities ("case-1a2b...") are single-component person names on purpose
         _warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
         image = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=seg_header, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
+            ref_dataset=header, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
             coordinate_system="PATIENT", series_instance_uid=hd.UID(), series_number=902, sop_instance_uid=hd.UID(),
             instance_number=1, manufacturer="VertebralFracture",
             patient_orientation=("P", "F"),  # the overview's columns run to posterior, its rows to the feet
