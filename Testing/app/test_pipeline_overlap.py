@@ -116,6 +116,15 @@ def test_overlap_changes_no_output(tmp_path, monkeypatch):
     assert segs[0].PatientID == segs[1].PatientID == results[0]["case_id"]
     assert [s.SegmentLabel for s in segs[0].SegmentSequence] == [s.SegmentLabel for s in segs[1].SegmentSequence]
     np.testing.assert_array_equal(segs[0].pixel_array, segs[1].pixel_array)
+    # the SR's numbers and the overview's pixels (written by the children when they run) are the same too
+    def sr_content(out) -> list[str]:
+        return [str(e.value) for e in pydicom.dcmread(out / "measurements.dcm").iterall()
+                if e.keyword in ("NumericValue", "CodeMeaning")]
+
+    assert sr_content(plain) == sr_content(overlapped) != []
+    overviews = [pydicom.dcmread(out / "overview.dcm") for out in (plain, overlapped)]
+    assert overviews[0].PatientID == overviews[1].PatientID == results[0]["case_id"]
+    np.testing.assert_array_equal(overviews[0].pixel_array, overviews[1].pixel_array)
 
 
 @needs_fork

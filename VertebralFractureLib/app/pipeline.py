@@ -537,9 +537,9 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
     DICOM SEG and SR, Python in pydicom and highdicom that holds the GIL, are written by the child processes
     ``helpers`` when given, which :func:`run_pipeline` started after the import: the first has written ``ct.nii.gz``
     meanwhile (:func:`_write_import_file_idle`), the second has prepared the DICOM SEG (:func:`_prepare_dicom_seg`)
-    and writes both now. This process draws the report's pictures in the meantime and writes the overview as
-    ``overview.dcm`` (a DICOM Secondary Capture), then waits for the DICOM files: the report lists every warning,
-    including those of the other writers.
+    and writes both now. This process draws the report's pictures in the meantime and hands the overview to the first
+    child, idle by then, for ``overview.dcm`` (a DICOM Secondary Capture), then waits for the DICOM files: the report
+    lists every warning, including those of the other writers.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -572,8 +572,11 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
             result.warnings += _write_dicom_files(labels, result.records, result.fracture_probability, result.fractured,
                                                   dicom_import, out)
         images = report_images(ct, labels, result.records)
-        if dicom_seg:  # while the child, if any, writes the SEG and SR
-            _write_overview_file(images.sagittal, result.fracture_probability, result.fractured, dicom_import, out)
+        overview = (images.sagittal, result.fracture_probability, result.fractured)
+        if dicom_seg and ct_writer is not None:  # the child that wrote ct.nii.gz is idle by now
+            ct_writer.call(_write_overview_file, *overview, None, out)
+        elif dicom_seg:
+            _write_overview_file(*overview, dicom_import, out)
         if seg_writer is not None:
             seg_writer.result()  # prepared
             if dicom_seg:
@@ -589,6 +592,8 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
             job.result()  # re-raise a writer's error here, inside the atomic output folder
         if ct_writer is not None:
             ct_writer.result()
+            if dicom_seg:
+                ct_writer.result()  # overview.dcm
 
 
 def write_import_file(dicom_import, out: Path) -> None:
@@ -606,8 +611,11 @@ def _write_import_file_idle(dicom_import, out: Path) -> None:
     Nice 8 (weight 134 against 1024): on the 275-slice chest CT, --fast, it finishes about when segmentation does
     (at nice 0 segmentation took 0.5-0.8 s longer; at nice 19 the file was last of all the outputs).
     """
+    global _IMPORT
+    _IMPORT = dicom_import  # for a later call of this child's (:func:`_write_overview_file`)
     os.nice(8)
     write_import_file(dicom_import, out)
+    from VertebralFractureLib.outputs import dicom_capture  # noqa: F401  (loads highdicom on idle cycles)
 
 
 #: the DICOM SEG's source headers, made ahead by :func:`_prepare_dicom_seg` in a child process
@@ -645,14 +653,21 @@ def _write_dicom_files(labels: Volume, records: list[VertebraRecord], fracture_p
     return warnings
 
 
+#: the DICOM import, in the child process that writes ct.nii.gz (:func:`_write_import_file_idle`)
+_IMPORT: Any = None
+
+
 def _write_overview_file(sagittal_png: str | None, fracture_probability: float, fractured: bool | None,
                          dicom_import, out: Path) -> None:
     """``overview.dcm``: the report's sagittal overview as a DICOM Secondary Capture in the import's (de-identified)
-    study; nothing when the overview could not be drawn or the slices lack the UIDs a SEG would reference them by
-    (then no ``segmentation.dcm`` is written either)."""
+    study (``dicom_import`` None: the one this child inherited); nothing when the overview could not be drawn or the
+    slices lack the UIDs a SEG would reference them by (then no ``segmentation.dcm`` is written either)."""
     from VertebralFractureLib.outputs.dicom_capture import write_overview_capture
     from VertebralFractureLib.outputs.segmentation_files import missing_references
 
+    dicom_import = dicom_import or _IMPORT
+    if dicom_import is None:  # called here after the helper process died before it wrote the file
+        raise RuntimeError("the output helper process ended before it wrote overview.dcm")
     header = dicom_import.study_header()
     if sagittal_png is not None and missing_references([header]) is None:
         write_overview_capture(header, sagittal_png, out / "overview.dcm", fracture_probability=fracture_probability,
