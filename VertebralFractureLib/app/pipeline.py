@@ -615,7 +615,6 @@ def _write_import_file_idle(dicom_import, out: Path) -> None:
     _IMPORT = dicom_import  # for a later call of this child's (:func:`_write_overview_file`)
     os.nice(8)
     write_import_file(dicom_import, out)
-    from VertebralFractureLib.outputs import dicom_capture  # noqa: F401  (loads highdicom on idle cycles)
 
 
 #: the DICOM SEG's source headers, made ahead by :func:`_prepare_dicom_seg` in a child process
