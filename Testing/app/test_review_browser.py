@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,22 +67,35 @@ def _free_port() -> int:
 
 
 class Server:
-    """``vertebral-fracture review OUT`` in a subprocess; ``url`` once it listens."""
+    """``vertebral-fracture review OUT`` in a subprocess; ``url`` once it listens.
+
+    The port is one the kernel just handed out and took back: another process may take it before the server binds
+    it, and the server then exits. That start is retried on a new port; any other failure reports the server's
+    stderr."""
 
     def __init__(self, out: Path, *extra: str) -> None:
+        for _attempt in range(3):
+            if self._start(out, extra):
+                return
+            self.stop()
+        raise RuntimeError(f"review server did not listen in 3 attempts; its stderr: {self._stderr()[-2000:]}")
+
+    def _start(self, out: Path, extra: tuple[str, ...]) -> bool:
+        """Start the server; True once it listens, False when it exited before (e.g. its port was taken)."""
         self.port = _free_port()
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        self.stderr = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "VertebralFractureLib.cli", "review", str(out), "--port", str(self.port),
              "--no-wiener", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+            stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env,
         )
         self.lines: list[str] = []
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             line = self.process.stdout.readline()
             if not line:
-                raise RuntimeError(f"review server exited ({self.process.wait()}): {self.lines}")
+                return False
             self.lines.append(line)
             if line.startswith("review app:"):
                 break
@@ -89,11 +103,26 @@ class Server:
         if "--require-token" in extra:
             self.lines.append(self.process.stdout.readline())
         while time.monotonic() < deadline:  # the address is printed before the socket listens
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
+            if self.process.poll() is not None:
+                return False
+            if self._listens():
+                return True
             time.sleep(0.1)
-        raise RuntimeError("review server did not listen within 60 s")
+        raise RuntimeError(f"review server did not listen within 60 s; its stderr: {self._stderr()[-2000:]}")
+
+    def _listens(self) -> bool:
+        """Whether the server process itself listens on its port (not another process that took the port)."""
+        import psutil
+
+        try:
+            return any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port
+                       for c in psutil.Process(self.process.pid).net_connections(kind="inet"))
+        except psutil.Error:
+            return False
+
+    def _stderr(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read()
 
     def stop(self) -> None:
         self.process.terminate()
