@@ -48,18 +48,14 @@ def write_overview_capture(header: Any, overview_png: str, path: str | Path, *, 
     """Write ``overview_png`` (the report's sagittal overview, a PNG data URI) under a banner with the patient's
     result (:func:`result_lines`) as a Secondary Capture image in the patient and study of ``header`` (a pydicom
     header of the CT: the de-identified first slice of the import, ``DicomImport.study_header``), a series of its
-    own. The picture holds level names,
-    probabilities and the result, nothing that identifies the patient."""
-    import warnings as _warnings
-
+    own. The picture holds level names, probabilities and the result, nothing that identifies the patient."""
     import highdicom as hd
-    from pydicom import config
+
+    from VertebralFractureLib.outputs.segmentation_files import writing_dicom
 
     path = Path(path)
     pixels = with_banner(png_pixels(overview_png), result_lines(fracture_probability, fractured))
-    with _warnings.catch_warnings(), config.disable_value_validation():
-        # pseudonymised identities ("case-1a2b...") are single-component person names on purpose
-        _warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+    with writing_dicom():
         image = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=header, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
             coordinate_system="PATIENT", series_instance_uid=hd.UID(), series_number=902, sop_instance_uid=hd.UID(),

@@ -105,13 +105,12 @@ def write_dicom_sr(seg_header: Any, records: Sequence[VertebraRecord], path: str
     come from the SEG (the de-identified ones of the import). Every number is as in ``vertebrae.csv`` (the
     trabecular attenuation is its ``trabecular_hu``, the mean); NaN values (not measured, not graded) are left out.
     """
-    import warnings as _warnings
-
     import highdicom as hd
-    from pydicom import config
     from pydicom.dataset import Dataset
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
+
+    from VertebralFractureLib.outputs.segmentation_files import writing_dicom
 
     path = Path(path)
     numbers = segment_numbers(seg_header)
@@ -131,9 +130,7 @@ def write_dicom_sr(seg_header: Any, records: Sequence[VertebraRecord], path: str
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.SCT.ComputedTomography, imaging_measurements=[*groups, patient])
-    with _warnings.catch_warnings(), config.disable_value_validation():
-        # pseudonymised identities ("case-1a2b...") are single-component person names on purpose
-        _warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+    with writing_dicom():
         sr = hd.sr.Comprehensive3DSR(
             evidence=[seg_header], content=report[0], series_instance_uid=hd.UID(), series_number=901,
             sop_instance_uid=hd.UID(), instance_number=1, manufacturer="VertebralFracture",

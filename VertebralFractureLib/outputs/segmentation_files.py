@@ -14,6 +14,7 @@ import gzip
 import math
 import warnings as _warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -377,6 +378,19 @@ def multi_frame_header(frames: Sequence[Any]) -> Any:
     return out
 
 
+@contextmanager
+def writing_dicom():
+    """Context for building and saving this library's DICOM objects (SEG, SR, Secondary Capture) on the import's
+    headers. pydicom re-validates every value it sets or writes (a quarter of the SEG's time on a 275-slice CT); the
+    values come from highdicom and from headers already read, so the checks add nothing here. Pseudonymised
+    identities ("case-1a2b...") are single-component person names on purpose: highdicom's warning is silenced."""
+    from pydicom import config
+
+    with _warnings.catch_warnings(), config.disable_value_validation():
+        _warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        yield
+
+
 def prepare_dicom_seg() -> None:
     """Import and load what :func:`write_dicom_seg` needs the first time (about 0.5 s: highdicom, pydicom's code
     dictionaries, highdicom's tables of the DICOM standard, scipy.ndimage), so that a process can do it ahead."""
@@ -424,7 +438,6 @@ def write_dicom_seg(
             datasets from several series or of several matrix sizes.
     """
     import highdicom as hd
-    from pydicom import config
     from pydicom.sr.codedict import codes
 
     path = Path(path)
@@ -487,11 +500,7 @@ def write_dicom_seg(
     seg_array = np.zeros(array.shape, np.uint8)
     seg_array[joint] = lut[array[joint]]
     path.parent.mkdir(parents=True, exist_ok=True)
-    # pydicom re-validates every value it sets or writes (a quarter of the SEG's time on a 275-slice CT); the
-    # values come from highdicom and from headers already read, so the checks add nothing here
-    with _warnings.catch_warnings(), config.disable_value_validation():
-        # pseudonymised identities ("case-1a2b...") are single-component person names on purpose
-        _warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+    with writing_dicom():
         seg = _segmentation(hd, sources, seg_array, descriptions)
         seg.save_as(str(path))
     return path
