@@ -38,7 +38,7 @@ CONTRACT_COLUMNS = ["label", "level", "volume_ml", "height_anterior_mm", "height
 # ct.nii.gz for every input: the result folder is reviewable on its own, and no input path need be recorded
 RUN_OUTPUTS = {"segmentation.nii.gz", "segmentation.seg.nrrd", "vertebrae.csv", "result.json", "report.html",
                "radiomics.csv", "ct.nii.gz"}
-DICOM_ONLY_OUTPUTS = {"segmentation.dcm", "measurements.dcm", "overview.dcm", "ct.json"}
+DICOM_ONLY_OUTPUTS = {"segmentation.dcm", "measurements.dcm", "overview.dcm", "ct.json", "ct.dicom-headers.json.gz"}
 
 # runs the CLI's main() like the console script, then writes the names of the loaded modules to a file;
 # Python's KeyboardInterrupt handler is restored because a background job inherits SIGINT ignored

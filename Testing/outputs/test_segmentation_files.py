@@ -243,14 +243,9 @@ def test_dicom_seg_needs_a_segment(tmp_path):
         write_dicom_seg(labels.with_array(np.zeros(labels.shape, np.uint8)), [], ct_series(labels), tmp_path / "x.dcm")
 
 
-def test_run_on_dicom_writes_seg_and_no_identifiers(tmp_path):
-    """``run`` on a DICOM folder with --labels: segmentation.dcm referencing the (de-identified) series, no PHI anywhere."""
-    import json
-
-    import highdicom as hd
-    from privacy import readable_bytes
-    from pydicom.sr.codedict import codes
-
+def _run_on_dicom(tmp_path):
+    """``run`` with --labels on a DICOM series of :func:`_boxes` (patient Doe^Jane); returns the output folder and
+    the result."""
     from VertebralFractureLib.app.pipeline import PipelineOptions, run_pipeline
     from VertebralFractureLib.io.volume_files import write_volume
 
@@ -262,12 +257,23 @@ def test_run_on_dicom_writes_seg_and_no_identifiers(tmp_path):
     for index, ds in enumerate(ct_series(ct, patient_name="Doe^Jane")):
         ds.save_as(dicom_dir / f"slice{index:03d}.dcm", enforce_file_format=True)
     write_volume(labels, tmp_path / "labels.nii.gz")
-
     out = tmp_path / "out"
     result = run_pipeline(dicom_dir, out, labels_path=tmp_path / "labels.nii.gz", options=PipelineOptions(wiener=False))
+    return out, result
+
+
+def test_run_on_dicom_writes_seg_and_no_identifiers(tmp_path):
+    """``run`` on a DICOM folder with --labels: segmentation.dcm referencing the (de-identified) series, no PHI anywhere."""
+    import json
+
+    import highdicom as hd
+    from privacy import readable_bytes
+    from pydicom.sr.codedict import codes
+
+    out, result = _run_on_dicom(tmp_path)
     names = {p.name for p in out.iterdir()}
     assert {"segmentation.nii.gz", "segmentation.seg.nrrd", "segmentation.dcm", "measurements.dcm", "overview.dcm",
-            "ct.nii.gz", "report.html", "vertebrae.csv", "result.json"} <= names
+            "ct.nii.gz", "ct.dicom-headers.json.gz", "report.html", "vertebrae.csv", "result.json"} <= names
     seg = hd.seg.segread(str(out / "segmentation.dcm"))
     assert [seg.get_segment_description(n).segment_label for n in (1, 2, 3)] == ["L1", "L2", "L3"]
     assert seg.PatientID == result.case_id != "ID-12345"
@@ -339,6 +345,13 @@ def test_run_on_an_enhanced_ct_writes_a_seg_that_references_its_frames(tmp_path)
     enhanced, plain = _seg_frames(tmp_path / "out-enhanced" / "segmentation.dcm"), \
         _seg_frames(tmp_path / "out-classic" / "segmentation.dcm")
     assert enhanced.keys() == plain.keys() and all(np.array_equal(enhanced[k], plain[k]) for k in plain)
+    # the headers kept for the review app give the same SEG again, frame numbers included
+    from VertebralFractureLib.io.dicom import HEADERS_FILE, read_source_headers
+
+    again = write_dicom_seg(labels, [], read_source_headers(tmp_path / "out-enhanced" / HEADERS_FILE),
+                            tmp_path / "again.dcm")
+    frames = _seg_frames(again)
+    assert frames.keys() == plain.keys() and all(np.array_equal(frames[k], plain[k]) for k in plain)
     for path in (tmp_path / "out-enhanced").iterdir():
         data = readable_bytes(path)
         for identifier in (b"Doe", b"Jane", b"ID-12345", b"19500101", b"20200101"):
@@ -396,7 +409,6 @@ def test_dicom_seg_sr_and_capture_pass_the_dicom3tools_validator(tmp_path):
     """The DICOM SEG, SR and Secondary Capture conform to their IODs as dicom3tools' validator reads them: no error (its warnings are
     about the de-identified study's empty date and the private coding scheme, which it cannot know)."""
     import shutil
-    import subprocess
 
     from VertebralFractureLib.outputs.dicom_capture import write_overview_capture
     from VertebralFractureLib.outputs.dicom_sr import write_dicom_sr
@@ -415,10 +427,17 @@ def test_dicom_seg_sr_and_capture_pass_the_dicom3tools_validator(tmp_path):
     capture = write_overview_capture(pydicom.dcmread(seg, stop_before_pixels=True), _png_uri(np.zeros((40, 30, 3))),
                                      tmp_path / "overview.dcm", fracture_probability=0.9, fractured=True)
     for path, iod in ((seg, "Segmentation"), (sr, "Comprehensive3DSR"), (capture, "SCImage")):
-        report = subprocess.run([validator, "-new", str(path)], capture_output=True, text=True, timeout=120)
-        lines = (report.stdout + report.stderr).splitlines()
-        assert iod in lines, lines[:5]  # the validator recognised the object
-        assert not [line for line in lines if line.startswith("Error")], lines
+        _assert_valid(validator, path, iod)
+
+
+def _assert_valid(validator: str, path, iod: str) -> None:
+    """dciodvfy recognises ``path`` as ``iod`` and reports no error."""
+    import subprocess
+
+    report = subprocess.run([validator, "-new", str(path)], capture_output=True, text=True, timeout=120)
+    lines = (report.stdout + report.stderr).splitlines()
+    assert iod in lines, lines[:5]  # the validator recognised the object
+    assert not [line for line in lines if line.startswith("Error")], lines
 
 
 def _png_uri(pixels: np.ndarray) -> str:
@@ -447,3 +466,81 @@ def test_overview_capture_is_the_report_picture_under_a_banner_with_the_result(t
     assert result_lines(0.42, None)[0] == "Needs review, P(fracture) 0.42"
     assert result_lines(float("nan"), True)[0] == "Fractured, P(fracture) n/a"
     assert result_lines(0.1, False)[0] == "No fracture found, P(fracture) 0.10"
+
+
+# --- an approved correction, written as DICOM by the review app ---------------------------------------------------
+def test_an_approved_correction_becomes_a_reviewed_seg_sr_and_overview_in_the_same_study(tmp_path):
+    """Sign-off of a corrected DICOM case: the corrected label map as segmentation.corrected.dcm (a series of its
+    own in the same de-identified study, SEMIAUTOMATIC), its measurements and overview beside it; the run's files
+    untouched; a later rejection removes them; unreadable headers give a warning, not a traceback."""
+    pytest.importorskip("slicer", reason="slicer-core wheel not installed (pip install slicer-core)")
+    import hashlib
+    import shutil
+
+    import highdicom as hd
+    import slicer
+    from privacy import readable_bytes
+
+    from VertebralFractureLib.app import mrml_nodes
+    from VertebralFractureLib.app.review.case import CtCache, OpenCase
+    from VertebralFractureLib.io.dicom import HEADERS_FILE
+
+    out, result = _run_on_dicom(tmp_path)
+    originals = {n: hashlib.sha256((out / n).read_bytes()).hexdigest()
+                 for n in ("segmentation.dcm", "measurements.dcm", "overview.dcm")}
+    case = OpenCase(slicer.vtkMRMLScene(), out, out.name, out, ct_cache=CtCache())
+    # the reviewer erases the upper half of L2 (id 21) and approves
+    labels = case.labels()
+    l2 = labels.array == 21
+    l2[14:] = False
+    kept = int(l2.sum())
+    assert 0 < kept < int((labels.array == 21).sum())
+    sid = mrml_nodes.find_segment_id(case.segmentation_node, "L2")
+    mrml_nodes.set_segment_mask(case.segmentation_node, sid, labels.with_array(l2.astype(np.uint8)))
+    case.mark_edited()
+    record = case.sign_off("approved", "L2 cut short")
+    reviewed = ["segmentation.corrected.dcm", "measurements.corrected.dcm", "overview.corrected.dcm"]
+    assert set(reviewed) <= set(record["corrected_files"]) and record["warnings"] == []
+
+    run_seg = hd.seg.segread(str(out / "segmentation.dcm"))
+    seg = hd.seg.segread(str(out / "segmentation.corrected.dcm"))
+    sr = hd.sr.srread(str(out / "measurements.corrected.dcm"))
+    overview = pydicom.dcmread(out / "overview.corrected.dcm")
+    for ds, number in ((seg, 910), (sr, 911), (overview, 912)):
+        assert (ds.PatientID, ds.StudyInstanceUID) == (result.case_id, run_seg.StudyInstanceUID)
+        assert ds.SeriesInstanceUID != run_seg.SeriesInstanceUID
+        assert int(ds.SeriesNumber) == number and "reviewed" in ds.SeriesDescription
+    assert [seg.get_segment_description(n).segment_label for n in (1, 2, 3)] == ["L1", "L2", "L3"]
+    assert {seg.get_segment_description(n).algorithm_type.value for n in (1, 2, 3)} == {"SEMIAUTOMATIC"}
+    # L2's pixels in the reviewed SEG are the kept ones (the label map's grid is the series' own)
+    frames = _seg_frames(out / "segmentation.corrected.dcm")
+    assert sum(int(f.sum()) for (_, name), f in frames.items() if name == "L2") == kept
+    run_frames = _seg_frames(out / "segmentation.dcm")
+    assert sum(int(f.sum()) for (_, name), f in run_frames.items() if name == "L2") > kept
+    # the SR's groups reference the reviewed SEG, and L2's volume is the corrected one
+    groups = {str(g.tracking_identifier): g for g in sr.content.get_volumetric_roi_measurement_groups()}
+    assert {g.referenced_segment.referenced_sop_instance_uid for g in groups.values()} == {seg.SOPInstanceUID}
+    (volume,) = groups["L2 vertebra"].get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume"))
+    corrected = next(r for r in case.nodes.result.records if r.level == "L2")
+    assert volume.value == pytest.approx(corrected.volume_ml)
+    assert corrected.volume_ml < next(r for r in result.records if r.level == "L2").volume_ml
+    assert {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in originals} == originals
+    validator = shutil.which("dciodvfy")  # the standard's validator, where installed (make test installs it)
+    if validator is not None:
+        for name, iod in zip(reviewed, ("Segmentation", "Comprehensive3DSR", "SCImage"), strict=True):
+            _assert_valid(validator, out / name, iod)
+    for name in (*reviewed, HEADERS_FILE, "review.json"):
+        data = readable_bytes(out / name)
+        for identifier in (b"Doe", b"Jane", b"ID-12345", b"19500101", b"20200101"):
+            assert identifier not in data, f"{identifier!r} leaked into {name}"
+
+    # signed off again as rejected: the reviewed DICOM files go, the run's stay
+    record = case.sign_off("rejected")
+    assert not any((out / name).exists() for name in reviewed)
+    assert not set(reviewed) & set(record["corrected_files"])
+    # headers that cannot be read: approved with a warning that says what to do, no DICOM file
+    (out / HEADERS_FILE).write_bytes(b"not gzip")
+    record = case.sign_off("approved")
+    assert not any((out / name).exists() for name in reviewed)
+    assert len(record["warnings"]) == 1 and "unreadable DICOM headers" in record["warnings"][0]
+    assert "run the case again" in record["warnings"][0]

@@ -597,11 +597,13 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
 
 
 def write_import_file(dicom_import, out: Path) -> None:
-    """``out/ct.nii.gz``, the de-identified CT of a DICOM import, and its JSON sidecar."""
-    from VertebralFractureLib.io.dicom import write_import
+    """``out/ct.nii.gz``, the de-identified CT of a DICOM import, its JSON sidecar and its slices' headers
+    (``ct.dicom-headers.json.gz``, for the review app's corrected DICOM files)."""
+    from VertebralFractureLib.io.dicom import HEADERS_FILE, write_import, write_source_headers
 
     # the largest file, which compresses poorly at any level: run-length deflate (3.5 -> 1.4 s CPU on the chest CT)
     write_import(dicom_import, out / "ct.nii.gz", fast_gzip=True)
+    write_source_headers(dicom_import.source_headers(), out / HEADERS_FILE)
 
 
 def _write_import_file_idle(dicom_import, out: Path) -> None:
@@ -636,20 +638,13 @@ def _write_dicom_files(labels: Volume, records: list[VertebraRecord], fracture_p
     """``segmentation.dcm`` on the import's de-identified per-slice headers (original ones when deidentify is off,
     for PACS round trips; ``dicom_import`` None: those :func:`_prepare_dicom_seg` made), then ``measurements.dcm``
     (a DICOM SR of the records and the patient's result, referencing the segments); returns the warnings they add."""
-    import pydicom
+    from VertebralFractureLib.outputs.dicom_results import write_seg_and_sr
 
-    from VertebralFractureLib.outputs.dicom_sr import write_dicom_sr
-    from VertebralFractureLib.outputs.segmentation_files import write_dicom_seg
-
-    warnings: list[str] = []
     headers = _SEG_HEADERS if dicom_import is None else dicom_import.source_headers()
     if headers is None:  # called here after the helper process died before it made them
         raise RuntimeError("the output helper process ended before it wrote segmentation.dcm")
-    seg_path = write_dicom_seg(labels, records, headers, out / "segmentation.dcm", warnings=warnings)
-    if seg_path is not None:
-        write_dicom_sr(pydicom.dcmread(seg_path, stop_before_pixels=True), records, out / "measurements.dcm",
-                       fracture_probability=fracture_probability, fractured=fractured)
-    return warnings
+    return write_seg_and_sr(labels, records, headers, out, fracture_probability=fracture_probability,
+                            fractured=fractured)
 
 
 #: the DICOM import, in the child process that writes ct.nii.gz (:func:`_write_import_file_idle`)
@@ -661,16 +656,13 @@ def _write_overview_file(sagittal_png: str | None, fracture_probability: float, 
     """``overview.dcm``: the report's sagittal overview as a DICOM Secondary Capture in the import's (de-identified)
     study (``dicom_import`` None: the one this child inherited); nothing when the overview could not be drawn or the
     slices lack the UIDs a SEG would reference them by (then no ``segmentation.dcm`` is written either)."""
-    from VertebralFractureLib.outputs.dicom_capture import write_overview_capture
-    from VertebralFractureLib.outputs.segmentation_files import missing_references
+    from VertebralFractureLib.outputs.dicom_results import write_overview
 
     dicom_import = dicom_import or _IMPORT
     if dicom_import is None:  # called here after the helper process died before it wrote the file
         raise RuntimeError("the output helper process ended before it wrote overview.dcm")
-    header = dicom_import.study_header()
-    if sagittal_png is not None and missing_references([header]) is None:
-        write_overview_capture(header, sagittal_png, out / "overview.dcm", fracture_probability=fracture_probability,
-                               fractured=fractured)
+    write_overview(dicom_import.study_header(), sagittal_png, out, fracture_probability=fracture_probability,
+                   fractured=fractured)
 
 
 @contextmanager

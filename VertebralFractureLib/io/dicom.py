@@ -620,3 +620,65 @@ def write_import(result: DicomImport, path: str | Path, *, fast_gzip: bool = Fal
     payload = {"case_id": result.case_id, "deidentified": True, **result.metadata, "warnings": result.warnings}
     sidecar.write_text(json.dumps(payload, indent=2))
     return path, sidecar
+
+
+#: beside ``ct.nii.gz`` in a result folder of a DICOM import: the headers :meth:`DicomImport.source_headers` gives,
+#: from which the review app writes a corrected SEG, SR and overview in the same (de-identified) patient and study
+HEADERS_FILE = "ct.dicom-headers.json.gz"
+_HEADERS_FORMAT = "VertebralFracture DICOM headers"
+
+
+def write_source_headers(headers: list[Any], path: str | Path) -> Path:
+    """Write per-slice DICOM headers (pydicom datasets, any pixel data left out) to ``path``: gzip-compressed JSON
+    holding each slice in the DICOM JSON model (PS3.18 F.2) and, for a frame of an enhanced image, its frame
+    number. About 20 kB for a 275-slice CT."""
+    import gzip
+
+    slices = []
+    for ds in headers:
+        without_pixels = ds.copy()
+        for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            if keyword in without_pixels:
+                del without_pixels[keyword]
+        slices.append({"frame_number": getattr(ds, "frame_number", None), "dataset": without_pixels.to_json_dict()})
+    payload = json.dumps({"format": _HEADERS_FORMAT, "version": 1, "slices": slices}, separators=(",", ":"))
+    path = Path(path)
+    path.write_bytes(gzip.compress(payload.encode(), compresslevel=6, mtime=0))
+    return path
+
+
+def read_source_headers(path: str | Path) -> list[Any]:
+    """The headers :func:`write_source_headers` wrote, as pydicom datasets with their file meta information (and
+    ``frame_number`` where set), ready for ``outputs.segmentation_files.write_dicom_seg``.
+
+    Raises:
+        InputError: the file is missing, unreadable or not such a file.
+    """
+    import gzip
+    import zlib
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    path = Path(path)
+    try:
+        payload = json.loads(gzip.decompress(path.read_bytes()))
+        if payload.get("format") != _HEADERS_FORMAT or not payload.get("slices"):
+            raise ValueError("not a file of DICOM headers")
+        headers = []
+        for entry in payload["slices"]:
+            ds = Dataset.from_json(entry["dataset"])
+            if entry.get("frame_number"):
+                ds.frame_number = int(entry["frame_number"])
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.2")
+            meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "")
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.file_meta = meta
+            headers.append(ds)
+    except FileNotFoundError:
+        raise InputError(f"{path.name}: not found; only a run on a DICOM series writes it") from None
+    except (OSError, EOFError, zlib.error, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"{path.name}: unreadable DICOM headers ({type(exc).__name__}); run the case again "
+                         "from its DICOM series to rewrite it") from None
+    return headers

@@ -21,12 +21,13 @@ def png_pixels(data_uri: str) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def result_lines(fracture_probability: float, fractured: bool | None) -> list[str]:
+def result_lines(fracture_probability: float, fractured: bool | None, reviewed: bool = False) -> list[str]:
     """The patient's result and what made it, as the overview's banner says them (short: the narrowest overview is
     about 380 pixels wide)."""
     verdict = {True: "Fractured", False: "No fracture found", None: "Needs review"}[fractured]
     p = "n/a" if not np.isfinite(fracture_probability) else f"{fracture_probability:.2f}"
-    return [f"{verdict}, P(fracture) {p}", "VertebralFracture (research software)"]
+    made_by = "Corrected and approved in review" if reviewed else "VertebralFracture (research software)"
+    return [f"{verdict}, P(fracture) {p}", made_by]
 
 
 def with_banner(pixels: np.ndarray, lines: list[str]) -> np.ndarray:
@@ -44,24 +45,25 @@ def with_banner(pixels: np.ndarray, lines: list[str]) -> np.ndarray:
 
 
 def write_overview_capture(header: Any, overview_png: str, path: str | Path, *, fracture_probability: float,
-                           fractured: bool | None) -> Path:
+                           fractured: bool | None, reviewed: bool = False) -> Path:
     """Write ``overview_png`` (the report's sagittal overview, a PNG data URI) under a banner with the patient's
     result (:func:`result_lines`) as a Secondary Capture image in the patient and study of ``header`` (a pydicom
     header of the CT: the de-identified first slice of the import, ``DicomImport.study_header``), a series of its
-    own. The picture holds level names, probabilities and the result, nothing that identifies the patient."""
+    own. The picture holds level names, probabilities and the result, nothing that identifies the patient.
+    ``reviewed``: the picture of a correction approved in the review app, a series of its own."""
     import highdicom as hd
 
-    from VertebralFractureLib.outputs.segmentation_files import writing_dicom
+    from VertebralFractureLib.outputs.segmentation_files import series_identity, writing_dicom
 
     path = Path(path)
-    pixels = with_banner(png_pixels(overview_png), result_lines(fracture_probability, fractured))
+    pixels = with_banner(png_pixels(overview_png), result_lines(fracture_probability, fractured, reviewed))
     with writing_dicom():
         image = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=header, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
-            coordinate_system="PATIENT", series_instance_uid=hd.UID(), series_number=902, sop_instance_uid=hd.UID(),
+            coordinate_system="PATIENT", series_instance_uid=hd.UID(), sop_instance_uid=hd.UID(),
             instance_number=1, manufacturer="VertebralFracture",
             patient_orientation=("P", "F"),  # the overview's columns run to posterior, its rows to the feet
-            series_description="Vertebral fracture overview (VertebralFracture)")
+            **series_identity(902, "Vertebral fracture overview", reviewed))
         image.BurnedInAnnotation = "NO"  # level names, probabilities and the result only: nothing identifies the patient
         image.BodyPartExamined = "SPINE"  # an unpaired part: no laterality (General Series, type 2C)
         image.save_as(str(path))

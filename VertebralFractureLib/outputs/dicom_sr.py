@@ -96,7 +96,7 @@ def _vertebra_group(hd, record: VertebraRecord, seg_header: Any, segment_number:
 
 
 def write_dicom_sr(seg_header: Any, records: Sequence[VertebraRecord], path: str | Path, *,
-                   fracture_probability: float, fractured: bool | None) -> Path:
+                   fracture_probability: float, fractured: bool | None, reviewed: bool = False) -> Path:
     """Write ``measurements.dcm`` (``path``): a TID 1500 report of ``records`` referencing the segments of the SEG
     whose header (pydicom, pixel data not needed) is ``seg_header``.
 
@@ -104,13 +104,14 @@ def write_dicom_sr(seg_header: Any, records: Sequence[VertebraRecord], path: str
     probability and the result (present, absent or needs review when ``fractured`` is None). Patient and study
     come from the SEG (the de-identified ones of the import). Every number is as in ``vertebrae.csv`` (the
     trabecular attenuation is its ``trabecular_hu``, the mean); NaN values (not measured, not graded) are left out.
+    ``reviewed``: the results of a correction approved in the review app, a series of its own.
     """
     import highdicom as hd
     from pydicom.dataset import Dataset
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
-    from VertebralFractureLib.outputs.segmentation_files import writing_dicom
+    from VertebralFractureLib.outputs.segmentation_files import series_identity, writing_dicom
 
     path = Path(path)
     numbers = segment_numbers(seg_header)
@@ -132,9 +133,9 @@ def write_dicom_sr(seg_header: Any, records: Sequence[VertebraRecord], path: str
         procedure_reported=codes.SCT.ComputedTomography, imaging_measurements=[*groups, patient])
     with writing_dicom():
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[seg_header], content=report[0], series_instance_uid=hd.UID(), series_number=901,
-            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="VertebralFracture",
-            series_description="Vertebral measurements (VertebralFracture)")
+            evidence=[seg_header], content=report[0], series_instance_uid=hd.UID(), sop_instance_uid=hd.UID(),
+            instance_number=1, manufacturer="VertebralFracture",
+            **series_identity(901, "Vertebral measurements", reviewed))
         # the private scheme declared, as PS3.3 C.12.1.1.3 asks of a scheme not in PS3.16's table
         scheme = Dataset()
         scheme.CodingSchemeDesignator = SCHEME

@@ -453,11 +453,16 @@ def report_images(ct: Volume, labels: Volume | None, records: Sequence[VertebraR
     labels = labels if labels is not None else ct.with_array(np.zeros(ct.shape, np.uint8))
     records = sorted(records, key=lambda r: _sort_key(r.label))
     colors = {int(r.label): segment_color(r.label, r.fracture_probability) for r in records}
+    return ReportImages(overview_figure(ct, labels, records),
+                        _closeups(ct, labels, records, [r for r in records if is_flagged(r)], colors))
+
+
+def overview_figure(ct: Volume, labels: Volume, records: Sequence[VertebraRecord]) -> str | None:
+    """:func:`sagittal_figure` of the records in spine order, None when it cannot be drawn."""
     try:
-        sagittal = sagittal_figure(ct, labels, records)
+        return sagittal_figure(ct, labels, sorted(records, key=lambda r: _sort_key(r.label)))
     except ValueError:
-        sagittal = None
-    return ReportImages(sagittal, _closeups(ct, labels, records, [r for r in records if is_flagged(r)], colors))
+        return None
 
 
 def render_report(

@@ -391,6 +391,15 @@ def writing_dicom():
         yield
 
 
+def series_identity(number: int, description: str, reviewed: bool) -> dict[str, Any]:
+    """Series number and description of one of this library's DICOM objects: the run's own (900-902), or one
+    written from a correction approved in the review app, a series of its own (910-912) whose description says so
+    (a PACS lists both side by side)."""
+    suffix = ", reviewed" if reviewed else ""
+    return {"series_number": number + (10 if reviewed else 0),
+            "series_description": f"{description} (VertebralFracture{suffix})"}
+
+
 def prepare_dicom_seg() -> None:
     """Import and load what :func:`write_dicom_seg` needs the first time (about 0.5 s: highdicom, pydicom's code
     dictionaries, highdicom's tables of the DICOM standard, scipy.ndimage), so that a process can do it ahead."""
@@ -411,6 +420,8 @@ def write_dicom_seg(
     source_datasets: Sequence[Any],
     path: str | Path,
     warnings: list[str] | None = None,
+    *,
+    reviewed: bool = False,
 ) -> Path | None:
     """Write a DICOM Segmentation (binary, highdicom) of ``labels`` referencing ``source_datasets``.
 
@@ -430,6 +441,8 @@ def write_dicom_seg(
         path: output file, normally ``segmentation.dcm``.
         warnings: list that receives a line for each repair made to the source headers, and the reason when
             nothing is written.
+        reviewed: the label map is a correction approved in the review app: a series of its own
+            (:func:`series_identity`), segments of algorithm type SEMIAUTOMATIC (automatic, then edited).
     Returns:
         ``path``, or None when the source slices lack the UIDs a SEG references them by
         (:func:`missing_references`): nothing is written then.
@@ -487,7 +500,8 @@ def write_dicom_seg(
                 segment_label=seg["name"],
                 segmented_property_category=_category_code(),
                 segmented_property_type=vertebra_code(seg["label"]),
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_type=(hd.seg.SegmentAlgorithmTypeValues.SEMIAUTOMATIC if reviewed
+                                else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC),
                 algorithm_identification=algorithm,
                 tracking_id=f"vertebra-{seg['label']}",
                 tracking_uid=hd.UID(),
@@ -501,26 +515,25 @@ def write_dicom_seg(
     seg_array[joint] = lut[array[joint]]
     path.parent.mkdir(parents=True, exist_ok=True)
     with writing_dicom():
-        seg = _segmentation(hd, sources, seg_array, descriptions)
+        seg = _segmentation(hd, sources, seg_array, descriptions, reviewed)
         seg.save_as(str(path))
     return path
 
 
-def _segmentation(hd, ordered: list[Any], seg_array: np.ndarray, descriptions: list[Any]):
+def _segmentation(hd, ordered: list[Any], seg_array: np.ndarray, descriptions: list[Any], reviewed: bool):
     return hd.seg.Segmentation(
         source_images=ordered,
         pixel_array=seg_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),
-        series_number=900,
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer="VertebralFracture",
         manufacturer_model_name="VertebralFractureLib",
         software_versions=__version__,
         device_serial_number="0",
-        series_description="Vertebrae (VertebralFracture)",
+        **series_identity(900, "Vertebrae", reviewed),
         content_label="VERTEBRAE",
-        content_description="One segment per vertebra, named by level",
+        content_description="One segment per vertebra, named by level" + (", corrected in review" if reviewed else ""),
     )

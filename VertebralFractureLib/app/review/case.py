@@ -213,7 +213,8 @@ class OpenCase:
     def sign_off(self, status: str, note: str = "") -> dict[str, Any]:
         """Approve or reject: ``review.json`` (+ the corrected segmentation when there is one) and ``cohort.csv``.
 
-        Edits not recomputed yet are recomputed first, so the saved results match the saved segmentation.
+        Edits not recomputed yet are recomputed first, so the saved results match the saved segmentation. An
+        approved correction of a DICOM case is also written as DICOM for the PACS (:meth:`_write_reviewed_dicom`).
         """
         if status not in signoff.STATUSES:
             raise InputError(f"review status {status!r}: expected one of {', '.join(signoff.STATUSES)}")
@@ -227,11 +228,48 @@ class OpenCase:
                          lambda tmp: mrml_nodes.save_segmentation(self.segmentation_node, tmp))
             atomic_write(self.folder / signoff.CORRECTED_NIFTI, lambda tmp: write_volume(self.labels(), tmp))
             corrected_files = [signoff.CORRECTED_SEG_NRRD, signoff.CORRECTED_NIFTI]
+        warnings: list[str] = []
+        if self.corrected and status == "approved":
+            written, warnings = self._write_reviewed_dicom()
+            corrected_files += written
+        else:
+            from VertebralFractureLib.outputs.dicom_results import remove_reviewed_set
+
+            remove_reviewed_set(self.folder)
         results = self.nodes.result.to_json() if self.corrected else None
         if results is not None:
             results.pop("timings_s", None)
             results.pop("versions", None)
-        record = signoff.review_record(status, note, results, corrected_files=corrected_files)
+        record = signoff.review_record(status, note, results, corrected_files=corrected_files, warnings=warnings)
         signoff.write_review(self.folder, record)
         signoff.update_cohort_review(self.out, self.name, status)
         return record
+
+    def _write_reviewed_dicom(self) -> tuple[list[str], list[str]]:
+        """``segmentation.corrected.dcm``, ``measurements.corrected.dcm`` and ``overview.corrected.dcm``: the
+        approved correction as DICOM SEG, SR and overview in the CT's (de-identified) study, on the slice headers
+        the run kept (``ct.dicom-headers.json.gz``; DICOM input only). Returns the files written and the warnings.
+
+        Only an approved correction goes to the PACS: a rejected case keeps the run's DICOM files alone.
+        """
+        from VertebralFractureLib.io.dicom import HEADERS_FILE, read_source_headers
+        from VertebralFractureLib.outputs.dicom_results import remove_reviewed_set, write_reviewed_set
+
+        start = time.perf_counter()
+        if not (self.folder / HEADERS_FILE).is_file():
+            remove_reviewed_set(self.folder)
+            if not (self.folder / "segmentation.dcm").is_file():
+                return [], []  # not a DICOM case
+            return [], [f"no corrected DICOM files: {HEADERS_FILE} is missing (a run before this version); run the "
+                        "case again from its DICOM series with --labels segmentation.corrected.nii.gz"]
+        try:
+            headers = read_source_headers(self.folder / HEADERS_FILE)
+        except InputError as exc:
+            remove_reviewed_set(self.folder)
+            return [], [f"no corrected DICOM files: {exc}"]
+        result = self.nodes.result
+        written, warnings = write_reviewed_set(self.ct, self.labels(), result.records, headers, self.folder,
+                                               fracture_probability=result.fracture_probability,
+                                               fractured=result.fractured)
+        self.timings["reviewed_dicom"] = time.perf_counter() - start
+        return written, warnings

@@ -301,14 +301,14 @@ class ReviewApp:
             raise InputError("open a case before signing it off")
         self.editor.deactivate_effect()
         self.state.vf_effect = "none"
-        self.case.sign_off(status, self.state.vf_note or "")
+        record = self.case.sign_off(status, self.state.vf_note or "")
         for entry in self.entries:
             if entry.name == self.case.name:
                 entry.review = status
         self.state.vf_review = status
         self._reactivate()
         self._publish_worklist()
-        self.state.vf_message = f"{self.case.name} {status}"
+        self.state.vf_message = " ".join([f"{self.case.name} {status}", *record["warnings"]])
 
     def _reactivate(self) -> None:
         """After the segmentation node was rebuilt: editor, surfaces and table follow."""

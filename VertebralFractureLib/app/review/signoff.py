@@ -24,8 +24,9 @@ CORRECTED_NIFTI = "segmentation.corrected.nii.gz"
 REVIEW_COLUMN = "review"
 
 
-def review_record(status: str, note: str, results: dict[str, Any] | None, *, corrected_files: list[str]) -> dict:
-    """The content of ``review.json``.
+def review_record(status: str, note: str, results: dict[str, Any] | None, *, corrected_files: list[str],
+                  warnings: list[str] | None = None) -> dict:
+    """The content of ``review.json``; ``warnings``: what the sign-off could not write, and why.
 
     Raises:
         InputError: ``status`` is not ``approved``/``rejected``.
@@ -39,6 +40,7 @@ def review_record(status: str, note: str, results: dict[str, Any] | None, *, cor
         "corrected": bool(corrected_files),
         "corrected_files": corrected_files,
         "results": results,
+        "warnings": list(warnings or []),
     }
 
 
