@@ -101,7 +101,7 @@ def test_overlap_changes_no_output(tmp_path, monkeypatch):
     assert sorted(p.name for p in plain.iterdir()) == sorted(p.name for p in overlapped.iterdir())
     assert {"segmentation.dcm", "ct.nii.gz", "ct.json", "radiomics.csv", "report.html"} <= {
         p.name for p in overlapped.iterdir()}
-    for name in ("vertebrae.csv", "radiomics.csv", "ct.nii.gz", "ct.json"):
+    for name in ("vertebrae.csv", "radiomics.csv", "ct.nii.gz", "ct.json", "ct.dicom-headers.json.gz"):
         assert (plain / name).read_bytes() == (overlapped / name).read_bytes(), name
     results = [json.loads((out / "result.json").read_text()) for out in (plain, overlapped)]
     for result in results:

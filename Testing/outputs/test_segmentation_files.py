@@ -233,7 +233,7 @@ def test_dicom_seg_is_not_written_for_slices_without_the_uids_it_references(tmp_
         warnings: list[str] = []
         assert write_dicom_seg(labels, RECORDS, source, tmp_path / "x.dcm", warnings=warnings) is None
         assert not (tmp_path / "x.dcm").exists()
-        assert len(warnings) == 1 and "segmentation.dcm not written" in warnings[0]
+        assert len(warnings) == 1 and "x.dcm not written" in warnings[0]
         assert ("no StudyInstanceUID" if value == "" else "share one SOPInstanceUID") in warnings[0]
 
 
@@ -524,6 +524,17 @@ def test_an_approved_correction_becomes_a_reviewed_seg_sr_and_overview_in_the_sa
     corrected = next(r for r in case.nodes.result.records if r.level == "L2")
     assert volume.value == pytest.approx(corrected.volume_ml)
     assert corrected.volume_ml < next(r for r in result.records if r.level == "L2").volume_ml
+    # the approval is the review: the patient's result is a call, the probability against the run's threshold;
+    # here no vertebra was scored (boxes, not bodies), so it stays "needs review"
+    recomputed = case.nodes.result
+    assert recomputed.fractured is None and math.isnan(recomputed.fracture_probability)
+    (patient,) = sr.content.get_image_measurement_groups()
+    assert [q.value.meaning for q in patient.get_qualitative_evaluations()] == ["Needs review"]
+    threshold = recomputed.extra["fracture_threshold"]
+    for probability, call in ((threshold + 0.1, True), (threshold - 0.1, False), (math.nan, None)):
+        recomputed.fracture_probability = probability
+        assert case._approved_call() is call
+    recomputed.fracture_probability = math.nan
     assert {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in originals} == originals
     validator = shutil.which("dciodvfy")  # the standard's validator, where installed (make test installs it)
     if validator is not None:

@@ -507,7 +507,7 @@ def run_pipeline(
             # ct.nii.gz needs nothing but the import: a child at a low priority writes it (zlib, 1.5 s CPU on a
             # 512x512x275 CT) on the cycles the analysis leaves idle (segmentation much of its time); another child
             # prepares the DICOM SEG meanwhile and writes it later (see write_outputs)
-            helpers = [ChildProcess(_write_import_file_idle, dicom_import, tmp), ChildProcess(_prepare_dicom_seg, dicom_import)]
+            helpers = [ChildProcess(_write_import_file_idle, dicom_import, tmp), ChildProcess(_prepare_dicom_seg, dicom_import, tmp)]
         try:
             result = analyse(ct, labels, options=options, progress=progress, cancel=cancel, timer=timer,
                              source=input_path, labels_source=labels_path or "label map", overlap=options.overlap)
@@ -558,6 +558,8 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
                 pool.submit(write_seg_nrrd, labels, result.records, out / "segmentation.seg.nrrd")]
         if dicom_import is not None and ct_writer is None:
             jobs.append(pool.submit(write_import_file, dicom_import, out))
+        if dicom_import is not None and seg_writer is None:
+            jobs.append(pool.submit(lambda: write_headers_file(dicom_import.source_headers(), out)))
         elif dicom_import is None:
             # the CT beside its results, so a result folder is reviewable on its own; written from the array and
             # its geometry, it carries none of the input file's header fields (a NRRD or NIfTI description can
@@ -597,13 +599,19 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
 
 
 def write_import_file(dicom_import, out: Path) -> None:
-    """``out/ct.nii.gz``, the de-identified CT of a DICOM import, its JSON sidecar and its slices' headers
-    (``ct.dicom-headers.json.gz``, for the review app's corrected DICOM files)."""
-    from VertebralFractureLib.io.dicom import HEADERS_FILE, write_import, write_source_headers
+    """``out/ct.nii.gz``, the de-identified CT of a DICOM import, and its JSON sidecar."""
+    from VertebralFractureLib.io.dicom import write_import
 
     # the largest file, which compresses poorly at any level: run-length deflate (3.5 -> 1.4 s CPU on the chest CT)
     write_import(dicom_import, out / "ct.nii.gz", fast_gzip=True)
-    write_source_headers(dicom_import.source_headers(), out / HEADERS_FILE)
+
+
+def write_headers_file(headers: list[Any], out: Path) -> None:
+    """``out/ct.dicom-headers.json.gz``: the per-slice headers the DICOM SEG references (``source_headers``), from
+    which the review app writes an approved correction as DICOM."""
+    from VertebralFractureLib.io.dicom import HEADERS_FILE, write_source_headers
+
+    write_source_headers(headers, out / HEADERS_FILE)
 
 
 def _write_import_file_idle(dicom_import, out: Path) -> None:
@@ -623,14 +631,15 @@ def _write_import_file_idle(dicom_import, out: Path) -> None:
 _SEG_HEADERS: list[Any] | None = None
 
 
-def _prepare_dicom_seg(dicom_import) -> None:
+def _prepare_dicom_seg(dicom_import, out: Path) -> None:
     """What the DICOM SEG will need (the de-identified per-slice headers, highdicom loaded), made in a child process
-    while the parent is still analysing the CT."""
+    while the parent is still analysing the CT; the headers are written to ``out`` too (:func:`write_headers_file`)."""
     global _SEG_HEADERS
     from VertebralFractureLib.outputs.segmentation_files import prepare_dicom_seg
 
     _SEG_HEADERS = dicom_import.source_headers()
     prepare_dicom_seg()
+    write_headers_file(_SEG_HEADERS, out)
 
 
 def _write_dicom_files(labels: Volume, records: list[VertebraRecord], fracture_probability: float,

@@ -284,7 +284,7 @@ def _labels_on_slices(labels: Volume, ordered: Sequence[Any]) -> np.ndarray:
     return out
 
 
-def _one_frame_of_reference(datasets: list[Any], warnings: list[str] | None) -> list[Any]:
+def _one_frame_of_reference(datasets: list[Any], warnings: list[str] | None, name: str) -> list[Any]:
     """The datasets with one FrameOfReferenceUID (the most common), as a SEG requires.
 
     Some archives (e.g. LIDC-IDRI as redistributed) give every slice of one series its own
@@ -320,7 +320,7 @@ def _one_frame_of_reference(datasets: list[Any], warnings: list[str] | None) -> 
         repaired.append(ds)
     if warnings is not None:
         warnings.append(f"the DICOM series has {len(frames)} FrameOfReferenceUIDs for one geometry; "
-                        "segmentation.dcm uses the most common one")
+                        f"{name} uses the most common one")
     return repaired
 
 
@@ -467,13 +467,13 @@ def write_dicom_seg(
     problem = problem or missing_references(sources)
     if problem is not None:
         if warnings is not None:
-            warnings.append(f"{problem}, which a DICOM SEG references them by: segmentation.dcm not written "
-                            "(segmentation.nii.gz and segmentation.seg.nrrd hold the segmentation)")
+            warnings.append(f"{problem}, which a DICOM SEG references them by: {path.name} not written "
+                            "(the .nii.gz and .seg.nrrd segmentation files hold the segmentation)")
         return None
     if frames:
         array = _labels_on_slices(labels, ordered)
     else:
-        sources = _one_frame_of_reference(datasets, warnings)
+        sources = _one_frame_of_reference(datasets, warnings, path.name)
         grid, order = _dataset_geometry(sources)
         sources = [sources[i] for i in order]
         # sampled at every slice's own position where the grids differ: exact for tilted or irregular series too

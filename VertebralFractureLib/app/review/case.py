@@ -245,6 +245,23 @@ class OpenCase:
         signoff.update_cohort_review(self.out, self.name, status)
         return record
 
+    def _approved_call(self) -> bool | None:
+        """The patient's result once a reviewer approved the case: the analysis' call, or, where it left the case to
+        a review (``fractured`` None), the patient probability against the run's threshold, since the approval is
+        that review. None only without a probability (no vertebra scored) or threshold."""
+        import json
+
+        result = self.nodes.result
+        if result.fractured is not None or math.isnan(result.fracture_probability):
+            return result.fractured
+        threshold = result.extra.get("fracture_threshold")
+        if threshold is None:  # results loaded from the folder (no Recompute since): the run's own threshold
+            try:
+                threshold = json.loads((self.folder / "result.json").read_text()).get("fracture_threshold")
+            except (OSError, ValueError):
+                threshold = None
+        return None if threshold is None else bool(result.fracture_probability >= float(threshold))
+
     def _write_reviewed_dicom(self) -> tuple[list[str], list[str]]:
         """``segmentation.corrected.dcm``, ``measurements.corrected.dcm`` and ``overview.corrected.dcm``: the
         approved correction as DICOM SEG, SR and overview in the CT's (de-identified) study, on the slice headers
@@ -270,6 +287,6 @@ class OpenCase:
         result = self.nodes.result
         written, warnings = write_reviewed_set(self.ct, self.labels(), result.records, headers, self.folder,
                                                fracture_probability=result.fracture_probability,
-                                               fractured=result.fractured)
+                                               fractured=self._approved_call())
         self.timings["reviewed_dicom"] = time.perf_counter() - start
         return written, warnings

@@ -64,9 +64,10 @@ SURFACE_CONVERSION = {"Conversion method": "1", "SurfaceNets smoothing": "1", "S
 
 
 def _warm_up() -> None:
-    """Import what opening a case and Recompute need (ITK, NIfTI, DICOM codes, pyradiomics, torch) and load the
-    classifier, in a background thread while the reviewer picks a case: none of it is on the first click."""
-    from VertebralFractureLib.outputs.segmentation_files import terminology_entry
+    """Import what opening a case, Recompute and sign-off need (ITK, NIfTI, DICOM codes, pyradiomics, torch,
+    highdicom for an approved correction's DICOM files) and load the classifier, in a background thread while the
+    reviewer picks a case: none of it is on the first click."""
+    from VertebralFractureLib.outputs.segmentation_files import prepare_dicom_seg, terminology_entry
     from VertebralFractureLib.stages.classification import load_classifier
 
     try:
@@ -81,6 +82,7 @@ def _warm_up() -> None:
 
         terminology_entry(20)  # L1
         load_classifier()
+        prepare_dicom_seg()
     except Exception:  # noqa: BLE001 - opening a case or Recompute reports a broken install itself
         log.debug("warm-up failed", exc_info=True)
 
