@@ -63,7 +63,7 @@ from VertebralFractureLib.io.dicom import (
 from VertebralFractureLib.io.volume_files import VOLUME_SUFFIXES, is_volume_file
 
 COHORT_COLUMNS = ["case", "status", "fracture_probability", "fractured", "worst_level", "worst_grade", "error",
-                  "needs_review", "review_reasons", "review"]
+                  "needs_review", "review_reasons", "bone_density", "bone_density_level", "bone_density_hu", "review"]
 STATE_DIR = ".batch"
 CSV_INTERVAL_S = 2.0
 CT_NAMES = ("ct.nii.gz", "ct.nii", "ct.nrrd", "ct.mha", "ct.mhd", "ct.nhdr")
@@ -151,6 +151,7 @@ def _summary_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
     """A ``cohort.csv`` row from a case's ``result.json``."""
     worst = worst_vertebra(result.get("vertebrae") or [])
     prob = result.get("fracture_probability")
+    bone = result.get("bone_density") or {}
     return {
         "case": name,
         "status": "ok",
@@ -162,6 +163,10 @@ def _summary_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
         # result.json written before the review status existed has neither key
         "needs_review": "" if "needs_review" not in result else bool(result["needs_review"]),
         "review_reasons": " ".join(result.get("review_reasons") or []),
+        # opportunistic screening: the category, and the level and HU it rests on (result.json's bone_density)
+        "bone_density": bone.get("category") or "",
+        "bone_density_level": bone.get("level") or "",
+        "bone_density_hu": "" if bone.get("trabecular_hu") is None else bone["trabecular_hu"],
     }
 
 

@@ -99,6 +99,7 @@ class PipelineResult:
     level_confidence: float | None = None
     radiomics: dict[int, dict[str, float]] | None = None
     naming: dict[str, Any] | None = None
+    bone_density: dict[str, Any] | None = None
 
     @property
     def needs_review(self) -> bool:
@@ -115,6 +116,7 @@ class PipelineResult:
             "quality_flags": list(self.quality_flags),
             "level_confidence": None if self.level_confidence is None else round(float(self.level_confidence), 3),
             "naming": self.naming if self.naming is not None else {"method": "user (label map given)"},
+            "bone_density": self.bone_density,
             "vertebrae": [r.to_dict() for r in self.records],
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
             "versions": versions(),
@@ -320,11 +322,15 @@ def _analyse_pass(ct: Volume, labels: Volume | None, options: PipelineOptions, p
                              + unresolved_calls(records, resolution, classification.threshold,
                                                 unconfirmed_mm=unconfirmed))
     fractured = None if reasons else called
+    from VertebralFractureLib.stages.bone_density import assess_bone_density
+
     progress(0.9, "analysis done")
     return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels,
                           review_reasons=reasons, quality_flags=quality.flags, level_confidence=level_confidence,
-                          radiomics=features, naming=naming, extra={"fracture_threshold": classification.threshold,
-                                                          "probability_method": classification.method})
+                          radiomics=features, naming=naming,
+                          bone_density=assess_bone_density(records, levels_uncertain="level_uncertain" in quality.flags),
+                          extra={"fracture_threshold": classification.threshold,
+                                 "probability_method": classification.method})
 
 
 def _filter_quality_radiomics(ct: Volume, labels: Volume, records: list[VertebraRecord], options: PipelineOptions,
@@ -514,6 +520,11 @@ def run_pipeline(
             result.warnings[:0] = warnings
             if dicom_import is not None:
                 result.case_id = dicom_import.case_id
+                from VertebralFractureLib.stages.bone_density import assess_bone_density
+
+                # the tube voltage the DICOM headers give: the thresholds hold at 120 kVp
+                result.bone_density = assess_bone_density(result.records, kvp=dicom_import.metadata.get("kvp"),
+                                                          levels_uncertain="level_uncertain" in result.quality_flags)
 
             progress(0.92, "writing outputs")
             with timer.stage("outputs"):
@@ -589,7 +600,8 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
         write_report(out / "report.html", ct, labels, result.records, fracture_probability=result.fracture_probability,
                      fractured=result.fractured, warnings=result.warnings, review_reasons=result.review_reasons,
                      case_id=result.case_id, timings_s=result.timings_s, images=images,
-                     probability_method=result.extra.get("probability_method", ""))
+                     probability_method=result.extra.get("probability_method", ""),
+                     bone_density=result.bone_density)
         for job in jobs:
             job.result()  # re-raise a writer's error here, inside the atomic output folder
         if ct_writer is not None:

@@ -58,12 +58,14 @@ RADIOMICS_REFERENCE = "VertebralFracture.Radiomics"
 
 
 def _publish_review_and_radiomics(scene, table, result: PipelineResult, name: str, *, radiomics_table: bool = True):
-    """Put the review status and what P(fracture) is made of on the vertebrae ``table`` and show
+    """Put the review status, what P(fracture) is made of and the bone-density summary on the vertebrae ``table``
+    and show
     ``result.radiomics`` in the table node it references (made on first use, refilled on Recompute; not with
     ``radiomics_table=False``); returns that node or None."""
     table.SetAttribute("VertebralFracture.NeedsReview", "true" if result.needs_review else "false")
     table.SetAttribute("VertebralFracture.ReviewReasons", "\n".join(result.review_reasons))
     table.SetAttribute("VertebralFracture.ProbabilityMethod", str(result.extra.get("probability_method", "")))
+    table.SetAttribute("VertebralFracture.BoneDensity", (result.bone_density or {}).get("summary", ""))
     if not result.radiomics or not radiomics_table:
         return None
     node = mrml_nodes.radiomics_table_node(scene, result.radiomics, result.records, name=name,
@@ -203,7 +205,7 @@ def open_case(
     )
     fractured, reasons = _case_review(case_dir, patient_probability)
     result = PipelineResult(records, patient_probability, fractured, {}, warnings, case_id=case_dir.name,
-                            review_reasons=reasons)
+                            review_reasons=reasons, bone_density=_result_json(case_dir).get("bone_density"))
     if (case_dir / "radiomics.csv").is_file():
         from VertebralFractureLib.stages.radiomics import read_radiomics_csv
 
@@ -213,9 +215,14 @@ def open_case(
     return MrmlResult(seg, table, result, volume_node, radiomics)
 
 
+def _result_json(case_dir: Path) -> dict[str, Any]:
+    """A result folder's ``result.json`` ({} when there is none)."""
+    return json.loads((case_dir / "result.json").read_text()) if (case_dir / "result.json").is_file() else {}
+
+
 def _case_review(case_dir: Path, patient_probability: float) -> tuple[bool | None, list[str]]:
     """(fractured, review reasons) of a result folder; folders from before the review status: by probability."""
-    data = json.loads((case_dir / "result.json").read_text()) if (case_dir / "result.json").is_file() else {}
+    data = _result_json(case_dir)
     if "needs_review" in data:
         return data.get("fractured"), list(data.get("review_reasons") or [])
     return bool(not math.isnan(patient_probability) and patient_probability >= 0.5), []

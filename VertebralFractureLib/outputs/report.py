@@ -352,6 +352,7 @@ table { border-collapse: collapse; font-size: 12.5px; width: 100%; }
 th { background: #e8ebf0; text-align: right; padding: 5px 6px; font-weight: 600; white-space: nowrap; }
 td { border-top: 1px solid #e3e6ea; text-align: right; padding: 4px 6px; white-space: nowrap; }
 ul.notes { font-size: 12px; color: #5b6573; margin: 6px 0; }
+.small { font-size: 12px; color: #5b6573; margin-top: 3px; }
 th:first-child, td:first-child { text-align: left; }
 tr.flag td { background: #fdecea; font-weight: 600; }
 .sw { display: inline-block; width: 11px; height: 11px; border-radius: 2px; margin-right: 6px; vertical-align: -1px; }
@@ -377,7 +378,7 @@ img.sag { display: block; max-height: 880px; max-width: 100%; border-radius: 4px
 <div class="k">Fracture probability</div><div class="big">{{ probability }}</div>
 <div class="k">Fractured</div><div><span class="verdict {{ verdict_class }}">{{ verdict }}</span></div>
 <div class="k">Worst vertebra</div><div>{{ worst }}</div>
-<div class="k">Low bone density</div><div>{{ low_density }}</div>
+<div class="k">Bone density</div><div>{{ bone_density.summary }}{% if bone_density.caveats %}<div class="small">{{ bone_density.caveats | join(" ") }} ({{ bone_density.reference }})</div>{% endif %}</div>
 <div class="k">Vertebrae analysed</div><div>{{ n_vertebrae }}{% if levels %} ({{ levels }}){% endif %}</div>
 <div class="k">Suspicious (p &ge; {{ flag_p }} or grade &ge; {{ flag_grade }})</div><div>{{ flagged_text }}</div>
 </div>
@@ -478,11 +479,16 @@ def render_report(
     timings_s: dict[str, float] | None = None,
     images: ReportImages | None = None,
     probability_method: str = "",
+    bone_density: dict[str, Any] | None = None,
 ) -> str:
     """The report as one HTML string (see the module docstring for its content); ``images`` from
     :func:`report_images` for these ``ct``, ``labels`` and ``records`` (None: drawn here); ``probability_method``:
-    how P(fracture) was formed (:func:`.classification.probability_method`), shown under the table."""
+    how P(fracture) was formed (:func:`.classification.probability_method`), shown under the table;
+    ``bone_density``: the patient's (:func:`.bone_density.assess_bone_density`; None: assessed here, tube voltage
+    unknown)."""
     from jinja2 import Environment
+
+    from VertebralFractureLib.stages.bone_density import assess_bone_density
 
     images = images if images is not None else report_images(ct, labels, records)
     records = sorted(records, key=lambda r: _sort_key(r.label))
@@ -508,6 +514,7 @@ def render_report(
         closeups=images.closeups,
         timings=timings,
         probability_method=probability_method,
+        bone_density=bone_density if bone_density is not None else assess_bone_density(records),
     )
 
 
@@ -548,7 +555,7 @@ def _closeups(
 
 
 def _summary(records: Sequence[VertebraRecord], fracture_probability: float, fractured: bool | None) -> dict[str, str]:
-    """The patient summary's texts: probability, verdict (and its CSS class), worst vertebra, low density.
+    """The patient summary's texts: probability, verdict (and its CSS class), worst vertebra.
 
     ``fractured`` None: the case needs review (the automatic answer cannot be trusted)."""
     probability = "n/a" if math.isnan(fracture_probability) else f"{fracture_probability:.2f}"
@@ -558,15 +565,8 @@ def _summary(records: Sequence[VertebraRecord], fracture_probability: float, fra
         verdict, verdict_class = "not assessed", "na"
     else:
         verdict, verdict_class = ("YES", "yes") if fractured else ("NO", "no")
-    low = [r for r in records if r.low_density]
-    if low:
-        low_text = "yes: " + ", ".join(r.level for r in low) + " (trabecular HU below threshold)"
-    elif any(r.low_density is False for r in records):
-        low_text = "no"
-    else:
-        low_text = "not assessed"
     return {"probability": probability, "verdict": verdict, "verdict_class": verdict_class,
-            "worst": _worst_text(records), "low_density": low_text}
+            "worst": _worst_text(records)}
 
 
 def _worst_text(records: Sequence[VertebraRecord]) -> str:
@@ -619,12 +619,13 @@ def write_report(
     timings_s: dict[str, float] | None = None,
     images: ReportImages | None = None,
     probability_method: str = "",
+    bone_density: dict[str, Any] | None = None,
 ) -> Path:
     """Write :func:`render_report` to ``path`` (normally ``report.html``)."""
     path = Path(path)
     html = render_report(ct, labels, records, fracture_probability=fracture_probability, fractured=fractured,
                          warnings=warnings, review_reasons=review_reasons, case_id=case_id, timings_s=timings_s,
-                         images=images, probability_method=probability_method)
+                         images=images, probability_method=probability_method, bone_density=bone_density)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html, encoding="utf-8")
     return path
