@@ -374,8 +374,9 @@ def test_measurement_report_codes_every_number_and_leaves_out_what_was_not_measu
         VertebraRecord(22, "L3", volume_ml=31.0),
     ]
     seg_path = write_dicom_seg(labels, records, ct_series(labels), tmp_path / "segmentation.dcm")
+    bone = {"level": "T12", "trabecular_hu": 92.4, "category": "osteoporosis likely"}  # stages.bone_density's
     path = write_dicom_sr(pydicom.dcmread(seg_path, stop_before_pixels=True), records, tmp_path / "measurements.dcm",
-                          fracture_probability=0.93, fractured=None)
+                          fracture_probability=0.93, fractured=None, bone_density=bone)
     sr = hd.sr.srread(str(path))
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
     elements = list(pydicom.dcmread(path).iterall())
@@ -399,10 +400,15 @@ def test_measurement_report_codes_every_number_and_leaves_out_what_was_not_measu
     assert [(q.name.meaning, q.value.meaning) for q in l2.get_qualitative_evaluations()] == [
         ("Segmentation quality flag", "cut")]
     assert not l3.get_qualitative_evaluations() and values(l3) == {"Volume": (31.0, "cm3")}
-    (patient,) = sr.content.get_image_measurement_groups()  # the group without a segment: the patient's
+    patient, density = sr.content.get_image_measurement_groups()  # the groups without a segment: the patient's
     assert [(q.name.meaning, q.value.meaning) for q in patient.get_qualitative_evaluations()] == [
         ("Vertebral fracture", "Needs review")]
     assert [(m.name, m.value) for m in patient.get_measurements()] == [(codes.DCM.Probability, pytest.approx(0.93))]
+    # the bone-density screen: the category, and the attenuation on the vertebra measured
+    assert density.finding_sites[0].value.value == vertebra_code(19).value  # SNOMED CT "T12 vertebra"
+    assert [(q.name.meaning, q.value.meaning) for q in density.get_qualitative_evaluations()] == [
+        ("Opportunistic bone density screen", "Osteoporosis likely")]
+    assert values(density) == {"Trabecular bone attenuation": (pytest.approx(92.4), "[hnsf'U]")}
 
 
 def test_dicom_seg_sr_and_capture_pass_the_dicom3tools_validator(tmp_path):
@@ -423,7 +429,8 @@ def test_dicom_seg_sr_and_capture_pass_the_dicom3tools_validator(tmp_path):
                VertebraRecord(21, "L2", volume_ml=12.0, partial=True, flags=["cut"])]
     seg = write_dicom_seg(labels, records, ct_series(labels), tmp_path / "segmentation.dcm")
     sr = write_dicom_sr(pydicom.dcmread(seg, stop_before_pixels=True), records, tmp_path / "measurements.dcm",
-                        fracture_probability=0.9, fractured=True)
+                        fracture_probability=0.9, fractured=True,
+                        bone_density={"level": "L1", "trabecular_hu": 120.0, "category": "low bone density possible"})
     capture = write_overview_capture(pydicom.dcmread(seg, stop_before_pixels=True), _png_uri(np.zeros((40, 30, 3))),
                                      tmp_path / "overview.dcm", fracture_probability=0.9, fractured=True)
     for path, iod in ((seg, "Segmentation"), (sr, "Comprehensive3DSR"), (capture, "SCImage")):
@@ -466,6 +473,10 @@ def test_overview_capture_is_the_report_picture_under_a_banner_with_the_result(t
     assert result_lines(0.42, None)[0] == "Needs review, P(fracture) 0.42"
     assert result_lines(float("nan"), True)[0] == "Fractured, P(fracture) n/a"
     assert result_lines(0.1, False)[0] == "No fracture found, P(fracture) 0.10"
+    bone = {"level": "L1", "trabecular_hu": 84.6, "category": "osteoporosis likely"}
+    assert result_lines(0.1, False, bone_density=bone)[1] == "Bone density: L1 85 HU, osteoporosis likely"
+    assert len(result_lines(0.1, False, bone_density={"level": None, "category": None})) == 2  # not assessed
+    assert result_lines(0.1, False, reviewed=True)[-1] == "Corrected and approved in review"
 
 
 # --- an approved correction, written as DICOM by the review app ---------------------------------------------------

@@ -561,9 +561,11 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
     labels = labels.with_array(labels.array.astype(np.uint8, copy=False))
     dicom_seg = dicom_import is not None and bool(labels.array.any())
     ct_writer, seg_writer = helpers if helpers else (None, None)
+    # what the DICOM SR and overview say of the patient
+    outcome = {"fracture_probability": result.fracture_probability, "fractured": result.fractured,
+               "bone_density": result.bone_density}
     if dicom_seg and seg_writer is not None:
-        seg_writer.call(_write_dicom_files, labels, result.records, result.fracture_probability, result.fractured, None,
-                        out)
+        seg_writer.call(_write_dicom_files, labels, result.records, outcome, None, out)
     with ThreadPoolExecutor(max_workers=3) as pool:
         jobs = [pool.submit(write_volume, labels, out / "segmentation.nii.gz"),
                 pool.submit(write_seg_nrrd, labels, result.records, out / "segmentation.seg.nrrd")]
@@ -582,14 +584,12 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
 
             write_radiomics_csv(result.radiomics, result.records, out / "radiomics.csv")
         if dicom_seg and seg_writer is None:
-            result.warnings += _write_dicom_files(labels, result.records, result.fracture_probability, result.fractured,
-                                                  dicom_import, out)
+            result.warnings += _write_dicom_files(labels, result.records, outcome, dicom_import, out)
         images = report_images(ct, labels, result.records)
-        overview = (images.sagittal, result.fracture_probability, result.fractured)
         if dicom_seg and ct_writer is not None:  # the child that wrote ct.nii.gz is idle by now
-            ct_writer.call(_write_overview_file, *overview, None, out)
+            ct_writer.call(_write_overview_file, images.sagittal, outcome, None, out)
         elif dicom_seg:
-            _write_overview_file(*overview, dicom_import, out)
+            _write_overview_file(images.sagittal, outcome, dicom_import, out)
         if seg_writer is not None:
             seg_writer.result()  # prepared
             if dicom_seg:
@@ -654,36 +654,35 @@ def _prepare_dicom_seg(dicom_import, out: Path) -> None:
     write_headers_file(_SEG_HEADERS, out)
 
 
-def _write_dicom_files(labels: Volume, records: list[VertebraRecord], fracture_probability: float,
-                       fractured: bool | None, dicom_import, out: Path) -> list[str]:
+def _write_dicom_files(labels: Volume, records: list[VertebraRecord], outcome: dict[str, Any], dicom_import,
+                       out: Path) -> list[str]:
     """``segmentation.dcm`` on the import's de-identified per-slice headers (original ones when deidentify is off,
     for PACS round trips; ``dicom_import`` None: those :func:`_prepare_dicom_seg` made), then ``measurements.dcm``
-    (a DICOM SR of the records and the patient's result, referencing the segments); returns the warnings they add."""
+    (a DICOM SR of the records and the patient's result, ``outcome``: ``fracture_probability``, ``fractured``,
+    ``bone_density``, referencing the segments); returns the warnings they add."""
     from VertebralFractureLib.outputs.dicom_results import write_seg_and_sr
 
     headers = _SEG_HEADERS if dicom_import is None else dicom_import.source_headers()
     if headers is None:  # called here after the helper process died before it made them
         raise RuntimeError("the output helper process ended before it wrote segmentation.dcm")
-    return write_seg_and_sr(labels, records, headers, out, fracture_probability=fracture_probability,
-                            fractured=fractured)
+    return write_seg_and_sr(labels, records, headers, out, **outcome)
 
 
 #: the DICOM import, in the child process that writes ct.nii.gz (:func:`_write_import_file_idle`)
 _IMPORT: Any = None
 
 
-def _write_overview_file(sagittal_png: str | None, fracture_probability: float, fractured: bool | None,
-                         dicom_import, out: Path) -> None:
-    """``overview.dcm``: the report's sagittal overview as a DICOM Secondary Capture in the import's (de-identified)
-    study (``dicom_import`` None: the one this child inherited); nothing when the overview could not be drawn or the
-    slices lack the UIDs a SEG would reference them by (then no ``segmentation.dcm`` is written either)."""
+def _write_overview_file(sagittal_png: str | None, outcome: dict[str, Any], dicom_import, out: Path) -> None:
+    """``overview.dcm``: the report's sagittal overview under the patient's ``outcome`` (as for
+    :func:`_write_dicom_files`) as a DICOM Secondary Capture in the import's (de-identified) study (``dicom_import``
+    None: the one this child inherited); nothing when the overview could not be drawn or the slices lack the UIDs a
+    SEG would reference them by (then no ``segmentation.dcm`` is written either)."""
     from VertebralFractureLib.outputs.dicom_results import write_overview
 
     dicom_import = dicom_import or _IMPORT
     if dicom_import is None:  # called here after the helper process died before it wrote the file
         raise RuntimeError("the output helper process ended before it wrote overview.dcm")
-    write_overview(dicom_import.study_header(), sagittal_png, out, fracture_probability=fracture_probability,
-                   fractured=fractured)
+    write_overview(dicom_import.study_header(), sagittal_png, out, **outcome)
 
 
 @contextmanager

@@ -21,13 +21,18 @@ def png_pixels(data_uri: str) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def result_lines(fracture_probability: float, fractured: bool | None, reviewed: bool = False) -> list[str]:
-    """The patient's result and what made it, as the overview's banner says them (short: the narrowest overview is
-    about 380 pixels wide)."""
+def result_lines(fracture_probability: float, fractured: bool | None, reviewed: bool = False,
+                 bone_density: dict[str, Any] | None = None) -> list[str]:
+    """The patient's result (and bone-density screen, when it found a category) and what made it, as the overview's
+    banner says them (short: the narrowest overview is about 380 pixels wide)."""
     verdict = {True: "Fractured", False: "No fracture found", None: "Needs review"}[fractured]
     p = "n/a" if not np.isfinite(fracture_probability) else f"{fracture_probability:.2f}"
-    made_by = "Corrected and approved in review" if reviewed else "VertebralFracture (research software)"
-    return [f"{verdict}, P(fracture) {p}", made_by]
+    lines = [f"{verdict}, P(fracture) {p}"]
+    if bone_density and bone_density.get("category"):
+        lines.append(f"Bone density: {bone_density['level']} {bone_density['trabecular_hu']:.0f} HU, "
+                     f"{bone_density['category']}")
+    lines.append("Corrected and approved in review" if reviewed else "VertebralFracture (research software)")
+    return lines
 
 
 def with_banner(pixels: np.ndarray, lines: list[str]) -> np.ndarray:
@@ -45,18 +50,20 @@ def with_banner(pixels: np.ndarray, lines: list[str]) -> np.ndarray:
 
 
 def write_overview_capture(header: Any, overview_png: str, path: str | Path, *, fracture_probability: float,
-                           fractured: bool | None, reviewed: bool = False) -> Path:
+                           fractured: bool | None, reviewed: bool = False,
+                           bone_density: dict[str, Any] | None = None) -> Path:
     """Write ``overview_png`` (the report's sagittal overview, a PNG data URI) under a banner with the patient's
     result (:func:`result_lines`) as a Secondary Capture image in the patient and study of ``header`` (a pydicom
     header of the CT: the de-identified first slice of the import, ``DicomImport.study_header``), a series of its
     own. The picture holds level names, probabilities and the result, nothing that identifies the patient.
-    ``reviewed``: the picture of a correction approved in the review app, a series of its own."""
+    ``reviewed``: the picture of a correction approved in the review app, a series of its own; ``bone_density``:
+    the patient's screen, a banner line when it found a category."""
     import highdicom as hd
 
     from VertebralFractureLib.outputs.segmentation_files import series_identity, writing_dicom
 
     path = Path(path)
-    pixels = with_banner(png_pixels(overview_png), result_lines(fracture_probability, fractured, reviewed))
+    pixels = with_banner(png_pixels(overview_png), result_lines(fracture_probability, fractured, reviewed, bone_density))
     with writing_dicom():
         image = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=header, pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,

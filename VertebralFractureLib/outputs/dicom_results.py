@@ -27,10 +27,11 @@ def file_names(reviewed: bool) -> tuple[str, str, str]:
 
 
 def write_seg_and_sr(labels: Volume, records: Sequence[VertebraRecord], headers: Sequence[Any], out: Path, *,
-                     fracture_probability: float, fractured: bool | None, reviewed: bool = False) -> list[str]:
-    """The SEG of ``labels`` on the CT slices' ``headers`` (pydicom, no pixels), then the SR of ``records`` and the
-    patient's result referencing its segments, into ``out``; returns the warnings (why nothing was written, when the
-    slices lack the UIDs a SEG references them by)."""
+                     fracture_probability: float, fractured: bool | None, reviewed: bool = False,
+                     bone_density: dict[str, Any] | None = None) -> list[str]:
+    """The SEG of ``labels`` on the CT slices' ``headers`` (pydicom, no pixels), then the SR of ``records``, the
+    patient's result and bone-density screen referencing its segments, into ``out``; returns the warnings (why
+    nothing was written, when the slices lack the UIDs a SEG references them by)."""
     import pydicom
 
     from VertebralFractureLib.outputs.dicom_sr import write_dicom_sr
@@ -41,12 +42,14 @@ def write_seg_and_sr(labels: Volume, records: Sequence[VertebraRecord], headers:
     seg_path = write_dicom_seg(labels, records, headers, out / seg_name, warnings=warnings, reviewed=reviewed)
     if seg_path is not None:
         write_dicom_sr(pydicom.dcmread(seg_path, stop_before_pixels=True), records, out / sr_name,
-                       fracture_probability=fracture_probability, fractured=fractured, reviewed=reviewed)
+                       fracture_probability=fracture_probability, fractured=fractured, reviewed=reviewed,
+                       bone_density=bone_density)
     return warnings
 
 
 def write_overview(header: Any, sagittal_png: str | None, out: Path, *, fracture_probability: float,
-                   fractured: bool | None, reviewed: bool = False) -> Path | None:
+                   fractured: bool | None, reviewed: bool = False,
+                   bone_density: dict[str, Any] | None = None) -> Path | None:
     """The report's sagittal overview (PNG data URI) as a Secondary Capture in the study of ``header`` (a CT
     slice's); None when there is no overview or the slice lacks the UIDs a SEG would reference it by (then no SEG is
     written either)."""
@@ -56,11 +59,13 @@ def write_overview(header: Any, sagittal_png: str | None, out: Path, *, fracture
     if sagittal_png is None or missing_references([header]) is not None:
         return None
     return write_overview_capture(header, sagittal_png, out / file_names(reviewed)[2],
-                                  fracture_probability=fracture_probability, fractured=fractured, reviewed=reviewed)
+                                  fracture_probability=fracture_probability, fractured=fractured, reviewed=reviewed,
+                                  bone_density=bone_density)
 
 
 def write_reviewed_set(ct: Volume, labels: Volume, records: Sequence[VertebraRecord], headers: Sequence[Any],
-                       folder: Path, *, fracture_probability: float, fractured: bool | None) -> tuple[list[str], list[str]]:
+                       folder: Path, *, fracture_probability: float, fractured: bool | None,
+                       bone_density: dict[str, Any] | None = None) -> tuple[list[str], list[str]]:
     """The reviewed set (SEG, SR, overview) of a corrected and approved case into its result ``folder``.
 
     Written in a temporary folder inside ``folder``, then each file renamed into place (a reader never sees half a
@@ -74,13 +79,14 @@ def write_reviewed_set(ct: Volume, labels: Volume, records: Sequence[VertebraRec
         warnings: list[str] = []
         if labels.array.any():
             warnings = write_seg_and_sr(labels, records, headers, staging, fracture_probability=fracture_probability,
-                                        fractured=fractured, reviewed=True)
+                                        fractured=fractured, reviewed=True, bone_density=bone_density)
         else:
             warnings.append("the corrected segmentation holds no vertebra: no reviewed DICOM files written "
                             "(a DICOM SEG needs a segment)")
         if (staging / file_names(True)[0]).is_file():  # the overview goes with its SEG, as in a run
             write_overview(headers[0], overview_figure(ct, labels, records), staging,
-                           fracture_probability=fracture_probability, fractured=fractured, reviewed=True)
+                           fracture_probability=fracture_probability, fractured=fractured, reviewed=True,
+                           bone_density=bone_density)
         written = []
         for name in file_names(True):
             if (staging / name).is_file():

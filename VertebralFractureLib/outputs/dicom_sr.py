@@ -41,6 +41,11 @@ TRABECULAR_HU = ("TRABECULAR-HU", "Trabecular bone attenuation")
 QUALITY_FLAG = ("QUALITY-FLAG", "Segmentation quality flag")
 FRACTURE = ("VFX-FRACTURE", "Vertebral fracture")
 RESULTS = {True: ("PRESENT", "Present"), False: ("ABSENT", "Absent"), None: ("NEEDS-REVIEW", "Needs review")}
+BONE_DENSITY = ("VFX-BMD", "Opportunistic bone density screen")
+#: ``stages.bone_density`` categories
+BONE_DENSITY_CATEGORIES = {"osteoporosis likely": ("OP-LIKELY", "Osteoporosis likely"),
+                           "low bone density possible": ("LOW-BMD-POSSIBLE", "Low bone density possible"),
+                           "osteoporosis unlikely": ("OP-UNLIKELY", "Osteoporosis unlikely")}
 
 
 def segment_numbers(seg_header: Any) -> dict[int, int]:
@@ -95,8 +100,27 @@ def _vertebra_group(hd, record: VertebraRecord, seg_header: Any, segment_number:
         measurements=measurements or None, qualitative_evaluations=evaluations or None)
 
 
+def _bone_density_group(hd, bone_density: dict[str, Any]):
+    """TID 1501 group of the patient's opportunistic bone-density screen (``stages.bone_density``): the category
+    and the trabecular attenuation, on the vertebra measured."""
+    from pydicom.sr.codedict import codes
+
+    from VertebralFractureLib.core.levels import level_id
+    from VertebralFractureLib.outputs.segmentation_files import vertebra_code
+
+    site = hd.sr.FindingSite(vertebra_code(level_id(bone_density["level"])))
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="bone density"),
+        finding_type=_private(*BONE_DENSITY), finding_sites=[site],
+        measurements=[hd.sr.Measurement(name=_private(*TRABECULAR_HU), value=float(bone_density["trabecular_hu"]),
+                                        unit=codes.UCUM.HounsfieldUnit, derivation=codes.SCT.Mean)],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+            _private(*BONE_DENSITY), _private(*BONE_DENSITY_CATEGORIES[bone_density["category"]]))])
+
+
 def write_dicom_sr(seg_header: Any, records: Sequence[VertebraRecord], path: str | Path, *,
-                   fracture_probability: float, fractured: bool | None, reviewed: bool = False) -> Path:
+                   fracture_probability: float, fractured: bool | None, reviewed: bool = False,
+                   bone_density: dict[str, Any] | None = None) -> Path:
     """Write ``measurements.dcm`` (``path``): a TID 1500 report of ``records`` referencing the segments of the SEG
     whose header (pydicom, pixel data not needed) is ``seg_header``.
 
@@ -104,7 +128,8 @@ def write_dicom_sr(seg_header: Any, records: Sequence[VertebraRecord], path: str
     probability and the result (present, absent or needs review when ``fractured`` is None). Patient and study
     come from the SEG (the de-identified ones of the import). Every number is as in ``vertebrae.csv`` (the
     trabecular attenuation is its ``trabecular_hu``, the mean); NaN values (not measured, not graded) are left out.
-    ``reviewed``: the results of a correction approved in the review app, a series of its own.
+    ``reviewed``: the results of a correction approved in the review app, a series of its own. ``bone_density``:
+    the patient's screen (``result.json``'s), one more group when it found a category.
     """
     import highdicom as hd
     from pydicom.dataset import Dataset
@@ -122,6 +147,9 @@ def write_dicom_sr(seg_header: Any, records: Sequence[VertebraRecord], path: str
         measurements=[hd.sr.Measurement(name=codes.DCM.Probability, value=float(fracture_probability),
                                         unit=codes.UCUM.NoUnits)] if math.isfinite(fracture_probability) else None,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(_private(*FRACTURE), _private(*RESULTS[fractured]))])
+    patient_groups = [patient]
+    if bone_density and bone_density.get("category"):
+        patient_groups.append(_bone_density_group(hd, bone_density))
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -130,7 +158,7 @@ def write_dicom_sr(seg_header: Any, records: Sequence[VertebraRecord], path: str
             model_name=f"VertebralFractureLib {__version__}"))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=codes.SCT.ComputedTomography, imaging_measurements=[*groups, patient])
+        procedure_reported=codes.SCT.ComputedTomography, imaging_measurements=[*groups, *patient_groups])
     with writing_dicom():
         sr = hd.sr.Comprehensive3DSR(
             evidence=[seg_header], content=report[0], series_instance_uid=hd.UID(), sop_instance_uid=hd.UID(),

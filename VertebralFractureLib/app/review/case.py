@@ -304,6 +304,6 @@ class OpenCase:
         result = self.nodes.result
         written, warnings = write_reviewed_set(self.ct, self.labels(), result.records, headers, self.folder,
                                                fracture_probability=result.fracture_probability,
-                                               fractured=self._approved_call())
+                                               fractured=self._approved_call(), bone_density=result.bone_density)
         self.timings["reviewed_dicom"] = time.perf_counter() - start
         return written, warnings
