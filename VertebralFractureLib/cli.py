@@ -29,6 +29,9 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help=".nii/.nii.gz/.nrrd/.mha file, a DICOM folder or an enhanced multi-frame DICOM file")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("--labels", type=Path, help="VerSe label map in the same physical space; skips segmentation")
+    p.add_argument("--prior", type=Path, metavar="PRIOR_OUT",
+                   help="output folder of an earlier run on a prior CT of the same patient: report incident "
+                        "fractures (>= 20 %% and >= 4 mm height loss) and grade changes since")
     p.add_argument("--fast", action="store_true", help=FAST_HELP)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-wiener", action="store_true", help="skip the Wiener denoising filter")
@@ -48,9 +51,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         fast=args.fast, device=args.device, wiener=not args.no_wiener, series_uid=args.series, anchors=args.anchor
     )
     progress = _progress_for(args)
-    result = run_pipeline(args.input, args.output, labels_path=args.labels, options=options, progress=progress)
+    result = run_pipeline(args.input, args.output, labels_path=args.labels, prior_path=args.prior, options=options,
+                          progress=progress)
     if not args.quiet:
-        print(f"{result.summary_line()}\nresults in {args.output}")
+        extra = [part["summary"] for part in (result.bone_density, result.follow_up) if part]
+        print("\n".join([result.summary_line(), *extra, f"results in {args.output}"]))
     return 0
 
 

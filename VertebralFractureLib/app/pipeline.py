@@ -100,6 +100,7 @@ class PipelineResult:
     radiomics: dict[int, dict[str, float]] | None = None
     naming: dict[str, Any] | None = None
     bone_density: dict[str, Any] | None = None
+    follow_up: dict[str, Any] | None = None
 
     @property
     def needs_review(self) -> bool:
@@ -117,6 +118,7 @@ class PipelineResult:
             "level_confidence": None if self.level_confidence is None else round(float(self.level_confidence), 3),
             "naming": self.naming if self.naming is not None else {"method": "user (label map given)"},
             "bone_density": self.bone_density,
+            "follow_up": self.follow_up,
             "vertebrae": [r.to_dict() for r in self.records],
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
             "versions": versions(),
@@ -477,15 +479,23 @@ def run_pipeline(
     out_dir: str | Path,
     *,
     labels_path: str | Path | None = None,
+    prior_path: str | Path | None = None,
     options: PipelineOptions | None = None,
     progress: ProgressCallback = no_progress,
     cancel: CancelToken | None = None,
 ) -> PipelineResult:
     """Read ``input_path`` (image file, DICOM folder or DICOM file), analyse it and write the contract's outputs.
 
+    ``prior_path``: the result folder of an earlier run on a prior CT of the same patient; the vertebrae are then
+    compared with it (``follow_up`` in ``result.json`` and the report; :mod:`.stages.follow_up`).
     Outputs appear in ``out_dir`` only once all are written (temporary sibling folder, then rename).
     """
     options = options or PipelineOptions()
+    prior = None
+    if prior_path is not None:  # read first: a wrong folder is said before the CT is analysed
+        from VertebralFractureLib.stages.follow_up import read_prior
+
+        prior = read_prior(prior_path)
     timer = _Timer()
     input_path, out_dir = Path(input_path), Path(out_dir)
     progress(0.0, "import")
@@ -518,6 +528,11 @@ def run_pipeline(
             result = analyse(ct, labels, options=options, progress=progress, cancel=cancel, timer=timer,
                              source=input_path, labels_source=labels_path or "label map", overlap=options.overlap)
             result.warnings[:0] = warnings
+            if prior is not None:
+                from VertebralFractureLib.stages.follow_up import compare_with_prior
+
+                result.follow_up = compare_with_prior(result.records, prior)
+                result.warnings += [f"follow-up: {w}" for w in result.follow_up["warnings"]]
             if dicom_import is not None:
                 result.case_id = dicom_import.case_id
                 from VertebralFractureLib.stages.bone_density import assess_bone_density
@@ -601,7 +616,7 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
                      fractured=result.fractured, warnings=result.warnings, review_reasons=result.review_reasons,
                      case_id=result.case_id, timings_s=result.timings_s, images=images,
                      probability_method=result.extra.get("probability_method", ""),
-                     bone_density=result.bone_density)
+                     bone_density=result.bone_density, follow_up=result.follow_up)
         for job in jobs:
             job.result()  # re-raise a writer's error here, inside the atomic output folder
         if ct_writer is not None:

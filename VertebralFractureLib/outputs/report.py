@@ -379,6 +379,7 @@ img.sag { display: block; max-height: 880px; max-width: 100%; border-radius: 4px
 <div class="k">Fractured</div><div><span class="verdict {{ verdict_class }}">{{ verdict }}</span></div>
 <div class="k">Worst vertebra</div><div>{{ worst }}</div>
 <div class="k">Bone density</div><div>{{ bone_density.summary }}{% if bone_density.caveats %}<div class="small">{{ bone_density.caveats | join(" ") }} ({{ bone_density.reference }})</div>{% endif %}</div>
+{% if follow_up %}<div class="k">Follow-up</div><div>{{ follow_up.summary }}</div>{% endif %}
 <div class="k">Vertebrae analysed</div><div>{{ n_vertebrae }}{% if levels %} ({{ levels }}){% endif %}</div>
 <div class="k">Suspicious (p &ge; {{ flag_p }} or grade &ge; {{ flag_grade }})</div><div>{{ flagged_text }}</div>
 </div>
@@ -412,6 +413,23 @@ img.sag { display: block; max-height: 880px; max-width: 100%; border-radius: 4px
 disc_inside (a disc crosses the segment's body: its boundaries are shifted), implausible (not shaped like a
 vertebral body); a flagged vertebra is not graded.</div>
 </div>
+{% if follow_up %}<div class="card" id="follow-up">
+<h2>Compared with the prior CT</h2>
+<p>{{ follow_up.summary }}</p>
+{% if follow_up.warnings %}<ul class="warn">{% for w in follow_up.warnings %}<li>{{ w }}</li>{% endfor %}</ul>{% endif %}
+<table>
+<tr><th>Level</th><th>Since the prior</th><th>H<sub>ant</sub> before &rarr; now (mm)</th><th>H<sub>mid</sub> before &rarr; now (mm)</th>
+<th>H<sub>post</sub> before &rarr; now (mm)</th><th>Largest loss</th><th>Genant grade before &rarr; now</th></tr>
+{% for r in follow_up.vertebrae %}<tr class="{{ 'flag' if r.status in ('incident fracture', 'progressed', 'grade increased') else '' }}">
+<td>{{ r.level }}</td><td>{{ r.status }}</td>
+{% for h in ('anterior', 'middle', 'posterior') %}<td>{% if r['height_' ~ h ~ '_mm'] is defined %}{{ r['height_' ~ h ~ '_prior_mm'] }} &rarr; {{ r['height_' ~ h ~ '_mm'] }}{% else %}&ndash;{% endif %}</td>{% endfor %}
+<td>{% if r.largest_loss_mm is defined %}{{ r.largest_loss_height }} {{ r.largest_loss_mm }} mm ({{ (100 * r.largest_loss_ratio)|round(0)|int }} %){% else %}&ndash;{% endif %}</td>
+<td>{{ '–' if r.grade_prior is none else r.grade_prior }} &rarr; {{ '–' if r.grade_now is none else r.grade_now }}</td></tr>
+{% endfor %}</table>
+<div class="legend">Incident fracture: a normal vertebra lost at least {{ (100 * follow_up.rule.height_loss_ratio_at_least)|int }} % and
+{{ follow_up.rule.height_loss_mm_at_least }} mm of one height ({{ follow_up.reference }}); progressed: the same loss of a deformed one.
+Vertebrae cut, flagged or not graded in either CT are not compared; levels are matched by name.</div>
+</div>{% endif %}
 {% if closeups %}<div class="card">
 <h2>Suspicious vertebrae</h2>
 <div class="closeups">{% for c in closeups %}<div class="closeup"><img alt="close-up of {{ c.level }}" src="{{ c.image }}">
@@ -480,12 +498,14 @@ def render_report(
     images: ReportImages | None = None,
     probability_method: str = "",
     bone_density: dict[str, Any] | None = None,
+    follow_up: dict[str, Any] | None = None,
 ) -> str:
     """The report as one HTML string (see the module docstring for its content); ``images`` from
     :func:`report_images` for these ``ct``, ``labels`` and ``records`` (None: drawn here); ``probability_method``:
     how P(fracture) was formed (:func:`.classification.probability_method`), shown under the table;
     ``bone_density``: the patient's (:func:`.bone_density.assess_bone_density`; None: assessed here, tube voltage
-    unknown)."""
+    unknown); ``follow_up``: the comparison with a prior CT (:func:`.follow_up.compare_with_prior`), a section and a
+    summary line when given."""
     from jinja2 import Environment
 
     from VertebralFractureLib.stages.bone_density import assess_bone_density
@@ -515,6 +535,7 @@ def render_report(
         timings=timings,
         probability_method=probability_method,
         bone_density=bone_density if bone_density is not None else assess_bone_density(records),
+        follow_up=follow_up,
     )
 
 
@@ -620,12 +641,14 @@ def write_report(
     images: ReportImages | None = None,
     probability_method: str = "",
     bone_density: dict[str, Any] | None = None,
+    follow_up: dict[str, Any] | None = None,
 ) -> Path:
     """Write :func:`render_report` to ``path`` (normally ``report.html``)."""
     path = Path(path)
     html = render_report(ct, labels, records, fracture_probability=fracture_probability, fractured=fractured,
                          warnings=warnings, review_reasons=review_reasons, case_id=case_id, timings_s=timings_s,
-                         images=images, probability_method=probability_method, bone_density=bone_density)
+                         images=images, probability_method=probability_method, bone_density=bone_density,
+                         follow_up=follow_up)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html, encoding="utf-8")
     return path

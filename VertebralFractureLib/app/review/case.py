@@ -167,6 +167,7 @@ class OpenCase:
             "needs_review": result.needs_review,
             "review_reasons": list(result.review_reasons),
             "warnings": list(result.warnings),
+            "bone_density": (result.bone_density or {}).get("summary", ""),
             "edited": self.edited,
             "corrected": self.corrected,
         }

@@ -1,0 +1,144 @@
+"""Comparison with a prior CT of the same patient: which vertebrae lost height since, by the incident-fracture rule
+of the quantitative morphometry of trials, and whose Genant grade rose.
+
+Incident fracture (quantitative): a decrease of at least 20 % and at least 4 mm in any of the anterior, middle and
+posterior heights of a vertebra that was normal before (Black DM et al., J Bone Miner Res 1999;14(1):90-101, the
+Fracture Intervention Trial's definition; the 4 mm keeps measurement error out at CT's millimetre resolution). The
+same decrease on a vertebra already deformed is a progression. A Genant grade higher than before without that
+decrease is reported as such (semi-quantitative change), for a reader to look at.
+
+Vertebrae are matched by level name. A shifted naming between the two studies (one of them named without an
+anchor) would compare each vertebra with its neighbour: the heights of all matched vertebrae are compared at
+shifts of one level up and down as well, and a warning says when a shift matches much better.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.core.levels import level_name, order_index
+from VertebralFractureLib.core.records import VertebraRecord
+
+INCIDENT_RATIO = 0.20
+INCIDENT_MM = 4.0
+REFERENCE = "Black DM et al., J Bone Miner Res 1999;14(1):90-101"
+HEIGHTS = (("anterior", "height_anterior_mm"), ("middle", "height_middle_mm"), ("posterior", "height_posterior_mm"))
+#: heights differing by more than this (median over the matched vertebrae) suggest another patient or a naming shift
+MISMATCH_RATIO = 0.12
+
+INCIDENT, PROGRESSED, GRADE_UP, STABLE, NOT_COMPARED = (
+    "incident fracture", "progressed", "grade increased", "stable", "not compared")
+
+
+def read_prior(path: str | Path) -> list[VertebraRecord]:
+    """The vertebrae of an earlier run's result folder (its ``result.json``).
+
+    Raises:
+        InputError: no readable ``result.json`` with vertebrae there.
+    """
+    path = Path(path)
+    file = path / "result.json" if path.is_dir() else path
+    try:
+        data = json.loads(file.read_text())
+        records = [VertebraRecord.from_dict(row) for row in data["vertebrae"]]
+    except FileNotFoundError:
+        raise InputError(f"{path}: no result.json; give --prior the output folder of an earlier run") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{file}: not a readable result.json ({type(exc).__name__}); give --prior the output "
+                         "folder of an earlier run") from None
+    if not records:
+        raise InputError(f"{file}: the prior run found no vertebrae; nothing to compare with")
+    return records
+
+
+def _comparable(record: VertebraRecord | None) -> bool:
+    """Measured whole and graded: cut, flagged and cervical vertebrae are not compared."""
+    return (record is not None and record.genant_grade is not None and not record.partial and not record.flags
+            and all(math.isfinite(getattr(record, field)) for _, field in HEIGHTS))
+
+
+def _median_mismatch(now: dict[int, VertebraRecord], prior: dict[int, VertebraRecord], shift: int) -> float | None:
+    """Median relative difference of the posterior heights of the vertebrae matched with the prior's ``shift``
+    levels further down (None when fewer than 3 pairs): small for the right pairing."""
+    ratios = [abs(r.height_posterior_mm - p.height_posterior_mm) / p.height_posterior_mm
+              for label, r in now.items() if (p := prior.get(label + shift)) is not None
+              and _comparable(r) and _comparable(p) and p.height_posterior_mm > 0]
+    return float(np.median(ratios)) if len(ratios) >= 3 else None
+
+
+def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[VertebraRecord]) -> dict[str, Any]:
+    """The follow-up comparison (``result.json`` ``follow_up``).
+
+    Returns:
+        ``vertebrae``: one row per level in either study (``level``, ``status``, the heights before and now in mm,
+        the largest decrease in mm and as a share, the grades before and now); ``incident``, ``progressed`` and
+        ``grade_increased``: their levels; ``summary`` (one sentence); ``warnings``; the rule's thresholds and
+        reference.
+    """
+    now = {int(r.label): r for r in records}
+    before = {int(r.label): r for r in prior}
+    rows = []
+    for label in sorted(set(now) | set(before), key=order_index):
+        r, p = now.get(label), before.get(label)
+        row: dict[str, Any] = {"level": level_name(label), "status": NOT_COMPARED,
+                               "grade_prior": None if p is None else p.genant_grade,
+                               "grade_now": None if r is None else r.genant_grade}
+        if _comparable(r) and _comparable(p):
+            losses = {name: (getattr(p, field) - getattr(r, field), (getattr(p, field) - getattr(r, field))
+                             / getattr(p, field)) for name, field in HEIGHTS}
+            worst = max(losses, key=lambda name: losses[name][1])
+            loss_mm, loss_ratio = losses[worst]
+            row.update({f"height_{name}_prior_mm": round(getattr(p, field), 1) for name, field in HEIGHTS})
+            row.update({f"height_{name}_mm": round(getattr(r, field), 1) for name, field in HEIGHTS})
+            row.update(largest_loss_height=worst, largest_loss_mm=round(loss_mm, 1) + 0.0,  # + 0.0: no "-0.0"
+                       largest_loss_ratio=round(loss_ratio, 3) + 0.0)
+            lost = loss_ratio >= INCIDENT_RATIO and loss_mm >= INCIDENT_MM
+            if lost:
+                row["status"] = INCIDENT if p.genant_grade == 0 else PROGRESSED
+            elif r.genant_grade > p.genant_grade:
+                row["status"] = GRADE_UP
+            else:
+                row["status"] = STABLE
+        rows.append(row)
+
+    def levels(status: str) -> list[str]:
+        return [row["level"] for row in rows if row["status"] == status]
+
+    incident, progressed, grade_up = levels(INCIDENT), levels(PROGRESSED), levels(GRADE_UP)
+    warnings = []
+    compared = sum(row["status"] != NOT_COMPARED for row in rows)
+    if compared == 0:
+        warnings.append("no vertebra was measured whole and graded in both studies: nothing compared")
+    aligned = _median_mismatch(now, before, 0)
+    shifted = {s: m for s in (-1, 1) if (m := _median_mismatch(now, before, s)) is not None}
+    if aligned is not None and shifted and min(shifted.values()) < 0.5 * aligned:
+        shift = min(shifted, key=shifted.get)
+        warnings.append(f"the vertebrae match the prior's better one level {'lower' if shift > 0 else 'higher'} "
+                        f"(heights differ by {min(shifted.values()):.0%} against {aligned:.0%}): the level names of "
+                        "one study may be shifted; check the names (Slicer: Rename level, or --anchor) before "
+                        "reading the comparison")
+    elif aligned is not None and aligned > MISMATCH_RATIO:
+        warnings.append(f"the vertebral heights differ from the prior's by {aligned:.0%} (median): is it the same "
+                        "patient, measured alike? Check by eye before reading the comparison")
+    found = [f"incident fracture of {', '.join(incident)}" if incident else "",
+             f"progression of {', '.join(progressed)}" if progressed else "",
+             f"higher Genant grade of {', '.join(grade_up)}" if grade_up else ""]
+    found = [text for text in found if text]
+    if compared == 0:
+        summary = "Not compared with the prior CT: no vertebra measurable in both."
+    elif found:
+        summary = "Since the prior CT: " + "; ".join(found) + "."
+    else:
+        summary = f"Since the prior CT: no new or progressed fracture ({compared} vertebrae compared)."
+    return {"vertebrae": rows, "incident": incident, "progressed": progressed, "grade_increased": grade_up,
+            "compared": compared, "summary": summary, "warnings": warnings,
+            "rule": {"height_loss_ratio_at_least": INCIDENT_RATIO, "height_loss_mm_at_least": INCIDENT_MM},
+            "reference": REFERENCE}
+
