@@ -1,0 +1,193 @@
+"""The follow-up comparison (``run --prior``, ``stages.follow_up``) on real anatomy: the real CTs of ../shared/data with
+their checked labels (benchmarks/realct_labels), each compared with
+
+- itself re-scanned: CT and labels resampled after a rigid motion (3 degrees about the left-right axis, 0.7 mm
+  along each axis; linear CT, nearest-neighbour labels), as the patient lies a little differently on the table.
+  No vertebra changed, so every "incident fracture" or "progressed" is false; the height differences give the
+  comparison's noise from pose and resampling alone (a real re-scan adds the segmentation's own differences);
+- itself with a fracture simulated in one vertebra (``research.fracture.simulate_fracture``: grades 1-3, wedge,
+  biconcave and crush in turn). The truth is the deformation applied: whether the heights it removed meet the
+  incident rule (>= 20 % and >= 4 mm of one height), not the morphometry's reading.
+
+Heights come from the run's morphometry (``measure_vertebrae``) on the labels, so the numbers are those of
+``run --labels ... --prior``; the automatic segmentation's boundary errors come on top.
+
+    python benchmarks/follow_up_realct.py        # -> benchmarks/results/follow_up_realct.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE / "realct_labels"))
+
+from _common import RESULTS, require_shared_data, write_result  # noqa: E402
+from build import CASES, partial_levels  # noqa: E402  (benchmarks/realct_labels/build.py)
+
+LABELS = HERE / "realct_labels"
+TYPES = ("wedge", "biconcave", "crush")
+ROTATION_DEG, SHIFT_MM = 3.0, 0.7
+
+
+def _moved(volume, degrees: float, shift_mm: float, *, labels: bool):
+    """``volume`` resampled on its own grid after a rigid motion about its centre (SimpleITK)."""
+    import SimpleITK as sitk
+
+    from VertebralFractureLib.core.volume import Volume
+
+    image = volume.to_sitk()
+    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
+    transform = sitk.Euler3DTransform(centre, math.radians(degrees), 0.0, 0.0, (shift_mm,) * 3)
+    interpolator = sitk.sitkNearestNeighbor if labels else sitk.sitkLinear
+    default = 0 if labels else -1024
+    return Volume.from_sitk(sitk.Resample(image, image, transform, interpolator, default, image.GetPixelID()))
+
+
+def _measure(ct, labels, partial: dict) -> list:
+    from VertebralFractureLib.stages.morphometry import measure_vertebrae
+
+    records = measure_vertebrae(ct, labels)
+    for record in records:  # a label an exclusion cut holds part of a body: not compared
+        record.partial = record.partial or record.level in partial
+    return records
+
+
+def _applied_incident(result) -> bool:
+    """Whether the deformation applied removed >= 20 % and >= 4 mm of one height: the rule's truth."""
+    from VertebralFractureLib.stages.follow_up import INCIDENT_MM, INCIDENT_RATIO
+
+    return any(result.heights_before[h] - result.heights_after[h] >= INCIDENT_MM
+               and (result.heights_before[h] - result.heights_after[h]) / result.heights_before[h] >= INCIDENT_RATIO
+               for h in ("anterior", "middle", "posterior"))
+
+
+def run_case(case: str, data: Path, per_case: int, seed: int) -> dict:
+    from VertebralFractureLib.io.reading import read_volume
+    from VertebralFractureLib.research.fracture import simulate_fracture
+    from VertebralFractureLib.stages.follow_up import INCIDENT, PROGRESSED, STABLE, compare_with_prior
+
+    start = time.perf_counter()
+    ct = read_volume(data / CASES[case][0])
+    labels = read_volume(LABELS / case / "labels.nii.gz", check=False)
+    partial = partial_levels(case)
+    baseline = _measure(ct, labels, partial)
+    rescan = compare_with_prior(_measure(_moved(ct, ROTATION_DEG, SHIFT_MM, labels=False),
+                                         _moved(labels, ROTATION_DEG, SHIFT_MM, labels=True), partial), baseline)
+    compared = [row for row in rescan["vertebrae"] if row["status"] != "not compared"]
+    differences = [abs(row[f"height_{h}_mm"] - row[f"height_{h}_prior_mm"]) for row in compared
+                   for h in ("anterior", "middle", "posterior")]
+    out = {"case": case, "rescan": {
+        "compared": len(compared),
+        "false_incident_or_progressed": [row["level"] for row in compared if row["status"] in (INCIDENT, PROGRESSED)],
+        "grade_increased": rescan["grade_increased"],
+        "height_difference_mm": differences,
+        "warnings": rescan["warnings"]}, "simulated": []}
+    # vertebrae to fracture: measured whole, normal, thoracic or lumbar, in the middle of the spine first
+    normal = [r for r in baseline if r.genant_grade == 0 and not r.partial and not r.flags]
+    normal.sort(key=lambda r: abs(baseline.index(r) - len(baseline) / 2))
+    rng = np.random.default_rng(seed)
+    for k, record in enumerate(normal[:per_case]):
+        for grade in (1, 2, 3):
+            kind = TYPES[(k + grade) % 3]
+            try:
+                fracture = simulate_fracture(ct, labels, int(record.label), grade, kind, seed=int(rng.integers(1 << 30)))
+            except ValueError as exc:  # band not reachable on this body
+                out["simulated"].append({"level": record.level, "grade": grade, "type": kind, "error": str(exc)})
+                continue
+            comparison = compare_with_prior(_measure(fracture.ct, fracture.labels, partial), baseline)
+            row = next(r for r in comparison["vertebrae"] if r["level"] == record.level)
+            others = [r["level"] for r in comparison["vertebrae"]
+                      if r["level"] != record.level and r["status"] in (INCIDENT, PROGRESSED)]
+            out["simulated"].append({
+                "level": record.level, "grade": grade, "type": kind,
+                "applied_loss_ratio": round(float(fracture.height_loss_ratio), 3),
+                "applied_incident": _applied_incident(fracture), "status": row["status"],
+                "detected": row["status"] == INCIDENT, "stable_read": row["status"] == STABLE,
+                "measured_loss_ratio": row.get("largest_loss_ratio"), "measured_loss_mm": row.get("largest_loss_mm"),
+                "false_elsewhere": others})
+    out["time_s"] = round(time.perf_counter() - start, 1)
+    return out
+
+
+def summarise(rows: list[dict]) -> dict:
+    differences = [d for row in rows for d in row["rescan"]["height_difference_mm"]]
+    sims = [s for row in rows for s in row["simulated"] if "error" not in s]
+    by_grade = {}
+    for grade in (1, 2, 3):
+        truth = [s for s in sims if s["grade"] == grade and s["applied_incident"]]
+        below = [s for s in sims if s["grade"] == grade and not s["applied_incident"]]
+        by_grade[str(grade)] = {
+            "simulated": sum(s["grade"] == grade for s in sims),
+            "meeting_the_rule": len(truth), "detected": sum(s["detected"] for s in truth),
+            "sensitivity": round(sum(s["detected"] for s in truth) / len(truth), 3) if truth else None,
+            "below_the_rule": len(below), "called_incident_below_the_rule": sum(s["detected"] for s in below)}
+    return {
+        "cases": len(rows),
+        "rescan_vertebrae_compared": sum(r["rescan"]["compared"] for r in rows),
+        "rescan_false_incident_or_progressed": sum(len(r["rescan"]["false_incident_or_progressed"]) for r in rows),
+        "rescan_grade_increased": sum(len(r["rescan"]["grade_increased"]) for r in rows),
+        "rescan_height_difference_mm_median": round(float(np.median(differences)), 2) if differences else None,
+        "rescan_height_difference_mm_p95": round(float(np.percentile(differences, 95)), 2) if differences else None,
+        "simulated": len(sims),
+        "simulation_failures": sum("error" in s for row in rows for s in row["simulated"]),
+        "by_grade": by_grade,
+        "false_incident_elsewhere": sum(len(s["false_elsewhere"]) for s in sims),
+    }
+
+
+def markdown(rows: list[dict], summary: dict) -> str:
+    lines = ["# Follow-up comparison on the real CTs (`run --prior`)", "",
+             f"Checked labels of the real CTs; re-scan: the same CT and labels after a rigid motion ({ROTATION_DEG:g} "
+             f"degrees, {SHIFT_MM:g} mm per axis); simulated: one fracture in a normal vertebra. Incident rule: "
+             ">= 20 % and >= 4 mm of one height (Black et al. 1999). The truth of a simulated fracture is the "
+             "height its deformation removed.", "",
+             "| case | re-scan: compared | false incident / progressed | grade increased | simulated: detected / "
+             "meeting the rule | false incident elsewhere |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        sims = [s for s in row["simulated"] if "error" not in s]
+        truth = [s for s in sims if s["applied_incident"]]
+        lines.append(f"| {row['case']} | {row['rescan']['compared']} | "
+                     f"{', '.join(row['rescan']['false_incident_or_progressed']) or 0} | "
+                     f"{', '.join(row['rescan']['grade_increased']) or 0} | "
+                     f"{sum(s['detected'] for s in truth)} / {len(truth)} | "
+                     f"{sum(len(s['false_elsewhere']) for s in sims)} |")
+    lines += ["", "| grade simulated | simulated | meeting the rule | detected | sensitivity | below the rule, called "
+              "incident |", "|---|---|---|---|---|---|"]
+    for grade, g in summary["by_grade"].items():
+        lines.append(f"| {grade} | {g['simulated']} | {g['meeting_the_rule']} | {g['detected']} | "
+                     f"{g['sensitivity']} | {g['called_incident_below_the_rule']} of {g['below_the_rule']} |")
+    lines += ["", f"Summary: `{json.dumps(summary)}`", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="*", default=list(CASES), help="case names (default: all)")
+    parser.add_argument("--per-case", type=int, default=2, help="vertebrae fractured per CT, each at grades 1-3")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    data = require_shared_data()
+    rows = []
+    for case in args.cases:
+        rows.append(run_case(case, data, args.per_case, args.seed))
+        print(json.dumps({"case": case, "time_s": rows[-1]["time_s"],
+                          "false": rows[-1]["rescan"]["false_incident_or_progressed"]}), flush=True)
+    summary = summarise(rows)
+    write_result("follow_up_realct", {"summary": summary, "settings": {
+        "rotation_deg": ROTATION_DEG, "shift_mm": SHIFT_MM, "per_case": args.per_case, "seed": args.seed},
+        "cases": rows})
+    (RESULTS / "follow_up_realct.md").write_text(markdown(rows, summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
