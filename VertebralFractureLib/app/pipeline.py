@@ -584,15 +584,16 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
     with ThreadPoolExecutor(max_workers=3) as pool:
         jobs = [pool.submit(write_volume, labels, out / "segmentation.nii.gz"),
                 pool.submit(write_seg_nrrd, labels, result.records, out / "segmentation.seg.nrrd")]
-        if dicom_import is not None and ct_writer is None:
-            jobs.append(pool.submit(write_import_file, dicom_import, out))
-        if dicom_import is not None and seg_writer is None:
-            jobs.append(pool.submit(lambda: write_headers_file(dicom_import.source_headers(), out)))
-        elif dicom_import is None:
+        if dicom_import is None:
             # the CT beside its results, so a result folder is reviewable on its own; written from the array and
             # its geometry, it carries none of the input file's header fields (a NRRD or NIfTI description can
             # hold a name), and result.json need not record where the input lay (a path can hold one too)
             jobs.append(pool.submit(write_volume, ct, out / "ct.nii.gz", fast_gzip=True))
+        else:  # what the children have not written already
+            if ct_writer is None:
+                jobs.append(pool.submit(write_import_file, dicom_import, out))
+            if seg_writer is None:
+                jobs.append(pool.submit(lambda: write_headers_file(dicom_import.source_headers(), out)))
         write_csv(result.records, out / "vertebrae.csv")
         if result.radiomics is not None:
             from VertebralFractureLib.stages.radiomics import write_radiomics_csv

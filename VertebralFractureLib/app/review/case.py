@@ -246,14 +246,12 @@ class OpenCase:
                          lambda tmp: mrml_nodes.save_segmentation(self.segmentation_node, tmp))
             atomic_write(self.folder / signoff.CORRECTED_NIFTI, lambda tmp: write_volume(self.labels(), tmp))
             corrected_files = [signoff.CORRECTED_SEG_NRRD, signoff.CORRECTED_NIFTI]
-        warnings: list[str] = []
-        if self.corrected and status == "approved":
-            written, warnings = self._write_reviewed_dicom()
-            corrected_files += written
-        else:
+        written, warnings = self._write_reviewed_dicom() if self.corrected and status == "approved" else ([], [])
+        if not written:  # the folder holds no DICOM results but the signed-off ones
             from VertebralFractureLib.outputs.dicom_results import remove_reviewed_set
 
             remove_reviewed_set(self.folder)
+        corrected_files += written
         results = self.nodes.result.to_json() if self.corrected else None
         if results is not None:
             results.pop("timings_s", None)
@@ -288,11 +286,10 @@ class OpenCase:
         Only an approved correction goes to the PACS: a rejected case keeps the run's DICOM files alone.
         """
         from VertebralFractureLib.io.dicom import HEADERS_FILE, read_source_headers
-        from VertebralFractureLib.outputs.dicom_results import remove_reviewed_set, write_reviewed_set
+        from VertebralFractureLib.outputs.dicom_results import write_reviewed_set
 
         start = time.perf_counter()
         if not (self.folder / HEADERS_FILE).is_file():
-            remove_reviewed_set(self.folder)
             if not (self.folder / "segmentation.dcm").is_file():
                 return [], []  # not a DICOM case
             return [], [f"no corrected DICOM files: {HEADERS_FILE} is missing (a run before this version); run the "
@@ -300,7 +297,6 @@ class OpenCase:
         try:
             headers = read_source_headers(self.folder / HEADERS_FILE)
         except InputError as exc:
-            remove_reviewed_set(self.folder)
             return [], [f"no corrected DICOM files: {exc}"]
         result = self.nodes.result
         written, warnings = write_reviewed_set(self.ct, self.labels(), result.records, headers, self.folder,
