@@ -32,6 +32,7 @@ PLANTED = {
     "StudyDescription": "Quorvath spine protocol",
     "SeriesDescription": "Quorvath axial series",
     "InstitutionalDepartmentName": "Quorvath Radiology",
+    "ContrastBolusAgent": "Quorvathol 350",  # free text: only that an agent is named may be kept
 }
 
 

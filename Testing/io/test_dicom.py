@@ -249,6 +249,8 @@ def _deid_check(series: Path, tmp_path: Path, capsys) -> None:
 def test_deidentification_synthetic_series(tmp_path, capsys):
     write_ct_series(tmp_path / "src", body_phantom((16, 32, 32)), plant=PLANTED)
     _deid_check(tmp_path / "src", tmp_path / "case", capsys)
+    # the contrast agent's name is free text: the sidecar keeps only that one is named (the bone-density caveat)
+    assert json.loads((tmp_path / "case" / "out" / "ct.json").read_text())["contrast_agent"] is True
 
 
 def test_deidentification_real_series(shared_data, tmp_path, capsys):

@@ -37,6 +37,8 @@ def test_a_deformed_l1_is_replaced_by_its_nearest_normal_neighbour():
     assert result["level"] == "T12" and result["category"] == LIKELY
     assert any("T12 stands in" in c for c in result["caveats"])
     assert any("100 kVp" in c and "higher" in c for c in result["caveats"])
+    assert not any("Contrast" in c for c in result["caveats"])
+    assert any("Contrast-enhanced" in c for c in assess_bone_density(records, kvp="120", contrast=True)["caveats"])
 
 
 def test_levels_outside_the_thoracolumbar_junction_say_nothing_and_flags_exclude():

@@ -537,9 +537,11 @@ def run_pipeline(
                 result.case_id = dicom_import.case_id
                 from VertebralFractureLib.stages.bone_density import assess_bone_density
 
-                # the tube voltage the DICOM headers give: the thresholds hold at 120 kVp
-                result.bone_density = assess_bone_density(result.records, kvp=dicom_import.metadata.get("kvp"),
-                                                          levels_uncertain="level_uncertain" in result.quality_flags)
+                # the tube voltage and contrast the DICOM headers give: the thresholds hold at 120 kVp
+                result.bone_density = assess_bone_density(
+                    result.records, kvp=dicom_import.metadata.get("kvp"),
+                    levels_uncertain="level_uncertain" in result.quality_flags,
+                    contrast=bool(dicom_import.metadata.get("contrast_agent")))
 
             progress(0.92, "writing outputs")
             with timer.stage("outputs"):

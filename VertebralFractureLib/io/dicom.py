@@ -558,6 +558,9 @@ def _sidecar_metadata(ds, spacing_xy: np.ndarray, n_slices: int) -> dict[str, An
     age = _age_years(getattr(ds, "PatientAge", ""))
     if age is not None:
         meta["patient_age_years"] = min(age, 90)  # PS3.15: ages over 89 are identifying
+    if str(getattr(ds, "ContrastBolusAgent", "") or "").strip():
+        # only that an agent is named (free text: its words are not kept); an empty field proves nothing
+        meta["contrast_agent"] = True
     return meta
 
 

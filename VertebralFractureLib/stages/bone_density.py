@@ -48,7 +48,7 @@ def category(hu: float) -> str:
 
 
 def assess_bone_density(records: Sequence[VertebraRecord], kvp: float | None = None, *,
-                        levels_uncertain: bool = False) -> dict[str, Any]:
+                        levels_uncertain: bool = False, contrast: bool = False) -> dict[str, Any]:
     """The patient's opportunistic bone-density result (``result.json`` ``bone_density``).
 
     Args:
@@ -56,11 +56,16 @@ def assess_bone_density(records: Sequence[VertebraRecord], kvp: float | None = N
         kvp: the CT's tube voltage (DICOM KVP), None when unknown.
         levels_uncertain: the level names rest on no anatomical anchor (quality flag ``level_uncertain``): the
             vertebra called L1 may be another one, which a caveat says.
+        contrast: the DICOM headers name a contrast agent (``ContrastBolusAgent``), which a caveat says.
     Returns:
         ``level`` (the vertebra measured, None when none is usable), ``trabecular_hu`` (mean HU, None then too),
         ``category`` (:data:`LIKELY`, :data:`POSSIBLE`, :data:`UNLIKELY` or None), ``summary`` (one sentence),
         ``caveats`` (plain sentences), ``thresholds_hu`` and ``reference``.
     """
+    try:
+        kvp = None if kvp is None else float(kvp)
+    except (TypeError, ValueError):
+        kvp = None
     by_level = {r.level: r for r in records}
     chosen = next((by_level[level] for level in LEVELS if level in by_level and usable(by_level[level])), None)
     out: dict[str, Any] = {"level": None, "trabecular_hu": None, "category": None,
@@ -84,9 +89,12 @@ def assess_bone_density(records: Sequence[VertebraRecord], kvp: float | None = N
                        f"{chosen.level}.")
     if kvp is None:
         caveats.append(f"The tube voltage is not known: the thresholds hold at {STUDY_KVP:.0f} kVp.")
-    elif abs(float(kvp) - STUDY_KVP) > 5:
-        caveats.append(f"Acquired at {float(kvp):.0f} kVp: bone reads {'higher' if kvp < STUDY_KVP else 'lower'} "
+    elif abs(kvp - STUDY_KVP) > 5:
+        caveats.append(f"Acquired at {kvp:.0f} kVp: bone reads {'higher' if kvp < STUDY_KVP else 'lower'} "
                        f"in HU than at the {STUDY_KVP:.0f} kVp the thresholds hold at.")
+    if contrast:
+        caveats.append("Contrast-enhanced (the DICOM headers name an agent): trabecular bone reads somewhat higher in "
+                       "HU than without contrast; the thresholds come from CTs with and without.")
     caveats.append("An opportunistic estimate from a CT made for another reason, not a DXA: it says whom to "
                    "refer for one.")
     return out

@@ -196,26 +196,27 @@ class OpenCase:
             self.scene, self.segmentation_node, self.nodes.volume_node, options=self.options,
             table_node=self.nodes.table_node,
         )
-        kvp = self._kvp()
-        if kvp is not None:  # a DICOM case: its tube voltage, as the run had it from the headers
+        sidecar = self._sidecar()
+        if sidecar:  # a DICOM case: its tube voltage and contrast, as the run had them from the headers
             from VertebralFractureLib.stages.bone_density import assess_bone_density
 
             result = self.nodes.result
-            result.bone_density = assess_bone_density(result.records, kvp=kvp,
-                                                      levels_uncertain="level_uncertain" in result.quality_flags)
+            result.bone_density = assess_bone_density(
+                result.records, kvp=sidecar.get("kvp"), levels_uncertain="level_uncertain" in result.quality_flags,
+                contrast=bool(sidecar.get("contrast_agent")))
         self.edited = False
         self.corrected = True
         self.timings["recompute"] = time.perf_counter() - start
 
-    def _kvp(self) -> float | None:
-        """The CT's tube voltage from the DICOM import's sidecar (``ct.json``), None without one."""
+    def _sidecar(self) -> dict[str, Any]:
+        """The DICOM import's sidecar (``ct.json``: kVp, contrast agent named, ...), {} without one."""
         import json
 
         try:
-            kvp = json.loads((self.folder / "ct.json").read_text()).get("kvp")
-            return None if kvp is None else float(kvp)
-        except (OSError, ValueError, TypeError, AttributeError):
-            return None
+            data = json.loads((self.folder / "ct.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def rename(self, segment_id: str, new_level: str) -> dict[int, int]:
         """Rename a segment's level; the other vertebrae are renumbered to keep their order."""
