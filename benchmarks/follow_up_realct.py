@@ -10,9 +10,10 @@ their checked labels (benchmarks/realct_labels), each compared with
   incident rule (>= 20 % and >= 4 mm of one height), not the morphometry's reading.
 
 Heights come from the run's morphometry (``measure_vertebrae``) on the labels, so the numbers are those of
-``run --labels ... --prior``; the automatic segmentation's boundary errors come on top.
+``run --labels ... --prior``. ``--automatic`` also segments the CT and its re-scan with the shipped model (the whole
+analysis, as ``run --prior`` without labels): the segmentation's own differences between two poses come on top.
 
-    python benchmarks/follow_up_realct.py        # -> benchmarks/results/follow_up_realct.{json,md}
+    python benchmarks/follow_up_realct.py [--automatic]   # -> benchmarks/results/follow_up_realct.{json,md}
 """
 
 from __future__ import annotations
@@ -70,7 +71,24 @@ def _applied_incident(result) -> bool:
                for h in ("anterior", "middle", "posterior"))
 
 
-def run_case(case: str, data: Path, per_case: int, seed: int) -> dict:
+def _automatic_rescan(ct, moved_ct) -> dict:
+    """The re-scan comparison on the automatic segmentations of the CT and of its moved copy."""
+    from VertebralFractureLib.app.pipeline import PipelineOptions, analyse
+    from VertebralFractureLib.stages.follow_up import INCIDENT, PROGRESSED, compare_with_prior
+
+    options = PipelineOptions(device="cpu", radiomics=False, wiener=False, overlap=False)
+    comparison = compare_with_prior(analyse(moved_ct, None, options=options).records,
+                                    analyse(ct, None, options=options).records)
+    compared = [row for row in comparison["vertebrae"] if row["status"] != "not compared"]
+    return {"compared": len(compared),
+            "false_incident_or_progressed": [row["level"] for row in compared if row["status"] in (INCIDENT, PROGRESSED)],
+            "grade_increased": comparison["grade_increased"],
+            "height_difference_mm": [abs(row[f"height_{h}_mm"] - row[f"height_{h}_prior_mm"]) for row in compared
+                                     for h in ("anterior", "middle", "posterior")],
+            "warnings": comparison["warnings"]}
+
+
+def run_case(case: str, data: Path, per_case: int, seed: int, automatic: bool = False) -> dict:
     from VertebralFractureLib.io.reading import read_volume
     from VertebralFractureLib.research.fracture import simulate_fracture
     from VertebralFractureLib.stages.follow_up import INCIDENT, PROGRESSED, STABLE, compare_with_prior
@@ -80,8 +98,9 @@ def run_case(case: str, data: Path, per_case: int, seed: int) -> dict:
     labels = read_volume(LABELS / case / "labels.nii.gz", check=False)
     partial = partial_levels(case)
     baseline = _measure(ct, labels, partial)
-    rescan = compare_with_prior(_measure(_moved(ct, ROTATION_DEG, SHIFT_MM, labels=False),
-                                         _moved(labels, ROTATION_DEG, SHIFT_MM, labels=True), partial), baseline)
+    moved_ct = _moved(ct, ROTATION_DEG, SHIFT_MM, labels=False)
+    rescan = compare_with_prior(_measure(moved_ct, _moved(labels, ROTATION_DEG, SHIFT_MM, labels=True), partial),
+                                baseline)
     compared = [row for row in rescan["vertebrae"] if row["status"] != "not compared"]
     differences = [abs(row[f"height_{h}_mm"] - row[f"height_{h}_prior_mm"]) for row in compared
                    for h in ("anterior", "middle", "posterior")]
@@ -91,6 +110,8 @@ def run_case(case: str, data: Path, per_case: int, seed: int) -> dict:
         "grade_increased": rescan["grade_increased"],
         "height_difference_mm": differences,
         "warnings": rescan["warnings"]}, "simulated": []}
+    if automatic:
+        out["rescan_automatic"] = _automatic_rescan(ct, moved_ct)
     # vertebrae to fracture: measured whole, normal, thoracic or lumbar, in the middle of the spine first
     normal = [r for r in baseline if r.genant_grade == 0 and not r.partial and not r.flags]
     normal.sort(key=lambda r: abs(baseline.index(r) - len(baseline) / 2))
@@ -130,7 +151,18 @@ def summarise(rows: list[dict]) -> dict:
             "meeting_the_rule": len(truth), "detected": sum(s["detected"] for s in truth),
             "sensitivity": round(sum(s["detected"] for s in truth) / len(truth), 3) if truth else None,
             "below_the_rule": len(below), "called_incident_below_the_rule": sum(s["detected"] for s in below)}
+    automatic = [r["rescan_automatic"] for r in rows if "rescan_automatic" in r]
+    auto_differences = [d for r in automatic for d in r["height_difference_mm"]]
+    auto = {} if not automatic else {
+        "automatic_rescan_vertebrae_compared": sum(r["compared"] for r in automatic),
+        "automatic_rescan_false_incident_or_progressed": sum(len(r["false_incident_or_progressed"]) for r in automatic),
+        "automatic_rescan_grade_increased": sum(len(r["grade_increased"]) for r in automatic),
+        "automatic_rescan_height_difference_mm_median": round(float(np.median(auto_differences)), 2)
+        if auto_differences else None,
+        "automatic_rescan_height_difference_mm_p95": round(float(np.percentile(auto_differences, 95)), 2)
+        if auto_differences else None}
     return {
+        **auto,
         "cases": len(rows),
         "rescan_vertebrae_compared": sum(r["rescan"]["compared"] for r in rows),
         "rescan_false_incident_or_progressed": sum(len(r["rescan"]["false_incident_or_progressed"]) for r in rows),
@@ -144,6 +176,14 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
+def _automatic_cell(row: dict) -> str:
+    auto = row.get("rescan_automatic")
+    if auto is None:
+        return "-"
+    return (f"{auto['compared']}, {', '.join(auto['false_incident_or_progressed']) or 0}, "
+            f"{', '.join(auto['grade_increased']) or 0}")
+
+
 def markdown(rows: list[dict], summary: dict) -> str:
     lines = ["# Follow-up comparison on the real CTs (`run --prior`)", "",
              f"Checked labels of the real CTs; re-scan: the same CT and labels after a rigid motion ({ROTATION_DEG:g} "
@@ -151,7 +191,8 @@ def markdown(rows: list[dict], summary: dict) -> str:
              ">= 20 % and >= 4 mm of one height (Black et al. 1999). The truth of a simulated fracture is the "
              "height its deformation removed.", "",
              "| case | re-scan: compared | false incident / progressed | grade increased | simulated: detected / "
-             "meeting the rule | false incident elsewhere |", "|---|---|---|---|---|---|"]
+             "meeting the rule | false incident elsewhere | automatic re-scan: compared, false incident / "
+             "progressed, grade increased |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         sims = [s for s in row["simulated"] if "error" not in s]
         truth = [s for s in sims if s["applied_incident"]]
@@ -159,7 +200,7 @@ def markdown(rows: list[dict], summary: dict) -> str:
                      f"{', '.join(row['rescan']['false_incident_or_progressed']) or 0} | "
                      f"{', '.join(row['rescan']['grade_increased']) or 0} | "
                      f"{sum(s['detected'] for s in truth)} / {len(truth)} | "
-                     f"{sum(len(s['false_elsewhere']) for s in sims)} |")
+                     f"{sum(len(s['false_elsewhere']) for s in sims)} | {_automatic_cell(row)} |")
     lines += ["", "| grade simulated | simulated | meeting the rule | detected | sensitivity | below the rule, called "
               "incident |", "|---|---|---|---|---|---|"]
     for grade, g in summary["by_grade"].items():
@@ -174,16 +215,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="*", default=list(CASES), help="case names (default: all)")
     parser.add_argument("--per-case", type=int, default=2, help="vertebrae fractured per CT, each at grades 1-3")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--automatic", action="store_true",
+                        help="also compare the automatic segmentations of each CT and its re-scan")
     args = parser.parse_args(argv)
     data = require_shared_data()
     rows = []
     for case in args.cases:
-        rows.append(run_case(case, data, args.per_case, args.seed))
+        rows.append(run_case(case, data, args.per_case, args.seed, automatic=args.automatic))
         print(json.dumps({"case": case, "time_s": rows[-1]["time_s"],
                           "false": rows[-1]["rescan"]["false_incident_or_progressed"]}), flush=True)
     summary = summarise(rows)
     write_result("follow_up_realct", {"summary": summary, "settings": {
-        "rotation_deg": ROTATION_DEG, "shift_mm": SHIFT_MM, "per_case": args.per_case, "seed": args.seed},
+        "rotation_deg": ROTATION_DEG, "shift_mm": SHIFT_MM, "per_case": args.per_case, "seed": args.seed,
+        "automatic": args.automatic},
         "cases": rows})
     (RESULTS / "follow_up_realct.md").write_text(markdown(rows, summary))
     return 0

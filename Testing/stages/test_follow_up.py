@@ -59,6 +59,13 @@ def test_a_naming_shift_between_the_studies_is_warned_of():
     result = compare_with_prior(shifted, prior)
     assert any("one level" in w and "shifted" in w for w in result["warnings"])
     assert compare_with_prior(_spine(17, heights), prior)["warnings"] == []
+    # names guessed without an anchor: still compared, with a warning
+    guessed = _spine(17, heights)
+    for record in guessed:
+        record.flags.append("level_uncertain")
+    result = compare_with_prior(guessed, prior)
+    assert result["compared"] == len(heights)
+    assert [w for w in result["warnings"] if "this CT rest on no anatomical anchor" in w]
     # no common measurable vertebra: nothing compared, said so
     cut = [VertebraRecord(20, "L1", height_anterior_mm=20, height_middle_mm=20, height_posterior_mm=20, partial=True)]
     assert compare_with_prior(cut, prior)["compared"] == 0

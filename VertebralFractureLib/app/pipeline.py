@@ -531,8 +531,11 @@ def run_pipeline(
             if prior is not None:
                 from VertebralFractureLib.stages.follow_up import compare_with_prior
 
-                result.follow_up = compare_with_prior(result.records, prior)
-                result.warnings += [f"follow-up: {w}" for w in result.follow_up["warnings"]]
+                result.follow_up = follow_up = compare_with_prior(result.records, prior)
+                if result.needs_review and (follow_up["incident"] or follow_up["progressed"]):
+                    follow_up["warnings"].append("this CT is sent to review: check the segments of the vertebrae "
+                                                 "that lost height before reading the comparison")
+                result.warnings += [f"follow-up: {w}" for w in follow_up["warnings"]]
             if dicom_import is not None:
                 result.case_id = dicom_import.case_id
                 from VertebralFractureLib.stages.bone_density import assess_bone_density

@@ -23,6 +23,7 @@ from typing import Any
 
 from VertebralFractureLib.core.records import VertebraRecord
 from VertebralFractureLib.stages.morphometry.density import LOW_DENSITY_HU, OSTEOPOROSIS_HU
+from VertebralFractureLib.stages.quality import VERTEBRA_FLAGS
 
 REFERENCE = "Pickhardt PJ et al., Ann Intern Med 2013;158(8):588-595"
 #: the level the thresholds were validated at, then its stand-ins, nearest first
@@ -35,9 +36,9 @@ LIKELY, POSSIBLE, UNLIKELY = "osteoporosis likely", "low bone density possible",
 
 def usable(record: VertebraRecord) -> bool:
     """Whether ``record``'s trabecular attenuation can stand for the patient's: measured, the whole body in view,
-    graded normal (a deformed body is denser), no quality flag."""
+    graded normal (a deformed body is denser), no segmentation quality flag (``level_uncertain`` is a caveat)."""
     return (math.isfinite(record.trabecular_hu) and not record.partial and not record.implausible
-            and not record.flags and record.genant_grade == 0)
+            and not set(record.flags) & set(VERTEBRA_FLAGS) and record.genant_grade == 0)
 
 
 def category(hu: float) -> str:

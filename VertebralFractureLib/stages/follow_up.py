@@ -25,6 +25,7 @@ import numpy as np
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.levels import level_name, order_index
 from VertebralFractureLib.core.records import VertebraRecord
+from VertebralFractureLib.stages.quality import VERTEBRA_FLAGS
 
 INCIDENT_RATIO = 0.20
 INCIDENT_MM = 4.0
@@ -59,8 +60,10 @@ def read_prior(path: str | Path) -> list[VertebraRecord]:
 
 
 def _comparable(record: VertebraRecord | None) -> bool:
-    """Measured whole and graded: cut, flagged and cervical vertebrae are not compared."""
-    return (record is not None and record.genant_grade is not None and not record.partial and not record.flags
+    """Measured whole and graded: cut, flagged (a segmentation quality flag) and cervical vertebrae are not
+    compared."""
+    return (record is not None and record.genant_grade is not None and not record.partial
+            and not set(record.flags) & set(VERTEBRA_FLAGS)
             and all(math.isfinite(getattr(record, field)) for _, field in HEIGHTS))
 
 
@@ -116,6 +119,11 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
     compared = sum(row["status"] != NOT_COMPARED for row in rows)
     if compared == 0:
         warnings.append("no vertebra was measured whole and graded in both studies: nothing compared")
+    unanchored = [name for name, side in (("this CT", records), ("the prior CT", prior))
+                  if any("level_uncertain" in r.flags for r in side)]
+    if unanchored:
+        warnings.append(f"the level names of {' and '.join(unanchored)} rest on no anatomical anchor: a vertebra may "
+                        "be compared with its neighbour; check the names by eye")
     aligned = _median_mismatch(now, before, 0)
     shifted = {s: m for s in (-1, 1) if (m := _median_mismatch(now, before, s)) is not None}
     if aligned is not None and shifted and min(shifted.values()) < 0.5 * aligned:
