@@ -78,7 +78,7 @@ def _automatic_rescan(ct, moved_ct) -> dict:
 
     options = PipelineOptions(device="cpu", radiomics=False, wiener=False, overlap=False)
     comparison = compare_with_prior(analyse(moved_ct, None, options=options).records,
-                                    analyse(ct, None, options=options).records)
+                                    analyse(ct, None, options=options).records, automatic=True)
     compared = [row for row in comparison["vertebrae"] if row["status"] != "not compared"]
     return {"compared": len(compared),
             "false_incident_or_progressed": [row["level"] for row in compared if row["status"] in (INCIDENT, PROGRESSED)],

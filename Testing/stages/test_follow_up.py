@@ -29,6 +29,8 @@ def _records(fractures=None) -> list[VertebraRecord]:
 
 def test_a_fracture_built_between_the_scans_is_incident_and_the_rest_stable():
     result = compare_with_prior(_records({20: (2, "wedge")}), _records())
+    assert compare_with_prior(_records({20: (2, "wedge")}), _records(), automatic=True)["warnings"][0].startswith(
+        "the comparison rests on automatic segmentation")
     statuses = {row["level"]: row["status"] for row in result["vertebrae"]}
     assert statuses == {"T11": STABLE, "T12": STABLE, "L1": INCIDENT, "L2": STABLE, "L3": STABLE}
     l1 = next(row for row in result["vertebrae"] if row["level"] == "L1")
@@ -80,6 +82,11 @@ def test_a_prior_that_is_not_a_result_folder_is_refused_in_one_line(tmp_path):
     (tmp_path / "result.json").write_text(json.dumps({"vertebrae": []}))
     with pytest.raises(InputError, match="found no vertebrae"):
         read_prior(tmp_path)
+    # the prior's naming says whether its vertebrae were segmented automatically
+    row = {"label": 20, "level": "L1", "genant_grade": 0}
+    for naming, automatic in (({"method": "user (label map given)"}, False), ({"method": "anchors"}, True)):
+        (tmp_path / "result.json").write_text(json.dumps({"vertebrae": [row], "naming": naming}))
+        assert read_prior(tmp_path)[1] is automatic
 
 
 def test_run_with_prior_reports_the_incident_fracture(tmp_path, capsys):
@@ -97,6 +104,7 @@ def test_run_with_prior_reports_the_incident_fracture(tmp_path, capsys):
                  "-o", str(tmp_path / "out-after"), "--prior", str(tmp_path / "out-before"), *common]) == 0
     follow_up = json.loads((tmp_path / "out-after" / "result.json").read_text())["follow_up"]
     assert follow_up["incident"] == ["L1"]
+    assert follow_up["automatic"] is False and follow_up["warnings"] == []  # both from label maps
     report = (tmp_path / "out-after" / "report.html").read_text()
     assert "Compared with the prior CT" in report and follow_up["summary"] in report
     # a wrong prior folder: one line, before any analysis, nothing written

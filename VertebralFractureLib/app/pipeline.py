@@ -495,7 +495,7 @@ def run_pipeline(
     if prior_path is not None:  # read first: a wrong folder is said before the CT is analysed
         from VertebralFractureLib.stages.follow_up import read_prior
 
-        prior = read_prior(prior_path)
+        prior, prior_automatic = read_prior(prior_path)
     timer = _Timer()
     input_path, out_dir = Path(input_path), Path(out_dir)
     progress(0.0, "import")
@@ -531,7 +531,8 @@ def run_pipeline(
             if prior is not None:
                 from VertebralFractureLib.stages.follow_up import compare_with_prior
 
-                result.follow_up = follow_up = compare_with_prior(result.records, prior)
+                result.follow_up = follow_up = compare_with_prior(
+                    result.records, prior, automatic=labels_path is None or prior_automatic)
                 if result.needs_review and (follow_up["incident"] or follow_up["progressed"]):
                     follow_up["warnings"].append("this CT is sent to review: check the segments of the vertebrae "
                                                  "that lost height before reading the comparison")

@@ -38,8 +38,9 @@ INCIDENT, PROGRESSED, GRADE_UP, STABLE, NOT_COMPARED = (
     "incident fracture", "progressed", "grade increased", "stable", "not compared")
 
 
-def read_prior(path: str | Path) -> list[VertebraRecord]:
-    """The vertebrae of an earlier run's result folder (its ``result.json``).
+def read_prior(path: str | Path) -> tuple[list[VertebraRecord], bool]:
+    """The vertebrae of an earlier run's result folder (its ``result.json``), and whether they were segmented
+    automatically (not given by a label map).
 
     Raises:
         InputError: no readable ``result.json`` with vertebrae there.
@@ -56,7 +57,8 @@ def read_prior(path: str | Path) -> list[VertebraRecord]:
                          "folder of an earlier run") from None
     if not records:
         raise InputError(f"{file}: the prior run found no vertebrae; nothing to compare with")
-    return records
+    naming = data.get("naming") or {}
+    return records, not str(naming.get("method", "")).startswith("user")
 
 
 def _comparable(record: VertebraRecord | None) -> bool:
@@ -76,8 +78,10 @@ def _median_mismatch(now: dict[int, VertebraRecord], prior: dict[int, VertebraRe
     return float(np.median(ratios)) if len(ratios) >= 3 else None
 
 
-def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[VertebraRecord]) -> dict[str, Any]:
-    """The follow-up comparison (``result.json`` ``follow_up``).
+def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[VertebraRecord], *,
+                       automatic: bool = False) -> dict[str, Any]:
+    """The follow-up comparison (``result.json`` ``follow_up``); ``automatic``: either study's vertebrae come from
+    the automatic segmentation, whose boundaries move between two scans (a warning says to confirm a loss).
 
     Returns:
         ``vertebrae``: one row per level in either study (``level``, ``status``, the heights before and now in mm,
@@ -135,6 +139,10 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
     elif aligned is not None and aligned > MISMATCH_RATIO:
         warnings.append(f"the vertebral heights differ from the prior's by {aligned:.0%} (median): is it the same "
                         "patient, measured alike? Check by eye before reading the comparison")
+    if automatic and (incident or progressed):
+        warnings.append("the comparison rests on automatic segmentation, whose vertebral boundaries can move by "
+                        "several millimetres between two scans of one patient: confirm each height loss by eye, or "
+                        "compare corrected segmentations (run --labels for both CTs)")
     found = [f"incident fracture of {', '.join(incident)}" if incident else "",
              f"progression of {', '.join(progressed)}" if progressed else "",
              f"higher Genant grade of {', '.join(grade_up)}" if grade_up else ""]
@@ -146,7 +154,7 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
     else:
         summary = f"Since the prior CT: no new or progressed fracture ({compared} vertebrae compared)."
     return {"vertebrae": rows, "incident": incident, "progressed": progressed, "grade_increased": grade_up,
-            "compared": compared, "summary": summary, "warnings": warnings,
+            "compared": compared, "automatic": automatic, "summary": summary, "warnings": warnings,
             "rule": {"height_loss_ratio_at_least": INCIDENT_RATIO, "height_loss_mm_at_least": INCIDENT_MM},
             "reference": REFERENCE}
 
