@@ -57,8 +57,7 @@ def run_case(case: str, data: Path) -> dict:
     automatic = analyse(ct, None, options=options)
     seconds = time.perf_counter() - start
     on_labels = assess_bone_density(checked, kvp)
-    auto = assess_bone_density(automatic.records, kvp,
-                               levels_uncertain="level_uncertain" in automatic.quality_flags)
+    auto = assess_bone_density(automatic.records, kvp)
     same_level = on_labels["level"] is not None and on_labels["level"] == auto["level"]
     return {
         "case": case, "kvp": kvp, "age": info.get("age") or None, "sex": info.get("sex") or None,

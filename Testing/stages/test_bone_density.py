@@ -54,7 +54,7 @@ def test_levels_outside_the_thoracolumbar_junction_say_nothing_and_flags_exclude
     assert any("not known" in c for c in result["caveats"])
     # a name guessed without an anchor is a caveat, not a segmentation flag: the vertebra is still measured
     guessed = [VertebraRecord(20, "L1", trabecular_hu=70.0, genant_grade=0, flags=["level_uncertain"])]
-    result = assess_bone_density(guessed, levels_uncertain=True)
+    result = assess_bone_density(guessed)
     assert (result["level"], result["category"]) == ("L1", LIKELY)
     assert any("names are uncertain" in c for c in result["caveats"])
 

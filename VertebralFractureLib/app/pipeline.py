@@ -330,7 +330,7 @@ def _analyse_pass(ct: Volume, labels: Volume | None, options: PipelineOptions, p
     return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels,
                           review_reasons=reasons, quality_flags=quality.flags, level_confidence=level_confidence,
                           radiomics=features, naming=naming,
-                          bone_density=assess_bone_density(records, levels_uncertain="level_uncertain" in quality.flags),
+                          bone_density=assess_bone_density(records),
                           extra={"fracture_threshold": classification.threshold,
                                  "probability_method": classification.method})
 
@@ -542,10 +542,8 @@ def run_pipeline(
                 from VertebralFractureLib.stages.bone_density import assess_bone_density
 
                 # the tube voltage and contrast the DICOM headers give: the thresholds hold at 120 kVp
-                result.bone_density = assess_bone_density(
-                    result.records, kvp=dicom_import.metadata.get("kvp"),
-                    levels_uncertain="level_uncertain" in result.quality_flags,
-                    contrast=bool(dicom_import.metadata.get("contrast_agent")))
+                result.bone_density = assess_bone_density(result.records, kvp=dicom_import.metadata.get("kvp"),
+                                                          contrast=bool(dicom_import.metadata.get("contrast_agent")))
 
             progress(0.92, "writing outputs")
             with timer.stage("outputs"):

@@ -203,9 +203,12 @@ def open_case(
     table = mrml_nodes.table_node_from_records(
         scene, records, name=f"{case_dir.name} vertebrae table", patient_probability=patient_probability
     )
-    fractured, reasons = _case_review(case_dir, patient_probability)
+    data = _result_json(case_dir)
+    fractured, reasons = _case_review(data, patient_probability)
+    # what the run's result.json says beyond the rows: the threshold it called at, how P was formed, bone density
+    extra = {key: data[key] for key in ("fracture_threshold", "probability_method") if key in data}
     result = PipelineResult(records, patient_probability, fractured, {}, warnings, case_id=case_dir.name,
-                            review_reasons=reasons, bone_density=_result_json(case_dir).get("bone_density"))
+                            review_reasons=reasons, bone_density=data.get("bone_density"), extra=extra)
     if (case_dir / "radiomics.csv").is_file():
         from VertebralFractureLib.stages.radiomics import read_radiomics_csv
 
@@ -220,9 +223,9 @@ def _result_json(case_dir: Path) -> dict[str, Any]:
     return json.loads((case_dir / "result.json").read_text()) if (case_dir / "result.json").is_file() else {}
 
 
-def _case_review(case_dir: Path, patient_probability: float) -> tuple[bool | None, list[str]]:
-    """(fractured, review reasons) of a result folder; folders from before the review status: by probability."""
-    data = _result_json(case_dir)
+def _case_review(data: dict[str, Any], patient_probability: float) -> tuple[bool | None, list[str]]:
+    """(fractured, review reasons) of a result folder's ``result.json`` ``data``; folders from before the review
+    status: by probability."""
     if "needs_review" in data:
         return data.get("fractured"), list(data.get("review_reasons") or [])
     return bool(not math.isnan(patient_probability) and patient_probability >= 0.5), []

@@ -566,8 +566,7 @@ def _sidecar_metadata(ds, spacing_xy: np.ndarray, n_slices: int) -> dict[str, An
 
 def _deidentified_header(ds, key: bytes, case_id: str):
     """A new header holding only :data:`KEEP_TAGS`, hashed UIDs and the pseudonym as identity."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.dataset import Dataset
 
     out = Dataset()
     for tag in KEEP_TAGS:
@@ -597,12 +596,20 @@ def _deidentified_header(ds, key: bytes, case_id: str):
     out.DeidentificationMethod = "VertebralFracture allowlist, PS3.15 basic, UIDs hashed"
     if getattr(ds, "frame_number", None):  # a frame of an enhanced CT image: the SEG references it by number
         out.frame_number = ds.frame_number
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = out.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.2")
-    meta.MediaStorageSOPInstanceUID = out.get("SOPInstanceUID", "")
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    out.file_meta = meta
+    out.file_meta = _file_meta(out)
     return out
+
+
+def _file_meta(ds):
+    """PS3.10 file meta information for a header without pixels: its SOP class and instance, explicit VR."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.2")
+    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "")
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return meta
 
 
 def _part10_uid(ds, keyword: str) -> str:
@@ -660,8 +667,7 @@ def read_source_headers(path: str | Path) -> list[Any]:
     import gzip
     import zlib
 
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.dataset import Dataset
 
     path = Path(path)
     try:
@@ -673,11 +679,7 @@ def read_source_headers(path: str | Path) -> list[Any]:
             ds = Dataset.from_json(entry["dataset"])
             if entry.get("frame_number"):
                 ds.frame_number = int(entry["frame_number"])
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "1.2.840.10008.5.1.4.1.1.2")
-            meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "")
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.file_meta = meta
+            ds.file_meta = _file_meta(ds)
             headers.append(ds)
     except FileNotFoundError:
         raise InputError(f"{path.name}: not found; only a run on a DICOM series writes it") from None

@@ -420,7 +420,7 @@ vertebral body); a flagged vertebra is not graded.</div>
 <table>
 <tr><th>Level</th><th>Since the prior</th><th>H<sub>ant</sub> before &rarr; now (mm)</th><th>H<sub>mid</sub> before &rarr; now (mm)</th>
 <th>H<sub>post</sub> before &rarr; now (mm)</th><th>Largest loss</th><th>Genant grade before &rarr; now</th></tr>
-{% for r in follow_up.vertebrae %}<tr class="{{ 'flag' if r.status in ('incident fracture', 'progressed', 'grade increased') else '' }}">
+{% for r in follow_up.vertebrae %}<tr class="{{ 'flag' if r.status in follow_up_findings else '' }}">
 <td>{{ r.level }}</td><td>{{ r.status }}</td>
 {% for h in ('anterior', 'middle', 'posterior') %}<td>{% if r['height_' ~ h ~ '_mm'] is defined %}{{ r['height_' ~ h ~ '_prior_mm'] }} &rarr; {{ r['height_' ~ h ~ '_mm'] }}{% else %}&ndash;{% endif %}</td>{% endfor %}
 <td>{% if r.largest_loss_mm is defined %}{{ r.largest_loss_height }} {{ r.largest_loss_mm }} mm ({{ (100 * r.largest_loss_ratio)|round(0)|int }} %){% else %}&ndash;{% endif %}</td>
@@ -509,6 +509,7 @@ def render_report(
     from jinja2 import Environment
 
     from VertebralFractureLib.stages.bone_density import assess_bone_density
+    from VertebralFractureLib.stages.follow_up import FINDINGS
 
     images = images if images is not None else report_images(ct, labels, records)
     records = sorted(records, key=lambda r: _sort_key(r.label))
@@ -536,6 +537,7 @@ def render_report(
         probability_method=probability_method,
         bone_density=bone_density if bone_density is not None else assess_bone_density(records),
         follow_up=follow_up,
+        follow_up_findings=FINDINGS,
     )
 
 

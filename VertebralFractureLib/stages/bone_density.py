@@ -49,14 +49,13 @@ def category(hu: float) -> str:
 
 
 def assess_bone_density(records: Sequence[VertebraRecord], kvp: float | None = None, *,
-                        levels_uncertain: bool = False, contrast: bool = False) -> dict[str, Any]:
+                        contrast: bool = False) -> dict[str, Any]:
     """The patient's opportunistic bone-density result (``result.json`` ``bone_density``).
 
     Args:
-        records: the case's vertebrae (morphometry and grading done).
+        records: the case's vertebrae (morphometry, grading and quality flags done: ``level_uncertain`` on them,
+            the level names resting on no anatomical anchor, gets a caveat that the vertebra may not be L1).
         kvp: the CT's tube voltage (DICOM KVP), None when unknown.
-        levels_uncertain: the level names rest on no anatomical anchor (quality flag ``level_uncertain``): the
-            vertebra called L1 may be another one, which a caveat says.
         contrast: the DICOM headers name a contrast agent (``ContrastBolusAgent``), which a caveat says.
     Returns:
         ``level`` (the vertebra measured, None when none is usable), ``trabecular_hu`` (mean HU, None then too),
@@ -85,7 +84,7 @@ def assess_bone_density(records: Sequence[VertebraRecord], kvp: float | None = N
     caveats = out["caveats"]
     if chosen.level != "L1":
         caveats.append(f"L1 could not be used; {chosen.level} stands in for it (the thresholds were validated at L1).")
-    if levels_uncertain:
+    if "level_uncertain" in chosen.flags:
         caveats.append(f"The level names are uncertain (no rib or sacrum fixes them): the vertebra measured may not be "
                        f"{chosen.level}.")
     if kvp is None:

@@ -36,6 +36,8 @@ MISMATCH_RATIO = 0.12
 
 INCIDENT, PROGRESSED, GRADE_UP, STABLE, NOT_COMPARED = (
     "incident fracture", "progressed", "grade increased", "stable", "not compared")
+#: the statuses a reader should look at
+FINDINGS = (INCIDENT, PROGRESSED, GRADE_UP)
 
 
 def read_prior(path: str | Path) -> tuple[list[VertebraRecord], bool]:

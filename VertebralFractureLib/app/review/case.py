@@ -201,9 +201,8 @@ class OpenCase:
             from VertebralFractureLib.stages.bone_density import assess_bone_density
 
             result = self.nodes.result
-            result.bone_density = assess_bone_density(
-                result.records, kvp=sidecar.get("kvp"), levels_uncertain="level_uncertain" in result.quality_flags,
-                contrast=bool(sidecar.get("contrast_agent")))
+            result.bone_density = assess_bone_density(result.records, kvp=sidecar.get("kvp"),
+                                                      contrast=bool(sidecar.get("contrast_agent")))
         self.edited = False
         self.corrected = True
         self.timings["recompute"] = time.perf_counter() - start
@@ -265,18 +264,12 @@ class OpenCase:
     def _approved_call(self) -> bool | None:
         """The patient's result once a reviewer approved the case: the analysis' call, or, where it left the case to
         a review (``fractured`` None), the patient probability against the run's threshold, since the approval is
-        that review. None only without a probability (no vertebra scored) or threshold."""
-        import json
-
+        that review. None only without a probability (no vertebra scored) or threshold (a folder from before
+        ``result.json`` recorded it)."""
         result = self.nodes.result
         if result.fractured is not None or math.isnan(result.fracture_probability):
             return result.fractured
-        threshold = result.extra.get("fracture_threshold")
-        if threshold is None:  # results loaded from the folder (no Recompute since): the run's own threshold
-            try:
-                threshold = json.loads((self.folder / "result.json").read_text()).get("fracture_threshold")
-            except (OSError, ValueError):
-                threshold = None
+        threshold = result.extra.get("fracture_threshold")  # Recompute's, or the run's as the case was loaded
         return None if threshold is None else bool(result.fracture_probability >= float(threshold))
 
     def _write_reviewed_dicom(self) -> tuple[list[str], list[str]]:
