@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from VertebralFractureLib.core.errors import InputError
@@ -114,3 +115,56 @@ def test_run_with_prior_reports_the_incident_fracture(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "--prior" in err[0]
     assert not (tmp_path / "out-x").exists()
+
+
+def test_a_review_that_corrects_the_segmentation_compares_with_the_prior_again(tmp_path):
+    """A segment cut short makes a false incident fracture; the reviewer restores it, presses Recompute, and the
+    comparison (redone from the prior the run kept) finds none. The kept prior holds rows, never the prior's path."""
+    pytest.importorskip("slicer", reason="slicer-core wheel not installed (pip install slicer-core)")
+    import slicer
+
+    from VertebralFractureLib.app import mrml_nodes
+    from VertebralFractureLib.app.pipeline import PipelineOptions, run_pipeline
+    from VertebralFractureLib.app.review.case import CtCache, OpenCase
+    from VertebralFractureLib.io.volume_files import write_volume
+    from VertebralFractureLib.stages.follow_up import PRIOR_FILE
+
+    phantom = make_phantom(levels=("T12", "L2"), spacing=1.5, seed=5)
+    write_volume(phantom.ct, tmp_path / "ct.nii.gz")
+    write_volume(phantom.labels, tmp_path / "labels.nii.gz")
+    # the segment of L1 loses its upper 9 mm (6 slices) to the background: a false loss of height
+    cut = phantom.labels.array.copy()
+    zs = np.nonzero((cut == 20).any(axis=(1, 2)))[0]
+    t12_above = np.nonzero((cut == 19).any(axis=(1, 2)))[0].mean() > zs.mean()
+    top = zs[-6:] if t12_above else zs[:6]
+    cut[top] = np.where(cut[top] == 20, 0, cut[top])
+    write_volume(phantom.labels.with_array(cut), tmp_path / "cut.nii.gz")
+    options = PipelineOptions(wiener=False)
+    run_pipeline(tmp_path / "ct.nii.gz", tmp_path / "before", labels_path=tmp_path / "labels.nii.gz", options=options)
+    result = run_pipeline(tmp_path / "ct.nii.gz", tmp_path / "private-name-after", labels_path=tmp_path / "cut.nii.gz",
+                          prior_path=tmp_path / "before", options=options)
+    assert result.follow_up["incident"] == ["L1"]
+    kept = (tmp_path / "private-name-after" / PRIOR_FILE).read_text()
+    assert "before" not in kept and str(tmp_path) not in kept
+    assert [r.level for r in read_prior(tmp_path / "private-name-after" / PRIOR_FILE)[0]] == ["T12", "L1", "L2"]
+
+    case = OpenCase(slicer.vtkMRMLScene(), tmp_path, "private-name-after", tmp_path / "private-name-after",
+                    ct_cache=CtCache())
+    assert case.summary()["follow_up"] == result.follow_up["summary"] == "Since the prior CT: incident fracture of L1."
+    sid = mrml_nodes.find_segment_id(case.segmentation_node, "L1")
+    mrml_nodes.set_segment_mask(case.segmentation_node, sid,
+                                phantom.labels.with_array((phantom.labels.array == 20).astype(np.uint8)))
+    case.mark_edited()
+    case.recompute()
+    follow_up = case.nodes.result.follow_up
+    assert follow_up["incident"] == [] and follow_up["compared"] == 3 and follow_up["automatic"] is False
+    assert case.summary()["follow_up"] == "Since the prior CT: no new or progressed fracture (3 vertebrae compared)."
+    assert case.nodes.table_node.GetAttribute("VertebralFracture.FollowUp") == follow_up["summary"]
+    record = case.sign_off("approved")
+    assert record["results"]["follow_up"]["summary"] == follow_up["summary"]
+    # an unreadable kept prior: the Recompute still works and says why the comparison was not redone
+    (tmp_path / "private-name-after" / PRIOR_FILE).write_text("{broken")
+    case.mark_edited()
+    case.recompute()
+    assert case.nodes.result.follow_up is None
+    assert any(w.startswith("follow-up not recomputed:") for w in case.nodes.result.warnings)

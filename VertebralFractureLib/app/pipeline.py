@@ -126,6 +126,14 @@ class PipelineResult:
             **self.extra,
         }
 
+    def compare_with_prior(self, prior: list[VertebraRecord], *, automatic: bool) -> None:
+        """Set ``follow_up``: these vertebrae against a prior CT's (:mod:`.stages.follow_up`; ``automatic``: either
+        side segmented automatically); its warnings join ``warnings``."""
+        from VertebralFractureLib.stages.follow_up import compare_with_prior
+
+        self.follow_up = compare_with_prior(self.records, prior, automatic=automatic, needs_review=self.needs_review)
+        self.warnings += [f"follow-up: {w}" for w in self.follow_up["warnings"]]
+
     def worst(self) -> VertebraRecord | None:
         """The vertebra with the highest fracture probability (None when there are none)."""
         scored = [r for r in self.records if not math.isnan(r.fracture_probability)]
@@ -529,14 +537,10 @@ def run_pipeline(
                              source=input_path, labels_source=labels_path or "label map", overlap=options.overlap)
             result.warnings[:0] = warnings
             if prior is not None:
-                from VertebralFractureLib.stages.follow_up import compare_with_prior
+                from VertebralFractureLib.stages.follow_up import keep_prior
 
-                result.follow_up = follow_up = compare_with_prior(
-                    result.records, prior, automatic=labels_path is None or prior_automatic)
-                if result.needs_review and (follow_up["incident"] or follow_up["progressed"]):
-                    follow_up["warnings"].append("this CT is sent to review: check the segments of the vertebrae "
-                                                 "that lost height before reading the comparison")
-                result.warnings += [f"follow-up: {w}" for w in follow_up["warnings"]]
+                result.compare_with_prior(prior, automatic=labels_path is None or prior_automatic)
+                keep_prior(tmp, prior, automatic=prior_automatic)  # a Recompute in review compares again
             if dicom_import is not None:
                 result.case_id = dicom_import.case_id
                 from VertebralFractureLib.stages.bone_density import assess_bone_density

@@ -27,6 +27,7 @@ from VertebralFractureLib.core.progress import CancelToken, ProgressCallback, no
 from VertebralFractureLib.core.records import VertebraRecord, read_csv
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.reading import read_volume
+from VertebralFractureLib.stages.follow_up import PRIOR_FILE, read_prior
 
 CT_NAMES = ("ct.nii.gz", "ct.nii", "ct.nrrd", "ct.mha")
 
@@ -55,17 +56,19 @@ class MrmlResult:
 
 
 RADIOMICS_REFERENCE = "VertebralFracture.Radiomics"
+#: on the vertebrae table of a case opened from a folder run with ``--prior``: its kept prior (stages.follow_up)
+PRIOR_ATTRIBUTE = "VertebralFracture.FollowUpPrior"
 
 
 def _publish_review_and_radiomics(scene, table, result: PipelineResult, name: str, *, radiomics_table: bool = True):
-    """Put the review status, what P(fracture) is made of and the bone-density summary on the vertebrae ``table``
-    and show
-    ``result.radiomics`` in the table node it references (made on first use, refilled on Recompute; not with
-    ``radiomics_table=False``); returns that node or None."""
+    """Put the review status, what P(fracture) is made of and the bone-density and follow-up summaries on the
+    vertebrae ``table`` and show ``result.radiomics`` in the table node it references (made on first use, refilled
+    on Recompute; not with ``radiomics_table=False``); returns that node or None."""
     table.SetAttribute("VertebralFracture.NeedsReview", "true" if result.needs_review else "false")
     table.SetAttribute("VertebralFracture.ReviewReasons", "\n".join(result.review_reasons))
     table.SetAttribute("VertebralFracture.ProbabilityMethod", str(result.extra.get("probability_method", "")))
     table.SetAttribute("VertebralFracture.BoneDensity", (result.bone_density or {}).get("summary", ""))
+    table.SetAttribute("VertebralFracture.FollowUp", (result.follow_up or {}).get("summary", ""))
     if not result.radiomics or not radiomics_table:
         return None
     node = mrml_nodes.radiomics_table_node(scene, result.radiomics, result.records, name=name,
@@ -120,8 +123,25 @@ def recompute_segmentation_node(
     return publish_result(scene, ct, result, volume_node, segmentation_node, table_node)
 
 
+def compare_with_kept_prior(result: PipelineResult, table_node) -> None:
+    """Compare ``result`` with the prior CT again when ``table_node`` is that of a case run with ``--prior`` (its
+    kept prior, :data:`PRIOR_ATTRIBUTE`): a Recompute after correcting the segmentation redoes the follow-up. The
+    corrected segmentation counts as checked; an unreadable kept prior leaves a warning, not an error."""
+    path = table_node.GetAttribute(PRIOR_ATTRIBUTE) if table_node is not None else None
+    if not path:
+        return
+    try:
+        prior, automatic = read_prior(path)
+    except InputError as exc:
+        result.warnings.append(f"follow-up not recomputed: {exc}")
+        return
+    result.compare_with_prior(prior, automatic=automatic)
+
+
 def publish_result(scene, ct: Volume, result: PipelineResult, volume_node, segmentation_node, table_node) -> MrmlResult:
-    """Show ``result`` in the (new or given) segmentation and table nodes of ``volume_node``'s CT."""
+    """Show ``result`` in the (new or given) segmentation and table nodes of ``volume_node``'s CT; a table of a case
+    run against a prior CT gets the comparison redone (:func:`compare_with_kept_prior`)."""
+    compare_with_kept_prior(result, table_node)
     labels = result.labels if result.labels is not None else ct.with_array(np.zeros(ct.shape, np.uint8))
     seg = mrml_nodes.segmentation_node_from_labels(
         scene, labels, result.records, volume_node, name=f"{volume_node.GetName()} vertebrae", node=segmentation_node
@@ -208,7 +228,10 @@ def open_case(
     # what the run's result.json says beyond the rows: the threshold it called at, how P was formed, bone density
     extra = {key: data[key] for key in ("fracture_threshold", "probability_method") if key in data}
     result = PipelineResult(records, patient_probability, fractured, {}, warnings, case_id=case_dir.name,
-                            review_reasons=reasons, bone_density=data.get("bone_density"), extra=extra)
+                            review_reasons=reasons, bone_density=data.get("bone_density"),
+                            follow_up=data.get("follow_up"), extra=extra)
+    if (case_dir / PRIOR_FILE).is_file():
+        table.SetAttribute(PRIOR_ATTRIBUTE, str((case_dir / PRIOR_FILE).resolve()))
     if (case_dir / "radiomics.csv").is_file():
         from VertebralFractureLib.stages.radiomics import read_radiomics_csv
 

@@ -10,6 +10,9 @@ decrease is reported as such (semi-quantitative change), for a reader to look at
 Vertebrae are matched by level name. A shifted naming between the two studies (one of them named without an
 anchor) would compare each vertebra with its neighbour: the heights of all matched vertebrae are compared at
 shifts of one level up and down as well, and a warning says when a shift matches much better.
+
+A run with a prior keeps the prior's vertebrae in its own folder (:data:`PRIOR_FILE`), so that a review that
+corrects the segmentation compares again without the prior's folder.
 """
 
 from __future__ import annotations
@@ -38,11 +41,13 @@ INCIDENT, PROGRESSED, GRADE_UP, STABLE, NOT_COMPARED = (
     "incident fracture", "progressed", "grade increased", "stable", "not compared")
 #: the statuses a reader should look at
 FINDINGS = (INCIDENT, PROGRESSED, GRADE_UP)
+#: in a run's folder: the prior's vertebrae it was compared with (no path, no identifier: the rows only)
+PRIOR_FILE = "follow_up_prior.json"
 
 
 def read_prior(path: str | Path) -> tuple[list[VertebraRecord], bool]:
-    """The vertebrae of an earlier run's result folder (its ``result.json``), and whether they were segmented
-    automatically (not given by a label map).
+    """The vertebrae of an earlier run's result folder (its ``result.json``, or a kept :data:`PRIOR_FILE`), and
+    whether they were segmented automatically (not given by a label map).
 
     Raises:
         InputError: no readable ``result.json`` with vertebrae there.
@@ -59,8 +64,19 @@ def read_prior(path: str | Path) -> tuple[list[VertebraRecord], bool]:
                          "folder of an earlier run") from None
     if not records:
         raise InputError(f"{file}: the prior run found no vertebrae; nothing to compare with")
+    if "automatic" in data:  # a kept prior says so itself
+        return records, bool(data["automatic"])
     naming = data.get("naming") or {}
     return records, not str(naming.get("method", "")).startswith("user")
+
+
+def keep_prior(folder: str | Path, prior: Sequence[VertebraRecord], *, automatic: bool) -> Path:
+    """Write the prior's vertebrae into a run's ``folder`` (:data:`PRIOR_FILE`; :func:`read_prior` reads it)."""
+    file = Path(folder) / PRIOR_FILE
+    file.write_text(json.dumps({
+        "about": "the vertebrae of the prior CT this run was compared with (run --prior), kept for a Recompute",
+        "automatic": automatic, "vertebrae": [record.to_dict() for record in prior]}, indent=1))
+    return file
 
 
 def _comparable(record: VertebraRecord | None) -> bool:
@@ -81,9 +97,10 @@ def _median_mismatch(now: dict[int, VertebraRecord], prior: dict[int, VertebraRe
 
 
 def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[VertebraRecord], *,
-                       automatic: bool = False) -> dict[str, Any]:
+                       automatic: bool = False, needs_review: bool = False) -> dict[str, Any]:
     """The follow-up comparison (``result.json`` ``follow_up``); ``automatic``: either study's vertebrae come from
-    the automatic segmentation, whose boundaries move between two scans (a warning says to confirm a loss).
+    the automatic segmentation, whose boundaries move between two scans (a warning says to confirm a loss);
+    ``needs_review``: this CT's analysis is sent to review (a warning says to check the segments that lost height).
 
     Returns:
         ``vertebrae``: one row per level in either study (``level``, ``status``, the heights before and now in mm,
@@ -145,6 +162,9 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
         warnings.append("the comparison rests on automatic segmentation, whose vertebral boundaries can move by "
                         "several millimetres between two scans of one patient: confirm each height loss by eye, or "
                         "compare corrected segmentations (run --labels for both CTs)")
+    if needs_review and (incident or progressed):
+        warnings.append("this CT is sent to review: check the segments of the vertebrae that lost height before "
+                        "reading the comparison")
     found = [f"incident fracture of {', '.join(incident)}" if incident else "",
              f"progression of {', '.join(progressed)}" if progressed else "",
              f"higher Genant grade of {', '.join(grade_up)}" if grade_up else ""]

@@ -168,6 +168,7 @@ class OpenCase:
             "review_reasons": list(result.review_reasons),
             "warnings": list(result.warnings),
             "bone_density": (result.bone_density or {}).get("summary", ""),
+            "follow_up": (result.follow_up or {}).get("summary", ""),
             "edited": self.edited,
             "corrected": self.corrected,
         }
@@ -190,7 +191,8 @@ class OpenCase:
         self.edited = True
 
     def recompute(self) -> None:
-        """Re-measure and re-classify the edited segmentation (``analyse`` with the labels), as Slicer's Recompute."""
+        """Re-measure and re-classify the edited segmentation (``analyse`` with the labels), as Slicer's Recompute;
+        a case run against a prior CT is compared with it again (``slicer_logic.compare_with_kept_prior``)."""
         start = time.perf_counter()
         self.nodes = slicer_logic.recompute_segmentation_node(
             self.scene, self.segmentation_node, self.nodes.volume_node, options=self.options,
