@@ -113,6 +113,9 @@ def _add_batch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast", action="store_true", help=FAST_HELP)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-wiener", action="store_true", help="skip the Wiener denoising filter")
+    p.add_argument("--priors", type=Path, metavar="PRIORS",
+                   help="compare cases with earlier results of the same patients (run --prior): an earlier batch's "
+                        "output folder (pairs by case name) or a CSV with columns case,prior")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--log-json", action="store_true", help="progress as JSON lines on stderr (one per case)")
 
@@ -129,7 +132,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     # a tqdm bar over cases by default; JSON lines with --log-json; nothing with --quiet
     progress = _progress_for(args) if args.log_json else None
     cohort_csv = run_batch(args.cohort, args.output, workers=args.workers, scheduler=args.scheduler, options=options,
-                           progress=progress, quiet=args.quiet)
+                           progress=progress, quiet=args.quiet, priors=args.priors)
     counts = status_counts(read_cohort_csv(cohort_csv))
     if not args.quiet:
         print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + f"; table in {cohort_csv}")

@@ -271,3 +271,41 @@ def test_review_first_orders_a_screening_worklist():
         {"case": "e", "status": "ok", "fracture_probability": "0.4", "fractured": "False", "needs_review": "False"},
     ]
     assert [r["case"] for r in review_first(rows)] == ["d", "c", "e", "a", "b"]
+
+
+def test_batch_compares_each_case_with_its_prior_by_name_or_by_a_pairs_file(tmp_path):
+    """A year's screening against the last: cases paired by name with the earlier batch's output, or by a CSV of
+    pairs; a vertebra shorter by 6 mm (29 %) since is an incident fracture in cohort.csv; a bad pairs file is
+    refused in one line before any case runs."""
+    from VertebralFractureLib.core.errors import InputError
+
+    before = tmp_path / "before"
+    tiny_case(before / "p1", seed=1)
+    tiny_case(before / "p2", seed=4)
+    run_batch(before, tmp_path / "out-before", scheduler="synchronous", options=OPTIONS, quiet=True)
+    now = tmp_path / "now"
+    tiny_case(now / "p1", seed=3)  # L1 4 slices shorter than before
+    tiny_case(now / "p2", seed=7)  # unchanged
+    tiny_case(now / "p3", seed=5)  # no prior of that name
+    rows = {r["case"]: r for r in read_cohort_csv(run_batch(
+        now, tmp_path / "out-now", scheduler="synchronous", options=OPTIONS, quiet=True,
+        priors=tmp_path / "out-before"))}
+    assert rows["p1"]["new_fractures"] == "L1" and "incident fracture of L1" in rows["p1"]["follow_up"]
+    assert rows["p2"]["new_fractures"] == "" and rows["p2"]["follow_up"].startswith("Since the prior CT: no new")
+    assert rows["p3"]["follow_up"] == rows["p3"]["new_fractures"] == ""
+    assert json.loads((tmp_path / "out-now" / "p1" / "result.json").read_text())["follow_up"]["incident"] == ["L1"]
+
+    # a study named otherwise: the pairs file says whose prior it is (relative to the file's folder)
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("case,prior\np3,out-before/p1\n")
+    rows = {r["case"]: r for r in read_cohort_csv(run_batch(
+        now, tmp_path / "out-pairs", scheduler="synchronous", options=OPTIONS, quiet=True, priors=pairs))}
+    assert rows["p3"]["follow_up"].startswith("Since the prior CT:") and rows["p1"]["follow_up"] == ""
+    for text, message in (("case,prior\np9,out-before/p1\n", "line 2: case 'p9' is not in the cohort"),
+                          ("case,prior\np1,out-before/p1\np1,out-before/p2\n", "line 3: case 'p1' is listed twice"),
+                          ("case,prior\np1,out-before/nowhere\n", "line 2: 'out-before/nowhere' holds no result.json"),
+                          ("case;prior\n", "needs the columns case and prior")):
+        pairs.write_text(text)
+        with pytest.raises(InputError, match=message):
+            run_batch(now, tmp_path / "out-bad", scheduler="synchronous", options=OPTIONS, quiet=True, priors=pairs)
+    assert not (tmp_path / "out-bad").exists()

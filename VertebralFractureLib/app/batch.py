@@ -10,6 +10,10 @@ A cohort folder holds one case per entry:
 
 Hidden entries (``.name``) and other files (notes, spreadsheets) are ignored.
 
+Follow-up (``priors``, :func:`pair_priors`): each case can be compared with an earlier result of the same patient,
+as ``run --prior`` does; the pairs come from the user, since case names are per study and the import keeps no
+patient identity to pair them by.
+
 Output: ``OUT/<case>/`` exactly as ``run`` writes it, and ``OUT/cohort.csv`` with
 :data:`COHORT_COLUMNS`. ``needs_review`` (True/False) and ``review_reasons`` (the case's sentences from
 ``result.json``) mark the cases whose automatic answer cannot be trusted; their ``fractured`` is blank.
@@ -63,7 +67,8 @@ from VertebralFractureLib.io.dicom import (
 from VertebralFractureLib.io.volume_files import VOLUME_SUFFIXES, is_volume_file
 
 COHORT_COLUMNS = ["case", "status", "fracture_probability", "fractured", "worst_level", "worst_grade", "error",
-                  "needs_review", "review_reasons", "bone_density", "bone_density_level", "bone_density_hu", "review"]
+                  "needs_review", "review_reasons", "bone_density", "bone_density_level", "bone_density_hu",
+                  "follow_up", "new_fractures", "review"]
 STATE_DIR = ".batch"
 CSV_INTERVAL_S = 2.0
 CT_NAMES = ("ct.nii.gz", "ct.nii", "ct.nrrd", "ct.mha", "ct.mhd", "ct.nhdr")
@@ -80,6 +85,7 @@ class Case:
     input: str
     labels: str | None = None
     problem: str | None = None  # a reason found while listing the cohort (empty folder)
+    prior: str | None = None  # an earlier result folder of the same patient (run --prior)
 
 
 def _strip_suffix(name: str) -> str:
@@ -128,6 +134,50 @@ def discover_cases(cohort_dir: str | Path) -> list[Case]:
     return list(cases.values())
 
 
+def pair_priors(cases: list[Case], priors: str | Path) -> int:
+    """Give cases their prior (``run --prior``) from ``priors``; returns how many got one.
+
+    ``priors`` is either a folder of earlier results (an earlier batch's output: a case is compared with the folder
+    of the same name there when it holds a ``result.json``; suits cohorts whose case folders are named by a patient
+    pseudonym) or a CSV file with columns ``case`` and ``prior`` (a result folder, relative to the CSV's folder or
+    absolute), written by whoever knows which studies are one patient's.
+
+    Raises:
+        InputError: the CSV lacks the columns, names a case the cohort lacks or one twice, or a prior folder without
+            ``result.json`` (with its line number); ``priors`` is neither a folder nor a CSV file.
+    """
+    priors = Path(priors)
+    by_name = {case.name: case for case in cases}
+    if priors.is_dir():
+        paired = 0
+        for case in cases:
+            if (priors / case.name / "result.json").is_file():
+                case.prior, paired = str(priors / case.name), paired + 1
+        return paired
+    if not (priors.is_file() and priors.suffix.lower() == ".csv"):
+        raise InputError(f"{priors}: not a folder of earlier results nor a .csv of case,prior pairs; give --priors "
+                         "one of them")
+    with priors.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not {"case", "prior"} <= set(reader.fieldnames or []):
+            raise InputError(f"{priors}: needs the columns case and prior (a result folder of an earlier run)")
+        seen: set[str] = set()
+        for row in reader:
+            line, name, folder = reader.line_num, (row["case"] or "").strip(), (row["prior"] or "").strip()
+            if name not in by_name:
+                raise InputError(f"{priors} line {line}: case {name!r} is not in the cohort; give case names as "
+                                 "cohort.csv lists them")
+            if name in seen:
+                raise InputError(f"{priors} line {line}: case {name!r} is listed twice; give one prior per case")
+            prior = folder if Path(folder).is_absolute() else priors.parent / folder
+            if not (Path(prior) / "result.json").is_file():
+                raise InputError(f"{priors} line {line}: {folder!r} holds no result.json; give the output folder "
+                                 "of an earlier run")
+            seen.add(name)
+            by_name[name].prior = str(prior)
+    return len(seen)
+
+
 # --- per-case work (runs on a Dask worker) -----------------------------------------------------------------
 def _fingerprint(path: str) -> list[Any]:
     """Name (keyed hash: it is kept in OUT/.batch, and a PACS export names files by UIDs), size and modification
@@ -152,6 +202,7 @@ def _summary_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
     worst = worst_vertebra(result.get("vertebrae") or [])
     prob = result.get("fracture_probability")
     bone = result.get("bone_density") or {}
+    follow_up = result.get("follow_up") or {}
     return {
         "case": name,
         "status": "ok",
@@ -167,6 +218,9 @@ def _summary_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
         "bone_density": bone.get("category") or "",
         "bone_density_level": bone.get("level") or "",
         "bone_density_hu": "" if bone.get("trabecular_hu") is None else bone["trabecular_hu"],
+        # compared with a prior CT (--priors): the sentence, and the levels fractured or worse since
+        "follow_up": follow_up.get("summary") or "",
+        "new_fractures": " ".join([*follow_up.get("incident", []), *follow_up.get("progressed", [])]),
     }
 
 
@@ -223,7 +277,7 @@ def run_case(case: dict[str, Any], out_dir: str, options: dict[str, Any], thread
             # the batch already runs cases in parallel: radiomics stays within this case's share of the cores
             pipeline_options.radiomics_workers = max(1, threads)
         result = run_pipeline(case["input"], Path(out_dir) / name, labels_path=case.get("labels"),
-                              options=pipeline_options)
+                              prior_path=case.get("prior"), options=pipeline_options)
         row = _summary_row(name, result.to_json())
     except InputError as exc:
         row = _failure_row(name, "bad_input", _within_cohort(str(exc), case["input"], name))
@@ -396,6 +450,7 @@ def run_batch(
     progress: ProgressCallback | None = None,
     quiet: bool = False,
     threads: int | None = None,
+    priors: str | Path | None = None,
 ) -> Path:
     """Run every case of ``cohort_dir`` into ``out_dir`` on Dask and write ``out_dir/cohort.csv``.
 
@@ -412,14 +467,18 @@ def run_batch(
             ETA); None draws a tqdm bar over cases on stderr (unless ``quiet``).
         threads: CPU threads per case (torch, ITK, BLAS); None divides the machine's cores between
             the local workers (remote workers: 1).
+        priors: earlier results to compare the cases with (:func:`pair_priors`); a case done before keeps its
+            result.
     Returns:
         The path of ``cohort.csv``.
     Raises:
-        InputError: no cohort folder / no case, or another batch holds ``out_dir``.
+        InputError: no cohort folder / no case, bad ``priors``, or another batch holds ``out_dir``.
     """
     from VertebralFractureLib.app.pipeline import PipelineOptions
 
     cases = discover_cases(cohort_dir)
+    if priors is not None:
+        pair_priors(cases, priors)
     out = Path(out_dir).absolute()
     out.mkdir(parents=True, exist_ok=True)
     (out / STATE_DIR / "failed").mkdir(parents=True, exist_ok=True)
