@@ -344,8 +344,7 @@ class VertebralFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.onSegmentationChanged(result.segmentation_node)
         self.onTableChanged(result.table_node)
         self._showPatientProbability(result.result)
-        summaries = [(part or {}).get("summary", "") for part in (result.result.bone_density, result.result.follow_up)]
-        self.ui.statusLabel.text = "\n".join(line for line in (result.result.summary_line(), *summaries) if line)
+        self.ui.statusLabel.text = "\n".join(result.result.summary_lines())
         review = [_("Needs review: {reason}").format(reason=reason) for reason in result.result.review_reasons]
         self.ui.warningsLabel.text = "\n".join(review + result.result.warnings)
         self.ui.progressBar.setValue(100)

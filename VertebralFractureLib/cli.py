@@ -54,13 +54,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run_pipeline(args.input, args.output, labels_path=args.labels, prior_path=args.prior, options=options,
                           progress=progress)
     if not args.quiet:
-        print("\n".join([*_result_lines(result), f"results in {args.output}"]))
+        print("\n".join([*result.summary_lines(), f"results in {args.output}"]))
     return 0
-
-
-def _result_lines(result) -> list[str]:
-    """What ``run`` and ``demo`` print of a result: the summary line, the bone-density screen, the follow-up."""
-    return [result.summary_line(), *(part["summary"] for part in (result.bone_density, result.follow_up) if part)]
 
 
 # --- import ---------------------------------------------------------------------------------
@@ -96,7 +91,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     keep_freed_memory()
     result = run_pipeline(demo_ct_path(), args.output, options=PipelineOptions(), progress=_progress_for(args))
-    print("\n".join(_result_lines(result)))
+    print("\n".join(result.summary_lines()))
     print(f"report: {(args.output / 'report.html').resolve()}")
     return 0
 

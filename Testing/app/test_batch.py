@@ -293,7 +293,11 @@ def test_batch_compares_each_case_with_its_prior_by_name_or_by_a_pairs_file(tmp_
     assert rows["p1"]["new_fractures"] == "L1" and "incident fracture of L1" in rows["p1"]["follow_up"]
     assert rows["p2"]["new_fractures"] == "" and rows["p2"]["follow_up"].startswith("Since the prior CT: no new")
     assert rows["p3"]["follow_up"] == rows["p3"]["new_fractures"] == ""
-    assert json.loads((tmp_path / "out-now" / "p1" / "result.json").read_text())["follow_up"]["incident"] == ["L1"]
+    result = json.loads((tmp_path / "out-now" / "p1" / "result.json").read_text())
+    assert result["follow_up"]["incident"] == ["L1"]
+    # the spinal deformity index and over how many of T4-L4 it runs (here L1 and L2: a lower bound)
+    assert rows["p1"]["spinal_deformity_index"] == str(result["spinal_deformity_index"]["value"])
+    assert rows["p1"]["sdi_vertebrae"] == "2" and int(rows["p1"]["spinal_deformity_index"]) >= 1
 
     # a study named otherwise: the pairs file says whose prior it is (relative to the file's folder)
     pairs = tmp_path / "pairs.csv"

@@ -108,6 +108,11 @@ def test_run_with_prior_reports_the_incident_fracture(tmp_path, capsys):
     assert follow_up["automatic"] is False and follow_up["warnings"] == []  # both from label maps
     report = (tmp_path / "out-after" / "report.html").read_text()
     assert "Compared with the prior CT" in report and follow_up["summary"] in report
+    # the spinal deformity index over the vertebrae of T4-L4 graded in both: the grade 2 wedge raised it by 2
+    assert follow_up["spinal_deformity_index"] == {"prior": 0, "now": 2, "vertebrae": ["T12", "L1", "L2"]}
+    assert "graded in both: 0 before, 2 now." in " ".join(report.split())
+    sdi = json.loads((tmp_path / "out-after" / "result.json").read_text())["spinal_deformity_index"]
+    assert (sdi["value"], sdi["complete"]) == (2, False) and sdi["summary"] in report
     # a wrong prior folder: one line, before any analysis, nothing written
     capsys.readouterr()
     assert main(["run", str(tmp_path / "after.nii.gz"), "-o", str(tmp_path / "out-x"), "--prior",

@@ -669,3 +669,26 @@ def test_a_cortical_core_is_implausible_but_for_the_atlas_which_has_no_body():
     assert "cortical bone only" in plausibility_problem(record("C2", 600.0))
     assert plausibility_problem(record("T8", 200.0)) is None
     assert plausibility_problem(record("C1", 600.0)) is None  # the atlas: a ring of cortex around the dens
+
+
+def test_spinal_deformity_index_sums_the_grades_of_t4_to_l4_and_says_when_it_is_a_lower_bound():
+    """A phantom T3-L5 with a grade 2 wedge built into T8 and a grade 3 biconcave into L1: SDI 5 over all 13
+    vertebrae T4-L4 (T3 and L5 do not count). Out of view or not graded (flagged), a vertebra is missing and the
+    index becomes a lower bound, said as such."""
+    phantom = sim.make_phantom(levels=("T3", "L5"), spacing=1.5, seed=2,
+                               fractures={LEVEL_IDS["T8"]: (2, "wedge"), LEVEL_IDS["L1"]: (3, "biconcave")})
+    records = morph.measure_vertebrae(phantom.ct, phantom.labels)
+    grades = {r.level: r.genant_grade for r in records}
+    assert (grades["T8"], grades["L1"]) == (2, 3) and sum(grades.values()) == 5
+    sdi = morph.spinal_deformity_index(records)
+    assert (sdi["value"], sdi["complete"], len(sdi["graded"]), sdi["missing"]) == (5, True, 13, [])
+    assert sdi["summary"] == "Spinal deformity index 5 (the sum of the Genant grades of T4-L4)."
+    # a field of view from T7 to L2, and T10 flagged (not graded)
+    seen = [copy.copy(r) for r in records if LEVEL_IDS["T7"] <= r.label <= LEVEL_IDS["L2"]]
+    next(r for r in seen if r.level == "T10").genant_grade = None
+    sdi = morph.spinal_deformity_index(seen)
+    assert (sdi["value"], sdi["complete"]) == (5, False)
+    assert sdi["missing"] == ["T4", "T5", "T6", "T10", "L3", "L4"]
+    assert sdi["summary"] == ("Spinal deformity index at least 5: 7 of the 13 vertebrae T4-L4 graded "
+                              "(T7-T9, T11-L2).")
+    assert morph.spinal_deformity_index([r for r in records if r.level in ("T3", "L5")])["value"] is None

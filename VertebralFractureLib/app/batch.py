@@ -68,7 +68,7 @@ from VertebralFractureLib.io.volume_files import VOLUME_SUFFIXES, is_volume_file
 
 COHORT_COLUMNS = ["case", "status", "fracture_probability", "fractured", "worst_level", "worst_grade", "error",
                   "needs_review", "review_reasons", "bone_density", "bone_density_level", "bone_density_hu",
-                  "follow_up", "new_fractures", "review"]
+                  "spinal_deformity_index", "sdi_vertebrae", "follow_up", "new_fractures", "review"]
 STATE_DIR = ".batch"
 CSV_INTERVAL_S = 2.0
 CT_NAMES = ("ct.nii.gz", "ct.nii", "ct.nrrd", "ct.mha", "ct.mhd", "ct.nhdr")
@@ -203,6 +203,7 @@ def _summary_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
     prob = result.get("fracture_probability")
     bone = result.get("bone_density") or {}
     follow_up = result.get("follow_up") or {}
+    sdi = result.get("spinal_deformity_index") or {}
     return {
         "case": name,
         "status": "ok",
@@ -218,6 +219,9 @@ def _summary_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
         "bone_density": bone.get("category") or "",
         "bone_density_level": bone.get("level") or "",
         "bone_density_hu": "" if bone.get("trabecular_hu") is None else bone["trabecular_hu"],
+        # the sum of the Genant grades of T4-L4, and over how many of those 13 (fewer: a lower bound)
+        "spinal_deformity_index": "" if sdi.get("value") is None else sdi["value"],
+        "sdi_vertebrae": len(sdi["graded"]) if sdi else "",
         # compared with a prior CT (--priors): the sentence, and the levels fractured or worse since
         "follow_up": follow_up.get("summary") or "",
         "new_fractures": " ".join([*follow_up.get("incident", []), *follow_up.get("progressed", [])]),

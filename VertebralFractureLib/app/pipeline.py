@@ -35,6 +35,7 @@ from VertebralFractureLib.core.records import VertebraRecord, write_csv
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.reading import read_volume
 from VertebralFractureLib.io.volume_files import write_volume
+from VertebralFractureLib.stages.morphometry.grading import spinal_deformity_index
 from VertebralFractureLib.stages.quality import CaseQuality, review_reasons, unresolved_calls
 from VertebralFractureLib.stages.quality_discs import assess_case_quality
 from VertebralFractureLib.stages.segmentation.disc_energy import MAX_SLICE_MM
@@ -119,12 +120,21 @@ class PipelineResult:
             "naming": self.naming if self.naming is not None else {"method": "user (label map given)"},
             "bone_density": self.bone_density,
             "follow_up": self.follow_up,
+            "spinal_deformity_index": spinal_deformity_index(self.records),
             "vertebrae": [r.to_dict() for r in self.records],
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
             "versions": versions(),
             "warnings": list(self.warnings),
             **self.extra,
         }
+
+    def summary_lines(self) -> list[str]:
+        """The result in a few sentences, as ``run`` prints it and Slicer's status line shows it: the patient's
+        summary line, then the bone-density screen, the spinal deformity index and the follow-up, where present."""
+        if not self.records:
+            return [self.summary_line()]
+        parts = (self.bone_density, spinal_deformity_index(self.records), self.follow_up)
+        return [self.summary_line(), *(part["summary"] for part in parts if part)]
 
     def compare_with_prior(self, prior: list[VertebraRecord], *, automatic: bool) -> None:
         """Set ``follow_up``: these vertebrae against a prior CT's (:mod:`.stages.follow_up`; ``automatic``: either

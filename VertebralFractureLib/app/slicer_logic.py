@@ -28,6 +28,7 @@ from VertebralFractureLib.core.records import VertebraRecord, read_csv
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.reading import read_volume
 from VertebralFractureLib.stages.follow_up import PRIOR_FILE, read_prior
+from VertebralFractureLib.stages.morphometry.grading import spinal_deformity_index
 
 CT_NAMES = ("ct.nii.gz", "ct.nii", "ct.nrrd", "ct.mha")
 
@@ -69,6 +70,7 @@ def _publish_review_and_radiomics(scene, table, result: PipelineResult, name: st
     table.SetAttribute("VertebralFracture.ProbabilityMethod", str(result.extra.get("probability_method", "")))
     table.SetAttribute("VertebralFracture.BoneDensity", (result.bone_density or {}).get("summary", ""))
     table.SetAttribute("VertebralFracture.FollowUp", (result.follow_up or {}).get("summary", ""))
+    table.SetAttribute("VertebralFracture.SpinalDeformity", spinal_deformity_index(result.records)["summary"])
     if not result.radiomics or not radiomics_table:
         return None
     node = mrml_nodes.radiomics_table_node(scene, result.radiomics, result.records, name=name,

@@ -379,6 +379,7 @@ img.sag { display: block; max-height: 880px; max-width: 100%; border-radius: 4px
 <div class="k">Fractured</div><div><span class="verdict {{ verdict_class }}">{{ verdict }}</span></div>
 <div class="k">Worst vertebra</div><div>{{ worst }}</div>
 <div class="k">Bone density</div><div>{{ bone_density.summary }}{% if bone_density.caveats %}<div class="small">{{ bone_density.caveats | join(" ") }} ({{ bone_density.reference }})</div>{% endif %}</div>
+<div class="k">Spinal deformity</div><div>{{ spinal_deformity.summary }}<div class="small">SDI: {{ spinal_deformity.reference }}</div></div>
 {% if follow_up %}<div class="k">Follow-up</div><div>{{ follow_up.summary }}</div>{% endif %}
 <div class="k">Vertebrae analysed</div><div>{{ n_vertebrae }}{% if levels %} ({{ levels }}){% endif %}</div>
 <div class="k">Suspicious (p &ge; {{ flag_p }} or grade &ge; {{ flag_grade }})</div><div>{{ flagged_text }}</div>
@@ -415,7 +416,9 @@ vertebral body); a flagged vertebra is not graded.</div>
 </div>
 {% if follow_up %}<div class="card" id="follow-up">
 <h2>Compared with the prior CT</h2>
-<p>{{ follow_up.summary }}</p>
+<p>{{ follow_up.summary }}{% if follow_up.spinal_deformity_index %} Spinal deformity index over the
+{{ follow_up.spinal_deformity_index.vertebrae | length }} vertebrae of T4-L4 graded in both: {{ follow_up.spinal_deformity_index.prior }}
+before, {{ follow_up.spinal_deformity_index.now }} now.{% endif %}</p>
 {% if follow_up.warnings %}<ul class="warn">{% for w in follow_up.warnings %}<li>{{ w }}</li>{% endfor %}</ul>{% endif %}
 <table>
 <tr><th>Level</th><th>Since the prior</th><th>H<sub>ant</sub> before &rarr; now (mm)</th><th>H<sub>mid</sub> before &rarr; now (mm)</th>
@@ -510,6 +513,7 @@ def render_report(
 
     from VertebralFractureLib.stages.bone_density import assess_bone_density
     from VertebralFractureLib.stages.follow_up import FINDINGS
+    from VertebralFractureLib.stages.morphometry.grading import spinal_deformity_index
 
     images = images if images is not None else report_images(ct, labels, records)
     records = sorted(records, key=lambda r: _sort_key(r.label))
@@ -538,6 +542,7 @@ def render_report(
         bone_density=bone_density if bone_density is not None else assess_bone_density(records),
         follow_up=follow_up,
         follow_up_findings=FINDINGS,
+        spinal_deformity=spinal_deformity_index(records),
     )
 
 

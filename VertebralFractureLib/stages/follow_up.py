@@ -28,6 +28,7 @@ import numpy as np
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.levels import level_name, order_index
 from VertebralFractureLib.core.records import VertebraRecord
+from VertebralFractureLib.stages.morphometry.grading import SDI_LEVELS
 from VertebralFractureLib.stages.quality import VERTEBRA_FLAGS
 
 INCIDENT_RATIO = 0.20
@@ -105,8 +106,9 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
     Returns:
         ``vertebrae``: one row per level in either study (``level``, ``status``, the heights before and now in mm,
         the largest decrease in mm and as a share, the grades before and now); ``incident``, ``progressed`` and
-        ``grade_increased``: their levels; ``summary`` (one sentence); ``warnings``; the rule's thresholds and
-        reference.
+        ``grade_increased``: their levels; ``summary`` (one sentence); ``warnings``; ``spinal_deformity_index``:
+        ``prior`` and ``now`` over the same ``vertebrae`` (those of T4-L4 graded in both; None without any); the
+        rule's thresholds and reference.
     """
     now = {int(r.label): r for r in records}
     before = {int(r.label): r for r in prior}
@@ -165,6 +167,12 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
     if needs_review and (incident or progressed):
         warnings.append("this CT is sent to review: check the segments of the vertebrae that lost height before "
                         "reading the comparison")
+    # the spinal deformity index of both studies over the same vertebrae: those of T4-L4 graded in both
+    both = [label for label in SDI_LEVELS if label in now and label in before
+            and now[label].genant_grade is not None and before[label].genant_grade is not None]
+    sdi = {"prior": sum(int(before[label].genant_grade) for label in both),
+           "now": sum(int(now[label].genant_grade) for label in both),
+           "vertebrae": [level_name(label) for label in both]} if both else None
     found = [f"incident fracture of {', '.join(incident)}" if incident else "",
              f"progression of {', '.join(progressed)}" if progressed else "",
              f"higher Genant grade of {', '.join(grade_up)}" if grade_up else ""]
@@ -177,6 +185,7 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
         summary = f"Since the prior CT: no new or progressed fracture ({compared} vertebrae compared)."
     return {"vertebrae": rows, "incident": incident, "progressed": progressed, "grade_increased": grade_up,
             "compared": compared, "automatic": automatic, "summary": summary, "warnings": warnings,
+            "spinal_deformity_index": sdi,
             "rule": {"height_loss_ratio_at_least": INCIDENT_RATIO, "height_loss_mm_at_least": INCIDENT_MM},
             "reference": REFERENCE}
 

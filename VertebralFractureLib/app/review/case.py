@@ -25,6 +25,7 @@ from VertebralFractureLib.app.review import signoff
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.atomic import atomic_write
+from VertebralFractureLib.stages.morphometry.grading import spinal_deformity_index
 
 
 class CtCache:
@@ -169,6 +170,7 @@ class OpenCase:
             "warnings": list(result.warnings),
             "bone_density": (result.bone_density or {}).get("summary", ""),
             "follow_up": (result.follow_up or {}).get("summary", ""),
+            "spinal_deformity": spinal_deformity_index(result.records)["summary"],
             "edited": self.edited,
             "corrected": self.corrected,
         }

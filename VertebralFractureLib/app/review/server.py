@@ -431,6 +431,7 @@ class ReviewApp:
             html.Div("Patient fracture probability: {{ vf_summary.probability === '' ? 'n/a' : vf_summary.probability }}"
                      "{{ vf_summary.edited ? ' (edited: press Recompute)' : '' }}", id="vf-summary")
             html.Div("{{ vf_summary.bone_density }}", id="vf-bone-density", classes="text-caption")
+            html.Div("{{ vf_summary.spinal_deformity }}", id="vf-spinal-deformity", classes="text-caption")
             html.Div("{{ vf_summary.follow_up }}", id="vf-follow-up", classes="text-caption")
             with v.VTable(density="compact", id="vf-table"):
                 with html.Thead(), html.Tr():

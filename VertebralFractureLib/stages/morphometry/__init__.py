@@ -89,6 +89,7 @@ from VertebralFractureLib.stages.morphometry.grading import (
     graded_level,
     morphometry_probability,
     plausibility_problem,
+    spinal_deformity_index,
 )
 from VertebralFractureLib.stages.morphometry.measure import measure_vertebrae
 from VertebralFractureLib.stages.morphometry.spine import (
@@ -123,6 +124,7 @@ __all__ = [
     "local_frame",
     "measure_heights",
     "measure_vertebrae",
+    "spinal_deformity_index",
     "morphometry_probability",
     "plausibility_problem",
     "remeasure",

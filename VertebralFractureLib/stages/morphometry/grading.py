@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from VertebralFractureLib.core.levels import CRANIOCAUDAL_ORDER, order_index, region
+from VertebralFractureLib.core.levels import CRANIOCAUDAL_ORDER, level_id, level_name, order_index, region
 from VertebralFractureLib.core.records import VertebraRecord
 from VertebralFractureLib.stages.morphometry.geometry import NEIGHBOUR_LEVELS
 
@@ -203,3 +203,43 @@ def _references(
     norm_m = float(np.clip(np.median([r.height_middle_mm / r.height_posterior_mm for r in refs]), 0.75, 1.0))
     expected = float(np.mean([side[0].height_posterior_mm for side in sides if side]))
     return norm_a, norm_m, expected, len(refs)
+
+
+#: the vertebrae the spinal deformity index sums over (VerSe ids of T4..L4)
+SDI_LEVELS = tuple(range(11, 24))
+SDI_REFERENCE = "Crans GG, Genant HK, Krege JH. Bone 2005;37(2):175-179"
+
+
+def spinal_deformity_index(records: list[VertebraRecord]) -> dict:
+    """The spinal deformity index (SDI): the sum of the Genant grades of the 13 vertebrae T4-L4, a summary of a
+    spine's fracture burden that predicts new fractures better than their count (:data:`SDI_REFERENCE`).
+
+    A vertebra of T4-L4 not in view, or in view but not graded (cut, flagged), is missing: the index over the others
+    is then a lower bound (``complete`` False). Returns ``value`` (None when none of them is graded), ``graded`` and
+    ``missing`` (level names), ``complete``, ``summary`` (one sentence) and ``reference``.
+    """
+    grades = {int(r.label): r.genant_grade for r in records if int(r.label) in SDI_LEVELS}
+    graded = [label for label in SDI_LEVELS if grades.get(label) is not None]
+    missing = [label for label in SDI_LEVELS if grades.get(label) is None]
+    value = sum(int(grades[label]) for label in graded) if graded else None
+    names = [level_name(label) for label in graded]
+    if value is None:
+        summary = "Spinal deformity index: no vertebra of T4-L4 graded."
+    elif not missing:
+        summary = f"Spinal deformity index {value} (the sum of the Genant grades of T4-L4)."
+    else:
+        summary = (f"Spinal deformity index at least {value}: {len(graded)} of the 13 vertebrae T4-L4 graded "
+                   f"({_level_ranges(names)}).")
+    return {"value": value, "graded": names, "missing": [level_name(label) for label in missing],
+            "complete": value is not None and not missing, "summary": summary, "reference": SDI_REFERENCE}
+
+
+def _level_ranges(names: list[str]) -> str:
+    """``["T4", "T5", "T6", "T9"]`` -> ``"T4-T6, T9"`` (levels in craniocaudal order, T13 and L6 aside)."""
+    runs: list[list[str]] = []
+    for name in names:
+        if runs and SDI_LEVELS.index(level_id(name)) == SDI_LEVELS.index(level_id(runs[-1][-1])) + 1:
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    return ", ".join(run[0] if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs)
