@@ -68,6 +68,8 @@ def test_deformities_made_by_the_segmentation(realct):
     # a checked label that holds only part of its body (decisions.json "partial") is not compared
     partial = realct.deformities(out, Volume(arr, spacing=(1.0, 1.0, 1.0)), matched, partial={"L1": "cut"})
     assert partial["deformity_auto_only"] == []
+    # the spinal deformity index of both sides: the run's from its result.json, the labels' from their grades
+    assert found["sdi"] == {"auto": [None, 0], "checked": [0, 3]} and partial["sdi"]["checked"] == [0, 2]
     out["fractured"] = True
     assert realct.deformities(out, Volume(arr, spacing=(1.0, 1.0, 1.0)), matched)["call_behind_review"] is False
 

@@ -161,14 +161,21 @@ def deformities(out: dict, truth: Volume, matched: dict, partial: Iterable[str] 
     checked label (a deformity made by the segmentation); ``call_behind_review``: a vertebra at or above the
     fracture threshold in a case sent to review, so only the review kept a call from being made;
     ``at_threshold``: those vertebrae, with their probability, grade and the two sources fused;
-    ``height_loss_error``: per vertebra graded on both sides, the absolute difference of the two height losses.
+    ``height_loss_error``: per vertebra graded on both sides, the absolute difference of the two height losses;
+    ``sdi``: the spinal deformity index of the run and of the checked labels (value, and over how many of T4-L4).
     """
-    from VertebralFractureLib.stages.morphometry import measure_vertebrae
+    from VertebralFractureLib.stages.morphometry import measure_vertebrae, spinal_deformity_index
 
+    checked_records = measure_vertebrae(None, truth)
+    for record in checked_records:  # a label holding part of a body is not graded
+        if record.level in partial:
+            record.genant_grade = None
     pairs = height_pairs({v["level"]: (v.get("genant_grade"), v.get("height_loss_ratio"))
                           for v in out.get("vertebrae", [])},
                          {level_name(r.label): (r.genant_grade, r.height_loss_ratio)
-                          for r in measure_vertebrae(None, truth)}, matched, partial)
+                          for r in checked_records}, matched, partial)
+    checked_sdi = spinal_deformity_index(checked_records)
+    auto_sdi = out.get("spinal_deformity_index") or {}
     only, errors = [], {}
     for name, v in pairs.items():
         (ga, gc), (la, lc) = v["grade"], v["loss"]
@@ -185,7 +192,9 @@ def deformities(out: dict, truth: Volume, matched: dict, partial: Iterable[str] 
             f"{v.get('probability_morphometry') or 0:.2f}, classifier {v.get('probability_classifier') or 0:.2f})"
             for v in out.get("vertebrae", []) if (v.get("fracture_probability") or 0.0) >= threshold]
     return {"deformity_auto_only": only, "call_behind_review": bool(behind), "at_threshold": high,
-            "height_loss_error": errors}
+            "height_loss_error": errors,
+            "sdi": {"auto": [auto_sdi.get("value"), len(auto_sdi.get("graded") or [])],
+                    "checked": [checked_sdi["value"], len(checked_sdi["graded"])]}}
 
 
 #: kinds of review reason, by a phrase of their sentence (stages.quality, classification)
@@ -240,6 +249,11 @@ def host_load() -> dict:
     return {"cpus": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 1)}
 
 
+def _sdi_text(sdi: list) -> str:
+    """``[value, vertebrae graded]`` as ``2 (9)``, ``- (0)`` without a value."""
+    return f"{'-' if sdi[0] is None else sdi[0]} ({sdi[1]})"
+
+
 def markdown(rows: list[dict], summ: dict, host: dict | None = None) -> str:
     lines = ["| case | labels | found / checked | names (found) | mean Dice | merges / splits / missed / extra "
              "| levels right | naming | review | fractured | time s |", "|---" * 11 + "|"]
@@ -271,6 +285,10 @@ def markdown(rows: list[dict], summ: dict, host: dict | None = None) -> str:
                  f"{summ['height_loss_error_p90']}. Cases where only the review kept a vertebra at or "
                  f"above the fracture threshold from a call: {len(summ['call_behind_review'])} "
                  f"({behind or 'none'}).")
+    lines.append("Spinal deformity index (sum of the Genant grades of T4-L4; over fewer than 13 vertebrae a lower "
+                 "bound), automatic / checked labels, with the vertebrae of T4-L4 graded: " + "; ".join(
+                     f"{r['case']} {_sdi_text(r['sdi']['auto'])} / {_sdi_text(r['sdi']['checked'])}"
+                     for r in rows if r.get("sdi")) + ".")
     if any(r.get("fast_triage") for r in rows):
         lines.append(f"--fast: its 3 mm triage found {len(summ['fast_triage_cleared'])} of {summ['cases']} cases normal "
                      f"({', '.join(summ['fast_triage_cleared']) or 'none'}); every other case was analysed again at "
