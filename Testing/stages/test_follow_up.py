@@ -167,6 +167,8 @@ def test_a_review_that_corrects_the_segmentation_compares_with_the_prior_again(t
     assert case.nodes.table_node.GetAttribute("VertebralFracture.FollowUp") == follow_up["summary"]
     record = case.sign_off("approved")
     assert record["results"]["follow_up"]["summary"] == follow_up["summary"]
+    assert record["results"]["impression"][0] == "No vertebral compression fracture (3 vertebrae assessed, T12-L2)."
+    assert follow_up["summary"] in record["results"]["impression"]
     # an unreadable kept prior: the Recompute still works and says why the comparison was not redone
     (tmp_path / "private-name-after" / PRIOR_FILE).write_text("{broken")
     case.mark_edited()

@@ -35,6 +35,7 @@ from VertebralFractureLib.core.records import VertebraRecord, write_csv
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.reading import read_volume
 from VertebralFractureLib.io.volume_files import write_volume
+from VertebralFractureLib.outputs.impression import impression
 from VertebralFractureLib.stages.morphometry.grading import spinal_deformity_index
 from VertebralFractureLib.stages.quality import CaseQuality, review_reasons, unresolved_calls
 from VertebralFractureLib.stages.quality_discs import assess_case_quality
@@ -109,7 +110,7 @@ class PipelineResult:
 
     def to_json(self) -> dict[str, Any]:
         prob = None if math.isnan(self.fracture_probability) else round(float(self.fracture_probability), 4)
-        return {
+        data = {
             "case_id": self.case_id,
             "fracture_probability": prob,
             "fractured": None if self.fractured is None else bool(self.fractured),
@@ -127,6 +128,8 @@ class PipelineResult:
             "warnings": list(self.warnings),
             **self.extra,
         }
+        data["impression"] = impression(data)
+        return data
 
     def summary_lines(self) -> list[str]:
         """The result in a few sentences, as ``run`` prints it and Slicer's status line shows it: the patient's
@@ -635,7 +638,8 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
                      fractured=result.fractured, warnings=result.warnings, review_reasons=result.review_reasons,
                      case_id=result.case_id, timings_s=result.timings_s, images=images,
                      probability_method=result.extra.get("probability_method", ""),
-                     bone_density=result.bone_density, follow_up=result.follow_up)
+                     bone_density=result.bone_density, follow_up=result.follow_up,
+                     impression=result.to_json()["impression"])
         for job in jobs:
             job.result()  # re-raise a writer's error here, inside the atomic output folder
         if ct_writer is not None:

@@ -353,6 +353,8 @@ th { background: #e8ebf0; text-align: right; padding: 5px 6px; font-weight: 600;
 td { border-top: 1px solid #e3e6ea; text-align: right; padding: 4px 6px; white-space: nowrap; }
 ul.notes { font-size: 12px; color: #5b6573; margin: 6px 0; }
 .small { font-size: 12px; color: #5b6573; margin-top: 3px; }
+.impression { font-size: 14px; line-height: 1.45; background: #f4f6f9; border-left: 3px solid #5b6573;
+              padding: 8px 10px; margin: 0 0 12px; user-select: all; }
 th:first-child, td:first-child { text-align: left; }
 tr.flag td { background: #fdecea; font-weight: 600; }
 .sw { display: inline-block; width: 11px; height: 11px; border-radius: 2px; margin-right: 6px; vertical-align: -1px; }
@@ -374,6 +376,7 @@ img.sag { display: block; max-height: 880px; max-width: 100%; border-radius: 4px
 <div class="row">
 <div class="card summary">
 <h2>Patient summary</h2>
+{% if impression %}<p class="impression" id="impression">{{ impression | join(" ") }}</p>{% endif %}
 <div class="kv">
 <div class="k">Fracture probability</div><div class="big">{{ probability }}</div>
 <div class="k">Fractured</div><div><span class="verdict {{ verdict_class }}">{{ verdict }}</span></div>
@@ -502,13 +505,14 @@ def render_report(
     probability_method: str = "",
     bone_density: dict[str, Any] | None = None,
     follow_up: dict[str, Any] | None = None,
+    impression: Sequence[str] = (),
 ) -> str:
     """The report as one HTML string (see the module docstring for its content); ``images`` from
     :func:`report_images` for these ``ct``, ``labels`` and ``records`` (None: drawn here); ``probability_method``:
     how P(fracture) was formed (:func:`.classification.probability_method`), shown under the table;
     ``bone_density``: the patient's (:func:`.bone_density.assess_bone_density`; None: assessed here, tube voltage
     unknown); ``follow_up``: the comparison with a prior CT (:func:`.follow_up.compare_with_prior`), a section and a
-    summary line when given."""
+    summary line when given; ``impression``: the sentences of :func:`.impression.impression`, shown first."""
     from jinja2 import Environment
 
     from VertebralFractureLib.stages.bone_density import assess_bone_density
@@ -543,6 +547,7 @@ def render_report(
         follow_up=follow_up,
         follow_up_findings=FINDINGS,
         spinal_deformity=spinal_deformity_index(records),
+        impression=list(impression),
     )
 
 
@@ -649,13 +654,14 @@ def write_report(
     probability_method: str = "",
     bone_density: dict[str, Any] | None = None,
     follow_up: dict[str, Any] | None = None,
+    impression: Sequence[str] = (),
 ) -> Path:
     """Write :func:`render_report` to ``path`` (normally ``report.html``)."""
     path = Path(path)
     html = render_report(ct, labels, records, fracture_probability=fracture_probability, fractured=fractured,
                          warnings=warnings, review_reasons=review_reasons, case_id=case_id, timings_s=timings_s,
                          images=images, probability_method=probability_method, bone_density=bone_density,
-                         follow_up=follow_up)
+                         follow_up=follow_up, impression=impression)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html, encoding="utf-8")
     return path

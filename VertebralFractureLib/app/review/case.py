@@ -25,6 +25,7 @@ from VertebralFractureLib.app.review import signoff
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.atomic import atomic_write
+from VertebralFractureLib.outputs.impression import impression
 from VertebralFractureLib.stages.morphometry.grading import spinal_deformity_index
 
 
@@ -260,6 +261,9 @@ class OpenCase:
         if results is not None:
             results.pop("timings_s", None)
             results.pop("versions", None)
+            if status == "approved":  # the approval is the review the analysis asked for: the impression makes the call
+                results["impression"] = impression({**results, "needs_review": False,
+                                                    "fractured": self._approved_call()})
         record = signoff.review_record(status, note, results, corrected_files=corrected_files, warnings=warnings)
         signoff.write_review(self.folder, record)
         signoff.update_cohort_review(self.out, self.name, status)
