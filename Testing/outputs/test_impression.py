@@ -31,7 +31,7 @@ def test_a_fracture_is_named_with_its_grade_type_and_height_loss_and_a_mild_one_
         "Spinal deformity index at least 3: ...",
         "L1 95 HU: osteoporosis likely",
         "Since the prior CT: incident fracture of L1.",
-        "Levels counted from last rib = T12."]
+        "Levels counted from the last rib-bearing vertebra (T12)."]
 
 
 def test_a_normal_spine_names_the_levels_assessed_and_whether_its_names_rest_on_an_anchor():

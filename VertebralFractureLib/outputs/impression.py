@@ -14,6 +14,10 @@ from typing import Any
 from VertebralFractureLib.core.levels import LEVEL_IDS, order_index
 
 GRADE_WORDS = {1: "mild", 2: "moderate", 3: "severe"}
+#: the naming anchors of ``result.json`` (stages.segmentation.labelling) in words, ``{}`` the level they name
+ANCHOR_WORDS = {"last_rib": "the last rib-bearing vertebra ({})", "first_rib": "the first rib-bearing vertebra ({})",
+                "sacrum": "the vertebra above the sacrum ({})", "rib_count": "the count of rib-bearing vertebrae "
+                "({} first)"}
 
 
 def _number(value: Any) -> float | None:
@@ -91,8 +95,9 @@ def impression(result: dict[str, Any]) -> list[str]:
     if str(naming.get("method", "")).startswith("user"):
         sentences.append("Levels as named in the label map given.")
     elif naming.get("anchors"):
-        anchors = ", ".join(f"{key.replace('_', ' ')} = {level}" for key, level in naming["anchors"].items())
-        sentences.append(f"Levels counted from {anchors}.")
+        anchors = [ANCHOR_WORDS.get(key, key.replace("_", " ") + " ({})").format(level)
+                   for key, level in naming["anchors"].items()]
+        sentences.append(f"Levels counted from {' and '.join(anchors)}.")
     else:
         sentences.append("Level names uncertain: no rib or sacrum anchor in view; count from a landmark before "
                          "reporting levels.")

@@ -227,9 +227,9 @@ def spinal_deformity_index(records: list[VertebraRecord]) -> dict:
         summary = "Spinal deformity index: no vertebra of T4-L4 graded."
     elif not missing:
         summary = f"Spinal deformity index {value} (the sum of the Genant grades of T4-L4)."
-    else:
-        summary = (f"Spinal deformity index at least {value}: {len(graded)} of the 13 vertebrae T4-L4 graded "
-                   f"({_level_ranges(names)}).")
+    else:  # a lower bound, unless no grade was found: then it is 0 over the vertebrae graded
+        summary = (f"Spinal deformity index {'at least ' if value else ''}{value}: {len(graded)} of the 13 vertebrae "
+                   f"T4-L4 graded ({_level_ranges(names)}).")
     return {"value": value, "graded": names, "missing": [level_name(label) for label in missing],
             "complete": value is not None and not missing, "summary": summary, "reference": SDI_REFERENCE}
 
