@@ -146,3 +146,32 @@ def test_selected_features_equal_the_full_extraction(phantom, tmp_path, monkeypa
         rf.extract_features(ct, labels, [21], workers=1, cache_dir=False, feature_names=["Sphericity"])
     with pytest.raises(InputError, match="not enabled"):
         rf.extract_features(ct, labels, [21], workers=1, cache_dir=False, feature_names=["square_firstorder_Mean"])
+
+
+def _extract_in_a_daemon(ct, labels, ids, cache_dir, queue) -> None:
+    """Run in a daemonic process (as a Dask worker of ``batch``'s local cluster is): extraction with 2 workers."""
+    rf.PARALLEL_MIN_VOXELS = 0  # the child's own copy of the module: parallel extraction is asked for
+    try:
+        queue.put(rf.extract_features(ct, labels, ids, workers=2, cache_dir=cache_dir))
+    except Exception as exc:  # noqa: BLE001 - sent to the test, which fails with it
+        queue.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_a_daemonic_process_extracts_in_itself_instead_of_starting_workers(phantom, tmp_path):
+    """``batch`` runs cases in daemonic Dask workers, which may not have children: asking them for parallel
+    extraction failed every case whose radiomics were not cached ("daemonic processes are not allowed to have
+    children"). They extract in their own process, with the same numbers."""
+    import multiprocessing
+
+    ct, labels = phantom
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_extract_in_a_daemon, args=(ct, labels, [20, 21], tmp_path / "daemon", queue),
+                        daemon=True)
+    child.start()
+    got = queue.get(timeout=300)
+    child.join(timeout=30)
+    assert isinstance(got, dict), got
+    expected = rf.extract_features(ct, labels, [20, 21], workers=1, cache_dir=tmp_path / "here")
+    assert got[21]["original_firstorder_Mean"] == expected[21]["original_firstorder_Mean"]
+    assert got[20]["original_shape_MeshVolume"] == expected[20]["original_shape_MeshVolume"]

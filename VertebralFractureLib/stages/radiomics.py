@@ -362,8 +362,13 @@ def _spawn_context():
     """The spawn context for worker processes, or None where workers cannot be started.
 
     Inside 3D Slicer ``sys.executable`` is the application itself: workers run its ``PythonSlicer`` instead,
-    and without one extraction stays in this process.
+    and without one extraction stays in this process. A daemonic process (a Dask worker of ``batch``'s local
+    cluster) may not have children: extraction stays in it too.
     """
+    import multiprocessing
+
+    if multiprocessing.current_process().daemon:
+        return None
     ctx = get_context("spawn")  # not fork: the parent may hold torch/ITK thread pools that do not survive fork
     exe = Path(sys.executable)
     if exe.name.lower().startswith("slicer"):
