@@ -308,6 +308,17 @@ def write_cohort_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def write_cohort_page(out: str | Path) -> Path:
+    """``OUT/cohort.html`` from ``OUT/cohort.csv`` (:mod:`.outputs.cohort_report`), cases in :func:`review_first`
+    order, each linked to its ``report.html``."""
+    from VertebralFractureLib.outputs.cohort_report import write_cohort_report
+
+    out = Path(out)
+    rows = review_first(read_cohort_csv(out / "cohort.csv"))
+    reports = [row["case"] for row in rows if (out / row["case"] / "report.html").is_file()]
+    return write_cohort_report(out / "cohort.html", rows, reports)
+
+
 def review_first(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``cohort.csv`` rows as a screening worklist: cases needing review first, then fractured, then by
     descending fracture probability; failed cases last. Works on rows of :func:`read_cohort_csv` (text)."""
@@ -503,6 +514,7 @@ def run_batch(
             rows[case.name] = row
         write_cohort_csv([rows[c.name] for c in cases], cohort_csv)
         if not todo:
+            write_cohort_page(out)
             if progress is not None:
                 progress(1.0, f"all {len(cases)} cases already complete")
             return cohort_csv
@@ -530,6 +542,7 @@ def run_batch(
                 _run_on_dask(todo, out, options_dict, workers, scheduler, finished, threads)
         finally:
             write_cohort_csv([rows[c.name] for c in cases], cohort_csv)  # also after Ctrl-C: what is done
+            write_cohort_page(out)
             counter.close()
     return cohort_csv
 

@@ -71,4 +71,8 @@ def update_cohort_review(out: str | Path, case: str, status: str) -> Path | None
     writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    return atomic_write_text(path, buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue())
+    from VertebralFractureLib.app.batch import write_cohort_page
+
+    write_cohort_page(path.parent)  # the page shows who signed off
+    return path
