@@ -192,3 +192,13 @@ def test_open_case_counts_voxels_as_its_label_map_after_an_edit(tmp_path):
     mrml_nodes.set_segment_mask(case.segmentation_node, sid, labels.with_array(grown.astype(np.uint8)))
     assert case.voxel_counts() == counted() == {19: 630, 20: 810, 21: 630}
     assert [r["voxels"] for r in case.rows()] == [630, 810, 630]
+
+
+def test_worklist_names_the_levels_fractured_since_the_prior_ct(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "result.json").write_text(json.dumps({
+        "fracture_probability": 0.9, "needs_review": False, "vertebrae": [{"label": 20, "level": "L1"}],
+        "follow_up": {"incident": ["L1"], "progressed": ["T12"], "grade_increased": ["L2"]}}))
+    entry = load_worklist(folder)[0]
+    assert entry.new_fractures == "L1 T12" and entry.as_row()["new_fractures"] == "L1 T12"

@@ -422,7 +422,8 @@ class ReviewApp:
                     "{{ c.status }}{{ c.error ? ': ' + c.error : '' }}"
                     "{{ c.openable ? ' · p=' + (c.probability === '' ? 'n/a' : c.probability) : '' }}"
                     "{{ c.worst_level ? ' · ' + c.worst_level + ' G' + c.worst_grade : '' }}"
-                    "{{ c.needs_review && c.openable ? ' · needs review' : '' }}{{ c.review ? ' · ' + c.review : '' }}",
+                    "{{ c.needs_review && c.openable ? ' · needs review' : '' }}{{ c.review ? ' · ' + c.review : '' }}"
+                    "{{ c.new_fractures ? ' · new since prior: ' + c.new_fractures : '' }}",
                     __properties=[("title", "title")], title=("c.error",),
                 )
 

@@ -33,6 +33,8 @@ class CaseEntry:
         review: ``""`` (not reviewed), ``"approved"`` or ``"rejected"``.
         openable: the case folder holds a result that the app can show.
         error: why the case failed (``cohort.csv``'s one-line error; ``""`` for a case that ran).
+        new_fractures: levels with an incident or progressed fracture since the prior CT (``run --prior``), e.g.
+            ``"L1"``; ``""`` without one or without a prior.
     """
 
     name: str
@@ -44,6 +46,7 @@ class CaseEntry:
     review: str = ""
     openable: bool = True
     error: str = ""
+    new_fractures: str = ""
 
     def as_row(self) -> dict[str, object]:
         """The entry as a JSON-able dict for the page (probability rounded, blanks as ``""``)."""
@@ -57,6 +60,7 @@ class CaseEntry:
             "review": self.review,
             "openable": self.openable,
             "error": self.error,
+            "new_fractures": self.new_fractures,
         }
 
 
@@ -80,6 +84,7 @@ def _entry_from_result(name: str, folder: Path, status: str = "ok") -> CaseEntry
     result = _read_json(folder / "result.json")
     worst = worst_vertebra(result.get("vertebrae") or [])
     review = _read_json(folder / REVIEW_FILE).get("status", "")
+    follow_up = result.get("follow_up") or {}
     return CaseEntry(
         name=name,
         status=status,
@@ -89,6 +94,7 @@ def _entry_from_result(name: str, folder: Path, status: str = "ok") -> CaseEntry
         needs_review=bool(result.get("needs_review", False)),
         review=review if review in ("approved", "rejected") else "",
         openable=bool(result),
+        new_fractures=" ".join([*follow_up.get("incident", []), *follow_up.get("progressed", [])]),
     )
 
 
