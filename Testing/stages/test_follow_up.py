@@ -175,3 +175,28 @@ def test_a_review_that_corrects_the_segmentation_compares_with_the_prior_again(t
     case.recompute()
     assert case.nodes.result.follow_up is None
     assert any(w.startswith("follow-up not recomputed:") for w in case.nodes.result.warnings)
+
+
+def test_a_prior_signed_off_in_review_gives_its_approved_vertebrae(tmp_path):
+    """The prior's review decides what is compared: an approved correction's vertebrae (checked by a reviewer, so
+    not 'automatic'), the run's when approved as they were, and a rejected result with a warning."""
+    from VertebralFractureLib.stages.follow_up import keep_prior
+
+    run_rows = [{"label": 20, "level": "L1", "genant_grade": 2, "height_anterior_mm": 15.0}]
+    fixed_rows = [{"label": 20, "level": "L1", "genant_grade": 0, "height_anterior_mm": 24.0}]
+    (tmp_path / "result.json").write_text(json.dumps({"vertebrae": run_rows, "naming": {"method": "anchors"}}))
+    prior = read_prior(tmp_path)
+    assert (prior.records[0].height_anterior_mm, prior.automatic, prior.review) == (15.0, True, "")
+    (tmp_path / "review.json").write_text(json.dumps({"status": "approved", "results": {"vertebrae": fixed_rows}}))
+    prior = read_prior(tmp_path)
+    assert (prior.records[0].height_anterior_mm, prior.automatic, prior.review) == (24.0, False, "approved")
+    (tmp_path / "review.json").write_text(json.dumps({"status": "approved", "results": None}))
+    assert read_prior(tmp_path).records[0].height_anterior_mm == 15.0 and read_prior(tmp_path).automatic is False
+    (tmp_path / "review.json").write_text(json.dumps({"status": "rejected", "results": None}))
+    prior = read_prior(tmp_path)
+    assert (prior.automatic, prior.review) == (True, "rejected")
+    warnings = compare_with_prior(_records(), _records(), prior_rejected=True)["warnings"]
+    assert warnings and warnings[0].startswith("the prior CT's results were rejected in review")
+    # what a run keeps of it reads back the same
+    (tmp_path / "kept").mkdir()
+    assert read_prior(keep_prior(tmp_path / "kept", prior)) == prior

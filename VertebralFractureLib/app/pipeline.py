@@ -36,6 +36,7 @@ from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.reading import read_volume
 from VertebralFractureLib.io.volume_files import write_volume
 from VertebralFractureLib.outputs.impression import impression
+from VertebralFractureLib.stages.follow_up import Prior
 from VertebralFractureLib.stages.morphometry.grading import spinal_deformity_index
 from VertebralFractureLib.stages.quality import CaseQuality, review_reasons, unresolved_calls
 from VertebralFractureLib.stages.quality_discs import assess_case_quality
@@ -139,12 +140,13 @@ class PipelineResult:
         parts = (self.bone_density, spinal_deformity_index(self.records), self.follow_up)
         return [self.summary_line(), *(part["summary"] for part in parts if part)]
 
-    def compare_with_prior(self, prior: list[VertebraRecord], *, automatic: bool) -> None:
+    def compare_with_prior(self, prior: Prior, *, automatic: bool) -> None:
         """Set ``follow_up``: these vertebrae against a prior CT's (:mod:`.stages.follow_up`; ``automatic``: either
-        side segmented automatically); its warnings join ``warnings``."""
+        side segmented automatically and not checked since); its warnings join ``warnings``."""
         from VertebralFractureLib.stages.follow_up import compare_with_prior
 
-        self.follow_up = compare_with_prior(self.records, prior, automatic=automatic, needs_review=self.needs_review)
+        self.follow_up = compare_with_prior(self.records, prior.records, automatic=automatic,
+                                            needs_review=self.needs_review, prior_rejected=prior.review == "rejected")
         self.warnings += [f"follow-up: {w}" for w in self.follow_up["warnings"]]
 
     def worst(self) -> VertebraRecord | None:
@@ -516,7 +518,7 @@ def run_pipeline(
     if prior_path is not None:  # read first: a wrong folder is said before the CT is analysed
         from VertebralFractureLib.stages.follow_up import read_prior
 
-        prior, prior_automatic = read_prior(prior_path)
+        prior = read_prior(prior_path)
     timer = _Timer()
     input_path, out_dir = Path(input_path), Path(out_dir)
     progress(0.0, "import")
@@ -552,8 +554,8 @@ def run_pipeline(
             if prior is not None:
                 from VertebralFractureLib.stages.follow_up import keep_prior
 
-                result.compare_with_prior(prior, automatic=labels_path is None or prior_automatic)
-                keep_prior(tmp, prior, automatic=prior_automatic)  # a Recompute in review compares again
+                result.compare_with_prior(prior, automatic=labels_path is None or prior.automatic)
+                keep_prior(tmp, prior)  # a Recompute in review compares again
             if dicom_import is not None:
                 result.case_id = dicom_import.case_id
                 from VertebralFractureLib.stages.bone_density import assess_bone_density

@@ -133,11 +133,11 @@ def compare_with_kept_prior(result: PipelineResult, table_node) -> None:
     if not path:
         return
     try:
-        prior, automatic = read_prior(path)
+        prior = read_prior(path)
     except InputError as exc:
         result.warnings.append(f"follow-up not recomputed: {exc}")
         return
-    result.compare_with_prior(prior, automatic=automatic)
+    result.compare_with_prior(prior, automatic=prior.automatic)
 
 
 def publish_result(scene, ct: Volume, result: PipelineResult, volume_node, segmentation_node, table_node) -> MrmlResult:

@@ -21,7 +21,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -44,11 +44,28 @@ INCIDENT, PROGRESSED, GRADE_UP, STABLE, NOT_COMPARED = (
 FINDINGS = (INCIDENT, PROGRESSED, GRADE_UP)
 #: in a run's folder: the prior's vertebrae it was compared with (no path, no identifier: the rows only)
 PRIOR_FILE = "follow_up_prior.json"
+#: a result folder's sign-off in the review app (app.review writes it)
+REVIEW_FILE = "review.json"
 
 
-def read_prior(path: str | Path) -> tuple[list[VertebraRecord], bool]:
-    """The vertebrae of an earlier run's result folder (its ``result.json``, or a kept :data:`PRIOR_FILE`), and
-    whether they were segmented automatically (not given by a label map).
+class Prior(NamedTuple):
+    """The vertebrae of a prior CT as :func:`read_prior` finds them.
+
+    ``automatic``: segmented automatically and not checked by a reviewer since; ``review``: ``"approved"`` (the
+    records are the approved ones: a correction's when there was one), ``"rejected"`` (a reviewer rejected these
+    results without correcting them) or ``""`` (never reviewed).
+    """
+
+    records: list[VertebraRecord]
+    automatic: bool
+    review: str = ""
+
+
+def read_prior(path: str | Path) -> Prior:
+    """The vertebrae of an earlier run's result folder (its ``result.json``, or a kept :data:`PRIOR_FILE`).
+
+    A folder signed off in the review app (its ``review.json``) gives the approved vertebrae: those recomputed from
+    the reviewer's correction, else the run's, checked by the reviewer either way.
 
     Raises:
         InputError: no readable ``result.json`` with vertebrae there.
@@ -63,20 +80,41 @@ def read_prior(path: str | Path) -> tuple[list[VertebraRecord], bool]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{file}: not a readable result.json ({type(exc).__name__}); give --prior the output "
                          "folder of an earlier run") from None
-    if not records:
-        raise InputError(f"{file}: the prior run found no vertebrae; nothing to compare with")
     if "automatic" in data:  # a kept prior says so itself
-        return records, bool(data["automatic"])
+        return _nonempty(Prior(records, bool(data["automatic"]), str(data.get("review", ""))), file)
     naming = data.get("naming") or {}
-    return records, not str(naming.get("method", "")).startswith("user")
+    automatic = not str(naming.get("method", "")).startswith("user")
+    review = _review(file.parent / REVIEW_FILE)
+    if review.get("status") == "approved":
+        rows = (review.get("results") or {}).get("vertebrae")
+        if rows:  # the correction's results
+            records = [VertebraRecord.from_dict(row) for row in rows]
+        return _nonempty(Prior(records, False, "approved"), file)
+    return _nonempty(Prior(records, automatic, "rejected" if review.get("status") == "rejected" else ""), file)
 
 
-def keep_prior(folder: str | Path, prior: Sequence[VertebraRecord], *, automatic: bool) -> Path:
+def _review(file: Path) -> dict[str, Any]:
+    """A result folder's ``review.json`` ({} without a readable one: as if never reviewed)."""
+    try:
+        data = json.loads(file.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _nonempty(prior: Prior, file: Path) -> Prior:
+    if not prior.records:
+        raise InputError(f"{file}: the prior run found no vertebrae; nothing to compare with")
+    return prior
+
+
+def keep_prior(folder: str | Path, prior: Prior) -> Path:
     """Write the prior's vertebrae into a run's ``folder`` (:data:`PRIOR_FILE`; :func:`read_prior` reads it)."""
     file = Path(folder) / PRIOR_FILE
     file.write_text(json.dumps({
         "about": "the vertebrae of the prior CT this run was compared with (run --prior), kept for a Recompute",
-        "automatic": automatic, "vertebrae": [record.to_dict() for record in prior]}, indent=1))
+        "automatic": prior.automatic, "review": prior.review,
+        "vertebrae": [record.to_dict() for record in prior.records]}, indent=1))
     return file
 
 
@@ -98,10 +136,12 @@ def _median_mismatch(now: dict[int, VertebraRecord], prior: dict[int, VertebraRe
 
 
 def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[VertebraRecord], *,
-                       automatic: bool = False, needs_review: bool = False) -> dict[str, Any]:
+                       automatic: bool = False, needs_review: bool = False, prior_rejected: bool = False,
+                       ) -> dict[str, Any]:
     """The follow-up comparison (``result.json`` ``follow_up``); ``automatic``: either study's vertebrae come from
     the automatic segmentation, whose boundaries move between two scans (a warning says to confirm a loss);
-    ``needs_review``: this CT's analysis is sent to review (a warning says to check the segments that lost height).
+    ``needs_review``: this CT's analysis is sent to review (a warning says to check the segments that lost height);
+    ``prior_rejected``: a reviewer rejected the prior's results without correcting them (a warning says so).
 
     Returns:
         ``vertebrae``: one row per level in either study (``level``, ``status``, the heights before and now in mm,
@@ -164,6 +204,9 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
         warnings.append("the comparison rests on automatic segmentation, whose vertebral boundaries can move by "
                         "several millimetres between two scans of one patient: confirm each height loss by eye, or "
                         "compare corrected segmentations (run --labels for both CTs)")
+    if prior_rejected:
+        warnings.append("the prior CT's results were rejected in review and not corrected: the comparison rests on "
+                        "them; correct the prior (review app, or run it again with --labels) and compare again")
     if needs_review and (incident or progressed):
         warnings.append("this CT is sent to review: check the segments of the vertebrae that lost height before "
                         "reading the comparison")
