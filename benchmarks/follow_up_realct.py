@@ -74,7 +74,7 @@ def _applied_incident(result) -> bool:
 def _automatic_rescan(ct, moved_ct) -> dict:
     """The re-scan comparison on the automatic segmentations of the CT and of its moved copy."""
     from VertebralFractureLib.app.pipeline import PipelineOptions, analyse
-    from VertebralFractureLib.stages.follow_up import INCIDENT, PROGRESSED, compare_with_prior
+    from VertebralFractureLib.stages.follow_up import BOUNDARY_MOVED, INCIDENT, PROGRESSED, compare_with_prior
 
     options = PipelineOptions(device="cpu", radiomics=False, wiener=False, overlap=False)
     comparison = compare_with_prior(analyse(moved_ct, None, options=options).records,
@@ -83,6 +83,7 @@ def _automatic_rescan(ct, moved_ct) -> dict:
     return {"compared": len(compared),
             "false_incident_or_progressed": [row["level"] for row in compared if row["status"] in (INCIDENT, PROGRESSED)],
             "grade_increased": comparison["grade_increased"],
+            "boundary_moved": [row["level"] for row in compared if row["status"] == BOUNDARY_MOVED],
             "height_difference_mm": [abs(row[f"height_{h}_mm"] - row[f"height_{h}_prior_mm"]) for row in compared
                                      for h in ("anterior", "middle", "posterior")],
             "warnings": comparison["warnings"]}
@@ -157,6 +158,7 @@ def summarise(rows: list[dict]) -> dict:
         "automatic_rescan_vertebrae_compared": sum(r["compared"] for r in automatic),
         "automatic_rescan_false_incident_or_progressed": sum(len(r["false_incident_or_progressed"]) for r in automatic),
         "automatic_rescan_grade_increased": sum(len(r["grade_increased"]) for r in automatic),
+        "automatic_rescan_boundary_moved": sum(len(r.get("boundary_moved", [])) for r in automatic),
         "automatic_rescan_height_difference_mm_median": round(float(np.median(auto_differences)), 2)
         if auto_differences else None,
         "automatic_rescan_height_difference_mm_p95": round(float(np.percentile(auto_differences, 95)), 2)
@@ -173,6 +175,8 @@ def summarise(rows: list[dict]) -> dict:
         "simulation_failures": sum("error" in s for row in rows for s in row["simulated"]),
         "by_grade": by_grade,
         "false_incident_elsewhere": sum(len(s["false_elsewhere"]) for s in sims),
+        # a simulated fracture read as a moved boundary (stages.follow_up._mark_moved_boundaries): a miss it caused
+        "simulated_read_as_boundary_moved": sum(s["status"] == "boundary moved" for s in sims),
     }
 
 
@@ -181,7 +185,7 @@ def _automatic_cell(row: dict) -> str:
     if auto is None:
         return "-"
     return (f"{auto['compared']}, {', '.join(auto['false_incident_or_progressed']) or 0}, "
-            f"{', '.join(auto['grade_increased']) or 0}")
+            f"{', '.join(auto['grade_increased']) or 0}, {', '.join(auto.get('boundary_moved', [])) or 0}")
 
 
 def markdown(rows: list[dict], summary: dict) -> str:
@@ -192,7 +196,7 @@ def markdown(rows: list[dict], summary: dict) -> str:
              "height its deformation removed.", "",
              "| case | re-scan: compared | false incident / progressed | grade increased | simulated: detected / "
              "meeting the rule | false incident elsewhere | automatic re-scan: compared, false incident / "
-             "progressed, grade increased |", "|---|---|---|---|---|---|---|"]
+             "progressed, grade increased, boundary moved (not called) |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         sims = [s for s in row["simulated"] if "error" not in s]
         truth = [s for s in sims if s["applied_incident"]]

@@ -12,6 +12,7 @@ from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.records import VertebraRecord
 from VertebralFractureLib.research.phantom import make_phantom
 from VertebralFractureLib.stages.follow_up import (
+    BOUNDARY_MOVED,
     INCIDENT,
     PROGRESSED,
     STABLE,
@@ -200,3 +201,26 @@ def test_a_prior_signed_off_in_review_gives_its_approved_vertebrae(tmp_path):
     # what a run keeps of it reads back the same
     (tmp_path / "kept").mkdir()
     assert read_prior(keep_prior(tmp_path / "kept", prior)) == prior
+
+
+def test_a_loss_its_neighbour_gained_is_a_moved_boundary_not_a_fracture():
+    """T8 6 mm shorter where T7 is 5 mm taller: the boundary between the two segments moved (as the automatic
+    segmentation's does between two poses of one spine), not a fracture; a neighbour 1 mm taller does not explain a
+    6 mm loss."""
+    heights = [20.0, 20.5, 21.0, 21.5]
+    prior = _spine(13, heights)  # T6..T9
+    for gain, expected in ((5.0, BOUNDARY_MOVED), (1.0, INCIDENT)):
+        now = _spine(13, heights)
+        t7, t8 = now[1], now[2]
+        t8.height_anterior_mm -= 6.0
+        t7.height_anterior_mm += gain
+        result = compare_with_prior(now, prior)
+        row = next(r for r in result["vertebrae"] if r["level"] == "T8")
+        assert row["status"] == expected
+        if expected == BOUNDARY_MOVED:
+            assert (row["boundary_with"], row["neighbour_gain_mm"]) == ("T7", 5.0)
+            assert result["incident"] == [] and result["summary"].startswith("Since the prior CT: no new")
+            assert any(w.startswith("T8 lost 6.0 mm of its anterior height where T7 gained 5.0 mm") for w in
+                       result["warnings"])
+        else:
+            assert result["incident"] == ["T8"]

@@ -38,8 +38,10 @@ HEIGHTS = (("anterior", "height_anterior_mm"), ("middle", "height_middle_mm"), (
 #: heights differing by more than this (median over the matched vertebrae) suggest another patient or a naming shift
 MISMATCH_RATIO = 0.12
 
-INCIDENT, PROGRESSED, GRADE_UP, STABLE, NOT_COMPARED = (
-    "incident fracture", "progressed", "grade increased", "stable", "not compared")
+INCIDENT, PROGRESSED, GRADE_UP, STABLE, NOT_COMPARED, BOUNDARY_MOVED = (
+    "incident fracture", "progressed", "grade increased", "stable", "not compared", "boundary moved")
+#: a loss that a neighbour's gain of the same height matches by at least this share is a moved segment boundary
+BOUNDARY_GAIN_SHARE = 0.5
 #: the statuses a reader should look at
 FINDINGS = (INCIDENT, PROGRESSED, GRADE_UP)
 #: in a run's folder: the prior's vertebrae it was compared with (no path, no identifier: the rows only)
@@ -135,6 +137,26 @@ def _median_mismatch(now: dict[int, VertebraRecord], prior: dict[int, VertebraRe
     return float(np.median(ratios)) if len(ratios) >= 3 else None
 
 
+def _mark_moved_boundaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows (in craniocaudal order) whose loss a neighbour's gain of the same height matches (at least
+    :data:`BOUNDARY_GAIN_SHARE` of it) get the status :data:`BOUNDARY_MOVED` instead of a fracture, with
+    ``boundary_with`` and ``neighbour_gain_mm``: a collapsing body does not make the next one taller, while a
+    boundary between two segments drawn a few millimetres further in the second CT moves height from one to the
+    other (the automatic segmentation does that between two poses of one spine). Returns those rows."""
+    moved = []
+    for i, row in enumerate(rows):
+        if row["status"] not in (INCIDENT, PROGRESSED):
+            continue
+        height, loss = row["largest_loss_height"], row["largest_loss_mm"]
+        gains = {rows[j]["level"]: rows[j][f"height_{height}_mm"] - rows[j][f"height_{height}_prior_mm"]
+                 for j in (i - 1, i + 1) if 0 <= j < len(rows) and f"height_{height}_mm" in rows[j]}
+        neighbour = max(gains, key=gains.get, default=None)
+        if neighbour is not None and gains[neighbour] >= BOUNDARY_GAIN_SHARE * loss:
+            row.update(status=BOUNDARY_MOVED, boundary_with=neighbour, neighbour_gain_mm=round(gains[neighbour], 1))
+            moved.append(row)
+    return moved
+
+
 def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[VertebraRecord], *,
                        automatic: bool = False, needs_review: bool = False, prior_rejected: bool = False,
                        ) -> dict[str, Any]:
@@ -145,7 +167,8 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
 
     Returns:
         ``vertebrae``: one row per level in either study (``level``, ``status``, the heights before and now in mm,
-        the largest decrease in mm and as a share, the grades before and now); ``incident``, ``progressed`` and
+        the largest decrease in mm and as a share, the grades before and now; a loss its neighbour's gain matches is
+        ``boundary moved``, see :func:`_mark_moved_boundaries`); ``incident``, ``progressed`` and
         ``grade_increased``: their levels; ``summary`` (one sentence); ``warnings``; ``spinal_deformity_index``:
         ``prior`` and ``now`` over the same ``vertebrae`` (those of T4-L4 graded in both; None without any); the
         rule's thresholds and reference.
@@ -176,6 +199,8 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
                 row["status"] = STABLE
         rows.append(row)
 
+    moved = _mark_moved_boundaries(rows)
+
     def levels(status: str) -> list[str]:
         return [row["level"] for row in rows if row["status"] == status]
 
@@ -204,6 +229,10 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
         warnings.append("the comparison rests on automatic segmentation, whose vertebral boundaries can move by "
                         "several millimetres between two scans of one patient: confirm each height loss by eye, or "
                         "compare corrected segmentations (run --labels for both CTs)")
+    warnings += [f"{row['level']} lost {row['largest_loss_mm']} mm of its {row['largest_loss_height']} height where "
+                 f"{row['boundary_with']} gained {row['neighbour_gain_mm']} mm: the boundary between their segments "
+                 "lies elsewhere in the two CTs, which a fracture does not do; not called a fracture, check that "
+                 "boundary by eye" for row in moved]
     if prior_rejected:
         warnings.append("the prior CT's results were rejected in review and not corrected: the comparison rests on "
                         "them; correct the prior (review app, or run it again with --labels) and compare again")
