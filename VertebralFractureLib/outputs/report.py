@@ -434,7 +434,9 @@ before, {{ follow_up.spinal_deformity_index.now }} now.{% endif %}</p>
 {% endfor %}</table>
 <div class="legend">Incident fracture: a normal vertebra lost at least {{ (100 * follow_up.rule.height_loss_ratio_at_least)|int }} % and
 {{ follow_up.rule.height_loss_mm_at_least }} mm of one height ({{ follow_up.reference }}); progressed: the same loss of a deformed one.
-Vertebrae cut, flagged or not graded in either CT are not compared; levels are matched by name.</div>
+Vertebrae cut, flagged or not graded in either CT are not compared; levels are matched by name. Boundary moved: the
+loss is matched by its neighbour's gain of the same height (the boundary between the two segments was drawn elsewhere),
+not called a fracture.</div>
 </div>{% endif %}
 {% if closeups %}<div class="card">
 <h2>Suspicious vertebrae</h2>
