@@ -134,8 +134,9 @@ def compare_with_kept_prior(result: PipelineResult, table_node) -> None:
         return
     try:
         prior = read_prior(path)
-    except InputError as exc:
-        result.warnings.append(f"follow-up not recomputed: {exc}")
+    except InputError:  # no path in the warning: it reaches review.json, and the folders above can name a patient
+        result.warnings.append(f"follow-up not recomputed: {PRIOR_FILE} in the result folder is unreadable; run the "
+                               "case again with --prior to compare it")
         return
     result.compare_with_prior(prior, automatic=prior.automatic)
 
