@@ -305,11 +305,20 @@ def test_batch_compares_each_case_with_its_prior_by_name_or_by_a_pairs_file(tmp_
     rows = {r["case"]: r for r in read_cohort_csv(run_batch(
         now, tmp_path / "out-pairs", scheduler="synchronous", options=OPTIONS, quiet=True, priors=pairs))}
     assert rows["p3"]["follow_up"].startswith("Since the prior CT:") and rows["p1"]["follow_up"] == ""
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "result.json").write_text("{cut short")
     for text, message in (("case,prior\np9,out-before/p1\n", "line 2: case 'p9' is not in the cohort"),
                           ("case,prior\np1,out-before/p1\np1,out-before/p2\n", "line 3: case 'p1' is listed twice"),
                           ("case,prior\np1,out-before/nowhere\n", "line 2: 'out-before/nowhere' holds no result.json"),
+                          ("case,prior\np1,broken\n", "line 2: .*not a readable result.json"),
                           ("case;prior\n", "needs the columns case and prior")):
         pairs.write_text(text)
         with pytest.raises(InputError, match=message):
             run_batch(now, tmp_path / "out-bad", scheduler="synchronous", options=OPTIONS, quiet=True, priors=pairs)
+    # an earlier batch's folder with one unreadable result: said before any case runs, not in a case's row
+    (tmp_path / "old" / "p2").mkdir(parents=True)
+    (tmp_path / "old" / "p2" / "result.json").write_text("{cut short")
+    with pytest.raises(InputError, match="not a readable result.json"):
+        run_batch(now, tmp_path / "out-bad", scheduler="synchronous", options=OPTIONS, quiet=True,
+                  priors=tmp_path / "old")
     assert not (tmp_path / "out-bad").exists()

@@ -142,16 +142,23 @@ def pair_priors(cases: list[Case], priors: str | Path) -> int:
     pseudonym) or a CSV file with columns ``case`` and ``prior`` (a result folder, relative to the CSV's folder or
     absolute), written by whoever knows which studies are one patient's.
 
+    Every prior is read here (:func:`.stages.follow_up.read_prior`), so that one that cannot be compared with is said
+    before any case runs, not in a case's row of ``cohort.csv`` (an output) with its path.
+
     Raises:
         InputError: the CSV lacks the columns, names a case the cohort lacks or one twice, or a prior folder without
-            ``result.json`` (with its line number); ``priors`` is neither a folder nor a CSV file.
+            a readable ``result.json`` (with its line number); ``priors`` is neither a folder nor a CSV file; a
+            folder's prior is unreadable.
     """
+    from VertebralFractureLib.stages.follow_up import read_prior
+
     priors = Path(priors)
     by_name = {case.name: case for case in cases}
     if priors.is_dir():
         paired = 0
         for case in cases:
             if (priors / case.name / "result.json").is_file():
+                read_prior(priors / case.name)
                 case.prior, paired = str(priors / case.name), paired + 1
         return paired
     if not (priors.is_file() and priors.suffix.lower() == ".csv"):
@@ -173,6 +180,10 @@ def pair_priors(cases: list[Case], priors: str | Path) -> int:
             if not (Path(prior) / "result.json").is_file():
                 raise InputError(f"{priors} line {line}: {folder!r} holds no result.json; give the output folder "
                                  "of an earlier run")
+            try:
+                read_prior(prior)
+            except InputError as exc:
+                raise InputError(f"{priors} line {line}: {exc}") from None
             seen.add(name)
             by_name[name].prior = str(prior)
     return len(seen)
