@@ -210,6 +210,8 @@ def worst_vertebra(vertebrae: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def _summary_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
     """A ``cohort.csv`` row from a case's ``result.json``."""
+    from VertebralFractureLib.stages.follow_up import new_fractures
+
     worst = worst_vertebra(result.get("vertebrae") or [])
     prob = result.get("fracture_probability")
     bone = result.get("bone_density") or {}
@@ -235,7 +237,7 @@ def _summary_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
         "sdi_vertebrae": len(sdi["graded"]) if sdi else "",
         # compared with a prior CT (--priors): the sentence, and the levels fractured or worse since
         "follow_up": follow_up.get("summary") or "",
-        "new_fractures": " ".join([*follow_up.get("incident", []), *follow_up.get("progressed", [])]),
+        "new_fractures": new_fractures(follow_up),
     }
 
 

@@ -137,6 +137,13 @@ def _median_mismatch(now: dict[int, VertebraRecord], prior: dict[int, VertebraRe
     return float(np.median(ratios)) if len(ratios) >= 3 else None
 
 
+def new_fractures(follow_up: dict[str, Any] | None) -> str:
+    """The levels fractured since the prior CT (incident, then progressed) of a ``follow_up`` (``result.json``'s,
+    None without a prior), space-separated as ``cohort.csv`` and the review worklist show them; ``""`` for none."""
+    follow_up = follow_up or {}
+    return " ".join([*follow_up.get("incident", []), *follow_up.get("progressed", [])])
+
+
 def _mark_moved_boundaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows (in craniocaudal order) whose loss a neighbour's gain of the same height matches (at least
     :data:`BOUNDARY_GAIN_SHARE` of it) get the status :data:`BOUNDARY_MOVED` instead of a fracture, with

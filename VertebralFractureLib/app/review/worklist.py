@@ -81,10 +81,11 @@ def _read_json(path: Path) -> dict:
 
 def _entry_from_result(name: str, folder: Path, status: str = "ok") -> CaseEntry:
     """An entry from ``folder/result.json`` (worst vertebra by probability, else by grade)."""
+    from VertebralFractureLib.stages.follow_up import new_fractures
+
     result = _read_json(folder / "result.json")
     worst = worst_vertebra(result.get("vertebrae") or [])
     review = _read_json(folder / REVIEW_FILE).get("status", "")
-    follow_up = result.get("follow_up") or {}
     return CaseEntry(
         name=name,
         status=status,
@@ -94,7 +95,7 @@ def _entry_from_result(name: str, folder: Path, status: str = "ok") -> CaseEntry
         needs_review=bool(result.get("needs_review", False)),
         review=review if review in ("approved", "rejected") else "",
         openable=bool(result),
-        new_fractures=" ".join([*follow_up.get("incident", []), *follow_up.get("progressed", [])]),
+        new_fractures=new_fractures(result.get("follow_up")),
     )
 
 
