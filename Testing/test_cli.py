@@ -170,6 +170,43 @@ def test_bad_input_is_exit_2_with_one_error_line(tmp_path, phantom_files, case, 
     assert not out.exists() and not list(tmp_path.glob(".out.*"))  # nothing half-written
 
 
+def test_paths_and_options_refused_before_reading_say_so_in_one_line(tmp_path, phantom_files, capsys):
+    """Refused in the calling process before the CT is read: an output path under a file (an OS error, not a
+    traceback), an output folder of other files, a malformed --anchor, and --anchor with --labels."""
+    from VertebralFractureLib.cli import main
+
+    ct_path, labels_path = phantom_files
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "important.txt").write_text("keep")
+    cases = [
+        (["-o", tmp_path / "afile" / "sub"], "afile"),
+        (["-o", tmp_path / "notes"], "not empty and holds no earlier result"),
+        (["-o", tmp_path / "o", "--anchor", "L1=abc"], "expected LEVEL=INDEX"),
+        (["-o", tmp_path / "o", "--labels", labels_path, "--anchor", "L1=2"], "with --labels the label map's ids"),
+    ]
+    for args, message in cases:
+        assert main(["run", str(ct_path), *map(str, args)]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)
+    assert (tmp_path / "notes" / "important.txt").read_text() == "keep" and not (tmp_path / "o").exists()
+
+
+def test_run_prints_its_warnings(tmp_path, phantom_files):
+    """Warnings reach the terminal as import's do, not only result.json: here a label map reaching beyond the CT,
+    whose extra vertebra falls outside it."""
+    ct_path, labels_path = phantom_files
+    labels = read_volume(labels_path, check=False)
+    longer = np.pad(labels.array, ((0, 0), (0, 30), (0, 0)))  # PIR: array axis 1 runs inferior, past the CT's end
+    longer[40:60, -20:-5, 40:60] = 22  # an "L3" below the CT
+    wider = write_volume(Volume(longer, labels.spacing, labels.origin, labels.direction), tmp_path / "wider.nii.gz")
+    done = _cli("run", ct_path, "-o", tmp_path / "out", "--labels", wider)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "warning: 1 of the label map's vertebrae (L3) lie wholly outside the CT" in done.stderr, done.stderr
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert any("(L3) lie wholly outside the CT" in w for w in result["warnings"])
+
+
 # --- run: outputs and imports ------------------------------------------------------------------------
 @pytest.fixture(scope="module", params=["labels", "segmentation"])
 def cli_run(request, phantom_files, tmp_path_factory):

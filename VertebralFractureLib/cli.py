@@ -45,7 +45,13 @@ def _add_run(p: argparse.ArgumentParser) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from VertebralFractureLib.app.pipeline import PipelineOptions, run_pipeline
     from VertebralFractureLib.models.device import keep_freed_memory
+    from VertebralFractureLib.stages.segmentation.labelling import parse_anchor
 
+    for anchor in args.anchor:  # said before the CT is read
+        parse_anchor(anchor)
+    if args.anchor and args.labels is not None:
+        raise InputError("--anchor renames the automatic segmentation's vertebrae; with --labels the label map's ids "
+                         "are the levels: rename them in the map (Slicer: Rename level) or leave out --labels")
     keep_freed_memory()  # one short process: reuse the U-Net's freed tensors instead of faulting pages in again
     options = PipelineOptions(
         fast=args.fast, device=args.device, wiener=not args.no_wiener, series_uid=args.series, anchors=args.anchor
@@ -54,6 +60,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run_pipeline(args.input, args.output, labels_path=args.labels, prior_path=args.prior, options=options,
                           progress=progress)
     if not args.quiet:
+        _close_progress()
+        for warning in result.warnings:  # also in result.json and the report; said here as import says its own
+            print(f"warning: {warning}", file=sys.stderr)
         print("\n".join([*result.summary_lines(), f"results in {args.output}"]))
     return 0
 
@@ -68,7 +77,11 @@ def _add_import(p: argparse.ArgumentParser) -> None:
 
 def _cmd_import(args: argparse.Namespace) -> int:
     from VertebralFractureLib.io.dicom import import_dicom, write_import
+    from VertebralFractureLib.io.volume_files import VOLUME_SUFFIXES, is_volume_file
 
+    if not is_volume_file(args.output):  # said before the import, not after it
+        raise InputError(f"{args.output}: not an image file name; end it in one of {', '.join(VOLUME_SUFFIXES)} "
+                         "(e.g. ct.nii.gz)")
     result = import_dicom(args.dicom_dir, series_uid=args.series)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -507,6 +520,12 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         _close_progress()
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an output path under a file, a folder without write permission, a full disk
+        _close_progress()
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}; check that the path is a folder you can write to, and the free "
+              "space", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Cancelled):
         _close_progress()

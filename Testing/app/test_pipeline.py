@@ -49,10 +49,40 @@ def test_cancel_leaves_no_output(tmp_path):
 def test_rerun_replaces_previous_output(tmp_path):
     _, ct_path, labels_path = _case(tmp_path)
     out = tmp_path / "out"
-    out.mkdir()
+    out.mkdir()  # an empty folder is taken
+    run_pipeline(ct_path, out, labels_path=labels_path, options=PipelineOptions(wiener=False))
     (out / "stale.txt").write_text("old")
     run_pipeline(ct_path, out, labels_path=labels_path, options=PipelineOptions(wiener=False))
     assert not (out / "stale.txt").exists() and (out / "result.json").exists()
+
+
+def test_an_output_folder_holding_more_than_an_earlier_result_is_refused_untouched(tmp_path):
+    """The run replaces its output folder as a whole: a folder of other files, one holding a review, or one the
+    run's own inputs lie in would be deleted with it."""
+    from VertebralFractureLib.core.errors import InputError
+
+    _, ct_path, labels_path = _case(tmp_path)
+    options = PipelineOptions(wiener=False)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "important.txt").write_text("keep")
+    with pytest.raises(InputError, match="not empty and holds no earlier result"):
+        run_pipeline(ct_path, notes, labels_path=labels_path, options=options)
+    assert (notes / "important.txt").read_text() == "keep"
+    with pytest.raises(InputError, match="an input inside the output folder"):
+        run_pipeline(ct_path, tmp_path, labels_path=labels_path, options=options)  # -o the input's own folder
+    out = tmp_path / "out"
+    run_pipeline(ct_path, out, labels_path=labels_path, options=options)
+    corrected = out / "segmentation.corrected.nii.gz"
+    corrected.write_bytes(labels_path.read_bytes())
+    with pytest.raises(InputError, match="an input inside the output folder"):
+        run_pipeline(ct_path, out, labels_path=corrected, options=options)
+    with pytest.raises(InputError, match="an input inside the output folder"):
+        run_pipeline(ct_path, out, labels_path=labels_path, prior_path=out, options=options)
+    (out / "review.json").write_text("{}")
+    with pytest.raises(InputError, match="holds a review"):
+        run_pipeline(ct_path, out, labels_path=labels_path, options=options)
+    assert corrected.exists() and (out / "review.json").exists()
 
 
 def test_implausible_segments_are_not_graded_or_scored():

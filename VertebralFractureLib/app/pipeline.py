@@ -285,7 +285,7 @@ def _analyse_pass(ct: Volume, labels: Volume | None, options: PipelineOptions, p
     with timer.stage("validation"):
         check_ct(ct, source)
         if labels is not None:
-            labels = check_labels(labels, ct, labels_source)
+            labels = check_labels(labels, ct, labels_source, warnings)
     cancel.check()
     slice_mm = ct.spacing_along_s()
     if slice_mm > MAX_SLICE_MM:
@@ -514,6 +514,7 @@ def run_pipeline(
     Outputs appear in ``out_dir`` only once all are written (temporary sibling folder, then rename).
     """
     options = options or PipelineOptions()
+    check_output_folder(out_dir, [p for p in (input_path, labels_path, prior_path) if p is not None])
     prior = None
     if prior_path is not None:  # read first: a wrong folder is said before the CT is analysed
         from VertebralFractureLib.stages.follow_up import read_prior
@@ -725,11 +726,45 @@ def _write_overview_file(sagittal_png: str | None, outcome: dict[str, Any], dico
     write_overview(dicom_import.study_header(), sagittal_png, out, **outcome)
 
 
+def check_output_folder(out_dir: str | Path, inputs: Sequence[str | Path]) -> None:
+    """Refuse an output folder whose replacement would destroy anything but an earlier run's results.
+
+    A run replaces ``out_dir`` as a whole (:func:`_atomic_output_dir`), so ``out_dir`` must be new, empty, or an
+    earlier run's output (it holds ``result.json``) without a review in it (``review.json``: a sign-off and a
+    corrected segmentation), and none of ``inputs`` (CT, label map, prior folder) may be it or lie inside it.
+
+    Raises:
+        InputError: any of these, with what to do.
+    """
+    from VertebralFractureLib.stages.follow_up import REVIEW_FILE
+
+    out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out_dir}: the output path exists and is not a folder; give a new or empty folder")
+    for given in inputs:
+        path = Path(given).absolute()
+        if path == out or out in path.parents:
+            raise InputError(f"{given}: an input inside the output folder {out_dir}, which the run replaces as a "
+                             "whole; write the results to another folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / "result.json").is_file():
+        raise InputError(f"{out_dir}: the output folder is not empty and holds no earlier result (result.json); a "
+                         "run replaces its output folder as a whole: give a new or empty folder")
+    if (out / REVIEW_FILE).is_file():
+        raise InputError(f"{out_dir}: the output folder holds a review ({REVIEW_FILE}: a sign-off and any corrected "
+                         "segmentation), which a new run would delete; write the results to another folder")
+
+
 @contextmanager
 def _atomic_output_dir(out_dir: Path):
     """Yield a temporary folder beside ``out_dir``; on success it replaces ``out_dir`` in one rename."""
     out_dir = out_dir.absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{out_dir}: cannot create the output folder's parent ({exc.strerror}); give a writable "
+                         "folder") from exc
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: output path exists and is not a folder")
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
