@@ -164,6 +164,54 @@ def test_bad_series_are_refused_with_one_line(tmp_path, case, message, capsys):
     assert not (tmp_path / "o.nii.gz").exists()
 
 
+@pytest.mark.parametrize("where", [5, 15])
+def test_a_truncated_compressed_slice_is_refused_not_dropped(tmp_path, where, capsys):
+    """pydicom drops the whole dataset of an encapsulated image cut short (a truncated copy), with a warning on
+    stderr: the slice must not pass for a non-image file, at the series' end (where no gap shows) or inside it."""
+    from pydicom.uid import RLELossless
+
+    folder = tmp_path / "series"
+    paths = write_ct_series(folder, body_phantom((16, 32, 32)))
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.compress(RLELossless)
+        ds.save_as(path)
+    victim = next(p for p in paths if int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber) == where)
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) - 300])
+    with pytest.raises(InputError, match=f"instance {where}, .*no readable pixel data"):
+        import_dicom(folder)
+    capsys.readouterr()
+    assert main(["import", str(folder), "-o", str(tmp_path / "o.nii.gz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err  # no pydicom warning beside it
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_an_unparsable_dicom_file_is_named_as_damaged_in_a_gap_error(tmp_path):
+    folder = tmp_path / "series"
+    paths = write_ct_series(folder, body_phantom((16, 32, 32)))
+    middle = next(p for p in paths if int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber) == 8)
+    middle.write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 64)  # the preamble and mark, then garbage
+    with pytest.raises(InputError, match="missing slices.*1 damaged DICOM file in the folder could not be read"):
+        import_dicom(folder)
+
+
+def test_a_multi_valued_kernel_reaches_the_sidecar_as_dicom_writes_it(tmp_path):
+    folder = tmp_path / "series"
+    for path in write_ct_series(folder, body_phantom((16, 32, 32))):
+        ds = pydicom.dcmread(path)
+        ds.ConvolutionKernel = ["Br38f", "3"]
+        ds.save_as(path)
+    assert import_dicom(folder).metadata["convolution_kernel"] == "Br38f\\3"
+
+
+def test_import_refuses_an_output_name_without_an_image_suffix_before_reading(tmp_path, capsys):
+    assert main(["import", str(tmp_path / "nowhere"), "-o", str(tmp_path / "ct_dir")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an image file name" in err[0]
+
+
 def test_a_scout_in_the_series_is_left_out_with_a_warning(tmp_path):
     """A localizer (coronal scout) exported into the axial series would refuse it for mixed orientations."""
     paths = write_ct_series(tmp_path / "s", body_phantom((16, 32, 32)))

@@ -36,6 +36,7 @@ import os
 import re
 import secrets
 from collections import Counter, defaultdict
+from collections.abc import MutableSequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,31 +196,62 @@ def is_dicom_file(path: str | Path) -> bool:
 DEFER_BYTES = 64 * 1024
 
 
-def _read_all(folder: Path) -> tuple[list[Any], int]:
+def _read_all(folder: Path) -> tuple[list[Any], int, int]:
+    """The image datasets (frames of a multi-frame image apart) of every file under ``folder``, how many files are
+    no image, and how many of those are DICOM files that cannot be parsed at all (damaged).
+
+    An image whose pixel data cannot be read (a truncated file: pydicom drops the element) comes back with
+    ``damaged`` set, so that the series it belongs to is refused (:func:`_import_series`) instead of losing a
+    slice."""
+    import warnings
+
     import pydicom
 
     files = [folder] if folder.is_file() else sorted(
         p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise InputError(f"{folder}: empty folder; expected a DICOM series")
+    unparsable = 0
+
+    def parse(path: Path, **kwargs):
+        # pydicom's warnings about a damaged file would reach stderr with its (UID) name: what they mean is said
+        # by the import instead
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return pydicom.dcmread(path, **kwargs)
+            except Exception:  # noqa: BLE001 - anything unreadable is "not DICOM", or a damaged DICOM file
+                return None
 
     def read(path: Path):
-        try:
-            # pixel data stays on disk until its slice is decoded (:func:`_read_pixels`): a folder of several long
-            # series would otherwise be held in memory whole, beside the volume it becomes
-            ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
-        except Exception:  # noqa: BLE001 - anything unreadable is "not DICOM"
-            return None
-        if "PixelData" not in ds and "FloatPixelData" not in ds:
-            return None  # DICOMDIR, structured reports, presentation states
-        ds.filename = str(path)
-        return ds
+        nonlocal unparsable
+        # pixel data stays on disk until its slice is decoded (:func:`_read_pixels`): a folder of several long
+        # series would otherwise be held in memory whole, beside the volume it becomes
+        ds = parse(path, defer_size=DEFER_BYTES)
+        if ds is not None and ("PixelData" in ds or "FloatPixelData" in ds):
+            ds.filename = str(path)
+            return ds
+        if ds is None or len(ds) == 0:
+            # a truncated image's pixel data can take the whole dataset with it; its header alone may still read
+            ds = parse(path, stop_before_pixels=True) if is_dicom_file(path) else None
+            if ds is None or len(ds) == 0:
+                unparsable += is_dicom_file(path)
+                return None
+        if "Rows" in ds and ("ImagePositionPatient" in ds or "PerFrameFunctionalGroupsSequence" in ds):
+            ds.filename, ds.damaged = str(path), True  # an image without its pixels
+            return ds
+        return None  # DICOMDIR, structured reports, presentation states
 
     # sequential: parsing is pure Python under the GIL, threads only add overhead
     datasets = [read(path) for path in files]
     good = [ds for ds in datasets if ds is not None]
-    slices = [frame for ds in good for frame in (frames_as_slices(ds, folder) if _multi_frame(ds) else [ds])]
-    return slices, len(files) - len(good)
+    slices = [frame for ds in good
+              for frame in (frames_as_slices(ds, folder) if _multi_frame(ds) and not _damaged(ds) else [ds])]
+    return slices, len(files) - len(good), unparsable
+
+
+def _damaged(ds) -> bool:
+    return bool(getattr(ds, "damaged", False))
 
 
 #: functional group macros (PS3.3 C.7.6.16, C.8.15.3) whose attributes a frame takes over: geometry and rescale to
@@ -350,15 +382,30 @@ def import_dicom(folder: str | Path, *, series_uid: str | None = None, deidentif
     folder = Path(folder)
     if not folder.is_dir() and not is_dicom_file(folder):
         raise InputError(f"{folder}: not a folder or a DICOM file; give a DICOM folder or an image file")
-    datasets, skipped = _read_all(folder)
+    datasets, skipped, unparsable = _read_all(folder)
     if not datasets:
-        raise InputError(f"{folder}: no readable DICOM image among {skipped} files")
+        raise InputError(f"{folder}: no readable DICOM image among {skipped} files"
+                         + (f" ({unparsable} of them damaged DICOM files)" if unparsable else ""))
     series, warnings = _choose_series(folder, datasets, series_uid)
+    damaged = [ds for ds in series if _damaged(ds)]
+    if damaged:
+        first = damaged[0]
+        which = (f"instance {first.InstanceNumber}, " if "InstanceNumber" in first else "") \
+            + safe_name(Path(first.filename)) + (", ..." if len(damaged) > 1 else "")
+        raise InputError(f"{folder}: {len(damaged)} slice{'s' if len(damaged) > 1 else ''} of the series ({which}) "
+                         f"{'hold' if len(damaged) > 1 else 'holds'} no readable pixel data (a truncated or damaged "
+                         "file); re-export the series")
+    skipped += sum(_damaged(ds) for ds in datasets)  # damaged images of other series
     if skipped:
-        warnings.append(f"{skipped} non-image or unreadable files skipped")
+        warnings.append(f"{skipped} non-image or unreadable files skipped"
+                        + (f", {unparsable} of them damaged DICOM files (if they held slices of this series, "
+                           "those are missing)" if unparsable else ""))
     try:
         return _import_series(folder, series, warnings, deidentify)
     except InputError as exc:
+        if unparsable and "missing slices" in str(exc):
+            raise InputError(f"{exc} ({unparsable} damaged DICOM file{'s' if unparsable > 1 else ''} in the folder "
+                             "could not be read: the missing slices may be there)") from None
         counts = sorted(Counter(_series_uid(ds) for ds in datasets).values(), reverse=True)
         if series_uid is None and len(counts) > 1:  # the error is about the series taken: say so, and how to choose
             # no UID in the message: it may reach a batch's cohort.csv, and UIDs are hashed in every output
@@ -553,6 +600,8 @@ def _sidecar_metadata(ds, spacing_xy: np.ndarray, n_slices: int) -> dict[str, An
         elif tag == "PatientSex":
             if str(value).upper() in ("M", "F", "O"):
                 meta[name] = str(value).upper()
+        elif not isinstance(value, str) and isinstance(value, MutableSequence):  # multi-valued (pydicom MultiValue)
+            meta[name] = "\\".join(str(v) for v in value)[:64]  # as DICOM writes it, e.g. Br38f\3
         else:
             meta[name] = str(value)[:64]
     age = _age_years(getattr(ds, "PatientAge", ""))
