@@ -143,8 +143,35 @@ def test_labels_that_do_not_fit_are_refused():
     subregions[5:10, 10:20, 10:20], subregions[10:15, 10:20, 10:20] = 41, 49
     with pytest.raises(InputError, match="labels 41..49 hold no vertebra"):
         check_labels(ct.with_array(subregions), ct)
-    subregions[15:18, 10:20, 10:20] = 20  # beside a vertebra label other values are ignored, as morphometry does
-    assert check_labels(ct.with_array(subregions), ct).array.max() == 49
+    subregions[15:18, 10:20, 10:20] = 20  # beside a vertebra label other values are left aside, as morphometry does
+    warnings: list[str] = []
+    assert check_labels(ct.with_array(subregions), ct, warnings=warnings).array.max() == 49
+    assert len(warnings) == 1 and warnings[0].startswith("labels 41, 49 of the label map are not vertebra ids"), warnings
+
+
+def test_a_float_label_map_is_checked_on_every_voxel():
+    ct = _ct()
+    labels = np.zeros(ct.shape, np.float32)
+    labels[5:15, 8:16, 8:16] = 20.0
+    assert check_labels(ct.with_array(labels), ct).array.max() == 20
+    labels[7, 8:16, 8:16] = 20.6  # one slice between those a sample of every 16th would have seen
+    with pytest.raises(InputError, match="non-integer values"):
+        check_labels(ct.with_array(labels), ct)
+    labels[7, 8:16, 8:16] = np.nan
+    with pytest.raises(InputError, match="non-integer values"):
+        check_labels(ct.with_array(labels), ct)
+
+
+def test_vertebrae_of_the_map_outside_the_ct_are_said():
+    ct = _ct()
+    labels = np.zeros((40, *ct.shape[1:]), np.uint8)  # the map reaches 20 slices beyond the CT
+    labels[5:15, 8:16, 8:16] = 20
+    labels[25:35, 8:16, 8:16] = 21
+    warnings: list[str] = []
+    out = check_labels(Volume(labels, ct.spacing, ct.origin), ct, warnings=warnings)
+    assert set(np.unique(out.array)) == {0, 20}
+    assert warnings == ["1 of the label map's vertebrae (L2) lie wholly outside the CT: check that the label map "
+                        "was made on this CT"]
 
 
 def test_labels_on_other_grid_are_resampled():

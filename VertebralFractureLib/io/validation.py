@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from VertebralFractureLib.core.errors import InputError
-from VertebralFractureLib.core.levels import CRANIOCAUDAL_ORDER
+from VertebralFractureLib.core.levels import CRANIOCAUDAL_ORDER, level_name
 from VertebralFractureLib.core.volume import Volume
 
 #: a 0.5 mm CT from head to feet (about 2 m) has 4000 slices; a 0.625 mm whole-body CT about 2,900
@@ -119,14 +119,22 @@ def check_hounsfield(values: np.ndarray, source: str | Path, dtype: np.dtype | N
         )
 
 
-def check_labels(labels: Volume, ct: Volume, source: str | Path = "label map") -> Volume:
+#: VerSe ids beyond the vertebrae that a label map may hold and the analysis leaves aside: 26 sacrum, 27 coccyx
+VERSE_OTHER_IDS = (26, 27)
+
+
+def check_labels(labels: Volume, ct: Volume, source: str | Path = "label map",
+                 warnings: list[str] | None = None) -> Volume:
     """Check a label map against its CT and return it as an integer volume on the CT grid.
 
-    A label map on another grid but the same physical space is resampled (nearest neighbour).
+    A label map on another grid but the same physical space is resampled (nearest neighbour). Said in ``warnings``
+    (appended to, when given): ids that are no vertebra's (left aside; VerSe's sacrum 26 and coccyx 27 silently),
+    and vertebrae that fall wholly outside the CT (a map of another patient or study overlaps by chance).
 
     Raises:
-        InputError: not 3D, non-integer values, ids outside VerSe range, or a label map that
-            does not overlap the CT.
+        InputError: not 3D, non-integer values (every voxel is checked), values outside 0..255, labels but no
+            vertebra id among them (a sub-region mask), or a label map that does not overlap the CT. An empty map is
+            taken: a reviewer who deleted every segment says there is no vertebra ("no vertebrae found").
     """
     from VertebralFractureLib.core.volume import resample_to
 
@@ -134,16 +142,24 @@ def check_labels(labels: Volume, ct: Volume, source: str | Path = "label map") -
     if array.ndim != 3:
         raise InputError(f"{source}: {array.ndim}D array; a 3D label map on the CT's space is needed")
     if np.issubdtype(array.dtype, np.floating):
-        if not np.all(np.mod(array[:: max(1, array.shape[0] // 16)], 1) == 0):
-            raise InputError(f"{source}: non-integer values; expected VerSe label ids (1..28)")
+        for k in range(0, array.shape[0], 16):  # slab by slab: no float copy of a whole CT-sized map
+            slab = array[k:k + 16]
+            if not np.all(np.isfinite(slab)) or np.any(slab != np.floor(slab)):
+                raise InputError(f"{source}: non-integer values; expected VerSe label ids (1..28)")
     if array.min() < 0 or array.max() > 255:
         raise InputError(f"{source}: values {array.min()}..{array.max()} are not VerSe label ids (1..28)")
     present = np.unique(array)
-    present = present[present != 0]
+    present = present[present != 0].astype(int)
     if present.size and not np.isin(present, CRANIOCAUDAL_ORDER).any():
         # e.g. a VerSe sub-region mask (41..50: arch, processes, body) given for the vertebra labels
         raise InputError(f"{source}: labels {int(present.min())}..{int(present.max())} hold no vertebra (VerSe ids "
                          "C1=1 .. L5=24, L6=25, T13=28); give the vertebra label map, not a sub-region or other mask")
+    foreign = [int(v) for v in present if v not in CRANIOCAUDAL_ORDER and v not in VERSE_OTHER_IDS]
+    if foreign and warnings is not None:  # e.g. sub-regions beside the vertebrae: left aside, as morphometry does
+        warnings.append(f"label{'s' if len(foreign) > 1 else ''} {', '.join(map(str, foreign[:5]))}"
+                        f"{', ...' if len(foreign) > 5 else ''} of the label map "
+                        f"{'are not vertebra ids' if len(foreign) > 1 else 'is not a vertebra id'} (VerSe C1=1 .. L5=24, L6=25, T13=28) and left aside: if a vertebra carries "
+                        "it, relabel it")
     if not labels.same_geometry(ct, tol_mm=0.01):
         if not _overlaps(labels, ct):
             raise InputError(
@@ -151,8 +167,13 @@ def check_labels(labels: Volume, ct: Volume, source: str | Path = "label map") -
                 "give the label map that was made on this CT"
             )
         labels = resample_to(labels.with_array(array.astype(np.uint8)), ct, order=0)
-        if not labels.array.any():
+        inside = np.unique(labels.array)
+        if not inside.any():
             raise InputError(f"{source}: no labelled voxel falls inside the CT; give the label map made on this CT")
+        lost = [int(v) for v in present if v in CRANIOCAUDAL_ORDER and v not in inside]
+        if lost and warnings is not None:
+            warnings.append(f"{len(lost)} of the label map's vertebrae ({', '.join(level_name(v) for v in lost)}) "
+                            "lie wholly outside the CT: check that the label map was made on this CT")
     return labels.with_array(labels.array.astype(np.uint8))
 
 
