@@ -91,6 +91,12 @@ def test_discover_cases(tmp_path):
     assert cases["case00"].input.endswith("ct.nii.gz") and cases["case00"].labels.endswith("labels.nii.gz")
     assert cases["empty"].problem and "empty folder" in cases["empty"].problem
     assert cases["dicomcase"].input == str(cohort / "dicomcase") and cases["dicomcase"].labels is None
+    # the batch's own output inside the cohort folder (batch COHORT -o COHORT/results) is no case on a rerun
+    (cohort / "results" / "case00").mkdir(parents=True)
+    (cohort / "results" / "cohort.csv").write_text("case\n")
+    assert "results" in {c.name for c in discover_cases(cohort)}
+    assert "results" not in {c.name for c in discover_cases(cohort, cohort / "results")}
+    assert "results" not in {c.name for c in discover_cases(cohort, cohort / "results" / "deeper")}
 
 
 def test_entries_named_by_dicom_uids_reach_no_output(tmp_path, monkeypatch):

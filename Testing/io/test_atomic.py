@@ -22,3 +22,13 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(target, half_then_fail)
     assert json.loads(target.read_text()) == {"status": "approved"}
     assert [p.name for p in tmp_path.iterdir()] == ["review.json"]  # no temporary file left behind
+
+
+def test_atomic_files_get_the_mode_other_new_files_get(tmp_path):
+    """Not mkstemp's owner-only 0600: colleagues who read the results folder read cohort.csv and review.json too."""
+    import os
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    target = atomic_write_text(tmp_path / "cohort.csv", "case\n")
+    assert os.stat(target).st_mode & 0o777 == os.stat(plain).st_mode & 0o777

@@ -96,8 +96,9 @@ def _strip_suffix(name: str) -> str:
     return name
 
 
-def discover_cases(cohort_dir: str | Path) -> list[Case]:
-    """List the cases of a cohort folder (see the module docstring), sorted by name.
+def discover_cases(cohort_dir: str | Path, output: str | Path | None = None) -> list[Case]:
+    """List the cases of a cohort folder (see the module docstring), sorted by name; ``output``, the batch's output
+    folder, is no case where it lies in the cohort folder (nor is the folder that holds it).
 
     Raises:
         InputError: ``cohort_dir`` is not a folder or holds no case.
@@ -106,8 +107,10 @@ def discover_cases(cohort_dir: str | Path) -> list[Case]:
     if not cohort.is_dir():
         raise InputError(f"{cohort}: not a folder; give a cohort folder with one file or folder per case")
     cases: dict[str, Case] = {}
+    out = Path(output).absolute() if output is not None else None
     for entry in sorted(cohort.iterdir()):
-        if entry.name.startswith("."):
+        if entry.name.startswith(".") or (out is not None and (entry.absolute() == out
+                                                                or entry.absolute() in out.parents)):
             continue
         if entry.is_file():
             if not is_volume_file(entry) and not is_dicom_file(entry):
@@ -504,7 +507,7 @@ def run_batch(
     """
     from VertebralFractureLib.app.pipeline import PipelineOptions
 
-    cases = discover_cases(cohort_dir)
+    cases = discover_cases(cohort_dir, out_dir)
     if priors is not None:
         pair_priors(cases, priors)
     out = Path(out_dir).absolute()

@@ -7,6 +7,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+# the process's umask, read once at import (reading it means setting it): files written here get the mode any other
+# new file gets (0644 under the usual umask 022), not mkstemp's owner-only 0600, so colleagues sharing the folder can
+# read cohort.csv or review.json as they read the rest of the results
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary sibling of ``path`` (same suffixes), fsync it, then rename it to ``path``.
@@ -20,6 +26,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with tmp.open("rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
