@@ -221,6 +221,23 @@ def test_sacrum_segment_between_the_ilia_is_left_out_and_names_l5():
     assert assign_levels(plain, hu2, spacing_mm=1.5).sacrum == []
 
 
+def test_bone_cut_by_the_scans_top_is_no_ilium():
+    """An ilium ends at the iliac crest; bone that the scan's top cuts (each side's rib cage on a chest CT whose
+    lowest segment held several bodies) shows no crest, whatever its height in view."""
+    inst, hu = _pelvis(3, ribs_on=[], sacrum_segment=True)
+    assert assign_levels(inst, hu, spacing_mm=1.5).sacrum == [3]
+    hu[34:, 15:60, 30:60] = hu[34:, 15:60, 140:170] = 400.0  # the "wings" run on to the grid's top slice
+    assert assign_levels(inst, hu, spacing_mm=1.5).sacrum == []
+    # on a taller grid they end inside it: where the field of view goes on above them, that is a crest ...
+    taller_inst = np.pad(inst, ((0, 10), (0, 0), (0, 0)))
+    taller_hu = np.pad(hu, ((0, 10), (0, 0), (0, 0)), constant_values=40.0)
+    fov = np.ones(taller_inst.shape, bool)
+    assert assign_levels(taller_inst, taller_hu, spacing_mm=1.5, fov=fov).sacrum == [3]
+    # ... where the scan ends right above them (padding of the work grid), it is not
+    fov[inst.shape[0]:] = False
+    assert assign_levels(taller_inst, taller_hu, spacing_mm=1.5, fov=fov).sacrum == []
+
+
 def test_last_rib_and_sacrum_agreeing_give_high_confidence():
     # instances 1..7: T11, T12 (ribs), L1..L5, then the sacrum segment (8)
     inst, hu = _pelvis(8, ribs_on=[1, 2], sacrum_segment=True)

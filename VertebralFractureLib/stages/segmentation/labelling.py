@@ -440,14 +440,15 @@ def sliver_at_bottom(instances: np.ndarray, fov: np.ndarray | None, count: int,
 
 
 def find_sacrum(instances: np.ndarray, spacing_mm: float, count: int,
-                components: np.ndarray) -> tuple[int | None, set[int]]:
+                components: np.ndarray, fov: np.ndarray | None = None) -> tuple[int | None, set[int]]:
     """The most caudal instance (1..count) that is the sacrum (None if none is) and the bone components that are
     its ilia (empty without a sacrum).
 
     The sacrum is the segment held between the ilia: on each side (beyond 25 mm from its centre) it touches,
     within 6 mm, a bone component of at least :data:`ILIUM_MIN_ML` whose top lies no more than
-    :data:`ILIUM_MAX_ABOVE_MM` above the segment's top (an ilium ends at the iliac crest; the rib cage, also
-    large and touching the thoracic vertebrae at both sides, reaches far higher), along at least
+    :data:`ILIUM_MAX_ABOVE_MM` above the segment's top and inside the scan (an ilium ends at the iliac crest; the
+    rib cage, also large and touching the thoracic vertebrae at both sides, reaches far higher, and where the
+    scan's top cuts it its top in view says nothing: ``fov`` as in :func:`assign_levels`), along at least
     :data:`SI_JOINT_MIN_MM` of its height on both sides (a sacroiliac joint, not the tip of a transverse process
     near the iliac crest). ``components``: :func:`bone_components`.
     """
@@ -455,6 +456,16 @@ def find_sacrum(instances: np.ndarray, spacing_mm: float, count: int,
         return None, set()
     vols = label_counts(components) * spacing_mm**3 / 1000.0
     objs = label_boxes(components)
+    nz = components.shape[0]
+
+    def crest_in_view(c: int) -> bool:
+        # a chest CT 3 degrees off, whose lowest segment held three thoracic bodies, had each side's rib cage as one
+        # 108 ml component cut by the scan's top: taken for the ilia, it left the chest named L4-L5
+        top = objs[c - 1][0].stop - 1
+        if top == nz - 1:
+            return False
+        return fov is None or bool(fov[top + 1][components[top] == c].all())
+
     grow = max(1, int(round(6.0 / spacing_mm)))
     lateral = 25.0 / spacing_mm
     need = SI_JOINT_MIN_MM / spacing_mm
@@ -473,7 +484,9 @@ def find_sacrum(instances: np.ndarray, spacing_mm: float, count: int,
         zn, _, xn = np.nonzero(near)
         comp = components[sl][near]
         top = zz.max() + ILIUM_MAX_ABOVE_MM / spacing_mm
-        ilium = np.array([vols[c] >= ILIUM_MIN_ML and objs[c - 1][0].stop - 1 <= top for c in comp], bool)
+        candidates = {int(c) for c in np.unique(comp)
+                      if vols[c] >= ILIUM_MIN_ML and objs[c - 1][0].stop - 1 <= top and crest_in_view(int(c))}
+        ilium = np.isin(comp, list(candidates))
         if not ilium.any():
             continue
         dx = xn + sl[2].start - xx.mean()
@@ -616,7 +629,7 @@ def assign_levels(
     sacrum: list[int] = []
     if hu is not None:
         comps = bone_components(instances, hu)
-        sac, ilia = find_sacrum(instances, spacing_mm, n, comps)
+        sac, ilia = find_sacrum(instances, spacing_mm, n, comps, fov)
         if sac is not None:
             sacrum = list(range(sac, n + 1))
             warnings.append(f"the lowest segment{'s' if len(sacrum) > 1 else ''} (between the ilia) "
