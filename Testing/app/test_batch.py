@@ -170,6 +170,17 @@ def test_broken_cases_get_their_status_and_the_rest_goes_on(tmp_path):
     rows = {r["case"]: r for r in read_cohort_csv(out / "cohort.csv")}
     assert rows["truncated"]["status"] == "ok"
 
+    # a fixed input whose case folder holds something the run would delete is refused, named from OUT down
+    (cohort / "flat2d.nii.gz").unlink()
+    tiny_case(cohort / "flat2d", seed=6)
+    (out / "flat2d").mkdir()
+    (out / "flat2d" / "notes.txt").write_text("keep")
+    run_batch(cohort, out, scheduler="synchronous", options=OPTIONS, progress=lambda f, m: None)
+    rows = {r["case"]: r for r in read_cohort_csv(out / "cohort.csv")}
+    assert rows["flat2d"]["status"] == "bad_input" and rows["flat2d"]["error"].startswith(
+        "flat2d: the output folder is not empty"), rows["flat2d"]
+    assert (out / "flat2d" / "notes.txt").read_text() == "keep" and str(tmp_path) not in (out / "cohort.csv").read_text()
+
 
 def test_sigkill_halfway_then_rerun_completes_every_case_once(tmp_path):
     cohort = make_cohort(tmp_path, 8, broken=False)

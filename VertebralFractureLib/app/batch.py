@@ -244,15 +244,17 @@ def _summary_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _within_cohort(message: str, case_input: str, name: str) -> str:
-    """``message`` with the cohort folder's path taken out of the paths it names (``case01/IM0001.dcm: ...``) and
-    any DICOM UID in it replaced (``<UID>/IM0001.dcm``): the folders above a case can name a patient or a ward, a
-    UID identifies a study, and cohort.csv and the failure records are outputs."""
+def _within_cohort(message: str, case_input: str, name: str, output: str | Path | None = None) -> str:
+    """``message`` with the cohort folder's path taken out of the paths it names (``case01/IM0001.dcm: ...``), and
+    the batch's ``output`` folder's (``case01: the output folder holds a review ...``), and any DICOM UID in it
+    replaced (``<UID>/IM0001.dcm``): the folders above a case can name a patient or a ward, a UID identifies a
+    study, and cohort.csv and the failure records are outputs."""
     path = Path(case_input)
     # the case's entry in the cohort folder: the input itself (a file or DICOM folder) or the folder holding ct.nii.gz
     entry = next((p for p in (path, *path.parents) if name in (p.name, _strip_suffix(p.name))), path)
-    folder = entry.parent
-    for prefix in sorted({str(folder), str(folder.absolute()), str(folder.resolve())}, key=len, reverse=True):
+    folders = [entry.parent, *([Path(output)] if output is not None else [])]
+    prefixes = {str(p) for folder in folders for p in (folder, folder.absolute(), folder.resolve())}
+    for prefix in sorted(prefixes, key=len, reverse=True):
         if prefix not in ("", "."):
             message = message.replace(prefix.rstrip(os.sep) + os.sep, "")
     return without_uids(message)
@@ -300,10 +302,11 @@ def run_case(case: dict[str, Any], out_dir: str, options: dict[str, Any], thread
                               prior_path=case.get("prior"), options=pipeline_options)
         row = _summary_row(name, result.to_json())
     except InputError as exc:
-        row = _failure_row(name, "bad_input", _within_cohort(str(exc), case["input"], name))
+        row = _failure_row(name, "bad_input", _within_cohort(str(exc), case["input"], name, out_dir))
     except Exception as exc:  # noqa: BLE001 - one case's failure must not stop the cohort
         log.debug("case %s failed:\n%s", name, traceback.format_exc())
-        row = _failure_row(name, "error", _within_cohort(f"{type(exc).__name__}: {exc}", case["input"], name))
+        row = _failure_row(name, "error", _within_cohort(f"{type(exc).__name__}: {exc}", case["input"], name,
+                                                         out_dir))
     row["seconds"] = round(time.perf_counter() - start, 3)
     row["cpu_seconds"] = round(time.process_time() - cpu_start, 3)
     row["worker"] = f"{os.uname().nodename}:{os.getpid()}"
