@@ -322,3 +322,27 @@ def test_lasso_selection_is_reproducible_whatever_the_global_random_state():
         fits.append((lasso.selected, lasso.path_coefs, lasso.cv_auc_mean))
     assert fits[0][0] == fits[1][0]
     assert np.array_equal(fits[0][1], fits[1][1]) and np.array_equal(fits[0][2], fits[1][2])
+
+
+def test_a_split_without_both_classes_or_a_share_outside_0_1_is_refused_before_training():
+    from VertebralFractureLib.research.study.data import check_split, split_patients
+
+    cases, y = [f"p{i}" for i in range(8)], np.array([0, 1] * 4)
+    for share in (0.0, -0.2, 1.0, 1.5):
+        with pytest.raises(InputError, match=f"--test-fraction {share:g}: .* between 0 and 1"):
+            split_patients(cases, y, share, seed=0)
+    train, test = split_patients(cases, y, 0.95, seed=0)  # rounds to all patients: one stays for training
+    assert len(train) == 1 and len(test) == 7
+    with pytest.raises(InputError, match="training split has only one class"):
+        check_split(np.zeros(5), np.array([0, 1]), np.array([0, 1]))
+    with pytest.raises(InputError, match="test split's 1 patients hold only fractured vertebrae"):
+        check_split(np.array([0, 1]), np.ones(3), np.array([1]))
+    (warning,) = check_split(np.array([0, 1]), np.array([0, 1, 0]), np.array([1, 1]))
+    assert "all fractured: per-patient ROC-AUC and specificity are n/a" in warning
+    assert check_split(np.array([0, 1]), np.array([0, 1]), np.array([0, 1])) == []
+
+
+def test_train_classifier_refuses_zero_epochs_in_one_line(tmp_path, capsys):
+    assert main(["train-classifier", str(tmp_path / "cohort"), "-o", str(tmp_path / "model"), "--epochs", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --epochs must be at least 1"] and not (tmp_path / "model").exists()

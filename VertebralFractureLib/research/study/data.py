@@ -178,10 +178,36 @@ def split_patients(cases: list[str], y: np.ndarray, test_fraction: float, seed: 
 
     if len(cases) < 2:
         raise InputError("the study needs at least 2 patients")
-    n_test = max(1, int(round(test_fraction * len(cases))))
-    stratify = y if min(np.bincount(y, minlength=2)) >= 2 and n_test >= 2 else None
+    if not 0.0 < test_fraction < 1.0:
+        raise InputError(f"--test-fraction {test_fraction:g}: give the share of patients held out for testing, "
+                         "between 0 and 1 (e.g. 0.2)")
+    n_test = min(len(cases) - 1, max(1, int(round(test_fraction * len(cases)))))
+    stratify = y if min(np.bincount(y, minlength=2)) >= 2 and 2 <= n_test <= len(cases) - 2 else None
     train, test = train_test_split(list(cases), test_size=n_test, stratify=stratify, random_state=seed)
     return sorted(train), sorted(test)
+
+def check_split(y_train: np.ndarray, y_test: np.ndarray, y_test_patients: np.ndarray) -> list[str]:
+    """Refuse a split no classifier can be trained or scored on; warn of one scored per vertebra only.
+
+    ``y_train``, ``y_test``: the vertebrae's labels (1 fractured) of the training and test patients;
+    ``y_test_patients``: the test patients' labels. Returns warnings.
+
+    Raises:
+        InputError: the training or the test vertebrae hold one class only.
+    """
+    if len(set(np.asarray(y_train).tolist())) < 2:
+        raise InputError("the training split has only one class; the cohort needs fractured and normal vertebrae")
+    if len(set(np.asarray(y_test).tolist())) < 2:
+        only = "fractured" if np.all(y_test) else "normal"
+        raise InputError(f"the test split's {len(y_test_patients)} patients hold only {only} vertebrae: no ROC-AUC, "
+                         "sensitivity or specificity can be computed; raise --test-fraction or give more patients")
+    if len(set(np.asarray(y_test_patients).tolist())) < 2:
+        only = "fractured" if np.all(y_test_patients) else "normal"
+        missing = "specificity" if only == "fractured" else "sensitivity"
+        return [f"the test split's {len(y_test_patients)} patients are all {only}: per-patient ROC-AUC and {missing} "
+                "are n/a (per-vertebra metrics stand); raise --test-fraction or give more patients"]
+    return []
+
 
 def concat_cohorts(parts: list[CohortData], names: list[str]) -> CohortData:
     """Several cohorts as one; case ids are prefixed with the cohort's name so they stay unique."""

@@ -27,6 +27,7 @@ from VertebralFractureLib.research.study.data import (
     ALL_MODELS,
     RADIOMICS_MODELS,
     StudyOptions,
+    check_split,
     concat_cohorts,
     load_cohort,
     patient_labels,
@@ -80,8 +81,7 @@ def run_study(cohort: str | Path, out_dir: str | Path, options: StudyOptions | N
     case_arr = np.asarray(data.cases)
     train = np.flatnonzero(np.isin(case_arr, train_cases))
     test = np.flatnonzero(np.isin(case_arr, test_cases))
-    if len(set(data.y[train].tolist())) < 2:
-        raise InputError("the training split has only one class; the cohort needs fractured and normal vertebrae")
+    warnings += check_split(data.y[train], data.y[test], y_patient[np.isin(cases, test_cases)])
 
     runs: dict[str, ModelRun] = {}
     lasso = None
@@ -128,6 +128,8 @@ def train_classifier(cohorts: list[str | Path] | str | Path, out_dir: str | Path
     """
     if architecture not in CNN_MODELS:
         raise InputError(f"train-classifier trains a network; choose from {', '.join(CNN_MODELS)}")
+    if epochs < 1:
+        raise InputError("--epochs must be at least 1")
     cohorts = [Path(c) for c in ([cohorts] if isinstance(cohorts, str | Path) else cohorts)]
     options = StudyOptions(models=[architecture], epochs=epochs, seed=seed, device=device, threads=threads,
                            test_fraction=test_fraction)
@@ -144,6 +146,7 @@ def train_classifier(cohorts: list[str | Path] | str | Path, out_dir: str | Path
     whole = ~data.partial
     train = np.flatnonzero(np.isin(case_arr, train_cases) & whole)
     test = np.flatnonzero(np.isin(case_arr, test_cases) & whole)
+    split_warnings = check_split(data.y[train], data.y[test], y_patient[np.isin(cases, test_cases)])
     config = TrainConfig(epochs=epochs, seed=seed, device=device)
     net, history = train_network(architecture, data.crops[train], data.y[train], config, x_test=data.crops[test],
                                  y_test=data.y[test], progress=sub_progress(progress, 0.3, 0.95))
@@ -172,6 +175,7 @@ def train_classifier(cohorts: list[str | Path] | str | Path, out_dir: str | Path
             "training_seconds": round(time.perf_counter() - start, 1), "test_cases": test_cases,
         },
         "metrics": {"held_out": metrics},
+        **({"split_warnings": split_warnings} if split_warnings else {}),
     }
     save_classifier(net, architecture, out_dir, card)
     full = json.loads((Path(out_dir) / "card.json").read_text())
