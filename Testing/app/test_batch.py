@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from VertebralFractureLib.app.batch import COHORT_COLUMNS, discover_cases, read_cohort_csv, review_first, run_batch
+from VertebralFractureLib.app.batch import (
+    COHORT_COLUMNS,
+    discover_cases,
+    pair_priors,
+    read_cohort_csv,
+    review_first,
+    run_batch,
+)
 from VertebralFractureLib.app.pipeline import PipelineOptions
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.volume_files import write_volume
@@ -332,6 +339,16 @@ def test_batch_compares_each_case_with_its_prior_by_name_or_by_a_pairs_file(tmp_
         pairs.write_text(text)
         with pytest.raises(InputError, match=message):
             run_batch(now, tmp_path / "out-bad", scheduler="synchronous", options=OPTIONS, quiet=True, priors=pairs)
+    # a spreadsheet's "CSV UTF-8" (byte-order mark, CRLF, a space after the comma) pairs as well; other encodings
+    # and a missing file are one-line errors
+    cases = discover_cases(now)
+    pairs.write_bytes("\ufeffcase, prior\r\np3,out-before/p1\r\n".encode())
+    assert pair_priors(cases, pairs) == 1 and next(c for c in cases if c.name == "p3").prior
+    pairs.write_bytes("case,prior\np3,out-before/caf\xe9\n".encode("latin-1"))
+    with pytest.raises(InputError, match="not UTF-8 text"):
+        pair_priors(cases, pairs)
+    with pytest.raises(InputError, match="nowhere.csv: not found"):
+        pair_priors(cases, tmp_path / "nowhere.csv")
     # an earlier batch's folder with one unreadable result: said before any case runs, not in a case's row
     (tmp_path / "old" / "p2").mkdir(parents=True)
     (tmp_path / "old" / "p2" / "result.json").write_text("{cut short")

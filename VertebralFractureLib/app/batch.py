@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -164,12 +165,21 @@ def pair_priors(cases: list[Case], priors: str | Path) -> int:
                 read_prior(priors / case.name)
                 case.prior, paired = str(priors / case.name), paired + 1
         return paired
+    if not priors.exists():
+        raise InputError(f"{priors}: not found; give --priors an earlier batch's output folder or a .csv of "
+                         "case,prior pairs")
     if not (priors.is_file() and priors.suffix.lower() == ".csv"):
         raise InputError(f"{priors}: not a folder of earlier results nor a .csv of case,prior pairs; give --priors "
                          "one of them")
-    with priors.open(newline="") as fh:
+    try:
+        # utf-8-sig: a spreadsheet's "CSV UTF-8" begins with a byte-order mark, which would rename the first column
+        text = priors.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(f"{priors}: not UTF-8 text; save the pairs file as CSV UTF-8") from None
+    with io.StringIO(text, newline="") as fh:
         reader = csv.DictReader(fh)
-        if not {"case", "prior"} <= set(reader.fieldnames or []):
+        reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
+        if not {"case", "prior"} <= set(reader.fieldnames):
             raise InputError(f"{priors}: needs the columns case and prior (a result folder of an earlier run)")
         seen: set[str] = set()
         for row in reader:
@@ -316,8 +326,6 @@ def run_case(case: dict[str, Any], out_dir: str, options: dict[str, Any], thread
 # --- state on disk -----------------------------------------------------------------------------------------------
 def write_cohort_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     """Write ``cohort.csv`` atomically (temporary file + ``os.replace``)."""
-    import io
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COHORT_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
