@@ -115,6 +115,25 @@ def test_bind_rules_and_token():
     assert len(tokens) == 20 and all(len(t) >= 32 for t in tokens)
 
 
+def test_a_port_out_of_range_or_taken_is_refused_before_the_app_says_its_address(tmp_path, capsys):
+    import socket
+
+    from VertebralFractureLib.app.review.server import _check_port_free
+    from VertebralFractureLib.cli import main
+
+    with pytest.raises(InputError, match="--port 99999: give a port between 1 and 65535"):
+        _check_port_free("127.0.0.1", 99999)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(InputError, match=f"--port {port} on 127.0.0.1: .*; give another --port"):
+            _check_port_free("127.0.0.1", port)
+        assert main(["review", str(tmp_path), "--port", str(port)]) == 2
+    err = capsys.readouterr()
+    assert "review app:" not in err.out and len(err.err.strip().splitlines()) == 1
+
+
 def test_sign_off_writes_review_and_cohort_column(batch_out):
     record = signoff.review_record("rejected", "  L2 is T12 ", {"fracture_probability": 0.3}, corrected_files=[])
     signoff.write_review(batch_out / "low", record)
@@ -130,6 +149,12 @@ def test_sign_off_writes_review_and_cohort_column(batch_out):
     assert [e.review for e in load_worklist(batch_out) if e.name == "low"] == ["rejected"]
     with pytest.raises(InputError, match="expected one of"):
         signoff.review_record("maybe", "", None, corrected_files=[])
+    # only the page's text box writes the note: another websocket client's object or a document is refused
+    with pytest.raises(InputError, match="must be text"):
+        signoff.review_record("approved", {"evil": ["dict"]}, None, corrected_files=[])
+    with pytest.raises(InputError, match="keep it to 4000"):
+        signoff.review_record("approved", "x" * 5000, None, corrected_files=[])
+    assert signoff.review_record("approved", None, None, corrected_files=[])["note"] == ""
     assert signoff.update_cohort_review(batch_out / "low", "low", "approved") is None  # run output: no table
 
 

@@ -233,7 +233,7 @@ class OpenCase:
         self.corrected = True
         return mapping
 
-    def sign_off(self, status: str, note: str = "") -> dict[str, Any]:
+    def sign_off(self, status: str, note: str | None = "") -> dict[str, Any]:
         """Approve or reject: ``review.json`` (+ the corrected segmentation when there is one) and ``cohort.csv``.
 
         Edits not recomputed yet are recomputed first, so the saved results match the saved segmentation. An
@@ -241,6 +241,7 @@ class OpenCase:
         """
         if status not in signoff.STATUSES:
             raise InputError(f"review status {status!r}: expected one of {', '.join(signoff.STATUSES)}")
+        signoff.checked_note(note)  # refused before anything is written
         if self.edited:
             self.recompute()
         corrected_files: list[str] = []

@@ -303,7 +303,7 @@ class ReviewApp:
             raise InputError("open a case before signing it off")
         self.editor.deactivate_effect()
         self.state.vf_effect = "none"
-        record = self.case.sign_off(status, self.state.vf_note or "")
+        record = self.case.sign_off(status, self.state.vf_note)
         for entry in self.entries:
             if entry.name == self.case.name:
                 entry.review = status
@@ -478,6 +478,23 @@ class ReviewApp:
         html.Div("{{ vf_error }}", id="vf-error", classes="pa-2 text-error", v_show=("vf_error",))
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port out of range or taken before the app loads and says its address.
+
+    Raises:
+        InputError: with what to do."""
+    import socket
+
+    if not 0 < port < 65536:
+        raise InputError(f"--port {port}: give a port between 1 and 65535")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a closed one's TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise InputError(f"--port {port} on {host}: {exc.strerror or exc}; give another --port") from None
+
+
 def serve(out: str | Path, *, port: int = 8080, host: str = "127.0.0.1", allow_remote: bool = False,
           require_token: bool = False, options: PipelineOptions | None = None) -> None:
     """Start the review server (blocking) and print its address (with the token when one is needed).
@@ -486,6 +503,7 @@ def serve(out: str | Path, *, port: int = 8080, host: str = "127.0.0.1", allow_r
         InputError: ``out`` is no batch/run output, or ``host`` is remote without ``allow_remote``.
     """
     needs_token = safety.check_bind(host, allow_remote) or require_token
+    _check_port_free(host, port)
     token = safety.new_token() if needs_token else None
     app = ReviewApp(out, token=token, options=options)
     # trame reads its own options from sys.argv; give it only these (ours are parsed already)

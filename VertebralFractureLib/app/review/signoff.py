@@ -24,6 +24,24 @@ CORRECTED_NIFTI = "segmentation.corrected.nii.gz"
 REVIEW_COLUMN = "review"
 
 
+#: a reviewer's note is a sentence or a paragraph, not a document
+MAX_NOTE_CHARS = 4000
+
+
+def checked_note(note: Any) -> str:
+    """The reviewer's note, stripped (None: empty).
+
+    Raises:
+        InputError: not text (the page's text box sends a string: anything else came from another client of the
+            websocket), or longer than :data:`MAX_NOTE_CHARS`.
+    """
+    if note is not None and not isinstance(note, str):
+        raise InputError("the review note must be text")
+    if len(note or "") > MAX_NOTE_CHARS:
+        raise InputError(f"the review note holds {len(note)} characters; keep it to {MAX_NOTE_CHARS}")
+    return (note or "").strip()
+
+
 def review_record(status: str, note: str, results: dict[str, Any] | None, *, corrected_files: list[str],
                   warnings: list[str] | None = None) -> dict:
     """The content of ``review.json``; ``warnings``: what the sign-off could not write, and why.
@@ -35,7 +53,7 @@ def review_record(status: str, note: str, results: dict[str, Any] | None, *, cor
         raise InputError(f"review status {status!r}: expected one of {', '.join(STATUSES)}")
     return {
         "status": status,
-        "note": str(note or "").strip(),
+        "note": checked_note(note),
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "corrected": bool(corrected_files),
         "corrected_files": corrected_files,
