@@ -77,6 +77,13 @@ def test_split_delete_anchor_give_three_named_vertebrae():
     assert np.array_equal(labels, again)
 
 
+def test_a_split_plane_beside_the_segment_is_refused():
+    """A plane that misses the segment would split nothing and say nothing: the labels would silently keep it."""
+    beside = {"point": [30, 30, 500], "normal": [0, 0, 1]}
+    with pytest.raises(InputError, match=r"split\[0\]\.planes\[1\]: the plane does not cut segment"):
+        _apply({"delete": [AORTA], "split": [{"at": MIDDLE, "planes": [DISC_PLANE, beside]}]})
+
+
 def test_anchor_renames_and_instance_numbers_refer_to_the_proposal():
     # the aorta by its proposal number, a cut point instead of a plane, a different anchor
     labels, _ = _apply({"delete": [3], "split": [{"at": 2, "points": [[30, 30, 35]]}], "levels": {"T12": UPPER}})

@@ -361,7 +361,14 @@ class Editor:
         planes = list(spec["planes"]) + [(p, self._axis_at(mask, pts, p)) for p in spec["points"]]
         # orient every normal towards superior so that "side" counts planes passed from caudal to cranial
         planes = [(c, n if n[2] >= 0 else -n) for c, n in planes]
-        side = sum(((pts - c) @ n > 0).astype(np.int32) for c, n in planes) + 1
+        above = [(pts - c) @ n > 0 for c, n in planes]
+        for j, cut in enumerate(above):  # a plane beside the segment would split nothing, and say nothing of it
+            if cut.all() or not cut.any():
+                n_planes = len(spec["planes"])
+                which = f"planes[{j}]" if j < n_planes else f"points[{j - n_planes}]"
+                raise _fail(self.source, f"{where}.{which}", f"the plane does not cut segment {spec['at']}: all of "
+                            "it lies on one side; place the plane across it (e.g. at the disc between two bodies)")
+        side = sum(a.astype(np.int32) for a in above) + 1
         part = np.zeros(mask.shape, np.int32)
         part[mask] = side
         if not spec["hard"]:
