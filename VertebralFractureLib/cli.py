@@ -361,6 +361,8 @@ def _add_train_classifier(p: argparse.ArgumentParser) -> None:
 def _cmd_train_classifier(args: argparse.Namespace) -> int:
     from VertebralFractureLib.models.device import resolve_device
 
+    if args.epochs < 1:
+        raise InputError("--epochs must be at least 1")
     if args.real_labels is not None:
         return _train_realct_classifier(args)
     if not args.cohort:
@@ -373,6 +375,8 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
     if not args.quiet:
         held = card["metrics"]["held_out"]["per_vertebra"]
         print(f"held-out vertebrae: ROC-AUC {held['roc_auc']:.3f}, accuracy {held['accuracy']:.3f}")
+        for warning in card.get("split_warnings", []):
+            print(f"warning: {warning}", file=sys.stderr)
         print(f"wrote {args.output / 'model.safetensors'} and {args.output / 'card.json'}")
     return 0
 
@@ -419,12 +423,13 @@ def _add_label_assist(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show-proposal", action="store_true", help="also draw the numbered proposal into OUT/proposal/")
     p.add_argument("--no-views", action="store_true", help="write no PNGs")
     p.add_argument("--no-cache", action="store_true", help="segment again instead of using the cached proposal")
-    p.add_argument("--proposal", type=Path,
-                   help="frozen proposal (proposal.nii.gz an earlier run wrote, proposal.json beside it): apply the "
-                        "decisions to it instead of segmenting the CT, so that they rebuild the same labels "
-                        "(default: the proposal.nii.gz beside the decisions JSON, if there is one)")
-    p.add_argument("--new-proposal", action="store_true",
-                   help="segment the CT afresh even where a frozen proposal lies beside the decisions")
+    which = p.add_mutually_exclusive_group()  # giving both would leave one silently unused
+    which.add_argument("--proposal", type=Path,
+                       help="frozen proposal (proposal.nii.gz an earlier run wrote, proposal.json beside it): apply the "
+                            "decisions to it instead of segmenting the CT, so that they rebuild the same labels "
+                            "(default: the proposal.nii.gz beside the decisions JSON, if there is one)")
+    which.add_argument("--new-proposal", action="store_true",
+                       help="segment the CT afresh even where a frozen proposal lies beside the decisions")
 
 
 def _cmd_label_assist(args: argparse.Namespace) -> int:
@@ -521,11 +526,10 @@ def main(argv: list[str] | None = None) -> int:
         _close_progress()
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # an output path under a file, a folder without write permission, a full disk
+    except OSError as exc:  # an output path under a file, a folder without write permission, a full disk, a port
         _close_progress()
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}; check that the path is a folder you can write to, and the free "
-              "space", file=sys.stderr)
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Cancelled):
         _close_progress()
