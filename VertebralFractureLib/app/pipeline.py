@@ -758,15 +758,14 @@ def check_output_folder(out_dir: str | Path, inputs: Sequence[str | Path]) -> No
 
 @contextmanager
 def _atomic_output_dir(out_dir: Path):
-    """Yield a temporary folder beside ``out_dir``; on success it replaces ``out_dir`` in one rename."""
+    """Yield a temporary folder beside ``out_dir`` (checked by :func:`check_output_folder`); on success it replaces
+    ``out_dir`` in one rename."""
     out_dir = out_dir.absolute()
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"{out_dir}: cannot create the output folder's parent ({exc.strerror}); give a writable "
                          "folder") from exc
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: output path exists and is not a folder")
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
