@@ -292,6 +292,12 @@ def test_correct_recompute_and_approve_a_case(server, batch_out, page):
         reviews = {r["case"]: r["review"] for r in csv.DictReader(fh)}
     assert reviews == {"case_a": "", "case_b": "approved", "case_c": ""}
     assert "approved" in page.locator(".vf-case[data-case='case_b']").inner_text()
+    # opened again, the signed-off case shows its note (a second sign-off would otherwise drop it unseen)
+    page.locator(".vf-case[data-case='case_c']").click()
+    page.wait_for_function("() => document.querySelector('#vf-title').innerText.startsWith('case_c')")
+    assert page.locator("#vf-note").input_value() == ""
+    page.locator(".vf-case[data-case='case_b']").click()
+    page.wait_for_function("() => document.querySelector('#vf-note').value === 'L2 outline corrected'")
 
 
 def test_keyboard_next_and_rejecting_without_edits(server, batch_out, page):

@@ -193,6 +193,7 @@ def test_cli_refuses_malformed_decisions_in_one_line(tmp_path, capsys):
     assert main(["label-assist", str(ct_path), "-o", str(tmp_path / "out"), "--decisions", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and str(bad) in err[0] and "not valid JSON" in err[0]
+    assert "at line 1, column 15" in err[0]  # where to look in the file
     with pytest.raises(InputError, match="not found"):
         read_decisions(tmp_path / "missing.json")
 

@@ -234,8 +234,10 @@ def read_decisions(path: str | Path) -> Decisions:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise InputError(f"{path}: decisions file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON (not UTF-8 text: {exc.reason})") from None
     if isinstance(raw, dict) and "decisions" in raw and "tool_version" in raw:
         return parse_decisions(raw["decisions"], str(path))
     return parse_decisions(raw, str(path))

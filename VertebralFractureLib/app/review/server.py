@@ -24,7 +24,13 @@ from VertebralFractureLib.app import slicer_logic
 from VertebralFractureLib.app.pipeline import PipelineOptions
 from VertebralFractureLib.app.review import safety
 from VertebralFractureLib.app.review.case import CtCache, OpenCase
-from VertebralFractureLib.app.review.worklist import filter_worklist, load_worklist, order_worklist, step
+from VertebralFractureLib.app.review.worklist import (
+    filter_worklist,
+    load_worklist,
+    order_worklist,
+    read_review,
+    step,
+)
 from VertebralFractureLib.core.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -219,7 +225,9 @@ class ReviewApp:
         self.case = None
         self.case = OpenCase(self.slicer.scene, self.out, name, folder, options=self.options, ct_cache=self.ct_cache)
         self._show_case()
-        self.state.vf_case, self.state.vf_note, self.state.vf_effect = name, "", "none"
+        # a case signed off before shows its note again, so that a second sign-off does not drop it unseen
+        self.state.vf_case, self.state.vf_effect = name, "none"
+        self.state.vf_note = str(read_review(folder).get("note") or "")
         self.state.vf_review = next((e.review for e in self.entries if e.name == name), "")
         self.state.vf_message = f"opened {name}"
         self._publish_case()

@@ -79,13 +79,18 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def read_review(folder: Path) -> dict:
+    """A case folder's ``review.json`` ({} when there is none or it cannot be read)."""
+    return _read_json(folder / REVIEW_FILE)
+
+
 def _entry_from_result(name: str, folder: Path, status: str = "ok") -> CaseEntry:
     """An entry from ``folder/result.json`` (worst vertebra by probability, else by grade)."""
     from VertebralFractureLib.stages.follow_up import new_fractures
 
     result = _read_json(folder / "result.json")
     worst = worst_vertebra(result.get("vertebrae") or [])
-    review = _read_json(folder / REVIEW_FILE).get("status", "")
+    review = read_review(folder).get("status", "")
     return CaseEntry(
         name=name,
         status=status,
