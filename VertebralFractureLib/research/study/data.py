@@ -186,6 +186,7 @@ def split_patients(cases: list[str], y: np.ndarray, test_fraction: float, seed: 
     train, test = train_test_split(list(cases), test_size=n_test, stratify=stratify, random_state=seed)
     return sorted(train), sorted(test)
 
+
 def check_split(y_train: np.ndarray, y_test: np.ndarray, y_test_patients: np.ndarray) -> list[str]:
     """Refuse a split no classifier can be trained or scored on; warn of one scored per vertebra only.
 
