@@ -53,10 +53,10 @@ DISC_PLANE = {"point": [30, 30, 35], "normal": [0, 0, 1]}
 
 def _apply(raw: dict) -> tuple[np.ndarray, dict[int, int]]:
     ct, inst = _column()
-    editor = Editor(ct, inst)
-    d = parse_decisions(raw)
+    editor = Editor(ct, inst, "case.json")
+    d = parse_decisions(raw, "case.json")
     out = editor.apply(d)
-    mapping, _ = name_segments(ct, out, d.levels, editor.resolve)
+    mapping, _ = name_segments(ct, out, d.levels, editor.resolve, editor.source)
     lut = np.zeros(out.max() + 1, np.uint8)
     for i, v in mapping.items():
         lut[i] = v
@@ -161,7 +161,7 @@ def test_add_to_completes_a_half_labelled_body_on_one_side_of_a_plane():
 
 
 def test_anchors_that_disagree_are_refused():
-    with pytest.raises(InputError, match="disagrees"):
+    with pytest.raises(InputError, match=r"^case\.json: levels\.L3 disagrees"):
         _apply({"delete": [AORTA], "levels": {"L5": LOWER, "L3": MIDDLE}})
 
 
@@ -177,6 +177,10 @@ def test_anchors_that_disagree_are_refused():
     ({"partial": {"X9": "cut"}}, "partial.X9"),
     ({"partial": ["T9"]}, "partial"),
     ({"licence": {"name": "CC BY-NC"}}, "licence"),
+    ({"delete": [3.0]}, "whole number"),
+    ({"uncertain": {"T7": "a", "t7 ": "b"}}, "T7 is given twice"),
+    ({"exclude": [{"slices": [0, 99]}]}, "reaches beyond the CT's slices"),
+    ({"crop_mm": {"min": [500, 500, 500], "max": [600, 600, 600]}}, "crop_mm: the box holds no labelled voxel"),
 ])
 def test_bad_decisions_are_one_line_errors(raw, problem):
     with pytest.raises(InputError) as err:
@@ -278,6 +282,9 @@ def test_partial_vertebrae_are_recorded_by_level():
     benchmarks leave it ungraded."""
     assert parse_decisions({"partial": {"T9": "its top lies in the excluded slices"}}).partial == {
         "T9": "its top lies in the excluded slices"}
+    # keys as a person types them name the same level as the labels do
+    assert parse_decisions({"uncertain": {"t7 ": "faint rib", "naming": "no anchor"}}).uncertain == {
+        "T7": "faint rib", "naming": "no anchor"}
 
 
 @pytest.mark.parametrize("licence, nc", [("CC BY-NC 4.0", True), ("CC BY-NC-SA 3.0", True), ("cc by-nc-nd", True),

@@ -106,6 +106,14 @@ _ARRAYS = ("crops", "radiomics", "y", "grade", "fracture_type", "group", "source
            "morph_grade")
 
 
+def _partial_levels(decisions: dict, folder: Path) -> tuple[str, ...]:
+    """Canonical level names of ``decisions``' ``partial`` entries ("t9 " -> "T9"), as label-assist reads them."""
+    from VertebralFractureLib.research.label_assist_decisions import parse_decisions
+
+    return tuple(sorted(parse_decisions({"partial": decisions.get("partial") or {}},
+                                        str(folder / "decisions.json")).partial))
+
+
 def find_real_cases(labels_dir: str | Path, data_dir: str | Path) -> list[RealCase]:
     """The cases of a checked-labels folder (``<labels_dir>/<case>/labels.nii.gz``) with their CT in ``data_dir``.
 
@@ -132,7 +140,7 @@ def find_real_cases(labels_dir: str | Path, data_dir: str | Path) -> list[RealCa
             raise InputError(f"{folder}: no CT for this case under {data_dir} (looked for {', '.join(names)})")
         cases.append(RealCase(folder.name, found[0], folder / "labels.nii.gz",
                               str(decisions.get("status", "unchecked")).startswith("checked"),
-                              tuple(sorted(decisions.get("partial") or {})), str(decisions.get("licence", ""))))
+                              _partial_levels(decisions, folder), str(decisions.get("licence", ""))))
     if not cases:
         raise InputError(f"{labels_dir}: no <case>/labels.nii.gz inside")
     return cases

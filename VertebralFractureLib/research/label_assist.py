@@ -184,8 +184,8 @@ def automatic_levels(ct: Volume, instances: np.ndarray) -> tuple[dict[int, int],
     return {present[i - 1]: v for i, v in result.mapping.items()}, result.warnings
 
 
-def name_segments(ct: Volume, instances: np.ndarray, anchors: list[tuple[int, object]], resolve) -> tuple[
-        dict[int, int], str]:
+def name_segments(ct: Volume, instances: np.ndarray, anchors: list[tuple[int, object]], resolve,
+                  source: str = "decisions") -> tuple[dict[int, int], str]:
     """Instance number -> VerSe id from the decisions' level anchors (all must agree), else automatically.
 
     ``resolve(ref, where)`` turns an anchor's reference into an instance number. Returns the mapping and how
@@ -205,11 +205,11 @@ def name_segments(ct: Volume, instances: np.ndarray, anchors: list[tuple[int, ob
     mapping = names_from_anchor(n, idx, vid, [v for v, _ in resolved])
     for v2, i2 in resolved[1:]:
         if mapping.get(i2) != v2:
-            raise InputError(f"decisions: levels.{level_name(v2)} disagrees with levels.{level_name(vid)} (segment "
+            raise InputError(f"{source}: levels.{level_name(v2)} disagrees with levels.{level_name(vid)} (segment "
                              f"{i2} would be {level_name(mapping.get(i2, 0))}); fix the anchors or add a split/merge")
     unnamed = [i for i in range(1, n + 1) if i not in mapping]
     if unnamed:
-        raise InputError(f"decisions: segment(s) {unnamed} fall beyond C1..L5 with these anchors; delete or exclude "
+        raise InputError(f"{source}: segment(s) {unnamed} fall beyond C1..L5 with these anchors; delete or exclude "
                          "them, or anchor a transitional level (T13, L6)")
     return mapping, "anchors"
 
@@ -285,7 +285,7 @@ def label_assist(
         prop = propose(ct, ct_sha, model_dir=model_dir, use_cache=use_cache, model_sha=model_sha)
     editor = Editor(ct, prop.instances.array, str(decisions_path or "decisions"))
     instances = assign_arches_on(ct, editor.apply(decisions))
-    mapping, how = name_segments(ct, instances, decisions.levels, editor.resolve)
+    mapping, how = name_segments(ct, instances, decisions.levels, editor.resolve, editor.source)
     lut = np.zeros(max(int(instances.max()), 0) + 1, np.uint8)
     for i, v in mapping.items():
         lut[i] = v

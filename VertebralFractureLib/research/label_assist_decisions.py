@@ -51,7 +51,7 @@ from scipy import ndimage as ndi
 
 from VertebralFractureLib.core.boxes import nonzero_box
 from VertebralFractureLib.core.errors import InputError
-from VertebralFractureLib.core.levels import level_id
+from VertebralFractureLib.core.levels import level_id, level_name
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.stages.segmentation.discs import seeded_watershed
 
@@ -80,6 +80,9 @@ def _point(value: Any, source: str, where: str) -> np.ndarray:
 
 
 def _ref(value: Any, source: str, where: str) -> int | np.ndarray:
+    if isinstance(value, float):
+        raise _fail(source, where, f"an instance number is a whole number (e.g. 3), got {value!r}; or give a point "
+                                   "[x, y, z] in LPS mm")
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 1:
             raise _fail(source, where, "instance numbers count from 1 (the most cranial)")
@@ -203,28 +206,34 @@ def parse_decisions(raw: Any, source: str = "decisions") -> Decisions:
     unc = raw.get("uncertain", {})
     if not isinstance(unc, dict) or not all(isinstance(v, str) for v in unc.values()):
         raise _fail(source, "uncertain", 'expected {"LEVEL" or "naming": "reason", ...}')
-    for name in unc:
-        if name != "naming":
-            try:
-                level_id(name)
-            except ValueError as exc:
-                raise _fail(source, f"uncertain.{name}", str(exc)) from None
-    d.uncertain = dict(unc)
+    d.uncertain = _by_level(unc, source, "uncertain", extra=("naming",))
     part = raw.get("partial", {})
     if not isinstance(part, dict) or not all(isinstance(v, str) for v in part.values()):
         raise _fail(source, "partial", 'expected {"LEVEL": "why its label holds only part of the body", ...}')
-    for name in part:
-        try:
-            level_id(name)
-        except ValueError as exc:
-            raise _fail(source, f"partial.{name}", str(exc)) from None
-    d.partial = dict(part)
+    d.partial = _by_level(part, source, "partial")
     if raw.get("status", "unchecked") not in STATUSES:
         raise _fail(source, "status", f"expected one of {', '.join(STATUSES)}")
     for key in ("notes", "licence"):
         if not isinstance(raw.get(key, ""), str):
             raise _fail(source, key, "expected a string")
     return d
+
+
+def _by_level(entries: dict[str, str], source: str, key: str, extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """``entries`` keyed by canonical level names ("t7 " -> "T7"); a level given twice is refused."""
+    out: dict[str, str] = {}
+    for name, reason in entries.items():
+        if name in extra:
+            canonical = name
+        else:
+            try:
+                canonical = level_name(level_id(name))
+            except ValueError as exc:
+                raise _fail(source, f"{key}.{name}", str(exc)) from None
+        if canonical in out:
+            raise _fail(source, f"{key}.{name}", f"{canonical} is given twice")
+        out[canonical] = reason
+    return out
 
 
 def read_decisions(path: str | Path) -> Decisions:
@@ -324,6 +333,8 @@ class Editor:
 
     def crop(self, box: tuple[np.ndarray, np.ndarray]) -> None:
         self.labels[~_box_mask(self.ct, box)] = 0
+        if not self.labels.any():
+            raise _fail(self.source, "crop_mm", "the box holds no labelled voxel; check its min and max (LPS mm)")
 
     def delete(self, ref, where: str) -> None:
         self.labels[self.labels == self.resolve(ref, where)] = 0
@@ -426,9 +437,10 @@ class Editor:
         elif "slices" in spec:
             region = np.zeros(self.ct.shape, bool)
             k0, k1 = spec["slices"]
-            if k0 >= self.ct.shape[0] or k1 < 0:
-                raise _fail(self.source, where + ".slices", f"the CT has slices 0..{self.ct.shape[0] - 1}")
-            region[max(0, k0):k1 + 1] = True
+            if k0 < 0 or k1 >= self.ct.shape[0]:
+                raise _fail(self.source, where + ".slices", f"[{k0}, {k1}] reaches beyond the CT's slices "
+                                                            f"0..{self.ct.shape[0] - 1}")
+            region[k0:k1 + 1] = True
         else:
             region = self.labels == self.resolve(spec["segment"], where + ".segment")
         self.ignore |= region
