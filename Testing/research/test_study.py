@@ -67,6 +67,9 @@ def test_tables_have_the_study_columns_and_sane_values(study_out):
         if row["p"]:
             assert float(row["ci_low"]) <= float(row["difference"]) <= float(row["ci_high"])
             assert 0 <= float(row["p"]) <= float(row["p_holm"]) <= 1
+            assert row["note"] == ""
+        else:  # a row without a CI says why
+            assert row["note"].startswith("no CI or p")
     assert "Table 3: ROC-AUC against customcnn" in (study_out / "report.html").read_text()
     t2 = _read(study_out / "table2.csv")
     assert list(t2[0]) == ["model", "metric", "ci_low", "ci_high"]
@@ -156,6 +159,7 @@ def test_youden_threshold_separates_shifted_scores():
 def test_study_rejects_bad_input(tmp_path, cohort):
     with pytest.raises(InputError, match="labels.csv"):
         run_study(tmp_path, tmp_path / "out", StudyOptions(models=["genant-rule"]))
+    assert not (tmp_path / "out").exists()  # a refused cohort leaves no empty output folder behind
     with pytest.raises(InputError, match="unknown model"):
         run_study(cohort, tmp_path / "out", StudyOptions(models=["alexnet"]))
     assert main(["study", "-o", str(tmp_path / "o")]) == 2
@@ -214,10 +218,13 @@ def test_delong_comparison_of_two_models():
     # a model much better than chance against chance itself, and a model against itself
     assert evaluation.auc_comparison(y, y + rng.normal(0, 0.3, 60), rng.random(60))["p"] < 0.001
     same = evaluation.auc_comparison(y, a, a)
-    assert same["difference"] == 0 and math.isnan(same["p"])
+    assert same["difference"] == 0 and math.isnan(same["p"]) and "no variance" in same["no_ci"]
     one_negative = evaluation.auc_comparison([1, 1, 0], [0.9, 0.8, 0.1], [0.5, 0.3, 0.4])
     assert one_negative["difference"] == 0.5 and math.isnan(one_negative["p"])
-    assert math.isnan(evaluation.auc_comparison([1, 1], [0.9, 0.8], [0.5, 0.6])["auc_a"])
+    assert one_negative["no_ci"].startswith("no CI or p: the normal rows come from one row")
+    one_class = evaluation.auc_comparison([1, 1], [0.9, 0.8], [0.5, 0.6])
+    assert math.isnan(one_class["auc_a"]) and "only fractured" in one_class["no_ci"]
+    assert c["no_ci"] == ""
     assert evaluation.holm([0.01, 0.04, math.nan, 0.03]) == pytest.approx([0.03, 0.06, math.nan, 0.06], nan_ok=True)
 
 

@@ -157,7 +157,7 @@ def auc_comparison(y_true: Sequence[int], prob_a: Sequence[float], prob_b: Seque
     Returns ``auc_a``, ``auc_b``, ``difference`` (a - b), ``se`` (its standard error), ``ci_low``/``ci_high``
     (normal ``level`` interval), ``z``, ``p`` (two-sided) and ``n``: all NaN (but ``n``) when a class is missing, and
     all but the AUCs and their difference when a class lies in fewer than two groups or the difference has no
-    variance (e.g. two identical models).
+    variance (e.g. two identical models); ``no_ci`` then says which in words (else "").
     """
     from scipy.stats import norm
 
@@ -169,11 +169,13 @@ def auc_comparison(y_true: Sequence[int], prob_a: Sequence[float], prob_b: Seque
     _, cluster = np.unique(groups, return_inverse=True)
     out = dict.fromkeys(("auc_a", "auc_b", "difference", "se", "ci_low", "ci_high", "z", "p"), math.nan)
     out["n"] = int(len(y))
+    out["no_ci"] = ""
     n_clusters = int(cluster.max()) + 1 if len(y) else 0
     m_i = np.bincount(cluster[y == 1], minlength=n_clusters)
     n_i = np.bincount(cluster[y == 0], minlength=n_clusters)
     i10, i01 = int(np.sum(m_i > 0)), int(np.sum(n_i > 0))
     if i10 == 0 or i01 == 0:
+        out["no_ci"] = "no ROC-AUC: the rows hold only " + ("normal" if i10 == 0 else "fractured") + " cases"
         return out
     m, n = int(m_i.sum()), int(n_i.sum())
     auc = np.empty(2)
@@ -187,6 +189,8 @@ def auc_comparison(y_true: Sequence[int], prob_a: Sequence[float], prob_b: Seque
     diff = float(auc[0] - auc[1])
     out.update(auc_a=float(auc[0]), auc_b=float(auc[1]), difference=diff)
     if min(i10, i01) < 2:
+        out["no_ci"] = (f"no CI or p: the {'fractured' if i10 < 2 else 'normal'} rows come from one "
+                        f"{'patient' if n_clusters < len(y) else 'row'}; the variance needs two or more")
         return out
     s10 = i10 / ((i10 - 1) * m) * (c10.T @ c10)
     s01 = i01 / ((i01 - 1) * n) * (c01.T @ c01)
@@ -195,6 +199,8 @@ def auc_comparison(y_true: Sequence[int], prob_a: Sequence[float], prob_b: Seque
     contrast = np.array([1.0, -1.0])
     variance = float(contrast @ cov @ contrast)
     if variance <= 1e-15:
+        out["no_ci"] = ("no CI or p: the difference has no variance (the two models rank every fractured-normal "
+                        "pair the same way)")
         return out
     se = math.sqrt(variance)
     half = float(norm.ppf(0.5 + level / 2)) * se

@@ -102,7 +102,7 @@ def _metric_tables(runs: dict[str, ModelRun], data: CohortData, test: np.ndarray
 #: the model the others are compared with in table 3: the study's own network, else the first model run
 REFERENCE_MODEL = "customcnn"
 TABLE3_COLUMNS = ["level", "model", "reference", "n", "roc_auc", "roc_auc_reference", "difference", "ci_low", "ci_high",
-                  "p", "p_holm"]
+                  "p", "p_holm", "note"]
 
 
 def _comparison_table(runs: dict[str, ModelRun], data: CohortData, test: np.ndarray) -> list[dict[str, Any]]:
@@ -123,7 +123,7 @@ def _comparison_table(runs: dict[str, ModelRun], data: CohortData, test: np.ndar
             c = auc_comparison(y, scores[model], scores[reference], groups)
             block.append({"level": level, "model": model, "reference": reference, "n": c["n"], "roc_auc": c["auc_a"],
                           "roc_auc_reference": c["auc_b"], "difference": c["difference"], "ci_low": c["ci_low"],
-                          "ci_high": c["ci_high"], "p": c["p"]})
+                          "ci_high": c["ci_high"], "p": c["p"], "note": c["no_ci"]})
         for row, adjusted in zip(block, holm([r["p"] for r in block]), strict=True):
             row["p_holm"] = adjusted
         rows += block
@@ -234,7 +234,7 @@ def _write_report(path: Path, result: StudyResult, figures: dict[str, Path], dat
                   "<p>Difference of each model's ROC-AUC from the reference model's on the same patients or vertebrae, "
                   "with its 95 % CI and two-sided p by DeLong's test for correlated ROC curves (per vertebra the "
                   "vertebrae of one patient are clustered: Obuchowski's extension); p_holm: Holm-adjusted over the "
-                  "comparisons of each level.</p>",
+                  "comparisons of each level; note: why a row has no CI or p.</p>",
                   _html_table(_p_values_as_text(result.table3), TABLE3_COLUMNS)]
     if result.cv_table:
         parts += [f"<h2>{result.cv_table[0]['folds']}-fold cross-validation (patients)</h2>",

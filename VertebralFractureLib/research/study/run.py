@@ -68,7 +68,6 @@ def run_study(cohort: str | Path, out_dir: str | Path, options: StudyOptions | N
         raise InputError("--epochs must be at least 1")
     _set_threads(options)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     need_radiomics = bool(RADIOMICS_MODELS & set(options.models))
@@ -82,6 +81,7 @@ def run_study(cohort: str | Path, out_dir: str | Path, options: StudyOptions | N
     train = np.flatnonzero(np.isin(case_arr, train_cases))
     test = np.flatnonzero(np.isin(case_arr, test_cases))
     warnings += check_split(data.y[train], data.y[test], y_patient[np.isin(cases, test_cases)])
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused cohort or split leaves no empty folder behind
 
     runs: dict[str, ModelRun] = {}
     lasso = None
