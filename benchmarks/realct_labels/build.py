@@ -52,7 +52,9 @@ def partial_levels(case: str, labels_dir: Path = HERE) -> dict[str, str]:
     """Levels of ``case`` whose checked label holds only part of the body (``decisions.json``'s ``partial``: an
     exclusion cut it, not the field of view, so the run's morphometry cannot tell) -> why. The benchmarks leave them
     ungraded."""
-    return dict(case_decisions(case, labels_dir).get("partial", {}))
+    from VertebralFractureLib.research.label_assist_decisions import parse_decisions
+
+    return parse_decisions({"partial": case_decisions(case, labels_dir).get("partial", {})}, case).partial
 
 
 def build_reference(case: str, ct_path: Path, ref_path: Path, out: Path) -> dict:
