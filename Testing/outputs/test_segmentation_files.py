@@ -405,7 +405,10 @@ def test_measurement_report_codes_every_number_and_leaves_out_what_was_not_measu
     patient, density = sr.content.get_image_measurement_groups()  # the groups without a segment: the patient's
     assert [(q.name.meaning, q.value.meaning) for q in patient.get_qualitative_evaluations()] == [
         ("Vertebral fracture", "Needs review")]
-    assert [(m.name, m.value) for m in patient.get_measurements()] == [(codes.DCM.Probability, pytest.approx(0.93))]
+    # L1 graded 2 is the only grade of T4-L4 here: the spinal deformity index is coded as a lower bound
+    assert [(m.name.meaning, m.value) for m in patient.get_measurements()] == [
+        (codes.DCM.Probability.meaning, pytest.approx(0.93)),
+        ("Spinal deformity index, lower bound (T4-L4 not all graded)", 2.0)]
     # the bone-density screen: the category, and the attenuation on the vertebra measured
     assert density.finding_sites[0].value.value == vertebra_code(19).value  # SNOMED CT "T12 vertebra"
     assert [(q.name.meaning, q.value.meaning) for q in density.get_qualitative_evaluations()] == [

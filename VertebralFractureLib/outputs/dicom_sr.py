@@ -41,6 +41,9 @@ TRABECULAR_HU = ("TRABECULAR-HU", "Trabecular bone attenuation")
 QUALITY_FLAG = ("QUALITY-FLAG", "Segmentation quality flag")
 FRACTURE = ("VFX-FRACTURE", "Vertebral fracture")
 RESULTS = {True: ("PRESENT", "Present"), False: ("ABSENT", "Absent"), None: ("NEEDS-REVIEW", "Needs review")}
+#: the sum of the Genant grades of T4-L4 (Crans 2005), and the same over fewer than the 13: a lower bound
+SDI = ("VFX-SDI", "Spinal deformity index")
+SDI_PARTIAL = ("VFX-SDI-PARTIAL", "Spinal deformity index, lower bound (T4-L4 not all graded)")
 BONE_DENSITY = ("VFX-BMD", "Opportunistic bone density screen")
 #: ``stages.bone_density`` categories
 BONE_DENSITY_CATEGORIES = {"osteoporosis likely": ("OP-LIKELY", "Osteoporosis likely"),
@@ -125,7 +128,8 @@ def write_dicom_sr(seg_header: Any, records: Sequence[VertebraRecord], path: str
     whose header (pydicom, pixel data not needed) is ``seg_header``.
 
     One measurement group per vertebra that has a segment in the SEG, then one for the patient: the fracture
-    probability and the result (present, absent or needs review when ``fractured`` is None). Patient and study
+    probability, the spinal deformity index (as ``result.json``'s; a lower bound, coded so, when not all of T4-L4
+    were graded) and the result (present, absent or needs review when ``fractured`` is None). Patient and study
     come from the SEG (the de-identified ones of the import). Every number is as in ``vertebrae.csv`` (the
     trabecular attenuation is its ``trabecular_hu``, the mean); NaN values (not measured, not graded) are left out.
     ``reviewed``: the results of a correction approved in the review app, a series of its own. ``bone_density``:
@@ -137,15 +141,22 @@ def write_dicom_sr(seg_header: Any, records: Sequence[VertebraRecord], path: str
     from pydicom.uid import generate_uid
 
     from VertebralFractureLib.outputs.segmentation_files import series_identity, writing_dicom
+    from VertebralFractureLib.stages.morphometry.grading import spinal_deformity_index
 
     path = Path(path)
     numbers = segment_numbers(seg_header)
     groups = [_vertebra_group(hd, r, seg_header, numbers[int(r.label)]) for r in records if int(r.label) in numbers]
+    patient_numbers = []
+    if math.isfinite(fracture_probability):
+        patient_numbers.append(hd.sr.Measurement(name=codes.DCM.Probability, value=float(fracture_probability),
+                                                 unit=codes.UCUM.NoUnits))
+    sdi = spinal_deformity_index(list(records))
+    if sdi["value"] is not None:
+        patient_numbers.append(hd.sr.Measurement(name=_private(*(SDI if sdi["complete"] else SDI_PARTIAL)),
+                                                 value=float(sdi["value"]), unit=codes.UCUM.NoUnits))
     patient = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="patient"),
-        finding_type=_private(*FRACTURE),
-        measurements=[hd.sr.Measurement(name=codes.DCM.Probability, value=float(fracture_probability),
-                                        unit=codes.UCUM.NoUnits)] if math.isfinite(fracture_probability) else None,
+        finding_type=_private(*FRACTURE), measurements=patient_numbers or None,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(_private(*FRACTURE), _private(*RESULTS[fractured]))])
     patient_groups = [patient]
     if bone_density and bone_density.get("category"):
