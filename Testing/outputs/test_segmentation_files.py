@@ -207,6 +207,30 @@ def test_dicom_seg_label_map_on_another_grid(tmp_path):
     _check_seg(path, labels, source)
 
 
+def test_dicom_seg_of_a_gantry_tilted_series_lands_on_each_slice(tmp_path):
+    """A gantry-tilted series (each slice shifted along its columns) that the import resampled onto the untilted grid:
+    same first slice, orientation and spacing, so only the slices' positions tell the grids apart. Every SEG frame
+    holds the labels at its own slice's pixel positions."""
+    import highdicom as hd
+
+    labels = _boxes()
+    source = ct_series(labels)
+    column = labels.direction[:, 1]
+    dy = labels.spacing[1]
+    for k, ds in enumerate(source):  # a fifth of a row further along the columns per slice
+        ds.ImagePositionPatient = [float(x) for x in np.asarray(ds.ImagePositionPatient) + 0.2 * k * dy * column]
+    path = write_dicom_seg(labels, RECORDS, source, tmp_path / "segmentation.dcm")
+    seg = hd.seg.segread(str(path))
+    nk, nj, _ = labels.shape
+    for k, ds in enumerate(source):
+        rows = np.rint(np.arange(nj) + 0.2 * k).astype(int)  # pixel row j of slice k lies on label row j + 0.2 k
+        expected = np.where((rows < nj)[:, None], labels.array[k, np.minimum(rows, nj - 1)], 0)
+        got = seg.get_pixels_by_source_instance([ds.SOPInstanceUID], combine_segments=True, relabel=True,
+                                                ignore_spatial_locations=True)[0]
+        lut = np.array([0, 20, 21, 22], np.uint8)  # segment numbers 1..3 are L1..L3
+        assert np.array_equal(lut[got], expected), k
+
+
 def test_dicom_seg_one_frame_of_reference(tmp_path):
     """A series whose slices carry different FrameOfReferenceUIDs (as LIDC-IDRI does) still gets a SEG, with a warning."""
     from pydicom.uid import generate_uid

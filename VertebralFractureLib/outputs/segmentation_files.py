@@ -266,6 +266,14 @@ def _dataset_geometry(datasets: Sequence[Any]) -> tuple[Volume, list[int]]:
     return grid, [int(i) for i in order]
 
 
+def _slices_on_grid(grid: Volume, ordered: Sequence[Any], tol_mm: float = 1e-2) -> bool:
+    """Whether slice k of ``ordered`` lies where ``grid``'s slice k does (not so on a tilted or irregular series)."""
+    positions = np.array([np.asarray(ds.ImagePositionPatient, dtype=np.float64) for ds in ordered])
+    k = np.arange(len(ordered), dtype=np.float64)
+    expected = grid.index_to_lps(np.stack([np.zeros_like(k), np.zeros_like(k), k], axis=1))  # (i, j, k) order
+    return bool(np.abs(positions - expected).max() <= tol_mm)
+
+
 def _labels_on_slices(labels: Volume, ordered: Sequence[Any]) -> np.ndarray:
     """Nearest-neighbour label of every pixel of every slice, from each slice's own position; (n, rows, cols) uint8."""
     from scipy.ndimage import map_coordinates
@@ -476,8 +484,10 @@ def write_dicom_seg(
         sources = _one_frame_of_reference(datasets, warnings, path.name)
         grid, order = _dataset_geometry(sources)
         sources = [sources[i] for i in order]
-        # sampled at every slice's own position where the grids differ: exact for tilted or irregular series too
-        same = labels.same_geometry(grid, tol_mm=1e-2)
+        # sampled at every slice's own position where the grids differ: exact for tilted or irregular series too.
+        # A gantry-tilted series shares its first slice, orientation and spacing with the untilted grid, so each
+        # slice's position is checked as well.
+        same = labels.same_geometry(grid, tol_mm=1e-2) and _slices_on_grid(grid, sources)
         array = np.asarray(labels.array) if same else _labels_on_slices(labels, sources)
     if array.dtype != np.uint8:
         array = array.astype(np.uint8)
