@@ -157,6 +157,38 @@ def test_mrml_segment_without_a_level_is_refused(scene):
     assert 23 in np.unique(mrml_nodes.labels_from_segmentation_node(seg, labels).array)
 
 
+def test_mrml_a_segment_renamed_in_the_segment_editor_is_read_by_its_new_name(scene):
+    """Renaming a segment in the Segment Editor changes its name only; the name wins over the stale tag, and two
+    segments naming one level are refused rather than merged silently."""
+    labels = box_labels()
+    seg = mrml_nodes.segmentation_node_from_labels(scene, labels, records(), None)
+    segmentation = seg.GetSegmentation()
+    segmentation.GetSegment(mrml_nodes.find_segment_id(seg, "L2")).SetName("L3")  # its tag still says 21 (L2)
+    back = mrml_nodes.labels_from_segmentation_node(seg, labels)
+    assert set(np.unique(back.array)) == {0, 19, 20, 22}
+    assert np.array_equal(back.array == 22, labels.array == 21)
+    segmentation.GetSegment(mrml_nodes.find_segment_id(seg, "T12")).SetName("L1")  # now two segments name L1
+    with pytest.raises(InputError, match=r"segments .* both name L1; rename one"):
+        mrml_nodes.labels_from_segmentation_node(seg, labels)
+
+
+def test_mrml_a_segmentation_off_the_ct_is_refused_or_its_lost_segments_named(scene):
+    """As ``run --labels`` does: a segmentation that misses the CT is refused (it is not 'empty'), and segments that
+    fall wholly outside it are named in a warning."""
+    labels = box_labels()
+    seg = mrml_nodes.segmentation_node_from_labels(scene, labels, records(), None)
+    far = Volume(np.zeros(labels.shape, np.int16), labels.spacing, (2000.0, 2000.0, 2000.0), labels.direction)
+    with pytest.raises(InputError, match="lies outside the CT: none of its segments overlaps it"):
+        mrml_nodes.labels_from_segmentation_node(seg, far)
+    # a CT that holds L1 and L2 only: k 10.. of the label grid (T12 lies at k 2-8)
+    shifted = Volume(np.zeros((20, 16, 18), np.int16), labels.spacing, tuple(labels.index_to_lps([0, 0, 10])),
+                     labels.direction)
+    warnings: list[str] = []
+    back = mrml_nodes.labels_from_segmentation_node(seg, shifted, warnings)
+    assert set(np.unique(back.array)) == {0, 20, 21}
+    assert len(warnings) == 1 and "1 of the segmentation's segments (T12 G0) lie wholly outside the CT" in warnings[0]
+
+
 # --- tables ------------------------------------------------------------------------------------
 def test_mrml_table_node_equals_vertebrae_csv(scene, tmp_path):
     rows = records()

@@ -197,6 +197,8 @@ def test_mrml_recompute_on_a_synthetic_spine(scene):
     ct_node = mrml_nodes.volume_node_from_volume(scene, phantom.ct, "phantom")
     seg = mrml_nodes.segmentation_node_from_labels(scene, phantom.labels, None, ct_node)
     before = {r.label: r for r in measure_vertebrae(phantom.ct, phantom.labels)}
+    with pytest.raises(InputError, match="no CT volume selected"):  # the widget's CT selector left empty
+        slicer_logic.recompute_segmentation_node(scene, seg, None)
     _erase_superior_half(seg, mrml_nodes.find_segment_id(seg, "L2"), phantom.ct)
 
     out = slicer_logic.recompute_segmentation_node(scene, seg, ct_node, options=PipelineOptions(wiener=False, device="cpu"))

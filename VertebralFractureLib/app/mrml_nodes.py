@@ -168,10 +168,12 @@ def volume_from_volume_node(node) -> Volume:
     A linear parent transform is hardened into the geometry; a non-linear one is refused.
 
     Raises:
-        InputError: the node has no image data or sits under a non-linear transform.
+        InputError: no node, the node has no image data or sits under a non-linear transform.
     """
     import vtk
 
+    if node is None:
+        raise InputError("no CT volume selected; choose the CT (the one the segmentation was made on)")
     image = node.GetImageData()
     if image is None or image.GetPointData().GetScalars() is None:
         raise InputError(f"volume node {node.GetName()!r} has no voxels; load an image first")
@@ -219,15 +221,19 @@ def segment_name(level: str, record: VertebraRecord | None = None) -> str:
 
 
 def segment_label(segment) -> int | None:
-    """VerSe id of a ``vtkSegment``: its tag, else a level at the start of its name, else None."""
+    """VerSe id of a ``vtkSegment``: the level its name starts with, else its tag, else None.
+
+    The name wins over the tag: a user who renames "T11 G0" to "T10" in the Segment Editor changes the name
+    only, and the tag this module set is then stale.
+    """
     import vtk
 
-    value = vtk.reference("")
-    if segment.GetTag(TAG_LABEL, value) and str(value).strip().isdigit():
-        return int(str(value))
     match = _LEVEL_IN_NAME.match(segment.GetName() or "")
     if match and match.group(1).upper() in LEVEL_IDS:
         return level_id(match.group(1))
+    value = vtk.reference("")
+    if segment.GetTag(TAG_LABEL, value) and str(value).strip().isdigit():
+        return int(str(value))
     return None
 
 
@@ -353,11 +359,12 @@ def update_segment_styles(seg_node, records: Iterable[VertebraRecord]) -> None:
             style_segment(segment, label, by_label.get(label))
 
 
-def labels_from_segmentation_node(seg_node, reference: Volume) -> Volume:
+def labels_from_segmentation_node(seg_node, reference: Volume, warnings: list[str] | None = None) -> Volume:
     """The VerSe label map of a (possibly edited) segmentation node on ``reference``'s grid.
 
-    Each segment's VerSe id comes from its tag, else from the level its name starts with. Segments
-    are written in list order, so a later segment wins where two overlap.
+    Each segment's VerSe id comes from the level its name starts with, else from its tag. Segments
+    are written in list order, so a later segment wins where two overlap. Segments whose voxels all lie
+    outside ``reference`` are named in ``warnings`` (appended to, when given), as ``run --labels`` does.
 
     Args:
         seg_node: a ``vtkMRMLSegmentationNode``.
@@ -365,21 +372,28 @@ def labels_from_segmentation_node(seg_node, reference: Volume) -> Volume:
     Returns:
         uint8 label map (z, y, x) on ``reference``'s geometry.
     Raises:
-        InputError: a non-empty segment is not named by a vertebra level.
+        InputError: a non-empty segment is not named by a vertebra level, two segments name one level, or no
+            segment's voxels fall inside ``reference``.
     """
     out = np.zeros(reference.shape, np.uint8)
     reference_image = _geometry_image(reference)
     segmentation = seg_node.GetSegmentation()
-    layers: dict[int, np.ndarray | None] = {}  # segments share labelmap layers: each layer is resampled once
+    layers: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # segments share layers: each is resampled once
+    owner: dict[int, str] = {}
+    outside: list[str] = []
     for sid in segment_ids(seg_node):
         segment = segmentation.GetSegment(sid)
         layer = segmentation.GetLayerIndex(sid)
         if layer not in layers:
             image = segmentation.GetLayerDataObject(layer)
-            layers[layer] = None if image is None else _resampled_labels(image, reference_image, reference.shape)
-        resampled = layers[layer]
+            layers[layer] = ((np.zeros(0, np.uint8), None) if image is None or image.GetPointData().GetScalars() is None
+                             else (_array_from_image_data(image), _resampled_labels(image, reference_image,
+                                                                                    reference.shape)))
+        own, resampled = layers[layer]
         mask = None if resampled is None else resampled == segment.GetLabelValue()
         if mask is None or not mask.any():
+            if (own == segment.GetLabelValue()).any():
+                outside.append(segment.GetName())
             continue
         label = segment_label(segment)
         if label is None:
@@ -387,7 +401,17 @@ def labels_from_segmentation_node(seg_node, reference: Volume) -> Volume:
                 f"segment {segment.GetName()!r} is not named by a vertebra level; rename it (e.g. 'L1') or delete it, "
                 "then Recompute"
             )
+        if label in owner:
+            raise InputError(f"segments {owner[label]!r} and {segment.GetName()!r} both name {level_name(label)}; "
+                             "rename one to its own level, or merge them, then Recompute")
+        owner[label] = segment.GetName()
         out[mask] = label
+    if outside and not owner:
+        raise InputError(f"segmentation {seg_node.GetName()!r} lies outside the CT: none of its segments overlaps "
+                         "it; choose the CT the segmentation was made on")
+    if outside and warnings is not None:
+        warnings.append(f"{len(outside)} of the segmentation's segments ({', '.join(outside)}) lie wholly outside "
+                        "the CT and were left out: check that the segmentation was made on this CT")
     return reference.with_array(out)
 
 

@@ -115,13 +115,18 @@ def recompute_segmentation_node(
     names, colours, tags and voxel values agree again.
 
     Raises:
-        InputError: empty segmentation, or a segment without a vertebra level.
+        InputError: no CT or segmentation node, empty segmentation, one outside the CT, a segment without a
+            vertebra level, or two segments naming one level.
     """
     ct = mrml_nodes.volume_from_volume_node(volume_node)
-    labels = mrml_nodes.labels_from_segmentation_node(segmentation_node, ct)
+    if segmentation_node is None:
+        raise InputError("no segmentation selected; Apply first, or choose the segmentation to recompute")
+    outside: list[str] = []
+    labels = mrml_nodes.labels_from_segmentation_node(segmentation_node, ct, outside)
     if not labels.array.any():
         raise InputError(f"segmentation {segmentation_node.GetName()!r} is empty; nothing to recompute")
     result = analyse(ct, labels, options=options, progress=progress, cancel=cancel)
+    result.warnings[:0] = outside
     return publish_result(scene, ct, result, volume_node, segmentation_node, table_node)
 
 
