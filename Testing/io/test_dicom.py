@@ -391,7 +391,8 @@ def test_jpeg2000_series_runs_without_a_seg_it_cannot_reference(shared_data, tmp
     result = run_pipeline(shared_data / "dicom-jpeg2000-20", out, options=PipelineOptions(radiomics=False))
     assert (out / "segmentation.seg.nrrd").exists() and not (out / "segmentation.dcm").exists()
     assert not (out / "measurements.dcm").exists() and not (out / "overview.dcm").exists()
-    assert any("no StudyInstanceUID" in w and "segmentation.dcm not written" in w for w in result.warnings)
+    assert any("no StudyInstanceUID" in w and "segmentation.dcm not written, nor the DICOM SR and overview" in w
+               for w in result.warnings)
 
 
 def test_real_series_matches_simpleitk(shared_data):

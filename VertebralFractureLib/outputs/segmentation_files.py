@@ -475,8 +475,9 @@ def write_dicom_seg(
     problem = problem or missing_references(sources)
     if problem is not None:
         if warnings is not None:
-            warnings.append(f"{problem}, which a DICOM SEG references them by: {path.name} not written "
-                            "(the .nii.gz and .seg.nrrd segmentation files hold the segmentation)")
+            warnings.append(f"{problem}, which a DICOM SEG references them by: {path.name} not written, nor the DICOM "
+                            "SR and overview that go with it (the .nii.gz and .seg.nrrd segmentation files hold the "
+                            "segmentation, vertebrae.csv and result.json the measurements)")
         return None
     if frames:
         array = _labels_on_slices(labels, ordered)
