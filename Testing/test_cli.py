@@ -181,7 +181,7 @@ def test_paths_and_options_refused_before_reading_say_so_in_one_line(tmp_path, p
     (tmp_path / "notes" / "important.txt").write_text("keep")
     cases = [
         (["-o", tmp_path / "afile" / "sub"], "afile"),
-        (["-o", tmp_path / "notes"], "not empty and holds no earlier result"),
+        (["-o", tmp_path / "notes"], "not empty and holds no earlier run output"),
         (["-o", tmp_path / "o", "--anchor", "L1=abc"], "expected LEVEL=INDEX"),
         (["-o", tmp_path / "o", "--labels", labels_path, "--anchor", "L1=2"], "with --labels the label map's ids"),
     ]

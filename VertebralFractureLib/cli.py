@@ -17,6 +17,7 @@ from pathlib import Path
 
 from VertebralFractureLib import __version__
 from VertebralFractureLib.core.errors import Cancelled, InputError
+from VertebralFractureLib.io.atomic import atomic_output_dir, check_output_folder
 
 # --- run ------------------------------------------------------------------------------------
 FAST_HELP = ("a 3 mm triage: segment at about 3 mm instead of 1.5 mm and analyse again at 1.5 mm unless that finds the "
@@ -180,12 +181,15 @@ def _cmd_simulate_cohort(args: argparse.Namespace) -> int:
                 raise ValueError
         except ValueError:
             raise InputError(f"--levels {args.levels!r}: expected a range of T1..L5 such as T12-L4") from None
-    csv_path = write_cohort(
-        args.output, args.cases, fracture_rate=args.fracture_rate, seed=args.seed, progress=_progress_for(args),
-        levels=levels, spacing=args.spacing, real_fraction=args.real_fraction,
-    )
+    if not 0.0 <= args.real_fraction <= 1.0:
+        raise InputError(f"--real-fraction must be within 0..1, got {args.real_fraction}")
+    if args.output.is_dir() and any(args.output.iterdir()):  # a cohort's own labels.csv may be hand-made: not replaced
+        raise InputError(f"{args.output}: the folder is not empty; write the simulated cohort to a new or empty folder")
+    with atomic_output_dir(args.output) as tmp:  # an interrupted simulation leaves no half cohort behind
+        write_cohort(tmp, args.cases, fracture_rate=args.fracture_rate, seed=args.seed, progress=_progress_for(args),
+                     levels=levels, spacing=args.spacing, real_fraction=args.real_fraction)
     if not args.quiet:
-        print(f"wrote {args.cases} cases to {args.output} (truth in {csv_path})")
+        print(f"wrote {args.cases} cases to {args.output} (truth in {args.output / 'labels.csv'})")
     return 0
 
 
@@ -311,16 +315,20 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
     if (args.cohort is None) == (args.simulated is None):
         raise InputError("give either a COHORT folder or --simulated N")
-    cohort = args.cohort
-    if args.simulated is not None:
-        cohort = simulate_study_cohort(args.output / "cohort", args.simulated, seed=args.seed)
+    check_output_folder(args.output, [args.cohort] if args.cohort else [], marker="study.json", what="study")
     options = StudyOptions(models=args.models or list(DEFAULT_MODELS), epochs=args.epochs, batch_size=args.batch_size,
                            folds=args.folds, cv=args.cv,
                            test_fraction=args.test_fraction, seed=args.seed, n_boot=args.bootstrap, workers=args.workers,
                            cache_dir=str(args.cache_dir) if args.cache_dir else None,
                            device=resolve_device(args.device), threads=args.threads,
                            fuse_morphometry=not args.no_morphometry_fusion)
-    result = run_study(cohort, args.output, options, progress=_progress_for(args))
+    with atomic_output_dir(args.output) as tmp:  # an earlier study's outputs do not stay beside the new ones
+        cohort = args.cohort
+        if args.simulated is not None:
+            cohort = simulate_study_cohort(tmp / "cohort", args.simulated, seed=args.seed)
+        result = run_study(cohort, tmp, options, progress=_progress_for(args))
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if not args.quiet:
         for row in result.table1:
             print(f"{row['model']:>20}: patient ROC-AUC {row['roc_auc']:.3f}, accuracy {row['accuracy']:.3f}")
@@ -363,18 +371,22 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
 
     if args.epochs < 1:
         raise InputError("--epochs must be at least 1")
+    inputs = [*args.cohort, *(p for p in (args.real_labels, args.data, args.init, args.compare_with) if p)]
+    check_output_folder(args.output, inputs, marker="card.json", what="train-classifier")
     if args.real_labels is not None:
         return _train_realct_classifier(args)
     if not args.cohort:
         raise InputError("train-classifier needs cohort folder(s) or --real-labels")
     from VertebralFractureLib.research.study import train_classifier
 
-    card = train_classifier(args.cohort, args.output, architecture=args.model, epochs=args.epochs,
-                            test_fraction=args.test_fraction, seed=args.seed, device=resolve_device(args.device),
-                            threads=args.threads, training_data=args.training_data, progress=_progress_for(args))
+    with atomic_output_dir(args.output) as tmp:
+        card = train_classifier(args.cohort, tmp, architecture=args.model, epochs=args.epochs,
+                                test_fraction=args.test_fraction, seed=args.seed, device=resolve_device(args.device),
+                                threads=args.threads, training_data=args.training_data, progress=_progress_for(args))
     if not args.quiet:
         held = card["metrics"]["held_out"]["per_vertebra"]
-        print(f"held-out vertebrae: ROC-AUC {held['roc_auc']:.3f}, accuracy {held['accuracy']:.3f}")
+        print(f"held-out vertebrae: ROC-AUC {held['roc_auc']:.3f}, accuracy {held['accuracy']:.3f}, sensitivity "
+              f"{held['sensitivity']:.3f}, specificity {held['specificity']:.3f} (threshold 0.5)")
         for warning in card.get("split_warnings", []):
             print(f"warning: {warning}", file=sys.stderr)
         print(f"wrote {args.output / 'model.safetensors'} and {args.output / 'card.json'}")
@@ -399,10 +411,12 @@ def _train_realct_classifier(args: argparse.Namespace) -> int:
     cases = find_real_cases(args.real_labels, data)
     config = TrainConfig(epochs=args.epochs, seed=args.seed, device=resolve_device(args.device), widths=SMALL_WIDTHS,
                          **({"lr": args.lr} if args.lr else {}))
-    card = train_realct_classifier(cases, args.output, folds=args.folds, config=config, n_phantoms=args.phantoms,
-                                   fractures_per_vertebra=args.fractures_per_vertebra, compare_with=args.compare_with,
-                                   init_from=args.init, workers=args.workers, progress=_progress_for(args),
-                                   auto_negatives=args.auto_negatives, non_commercial=args.non_commercial)
+    with atomic_output_dir(args.output) as tmp:
+        card = train_realct_classifier(cases, tmp, folds=args.folds, config=config, n_phantoms=args.phantoms,
+                                       fractures_per_vertebra=args.fractures_per_vertebra,
+                                       compare_with=args.compare_with, init_from=args.init, workers=args.workers,
+                                       progress=_progress_for(args), auto_negatives=args.auto_negatives,
+                                       non_commercial=args.non_commercial)
     if not args.quiet:
         held = card["metrics"]["held_out"]
         if card["training"]["licence_left_out"]:

@@ -66,7 +66,7 @@ def test_an_output_folder_holding_more_than_an_earlier_result_is_refused_untouch
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "important.txt").write_text("keep")
-    with pytest.raises(InputError, match="not empty and holds no earlier result"):
+    with pytest.raises(InputError, match="not empty and holds no earlier run output"):
         run_pipeline(ct_path, notes, labels_path=labels_path, options=options)
     assert (notes / "important.txt").read_text() == "keep"
     with pytest.raises(InputError, match="an input inside the output folder"):

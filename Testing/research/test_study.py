@@ -342,14 +342,133 @@ def test_a_split_without_both_classes_or_a_share_outside_0_1_is_refused_before_t
     assert len(train) == 1 and len(test) == 7
     with pytest.raises(InputError, match="training split has only one class"):
         check_split(np.zeros(5), np.array([0, 1]), np.array([0, 1]))
-    with pytest.raises(InputError, match="test split's 1 patients hold only fractured vertebrae"):
+    with pytest.raises(InputError, match="test split's 1 patient holds only fractured vertebrae"):
         check_split(np.array([0, 1]), np.ones(3), np.array([1]))
     (warning,) = check_split(np.array([0, 1]), np.array([0, 1, 0]), np.array([1, 1]))
-    assert "all fractured: per-patient ROC-AUC and specificity are n/a" in warning
-    assert check_split(np.array([0, 1]), np.array([0, 1]), np.array([0, 1])) == []
+    assert "2 patients are all fractured: per-patient ROC-AUC and specificity are n/a" in warning
+    # one fractured and one normal test patient: a CI of 1.000-1.000 there means too few to tell
+    (warning,) = check_split(np.array([0, 1]), np.array([0, 1]), np.array([0, 1]))
+    assert "holds 1 fractured and 1 normal patients" in warning and "too few to tell" in warning
+    assert check_split(np.array([0, 1]), np.array([0, 1]), np.array([0, 1] * 5)) == []
 
 
 def test_train_classifier_refuses_zero_epochs_in_one_line(tmp_path, capsys):
     assert main(["train-classifier", str(tmp_path / "cohort"), "-o", str(tmp_path / "model"), "--epochs", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --epochs must be at least 1"] and not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("row, problem", [
+    ("case0000,20,L1,one,wedge", "genant_grade 'one'; expected 0 (normal), 1, 2 or 3"),
+    ("case0000,20,L1,,", "genant_grade ''"),  # an empty grade is not "normal"
+    ("case0000,20,L1,7,wedge", "genant_grade '7'"),
+    ("case0000,L1,L1,0,normal", "label 'L1' is not a VerSe vertebra id"),
+    ("case0000,99,,0,normal", "label 99 is not a VerSe vertebra id"),
+    ("case0000,15,L4,0,normal", "level 'L4' does not name label 15 (T8)"),
+    ("../x,20,L1,0,normal", "case '../x' is not a case folder name"),
+])
+def test_cohort_table_rows_are_checked_with_their_line(tmp_path, row, problem):
+    from VertebralFractureLib.research.study.data import read_cohort_table
+
+    (tmp_path / "labels.csv").write_text(f"case,label,level,genant_grade,genant_type\ncase0001,20,L1,0,normal\n{row}\n")
+    with pytest.raises(InputError) as err:
+        read_cohort_table(tmp_path)
+    assert f"labels.csv line 3: {problem}" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cohort_table_refuses_a_vertebra_listed_twice_and_reads_a_spreadsheet_bom(tmp_path):
+    from VertebralFractureLib.research.study.data import read_cohort_table
+
+    table = tmp_path / "labels.csv"
+    table.write_text("\ufeffcase, label ,level,genant_grade,genant_type\ncase0001,20,l1 ,2,wedge\n", encoding="utf-8")
+    assert read_cohort_table(tmp_path) == {"case0001": [{"case": "case0001", "label": "20", "level": "L1",
+                                                         "genant_grade": "2", "genant_type": "wedge"}]}
+    table.write_text("case,label,level,genant_grade,genant_type\ncase0001,20,L1,0,\ncase0001,20,L1,3,crush\n")
+    with pytest.raises(InputError, match="line 3: case case0001 label 20 is listed already on line 2"):
+        read_cohort_table(tmp_path)
+
+
+def test_cohort_cases_that_do_not_fit_are_refused_or_said(tmp_path, cohort):
+    """A label map on another grid than its CT, the same CT under two case names (it could sit in both splits), and
+    vertebrae or case folders that labels.csv leaves out."""
+    import shutil
+
+    from VertebralFractureLib.io.reading import read_volume
+    from VertebralFractureLib.io.volume_files import write_volume
+    from VertebralFractureLib.research.study.data import load_cohort
+
+    options = StudyOptions(models=["genant-rule"], workers=1)
+    bad = tmp_path / "grid"
+    shutil.copytree(cohort, bad)
+    lab = read_volume(bad / "case0002" / "labels.nii.gz", check=False)
+    write_volume(Volume(lab.array, tuple(2 * s for s in lab.spacing), lab.origin, lab.direction),
+                 bad / "case0002" / "labels.nii.gz")
+    with pytest.raises(InputError, match=r"case0002/labels.nii.gz: its grid \(spacing, origin or direction\) differs"):
+        load_cohort(bad, need_radiomics=False, options=options)
+
+    twice = tmp_path / "twice"
+    shutil.copytree(cohort, twice)
+    for name in ("ct.nii.gz", "labels.nii.gz"):
+        shutil.copy(twice / "case0001" / name, twice / "case0005" / name)
+    with pytest.raises(InputError, match="cases case0001 and case0005 hold the same CT"):
+        load_cohort(twice, need_radiomics=False, options=options)
+
+    partial = tmp_path / "partial"
+    shutil.copytree(cohort, partial)
+    lines = (partial / "labels.csv").read_text().splitlines()
+    dropped = next(line for line in lines[1:] if line.startswith("case0003,"))
+    (partial / "labels.csv").write_text("\n".join(line for line in lines if line != dropped and
+                                                  not line.startswith("case0007,")) + "\n")
+    data = load_cohort(partial, need_radiomics=False, options=options)
+    level = dropped.split(",")[2]
+    assert f"case0003: {level} of the label map is not in labels.csv; left out" in data.warnings
+    assert any("1 case folder(s) with a ct.nii.gz are not in labels.csv and were left out: case0007" in w
+               for w in data.warnings)
+
+
+def test_study_and_simulate_cohort_keep_what_they_did_not_write(tmp_path, cohort, capsys):
+    """study replaces an earlier study's output as a whole (no stale file stays) and refuses a folder of other
+    files; simulate-cohort writes only into a new or empty folder (a labels.csv there may be hand-made)."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("keep me")
+    assert main(["study", str(cohort), "-o", str(notes), "--models", "genant-rule", "--quiet"]) == 2
+    assert "holds no earlier study output (study.json)" in capsys.readouterr().err and (notes / "mine.txt").exists()
+    out = tmp_path / "study"
+    assert main(["study", str(cohort), "-o", str(out), "--models", "genant-rule", "--quiet"]) == 0
+    (out / "lasso.json").write_text("{}")  # as an earlier study with radiomics-lasso left it
+    assert main(["study", str(cohort), "-o", str(out), "--models", "genant-rule", "--quiet"]) == 0
+    assert (out / "study.json").exists() and not (out / "lasso.json").exists()
+    assert main(["study", str(cohort), "-o", str(cohort), "--models", "genant-rule", "--quiet"]) == 2
+    assert main(["simulate-cohort", "-o", str(notes), "--cases", "1"]) == 2
+    assert "the folder is not empty" in capsys.readouterr().err and sorted(os.listdir(notes)) == ["mine.txt"]
+
+
+@pytest.mark.parametrize("option, problem", [
+    (["--batch-size", "1"], "--batch-size 1: the networks' batch norm needs at least 2 samples a batch"),
+    (["--folds", "0"], "--folds 0: a cross-validation needs at least 2 folds"),
+    (["--bootstrap", "0"], "--bootstrap 0: a 95 % CI needs at least 50 resamples (default 1000)")])
+def test_study_refuses_settings_it_cannot_run_with(tmp_path, cohort, capsys, option, problem):
+    assert main(["study", str(cohort), "-o", str(tmp_path / "o"), "--models", "genant-rule", *option]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {problem}" and not (tmp_path / "o").exists()
+
+
+def test_one_cycle_schedule_runs_any_number_of_steps():
+    """torch's OneCycleLR divides by zero when a phase has no step (4 steps at a quarter warm-up: `--epochs 4`
+    on a small cohort crashed); every budget now trains near the peak rate, and >= 8 steps as before."""
+    import torch
+
+    for total in range(1, 12):
+        net = torch.nn.Linear(2, 1)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        sched = classifier_training._one_cycle(opt, 1e-3, total)
+        rates = []
+        for _ in range(total):
+            rates.append(opt.param_groups[0]["lr"])
+            opt.step()
+            if sched.last_epoch + 1 < total:
+                sched.step()
+        assert max(rates) > 0.9e-3, total  # near the peak rate at least once
+        if total >= 8:
+            assert isinstance(sched, torch.optim.lr_scheduler.OneCycleLR) and sched._schedule_phases[0]["end_step"] \
+                == pytest.approx(0.25 * total - 1)

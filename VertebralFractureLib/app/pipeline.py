@@ -17,7 +17,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.progress import CancelToken, ProgressCallback, no_progress, sub_progress
 from VertebralFractureLib.core.records import VertebraRecord, write_csv
 from VertebralFractureLib.core.volume import Volume
+from VertebralFractureLib.io.atomic import atomic_output_dir
 from VertebralFractureLib.io.reading import read_volume
 from VertebralFractureLib.io.volume_files import write_volume
 from VertebralFractureLib.outputs.impression import impression
@@ -541,7 +541,7 @@ def run_pipeline(
             ct = read_volume(input_path)
         labels = read_volume(labels_path, check=False) if labels_path is not None else None
 
-    with _atomic_output_dir(out_dir) as tmp:
+    with atomic_output_dir(out_dir) as tmp:
         helpers = []
         if dicom_import is not None and options.overlap and can_fork():
             # ct.nii.gz needs nothing but the import: a child at a low priority writes it (zlib, 1.5 s CPU on a
@@ -729,55 +729,18 @@ def _write_overview_file(sagittal_png: str | None, outcome: dict[str, Any], dico
 def check_output_folder(out_dir: str | Path, inputs: Sequence[str | Path]) -> None:
     """Refuse an output folder whose replacement would destroy anything but an earlier run's results.
 
-    A run replaces ``out_dir`` as a whole (:func:`_atomic_output_dir`), so ``out_dir`` must be new, empty, or an
-    earlier run's output (it holds ``result.json``) without a review in it (``review.json``: a sign-off and a
-    corrected segmentation), and none of ``inputs`` (CT, label map, prior folder) may be it or lie inside it.
+    A run replaces ``out_dir`` as a whole (:func:`~VertebralFractureLib.io.atomic.atomic_output_dir`), so ``out_dir``
+    must be new, empty, or an earlier run's output (it holds ``result.json``) without a review in it
+    (``review.json``: a sign-off and a corrected segmentation), and none of ``inputs`` (CT, label map, prior folder)
+    may be it or lie inside it.
 
     Raises:
         InputError: any of these, with what to do.
     """
+    from VertebralFractureLib.io.atomic import check_output_folder as check_folder
     from VertebralFractureLib.stages.follow_up import REVIEW_FILE
 
-    out = Path(out_dir).absolute()
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out_dir}: the output path exists and is not a folder; give a new or empty folder")
-    for given in inputs:
-        path = Path(given).absolute()
-        if path == out or out in path.parents:
-            raise InputError(f"{given}: an input inside the output folder {out_dir}, which the run replaces as a "
-                             "whole; write the results to another folder")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not (out / "result.json").is_file():
-        raise InputError(f"{out_dir}: the output folder is not empty and holds no earlier result (result.json); a "
-                         "run replaces its output folder as a whole: give a new or empty folder")
-    if (out / REVIEW_FILE).is_file():
+    check_folder(out_dir, inputs, marker="result.json", what="run")
+    if (Path(out_dir) / REVIEW_FILE).is_file():
         raise InputError(f"{out_dir}: the output folder holds a review ({REVIEW_FILE}: a sign-off and any corrected "
                          "segmentation), which a new run would delete; write the results to another folder")
-
-
-@contextmanager
-def _atomic_output_dir(out_dir: Path):
-    """Yield a temporary folder beside ``out_dir`` (checked by :func:`check_output_folder`); on success it replaces
-    ``out_dir`` in one rename."""
-    out_dir = out_dir.absolute()
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{out_dir}: cannot create the output folder's parent ({exc.strerror}); give a writable "
-                         "folder") from exc
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -1,11 +1,16 @@
-"""Atomic file writes: readers see the old file or the new one, never a mix (crash- and kill-safe)."""
+"""Atomic file writes: readers see the old file or the new one, never a mix (crash- and kill-safe); and output
+folders replaced as a whole, after a check that only an earlier output of the same kind is replaced."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+
+from VertebralFractureLib.core.errors import InputError
 
 # the process's umask, read once at import (reading it means setting it): files written here get the mode any other
 # new file gets (0644 under the usual umask 022), not mkstemp's owner-only 0600, so colleagues sharing the folder can
@@ -38,3 +43,51 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (see :func:`atomic_write`); no newline translation."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, newline=""))
+
+
+def check_output_folder(out_dir: str | Path, inputs: Sequence[str | Path], *, marker: str, what: str) -> None:
+    """Refuse an output folder whose replacement (:func:`atomic_output_dir`) would destroy anything but an earlier
+    output of the same kind: ``out_dir`` must be new, empty, or hold ``marker`` (e.g. ``result.json``), and none of
+    ``inputs`` may be it or lie inside it. ``what`` names the command in the messages ("run", "study").
+
+    Raises:
+        InputError: any of these, with what to do.
+    """
+    out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out_dir}: the output path exists and is not a folder; give a new or empty folder")
+    for given in inputs:
+        path = Path(given).absolute()
+        if path == out or out in path.parents:
+            raise InputError(f"{given}: an input inside the output folder {out_dir}, which the {what} replaces as a "
+                             "whole; write the results to another folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
+        raise InputError(f"{out_dir}: the output folder is not empty and holds no earlier {what} output ({marker}); "
+                         f"a {what} replaces its output folder as a whole: give a new or empty folder")
+
+
+@contextmanager
+def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out_dir`` (checked by :func:`check_output_folder`); on success it replaces
+    ``out_dir`` in one rename, so an interrupted or failed command leaves the old folder (or none), never a mix."""
+    out_dir = Path(out_dir).absolute()
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{out_dir}: cannot create the output folder's parent ({exc.strerror}); give a writable "
+                         "folder") from exc
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

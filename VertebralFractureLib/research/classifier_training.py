@@ -95,8 +95,8 @@ def train_network(
     pos, neg = np.flatnonzero(y_train == 1), np.flatnonzero(y_train == 0)
     per_class = max(min(len(pos), len(neg)), config.batch_size // 2)
     steps_per_epoch = max(1, math.ceil(2 * per_class / config.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch,
-                                                pct_start=0.25)
+    total_steps = config.epochs * steps_per_epoch
+    sched = _one_cycle(opt, config.lr, total_steps)
     history = []
     for epoch in range(config.epochs):
         net.train()
@@ -117,7 +117,7 @@ def train_network(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if sched.last_epoch + 1 < sched.total_steps:
+            if sched.last_epoch + 1 < total_steps:
                 sched.step()
             losses.append(float(loss.detach()) * len(idx))
             correct += int(((logits.detach() > 0) == (yb > 0.5)).sum())
@@ -313,15 +313,34 @@ def save_classifier(net, architecture: str, out_dir: str | Path, card: dict[str,
     return out_dir
 
 
+def _one_cycle(opt, lr: float, total_steps: int):
+    """One-cycle learning rate (a quarter warm-up, then annealing) over ``total_steps``; at least one step up and
+    one down (torch's OneCycleLR divides by zero on a phase of no step: 4 steps at a quarter warm-up), and a
+    constant ``lr`` when there are fewer than 3 steps in all."""
+    import torch
+
+    if total_steps < 3:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    pct = min(max(0.25, 2.0 / total_steps), (total_steps - 1.0) / total_steps - 1e-6)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=pct)
+
+
 def model_card_markdown(card: dict[str, Any]) -> str:
     """Human-readable model card (``MODEL_CARD.md``) from the JSON of a classifier ``card.json`` (version 2)."""
     from VertebralFractureLib.research.evaluation import METRICS
 
     tr, inp = card.get("training", {}), card["input"]
-    lines = [f"# {card.get('name', 'vertebral-fracture classifier')}", "",
-             "**This model has never seen a real fracture.** It was trained only on simulated compression fractures "
-             "(known Genant grade applied by a synthetic deformation) of phantom and real CT vertebrae. Its held-out "
-             "metrics are on simulated fractures as well; performance on real fractures is unknown.", "",
+    if card.get("never_seen_real_fracture", True):
+        about = ("**This model has never seen a real fracture.** It was trained only on simulated compression "
+                 "fractures (known Genant grade applied by a synthetic deformation) of phantom and real CT vertebrae. "
+                 "Its held-out metrics are on simulated fractures as well; performance on real fractures is unknown.")
+    else:
+        about = ("Trained on the Genant grades of its cohorts' `labels.csv` (not all of them simulated cohorts): its "
+                 "fractures are as real as those grades; held-out metrics are on the held-out patients' grades.")
+    machine = tr.get("machine", "the project's 2-core CPU machine")
+    lines = [f"# {card.get('name', 'vertebral-fracture classifier')}", "", about, "",
              f"- architecture: `{card['architecture']['name']}`; weights `{card.get('weights')}` (safetensors, no code), "
              "card `card.json`",
              f"- input: {inp['crop_size_voxels']}^3 voxels at {card['spacing_mm']} mm, {inp['grid']}; channel: "
@@ -333,7 +352,7 @@ def model_card_markdown(card: dict[str, Any]) -> str:
              f"patient); training vertebrae {tr.get('n_train_vertebrae')} ({tr.get('n_train_fractured_vertebrae')} "
              "fractured)",
              f"- budget: {tr.get('epochs')} class-balanced epochs, seed {tr.get('seed')}, "
-             f"{tr.get('training_seconds')} s on the project's 2-core CPU machine",
+             f"{tr.get('training_seconds')} s on {machine}",
              f"- version {card.get('version')}", "",
              "## Held-out metrics (threshold 0.5, 95 % bootstrap CI over patients)", "",
              "| level | n (fractured) | loss | ROC-AUC | accuracy | sensitivity | specificity |",
@@ -353,6 +372,6 @@ def model_card_markdown(card: dict[str, Any]) -> str:
             if m:
                 lines.append(f"| {level.replace('_', ' ')} | {m.get('n')} ({m.get('n_fractured')}) | "
                              + " | ".join("n/a" if m.get(k) is None else f"{m[k]:.3f}" for k in METRICS[1:]) + " |")
-    lines += ["", "Retrain with `vertebral-fracture train-classifier COHORT [COHORT...] -o MODEL_DIR`; the recipe of this "
-              "model is in the README (section: the classification study).", ""]
+    retrain = tr.get("command") or "vertebral-fracture train-classifier COHORT [COHORT...] -o MODEL_DIR"
+    lines += ["", f"Retrain with `{retrain}` (README, section: the classification study).", ""]
     return "\n".join(lines)

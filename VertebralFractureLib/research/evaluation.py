@@ -204,7 +204,9 @@ def auc_comparison(y_true: Sequence[int], prob_a: Sequence[float], prob_b: Seque
         return out
     se = math.sqrt(variance)
     half = float(norm.ppf(0.5 + level / 2)) * se
-    out.update(se=se, ci_low=diff - half, ci_high=diff + half, z=diff / se, p=float(2 * norm.sf(abs(diff) / se)))
+    # a difference of two ROC-AUCs lies in [-1, 1]: the normal interval is clipped there
+    out.update(se=se, ci_low=max(-1.0, diff - half), ci_high=min(1.0, diff + half), z=diff / se,
+               p=float(2 * norm.sf(abs(diff) / se)))
     return out
 
 

@@ -4,6 +4,7 @@ vertebra (:class:`CohortData`: crops, truth, morphometry, radiomics), split by p
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.core.levels import level_name, order_index
 from VertebralFractureLib.core.progress import ProgressCallback, no_progress
 from VertebralFractureLib.io.reading import read_volume
 from VertebralFractureLib.research.evaluation import patient_level
@@ -68,21 +70,71 @@ class CohortData:
     radiomics_names: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     morphometry: np.ndarray | None = None  # (n, len(MORPHOMETRY_FEATURES)), NaN where not measured
+    ct_sha256: dict[str, str] = field(default_factory=dict)  # case -> SHA-256 of its CT's voxels
 
 def read_cohort_table(cohort: Path) -> dict[str, list[dict[str, str]]]:
-    """``labels.csv`` grouped by case. Raises InputError for a missing/invalid table."""
+    """``labels.csv`` grouped by case, every row checked (:func:`_cohort_row`): label and level as VerSe ids and
+    names, grades 0..3, one row per (case, label). Raises InputError (naming the file and line) for a missing,
+    unreadable or invalid table."""
     table = cohort / "labels.csv"
-    if not table.exists():
+    if not table.is_file():
         raise InputError(f"{table}: missing; a cohort needs labels.csv (case,label,level,genant_grade,genant_type)")
-    with table.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with table.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's "CSV UTF-8" byte-order mark
+            reader = csv.DictReader(fh)
+            reader.fieldnames = [str(name).strip() for name in reader.fieldnames or []]
+            rows = [(reader.line_num, row) for row in reader]
+    except UnicodeDecodeError:
+        raise InputError(f"{table}: not UTF-8 text; save it as CSV (UTF-8)") from None
     needed = {"case", "label", "genant_grade"}
-    if not rows or not needed <= set(rows[0]):
+    if not rows or not needed <= set(rows[0][1]):
         raise InputError(f"{table}: needs columns case,label,level,genant_grade,genant_type and at least one row")
     by_case: dict[str, list[dict[str, str]]] = {}
-    for row in rows:
+    seen: dict[tuple[str, str], int] = {}
+    for line, row in rows:
+        row = _cohort_row(row, f"{table} line {line}")
+        key = (row["case"], row["label"])
+        if key in seen:
+            raise InputError(f"{table} line {line}: case {row['case']} label {row['label']} is listed already on line "
+                             f"{seen[key]}; give each vertebra one row")
+        seen[key] = line
         by_case.setdefault(row["case"], []).append(row)
     return by_case
+
+
+def _cohort_row(row: dict[str, str | None], where: str) -> dict[str, str]:
+    """One ``labels.csv`` row checked and normalised: ``label`` a VerSe vertebra id, ``level`` its name (when given,
+    it must name that id), ``genant_grade`` 0..3 (required: an empty grade is not "normal")."""
+    from VertebralFractureLib.core.levels import CRANIOCAUDAL_ORDER, level_id, level_name
+
+    def text(key: str) -> str:
+        return str(row.get(key) or "").strip()
+
+    case = text("case")
+    if not case or case in (".", "..") or Path(case).name != case:
+        raise InputError(f"{where}: case {case!r} is not a case folder name")
+    try:
+        label = int(text("label"))
+    except ValueError:
+        raise InputError(f"{where}: label {text('label')!r} is not a VerSe vertebra id (a number: L1 = 20)") from None
+    if label not in CRANIOCAUDAL_ORDER:
+        raise InputError(f"{where}: label {label} is not a VerSe vertebra id (C1=1 .. L5=24, L6=25, T13=28)")
+    try:
+        grade = int(text("genant_grade"))
+    except ValueError:
+        grade = -1
+    if not 0 <= grade <= 3:
+        raise InputError(f"{where}: genant_grade {text('genant_grade')!r}; expected 0 (normal), 1, 2 or 3")
+    level = text("level")
+    if level:
+        try:
+            same = level_id(level) == label
+        except ValueError:
+            same = False
+        if not same:
+            raise InputError(f"{where}: level {level!r} does not name label {label} ({level_name(label)})")
+    return {**{k: text(k) for k in row if k is not None}, "case": case, "label": str(label),
+            "level": level_name(label), "genant_grade": str(grade)}
 
 
 def _load_case(cohort: Path, case: str, rows: list[dict[str, str]], need_radiomics: bool) -> dict[str, Any]:
@@ -96,19 +148,29 @@ def _load_case(cohort: Path, case: str, rows: list[dict[str, str]], need_radiomi
     lab = read_volume(lab_path, check=False)
     if lab.array.shape != ct.array.shape:
         raise InputError(f"{lab_path}: shape {lab.array.shape} differs from the CT's {ct.array.shape}")
+    if not lab.same_geometry(ct, tol_mm=0.01):
+        raise InputError(f"{lab_path}: its grid (spacing, origin or direction) differs from the CT's; the study needs "
+                         "label maps on the CT's grid: resample it onto the CT (nearest neighbour)")
     lab = lab.with_array(np.rint(lab.array).astype(np.uint8))
     records = {r.label: r for r in measure_vertebrae(ct, lab)}
     present = set(np.unique(lab.array).tolist())
-    out: dict[str, Any] = {"rows": [], "warnings": [], "rois": []}
+    # the CT's voxels: the same scan under two case names would sit in both splits (train/test leakage)
+    out: dict[str, Any] = {"rows": [], "warnings": [], "rois": [],
+                           "ct_sha256": hashlib.sha256(np.ascontiguousarray(ct.array).data).hexdigest()}
+    unlisted = sorted((v for v in present if v in records and v not in {int(r["label"]) for r in rows}),
+                      key=order_index)
+    if unlisted:
+        out["warnings"].append(f"{case}: {', '.join(level_name(v) for v in unlisted)} of the label map "
+                               f"{'are' if len(unlisted) > 1 else 'is'} not in labels.csv; left out")
     wanted = []
     for row in rows:
         label = int(row["label"])
         if label not in present:
             out["warnings"].append(f"{case}: label {label} listed in labels.csv but absent from the label map; skipped")
             continue
-        grade = int(float(row["genant_grade"] or 0))
+        grade = int(row["genant_grade"])
         record = records.get(label)
-        out["rows"].append({"case": case, "label": label, "level": row.get("level") or (record.level if record else str(label)),
+        out["rows"].append({"case": case, "label": label, "level": row["level"],
                             "grade": grade, "crop": extract_crop(ct, lab, label),
                             "p_morphometry": record.probability_morphometry if record else math.nan,
                             "partial": bool(record.partial) if record else True,
@@ -148,8 +210,20 @@ def load_cohort(cohort: str | Path, *, need_radiomics: bool, options: StudyOptio
             for n, future in enumerate(futures):
                 results.append(future.result())
                 progress((n + 1) / len(by_case), f"read {by_case[n][0]}")
+    same_ct: dict[str, str] = {}
+    for (case, _), res in zip(by_case, results, strict=True):
+        if res["ct_sha256"] in same_ct:
+            raise InputError(f"{cohort}: cases {same_ct[res['ct_sha256']]} and {case} hold the same CT; a patient "
+                             "must be one case, or it can sit in both the training and the test split")
+        same_ct[res["ct_sha256"]] = case
     rows = [r for res in results for r in res["rows"]]
     warnings = [w for res in results for w in res["warnings"]]
+    listed = {case for case, _ in by_case}
+    orphans = sorted(p.name for p in cohort.iterdir() if p.is_dir() and p.name not in listed
+                     and (p / "ct.nii.gz").is_file())
+    if orphans:
+        warnings.append(f"{len(orphans)} case folder(s) with a ct.nii.gz are not in labels.csv and were left out: "
+                        f"{', '.join(orphans[:5])}{', ...' if len(orphans) > 5 else ''}")
     rois = [roi for res in results for roi in res["rois"]]
     if not rows:
         raise InputError(f"{cohort}: no vertebra of labels.csv found in the label maps")
@@ -157,7 +231,8 @@ def load_cohort(cohort: str | Path, *, need_radiomics: bool, options: StudyOptio
                       np.array([int(r["grade"] >= 1) for r in rows]), np.array([r["grade"] for r in rows]),
                       np.stack([r["crop"] for r in rows]), np.array([r["p_morphometry"] for r in rows], float),
                       np.array([r["partial"] for r in rows]), warnings=warnings,
-                      morphometry=np.array([r["morphometry"] for r in rows], dtype=np.float64))
+                      morphometry=np.array([r["morphometry"] for r in rows], dtype=np.float64),
+                      ct_sha256={case: sha for sha, case in same_ct.items()})
     if need_radiomics:
         from VertebralFractureLib.stages.radiomics import extract_rois, feature_matrix
 
@@ -187,6 +262,10 @@ def split_patients(cases: list[str], y: np.ndarray, test_fraction: float, seed: 
     return sorted(train), sorted(test)
 
 
+#: fewer test patients than this in a class: the study's metrics and CIs get a warning (:func:`check_split`)
+MIN_TEST_PATIENTS_PER_CLASS = 5
+
+
 def check_split(y_train: np.ndarray, y_test: np.ndarray, y_test_patients: np.ndarray) -> list[str]:
     """Refuse a split no classifier can be trained or scored on; warn of one scored per vertebra only.
 
@@ -200,13 +279,20 @@ def check_split(y_train: np.ndarray, y_test: np.ndarray, y_test_patients: np.nda
         raise InputError("the training split has only one class; the cohort needs fractured and normal vertebrae")
     if len(set(np.asarray(y_test).tolist())) < 2:
         only = "fractured" if np.all(y_test) else "normal"
-        raise InputError(f"the test split's {len(y_test_patients)} patients hold only {only} vertebrae: no ROC-AUC, "
+        n = len(y_test_patients)
+        raise InputError(f"the test split's {n} patient{'s hold' if n > 1 else ' holds'} only {only} vertebrae: no ROC-AUC, "
                          "sensitivity or specificity can be computed; raise --test-fraction or give more patients")
+    n = len(y_test_patients)
     if len(set(np.asarray(y_test_patients).tolist())) < 2:
         only = "fractured" if np.all(y_test_patients) else "normal"
         missing = "specificity" if only == "fractured" else "sensitivity"
-        return [f"the test split's {len(y_test_patients)} patients are all {only}: per-patient ROC-AUC and {missing} "
-                "are n/a (per-vertebra metrics stand); raise --test-fraction or give more patients"]
+        return [f"the test split's {n} patient{'s are all' if n > 1 else ' is'} {only}: per-patient ROC-AUC and "
+                f"{missing} are n/a (per-vertebra metrics stand); raise --test-fraction or give more patients"]
+    fractured = int(np.sum(y_test_patients))
+    if min(fractured, n - fractured) < MIN_TEST_PATIENTS_PER_CLASS:
+        return [f"the test split holds {fractured} fractured and {n - fractured} normal patients: its metrics and "
+                "bootstrap CIs rest on so few patients that a CI such as 1.000-1.000 means too few to tell, not "
+                "certainty; raise --test-fraction or give more patients"]
     return []
 
 
@@ -214,10 +300,18 @@ def concat_cohorts(parts: list[CohortData], names: list[str]) -> CohortData:
     """Several cohorts as one; case ids are prefixed with the cohort's name so they stay unique."""
     if len(parts) == 1:
         return parts[0]
+    first: dict[str, str] = {}
+    for name, part in zip(names, parts, strict=True):
+        for case, sha in part.ct_sha256.items():
+            if sha in first:
+                raise InputError(f"cases {first[sha]} and {name}/{case} hold the same CT; a patient must be one case, "
+                                 "or it can sit in both the training and the test split")
+            first[sha] = f"{name}/{case}"
     return CohortData(
         cases=[f"{n}/{c}" for n, d in zip(names, parts, strict=True) for c in d.cases],
         labels=[v for d in parts for v in d.labels], levels=[v for d in parts for v in d.levels],
         y=np.concatenate([d.y for d in parts]), grades=np.concatenate([d.grades for d in parts]),
         crops=np.concatenate([d.crops for d in parts]), p_morphometry=np.concatenate([d.p_morphometry for d in parts]),
         partial=np.concatenate([d.partial for d in parts]), warnings=[w for d in parts for w in d.warnings],
-        morphometry=None if any(d.morphometry is None for d in parts) else np.concatenate([d.morphometry for d in parts]))
+        morphometry=None if any(d.morphometry is None for d in parts) else np.concatenate([d.morphometry for d in parts]),
+        ct_sha256={f"{n}/{c}": sha for n, d in zip(names, parts, strict=True) for c, sha in d.ct_sha256.items()})

@@ -52,7 +52,9 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> No
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: _round(v) if isinstance(v, float) else v for k, v in row.items()})
+            # p-values keep 4 significant digits: rounded to 4 decimals a p of 3e-6 would read 0.0
+            writer.writerow({k: (float(f"{v:.4g}") if k in ("p", "p_holm") and math.isfinite(v) else _round(v))
+                             if isinstance(v, float) else v for k, v in row.items()})
 
 
 def _cell(value: Any) -> str:

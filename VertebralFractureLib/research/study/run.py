@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,6 +33,7 @@ from VertebralFractureLib.research.study.data import (
     concat_cohorts,
     load_cohort,
     patient_labels,
+    read_cohort_table,
     split_patients,
 )
 from VertebralFractureLib.research.study.outputs import StudyResult, write_json, write_outputs
@@ -57,6 +60,18 @@ def default_threads() -> int:
         busy = False
     return 1 if busy else min(2, cpus)
 
+def check_options(options: StudyOptions) -> None:
+    """Refuse settings no study can run with (one line each, naming the command-line option)."""
+    if options.epochs < 1:
+        raise InputError("--epochs must be at least 1")
+    if options.batch_size < 2:
+        raise InputError(f"--batch-size {options.batch_size}: the networks' batch norm needs at least 2 samples a batch")
+    if options.folds < 2:
+        raise InputError(f"--folds {options.folds}: a cross-validation needs at least 2 folds")
+    if options.n_boot < 50:
+        raise InputError(f"--bootstrap {options.n_boot}: a 95 % CI needs at least 50 resamples (default 1000)")
+
+
 def run_study(cohort: str | Path, out_dir: str | Path, options: StudyOptions | None = None,
               progress: ProgressCallback = no_progress) -> StudyResult:
     """Run the whole study on ``cohort`` and write every output into ``out_dir`` (created)."""
@@ -64,8 +79,7 @@ def run_study(cohort: str | Path, out_dir: str | Path, options: StudyOptions | N
     unknown = [m for m in options.models if m not in ALL_MODELS]
     if unknown:
         raise InputError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(ALL_MODELS)}")
-    if options.epochs < 1:
-        raise InputError("--epochs must be at least 1")
+    check_options(options)
     _set_threads(options)
     out = Path(out_dir)
     timings: dict[str, float] = {}
@@ -106,7 +120,10 @@ def run_study(cohort: str | Path, out_dir: str | Path, options: StudyOptions | N
     timings["outputs"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     result.timings_s = timings
-    write_json(out / "study.json", {"version": __version__, "cohort": str(cohort), "options": asdict(options),
+    cohort_path = Path(cohort).absolute()  # a cohort simulated into the output is recorded as its subfolder
+    recorded = (str(cohort_path.relative_to(out.absolute())) if out.absolute() in cohort_path.parents
+                else str(cohort))
+    write_json(out / "study.json", {"version": __version__, "cohort": recorded, "options": asdict(options),
                                      "n_patients": len(cases), "n_vertebrae": len(data.y),
                                      "n_fractured_vertebrae": int(data.y.sum()),
                                      "n_fractured_patients": int(y_patient.sum()),
@@ -128,11 +145,10 @@ def train_classifier(cohorts: list[str | Path] | str | Path, out_dir: str | Path
     """
     if architecture not in CNN_MODELS:
         raise InputError(f"train-classifier trains a network; choose from {', '.join(CNN_MODELS)}")
-    if epochs < 1:
-        raise InputError("--epochs must be at least 1")
     cohorts = [Path(c) for c in ([cohorts] if isinstance(cohorts, str | Path) else cohorts)]
     options = StudyOptions(models=[architecture], epochs=epochs, seed=seed, device=device, threads=threads,
                            test_fraction=test_fraction)
+    check_options(options)
     _set_threads(options)
     start = time.perf_counter()
     parts = [load_cohort(c, need_radiomics=False, options=options,
@@ -160,19 +176,28 @@ def train_classifier(cohorts: list[str | Path] | str | Path, out_dir: str | Path
         values = binary_metrics(y, p)
         cis = bootstrap_ci(y, p, groups, n_boot=1000, seed=seed)
         metrics[level] = {**values, "ci95": {m: list(cis[m]) for m in METRICS}, "n": int(len(y)), "n_fractured": int(np.sum(y))}
+    # simulate-cohort writes each case's truth.json: a cohort without them holds grades of real fractures
+    simulated = all((c / case / "truth.json").is_file() for c in cohorts for case in read_cohort_table(c))
+    warning = ("Trained ONLY on simulated fractures (synthetic deformation of phantom and real CT vertebrae). It has "
+               "never seen a real fracture; held-out metrics below are on simulated fractures too." if simulated else
+               "Trained on the Genant grades of the cohorts' labels.csv; held-out metrics are on the held-out "
+               "patients' grades.")
     card = {
         "name": f"vertebral-fracture classifier ({architecture})",
         "version": __version__,
         "training_data": training_data or ", ".join(str(c) for c in cohorts),
-        "never_seen_real_fracture": True,
-        "warning": "Trained ONLY on simulated fractures (synthetic deformation of phantom and real CT vertebrae). "
-                   "It has never seen a real fracture; held-out metrics below are on simulated fractures too.",
+        "training_data_ct_sha256": hashlib.sha256("\n".join(sorted(data.ct_sha256.values())).encode()).hexdigest(),
+        "never_seen_real_fracture": simulated,
+        "warning": warning,
         "threshold": 0.5,
         "training": {
             "n_train_patients": len(train_cases), "n_test_patients": len(test_cases),
             "n_train_vertebrae": int(len(train)), "n_train_fractured_vertebrae": int(data.y[train].sum()),
             "epochs": epochs, "seed": seed, "history": history,
             "training_seconds": round(time.perf_counter() - start, 1), "test_cases": test_cases,
+            "machine": f"{device}, {os.cpu_count()} CPU cores ({platform.machine()})",
+            "command": (f"vertebral-fracture train-classifier {' '.join(str(c) for c in cohorts)} -o MODEL_DIR "
+                        f"--model {architecture} --epochs {epochs} --seed {seed} --test-fraction {test_fraction:g}"),
         },
         "metrics": {"held_out": metrics},
         **({"split_warnings": split_warnings} if split_warnings else {}),
