@@ -8,6 +8,7 @@ research module (the radiologist's path stays free of training and simulation co
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import json
 import os
@@ -268,6 +269,9 @@ def test_run_writes_the_contract_files(cli_run, phantom_files):
     else:
         assert result["fractured"] is (patient is not None and patient >= result["fracture_threshold"])
     assert result["versions"]["VertebralFractureLib"] == __version__
+    # which weights made the numbers: the shipped classifier's here
+    shipped = Path(__file__).resolve().parents[1] / "Resources" / "models" / "classifier" / "model.safetensors"
+    assert result["versions"]["classifier_weights"] == f"sha256:{hashlib.sha256(shipped.read_bytes()).hexdigest()[:16]}"
     assert result["probability_method"].startswith("P(fracture) is ")  # what the probability is made of, also in
     assert result["probability_method"] in html.unescape((out / "report.html").read_text())  # the report
     assert isinstance(result["warnings"], list) and all(isinstance(w, str) for w in result["warnings"])

@@ -13,6 +13,8 @@ plain-sentence ``review_reasons`` and ``fractured = None``. Layers and data flow
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import os
@@ -187,7 +189,35 @@ def versions() -> dict[str, str]:
                 break
             except metadata.PackageNotFoundError:
                 continue  # a missing optional module is just not listed
+    for kind in ("segmentation", "classifier"):  # which weights made the numbers (VERTEBRAL_FRACTURE_RESOURCES may
+        weights = _weights_sha256(kind)          # point to one's own trained models)
+        if weights:
+            out[f"{kind}_weights"] = weights
     return out
+
+
+def _weights_sha256(kind: str) -> str:
+    """``sha256:`` and the first 16 hex digits of the ``kind`` model's weights file in use ("" when absent)."""
+    from VertebralFractureLib.models.cards import read_card
+    from VertebralFractureLib.models.loading import default_model_dir
+
+    try:
+        model_dir = default_model_dir(kind)
+        path = model_dir / read_card(model_dir, kind).weights
+        stat = path.stat()
+    except (InputError, OSError):
+        return ""
+    return _file_digest(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    """Cached per file version (path, modification time, size): a batch hashes each weights file once."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return f"sha256:{h.hexdigest()[:16]}"
 
 
 #: distributions that install a module under another name (first found wins)
