@@ -343,8 +343,8 @@ def _add_train_classifier(p: argparse.ArgumentParser) -> None:
     p.add_argument("--real-labels", type=Path, help="folder of checked labels <case>/labels.nii.gz of real CTs: train the "
                    "shipped kind of model (CNN + radiomics + morphometry, calibrated fusion, split by patient)")
     p.add_argument("--data", type=Path, help="folder of the real CTs (with --real-labels; default: the shared data folder)")
-    p.add_argument("--folds", type=int, default=4, help="patient folds (with --real-labels)")
-    p.add_argument("--phantoms", type=int, default=3, help="phantom cases added (with --real-labels)")
+    p.add_argument("--folds", type=int, help="patient folds (with --real-labels; default 4)")
+    p.add_argument("--phantoms", type=int, help="phantom cases added (with --real-labels; default 3)")
     p.add_argument("--fractures-per-vertebra", type=int, default=2, help="simulated fractures per real vertebra")
     p.add_argument("--compare-with", type=Path, help="model folder measured beside the new one (default: --init, else "
                    "the shipped one)")
@@ -377,6 +377,10 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
         return _train_realct_classifier(args)
     if not args.cohort:
         raise InputError("train-classifier needs cohort folder(s) or --real-labels")
+    ignored = [name for name, value in (("--folds", args.folds), ("--phantoms", args.phantoms)) if value is not None]
+    if ignored:
+        raise InputError(f"{' and '.join(ignored)} apply with --real-labels only; a cohort is split by "
+                         "--test-fraction")
     from VertebralFractureLib.research.study import train_classifier
 
     with atomic_output_dir(args.output) as tmp:
@@ -412,7 +416,8 @@ def _train_realct_classifier(args: argparse.Namespace) -> int:
     config = TrainConfig(epochs=args.epochs, seed=args.seed, device=resolve_device(args.device), widths=SMALL_WIDTHS,
                          **({"lr": args.lr} if args.lr else {}))
     with atomic_output_dir(args.output) as tmp:
-        card = train_realct_classifier(cases, tmp, folds=args.folds, config=config, n_phantoms=args.phantoms,
+        card = train_realct_classifier(cases, tmp, folds=4 if args.folds is None else args.folds, config=config,
+                                       n_phantoms=3 if args.phantoms is None else args.phantoms,
                                        fractures_per_vertebra=args.fractures_per_vertebra,
                                        compare_with=args.compare_with, init_from=args.init, workers=args.workers,
                                        progress=_progress_for(args), auto_negatives=args.auto_negatives,

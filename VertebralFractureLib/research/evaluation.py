@@ -246,7 +246,10 @@ def plot_roc(curves: dict[str, tuple[Sequence[int], Sequence[float]]], path: str
         ax.plot(fpr, tpr, label=f"{model} (AUC {roc_auc_score(y, p):.3f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=8)
+    else:  # a test set of one class: no curve, and said so on the figure
+        ax.text(0.5, 0.55, "no ROC curve: the test set holds one class", ha="center", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -266,7 +269,8 @@ def plot_training_curves(histories: dict[str, list[dict[str, float]]], path: str
             if "test_" + key in history[0]:
                 ax.plot(epochs, [h[f"test_{key}"] for h in history], "--", color=line.get_color(), label=f"{model} test")
     axes[0].set(xlabel="epoch", ylabel="binary cross-entropy", title="loss per epoch")
-    axes[1].set(xlabel="epoch", ylabel="accuracy", title="accuracy per epoch", ylim=(0, 1.02))
+    # at probability 0.5, not the operating threshold table 1 uses (chosen on the training set after training)
+    axes[1].set(xlabel="epoch", ylabel="accuracy (threshold 0.5)", title="accuracy per epoch", ylim=(0, 1.02))
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
