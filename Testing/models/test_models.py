@@ -141,6 +141,9 @@ def test_saved_weights_load_back_identically_and_cache_follows_the_file(tmp_path
     net = build_classifier_network("customcnn").eval()
     write_card(card_from_dict(_tiny_card()), tmp_path)
     save_weights(net, tmp_path / "model.safetensors")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not safetensors' own 0600
     loaded, card = load_model(tmp_path, "classifier", cached=True)
     assert card.architecture == "customcnn" and not loaded.training
     x = torch.rand(2, 1, 32, 32, 32)

@@ -19,6 +19,12 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
+def with_default_mode(path: str | Path) -> Path:
+    """Give ``path`` the mode any new file gets under the umask (writers that use mkstemp leave it 0600)."""
+    os.chmod(path, 0o666 & ~_UMASK)
+    return Path(path)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary sibling of ``path`` (same suffixes), fsync it, then rename it to ``path``.
 
@@ -31,7 +37,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        with_default_mode(tmp)
         with tmp.open("rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

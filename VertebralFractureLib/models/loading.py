@@ -104,4 +104,6 @@ def save_weights(net: Any, path: str | Path, *, half: bool = False, metadata: di
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=metadata)
-    return path
+    from VertebralFractureLib.io.atomic import with_default_mode
+
+    return with_default_mode(path)  # safetensors writes 0600: colleagues sharing a model folder could not read it

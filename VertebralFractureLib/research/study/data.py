@@ -195,7 +195,8 @@ def load_cohort(cohort: str | Path, *, need_radiomics: bool, options: StudyOptio
 
     cohort = Path(cohort)
     if not cohort.is_dir():
-        raise InputError(f"{cohort}: cohort folder not found")
+        raise InputError(f"{cohort}: {'not a folder' if cohort.exists() else 'cohort folder not found'}; give the "
+                         "cohort folder (the one holding labels.csv and the case folders)")
     by_case = sorted(read_cohort_table(cohort).items())
     workers = max(1, min(options.workers or os.cpu_count() or 1, len(by_case)))
     results = []
