@@ -105,7 +105,7 @@ def read_cohort_table(cohort: Path) -> dict[str, list[dict[str, str]]]:
 def _cohort_row(row: dict[str, str | None], where: str) -> dict[str, str]:
     """One ``labels.csv`` row checked and normalised: ``label`` a VerSe vertebra id, ``level`` its name (when given,
     it must name that id), ``genant_grade`` 0..3 (required: an empty grade is not "normal")."""
-    from VertebralFractureLib.core.levels import CRANIOCAUDAL_ORDER, level_id, level_name
+    from VertebralFractureLib.core.levels import CRANIOCAUDAL_ORDER, level_id
 
     def text(key: str) -> str:
         return str(row.get(key) or "").strip()
@@ -157,8 +157,8 @@ def _load_case(cohort: Path, case: str, rows: list[dict[str, str]], need_radiomi
     # the CT's voxels: the same scan under two case names would sit in both splits (train/test leakage)
     out: dict[str, Any] = {"rows": [], "warnings": [], "rois": [],
                            "ct_sha256": hashlib.sha256(np.ascontiguousarray(ct.array).data).hexdigest()}
-    unlisted = sorted((v for v in present if v in records and v not in {int(r["label"]) for r in rows}),
-                      key=order_index)
+    listed = {int(r["label"]) for r in rows}
+    unlisted = sorted((v for v in present if v in records and v not in listed), key=order_index)
     if unlisted:
         out["warnings"].append(f"{case}: {', '.join(level_name(v) for v in unlisted)} of the label map "
                                f"{'are' if len(unlisted) > 1 else 'is'} not in labels.csv; left out")
