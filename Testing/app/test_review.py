@@ -217,6 +217,13 @@ def test_open_case_counts_voxels_as_its_label_map_after_an_edit(tmp_path):
     mrml_nodes.set_segment_mask(case.segmentation_node, sid, labels.with_array(grown.astype(np.uint8)))
     assert case.voxel_counts() == counted() == {19: 630, 20: 810, 21: 630}
     assert [r["voxels"] for r in case.rows()] == [630, 810, 630]
+    # approved, then opened again: the case shows the approved correction, and a second sign-off keeps it
+    case.mark_edited()
+    case.sign_off("approved", "L1 grown")
+    again = OpenCase(slicer.vtkMRMLScene(), tmp_path, "case001", folder, ct_cache=CtCache())
+    assert again.corrected and again.voxel_counts() == {19: 630, 20: 810, 21: 630}
+    record = again.sign_off("approved", "approved again")
+    assert record["corrected"] and record["results"] and json.loads((folder / "review.json").read_text())["corrected"]
 
 
 def test_worklist_names_the_levels_fractured_since_the_prior_ct(tmp_path):

@@ -103,6 +103,25 @@ class OpenCase:
         self.edited = False
         self.corrected = False
         self.timings: dict[str, float] = {}
+        self._load_signed_off_correction()
+
+    def _load_signed_off_correction(self) -> None:
+        """A case signed off with a correction opens on that correction, recomputed (not on the run's segmentation):
+        signing it off again would otherwise write the uncorrected result over the approved one."""
+        from VertebralFractureLib.app.review.worklist import read_review
+        from VertebralFractureLib.io.reading import read_volume
+
+        path = self.folder / signoff.CORRECTED_NIFTI
+        if not (read_review(self.folder).get("corrected") and path.is_file()):
+            return
+        labels = read_volume(path, check=False)
+        if not labels.same_geometry(self.ct, tol_mm=0.01):
+            raise InputError(f"{path}: the signed-off correction does not lie on this case's CT; restore the CT the "
+                             "case was run on")
+        mrml_nodes.segmentation_node_from_labels(self.scene, labels.with_array(labels.array.astype(np.uint8)),
+                                                 self.nodes.result.records, self.nodes.volume_node,
+                                                 node=self.segmentation_node)
+        self.recompute()
 
     # --- what the page shows -----------------------------------------------------------------
     @property
