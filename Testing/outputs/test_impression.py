@@ -56,6 +56,17 @@ def test_a_case_sent_to_review_makes_no_call_and_lists_what_to_confirm():
     assert not any(sentence.startswith("Below the fracture threshold") for sentence in text)
 
 
+def test_a_flagged_vertebra_is_named_where_no_review_lists_it():
+    """An approved review makes the call (needs_review False): a vertebra its segment kept from being graded is
+    named, not left out unseen; one cut by the field of view is not (most scans cut one at each end)."""
+    rows = [*NORMAL, {**_row("L3", None, None), "flags": ["implausible"]}, {**_row("L4", None, None), "flags": ["cut"]}]
+    text = impression({"vertebrae": rows, "fractured": False, "needs_review": False, "naming": ANCHORED})
+    assert text[:2] == ["No vertebral compression fracture (4 vertebrae assessed, T11-L2).",
+                        "Not graded: L3 (segment not shaped like a vertebral body)."]
+    assert not any("Not graded" in sentence for sentence in impression(
+        {"vertebrae": rows, "needs_review": True, "review_reasons": ["L3 ..."], "naming": ANCHORED}))
+
+
 def test_nothing_found_or_nothing_graded_is_said_plainly():
     assert impression({"vertebrae": []}) == [
         "No vertebrae found in the field of view: no vertebral fracture assessment."]

@@ -20,6 +20,13 @@ ANCHOR_WORDS = {"last_rib": "the last rib-bearing vertebra ({})", "first_rib": "
                 "({} first)"}
 
 
+#: segmentation flags (stages.quality) that keep a vertebra in view from being graded, in words; "cut" (by the field
+#: of view) is left out: the scan's ends cut a vertebra on most CTs
+FLAG_WORDS = {"merged": "segment looks like more than one vertebra",
+              "implausible": "segment not shaped like a vertebral body", "disc_inside": "segment crosses a disc"}
+SHAPE_FLAGS = set(FLAG_WORDS)
+
+
 def _number(value: Any) -> float | None:
     """A finite float of a JSON value, else None."""
     try:
@@ -82,6 +89,11 @@ def impression(result: dict[str, Any]) -> list[str]:
                          "fracture assessment.")
     if deformed and not result.get("needs_review"):
         sentences.append("Below the fracture threshold: " + "; ".join(_deformity(row) for row in deformed) + ".")
+    flagged = [row for row in rows if row.get("genant_grade") is None and set(row.get("flags") or []) & SHAPE_FLAGS]
+    if flagged and not result.get("needs_review"):  # a review lists them among its reasons
+        sentences.append("Not graded: " + "; ".join(
+            f"{row['level']} ({', '.join(FLAG_WORDS[f] for f in row['flags'] if f in SHAPE_FLAGS)})"
+            for row in flagged) + ".")
     sdi = result.get("spinal_deformity_index") or {}
     if sdi.get("value"):
         sentences.append(sdi["summary"])
