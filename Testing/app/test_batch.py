@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,6 +170,17 @@ def test_broken_cases_get_their_status_and_the_rest_goes_on(tmp_path):
     run_batch(cohort, out, scheduler="synchronous", options=OPTIONS, progress=lambda f, m: None)
     rows = {r["case"]: r for r in read_cohort_csv(out / "cohort.csv")}
     assert rows["case01"]["review"] == "approved" and rows["case00"]["review"] == ""
+
+    # a changed input of a finished case runs again; one whose folder holds a review keeps it, and says so
+    stamp = (out / "case02" / "result.json").stat().st_mtime_ns
+    for case, seed in (("case02", 7), ("case01", 8)):
+        shutil.rmtree(cohort / case)
+        tiny_case(cohort / case, seed=seed)
+    run_batch(cohort, out, scheduler="synchronous", options=OPTIONS, progress=lambda f, m: None)
+    rows = {r["case"]: r for r in read_cohort_csv(out / "cohort.csv")}
+    assert (out / "case02" / "result.json").stat().st_mtime_ns != stamp and rows["case02"]["error"] == ""
+    assert rows["case01"]["review"] == "approved" and rows["case01"]["status"] == "ok"
+    assert rows["case01"]["error"].startswith("its input changed since this result, which was not rerun")
 
     # a fixed input is picked up again
     (cohort / "truncated.nii.gz").unlink()

@@ -412,9 +412,18 @@ def _existing_row(out: Path, case: Case) -> dict[str, Any] | None:
     if result_json.is_file():
         try:
             row = _summary_row(case.name, json.loads(result_json.read_text()))
+            done = json.loads((out / STATE_DIR / "done" / f"{case.name}.json").read_text())
+        except FileNotFoundError:  # a result from before inputs were fingerprinted: kept as it is
+            done = None
         except (ValueError, OSError):
             return None  # unreadable: rerun (cannot happen with atomic writes, but be safe)
-        return {**row, "review": _signed_off_status(out / case.name)}
+        review = _signed_off_status(out / case.name)
+        if done is not None and done.get("fingerprint") != _safe_fingerprint(case):
+            if not review:
+                return None  # the input changed since its result: run it again
+            row["error"] = ("its input changed since this result, which was not rerun: its folder holds a review; "
+                            "move the case's folder away to run it again")
+        return {**row, "review": review}
     failed = out / STATE_DIR / "failed" / f"{case.name}.json"
     if failed.is_file():
         try:
@@ -435,9 +444,13 @@ def _safe_fingerprint(case: Case) -> list[Any]:
 
 def _record(out: Path, case: Case, row: dict[str, Any], log_path: Path) -> None:
     failed = out / STATE_DIR / "failed" / f"{case.name}.json"
+    done = out / STATE_DIR / "done" / f"{case.name}.json"  # the input a result was made from: a changed one reruns
     if row["status"] == "ok":
         failed.unlink(missing_ok=True)
+        done.parent.mkdir(exist_ok=True)
+        atomic_write_text(done, json.dumps({"fingerprint": _safe_fingerprint(case)}))
     else:
+        done.unlink(missing_ok=True)
         payload = {"row": {k: row.get(k, "") for k in COHORT_COLUMNS}, "fingerprint": _safe_fingerprint(case)}
         atomic_write_text(failed, json.dumps(payload))
     with log_path.open("a") as fh:  # an audit trail; not needed to resume
