@@ -156,6 +156,15 @@ def test_sign_off_writes_review_and_cohort_column(batch_out):
         signoff.review_record("approved", "x" * 5000, None, corrected_files=[])
     assert signoff.review_record("approved", None, None, corrected_files=[])["note"] == ""
     assert signoff.update_cohort_review(batch_out / "low", "low", "approved") is None  # run output: no table
+    # an approved correction's numbers replace the run's in the screening table (a DXA list sorts by them)
+    corrected = {"fracture_probability": 0.77, "fractured": True, "needs_review": False,
+                 "vertebrae": [{"level": "L2", "genant_grade": 2, "fracture_probability": 0.77}],
+                 "bone_density": {"category": "osteoporosis likely", "level": "L2", "trabecular_hu": 88.5}}
+    signoff.update_cohort_review(batch_out, "high", "approved", corrected)
+    with (batch_out / "cohort.csv").open(newline="") as fh:
+        rows = {r["case"]: r for r in csv.DictReader(fh)}
+    assert (rows["high"]["fracture_probability"], rows["high"]["worst_level"], rows["high"]["review"]) == (
+        "0.77", "L2", "approved")
 
 
 def test_entry_row_is_json_ready():

@@ -400,10 +400,23 @@ def _clean_leftovers(out: Path) -> int:
 def _signed_off_status(case_dir: Path) -> str:
     """The review app's sign-off (``approved``/``rejected``) kept in ``review.json``, or ``""``: a resumed batch
     rewrites ``cohort.csv`` and must not drop the ``review`` column."""
+    return str(_review(case_dir).get("status", ""))
+
+
+def _review(case_dir: Path) -> dict[str, Any]:
+    """The case's ``review.json`` ({} when there is none or it cannot be read)."""
     try:
-        return str(json.loads((case_dir / "review.json").read_text()).get("status", ""))
-    except (OSError, ValueError, AttributeError):
-        return ""
+        review = json.loads((case_dir / "review.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return review if isinstance(review, dict) else {}
+
+
+def reviewed_row(name: str, result: dict[str, Any], review: dict[str, Any]) -> dict[str, Any]:
+    """A case's ``cohort.csv`` row: from its approved correction's results where a reviewer approved one (the numbers
+    a screening list sorts by are then the approved ones), else from ``result`` (its ``result.json``)."""
+    approved = review.get("status") == "approved" and isinstance(review.get("results"), dict)
+    return {**_summary_row(name, review["results"] if approved else result), "review": str(review.get("status", ""))}
 
 
 def _existing_row(out: Path, case: Case) -> dict[str, Any] | None:
@@ -411,19 +424,19 @@ def _existing_row(out: Path, case: Case) -> dict[str, Any] | None:
     result_json = out / case.name / "result.json"
     if result_json.is_file():
         try:
-            row = _summary_row(case.name, json.loads(result_json.read_text()))
+            review = _review(out / case.name)
+            row = reviewed_row(case.name, json.loads(result_json.read_text()), review)
             done = json.loads((out / STATE_DIR / "done" / f"{case.name}.json").read_text())
         except FileNotFoundError:  # a result from before inputs were fingerprinted: kept as it is
             done = None
         except (ValueError, OSError):
             return None  # unreadable: rerun (cannot happen with atomic writes, but be safe)
-        review = _signed_off_status(out / case.name)
         if done is not None and done.get("fingerprint") != _safe_fingerprint(case):
-            if not review:
+            if not row["review"]:
                 return None  # the input changed since its result: run it again
             row["error"] = ("its input changed since this result, which was not rerun: its folder holds a review; "
                             "move the case's folder away to run it again")
-        return {**row, "review": review}
+        return row
     failed = out / STATE_DIR / "failed" / f"{case.name}.json"
     if failed.is_file():
         try:

@@ -286,7 +286,7 @@ class OpenCase:
                                                     "fractured": self._approved_call()})
         record = signoff.review_record(status, note, results, corrected_files=corrected_files, warnings=warnings)
         signoff.write_review(self.folder, record)
-        signoff.update_cohort_review(self.out, self.name, status)
+        signoff.update_cohort_review(self.out, self.name, status, results)
         return record
 
     def _approved_call(self) -> bool | None:

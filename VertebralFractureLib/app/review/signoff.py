@@ -67,8 +67,9 @@ def write_review(case_dir: str | Path, record: dict[str, Any]) -> Path:
     return atomic_write_text(Path(case_dir) / REVIEW_FILE, json.dumps(record, indent=2) + "\n")
 
 
-def update_cohort_review(out: str | Path, case: str, status: str) -> Path | None:
-    """Set the ``review`` column of ``case`` in ``out/cohort.csv`` (adding the column), atomically.
+def update_cohort_review(out: str | Path, case: str, status: str, results: dict[str, Any] | None = None) -> Path | None:
+    """Set the ``review`` column of ``case`` in ``out/cohort.csv`` (adding the column), atomically; with ``results``
+    (an approved correction's) the row's numbers become theirs (:func:`~VertebralFractureLib.app.batch.reviewed_row`).
 
     Returns:
         The CSV path, or None when ``out`` has no ``cohort.csv`` (a single ``run`` output).
@@ -82,8 +83,13 @@ def update_cohort_review(out: str | Path, case: str, status: str) -> Path | None
         rows = list(reader)
     if REVIEW_COLUMN not in columns:
         columns.append(REVIEW_COLUMN)
+    from VertebralFractureLib.app.batch import reviewed_row
+
     for row in rows:
         if row.get("case") == case:
+            if results is not None and status == "approved":
+                row.update({k: v for k, v in reviewed_row(case, results, {"status": status, "results": results}).items()
+                            if k in columns or k == REVIEW_COLUMN})
             row[REVIEW_COLUMN] = status
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
