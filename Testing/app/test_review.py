@@ -167,6 +167,14 @@ def test_sign_off_writes_review_and_cohort_column(batch_out):
         "0.77", "L2", "approved")
 
 
+def test_a_result_json_that_cannot_be_read_is_no_case_to_open(batch_out):
+    (batch_out / "low" / "result.json").write_text('{"vertebrae": [')
+    (low,) = [e for e in load_worklist(batch_out) if e.name == "low"]
+    assert not low.openable and low.error.startswith("low/result.json cannot be read")
+    with pytest.raises(InputError, match=r"low/result.json: cannot be read; run the case again"):
+        load_worklist(batch_out / "low")
+
+
 def test_entry_row_is_json_ready():
     row = CaseEntry("a", probability=0.12345, worst_grade=None).as_row()
     assert row["probability"] == 0.123 and row["worst_grade"] == "" and json.dumps(row)

@@ -285,7 +285,8 @@ def case_ct_path(case_dir: Path, cohort_dir: str | Path | None = None) -> Path:
     if ct_path is None:
         raise InputError(
             f"{case_dir}: no ct.nii.gz in the result folder and the input recorded in result.json is not readable; "
-            "give the CT the case was run on (or the cohort folder of the batch)"
+            "put the CT the case was run on back into the folder as ct.nii.gz (in Slicer: or give the batch's "
+            "cohort folder)"
         )
     return ct_path
 

@@ -223,6 +223,9 @@ class ReviewApp:
         self.editor.deactivate_effect()
         self.slicer.scene.Clear(0)
         self.case = None
+        # nothing of the case shown before stays on the page if this one cannot be opened
+        self.state.vf_case, self.state.vf_note, self.state.vf_review, self.state.vf_message = "", "", "", ""
+        self._publish_case()
         self.case = OpenCase(self.slicer.scene, self.out, name, folder, options=self.options, ct_cache=self.ct_cache)
         self._show_case()
         # a case signed off before shows its note again, so that a second sign-off does not drop it unseen

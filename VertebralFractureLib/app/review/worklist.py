@@ -85,10 +85,17 @@ def read_review(folder: Path) -> dict:
 
 
 def _entry_from_result(name: str, folder: Path, status: str = "ok") -> CaseEntry:
-    """An entry from ``folder/result.json`` (worst vertebra by probability, else by grade)."""
+    """An entry from ``folder/result.json`` (worst vertebra by probability, else by grade); one whose result.json
+    cannot be read is listed as not openable, with the reason."""
     from VertebralFractureLib.stages.follow_up import new_fractures
 
-    result = _read_json(folder / "result.json")
+    try:
+        result = json.loads((folder / "result.json").read_text())
+        if not isinstance(result, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        return CaseEntry(name, status="error", needs_review=True, openable=False,
+                         error=f"{name}/result.json cannot be read ({type(exc).__name__}); run the case again")
     worst = worst_vertebra(result.get("vertebrae") or [])
     review = read_review(folder).get("status", "")
     return CaseEntry(
@@ -127,7 +134,10 @@ def load_worklist(out: str | Path) -> list[CaseEntry]:
             entries.append(entry)
         return entries
     if (out / "result.json").is_file():
-        return [_entry_from_result(out.name, out)]
+        entry = _entry_from_result(out.name, out)
+        if not entry.openable:  # a single run output that cannot be shown: nothing to review
+            raise InputError(f"{out / 'result.json'}: cannot be read; run the case again")
+        return [entry]
     raise InputError(f"{out}: neither a batch output (cohort.csv) nor a run output (result.json)")
 
 
