@@ -51,6 +51,23 @@ def test_a_deformed_vertebra_that_lost_more_height_progressed():
     assert next(row for row in result["vertebrae"] if row["level"] == "L1")["status"] == PROGRESSED
 
 
+def test_a_height_gain_and_a_known_fracture_out_of_sight_are_said():
+    """The prior's fractured L1 whose segment this CT flags is named in the summary, not dropped from it; and a
+    vertebra that 'grew' back from a fracture is warned of (a wrong segment or another patient)."""
+    import dataclasses
+
+    fractured, intact = _records({20: (2, "wedge")}), _records()
+    flagged = [dataclasses.replace(r, genant_grade=None, partial=True, flags=["implausible"]) if r.label == 20 else r
+               for r in intact]
+    result = compare_with_prior(flagged, fractured)
+    assert result["summary"].endswith("Not compared, though graded on the prior CT: L1 (grade 2): not measured whole "
+                                      "on this CT (see the flags).")
+    grown = compare_with_prior(intact, fractured)  # L1: grade 2 before, whole now
+    (warning,) = [w for w in grown["warnings"] if "gained" in w]
+    assert warning.startswith("L1 gained ") and "which a vertebra does not do" in warning
+    assert not any("gained" in w for w in compare_with_prior(fractured, intact)["warnings"])
+
+
 def _spine(first: int, heights: list[float]) -> list[VertebraRecord]:
     return [VertebraRecord(first + k, "", height_anterior_mm=h, height_middle_mm=h - 1, height_posterior_mm=h + 1,
                            genant_grade=0) for k, h in enumerate(heights)]

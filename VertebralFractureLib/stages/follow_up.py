@@ -183,6 +183,7 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
     now = {int(r.label): r for r in records}
     before = {int(r.label): r for r in prior}
     rows = []
+    gains: list[tuple[str, str, float, float]] = []  # (level, height, mm, share) of a vertebra that grew
     for label in sorted(set(now) | set(before), key=order_index):
         r, p = now.get(label), before.get(label)
         row: dict[str, Any] = {"level": level_name(label), "status": NOT_COMPARED,
@@ -193,6 +194,9 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
                              / getattr(p, field)) for name, field in HEIGHTS}
             worst = max(losses, key=lambda name: losses[name][1])
             loss_mm, loss_ratio = losses[worst]
+            grown = min(losses, key=lambda name: losses[name][1])
+            if -losses[grown][1] >= INCIDENT_RATIO and -losses[grown][0] >= INCIDENT_MM:
+                gains.append((row["level"], grown, -losses[grown][0], -losses[grown][1]))
             row.update({f"height_{name}_prior_mm": round(getattr(p, field), 1) for name, field in HEIGHTS})
             row.update({f"height_{name}_mm": round(getattr(r, field), 1) for name, field in HEIGHTS})
             row.update(largest_loss_height=worst, largest_loss_mm=round(loss_mm, 1) + 0.0,  # + 0.0: no "-0.0"
@@ -240,6 +244,14 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
                  f"{row['boundary_with']} gained {row['neighbour_gain_mm']} mm: the boundary between their segments "
                  "lies elsewhere in the two CTs, which a fracture does not do; not called a fracture, check that "
                  "boundary by eye" for row in moved]
+    # a vertebra does not grow: a large gain means a segment of either study is drawn wrong (or another patient)
+    explained = {row.get("boundary_with") for row in moved}
+    warnings += [f"{level} gained {mm:.1f} mm ({share:.0%}) of its {height} height since the prior CT, which a "
+                 "vertebra does not do: a segment of either study is drawn wrong, or the prior is of another patient; "
+                 "check both by eye" for level, height, mm, share in gains if level not in explained]
+    # a fracture known from the prior that this CT could not measure is said, not left out of the summary
+    lost_sight = [row for row in rows if row["status"] == NOT_COMPARED and row["grade_prior"] and row["level"]
+                  in {level_name(label) for label in now}]
     if prior_rejected:
         warnings.append("the prior CT's results were rejected in review and not corrected: the comparison rests on "
                         "them; correct the prior (review app, or run it again with --labels) and compare again")
@@ -262,6 +274,10 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
         summary = "Since the prior CT: " + "; ".join(found) + "."
     else:
         summary = f"Since the prior CT: no new or progressed fracture ({compared} vertebrae compared)."
+    if lost_sight:
+        summary += (" Not compared, though graded on the prior CT: " + ", ".join(
+            f"{row['level']} (grade {row['grade_prior']})" for row in lost_sight) + ": not measured whole on this CT "
+            "(see the flags).")
     return {"vertebrae": rows, "incident": incident, "progressed": progressed, "grade_increased": grade_up,
             "compared": compared, "automatic": automatic, "summary": summary, "warnings": warnings,
             "spinal_deformity_index": sdi,
