@@ -79,6 +79,12 @@ def test_a_naming_shift_between_the_studies_is_warned_of():
     shifted = _spine(18, heights)  # the same vertebrae named one level lower
     result = compare_with_prior(shifted, prior)
     assert any("one level" in w and "shifted" in w for w in result["warnings"])
+    # the copy-ready impression carries the caveat too
+    from VertebralFractureLib.outputs.impression import impression
+
+    assert result["level_shift"] == -1 and any("one level apart" in sentence for sentence in impression(
+        {"vertebrae": [{"level": r.level or "T10", "genant_grade": 0, "fracture_probability": 0.1} for r in shifted],
+         "follow_up": result}))
     assert compare_with_prior(_spine(17, heights), prior)["warnings"] == []
     # names guessed without an anchor: still compared, with a warning
     guessed = _spine(17, heights)
@@ -95,6 +101,11 @@ def test_a_naming_shift_between_the_studies_is_warned_of():
 def test_a_prior_that_is_not_a_result_folder_is_refused_in_one_line(tmp_path):
     with pytest.raises(InputError, match="no result.json; give --prior the output folder"):
         read_prior(tmp_path)
+    with pytest.raises(InputError, match="missing: does not exist"):
+        read_prior(tmp_path / "missing")
+    (tmp_path / "ct.nii.gz").write_bytes(b"\x1f\x8b not json")
+    with pytest.raises(InputError, match="ct.nii.gz: a file, not a result folder"):
+        read_prior(tmp_path / "ct.nii.gz")
     (tmp_path / "result.json").write_text("{not json")
     with pytest.raises(InputError, match="not a readable result.json"):
         read_prior(tmp_path)

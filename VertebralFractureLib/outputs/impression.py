@@ -103,6 +103,9 @@ def impression(result: dict[str, Any]) -> list[str]:
     follow_up = result.get("follow_up") or {}
     if follow_up.get("summary"):
         sentences.append(follow_up["summary"])
+    if follow_up.get("level_shift"):
+        sentences.append("The vertebrae match the prior CT's one level apart: the level names of one study may be "
+                         "shifted; check them before reading the comparison.")
     naming = result.get("naming") or {}
     if str(naming.get("method", "")).startswith("user"):
         sentences.append("Levels as named in the label map given.")

@@ -73,6 +73,11 @@ def read_prior(path: str | Path) -> Prior:
         InputError: no readable ``result.json`` with vertebrae there.
     """
     path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: does not exist; give --prior the output folder of an earlier run")
+    if path.is_file() and path.name != "result.json" and path.name != PRIOR_FILE:
+        raise InputError(f"{path}: a file, not a result folder; give --prior the output folder of an earlier run "
+                         "(the one holding its result.json), not a CT")
     file = path / "result.json" if path.is_dir() else path
     try:
         data = json.loads(file.read_text())
@@ -227,6 +232,7 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
                         "be compared with its neighbour; check the names by eye")
     aligned = _median_mismatch(now, before, 0)
     shifted = {s: m for s in (-1, 1) if (m := _median_mismatch(now, before, s)) is not None}
+    shift = None
     if aligned is not None and shifted and min(shifted.values()) < 0.5 * aligned:
         shift = min(shifted, key=shifted.get)
         warnings.append(f"the vertebrae match the prior's better one level {'lower' if shift > 0 else 'higher'} "
@@ -280,6 +286,7 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
             "(see the flags).")
     return {"vertebrae": rows, "incident": incident, "progressed": progressed, "grade_increased": grade_up,
             "compared": compared, "automatic": automatic, "summary": summary, "warnings": warnings,
+            "level_shift": shift,  # +1: the vertebrae match the prior's one level lower, -1: higher; None: as named
             "spinal_deformity_index": sdi,
             "rule": {"height_loss_ratio_at_least": INCIDENT_RATIO, "height_loss_mm_at_least": INCIDENT_MM},
             "reference": REFERENCE}
