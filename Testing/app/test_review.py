@@ -173,6 +173,8 @@ def test_a_result_json_that_cannot_be_read_is_no_case_to_open(batch_out):
     assert not low.openable and low.error.startswith("low/result.json cannot be read")
     with pytest.raises(InputError, match=r"low/result.json: cannot be read; run the case again"):
         load_worklist(batch_out / "low")
+    with pytest.raises(InputError, match=r"missing: does not exist; give the output folder of a batch or of a run"):
+        load_worklist(batch_out / "missing")
 
 
 def test_entry_row_is_json_ready():

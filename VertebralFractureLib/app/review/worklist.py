@@ -118,6 +118,9 @@ def load_worklist(out: str | Path) -> list[CaseEntry]:
         InputError: ``out`` is neither.
     """
     out = Path(out)
+    if not out.is_dir():
+        raise InputError(f"{out}: {'not a folder' if out.exists() else 'does not exist'}; give the output folder "
+                         "of a batch or of a run")
     if (out / "cohort.csv").is_file():
         with (out / "cohort.csv").open(newline="") as fh:
             rows = list(csv.DictReader(fh))
