@@ -151,7 +151,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 def _add_simulate_cohort(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="cohort folder to write")
     p.add_argument("--cases", type=int, required=True, help="number of cases")
-    p.add_argument("--fracture-rate", type=float, default=0.5, help="probability that a case gets a fracture (default 0.5; the share in a small cohort varies)")
+    p.add_argument("--fracture-rate", type=float, default=0.5,
+                   help="probability that a case gets a fracture (default 0.5; the share in a small cohort varies)")
     p.add_argument("--seed", type=int, default=0, help="the same seed writes identical files")
     p.add_argument("--levels", help="fix the phantoms' levels, e.g. T12-L4 (default: 5..7 levels drawn in T7..L5)")
     p.add_argument("--spacing", type=float, help="fix the voxel size in mm (default: drawn from 1.25..1.75)")
@@ -379,8 +380,8 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
         raise InputError("train-classifier needs cohort folder(s) or --real-labels")
     ignored = [name for name, value in (("--folds", args.folds), ("--phantoms", args.phantoms)) if value is not None]
     if ignored:
-        raise InputError(f"{' and '.join(ignored)} apply with --real-labels only; a cohort is split by "
-                         "--test-fraction")
+        raise InputError(f"{' and '.join(ignored)} {'apply' if len(ignored) > 1 else 'applies'} with --real-labels "
+                         "only; a cohort is split by --test-fraction")
     from VertebralFractureLib.research.study import train_classifier
 
     with atomic_output_dir(args.output) as tmp:

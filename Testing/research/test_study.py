@@ -358,8 +358,8 @@ def test_train_classifier_refuses_zero_epochs_in_one_line(tmp_path, capsys):
     assert err == ["error: --epochs must be at least 1"] and not (tmp_path / "model").exists()
     # options of --real-labels are not silently ignored with a cohort
     assert main(["train-classifier", str(tmp_path / "cohort"), "-o", str(tmp_path / "model"), "--folds", "3"]) == 2
-    assert capsys.readouterr().err.strip() == ("error: --folds apply with --real-labels only; a cohort is split by "
-                                               "--test-fraction")
+    assert capsys.readouterr().err.strip() == ("error: --folds applies with --real-labels only; a cohort is split "
+                                               "by --test-fraction")
 
 
 @pytest.mark.parametrize("row, problem", [
