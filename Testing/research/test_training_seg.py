@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -48,6 +49,71 @@ def test_train_seg_bad_cohort_exit_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["train-seg", str(tmp_path / "empty"), "-o", str(tmp_path / "m")]) == 2
     assert capsys.readouterr().err.startswith("error:")
+
+
+@pytest.mark.parametrize("options, problem", [
+    (["--iterations", "0"], "--iterations 0: give at least 1"),
+    (["--max-minutes", "0"], "--max-minutes 0: give a positive number of minutes"),
+    (["--patch", "17"], "--patch 17: give a multiple of 16 from 16 to 192"),
+    (["--resume"], "no checkpoint (checkpoint.safetensors and checkpoint.json) to resume"),
+])
+def test_train_seg_refuses_settings_it_cannot_run_with(tmp_path, capsys, options, problem):
+    from VertebralFractureLib.cli import main
+
+    assert main(["train-seg", str(_tiny_cohort(tmp_path / "c")), "-o", str(tmp_path / "m"), *options]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and problem in err and "\n" not in err and not (tmp_path / "m").exists()
+
+
+def test_prepare_seg_cohort_refuses_a_negative_margin(tmp_path, capsys):
+    from VertebralFractureLib.cli import main
+
+    assert main(["prepare-seg-cohort", str(_tiny_cohort(tmp_path / "c")), "-o", str(tmp_path / "p"),
+                 "--crop-margin-mm", "-50"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --crop-margin-mm -50: give a margin of 0 mm or more"
+
+
+def test_train_seg_keeps_what_it_did_not_write_and_checks_each_case(tmp_path, capsys):
+    """A folder of other files or another model's is refused before anything is written; a label map of other
+    values, or a CT the labels were not made on, is refused naming the file."""
+    import shutil
+
+    from VertebralFractureLib.cli import main
+    from VertebralFractureLib.core.volume import Volume
+    from VertebralFractureLib.io.reading import read_volume
+    from VertebralFractureLib.io.volume_files import write_volume
+    from VertebralFractureLib.models.loading import default_model_dir
+
+    cohort = _tiny_cohort(tmp_path / "c")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "model.safetensors").write_bytes(b"precious")
+    classifier = tmp_path / "classifier"
+    shutil.copytree(default_model_dir("classifier"), classifier)
+    before = (classifier / "model.safetensors").read_bytes()
+    for out, problem in ((notes, "holds no earlier train-seg output"), (classifier, "a classifier model card")):
+        assert main(["train-seg", str(cohort), "-o", str(out), "--iterations", "1", "--patch", "16"]) == 2
+        assert problem in capsys.readouterr().err
+    assert (notes / "model.safetensors").read_bytes() == b"precious"
+    assert (classifier / "model.safetensors").read_bytes() == before
+
+    labels = read_volume(cohort / "a" / "labels.nii.gz", check=False)
+    ct = read_volume(cohort / "a" / "ct.nii.gz")
+    bad = {"prob": (labels.with_array(labels.array / 40.0), None, "non-integer values"),
+           "id99": (labels.with_array(np.where(labels.array == 20, 99, labels.array)), None, "label 99 not VerSe ids"),
+           "moved": (labels, Volume(ct.array, ct.spacing, tuple(np.asarray(ct.origin) + [0, 0, 500]), ct.direction),
+                     "holds only 0% of the labelled voxels"),
+           "air": (labels, ct.with_array(np.where(labels.array > 0, -900, ct.array).astype(ct.array.dtype)),
+                   "lie on -900 HU (median), not on bone"),
+           "flat": (labels, ct.with_array(np.full(ct.shape, -1000, ct.array.dtype)), "constant image"),
+           }
+    for name, (lab, image, problem) in bad.items():
+        case = tmp_path / name
+        write_volume(lab, case / "x" / "labels.nii.gz")
+        write_volume(image if image is not None else ct, case / "x" / "ct.nii.gz")
+        assert main(["train-seg", str(case), "-o", str(tmp_path / f"m-{name}"), "--iterations", "1"]) == 2
+        err = capsys.readouterr().err
+        assert problem in err, (name, err)
 
 
 def _tiny_cohort(root):

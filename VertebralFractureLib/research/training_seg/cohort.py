@@ -75,7 +75,8 @@ def load_case(name: str, ct_path: Path | None, label_path: Path, spacings: tuple
     """Read and resample one case onto the canonical LPS grid at each spacing (``ignore.nii.gz`` beside the
     label map, when there is one, marks voxels :data:`IGNORE_LABEL`)."""
     lab = read_volume(label_path, check=False)
-    ids = np.rint(lab.array).astype(np.int32).clip(0, IGNORE_LABEL - 1).astype(np.uint8)
+    _check_label_values(lab.array, label_path)
+    ids = lab.array.astype(np.uint8)
     ignore_path = _find(Path(label_path).parent, ("ignore",))
     if ignore_path is not None:
         from VertebralFractureLib.core.volume import resample_to
@@ -87,6 +88,8 @@ def load_case(name: str, ct_path: Path | None, label_path: Path, spacings: tuple
         ids[ign.array > 0] = IGNORE_LABEL
     lab = lab.with_array(ids)
     ct = read_volume(ct_path, check=False) if ct_path is not None else None
+    if ct is not None:
+        _check_ct_under_labels(ct, ct_path, lab, label_path)
     labels, hus, fgi = {}, {}, {}
     for s in spacings:
         lc = to_canonical(lab, s, labels=True)
@@ -99,6 +102,53 @@ def load_case(name: str, ct_path: Path | None, label_path: Path, spacings: tuple
             hus[s] = None
         fgi[s] = foreground_index(labels[s])
     return Case(name, labels, hus, fgi)
+
+
+def _check_label_values(array: np.ndarray, path: Path) -> None:
+    """A training label map: 3D, whole numbers, VerSe vertebra ids (sacrum 26 and coccyx 27 allowed).
+
+    Raises:
+        InputError: naming ``path`` and the values at fault (a probability map, a sub-region mask, a 2D image).
+    """
+    from VertebralFractureLib.core.levels import CRANIOCAUDAL_ORDER
+    from VertebralFractureLib.io.validation import VERSE_OTHER_IDS
+
+    if array.ndim != 3:
+        raise InputError(f"{path}: a {array.ndim}D image; a 3D label map of VerSe ids is needed")
+    values = np.unique(array)
+    if np.any(values != np.floor(values)) or not np.all(np.isfinite(values)):
+        raise InputError(f"{path}: non-integer values (a probability map?); a label map of VerSe ids is needed")
+    ids = [int(v) for v in values if v != 0]  # none: a background-only case, which has its use
+    foreign = [v for v in ids if v not in CRANIOCAUDAL_ORDER and v not in VERSE_OTHER_IDS]
+    if foreign:
+        raise InputError(f"{path}: label{'s' if len(foreign) > 1 else ''} {', '.join(map(str, foreign[:5]))} "
+                         "not VerSe ids (C1=1 .. L5=24, L6=25, sacrum 26, coccyx 27, T13=28); relabel or remove them")
+
+
+def _check_ct_under_labels(ct, ct_path: Path, lab, label_path: Path) -> None:
+    """The case's CT must be one (:func:`~VertebralFractureLib.io.validation.check_ct`: 3D, in HU) and hold the
+    labelled vertebrae: (nearly) every labelled voxel inside its extent, on bone rather than air.
+
+    Raises:
+        InputError: a CT that is not one, or one the label map was not made on (another shape, origin or spacing).
+    """
+    from VertebralFractureLib.io.validation import check_ct
+
+    check_ct(ct, ct_path)
+    rng = np.random.default_rng(0)
+    zyx = np.argwhere(lab.array != 0)
+    if not len(zyx):
+        return
+    zyx = zyx[rng.choice(len(zyx), min(len(zyx), 20000), replace=False)]
+    ijk = np.rint(ct.lps_to_index(lab.index_to_lps(zyx[:, ::-1].astype(np.float64)))).astype(int)
+    inside = np.all((ijk >= 0) & (ijk < np.asarray(ct.size_ijk)), axis=1)
+    if inside.mean() < 0.99:
+        raise InputError(f"{ct_path}: holds only {inside.mean():.0%} of the labelled voxels of {label_path.name}; "
+                         "give the CT the labels were made on (same patient, origin and spacing)")
+    hu = float(np.median(ct.array[tuple(ijk[inside][:, ::-1].T)]))
+    if hu < 0:
+        raise InputError(f"{ct_path}: the labelled voxels of {label_path.name} lie on {hu:.0f} HU (median), not on "
+                         "bone; give the CT the labels were made on")
 
 
 def _key(kind: str, spacing: float) -> str:
@@ -138,6 +188,8 @@ def prepare_cohort(
     on the canonical LPS grid at each spacing ``s`` mm. With ``crop_margin_mm`` each case is cut in y and x
     to its labels' bounding box plus that margin. Returns the written paths, in case order.
     """
+    if crop_margin_mm is not None and not crop_margin_mm >= 0:
+        raise InputError(f"--crop-margin-mm {crop_margin_mm:g}: give a margin of 0 mm or more")
     found = find_cases(cohort)
     out = Path(out)
     if out.resolve() == Path(cohort).resolve():

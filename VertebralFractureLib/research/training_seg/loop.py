@@ -77,12 +77,12 @@ def train(cohort: Path, out_dir: Path, config: SegTrainConfig = SegTrainConfig()
     ``config.resume`` a checkpoint in ``out_dir`` is continued.
     """
     cfg = config
-    if cfg.workers < 0:
-        raise InputError(f"--workers {cfg.workers}: give 0 (patches made in the training process) or more")
+    check_settings(cfg)
+    out_dir = Path(out_dir)
+    stale = _check_model_folder(out_dir, cfg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, cfg.threads))
-    out_dir = Path(out_dir)
     names, load, prepared = cohort_loaders(cohort, SPACINGS)
     val_names, drawn = _split_cases(cohort, names, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +93,10 @@ def train(cohort: Path, out_dir: Path, config: SegTrainConfig = SegTrainConfig()
     held_out = [c for c in cases if c.name in val_names] or cases
     run = _Run(cfg, out_dir, device, *_start_network(cfg, log), val_names=sorted(val_names),
                train_names=sorted(c.name for c in train_cases), log=log)
+    for path in stale:  # only now: the cohort read, and --init's weights (maybe these) loaded
+        path.unlink(missing_ok=True)
+    if stale and (out_dir / "MODEL_CARD.md").is_file():
+        log(f"note: {out_dir / 'MODEL_CARD.md'} describes the earlier weights; update it for the new ones")
     stream = PatchStream(train_cases, patch=cfg.patch, synth_share=cfg.synth_share, fast_share=cfg.fast_share,
                          seed=cfg.seed, start=run.start, weights=dict(cfg.case_weights) or None, mix=cfg.mix)
     loader = make_loader(stream, batch=cfg.batch, workers=cfg.workers, device=device)
@@ -107,6 +111,58 @@ def train(cohort: Path, out_dir: Path, config: SegTrainConfig = SegTrainConfig()
         if shutdown is not None:
             shutdown()
     return json.loads((out_dir / CARD_NAME).read_text()) if (out_dir / CARD_NAME).exists() else {}
+
+
+#: the files a train-seg run writes into its output folder (a new run into an earlier one's folder replaces them)
+RUN_FILES = (WEIGHTS_NAME, CARD_NAME, "checkpoint.safetensors", "checkpoint.json")
+MAX_PATCH = 192  # voxels: beyond it a patch outgrows most cases and the augmentations fail
+
+
+def check_settings(cfg: SegTrainConfig) -> None:
+    """Refuse settings no training can run with, one line each, naming the command-line option."""
+    if cfg.workers < 0:
+        raise InputError(f"--workers {cfg.workers}: give 0 (patches made in the training process) or more")
+    if cfg.iterations < 1:
+        raise InputError(f"--iterations {cfg.iterations}: give at least 1")
+    if cfg.max_minutes is not None and not cfg.max_minutes > 0:
+        raise InputError(f"--max-minutes {cfg.max_minutes:g}: give a positive number of minutes")
+    if not (16 <= cfg.patch <= MAX_PATCH and cfg.patch % 16 == 0):
+        raise InputError(f"--patch {cfg.patch}: give a multiple of 16 from 16 to {MAX_PATCH} (the U-Net halves it "
+                         "four times; 80 is the default)")
+    if cfg.resume and cfg.init is not None:
+        raise InputError("--resume continues the checkpoint in the output folder; --init starts from other weights: "
+                         "give one of them")
+
+
+def _check_model_folder(out_dir: Path, cfg: SegTrainConfig) -> list[Path]:
+    """The output folder must be new, empty or an earlier train-seg output; ``--resume`` needs its checkpoint.
+
+    Returns the earlier output's files a new run (no ``--resume``) replaces: its weights, card and checkpoint, so
+    that no metric or lineage of the earlier weights stays on the card of the new ones (the card stays when
+    ``--init`` names this folder: a fine-tune in place descends from those weights).
+
+    Raises:
+        InputError: a file, a folder of other files or of another kind of model, or ``--resume`` without a
+            checkpoint.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: a file; give a new or empty folder for the model")
+    files = list(out_dir.iterdir()) if out_dir.is_dir() else []
+    checkpoint = (out_dir / "checkpoint.safetensors").is_file() and (out_dir / "checkpoint.json").is_file()
+    if cfg.resume:
+        if not checkpoint:
+            raise InputError(f"{out_dir}: no checkpoint (checkpoint.safetensors and checkpoint.json) to resume; "
+                             "leave out --resume to start a new training")
+        return []
+    if not files:
+        return []
+    if (out_dir / CARD_NAME).is_file():
+        read_card(out_dir, "segmentation")  # a classifier's card or a foreign one: refused, nothing written
+    elif not checkpoint:
+        raise InputError(f"{out_dir}: the folder is not empty and holds no earlier train-seg output (card.json or a "
+                         "checkpoint); give a new or empty folder for the model")
+    in_place = cfg.init is not None and Path(cfg.init).resolve() == out_dir.resolve()
+    return [out_dir / name for name in RUN_FILES if not (in_place and name == CARD_NAME)]
 
 
 def _split_cases(cohort: Path, names: list[str], cfg: SegTrainConfig) -> tuple[set[str], list[str]]:
