@@ -78,6 +78,8 @@ def test_train_seg_keeps_what_it_did_not_write_and_checks_each_case(tmp_path, ca
     values, or a CT the labels were not made on, is refused naming the file."""
     import shutil
 
+    import SimpleITK as sitk
+
     from VertebralFractureLib.cli import main
     from VertebralFractureLib.core.volume import Volume
     from VertebralFractureLib.io.reading import read_volume
@@ -114,6 +116,11 @@ def test_train_seg_keeps_what_it_did_not_write_and_checks_each_case(tmp_path, ca
         assert main(["train-seg", str(case), "-o", str(tmp_path / f"m-{name}"), "--iterations", "1"]) == 2
         err = capsys.readouterr().err
         assert problem in err, (name, err)
+    flat = tmp_path / "twod" / "x"
+    flat.mkdir(parents=True)
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 3), np.uint8)), str(flat / "labels.nii.gz"))
+    assert main(["train-seg", str(flat.parent), "-o", str(tmp_path / "m-2d"), "--iterations", "1"]) == 2
+    assert "labels.nii.gz: a 2D image; a 3D volume" in capsys.readouterr().err
 
 
 def _tiny_cohort(root):

@@ -198,4 +198,6 @@ def read_image_file(path: str | Path, *, check: bool = True) -> Volume:
         _check_nifti_complete(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar CT")
+    if image.GetDimension() < 3:  # also unchecked reads (label maps): no 3D geometry to give it
+        raise InputError(f"{path}: a {image.GetDimension()}D image; a 3D volume (a stack of slices) is needed")
     return Volume.from_sitk(image)
