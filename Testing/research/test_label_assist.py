@@ -205,7 +205,7 @@ def test_cli_refuses_malformed_decisions_in_one_line(tmp_path, capsys):
 def _frozen_case(tmp_path: Path) -> tuple[Path, Path, Path]:
     """The column written as a CT file, its instance map frozen as a proposal, and decisions that refer to the
     proposal's instance numbers: (CT, proposal.nii.gz, decisions.json)."""
-    from VertebralFractureLib.research.label_assist import file_sha256
+    from VertebralFractureLib.io.reading import file_sha256
 
     ct, inst = _column()
     ct_path = write_volume(ct.with_array(np.where(ct.array < 0, -1000, ct.array).astype(np.int16)),

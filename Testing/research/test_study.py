@@ -352,6 +352,26 @@ def test_a_split_without_both_classes_or_a_share_outside_0_1_is_refused_before_t
     assert check_split(np.array([0, 1]), np.array([0, 1]), np.array([0, 1] * 5)) == []
 
 
+def test_train_classifier_card_says_what_it_was_trained_on(tmp_path, cohort):
+    """A cohort of simulated cases (each with its truth.json) gives a card that says the model never saw a real
+    fracture; the same cohort without them (grades of one's own) does not claim so. The card records the CTs'
+    checksum and the command that retrains the model."""
+    import shutil
+
+    out = tmp_path / "model"
+    assert main(["train-classifier", str(cohort), "-o", str(out), "--epochs", "1", "--quiet"]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["never_seen_real_fracture"] is True and len(card["training_data_ct_sha256"]) == 64
+    assert card["training"]["command"].startswith(f"vertebral-fracture train-classifier {cohort} -o MODEL_DIR")
+    own = tmp_path / "own"
+    shutil.copytree(cohort, own)
+    for truth in own.glob("*/truth.json"):
+        truth.unlink()
+    assert main(["train-classifier", str(own), "-o", str(out), "--epochs", "1", "--quiet"]) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["never_seen_real_fracture"] is False and "never seen" not in (out / "MODEL_CARD.md").read_text()
+
+
 def test_train_classifier_refuses_zero_epochs_in_one_line(tmp_path, capsys):
     assert main(["train-classifier", str(tmp_path / "cohort"), "-o", str(tmp_path / "model"), "--epochs", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -378,7 +378,7 @@ def labels_from_segmentation_node(seg_node, reference: Volume, warnings: list[st
     out = np.zeros(reference.shape, np.uint8)
     reference_image = _geometry_image(reference)
     segmentation = seg_node.GetSegmentation()
-    layers: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # segments share layers: each is resampled once
+    layers: dict[int, np.ndarray | None] = {}  # segments share labelmap layers: each layer is resampled once
     owner: dict[int, str] = {}
     outside: list[str] = []
     for sid in segment_ids(seg_node):
@@ -386,13 +386,11 @@ def labels_from_segmentation_node(seg_node, reference: Volume, warnings: list[st
         layer = segmentation.GetLayerIndex(sid)
         if layer not in layers:
             image = segmentation.GetLayerDataObject(layer)
-            layers[layer] = ((np.zeros(0, np.uint8), None) if image is None or image.GetPointData().GetScalars() is None
-                             else (_array_from_image_data(image), _resampled_labels(image, reference_image,
-                                                                                    reference.shape)))
-        own, resampled = layers[layer]
+            layers[layer] = None if image is None else _resampled_labels(image, reference_image, reference.shape)
+        resampled = layers[layer]
         mask = None if resampled is None else resampled == segment.GetLabelValue()
         if mask is None or not mask.any():
-            if (own == segment.GetLabelValue()).any():
+            if _segment_labelmap(seg_node, sid) is not None:  # it has voxels, none of them on the CT
                 outside.append(segment.GetName())
             continue
         label = segment_label(segment)

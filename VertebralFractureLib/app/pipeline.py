@@ -14,7 +14,6 @@ plain-sentence ``review_reasons`` and ``fractured = None``. Layers and data flow
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
@@ -213,11 +212,9 @@ def _weights_sha256(kind: str) -> str:
 @functools.lru_cache(maxsize=8)
 def _file_digest(path: str, mtime_ns: int, size: int) -> str:
     """Cached per file version (path, modification time, size): a batch hashes each weights file once."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return f"sha256:{h.hexdigest()[:16]}"
+    from VertebralFractureLib.io.reading import file_sha256
+
+    return f"sha256:{file_sha256(path)[:16]}"
 
 
 #: distributions that install a module under another name (first found wins)

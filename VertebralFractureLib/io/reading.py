@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from VertebralFractureLib.core.volume import Volume
@@ -25,3 +26,15 @@ def read_volume(path: str | Path, *, check: bool = True) -> Volume:
     if path.is_dir() or is_dicom_file(path):
         return import_dicom(path).volume
     return read_image_file(path, check=check)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, or of a folder's files in sorted name order (a DICOM series)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()

@@ -123,6 +123,24 @@ def check_hounsfield(values: np.ndarray, source: str | Path, dtype: np.dtype | N
 VERSE_OTHER_IDS = (26, 27)
 
 
+def label_ids(array: np.ndarray, source: str | Path = "label map") -> list[int]:
+    """The ids (nonzero values) of a label map's voxels, ``array`` (z, y, x), in increasing order.
+
+    Raises:
+        InputError: not 3D, non-integer values (every voxel is checked, slab by slab), or values outside 0..255.
+    """
+    if array.ndim != 3:
+        raise InputError(f"{source}: {array.ndim}D array; a 3D label map on the CT's space is needed")
+    if np.issubdtype(array.dtype, np.floating):
+        for k in range(0, array.shape[0], 16):  # slab by slab: no float copy of a whole CT-sized map
+            slab = array[k:k + 16]
+            if not np.all(np.isfinite(slab)) or np.any(slab != np.floor(slab)):
+                raise InputError(f"{source}: non-integer values; expected VerSe label ids (1..28)")
+    if array.min() < 0 or array.max() > 255:
+        raise InputError(f"{source}: values {array.min()}..{array.max()} are not VerSe label ids (1..28)")
+    return [int(v) for v in np.unique(array) if v != 0]
+
+
 def check_labels(labels: Volume, ct: Volume, source: str | Path = "label map",
                  warnings: list[str] | None = None) -> Volume:
     """Check a label map against its CT and return it as an integer volume on the CT grid.
@@ -139,17 +157,7 @@ def check_labels(labels: Volume, ct: Volume, source: str | Path = "label map",
     from VertebralFractureLib.core.volume import resample_to
 
     array = labels.array
-    if array.ndim != 3:
-        raise InputError(f"{source}: {array.ndim}D array; a 3D label map on the CT's space is needed")
-    if np.issubdtype(array.dtype, np.floating):
-        for k in range(0, array.shape[0], 16):  # slab by slab: no float copy of a whole CT-sized map
-            slab = array[k:k + 16]
-            if not np.all(np.isfinite(slab)) or np.any(slab != np.floor(slab)):
-                raise InputError(f"{source}: non-integer values; expected VerSe label ids (1..28)")
-    if array.min() < 0 or array.max() > 255:
-        raise InputError(f"{source}: values {array.min()}..{array.max()} are not VerSe label ids (1..28)")
-    present = np.unique(array)
-    present = present[present != 0].astype(int)
+    present = np.asarray(label_ids(array, source), dtype=int)
     if present.size and not np.isin(present, CRANIOCAUDAL_ORDER).any():
         # e.g. a VerSe sub-region mask (41..50: arch, processes, body) given for the vertebra labels
         raise InputError(f"{source}: labels {int(present.min())}..{int(present.max())} hold no vertebra (VerSe ids "

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.io.atomic import with_default_mode
 from VertebralFractureLib.models.cards import KINDS, ModelCard, read_card
 
 #: folder under Resources/models of the shipped model of each kind
@@ -104,6 +105,4 @@ def save_weights(net: Any, path: str | Path, *, half: bool = False, metadata: di
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=metadata)
-    from VertebralFractureLib.io.atomic import with_default_mode
-
     return with_default_mode(path)  # safetensors writes 0600: colleagues sharing a model folder could not read it

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from VertebralFractureLib.core.errors import InputError
-from VertebralFractureLib.research.label_assist import file_sha256
+from VertebralFractureLib.io.reading import file_sha256
 
 #: bump when what a sample holds changes (invalidates the cache; 2: morphometry bridges label holes on height lines,
 #: quality flags as in ``run``; 3: body axis next to a cut neighbour, 3 mm field-of-view band; 4: cervical vertebrae
@@ -106,20 +106,14 @@ _ARRAYS = ("crops", "radiomics", "y", "grade", "fracture_type", "group", "source
            "morph_grade")
 
 
-def _partial_levels(decisions: dict, folder: Path) -> tuple[str, ...]:
-    """Canonical level names of ``decisions``' ``partial`` entries ("t9 " -> "T9"), as label-assist reads them."""
-    from VertebralFractureLib.research.label_assist_decisions import parse_decisions
-
-    return tuple(sorted(parse_decisions({"partial": decisions.get("partial") or {}},
-                                        str(folder / "decisions.json")).partial))
-
-
 def find_real_cases(labels_dir: str | Path, data_dir: str | Path) -> list[RealCase]:
     """The cases of a checked-labels folder (``<labels_dir>/<case>/labels.nii.gz``) with their CT in ``data_dir``.
 
     A case's CT is ``decisions.json``'s ``ct_file`` (else one of :data:`CT_NAMES`, else ``*_ct.nii.gz``) in ``<data_dir>/<case>/`` or
     ``<data_dir>/real-ct/<case>/``. Raises InputError when a folder has labels but no CT is found.
     """
+    from VertebralFractureLib.research.label_assist_decisions import partial_levels
+
     labels_dir, data_dir = Path(labels_dir), Path(data_dir)
     if not labels_dir.is_dir():
         raise InputError(f"{labels_dir}: not a folder of checked labels (<case>/labels.nii.gz)")
@@ -140,7 +134,8 @@ def find_real_cases(labels_dir: str | Path, data_dir: str | Path) -> list[RealCa
             raise InputError(f"{folder}: no CT for this case under {data_dir} (looked for {', '.join(names)})")
         cases.append(RealCase(folder.name, found[0], folder / "labels.nii.gz",
                               str(decisions.get("status", "unchecked")).startswith("checked"),
-                              _partial_levels(decisions, folder), str(decisions.get("licence", ""))))
+                              tuple(sorted(partial_levels(decisions, str(folder / "decisions.json")))),
+                              str(decisions.get("licence", ""))))
     if not cases:
         raise InputError(f"{labels_dir}: no <case>/labels.nii.gz inside")
     return cases

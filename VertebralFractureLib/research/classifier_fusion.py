@@ -587,8 +587,8 @@ def _fine_tuning_start(init_from: str | Path, config: TrainConfig) -> tuple[Trai
     state dict every network starts from) and the lineage entry of the new card."""
     import dataclasses
 
+    from VertebralFractureLib.io.reading import file_sha256
     from VertebralFractureLib.models.loading import load_model
-    from VertebralFractureLib.research.label_assist import file_sha256
 
     init_net, init_card = load_model(init_from, "classifier")
     init_state = {k: v.detach().clone() for k, v in init_net.state_dict().items()}

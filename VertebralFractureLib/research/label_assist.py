@@ -32,6 +32,7 @@ import numpy as np
 
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.volume import Volume
+from VertebralFractureLib.io.reading import file_sha256
 
 #: version of the labels this tool makes from a CT and its decisions (2: after the decisions, the arches are given
 #: to the body their own pedicles hold, :func:`assign_arches_on`)
@@ -41,18 +42,6 @@ PROPOSAL_VERSION = "1"
 CACHE_ENV = "VF_LABEL_ASSIST_CACHE"
 #: the frozen proposal written beside the labels: instance map and its record (checksums, automatic names)
 PROPOSAL_FILE, PROPOSAL_RECORD = "proposal.nii.gz", "proposal.json"
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file, or of a folder's files in sorted name order (a DICOM series)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        with open(f, "rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def model_sha256(model_dir: Path | None = None) -> str:

@@ -236,6 +236,12 @@ def _by_level(entries: dict[str, str], source: str, key: str, extra: tuple[str, 
     return out
 
 
+def partial_levels(decisions: dict, source: str = "decisions") -> dict[str, str]:
+    """The ``partial`` entries of a (raw) decisions object by canonical level name ("t9 " -> "T9") -> why: the
+    levels whose checked label holds only part of the body, which benchmarks and training leave ungraded."""
+    return parse_decisions({"partial": decisions.get("partial") or {}}, source).partial
+
+
 def read_decisions(path: str | Path) -> Decisions:
     """Read a decisions JSON (a bare decisions object, or a ``decisions.json`` written by label-assist)."""
     path = Path(path)

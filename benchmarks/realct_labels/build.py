@@ -52,9 +52,9 @@ def partial_levels(case: str, labels_dir: Path = HERE) -> dict[str, str]:
     """Levels of ``case`` whose checked label holds only part of the body (``decisions.json``'s ``partial``: an
     exclusion cut it, not the field of view, so the run's morphometry cannot tell) -> why. The benchmarks leave them
     ungraded."""
-    from VertebralFractureLib.research.label_assist_decisions import parse_decisions
+    from VertebralFractureLib.research.label_assist_decisions import partial_levels as read_partial
 
-    return parse_decisions({"partial": case_decisions(case, labels_dir).get("partial", {})}, case).partial
+    return read_partial(case_decisions(case, labels_dir), case)
 
 
 def build_reference(case: str, ct_path: Path, ref_path: Path, out: Path) -> dict:
@@ -62,10 +62,10 @@ def build_reference(case: str, ct_path: Path, ref_path: Path, out: Path) -> dict
     import numpy as np
 
     from VertebralFractureLib.core.levels import level_name
-    from VertebralFractureLib.io.reading import read_volume
+    from VertebralFractureLib.io.reading import file_sha256, read_volume
     from VertebralFractureLib.io.validation import check_labels
     from VertebralFractureLib.io.volume_files import write_volume
-    from VertebralFractureLib.research.label_assist import TOOL_VERSION, _segment_table, file_sha256
+    from VertebralFractureLib.research.label_assist import TOOL_VERSION, _segment_table
 
     ct = read_volume(ct_path)
     labels = check_labels(read_volume(ref_path, check=False), ct, ref_path)

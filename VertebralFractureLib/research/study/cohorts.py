@@ -28,6 +28,16 @@ def simulate_study_cohort(out_dir: str | Path, n_cases: int, seed: int = 0, frac
     return out_dir
 
 
+def _write_truth(out_dir: Path, case: str, rows: list[dict]) -> None:
+    """``<case>/truth.json``, as :func:`.simulation.write_cohort` writes it: the mark of a simulated case (a card of a
+    classifier trained only on such cases says it has never seen a real fracture)."""
+    import json
+
+    truth = [{k: row[k] for k in ("label", "level", "genant_grade", "genant_type")} for row in rows
+             if row["case"] == case]
+    (out_dir / case / "truth.json").write_text(json.dumps({"case": case, "vertebrae": truth}, indent=1))
+
+
 def write_phantom_cohort(out_dir: str | Path, n_cases: int, *, seed: int = 0, fracture_rate: float = 0.5,
                          n_levels: int = 5, spacing: float = 1.5) -> Path:
     """A small phantom cohort in the study layout (``<case>/ct.nii.gz``, ``labels.nii.gz``, ``labels.csv``).
@@ -65,6 +75,7 @@ def write_phantom_cohort(out_dir: str | Path, n_cases: int, *, seed: int = 0, fr
             grade, ftype = fractures.get(label, (0, "normal"))
             rows.append({"case": case, "label": label, "level": level_name(label), "genant_grade": grade,
                          "genant_type": ftype})
+        _write_truth(out_dir, case, rows)
     with (out_dir / "labels.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["case", "label", "level", "genant_grade", "genant_type"])
         writer.writeheader()
@@ -126,6 +137,7 @@ def write_real_ct_cohort(out_dir: str | Path, n_cases: int, *, seed: int = 0, fr
         for label in (21, 22, 23):
             g, t = (grade, ftype) if label == 22 else (0, "normal")
             rows.append({"case": case, "label": label, "level": level_name(label), "genant_grade": g, "genant_type": t})
+        _write_truth(out_dir, case, rows)
     with (out_dir / "labels.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["case", "label", "level", "genant_grade", "genant_type"])
         writer.writeheader()

@@ -71,6 +71,7 @@ class CohortData:
     warnings: list[str] = field(default_factory=list)
     morphometry: np.ndarray | None = None  # (n, len(MORPHOMETRY_FEATURES)), NaN where not measured
     ct_sha256: dict[str, str] = field(default_factory=dict)  # case -> SHA-256 of its CT's voxels
+    simulated: bool = False  # every case is simulate-cohort's (its truth.json): no real fracture among them
 
 def read_cohort_table(cohort: Path) -> dict[str, list[dict[str, str]]]:
     """``labels.csv`` grouped by case, every row checked (:func:`_cohort_row`): label and level as VerSe ids and
@@ -233,7 +234,8 @@ def load_cohort(cohort: str | Path, *, need_radiomics: bool, options: StudyOptio
                       np.stack([r["crop"] for r in rows]), np.array([r["p_morphometry"] for r in rows], float),
                       np.array([r["partial"] for r in rows]), warnings=warnings,
                       morphometry=np.array([r["morphometry"] for r in rows], dtype=np.float64),
-                      ct_sha256={case: sha for sha, case in same_ct.items()})
+                      ct_sha256={case: sha for sha, case in same_ct.items()},
+                      simulated=all((cohort / case / "truth.json").is_file() for case, _ in by_case))
     if need_radiomics:
         from VertebralFractureLib.stages.radiomics import extract_rois, feature_matrix
 
@@ -315,4 +317,5 @@ def concat_cohorts(parts: list[CohortData], names: list[str]) -> CohortData:
         crops=np.concatenate([d.crops for d in parts]), p_morphometry=np.concatenate([d.p_morphometry for d in parts]),
         partial=np.concatenate([d.partial for d in parts]), warnings=[w for d in parts for w in d.warnings],
         morphometry=None if any(d.morphometry is None for d in parts) else np.concatenate([d.morphometry for d in parts]),
-        ct_sha256={f"{n}/{c}": sha for n, d in zip(names, parts, strict=True) for c, sha in d.ct_sha256.items()})
+        ct_sha256={f"{n}/{c}": sha for n, d in zip(names, parts, strict=True) for c, sha in d.ct_sha256.items()},
+        simulated=all(d.simulated for d in parts))

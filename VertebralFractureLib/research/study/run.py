@@ -33,7 +33,6 @@ from VertebralFractureLib.research.study.data import (
     concat_cohorts,
     load_cohort,
     patient_labels,
-    read_cohort_table,
     split_patients,
 )
 from VertebralFractureLib.research.study.outputs import StudyResult, write_json, write_outputs
@@ -176,10 +175,8 @@ def train_classifier(cohorts: list[str | Path] | str | Path, out_dir: str | Path
         values = binary_metrics(y, p)
         cis = bootstrap_ci(y, p, groups, n_boot=1000, seed=seed)
         metrics[level] = {**values, "ci95": {m: list(cis[m]) for m in METRICS}, "n": int(len(y)), "n_fractured": int(np.sum(y))}
-    # simulate-cohort writes each case's truth.json: a cohort without them holds grades of real fractures
-    simulated = all((c / case / "truth.json").is_file() for c in cohorts for case in read_cohort_table(c))
     warning = ("Trained ONLY on simulated fractures (synthetic deformation of phantom and real CT vertebrae). It has "
-               "never seen a real fracture; held-out metrics below are on simulated fractures too." if simulated else
+               "never seen a real fracture; held-out metrics below are on simulated fractures too." if data.simulated else
                "Trained on the Genant grades of the cohorts' labels.csv; held-out metrics are on the held-out "
                "patients' grades.")
     card = {
@@ -187,7 +184,7 @@ def train_classifier(cohorts: list[str | Path] | str | Path, out_dir: str | Path
         "version": __version__,
         "training_data": training_data or ", ".join(str(c) for c in cohorts),
         "training_data_ct_sha256": hashlib.sha256("\n".join(sorted(data.ct_sha256.values())).encode()).hexdigest(),
-        "never_seen_real_fracture": simulated,
+        "never_seen_real_fracture": data.simulated,
         "warning": warning,
         "threshold": 0.5,
         "training": {

@@ -105,21 +105,16 @@ def load_case(name: str, ct_path: Path | None, label_path: Path, spacings: tuple
 
 
 def _check_label_values(array: np.ndarray, path: Path) -> None:
-    """A training label map: 3D, whole numbers, VerSe vertebra ids (sacrum 26 and coccyx 27 allowed).
+    """A training label map: 3D, whole numbers, VerSe vertebra ids (sacrum 26 and coccyx 27 allowed); none at all
+    is a background-only case, which has its use.
 
     Raises:
         InputError: naming ``path`` and the values at fault (a probability map, a sub-region mask, a 2D image).
     """
     from VertebralFractureLib.core.levels import CRANIOCAUDAL_ORDER
-    from VertebralFractureLib.io.validation import VERSE_OTHER_IDS
+    from VertebralFractureLib.io.validation import VERSE_OTHER_IDS, label_ids
 
-    if array.ndim != 3:
-        raise InputError(f"{path}: a {array.ndim}D image; a 3D label map of VerSe ids is needed")
-    values = np.unique(array)
-    if np.any(values != np.floor(values)) or not np.all(np.isfinite(values)):
-        raise InputError(f"{path}: non-integer values (a probability map?); a label map of VerSe ids is needed")
-    ids = [int(v) for v in values if v != 0]  # none: a background-only case, which has its use
-    foreign = [v for v in ids if v not in CRANIOCAUDAL_ORDER and v not in VERSE_OTHER_IDS]
+    foreign = [v for v in label_ids(array, path) if v not in CRANIOCAUDAL_ORDER and v not in VERSE_OTHER_IDS]
     if foreign:
         raise InputError(f"{path}: label{'s' if len(foreign) > 1 else ''} {', '.join(map(str, foreign[:5]))} "
                          "not VerSe ids (C1=1 .. L5=24, L6=25, sacrum 26, coccyx 27, T13=28); relabel or remove them")
