@@ -130,14 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(2)
+    card = json.loads(((args.model or REPO / "Resources" / "models" / "segmentation") / "card.json").read_text())
+    seen = sorted(set(args.cases) & set(card["training"].get("train_cases", [])))
+    if seen:  # a score on a CT the model trained on is no held-out score
+        print(f"warning: the model trained on {', '.join(seen)}: their scores are not held out", file=sys.stderr)
     result = score_model(args.model, args.cases, args.data)
     payload = {"model": str(args.model) if args.model else "Resources/models/segmentation (shipped)",
-               "training_note": args.training_note, **result}
+               "training_note": args.training_note, "cases_seen_in_training": seen, **result}
     if args.model is not None:
-        card = json.loads((args.model / "card.json").read_text())["training"]
-        payload["model_training"] = {k: card.get(k) for k in (
+        payload["model_training"] = {k: card["training"].get(k) for k in (
             "iterations", "patch", "batch", "lr", "train_cases", "val_cases", "case_weights", "background_share",
-            "init", "data_note", "device")}
+            "init", "data_note", "device", "training_seconds", "label_only_cases", "settings_changes")}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"segmentation_realct_heldout_{args.tag}.json"
     path.write_text(json.dumps(payload, indent=1, default=str) + "\n")

@@ -35,10 +35,16 @@ def test_train_seg_end_to_end_and_resume(tmp_path):
     assert card["spacing_mm"] == 1.5 and len(card["training"]["history"]) == 2
     net, _ = load_model(out, "segmentation")
     assert sum(p.numel() for p in net.parameters()) > 0
-    # resume continues from the checkpoint instead of starting over
-    assert main([*args[:5], "3", *args[6:], "--resume"]) == 0
+    assert card["training"]["label_only_cases"] == ["b"] and "synthesised) b" in card["training_data"]
+    first_seconds = card["training"]["training_seconds"]
+    assert first_seconds > 0 and card["training"]["settings_changes"] == []
+    # resume continues from the checkpoint instead of starting over; a changed setting is recorded, and the
+    # training time adds up over the runs
+    assert main([*args[:5], "3", *args[6:], "--resume", "--lr", "0.001"]) == 0
     card = json.loads((out / "card.json").read_text())
     assert card["training"]["iterations"] == 3 and len(card["training"]["history"]) == 3
+    assert card["training"]["settings_changes"] == [{"iteration": 2, "changed": {"lr": [0.002, 0.001]}}]
+    assert card["training"]["training_seconds"] > first_seconds
     res = segment_vertebrae(ph.ct, fast=True, device="cpu", model_dir=out)
     assert res.labels.same_geometry(ph.ct)
 

@@ -99,6 +99,8 @@ def segmentation_training_data(training: dict[str, Any]) -> str:
     parts = [str(training.get("data_note", ""))]
     if training.get("train_cases"):
         parts.append("training cases " + ", ".join(training["train_cases"]))
+    if training.get("label_only_cases"):
+        parts.append("label maps without CT (images synthesised) " + ", ".join(training["label_only_cases"]))
     if training.get("val_cases"):
         parts.append("validation cases " + ", ".join(training["val_cases"]))
     return "; ".join(p for p in parts if p)

@@ -92,7 +92,8 @@ def train(cohort: Path, out_dir: Path, config: SegTrainConfig = SegTrainConfig()
     train_cases = [c for c in cases if c.name in drawn] or cases
     held_out = [c for c in cases if c.name in val_names] or cases
     run = _Run(cfg, out_dir, device, *_start_network(cfg, log), val_names=sorted(val_names),
-               train_names=sorted(c.name for c in train_cases), log=log)
+               train_names=sorted(c.name for c in train_cases), log=log,
+               label_only=sorted(c.name for c in train_cases if all(h is None for h in c.hu.values())))
     for path in stale:  # only now: the cohort read, and --init's weights (maybe these) loaded
         path.unlink(missing_ok=True)
     if stale and (out_dir / "MODEL_CARD.md").is_file():
@@ -200,15 +201,35 @@ class _Run:
     """One training run's network, optimiser, validation patches and history; :meth:`fit` does the iterations."""
 
     def __init__(self, cfg: SegTrainConfig, out_dir: Path, device: str, net: torch.nn.Module, arch: dict, *,
-                 val_names: list[str], train_names: list[str], log: Callable[[str], None]) -> None:
+                 val_names: list[str], train_names: list[str], log: Callable[[str], None],
+                 label_only: list[str] = ()) -> None:
         self.cfg, self.out_dir, self.device, self.net, self.arch, self.log = cfg, out_dir, device, net, arch, log
-        self.val_names, self.train_names = val_names, train_names
+        self.val_names, self.train_names, self.label_only = val_names, train_names, list(label_only)
         self.ckpt = out_dir / "checkpoint.safetensors"
         self.progress_path = out_dir / "checkpoint.json"
         self.start, self.history, self.resumed = 0, [], False
+        self.seconds_before, self.changes = 0.0, []
         if cfg.resume and self.ckpt.exists() and self.progress_path.exists():
             info = json.loads(self.progress_path.read_text())
             self.start, self.history, self.resumed = int(info["iteration"]), info.get("history", []), True
+            self.seconds_before = float(info.get("seconds", 0.0))
+            self.changes = list(info.get("settings_changes", []))
+            changed = settings_changed(info.get("settings"), self.settings())
+            if changed:
+                self.changes.append({"iteration": self.start, "changed": changed})
+                log("note: resumed with other settings than the run so far (recorded on the card): "
+                    + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+
+    def settings(self) -> dict:
+        """The settings that shape what the network learns (not the iteration count, time budget or workers)."""
+        cfg = self.cfg
+        return {"patch": cfg.patch, "batch": cfg.batch, "lr": cfg.lr, "seed": cfg.seed,
+                "synth_share": cfg.synth_share, "fast_share": cfg.fast_share, "freeze_bn": cfg.freeze_bn,
+                "case_weights": dict(cfg.case_weights), "background_share": cfg.mix.background,
+                "osteoporosis_share": cfg.mix.osteoporosis, "aorta_share": cfg.mix.aorta,
+                "separation_mm": cfg.mix.separation_mm, "ignore_edge": cfg.mix.ignore_edge,
+                "band_share": cfg.mix.band, "thick_share": cfg.mix.thick,
+                "train_cases": self.train_names, "val_cases": self.val_names}
 
     def prepare(self, held_out: list[Case]) -> None:
         """Network onto the device, optimiser (restored on resume), loss, fixed validation patches."""
@@ -297,15 +318,19 @@ class _Run:
         self.log(f"it {done}/{cfg.iterations} loss {mean_loss:.4f} val_dice {vd:.4f} {rate:.2f} it/s "
                  f"{time.time() - t0:.0f}s")
         _save_state(self.ckpt, self.net, self.opt)
-        self.progress_path.write_text(json.dumps({"iteration": done, "history": self.history}))
-        write_model(self.out_dir, self.net, self.arch, self._card_training(done))
+        seconds = self.seconds_before + time.time() - t0
+        self.progress_path.write_text(json.dumps({"iteration": done, "history": self.history, "seconds": seconds,
+                                                  "settings": self.settings(), "settings_changes": self.changes}))
+        write_model(self.out_dir, self.net, self.arch, self._card_training(done, seconds))
 
-    def _card_training(self, done: int) -> dict:
-        """The card's ``training`` section after ``done`` iterations."""
+    def _card_training(self, done: int, seconds: float) -> dict:
+        """The card's ``training`` section after ``done`` iterations and ``seconds`` of training (all runs)."""
         from VertebralFractureLib import __version__
 
         cfg = self.cfg
         return {
+            "training_seconds": round(seconds, 1), "label_only_cases": self.label_only,
+            "settings_changes": self.changes,
             "iterations": done, "iterations_planned": cfg.iterations, "max_minutes": cfg.max_minutes,
             "history": self.history, "val_cases": self.val_names, "train_cases": self.train_names,
             "data_note": cfg.data_note, "seed": cfg.seed, "patch": cfg.patch, "batch": cfg.batch, "lr": cfg.lr,
@@ -316,6 +341,14 @@ class _Run:
             "band_share": cfg.mix.band, "thick_share": cfg.mix.thick,
             "version": __version__,
         }
+
+
+def settings_changed(before: dict | None, now: dict) -> dict[str, list]:
+    """{setting: [before, now]} for each setting a resumed run changes (nothing when ``before`` is unknown: a
+    checkpoint of an earlier version)."""
+    if not before:
+        return {}
+    return {k: [before.get(k), v] for k, v in now.items() if k in before and before[k] != v}
 
 
 def set_train_mode(net: torch.nn.Module, freeze_bn: bool = False) -> torch.nn.Module:
