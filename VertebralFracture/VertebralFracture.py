@@ -208,6 +208,8 @@ class VertebralFractureWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
+        if self._job is not None:  # its results belong to the CT being closed (the logic drops them if they come)
+            self._job.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -599,18 +601,16 @@ class VertebralFractureLogic(ScriptedLoadableModuleLogic):
         return self._analysisJob(ct, None, self._options(wiener, fast, device), volumeNode, segmentationNode, tableNode)
 
     def recomputeJob(self, segmentationNode, volumeNode, wiener: bool = True, device: str = "auto", tableNode=None):
-        """``(job, apply)`` as :meth:`processJob` for Recompute: the edited segments are read now, analysed in the job."""
-        from VertebralFractureLib.app import mrml_nodes
-        from VertebralFractureLib.core.errors import InputError
+        """``(job, apply)`` as :meth:`processJob` for Recompute: the edited segments are read now, analysed in the job;
+        ``apply`` refuses a result when the segments were edited meanwhile (the edits are kept)."""
+        from VertebralFractureLib.app import slicer_logic
 
-        ct = mrml_nodes.volume_from_volume_node(volumeNode)
-        labels = mrml_nodes.labels_from_segmentation_node(segmentationNode, ct)
-        if not labels.array.any():
-            raise InputError(_("segmentation {name!r} is empty; nothing to recompute").format(name=segmentationNode.GetName()))
-        return self._analysisJob(ct, labels, self._options(wiener, False, device), volumeNode, segmentationNode, tableNode)
+        ct, labels, warnings = slicer_logic.recompute_inputs(segmentationNode, volumeNode)
+        return self._analysisJob(ct, labels, self._options(wiener, False, device), volumeNode, segmentationNode, tableNode,
+                                 warnings=warnings)
 
     @staticmethod
-    def _analysisJob(ct, labels, options, volumeNode, segmentationNode, tableNode):
+    def _analysisJob(ct, labels, options, volumeNode, segmentationNode, tableNode, warnings=None):
         from VertebralFractureLib.app import slicer_logic
         from VertebralFractureLib.app.background import BackgroundJob
         from VertebralFractureLib.app.pipeline import analyse
@@ -618,7 +618,10 @@ class VertebralFractureLogic(ScriptedLoadableModuleLogic):
         job = BackgroundJob(lambda progress, cancel: analyse(ct, labels, options=options, progress=progress, cancel=cancel))
 
         def apply(result):
-            return slicer_logic.publish_result(slicer.mrmlScene, ct, result, volumeNode, segmentationNode, tableNode)
+            if labels is None:
+                return slicer_logic.publish_result(slicer.mrmlScene, ct, result, volumeNode, segmentationNode, tableNode)
+            return slicer_logic.publish_recomputed(slicer.mrmlScene, ct, labels, result, volumeNode, segmentationNode,
+                                                   tableNode, warnings or [])
 
         return job, apply
 

@@ -239,3 +239,189 @@ def test_mrml_radiomics_table_and_review_status(scene, tmp_path, monkeypatch):
     assert opened.result.fractured is None and "needs review" in opened.result.summary_line()
     assert "no segment for L2" in opened.table_node.GetAttribute("VertebralFracture.ReviewReasons")
     assert [r["level"] for r in mrml_nodes.table_rows(opened.radiomics_table_node)] == ["L1", "L3"]
+
+
+# --- a radiologist's session: second patient, closed scene, edits during Recompute, transforms -------------------
+def _result(labels: Volume, radiomics: dict | None = None):
+    """A PipelineResult of :func:`box_labels`'s records, as an analysis of ``labels`` returns it."""
+    from VertebralFractureLib.app.pipeline import PipelineResult
+
+    return PipelineResult(records(), 0.91, True, {}, [], labels=labels, radiomics=radiomics)
+
+
+def _ct_node(scene, labels: Volume, name: str):
+    return mrml_nodes.volume_node_from_volume(scene, labels.with_array(np.where(labels.array > 0, 300, -50).astype(
+        np.int16)), name)
+
+
+def test_mrml_apply_on_a_second_ct_never_fills_the_first_patients_nodes(scene):
+    """The panel passes the selected output nodes (the first patient's) to Apply on a second CT: new nodes are
+    made, and a Recompute of the first patient's segmentation with the second CT selected is refused."""
+    labels = box_labels()
+    a = _ct_node(scene, labels, "PatientA")
+    first = slicer_logic.publish_result(scene, labels, _result(labels, {20: {"f": 1.0}}), a, None, None)
+    moved = Volume(labels.array, labels.spacing, (12.5, -40.0, 600.0), labels.direction)
+    b = _ct_node(scene, moved, "PatientB")
+    second = slicer_logic.publish_result(scene, moved, _result(moved), b, first.segmentation_node, first.table_node)
+    assert second.segmentation_node is not first.segmentation_node and second.table_node is not first.table_node
+    assert second.segmentation_node.GetName() == "PatientB vertebrae"
+    # the first patient's nodes still hold the first patient's results
+    np.testing.assert_array_equal(mrml_nodes.labels_from_segmentation_node(first.segmentation_node, labels).array,
+                                  labels.array)
+    assert first.table_node.GetNumberOfRows() == 3
+    assert first.radiomics_table_node.GetNumberOfRows() == 3
+    with pytest.raises(InputError, match="was made on CT 'PatientA', not on 'PatientB'"):
+        slicer_logic.recompute_inputs(first.segmentation_node, b)
+    # the same patient again: the nodes are refilled, not duplicated
+    again = slicer_logic.publish_result(scene, labels, _result(labels), a, first.segmentation_node, first.table_node)
+    assert again.segmentation_node is first.segmentation_node and again.table_node is first.table_node
+    # no radiomics this time (no vertebra with features): the earlier features do not stay beside the new table
+    assert first.radiomics_table_node.GetNumberOfRows() == 0
+
+
+def test_mrml_results_of_a_closed_scene_are_not_shown(scene):
+    """A scene closed while the analysis ran: its results are refused, not dropped into the next patient's scene."""
+    labels = box_labels()
+    ct_node = _ct_node(scene, labels, "PatientA")
+    scene.Clear(0)
+    with pytest.raises(InputError, match="the CT left the scene"):
+        slicer_logic.publish_result(scene, labels, _result(labels), ct_node, None, None)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+def test_mrml_recompute_refuses_a_result_of_segments_edited_meanwhile(scene):
+    """Recompute reads the segments, analyses in the background; edits made meanwhile are kept, the result refused."""
+    labels = box_labels()
+    ct_node = _ct_node(scene, labels, "CT")
+    seg = mrml_nodes.segmentation_node_from_labels(scene, labels, records(), ct_node)
+    ct, snapshot, warnings = slicer_logic.recompute_inputs(seg, ct_node)
+    assert warnings == []
+    shown = slicer_logic.publish_recomputed(scene, ct, snapshot, _result(snapshot), ct_node, seg, None)
+    assert shown.segmentation_node is seg
+    ct, snapshot, _ = slicer_logic.recompute_inputs(seg, ct_node)
+    erased = labels.array.copy()
+    erased[2:5][erased[2:5] == 19] = 0
+    mrml_nodes.set_segment_mask(seg, mrml_nodes.find_segment_id(seg, "T12"), labels.with_array(
+        (erased == 19).astype(np.uint8)))
+    with pytest.raises(InputError, match="was edited while Recompute ran"):
+        slicer_logic.publish_recomputed(scene, ct, snapshot, _result(snapshot), ct_node, seg, None)
+    np.testing.assert_array_equal(mrml_nodes.labels_from_segmentation_node(seg, ct).array, erased)
+
+
+def test_mrml_recompute_follows_a_transform_on_ct_and_segmentation(scene):
+    """CT and segmentation under one linear transform: the segments are read where they are shown, and the
+    rebuilt segmentation stays where it was (not moved a second time)."""
+    import vtk
+
+    labels = box_labels()
+    ct_node = _ct_node(scene, labels, "CT")
+    seg = mrml_nodes.segmentation_node_from_labels(scene, labels, records(), ct_node)
+    transform = slicer.vtkMRMLLinearTransformNode()
+    scene.AddNode(transform)
+    m = vtk.vtkMatrix4x4()
+    m.SetElement(0, 3, 15.0)
+    m.SetElement(2, 3, -7.0)
+    transform.SetMatrixTransformToParent(m)
+    for node in (ct_node, seg):
+        node.SetAndObserveTransformNodeID(transform.GetID())
+    ct, read, _ = slicer_logic.recompute_inputs(seg, ct_node)
+    np.testing.assert_array_equal(read.array, labels.array)  # the CT moved with its segments
+    slicer_logic.publish_recomputed(scene, ct, read, _result(read), ct_node, seg, None)
+    np.testing.assert_array_equal(mrml_nodes.labels_from_segmentation_node(seg, ct).array, labels.array)
+    seg.SetAndObserveTransformNodeID(None)  # the segments alone 15 mm back: off the CT's 16 mm wide grid
+    with pytest.raises(InputError, match="lies outside the CT"):
+        mrml_nodes.labels_from_segmentation_node(seg, ct)
+
+
+def test_mrml_segment_names_people_type_and_unnamed_segments(scene):
+    """'Th12', 'vertebra L1' name levels; a name that names none keeps the segment's level with a warning;
+    a rename that would fail leaves segments and table as they were."""
+    labels = box_labels()
+    ct_node = _ct_node(scene, labels, "CT")
+    seg = mrml_nodes.segmentation_node_from_labels(scene, labels, records(), ct_node)
+    segmentation = seg.GetSegmentation()
+    segmentation.GetSegment("vertebra_19").SetName("Th11")
+    segmentation.GetSegment("vertebra_20").SetName("vertebra T12")
+    segmentation.GetSegment("vertebra_21").SetName("lowest one")
+    warnings: list[str] = []
+    read = mrml_nodes.labels_from_segmentation_node(seg, labels, warnings)
+    assert sorted(np.unique(read.array)) == [0, 18, 19, 21]
+    assert warnings == ["segments whose name names no level kept the level they had: 'lowest one' (L2); to change a "
+                        "level, name the segment by it (e.g. 'T12'), then Recompute"]
+    table = mrml_nodes.table_node_from_records(scene, records())
+    extra = segmentation.AddEmptySegment("")  # painted, never named
+    mrml_nodes.set_segment_mask(seg, extra, labels.with_array((labels.array == 0).astype(np.uint8)))
+    names = [segmentation.GetSegment(i).GetName() for i in mrml_nodes.segment_ids(seg)]
+    with pytest.raises(InputError, match="is not named by a vertebra level"):
+        slicer_logic.rename_level_in_nodes(seg, "vertebra_19", "T10", volume_node=ct_node, table_node=table)
+    assert [segmentation.GetSegment(i).GetName() for i in mrml_nodes.segment_ids(seg)] == names
+    assert [r["level"] for r in mrml_nodes.table_rows(table)] == ["T12", "L1", "L2"]
+
+
+def test_mrml_rename_level_renames_the_radiomics_rows_too(scene):
+    labels = box_labels()
+    ct_node = _ct_node(scene, labels, "CT")
+    shown = slicer_logic.publish_result(scene, labels, _result(labels, {19: {"f": 1.0}, 20: {"f": 2.0}}), ct_node,
+                                        None, None)
+    slicer_logic.rename_level_in_nodes(shown.segmentation_node, "vertebra_19", "L1", volume_node=ct_node,
+                                       table_node=shown.table_node)
+    rows = mrml_nodes.table_rows(shown.radiomics_table_node)
+    assert [(r["label"], r["level"], r["f"]) for r in rows[:2]] == [(20, "L1", 1.0), (21, "L2", 2.0)]
+
+
+def test_mrml_open_case_on_a_batch_output_folder_says_to_pick_a_case(scene, tmp_path):
+    (tmp_path / "cohort.csv").write_text("case,status\n")
+    with pytest.raises(InputError, match="a batch output folder; open one case folder in it"):
+        slicer_logic.open_case(scene, tmp_path)
+
+
+def test_mrml_segments_stored_as_closed_surfaces_are_read_as_voxels(scene):
+    """An imported model or RT structure set: closed surfaces as the source. Slicer registers the converter rules
+    at start-up (slicer-core does not, so the test does); the surfaces are voxelised on the CT grid."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule(),
+                 slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule()):
+        factory.RegisterConverterRule(rule)
+    labels = box_labels()
+    ct_node = _ct_node(scene, labels, "CT")
+    made = mrml_nodes.segmentation_node_from_labels(scene, labels, records(), ct_node)
+    made.CreateClosedSurfaceRepresentation()
+    surfaces = slicer.vtkMRMLSegmentationNode()
+    scene.AddNode(surfaces)
+    closed = slicer.vtkSegmentationConverter.GetSegmentationClosedSurfaceRepresentationName()
+    surfaces.GetSegmentation().SetSourceRepresentationName(closed)
+    for sid in mrml_nodes.segment_ids(made):
+        segment = slicer.vtkSegment()
+        segment.SetName(made.GetSegmentation().GetSegment(sid).GetName())
+        segment.AddRepresentation(closed, made.GetSegmentation().GetSegment(sid).GetRepresentation(closed))
+        surfaces.GetSegmentation().AddSegment(segment, sid)
+    read = mrml_nodes.labels_from_segmentation_node(surfaces, labels)
+    for label in (19, 20, 21):  # a box voxelised from its surface: the same box, give or take its outer layer
+        inside = read.array == label
+        assert (inside & (labels.array == label)).sum() >= 0.6 * (labels.array == label).sum()
+        assert not (inside & (labels.array != label) & (labels.array > 0)).any()
+
+
+def test_a_segmentation_saved_from_slicer_gives_run_labels_its_levels(scene, tmp_path):
+    """Segments added in the Segment Editor store voxel value 1; ``run --labels`` reads each segment's level from its
+    name, as Recompute does, and refuses two segments naming one level."""
+    from VertebralFractureLib.io.volume_files import read_label_map
+
+    labels = box_labels()
+    ct_node = _ct_node(scene, labels, "CT")
+    seg = mrml_nodes.segmentation_node_from_labels(scene, labels, records(), ct_node)
+    segmentation = seg.GetSegmentation()
+    segmentation.GetSegment("vertebra_21").SetName("L 3")  # renamed in the editor: the stale tag says L2
+    added = segmentation.AddEmptySegment("", "L4")
+    below = np.zeros(labels.shape, np.uint8)
+    below[28:30, 3:12, 4:14] = 1
+    mrml_nodes.set_segment_mask(seg, added, labels.with_array(below))
+    assert segmentation.GetSegment(added).GetLabelValue() == 1
+    read = read_label_map(mrml_nodes.save_segmentation(seg, tmp_path / "edited.seg.nrrd"))
+    assert sorted(np.unique(read.array)) == [0, 19, 20, 22, 23]
+    resampled = mrml_nodes.labels_from_segmentation_node(seg, labels)
+    for label in (19, 20, 22, 23):  # the file's grid may be cropped to the segments: compare the counts
+        assert int((read.array == label).sum()) == int((resampled.array == label).sum()) > 0
+    segmentation.GetSegment("vertebra_21").SetName("L1")
+    with pytest.raises(InputError, match="both name L1"):
+        read_label_map(mrml_nodes.save_segmentation(seg, tmp_path / "twice.seg.nrrd"))

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import colorsys
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import fields
 from pathlib import Path
@@ -43,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from VertebralFractureLib.core.errors import InputError
-from VertebralFractureLib.core.levels import CRANIOCAUDAL_ORDER, LEVEL_IDS, level_id, level_name, order_index
+from VertebralFractureLib.core.levels import CRANIOCAUDAL_ORDER, level_id, level_in_name, level_name, order_index
 from VertebralFractureLib.core.records import CSV_COLUMNS, VertebraRecord
 from VertebralFractureLib.core.volume import Volume
 
@@ -55,7 +54,6 @@ TABLE_ATTRIBUTE_PATIENT_PROBABILITY = "VertebralFracture.PatientProbability"
 
 # LPS <-> RAS: negate the first two world axes
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-_LEVEL_IN_NAME = re.compile(r"^\s*([CTL]\d{1,2})\b", re.IGNORECASE)
 
 
 # --- small helpers -------------------------------------------------------------------------------
@@ -184,19 +182,51 @@ def volume_from_volume_node(node) -> Volume:
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
     ijk2ras = _np_matrix(m)
-    parent = node.GetParentTransformNode()
-    if parent is not None:
-        if not parent.IsTransformToWorldLinear():
-            raise InputError(f"volume node {node.GetName()!r} is under a non-linear transform; harden it first")
-        to_world = vtk.vtkMatrix4x4()
-        parent.GetMatrixTransformToWorld(to_world)
-        ijk2ras = _np_matrix(to_world) @ ijk2ras
+    to_world = node_to_world(node)
+    if to_world is not None:
+        ijk2ras = to_world @ ijk2ras
     spacing, origin, direction = _geometry_from_ijk_to_ras(ijk2ras)
     # VTK image data may carry its own origin/extent offset; MRML volumes normally keep them at 0
     x0, _, y0, _, z0, _ = image.GetExtent()
     if (x0, y0, z0) != (0, 0, 0):
         origin = tuple(np.asarray(origin) + direction @ (np.asarray(spacing) * (x0, y0, z0)))
     return Volume(_array_from_image_data(image), spacing, origin, direction)
+
+
+def node_to_world(node) -> np.ndarray | None:
+    """The 4x4 RAS matrix of the linear transform a node sits under (None: under none).
+
+    Raises:
+        InputError: a non-linear transform, which a voxel grid cannot follow; the user hardens it first.
+    """
+    import vtk
+
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return None
+    if not parent.IsTransformToWorldLinear():
+        raise InputError(f"{node.GetName()!r} is under a non-linear transform; harden it first (Data module: "
+                         "right-click the transform, Harden transform)")
+    m = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(m)
+    return _np_matrix(m)
+
+
+def _moved_image(image, transform: np.ndarray | None):
+    """``image`` (a ``vtkOrientedImageData``) with ``transform`` (4x4 RAS) put before its image-to-world matrix:
+    a segmentation's labelmap in world coordinates (its node's transform), or back in the node's own frame (the
+    inverse). The voxels are shared, not copied."""
+    if transform is None:
+        return image
+    import slicer
+    import vtk
+
+    moved = slicer.vtkOrientedImageData()
+    moved.ShallowCopy(image)
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    moved.SetImageToWorldMatrix(_vtk_matrix(transform @ _np_matrix(m)))
+    return moved
 
 
 # --- colours and names -------------------------------------------------------------------------
@@ -221,16 +251,20 @@ def segment_name(level: str, record: VertebraRecord | None = None) -> str:
 
 
 def segment_label(segment) -> int | None:
-    """VerSe id of a ``vtkSegment``: the level its name starts with, else its tag, else None.
+    """VerSe id of a ``vtkSegment``: the level its name starts with (``"T12 G0"``, ``"Th12"``, ``"vertebra T12"``:
+    :func:`~VertebralFractureLib.core.levels.level_in_name`), else its tag, else None.
 
     The name wins over the tag: a user who renames "T11 G0" to "T10" in the Segment Editor changes the name
     only, and the tag this module set is then stale.
     """
+    from_name = level_in_name(segment.GetName() or "")
+    return from_name if from_name is not None else _tag_label(segment)
+
+
+def _tag_label(segment) -> int | None:
+    """The VerSe id in a segment's :data:`TAG_LABEL` tag, else None."""
     import vtk
 
-    match = _LEVEL_IN_NAME.match(segment.GetName() or "")
-    if match and match.group(1).upper() in LEVEL_IDS:
-        return level_id(match.group(1))
     value = vtk.reference("")
     if segment.GetTag(TAG_LABEL, value) and str(value).strip().isdigit():
         return int(str(value))
@@ -332,8 +366,11 @@ def segmentation_node_from_labels(
     present.sort(key=lambda v: order_index(v) if v in CRANIOCAUDAL_ORDER else 1000 + v)
     if not present:
         return node
-    # one shared labelmap (voxel value = VerSe id), as Slicer's own import does
-    shared = _oriented_image(labels.with_array(array.astype(np.uint8 if array.max() < 256 else np.uint16)))
+    # one shared labelmap (voxel value = VerSe id), as Slicer's own import does; ``labels`` are in world
+    # coordinates, the node's labelmaps in its own frame (the inverse of a transform it sits under)
+    to_world = node_to_world(node)
+    shared = _moved_image(_oriented_image(labels.with_array(array.astype(np.uint8 if array.max() < 256 else np.uint16))),
+                          None if to_world is None else np.linalg.inv(to_world))
     representation = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
     for label in present:
         segment = slicer.vtkSegment()
@@ -364,7 +401,10 @@ def labels_from_segmentation_node(seg_node, reference: Volume, warnings: list[st
 
     Each segment's VerSe id comes from the level its name starts with, else from its tag. Segments
     are written in list order, so a later segment wins where two overlap. Segments whose voxels all lie
-    outside ``reference`` are named in ``warnings`` (appended to, when given), as ``run --labels`` does.
+    outside ``reference`` are named in ``warnings`` (appended to, when given), as ``run --labels`` does, and so
+    are segments renamed to something that names no level (they keep the level of their tag). A linear transform
+    the node sits under is applied (``reference`` is in world coordinates); a segmentation stored as closed
+    surfaces (an imported model, an RT structure set) is turned into voxels first.
 
     Args:
         seg_node: a ``vtkMRMLSegmentationNode``.
@@ -372,23 +412,33 @@ def labels_from_segmentation_node(seg_node, reference: Volume, warnings: list[st
     Returns:
         uint8 label map (z, y, x) on ``reference``'s geometry.
     Raises:
-        InputError: a non-empty segment is not named by a vertebra level, two segments name one level, or no
-            segment's voxels fall inside ``reference``.
+        InputError: a non-empty segment is not named by a vertebra level, two segments name one level, no
+            segment's voxels fall inside ``reference``, a non-linear transform, or surfaces that cannot be
+            turned into voxels.
     """
     out = np.zeros(reference.shape, np.uint8)
     reference_image = _geometry_image(reference)
     segmentation = seg_node.GetSegmentation()
+    to_world = node_to_world(seg_node)
+    voxels = _binary_source(seg_node)
     layers: dict[int, np.ndarray | None] = {}  # segments share labelmap layers: each layer is resampled once
     owner: dict[int, str] = {}
     outside: list[str] = []
+    unnamed: list[str] = []
     for sid in segment_ids(seg_node):
         segment = segmentation.GetSegment(sid)
-        layer = segmentation.GetLayerIndex(sid)
-        if layer not in layers:
-            image = segmentation.GetLayerDataObject(layer)
-            layers[layer] = None if image is None else _resampled_labels(image, reference_image, reference.shape)
-        resampled = layers[layer]
-        mask = None if resampled is None else resampled == segment.GetLabelValue()
+        if voxels:
+            layer = segmentation.GetLayerIndex(sid)
+            if layer not in layers:
+                image = segmentation.GetLayerDataObject(layer)
+                layers[layer] = None if image is None else _resampled_labels(_moved_image(image, to_world),
+                                                                             reference_image, reference.shape)
+            resampled = layers[layer]
+            mask = None if resampled is None else resampled == segment.GetLabelValue()
+        else:  # surfaces made into voxels: each segment on its own
+            binary = _segment_labelmap(seg_node, sid)
+            mask = None if binary is None else _resampled_mask(_moved_image(binary, to_world), reference_image,
+                                                               reference.shape)
         if mask is None or not mask.any():
             if _segment_labelmap(seg_node, sid) is not None:  # it has voxels, none of them on the CT
                 outside.append(segment.GetName())
@@ -403,14 +453,42 @@ def labels_from_segmentation_node(seg_node, reference: Volume, warnings: list[st
             raise InputError(f"segments {owner[label]!r} and {segment.GetName()!r} both name {level_name(label)}; "
                              "rename one to its own level, or merge them, then Recompute")
         owner[label] = segment.GetName()
+        if level_in_name(segment.GetName() or "") is None:
+            unnamed.append(f"{segment.GetName()!r} ({level_name(label)})")
         out[mask] = label
     if outside and not owner:
         raise InputError(f"segmentation {seg_node.GetName()!r} lies outside the CT: none of its segments overlaps "
                          "it; choose the CT the segmentation was made on")
-    if outside and warnings is not None:
+    if warnings is not None and outside:
         warnings.append(f"{len(outside)} of the segmentation's segments ({', '.join(outside)}) lie wholly outside "
                         "the CT and were left out: check that the segmentation was made on this CT")
+    if warnings is not None and unnamed:
+        warnings.append(f"segments whose name names no level kept the level they had: {', '.join(unnamed)}; to "
+                        "change a level, name the segment by it (e.g. 'T12'), then Recompute")
     return reference.with_array(out)
+
+
+def _binary_source(seg_node) -> bool:
+    """True when the segments are stored as voxels (binary labelmap: what this module and the Segment Editor
+    make); False when they are surfaces, for which a binary labelmap representation is made now (Slicer's converter
+    rules, registered at start-up).
+
+    Raises:
+        InputError: surfaces that cannot be made into voxels here.
+    """
+    import slicer
+
+    segmentation = seg_node.GetSegmentation()
+    binary = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+    source = (getattr(segmentation, "GetSourceRepresentationName", None)
+              or segmentation.GetMasterRepresentationName)()
+    if source == binary or segmentation.GetNumberOfSegments() == 0:
+        return True
+    if not segmentation.CreateRepresentation(binary):
+        raise InputError(f"segmentation {seg_node.GetName()!r} is stored as {source} and cannot be made into voxels "
+                         "here; in the Segmentations module set Binary labelmap as its source representation, then "
+                         "Recompute")
+    return False
 
 
 def _resampled_labels(image, reference_image, shape: tuple[int, ...]) -> np.ndarray | None:

@@ -35,7 +35,7 @@ from VertebralFractureLib.core.records import VertebraRecord, write_csv
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.atomic import atomic_output_dir
 from VertebralFractureLib.io.reading import read_volume
-from VertebralFractureLib.io.volume_files import write_volume
+from VertebralFractureLib.io.volume_files import read_label_map, write_volume
 from VertebralFractureLib.outputs.impression import impression
 from VertebralFractureLib.stages.follow_up import Prior
 from VertebralFractureLib.stages.morphometry.grading import spinal_deformity_index
@@ -353,7 +353,7 @@ def _analyse_pass(ct: Volume, labels: Volume | None, options: PipelineOptions, p
     warnings += classification.warnings
     cancel.check()
 
-    if not records:
+    if not records and not any(w.startswith("no vertebrae found") for w in warnings):
         warnings.append("no vertebrae found in the field of view")
     implausible = [r.level for r in records if r.implausible]
     if implausible:
@@ -566,7 +566,7 @@ def run_pipeline(
             warnings += dicom_import.warnings
         else:
             ct = read_volume(input_path)
-        labels = read_volume(labels_path, check=False) if labels_path is not None else None
+        labels = read_label_map(labels_path) if labels_path is not None else None
 
     with atomic_output_dir(out_dir) as tmp:
         helpers = []

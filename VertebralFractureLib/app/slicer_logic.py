@@ -57,6 +57,8 @@ class MrmlResult:
 
 
 RADIOMICS_REFERENCE = "VertebralFracture.Radiomics"
+#: on the segmentation and tables of an analysis: the CT node they were computed on
+CT_REFERENCE = "VertebralFracture.CT"
 #: on the vertebrae table of a case opened from a folder run with ``--prior``: its kept prior (stages.follow_up)
 PRIOR_ATTRIBUTE = "VertebralFracture.FollowUpPrior"
 
@@ -71,10 +73,12 @@ def _publish_review_and_radiomics(scene, table, result: PipelineResult, name: st
     table.SetAttribute("VertebralFracture.BoneDensity", (result.bone_density or {}).get("summary", ""))
     table.SetAttribute("VertebralFracture.FollowUp", (result.follow_up or {}).get("summary", ""))
     table.SetAttribute("VertebralFracture.SpinalDeformity", spinal_deformity_index(result.records)["summary"])
+    kept = table.GetNodeReference(RADIOMICS_REFERENCE)
     if not result.radiomics or not radiomics_table:
+        if kept is not None:  # an earlier analysis's features must not stay beside this one's table
+            mrml_nodes.radiomics_table_node(scene, {}, [], node=kept)
         return None
-    node = mrml_nodes.radiomics_table_node(scene, result.radiomics, result.records, name=name,
-                                           node=table.GetNodeReference(RADIOMICS_REFERENCE))
+    node = mrml_nodes.radiomics_table_node(scene, result.radiomics, result.records, name=name, node=kept)
     table.SetNodeReferenceID(RADIOMICS_REFERENCE, node.GetID())
     return node
 
@@ -118,15 +122,55 @@ def recompute_segmentation_node(
         InputError: no CT or segmentation node, empty segmentation, one outside the CT, a segment without a
             vertebra level, or two segments naming one level.
     """
+    ct, labels, warnings = recompute_inputs(segmentation_node, volume_node)
+    result = analyse(ct, labels, options=options, progress=progress, cancel=cancel)
+    result.warnings[:0] = warnings
+    return publish_result(scene, ct, result, volume_node, segmentation_node, table_node)
+
+
+def recompute_inputs(segmentation_node, volume_node) -> tuple[Volume, Volume, list[str]]:
+    """(CT, label map on the CT's grid, warnings) that a Recompute analyses, read from the nodes now (on the main
+    thread: MRML is not thread-safe).
+
+    Raises:
+        InputError: no CT or segmentation node, a segmentation made on another CT of the scene, or one that is
+            empty, lies outside the CT or has segments without a level (see
+            :func:`~VertebralFractureLib.app.mrml_nodes.labels_from_segmentation_node`).
+    """
     ct = mrml_nodes.volume_from_volume_node(volume_node)
     if segmentation_node is None:
         raise InputError("no segmentation selected; Apply first, or choose the segmentation to recompute")
-    outside: list[str] = []
-    labels = mrml_nodes.labels_from_segmentation_node(segmentation_node, ct, outside)
+    made_on = segmentation_node.GetNodeReference(CT_REFERENCE)
+    if made_on is not None and made_on.GetID() != volume_node.GetID():
+        raise InputError(f"segmentation {segmentation_node.GetName()!r} was made on CT {made_on.GetName()!r}, not "
+                         f"on {volume_node.GetName()!r}: select {made_on.GetName()!r} as the input CT, or Apply on "
+                         f"{volume_node.GetName()!r} for a segmentation of its own")
+    warnings: list[str] = []
+    labels = mrml_nodes.labels_from_segmentation_node(segmentation_node, ct, warnings)
     if not labels.array.any():
         raise InputError(f"segmentation {segmentation_node.GetName()!r} is empty; nothing to recompute")
-    result = analyse(ct, labels, options=options, progress=progress, cancel=cancel)
-    result.warnings[:0] = outside
+    return ct, labels, warnings
+
+
+def publish_recomputed(scene, ct: Volume, labels: Volume, result: PipelineResult, volume_node, segmentation_node,
+                       table_node, warnings: Iterable[str] = ()) -> MrmlResult:
+    """:func:`publish_result` of a Recompute that ran in the background on ``labels``, read from
+    ``segmentation_node`` when it started (:func:`recompute_inputs`, with its ``warnings``).
+
+    Raises:
+        InputError: the segmentation was edited meanwhile. The edits are kept and the result, of the segments as
+            they were, is not shown: rebuilding the node from ``labels`` would undo them.
+    """
+    if scene.IsNodePresent(segmentation_node):
+        try:
+            now = mrml_nodes.labels_from_segmentation_node(segmentation_node, ct)
+        except InputError:
+            now = None
+        if now is None or not np.array_equal(now.array, labels.array):
+            raise InputError(f"segmentation {segmentation_node.GetName()!r} was edited while Recompute ran: your "
+                             "edits are kept and this result, of the segments as they were, is not shown; press "
+                             "Recompute again")
+    result.warnings[:0] = list(warnings)
     return publish_result(scene, ct, result, volume_node, segmentation_node, table_node)
 
 
@@ -148,7 +192,19 @@ def compare_with_kept_prior(result: PipelineResult, table_node) -> None:
 
 def publish_result(scene, ct: Volume, result: PipelineResult, volume_node, segmentation_node, table_node) -> MrmlResult:
     """Show ``result`` in the (new or given) segmentation and table nodes of ``volume_node``'s CT; a table of a case
-    run against a prior CT gets the comparison redone (:func:`compare_with_kept_prior`)."""
+    run against a prior CT gets the comparison redone (:func:`compare_with_kept_prior`).
+
+    Given nodes that show another CT's analysis (:data:`CT_REFERENCE`: Apply on a second patient while the first
+    one's nodes are selected) or that were removed from the scene are not reused: new nodes are made, so one
+    patient's results never overwrite another's.
+
+    Raises:
+        InputError: ``volume_node`` left the scene (closed or deleted while the analysis ran).
+    """
+    if not scene.IsNodePresent(volume_node):
+        raise InputError("the CT left the scene (closed or deleted) while the analysis ran; its results were not "
+                         "shown. Load the CT and Apply again")
+    segmentation_node, table_node = (_own_node(scene, node, volume_node) for node in (segmentation_node, table_node))
     compare_with_kept_prior(result, table_node)
     labels = result.labels if result.labels is not None else ct.with_array(np.zeros(ct.shape, np.uint8))
     seg = mrml_nodes.segmentation_node_from_labels(
@@ -162,7 +218,23 @@ def publish_result(scene, ct: Volume, result: PipelineResult, volume_node, segme
         node=table_node,
     )
     radiomics = _publish_review_and_radiomics(scene, table, result, f"{volume_node.GetName()} radiomics")
+    _link_to_ct(volume_node, seg, table, radiomics)
     return MrmlResult(seg, table, result, volume_node, radiomics)
+
+
+def _own_node(scene, node, volume_node):
+    """``node`` when it may show ``volume_node``'s analysis: in the scene, and made on no CT or on this one."""
+    if node is None or not scene.IsNodePresent(node):
+        return None
+    made_on = node.GetNodeReferenceID(CT_REFERENCE)
+    return node if made_on in (None, "", volume_node.GetID()) else None
+
+
+def _link_to_ct(volume_node, *nodes) -> None:
+    """Record on each node (None skipped) the CT its analysis was made on (:data:`CT_REFERENCE`)."""
+    for node in nodes:
+        if node is not None:
+            node.SetNodeReferenceID(CT_REFERENCE, volume_node.GetID())
 
 
 # --- batch and review ----------------------------------------------------------------------------
@@ -213,6 +285,8 @@ def open_case(
     case_dir = Path(case_dir)
     if not case_dir.is_dir():
         raise InputError(f"{case_dir}: result folder not found")
+    if (case_dir / "cohort.csv").is_file() and not (case_dir / "result.json").is_file():
+        raise InputError(f"{case_dir}: a batch output folder; open one case folder in it ({case_dir}/<case>)")
     if ct is None:
         ct = read_volume(ct_path if ct_path is not None else case_ct_path(case_dir, cohort_dir), check=False)
     volume_node = mrml_nodes.volume_node_from_volume(scene, ct, case_dir.name)
@@ -246,6 +320,7 @@ def open_case(
         result.radiomics = read_radiomics_csv(case_dir / "radiomics.csv")
     radiomics = _publish_review_and_radiomics(scene, table, result, f"{case_dir.name} radiomics",
                                               radiomics_table=radiomics_table)
+    _link_to_ct(volume_node, seg, table, radiomics)
     return MrmlResult(seg, table, result, volume_node, radiomics)
 
 
@@ -343,6 +418,8 @@ def rename_level(
         raise InputError(str(exc)) from None
     labelled = {sid: mrml_nodes.segment_label(segmentation.GetSegment(sid)) for sid in mrml_nodes.segment_ids(seg_node)}
     mapping = _renumber(labelled.values(), label, new_label)
+    if reference is not None:  # what the rebuild below would refuse (an unnamed segment...), refused before any change
+        mrml_nodes.labels_from_segmentation_node(seg_node, reference)
     # without records, keep what the segments show (grade, type, probability) through the rebuild
     records = list(records) if records is not None else mrml_nodes.records_from_segments(seg_node)
     by_label = {int(r.label): r for r in records}
@@ -378,7 +455,25 @@ def rename_level_in_nodes(
             node=table_node,
             patient_probability=mrml_nodes.table_patient_probability(table_node),
         )
+        radiomics = table_node.GetNodeReference(RADIOMICS_REFERENCE)
+        if radiomics is not None:
+            _relabel_rows(radiomics, mapping)
     return mapping
+
+
+def _relabel_rows(table_node, mapping: dict[int, int]) -> None:
+    """Rename the ``label`` and ``level`` cells of a table laid out as ``radiomics.csv`` by ``mapping`` (old -> new
+    VerSe id): its features belong to the same voxels under their new level."""
+    table = table_node.GetTable()
+    labels, levels = table.GetColumnByName("label"), table.GetColumnByName("level")
+    if labels is None or levels is None:
+        return
+    for row in range(table.GetNumberOfRows()):
+        new = mapping.get(int(labels.GetValue(row)))
+        if new is not None:
+            labels.SetValue(row, new)
+            levels.SetValue(row, level_name(new))
+    table_node.Modified()
 
 
 def _renumber(labels: Iterable[int | None], label: int, new_label: int) -> dict[int, int]:

@@ -5,6 +5,8 @@ VerSe convention: 1..7 = C1..C7, 8..19 = T1..T12, 20..24 = L1..L5, 25 = L6, 28 =
 
 from __future__ import annotations
 
+import re
+
 LEVEL_NAMES: dict[int, str] = {
     **{i: f"C{i}" for i in range(1, 8)},
     **{i + 7: f"T{i}" for i in range(1, 13)},
@@ -44,3 +46,17 @@ def region(label: int) -> str:
     """``"cervical"``, ``"thoracic"`` or ``"lumbar"`` for a VerSe id."""
     name = level_name(label)
     return {"C": "cervical", "T": "thoracic", "L": "lumbar"}.get(name[0], "unknown")
+
+
+# "L1", "L1 G2", "T12 partial", and the spellings people type in a segment editor: "Th12", "T 12", "t-12",
+# "vertebra T12", "T12 vertebra"
+_LEVEL_IN_NAME = re.compile(r"^\s*(?:vertebra(?:l body)?\s+)?(C|TH|T|L)\s*[-_]?\s*(\d{1,2})\b", re.IGNORECASE)
+
+
+def level_in_name(name: str) -> int | None:
+    """VerSe id of the level a segment's name starts with (``"Th12"``, ``"T 12 G1"``, ``"vertebra L1"``), else None."""
+    match = _LEVEL_IN_NAME.match(name or "")
+    if match is None:
+        return None
+    key = f"{match.group(1)[0].upper()}{int(match.group(2))}"
+    return LEVEL_IDS.get(key)

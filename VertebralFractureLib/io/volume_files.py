@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.core.levels import level_in_name, level_name
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.validation import check_header
 
@@ -175,17 +176,10 @@ class GzipWriter(io.RawIOBase):
         super().close()
 
 
-def read_image_file(path: str | Path, *, check: bool = True) -> Volume:
-    """Read a NIfTI/NRRD/MHA file into a :class:`Volume` (LPS geometry).
-
-    With ``check`` the header is validated before voxels are read (dimension, absurd size).
-
-    Raises:
-        InputError: unreadable or truncated file, a header that fails validation, or a non-scalar image.
-    """
+def _read_sitk(path: Path, check: bool):
+    """The SimpleITK image of a NIfTI/NRRD/MHA file, header validated first with ``check``; InputError if unreadable."""
     import SimpleITK as sitk
 
-    path = Path(path)
     size, _ = read_image_info(path)
     if check:
         check_header(size, path)
@@ -196,8 +190,86 @@ def read_image_file(path: str | Path, *, check: bool = True) -> Volume:
         raise InputError(f"{path}: the voxel data cannot be read (truncated or corrupt file?)") from None
     if path.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti_complete(path)
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar CT")
     if image.GetDimension() < 3:  # also unchecked reads (label maps): no 3D geometry to give it
         raise InputError(f"{path}: a {image.GetDimension()}D image; a 3D volume (a stack of slices) is needed")
+    return image
+
+
+def read_image_file(path: str | Path, *, check: bool = True) -> Volume:
+    """Read a NIfTI/NRRD/MHA file into a :class:`Volume` (LPS geometry).
+
+    With ``check`` the header is validated before voxels are read (dimension, absurd size).
+
+    Raises:
+        InputError: unreadable or truncated file, a header that fails validation, or a non-scalar image.
+    """
+    path = Path(path)
+    image = _read_sitk(path, check)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar CT")
     return Volume.from_sitk(image)
+
+
+def read_label_map(path: str | Path) -> Volume:
+    """A label map file (``--labels``) as VerSe ids (z, y, x; LPS geometry).
+
+    A Slicer segmentation (``.seg.nrrd``) is read by its segments, as the Slicer module reads a segmentation node:
+    each segment's level is the one its name starts with (``"L1"``, ``"Th12"``: the name wins, since a rename in
+    the Segment Editor changes only the name), else its ``VertebralFracture.LabelValue`` tag. A segment added in the
+    Segment Editor stores voxel value 1 however it is named, so voxel values are ids only in a file none of whose
+    segments names a level. Overlapping segments (several layers) are read too; a later segment wins.
+    Other files: the voxel values are the ids.
+
+    Raises:
+        InputError: unreadable file, a segment without a level beside segments with one, two segments naming one
+            level.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.name.lower().endswith(".seg.nrrd"):
+        return read_image_file(path, check=False)
+    image = _read_sitk(path, check=False)
+    segments = _seg_nrrd_segments(image)
+    if not any(level is not None for *_, level in segments):
+        if image.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError(f"{path}: overlapping segments (several layers) and none named by a vertebra level; "
+                             "name each segment by its level (e.g. 'L1') in Slicer and save again")
+        return Volume.from_sitk(image)
+    array = sitk.GetArrayFromImage(image)
+    layers = array[..., None] if array.ndim == 3 else array  # (z, y, x, layer)
+    out = np.zeros(layers.shape[:3], np.uint8)
+    owner: dict[int, str] = {}
+    for name, layer, value, level in segments:
+        if level is None:
+            raise InputError(f"{path}: segment {name!r} is not named by a vertebra level; rename it (e.g. 'L1') or "
+                             "delete it in Slicer and save again")
+        if level in owner:
+            raise InputError(f"{path}: segments {owner[level]!r} and {name!r} both name {level_name(level)}; rename one "
+                             "to its own level in Slicer and save again")
+        owner[level] = name
+        out[layers[..., min(layer, layers.shape[3] - 1)] == value] = level
+    reference = sitk.GetImageFromArray(out)
+    reference.CopyInformation(sitk.VectorIndexSelectionCast(image, 0) if image.GetNumberOfComponentsPerPixel() > 1
+                              else image)
+    return Volume.from_sitk(reference)
+
+
+def _seg_nrrd_segments(image) -> list[tuple[str, int, int, int | None]]:
+    """(name, layer, voxel value, VerSe id or None) of each segment in a ``.seg.nrrd``'s header."""
+    segments = []
+    index = 0
+    while image.HasMetaDataKey(f"Segment{index}_ID"):
+        def field(key: str, default: str = "", index: int = index) -> str:
+            name = f"Segment{index}_{key}"
+            return image.GetMetaData(name) if image.HasMetaDataKey(name) else default
+
+        name = field("Name", field("ID"))
+        tags = dict(t.split(":", 1) for t in field("Tags").split("|") if ":" in t)
+        tagged = tags.get("VertebralFracture.LabelValue", "").strip()
+        level = level_in_name(name)
+        if level is None and tagged.isdigit():
+            level = int(tagged)
+        segments.append((name, int(field("Layer", "0") or 0), int(field("LabelValue", "1") or 1), level))
+        index += 1
+    return segments
