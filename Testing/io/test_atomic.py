@@ -32,3 +32,23 @@ def test_atomic_files_get_the_mode_other_new_files_get(tmp_path):
     plain.write_text("x")
     target = atomic_write_text(tmp_path / "cohort.csv", "case\n")
     assert os.stat(target).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
+
+
+def test_a_rerun_keeps_files_added_to_an_earlier_output(tmp_path):
+    """A folder an earlier run wrote may be replaced; a file added to it since (a correction saved beside the
+    results) refuses the replacement rather than being deleted with the folder."""
+    from VertebralFractureLib.core.errors import InputError
+    from VertebralFractureLib.io.atomic import atomic_output_dir, check_output_folder
+
+    out = tmp_path / "out"
+    with atomic_output_dir(out) as tmp:
+        (tmp / "result.json").write_text("{}")
+        (tmp / "dicom").mkdir()
+        (tmp / "dicom" / "seg.dcm").write_bytes(b"x")
+    check_output_folder(out, [], marker="result.json", what="run")  # only its own files: replaceable
+    (out / "edited.seg.nrrd").write_bytes(b"y")
+    with pytest.raises(InputError, match=r"holds files the run did not write \(edited.seg.nrrd\)"):
+        check_output_folder(out, [], marker="result.json", what="run")
+    (out / "edited.seg.nrrd").unlink()
+    (out / ".outputs.json").unlink()  # an output of an earlier version: replaceable as before
+    check_output_folder(out, [], marker="result.json", what="run")

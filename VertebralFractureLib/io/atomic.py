@@ -3,6 +3,7 @@ folders replaced as a whole, after a check that only an earlier output of the sa
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -51,10 +52,21 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, newline=""))
 
 
+#: in each folder :func:`atomic_output_dir` writes: the files the command wrote, so that a later run into the folder
+#: knows what else was put there since (a correction saved beside the results, notes) and keeps it from deletion
+MANIFEST = ".outputs.json"
+
+
+def _files(folder: Path) -> set[str]:
+    """Relative POSIX paths of the files under ``folder`` (the manifest left out)."""
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {MANIFEST}
+
+
 def check_output_folder(out_dir: str | Path, inputs: Sequence[str | Path], *, marker: str, what: str) -> None:
     """Refuse an output folder whose replacement (:func:`atomic_output_dir`) would destroy anything but an earlier
-    output of the same kind: ``out_dir`` must be new, empty, or hold ``marker`` (e.g. ``result.json``), and none of
-    ``inputs`` may be it or lie inside it. ``what`` names the command in the messages ("run", "study").
+    output of the same kind: ``out_dir`` must be new, empty, or hold ``marker`` (e.g. ``result.json``) and, where the
+    earlier output listed its files (:data:`MANIFEST`), nothing else; none of ``inputs`` may be it or lie inside it.
+    ``what`` names the command in the messages ("run", "study").
 
     Raises:
         InputError: any of these, with what to do.
@@ -70,6 +82,16 @@ def check_output_folder(out_dir: str | Path, inputs: Sequence[str | Path], *, ma
     if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
         raise InputError(f"{out_dir}: the output folder is not empty and holds no earlier {what} output ({marker}); "
                          f"a {what} replaces its output folder as a whole: give a new or empty folder")
+    try:
+        listed = set(json.loads((out / MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):  # an output of an earlier version, which listed nothing
+        return
+    added = sorted(_files(out) - listed)
+    if added:
+        shown = ", ".join(added[:5]) + (f" and {len(added) - 5} more" if len(added) > 5 else "")
+        raise InputError(f"{out_dir}: the earlier {what} output holds files the {what} did not write ({shown}), which "
+                         f"a new {what} would delete with the folder; move them out, or write the results to another "
+                         "folder")
 
 
 @contextmanager
@@ -87,6 +109,7 @@ def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        (tmp / MANIFEST).write_text(json.dumps({"files": sorted(_files(tmp))}) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
