@@ -165,6 +165,17 @@ def test_missing_level_in_the_sequence_is_a_gap(phantom):
     assert all(r.genant_grade == 0 for r in records)
 
 
+def test_swapped_ids_in_a_label_map_send_the_case_to_review(phantom):
+    """L1 and L3 swapped in the user's label map: the names run against the spine, said as a review reason."""
+    swapped = _relabel(phantom.labels.array, {20: 22, 22: 20})
+    records = measure_vertebrae(phantom.ct, phantom.labels.with_array(swapped))
+    quality = assess_quality(records)
+    assert "level_order" in quality.flags
+    (reason,) = [r for r in quality.reasons if "out of order" in r]
+    assert "L2 lies" in reason and "above L1" in reason and "L3 lies" in reason and "above L2" in reason
+    assert "level_order" not in assess_quality(measure_vertebrae(phantom.ct, phantom.labels)).flags
+
+
 def test_gap_along_the_centre_line_scales_with_the_local_spacing():
     def records(z_mm):
         return [VertebraRecord(label=i, level=level_name(i), centroid_lps_mm=(0.0, 0.0, -z)) for i, z in

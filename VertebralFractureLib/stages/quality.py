@@ -68,7 +68,9 @@ MIN_LEVEL_CONFIDENCE = 0.6
 NEIGHBOURS = 2
 
 VERTEBRA_FLAGS = ("merged", "disc_inside", "cut", "implausible")
-CASE_FLAGS = (*VERTEBRA_FLAGS, "gap", "level_uncertain")
+CASE_FLAGS = (*VERTEBRA_FLAGS, "gap", "level_order", "level_uncertain")
+#: mm: a vertebra whose centroid lies this much higher (LPS S) than the one its name puts above it is out of order
+ORDER_TOLERANCE_MM = 5.0
 
 
 @dataclass
@@ -170,6 +172,15 @@ def sequence_gaps(records: list[VertebraRecord]) -> list[str]:
             gaps.append(f"{a.level} and {b.level} are {d:.0f} mm apart, {d / np.median(local):.1f} times their "
                         "neighbours' spacing: a vertebra between them is missing from the segmentation")
     return gaps
+
+
+def order_reversals(records: list[VertebraRecord]) -> list[str]:
+    """Plain sentences, one per pair of vertebrae consecutive by name whose centroids lie the other way up (the lower
+    level more than :data:`ORDER_TOLERANCE_MM` above the upper along LPS S): swapped ids in a label map."""
+    ordered = [r for r in _craniocaudal(records) if r.label in CRANIOCAUDAL_ORDER and r.centroid_lps_mm is not None]
+    return [f"{b.level} lies {b.centroid_lps_mm[2] - a.centroid_lps_mm[2]:.0f} mm above {a.level}"
+            for a, b in zip(ordered, ordered[1:], strict=False)
+            if b.centroid_lps_mm[2] - a.centroid_lps_mm[2] > ORDER_TOLERANCE_MM]
 
 
 def _ungrade(record: VertebraRecord) -> None:
@@ -311,6 +322,12 @@ def assess_quality(records: list[VertebraRecord], *, level_confidence: float | N
     implausible = [r.level for r in ordered if r.implausible and not r.partial]
     if implausible:
         quality.reasons.append(f"Segments not shaped like a vertebral body: {', '.join(implausible)}.")
+    reversed_levels = order_reversals(records)
+    if reversed_levels:
+        quality.flags.append("level_order")
+        quality.reasons.append(f"The level names are out of order along the spine: {'; '.join(reversed_levels)} (ids "
+                               "swapped in the label map?); their grades compare the wrong neighbours. Fix the names "
+                               "(Slicer: rename the segments, then Recompute).")
     gaps = sequence_gaps(records)
     if gaps:
         quality.flags.append("gap")
