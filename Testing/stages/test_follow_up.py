@@ -66,6 +66,10 @@ def test_a_height_gain_and_a_known_fracture_out_of_sight_are_said():
     (warning,) = [w for w in grown["warnings"] if "gained" in w]
     assert warning.startswith("L1 gained ") and "which a vertebra does not do" in warning
     assert not any("gained" in w for w in compare_with_prior(fractured, intact)["warnings"])
+    # not "stable": its own status, and the summary (which the impression quotes) says to doubt the comparison
+    assert next(row for row in grown["vertebrae"] if row["level"] == "L1")["status"] == "height gained"
+    assert "Doubtful: L1 gained height, which a vertebra does not do" in grown["summary"]
+    assert "Doubtful" not in compare_with_prior(fractured, intact)["summary"]
 
 
 def _spine(first: int, heights: list[float]) -> list[VertebraRecord]:

@@ -40,6 +40,8 @@ MISMATCH_RATIO = 0.12
 
 INCIDENT, PROGRESSED, GRADE_UP, STABLE, NOT_COMPARED, BOUNDARY_MOVED = (
     "incident fracture", "progressed", "grade increased", "stable", "not compared", "boundary moved")
+#: a vertebra that grew (a segment of either study drawn wrong, or another patient), or whose grade fell: not stable
+HEIGHT_GAINED, GRADE_DOWN = "height gained", "grade decreased"
 #: a loss that a neighbour's gain of the same height matches by at least this share is a moved segment boundary
 BOUNDARY_GAIN_SHARE = 0.5
 #: the statuses a reader should look at
@@ -200,7 +202,8 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
             worst = max(losses, key=lambda name: losses[name][1])
             loss_mm, loss_ratio = losses[worst]
             grown = min(losses, key=lambda name: losses[name][1])
-            if -losses[grown][1] >= INCIDENT_RATIO and -losses[grown][0] >= INCIDENT_MM:
+            gained = -losses[grown][1] >= INCIDENT_RATIO and -losses[grown][0] >= INCIDENT_MM
+            if gained:
                 gains.append((row["level"], grown, -losses[grown][0], -losses[grown][1]))
             row.update({f"height_{name}_prior_mm": round(getattr(p, field), 1) for name, field in HEIGHTS})
             row.update({f"height_{name}_mm": round(getattr(r, field), 1) for name, field in HEIGHTS})
@@ -211,6 +214,10 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
                 row["status"] = INCIDENT if p.genant_grade == 0 else PROGRESSED
             elif r.genant_grade > p.genant_grade:
                 row["status"] = GRADE_UP
+            elif gained:
+                row["status"] = HEIGHT_GAINED
+            elif r.genant_grade < p.genant_grade:
+                row["status"] = GRADE_DOWN
             else:
                 row["status"] = STABLE
         rows.append(row)
@@ -239,7 +246,9 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
                         f"(heights differ by {min(shifted.values()):.0%} against {aligned:.0%}): the level names of "
                         "one study may be shifted; check the names (Slicer: Rename level, or --anchor) before "
                         "reading the comparison")
-    elif aligned is not None and aligned > MISMATCH_RATIO:
+    doubts = []  # said in the summary too: the impression quotes it
+    if shift is None and aligned is not None and aligned > MISMATCH_RATIO:
+        doubts.append(f"the heights differ from the prior's by {aligned:.0%}")
         warnings.append(f"the vertebral heights differ from the prior's by {aligned:.0%} (median): is it the same "
                         "patient, measured alike? Check by eye before reading the comparison")
     if automatic and (incident or progressed):
@@ -252,6 +261,9 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
                  "boundary by eye" for row in moved]
     # a vertebra does not grow: a large gain means a segment of either study is drawn wrong (or another patient)
     explained = {row.get("boundary_with") for row in moved}
+    grew = [level for level, *_ in gains if level not in explained]
+    if grew:
+        doubts.append(f"{', '.join(grew)} gained height, which a vertebra does not do")
     warnings += [f"{level} gained {mm:.1f} mm ({share:.0%}) of its {height} height since the prior CT, which a "
                  "vertebra does not do: a segment of either study is drawn wrong, or the prior is of another patient; "
                  "check both by eye" for level, height, mm, share in gains if level not in explained]
@@ -280,6 +292,9 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
         summary = "Since the prior CT: " + "; ".join(found) + "."
     else:
         summary = f"Since the prior CT: no new or progressed fracture ({compared} vertebrae compared)."
+    if doubts and compared:
+        summary += (f" Doubtful: {'; '.join(doubts)}: check that the prior CT is this patient's and both "
+                    "segmentations by eye before reading the comparison.")
     if lost_sight:
         summary += (" Not compared, though graded on the prior CT: " + ", ".join(
             f"{row['level']} (grade {row['grade_prior']})" for row in lost_sight) + ": not measured whole on this CT "
