@@ -303,7 +303,9 @@ def test_run_writes_the_contract_files(cli_run, phantom_files):
 
 
 # --- cancel: exit 130, nothing written ------------------------------------------------------------------
-def test_ctrl_c_is_exit_130_and_leaves_no_output(tmp_path, phantom_files):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_ctrl_c_is_exit_130_and_leaves_no_output(tmp_path, phantom_files, sig):
+    """Ctrl-C, and SIGTERM (``kill``, a scheduler's time limit), cancel alike: nothing left, no traceback."""
     ct_path, _ = phantom_files
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER)
@@ -314,11 +316,12 @@ def test_ctrl_c_is_exit_130_and_leaves_no_output(tmp_path, phantom_files):
     try:
         first = proc.stderr.readline()  # the first progress line: the run has started (segmentation takes seconds)
         assert json.loads(first)["message"] == "import", first
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, rest = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, rest
     assert rest.splitlines()[-1].startswith("error: cancelled"), rest
+    assert "Traceback" not in rest
     assert not out.exists() and not list(tmp_path.glob(".out.*"))

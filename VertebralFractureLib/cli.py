@@ -11,6 +11,7 @@ function running it; heavy modules are imported inside the handlers so ``--help`
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -78,12 +79,14 @@ def _add_import(p: argparse.ArgumentParser) -> None:
 
 def _cmd_import(args: argparse.Namespace) -> int:
     from VertebralFractureLib.io.dicom import import_dicom, write_import
+    from VertebralFractureLib.io.validation import check_ct
     from VertebralFractureLib.io.volume_files import VOLUME_SUFFIXES, is_volume_file
 
     if not is_volume_file(args.output):  # said before the import, not after it
         raise InputError(f"{args.output}: not an image file name; end it in one of {', '.join(VOLUME_SUFFIXES)} "
                          "(e.g. ct.nii.gz)")
     result = import_dicom(args.dicom_dir, series_uid=args.series)
+    check_ct(result.volume, args.dicom_dir)  # what run refuses is not written as an import either
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     image_path, sidecar = write_import(result, args.output)
@@ -540,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 bad input, 130 cancelled)."""
     args = build_parser().parse_args(argv)
     handler = COMMANDS[args.command][2]
+    previous = _sigterm_as_cancel()
     try:
         return handler(args)
     except InputError as exc:
@@ -557,6 +561,23 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         _close_progress()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_as_cancel():
+    """Make SIGTERM (``kill``, a batch scheduler's time limit) cancel like Ctrl-C: the temporary output folder and
+    the child processes are cleaned up. Returns the handler it replaced (None where none can be set: another
+    thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def cancel(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, cancel)
 
 
 if __name__ == "__main__":

@@ -52,3 +52,23 @@ def test_a_rerun_keeps_files_added_to_an_earlier_output(tmp_path):
     (out / "edited.seg.nrrd").unlink()
     (out / ".outputs.json").unlink()  # an output of an earlier version: replaceable as before
     check_output_folder(out, [], marker="result.json", what="run")
+
+
+def test_temporary_folders_of_a_killed_command_are_removed_by_the_next(tmp_path):
+    """A command killed outright leaves its .NAME.partial-PID; the next command into NAME removes it (its process is
+    gone) but not one of a live process."""
+    import os
+    import subprocess
+    import sys
+
+    from VertebralFractureLib.io.atomic import atomic_output_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = tmp_path / f".out.partial-{int(dead.stdout)}"
+    live = tmp_path / f".out.partial-{os.getppid()}"
+    for folder in (abandoned, live):
+        folder.mkdir()
+        (folder / "segmentation.dcm").write_bytes(b"x")
+    with atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "result.json").write_text("{}")
+    assert not abandoned.exists() and live.exists()

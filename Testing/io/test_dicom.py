@@ -131,6 +131,11 @@ def test_series_without_study_or_series_uid_get_their_own_pseudonym(tmp_path):
         ("junk", "no readable DICOM"),
         ("mixed", "mixed orientations"),
         ("truncated", "cannot be decoded"),
+        ("orientation_zero", "is not two perpendicular unit vectors"),
+        ("position_nan", "lacks a valid ImagePositionPatient"),
+        ("pixel_spacing_zero", "voxel size 0 x 0 x"),
+        ("matrix_claimed_huge", "claim a 60000x60000 matrix"),
+        ("slope_x10", "the values are scaled"),
     ],
 )
 def test_bad_series_are_refused_with_one_line(tmp_path, case, message, capsys):
@@ -156,6 +161,21 @@ def test_bad_series_are_refused_with_one_line(tmp_path, case, message, capsys):
         paths = write_ct_series(folder, hu)
         data = paths[5].read_bytes()
         paths[5].write_bytes(data[: len(data) - 900])
+    elif case in ("orientation_zero", "position_nan", "pixel_spacing_zero", "matrix_claimed_huge", "slope_x10"):
+        # damaged headers: each used to crash (nibabel, numpy, ITK) or allocate hundreds of GB before any check
+        for k, path in enumerate(write_ct_series(folder, hu)):
+            ds = pydicom.dcmread(path)
+            if case == "orientation_zero":
+                ds.ImageOrientationPatient = [0, 0, 0, 0, 0, 0]
+            elif case == "position_nan" and k == 4:
+                ds.ImagePositionPatient = [0, 0, float("nan")]
+            elif case == "pixel_spacing_zero":
+                ds.PixelSpacing = [0, 0]
+            elif case == "matrix_claimed_huge":
+                ds.Rows = ds.Columns = 60000
+            elif case == "slope_x10":
+                ds.RescaleSlope, ds.RescaleIntercept = 10, -10240
+            ds.save_as(path)
     with pytest.raises(InputError, match=message):
         import_dicom(folder)
     assert main(["import", str(folder), "-o", str(tmp_path / "o.nii.gz")]) == 2

@@ -70,6 +70,35 @@ def _write_bad(kind: str, folder):
         (folder / "absurd.raw").write_bytes(b"")
     elif kind == "missing":
         path = folder / "does_not_exist.nii.gz"
+    elif kind == "metres":  # spacing written in metres: a grid of micrometre voxels
+        write_volume(Volume(_ct().array, (0.001, 0.001, 0.0015)), path)
+    elif kind == "skewed":
+        image = sitk.GetImageFromArray(_ct().array)
+        image.SetDirection((1, 0, 0, 0.5, 0.866, 0, 0, 0, 1))
+        path = folder / "skewed.mha"
+        sitk.WriteImage(image, str(path))
+    elif kind == "hu_x10":
+        write_volume(_ct().with_array(_ct().array.astype(np.int32) * 10), path)
+    elif kind == "saturated":
+        a = _ct().array.copy()
+        a[:, 10:14, 10:14] = 32767  # bone clipped when stored
+        write_volume(_ct().with_array(a), path)
+    elif kind == "pixdim0":  # nibabel and ITK would read 1 mm
+        write_volume(_ct(), path)
+        data = bytearray(gzip.decompress(path.read_bytes()))
+        data[80:92] = np.zeros(3, "<f4").tobytes()  # pixdim[1..3]
+        path.write_bytes(gzip.compress(bytes(data)))
+    elif kind == "nan_nifti":  # ITK reads a NIfTI's NaN as 0
+        a = _ct().array.astype(np.float32)
+        a[5, 5, 5] = np.nan
+        write_volume(_ct().with_array(a), path)
+    elif kind == "claims_big":  # 1000^3 doubles in a file of a few hundred bytes: refused before any allocation
+        import nibabel
+
+        header = nibabel.Nifti1Header()
+        header.set_data_shape((1000, 1000, 999))
+        header.set_data_dtype(np.float64)
+        path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + b"\0" * 1000))
     return path
 
 
@@ -91,6 +120,13 @@ BAD = {
     "not_an_image": "not a readable image",
     "absurd": "absurd size",
     "missing": "not found",
+    "metres": "outside what a CT has",
+    "skewed": "not perpendicular unit vectors",
+    "hu_x10": "the values are scaled",
+    "saturated": "stuck at 32767",
+    "pixdim0": "voxel size of 0 x 0 x 0 mm",
+    "nan_nifti": "NaN values (1 voxel)",
+    "claims_big": "file truncated",
 }
 
 

@@ -94,7 +94,14 @@ class ChildProcess:
 
 def _child_main(conn, fn, args, kwargs) -> None:
     """Body of a :class:`ChildProcess`: answer each call with ``(ok, value or exception, versions)`` until told to stop."""
+    import signal
     import sys
+
+    # Ctrl-C reaches the whole process group: the parent cancels and ends its children, which print nothing; the
+    # parent's SIGTERM handler is not theirs (terminate() ends them); and a parent killed outright takes them along
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent()
 
     while True:
         try:
@@ -111,3 +118,18 @@ def _child_main(conn, fn, args, kwargs) -> None:
         if message is None:
             return
         fn, args, kwargs = message
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG): a ``run`` killed with
+    SIGKILL leaves no child writing into its abandoned temporary folder."""
+    import ctypes
+    import os
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)

@@ -104,6 +104,7 @@ def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
     except OSError as exc:
         raise InputError(f"{out_dir}: cannot create the output folder's parent ({exc.strerror}); give a writable "
                          "folder") from exc
+    _remove_abandoned(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -120,3 +121,18 @@ def atomic_output_dir(out_dir: str | Path) -> Iterator[Path]:
     tmp.rename(out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_abandoned(out_dir: Path) -> None:
+    """Delete the temporary siblings of ``out_dir`` (``.NAME.partial-PID``, ``.NAME.old-PID``) whose process is gone: a
+    command killed outright (SIGKILL, power loss) cannot remove its own."""
+    for path in out_dir.parent.glob(f".{out_dir.name}.*-*"):
+        kind, _, pid = path.name[len(out_dir.name) + 2:].rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # another user's live process
+            pass

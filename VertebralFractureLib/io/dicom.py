@@ -46,7 +46,7 @@ import numpy as np
 
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.volume import Volume
-from VertebralFractureLib.io.validation import MIN_SLICES, check_hounsfield
+from VertebralFractureLib.io.validation import MAX_MATRIX, MIN_SLICES, check_hounsfield, check_spacing
 from VertebralFractureLib.io.volume_files import write_volume
 
 #: Attributes copied into the de-identified per-slice headers (geometry, pixel module, equipment).
@@ -361,7 +361,7 @@ def _float_list(value, n: int, what: str, folder: Path) -> np.ndarray:
         arr = np.array([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError):
         arr = np.array([])
-    if arr.size != n:
+    if arr.size != n or not np.all(np.isfinite(arr)):
         raise InputError(f"{folder}: a slice lacks a valid {what}; the series cannot be placed in space")
     return arr
 
@@ -442,7 +442,14 @@ def _import_series(folder: Path, series: list[Any], warnings: list[str], deident
     sizes = {(int(ds.Rows), int(ds.Columns)) for ds in series}
     if len(sizes) > 1:
         raise InputError(f"{folder}: slices have different matrix sizes {sorted(sizes)}; not one CT series")
+    (rows, cols), = sizes
+    if not (2 <= rows <= MAX_MATRIX and 2 <= cols <= MAX_MATRIX):  # said before any pixel is allocated
+        raise InputError(f"{folder}: the slices claim a {rows}x{cols} matrix; a CT slice has 2..{MAX_MATRIX} rows and "
+                         "columns (a damaged header?)")
     row, col = orientations[0, :3], orientations[0, 3:]
+    if not (0.99 < np.linalg.norm(row) < 1.01 and 0.99 < np.linalg.norm(col) < 1.01 and abs(row @ col) < 0.01):
+        raise InputError(f"{folder}: ImageOrientationPatient {orientations[0].round(3).tolist()} is not two "
+                         "perpendicular unit vectors; the slices cannot be placed in space (a damaged header?)")
     row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
     normal = np.cross(row, col)
     positions = np.array([_float_list(getattr(ds, "ImagePositionPatient", None), 3, "ImagePositionPatient", folder) for ds in series])
@@ -467,6 +474,7 @@ def _import_series(folder: Path, series: list[Any], warnings: list[str], deident
             f"(usual spacing {spacing_z:.2f} mm); re-export the complete series"
         )
     spacing_xy = _float_list(getattr(series[0], "PixelSpacing", None), 2, "PixelSpacing", folder)
+    check_spacing((float(spacing_xy[1]), float(spacing_xy[0]), spacing_z), folder)
 
     volume = _read_pixels(series, folder)
     # gantry tilt: consecutive positions not along the normal
@@ -672,12 +680,16 @@ def _part10_uid(ds, keyword: str) -> str:
 def write_import(result: DicomImport, path: str | Path, *, fast_gzip: bool = False) -> tuple[Path, Path]:
     """Write the de-identified volume (NIfTI/NRRD/MHA by suffix; ``fast_gzip``: see ``write_volume``) and its
     JSON sidecar beside it."""
+    from VertebralFractureLib.io.atomic import atomic_write, atomic_write_text
+
     path = Path(path)
-    write_volume(result.volume, path, fast_gzip=fast_gzip)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # atomic: an interrupted or failed write leaves no half-written image passed off as an import
+    atomic_write(path, lambda tmp: write_volume(result.volume, tmp, fast_gzip=fast_gzip))
     stem = path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
     sidecar = path.with_name(stem + ".json")
     payload = {"case_id": result.case_id, "deidentified": True, **result.metadata, "warnings": result.warnings}
-    sidecar.write_text(json.dumps(payload, indent=2))
+    atomic_write_text(sidecar, json.dumps(payload, indent=2))
     return path, sidecar
 
 

@@ -24,6 +24,13 @@ from VertebralFractureLib.core.volume import Volume
 MAX_SLICES = 4000
 MAX_VOXELS = 1_000_000_000
 MIN_SLICES = 10
+#: rows or columns of one slice: CT matrices are 512, some 1024; 4096 leaves room for any reconstruction
+MAX_MATRIX = 4096
+#: mm: voxel sizes a CT has (0.1 mm micro-CT-like in-plane .. 10 mm slices); outside, the header's units are wrong
+MIN_SPACING_MM, MAX_SPACING_MM = 0.05, 20.0
+#: HU below which neither tissue nor air lies (air is -1000; noise and -1024 clamping stay above): voxels there,
+#: beside the padding value, mean scaled data (HU x 10) or a rescale intercept applied twice
+MIN_PLAUSIBLE_HU = -1400.0
 
 
 def check_header(size: tuple[int, ...], source: str | Path) -> None:
@@ -51,8 +58,27 @@ def _check_size(dims: list[int], source: str | Path) -> None:
         )
 
 
+def check_spacing(spacing: tuple[float, ...], source: str | Path) -> None:
+    """Refuse voxel sizes no CT has (zero, NaN, metres or micrometres written as mm), before anything is allocated
+    on the grid they make."""
+    values = [float(v) for v in spacing]
+    if not all(np.isfinite(v) and MIN_SPACING_MM <= v <= MAX_SPACING_MM for v in values):
+        shown = " x ".join(f"{v:g}" for v in values)
+        raise InputError(f"{source}: voxel size {shown} mm is outside what a CT has ({MIN_SPACING_MM:g}..{MAX_SPACING_MM:g}"
+                         " mm); check the header's spacing and its units")
+
+
+def check_direction(direction: np.ndarray, source: str | Path) -> None:
+    """Refuse a direction matrix whose axes are not perpendicular unit vectors (sheared or skewed): no CT grid."""
+    d = np.asarray(direction, dtype=np.float64)
+    if not np.all(np.isfinite(d)) or np.abs(d.T @ d - np.eye(3)).max() > 1e-3:
+        raise InputError(f"{source}: the image axes are not perpendicular unit vectors (a sheared or skewed direction "
+                         "in the header); a CT's grid is not: re-export the image")
+
+
 def check_ct(ct: Volume, source: str | Path = "input") -> None:
-    """Validate a CT volume in memory: 3D, sane size, not empty/constant, in Hounsfield units.
+    """Validate a CT volume in memory: 3D, sane size and voxel size, axes perpendicular, not empty/constant, in
+    Hounsfield units.
 
     Raises:
         InputError: naming ``source`` and the problem.
@@ -61,6 +87,8 @@ def check_ct(ct: Volume, source: str | Path = "input") -> None:
     if array.ndim != 3:
         raise InputError(f"{source}: {array.ndim}D array; expected a 3D CT volume")
     _check_size(list(ct.size_ijk), source)
+    check_spacing(ct.spacing, source)
+    check_direction(ct.direction, source)
     if array.size == 0:
         raise InputError(f"{source}: empty image")
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
@@ -117,6 +145,15 @@ def check_hounsfield(values: np.ndarray, source: str | Path, dtype: np.dtype | N
             f"{source}: lowest value {lo:g} is above -100, so there is no fat, lung or air; "
             "this does not look like a CT in Hounsfield units"
         )
+    # below any tissue or air, beside the padding (the minimum: -1024, -2048, -3024 outside the reconstruction
+    # circle), and voxels stuck at the type's largest value: data scaled up, or clipped when stored
+    below = float(np.mean((values < MIN_PLAUSIBLE_HU) & (values > lo)))
+    top = float(np.mean(values == hi)) if np.issubdtype(dtype, np.integer) and hi >= np.iinfo(dtype).max else 0.0
+    if below > 0.02 or top > 0.005:
+        what = (f"{below:.0%} of the voxels lie below {MIN_PLAUSIBLE_HU:g} HU, where neither tissue nor air is"
+                if below > 0.02 else f"{top:.1%} of the voxels are stuck at {hi:g}, the largest value {dtype} holds")
+        raise InputError(f"{source}: {what}: the values are scaled (HU x 10?), or the rescale applied twice or "
+                         "clipped; give the CT in Hounsfield units")
 
 
 #: VerSe ids beyond the vertebrae that a label map may hold and the analysis leaves aside: 26 sacrum, 27 coccyx

@@ -41,24 +41,71 @@ def _native_stderr_silenced():
         os.close(devnull)
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """ITK silently zero-fills a truncated NIfTI; compare the bytes present with the header's need."""
+#: deflate compresses at most about 1032:1 (a run of zeros): a .nii.gz smaller than its data over this is truncated
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _nifti_needs(path: Path) -> tuple[object, int]:
+    """(nibabel header, bytes the file needs: offset plus voxel data) of a NIfTI file."""
     import gzip
 
     import nibabel
 
-    header = nibabel.load(str(path)).header
-    needed = int(header["vox_offset"]) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+    # the header as written: nibabel.load "fixes" a zero voxel size to 1 mm on its way in
+    with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as fh:
+        raw = fh.read(540)
+    kind = nibabel.Nifti2Header if int.from_bytes(raw[:4], "little") == 540 or int.from_bytes(raw[:4], "big") == 540 \
+        else nibabel.Nifti1Header
+    header = kind.from_fileobj(io.BytesIO(raw), check=False)
+    return header, int(header["vox_offset"]) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+
+
+def _check_nifti_header(path: Path) -> None:
+    """Before ITK reads the voxels: refuse a voxel size of 0, NaN or infinity (ITK and nibabel make it 1 mm without
+    a word) and a file far too small for the data its header claims (ITK would allocate and zero-fill all of it:
+    8 GB for a 92-byte file claiming 1000^3 doubles)."""
+    header, needed = _nifti_needs(path)
+    ndim = int(header["dim"][0])
+    pixdim = [float(v) for v in header["pixdim"][1:1 + min(3, ndim)]]
+    if not all(np.isfinite(v) and v != 0 for v in pixdim):
+        raise InputError(f"{path}: the header gives a voxel size of {' x '.join(f'{v:g}' for v in pixdim)} mm (pixdim); "
+                         "fix the header (it must hold each voxel's size in mm)")
+    size = path.stat().st_size
+    possible = size * _DEFLATE_MAX_RATIO if path.name.lower().endswith(".gz") else size
+    if possible < needed:
+        raise InputError(f"{path}: the voxel data cannot be read: file truncated ({size} bytes on disk for {needed} "
+                         "bytes of image)")
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """After ITK read the voxels: ITK silently zero-fills a truncated NIfTI, and turns NaN voxels into 0; compare the
+    bytes present with the header's need, and look for NaN in floating-point data (one pass over the file)."""
+    import gzip
+
+    header, needed = _nifti_needs(path)
+    dtype = header.get_data_dtype()
+    offset = int(header["vox_offset"])
+    floating = np.issubdtype(dtype, np.floating)
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    present = 0
+    present = nan = 0
+    pending = b""  # bytes of a voxel split between two chunks
     try:
         with opener(path, "rb") as fh:
-            while present < needed and (chunk := fh.read(1 << 24)):
+            while present < needed and (chunk := fh.read(1 << 20)):
+                start = max(0, offset - present)
                 present += len(chunk)
+                if floating and start < len(chunk):
+                    data = pending + chunk[start:min(len(chunk), len(chunk) - (present - needed) if present > needed
+                                                     else len(chunk))]
+                    whole = len(data) // dtype.itemsize * dtype.itemsize
+                    nan += int(np.isnan(np.frombuffer(data[:whole], dtype=dtype)).sum())
+                    pending = data[whole:]
     except (OSError, EOFError):
         pass
     if present < needed:
-        raise InputError(f"{path}: the voxel data cannot be read: file truncated ({present} of {needed} bytes)")
+        raise InputError(f"{path}: the voxel data cannot be read: file truncated (about {present} of {needed} bytes)")
+    if nan:
+        raise InputError(f"{path}: contains NaN values ({nan} voxel{'s' if nan != 1 else ''}); not a CT in Hounsfield units")
 
 
 def is_volume_file(path: Path) -> bool:
@@ -183,13 +230,19 @@ def _read_sitk(path: Path, check: bool):
     size, _ = read_image_info(path)
     if check:
         check_header(size, path)
+    nifti = path.name.lower().endswith((".nii", ".nii.gz"))
+    if nifti:
+        _check_nifti_header(path)
     try:
         with _native_stderr_silenced():
             image = sitk.ReadImage(str(path))
     except RuntimeError:
         raise InputError(f"{path}: the voxel data cannot be read (truncated or corrupt file?)") from None
-    if path.name.lower().endswith((".nii", ".nii.gz")):
+    if nifti:
         _check_nifti_complete(path)
+    if image.GetDimension() > 3 and image.GetSize()[3:] != (1,) * (image.GetDimension() - 3):
+        raise InputError(f"{path}: a {image.GetDimension()}D image ({'x'.join(map(str, image.GetSize()))}); one 3D "
+                         "volume is needed")
     if image.GetDimension() < 3:  # also unchecked reads (label maps): no 3D geometry to give it
         raise InputError(f"{path}: a {image.GetDimension()}D image; a 3D volume (a stack of slices) is needed")
     return image
