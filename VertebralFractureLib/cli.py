@@ -85,6 +85,9 @@ def _cmd_import(args: argparse.Namespace) -> int:
     if not is_volume_file(args.output):  # said before the import, not after it
         raise InputError(f"{args.output}: not an image file name; end it in one of {', '.join(VOLUME_SUFFIXES)} "
                          "(e.g. ct.nii.gz)")
+    if Path(args.dicom_dir).is_dir() and Path(args.dicom_dir).absolute() in Path(args.output).absolute().parents:
+        raise InputError(f"{args.output}: inside the DICOM folder {args.dicom_dir}, whose next import would read it "
+                         "too; write it elsewhere")
     result = import_dicom(args.dicom_dir, series_uid=args.series)
     check_ct(result.volume, args.dicom_dir)  # what run refuses is not written as an import either
     for warning in result.warnings:

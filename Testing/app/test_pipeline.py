@@ -51,9 +51,17 @@ def test_rerun_replaces_previous_output(tmp_path):
     out = tmp_path / "out"
     out.mkdir()  # an empty folder is taken
     run_pipeline(ct_path, out, labels_path=labels_path, options=PipelineOptions(wiener=False))
-    (out / "stale.txt").write_text("old")
-    run_pipeline(ct_path, out, labels_path=labels_path, options=PipelineOptions(wiener=False))
-    assert not (out / "stale.txt").exists() and (out / "result.json").exists()
+    assert (out / "radiomics.csv").exists()
+    # the earlier run's own files are replaced: one this run does not write is gone
+    run_pipeline(ct_path, out, labels_path=labels_path, options=PipelineOptions(wiener=False, radiomics=False))
+    assert not (out / "radiomics.csv").exists() and (out / "result.json").exists()
+    # a file put there since is not deleted with the folder: the run is refused
+    from VertebralFractureLib.core.errors import InputError
+
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"holds files the run did not write \(notes.txt\)"):
+        run_pipeline(ct_path, out, labels_path=labels_path, options=PipelineOptions(wiener=False))
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_an_output_folder_holding_more_than_an_earlier_result_is_refused_untouched(tmp_path):

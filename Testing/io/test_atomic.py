@@ -72,3 +72,15 @@ def test_temporary_folders_of_a_killed_command_are_removed_by_the_next(tmp_path)
     with atomic_output_dir(tmp_path / "out") as tmp:
         (tmp / "result.json").write_text("{}")
     assert not abandoned.exists() and live.exists()
+
+
+def test_an_output_folder_inside_an_input_folder_is_refused(tmp_path):
+    """-o inside the DICOM folder being read: the folder's next import would read the outputs as slices."""
+    from VertebralFractureLib.core.errors import InputError
+    from VertebralFractureLib.io.atomic import check_output_folder
+
+    dicom = tmp_path / "dicom"
+    dicom.mkdir()
+    with pytest.raises(InputError, match="lies inside the input folder"):
+        check_output_folder(dicom / "out", [dicom], marker="result.json", what="run")
+    check_output_folder(tmp_path / "out", [dicom], marker="result.json", what="run")

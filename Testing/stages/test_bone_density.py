@@ -45,7 +45,10 @@ def test_levels_outside_the_thoracolumbar_junction_say_nothing_and_flags_exclude
     upper = [VertebraRecord(label, f"T{label - 7}", trabecular_hu=70.0, genant_grade=0) for label in range(8, 15)]
     result = assess_bone_density(upper)
     assert result["level"] is None and result["category"] is None and result["trabecular_hu"] is None
-    assert "not assessed" in result["summary"]
+    assert "not assessed" in result["summary"] and "Elsewhere" not in result["summary"]
+    low = [VertebraRecord(label, f"T{label - 7}", trabecular_hu=70.0, genant_grade=0, low_density=label < 10)
+           for label in range(8, 15)]  # rows marked low density: the summary names them
+    assert "Elsewhere T1, T2 measure at most 160 HU" in assess_bone_density(low)["summary"]
     flagged = [VertebraRecord(20, "L1", trabecular_hu=70.0, genant_grade=0, flags=["merged"]),
                VertebraRecord(21, "L2", trabecular_hu=190.0, genant_grade=0),
                VertebraRecord(19, "T12", trabecular_hu=math.nan, genant_grade=0)]

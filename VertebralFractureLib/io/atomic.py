@@ -79,6 +79,9 @@ def check_output_folder(out_dir: str | Path, inputs: Sequence[str | Path], *, ma
         if path == out or out in path.parents:
             raise InputError(f"{given}: an input inside the output folder {out_dir}, which the {what} replaces as a "
                              "whole; write the results to another folder")
+        if path.is_dir() and path in out.parents:  # a DICOM folder: its next import would read the outputs too
+            raise InputError(f"{out_dir}: the output folder lies inside the input folder {given}; write the results "
+                             "to another folder")
     if out.is_dir() and any(out.iterdir()) and not (out / marker).is_file():
         raise InputError(f"{out_dir}: the output folder is not empty and holds no earlier {what} output ({marker}); "
                          f"a {what} replaces its output folder as a whole: give a new or empty folder")

@@ -70,14 +70,17 @@ def _vertebra_group(hd, record: VertebraRecord, seg_header: Any, segment_number:
 
     site = vertebra_code(record.label)
     measurements = []
+    # a vertebra the field of view cuts: its segment's heights and volume are not the vertebra's (its "cut" flag
+    # below says why they are left out)
+    whole = not record.partial
     for value, modifier in ((record.height_anterior_mm, codes.SCT.Anterior), (record.height_middle_mm, codes.SCT.Central),
                             (record.height_posterior_mm, codes.SCT.Posterior)):
-        if math.isfinite(value):
+        if whole and math.isfinite(value):
             measurements.append(hd.sr.Measurement(
                 name=codes.DCM.Height, value=float(value), unit=codes.UCUM.Millimeter,
                 finding_sites=[hd.sr.FindingSite(site, topographical_modifier=modifier)]))
     for code, value, unit, derivation in (
-            (codes.SCT.Volume, record.volume_ml, codes.UCUM.CubicCentimeter, None),
+            (codes.SCT.Volume, record.volume_ml if whole else math.nan, codes.UCUM.CubicCentimeter, None),
             (_private(*TRABECULAR_HU), record.trabecular_hu, codes.UCUM.HounsfieldUnit, codes.SCT.Mean),
             (_private(*HEIGHT_LOSS), 100 * record.height_loss_ratio, codes.UCUM.Percent, None),
             (codes.DCM.Probability, record.fracture_probability, codes.UCUM.NoUnits, None)):

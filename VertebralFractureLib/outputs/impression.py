@@ -83,7 +83,8 @@ def impression(result: dict[str, Any]) -> list[str]:
         sentences.append(f"Vertebral compression fracture{'s' if len(called) > 1 else ''}: "
                          + "; ".join(_deformity(row) for row in called) + ".")
     elif graded:
-        sentences.append(f"No vertebral compression fracture ({len(graded)} vertebrae assessed, {span}).")
+        sentences.append(f"No vertebral compression fracture ({len(graded)} vertebra{'e' if len(graded) != 1 else ''} "
+                         f"assessed, {span}).")
     else:
         sentences.append("No vertebra could be graded (cut by the field of view, flagged or cervical): no vertebral "
                          "fracture assessment.")

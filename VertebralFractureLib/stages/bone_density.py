@@ -75,6 +75,10 @@ def assess_bone_density(records: Sequence[VertebraRecord], kvp: float | None = N
     if chosen is None:
         out["summary"] = ("Bone density not assessed: no whole, normal vertebra from T11 to L3 was measured "
                           "(the thresholds hold at L1).")
+        low = [r.level for r in records if r.low_density]
+        if low:  # their rows say "low density": the summary must not read as if nothing were seen
+            out["summary"] += (f" Elsewhere {', '.join(low)} measure at most {LOW_DENSITY_HU:.0f} HU (an estimate: "
+                               "the thresholds do not hold there); consider DXA.")
         return out
     hu = float(chosen.trabecular_hu)
     out.update(level=chosen.level, trabecular_hu=round(hu, 1), category=category(hu))

@@ -291,7 +291,8 @@ def compare_with_prior(records: Sequence[VertebraRecord], prior: Sequence[Verteb
     elif found:
         summary = "Since the prior CT: " + "; ".join(found) + "."
     else:
-        summary = f"Since the prior CT: no new or progressed fracture ({compared} vertebrae compared)."
+        summary = (f"Since the prior CT: no new or progressed fracture ({compared} vertebra{'e' if compared != 1 else ''} "
+                   "compared).")
     if doubts and compared:
         summary += (f" Doubtful: {'; '.join(doubts)}: check that the prior CT is this patient's and both "
                     "segmentations by eye before reading the comparison.")
