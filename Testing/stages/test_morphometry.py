@@ -199,6 +199,14 @@ def test_analytic_heights_grade_and_type(kind, loss, grade):
     assert r.fracture_probability == r.probability_morphometry
     assert (r.fracture_probability > 0.5) == (grade > 0)
     assert math.isnan(r.trabecular_hu) and r.low_density is None
+    # where each height was measured (the report draws it there): a line as long as the height, along S, the
+    # anterior one in front (LPS: smaller P) of the middle one, in front of the posterior one
+    lines = {name: np.asarray(ends) for name, ends in r.height_lines_lps_mm.items()}
+    for name, ends in lines.items():
+        assert np.linalg.norm(ends[1] - ends[0]) == pytest.approx(got[name], abs=0.05), name
+        assert ends[1][2] > ends[0][2] and abs(ends[1][1] - ends[0][1]) < 1.0  # lower end first, along S
+    assert lines["anterior"][0][1] < lines["middle"][0][1] < lines["posterior"][0][1]
+    assert "height_lines_lps_mm" not in r.csv_row()  # points, not a CSV column
 
 
 def test_same_case_in_any_orientation_and_spacing():

@@ -61,6 +61,9 @@ class VertebraRecord:
     centroid_lps_mm: tuple[float, float, float] | None = None
     notes: list[str] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
+    #: where each height was measured: "anterior"/"middle"/"posterior" -> [lower end, upper end], LPS mm (JSON only:
+    #: the report draws the heights there; not a CSV column)
+    height_lines_lps_mm: dict[str, list[list[float]]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: NaN becomes None, tuples become lists."""
@@ -89,7 +92,7 @@ class VertebraRecord:
 
     def csv_row(self) -> dict[str, Any]:
         """One CSV row: contract columns first, floats rounded, lists joined."""
-        row = self.to_dict()
+        row = {k: v for k, v in self.to_dict().items() if k not in NOT_IN_CSV}
         for key, value in row.items():
             if isinstance(value, float):
                 row[key] = round(value, 4)
@@ -100,7 +103,10 @@ class VertebraRecord:
         return row
 
 
-CSV_COLUMNS = CONTRACT_COLUMNS + [f.name for f in fields(VertebraRecord) if f.name not in CONTRACT_COLUMNS]
+#: record fields that are no CSV column (points, not a value per vertebra)
+NOT_IN_CSV = ("height_lines_lps_mm",)
+CSV_COLUMNS = CONTRACT_COLUMNS + [f.name for f in fields(VertebraRecord)
+                                  if f.name not in CONTRACT_COLUMNS and f.name not in NOT_IN_CSV]
 
 
 def json_safe(obj: Any) -> Any:

@@ -277,12 +277,54 @@ def _superior_axis(centre: np.ndarray, centroids: dict[int, np.ndarray], label: 
     return axis / norm if norm > 0 and axis[1] > 0 else np.array([0.0, 1.0])
 
 
+def _draw_height(ax, a: np.ndarray, b: np.ndarray, name: str, length: float, side: int) -> None:
+    """One height from ``a`` (lower end) to ``b`` (upper end), (P, S) mm, with end ticks and its label (above the
+    line when ``side`` > 0, below it otherwise, so neighbours do not overlap)."""
+    e_s = (b - a) / max(float(np.linalg.norm(b - a)), 1e-6)
+    e_u = np.array([e_s[1], -e_s[0]])
+    ax.plot([a[0], b[0]], [a[1], b[1]], color="#00e5ff", lw=2.0, solid_capstyle="butt")
+    for end in (a, b):
+        tick = np.stack([end - 2.5 * e_u, end + 2.5 * e_u])
+        ax.plot(tick[:, 0], tick[:, 1], color="#00e5ff", lw=1.5)
+    if not math.isfinite(length):
+        length = float(np.linalg.norm(b - a))
+    anchor = (b + 1.5 * e_s) if side > 0 else (a - 1.5 * e_s)
+    ax.text(anchor[0], anchor[1], f"{name} {length:.1f}", color="#00e5ff", fontsize=7, ha="center",
+            va="bottom" if side > 0 else "top", bbox={"facecolor": "black", "alpha": 0.6, "pad": 0.8, "edgecolor": "none"})
+
+
+def _draw_heights_on_depth(ax, plane, record: VertebraRecord, centre: np.ndarray, spacing: float,
+                           superior: np.ndarray | None) -> None:
+    """The heights at 12, 50 and 88 % of the body's depth in the plane, along ``superior``, as long as measured."""
+    e_s = np.array([0.0, 1.0]) if superior is None else np.asarray(superior, float)
+    e_u = np.array([e_s[1], -e_s[0]])  # perpendicular, pointing posterior (+P)
+    rows, cols = np.nonzero(plane.labels == int(record.label))
+    points = np.stack([plane.p[cols], plane.s[rows]], axis=1) - centre[1:3]
+    u, v = points @ e_u, points @ e_s
+    body = _body_range(u, spacing)
+    if body is None:
+        return
+    for name, where, measured, side in (("Ha", 0.12, record.height_anterior_mm, 1),
+                                        ("Hm", 0.5, record.height_middle_mm, -1),
+                                        ("Hp", 0.88, record.height_posterior_mm, 1)):
+        at = body[0] + where * (body[1] - body[0])
+        near = np.abs(u - at) <= 0.75 * spacing
+        if not near.any():
+            continue
+        top, bottom = v[near].max(), v[near].min()
+        length = measured if measured is not None and math.isfinite(measured) else top - bottom
+        mid = (top + bottom) / 2
+        base = centre[1:3] + at * e_u
+        _draw_height(ax, base + (mid - length / 2) * e_s, base + (mid + length / 2) * e_s, name, length, side)
+
+
 def closeup_figure(ct: Volume, labels: Volume, record: VertebraRecord, centre: np.ndarray,
                    colors: dict[int, tuple[float, float, float]], superior: np.ndarray | None = None) -> str:
     """Sagittal close-up of one vertebra with anterior/middle/posterior heights drawn (PNG data URI).
 
-    The heights are drawn along ``superior`` (unit (P, S) vector, the spine's local axis) at 12 %,
-    50 % and 88 % of the body's depth, centred on the body there, each as long as measured.
+    The heights are drawn where morphometry measured them (``record.height_lines_lps_mm``: each strip's mean line);
+    records without them along ``superior`` (unit (P, S) vector, the spine's local axis) at 12 %, 50 % and 88 % of
+    the body's depth, centred on the body there, each as long as measured.
     """
     spacing = max(0.4, min(ct.spacing))
     plane = sample_sagittal(ct, labels, {}, spacing=spacing, curved=False, around=(centre, 32.0, 42.0))
@@ -293,34 +335,18 @@ def closeup_figure(ct: Volume, labels: Volume, record: VertebraRecord, centre: n
     ax.imshow(image, extent=extent, interpolation="bilinear", aspect="equal")
     ax.set_xticks([])
     ax.set_yticks([])
-    e_s = np.array([0.0, 1.0]) if superior is None else np.asarray(superior, float)
-    e_u = np.array([e_s[1], -e_s[0]])  # perpendicular, pointing posterior (+P)
-    rows, cols = np.nonzero(plane.labels == int(record.label))
-    points = np.stack([plane.p[cols], plane.s[rows]], axis=1) - centre[1:3]
-    u, v = points @ e_u, points @ e_s
-    body = _body_range(u, spacing)
-    if body is not None:
-        heights = [("Ha", 0.12, record.height_anterior_mm, 1), ("Hm", 0.5, record.height_middle_mm, -1),
-                   ("Hp", 0.88, record.height_posterior_mm, 1)]
-        for name, where, measured, side in heights:
-            at = body[0] + where * (body[1] - body[0])
-            near = np.abs(u - at) <= 0.75 * spacing
-            if not near.any():
-                continue
-            top, bottom = v[near].max(), v[near].min()
-            length = measured if measured is not None and math.isfinite(measured) else top - bottom
-            mid = (top + bottom) / 2
-            base = centre[1:3] + at * e_u
-            a, b = base + (mid - length / 2) * e_s, base + (mid + length / 2) * e_s
-            ax.plot([a[0], b[0]], [a[1], b[1]], color="#00e5ff", lw=2.0, solid_capstyle="butt")
-            for end in (a, b):
-                tick = np.stack([end - 2.5 * e_u, end + 2.5 * e_u])
-                ax.plot(tick[:, 0], tick[:, 1], color="#00e5ff", lw=1.5)
-            # labels alternate above and below so neighbours do not overlap
-            anchor = (b + 1.5 * e_s) if side > 0 else (a - 1.5 * e_s)
-            ax.text(anchor[0], anchor[1], f"{name} {length:.1f}", color="#00e5ff", fontsize=7, ha="center",
-                    va="bottom" if side > 0 else "top",
-                    bbox={"facecolor": "black", "alpha": 0.6, "pad": 0.8, "edgecolor": "none"})
+    labels_and_sides = (("Ha", "anterior", 1), ("Hm", "middle", -1), ("Hp", "posterior", 1))
+    measured = {name: record.height_lines_lps_mm.get(key) for name, key, _ in labels_and_sides} \
+        if record.height_lines_lps_mm else {}
+    if any(measured.values()):
+        # where morphometry measured each height: its strip's mean line, seen in this sagittal plane (P, S)
+        for (name, key, side) in labels_and_sides:
+            ends = measured[name]
+            if ends:
+                a, b = np.asarray(ends[0], float)[1:3], np.asarray(ends[1], float)[1:3]
+                _draw_height(ax, a, b, name, float(getattr(record, f"height_{key}_mm")), side)
+    else:  # a record without the lines (a result.json of an earlier version): placed on the body's depth
+        _draw_heights_on_depth(ax, plane, record, centre, spacing, superior)
     ax.text(0.02, 0.02, "A", color="white", transform=ax.transAxes, fontsize=8)
     ax.text(0.98, 0.02, "P", color="white", transform=ax.transAxes, fontsize=8, ha="right")
     ax.set_xlim(extent[0], extent[1])

@@ -89,6 +89,9 @@ class Heights:
     posterior: float = math.nan
     depth: float = math.nan
     width: float = math.nan
+    #: "anterior"/"middle"/"posterior" -> (lower end, upper end) in LPS mm of the strip's mean height line: where the
+    #: height was measured (the report draws it there)
+    lines_lps: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = field(default_factory=dict)
 
 
 @dataclass

@@ -188,6 +188,12 @@ def _strip_heights(crop: _Crop, frame: LocalFrame, heights: Heights, reach: floa
         if name != "middle" and DROP_WALL_EXITS:
             runs = _drop_wall_exits(crop, frame, starts, runs, inward=sign)
         setattr(heights, name, _strip_height(runs))
+        measured = np.isfinite(runs).all(axis=1)
+        if measured.any():  # the strip's mean line: its mean ends (their distance is the mean height)
+            lower, upper = runs[measured].mean(axis=0)
+            ap = float(starts[measured, 1].mean())
+            ends = frame.to_lps(np.array([[lower, ap, 0.0], [upper, ap, 0.0]]))
+            heights.lines_lps[name] = tuple(tuple(float(v) for v in end) for end in ends)
 
 
 def fill_front(crop: _Crop, frame: LocalFrame, heights: Heights, reach: float) -> _Crop:

@@ -49,6 +49,7 @@ def measure_vertebrae(
             partial=bool(geom.partial),
             centroid_lps_mm=tuple(float(v) for v in geom.centroid_lps),
             notes=list(geom.notes),
+            height_lines_lps_mm={name: [list(end) for end in ends] for name, ends in h.lines_lps.items()} or None,
         )
         if ct is not None:
             mean, median, _ = trabecular_hu(ct, geom)
