@@ -561,9 +561,11 @@ def test_an_approved_correction_becomes_a_reviewed_seg_sr_and_overview_in_the_sa
     # the SR's groups reference the reviewed SEG, and L2's volume is the corrected one
     groups = {str(g.tracking_identifier): g for g in sr.content.get_volumetric_roi_measurement_groups()}
     assert {g.referenced_segment.referenced_sop_instance_uid for g in groups.values()} == {seg.SOPInstanceUID}
-    (volume,) = groups["L2 vertebra"].get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume"))
     corrected = next(r for r in case.nodes.result.records if r.level == "L2")
-    assert volume.value == pytest.approx(corrected.volume_ml)
+    assert corrected.partial  # the shortened box is measured as cut: no height or volume of it in the SR
+    assert groups["L2 vertebra"].get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume")) == []
+    (hu,) = groups["L2 vertebra"].get_measurements(name=hd.sr.CodedConcept("TRABECULAR-HU", "99VFX", "x"))
+    assert hu.value == pytest.approx(corrected.trabecular_hu)
     assert corrected.volume_ml < next(r for r in result.records if r.level == "L2").volume_ml
     # the approval is the review: the patient's result is a call, the probability against the run's threshold;
     # here no vertebra was scored (boxes, not bodies), so it stays "needs review"

@@ -460,9 +460,15 @@ def test_study_and_simulate_cohort_keep_what_they_did_not_write(tmp_path, cohort
     assert "holds no earlier study output (study.json)" in capsys.readouterr().err and (notes / "mine.txt").exists()
     out = tmp_path / "study"
     assert main(["study", str(cohort), "-o", str(out), "--models", "genant-rule", "--quiet"]) == 0
-    (out / "lasso.json").write_text("{}")  # as an earlier study with radiomics-lasso left it
+    # as an earlier study with radiomics-lasso left it: its own file, listed by it, is replaced
+    (out / "lasso.json").write_text("{}")
+    manifest = json.loads((out / ".outputs.json").read_text())
+    (out / ".outputs.json").write_text(json.dumps({"files": [*manifest["files"], "lasso.json"]}))
     assert main(["study", str(cohort), "-o", str(out), "--models", "genant-rule", "--quiet"]) == 0
     assert (out / "study.json").exists() and not (out / "lasso.json").exists()
+    (out / "mine.txt").write_text("keep me")  # put there since: the study is refused, the file kept
+    assert main(["study", str(cohort), "-o", str(out), "--models", "genant-rule", "--quiet"]) == 2
+    assert "files the study did not write (mine.txt)" in capsys.readouterr().err and (out / "mine.txt").exists()
     assert main(["study", str(cohort), "-o", str(cohort), "--models", "genant-rule", "--quiet"]) == 2
     assert main(["simulate-cohort", "-o", str(notes), "--cases", "1"]) == 2
     assert "the folder is not empty" in capsys.readouterr().err and sorted(os.listdir(notes)) == ["mine.txt"]

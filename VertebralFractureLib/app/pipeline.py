@@ -767,7 +767,7 @@ def check_output_folder(out_dir: str | Path, inputs: Sequence[str | Path]) -> No
     from VertebralFractureLib.io.atomic import check_output_folder as check_folder
     from VertebralFractureLib.stages.follow_up import REVIEW_FILE
 
-    check_folder(out_dir, inputs, marker="result.json", what="run")
-    if (Path(out_dir) / REVIEW_FILE).is_file():
+    if (Path(out_dir) / REVIEW_FILE).is_file():  # said first: the review is what matters in such a folder
         raise InputError(f"{out_dir}: the output folder holds a review ({REVIEW_FILE}: a sign-off and any corrected "
                          "segmentation), which a new run would delete; write the results to another folder")
+    check_folder(out_dir, inputs, marker="result.json", what="run")

@@ -659,7 +659,9 @@ def _table_rows(
             "hp": _fmt(r.height_posterior_mm), "loss": _fmt(r.height_loss_ratio, pct=True),
             "grade": _fmt(r.genant_grade), "type": r.genant_type or DASH,
             "prob": _fmt(r.fracture_probability, 2), "prob_m": _fmt(r.probability_morphometry, 2),
-            "prob_c": _fmt(r.probability_classifier, 2), "hu": _fmt(r.trabecular_hu, 0),
+            # a vertebra not scored (cut, flagged, cervical) shows no reader's probability either: none decides
+            "prob_c": DASH if math.isnan(r.fracture_probability) else _fmt(r.probability_classifier, 2),
+            "hu": _fmt(r.trabecular_hu, 0),
             "low": {True: "yes", False: "no"}.get(r.low_density, DASH),
             "flags": ", ".join(r.flags or (["cut"] if r.partial else [])),
         })

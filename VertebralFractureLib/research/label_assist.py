@@ -157,6 +157,7 @@ def automatic_levels(ct: Volume, instances: np.ndarray) -> tuple[dict[int, int],
     """
     from VertebralFractureLib.core.volume import resample_to
     from VertebralFractureLib.stages.segmentation.inference import WORK_SPACING_MM, to_canonical
+    from VertebralFractureLib.stages.segmentation.instances import partial_instances
     from VertebralFractureLib.stages.segmentation.labelling import assign_levels
 
     n = int(instances.max()) if instances.size else 0
@@ -169,7 +170,11 @@ def automatic_levels(ct: Volume, instances: np.ndarray) -> tuple[dict[int, int],
     present = [int(v) for v in np.unique(inst) if v > 0]
     lut = np.zeros(n + 1, np.int32)
     lut[present] = np.arange(1, len(present) + 1)
-    result = assign_levels(lut[inst], hu.array, spacing_mm=WORK_SPACING_MM, fov=fov)
+    numbered = lut[inst]
+    # as run names them: vertebrae the field of view cuts are left out of the size prior (without this the lumbar
+    # crop was named T10-T12 here and L1-L3 by run)
+    partial = partial_instances(numbered, len(present), fov)
+    result = assign_levels(numbered, hu.array, spacing_mm=WORK_SPACING_MM, partial=partial, fov=fov)
     return {present[i - 1]: v for i, v in result.mapping.items()}, result.warnings
 
 

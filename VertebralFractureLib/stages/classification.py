@@ -458,9 +458,13 @@ def probability_method(fusion: FusionModel | None, network: bool, threshold: flo
         how = "the larger of the 3D CNN's and morphometry's probabilities"
     else:
         how = "morphometry's probability (no classifier available)"
+    calibrated = ""
+    if fusion is not None and fusion.prevalence is not None:
+        calibrated = (f" The probabilities are calibrated to {fusion.prevalence:.0%} of vertebrae fractured; where "
+                      "fractures are rarer, as in screening, a vertebra's chance is lower than its P(fracture).")
     return (f"P(fracture) is {how}; P morphometry and P classifier are each reader alone. A vertebra, and so the "
             f"patient, is called fractured at P(fracture) >= {threshold:g}; cut, flagged and cervical vertebrae "
-            "are not scored.")
+            f"are not scored.{calibrated}")
 
 
 def _not_scored(record: VertebraRecord) -> bool:
