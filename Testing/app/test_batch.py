@@ -93,8 +93,12 @@ def test_discover_cases(tmp_path):
     (cohort / "dicomcase" / "sub" / "IM0001").write_bytes(b"x")
     (cohort / "case8.dcm").write_bytes(b"\0" * 128 + b"DICM")  # one enhanced multi-frame CT file (its mark only)
     (cohort / "notes.txt").write_text("not a case")
+    (cohort / "labelsonly").mkdir()
+    (cohort / "labelsonly" / "labels.nii.gz").write_bytes((cohort / "case00" / "labels.nii.gz").read_bytes())
     cases = {c.name: c for c in discover_cases(cohort)}
-    assert set(cases) == {"case00", "case01", "truncated", "not_hu", "flat2d", "empty", "dicomcase", "case8"}
+    assert set(cases) == {"case00", "case01", "truncated", "not_hu", "flat2d", "empty", "dicomcase", "case8",
+                          "labelsonly"}
+    assert "labels.nii.gz but no CT" in cases["labelsonly"].problem  # not "no readable DICOM"
     assert cases["case8"].input == str(cohort / "case8.dcm")
     assert cases["case00"].input.endswith("ct.nii.gz") and cases["case00"].labels.endswith("labels.nii.gz")
     assert cases["empty"].problem and "empty folder" in cases["empty"].problem

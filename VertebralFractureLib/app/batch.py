@@ -124,6 +124,9 @@ def discover_cases(cohort_dir: str | Path, output: str | Path | None = None) -> 
                 case = Case(entry.name, str(ct), str(labels) if labels else None)
             elif not any(p.is_file() and not p.name.startswith(".") for p in entry.rglob("*")):
                 case = Case(entry.name, str(entry), problem=f"{entry}: empty folder; expected DICOM files or ct.nii.gz")
+            elif labels is not None and not any(is_dicom_file(p) for p in entry.rglob("*") if p.is_file()):
+                case = Case(entry.name, str(entry), problem=f"{entry}: {labels.name} but no CT; put the case's CT "
+                                                            "beside it as ct.nii.gz (or its DICOM files)")
             else:
                 case = Case(entry.name, str(entry))
         else:

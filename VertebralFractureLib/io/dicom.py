@@ -504,10 +504,26 @@ def _import_series(folder: Path, series: list[Any], warnings: list[str], deident
     return DicomImport(vol, case_id, metadata, warnings, deidentify, series)
 
 
+def _rescale(ds: Any, keyword: str, default: float) -> float:
+    """A slice's rescale slope or intercept (``default`` when absent or empty; NaN when not a number)."""
+    value = getattr(ds, keyword, None)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def _read_pixels(series: list[Any], folder: Path) -> np.ndarray:
     """Stack the slices' pixels in HU; int16 when every slope/intercept keeps integers in range."""
-    slopes = np.array([float(getattr(ds, "RescaleSlope", 1) or 1) for ds in series])
-    intercepts = np.array([float(getattr(ds, "RescaleIntercept", 0) or 0) for ds in series])
+    slopes = np.array([_rescale(ds, "RescaleSlope", 1.0) for ds in series])
+    intercepts = np.array([_rescale(ds, "RescaleIntercept", 0.0) for ds in series])
+    if not np.all(np.isfinite(slopes) & (slopes != 0)) or not np.all(np.isfinite(intercepts)):
+        bad = next(i for i in range(len(series)) if not (np.isfinite(slopes[i]) and slopes[i] != 0
+                                                          and np.isfinite(intercepts[i])))
+        raise InputError(f"{folder}: slice {bad + 1} of {len(series)} has RescaleSlope {slopes[bad]:g} and "
+                         f"RescaleIntercept {intercepts[bad]:g}, which give no HU (a damaged header?)")
     rows, cols = int(series[0].Rows), int(series[0].Columns)
     integer = np.all(slopes == np.round(slopes)) and np.all(intercepts == np.round(intercepts))
     out = np.empty((len(series), rows, cols), dtype=np.int16 if integer else np.float32)
