@@ -453,7 +453,7 @@ def labels_from_segmentation_node(seg_node, reference: Volume, warnings: list[st
             raise InputError(f"segments {owner[label]!r} and {segment.GetName()!r} both name {level_name(label)}; "
                              "rename one to its own level, or merge them, then Recompute")
         owner[label] = segment.GetName()
-        if level_in_name(segment.GetName() or "") is None:
+        if label in CRANIOCAUDAL_ORDER and level_in_name(segment.GetName() or "") is None:  # not "label26" (sacrum)
             unnamed.append(f"{segment.GetName()!r} ({level_name(label)})")
         out[mask] = label
     if outside and not owner:
