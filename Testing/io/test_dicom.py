@@ -137,6 +137,7 @@ def test_series_without_study_or_series_uid_get_their_own_pseudonym(tmp_path):
         ("matrix_claimed_huge", "claim a 60000x60000 matrix"),
         ("slope_x10", "the values are scaled"),
         ("slope_zero", "RescaleSlope 0 and RescaleIntercept -1024, which give no HU"),
+        ("acquisitions_interleaved", "2 acquisitions .* whose slices interleave"),
     ],
 )
 def test_bad_series_are_refused_with_one_line(tmp_path, case, message, capsys):
@@ -163,7 +164,7 @@ def test_bad_series_are_refused_with_one_line(tmp_path, case, message, capsys):
         data = paths[5].read_bytes()
         paths[5].write_bytes(data[: len(data) - 900])
     elif case in ("orientation_zero", "position_nan", "pixel_spacing_zero", "matrix_claimed_huge", "slope_x10",
-                  "slope_zero"):
+                  "slope_zero", "acquisitions_interleaved"):
         # damaged headers: each used to crash (nibabel, numpy, ITK) or allocate hundreds of GB before any check
         for k, path in enumerate(write_ct_series(folder, hu)):
             ds = pydicom.dcmread(path)
@@ -179,6 +180,8 @@ def test_bad_series_are_refused_with_one_line(tmp_path, case, message, capsys):
                 ds.RescaleSlope, ds.RescaleIntercept = 10, -10240
             elif case == "slope_zero":  # was read as 1
                 ds.RescaleSlope, ds.RescaleIntercept = 0, -1024
+            elif case == "acquisitions_interleaved":  # one series UID over a scan and its repeat: slices alternate
+                ds.AcquisitionNumber = 1 + k % 2
             ds.save_as(path)
     with pytest.raises(InputError, match=message):
         import_dicom(folder)

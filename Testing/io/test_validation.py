@@ -215,8 +215,14 @@ def test_labels_on_other_grid_are_resampled():
     labels = np.zeros(ct.shape, np.uint8)
     labels[5:15, 8:16, 8:16] = 20
     coarse = Volume(labels[::2, ::2, ::2].copy(), tuple(s * 2 for s in ct.spacing), ct.origin)
-    out = check_labels(coarse, ct)
+    warnings: list[str] = []
+    out = check_labels(coarse, ct, warnings=warnings)
     assert out.same_geometry(ct) and set(np.unique(out.array)) == {0, 20}
+    assert len(warnings) == 1 and "resampled onto it by nearest neighbour" in warnings[0]
+    # cropped from the CT's own grid (a .seg.nrrd saved from Slicer): exact, said nothing
+    cropped = Volume(labels[4:16, 6:18, 6:18].copy(), ct.spacing, ct.index_to_lps(np.array([6.0, 6.0, 4.0])))
+    warnings.clear()
+    assert np.array_equal(check_labels(cropped, ct, warnings=warnings).array, labels) and warnings == []
 
 
 @pytest.mark.parametrize("kind", ["truncated_mha", "4d", "uint8"])

@@ -457,6 +457,7 @@ def _import_series(folder: Path, series: list[Any], warnings: list[str], deident
     order = np.argsort(along, kind="stable")
     series = [series[i] for i in order]
     positions, along = positions[order], along[order]
+    _check_one_acquisition(series, folder)
     gaps = np.diff(along)
     if np.any(gaps < 1e-3):
         duplicates = int(np.sum(gaps < 1e-3))
@@ -502,6 +503,19 @@ def _import_series(folder: Path, series: list[Any], warnings: list[str], deident
                                         or str(getattr(first, "SOPInstanceUID", "")))[:12]
     metadata = _sidecar_metadata(first, spacing_xy, len(series))
     return DicomImport(vol, case_id, metadata, warnings, deidentify, series)
+
+
+def _check_one_acquisition(series: list[Any], folder: Path) -> None:
+    """Refuse slices (sorted along the normal) of two or more acquisitions whose positions interleave: one series UID
+    over a scan and its repeat would stack into one volume whose neighbouring slices alternate between them.
+    Acquisitions that follow one another along the body (a helical scan in blocks) pass."""
+    numbers = [str(getattr(ds, "AcquisitionNumber", "") or "none") for ds in series]
+    distinct = sorted(set(numbers))
+    changes = sum(a != b for a, b in zip(numbers, numbers[1:], strict=False))
+    if len(distinct) > 1 and changes > len(distinct) - 1:
+        raise InputError(f"{folder}: the series holds {len(distinct)} acquisitions (AcquisitionNumber "
+                         f"{', '.join(distinct[:4])}) whose slices interleave; give one acquisition (split the folder "
+                         "by AcquisitionNumber)")
 
 
 def _rescale(ds: Any, keyword: str, default: float) -> float:

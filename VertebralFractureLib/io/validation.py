@@ -211,6 +211,12 @@ def check_labels(labels: Volume, ct: Volume, source: str | Path = "label map",
                 f"{source}: does not fit the CT (grids do not overlap in physical space); "
                 "give the label map that was made on this CT"
             )
+        if warnings is not None and (not np.allclose(labels.spacing, ct.spacing, rtol=0.01)
+                                     or not np.allclose(labels.direction, ct.direction, atol=1e-3)):
+            # a map cropped from the CT's own grid (a .seg.nrrd saved from Slicer) resamples exactly: no word then
+            warnings.append(f"the label map's grid ({' x '.join(f'{v:g}' for v in labels.spacing)} mm) is not the "
+                            f"CT's ({' x '.join(f'{v:g}' for v in ct.spacing)} mm): resampled onto it by nearest "
+                            "neighbour, so its boundaries may move by up to half a voxel of the coarser grid")
         labels = resample_to(labels.with_array(array.astype(np.uint8)), ct, order=0)
         inside = np.unique(labels.array)
         if not inside.any():
