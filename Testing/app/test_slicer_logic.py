@@ -296,8 +296,12 @@ def test_mrml_recompute_refuses_a_result_of_segments_edited_meanwhile(scene):
     seg = mrml_nodes.segmentation_node_from_labels(scene, labels, records(), ct_node)
     ct, snapshot, warnings = slicer_logic.recompute_inputs(seg, ct_node)
     assert warnings == []
+    seg.GetDisplayNode().SetSegmentVisibility(mrml_nodes.find_segment_id(seg, "L1"), False)  # hidden by the user
     shown = slicer_logic.publish_recomputed(scene, ct, snapshot, _result(snapshot), ct_node, seg, None)
     assert shown.segmentation_node is seg
+    visible = {level: seg.GetDisplayNode().GetSegmentVisibility(mrml_nodes.find_segment_id(seg, level))
+               for level in ("T12", "L1", "L2")}
+    assert visible == {"T12": True, "L1": False, "L2": True}  # the rebuilt segments keep what the user hid
     ct, snapshot, _ = slicer_logic.recompute_inputs(seg, ct_node)
     erased = labels.array.copy()
     erased[2:5][erased[2:5] == 19] = 0

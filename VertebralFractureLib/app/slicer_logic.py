@@ -207,9 +207,11 @@ def publish_result(scene, ct: Volume, result: PipelineResult, volume_node, segme
     segmentation_node, table_node = (_own_node(scene, node, volume_node) for node in (segmentation_node, table_node))
     compare_with_kept_prior(result, table_node)
     labels = result.labels if result.labels is not None else ct.with_array(np.zeros(ct.shape, np.uint8))
+    hidden = _hidden_levels(segmentation_node)
     seg = mrml_nodes.segmentation_node_from_labels(
         scene, labels, result.records, volume_node, name=f"{volume_node.GetName()} vertebrae", node=segmentation_node
     )
+    _hide_levels(seg, hidden)  # the rebuilt segments keep what the user hid
     table = mrml_nodes.table_node_from_records(
         scene,
         result.records,
@@ -220,6 +222,27 @@ def publish_result(scene, ct: Volume, result: PipelineResult, volume_node, segme
     radiomics = _publish_review_and_radiomics(scene, table, result, f"{volume_node.GetName()} radiomics")
     _link_to_ct(volume_node, seg, table, radiomics)
     return MrmlResult(seg, table, result, volume_node, radiomics)
+
+
+def _hidden_levels(seg_node) -> set[int]:
+    """VerSe ids of the segments the user hid in ``seg_node`` (an empty set without a node)."""
+    display = seg_node.GetDisplayNode() if seg_node is not None else None
+    if display is None:
+        return set()
+    segmentation = seg_node.GetSegmentation()
+    return {label for sid in mrml_nodes.segment_ids(seg_node) if not display.GetSegmentVisibility(sid)
+            and (label := mrml_nodes.segment_label(segmentation.GetSegment(sid))) is not None}
+
+
+def _hide_levels(seg_node, labels: set[int]) -> None:
+    """Hide the segments of ``labels`` in ``seg_node``."""
+    display = seg_node.GetDisplayNode()
+    if display is None or not labels:
+        return
+    segmentation = seg_node.GetSegmentation()
+    for sid in mrml_nodes.segment_ids(seg_node):
+        if mrml_nodes.segment_label(segmentation.GetSegment(sid)) in labels:
+            display.SetSegmentVisibility(sid, False)
 
 
 def _own_node(scene, node, volume_node):
