@@ -111,9 +111,9 @@ def test_discover_cases(tmp_path):
     assert "results" not in {c.name for c in discover_cases(cohort, cohort / "results" / "deeper")}
 
 
-def test_entries_named_by_dicom_uids_reach_no_output(tmp_path, monkeypatch):
-    """A PACS export names folders and files by study and series UIDs: the cases get pseudonyms instead (the same
-    on a rerun), and no UID reaches cohort.csv, an output folder's name or the batch's state."""
+def test_entries_named_by_dicom_uids_or_the_patient_reach_no_output(tmp_path, monkeypatch):
+    """A PACS export names folders and files by study and series UIDs, or by the patient: the cases get pseudonyms
+    instead (the same on a rerun), and neither reaches cohort.csv, an output folder's name or the batch's state."""
     from dicom_factory import body_phantom, write_ct_series
 
     monkeypatch.setenv("VERTEBRAL_FRACTURE_PSEUDONYM_KEY", "test-key")
@@ -121,17 +121,21 @@ def test_entries_named_by_dicom_uids_reach_no_output(tmp_path, monkeypatch):
     cohort = tmp_path / "cohort"
     tiny_case(cohort / uids[0], seed=1)  # ct.nii.gz + labels.nii.gz under a UID-named folder
     write_ct_series(cohort / uids[1], body_phantom((6, 32, 32)))  # a DICOM folder too short: refused
+    # folders named after the patient, by a DICOM person name or by the ID its headers hold (also refused: short)
+    person = {"PatientName": "DOE^JOHN", "PatientID": "PID4711"}
+    write_ct_series(cohort / "DOE^JOHN", body_phantom((6, 32, 32)), plant=person)
+    write_ct_series(cohort / "scan_MRN90210", body_phantom((6, 32, 32)), plant={"PatientID": "MRN90210"})
     out = tmp_path / "out"
     for _ in range(2):
         rows = read_cohort_csv(run_batch(cohort, out, scheduler="synchronous", options=OPTIONS))
-        assert sorted(r["status"] for r in rows) == ["bad_input", "ok"]
+        assert sorted(r["status"] for r in rows) == ["bad_input", "bad_input", "bad_input", "ok"]
         assert all(r["case"].startswith("case-") for r in rows)
-    bad = next(r for r in rows if r["status"] == "bad_input")
-    assert "at least 10" in bad["error"]
+    bad = [r for r in rows if r["status"] == "bad_input"]
+    assert all("at least 10" in r["error"] and r["error"].startswith(r["case"]) for r in bad), bad
     texts = [p.name for p in out.rglob("*")] + [p.read_text(errors="ignore") for p in out.rglob("*")
-                                                 if p.is_file() and p.suffix in (".csv", ".json")]
-    for uid in uids:
-        assert not any(uid in text for text in texts), uid
+                                                 if p.is_file() and p.suffix in (".csv", ".json", ".jsonl")]
+    for identifying in (*uids, "DOE", "MRN90210"):
+        assert not any(identifying in text for text in texts), identifying
 
 
 def test_broken_cases_get_their_status_and_the_rest_goes_on(tmp_path):
@@ -372,3 +376,21 @@ def test_batch_compares_each_case_with_its_prior_by_name_or_by_a_pairs_file(tmp_
         run_batch(now, tmp_path / "out-bad", scheduler="synchronous", options=OPTIONS, quiet=True,
                   priors=tmp_path / "old")
     assert not (tmp_path / "out-bad").exists()
+
+
+def test_a_cancelled_batch_leaves_no_temporary_case_folder(tmp_path):
+    """Ctrl-C or SIGTERM while workers write cases: their .CASE.partial-PID folders go once the workers are gone (the
+    command then says "nothing half-written was left", which must hold)."""
+    cohort = make_cohort(tmp_path, 2)
+    out = tmp_path / "out"
+
+    def cancel_after_a_case(fraction, message):
+        if fraction > 0:  # a case finished: a worker writing the next one leaves its temporary folder behind
+            (out / ".case01.partial-999999").mkdir(exist_ok=True)
+            (out / ".case01.partial-999999" / "ct.nii.gz").write_bytes(b"half")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(cohort, out, scheduler="synchronous", options=OPTIONS, progress=cancel_after_a_case)
+    assert not [p.name for p in out.iterdir() if ".partial-" in p.name]
+    assert read_cohort_csv(out / "cohort.csv")  # what was done is kept

@@ -63,6 +63,7 @@ from VertebralFractureLib.io.dicom import (
     looks_like_uid,
     name_pseudonym,
     name_pseudonyms,
+    names_patient,
     without_uids,
 )
 from VertebralFractureLib.io.volume_files import VOLUME_SUFFIXES, is_volume_file
@@ -87,6 +88,7 @@ class Case:
     labels: str | None = None
     problem: str | None = None  # a reason found while listing the cohort (empty folder)
     prior: str | None = None  # an earlier result folder of the same patient (run --prior)
+    hidden: str | None = None  # the entry's own name when ``name`` is its pseudonym (a UID, or it names the patient)
 
 
 def _strip_suffix(name: str) -> str:
@@ -133,12 +135,32 @@ def discover_cases(cohort_dir: str | Path, output: str | Path | None = None) -> 
             continue
         if case.name in cases:  # "a.nii.gz" and "a.nrrd": keep both, the second under its full name
             case.name = entry.name
-        if looks_like_uid(case.name):  # a PACS export names folders by study or series UID: never an output name
-            case.name = name_pseudonym(entry.name)
+        # a PACS export names folders by study or series UID, or by the patient: never an output name
+        if looks_like_uid(case.name) or _names_the_patient(entry):
+            case.hidden, case.name = entry.name, name_pseudonym(entry.name)
         cases[case.name] = case
     if not cases:
         raise InputError(f"{cohort}: no case found; expected image files, DICOM folders or folders with ct.nii.gz")
     return list(cases.values())
+
+
+def _names_the_patient(entry: Path) -> bool:
+    """Does a cohort entry's name hold a person name (``^``) or part of the patient's name, ID or accession number
+    (:func:`~VertebralFractureLib.io.dicom.names_patient`, read from the entry's first DICOM file)?"""
+    if "^" in entry.name:
+        return True
+    first = entry if entry.is_file() else next(
+        (p for p in sorted(entry.rglob("*")) if p.is_file() and not p.name.startswith(".") and is_dicom_file(p)), None)
+    if first is None or not is_dicom_file(first):
+        return False
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["PatientName", "PatientID",
+                                                                           "OtherPatientIDs", "AccessionNumber"])
+    except Exception:  # noqa: BLE001 - an unreadable file: the import says so later
+        return False
+    return names_patient(entry.name, ds)
 
 
 def pair_priors(cases: list[Case], priors: str | Path) -> int:
@@ -257,7 +279,8 @@ def _summary_row(name: str, result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _within_cohort(message: str, case_input: str, name: str, output: str | Path | None = None) -> str:
+def _within_cohort(message: str, case_input: str, name: str, output: str | Path | None = None,
+                   hidden: str | None = None) -> str:
     """``message`` with the cohort folder's path taken out of the paths it names (``case01/IM0001.dcm: ...``), and
     the batch's ``output`` folder's (``case01: the output folder holds a review ...``), and any DICOM UID in it
     replaced (``<UID>/IM0001.dcm``): the folders above a case can name a patient or a ward, a UID identifies a
@@ -270,6 +293,8 @@ def _within_cohort(message: str, case_input: str, name: str, output: str | Path 
     for prefix in sorted(prefixes, key=len, reverse=True):
         if prefix not in ("", "."):
             message = message.replace(prefix.rstrip(os.sep) + os.sep, "")
+    if hidden:  # the entry's own name, which its pseudonym replaces everywhere
+        message = message.replace(hidden, name)
     return without_uids(message)
 
 
@@ -315,11 +340,12 @@ def run_case(case: dict[str, Any], out_dir: str, options: dict[str, Any], thread
                               prior_path=case.get("prior"), options=pipeline_options)
         row = _summary_row(name, result.to_json())
     except InputError as exc:
-        row = _failure_row(name, "bad_input", _within_cohort(str(exc), case["input"], name, out_dir))
+        row = _failure_row(name, "bad_input", _within_cohort(str(exc), case["input"], name, out_dir,
+                                                             case.get("hidden")))
     except Exception as exc:  # noqa: BLE001 - one case's failure must not stop the cohort
         log.debug("case %s failed:\n%s", name, traceback.format_exc())
         row = _failure_row(name, "error", _within_cohort(f"{type(exc).__name__}: {exc}", case["input"], name,
-                                                         out_dir))
+                                                         out_dir, case.get("hidden")))
     row["seconds"] = round(time.perf_counter() - start, 3)
     row["cpu_seconds"] = round(time.process_time() - cpu_start, 3)
     row["worker"] = f"{os.uname().nodename}:{os.getpid()}"
@@ -551,6 +577,8 @@ def run_batch(
     if priors is not None:
         pair_priors(cases, priors)
     out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out_dir}: the output path exists and is not a folder; give a new or earlier batch's folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / STATE_DIR / "failed").mkdir(parents=True, exist_ok=True)
     options = options or PipelineOptions()
@@ -596,6 +624,10 @@ def run_batch(
                                             threads=threads or _threads(1)))
             else:
                 _run_on_dask(todo, out, options_dict, workers, scheduler, finished, threads)
+        except BaseException:
+            # cancelled (Ctrl-C, SIGTERM) or failed: the workers are gone now, their cases' temporary folders too
+            _clean_leftovers(out)
+            raise
         finally:
             write_cohort_csv([rows[c.name] for c in cases], cohort_csv)  # also after Ctrl-C: what is done
             write_cohort_page(out)

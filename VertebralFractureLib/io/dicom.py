@@ -159,9 +159,25 @@ def name_pseudonyms(names: list[str]) -> list[str]:
     return ["case-" + _keyed_hash(key, "name", name)[:12] for name in names]
 
 
-def safe_name(path: Path) -> str:
-    """A file's name for messages, withheld when it looks like a DICOM UID (which would identify)."""
-    return "<file named by a UID>" if looks_like_uid(path.name) else path.name
+def safe_name(path: Path, ds: Any = None) -> str:
+    """A file's name for messages, withheld when it looks like a DICOM UID or, given its dataset ``ds``, names the
+    patient (:func:`names_patient`): either would identify."""
+    if looks_like_uid(path.name):
+        return "<file named by a UID>"
+    return "<file named after the patient>" if ds is not None and names_patient(path.name, ds) else path.name
+
+
+_IDENTIFYING = ("PatientName", "PatientID", "OtherPatientIDs", "AccessionNumber")
+
+
+def names_patient(text: str, ds: Any) -> bool:
+    """Does ``text`` (a file or folder name) hold a DICOM person name (``^``) or a part (3 or more letters or
+    digits) of the patient's name, ID or accession number in ``ds``? PACS exports name folders so."""
+    if "^" in text:
+        return True
+    low = text.lower()
+    values = [str(getattr(ds, keyword, "") or "") for keyword in _IDENTIFYING]
+    return any(len(part) >= 3 and part.lower() in low for value in values for part in re.split(r"[^0-9A-Za-z]+", value))
 
 
 def _codec_reason(exc: Exception) -> str:
@@ -292,12 +308,12 @@ def frames_as_slices(ds, folder: Path) -> list[Any]:
     per_frame = list(ds.get("PerFrameFunctionalGroupsSequence") or [])
     shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
     if len(per_frame) != n:
-        raise InputError(f"{folder}: a multi-frame image ({safe_name(Path(ds.filename))}) has {n} frames but "
+        raise InputError(f"{folder}: a multi-frame image ({safe_name(Path(ds.filename), ds)}) has {n} frames but "
                          f"{len(per_frame)} per-frame functional groups; it cannot be placed in space")
     try:
         pixels = ds.pixel_array.reshape(n, int(ds.Rows), int(ds.Columns))
     except Exception as exc:  # noqa: BLE001 - codec errors come in many types
-        raise InputError(f"{folder}: the multi-frame image {safe_name(Path(ds.filename))} cannot be decoded: "
+        raise InputError(f"{folder}: the multi-frame image {safe_name(Path(ds.filename), ds)} cannot be decoded: "
                          f"{_codec_reason(exc)}; the file is truncated or uses an unsupported compression") from None
     top = [element for element in ds if element.keyword not in _MULTI_FRAME_ONLY]
     frames = []
@@ -391,7 +407,7 @@ def import_dicom(folder: str | Path, *, series_uid: str | None = None, deidentif
     if damaged:
         first = damaged[0]
         which = (f"instance {first.InstanceNumber}, " if "InstanceNumber" in first else "") \
-            + safe_name(Path(first.filename)) + (", ..." if len(damaged) > 1 else "")
+            + safe_name(Path(first.filename), first) + (", ..." if len(damaged) > 1 else "")
         raise InputError(f"{folder}: {len(damaged)} slice{'s' if len(damaged) > 1 else ''} of the series ({which}) "
                          f"{'hold' if len(damaged) > 1 else 'holds'} no readable pixel data (a truncated or damaged "
                          "file); re-export the series")
@@ -552,7 +568,7 @@ def _read_pixels(series: list[Any], folder: Path) -> np.ndarray:
                 raw = ds.pixel_array
         except Exception as exc:  # noqa: BLE001 - codec errors come in many types
             raise InputError(
-                f"{folder}: slice {index + 1} of {len(series)} ({safe_name(Path(ds.filename))}) cannot be decoded: "
+                f"{folder}: slice {index + 1} of {len(series)} ({safe_name(Path(ds.filename), ds)}) cannot be decoded: "
                 f"{_codec_reason(exc)}; "
                 "the file is truncated or uses an unsupported compression"
             ) from None
