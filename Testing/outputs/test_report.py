@@ -99,6 +99,9 @@ def test_report_shows_the_review_status():
     html = render_report(ct, labels, records(), fracture_probability=0.45, fractured=None, review_reasons=[reason])
     assert ">NEEDS REVIEW<" in html and ">YES<" not in html and ">NO<" not in html
     assert f"<li>{reason}</li>" in html
+    # the probability is no headline then: it is not a call
+    assert '<div class="big">0.45' not in html and "0.45 <span class=\"small\">(unconfirmed: the case needs review" in html
+    assert '<div class="big">0.45' in render_report(ct, labels, records(), fracture_probability=0.45, fractured=False)
 
 
 def test_report_without_vertebrae(tmp_path):
