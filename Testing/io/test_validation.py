@@ -77,6 +77,15 @@ def _write_bad(kind: str, folder):
         image.SetDirection((1, 0, 0, 0.5, 0.866, 0, 0, 0, 1))
         path = folder / "skewed.mha"
         sitk.WriteImage(image, str(path))
+    elif kind == "sheared_nifti":  # ITK refuses the header: said as geometry, not as a corrupt file
+        import nibabel
+
+        affine = np.diag([1.0, 1.0, 1.5, 1.0])
+        affine[0, 1] = 0.6
+        image = nibabel.Nifti1Image(np.ascontiguousarray(_ct().array.T), affine)
+        image.set_qform(None, code=0)
+        image.set_sform(affine, code=1)
+        nibabel.save(image, str(path))
     elif kind == "hu_x10":
         write_volume(_ct().with_array(_ct().array.astype(np.int32) * 10), path)
     elif kind == "saturated":
@@ -122,6 +131,7 @@ BAD = {
     "missing": "not found",
     "metres": "outside what a CT has",
     "skewed": "not perpendicular unit vectors",
+    "sheared_nifti": "the header's geometry is not a grid: the axes are not perpendicular unit vectors",
     "hu_x10": "the values are scaled",
     "saturated": "stuck at 32767",
     "pixdim0": "voxel size of 0 x 0 x 0 mm",

@@ -108,6 +108,16 @@ def _check_nifti_complete(path: Path) -> None:
         raise InputError(f"{path}: contains NaN values ({nan} voxel{'s' if nan != 1 else ''}); not a CT in Hounsfield units")
 
 
+def _geometry_refusal(itk_message: str) -> str | None:
+    """What ITK refused about a header's geometry, in a few words (None when its error is about something else):
+    a complete file with such a header is no corrupt or truncated one."""
+    if "orthonormal direction cosines" in itk_message:
+        return "the axes are not perpendicular unit vectors (a sheared or singular direction)"
+    if "Refusing to change spacing" in itk_message or ("spacing" in itk_message.lower() and "zero" in itk_message.lower()):
+        return "a voxel size of 0"
+    return None
+
+
 def is_volume_file(path: Path) -> bool:
     """True when ``path`` has one of the image suffixes the library reads."""
     return path.name.lower().endswith(VOLUME_SUFFIXES)
@@ -129,7 +139,11 @@ def read_image_info(path: str | Path) -> tuple[tuple[int, ...], str]:
     try:
         with _native_stderr_silenced():
             reader.ReadImageInformation()
-    except RuntimeError:
+    except RuntimeError as exc:
+        geometry = _geometry_refusal(str(exc))
+        if geometry:
+            raise InputError(f"{path}: the header's geometry is not a grid: {geometry}; fix or re-export the "
+                             "image") from None
         raise InputError(
             f"{path}: not a readable image (corrupt or truncated file?); "
             "expected .nii/.nii.gz/.nrrd/.mha or a DICOM folder"
@@ -236,7 +250,11 @@ def _read_sitk(path: Path, check: bool):
     try:
         with _native_stderr_silenced():
             image = sitk.ReadImage(str(path))
-    except RuntimeError:
+    except RuntimeError as exc:
+        geometry = _geometry_refusal(str(exc))
+        if geometry:
+            raise InputError(f"{path}: the header's geometry is not a grid: {geometry}; fix or re-export the "
+                             "image") from None
         raise InputError(f"{path}: the voxel data cannot be read (truncated or corrupt file?)") from None
     if nifti:
         _check_nifti_complete(path)
