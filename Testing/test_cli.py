@@ -26,8 +26,7 @@ from VertebralFractureLib.cli import COMMANDS, build_parser
 from VertebralFractureLib.core.levels import level_name
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.reading import read_volume
-from VertebralFractureLib.io.volume_files import write_volume
-from VertebralFractureLib.outputs.segmentation_files import read_seg_nrrd
+from VertebralFractureLib.io.volume_files import read_seg_nrrd, write_volume
 from VertebralFractureLib.research.phantom import make_phantom
 
 CLI = Path(sys.executable).with_name("vertebral-fracture")

@@ -19,7 +19,8 @@ from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.records import CSV_COLUMNS, read_csv, write_csv
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.reading import read_volume
-from VertebralFractureLib.outputs.segmentation_files import read_seg_nrrd, write_seg_nrrd
+from VertebralFractureLib.io.volume_files import read_seg_nrrd
+from VertebralFractureLib.outputs.segmentation_files import write_seg_nrrd
 
 # an external package (the MRML classes as a wheel), a test extra: its absence is a skip, not a failure
 slicer = pytest.importorskip("slicer", reason="slicer-core wheel not installed (pip install slicer-core)")

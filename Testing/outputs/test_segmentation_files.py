@@ -13,9 +13,9 @@ import pytest
 from VertebralFractureLib.core.levels import level_name
 from VertebralFractureLib.core.records import VertebraRecord
 from VertebralFractureLib.core.volume import Volume
+from VertebralFractureLib.io.volume_files import read_seg_nrrd
 from VertebralFractureLib.outputs.segmentation_files import (
     probability_color,
-    read_seg_nrrd,
     segment_color,
     vertebra_code,
     write_dicom_seg,

@@ -149,8 +149,9 @@ def _names_the_patient(entry: Path) -> bool:
     (:func:`~VertebralFractureLib.io.dicom.names_patient`, read from the entry's first DICOM file)?"""
     if "^" in entry.name:
         return True
+    # the first DICOM file found (not the whole tree listed and sorted: a series holds thousands, on every rerun)
     first = entry if entry.is_file() else next(
-        (p for p in sorted(entry.rglob("*")) if p.is_file() and not p.name.startswith(".") and is_dicom_file(p)), None)
+        (p for p in entry.rglob("*") if p.is_file() and not p.name.startswith(".") and is_dicom_file(p)), None)
     if first is None or not is_dicom_file(first):
         return False
     import pydicom

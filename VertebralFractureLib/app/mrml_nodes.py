@@ -42,7 +42,14 @@ from typing import Any
 import numpy as np
 
 from VertebralFractureLib.core.errors import InputError
-from VertebralFractureLib.core.levels import CRANIOCAUDAL_ORDER, level_id, level_in_name, level_name, order_index
+from VertebralFractureLib.core.levels import (
+    CRANIOCAUDAL_ORDER,
+    level_id,
+    level_in_name,
+    level_name,
+    order_index,
+    segment_level,
+)
 from VertebralFractureLib.core.records import CSV_COLUMNS, VertebraRecord
 from VertebralFractureLib.core.volume import Volume
 
@@ -257,18 +264,10 @@ def segment_label(segment) -> int | None:
     The name wins over the tag: a user who renames "T11 G0" to "T10" in the Segment Editor changes the name
     only, and the tag this module set is then stale.
     """
-    from_name = level_in_name(segment.GetName() or "")
-    return from_name if from_name is not None else _tag_label(segment)
-
-
-def _tag_label(segment) -> int | None:
-    """The VerSe id in a segment's :data:`TAG_LABEL` tag, else None."""
     import vtk
 
     value = vtk.reference("")
-    if segment.GetTag(TAG_LABEL, value) and str(value).strip().isdigit():
-        return int(str(value))
-    return None
+    return segment_level(segment.GetName() or "", str(value) if segment.GetTag(TAG_LABEL, value) else "")
 
 
 def _segment_color(label: int, record: VertebraRecord | None) -> tuple[float, float, float]:

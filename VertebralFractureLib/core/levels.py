@@ -60,3 +60,14 @@ def level_in_name(name: str) -> int | None:
         return None
     key = f"{match.group(1)[0].upper()}{int(match.group(2))}"
     return LEVEL_IDS.get(key)
+
+
+def segment_level(name: str, tagged: str = "") -> int | None:
+    """VerSe id of a segment (of a Slicer segmentation node or ``.seg.nrrd``): the level its ``name`` starts with
+    (:func:`level_in_name`), else the whole number of its VerSe-id tag ``tagged``, else None. The name wins: a rename
+    in the Segment Editor changes only the name, and the tag is then stale."""
+    from_name = level_in_name(name)
+    if from_name is not None:
+        return from_name
+    tagged = (tagged or "").strip()
+    return int(tagged) if tagged.isdigit() else None

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from VertebralFractureLib.core.errors import InputError
-from VertebralFractureLib.core.levels import level_in_name, level_name
+from VertebralFractureLib.core.levels import level_name, segment_level
 from VertebralFractureLib.core.volume import Volume
 from VertebralFractureLib.io.validation import check_header
 
@@ -95,8 +95,7 @@ def _check_nifti_complete(path: Path) -> None:
                 start = max(0, offset - present)
                 present += len(chunk)
                 if floating and start < len(chunk):
-                    data = pending + chunk[start:min(len(chunk), len(chunk) - (present - needed) if present > needed
-                                                     else len(chunk))]
+                    data = pending + chunk[start:len(chunk) - max(0, present - needed)]
                     whole = len(data) // dtype.itemsize * dtype.itemsize
                     nan += int(np.isnan(np.frombuffer(data[:whole], dtype=dtype)).sum())
                     pending = data[whole:]
@@ -108,14 +107,20 @@ def _check_nifti_complete(path: Path) -> None:
         raise InputError(f"{path}: contains NaN values ({nan} voxel{'s' if nan != 1 else ''}); not a CT in Hounsfield units")
 
 
-def _geometry_refusal(itk_message: str) -> str | None:
-    """What ITK refused about a header's geometry, in a few words (None when its error is about something else):
-    a complete file with such a header is no corrupt or truncated one."""
+def _refuse_geometry(path: Path, itk_message: str) -> None:
+    """Say it when ITK refused a header's geometry (a complete file with such a header is no corrupt or truncated
+    one); return when its error is about something else.
+
+    Raises:
+        InputError: sheared or singular axes, or a voxel size of 0.
+    """
     if "orthonormal direction cosines" in itk_message:
-        return "the axes are not perpendicular unit vectors (a sheared or singular direction)"
-    if "Refusing to change spacing" in itk_message or ("spacing" in itk_message.lower() and "zero" in itk_message.lower()):
-        return "a voxel size of 0"
-    return None
+        what = "the axes are not perpendicular unit vectors (a sheared or singular direction)"
+    elif "Refusing to change spacing" in itk_message:
+        what = "a voxel size of 0"
+    else:
+        return
+    raise InputError(f"{path}: the header's geometry is not a grid: {what}; fix or re-export the image")
 
 
 def is_volume_file(path: Path) -> bool:
@@ -140,10 +145,7 @@ def read_image_info(path: str | Path) -> tuple[tuple[int, ...], str]:
         with _native_stderr_silenced():
             reader.ReadImageInformation()
     except RuntimeError as exc:
-        geometry = _geometry_refusal(str(exc))
-        if geometry:
-            raise InputError(f"{path}: the header's geometry is not a grid: {geometry}; fix or re-export the "
-                             "image") from None
+        _refuse_geometry(path, str(exc))
         raise InputError(
             f"{path}: not a readable image (corrupt or truncated file?); "
             "expected .nii/.nii.gz/.nrrd/.mha or a DICOM folder"
@@ -251,10 +253,7 @@ def _read_sitk(path: Path, check: bool):
         with _native_stderr_silenced():
             image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        geometry = _geometry_refusal(str(exc))
-        if geometry:
-            raise InputError(f"{path}: the header's geometry is not a grid: {geometry}; fix or re-export the "
-                             "image") from None
+        _refuse_geometry(path, str(exc))
         raise InputError(f"{path}: the voxel data cannot be read (truncated or corrupt file?)") from None
     if nifti:
         _check_nifti_complete(path)
@@ -281,15 +280,41 @@ def read_image_file(path: str | Path, *, check: bool = True) -> Volume:
     return Volume.from_sitk(image)
 
 
+def read_seg_nrrd(path: str | Path) -> tuple[Volume, list[dict[str, str]]]:
+    """A Slicer segmentation file (``.seg.nrrd``, one layer) as stored.
+
+    Returns:
+        (label map with each segment's ``LabelValue`` as voxel value, list of per-segment header fields as dicts,
+        e.g. ``{"Name": "L1", "LabelValue": "20", "Color": "...", "Tags": "..."}``).
+    Raises:
+        InputError: unreadable, or overlapping segments (several layers; :func:`read_label_map` reads those).
+    """
+    path = Path(path)
+    image = _read_sitk(path, check=False)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path}: overlapping segments (several layers); read it as a label map")
+    return Volume.from_sitk(image), _segment_fields(image)
+
+
+def _segment_fields(image) -> list[dict[str, str]]:
+    """The ``Segment{N}_*`` header fields of a ``.seg.nrrd`` read by SimpleITK, one dict per segment (keys without
+    the prefix)."""
+    keys = image.GetMetaDataKeys()
+    segments = []
+    while f"Segment{len(segments)}_ID" in keys:
+        prefix = f"Segment{len(segments)}_"
+        segments.append({k[len(prefix):]: image.GetMetaData(k) for k in keys if k.startswith(prefix)})
+    return segments
+
+
 def read_label_map(path: str | Path) -> Volume:
     """A label map file (``--labels``) as VerSe ids (z, y, x; LPS geometry).
 
-    A Slicer segmentation (``.seg.nrrd``) is read by its segments, as the Slicer module reads a segmentation node:
-    each segment's level is the one its name starts with (``"L1"``, ``"Th12"``: the name wins, since a rename in
-    the Segment Editor changes only the name), else its ``VertebralFracture.LabelValue`` tag. A segment added in the
-    Segment Editor stores voxel value 1 however it is named, so voxel values are ids only in a file none of whose
-    segments names a level. Overlapping segments (several layers) are read too; a later segment wins.
-    Other files: the voxel values are the ids.
+    A Slicer segmentation (``.seg.nrrd``) is read by its segments, as the Slicer module reads a segmentation node
+    (:func:`~VertebralFractureLib.core.levels.segment_level`: the level its name starts with, ``"L1"``, ``"Th12"``,
+    else its ``VertebralFracture.LabelValue`` tag). A segment added in the Segment Editor stores voxel value 1 however
+    it is named, so voxel values are ids only in a file none of whose segments names a level. Overlapping segments
+    (several layers) are read too; a later segment wins. Other files: the voxel values are the ids.
 
     Raises:
         InputError: unreadable file, a segment without a level beside segments with one, two segments naming one
@@ -301,7 +326,12 @@ def read_label_map(path: str | Path) -> Volume:
     if not path.name.lower().endswith(".seg.nrrd"):
         return read_image_file(path, check=False)
     image = _read_sitk(path, check=False)
-    segments = _seg_nrrd_segments(image)
+    segments = []  # (name, layer, voxel value, VerSe id or None)
+    for fields in _segment_fields(image):
+        name = fields.get("Name") or fields.get("ID", "")
+        tags = dict(t.split(":", 1) for t in fields.get("Tags", "").split("|") if ":" in t)
+        segments.append((name, int(fields.get("Layer") or 0), int(fields.get("LabelValue") or 1),
+                         segment_level(name, tags.get("VertebralFracture.LabelValue", ""))))
     if not any(level is not None for *_, level in segments):
         if image.GetNumberOfComponentsPerPixel() != 1:
             raise InputError(f"{path}: overlapping segments (several layers) and none named by a vertebra level; "
@@ -324,23 +354,3 @@ def read_label_map(path: str | Path) -> Volume:
     reference.CopyInformation(sitk.VectorIndexSelectionCast(image, 0) if image.GetNumberOfComponentsPerPixel() > 1
                               else image)
     return Volume.from_sitk(reference)
-
-
-def _seg_nrrd_segments(image) -> list[tuple[str, int, int, int | None]]:
-    """(name, layer, voxel value, VerSe id or None) of each segment in a ``.seg.nrrd``'s header."""
-    segments = []
-    index = 0
-    while image.HasMetaDataKey(f"Segment{index}_ID"):
-        def field(key: str, default: str = "", index: int = index) -> str:
-            name = f"Segment{index}_{key}"
-            return image.GetMetaData(name) if image.HasMetaDataKey(name) else default
-
-        name = field("Name", field("ID"))
-        tags = dict(t.split(":", 1) for t in field("Tags").split("|") if ":" in t)
-        tagged = tags.get("VertebralFracture.LabelValue", "").strip()
-        level = level_in_name(name)
-        if level is None and tagged.isdigit():
-            level = int(tagged)
-        segments.append((name, int(field("Layer", "0") or 0), int(field("LabelValue", "1") or 1), level))
-        index += 1
-    return segments

@@ -404,8 +404,7 @@ img.sag { display: block; max-height: 880px; max-width: 100%; border-radius: 4px
 <h2>Patient summary</h2>
 {% if impression %}<p class="impression" id="impression">{{ impression | join(" ") }}</p>{% endif %}
 <div class="kv">
-{% if verdict_class == "review" %}<div class="k">Fracture probability</div><div>{{ probability }} <span class="small">(unconfirmed: the case needs review; see the reasons)</span></div>
-{% else %}<div class="k">Fracture probability</div><div class="big">{{ probability }}</div>{% endif %}
+<div class="k">Fracture probability</div>{% if verdict_class == "review" %}<div>{{ probability }} <span class="small">(unconfirmed: the case needs review; see the reasons)</span></div>{% else %}<div class="big">{{ probability }}</div>{% endif %}
 <div class="k">Fractured</div><div><span class="verdict {{ verdict_class }}">{{ verdict }}</span></div>
 <div class="k">Worst vertebra</div><div>{{ worst }}</div>
 <div class="k">Bone density</div><div>{{ bone_density.summary }}{% if bone_density.caveats %}<div class="small">{{ bone_density.caveats | join(" ") }} ({{ bone_density.reference }})</div>{% endif %}</div>

@@ -10,7 +10,6 @@ The HTML report uses the same colours (:func:`segment_color`).
 
 from __future__ import annotations
 
-import gzip
 import math
 import warnings as _warnings
 from collections.abc import Sequence
@@ -195,45 +194,6 @@ def write_seg_nrrd(labels: Volume, records: Sequence[VertebraRecord], path: str 
             for z0 in range(0, data.shape[0], 16):
                 stream.write(data[z0 : z0 + 16])
     return path
-
-
-def read_seg_nrrd(path: str | Path) -> tuple[Volume, list[dict[str, str]]]:
-    """Read a single-layer ``.seg.nrrd`` written by :func:`write_seg_nrrd` (or Slicer).
-
-    Returns:
-        (label map with each segment's ``LabelValue`` as voxel value, list of per-segment header
-        fields as dicts, e.g. ``{"Name": "L1", "LabelValue": "20", "Color": "...", "Tags": "..."}``).
-    """
-    raw = Path(path).read_bytes()
-    end = raw.index(b"\n\n")
-    header, payload = raw[:end].decode("utf-8").splitlines(), raw[end + 2 :]
-    fields: dict[str, str] = {}
-    keys: dict[str, str] = {}
-    for line in header[1:]:
-        if line.startswith("#"):
-            continue
-        if ":=" in line:
-            k, v = line.split(":=", 1)
-            keys[k] = v
-        else:
-            k, v = line.split(": ", 1)
-            fields[k] = v
-    if fields.get("dimension") != "3" or fields.get("type") not in ("unsigned char", "uchar", "uint8"):
-        raise ValueError(f"{path}: only single-layer unsigned char segmentations are supported")
-    ni, nj, nk = (int(v) for v in fields["sizes"].split())
-    vectors = [np.array([float(x) for x in v.strip("()").split(",")]) for v in fields["space directions"].split()]
-    axes = np.stack(vectors, axis=1)
-    spacing = np.linalg.norm(axes, axis=0)
-    origin = [float(x) for x in fields["space origin"].strip("()").split(",")]
-    data = gzip.decompress(payload) if fields.get("encoding") == "gzip" else payload
-    array = np.frombuffer(data, dtype=np.uint8).reshape(nk, nj, ni).copy()
-    segments = []
-    index = 0
-    while f"Segment{index}_ID" in keys:
-        prefix = f"Segment{index}_"
-        segments.append({k[len(prefix) :]: v for k, v in keys.items() if k.startswith(prefix)})
-        index += 1
-    return Volume(array, tuple(spacing), tuple(origin), axes / spacing), segments
 
 
 # --- DICOM SEG -----------------------------------------------------------------------------------------------
