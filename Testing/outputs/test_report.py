@@ -104,6 +104,15 @@ def test_report_shows_the_review_status():
     assert '<div class="big">0.45' in render_report(ct, labels, records(), fracture_probability=0.45, fractured=False)
 
 
+def test_a_body_taller_than_expected_has_lost_no_height():
+    """A negative loss (the CSV keeps it signed) is shown as none lost, not as "-4 %"."""
+    ct, labels = spine_phantom()
+    rows = records()
+    rows[2].height_loss_ratio = -0.04
+    html = render_report(ct, labels, rows, fracture_probability=0.86, fractured=True)
+    assert "-4 %" not in html and "<td>18.0</td><td>0 %</td>" in html
+
+
 def test_report_without_vertebrae(tmp_path):
     ct, labels = spine_phantom()
     html = render_report(ct, labels.with_array(np.zeros(labels.shape, np.uint8)), [], fracture_probability=float("nan"),

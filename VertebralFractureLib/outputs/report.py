@@ -479,12 +479,15 @@ radiologist must confirm every finding.{% if timings %} Run time: {{ timings }}.
 """
 
 
-def _fmt(value: Any, digits: int = 1, pct: bool = False) -> str:
+def _fmt(value: Any, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return DASH
-    if pct:
-        return f"{100 * value:.0f} %"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _loss_text(ratio: float) -> str:
+    """A height loss for a reader: a body taller than its expected height (negative loss in the CSV) has lost none."""
+    return DASH if math.isnan(ratio) else f"{100 * max(ratio, 0.0):.0f} %"
 
 
 def _rgb_css(rgb: tuple[float, float, float]) -> str:
@@ -610,7 +613,7 @@ def _closeups(
         if r.genant_grade is not None:
             caption.append(f"Genant {r.genant_grade}" + (f" ({r.genant_type})" if r.genant_type else ""))
         if not math.isnan(r.height_loss_ratio):
-            caption.append(f"height loss {100 * r.height_loss_ratio:.0f} %")
+            caption.append(f"height loss {_loss_text(r.height_loss_ratio)}")
         closeups.append({"level": r.level, "image": image, "caption": ", ".join(caption)})
     return closeups
 
@@ -656,7 +659,7 @@ def _table_rows(
         rows.append({
             "level": r.level or level_name(r.label), "color": _rgb_css(colors[int(r.label)]), "flagged": is_flagged(r),
             "volume": _fmt(r.volume_ml), "ha": _fmt(r.height_anterior_mm), "hm": _fmt(r.height_middle_mm),
-            "hp": _fmt(r.height_posterior_mm), "loss": _fmt(r.height_loss_ratio, pct=True),
+            "hp": _fmt(r.height_posterior_mm), "loss": _loss_text(r.height_loss_ratio),
             "grade": _fmt(r.genant_grade), "type": r.genant_type or DASH,
             "prob": _fmt(r.fracture_probability, 2), "prob_m": _fmt(r.probability_morphometry, 2),
             # a vertebra not scored (cut, flagged, cervical) shows no reader's probability either: none decides
