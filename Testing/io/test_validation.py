@@ -97,6 +97,11 @@ def _write_bad(kind: str, folder):
         data = bytearray(gzip.decompress(path.read_bytes()))
         data[80:92] = np.zeros(3, "<f4").tobytes()  # pixdim[1..3]
         path.write_bytes(gzip.compress(bytes(data)))
+    elif kind == "negative_pixdim":  # ITK would mirror the first axis, nibabel would not
+        write_volume(_ct(), path)
+        data = bytearray(gzip.decompress(path.read_bytes()))
+        data[80:84] = np.array([-1.0], "<f4").tobytes()  # pixdim[1]
+        path.write_bytes(gzip.compress(bytes(data)))
     elif kind == "nan_nifti":  # ITK reads a NIfTI's NaN as 0
         a = _ct().array.astype(np.float32)
         a[5, 5, 5] = np.nan
@@ -135,6 +140,7 @@ BAD = {
     "hu_x10": "the values are scaled",
     "saturated": "stuck at 32767",
     "pixdim0": "voxel size of 0 x 0 x 0 mm",
+    "negative_pixdim": "negative voxel size (-1 x 1 x 1.5 mm",
     "nan_nifti": "NaN values (1 voxel)",
     "claims_big": "file truncated",
 }

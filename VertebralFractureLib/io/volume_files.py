@@ -62,14 +62,19 @@ def _nifti_needs(path: Path) -> tuple[object, int]:
 
 def _check_nifti_header(path: Path) -> None:
     """Before ITK reads the voxels: refuse a voxel size of 0, NaN or infinity (ITK and nibabel make it 1 mm without
-    a word) and a file far too small for the data its header claims (ITK would allocate and zero-fill all of it:
+    a word) or below 0 (ITK mirrors that axis, nibabel does not) and a file far too small for the data its header claims (ITK would allocate and zero-fill all of it:
     8 GB for a 92-byte file claiming 1000^3 doubles)."""
     header, needed = _nifti_needs(path)
     ndim = int(header["dim"][0])
     pixdim = [float(v) for v in header["pixdim"][1:1 + min(3, ndim)]]
+    sizes = ' x '.join(f'{v:g}' for v in pixdim)
     if not all(np.isfinite(v) and v != 0 for v in pixdim):
-        raise InputError(f"{path}: the header gives a voxel size of {' x '.join(f'{v:g}' for v in pixdim)} mm (pixdim); "
+        raise InputError(f"{path}: the header gives a voxel size of {sizes} mm (pixdim); "
                          "fix the header (it must hold each voxel's size in mm)")
+    if min(pixdim) < 0:  # ITK mirrors such an axis where nibabel and the NIfTI library take the absolute value
+        raise InputError(f"{path}: the header gives a negative voxel size ({sizes} mm, pixdim), which tools read "
+                         "differently (some mirror the image); fix the header: sizes are positive, the orientation "
+                         "belongs in qform/sform")
     size = path.stat().st_size
     possible = size * _DEFLATE_MAX_RATIO if path.name.lower().endswith(".gz") else size
     if possible < needed:
