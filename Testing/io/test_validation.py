@@ -77,6 +77,12 @@ def _write_bad(kind: str, folder):
         image.SetDirection((1, 0, 0, 0.5, 0.866, 0, 0, 0, 1))
         path = folder / "skewed.mha"
         sitk.WriteImage(image, str(path))
+    elif kind == "singular_mha":  # two axes along one line: ITK reads the header, then refuses the image
+        image = sitk.GetImageFromArray(_ct().array)
+        path = folder / "singular.mha"
+        sitk.WriteImage(image, str(path), False)
+        path.write_bytes(path.read_bytes().replace(b"TransformMatrix = 1 0 0 0 1 0 0 0 1",
+                                                   b"TransformMatrix = 1 0 0 1 0 0 0 0 1"))
     elif kind == "sheared_nifti":  # ITK refuses the header: said as geometry, not as a corrupt file
         import nibabel
 
@@ -136,6 +142,7 @@ BAD = {
     "missing": "not found",
     "metres": "outside what a CT has",
     "skewed": "not perpendicular unit vectors",
+    "singular_mha": "the header's geometry is not a grid: the axes are not perpendicular unit vectors",
     "sheared_nifti": "the header's geometry is not a grid: the axes are not perpendicular unit vectors",
     "hu_x10": "the values are scaled",
     "saturated": "stuck at 32767",

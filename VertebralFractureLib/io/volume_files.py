@@ -119,7 +119,7 @@ def _refuse_geometry(path: Path, itk_message: str) -> None:
     Raises:
         InputError: sheared or singular axes, or a voxel size of 0.
     """
-    if "orthonormal direction cosines" in itk_message:
+    if "orthonormal direction cosines" in itk_message or "Bad direction, determinant is 0" in itk_message:
         what = "the axes are not perpendicular unit vectors (a sheared or singular direction)"
     elif "Refusing to change spacing" in itk_message:
         what = "a voxel size of 0"
