@@ -57,6 +57,7 @@ from typing import Any
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.progress import ProgressCallback
 from VertebralFractureLib.io.atomic import atomic_write_text
+from VertebralFractureLib.io.csv_tables import csv_text, from_spreadsheet_safe, read_csv_table
 from VertebralFractureLib.io.dicom import (
     DICOM_SUFFIXES,
     is_dicom_file,
@@ -209,7 +210,7 @@ def pair_priors(cases: list[Case], priors: str | Path) -> int:
             raise InputError(f"{priors}: needs the columns case and prior (a result folder of an earlier run)")
         seen: set[str] = set()
         for row in reader:
-            line, name, folder = reader.line_num, (row["case"] or "").strip(), (row["prior"] or "").strip()
+            line, name, folder = reader.line_num, from_spreadsheet_safe((row["case"] or "").strip()), (row["prior"] or "").strip()
             if name not in by_name:
                 raise InputError(f"{priors} line {line}: case {name!r} is not in the cohort; give case names as "
                                  "cohort.csv lists them")
@@ -355,13 +356,9 @@ def run_case(case: dict[str, Any], out_dir: str, options: dict[str, Any], thread
 
 # --- state on disk -----------------------------------------------------------------------------------------------
 def write_cohort_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Write ``cohort.csv`` atomically (temporary file + ``os.replace``)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COHORT_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(row)
-    atomic_write_text(path, buffer.getvalue())
+    """Write ``cohort.csv`` atomically (temporary file + ``os.replace``); case names are spreadsheet-safe
+    (:mod:`~VertebralFractureLib.io.csv_tables`)."""
+    atomic_write_text(path, csv_text(rows, COHORT_COLUMNS))
     return path
 
 
@@ -700,8 +697,7 @@ def _run_on_dask(
 
 def read_cohort_csv(path: str | Path) -> list[dict[str, str]]:
     """Rows of a ``cohort.csv`` as dicts of strings."""
-    with Path(path).open(newline="") as fh:
-        return list(csv.DictReader(fh))
+    return read_csv_table(path)[1]
 
 
 def status_counts(rows: list[dict[str, Any]]) -> dict[str, int]:

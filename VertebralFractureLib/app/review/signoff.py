@@ -7,8 +7,6 @@ segmentation is written beside the original (``segmentation.corrected.*``), neve
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 from VertebralFractureLib.app.review.worklist import REVIEW_FILE
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.io.atomic import atomic_write_text
+from VertebralFractureLib.io.csv_tables import csv_text, read_csv_table
 
 STATUSES = ("approved", "rejected")
 CORRECTED_SEG_NRRD = "segmentation.corrected.seg.nrrd"
@@ -77,10 +76,7 @@ def update_cohort_review(out: str | Path, case: str, status: str, results: dict[
     path = Path(out) / "cohort.csv"
     if not path.is_file():
         return None
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns = list(reader.fieldnames or [])
-        rows = list(reader)
+    columns, rows = read_csv_table(path)
     if REVIEW_COLUMN not in columns:
         columns.append(REVIEW_COLUMN)
     from VertebralFractureLib.app.batch import reviewed_row
@@ -91,11 +87,7 @@ def update_cohort_review(out: str | Path, case: str, status: str, results: dict[
                 row.update({k: v for k, v in reviewed_row(case, results, {"status": status, "results": results}).items()
                             if k in columns or k == REVIEW_COLUMN})
             row[REVIEW_COLUMN] = status
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_text(path, csv_text(rows, columns))
     from VertebralFractureLib.app.batch import write_cohort_page
 
     write_cohort_page(path.parent)  # the page shows who signed off

@@ -7,7 +7,6 @@ patient fracture probability, highest first (unknown last), then by name. The re
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from VertebralFractureLib.app.batch import worst_vertebra
 from VertebralFractureLib.core.errors import InputError
+from VertebralFractureLib.io.csv_tables import read_csv_table
 
 REVIEW_FILE = "review.json"
 
@@ -122,8 +122,7 @@ def load_worklist(out: str | Path) -> list[CaseEntry]:
         raise InputError(f"{out}: {'not a folder' if out.exists() else 'does not exist'}; give the output folder "
                          "of a batch or of a run")
     if (out / "cohort.csv").is_file():
-        with (out / "cohort.csv").open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
+        rows = read_csv_table(out / "cohort.csv")[1]
         entries = []
         for row in rows:
             name = row.get("case", "")

@@ -4,7 +4,6 @@ reference model (DeLong's test), predictions, figures, the LASSO selection, and 
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 import math
@@ -16,6 +15,7 @@ import numpy as np
 
 from VertebralFractureLib import __version__
 from VertebralFractureLib.core.records import json_safe
+from VertebralFractureLib.io.csv_tables import csv_text
 from VertebralFractureLib.research.evaluation import (
     METRICS,
     auc_comparison,
@@ -48,13 +48,10 @@ def _round(value: float, digits: int = 4) -> float | str:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            # p-values keep 4 significant digits: rounded to 4 decimals a p of 3e-6 would read 0.0
-            writer.writerow({k: (float(f"{v:.4g}") if k in ("p", "p_holm") and math.isfinite(v) else _round(v))
-                             if isinstance(v, float) else v for k, v in row.items()})
+    """A study table; case names spreadsheet-safe (:mod:`~VertebralFractureLib.io.csv_tables`)."""
+    # p-values keep 4 significant digits: rounded to 4 decimals a p of 3e-6 would read 0.0
+    path.write_text(csv_text(({k: (float(f"{v:.4g}") if k in ("p", "p_holm") and math.isfinite(v) else _round(v))
+                               if isinstance(v, float) else v for k, v in row.items()} for row in rows), columns))
 
 
 def _cell(value: Any) -> str:
