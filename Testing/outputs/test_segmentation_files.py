@@ -321,6 +321,8 @@ def test_run_on_dicom_writes_seg_and_no_identifiers(tmp_path):
         expected = {} if record.partial else {"Anterior": record.height_anterior_mm,  # cut: not the vertebra's
                                               "Central": record.height_middle_mm, "Posterior": record.height_posterior_mm}
         assert heights == pytest.approx(expected)
+    (patient,) = sr.content.get_image_measurement_groups()
+    assert _impression(patient) == " ".join(json.loads((out / "result.json").read_text())["impression"])
     for path in out.iterdir():
         data = readable_bytes(path)
         for identifier in (b"Doe", b"Jane", b"ID-12345", b"19500101", b"20200101"):
@@ -403,7 +405,8 @@ def test_measurement_report_codes_every_number_and_leaves_out_what_was_not_measu
     seg_path = write_dicom_seg(labels, records, ct_series(labels), tmp_path / "segmentation.dcm")
     bone = {"level": "T12", "trabecular_hu": 92.4, "category": "osteoporosis likely"}  # stages.bone_density's
     path = write_dicom_sr(pydicom.dcmread(seg_path, stop_before_pixels=True), records, tmp_path / "measurements.dcm",
-                          fracture_probability=0.93, fractured=None, bone_density=bone)
+                          fracture_probability=0.93, fractured=None, bone_density=bone,
+                          impression="Automatic vertebral fracture assessment not conclusive.")
     sr = hd.sr.srread(str(path))
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
     elements = list(pydicom.dcmread(path).iterall())
@@ -434,6 +437,7 @@ def test_measurement_report_codes_every_number_and_leaves_out_what_was_not_measu
     assert [(m.name.meaning, m.value) for m in patient.get_measurements()] == [
         (codes.DCM.Probability.meaning, pytest.approx(0.93)),
         ("Spinal deformity index, lower bound (T4-L4 not all graded)", 2.0)]
+    assert _impression(patient) == "Automatic vertebral fracture assessment not conclusive."  # a PACS shows it
     # the bone-density screen: the category, and the attenuation on the vertebra measured
     assert density.finding_sites[0].value.value == vertebra_code(19).value  # SNOMED CT "T12 vertebra"
     assert [(q.name.meaning, q.value.meaning) for q in density.get_qualitative_evaluations()] == [
@@ -460,11 +464,20 @@ def test_dicom_seg_sr_and_capture_pass_the_dicom3tools_validator(tmp_path):
     seg = write_dicom_seg(labels, records, ct_series(labels), tmp_path / "segmentation.dcm")
     sr = write_dicom_sr(pydicom.dcmread(seg, stop_before_pixels=True), records, tmp_path / "measurements.dcm",
                         fracture_probability=0.9, fractured=True,
-                        bone_density={"level": "L1", "trabecular_hu": 120.0, "category": "low bone density possible"})
+                        bone_density={"level": "L1", "trabecular_hu": 120.0, "category": "low bone density possible"},
+                        impression="Vertebral compression fracture: L1 Genant grade 2 (wedge, 26 % height loss).")
     capture = write_overview_capture(pydicom.dcmread(seg, stop_before_pixels=True), _png_uri(np.zeros((40, 30, 3))),
                                      tmp_path / "overview.dcm", fracture_probability=0.9, fractured=True)
     for path, iod in ((seg, "Segmentation"), (sr, "Comprehensive3DSR"), (capture, "SCImage")):
         _assert_valid(validator, path, iod)
+
+
+def _impression(group) -> str | None:
+    """The TEXT item "Impression" (DCM 121073) of an SR measurement group, None when it has none."""
+    texts = [item.TextValue for item in group[0].ContentSequence
+             if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "121073"]
+    assert len(texts) <= 1
+    return texts[0] if texts else None
 
 
 def _assert_valid(validator: str, path, iod: str) -> None:
@@ -573,6 +586,7 @@ def test_an_approved_correction_becomes_a_reviewed_seg_sr_and_overview_in_the_sa
     assert recomputed.fractured is None and math.isnan(recomputed.fracture_probability)
     (patient,) = sr.content.get_image_measurement_groups()
     assert [q.value.meaning for q in patient.get_qualitative_evaluations()] == ["Needs review"]
+    assert _impression(patient) == " ".join(record["results"]["impression"])  # the approved one, as in review.json
     threshold = recomputed.extra["fracture_threshold"]
     for probability, call in ((threshold + 0.1, True), (threshold - 0.1, False), (math.nan, None)):
         recomputed.fracture_probability = probability

@@ -630,8 +630,10 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
     # what the DICOM SR and overview say of the patient
     outcome = {"fracture_probability": result.fracture_probability, "fractured": result.fractured,
                "bone_density": result.bone_density}
+    impression_sentences = result.to_json()["impression"]
+    sr_outcome = {**outcome, "impression": " ".join(impression_sentences)}
     if dicom_seg and seg_writer is not None:
-        seg_writer.call(_write_dicom_files, labels, result.records, outcome, None, out)
+        seg_writer.call(_write_dicom_files, labels, result.records, sr_outcome, None, out)
     with ThreadPoolExecutor(max_workers=3) as pool:
         jobs = [pool.submit(write_volume, labels, out / "segmentation.nii.gz"),
                 pool.submit(write_seg_nrrd, labels, result.records, out / "segmentation.seg.nrrd")]
@@ -651,7 +653,7 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
 
             write_radiomics_csv(result.radiomics, result.records, out / "radiomics.csv")
         if dicom_seg and seg_writer is None:
-            result.warnings += _write_dicom_files(labels, result.records, outcome, dicom_import, out)
+            result.warnings += _write_dicom_files(labels, result.records, sr_outcome, dicom_import, out)
         images = report_images(ct, labels, result.records)
         if dicom_seg and ct_writer is not None:  # the child that wrote ct.nii.gz is idle by now
             ct_writer.call(_write_overview_file, images.sagittal, outcome, None, out)
@@ -669,7 +671,7 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
                      case_id=result.case_id, timings_s=result.timings_s, images=images,
                      probability_method=result.extra.get("probability_method", ""),
                      bone_density=result.bone_density, follow_up=result.follow_up,
-                     impression=result.to_json()["impression"])
+                     impression=impression_sentences)
         for job in jobs:
             job.result()  # re-raise a writer's error here, inside the atomic output folder
         if ct_writer is not None:
@@ -727,7 +729,7 @@ def _write_dicom_files(labels: Volume, records: list[VertebraRecord], outcome: d
     """``segmentation.dcm`` on the import's de-identified per-slice headers (original ones when deidentify is off,
     for PACS round trips; ``dicom_import`` None: those :func:`_prepare_dicom_seg` made), then ``measurements.dcm``
     (a DICOM SR of the records and the patient's result, ``outcome``: ``fracture_probability``, ``fractured``,
-    ``bone_density``, referencing the segments); returns the warnings they add."""
+    ``bone_density``, ``impression``, referencing the segments); returns the warnings they add."""
     from VertebralFractureLib.outputs.dicom_results import write_seg_and_sr
 
     headers = _SEG_HEADERS if dicom_import is None else dicom_import.source_headers()

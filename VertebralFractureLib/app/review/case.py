@@ -281,13 +281,17 @@ class OpenCase:
         if results is not None:
             results.pop("timings_s", None)
             results.pop("versions", None)
-            if status == "approved":  # the approval is the review the analysis asked for: the impression makes the call
-                results["impression"] = impression({**results, "needs_review": False,
-                                                    "fractured": self._approved_call()})
+            if status == "approved":
+                results["impression"] = self._approved_impression()
         record = signoff.review_record(status, note, results, corrected_files=corrected_files, warnings=warnings)
         signoff.write_review(self.folder, record)
         signoff.update_cohort_review(self.out, self.name, status, results)
         return record
+
+    def _approved_impression(self) -> list[str]:
+        """The impression of the approved results: the approval is the review the analysis asked for, so it makes
+        the call (:meth:`_approved_call`)."""
+        return impression({**self.nodes.result.to_json(), "needs_review": False, "fractured": self._approved_call()})
 
     def _approved_call(self) -> bool | None:
         """The patient's result once a reviewer approved the case: the analysis' call, or, where it left the case to
@@ -323,6 +327,7 @@ class OpenCase:
         result = self.nodes.result
         written, warnings = write_reviewed_set(self.ct, self.labels(), result.records, headers, self.folder,
                                                fracture_probability=result.fracture_probability,
-                                               fractured=self._approved_call(), bone_density=result.bone_density)
+                                               fractured=self._approved_call(), bone_density=result.bone_density,
+                                               impression=" ".join(self._approved_impression()))
         self.timings["reviewed_dicom"] = time.perf_counter() - start
         return written, warnings
