@@ -309,6 +309,9 @@ def test_run_on_dicom_writes_seg_and_no_identifiers(tmp_path):
         assert other.SeriesInstanceUID != seg.SeriesInstanceUID
     for dataset in (seg, sr, overview):  # each says it was de-identified, as a PACS expects of a de-identified study
         assert dataset.PatientIdentityRemoved == "YES"
+        # and how: the basic profile, with the option that keeps age (capped at 90) and sex, which all three keep
+        assert [c.CodeValue for c in dataset.DeidentificationMethodCodeSequence] == ["113100", "113108"]
+        assert (dataset.get("PatientAge"), dataset.get("PatientSex")) == (seg.get("PatientAge"), seg.get("PatientSex"))
     assert overview.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and overview.pixel_array.shape[2] == 3
     groups = sr.content.get_volumetric_roi_measurement_groups()
     assert [str(g.tracking_identifier) for g in groups] == ["L1 vertebra", "L2 vertebra", "L3 vertebra"]

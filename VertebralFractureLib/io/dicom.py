@@ -667,6 +667,21 @@ def _sidecar_metadata(ds, spacing_xy: np.ndarray, n_slices: int) -> dict[str, An
     return meta
 
 
+def deidentification_codes():
+    """The PS3.15 profile and options the de-identified header follows, coded (PS3.16 CID 7050): the basic
+    profile, and the option that keeps the patient's characteristics, since sex and age (capped at 90) are kept
+    for the bone-density screen's context."""
+    from pydicom.dataset import Dataset
+
+    items = []
+    for value, meaning in (("113100", "Basic Application Confidentiality Profile"),
+                           ("113108", "Retain Patient Characteristics Option")):
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+        items.append(item)
+    return items
+
+
 def _deidentified_header(ds, key: bytes, case_id: str):
     """A new header holding only :data:`KEEP_TAGS`, hashed UIDs and the pseudonym as identity."""
     from pydicom.dataset import Dataset
@@ -697,6 +712,7 @@ def _deidentified_header(ds, key: bytes, case_id: str):
     out.ReferringPhysicianName = ""
     out.PatientIdentityRemoved = "YES"
     out.DeidentificationMethod = "VertebralFracture allowlist, PS3.15 basic, UIDs hashed"
+    out.DeidentificationMethodCodeSequence = deidentification_codes()
     if getattr(ds, "frame_number", None):  # a frame of an enhanced CT image: the SEG references it by number
         out.frame_number = ds.frame_number
     out.file_meta = _file_meta(out)

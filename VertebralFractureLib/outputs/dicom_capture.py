@@ -73,7 +73,9 @@ def write_overview_capture(header: Any, overview_png: str, path: str | Path, *, 
             **series_identity(902, "Vertebral fracture overview", reviewed))
         image.BurnedInAnnotation = "NO"  # level names, probabilities and the result only: nothing identifies the patient
         image.BodyPartExamined = "SPINE"  # an unpaired part: no laterality (General Series, type 2C)
-        for keyword in ("PatientIdentityRemoved", "DeidentificationMethod"):  # as the SEG and SR say it, from the CT
+        # as the SEG and SR say them, from the CT
+        for keyword in ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+                        "PatientAge"):
             if keyword in header:
                 setattr(image, keyword, header[keyword].value)
         image.save_as(str(path))
