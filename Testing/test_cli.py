@@ -324,3 +324,35 @@ def test_ctrl_c_is_exit_130_and_leaves_no_output(tmp_path, phantom_files, sig):
     assert rest.splitlines()[-1].startswith("error: cancelled"), rest
     assert "Traceback" not in rest
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize(("error", "says"), [
+    (MemoryError(), "out of memory"),
+    (RuntimeError("Exception thrown in SimpleITK ImageFileReader_Execute: Failed to allocate memory for image"),
+     "out of memory"),
+    (ImportError("libtorch_cpu.so: failed to map segment from shared object"), "out of memory"),
+    (OSError(28, "No space left on device"), "no space left on the disk writing"),
+])
+def test_running_out_of_memory_or_disk_is_one_line_with_exit_3(tmp_path, monkeypatch, capsys, error, says):
+    """What the machine lacks (memory, disk) is said in one line with its own exit status, not as a traceback nor
+    as bad input; any other error still raises (a bug must show its traceback)."""
+    from VertebralFractureLib import cli
+
+    def fail(args):
+        raise error
+
+    help_text, add_arguments, _ = COMMANDS["run"]
+    monkeypatch.setitem(COMMANDS, "run", (help_text, add_arguments, fail))
+    out = tmp_path / "out"
+    assert cli.main(["run", str(tmp_path / "ct.nii.gz"), "-o", str(out)]) == cli.EXIT_RESOURCES
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {says}") and "Traceback" not in err[0]
+    if isinstance(error, OSError):
+        assert str(out) in err[0]
+
+    def bug(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setitem(COMMANDS, "run", (help_text, add_arguments, bug))
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["run", str(tmp_path / "ct.nii.gz"), "-o", str(out)])

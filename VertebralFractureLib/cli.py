@@ -542,8 +542,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: exit status when the machine ran out of memory or disk space (the input may be fine)
+EXIT_RESOURCES = 3
+#: how an allocation that failed reads where it is no MemoryError: SimpleITK's and torch's RuntimeError, and a
+#: shared library (torch, scipy) imported lazily that could not be mapped into memory
+_OUT_OF_MEMORY = ("Failed to allocate memory", "can't allocate memory", "failed to map segment",
+                  "Cannot allocate memory")
+
+
+def _resources_message(exc: BaseException, output: Path | None) -> str | None:
+    """One line for a run that ran out of memory or disk space, None for any other error."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = exc.filename or output
+        return (f"no space left on the disk{f' writing {where}' if where else ''}; free space there or give -o "
+                "another disk (nothing half-written was left)")
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError | ImportError | OSError)
+                                        and any(text in str(exc) for text in _OUT_OF_MEMORY)):
+        return ("out of memory; close other programs or run on a machine with more memory (the README's "
+                "'Memory of long CTs' gives what a CT needs; nothing half-written was left)")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 2 bad input, 130 cancelled)."""
+    """Entry point; returns the exit status (0 ok, 2 bad input, 3 out of memory or disk space, 130 cancelled)."""
     args = build_parser().parse_args(argv)
     handler = COMMANDS[args.command][2]
     previous = _sigterm_as_cancel()
@@ -553,8 +576,15 @@ def main(argv: list[str] | None = None) -> int:
         _close_progress()
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # an output path under a file, a folder without write permission, a full disk, a port
+    except (MemoryError, RuntimeError, ImportError, OSError) as exc:
+        message = _resources_message(exc, getattr(args, "output", None))
+        if message is None and not isinstance(exc, OSError):
+            raise
         _close_progress()
+        if message is not None:
+            print(f"error: {message}", file=sys.stderr)
+            return EXIT_RESOURCES
+        # an output path under a file, a folder without write permission, a port in use
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2

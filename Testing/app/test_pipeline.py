@@ -373,3 +373,48 @@ def test_thick_slices_are_said_in_a_warning(tmp_path, phantom_files):
     said = [w for w in thick.warnings if "apart along the spine" in w]
     assert ph.ct.spacing_along_s() == 5.0 > THICK_SLICE_MM
     assert len(said) == 1 and said[0].startswith("slices 5.0 mm apart") and "thin-slice reconstruction" in said[0]
+
+
+def test_padding_slabs_are_not_scanned_field_of_view():
+    """Whole slices of one value at the array's faces (padding an export or a resampling added) are no part of the
+    scan: a vertebra the scan's end cuts stays cut, every measurement is the one of the CT stored without them, and
+    the labels come back on the padded grid."""
+    from VertebralFractureLib.app.pipeline import analyse
+    from VertebralFractureLib.core.boxes import scanned_box
+    from VertebralFractureLib.research.phantom import make_phantom
+
+    ph = make_phantom(("T12", "L2"), spacing=1.5, seed=1, fov_mm=(120, 120))
+    l2 = np.flatnonzero((ph.labels.array == 21).any(axis=(1, 2)))  # axis 0 runs inferior -> superior
+    cut = (slice(int(l2.mean()), None), slice(None), slice(None))  # the scan ends in the middle of L2
+    ct, labels = ph.ct.crop(cut), ph.labels.crop(cut)
+    pad = ((8, 3), (5, 0), (0, 6))
+    padded_ct = Volume(np.pad(ct.array, pad, constant_values=-1024), ct.spacing,
+                       tuple(ct.index_to_lps(-np.array([p[0] for p in pad[::-1]], float))), ct.direction)
+    padded_labels = padded_ct.with_array(np.pad(labels.array, pad))
+    assert scanned_box(padded_ct.array) == tuple(slice(a, a + n) for (a, _), n in zip(pad, ct.shape, strict=True))
+    assert scanned_box(ct.array) is None  # a scanned face holds noise
+    options = PipelineOptions(wiener=False, radiomics=False)
+    plain, padded = analyse(ct, labels, options=options), analyse(padded_ct, padded_labels, options=options)
+    assert [r.level for r in padded.records] == [r.level for r in plain.records] == ["T12", "L1", "L2"]
+    assert next(r for r in padded.records if r.level == "L2").partial  # cut by the scan, not by the array
+    for a, b in zip(plain.records, padded.records, strict=True):
+        assert (a.genant_grade, a.partial, a.height_posterior_mm, a.fracture_probability) == pytest.approx(
+            (b.genant_grade, b.partial, b.height_posterior_mm, b.fracture_probability), nan_ok=True)
+    assert padded.labels.shape == padded_ct.shape and np.array_equal(padded.labels.array, padded_labels.array)
+
+
+def test_segmentation_does_not_see_padding_slabs():
+    """The automatic path on the demo CT with air slabs added at its faces finds the same vertebrae, voxel for voxel,
+    on the padded grid (the network never sees the padding, so its tiles fall where they fall without it)."""
+    from VertebralFractureLib.app.pipeline import analyse
+    from VertebralFractureLib.core.resources import demo_ct_path
+    from VertebralFractureLib.io.reading import read_volume
+
+    ct = read_volume(demo_ct_path())
+    pad = ((6, 0), (0, 9), (4, 4))
+    padded = Volume(np.pad(ct.array, pad, constant_values=-1024), ct.spacing,
+                    tuple(ct.index_to_lps(-np.array([p[0] for p in pad[::-1]], float))), ct.direction)
+    options = PipelineOptions(radiomics=False)
+    plain, again = analyse(ct, options=options), analyse(padded, options=options)
+    assert [r.level for r in again.records] == [r.level for r in plain.records]
+    assert np.array_equal(again.labels.array, np.pad(plain.labels.array, pad))

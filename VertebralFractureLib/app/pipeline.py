@@ -29,6 +29,7 @@ import numpy as np
 
 from VertebralFractureLib import __version__
 from VertebralFractureLib.app.child_process import CHILD_VERSIONS, VERSIONED, ChildProcess, can_fork
+from VertebralFractureLib.core.boxes import scanned_box
 from VertebralFractureLib.core.errors import InputError
 from VertebralFractureLib.core.progress import CancelToken, ProgressCallback, no_progress, sub_progress
 from VertebralFractureLib.core.records import VertebraRecord, write_csv
@@ -313,6 +314,12 @@ def _analyse_pass(ct: Volume, labels: Volume | None, options: PipelineOptions, p
         check_ct(ct, source)
         if labels is not None:
             labels = check_labels(labels, ct, labels_source, warnings)
+        given_labels, full_ct = labels, ct
+        # slabs of padding at the array's faces were never scanned: analysed without them, a vertebra they cut off
+        # is cut by the field of view, and the segmentation sees what it sees in the same CT stored without them
+        scanned = scanned_box(ct.array)
+        if scanned is not None:
+            ct, labels = ct.crop(scanned), None if labels is None else labels.crop(scanned)
     cancel.check()
     slice_mm = ct.spacing_along_s()
     if slice_mm > MAX_SLICE_MM:
@@ -376,6 +383,12 @@ def _analyse_pass(ct: Volume, labels: Volume | None, options: PipelineOptions, p
     fractured = None if reasons else called
     from VertebralFractureLib.stages.bone_density import assess_bone_density
 
+    if given_labels is not None:
+        labels = given_labels
+    elif scanned is not None:  # back on the input's grid
+        array = np.zeros(full_ct.shape, labels.array.dtype)
+        array[scanned] = labels.array
+        labels = full_ct.with_array(array)
     progress(0.9, "analysis done")
     return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels,
                           review_reasons=reasons, quality_flags=quality.flags, level_confidence=level_confidence,

@@ -74,3 +74,25 @@ def label_boxes(labels: np.ndarray, max_label: int | None = None) -> list[tuple[
 def present_boxes(labels: np.ndarray) -> dict[int, tuple[slice, ...]]:
     """``{label: bounding box}`` of every label present in ``labels`` (any integer dtype, 0 = background)."""
     return {i + 1: box for i, box in enumerate(label_boxes(labels)) if box is not None}
+
+
+def scanned_box(array: np.ndarray) -> tuple[slice, ...] | None:
+    """The box inside the constant slabs at ``array``'s faces (whole slices of one value: padding a resampling or an
+    export added, never scanned), or None when no face has one. A face slice of a scan holds noise, so only the
+    padded ones are exactly constant; the slabs are looked at from the faces inwards, so a CT without padding costs
+    six slice reads. An array constant throughout gives None (validation refuses it first)."""
+    box = []
+    for axis, n in enumerate(array.shape):
+        def constant(i: int, axis: int = axis) -> bool:
+            plane = np.take(array, i, axis=axis)
+            return bool(plane.min() == plane.max())
+
+        lo, hi = 0, n
+        while lo < hi and constant(lo):
+            lo += 1
+        while hi > lo and constant(hi - 1):
+            hi -= 1
+        if lo >= hi:
+            return None
+        box.append(slice(lo, hi))
+    return None if all(s.start == 0 and s.stop == n for s, n in zip(box, array.shape, strict=True)) else tuple(box)
