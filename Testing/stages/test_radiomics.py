@@ -175,3 +175,28 @@ def test_a_daemonic_process_extracts_in_itself_instead_of_starting_workers(phant
     expected = rf.extract_features(ct, labels, [20, 21], workers=1, cache_dir=tmp_path / "here")
     assert got[21]["original_firstorder_Mean"] == expected[21]["original_firstorder_Mean"]
     assert got[20]["original_shape_MeshVolume"] == expected[20]["original_shape_MeshVolume"]
+
+
+def test_features_do_not_depend_on_how_the_array_is_stored(phantom, tmp_path):
+    """The same CT stored sagittally (PIR), feet first or mirrored (RAS) gives the same features as in LPS order,
+    wavelet sub-bands included (they filter along array axes), and Volume.reoriented_lps is SimpleITK's DICOMOrient."""
+    import SimpleITK as sitk
+
+    from VertebralFractureLib.core.volume import Volume
+
+    ct, labels = phantom
+    reference = rf.extract_features(ct, labels, [21], workers=1, cache_dir=False)[21]
+
+    def stored(volume: Volume, orientation: str) -> Volume:
+        image = sitk.DICOMOrient(volume.to_sitk(), orientation)
+        again = Volume.from_sitk(image)
+        assert np.array_equal(again.reoriented_lps().array, volume.array)
+        assert np.allclose(again.reoriented_lps().origin, volume.origin)
+        return again
+
+    for orientation in ("PIR", "LPI", "RAS"):
+        features = rf.extract_features(stored(ct, orientation), stored(labels, orientation), [21], workers=1,
+                                       cache_dir=False)[21]
+        assert features.keys() == reference.keys()
+        for name, value in reference.items():
+            assert features[name] == pytest.approx(value, rel=1e-9, abs=1e-9), (orientation, name)

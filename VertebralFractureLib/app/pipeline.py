@@ -314,12 +314,8 @@ def _analyse_pass(ct: Volume, labels: Volume | None, options: PipelineOptions, p
         check_ct(ct, source)
         if labels is not None:
             labels = check_labels(labels, ct, labels_source, warnings)
-        given_labels, full_ct = labels, ct
-        # slabs of padding at the array's faces were never scanned: analysed without them, a vertebra they cut off
-        # is cut by the field of view, and the segmentation sees what it sees in the same CT stored without them
+        # slabs of padding at the array's faces were never scanned: a vertebra they meet is cut by the field of view
         scanned = scanned_box(ct.array)
-        if scanned is not None:
-            ct, labels = ct.crop(scanned), None if labels is None else labels.crop(scanned)
     cancel.check()
     slice_mm = ct.spacing_along_s()
     if slice_mm > MAX_SLICE_MM:
@@ -333,13 +329,14 @@ def _analyse_pass(ct: Volume, labels: Volume | None, options: PipelineOptions, p
         with timer.stage("segmentation"):
             # the U-Net was trained on unfiltered CT (with its own noise augmentation): the Wiener filter
             # smooths the thin discs it needs to see, so it feeds the classifier only
-            labels, seg_warnings, level_confidence, naming = _segment(ct, options, progress, cancel)
+            labels, seg_warnings, level_confidence, naming = _segment(ct, options, progress, cancel, scanned)
         warnings += seg_warnings
     cancel.check()
 
     progress(0.6, "morphometry")
     with timer.stage("morphometry"):
-        records, morph_warnings = _measure(ct, labels)
+        records, morph_warnings = _measure(*((ct, labels) if scanned is None else (ct.crop(scanned),
+                                                                                    labels.crop(scanned))))
     warnings += morph_warnings
     cancel.check()
 
@@ -383,12 +380,6 @@ def _analyse_pass(ct: Volume, labels: Volume | None, options: PipelineOptions, p
     fractured = None if reasons else called
     from VertebralFractureLib.stages.bone_density import assess_bone_density
 
-    if given_labels is not None:
-        labels = given_labels
-    elif scanned is not None:  # back on the input's grid
-        array = np.zeros(full_ct.shape, labels.array.dtype)
-        array[scanned] = labels.array
-        labels = full_ct.with_array(array)
     progress(0.9, "analysis done")
     return PipelineResult(records, patient_probability, fractured, timer.timings, warnings, labels=labels,
                           review_reasons=reasons, quality_flags=quality.flags, level_confidence=level_confidence,
@@ -515,12 +506,12 @@ def _classifier_features() -> list[str] | None:
     return None if fusion is None else list(fusion.radiomics_features)
 
 
-def _segment(ct: Volume, options: PipelineOptions, progress: ProgressCallback,
-             cancel: CancelToken) -> tuple[Volume, list[str], float, dict[str, Any]]:
+def _segment(ct: Volume, options: PipelineOptions, progress: ProgressCallback, cancel: CancelToken,
+             scanned: tuple[slice, ...] | None) -> tuple[Volume, list[str], float, dict[str, Any]]:
     from VertebralFractureLib.stages.segmentation.inference import segment_vertebrae
 
     result = segment_vertebrae(ct, fast=options.fast, device=options.device, anchors=options.anchors,
-                               progress=sub_progress(progress, 0.2, 0.6), cancel=cancel)
+                               progress=sub_progress(progress, 0.2, 0.6), cancel=cancel, scanned=scanned)
     return result.labels, list(result.warnings), float(result.level_confidence), dict(result.naming)
 
 

@@ -84,6 +84,28 @@ class Volume:
         slice spacing)."""
         return float(self.spacing[::-1][int(np.argmax(np.abs(self.axis_lps()[:, 2])))])
 
+    def reoriented_lps(self) -> Volume:
+        """The same voxels with the array's axes permuted and flipped so that i, j, k run as nearly as they can along
+        +L, +P, +S (the closest axis-aligned orientation, as ``SimpleITK.DICOMOrient(image, "LPS")``; an oblique
+        direction stays oblique). No resampling: every voxel keeps its value and position. ``self`` itself when it is
+        so stored already, or when no axis permutation comes closest (axes at 45 degrees)."""
+        axis_of = np.argmax(np.abs(self.direction), axis=0)  # the LPS axis each of i, j, k runs nearest to
+        if sorted(axis_of) != [0, 1, 2]:
+            return self
+        sign = np.sign(self.direction[axis_of, [0, 1, 2]])
+        if list(axis_of) == [0, 1, 2] and (sign > 0).all():
+            return self
+        old_of = np.argsort(axis_of)  # the old index axis that becomes each new one (L, P, S)
+        nk, nj, ni = self.array.shape[-3:]
+        size = np.array([ni, nj, nk])
+        corner = np.where(sign < 0, size - 1, 0)  # the old index of the voxel that becomes (0, 0, 0)
+        array = np.transpose(self.array, [2 - old_of[2], 2 - old_of[1], 2 - old_of[0]])
+        flips = [axis for axis, a in enumerate((old_of[2], old_of[1], old_of[0])) if sign[a] < 0]
+        array = np.flip(array, axis=flips) if flips else array
+        direction = self.direction[:, old_of] * sign[old_of]
+        return Volume(np.ascontiguousarray(array), tuple(np.asarray(self.spacing)[old_of]),
+                      tuple(self.index_to_lps(corner)), direction)
+
     def with_array(self, array: np.ndarray) -> Volume:
         """A new volume with another array of the same shape on this geometry."""
         if array.shape[-3:] != self.array.shape[-3:]:

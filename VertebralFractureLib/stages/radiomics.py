@@ -4,6 +4,7 @@ Every ``run`` extracts them (``radiomics.csv``, :func:`write_radiomics_csv`) and
 take the unfiltered CT and the vertebra's whole label. The parameter file is SlicerRadiomics-compatible:
 load it in that extension's "Parameter file" field to get the same features in Slicer.
 
+Each CT is read in LPS order (:func:`vertebra_rois`), so the features do not depend on how its array is stored.
 The parameter file is ``Resources/radiomics/params.yaml`` (654 features: 14 shape + 64 per image on
 Original, LoG sigma 3 mm and 8 wavelet images; see the file for why). Each vertebra is cut out of the
 CT as a small region of interest (mask bounding box plus a margin) in the main process, so the worker
@@ -177,9 +178,16 @@ def _grid_steps(spacing: tuple[float, float, float], params_path: str | Path | N
 
 def vertebra_rois(ct: Volume, labels: Volume, label_ids: list[int] | None = None, *, key_prefix: str = "",
                   params_path: str | Path | None = None) -> list[VertebraROI]:
-    """Cut each vertebra of ``labels`` (or only ``label_ids``) out of ``ct`` (same grid required)."""
+    """Cut each vertebra of ``labels`` (or only ``label_ids``) out of ``ct`` (same grid required).
+
+    Both are first stored in LPS order (:meth:`~VertebralFractureLib.core.volume.Volume.reoriented_lps`: axes
+    permuted and flipped, no resampling): the wavelet sub-bands filter along array axes and pyradiomics' 2 mm grid
+    starts at the array's first voxel, so a CT stored sagittally, or head first instead of feet first, would
+    otherwise give other features (and another out-of-distribution distance) for the same vertebra.
+    """
     if ct.array.shape != labels.array.shape:
         raise InputError(f"label map shape {labels.array.shape} differs from CT shape {ct.array.shape}; resample it first")
+    ct, labels = ct.reoriented_lps(), labels.reoriented_lps()
     from VertebralFractureLib.core.boxes import present_boxes
 
     step = _grid_steps(ct.spacing, params_path)  # z, y, x

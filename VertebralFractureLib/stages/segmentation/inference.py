@@ -277,6 +277,7 @@ def segment_vertebrae(
     cancel: CancelToken | None = None,
     model_dir: Path | None = None,
     arches: bool = True,
+    scanned: tuple[slice, slice, slice] | None = None,
 ) -> SegmentationResult:
     """Segment and name the vertebrae of a CT.
 
@@ -288,6 +289,9 @@ def segment_vertebrae(
         model_dir: folder with ``model.safetensors`` + ``card.json`` (default: the shipped model).
         arches: give the bone behind the bodies to the body its pedicles hold (:mod:`.arches`, on slices up to
             3 mm); False only for label-assist's proposal, whose decisions were written without it.
+        scanned: the box of ``ct``'s array (z, y, x slices) that was scanned (``core.boxes.scanned_box``: padding
+            slabs left out), the field of view that cuts vertebrae; None: the whole array. The network still sees
+            the whole array, so padding does not move its tiles.
 
     Returns:
         :class:`SegmentationResult` with uint8 VerSe ids on ``ct``'s grid and geometry.
@@ -308,7 +312,7 @@ def segment_vertebrae(
     if cancel is not None:
         cancel.check()
     progress(0.8, "segmentation: instances")
-    fov = field_of_view(ct, prob)
+    fov = field_of_view(ct if scanned is None else ct.crop(scanned), prob)
     inst = extract_instances(
         prob.array, hu.array, spacing_mm=prob.spacing[0], threshold=float(card.extra.get("threshold", 0.5)), fov=fov
     )
