@@ -163,9 +163,10 @@ def write_volume(volume: Volume, path: str | Path, *, compress: bool = True, fas
 
     NIfTI is written by nibabel straight from the array (no copy of it: a whole-body CT's int16 array is
     about 1 GB), NRRD and MHA by SimpleITK. ``compress``: NRRD's and MHA's (``.nii.gz`` is always gzipped,
-    ``.nii`` never). ``fast_gzip`` (``.nii.gz`` only): deflate with zlib's run-length
-    strategy instead of the default one; the same NIfTI inside, about 2.5x less CPU time and about 10 % larger for
-    a CT (int16 CT compresses poorly anyway).
+    ``.nii`` never). ``fast_gzip`` (``.nii.gz`` only): deflate at zlib's level 1 instead of 6; the same NIfTI
+    inside, on the chest CT 2.1 s CPU instead of 9.9 s and 4 % larger (int16 CT compresses poorly at any level).
+    Not zlib's run-length strategy: cheaper still (1.5 s) but blind to air's repeated two-byte value, so a wide
+    field of view of air came out twice as large (3.4:1 against 6.9:1 at level 1, which is also faster there).
     """
     path = Path(path)
     if not is_volume_file(path):
@@ -208,8 +209,7 @@ def _write_nifti(volume: Volume, stream) -> None:
 
 class GzipWriter(io.RawIOBase):
     """A write-only binary stream that gzips what it is given into ``raw`` (an open file) as it comes, so a large
-    array is never held compressed or as bytes in one piece. ``level``: zlib's; ``fast``: level 1 with zlib's
-    run-length strategy instead. The gzip header holds no name or time: the same data written in the same pieces
+    array is never held compressed or as bytes in one piece. ``level``: zlib's; ``fast``: level 1 instead. The gzip header holds no name or time: the same data written in the same pieces
     gives the same bytes. Closing it ends the gzip stream, not ``raw``."""
 
     def __init__(self, raw, *, level: int = 6, fast: bool = False) -> None:
@@ -217,8 +217,7 @@ class GzipWriter(io.RawIOBase):
 
         super().__init__()
         self._raw, self._written = raw, 0
-        level, strategy = (1, zlib.Z_RLE) if fast else (level, zlib.Z_DEFAULT_STRATEGY)
-        self._deflate = zlib.compressobj(level, zlib.DEFLATED, 31, 9, strategy)  # wbits 31: a gzip stream
+        self._deflate = zlib.compressobj(1 if fast else level, zlib.DEFLATED, 31, 9)  # wbits 31: a gzip stream
 
     def writable(self) -> bool:
         return True
