@@ -424,3 +424,15 @@ def test_segmentation_counts_padding_slabs_out_of_the_field_of_view():
            if np.take(result.labels.array == r.label, ends, axis=s_axis).sum(axis=(1, 2)).max() >= 200}
     assert cut  # the demo CT's first and last slices cut vertebrae
     assert all(r.partial for r in result.records if r.level in cut)
+
+
+def test_a_floating_point_ct_of_whole_hu_is_stored_as_int16():
+    """ct.nii.gz of a float64 export holding whole HU is int16 (a quarter of the bytes), every value kept; a CT with
+    fractions, values beyond int16 or an integer type is stored as it is."""
+    from VertebralFractureLib.app.pipeline import ct_to_store
+
+    whole = np.array([[[-1024.0, 0.0], [40.0, 1200.0]]] * 2)
+    assert ct_to_store(Volume(whole)).array.dtype == np.int16
+    assert np.array_equal(ct_to_store(Volume(whole)).array, whole)
+    for kept in (whole + 0.5, whole * 40, whole.astype(np.int32)):
+        assert ct_to_store(Volume(kept)).array.dtype == kept.dtype

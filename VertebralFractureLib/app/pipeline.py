@@ -645,7 +645,7 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
             # the CT beside its results, so a result folder is reviewable on its own; written from the array and
             # its geometry, it carries none of the input file's header fields (a NRRD or NIfTI description can
             # hold a name), and result.json need not record where the input lay (a path can hold one too)
-            jobs.append(pool.submit(write_volume, ct, out / "ct.nii.gz", fast_gzip=True))
+            jobs.append(pool.submit(lambda: write_volume(ct_to_store(ct), out / "ct.nii.gz", fast_gzip=True)))
         else:  # what the children have not written already
             if ct_writer is None:
                 jobs.append(pool.submit(write_import_file, dicom_import, out))
@@ -682,6 +682,16 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
             ct_writer.result()
             if dicom_seg:
                 ct_writer.result()  # overview.dcm
+
+
+def ct_to_store(ct: Volume) -> Volume:
+    """``ct`` as ``ct.nii.gz`` stores it: whole HU in floating point (a float64 export) as int16, half or a quarter
+    of the bytes with every value kept; anything else as it is."""
+    a = ct.array
+    if a.dtype.kind != "f" or not a.size or a.min() < -32768 or a.max() > 32767:
+        return ct
+    stored = a.astype(np.int16)
+    return ct.with_array(stored) if np.array_equal(stored, a) else ct
 
 
 def write_import_file(dicom_import, out: Path) -> None:
