@@ -306,3 +306,18 @@ def test_a_piece_of_a_vertebra_is_implausible_and_not_graded(phantom):
     assert "implausible" in by_level["L1"].flags and by_level["L1"].genant_grade is None
     assert any(r.startswith("L1 is a piece of a vertebra") for r in quality.reasons)
     assert all(by_level[v].flags == [] for v in ("T12", "L2"))
+
+
+def test_a_collapsed_body_of_a_body_only_label_map_is_no_piece():
+    """In a label map of bodies only (no spinal canal closed in the labels) a vertebra plana is well under half its
+    neighbours' volume and is graded, not called a piece; a small segment among vertebrae with arches still is one."""
+    from VertebralFractureLib.stages.morphometry.frame import NO_CANAL_NOTE
+    from VertebralFractureLib.stages.quality import fragment_problem
+
+    def record(label: int, volume: float, arch: bool) -> VertebraRecord:
+        return VertebraRecord(label, level_name(label), volume_ml=volume, notes=[] if arch else [NO_CANAL_NOTE])
+
+    bodies = [record(19, 20.0, False), record(21, 22.0, False)]
+    assert fragment_problem(record(20, 8.5, False), bodies) is None
+    assert fragment_problem(record(20, 8.5, False), [record(19, 40.0, True), record(21, 44.0, True)]) is not None
+    assert fragment_problem(record(20, 8.5, True), bodies) is not None

@@ -20,6 +20,10 @@ from VertebralFractureLib.stages.morphometry.geometry import (
 )
 from VertebralFractureLib.stages.morphometry.heights import _find_walls, _strip_heights, fill_front
 
+#: the note of a vertebra whose label closes no spinal canal around it: a body without its arch (a label map of
+#: bodies only), or a segment the arch was not given to
+NO_CANAL_NOTE = "no closed spinal canal in the label: anterior axis from the footprint's mirror axis"
+
 
 def _analyse(
     crop: _Crop, label: int, si: np.ndarray | None, anterior_hint: np.ndarray, *, one_sided: bool = False, **kw
@@ -176,7 +180,7 @@ def _anterior_direction(
         return _unit(b2 - canal.mean(axis=0))
     hint = _unit(hint) if np.linalg.norm(hint) > 1e-6 else np.array([1.0, 0.0])
     if int(footprint.sum()) > 20:
-        notes.append("no closed spinal canal in the label: anterior axis from the footprint's mirror axis")
+        notes.append(NO_CANAL_NOTE)
         return _mirror_axis(footprint, b2, hint)
     notes.append("label too small for a mirror axis: anterior axis taken from the image's patient axes")
     return hint
