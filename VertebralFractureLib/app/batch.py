@@ -413,7 +413,8 @@ class _Lock:
 def _clean_leftovers(out: Path) -> int:
     """Remove temporary folders/files of killed runs (``.<case>.partial-*``, ``.<case>.old-*``, ``*.tmp-*``)."""
     removed = 0
-    for entry in list(out.iterdir()) + list((out / STATE_DIR / "failed").glob(".*.tmp-*")):
+    state = [entry for kind in ("failed", "done") for entry in (out / STATE_DIR / kind).glob(".*.tmp-*")]
+    for entry in list(out.iterdir()) + state:
         name = entry.name
         if name.startswith(".") and (".partial-" in name or ".old-" in name or ".tmp-" in name):
             if entry.is_dir():
