@@ -409,7 +409,7 @@ def test_measurement_report_codes_every_number_and_leaves_out_what_was_not_measu
     bone = {"level": "T12", "trabecular_hu": 92.4, "category": "osteoporosis likely"}  # stages.bone_density's
     path = write_dicom_sr(pydicom.dcmread(seg_path, stop_before_pixels=True), records, tmp_path / "measurements.dcm",
                           fracture_probability=0.93, fractured=None, bone_density=bone,
-                          impression="Automatic vertebral fracture assessment not conclusive.")
+                          impression=["Automatic vertebral fracture assessment not conclusive."])
     sr = hd.sr.srread(str(path))
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
     elements = list(pydicom.dcmread(path).iterall())
@@ -468,7 +468,7 @@ def test_dicom_seg_sr_and_capture_pass_the_dicom3tools_validator(tmp_path):
     sr = write_dicom_sr(pydicom.dcmread(seg, stop_before_pixels=True), records, tmp_path / "measurements.dcm",
                         fracture_probability=0.9, fractured=True,
                         bone_density={"level": "L1", "trabecular_hu": 120.0, "category": "low bone density possible"},
-                        impression="Vertebral compression fracture: L1 Genant grade 2 (wedge, 26 % height loss).")
+                        impression=["Vertebral compression fracture: L1 Genant grade 2 (wedge, 26 % height loss)."])
     capture = write_overview_capture(pydicom.dcmread(seg, stop_before_pixels=True), _png_uri(np.zeros((40, 30, 3))),
                                      tmp_path / "overview.dcm", fracture_probability=0.9, fractured=True)
     for path, iod in ((seg, "Segmentation"), (sr, "Comprehensive3DSR"), (capture, "SCImage")):

@@ -210,7 +210,8 @@ def pair_priors(cases: list[Case], priors: str | Path) -> int:
             raise InputError(f"{priors}: needs the columns case and prior (a result folder of an earlier run)")
         seen: set[str] = set()
         for row in reader:
-            line, name, folder = reader.line_num, from_spreadsheet_safe((row["case"] or "").strip()), (row["prior"] or "").strip()
+            line, folder = reader.line_num, (row["prior"] or "").strip()
+            name = from_spreadsheet_safe((row["case"] or "").strip())  # as a spreadsheet saves cohort.csv's names
             if name not in by_name:
                 raise InputError(f"{priors} line {line}: case {name!r} is not in the cohort; give case names as "
                                  "cohort.csv lists them")

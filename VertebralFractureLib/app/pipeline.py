@@ -635,7 +635,7 @@ def write_outputs(out: Path, ct: Volume, result: PipelineResult, *, dicom_import
     outcome = {"fracture_probability": result.fracture_probability, "fractured": result.fractured,
                "bone_density": result.bone_density}
     impression_sentences = result.to_json()["impression"]
-    sr_outcome = {**outcome, "impression": " ".join(impression_sentences)}
+    sr_outcome = {**outcome, "impression": impression_sentences}
     if dicom_seg and seg_writer is not None:
         seg_writer.call(_write_dicom_files, labels, result.records, sr_outcome, None, out)
     with ThreadPoolExecutor(max_workers=3) as pool:

@@ -51,5 +51,6 @@ def read_csv_table(path: str | Path) -> tuple[list[str], list[dict[str, str]]]:
     """(columns, rows as dicts of strings) of a CSV table written by :func:`csv_text`."""
     with Path(path).open(newline="") as fh:
         reader = csv.DictReader(fh)
-        rows = [{key: from_spreadsheet_safe(value or "") for key, value in row.items()} for row in reader]
+        rows = [{key: from_spreadsheet_safe(value) if isinstance(value, str) else value for key, value in row.items()}
+                for row in reader]
         return list(reader.fieldnames or []), rows

@@ -667,7 +667,7 @@ def _sidecar_metadata(ds, spacing_xy: np.ndarray, n_slices: int) -> dict[str, An
     return meta
 
 
-def deidentification_codes():
+def _deidentification_codes():
     """The PS3.15 profile and options the de-identified header follows, coded (PS3.16 CID 7050): the basic
     profile, and the option that keeps the patient's characteristics, since sex and age (capped at 90) are kept
     for the bone-density screen's context."""
@@ -712,7 +712,7 @@ def _deidentified_header(ds, key: bytes, case_id: str):
     out.ReferringPhysicianName = ""
     out.PatientIdentityRemoved = "YES"
     out.DeidentificationMethod = "VertebralFracture allowlist, PS3.15 basic, UIDs hashed"
-    out.DeidentificationMethodCodeSequence = deidentification_codes()
+    out.DeidentificationMethodCodeSequence = _deidentification_codes()
     if getattr(ds, "frame_number", None):  # a frame of an enhanced CT image: the SEG references it by number
         out.frame_number = ds.frame_number
     out.file_meta = _file_meta(out)

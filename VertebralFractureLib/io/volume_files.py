@@ -62,12 +62,12 @@ def _nifti_needs(path: Path) -> tuple[object, int]:
 
 def _check_nifti_header(path: Path) -> None:
     """Before ITK reads the voxels: refuse a voxel size of 0, NaN or infinity (ITK and nibabel make it 1 mm without
-    a word) or below 0 (ITK mirrors that axis, nibabel does not) and a file far too small for the data its header claims (ITK would allocate and zero-fill all of it:
-    8 GB for a 92-byte file claiming 1000^3 doubles)."""
+    a word) or below 0 (ITK mirrors that axis, nibabel does not), and a file far too small for the data its header
+    claims (ITK would allocate and zero-fill all of it: 8 GB for a 92-byte file claiming 1000^3 doubles)."""
     header, needed = _nifti_needs(path)
     ndim = int(header["dim"][0])
     pixdim = [float(v) for v in header["pixdim"][1:1 + min(3, ndim)]]
-    sizes = ' x '.join(f'{v:g}' for v in pixdim)
+    sizes = " x ".join(f"{v:g}" for v in pixdim)
     if not all(np.isfinite(v) and v != 0 for v in pixdim):
         raise InputError(f"{path}: the header gives a voxel size of {sizes} mm (pixdim); "
                          "fix the header (it must hold each voxel's size in mm)")
@@ -209,8 +209,8 @@ def _write_nifti(volume: Volume, stream) -> None:
 
 class GzipWriter(io.RawIOBase):
     """A write-only binary stream that gzips what it is given into ``raw`` (an open file) as it comes, so a large
-    array is never held compressed or as bytes in one piece. ``level``: zlib's; ``fast``: level 1 instead. The gzip header holds no name or time: the same data written in the same pieces
-    gives the same bytes. Closing it ends the gzip stream, not ``raw``."""
+    array is never held compressed or as bytes in one piece. ``level``: zlib's; ``fast``: level 1 instead. The gzip
+    header holds no name or time: the same data written in the same pieces gives the same bytes. Closing it ends the gzip stream, not ``raw``."""
 
     def __init__(self, raw, *, level: int = 6, fast: bool = False) -> None:
         import zlib

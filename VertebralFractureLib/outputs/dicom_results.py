@@ -28,7 +28,7 @@ def file_names(reviewed: bool) -> tuple[str, str, str]:
 
 def write_seg_and_sr(labels: Volume, records: Sequence[VertebraRecord], headers: Sequence[Any], out: Path, *,
                      fracture_probability: float, fractured: bool | None, reviewed: bool = False,
-                     bone_density: dict[str, Any] | None = None, impression: str = "") -> list[str]:
+                     bone_density: dict[str, Any] | None = None, impression: Sequence[str] = ()) -> list[str]:
     """The SEG of ``labels`` on the CT slices' ``headers`` (pydicom, no pixels), then the SR of ``records``, the
     patient's result and bone-density screen referencing its segments, into ``out``; returns the warnings (why
     nothing was written, when the slices lack the UIDs a SEG references them by)."""
@@ -65,7 +65,7 @@ def write_overview(header: Any, sagittal_png: str | None, out: Path, *, fracture
 
 def write_reviewed_set(ct: Volume, labels: Volume, records: Sequence[VertebraRecord], headers: Sequence[Any],
                        folder: Path, *, fracture_probability: float, fractured: bool | None,
-                       bone_density: dict[str, Any] | None = None, impression: str = "") -> tuple[list[str], list[str]]:
+                       bone_density: dict[str, Any] | None = None, impression: Sequence[str] = ()) -> tuple[list[str], list[str]]:
     """The reviewed set (SEG, SR, overview) of a corrected and approved case into its result ``folder``.
 
     Written in a temporary folder inside ``folder``, then each file renamed into place (a reader never sees half a

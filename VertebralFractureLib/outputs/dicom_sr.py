@@ -126,7 +126,7 @@ def _bone_density_group(hd, bone_density: dict[str, Any]):
 
 def write_dicom_sr(seg_header: Any, records: Sequence[VertebraRecord], path: str | Path, *,
                    fracture_probability: float, fractured: bool | None, reviewed: bool = False,
-                   bone_density: dict[str, Any] | None = None, impression: str = "") -> Path:
+                   bone_density: dict[str, Any] | None = None, impression: Sequence[str] = ()) -> Path:
     """Write ``measurements.dcm`` (``path``): a TID 1500 report of ``records`` referencing the segments of the SEG
     whose header (pydicom, pixel data not needed) is ``seg_header``.
 
@@ -137,7 +137,7 @@ def write_dicom_sr(seg_header: Any, records: Sequence[VertebraRecord], path: str
     trabecular attenuation is its ``trabecular_hu``, the mean); NaN values (not measured, not graded) are left out.
     ``reviewed``: the results of a correction approved in the review app, a series of its own. ``bone_density``:
     the patient's screen (``result.json``'s), one more group when it found a category. ``impression``: the result in
-    a few sentences (``result.json``'s), a TEXT item (DCM 121073 "Impression") of the patient's group, which a PACS
+    a few sentences (``result.json``'s list), one TEXT item (DCM 121073 "Impression") of the patient's group, which a PACS
     shows with the numbers.
     """
     import highdicom as hd
@@ -165,7 +165,7 @@ def write_dicom_sr(seg_header: Any, records: Sequence[VertebraRecord], path: str
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(_private(*FRACTURE), _private(*RESULTS[fractured]))])
     if impression:
         patient[0].ContentSequence.append(hd.sr.TextContentItem(
-            name=codes.DCM.Impression, value=impression, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+            name=codes.DCM.Impression, value=" ".join(impression), relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     patient_groups = [patient]
     if bone_density and bone_density.get("category"):
         patient_groups.append(_bone_density_group(hd, bone_density))

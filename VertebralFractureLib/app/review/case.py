@@ -328,6 +328,6 @@ class OpenCase:
         written, warnings = write_reviewed_set(self.ct, self.labels(), result.records, headers, self.folder,
                                                fracture_probability=result.fracture_probability,
                                                fractured=self._approved_call(), bone_density=result.bone_density,
-                                               impression=" ".join(self._approved_impression()))
+                                               impression=self._approved_impression())
         self.timings["reviewed_dicom"] = time.perf_counter() - start
         return written, warnings
